@@ -1,0 +1,10 @@
+"""Data-parallel training on several GPUs or machines through ``tf.distribute``.
+
+Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
+Sci Rep 9, 12495 (2019); arXiv:1708.09427.
+"""
+import logging
+
+logger = logging.getLogger(__name__)
+
+__all__ = []

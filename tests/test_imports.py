@@ -1,0 +1,26 @@
+"""Every module imports, both as a root module and from the scripts folder."""
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT_MODULES = ["dm_image", "dm_keras_ext", "dm_resnet", "dm_multi_gpu", "dm_enet"]
+
+
+@pytest.mark.parametrize("name", ROOT_MODULES)
+def test_root_module_imports_and_exports(name):
+    mod = importlib.import_module(name)
+    assert mod.__doc__ and "1708.09427" in mod.__doc__
+    for public in mod.__all__:
+        assert hasattr(mod, public), f"{name}.__all__ lists {public!r} but it is not defined"
+
+
+def test_modules_import_with_pythonpath_only(repo_root, tmp_path):
+    """The 2017 workflow: ``export PYTHONPATH=...`` then import from any folder."""
+    env = {"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    code = "import " + ", ".join(ROOT_MODULES) + "; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
