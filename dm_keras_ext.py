@@ -13,11 +13,1038 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Section 1: model factory, optimisers, loading and saving (issue 4). Names: _MODEL_ALL.
 # ----------------------------------------------------------------------------------------------
-_MODEL_ALL = []
+_MODEL_ALL = [
+    "IMAGENET_WEIGHTS_ENV",
+    "YAROSLAV_FILTERS",
+    "Yaroslav",
+    "dm_resnet14_patch_net",
+    "imagenet_weights_path",
+    "stage2_start_index",
+    "get_dl_model",
+    "OPTIMIZERS",
+    "create_optimizer",
+    "robust_load_model",
+    "save_model_atomic",
+]
+
+import json as _json  # noqa: E402  (Section 1 imports)
+import os as _os  # noqa: E402
+import tempfile as _tempfile  # noqa: E402
+import warnings as _warnings  # noqa: E402
+from collections import namedtuple as _namedtuple  # noqa: E402
+
+import h5py as _h5py  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+import dm_resnet as _dm_resnet  # noqa: E402
+
+#: Environment variable naming a local ImageNet weight file, or a folder holding the standard
+#: Keras file names (e.g. ``resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5``).
+IMAGENET_WEIGHTS_ENV = "DM_IMAGENET_WEIGHTS"
+
+#: YaroslavNet: filters of its six blocks, each two 3x3 conv-BN-relu then a 2x2 max pool
+#: (the DREAM 2016 DM challenge winning patch classifier; 5,903,331 parameters for 3 classes).
+YAROSLAV_FILTERS = (32, 64, 128, 256, 256, 512)
+
+
+def Yaroslav(input_shape=None, nb_class=5, hidden_dropout=0.0, weight_decay=0.0):  # noqa: N802
+    """YaroslavNet patch classifier for single-channel (greyscale) patches.
+
+    Blocks ``block1``..``block6`` of two 3x3 conv (``block{i}_conv{j}``) - BN - relu and a 2x2
+    max pool (``block{i}_pool``; the last is ``block6_pool``), then global average pooling
+    (``avg_pool``), dropout (``top_dropout``) and ``Dense(nb_class, softmax)``
+    (``predictions``, L2 ``weight_decay``).
+
+    Args:
+        input_shape: ``(rows, cols, 1)``; default ``(None, None, 1)``. Pixels on the centred
+            0..255 scale used by the training scripts.
+        nb_class: number of patch classes.
+    """
+    input_shape = (None, None, 1) if input_shape is None else tuple(input_shape)
+    inp = keras.Input(shape=input_shape, name="input")
+    x = inp
+    for i, filters in enumerate(YAROSLAV_FILTERS, start=1):
+        for j in (1, 2):
+            x = keras.layers.Conv2D(filters, (3, 3), padding="same",
+                                    name=f"block{i}_conv{j}")(x)
+            x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = keras.layers.Activation("relu", name=f"block{i}_relu{j}")(x)
+        x = keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=f"block{i}_pool")(x)
+    return keras.Model(inp, _patch_head(x, nb_class, hidden_dropout, weight_decay),
+                       name="yaroslav")
+
+
+def dm_resnet14_patch_net(input_shape=None, nb_class=3, nb_init_filter=32, init_filter_size=5,
+                          init_conv_stride=2, max_pooling_size=2, max_pooling_stride=2,
+                          weight_decay=1e-4, hidden_dropout=0.0, inp_dropout=0.0, alpha=1e-4,
+                          l1_ratio=0.0):
+    """Small single-channel ResNet patch classifier (``--net dm_resnet14``), for CPU runs.
+
+    :meth:`dm_resnet.ResNetBuilder.build_dm_resnet_14`: stem conv (``nb_init_filter`` filters
+    of ``init_filter_size`` at stride ``init_conv_stride``) - BN - relu, max pool
+    (``max_pooling_size`` / ``max_pooling_stride``; 0 turns it off), four bottleneck stages of
+    one block each (filters ``nb_init_filter`` x 1, 2, 4, 8, output x 4 channels), global
+    average pooling and a softmax Dense (``predictions``, elastic-net penalty ``alpha``,
+    ``l1_ratio``). These are the 2017 ``--nb-init-filter``/``--init-filter-size``/... flags.
+    No pretrained weights: patch training runs stage 1 only, on all layers.
+
+    Args:
+        input_shape: ``(rows, cols, 1)``; default ``(None, None, 1)``. Pixels on the centred
+            0..255 scale used by the training scripts.
+        nb_class: number of patch classes.
+
+    Returns:
+        ``keras.Model`` ``(batch, rows, cols, 1)`` float32 -> ``(batch, nb_class)`` softmax.
+    """
+    rows, cols, chans = (None, None, 1) if input_shape is None else tuple(input_shape)
+    model = _dm_resnet.ResNetBuilder.build_dm_resnet_14(
+        (chans, rows, cols), nb_class, nb_init_filter=nb_init_filter,
+        init_filter_size=init_filter_size, init_conv_stride=init_conv_stride,
+        pool_size=max_pooling_size, pool_stride=max_pooling_stride, weight_decay=weight_decay,
+        alpha=alpha, l1_ratio=l1_ratio, inp_dropout=inp_dropout, hidden_dropout=hidden_dropout)
+    model._name = "dm_resnet14"
+    return model
+
+
+def _patch_head(x, nb_class, hidden_dropout, weight_decay):
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dropout(hidden_dropout, name="top_dropout")(x)
+    reg = keras.regularizers.l2(weight_decay) if weight_decay else None
+    return keras.layers.Dense(nb_class, activation="softmax", kernel_regularizer=reg,
+                              name="predictions")(x)
+
+
+def _index_of(model, name):
+    return [layer.name for layer in model.layers].index(name)
+
+
+def _resnet50_stage2(model):
+    """The ReLU after the second-to-last residual add (``conv5_block2_out`` in tf-keras,
+    ``activation_46`` = index 162 in Keras 2.0.8): the last residual block and head train."""
+    adds = [i for i, lyr in enumerate(model.layers) if isinstance(lyr, keras.layers.Add)]
+    if len(adds) < 2:
+        raise ValueError(f"model {model.name!r} has no residual Add layers")
+    target = model.layers[adds[-2]]
+    for i in range(adds[-2] + 1, len(model.layers)):
+        inbound = model.layers[i]._inbound_nodes
+        if inbound and any(target in _as_layers(node.inbound_layers) for node in inbound):
+            return i
+    raise ValueError(f"no layer follows {target.name!r} in model {model.name!r}")
+
+
+def _as_layers(obj):
+    return obj if isinstance(obj, (list, tuple)) else [obj]
+
+
+# net -> (application constructor name, preprocess module, ImageNet notop file, stage-2 role).
+# Stage-2 roles (first layer trained in stage 2 of patch training), by role, not index:
+# ResNet50: see _resnet50_stage2; VGG16/19: block5_conv1 (2017 indices 15/17);
+# Xception: block14_sepconv1 (2017 index 126: the exit-flow block 14 after the last residual
+# add); InceptionV3: the first layer after ``mixed6`` (2017 index 194 fell among mixed6's final
+# activations, so the trainable weights were those of mixed7..mixed10 and the head).
+_NetSpec = _namedtuple("_NetSpec", "constructor module weights_file stage2")
+_NETS = {
+    "resnet50": _NetSpec("ResNet50", "resnet50",
+                         "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                         _resnet50_stage2),
+    "vgg16": _NetSpec("VGG16", "vgg16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                      lambda m: _index_of(m, "block5_conv1")),
+    "vgg19": _NetSpec("VGG19", "vgg19", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                      lambda m: _index_of(m, "block5_conv1")),
+    "xception": _NetSpec("Xception", "xception",
+                         "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                         lambda m: _index_of(m, "block14_sepconv1")),
+    "inception": _NetSpec("InceptionV3", "inception_v3",
+                          "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                          lambda m: _index_of(m, "mixed6") + 1),
+    "yaroslav": _NetSpec(None, None, None, lambda m: None),
+    "dm_resnet14": _NetSpec(None, None, None, lambda m: None),
+}
+
+
+def _check_net(net):
+    if net not in _NETS:
+        raise ValueError(f"unknown net {net!r}; valid: {sorted(_NETS)}")
+    return _NETS[net]
+
+
+def stage2_start_index(model, net):
+    """Default ``top_layer_nb`` of patch training: index of the first layer trained in stage 2.
+
+    None for ``yaroslav`` (no pretrained weights: only stage 1 runs, on all layers).
+    """
+    return _check_net(net).stage2(model)
+
+
+def imagenet_weights_path(net, weights_path=None):
+    """Locate the local ImageNet 'notop' weight file of ``net``; never downloads.
+
+    Looked up in order: ``weights_path`` (file, or folder holding the standard name), the
+    ``DM_IMAGENET_WEIGHTS`` environment variable (same), ``$KERAS_HOME/models/`` or
+    ``~/.keras/models/``.
+
+    Raises:
+        FileNotFoundError: naming the file and the places searched.
+    """
+    spec = _check_net(net)
+    if spec.weights_file is None:
+        raise ValueError(f"net {net!r} has no ImageNet weights")
+    keras_home = _os.environ.get("KERAS_HOME", _os.path.join(_os.path.expanduser("~"),
+                                                             ".keras"))
+    places = [p for p in (weights_path, _os.environ.get(IMAGENET_WEIGHTS_ENV)) if p]
+    places.append(_os.path.join(keras_home, "models"))
+    for place in places:
+        place = _os.fspath(place)
+        cand = _os.path.join(place, spec.weights_file) if _os.path.isdir(place) else place
+        if _os.path.isfile(cand):
+            return cand
+    raise FileNotFoundError(
+        f"ImageNet weights for {net!r} not found: put {spec.weights_file} in "
+        f"{_os.path.join(keras_home, 'models')} (the Keras cache; download it once on a "
+        f"machine with network access, e.g. keras.applications.{spec.constructor}"
+        f"(weights='imagenet', include_top=False)), or point {IMAGENET_WEIGHTS_ENV} or "
+        f"weights_path at the file. Searched: {places}")
+
+
+def get_dl_model(net, nb_class=3, use_pretrained=True, resume_from=None, top_layer_nb=None,
+                 weight_decay=1e-4, hidden_dropout=0.0, nb_init_filter=32, init_filter_size=5,
+                 init_conv_stride=2, max_pooling_size=2, max_pooling_stride=2, inp_dropout=0.0,
+                 input_shape=None, weights_path=None, **kw):
+    """Build (or resume) a patch classifier.
+
+    Patch nets are the backbone (``include_top=False``) + global average pooling
+    (``avg_pool``) + ``Dropout(hidden_dropout)`` (``top_dropout``) + ``Dense(nb_class,
+    softmax, L2 weight_decay)`` (``predictions``); ``yaroslav`` is :func:`Yaroslav`.
+
+    Args:
+        net: one of 'resnet50', 'vgg16', 'vgg19', 'xception', 'inception', 'yaroslav',
+            'dm_resnet14' (small single-channel ResNet for CPU runs that honours
+            nb_init_filter, init_filter_size, ...; see :func:`dm_resnet14_patch_net`).
+        use_pretrained: load ImageNet weights from a local file (:func:`imagenet_weights_path`;
+            never downloads). Ignored for yaroslav.
+        resume_from: HDF5 model file to load instead (:func:`robust_load_model`).
+        top_layer_nb: stage-2 start; default by role (:func:`stage2_start_index`).
+        input_shape: ``(rows, cols, channels)``; default ``(None, None, 3)`` (yaroslav: 1).
+        nb_init_filter, init_filter_size, init_conv_stride, max_pooling_size,
+            max_pooling_stride, inp_dropout, **kw: accepted for command-line compatibility
+            with the 2017 scripts; used by dm_resnet14 only (with ``alpha``, ``l1_ratio``).
+
+    Returns:
+        ``(model, preprocess_input, top_layer_nb)``; ``preprocess_input`` is the backbone's
+        ImageNet preprocessing function (None for yaroslav).
+    """
+    spec = _check_net(net)
+    if kw and net != "dm_resnet14":
+        logger.debug("get_dl_model ignores options %s for net %s", sorted(kw), net)
+    preprocess = (None if spec.module is None else
+                  getattr(keras.applications, spec.module).preprocess_input)
+    if resume_from is not None:
+        model = robust_load_model(resume_from)
+    elif net == "yaroslav":
+        model = Yaroslav(input_shape, nb_class, hidden_dropout, weight_decay)
+    elif net == "dm_resnet14":
+        model = dm_resnet14_patch_net(input_shape, nb_class, nb_init_filter, init_filter_size,
+                                      init_conv_stride, max_pooling_size, max_pooling_stride,
+                                      weight_decay, hidden_dropout, inp_dropout,
+                                      kw.pop("alpha", 1e-4), kw.pop("l1_ratio", 0.0))
+    else:
+        model = _build_backbone_net(net, spec, nb_class, use_pretrained, weight_decay,
+                                    hidden_dropout, input_shape, weights_path)
+    if top_layer_nb is None:
+        try:
+            top_layer_nb = spec.stage2(model)
+        except ValueError as err:
+            logger.warning("No default top_layer_nb for %s (%s); pass it explicitly", net, err)
+    logger.info("Patch net %s: %d layers, %d parameters, top_layer_nb=%s", net,
+                len(model.layers), model.count_params(), top_layer_nb)
+    return model, preprocess, top_layer_nb
+
+
+def _build_backbone_net(net, spec, nb_class, use_pretrained, weight_decay, hidden_dropout,
+                        input_shape, weights_path):
+    path = imagenet_weights_path(net, weights_path) if use_pretrained else None
+    constructor = getattr(keras.applications, spec.constructor)
+    shape = (None, None, 3) if input_shape is None else tuple(input_shape)
+    base = constructor(include_top=False, weights=None, input_shape=shape)
+    if path is not None:
+        base.load_weights(path)
+        logger.info("Loaded ImageNet weights for %s from %s", net, path)
+    out = _patch_head(base.output, nb_class, hidden_dropout, weight_decay)
+    return keras.Model(base.input, out, name=f"{net}_patch")
+
+
+#: Optimiser factories keyed by the ``--optimizer`` names; sgd is Nesterov with momentum 0.9.
+OPTIMIZERS = {
+    "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
+    "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
+    "adagrad": lambda lr: keras.optimizers.Adagrad(learning_rate=lr),
+    "adadelta": lambda lr: keras.optimizers.Adadelta(learning_rate=lr),
+    "adamax": lambda lr: keras.optimizers.Adamax(learning_rate=lr),
+    "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
+    "nadam": lambda lr: keras.optimizers.Nadam(learning_rate=lr),
+}
+
+
+def create_optimizer(name, lr):
+    """A fresh optimiser ``name`` (a key of ``OPTIMIZERS``) with learning rate ``lr`` > 0."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
+    if not lr > 0:
+        raise ValueError(f"learning rate should be > 0, got {lr}")
+    return OPTIMIZERS[name](float(lr))
+
+
+def robust_load_model(filepath, custom_objects=None):
+    """Load an HDF5 model written by Keras 2.0.x (2017) or by this project (not compiled).
+
+    Whole-image models whose nested patch network was saved with a fixed input size (which
+    tf-keras refuses to apply to a larger image) are rebuilt with the nested networks' inputs
+    opened to ``(None, None, C)`` and the same weights. When tf-keras cannot rebuild a file at
+    all, the model is re-created from the file's ``model_config`` and its weights loaded by
+    topology. Optimiser state is not restored; compile the model before training.
+    """
+    path = _os.fspath(filepath)
+    if not _os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        model = keras.models.load_model(path, custom_objects=custom_objects, compile=False)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        logger.warning("tf-keras could not load %s (%s); rebuilding from its config", path,
+                       str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return _load_from_h5_config(path, custom_objects)
+    return _relax_nested_inputs(model, custom_objects)
+
+
+def _relax_config_inputs(config):
+    """Open the spatial input size of every nested functional model in a model config."""
+    changed = False
+    for layer_cfg in config.get("layers", []):
+        if layer_cfg.get("class_name") not in ("Functional", "Model"):
+            continue
+        for inner in layer_cfg["config"].get("layers", []):
+            if inner.get("class_name") == "InputLayer":
+                before = list(inner["config"].get("batch_input_shape")
+                              or inner["config"].get("batch_shape") or [])
+                _dm_resnet._relax_input_cfg(inner["config"])
+                after = list(inner["config"].get("batch_input_shape")
+                             or inner["config"].get("batch_shape") or [])
+                changed = changed or before != after
+    return changed
+
+
+def _relax_nested_inputs(model, custom_objects):
+    if not isinstance(model, keras.Model) or isinstance(model, keras.Sequential):
+        return model
+    config = model.get_config()
+    if not _relax_config_inputs(config):
+        return model
+    new = keras.Model.from_config(config, custom_objects=custom_objects)
+    new.set_weights(model.get_weights())
+    logger.info("Opened fixed input sizes of nested models in %r", model.name)
+    return new
+
+
+def _load_from_h5_config(path, custom_objects):
+    with _h5py.File(path, "r") as f:
+        raw = f.attrs.get("model_config")
+        if raw is None:
+            raise ValueError(f"{path} holds no model_config (a weights-only file?)")
+    config = _json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    _relax_config_inputs(config["config"])
+    model = keras.models.model_from_config(config, custom_objects=custom_objects)
+    model.load_weights(path)
+    return model
+
+
+def save_model_atomic(model, filepath, include_optimizer=True):
+    """Save ``model`` as HDF5 at ``filepath`` atomically.
+
+    Written to a temporary file in the same folder, then renamed over ``filepath``
+    (``os.replace``), so a crash never leaves a half-written model and an older file survives.
+    The result loads with :func:`robust_load_model` and with ``tf_keras.models.load_model``.
+    """
+    path = _os.path.abspath(_os.fspath(filepath))
+    folder = _os.path.dirname(path)
+    _os.makedirs(folder, exist_ok=True)
+    fd, tmp = _tempfile.mkstemp(prefix=f".{_os.path.basename(path)}.", suffix=".tmp.h5",
+                                dir=folder)
+    _os.close(fd)
+    try:
+        with _warnings.catch_warnings():
+            _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
+            model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
+                       save_format="h5")
+        _os.replace(tmp, path)
+    except BaseException:
+        if _os.path.exists(tmp):
+            _os.remove(tmp)
+        raise
+    logger.info("Saved model to %s", path)
+    return path
 
 # ----------------------------------------------------------------------------------------------
 # Section 2: training loops, callbacks, metrics and RAM loading (issue 5). Names: _TRAIN_ALL.
 # ----------------------------------------------------------------------------------------------
-_TRAIN_ALL = []
+import copy  # noqa: E402  (Section 2 imports)
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from dm_image import load_dat_ram  # noqa: E402,F401  (2017 name re-exported here)
+
+_TRAIN_ALL = [
+    "do_3stage_training", "do_2stage_training", "DMAucModelCheckpoint", "BestModelCheckpoint",
+    "DMMetrics", "DMFlush", "flip_all_img", "load_dat_ram", "ovr_auroc", "is_bias_variable",
+    "with_bias_multiplier", "rebuild_model", "set_regularization", "class_weight_dict",
+    "save_model_distributed",
+]
+
+_REGULARIZED_CLASSES = ("Dense", "Conv2D")
+_DROPOUT_CLASSES = ("Dropout",)
+
+
+# ---------------------------------------------------------------- bias learning-rate multiplier
+def is_bias_variable(variable):
+    """True for bias terms (variables named ``.../bias``, replicas included)."""
+    name = variable.name.split(":")[0]
+    return re.search(r"(^|/)bias(_\d+)?(/replica_\d+)?$", name) is not None
+
+
+class _BiasMultiplierMixin:
+    """Optimizer mixin: the update applied to bias variables is scaled by ``bias_multiplier``.
+
+    The base optimizer computes its update (momentum, Adam moments, ...) as usual; for a bias
+    variable the change it made is then scaled, which is exactly a per-variable learning rate
+    of ``learning_rate * bias_multiplier`` for SGD (with momentum) and for Adam-type optimizers.
+    """
+
+    def __init__(self, *args, bias_multiplier=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bias_multiplier = float(bias_multiplier)
+
+    def update_step(self, gradient, variable):
+        if self.bias_multiplier == 1.0 or not is_bias_variable(variable):
+            return super().update_step(gradient, variable)
+        before = tf.identity(variable)
+        super().update_step(gradient, variable)
+        if self.bias_multiplier == 0.0:
+            return variable.assign(before)
+        mult = tf.cast(self.bias_multiplier, variable.dtype)
+        return variable.assign(before + mult * (tf.identity(variable) - before))
+
+    def get_config(self):
+        config = super().get_config()
+        config["bias_multiplier"] = self.bias_multiplier
+        return config
+
+
+_BIAS_MULT_CLASSES = {}
+
+
+def _bias_multiplier_class(base):
+    cls = _BIAS_MULT_CLASSES.get(base)
+    if cls is None:
+        name = f"BiasMultiplier{base.__name__}"
+        cls = type(name, (_BiasMultiplierMixin, base),
+                   {"__doc__": f"{base.__name__} with a learning-rate multiplier for biases."})
+        cls = keras.saving.register_keras_serializable(package="dm_keras_ext", name=name)(cls)
+        _BIAS_MULT_CLASSES[base] = cls
+    return cls
+
+
+for _base in (keras.optimizers.SGD, keras.optimizers.RMSprop, keras.optimizers.Adagrad,
+              keras.optimizers.Adadelta, keras.optimizers.Adamax, keras.optimizers.Adam,
+              keras.optimizers.Nadam):
+    _bias_multiplier_class(_base)   # registered at import so saved models load again
+del _base
+
+
+def with_bias_multiplier(optimizer, bias_multiplier):
+    """Return ``optimizer`` with bias learning rate x ``bias_multiplier`` (None/1: unchanged).
+
+    Args:
+        optimizer: a tf-keras (non-legacy) optimizer instance, not yet used.
+        bias_multiplier: float >= 0 or None.
+
+    Returns:
+        An optimizer of the same kind and configuration whose bias updates are scaled.
+    """
+    if bias_multiplier is None or float(bias_multiplier) == 1.0:
+        return optimizer
+    if bias_multiplier < 0:
+        raise ValueError(f"bias_multiplier should be >= 0, got {bias_multiplier}")
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ValueError(f"bias_multiplier needs a tf-keras optimizer, got {type(optimizer)}")
+    base = type(optimizer)
+    if isinstance(optimizer, _BiasMultiplierMixin):
+        base = base.__mro__[2]
+    config = dict(optimizer.get_config(), bias_multiplier=float(bias_multiplier))
+    return _bias_multiplier_class(base).from_config(config)
+
+
+# ---------------------------------------------------------------- rebuilding with new settings
+def _walk_layer_configs(model_config, edit):
+    """Apply ``edit(class_name, layer_config)`` to every layer config, nested models included."""
+    changed = False
+    for entry in model_config.get("layers", []):
+        cfg = entry.get("config", {})
+        changed = bool(edit(entry.get("class_name"), cfg)) or changed
+        if isinstance(cfg, dict) and "layers" in cfg:
+            changed = _walk_layer_configs(cfg, edit) or changed
+    return changed
+
+
+def rebuild_model(model, edit, custom_objects=None, force=False):
+    """Rebuild ``model`` from its config after ``edit`` changed layer configs; copy the weights.
+
+    Changing ``kernel_regularizer`` or a dropout ``rate`` on a built tf-keras layer has no effect
+    on the loss; rebuilding from the edited config does. Layer names, trainable flags and weights
+    are kept; the new model is built under the original model's distribution strategy.
+
+    Args:
+        model: a functional or Sequential tf-keras model (nested models allowed).
+        edit: ``edit(class_name, layer_config) -> bool`` edits a layer config dict in place and
+            returns True when it changed something.
+        custom_objects: extra classes needed to deserialise the config.
+        force: rebuild even when ``edit`` changed nothing.
+
+    Returns:
+        The rebuilt model, or ``model`` itself when nothing changed.
+    """
+    config = copy.deepcopy(model.get_config())
+    if not _walk_layer_configs(config, edit) and not force:
+        return model
+    objects = dict(keras.utils.get_custom_objects())
+    objects.update(custom_objects or {})
+    with model.distribute_strategy.scope():
+        new_model = type(model).from_config(config, custom_objects=objects)
+        new_model.set_weights(model.get_weights())
+    return new_model
+
+
+def _l2_config(weight_decay):
+    if not weight_decay:
+        return None
+    return {"module": "keras.regularizers", "class_name": "L2",
+            "config": {"l2": float(weight_decay)}, "registered_name": None}
+
+
+def _same_l2(current, weight_decay):
+    if current is None:
+        return not weight_decay
+    if not weight_decay or not isinstance(current, dict) or current.get("class_name") != "L2":
+        return False
+    return abs(float(current.get("config", {}).get("l2", -1)) - weight_decay) <= 1e-6 * weight_decay
+
+
+def set_regularization(model, weight_decay=None, dropout=None, layer_names=None,
+                       custom_objects=None):
+    """Set the L2 of Dense/Conv2D kernels and the Dropout rates so that they take effect.
+
+    Args:
+        model: tf-keras model (nested models included in the search).
+        weight_decay: L2 factor for kernels (0: no regulariser; None: leave unchanged).
+        dropout: rate for Dropout layers (None: leave unchanged).
+        layer_names: only layers with these names; None for all layers.
+        custom_objects: passed to :func:`rebuild_model`.
+
+    Returns:
+        The model to train from now on (a rebuilt copy when anything changed).
+    """
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout should be in [0, 1), got {dropout}")
+    if weight_decay is not None and weight_decay < 0:
+        raise ValueError(f"weight_decay should be >= 0, got {weight_decay}")
+
+    def edit(class_name, cfg):
+        if layer_names is not None and cfg.get("name") not in layer_names:
+            return False
+        if weight_decay is not None and class_name in _REGULARIZED_CLASSES:
+            if not _same_l2(cfg.get("kernel_regularizer"), weight_decay):
+                cfg["kernel_regularizer"] = _l2_config(weight_decay)
+                return True
+        if dropout is not None and class_name in _DROPOUT_CLASSES:
+            if abs(float(cfg.get("rate", 0.0)) - dropout) > 1e-9:
+                cfg["rate"] = float(dropout)
+                return True
+        return False
+
+    return rebuild_model(model, edit, custom_objects)
+
+
+# ---------------------------------------------------------------- metrics and callbacks
+@keras.saving.register_keras_serializable(package="dm_keras_ext")
+def sensitivity(y_true, y_pred):
+    """Batch sensitivity (recall of the positive = last class) for 2-class softmax or sigmoid."""
+    yt = tf.cast(y_true[..., -1], tf.float32)
+    yp = tf.round(tf.clip_by_value(tf.cast(y_pred[..., -1], tf.float32), 0.0, 1.0))
+    return tf.reduce_sum(yt * yp) / (tf.reduce_sum(yt) + keras.backend.epsilon())
+
+
+@keras.saving.register_keras_serializable(package="dm_keras_ext")
+def specificity(y_true, y_pred):
+    """Batch specificity (recall of the negative class) for 2-class softmax or sigmoid."""
+    yt = 1.0 - tf.cast(y_true[..., -1], tf.float32)
+    yp = 1.0 - tf.round(tf.clip_by_value(tf.cast(y_pred[..., -1], tf.float32), 0.0, 1.0))
+    return tf.reduce_sum(yt * yp) / (tf.reduce_sum(yt) + keras.backend.epsilon())
+
+
+class DMMetrics:
+    """Sensitivity and specificity as Keras metric functions (positive class = last column).
+
+    Use as ``model.compile(..., metrics=[DMMetrics.sensitivity, DMMetrics.specificity])``.
+    Keras averages them over batches, so an epoch value approximates the dataset value.
+    """
+    sensitivity = staticmethod(sensitivity)
+    specificity = staticmethod(specificity)
+
+
+class DMFlush(keras.callbacks.Callback):
+    """Flush stdout and stderr at the end of each epoch (logs piped to files stay current)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def save_model_distributed(model, filepath):
+    """Save through Section 1's ``save_model_atomic`` (temporary file + os.replace).
+
+    In a multi-worker run every worker must take part in saving; only the chief writes
+    ``filepath``, the others write to a temporary folder that is removed.
+    """
+    if getattr(model.distribute_strategy.extended, "should_checkpoint", True):
+        save_model_atomic(model, filepath)
+        return
+    import shutil
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="dm_worker_save_")
+    try:
+        save_model_atomic(model, f"{folder}/model.h5")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class BestModelCheckpoint(keras.callbacks.Callback):
+    """Save the model atomically whenever ``monitor`` improves (kept across several fits).
+
+    Args:
+        filepath: HDF5 (``.h5``) or Keras file for the best model.
+        monitor: log key, e.g. ``"val_accuracy"`` or ``"val_loss"``.
+        mode: ``"max"`` or ``"min"``.
+    """
+
+    def __init__(self, filepath, monitor="val_accuracy", mode="max"):
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode should be one of ['max', 'min'], got {mode!r}")
+        self.filepath, self.monitor, self.mode = str(filepath), monitor, mode
+        self.best = -np.inf if mode == "max" else np.inf
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            logger.warning("BestModelCheckpoint: %s not in logs %s", self.monitor,
+                           sorted(logs or {}))
+            return
+        better = value > self.best if self.mode == "max" else value < self.best
+        if better:
+            logger.info("epoch %d: %s improved from %.5f to %.5f, saving %s", epoch + 1,
+                        self.monitor, self.best, value, self.filepath)
+            self.best, self.best_epoch = float(value), epoch + 1
+            save_model_distributed(self.model, self.filepath)
+
+    def on_train_end(self, logs=None):
+        logger.info("best %s %.5f at epoch %s (%s)", self.monitor, self.best, self.best_epoch,
+                    self.filepath)
+
+
+def flip_all_img(X):
+    """The 4 flips of a batch stacked along the batch axis.
+
+    Args:
+        X: array (N, H, W, C) (or (N, H, W)).
+
+    Returns:
+        array (4N, H, W, C): as is, left-right, up-down, both; block k is ``[k*N:(k+1)*N]``.
+    """
+    X = np.asarray(X)
+    if X.ndim < 3:
+        raise ValueError(f"flip_all_img expects (N, H, W[, C]) images, got shape {X.shape}")
+    return np.concatenate([X, X[:, :, ::-1], X[:, ::-1, :], X[:, ::-1, ::-1]], axis=0)
+
+
+def ovr_auroc(y_true, y_pred):
+    """One-vs-rest AUROC per class and their mean.
+
+    Args:
+        y_true: one-hot (N, C) or integer labels (N,).
+        y_pred: scores (N, C); (N, 1) is read as the positive-class probability.
+
+    Returns:
+        (mean AUROC over classes where it is defined, list of per-class AUROCs, NaN if undefined).
+    """
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    y_true = np.asarray(y_true)
+    labels = y_true.argmax(axis=-1) if y_true.ndim > 1 and y_true.shape[-1] > 1 else \
+        y_true.reshape(len(y_true)).astype(int)
+    if y_pred.ndim == 1 or y_pred.shape[-1] == 1:
+        scores = {1: y_pred.reshape(len(y_pred))}
+    else:
+        scores = {c: y_pred[:, c] for c in range(y_pred.shape[1])}
+    per_class = []
+    for c, s in scores.items():
+        pos = labels == c
+        per_class.append(float(roc_auc_score(pos, s)) if 0 < pos.sum() < len(pos) else np.nan)
+    valid = [a for a in per_class if not np.isnan(a)]
+    return (float(np.mean(valid)) if valid else np.nan), per_class
+
+
+def _iter_test_batches(test_set, batch_size, test_samples):
+    """Yield (x, y) batches from (X, y) arrays, a Sequence or a ``next()`` iterator."""
+    if isinstance(test_set, (tuple, list)):
+        X, y = test_set[0], test_set[1]
+        n = len(X) if test_samples is None else min(int(test_samples), len(X))
+        bs = batch_size or 32
+        for start in range(0, n, bs):
+            yield X[start:min(start + bs, n)], y[start:min(start + bs, n)]
+        return
+    total = test_samples
+    if total is None:
+        total = getattr(test_set, "nb_sample", None) or getattr(test_set, "n", None)
+    if hasattr(test_set, "__getitem__") and hasattr(test_set, "__len__"):
+        seen = 0
+        for i in range(len(test_set)):
+            batch = test_set[i]
+            x, y = batch[0], batch[1]
+            if total is not None:
+                x, y = x[:total - seen], y[:total - seen]
+            seen += len(x)
+            yield x, y
+            if total is not None and seen >= total:
+                return
+        return
+    if total is None:
+        raise ValueError("test_samples is needed for an iterator without nb_sample")
+    if hasattr(test_set, "reset"):
+        test_set.reset()
+    seen = 0
+    while seen < total:
+        batch = next(test_set)
+        x, y = batch[0][:total - seen], batch[1][:total - seen]
+        seen += len(x)
+        yield x, y
+
+
+def _predict_batch(model, x, test_augment):
+    x = np.asarray(x)
+    if not test_augment:
+        return np.asarray(model.predict_on_batch(x))
+    pred = np.asarray(model.predict_on_batch(flip_all_img(x)))   # one forward pass, 4N images
+    return pred.reshape((4, len(x)) + pred.shape[1:]).mean(axis=0)
+
+
+class DMAucModelCheckpoint(keras.callbacks.Callback):
+    """Validation AUROC (one-vs-rest per class, and mean) each epoch; best model saved atomically.
+
+    Adds ``val_auc`` (mean) and ``val_auc_<c>`` to the epoch logs (so they enter the History),
+    keeps the best across several fits (stages) and logs a summary at the end of each fit.
+
+    Args:
+        filepath: where the best model is written (atomic replace).
+        test_data: ``(X, y)`` arrays (X (N, H, W, C) preprocessed like training input, y one-hot
+            (N, C) or labels (N,)) or an iterator yielding ``(x, y[, w])`` batches.
+        batch_size: images per forward pass for arrays (default 32).
+        test_samples: number of samples to evaluate (default: all).
+        test_augment: average the predictions on the 4 flips.
+    """
+
+    def __init__(self, filepath, test_data, batch_size=None, test_samples=None,
+                 test_augment=False):
+        super().__init__()
+        self.filepath = str(filepath)
+        self.test_data = test_data
+        self.batch_size, self.test_samples, self.test_augment = batch_size, test_samples, \
+            test_augment
+        self.best_auc, self.best_epoch = -np.inf, None
+        self.best_all_auc = None
+        self.auc_history = []     # per epoch: (epoch, mean AUROC, per-class AUROCs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        auc, y_true, y_pred = self.calc_test_auc(
+            self.test_data, self.model, batch_size=self.batch_size,
+            test_samples=self.test_samples, return_y_res=True, test_augment=self.test_augment)
+        _, per_class = ovr_auroc(y_true, y_pred)
+        self.auc_history.append((epoch + 1, auc, per_class))
+        if logs is not None:
+            logs["val_auc"] = auc
+            for c, a in enumerate(per_class):
+                logs[f"val_auc_{c}"] = a
+        logger.info("epoch %d: validation AUROC %.4f (per class %s)", epoch + 1, auc,
+                    ", ".join(f"{a:.4f}" for a in per_class))
+        if not np.isnan(auc) and auc > self.best_auc:
+            logger.info("epoch %d: AUROC improved from %.4f to %.4f, saving %s", epoch + 1,
+                        self.best_auc, auc, self.filepath)
+            self.best_auc, self.best_epoch, self.best_all_auc = auc, epoch + 1, per_class
+            save_model_distributed(self.model, self.filepath)
+
+    def on_train_end(self, logs=None):
+        logger.info("best validation AUROC %.4f at epoch %s (per class %s), model %s",
+                    self.best_auc, self.best_epoch, self.best_all_auc, self.filepath)
+
+    @staticmethod
+    def calc_test_auc(test_set, model, batch_size=None, test_samples=None, return_y_res=False,
+                      test_augment=False):
+        """Mean one-vs-rest AUROC of ``model`` on ``test_set``.
+
+        Args:
+            test_set: ``(X, y)`` arrays or an iterator of ``(x, y[, w])`` batches.
+            model: tf-keras model with softmax (or single sigmoid) output.
+            batch_size: images per forward pass for arrays (default 32; with ``test_augment``
+                each pass holds 4x as many images).
+            test_samples: evaluate only the first N samples.
+            return_y_res: also return the labels and predictions.
+            test_augment: mean of the predictions on the 4 flips (as is, left-right, up-down,
+                both), computed in one batched forward pass per batch.
+
+        Returns:
+            float mean AUROC, or ``(auc, y_true, y_pred)`` with ``return_y_res``.
+        """
+        ys, preds = [], []
+        for x, y in _iter_test_batches(test_set, batch_size, test_samples):
+            if len(x) == 0:
+                continue
+            preds.append(_predict_batch(model, x, test_augment))
+            ys.append(np.asarray(y))
+        if not ys:
+            raise ValueError("calc_test_auc: the test set yielded no samples")
+        y_true, y_pred = np.concatenate(ys), np.concatenate(preds)
+        auc, _ = ovr_auroc(y_true, y_pred)
+        return (auc, y_true, y_pred) if return_y_res else auc
+
+
+# ---------------------------------------------------------------- staged training
+def class_weight_dict(nb_class, pos_cls_weight=1.0, neg_cls_weight=1.0):
+    """Class weights ``{0: neg_cls_weight, 1..nb_class-1: pos_cls_weight}``."""
+    if nb_class < 2:
+        raise ValueError(f"nb_class should be >= 2, got {nb_class}")
+    return {0: float(neg_cls_weight), **{c: float(pos_cls_weight) for c in range(1, nb_class)}}
+
+
+def _final_dense(model):
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    if not dense:
+        raise ValueError(f"model {model.name!r} has no top-level Dense layer")
+    return dense[-1]
+
+
+def _dropout_before(model, layer):
+    """The Dropout between ``layer`` and the previous layer with weights, if any."""
+    idx = model.layers.index(layer)
+    for prev in reversed(model.layers[:idx]):
+        if isinstance(prev, keras.layers.Dropout):
+            return prev
+        if prev.weights:
+            return None
+    return None
+
+
+def _default_top_layer_nb(model):
+    """First top-level layer after the last nested model (the converted patch network)."""
+    nested = [i for i, layer in enumerate(model.layers) if isinstance(layer, keras.Model)]
+    if not nested:
+        raise ValueError("top_layer_nb is needed: the model has no nested patch network to "
+                         "freeze")
+    return nested[-1] + 1
+
+
+def _set_trainable(model, trainable_fn):
+    for i, layer in enumerate(model.layers):
+        layer.trainable = bool(trainable_fn(i, layer))
+
+
+def _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics):
+    with (strategy or model.distribute_strategy).scope():
+        opt = with_bias_multiplier(create_optimizer(optim, lr), bias_multiplier)
+        model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=list(metrics),
+                      jit_compile=bool(jit_compile))
+
+
+class _Stage:
+    """Runs successive ``fit`` calls with continuing epoch numbers and shared callbacks."""
+
+    def __init__(self, train_generator, validation_set, validation_steps, steps_per_epoch,
+                 checkpointer, class_weight, es_patience, lr_patience, nb_worker, verbose,
+                 extra_callbacks=None):
+        self.extra_callbacks = list(extra_callbacks or [])
+        self.train, self.val = train_generator, validation_set
+        self.val_steps = None if isinstance(validation_set, (tuple, list)) else validation_steps
+        self.steps, self.checkpointer = steps_per_epoch, checkpointer
+        self.class_weight, self.es_patience, self.lr_patience = class_weight, es_patience, \
+            lr_patience
+        self.nb_worker, self.verbose = nb_worker, verbose
+        self.epochs_done, self.histories = 0, []
+
+    def run(self, model, name, epochs, optim, lr, bias_multiplier, jit_compile, strategy,
+            metrics=("accuracy",)):
+        if epochs <= 0:
+            logger.info("%s: skipped (0 epochs)", name)
+            return
+        _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics)
+        nb_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        logger.info("%s: epochs %d-%d, optimizer %s, lr %.3g, %d trainable parameters", name,
+                    self.epochs_done + 1, self.epochs_done + epochs, optim, lr, nb_trainable)
+        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss",
+                                                   patience=self.es_patience, verbose=1)]
+        if optim == "sgd":
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.5, patience=self.lr_patience, verbose=1))
+        callbacks += [self.checkpointer, DMFlush()] + self.extra_callbacks
+        if isinstance(self.train, (tuple, list)):   # (X, y[, sample_weight]) arrays
+            data = dict(x=self.train[0], y=self.train[1], steps_per_epoch=None,
+                        sample_weight=self.train[2] if len(self.train) > 2 else None)
+        else:
+            data = dict(x=self.train, steps_per_epoch=self.steps)
+        hist = model.fit(**data,
+                         epochs=self.epochs_done + epochs, initial_epoch=self.epochs_done,
+                         class_weight=self.class_weight, validation_data=self.val,
+                         validation_steps=self.val_steps, callbacks=callbacks,
+                         workers=self.nb_worker, use_multiprocessing=False,
+                         verbose=self.verbose)
+        hist.stage = name
+        self.epochs_done += len(hist.history.get("loss", []))
+        self.histories.append(hist)
+
+
+def do_3stage_training(model, org_model, train_generator, validation_set, validation_steps,
+                       best_model_out, steps_per_epoch, top_layer_nb=None, net=None, nb_epoch=10,
+                       top_layer_epochs=0, all_layer_epochs=0, use_pretrained=True, optim="sgd",
+                       init_lr=.01, top_layer_multiplier=.01, all_layer_multiplier=.0001,
+                       es_patience=5, lr_patience=2, auto_batch_balance=True, nb_class=3,
+                       pos_cls_weight=1., neg_cls_weight=1., nb_worker=1, weight_decay2=.01,
+                       hidden_dropout2=.0, bias_multiplier=None, strategy=None,
+                       jit_compile=False, verbose=2, custom_objects=None, callbacks=None):
+    """Three-stage patch classifier training (SPEC section 5).
+
+    Stage 1: only the final Dense layer trains (all layers when ``use_pretrained`` is False, and
+    then only this stage runs) for ``nb_epoch`` at ``init_lr``. Stage 2: layers from
+    ``top_layer_nb`` on train for ``top_layer_epochs`` at ``init_lr * top_layer_multiplier``,
+    with the final Dense kernel L2 set to ``weight_decay2`` and the Dropout before it to
+    ``hidden_dropout2``. Stage 3: all layers for ``all_layer_epochs`` at
+    ``init_lr * all_layer_multiplier``. Frozen layers include BatchNormalization, which then uses
+    its moving statistics (tf-keras semantics; Keras 2.0.8 kept batch statistics in frozen BN
+    layers). Each stage compiles a fresh optimizer. Epochs are numbered continuously; each stage
+    stops early after ``es_patience`` epochs without val-loss improvement; with sgd the lr
+    halves after ``lr_patience`` such epochs; the best model by ``val_accuracy`` is saved
+    atomically to ``best_model_out``.
+
+    Args:
+        model: compiled-or-not patch classifier (softmax output, ``nb_class`` units).
+        org_model: ignored (kept for 2017 callers; with tf.distribute the trained model is the
+            saved model).
+        train_generator: iterator/Sequence/tf.data yielding ``(x, y)`` or ``(x, y, w)``, y
+            one-hot.
+        validation_set: ``(X, y)`` arrays or an iterator like ``train_generator``.
+        validation_steps: batches per validation pass for an iterator.
+        best_model_out: best model file.
+        steps_per_epoch: train batches per epoch.
+        top_layer_nb: first layer index trained in stage 2 (required when stage 2 runs).
+        net: backbone name (logged only).
+        bias_multiplier: bias learning-rate multiplier (None: same as the other weights).
+        strategy: a ``tf.distribute`` strategy the model was built in (default: the model's).
+        jit_compile: XLA-compile the train step.
+        verbose: Keras fit verbosity.
+        custom_objects: classes needed to rebuild the model from its config.
+        callbacks: extra Keras callbacks for every stage.
+        (other arguments: see the command-line flags of ``patch_clf_train.py``.)
+
+    Returns:
+        list of ``keras.callbacks.History``, one per stage run (``.stage`` names it;
+        ``.model`` is the model trained in that stage).
+    """
+    if use_pretrained and top_layer_epochs > 0 and top_layer_nb is None:
+        raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
+    cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
+                                                           neg_cls_weight)
+    ckpt = BestModelCheckpoint(best_model_out, monitor="val_accuracy", mode="max")
+    stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch, ckpt, cw,
+                   es_patience, lr_patience, nb_worker, verbose, callbacks)
+    common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
+                  strategy=strategy)
+    if not use_pretrained:
+        _set_trainable(model, lambda i, layer: True)
+        stage.run(model, "stage 1 (all layers, no pretrained weights)", nb_epoch, lr=init_lr,
+                  **common)
+        return stage.histories
+    logger.info("3-stage training of %s", net or model.name)
+    dense = _final_dense(model)
+    _set_trainable(model, lambda i, layer: layer is dense)
+    stage.run(model, "stage 1 (final dense layer)", nb_epoch, lr=init_lr, **common)
+    if top_layer_epochs > 0 or all_layer_epochs > 0:
+        dropout = _dropout_before(model, dense)
+        names = {dense.name} | ({dropout.name} if dropout is not None else set())
+        model = set_regularization(model, weight_decay2, hidden_dropout2, names, custom_objects)
+    if top_layer_epochs > 0:
+        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
+        stage.run(model, f"stage 2 (layers {top_layer_nb}+)", top_layer_epochs,
+                  lr=init_lr * top_layer_multiplier, **common)
+    _set_trainable(model, lambda i, layer: True)
+    stage.run(model, "stage 3 (all layers)", all_layer_epochs,
+              lr=init_lr * all_layer_multiplier, **common)
+    return stage.histories
+
+
+def do_2stage_training(model, org_model, train_generator, validation_set, validation_steps,
+                       best_model_out, steps_per_epoch, top_layer_nb=None, nb_epoch=10,
+                       all_layer_epochs=0, optim="sgd", init_lr=.01, all_layer_multiplier=.1,
+                       es_patience=5, lr_patience=2, auto_batch_balance=True, nb_class=2,
+                       pos_cls_weight=1., neg_cls_weight=1., nb_worker=1, auc_checkpointer=None,
+                       weight_decay=.0001, hidden_dropout=.0, weight_decay2=.0001,
+                       hidden_dropout2=.0, bias_multiplier=None, strategy=None,
+                       jit_compile=False, verbose=2, custom_objects=None, callbacks=None):
+    """Two-stage whole-image training (SPEC section 5).
+
+    Stage 1 (``nb_epoch`` epochs, 0 skips it): layers before ``top_layer_nb`` (the converted
+    patch network) are frozen, lr ``init_lr``, every Dense/Conv2D kernel L2 = ``weight_decay``
+    and every Dropout rate = ``hidden_dropout``. Stage 2 (``all_layer_epochs``): all layers at
+    ``init_lr * all_layer_multiplier`` with ``weight_decay2`` / ``hidden_dropout2``. Epochs are
+    numbered continuously; early stopping on val loss; with sgd the lr halves on a val-loss
+    plateau; the best model by mean one-vs-rest validation AUROC is saved by
+    ``auc_checkpointer`` (a :class:`DMAucModelCheckpoint` on ``validation_set`` when None).
+
+    Args: as :func:`do_3stage_training`; ``top_layer_nb`` defaults to the layer after the last
+        nested model (the converted patch network).
+
+    Returns:
+        list of ``keras.callbacks.History``, one per stage run (``.model``: the trained model).
+    """
+    if nb_epoch > 0 and top_layer_nb is None:
+        top_layer_nb = _default_top_layer_nb(model)
+    cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
+                                                           neg_cls_weight)
+    if auc_checkpointer is None:
+        auc_checkpointer = DMAucModelCheckpoint(best_model_out, validation_set)
+    stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch,
+                   auc_checkpointer, cw, es_patience, lr_patience, nb_worker, verbose,
+                   callbacks)
+    common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
+                  strategy=strategy)
+    if nb_epoch > 0:
+        model = set_regularization(model, weight_decay, hidden_dropout,
+                                   custom_objects=custom_objects)
+        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
+        stage.run(model, f"stage 1 (layers {top_layer_nb}+)", nb_epoch, lr=init_lr, **common)
+    if all_layer_epochs > 0:
+        model = set_regularization(model, weight_decay2, hidden_dropout2,
+                                   custom_objects=custom_objects)
+        _set_trainable(model, lambda i, layer: True)
+        stage.run(model, "stage 2 (all layers)", all_layer_epochs,
+                  lr=init_lr * all_layer_multiplier, **common)
+    return stage.histories
+
 
 __all__ = _MODEL_ALL + _TRAIN_ALL

@@ -1,10 +1,669 @@
 """ResNet builders and the patch-to-whole-image converter ``add_top_layers``.
 
 Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
-Sci Rep 9, 12495 (2019); arXiv:1708.09427.
+Sci Rep 9, 12495 (2019); arXiv:1708.09427. Residual blocks follow He et al. 2016 ("org",
+post-activation: conv-BN-relu ... add then relu) and He et al. 2016b (pre-activation:
+BN-relu-conv), arXiv:1512.03385 and arXiv:1603.05027.
+
+Every builder takes a tensor and returns a tensor; every layer it creates is named from the
+``name`` argument, so models can be cut, frozen or inspected by layer name. Keras 2 API via
+tf-keras (``import tf_keras as keras``), channels-last tensors.
+
+Conventions kept from the 2017 code (so that parameter counts and saved models match):
+- every Conv2D/Dense of the builders uses a bias, ``he_normal`` initialisation and an L2 kernel
+  penalty ``weight_decay``; a Dropout layer follows each relu even at rate 0 (the rate is changed
+  between training stages);
+- the first block of every residual stage has a 1x1 convolution projection shortcut (``valid``
+  padding, optional BN); later blocks use identity shortcuts;
+- ``ResNetBuilder.build`` takes ``input_shape`` as ``(nb_channels, nb_rows, nb_cols)``, as the
+  2017 (keras-resnet) builders did, and permutes it to channels-last.
 """
 import logging
+from typing import Callable, Sequence
+
+import tf_keras as keras
+from tf_keras import layers
 
 logger = logging.getLogger(__name__)
 
-__all__ = []
+__all__ = [
+    "l1l2_penalty_reg",
+    "conv_bn_relu",
+    "bn_relu_conv",
+    "shortcut",
+    "basic_block",
+    "basic_block_org",
+    "bottleneck",
+    "bottleneck_org",
+    "residual_stage",
+    "vgg_block",
+    "BLOCK_FNS",
+    "ResNetBuilder",
+    "MultiViewResNetBuilder",
+    "relax_input_shape",
+    "find_cut_layer",
+    "add_top_layers",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+def _channel_axis() -> int:
+    return -1 if keras.backend.image_data_format() == "channels_last" else 1
+
+
+def _l2(weight_decay):
+    return keras.regularizers.l2(weight_decay) if weight_decay else None
+
+
+def _conv(filters, kernel_size, strides, weight_decay, name, padding="same"):
+    return layers.Conv2D(filters, kernel_size, strides=strides, padding=padding,
+                         kernel_initializer="he_normal", kernel_regularizer=_l2(weight_decay),
+                         name=name)
+
+
+def _bn(name):
+    return layers.BatchNormalization(axis=_channel_axis(), name=name)
+
+
+def l1l2_penalty_reg(alpha: float = 1.0, l1_ratio: float = 0.5):
+    """Elastic-net kernel penalty in the glmnet / scikit-learn convention.
+
+    penalty(w) = alpha * (l1_ratio * |w|_1 + 0.5 * (1 - l1_ratio) * |w|_2^2).
+
+    Note: the 2017 code returned ``l2(alpha)`` (no factor 0.5) for ``l1_ratio == 0``; here the
+    formula above holds for every ``l1_ratio`` in [0, 1].
+
+    Args:
+        alpha: overall penalty strength, >= 0.
+        l1_ratio: share of the L1 term in [0, 1]; 1 is the lasso, 0 ridge.
+
+    Returns:
+        A ``keras.regularizers.L1L2`` instance.
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha should be >= 0, got {alpha}")
+    if not 0.0 <= l1_ratio <= 1.0:
+        raise ValueError(f"l1_ratio should be in [0, 1], got {l1_ratio}")
+    return keras.regularizers.L1L2(l1=alpha * l1_ratio, l2=0.5 * (1.0 - l1_ratio) * alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks: tensor in, tensor out
+# ----------------------------------------------------------------------------------------------
+def conv_bn_relu(x, filters, kernel_size, strides=(1, 1), weight_decay=1e-4, dropout=0.0,
+                 last=False, name="cbr"):
+    """Conv -> BN -> relu -> dropout (``last=True``: conv -> BN only).
+
+    Layers: ``{name}_conv``, ``{name}_bn``, ``{name}_relu``, ``{name}_drop``.
+    """
+    x = _conv(filters, kernel_size, strides, weight_decay, f"{name}_conv")(x)
+    x = _bn(f"{name}_bn")(x)
+    if last:
+        return x
+    x = layers.Activation("relu", name=f"{name}_relu")(x)
+    return layers.Dropout(dropout, name=f"{name}_drop")(x)
+
+
+def bn_relu_conv(x, filters, kernel_size, strides=(1, 1), weight_decay=1e-4, dropout=0.0,
+                 name="brc"):
+    """BN -> relu -> dropout -> conv (pre-activation unit, arXiv:1603.05027)."""
+    x = _bn(f"{name}_bn")(x)
+    x = layers.Activation("relu", name=f"{name}_relu")(x)
+    x = layers.Dropout(dropout, name=f"{name}_drop")(x)
+    return _conv(filters, kernel_size, strides, weight_decay, f"{name}_conv")(x)
+
+
+def shortcut(x, residual, identity=True, strides=(1, 1), with_bn=False, org=False,
+             weight_decay=1e-4, dropout=0.0, name="shortcut"):
+    """Add a shortcut from ``x`` to ``residual``.
+
+    Args:
+        x: block input, 4-D channels-last.
+        residual: output of the residual branch.
+        identity: True: ``x`` is added as is (shapes must match); False: 1x1 conv projection
+            (``{name}_0_conv``, ``valid`` padding, stride ``strides``) to the residual's
+            channels, followed by BN (``{name}_0_bn``) when ``with_bn``.
+        org: post-activation ("org") block: relu (``{name}_out``) and dropout after the add.
+
+    Returns:
+        The summed (and for ``org`` activated) tensor, ``{name}_add``.
+    """
+    short = x
+    if not identity:
+        short = _conv(residual.shape[_channel_axis()], (1, 1), strides, weight_decay,
+                      f"{name}_0_conv", padding="valid")(x)
+        if with_bn:
+            short = _bn(f"{name}_0_bn")(short)
+    elif tuple(x.shape[1:]) != tuple(residual.shape[1:]):
+        raise ValueError(f"identity shortcut {name!r} needs equal shapes, got input "
+                         f"{tuple(x.shape)} and residual {tuple(residual.shape)}")
+    out = layers.Add(name=f"{name}_add")([short, residual])
+    if org:
+        out = layers.Activation("relu", name=f"{name}_out")(out)
+        out = layers.Dropout(dropout, name=f"{name}_out_drop")(out)
+    return out
+
+
+def basic_block(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_bn=False,
+                enlarge_factor=None, weight_decay=1e-4, dropout=0.0, name="basic"):
+    """Pre-activation basic block: two 3x3 BN-relu-conv units plus a shortcut."""
+    y = bn_relu_conv(x, nb_filters, (3, 3), init_strides, weight_decay, dropout, f"{name}_1")
+    y = bn_relu_conv(y, nb_filters, (3, 3), (1, 1), weight_decay, dropout, f"{name}_2")
+    return shortcut(x, y, identity, init_strides, shortcut_with_bn, False, weight_decay,
+                    dropout, name)
+
+
+def basic_block_org(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_bn=False,
+                    enlarge_factor=None, weight_decay=1e-4, dropout=0.0, name="basic"):
+    """Post-activation basic block: conv-BN-relu, conv-BN, add, relu."""
+    y = conv_bn_relu(x, nb_filters, (3, 3), init_strides, weight_decay, dropout,
+                     name=f"{name}_1")
+    y = conv_bn_relu(y, nb_filters, (3, 3), (1, 1), weight_decay, dropout, last=True,
+                     name=f"{name}_2")
+    return shortcut(x, y, identity, init_strides, shortcut_with_bn, True, weight_decay,
+                    dropout, name)
+
+
+def bottleneck(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_bn=False,
+               enlarge_factor=4, weight_decay=1e-4, dropout=0.0, name="bottleneck"):
+    """Pre-activation bottleneck: 1x1, 3x3, 1x1 (x ``enlarge_factor``) BN-relu-conv units."""
+    y = bn_relu_conv(x, nb_filters, (1, 1), init_strides, weight_decay, dropout, f"{name}_1")
+    y = bn_relu_conv(y, nb_filters, (3, 3), (1, 1), weight_decay, dropout, f"{name}_2")
+    y = bn_relu_conv(y, nb_filters * enlarge_factor, (1, 1), (1, 1), weight_decay, dropout,
+                     f"{name}_3")
+    return shortcut(x, y, identity, init_strides, shortcut_with_bn, False, weight_decay,
+                    dropout, name)
+
+
+def bottleneck_org(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_bn=False,
+                   enlarge_factor=4, weight_decay=1e-4, dropout=0.0, name="bottleneck"):
+    """Post-activation ("org") bottleneck, as in the ResNet paper and the 2017 top layers.
+
+    1x1 conv (stride ``init_strides``)-BN-relu, 3x3 conv-BN-relu, 1x1 conv
+    (``nb_filters * enlarge_factor``)-BN, add the shortcut, relu.
+    """
+    y = conv_bn_relu(x, nb_filters, (1, 1), init_strides, weight_decay, dropout,
+                     name=f"{name}_1")
+    y = conv_bn_relu(y, nb_filters, (3, 3), (1, 1), weight_decay, dropout, name=f"{name}_2")
+    y = conv_bn_relu(y, nb_filters * enlarge_factor, (1, 1), (1, 1), weight_decay, dropout,
+                     last=True, name=f"{name}_3")
+    return shortcut(x, y, identity, init_strides, shortcut_with_bn, True, weight_decay,
+                    dropout, name)
+
+
+BLOCK_FNS = {
+    "basic": basic_block,
+    "basic_org": basic_block_org,
+    "bottleneck": bottleneck,
+    "bottleneck_org": bottleneck_org,
+}
+
+
+def _resolve_block_fn(block_fn) -> Callable:
+    if callable(block_fn):
+        return block_fn
+    if block_fn not in BLOCK_FNS:
+        raise ValueError(f"unknown block_fn {block_fn!r}; valid: {sorted(BLOCK_FNS)}")
+    return BLOCK_FNS[block_fn]
+
+
+def residual_stage(x, block_fn, nb_filters, repetitions, is_first_layer=False,
+                   shortcut_with_bn=False, enlarge_factor=4, weight_decay=1e-4, dropout=0.0,
+                   name="stage"):
+    """``repetitions`` residual blocks; the first has a projection shortcut and, unless
+    ``is_first_layer``, stride 2. Blocks are named ``{name}_block{i}`` (i from 1)."""
+    block_fn = _resolve_block_fn(block_fn)
+    for i in range(repetitions):
+        strides = (2, 2) if i == 0 and not is_first_layer else (1, 1)
+        x = block_fn(x, nb_filters, init_strides=strides, identity=(i > 0),
+                     shortcut_with_bn=shortcut_with_bn, enlarge_factor=enlarge_factor,
+                     weight_decay=weight_decay, dropout=dropout, name=f"{name}_block{i + 1}")
+    return x
+
+
+def vgg_block(x, nb_filters, repetitions, dropout=0.0, weight_decay=1e-4, name="vgg"):
+    """``repetitions`` x (3x3 conv + BN + relu + dropout), then 2x2 max pool (``{name}_pool``)."""
+    for i in range(repetitions):
+        x = conv_bn_relu(x, nb_filters, (3, 3), (1, 1), weight_decay, dropout,
+                         name=f"{name}_{i + 1}")
+    return layers.MaxPooling2D((2, 2), strides=(2, 2), name=f"{name}_pool")(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet builders (architecture as data)
+# ----------------------------------------------------------------------------------------------
+# name -> (block function key, repetitions per stage). dm_resnet_* are the small DM-challenge
+# variants: depth = stem conv + 3 convs per bottleneck + the dense layer (14 = 1 + 4*3 + 1,
+# 47 = 1 + 5*3*3 + 1 with 5 stages of 3 blocks, 56 = 6 stages, 65 = 7 stages).
+RESNET_VARIANTS = {
+    "resnet_18": ("basic", [2, 2, 2, 2]),
+    "resnet_34": ("basic", [3, 4, 6, 3]),
+    "resnet_38": ("bottleneck", [3, 6, 3]),
+    "resnet_50": ("bottleneck", [3, 4, 6, 3]),
+    "resnet_50_org": ("bottleneck_org", [3, 4, 6, 3]),
+    "resnet_101": ("bottleneck", [3, 4, 23, 3]),
+    "resnet_152": ("bottleneck", [3, 8, 36, 3]),
+    "dm_resnet_14": ("bottleneck", [1, 1, 1, 1]),
+    "dm_resnet_47rb5": ("bottleneck", [3] * 5),
+    "dm_resnet_56rb6": ("bottleneck", [3] * 6),
+    "dm_resnet_65rb7": ("bottleneck", [3] * 7),
+}
+__all__.append("RESNET_VARIANTS")
+
+
+class ResNetBuilder:
+    """Builds ResNet-like classifiers (keras-resnet style, as in the 2017 code).
+
+    ``input_shape`` is ``(nb_channels, nb_rows, nb_cols)``; rows/cols may be None.
+    """
+
+    @staticmethod
+    def l1l2_penalty_reg(alpha=1.0, l1_ratio=0.5):
+        """See :func:`l1l2_penalty_reg`."""
+        return l1l2_penalty_reg(alpha, l1_ratio)
+
+    @staticmethod
+    def _shared_conv_layers(input_shape, block_fn, repetitions, nb_init_filter=64,
+                            init_filter_size=7, init_conv_stride=2, pool_size=3, pool_stride=2,
+                            weight_decay=1e-4, inp_dropout=0.0, hidden_dropout=0.0,
+                            shortcut_with_bn=False, bottleneck_enlarge_factor=4, prefix=""):
+        """Input -> dropout -> stem conv-BN-relu -> max pool -> residual stages -> GAP.
+
+        Layer names start with ``prefix``. ``pool_size`` 0/None turns the stem pool off.
+        Returns ``(input_tensor, pooled_features)``.
+        """
+        if len(input_shape) != 3:
+            raise ValueError("input_shape should be (nb_channels, nb_rows, nb_cols), "
+                             f"got {input_shape}")
+        if not repetitions:
+            raise ValueError(f"repetitions should be a non-empty list, got {repetitions}")
+        block_fn = _resolve_block_fn(block_fn)
+        chans, rows, cols = input_shape
+        shape = (rows, cols, chans) if _channel_axis() == -1 else (chans, rows, cols)
+        inp = keras.Input(shape=shape, name=f"{prefix}input")
+        x = layers.Dropout(inp_dropout, name=f"{prefix}input_drop")(inp)
+        x = conv_bn_relu(x, nb_init_filter, (init_filter_size, init_filter_size),
+                         (init_conv_stride, init_conv_stride), weight_decay, hidden_dropout,
+                         name=f"{prefix}stem")
+        if pool_size:
+            x = layers.MaxPooling2D((pool_size, pool_size), strides=(pool_stride, pool_stride),
+                                    padding="same", name=f"{prefix}stem_pool")(x)
+        filters = nb_init_filter
+        for i, reps in enumerate(repetitions):
+            x = residual_stage(x, block_fn, filters, reps, is_first_layer=(i == 0),
+                               shortcut_with_bn=shortcut_with_bn,
+                               enlarge_factor=bottleneck_enlarge_factor,
+                               weight_decay=weight_decay, dropout=hidden_dropout,
+                               name=f"{prefix}stage{i + 1}")
+            filters *= 2
+        return inp, layers.GlobalAveragePooling2D(name=f"{prefix}avg_pool")(x)
+
+    @staticmethod
+    def _classifier(features, num_outputs, alpha, l1_ratio):
+        activation = "softmax" if num_outputs > 1 else "sigmoid"
+        return layers.Dense(num_outputs, activation=activation, kernel_initializer="he_normal",
+                            kernel_regularizer=l1l2_penalty_reg(alpha, l1_ratio),
+                            name="predictions")(features)
+
+    @staticmethod
+    def build(input_shape, num_outputs, block_fn, repetitions, nb_init_filter=64,
+              init_filter_size=7, init_conv_stride=2, pool_size=3, pool_stride=2,
+              weight_decay=1e-4, alpha=1.0, l1_ratio=0.5, inp_dropout=0.0, hidden_dropout=0.0,
+              shortcut_with_bn=False, bottleneck_enlarge_factor=4):
+        """Build a single-input ResNet classifier.
+
+        Args:
+            input_shape: ``(nb_channels, nb_rows, nb_cols)`` (2017 convention).
+            num_outputs: classes; 1 gives a sigmoid output, more a softmax.
+            block_fn: block function or a key of ``BLOCK_FNS``.
+            repetitions: blocks per stage; filters double (and size halves) per stage.
+            alpha, l1_ratio: elastic-net penalty of the final dense (:func:`l1l2_penalty_reg`).
+            Other args: stem conv/pool geometry, L2 of convs, dropout rates, shortcut BN.
+
+        Returns:
+            A ``keras.Model`` mapping images to class probabilities ``(batch, num_outputs)``.
+        """
+        inp, feats = ResNetBuilder._shared_conv_layers(
+            input_shape, block_fn, repetitions, nb_init_filter, init_filter_size,
+            init_conv_stride, pool_size, pool_stride, weight_decay, inp_dropout, hidden_dropout,
+            shortcut_with_bn, bottleneck_enlarge_factor)
+        out = ResNetBuilder._classifier(feats, num_outputs, alpha, l1_ratio)
+        return keras.Model(inp, out, name="resnet")
+
+    @classmethod
+    def build_variant(cls, variant, input_shape, num_outputs, **kwargs):
+        """Build a named variant of ``RESNET_VARIANTS`` (e.g. ``"resnet_50"``)."""
+        if variant not in RESNET_VARIANTS:
+            raise ValueError(f"unknown ResNet variant {variant!r}; "
+                             f"valid: {sorted(RESNET_VARIANTS)}")
+        block_key, reps = RESNET_VARIANTS[variant]
+        return cls.build(input_shape, num_outputs, BLOCK_FNS[block_key], list(reps), **kwargs)
+
+    @classmethod
+    def build_resnet_18(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("resnet_18", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_resnet_34(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("resnet_34", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_resnet_38(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("resnet_38", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_resnet_50(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("resnet_50", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_resnet_50_org(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("resnet_50_org", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_resnet_101(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("resnet_101", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_resnet_152(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("resnet_152", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_dm_resnet_14(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("dm_resnet_14", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_dm_resnet_47rb5(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("dm_resnet_47rb5", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_dm_resnet_56rb6(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("dm_resnet_56rb6", input_shape, num_outputs, **kwargs)
+
+    @classmethod
+    def build_dm_resnet_65rb7(cls, input_shape, num_outputs, **kwargs):
+        return cls.build_variant("dm_resnet_65rb7", input_shape, num_outputs, **kwargs)
+
+
+class MultiViewResNetBuilder(ResNetBuilder):
+    """Two views (CC and MLO) through two towers of the same architecture (separate weights);
+    their pooled features are concatenated and fed to one classifier. Inputs are named
+    ``cc_input`` and ``mlo_input``; tower layers are prefixed ``cc_`` / ``mlo_``."""
+
+    @staticmethod
+    def build(input_shape, num_outputs, block_fn, repetitions, nb_init_filter=64,
+              init_filter_size=7, init_conv_stride=2, pool_size=3, pool_stride=2,
+              weight_decay=1e-4, alpha=1.0, l1_ratio=0.5, inp_dropout=0.0, hidden_dropout=0.0,
+              shortcut_with_bn=False, bottleneck_enlarge_factor=4):
+        """Same arguments as :meth:`ResNetBuilder.build`; ``input_shape`` is one view's."""
+        towers = [ResNetBuilder._shared_conv_layers(
+            input_shape, block_fn, repetitions, nb_init_filter, init_filter_size,
+            init_conv_stride, pool_size, pool_stride, weight_decay, inp_dropout, hidden_dropout,
+            shortcut_with_bn, bottleneck_enlarge_factor, prefix=f"{view}_")
+            for view in ("cc", "mlo")]
+        merged = layers.Concatenate(name="merged_views")([t[1] for t in towers])
+        out = ResNetBuilder._classifier(merged, num_outputs, alpha, l1_ratio)
+        return keras.Model([t[0] for t in towers], out, name="multiview_resnet")
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch net -> whole-image net
+# ----------------------------------------------------------------------------------------------
+def relax_input_shape(model, custom_objects=None):
+    """Return ``model`` with its input's spatial size opened to None (same weights).
+
+    A fully convolutional network saved with a fixed input size (e.g. 256x256 patches) cannot
+    be called on a larger image in tf-keras; the rebuilt copy can. The model is returned
+    unchanged when its spatial dimensions are already None.
+    """
+    shapes = [tuple(s) for s in _as_list(model.input_shape)]
+    if all(all(d is None for d in _spatial(s)) for s in shapes):
+        return model
+    config = model.get_config()
+    for layer_cfg in config["layers"]:
+        if layer_cfg["class_name"] == "InputLayer":
+            _relax_input_cfg(layer_cfg["config"])
+    new = keras.Model.from_config(config, custom_objects=custom_objects)
+    new.set_weights(model.get_weights())
+    logger.info("Opened the input of %r from %s to spatial size None", model.name, shapes)
+    return new
+
+
+def _as_list(shape_or_list):
+    return shape_or_list if isinstance(shape_or_list, list) else [shape_or_list]
+
+
+def _spatial(shape):
+    return shape[1:-1] if _channel_axis() == -1 else shape[2:]
+
+
+def _relax_input_cfg(cfg):
+    key = "batch_input_shape" if "batch_input_shape" in cfg else "batch_shape"
+    shape = list(cfg[key])
+    if len(shape) == 4:
+        if _channel_axis() == -1:
+            shape[1:3] = [None, None]
+        else:
+            shape[2:4] = [None, None]
+        cfg[key] = shape
+
+
+def _last_4d_activation(model):
+    """The last Activation/ReLU layer with a 4-D output (ResNet's final block ReLU)."""
+    for layer in reversed(model.layers):
+        if isinstance(layer, (layers.Activation, layers.ReLU)) and len(layer.output.shape) == 4:
+            return layer
+    return None
+
+
+def _last_4d_layer(model):
+    for layer in reversed(model.layers):
+        if not isinstance(layer, keras.layers.InputLayer) and len(layer.output.shape) == 4:
+            return layer
+    return None
+
+
+# Cut point of each backbone, by role: the layer name in tf-keras applications, then a
+# structural fallback that also finds it in models saved by Keras 2.0.8 (auto-named layers).
+CUT_LAYER_ROLES = {
+    "resnet50": ("conv5_block3_out", _last_4d_activation),
+    "vgg16": ("block5_pool", _last_4d_layer),
+    "vgg19": ("block5_pool", _last_4d_layer),
+    "yaroslav": ("block6_pool", _last_4d_layer),
+    "xception": ("block14_sepconv2_act", _last_4d_activation),
+    "inception": ("mixed10", _last_4d_layer),
+}
+__all__.append("CUT_LAYER_ROLES")
+
+
+def find_cut_layer(model, patch_net="resnet50", kept_layer_idx=None):
+    """The last layer of ``model`` kept when it becomes the bottom of a whole-image network.
+
+    Args:
+        model: patch classifier (backbone, global pooling, dropout, dense).
+        patch_net: backbone key of ``CUT_LAYER_ROLES``; other names use the last 4-D layer.
+        kept_layer_idx: explicit index into ``model.layers`` (negative counts from the end,
+            e.g. -5), overriding the role.
+
+    Returns:
+        The keras layer whose (4-D) output feeds the new top.
+    """
+    if kept_layer_idx is not None:
+        try:
+            layer = model.layers[int(kept_layer_idx)]
+        except IndexError:
+            raise ValueError(f"kept_layer_idx {kept_layer_idx} is out of range for a model "
+                             f"with {len(model.layers)} layers") from None
+    else:
+        name, fallback = CUT_LAYER_ROLES.get(patch_net, (None, _last_4d_layer))
+        names = {lyr.name for lyr in model.layers}
+        layer = model.get_layer(name) if name in names else fallback(model)
+        if layer is None:
+            raise ValueError(f"could not find the cut layer of patch net {patch_net!r} "
+                             f"(layer {name!r} or a 4-D feature map) in model {model.name!r}")
+    if len(layer.output.shape) != 4:
+        raise ValueError(f"cut layer {layer.name!r} has output shape {layer.output.shape}; "
+                         "a 4-D feature map is needed")
+    return layer
+
+
+def _heatmap_head(x, clf_layer, avg_pool_size, hm_strides, dropout, weight_decay,
+                  return_heatmap):
+    """Average pool -> (dropout) -> per-location dense initialised from the patch classifier.
+
+    The dense is relu for the top path (2017 behaviour) and softmax for ``return_heatmap``
+    (per-location class probabilities).
+    """
+    if not isinstance(clf_layer, layers.Dense):
+        raise ValueError("the heatmap needs the patch classifier's last layer to be a Dense, "
+                         f"got {type(clf_layer).__name__} {clf_layer.name!r}")
+    fmap = tuple(x.shape[1:3])
+    if any(d is not None and d < p for d, p in zip(fmap, avg_pool_size)):
+        raise ValueError(f"avg_pool_size {tuple(avg_pool_size)} is larger than the patch "
+                         f"net's feature map {fmap}; use a larger image_size")
+    x = layers.AveragePooling2D(tuple(avg_pool_size), strides=tuple(hm_strides),
+                                name="hm_avg_pool")(x)
+    if not return_heatmap:
+        x = layers.Dropout(dropout, name="hm_dropout")(x)
+    dense = layers.Dense(clf_layer.units, activation="softmax" if return_heatmap else "relu",
+                         kernel_regularizer=_l2(weight_decay), name="hm_dense")
+    x = dense(x)
+    dense.set_weights(clf_layer.get_weights())
+    return x
+
+
+def _residual_top(x, depths, repetitions, dropout, weight_decay, block_fn, shortcut_with_bn,
+                  enlarge):
+    for i, (depth, reps) in enumerate(zip(depths, repetitions)):
+        x = residual_stage(x, block_fn, depth, reps, is_first_layer=False,
+                           shortcut_with_bn=shortcut_with_bn, enlarge_factor=enlarge,
+                           weight_decay=weight_decay, dropout=dropout, name=f"top{i + 1}")
+    x = layers.GlobalAveragePooling2D(name="top_avg_pool")(x)
+    return layers.Dropout(dropout, name="top_dropout")(x)
+
+
+def _vgg_top(x, depths, repetitions, dropout, weight_decay, **_unused):
+    for i, (depth, reps) in enumerate(zip(depths, repetitions)):
+        x = vgg_block(x, depth, reps, dropout, weight_decay, name=f"top{i + 1}")
+    x = layers.GlobalAveragePooling2D(name="top_avg_pool")(x)
+    return layers.Dropout(dropout, name="top_dropout")(x)
+
+
+def _fc_top(x, fc_init_units, fc_layers, dropout, weight_decay):
+    flat = layers.Flatten(name="fc_flatten")(x)
+    x = layers.Dropout(dropout, name="fc_dropout")(flat)
+    units = fc_init_units
+    for i in range(fc_layers):
+        x = layers.Dense(units, kernel_initializer="he_normal",
+                         kernel_regularizer=_l2(weight_decay), name=f"fc{i + 1}")(x)
+        x = _bn(f"fc{i + 1}_bn")(x)
+        x = layers.Activation("relu", name=f"fc{i + 1}_relu")(x)
+        x = layers.Dropout(dropout, name=f"fc{i + 1}_drop")(x)
+        units = max(units // 2, 1)
+    return x, flat
+
+
+def _check_top_args(image_size, block_type, depths, repetitions, nb_class, add_conv):
+    if len(image_size) != 2 or any(int(s) <= 0 for s in image_size):
+        raise ValueError(f"image_size should be (height, width) > 0, got {image_size}")
+    if add_conv and block_type not in _TOP_BLOCKS:
+        raise ValueError(f"unknown block_type {block_type!r}; valid: {sorted(_TOP_BLOCKS)}")
+    if len(depths) != len(repetitions):
+        raise ValueError(f"depths {list(depths)} and repetitions {list(repetitions)} "
+                         "should have the same length")
+    if nb_class < 1:
+        raise ValueError(f"nb_class should be >= 1, got {nb_class}")
+
+
+# block_type -> builder of the convolutional top (both end in GAP + dropout).
+_TOP_BLOCKS = {"resnet": _residual_top, "vgg": _vgg_top}
+
+
+def add_top_layers(model, image_size, patch_net="resnet50", block_type="resnet",
+                   depths: Sequence[int] = (512, 512), repetitions: Sequence[int] = (1, 1),
+                   block_fn=bottleneck_org, nb_class=2, shortcut_with_bn=True,
+                   bottleneck_enlarge_factor=4, dropout=0.0, weight_decay=1e-4,
+                   add_heatmap=False, avg_pool_size=(7, 7), return_heatmap=False,
+                   add_conv=True, add_shortcut=False, hm_strides=(1, 1), hm_pool_size=(5, 5),
+                   fc_init_units=64, fc_layers=2, kept_layer_idx=None):
+    """Convert a patch classifier into a whole-image classifier (Shen et al. 2019, Fig. 1).
+
+    The patch net, cut at its last convolutional feature map (:func:`find_cut_layer`), is
+    applied to a new ``(height, width, channels)`` input as one nested model named
+    ``patch_net`` (its input is opened to any size; the nested net shares its layers and
+    weights with ``model`` unless opening the input required a copy). On top of it:
+
+    - ``add_heatmap``: ``hm_avg_pool`` (``avg_pool_size`` at ``hm_strides``), dropout,
+      ``hm_dense`` = the patch classifier's final dense applied at every location (weights
+      copied) with relu, then ``hm_max_pool`` (``hm_pool_size``); these layers count as part of
+      the converted patch net (frozen in stage 1);
+    - ``add_conv`` and ``block_type='resnet'``: per depth a residual stage of ``block_fn``
+      blocks (first block stride 2 with 1x1 conv projection shortcut, BN if
+      ``shortcut_with_bn``; bottleneck output ``depth * bottleneck_enlarge_factor``);
+      ``'vgg'``: per depth ``repetitions`` x (3x3 conv-BN-relu-dropout) then 2x2 max pool;
+      both end in global average pooling, dropout and ``Dense(nb_class, softmax)``;
+    - ``add_conv=False``: flatten, dropout, ``fc_layers`` x (Dense-BN-relu-dropout) with
+      units halving from ``fc_init_units``, then ``Dense(nb_class)`` + softmax;
+      ``add_shortcut`` adds a second ``Dense(nb_class)`` from the flattened input, summed
+      before the softmax.
+
+    Args:
+        model: patch classifier; its last layer must be the Dense classifier for heatmaps.
+        image_size: (height, width) of the whole images, e.g. (1152, 896).
+        patch_net: backbone key for the cut point ('resnet50', 'vgg16', 'vgg19', 'yaroslav',
+            'xception', 'inception'; others: last 4-D layer).
+        kept_layer_idx: explicit cut index into ``model.layers`` (e.g. -5), overrides the role.
+        return_heatmap: return only a model mapping images to per-location class
+            probabilities ``(batch, rows, cols, patch_classes)`` (softmax of the patch dense).
+        Other args: as named; ``weight_decay`` is the L2 of every new Conv2D/Dense.
+
+    Returns:
+        ``(model, top_layer_nb)`` where ``model.layers[:top_layer_nb]`` are the input, the
+        nested patch net and the heatmap head; or only the heatmap model when
+        ``return_heatmap``.
+    """
+    _check_top_args(image_size, block_type, depths, repetitions, nb_class, add_conv)
+    cut = find_cut_layer(model, patch_net, kept_layer_idx)
+    channels = model.input_shape[_channel_axis()]
+    shape = ((int(image_size[0]), int(image_size[1]), channels) if _channel_axis() == -1
+             else (channels, int(image_size[0]), int(image_size[1])))
+    image_input = keras.Input(shape=shape, name="image_input")
+    base = keras.Model(model.inputs, cut.output, name="patch_net")
+    base = relax_input_shape(base)
+    x = base(image_input)
+    bottom_names = {"image_input", "patch_net"}
+    if add_heatmap or return_heatmap:
+        x = _heatmap_head(x, model.layers[-1], avg_pool_size, hm_strides, dropout,
+                          weight_decay, return_heatmap)
+        if return_heatmap:
+            return keras.Model(image_input, x, name="heatmap")
+        x = layers.MaxPooling2D(tuple(hm_pool_size), name="hm_max_pool")(x)
+        bottom_names |= {"hm_avg_pool", "hm_dropout", "hm_dense", "hm_max_pool"}
+    out = _add_classifier(x, block_type, depths, repetitions, block_fn, nb_class,
+                          shortcut_with_bn, bottleneck_enlarge_factor, dropout, weight_decay,
+                          add_conv, add_shortcut, fc_init_units, fc_layers)
+    whole = keras.Model(image_input, out, name="whole_image")
+    idx = [i for i, lyr in enumerate(whole.layers) if lyr.name in bottom_names]
+    top_layer_nb = max(idx) + 1
+    if top_layer_nb != len(idx):
+        raise RuntimeError("new top layers are interleaved with the patch net in model.layers")
+    return whole, top_layer_nb
+
+
+def _add_classifier(x, block_type, depths, repetitions, block_fn, nb_class, shortcut_with_bn,
+                    enlarge, dropout, weight_decay, add_conv, add_shortcut, fc_init_units,
+                    fc_layers):
+    dense_kw = dict(kernel_initializer="he_normal", kernel_regularizer=_l2(weight_decay))
+    if add_conv:
+        x = _TOP_BLOCKS[block_type](x, depths, repetitions, dropout, weight_decay,
+                                    block_fn=block_fn, shortcut_with_bn=shortcut_with_bn,
+                                    enlarge=enlarge)
+        return layers.Dense(nb_class, activation="softmax", name="predictions", **dense_kw)(x)
+    x, flat = _fc_top(x, fc_init_units, fc_layers, dropout, weight_decay)
+    if not add_shortcut:
+        return layers.Dense(nb_class, activation="softmax", name="predictions", **dense_kw)(x)
+    logits = layers.Dense(nb_class, name="fc_logits", **dense_kw)(x)
+    short = layers.Dense(nb_class, name="fc_shortcut_logits", **dense_kw)(flat)
+    summed = layers.Add(name="fc_logits_sum")([logits, short])
+    return layers.Activation("softmax", name="predictions")(summed)

@@ -1,0 +1,432 @@
+"""Command-line flag groups shared by the ``ddsm_train`` scripts, and environment helpers.
+
+Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
+Sci Rep 9, 12495 (2019); arXiv:1708.09427.
+
+Each flag is declared once here and added to a script's parser by one ``add_*_flags`` call.
+Defaults that differ between scripts (image size, featurewise mean, ...) are arguments of those
+calls, so every default still lives in exactly one place: the script's call for per-script values,
+this module for the rest. The ``--x/--no-x`` pairs of the 2017 scripts are kept; destination
+names are the 2017 ones (``optim`` for ``--optimizer``, ``init_lr`` for ``--init-learningrate``)
+so that ``run(**vars(args))`` passes them straight through.
+
+Environment variables (read at run time, not at import):
+    NUM_CPU_CORES: data loader workers (default 4).
+    NUM_GPU_DEVICES: GPUs for data-parallel training (default 1).
+    RANDOM_SEED: seed for shuffling, augmentation and weight initialisation (default 12345).
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED", "NOSAVE",
+    "MIXED_PRECISION_CHOICES", "OPTIMIZER_CHOICES",
+    "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
+    "add_bool_flag", "add_optional_value_flag",
+    "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
+    "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
+    "add_model_file_flags", "add_distributed_flags",
+    "setup_logging", "options_json_path", "log_and_save_options", "check_batch_vs_devices",
+    "resolve_options", "check_class_dirs", "env_summary", "AUGMENTATION_2017",
+    "build_data_iterators",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NUM_CPU_CORES = 4
+DEFAULT_NUM_GPU_DEVICES = 1
+DEFAULT_RANDOM_SEED = 12345
+NOSAVE = "NOSAVE"
+MIXED_PRECISION_CHOICES = ("float16", "bfloat16")
+OPTIMIZER_CHOICES = ("sgd", "rmsprop", "adagrad", "adadelta", "adamax", "adam", "nadam")
+
+
+# --------------------------------------------------------------------------- environment
+def env_int(name, default, minimum=None):
+    """Read an integer environment variable.
+
+    Args:
+        name: variable name, e.g. ``"NUM_CPU_CORES"``.
+        default: value when the variable is unset or empty.
+        minimum: smallest accepted value (inclusive), or None.
+
+    Returns:
+        int: the value.
+
+    Raises:
+        ValueError: the variable is not an integer or is below ``minimum``.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} should be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"environment variable {name} should be >= {minimum}, got {value}")
+    return value
+
+
+def get_num_cpu_cores():
+    """``NUM_CPU_CORES`` (data loader workers), default 4."""
+    return env_int("NUM_CPU_CORES", DEFAULT_NUM_CPU_CORES, minimum=1)
+
+
+def get_num_gpu_devices():
+    """``NUM_GPU_DEVICES`` (replicas for data-parallel training), default 1."""
+    return env_int("NUM_GPU_DEVICES", DEFAULT_NUM_GPU_DEVICES, minimum=1)
+
+
+def get_random_seed():
+    """``RANDOM_SEED``, default 12345."""
+    return env_int("RANDOM_SEED", DEFAULT_RANDOM_SEED)
+
+
+# --------------------------------------------------------------------------- flag primitives
+def _dest(name):
+    return name.replace("-", "_")
+
+
+def add_bool_flag(group, name, default, help_text="", dest=None):
+    """Add a ``--name`` / ``--no-name`` pair (2017 style) to a parser or argument group.
+
+    Args:
+        group: an ``argparse.ArgumentParser`` or argument group.
+        name: flag name without dashes, e.g. ``"equalize-hist"``.
+        default: value when neither flag is given.
+        help_text: help for ``--name``.
+        dest: destination attribute, default ``name`` with ``_`` for ``-``.
+    """
+    dest = dest or _dest(name)
+    group.add_argument(f"--{name}", dest=dest, action="store_true",
+                       help=f"{help_text} (default: {'on' if default else 'off'}; "
+                            f"--no-{name} turns it off)")
+    group.add_argument(f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
+    group.set_defaults(**{dest: default})
+
+
+def add_optional_value_flag(group, name, type_, default=None, help_text="", dest=None, nargs=None):
+    """Add ``--name VALUE`` and ``--no-name`` (sets None), as the 2017 scripts did.
+
+    Args:
+        group: parser or argument group.
+        name: flag name without dashes, e.g. ``"rescale-factor"``.
+        type_: value type (float, int, str).
+        default: value when neither flag is given.
+        help_text: help for ``--name``.
+        dest: destination attribute.
+        nargs: argparse nargs for the value.
+    """
+    dest = dest or _dest(name)
+    group.add_argument(f"--{name}", dest=dest, type=type_, nargs=nargs,
+                       help=f"{help_text} (default: {default}; --no-{name} sets None)")
+    group.add_argument(f"--no-{name}", dest=dest, action="store_const", const=None,
+                       help=argparse.SUPPRESS)
+    group.set_defaults(**{dest: default})
+
+
+# --------------------------------------------------------------------------- flag groups
+def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewise_center=True,
+                    img_scale=None, rescale_factor=None):
+    """Image reading and intensity flags.
+
+    Args:
+        parser: the script's parser.
+        img_size: default ``[height, width]`` in pixels.
+        featurewise_mean: default mean pixel intensity (0..255 scale, after rescale) subtracted
+            when featurewise centring is on.
+        equalize_hist: default for histogram equalisation.
+        featurewise_center: default for featurewise centring.
+        img_scale: default target scale (image max mapped to it), None for no scaling.
+        rescale_factor: default intensity factor (255/65535 = 0.003891 for 16-bit PNG), None
+            for no rescaling.
+    """
+    g = parser.add_argument_group("image")
+    g.add_argument("--img-size", dest="img_size", nargs=2, type=int, default=list(img_size),
+                   metavar=("HEIGHT", "WIDTH"), help=f"image size (default: {list(img_size)})")
+    add_optional_value_flag(g, "img-scale", float, img_scale,
+                            "map each image's max intensity to this value")
+    add_optional_value_flag(g, "rescale-factor", float, rescale_factor,
+                            "multiply intensities by this factor (0.003891 for 16-bit PNG)")
+    add_bool_flag(g, "featurewise-center", featurewise_center, "subtract --featurewise-mean")
+    g.add_argument("--featurewise-mean", dest="featurewise_mean", type=float,
+                   default=featurewise_mean,
+                   help=f"train-set mean intensity after rescale (default: {featurewise_mean})")
+    add_bool_flag(g, "equalize-hist", equalize_hist, "histogram equalisation")
+
+
+def add_batch_flags(parser, batch_size=64, train_bs_multiplier=0.5):
+    """``--batch-size`` (evaluation batch) and ``--train-bs-multiplier`` (train batch = product)."""
+    g = parser.add_argument_group("batch")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=batch_size,
+                   help=f"evaluation batch size (default: {batch_size})")
+    g.add_argument("--train-bs-multiplier", dest="train_bs_multiplier", type=float,
+                   default=train_bs_multiplier,
+                   help="train batch = batch size x this (default: %(default)s)")
+
+
+def add_ram_flags(parser):
+    """``--load-val-ram`` / ``--load-train-ram`` (off: read images from disk each epoch)."""
+    g = parser.add_argument_group("memory")
+    add_bool_flag(g, "load-val-ram", False, "load the validation set into memory")
+    add_bool_flag(g, "load-train-ram", False, "load the train set into memory")
+
+
+def add_augmentation_flag(parser, default):
+    """``--augmentation`` (flips, rotation, shear, zoom, channel shift; SPEC section 5)."""
+    add_bool_flag(parser, "augmentation", default, "random augmentation of train images")
+
+
+def add_class_flags(parser, class_list, auto_batch_balance):
+    """Class list, auto batch balance and class weights."""
+    g = parser.add_argument_group("classes")
+    g.add_argument("--class-list", dest="class_list", nargs="+", type=str,
+                   default=list(class_list),
+                   help=f"class sub-folder names, in label order (default: {list(class_list)})")
+    add_bool_flag(g, "auto-batch-balance", auto_batch_balance,
+                  "sample weights giving each class in a batch equal total weight")
+    g.add_argument("--pos-cls-weight", dest="pos_cls_weight", type=float, default=1.0,
+                   help="weight of the non-first classes without auto batch balance "
+                        "(default: %(default)s)")
+    g.add_argument("--neg-cls-weight", dest="neg_cls_weight", type=float, default=1.0,
+                   help="weight of the first class (default: %(default)s)")
+
+
+def add_optimizer_flags(parser, optim="sgd", init_lr=0.01, lr_patience=10, es_patience=25):
+    """``--optimizer``, ``--init-learningrate``, ``--lr-patience``, ``--es-patience``."""
+    g = parser.add_argument_group("optimiser")
+    g.add_argument("--optimizer", dest="optim", type=str.lower, default=optim,
+                   choices=OPTIMIZER_CHOICES, help="(default: %(default)s)")
+    g.add_argument("--init-learningrate", dest="init_lr", type=float, default=init_lr,
+                   help="stage-1 learning rate (default: %(default)s)")
+    g.add_argument("--lr-patience", dest="lr_patience", type=int, default=lr_patience,
+                   help="epochs without val-loss improvement before the lr halves (sgd) "
+                        "(default: %(default)s)")
+    g.add_argument("--es-patience", dest="es_patience", type=int, default=es_patience,
+                   help="epochs without val-loss improvement before stopping "
+                        "(default: %(default)s)")
+
+
+def add_stage_flags(parser, nb_epoch, all_layer_epochs, all_layer_multiplier,
+                    top_layer_epochs=None, top_layer_multiplier=None):
+    """Epochs and learning-rate multipliers per stage, and the stage boundary ``--top-layer-nb``.
+
+    ``top_layer_epochs`` / ``top_layer_multiplier`` are only added when given (3-stage scripts).
+    """
+    g = parser.add_argument_group("stages")
+    g.add_argument("--nb-epoch", dest="nb_epoch", type=int, default=nb_epoch,
+                   help="stage-1 epochs; 0 skips stage 1 (default: %(default)s)")
+    if top_layer_epochs is not None:
+        g.add_argument("--top-layer-epochs", dest="top_layer_epochs", type=int,
+                       default=top_layer_epochs, help="stage-2 epochs (default: %(default)s)")
+    g.add_argument("--all-layer-epochs", dest="all_layer_epochs", type=int,
+                   default=all_layer_epochs, help="all-layer stage epochs (default: %(default)s)")
+    if top_layer_multiplier is not None:
+        g.add_argument("--top-layer-multiplier", dest="top_layer_multiplier", type=float,
+                       default=top_layer_multiplier,
+                       help="stage-2 lr = init lr x this (default: %(default)s)")
+    g.add_argument("--all-layer-multiplier", dest="all_layer_multiplier", type=float,
+                   default=all_layer_multiplier,
+                   help="all-layer stage lr = init lr x this (default: %(default)s)")
+    add_optional_value_flag(g, "top-layer-nb", int, None,
+                            "index of the first layer trained in the top-layer stage "
+                            "(None: resolved by role for the network)")
+
+
+def add_regularization_flags(parser, weight_decay=1e-4, weight_decay2=1e-4, hidden_dropout=0.0,
+                             hidden_dropout2=0.0, bias_multiplier=None):
+    """Weight decay and dropout for the first and later stages, and the bias lr multiplier."""
+    g = parser.add_argument_group("regularisation")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=weight_decay,
+                   help="L2 of Dense/Conv2D kernels, stage 1 (default: %(default)s)")
+    g.add_argument("--weight-decay2", dest="weight_decay2", type=float, default=weight_decay2,
+                   help="L2 in later stages (default: %(default)s)")
+    g.add_argument("--hidden-dropout", dest="hidden_dropout", type=float, default=hidden_dropout,
+                   help="dropout rate, stage 1 (default: %(default)s)")
+    g.add_argument("--hidden-dropout2", dest="hidden_dropout2", type=float,
+                   default=hidden_dropout2,
+                   help="dropout rate in later stages (default: %(default)s)")
+    add_optional_value_flag(g, "bias-multiplier", float, bias_multiplier,
+                            "learning-rate multiplier for bias terms")
+
+
+def add_model_file_flags(parser, best_model):
+    """``--best-model`` (best checkpoint) and ``--final-model`` (``NOSAVE``: do not save)."""
+    g = parser.add_argument_group("model files")
+    g.add_argument("--best-model", dest="best_model", type=str, default=best_model,
+                   help="where the best model is saved (default: %(default)s)")
+    g.add_argument("--final-model", dest="final_model", type=str, default=NOSAVE,
+                   help=f"where the last model is saved; {NOSAVE} skips it (default: %(default)s)")
+
+
+def add_distributed_flags(parser):
+    """Mixed precision and XLA compilation (both off by default)."""
+    g = parser.add_argument_group("devices and precision")
+    g.add_argument("--mixed-precision", dest="mixed_precision", default=None,
+                   choices=MIXED_PRECISION_CHOICES,
+                   help="compute in float16/bfloat16 with float32 weights and softmax "
+                        "(default: off)")
+    g.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_const",
+                   const=None, help=argparse.SUPPRESS)
+    add_bool_flag(g, "jit", False, "XLA-compile the train step")
+
+
+# --------------------------------------------------------------------------- run helpers
+def setup_logging(level=logging.INFO):
+    """Configure root logging to stdout for a script's ``main()``.
+
+    Leaves an already configured root logger alone (a calling program or pytest owns it).
+    """
+    logging.basicConfig(level=level, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def options_json_path(best_model):
+    """Path of the options JSON written beside ``best_model`` (``<best_model>.options.json``)."""
+    return Path(str(best_model) + ".options.json")
+
+
+def log_and_save_options(options, best_model, extra=None):
+    """Log resolved options and write them as JSON beside the best model file.
+
+    Args:
+        options: mapping of option name to value (JSON-serialisable after ``str`` fallback).
+        best_model: the best-model path; its folder is created.
+        extra: optional mapping added under ``"environment"`` (e.g. resolved env variables).
+
+    Returns:
+        Path: the JSON file written.
+    """
+    record = dict(options)
+    if extra:
+        record["environment"] = dict(extra)
+    for key in sorted(record):
+        logger.info("option %s = %r", key, record[key])
+    path = options_json_path(best_model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def check_batch_vs_devices(batch_size, nb_devices, what="batch size"):
+    """Raise ValueError when a global batch cannot give each replica at least one sample."""
+    if batch_size < nb_devices:
+        raise ValueError(f"{what} {batch_size} is below the number of devices {nb_devices} "
+                         f"(NUM_GPU_DEVICES / workers); each device needs at least one sample")
+
+
+def resolve_options(parser, positionals, options):
+    """Complete ``options`` with the parser's defaults (the only place defaults live).
+
+    Args:
+        parser: the script's ``get_args_parser()``.
+        positionals: positional argument values, in order (e.g. the three folders).
+        options: keyword options given to ``run``.
+
+    Returns:
+        dict: every option of the parser.
+
+    Raises:
+        ValueError: an option the parser does not know, listing the valid ones.
+    """
+    resolved = vars(parser.parse_args([str(p) for p in positionals]))
+    unknown = sorted(set(options) - set(resolved))
+    if unknown:
+        raise ValueError(f"unknown options {unknown}; valid: {sorted(resolved)}")
+    resolved.update(options)
+    return resolved
+
+
+def env_summary():
+    """Environment settings of a run: ``NUM_CPU_CORES``, ``NUM_GPU_DEVICES``, ``RANDOM_SEED``."""
+    return {"NUM_CPU_CORES": get_num_cpu_cores(), "NUM_GPU_DEVICES": get_num_gpu_devices(),
+            "RANDOM_SEED": get_random_seed()}
+
+
+def check_class_dirs(dirs, class_list):
+    """Check that each folder exists and holds one subfolder per class of ``class_list``.
+
+    Args:
+        dirs: mapping of a label (e.g. ``"TRAIN_DIR"``) to a folder.
+        class_list: class subfolder names.
+
+    Raises:
+        ValueError: a folder is missing, or lacks a class subfolder (the message lists what was
+            found). Subfolders not in ``class_list`` are ignored with a warning.
+    """
+    if not class_list or len(set(class_list)) != len(class_list):
+        raise ValueError(f"--class-list should name distinct classes, got {class_list}")
+    for label, folder in dirs.items():
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"{label} {folder} is not a folder")
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        missing = [c for c in class_list if c not in found]
+        if missing:
+            raise ValueError(f"--class-list {list(class_list)} does not match {label} {folder}: "
+                             f"no subfolder {missing} (found {found})")
+        extra = [c for c in found if c not in class_list]
+        if extra:
+            logger.warning("%s %s: subfolders %s are not in --class-list; ignored", label,
+                           folder, extra)
+
+
+#: Train-time augmentation of ``--augmentation`` (SPEC section 5; Keras 2.0 units: shear in
+#: radians, zoom drawn per axis).
+AUGMENTATION_2017 = dict(horizontal_flip=True, vertical_flip=True, rotation_range=25.0,
+                         shear_range=0.2, zoom_range=(0.8, 1.2), channel_shift_range=20.0,
+                         fill_mode="nearest")
+
+
+def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, rescale_factor,
+                         featurewise_center, featurewise_mean, equalize_hist, augmentation,
+                         class_list, auto_batch_balance, batch_size, train_batch_size,
+                         load_train_ram, load_val_ram, dup_3_channels, preprocess, seed):
+    """Train, validation and test iterators over class folders (``dm_image`` generators).
+
+    Per image: read and resize to ``img_size``, ``img_scale``/``rescale_factor`` (0..255
+    scale), optional histogram equalisation, channel copy when ``dup_3_channels``, augmentation
+    (train only), featurewise centring with ``featurewise_mean``, then ``preprocess`` on the
+    batch. The train iterator shuffles (``seed``) and, with ``auto_batch_balance``, yields
+    sample weights; validation and test keep file order. ``load_*_ram`` caches a set in memory
+    (``load_dat_ram``) and iterates over the cache.
+
+    Returns:
+        (train, val, test) tf-keras Sequences yielding ``(x, y[, w])``; x float32
+        (B, H, W, C), y one-hot.
+    """
+    from dm_image import DMImageDataGenerator, load_dat_ram
+
+    read = dict(target_scale=img_scale, rescale_factor=rescale_factor,
+                equalize_hist=equalize_hist, dup_3_channels=dup_3_channels,
+                preprocess=preprocess)
+
+    def make(imgen, folder, bs, shuffle, balance, in_ram):
+        it = imgen.flow_from_directory(folder, target_size=tuple(img_size), classes=class_list,
+                                       class_mode="categorical", batch_size=bs,
+                                       shuffle=shuffle, seed=seed,
+                                       auto_batch_balance=balance, **read)
+        if not in_ram:
+            return it
+        X, y = load_dat_ram(it)
+        logger.info("Loaded %d images of %s into RAM (%.1f MB)", len(X), folder, X.nbytes / 1e6)
+        return imgen.flow(X, y, batch_size=bs, shuffle=shuffle, seed=seed,
+                          auto_batch_balance=balance, **read)
+
+    train_imgen = DMImageDataGenerator(featurewise_center=featurewise_center,
+                                       **(AUGMENTATION_2017 if augmentation else {}))
+    eval_imgen = DMImageDataGenerator(featurewise_center=featurewise_center)
+    if featurewise_center:
+        train_imgen.mean = eval_imgen.mean = featurewise_mean
+    train = make(train_imgen, train_dir, train_batch_size, True, auto_batch_balance,
+                 load_train_ram)
+    val = make(eval_imgen, val_dir, batch_size, False, False, load_val_ram)
+    test = make(eval_imgen, test_dir, batch_size, False, False, False)
+    return train, val, test
