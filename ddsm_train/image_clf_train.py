@@ -1,0 +1,295 @@
+"""Train a whole-mammogram classifier (two stages), or fine-tune one on new data.
+
+Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
+Sci Rep 9, 12495 (2019); arXiv:1708.09427.
+
+Either ``--patch-model-state`` (a patch classifier, converted by ``dm_resnet.add_top_layers``)
+or ``--resume-from`` (a whole-image model, Keras 2.0.8 files included) is required. Stage 1
+trains the new top with the patch network frozen (``--nb-epoch``, 0 skips it), stage 2 all
+layers at ``--init-learningrate x --all-layer-multiplier``. The model with the best mean
+validation AUROC is saved to ``--best-model`` (atomically: an interrupted run keeps the last
+best model, and ``--resume-from`` restarts from it); the resolved options go to
+``<best-model>.options.json``. At the end the best model's test AUROC is reported, without and
+with flip augmentation. Example (the companion page's fine-tuning command)::
+
+    python image_clf_train.py --no-patch-model-state --resume-from model.h5 \\
+        --img-size 1152 896 --no-img-scale --rescale-factor 0.003891 --featurewise-center \\
+        --featurewise-mean 44.33 --no-equalize-hist --batch-size 4 --train-bs-multiplier 0.5 \\
+        --augmentation --class-list neg pos --nb-epoch 0 --all-layer-epochs 50 \\
+        --load-val-ram --load-train-ram --optimizer adam --weight-decay 0.001 \\
+        --hidden-dropout 0.0 --weight-decay2 0.01 --hidden-dropout2 0.0 \\
+        --init-learningrate 0.0001 --all-layer-multiplier 0.01 --es-patience 10 \\
+        --auto-batch-balance --best-model best.h5 --final-model NOSAVE TRAIN VAL TEST
+"""
+import argparse
+import logging
+import math
+import os
+import sys
+
+for _path in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),   # root modules
+              os.path.dirname(os.path.abspath(__file__))):                    # common_flags
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import common_flags as cf  # noqa: E402
+
+logger = logging.getLogger("image_clf_train")
+
+__all__ = ["get_args_parser", "validate_options", "run", "main"]
+
+
+def get_args_parser():
+    """Command-line flags of the whole-image trainer (SPEC section 6)."""
+    parser = argparse.ArgumentParser(
+        description="Train a whole-image classifier from a patch classifier, or fine-tune one.")
+    parser.add_argument("train_dir", help="train folder, one subfolder per class")
+    parser.add_argument("val_dir", help="validation folder")
+    parser.add_argument("test_dir", help="test folder")
+    g = parser.add_argument_group("model source (exactly one)")
+    cf.add_optional_value_flag(g, "patch-model-state", str, None,
+                               "patch classifier file converted into a whole-image model")
+    cf.add_optional_value_flag(g, "resume-from", str, None,
+                               "whole-image model file to continue from (fine-tuning)")
+    cf.add_image_flags(parser, img_size=(1152, 896), featurewise_mean=52.16,
+                       equalize_hist=False)
+    cf.add_batch_flags(parser)
+    cf.add_augmentation_flag(parser, True)
+    cf.add_class_flags(parser, class_list=("neg", "pos"), auto_batch_balance=True)
+    t = parser.add_argument_group("top layers (patch-to-whole-image conversion)")
+    t.add_argument("--patch-net", dest="patch_net", type=str, default="resnet50",
+                   help="backbone of the patch classifier (default: %(default)s)")
+    t.add_argument("--block-type", dest="block_type", type=str, default="resnet",
+                   choices=("resnet", "vgg"), help="(default: %(default)s)")
+    t.add_argument("--top-depths", dest="top_depths", nargs="+", type=int, default=[512, 512],
+                   help="filters per top block (default: %(default)s)")
+    t.add_argument("--top-repetitions", dest="top_repetitions", nargs="+", type=int,
+                   default=[3, 3], help="repetitions per top block (default: %(default)s)")
+    t.add_argument("--bottleneck-enlarge-factor", dest="bottleneck_enlarge_factor", type=int,
+                   default=4, help="(default: %(default)s)")
+    cf.add_bool_flag(t, "add-heatmap", False, "heatmap head on the patch net")
+    t.add_argument("--avg-pool-size", dest="avg_pool_size", nargs=2, type=int, default=[7, 7],
+                   help="heatmap average pool (default: %(default)s)")
+    cf.add_bool_flag(t, "add-conv", True, "convolutional top blocks (else FC layers)")
+    cf.add_bool_flag(t, "add-shortcut", False, "dense shortcut from the flattened input")
+    t.add_argument("--hm-strides", dest="hm_strides", nargs=2, type=int, default=[1, 1],
+                   help="(default: %(default)s)")
+    t.add_argument("--hm-pool-size", dest="hm_pool_size", nargs=2, type=int, default=[5, 5],
+                   help="(default: %(default)s)")
+    t.add_argument("--fc-init-units", dest="fc_init_units", type=int, default=64,
+                   help="(default: %(default)s)")
+    t.add_argument("--fc-layers", dest="fc_layers", type=int, default=2,
+                   help="(default: %(default)s)")
+    cf.add_optional_value_flag(t, "kept-layer-idx", int, None,
+                               "explicit cut index into the patch net's layers (e.g. -5)")
+    cf.add_stage_flags(parser, nb_epoch=5, all_layer_epochs=20, all_layer_multiplier=0.1)
+    cf.add_ram_flags(parser)
+    cf.add_regularization_flags(parser)
+    cf.add_optimizer_flags(parser)
+    cf.add_model_file_flags(parser, best_model="./modelState/image_clf.h5")
+    cf.add_distributed_flags(parser)
+    return parser
+
+
+def validate_options(opts, nb_devices=None):
+    """Stop on contradictory options before any work (ValueError with one clear message)."""
+    if (opts["patch_model_state"] is None) == (opts["resume_from"] is None):
+        raise ValueError("exactly one of --patch-model-state and --resume-from is required, got "
+                         f"{'neither' if opts['patch_model_state'] is None else 'both'}")
+    source = opts["patch_model_state"] or opts["resume_from"]
+    if not os.path.isfile(source):
+        raise ValueError(f"model file not found: {source}")
+    cf.check_class_dirs({"TRAIN_DIR": opts["train_dir"], "VAL_DIR": opts["val_dir"],
+                         "TEST_DIR": opts["test_dir"]}, opts["class_list"])
+    _check_common(opts, nb_devices)
+    if opts["block_type"] == "resnet" and len(opts["top_depths"]) != len(
+            opts["top_repetitions"]):
+        raise ValueError(f"--top-depths {opts['top_depths']} and --top-repetitions "
+                         f"{opts['top_repetitions']} should have the same length")
+
+
+def _check_common(opts, nb_devices):
+    if nb_devices is None:
+        nb_devices = cf.get_num_gpu_devices()
+    train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
+    if opts["batch_size"] < 1 or train_bs < 1:
+        raise ValueError(f"--batch-size {opts['batch_size']} x --train-bs-multiplier "
+                         f"{opts['train_bs_multiplier']} gives a train batch of {train_bs}")
+    cf.check_batch_vs_devices(train_bs, nb_devices, "train batch size (batch size x multiplier)")
+    cf.check_batch_vs_devices(opts["batch_size"], nb_devices, "--batch-size")
+    for name in ("nb_epoch", "all_layer_epochs"):
+        if opts[name] < 0:
+            raise ValueError(f"--{name.replace('_', '-')} should be >= 0, got {opts[name]}")
+    if not opts["init_lr"] > 0:
+        raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
+
+
+def _build_model(opts, nb_class):
+    import dm_keras_ext
+    import dm_resnet
+
+    if opts["resume_from"] is not None:
+        model = dm_keras_ext.robust_load_model(opts["resume_from"])
+        top_layer_nb = opts["top_layer_nb"]
+        logger.info("Resumed whole-image model %s (%d layers)", opts["resume_from"],
+                    len(model.layers))
+    else:
+        patch = dm_keras_ext.robust_load_model(opts["patch_model_state"])
+        model, top_layer_nb = dm_resnet.add_top_layers(
+            patch, tuple(opts["img_size"]), opts["patch_net"], opts["block_type"],
+            opts["top_depths"], opts["top_repetitions"], nb_class=nb_class,
+            bottleneck_enlarge_factor=opts["bottleneck_enlarge_factor"],
+            dropout=opts["hidden_dropout"], weight_decay=opts["weight_decay"],
+            add_heatmap=opts["add_heatmap"], avg_pool_size=tuple(opts["avg_pool_size"]),
+            add_conv=opts["add_conv"], add_shortcut=opts["add_shortcut"],
+            hm_strides=tuple(opts["hm_strides"]), hm_pool_size=tuple(opts["hm_pool_size"]),
+            fc_init_units=opts["fc_init_units"], fc_layers=opts["fc_layers"],
+            kept_layer_idx=opts["kept_layer_idx"])
+        if opts["top_layer_nb"] is not None:
+            top_layer_nb = opts["top_layer_nb"]
+    _check_model(model, opts, nb_class)
+    return model, top_layer_nb
+
+
+def _check_model(model, opts, nb_class):
+    in_hw = tuple(model.input_shape[1:3])
+    if None not in in_hw and in_hw != tuple(opts["img_size"]):
+        raise ValueError(f"the model takes {in_hw[0]}x{in_hw[1]} images but --img-size is "
+                         f"{opts['img_size'][0]} {opts['img_size'][1]}")
+    if model.output_shape[-1] != nb_class:
+        raise ValueError(f"the model has {model.output_shape[-1]} outputs but --class-list "
+                         f"names {nb_class} classes {opts['class_list']}")
+
+
+def _preprocess_fn(opts, channels):
+    if opts["featurewise_center"] or channels != 3:
+        return None
+    import tf_keras as keras
+    module = {"resnet50": "resnet50", "vgg16": "vgg16", "vgg19": "vgg19",
+              "xception": "xception", "inception": "inception_v3"}.get(opts["patch_net"])
+    return None if module is None else getattr(keras.applications, module).preprocess_input
+
+
+def run(train_dir, val_dir, test_dir, **options):
+    """Train (or fine-tune) a whole-image classifier and report its test AUROC.
+
+    Args:
+        train_dir, val_dir, test_dir: folders with one subfolder per class of ``class_list``.
+        **options: the command-line options by destination name (see ``get_args_parser``);
+            missing ones take the parser's defaults.
+
+    Returns:
+        dict: ``best_model``, ``options_json``, ``best_val_auc``, ``best_epoch``, ``test_auc``,
+        ``test_auc_augmented``, ``epochs`` (run), ``history`` (merged per-epoch logs).
+    """
+    opts = cf.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
+    env = cf.env_summary()
+    import dm_multi_gpu
+
+    strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])   # first: multi-worker needs it
+    validate_options(opts, strategy.num_replicas_in_sync)
+    json_path = cf.log_and_save_options(opts, opts["best_model"], env)
+
+    import dm_keras_ext
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(env["RANDOM_SEED"])
+    nb_class = len(opts["class_list"])
+    dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
+    model, top_layer_nb = _build_model(opts, nb_class)
+    model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
+    model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
+    channels = model.input_shape[-1]
+    train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
+    train, val, test = cf.build_data_iterators(
+        opts["train_dir"], opts["val_dir"], opts["test_dir"], img_size=opts["img_size"],
+        img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
+        featurewise_center=opts["featurewise_center"],
+        featurewise_mean=opts["featurewise_mean"], equalize_hist=opts["equalize_hist"],
+        augmentation=opts["augmentation"], class_list=opts["class_list"],
+        auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
+        train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
+        load_val_ram=opts["load_val_ram"], dup_3_channels=channels == 3,
+        preprocess=_preprocess_fn(opts, channels), seed=env["RANDOM_SEED"])
+    logger.info("train %d, val %d, test %d images; train batch %d, eval batch %d",
+                train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])
+    ckpt = dm_keras_ext.DMAucModelCheckpoint(opts["best_model"], val)
+    hists = dm_keras_ext.do_2stage_training(
+        model, model, train, val, len(val), opts["best_model"], len(train),
+        top_layer_nb=top_layer_nb, nb_epoch=opts["nb_epoch"],
+        all_layer_epochs=opts["all_layer_epochs"], optim=opts["optim"], init_lr=opts["init_lr"],
+        all_layer_multiplier=opts["all_layer_multiplier"], es_patience=opts["es_patience"],
+        lr_patience=opts["lr_patience"], auto_batch_balance=opts["auto_batch_balance"],
+        nb_class=nb_class, pos_cls_weight=opts["pos_cls_weight"],
+        neg_cls_weight=opts["neg_cls_weight"], nb_worker=env["NUM_CPU_CORES"],
+        auc_checkpointer=ckpt, weight_decay=opts["weight_decay"],
+        hidden_dropout=opts["hidden_dropout"], weight_decay2=opts["weight_decay2"],
+        hidden_dropout2=opts["hidden_dropout2"], bias_multiplier=opts["bias_multiplier"],
+        strategy=strategy, jit_compile=opts["jit"])
+    _save_final(hists, model, opts["final_model"])
+    return _report(opts, json_path, hists, ckpt, test,
+                   getattr(strategy.extended, "should_checkpoint", True))
+
+
+def _save_final(hists, model, final_model):
+    if final_model and final_model != cf.NOSAVE:
+        import dm_keras_ext
+        dm_keras_ext.save_model_distributed(hists[-1].model if hists else model, final_model)
+
+
+def _merge_history(hists):
+    merged = {}
+    for h in hists:
+        for key, values in h.history.items():
+            merged.setdefault(key, []).extend(float(v) for v in values)
+    return merged
+
+
+def _report(opts, json_path, hists, ckpt, test, is_chief=True):
+    import dm_keras_ext
+
+    result = dict(best_model=opts["best_model"], options_json=str(json_path),
+                  best_val_auc=float(ckpt.best_auc), best_epoch=ckpt.best_epoch,
+                  epochs=sum(len(h.epoch) for h in hists), history=_merge_history(hists),
+                  test_auc=None, test_auc_augmented=None)
+    if not is_chief:
+        logger.info("Multi-worker run: the chief worker reports the test result")
+        return result
+    if ckpt.best_epoch is None:
+        logger.warning("no epoch produced a validation AUROC; nothing saved to %s",
+                       opts["best_model"])
+        return result
+    best = dm_keras_ext.robust_load_model(opts["best_model"])
+    calc = dm_keras_ext.DMAucModelCheckpoint.calc_test_auc
+    result["test_auc"] = float(calc(test, best))
+    result["test_auc_augmented"] = float(calc(test, best, test_augment=True))
+    logger.info("Training summary: %d epochs, best validation AUROC %.4f at epoch %d, "
+                "model %s", result["epochs"], result["best_val_auc"], result["best_epoch"],
+                result["best_model"])
+    logger.info("Test AUROC %.4f, with flip augmentation %.4f (%d images)",
+                result["test_auc"], result["test_auc_augmented"], test.nb_sample)
+    return result
+
+
+def main(argv=None):
+    """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    cf.setup_logging()
+    opts = vars(args)
+    try:
+        validate_options(opts)
+    except ValueError as err:
+        parser.error(str(err))
+    result = run(**opts)
+    print(f"best validation AUROC {result['best_val_auc']:.4f}; test AUROC "
+          f"{_fmt(result['test_auc'])}, with flips {_fmt(result['test_auc_augmented'])}")
+    return result
+
+
+def _fmt(x):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Train a patch classifier in three stages (final dense layer, top layers, all layers).
+
+Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
+Sci Rep 9, 12495 (2019); arXiv:1708.09427.
+
+Patches come from ``sample_patches_combined.py``: ``TRAIN_DIR``, ``VAL_DIR`` and ``TEST_DIR``
+each hold one subfolder per class of ``--class-list``. With ImageNet weights (``--use-pretrained``,
+read from the local Keras cache, never downloaded) or ``--resume-from`` the three stages of SPEC
+section 5 run; without them (``--net yaroslav``, ``--no-use-pretrained``) only stage 1 runs, on
+all layers. The model with the best validation accuracy is saved atomically to ``--best-model``
+(options in ``<best-model>.options.json``); at the end its test accuracy and loss are reported.
+"""
+import argparse
+import logging
+import os
+import sys
+
+for _path in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),   # root modules
+              os.path.dirname(os.path.abspath(__file__))):                    # common_flags
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import common_flags as cf  # noqa: E402
+
+logger = logging.getLogger("patch_clf_train")
+
+__all__ = ["get_args_parser", "validate_options", "run", "main"]
+
+
+def get_args_parser():
+    """Command-line flags of the patch classifier trainer (SPEC section 6)."""
+    parser = argparse.ArgumentParser(description="Train a patch classifier (3 stages).")
+    parser.add_argument("train_dir", help="train folder, one subfolder per class")
+    parser.add_argument("val_dir", help="validation folder")
+    parser.add_argument("test_dir", help="test folder")
+    cf.add_image_flags(parser, img_size=(256, 256), featurewise_mean=59.6, equalize_hist=True)
+    cf.add_batch_flags(parser)
+    cf.add_augmentation_flag(parser, False)
+    cf.add_class_flags(parser, class_list=("background", "malignant", "benign"),
+                       auto_batch_balance=False)
+    cf.add_stage_flags(parser, nb_epoch=5, all_layer_epochs=20, all_layer_multiplier=0.01,
+                       top_layer_epochs=10, top_layer_multiplier=0.1)
+    cf.add_ram_flags(parser)
+    n = parser.add_argument_group("network")
+    n.add_argument("--net", dest="net", type=str, default="resnet50",
+                   help="resnet50, vgg16, vgg19, xception, inception, yaroslav or dm_resnet14 "
+                        "(default: %(default)s)")
+    cf.add_bool_flag(n, "use-pretrained", True, "start from local ImageNet weights")
+    cf.add_optional_value_flag(n, "resume-from", str, None, "patch model file to continue from")
+    for name, default in (("nb-init-filter", 32), ("init-filter-size", 5),
+                          ("init-conv-stride", 2), ("max-pooling-size", 2),
+                          ("max-pooling-stride", 2)):
+        n.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int, default=default,
+                       help="2017 ResNet-builder option, kept (default: %(default)s)")
+    n.add_argument("--alpha", dest="alpha", type=float, default=1e-4,
+                   help="elastic-net penalty, kept for the 2017 ResNet builder "
+                        "(default: %(default)s)")
+    n.add_argument("--l1-ratio", dest="l1_ratio", type=float, default=0.0,
+                   help="(default: %(default)s)")
+    n.add_argument("--inp-dropout", dest="inp_dropout", type=float, default=0.0,
+                   help="(default: %(default)s)")
+    cf.add_regularization_flags(parser)
+    cf.add_optimizer_flags(parser)
+    cf.add_model_file_flags(parser, best_model="./modelState/patch_clf.h5")
+    cf.add_distributed_flags(parser)
+    return parser
+
+
+def validate_options(opts, nb_devices=None):
+    """Stop on contradictory options before any work (ValueError with one clear message)."""
+    if opts["resume_from"] is not None and not os.path.isfile(opts["resume_from"]):
+        raise ValueError(f"model file not found: {opts['resume_from']}")
+    cf.check_class_dirs({"TRAIN_DIR": opts["train_dir"], "VAL_DIR": opts["val_dir"],
+                         "TEST_DIR": opts["test_dir"]}, opts["class_list"])
+    if nb_devices is None:
+        nb_devices = cf.get_num_gpu_devices()
+    train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
+    if train_bs < 1:
+        raise ValueError(f"--batch-size {opts['batch_size']} x --train-bs-multiplier "
+                         f"{opts['train_bs_multiplier']} gives a train batch of {train_bs}")
+    cf.check_batch_vs_devices(train_bs, nb_devices, "train batch size (batch size x multiplier)")
+    cf.check_batch_vs_devices(opts["batch_size"], nb_devices, "--batch-size")
+    for name in ("nb_epoch", "top_layer_epochs", "all_layer_epochs"):
+        if opts[name] < 0:
+            raise ValueError(f"--{name.replace('_', '-')} should be >= 0, got {opts[name]}")
+    if not opts["init_lr"] > 0:
+        raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
+
+
+def _build_model(opts, nb_class):
+    import dm_keras_ext
+
+    model, preprocess, top_layer_nb = dm_keras_ext.get_dl_model(
+        opts["net"], nb_class=nb_class,
+        use_pretrained=opts["use_pretrained"] and opts["resume_from"] is None,
+        resume_from=opts["resume_from"], top_layer_nb=opts["top_layer_nb"],
+        weight_decay=opts["weight_decay"], hidden_dropout=opts["hidden_dropout"],
+        nb_init_filter=opts["nb_init_filter"], init_filter_size=opts["init_filter_size"],
+        init_conv_stride=opts["init_conv_stride"], max_pooling_size=opts["max_pooling_size"],
+        max_pooling_stride=opts["max_pooling_stride"], inp_dropout=opts["inp_dropout"],
+        alpha=opts["alpha"], l1_ratio=opts["l1_ratio"])
+    if model.output_shape[-1] != nb_class:
+        raise ValueError(f"the model has {model.output_shape[-1]} outputs but --class-list "
+                         f"names {nb_class} classes {opts['class_list']}")
+    return model, preprocess, top_layer_nb
+
+
+def run(train_dir, val_dir, test_dir, **options):
+    """Train a patch classifier and report its test accuracy.
+
+    Args:
+        train_dir, val_dir, test_dir: folders with one subfolder per class of ``class_list``.
+        **options: the command-line options by destination name (see ``get_args_parser``);
+            missing ones take the parser's defaults.
+
+    Returns:
+        dict: ``best_model``, ``options_json``, ``best_val_accuracy``, ``best_epoch``,
+        ``epochs``, ``stages``, ``history`` (merged per-epoch logs), ``test_loss``,
+        ``test_accuracy``.
+    """
+    opts = cf.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
+    env = cf.env_summary()
+    import dm_multi_gpu
+
+    strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
+    validate_options(opts, strategy.num_replicas_in_sync)
+    json_path = cf.log_and_save_options(opts, opts["best_model"], env)
+
+    import dm_keras_ext
+    import tf_keras as keras
+
+    keras.utils.set_random_seed(env["RANDOM_SEED"])
+    nb_class = len(opts["class_list"])
+    dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
+    model, preprocess, top_layer_nb = _build_model(opts, nb_class)
+    model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
+    model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
+    channels = model.input_shape[-1]
+    train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
+    train, val, test = cf.build_data_iterators(
+        opts["train_dir"], opts["val_dir"], opts["test_dir"], img_size=opts["img_size"],
+        img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
+        featurewise_center=opts["featurewise_center"],
+        featurewise_mean=opts["featurewise_mean"], equalize_hist=opts["equalize_hist"],
+        augmentation=opts["augmentation"], class_list=opts["class_list"],
+        auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
+        train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
+        load_val_ram=opts["load_val_ram"], dup_3_channels=channels == 3,
+        preprocess=None if opts["featurewise_center"] else preprocess,
+        seed=env["RANDOM_SEED"])
+    logger.info("train %d, val %d, test %d patches; train batch %d, eval batch %d",
+                train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])
+    staged = opts["resume_from"] is not None or (opts["use_pretrained"] and
+                                                  opts["net"] != "yaroslav")
+    hists = dm_keras_ext.do_3stage_training(
+        model, model, train, val, len(val), opts["best_model"], len(train),
+        top_layer_nb=top_layer_nb, net=opts["net"], nb_epoch=opts["nb_epoch"],
+        top_layer_epochs=opts["top_layer_epochs"], all_layer_epochs=opts["all_layer_epochs"],
+        use_pretrained=staged, optim=opts["optim"], init_lr=opts["init_lr"],
+        top_layer_multiplier=opts["top_layer_multiplier"],
+        all_layer_multiplier=opts["all_layer_multiplier"], es_patience=opts["es_patience"],
+        lr_patience=opts["lr_patience"], auto_batch_balance=opts["auto_batch_balance"],
+        nb_class=nb_class, pos_cls_weight=opts["pos_cls_weight"],
+        neg_cls_weight=opts["neg_cls_weight"], nb_worker=env["NUM_CPU_CORES"],
+        weight_decay2=opts["weight_decay2"], hidden_dropout2=opts["hidden_dropout2"],
+        bias_multiplier=opts["bias_multiplier"], strategy=strategy, jit_compile=opts["jit"])
+    if opts["final_model"] and opts["final_model"] != cf.NOSAVE:
+        dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
+                                            opts["final_model"])
+    return _report(opts, json_path, hists, test,
+                   getattr(strategy.extended, "should_checkpoint", True))
+
+
+def _report(opts, json_path, hists, test, is_chief=True):
+    import dm_keras_ext
+
+    history = {}
+    for h in hists:
+        for key, values in h.history.items():
+            history.setdefault(key, []).extend(float(v) for v in values)
+    val_acc = history.get("val_accuracy", [])
+    result = dict(best_model=opts["best_model"], options_json=str(json_path),
+                  epochs=len(history.get("loss", [])), stages=[h.stage for h in hists],
+                  history=history, best_val_accuracy=max(val_acc) if val_acc else None,
+                  best_epoch=int(val_acc.index(max(val_acc))) + 1 if val_acc else None,
+                  test_loss=None, test_accuracy=None)
+    if not is_chief:
+        logger.info("Multi-worker run: the chief worker reports the test result")
+        return result
+    if not os.path.isfile(opts["best_model"]):
+        logger.warning("no best model was saved to %s", opts["best_model"])
+        return result
+    best = dm_keras_ext.robust_load_model(opts["best_model"])
+    best.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=["accuracy"])
+    loss, acc = best.evaluate(test, verbose=0)
+    result.update(test_loss=float(loss), test_accuracy=float(acc))
+    logger.info("Training summary: stages %s, %d epochs, best validation accuracy %.4f at "
+                "epoch %d, model %s", result["stages"], result["epochs"],
+                result["best_val_accuracy"], result["best_epoch"], result["best_model"])
+    logger.info("Test accuracy %.4f, loss %.4f (%d patches)", acc, loss, test.nb_sample)
+    return result
+
+
+def main(argv=None):
+    """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    cf.setup_logging()
+    opts = vars(args)
+    try:
+        validate_options(opts)
+    except ValueError as err:
+        parser.error(str(err))
+    result = run(**opts)
+    if result["test_accuracy"] is not None:
+        print(f"best validation accuracy {result['best_val_accuracy']:.4f}; test accuracy "
+              f"{result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

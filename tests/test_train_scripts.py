@@ -1,0 +1,318 @@
+"""patch_clf_train.py / image_clf_train.py / common_flags / example shell scripts (issue 5).
+
+Tiny synthetic 16-bit class folders; tiny models; the companion page's fine-tuning command run
+verbatim with paths and sizes substituted."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import common_flags as cf
+import image_clf_train
+import patch_clf_train
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "ddsm_train"
+SEED_PAGE = Path(__file__).resolve().parents[2] / "shared" / "seed_companion_page.txt"
+IMG_HW = (64, 48)
+
+
+def _write_split(root, classes, counts, hw, rng):
+    for split, n in counts.items():
+        for ci, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.normal(13000, 2500, hw)
+                if ci:                                 # a bright square marks lesion classes
+                    r, c = rng.integers(2, hw[0] - 10), rng.integers(2, hw[1] - 10)
+                    img[r:r + 8, c:c + 8] += 15000 * ci
+                cv2.imwrite(str(folder / f"{cls}_{i:02d}.png"),
+                            img.clip(0, 65535).astype(np.uint16))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Whole images (neg/pos, 64x48) and patches (3 classes, 32x32) as 16-bit PNG folders."""
+    root = tmp_path_factory.mktemp("train_data")
+    rng = np.random.default_rng(7)
+    _write_split(root / "img", ["neg", "pos"], {"train": 6, "val": 4, "test": 4}, IMG_HW, rng)
+    _write_split(root / "patch", ["background", "malignant", "benign"],
+                 {"train": 4, "val": 2, "test": 2}, (32, 32), rng)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """A tiny VGG-like patch classifier and a whole-image model converted from it (HDF5)."""
+    import tf_keras as keras
+
+    import dm_keras_ext
+    import dm_resnet
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1)
+    folder = tmp_path_factory.mktemp("models")
+    inp = keras.Input((None, None, 3))
+    x = inp
+    for b, filters in enumerate((4, 8), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+                                name=f"block{b}_conv1")(x)
+        x = keras.layers.MaxPooling2D(name=f"block{b}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dropout(0.0, name="top_dropout")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    patch = keras.Model(inp, out, name="tiny_patch")
+    patch_file = folder / "patch.h5"
+    dm_keras_ext.save_model_atomic(patch, patch_file)
+    image, _ = dm_resnet.add_top_layers(patch, IMG_HW, "vgg16", "vgg", [8], [1], nb_class=2)
+    image_file = folder / "image.h5"
+    dm_keras_ext.save_model_atomic(image, image_file)
+    keras.backend.clear_session()
+    return {"patch": patch_file, "image": image_file}
+
+
+def _dirs(data, kind):
+    return [str(data / kind / s) for s in ("train", "val", "test")]
+
+
+# ------------------------------------------------------------------ flags
+IMAGE_DEFAULTS = dict(
+    patch_model_state=None, resume_from=None, img_size=[1152, 896], img_scale=None,
+    rescale_factor=None, featurewise_center=True, featurewise_mean=52.16, equalize_hist=False,
+    batch_size=64, train_bs_multiplier=0.5, augmentation=True, class_list=["neg", "pos"],
+    patch_net="resnet50", block_type="resnet", top_depths=[512, 512], top_repetitions=[3, 3],
+    bottleneck_enlarge_factor=4, add_heatmap=False, avg_pool_size=[7, 7], add_conv=True,
+    add_shortcut=False, hm_strides=[1, 1], hm_pool_size=[5, 5], fc_init_units=64, fc_layers=2,
+    top_layer_nb=None, nb_epoch=5, all_layer_epochs=20, load_val_ram=False,
+    load_train_ram=False, weight_decay=1e-4, hidden_dropout=0.0, weight_decay2=1e-4,
+    hidden_dropout2=0.0, optim="sgd", init_lr=0.01, lr_patience=10, es_patience=25,
+    auto_batch_balance=True, pos_cls_weight=1.0, neg_cls_weight=1.0, all_layer_multiplier=0.1,
+    best_model="./modelState/image_clf.h5", final_model="NOSAVE", kept_layer_idx=None,
+    bias_multiplier=None, mixed_precision=None, jit=False)
+
+PATCH_DEFAULTS = dict(
+    img_size=[256, 256], img_scale=None, rescale_factor=None, featurewise_center=True,
+    featurewise_mean=59.6, equalize_hist=True, batch_size=64, train_bs_multiplier=0.5,
+    augmentation=False, class_list=["background", "malignant", "benign"], nb_epoch=5,
+    top_layer_epochs=10, all_layer_epochs=20, load_val_ram=False, load_train_ram=False,
+    net="resnet50", use_pretrained=True, top_layer_nb=None, nb_init_filter=32,
+    init_filter_size=5, init_conv_stride=2, max_pooling_size=2, max_pooling_stride=2,
+    weight_decay=1e-4, weight_decay2=1e-4, bias_multiplier=None, alpha=1e-4, l1_ratio=0.0,
+    inp_dropout=0.0, hidden_dropout=0.0, hidden_dropout2=0.0, optim="sgd", init_lr=0.01,
+    lr_patience=10, es_patience=25, resume_from=None, auto_batch_balance=False,
+    pos_cls_weight=1.0, neg_cls_weight=1.0, top_layer_multiplier=0.1, all_layer_multiplier=0.01,
+    best_model="./modelState/patch_clf.h5", final_model="NOSAVE", mixed_precision=None,
+    jit=False)
+
+
+@pytest.mark.parametrize("module, expected", [(image_clf_train, IMAGE_DEFAULTS),
+                                              (patch_clf_train, PATCH_DEFAULTS)])
+def test_parser_defaults_match_spec(module, expected):
+    got = vars(module.get_args_parser().parse_args(["a", "b", "c"]))
+    assert (got.pop("train_dir"), got.pop("val_dir"), got.pop("test_dir")) == ("a", "b", "c")
+    assert got == expected
+
+
+def test_flag_pairs_and_optional_values():
+    parse = image_clf_train.get_args_parser().parse_args
+    args = parse(["a", "b", "c", "--no-featurewise-center", "--equalize-hist", "--no-augmentation",
+                  "--no-auto-batch-balance", "--add-heatmap", "--no-add-conv", "--rescale-factor",
+                  "0.003891", "--img-scale", "4095", "--no-img-scale", "--resume-from", "m.h5",
+                  "--no-patch-model-state", "--kept-layer-idx", "-5", "--bias-multiplier", "0.1",
+                  "--optimizer", "Adam", "--mixed-precision", "bfloat16", "--jit"])
+    assert (args.featurewise_center, args.equalize_hist, args.augmentation,
+            args.auto_batch_balance, args.add_heatmap, args.add_conv) == \
+        (False, True, False, False, True, False)
+    assert (args.rescale_factor, args.img_scale, args.resume_from, args.patch_model_state) == \
+        (0.003891, None, "m.h5", None)
+    assert (args.kept_layer_idx, args.bias_multiplier, args.optim, args.mixed_precision,
+            args.jit) == (-5, 0.1, "adam", "bfloat16", True)
+    with pytest.raises(SystemExit):
+        parse(["a", "b", "c", "--optimizer", "sgdx"])
+    with pytest.raises(SystemExit):
+        parse(["a", "b", "c", "--mixed-precision", "float64"])
+
+
+def test_env_helpers(monkeypatch):
+    for name in ("NUM_CPU_CORES", "NUM_GPU_DEVICES", "RANDOM_SEED"):
+        monkeypatch.delenv(name, raising=False)
+    assert cf.env_summary() == {"NUM_CPU_CORES": 4, "NUM_GPU_DEVICES": 1, "RANDOM_SEED": 12345}
+    monkeypatch.setenv("NUM_GPU_DEVICES", "2")
+    monkeypatch.setenv("RANDOM_SEED", "7")
+    assert (cf.get_num_gpu_devices(), cf.get_random_seed()) == (2, 7)
+    monkeypatch.setenv("NUM_CPU_CORES", "four")
+    with pytest.raises(ValueError, match="NUM_CPU_CORES"):
+        cf.get_num_cpu_cores()
+    monkeypatch.setenv("NUM_GPU_DEVICES", "0")
+    with pytest.raises(ValueError, match=">= 1"):
+        cf.get_num_gpu_devices()
+
+
+def test_run_rejects_unknown_options(data):
+    with pytest.raises(ValueError, match="unknown options.*valid"):
+        image_clf_train.run(*_dirs(data, "img"), nb_epochs=3)
+
+
+# ------------------------------------------------------------------ contradictory flags
+def _expect_usage_error(module, argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv + ["--best-model", str(tmp_path / "never.h5")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []          # stopped before any work
+
+
+def test_contradictory_flags_stop_before_work(data, model_files, capsys, tmp_path,
+                                              monkeypatch):
+    monkeypatch.delenv("NUM_GPU_DEVICES", raising=False)
+    img = _dirs(data, "img")
+    model = str(model_files["image"])
+    _expect_usage_error(image_clf_train, img, "exactly one of --patch-model-state and "
+                        "--resume-from is required, got neither", capsys, tmp_path)
+    _expect_usage_error(image_clf_train, img + ["--resume-from", model, "--patch-model-state",
+                                                str(model_files["patch"])],
+                        "got both", capsys, tmp_path)
+    _expect_usage_error(image_clf_train, img + ["--resume-from", model, "--class-list", "neg",
+                                                "cancer"],
+                        "does not match TRAIN_DIR", capsys, tmp_path)
+    _expect_usage_error(image_clf_train, img + ["--resume-from", str(tmp_path / "no.h5")],
+                        "model file not found", capsys, tmp_path)
+    monkeypatch.setenv("NUM_GPU_DEVICES", "4")
+    _expect_usage_error(image_clf_train, img + ["--resume-from", model, "--batch-size", "4"],
+                        "train batch size (batch size x multiplier) 2 is below the number of "
+                        "devices 4", capsys, tmp_path)
+    _expect_usage_error(patch_clf_train, _dirs(data, "patch") + ["--batch-size", "2"],
+                        "below the number of devices 4", capsys, tmp_path)
+    monkeypatch.delenv("NUM_GPU_DEVICES")
+    with pytest.raises(ValueError, match="no subfolder"):
+        patch_clf_train.run(*_dirs(data, "patch"), class_list=["background", "calc_mal"],
+                            best_model=str(tmp_path / "never.h5"))
+
+
+# ------------------------------------------------------------------ end-to-end training
+def _check_options_json(result, expected):
+    saved = json.loads(Path(result["options_json"]).read_text())
+    for key, value in expected.items():
+        assert saved[key] == value, key
+    assert saved["environment"]["RANDOM_SEED"] == 12345
+
+
+@pytest.mark.slow
+def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path,
+                                                     keras_session):
+    best, final = tmp_path / "ms" / "best.h5", tmp_path / "ms" / "final.h5"
+    result = image_clf_train.main(_dirs(data, "img") + [
+        "--patch-model-state", str(model_files["patch"]), "--img-size", "64", "48",
+        "--rescale-factor", "0.003891", "--featurewise-mean", "50", "--patch-net", "vgg16",
+        "--block-type", "vgg", "--top-depths", "8", "--top-repetitions", "1",
+        "--batch-size", "4", "--nb-epoch", "1", "--all-layer-epochs", "1", "--optimizer", "adam",
+        "--init-learningrate", "0.001", "--load-val-ram", "--bias-multiplier", "0.1",
+        "--best-model", str(best), "--final-model", str(final)])
+    hist = result["history"]
+    assert result["epochs"] == 2 and len(hist["val_auc"]) == 2 and len(hist["loss"]) == 2
+    assert result["best_val_auc"] == pytest.approx(max(hist["val_auc"]))
+    assert 0.0 <= result["test_auc"] <= 1.0 and 0.0 <= result["test_auc_augmented"] <= 1.0
+    assert best.is_file() and final.is_file()
+    _check_options_json(result, {"img_size": [64, 48], "bias_multiplier": 0.1, "optim": "adam"})
+    import dm_keras_ext
+    reloaded = dm_keras_ext.robust_load_model(best)
+    assert reloaded.input_shape == (None, 64, 48, 3) and reloaded.output_shape == (None, 2)
+
+
+@pytest.mark.slow
+def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_session):
+    best = tmp_path / "patch_best.h5"
+    result = patch_clf_train.main(_dirs(data, "patch") + [
+        "--resume-from", str(model_files["patch"]), "--net", "vgg16", "--top-layer-nb", "3",
+        "--img-size", "32", "32", "--rescale-factor", "0.003891", "--featurewise-mean", "50",
+        "--batch-size", "6", "--nb-epoch", "1", "--top-layer-epochs", "1",
+        "--all-layer-epochs", "0", "--optimizer", "adam", "--init-learningrate", "0.001",
+        "--load-train-ram", "--auto-batch-balance", "--best-model", str(best)])
+    assert [s.split(" (")[0] for s in result["stages"]] == ["stage 1", "stage 2"]
+    assert len(result["history"]["val_accuracy"]) == 2
+    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_loss"] > 0
+    _check_options_json(result, {"net": "vgg16", "top_layer_nb": 3, "auto_batch_balance": True})
+    import dm_keras_ext
+    assert dm_keras_ext.robust_load_model(best).output_shape == (None, 3)
+
+
+# ------------------------------------------------------------------ shell scripts, README command
+def _script_argv(name):
+    """The argv the example script passes to python (bash expands it; python is stubbed)."""
+    cmd = f'python() {{ printf "%s\\0" "$@"; }}; cd "{SCRIPTS_DIR}"; . ./{name}'
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=30,
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\0")[:-1]
+
+
+SCRIPTS = {"train_patch_clf_im4096_256_3Cls.sh": patch_clf_train,
+           "train_image_clf_im1152.sh": image_clf_train,
+           "train_image_clf_inbreast.sh": image_clf_train}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_shell_scripts_syntax_and_flags_accepted(name):
+    subprocess.run(["bash", "-n", str(SCRIPTS_DIR / name)], check=True, timeout=30)
+    argv = _script_argv(name)
+    assert argv[0] == SCRIPTS[name].__name__ + ".py"
+    args = SCRIPTS[name].get_args_parser().parse_args(argv[1:])   # SystemExit on a bad flag
+    assert args.train_dir and args.test_dir
+    if name == "train_image_clf_im1152.sh":
+        assert args.bias_multiplier == 0.1 and args.patch_model_state is not None
+
+
+def test_inbreast_script_is_the_companion_page_command():
+    if not SEED_PAGE.is_file():
+        pytest.skip(f"{SEED_PAGE} is absent")
+    text = SEED_PAGE.read_text()
+    end = text.index("$TRAIN_DIR $VAL_DIR $TEST_DIR")
+    block = text[text.index("python image_clf_train.py"):end]
+    page_flags = [tok for tok in block.replace("\\", " ").split()][2:]
+    script = (SCRIPTS_DIR / "train_image_clf_inbreast.sh").read_text()
+    sblock = script[script.index("python image_clf_train.py"):script.index("$TRAIN_DIR $VAL_DIR")]
+    assert sblock.replace("\\", " ").split()[2:] == page_flags
+
+
+def _readme_argv(model, data, best, img_size):
+    """The companion page command with paths, image size and epochs substituted."""
+    argv = _script_argv("train_image_clf_inbreast.sh")[1:]
+    subs = {"ddsm_vgg16_s10_[512-512-1024]x2_hybrid.h5": str(model),
+            "INbreast/transferred_inbreast_best_model.h5": str(best)}
+    subs.update(zip(["INbreast/train", "INbreast/val", "INbreast/test"], _dirs(data, "img")))
+    argv = [subs.get(a, a) for a in argv]
+    i = argv.index("--img-size")
+    argv[i + 1:i + 3] = [str(v) for v in img_size]
+    argv[argv.index("--all-layer-epochs") + 1] = "1"
+    return argv
+
+
+@pytest.mark.slow
+def test_readme_finetuning_command_runs(data, model_files, tmp_path, keras_session,
+                                        monkeypatch):
+    monkeypatch.setenv("NUM_CPU_CORES", "4")
+    best = tmp_path / "transferred_inbreast_best_model.h5"
+    result = image_clf_train.main(_readme_argv(model_files["image"], data, best, IMG_HW))
+    assert result["epochs"] == 1 and len(result["history"]["val_auc"]) == 1   # stage 1 skipped
+    assert best.is_file() and 0.0 <= result["test_auc"] <= 1.0
+    _check_options_json(result, {"nb_epoch": 0, "optim": "adam", "featurewise_mean": 44.33,
+                                 "load_train_ram": True, "weight_decay2": 0.01})
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_readme_finetuning_command_on_keras208_model(data, keras208_dir, tmp_path,
+                                                     keras_session, monkeypatch):
+    model = keras208_dir / "tiny_image_vgg_top.h5"
+    if not model.is_file():
+        pytest.skip(f"{model} is absent")
+    monkeypatch.setenv("NUM_CPU_CORES", "4")
+    best = tmp_path / "best.h5"
+    result = image_clf_train.main(_readme_argv(model, data, best, (96, 64)))
+    assert result["epochs"] == 1 and 0.0 <= result["test_auc"] <= 1.0
+    import dm_keras_ext
+    assert dm_keras_ext.robust_load_model(best).output_shape == (None, 2)
