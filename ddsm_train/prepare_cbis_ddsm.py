@@ -1,0 +1,436 @@
+"""Convert a TCIA CBIS-DDSM download (DICOM + the four description CSVs) to the sampler layout.
+
+Data preparation for Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening
+Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427 (SPEC section 3).
+
+Input: ``CSV_DIR`` with the official ``{calc,mass}_case_description_{train,test}_set.csv`` and
+``DICOM_ROOT``, the folder the CSV paths are relative to. A listed path that does not exist is
+looked up under its first folder (``Calc-Training_P_00005_RIGHT_CC``...) recursively, so the
+newer NBIA-downloader tree with renamed sub-folders works too.
+
+Output in ``OUT_DIR``:
+
+* ``full_img/{patient_id}_{side}_{view}.png``: 16-bit full mammograms (DICOM read by
+  :func:`dm_image.read_image`: LUTs/windowing applied, MONOCHROME1 inverted, 0..65535). A view
+  listed in several CSVs is written once.
+* ``roi_mask/{Calc|Mass}-{Training|Test}_{patient_id}_{side}_{view}_{abn_num}.png``: 8-bit 0/255
+  masks. The mask of a row is recognised by content among the files of its ``ROI mask file
+  path`` and ``cropped image file path`` (the two are swapped in some rows): the one holding at
+  most two values and having the full image's size.
+* ``roi_mask_path.csv`` (``patient_id,side,view,abn_num,pathology,type``), one row per mask
+  written; ``train_pat.txt`` / ``test_pat.txt`` (patients with a mask from the official
+  training / test CSVs; 31 patients have lesions in both); ``pat_side_cancer.csv``
+  (``patient_id,side,cancer``, cancer = a MALIGNANT lesion in that breast, for every breast
+  with a full image written).
+* with ``--whole-img-size H W``: ``whole_img/{train,test}/{neg,pos}/{patient_id}_{side}_{view}.png``
+  (16-bit, bicubic), pos = the view has a MALIGNANT lesion. A view with lesions in both official
+  splits goes to test only (no test image in train).
+* ``prepare_summary.json``: the run's options and summary; ``prepare_problems.txt``: one line
+  per missing or unreadable file.
+
+Missing or unreadable files are logged, counted in the summary and skipped; the run goes on.
+
+Example (from inside ``ddsm_train/``)::
+
+    python prepare_cbis_ddsm.py ../shared/data/cbis_ddsm_csv /data/CBIS-DDSM /data/cbis_png \\
+        --whole-img-size 1152 896 --workers 4
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+_HERE = Path(__file__).resolve().parent
+for _p in (str(_HERE.parent), str(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import dm_image  # noqa: E402
+from common_flags import add_bool_flag, setup_logging  # noqa: E402
+
+__all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
+           "get_args_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+CSV_NAMES = {("calc", "Training"): "calc_case_description_train_set.csv",
+             ("calc", "Test"): "calc_case_description_test_set.csv",
+             ("mass", "Training"): "mass_case_description_train_set.csv",
+             ("mass", "Test"): "mass_case_description_test_set.csv"}
+ROI_COLUMNS = ["patient_id", "side", "view", "abn_num", "pathology", "type"]
+_NEEDED = {"patient_id": "patient_id", "left_or_right_breast": "side", "image_view": "view",
+           "abnormality_id": "abn_num", "pathology": "pathology",
+           "image_file_path": "image_path", "cropped_image_file_path": "crop_path",
+           "roi_mask_file_path": "roi_path"}
+
+
+# ------------------------------------------------------------------------- metadata
+def _norm_col(name: str) -> str:
+    """'breast density', 'breast_density ', 'ROI mask file path' -> snake case."""
+    return re.sub(r"[\s_]+", "_", str(name).strip().lower())
+
+
+def read_description_csvs(csv_dir: str) -> Tuple[pd.DataFrame, List[str]]:
+    """Read the official description CSVs into one table with clean values.
+
+    Handles the quirks of the release: ``breast density`` vs ``breast_density``, path values
+    ending in a newline, Windows separators, stray spaces.
+
+    Args:
+        csv_dir: folder holding some or all of :data:`CSV_NAMES`.
+
+    Returns:
+        (table, csv_files_read). Columns: ``patient_id, side, view, abn_num (int), pathology,
+        type (calc|mass), split (Training|Test), image_path, crop_path, roi_path,
+        breast_density``.
+
+    Raises:
+        FileNotFoundError: none of the four CSVs is in ``csv_dir``.
+        ValueError: a CSV lacks a required column (named in the message).
+    """
+    frames, used = [], []
+    for (kind, split), name in CSV_NAMES.items():
+        path = Path(csv_dir) / name
+        if not path.is_file():
+            continue
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df.columns = [_norm_col(c) for c in df.columns]
+        missing = [c for c in _NEEDED if c not in df.columns]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; columns are "
+                             f"{list(df.columns)}")
+        out = df[list(_NEEDED)].rename(columns=_NEEDED)
+        out = out.apply(lambda s: s.str.strip())
+        for col in ("image_path", "crop_path", "roi_path"):
+            out[col] = out[col].str.replace("\\", "/", regex=False).str.strip("/")
+        out["breast_density"] = df.get("breast_density", pd.Series("", index=df.index))
+        out["type"], out["split"] = kind, split
+        out["pathology"] = out["pathology"].str.upper()
+        out["side"] = out["side"].str.upper()
+        out["view"] = out["view"].str.upper()
+        frames.append(out)
+        used.append(str(path))
+    if not frames:
+        raise FileNotFoundError(f"no CBIS-DDSM description CSV in {csv_dir}; expected "
+                                f"{sorted(CSV_NAMES.values())}")
+    table = pd.concat(frames, ignore_index=True)
+    bad = ~table["abn_num"].str.fullmatch(r"\d+")
+    if bad.any():
+        logger.warning("%d rows with a non-integer abnormality id dropped", int(bad.sum()))
+    table = table[~bad].copy()
+    table["abn_num"] = table["abn_num"].astype(int)
+    return table, used
+
+
+# ------------------------------------------------------------------------- files
+def _candidates(root: Path, rel: str) -> List[Path]:
+    """The listed file if present, else every ``.dcm`` under the path's first folder."""
+    if not rel:
+        return []
+    path = root / rel
+    if path.is_file():
+        return [path]
+    top = root / rel.split("/")[0]
+    return sorted(top.rglob("*.dcm")) if top.is_dir() else []
+
+
+def _dicom_shape(path: Path) -> Optional[Tuple[int, int]]:
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        return int(ds.Rows), int(ds.Columns)
+    except Exception:
+        return None
+
+
+def is_mask_for(arr: np.ndarray, full_shape: Sequence[int]) -> bool:
+    """A ROI mask: the full image's (H, W) and at most two distinct values."""
+    if arr.shape != tuple(full_shape):
+        return False
+    lo, hi = arr.min(), arr.max()
+    return not np.any((arr != lo) & (arr != hi))
+
+
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise OSError(f"could not encode PNG for {path}")
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(buf.tobytes())
+    os.replace(tmp, path)
+
+
+@dataclass
+class _View:
+    patient: str
+    side: str
+    view: str
+    image_paths: List[str]
+    rois: List[dict]
+    split: str          # train | test (test if any row is from a test CSV)
+    malignant: bool
+
+
+@dataclass
+class _Config:
+    dicom_root: str
+    out_dir: str
+    whole_img_size: Optional[Tuple[int, int]]
+
+
+def _read_full(view: _View, root: Path, res: dict) -> Optional[np.ndarray]:
+    tried = False
+    for rel in view.image_paths:
+        cands = _candidates(root, rel)
+        if len(cands) > 1:  # fallback search found several files: the full image is largest
+            cands.sort(key=lambda p: -np.prod(_dicom_shape(p) or (0, 0)))
+        for path in cands:
+            tried = True
+            try:
+                return dm_image.read_image(path)
+            except (OSError, ValueError) as err:
+                res["messages"].append(f"unreadable full image {path}: {err}")
+    res["problem"] = "full_image_unreadable" if tried else "full_image_missing"
+    return None
+
+
+def _find_mask(roi: dict, root: Path, shape, res: dict) -> Tuple[Optional[np.ndarray], str]:
+    """Return (mask array, status) with status ok|swapped|missing|unidentified."""
+    listed = _candidates(root, roi["roi_path"])
+    crop = _candidates(root, roi["crop_path"])
+    seen, found_any = set(), False
+    for path in listed + crop:
+        if path in seen:
+            continue
+        seen.add(path)
+        found_any = True
+        hdr = _dicom_shape(path)
+        if hdr is not None and hdr != tuple(shape):
+            continue
+        try:
+            arr = dm_image.read_image(path)
+        except (OSError, ValueError) as err:
+            res["messages"].append(f"unreadable ROI file {path}: {err}")
+            continue
+        if is_mask_for(arr, shape):
+            swapped = path not in listed
+            return arr, "swapped" if swapped else "ok"
+    return None, "unidentified" if found_any else "missing"
+
+
+def _process_view(args) -> dict:
+    view, cfg = args
+    root, out = Path(cfg.dicom_root), Path(cfg.out_dir)
+    img_id = f"{view.patient}_{view.side}_{view.view}"
+    res = {"img_id": img_id, "full": False, "rois": [], "counts": {}, "messages": [],
+           "problem": None, "whole": None}
+
+    def count(key, n=1):
+        res["counts"][key] = res["counts"].get(key, 0) + n
+
+    img = _read_full(view, root, res)
+    if img is None:
+        count(res["problem"])
+        count("masks_skipped_no_full_image", len(view.rois))
+        res["messages"].append(f"{img_id}: {res['problem'].replace('_', ' ')} "
+                               f"({view.image_paths[0]})")
+        return res
+    _write_png(out / "full_img" / f"{img_id}.png", img.astype(np.uint16))
+    res["full"] = True
+    for roi in view.rois:
+        name = f"{roi['type'].capitalize()}-{roi['split']}_{img_id}_{roi['abn_num']}.png"
+        arr, status = _find_mask(roi, root, img.shape, res)
+        if arr is None:
+            count(f"mask_{status}")
+            res["messages"].append(f"{name}: mask {status} ({roi['roi_path']})")
+            continue
+        if arr.max() == arr.min():
+            count("mask_empty")
+            res["messages"].append(f"{name}: mask is empty")
+            continue
+        count("masks_written")
+        if status == "swapped":
+            count("swapped_paths")
+        _write_png(out / "roi_mask" / name, np.where(arr == arr.max(), 255, 0).astype(np.uint8))
+        res["rois"].append({"patient_id": view.patient, "side": view.side, "view": view.view,
+                            "abn_num": roi["abn_num"], "pathology": roi["pathology"],
+                            "type": roi["type"], "split": roi["split"]})
+    if cfg.whole_img_size is not None:
+        h, w = cfg.whole_img_size
+        small = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
+        label = "pos" if view.malignant else "neg"
+        _write_png(out / "whole_img" / view.split / label / f"{img_id}.png", small)
+        res["whole"] = (view.split, label)
+    return res
+
+
+# ------------------------------------------------------------------------- run
+def _build_views(table: pd.DataFrame) -> List[_View]:
+    groups: Dict[Tuple[str, str, str], List[dict]] = {}
+    for rec in table.to_dict("records"):
+        groups.setdefault((rec["patient_id"], rec["side"], rec["view"]), []).append(rec)
+    views = []
+    for (pat, side, view), recs in sorted(groups.items()):
+        recs.sort(key=lambda r: (r["abn_num"], r["type"]))
+        views.append(_View(pat, side, view, list(dict.fromkeys(r["image_path"] for r in recs)),
+                           recs, "test" if any(r["split"] == "Test" for r in recs) else "train",
+                           any(r["pathology"] == "MALIGNANT" for r in recs)))
+    return views
+
+
+def _write_tables(results: List[dict], table: pd.DataFrame, out: Path) -> dict:
+    rows = [r for res in results for r in res["rois"]]
+    roi_df = pd.DataFrame(rows, columns=ROI_COLUMNS + ["split"]).sort_values(
+        ["patient_id", "side", "view", "abn_num"])
+    roi_df[ROI_COLUMNS].to_csv(out / "roi_mask_path.csv", index=False)
+    lists = {}
+    for split, fname in (("Training", "train_pat.txt"), ("Test", "test_pat.txt")):
+        pats = sorted(set(roi_df.loc[roi_df["split"] == split, "patient_id"]))
+        (out / fname).write_text("".join(p + "\n" for p in pats))
+        lists[split] = set(pats)
+    written = {tuple(r["img_id"].rsplit("_", 2)[:2]) for r in results if r["full"]}
+    mal = table.assign(c=(table["pathology"] == "MALIGNANT").astype(int)).groupby(
+        ["patient_id", "side"])["c"].max()
+    psc = [(p, s, int(mal.get((p, s), 0))) for p, s in sorted(written)]
+    pd.DataFrame(psc, columns=["patient_id", "side", "cancer"]).to_csv(
+        out / "pat_side_cancer.csv", index=False)
+    return {"train_patients": len(lists["Training"]), "test_patients": len(lists["Test"]),
+            "patients_in_both_splits": len(lists["Training"] & lists["Test"])}
+
+
+def run(csv_dir: str, dicom_root: str, out_dir: str,
+        whole_img_size: Optional[Sequence[int]] = None, workers: int = 1,
+        verbose: bool = True) -> dict:
+    """Write full images, ROI masks, tables and patient lists from a CBIS-DDSM download.
+
+    Args:
+        csv_dir: folder with the official description CSVs.
+        dicom_root: folder the CSV file paths are relative to.
+        out_dir: output folder (created; existing files of the same names are replaced).
+        whole_img_size: optional (height, width) of the whole-image ``neg|pos`` folders.
+        workers: views converted in parallel by this many processes.
+        verbose: show a progress bar.
+
+    Returns:
+        Summary dict: ``views_total``, ``full_images_written``, ``masks_written``,
+        ``swapped_paths``, problem counts (``full_image_missing``, ``full_image_unreadable``,
+        ``mask_missing``, ``mask_unidentified``, ``mask_empty``,
+        ``masks_skipped_no_full_image``), patient counts, ``whole_images`` and ``elapsed_s``.
+
+    Raises:
+        FileNotFoundError: no CSV in ``csv_dir`` or ``dicom_root`` is not a folder.
+        ValueError: bad ``whole_img_size`` / ``workers`` or a CSV without a needed column.
+    """
+    t0 = time.time()
+    if whole_img_size is not None:
+        if len(whole_img_size) != 2 or min(int(v) for v in whole_img_size) <= 0:
+            raise ValueError(f"whole_img_size should be (height, width) > 0, "
+                             f"got {whole_img_size!r}")
+        whole_img_size = (int(whole_img_size[0]), int(whole_img_size[1]))
+    if workers < 1:
+        raise ValueError(f"workers should be >= 1, got {workers}")
+    if not os.path.isdir(dicom_root):
+        raise FileNotFoundError(f"no such folder: {dicom_root}")
+    table, used = read_description_csvs(csv_dir)
+    out = Path(out_dir)
+    for sub in ("full_img", "roi_mask"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if whole_img_size is not None:
+        for split in ("train", "test"):
+            for label in ("neg", "pos"):
+                (out / "whole_img" / split / label).mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters}
+    logger.info("options: %s; CSVs: %s", options, used)
+    views = _build_views(table)
+    cfg = _Config(str(dicom_root), str(out_dir), whole_img_size)
+    results = _run_all(views, cfg, workers, verbose)
+    summary = _summarise(results, views, table)
+    summary.update(_write_tables(results, table, out))
+    summary["problems"] = _report_problems(results, out)
+    summary["elapsed_s"] = round(time.time() - t0, 3)
+    with open(out / "prepare_summary.json", "w") as fh:
+        json.dump({"options": options, "summary": summary}, fh, indent=1, default=str)
+    logger.info("summary: %s", summary)
+    return summary
+
+
+def _run_all(views, cfg, workers, verbose) -> List[dict]:
+    from tqdm import tqdm
+
+    jobs = [(v, cfg) for v in views]
+    bar = dict(total=len(jobs), disable=not verbose, unit="view", desc="converting")
+    if workers == 1 or len(jobs) <= 1:
+        return [_process_view(j) for j in tqdm(jobs, **bar)]
+    ctx = multiprocessing.get_context("spawn")  # fork can deadlock after threaded libraries
+    with ctx.Pool(min(workers, len(jobs))) as pool:
+        return list(tqdm(pool.imap(_process_view, jobs, chunksize=4), **bar))
+
+
+def _summarise(results: List[dict], views: List[_View], table: pd.DataFrame) -> dict:
+    keys = ("masks_written", "swapped_paths", "full_image_missing", "full_image_unreadable",
+            "mask_missing", "mask_unidentified", "mask_empty", "masks_skipped_no_full_image")
+    summary = {"csv_rows": len(table), "views_total": len(views),
+               "full_images_written": sum(r["full"] for r in results)}
+    summary.update({k: sum(r["counts"].get(k, 0) for r in results) for k in keys})
+    whole = {s: {"neg": 0, "pos": 0} for s in ("train", "test")}
+    for r in results:
+        if r["whole"]:
+            whole[r["whole"][0]][r["whole"][1]] += 1
+    summary["whole_images"] = whole
+    split_sets = table.groupby(["patient_id", "side", "view"])["split"].nunique()
+    summary["views_in_both_splits"] = int((split_sets > 1).sum())
+    return summary
+
+
+def _report_problems(results: List[dict], out: Path, nb_logged: int = 10) -> int:
+    """Log the first problems and write them all to ``prepare_problems.txt``; return count."""
+    msgs = [m for r in results for m in r["messages"]]
+    for msg in msgs[:nb_logged]:
+        logger.warning(msg)
+    (out / "prepare_problems.txt").write_text("".join(m + "\n" for m in msgs))
+    if len(msgs) > nb_logged:
+        logger.warning("%d problems in all, listed in %s", len(msgs),
+                       out / "prepare_problems.txt")
+    return len(msgs)
+
+
+# ------------------------------------------------------------------------- command line
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser; defaults are those of :func:`run`."""
+    d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    parser = argparse.ArgumentParser(description="Convert CBIS-DDSM DICOM to the PNG layout.")
+    parser.add_argument("csv_dir", metavar="CSV_DIR")
+    parser.add_argument("dicom_root", metavar="DICOM_ROOT")
+    parser.add_argument("out_dir", metavar="OUT_DIR")
+    parser.add_argument("--whole-img-size", type=int, nargs=2, metavar=("H", "W"),
+                        default=d["whole_img_size"],
+                        help="also write whole_img/{train,test}/{neg,pos} at this size")
+    parser.add_argument("--workers", type=int, default=d["workers"])
+    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Command-line entry point; returns the summary of :func:`run`."""
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    return run(**vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,851 @@
+"""Sample training patches from full mammograms and their lesion (ROI) masks.
+
+Stage 1 of Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening
+Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. From CBIS-DDSM-style data (SPEC
+section 3: full images ``{patient}_{side}_{view}.png``, masks
+``{Calc|Mass}-{Training|Test}_{patient}_{side}_{view}_{abn}.png``, ``roi_mask_path.csv`` and a
+patient list) it cuts square patches of three kinds per view:
+
+* **abnormal**: centres drawn uniformly in the bounding box of the ROI's largest connected
+  component until ``nb_abn`` patches overlap the ROI by more than ``pos_cutoff`` of the ROI area
+  or of the patch area; after 1,000 consecutive failed draws the cutoff is lowered by 0.05 (the
+  draw that reaches 1,000 is already judged with the lowered cutoff, as in 2017). Written to the
+  folder of the lesion's type and pathology (MALIGNANT -> ``*_mal``; BENIGN and
+  BENIGN_WITHOUT_CALLBACK -> ``*_ben``).
+* **hard negatives**: centres of bright blob-like spots (OpenCV ``SimpleBlobDetector`` on the
+  8-bit image, 2017 parameters) whose patch meets the negative rule; when more than ``nb_hns``
+  qualify, they are clustered with k-means on their coordinates and the spot nearest each
+  cluster centre is kept. Written to the background folder.
+* **background**: centres drawn uniformly inside the (breast-cropped) image until ``nb_bkg``
+  patches meet the negative rule.
+
+Negative rule: for every ROI of the view and for the union of its ROIs, the overlap is at most
+``neg_cutoff`` of the ROI area and at most ``neg_cutoff`` of the patch area.
+
+Each view is read and resized once (masks resized to the resized image's size with area
+interpolation and thresholded at half coverage), cropped to the segmented breast, and given a
+zero margin of ``patch_size // 2``. Overlaps come from summed-area tables of the binary masks
+(O(1) per candidate, candidates drawn in vectorised batches), instead of the 2017 full-mask copy
+and sum per candidate. Patches are 16-bit PNGs holding the resized image's intensities unchanged
+(rounded and clipped to 0..65535; no per-patch normalisation, so a constant patch stays constant).
+
+Outputs, in ``TRAIN_OUT`` or ``VAL_OUT`` (patient-level split stratified by "has a malignant
+lesion"): one subfolder per class folder name; patch files
+``{patient}_{side}_{view}_{kind}_{k:04d}.png`` with kind ``abn{abn_num}``, ``hns`` or ``bkg``;
+``pat_lst.txt`` (the patients of that output); ``patches.csv`` (one row per patch: file, view,
+kind, centre row/col in the resized full image, overlap fractions). ``TRAIN_OUT`` also gets
+``sampling_summary.json`` (options and the run summary).
+
+Determinism: view ``img_id`` uses the generator ``numpy.random.default_rng([seed,
+crc32(img_id)])``, so results do not depend on ``--workers`` or on the other views in the run.
+
+Example (from inside ``ddsm_train/``)::
+
+    python sample_patches_combined.py roi_mask_path.csv roi_mask full_img train_pat.txt \\
+        patches/train patches/val --target-height 4096 --patch-size 256 --workers 4
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+_HERE = Path(__file__).resolve().parent
+for _p in (str(_HERE.parent), str(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import dm_image  # noqa: E402
+from common_flags import add_bool_flag, add_optional_value_flag, get_random_seed, \
+    setup_logging  # noqa: E402
+
+__all__ = [
+    "CSV_COLUMNS", "PATHOLOGY_LABELS", "LESION_TYPES", "BLOB_PARAMS", "MaskSat",
+    "build_mask_sat", "window_sums", "abnormal_passes", "negative_passes",
+    "draw_abnormal_centres", "draw_background_centres", "create_blob_detector",
+    "detect_blob_centres", "select_hard_negatives", "extract_patch", "view_seed",
+    "split_patients", "run", "get_args_parser", "main",
+]
+
+logger = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("patient_id", "side", "view", "abn_num", "pathology", "type")
+PATHOLOGY_LABELS = {"MALIGNANT": "pos", "BENIGN": "neg", "BENIGN_WITHOUT_CALLBACK": "neg"}
+LESION_TYPES = ("calc", "mass")
+BLOB_PARAMS = dict(min_area=3, min_int=0.5, max_int=0.95, th_step=10)
+_TRIES_BEFORE_RELAX = 1000
+_RELAX_STEP = 0.05
+_BATCH = 512
+_MASK_NAME_RE = re.compile(r"^(?P<type>[A-Za-z]+)-[A-Za-z]+_(?P<img_id>.+)_(?P<abn>\d+)\.png$")
+
+
+# ------------------------------------------------------------------------- overlap geometry
+@dataclass(frozen=True)
+class MaskSat:
+    """Summed-area table of one binary mask, stored for the mask's bounding box only.
+
+    Attributes:
+        sat: int32 array (h + 1, w + 1), ``cv2.integral`` of the cropped 0/1 mask.
+        y0, x0: top-left corner of the crop in the (padded) image coordinates.
+        area: number of mask pixels (> 0).
+        bbox: (x, y, w, h) of the mask's largest connected component (padded coordinates).
+    """
+
+    sat: np.ndarray
+    y0: int
+    x0: int
+    area: int
+    bbox: Tuple[int, int, int, int]
+
+
+def build_mask_sat(mask: np.ndarray) -> Optional[MaskSat]:
+    """Summed-area table of a binary mask, or None when the mask is empty.
+
+    Args:
+        mask: (H, W) array; pixels > 0 belong to the ROI.
+
+    Returns:
+        MaskSat in the mask's coordinates, or None for an all-zero mask.
+    """
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+    if rows.size == 0:
+        return None
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop = binary[y0:y1, x0:x1]
+    _, _, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
+    big = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    bx, by, bw, bh = (int(v) for v in stats[big, :4])
+    return MaskSat(sat=cv2.integral(crop), y0=int(y0), x0=int(x0), area=int(crop.sum()),
+                   bbox=(bx + int(x0), by + int(y0), bw, bh))
+
+
+def window_sums(sat: MaskSat, cx: np.ndarray, cy: np.ndarray, patch_size: int) -> np.ndarray:
+    """Number of mask pixels in the patch windows centred at (cx, cy); O(1) per window.
+
+    The window of centre ``c`` spans ``[c - patch_size // 2, c - patch_size // 2 + patch_size)``
+    on each axis (2017 convention for even sizes).
+
+    Args:
+        sat: the mask's table.
+        cx, cy: int arrays of centre columns and rows (same coordinates as the mask).
+        patch_size: side of the square patch in pixels.
+
+    Returns:
+        int64 array of intersection areas, shape of ``cx``.
+    """
+    h, w = sat.sat.shape[0] - 1, sat.sat.shape[1] - 1
+    x1 = np.asarray(cx, dtype=np.int64) - patch_size // 2 - sat.x0
+    y1 = np.asarray(cy, dtype=np.int64) - patch_size // 2 - sat.y0
+    x2, y2 = np.clip(x1 + patch_size, 0, w), np.clip(y1 + patch_size, 0, h)
+    x1, y1 = np.clip(x1, 0, w), np.clip(y1, 0, h)
+    s = sat.sat.astype(np.int64, copy=False)
+    return s[y2, x2] - s[y1, x2] - s[y2, x1] + s[y1, x1]
+
+
+def _fractions(sat: MaskSat, cx, cy, patch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    inter = window_sums(sat, cx, cy, patch_size).astype(np.float64)
+    return inter / sat.area, inter / float(patch_size * patch_size)
+
+
+def abnormal_passes(sat: MaskSat, cx, cy, patch_size: int, cutoff: float) -> np.ndarray:
+    """Positive rule: overlap > ``cutoff`` of the ROI area OR of the patch area (bool array)."""
+    roi_frac, patch_frac = _fractions(sat, cx, cy, patch_size)
+    return (roi_frac > cutoff) | (patch_frac > cutoff)
+
+
+def negative_passes(sats: Sequence[MaskSat], cx, cy, patch_size: int,
+                    cutoff: float) -> np.ndarray:
+    """Negative rule: for every table, overlap <= ``cutoff`` of its area AND of the patch area.
+
+    Pass the table of every ROI of the view and the table of their union.
+    """
+    ok = np.ones(np.shape(cx), dtype=bool)
+    for sat in sats:
+        roi_frac, patch_frac = _fractions(sat, cx, cy, patch_size)
+        ok &= (roi_frac <= cutoff) & (patch_frac <= cutoff)
+    return ok
+
+
+# ------------------------------------------------------------------------- centre drawing
+def draw_abnormal_centres(rng: np.random.Generator, sat: MaskSat, patch_size: int, nb: int,
+                          cutoff: float) -> Tuple[np.ndarray, float, int]:
+    """Draw ``nb`` patch centres around one ROI that meet the (relaxing) positive rule.
+
+    Candidates are uniform integers in the bounding box of the ROI's largest component, drawn in
+    batches; accepted in draw order exactly as one-at-a-time drawing would: after 999 consecutive
+    failures the next draw is judged with ``cutoff - 0.05`` and the count restarts.
+
+    Args:
+        rng: numpy Generator.
+        sat: the ROI's table (padded image coordinates).
+        patch_size: patch side in pixels.
+        nb: number of patches wanted.
+        cutoff: initial positive cutoff in (0, 1].
+
+    Returns:
+        (centres, final_cutoff, nb_relaxations): centres is an int64 (n, 2) array of (x, y);
+        n < nb only when the cutoff would drop to 0 or below.
+    """
+    bx, by, bw, bh = sat.bbox
+    out: List[Tuple[int, int]] = []
+    tries, relaxations, cur = 0, 0, float(cutoff)
+    while len(out) < nb:
+        cx = rng.integers(bx, bx + bw, size=_BATCH)
+        cy = rng.integers(by, by + bh, size=_BATCH)
+        roi_frac, patch_frac = _fractions(sat, cx, cy, patch_size)
+        score = np.maximum(roi_frac, patch_frac)
+        i = 0
+        while i < _BATCH and len(out) < nb:
+            relax_at = _TRIES_BEFORE_RELAX - 1 - tries  # offset of the draw judged after relaxing
+            seg = score[i:i + max(relax_at, 0)] > cur
+            if seg.any():
+                j = int(np.argmax(seg))
+                out.append((int(cx[i + j]), int(cy[i + j])))
+                i, tries = i + j + 1, 0
+                continue
+            if i + relax_at >= _BATCH:  # no relaxation inside this batch
+                tries += _BATCH - i
+                break
+            relaxations += 1
+            cur = float(cutoff) - _RELAX_STEP * relaxations
+            if cur <= 1e-9:
+                return np.asarray(out, dtype=np.int64).reshape(-1, 2), cur, relaxations
+            i, tries = i + relax_at, -1  # that draw is judged next with the count reset to 0
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2), cur, relaxations
+
+
+def draw_background_centres(rng: np.random.Generator, sats: Sequence[MaskSat],
+                            region: Tuple[int, int, int, int], patch_size: int, nb: int,
+                            cutoff: float, max_draws: int = 100_000) -> np.ndarray:
+    """Draw ``nb`` centres uniformly in ``region`` that meet the negative rule.
+
+    Args:
+        rng: numpy Generator.
+        sats: tables of every ROI of the view and of their union (may be empty).
+        region: (x0, y0, x1, y1), centres drawn in ``[x0, x1) x [y0, y1)``.
+        patch_size: patch side in pixels.
+        nb: number wanted.
+        cutoff: negative cutoff.
+        max_draws: give up after this many candidates (returns fewer centres).
+
+    Returns:
+        int64 (n, 2) array of (x, y), n <= nb.
+    """
+    x0, y0, x1, y1 = region
+    found: List[np.ndarray] = []
+    have, drawn = 0, 0
+    while have < nb and drawn < max_draws:
+        cx = rng.integers(x0, x1, size=_BATCH)
+        cy = rng.integers(y0, y1, size=_BATCH)
+        drawn += _BATCH
+        ok = np.flatnonzero(negative_passes(sats, cx, cy, patch_size, cutoff))[:nb - have]
+        found.append(np.stack([cx[ok], cy[ok]], axis=1))
+        have += ok.size
+    return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), np.int64)
+
+
+# ------------------------------------------------------------------------- hard negatives
+def create_blob_detector(patch_size: int = 256, min_area: int = BLOB_PARAMS["min_area"],
+                         min_int: float = BLOB_PARAMS["min_int"],
+                         max_int: float = BLOB_PARAMS["max_int"],
+                         th_step: int = BLOB_PARAMS["th_step"]):
+    """OpenCV SimpleBlobDetector with the 2017 settings (area 3..patch area, 50..95% of 255)."""
+    params = cv2.SimpleBlobDetector_Params()
+    params.filterByArea = True
+    params.minArea = min_area
+    params.maxArea = patch_size * patch_size
+    params.filterByCircularity = False
+    params.filterByColor = False
+    params.filterByConvexity = False
+    params.filterByInertia = False
+    params.minThreshold = int(min_int * 255)
+    params.maxThreshold = int(max_int * 255)
+    params.thresholdStep = th_step
+    return cv2.SimpleBlobDetector_create(params)
+
+
+def detect_blob_centres(img: np.ndarray, patch_size: int = 256) -> np.ndarray:
+    """Centres (x, y) of bright blobs in an image of any intensity scale.
+
+    The image is brought to 8 bits as ``uint8(img / img.max() * 255)`` (2017) before detection.
+
+    Args:
+        img: (H, W) float or integer image, intensities >= 0.
+        patch_size: bounds the blob area (at most one patch).
+
+    Returns:
+        int64 (n, 2) array of unique (x, y) key-point centres in ``img`` coordinates.
+    """
+    peak = float(img.max()) if img.size else 0.0
+    if peak <= 0:
+        return np.zeros((0, 2), np.int64)
+    img8 = (np.asarray(img, np.float32) * np.float32(255.0 / peak)).astype(np.uint8)
+    kpts = create_blob_detector(patch_size).detect(img8)
+    pts = np.array([(int(k.pt[0]), int(k.pt[1])) for k in kpts], dtype=np.int64).reshape(-1, 2)
+    _, first = np.unique(pts, axis=0, return_index=True)
+    return pts[np.sort(first)]
+
+
+def _kmeans(pts: np.ndarray, k: int, rng: np.random.Generator, iters: int = 30):
+    """Lloyd k-means, k-means++ seeding, on (n, 2) float points; returns (labels, centres)."""
+    centres = [pts[rng.integers(len(pts))]]
+    d2 = ((pts - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        centres.append(pts[rng.choice(len(pts), p=d2 / d2.sum())] if d2.sum() > 0
+                       else pts[rng.integers(len(pts))])
+        d2 = np.minimum(d2, ((pts - centres[-1]) ** 2).sum(axis=1))
+    centres = np.array(centres)
+    labels = np.full(len(pts), -1)
+    for _ in range(iters):
+        new = ((pts[:, None, :] - centres[None]) ** 2).sum(-1).argmin(axis=1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            if np.any(labels == j):
+                centres[j] = pts[labels == j].mean(axis=0)
+    return labels, centres
+
+
+def select_hard_negatives(centres: np.ndarray, nb: int, seed: int) -> np.ndarray:
+    """Keep at most ``nb`` centres, spread over the image with k-means when there are more.
+
+    K-means (k-means++ seeding from ``seed``, Lloyd iterations) on the (x, y) coordinates into
+    ``nb`` clusters; from each cluster the member nearest its centre is kept, in input order.
+    (A small NumPy k-means rather than scikit-learn: it is fast for a few hundred points and
+    safe in forked worker processes, where OpenMP-backed k-means can deadlock.)
+
+    Args:
+        centres: int (n, 2) array of (x, y).
+        nb: number wanted.
+        seed: k-means seed.
+
+    Returns:
+        int64 (min(n, nb), 2) array of (x, y).
+    """
+    centres = np.asarray(centres, np.int64).reshape(-1, 2)
+    if nb <= 0:
+        return centres[:0]
+    if len(centres) <= nb:
+        return centres
+    pts = centres.astype(np.float64)
+    labels, ctr = _kmeans(pts, nb, np.random.default_rng(seed))
+    dist = ((pts - ctr[labels]) ** 2).sum(axis=1)
+    order = np.lexsort((np.arange(len(pts)), dist, labels))
+    first = order[np.r_[True, labels[order][1:] != labels[order][:-1]]]
+    return centres[np.sort(first)]
+
+
+# ------------------------------------------------------------------------- patches and files
+def extract_patch(img_pad: np.ndarray, x: int, y: int, patch_size: int) -> np.ndarray:
+    """Square window of ``patch_size`` centred at (x, y) of a padded uint16 image (a view)."""
+    x1, y1 = x - patch_size // 2, y - patch_size // 2
+    return img_pad[y1:y1 + patch_size, x1:x1 + patch_size]
+
+
+def _to_uint16(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(img), 0, 65535).astype(np.uint16)
+
+
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", arr)
+    if not ok:
+        raise OSError(f"could not encode PNG for {path}")
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(buf.tobytes())
+    os.replace(tmp, path)
+
+
+def view_seed(seed: int, img_id: str) -> np.random.SeedSequence:
+    """Seed of one view: from the run seed and the CRC-32 of its ``img_id``."""
+    return np.random.SeedSequence([int(seed), zlib.crc32(img_id.encode("utf-8"))])
+
+
+# ------------------------------------------------------------------------- per-view work
+@dataclass
+class _Roi:
+    abn_num: int
+    pathology: str
+    type: str
+    mask_path: Optional[str]
+
+
+@dataclass
+class _ViewTask:
+    img_id: str
+    patient: str
+    img_path: str
+    rois: List[_Roi]
+    split: str
+    out_dir: str
+
+
+@dataclass
+class _Settings:
+    target_height: int
+    target_width: Optional[int]
+    segment_breast: bool
+    patch_size: int
+    nb_bkg: int
+    nb_abn: int
+    nb_hns: int
+    pos_cutoff: float
+    neg_cutoff: float
+    seed: int
+    folders: Dict[str, str] = field(default_factory=dict)  # bkg, calc_pos, ... -> folder name
+
+
+class _SkipView(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _image_shape(path: str) -> Tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Exception:  # not a PIL format (e.g. DICOM): decode it
+        return tuple(dm_image.read_image(path).shape[:2])
+
+
+def _load_view(task: _ViewTask, cfg: _Settings):
+    """Read, resize, segment and pad one view and its masks; raise _SkipView on bad input."""
+    try:
+        orig_shape = _image_shape(task.img_path)
+        if cfg.target_width is None:
+            img = dm_image.read_resize_img(task.img_path, target_height=cfg.target_height)
+        else:
+            img = dm_image.read_resize_img(task.img_path,
+                                           target_size=(cfg.target_height, cfg.target_width))
+    except (OSError, ValueError, cv2.error) as err:
+        raise _SkipView("unreadable_image", f"{task.img_id}: cannot read {task.img_path}: {err}")
+    masks = []
+    for roi in task.rois:
+        name = f"{task.img_id} abn {roi.abn_num}"
+        if roi.mask_path is None:
+            raise _SkipView("mask_missing", f"{name}: no mask file in the ROI mask folder")
+        try:
+            mask = dm_image.read_image(roi.mask_path, gs_255=True)
+        except (OSError, ValueError, cv2.error) as err:
+            raise _SkipView("mask_unreadable", f"{name}: cannot read {roi.mask_path}: {err}")
+        if mask.shape != tuple(orig_shape):
+            raise _SkipView("mask_size_mismatch", f"{name}: mask {roi.mask_path} is "
+                            f"{mask.shape}, its image is {tuple(orig_shape)}")
+        if not mask.any():
+            raise _SkipView("empty_mask", f"{name}: mask {roi.mask_path} is empty")
+        binary = np.where(mask > 0, np.uint8(255), np.uint8(0))
+        binary = cv2.resize(binary, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_AREA)
+        masks.append(binary >= 128)
+    bbox = (0, 0, img.shape[1], img.shape[0])
+    if cfg.segment_breast:
+        try:
+            img, bbox = dm_image.segment_breast(img)
+        except (ValueError, cv2.error) as err:
+            raise _SkipView("segmentation_failed", f"{task.img_id}: {err}")
+        bx, by, bw, bh = (int(v) for v in bbox)
+        bbox = (bx, by, bw, bh)
+        masks = [m[by:by + bh, bx:bx + bw] for m in masks]
+    m = cfg.patch_size // 2
+    sats = []
+    for roi, mask in zip(task.rois, masks):
+        sat = build_mask_sat(np.pad(mask, m))
+        if sat is None:
+            raise _SkipView("roi_outside_breast", f"{task.img_id} abn {roi.abn_num}: ROI "
+                            "vanishes after resizing / breast cropping")
+        sats.append(sat)
+    if len(sats) > 1:  # union of the view's ROIs, for the negative rule
+        sats.append(build_mask_sat(np.pad(np.logical_or.reduce(masks), m)))
+    return img, bbox, sats
+
+
+def _abn_folder(cfg: _Settings, roi: _Roi) -> str:
+    label = PATHOLOGY_LABELS[roi.pathology]
+    return cfg.folders[f"{roi.type}_{label}"]
+
+
+def _sample_view(task: _ViewTask, cfg: _Settings) -> dict:
+    """Sample and write the patches of one view; returns counts, manifest rows and messages."""
+    res = {"img_id": task.img_id, "split": task.split, "status": "ok", "message": "",
+           "counts": {}, "rows": [], "warnings": [], "relaxations": 0,
+           "abn_shortfall": 0, "hns_shortfall": 0, "bkg_shortfall": 0}
+    try:
+        img, bbox, neg_sats = _load_view(task, cfg)
+    except _SkipView as skip:
+        res.update(status=skip.reason, message=str(skip))
+        return res
+    ss = view_seed(cfg.seed, task.img_id)
+    rng = np.random.default_rng(ss)
+    p, m = cfg.patch_size, cfg.patch_size // 2
+    img_pad = np.pad(_to_uint16(img), m)
+    sats = neg_sats[:len(task.rois)]  # one per ROI; neg_sats may end with their union
+
+    def emit(folder, kind, centres, fracs_fn):
+        out = Path(task.out_dir) / folder
+        for k, (x, y) in enumerate(centres):
+            name = f"{task.img_id}_{kind}_{k:04d}.png"
+            _write_png(out / name, extract_patch(img_pad, int(x), int(y), p))
+            roi_frac, patch_frac = fracs_fn(int(x), int(y))
+            res["rows"].append({"folder": folder, "filename": name, "img_id": task.img_id,
+                                "kind": kind, "row": int(y) - m + bbox[1],
+                                "col": int(x) - m + bbox[0],
+                                "roi_frac": round(roi_frac, 6), "patch_frac": round(patch_frac, 6)})
+        res["counts"][folder] = res["counts"].get(folder, 0) + len(centres)
+
+    def neg_fracs(x, y):
+        fr = [_fractions(s, np.array([x]), np.array([y]), p) for s in neg_sats]
+        return (max([f[0][0] for f in fr], default=0.0), max([f[1][0] for f in fr], default=0.0))
+
+    for roi, sat in zip(task.rois, sats):
+        centres, cut, relax = draw_abnormal_centres(rng, sat, p, cfg.nb_abn, cfg.pos_cutoff)
+        res["relaxations"] += relax
+        if len(centres) < cfg.nb_abn:
+            res["abn_shortfall"] += cfg.nb_abn - len(centres)
+            res["warnings"].append(f"{task.img_id} abn {roi.abn_num}: only {len(centres)} of "
+                                   f"{cfg.nb_abn} abnormal patches (cutoff fell to 0)")
+        emit(_abn_folder(cfg, roi), f"abn{roi.abn_num}", centres,
+             lambda x, y, s=sat: tuple(f[0] for f in _fractions(s, np.array([x]),
+                                                                np.array([y]), p)))
+    if cfg.nb_hns > 0:
+        blobs = detect_blob_centres(img, p) + m
+        ok = negative_passes(neg_sats, blobs[:, 0], blobs[:, 1], p, cfg.neg_cutoff)
+        hns_seed = int(rng.integers(2 ** 31 - 1))
+        hns = select_hard_negatives(blobs[ok], cfg.nb_hns, hns_seed)
+        res["hns_shortfall"] = cfg.nb_hns - len(hns)
+        emit(cfg.folders["bkg"], "hns", hns, neg_fracs)
+    if cfg.nb_bkg > 0:
+        region = (m, m, img.shape[1] + m, img.shape[0] + m)
+        bkg = draw_background_centres(rng, neg_sats, region, p, cfg.nb_bkg, cfg.neg_cutoff)
+        if len(bkg) < cfg.nb_bkg:
+            res["bkg_shortfall"] = cfg.nb_bkg - len(bkg)
+            res["warnings"].append(f"{task.img_id}: only {len(bkg)} of {cfg.nb_bkg} "
+                                   "background patches meet the negative rule")
+        emit(cfg.folders["bkg"], "bkg", bkg, neg_fracs)
+    return res
+
+
+def _worker_init() -> None:
+    cv2.setNumThreads(1)
+
+
+def _run_task(args) -> dict:
+    task, cfg = args
+    try:
+        return _sample_view(task, cfg)
+    except Exception as err:  # keep the run going; reported in the summary
+        logger.exception("failed on %s", task.img_id)
+        return {"img_id": task.img_id, "split": task.split, "status": "error",
+                "message": f"{task.img_id}: {type(err).__name__}: {err}", "counts": {},
+                "rows": [], "warnings": [], "relaxations": 0, "abn_shortfall": 0,
+                "hns_shortfall": 0, "bkg_shortfall": 0}
+
+
+# ------------------------------------------------------------------------- tables and split
+def _read_roi_table(path: str) -> Tuple[pd.DataFrame, List[str]]:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.columns = [c.strip() for c in df.columns]
+    missing = [c for c in CSV_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(CSV_COLUMNS)}")
+    df = df[list(CSV_COLUMNS)].apply(lambda s: s.str.strip())
+    df["pathology"] = df["pathology"].str.upper()
+    df["type"] = df["type"].str.lower()
+    bad = ~df["pathology"].isin(PATHOLOGY_LABELS) | ~df["type"].isin(LESION_TYPES) \
+        | ~df["abn_num"].str.fullmatch(r"\d+")
+    problems = [f"{path} row {i + 2}: bad pathology/type/abn_num {tuple(r)}"
+                for i, r in df[bad].iterrows()]
+    df = df[~bad].copy()
+    df["abn_num"] = df["abn_num"].astype(int)
+    return df, problems
+
+
+def _read_patient_list(path: str) -> List[str]:
+    with open(path) as fh:
+        pats = [line.strip() for line in fh if line.strip()]
+    return list(dict.fromkeys(pats))
+
+
+def _index_masks(roi_mask_dir: str) -> Dict[Tuple[str, str, int], str]:
+    index = {}
+    for name in sorted(os.listdir(roi_mask_dir)):
+        hit = _MASK_NAME_RE.match(name)
+        if hit:
+            key = (hit["type"].lower(), hit["img_id"], int(hit["abn"]))
+            index.setdefault(key, os.path.join(roi_mask_dir, name))
+    return index
+
+
+def split_patients(patients: Sequence[str], malignant: Sequence[int], val_size: float,
+                   seed: int) -> Tuple[List[str], List[str]]:
+    """Patient-level train/val split stratified by "has a malignant lesion" (2017 rule).
+
+    Uses ``sklearn.model_selection.train_test_split(..., stratify=malignant,
+    random_state=seed)``; falls back to an unstratified split (with a warning) when a class is
+    too small to stratify. ``val_size`` 0 puts every patient in train.
+
+    Returns:
+        (train_patients, val_patients), each sorted.
+    """
+    from sklearn.model_selection import train_test_split
+
+    patients = list(patients)
+    if val_size <= 0 or len(patients) < 2:
+        return sorted(patients), []
+    try:
+        tr, va = train_test_split(patients, test_size=val_size, random_state=seed,
+                                  stratify=list(malignant))
+    except ValueError as err:
+        logger.warning("stratified split impossible (%s); splitting without stratification", err)
+        try:
+            tr, va = train_test_split(patients, test_size=val_size, random_state=seed)
+        except ValueError:
+            return sorted(patients), []
+    return sorted(tr), sorted(va)
+
+
+# ------------------------------------------------------------------------- run
+def _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, val_size,
+                   target_height, target_width, workers) -> None:
+    if patch_size < 2:
+        raise ValueError(f"patch_size should be >= 2, got {patch_size}")
+    for name, v in (("nb_bkg", nb_bkg), ("nb_abn", nb_abn), ("nb_hns", nb_hns)):
+        if v < 0:
+            raise ValueError(f"{name} should be >= 0, got {v}")
+    for name, v in (("pos_cutoff", pos_cutoff), ("neg_cutoff", neg_cutoff)):
+        if not 0 < v <= 1:
+            raise ValueError(f"{name} should be in (0, 1], got {v}")
+    if not 0 <= val_size < 1:
+        raise ValueError(f"val_size should be in [0, 1), got {val_size}")
+    if target_height <= 0 or (target_width is not None and target_width <= 0):
+        raise ValueError(f"target size should be positive, got {target_height}x{target_width}")
+    if workers < 1:
+        raise ValueError(f"workers should be >= 1, got {workers}")
+
+
+def _build_tasks(df, pats_split, full_img_dir, mask_index, out_dirs):
+    tasks = []
+    for (pat, side, view), g in df[df["patient_id"].isin(pats_split)].groupby(
+            ["patient_id", "side", "view"], sort=True):
+        img_id = f"{pat}_{side}_{view}"
+        rois = [_Roi(int(r.abn_num), r.pathology, r.type,
+                     mask_index.get((r.type, img_id, int(r.abn_num))))
+                for r in g.sort_values("abn_num").itertuples()]
+        split = pats_split[pat]
+        tasks.append(_ViewTask(img_id, pat, os.path.join(full_img_dir, img_id + ".png"), rois,
+                               split, out_dirs[split]))
+    return tasks
+
+
+def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: str,
+        train_out: str, val_out: str, target_height: int = 4096,
+        target_width: Optional[int] = None, segment_breast: bool = True, patch_size: int = 256,
+        nb_bkg: int = 30, nb_abn: int = 30, nb_hns: int = 15, pos_cutoff: float = 0.75,
+        neg_cutoff: float = 0.35, val_size: float = 0.1, bkg_dir: str = "background",
+        calc_pos_dir: str = "calc_mal", calc_neg_dir: str = "calc_ben",
+        mass_pos_dir: str = "mass_mal", mass_neg_dir: str = "mass_ben", verbose: bool = True,
+        workers: int = 1, seed: Optional[int] = None) -> dict:
+    """Sample abnormal, hard-negative and background patches for the patients of a list.
+
+    Args:
+        roi_mask_csv: ``roi_mask_path.csv`` (columns ``patient_id,side,view,abn_num,pathology,
+            type``; one row per lesion).
+        roi_mask_dir: folder of ``{Calc|Mass}-{split}_{patient}_{side}_{view}_{abn}.png`` masks
+            (8-bit, non-zero = lesion, the full image's size).
+        patient_list: text file, one patient ID per line.
+        full_img_dir: folder of ``{patient}_{side}_{view}.png`` full images (16-bit or 8-bit).
+        train_out, val_out: output folders (created).
+        target_height: images resized to this height; width kept in proportion unless
+            ``target_width`` is given.
+        target_width: optional fixed width.
+        segment_breast: crop each image (and its masks) to the segmented breast first.
+        patch_size: patch side in pixels (in the resized image).
+        nb_bkg, nb_abn, nb_hns: background patches per view, abnormal patches per ROI, hard
+            negatives per view (at most).
+        pos_cutoff, neg_cutoff: overlap cutoffs (see module docstring).
+        val_size: fraction of patients for validation (0: none).
+        bkg_dir, calc_pos_dir, calc_neg_dir, mass_pos_dir, mass_neg_dir: class folder names
+            (several may be equal, e.g. a 3-class background/malignant/benign set).
+        verbose: show a progress bar.
+        workers: views processed in parallel by this many processes (results identical).
+        seed: run seed; default ``RANDOM_SEED`` from the environment or 12345. Also the
+            random_state of the patient split.
+
+    Returns:
+        Summary dict: ``images_total``, ``images_read``, ``images_skipped``, ``skipped``
+        (reason -> count), ``skipped_images`` (img_id -> message), ``patients`` (train/val
+        counts, ``not_in_csv`` list), ``patches`` (split -> folder -> count),
+        ``patches_total``, shortfalls, ``cutoff_relaxations``, ``bad_rows``, ``elapsed_s``.
+
+    Raises:
+        ValueError: bad option values or a CSV without the required columns.
+        FileNotFoundError: an input file or folder does not exist.
+    """
+    t0 = time.time()
+    seed = get_random_seed() if seed is None else int(seed)
+    _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, val_size,
+                   target_height, target_width, workers)
+    for path in (roi_mask_csv, patient_list):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+    for path in (roi_mask_dir, full_img_dir):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no such folder: {path}")
+    folders = {"bkg": bkg_dir, "calc_pos": calc_pos_dir, "calc_neg": calc_neg_dir,
+               "mass_pos": mass_pos_dir, "mass_neg": mass_neg_dir}
+    cfg = _Settings(target_height, target_width, segment_breast, patch_size, nb_bkg, nb_abn,
+                    nb_hns, pos_cutoff, neg_cutoff, seed, folders)
+    options = {k: v for k, v in locals().items()
+               if k in inspect.signature(run).parameters}
+    logger.info("sampling options: %s", json.dumps(options, default=str))
+
+    df, bad_rows = _read_roi_table(roi_mask_csv)
+    for msg in bad_rows:
+        logger.warning(msg)
+    pats = _read_patient_list(patient_list)
+    known = set(df["patient_id"])
+    not_in_csv = [p for p in pats if p not in known]
+    for p in not_in_csv:
+        logger.warning("patient %s is in %s but not in %s; skipped", p, patient_list,
+                       roi_mask_csv)
+    pats = [p for p in pats if p in known]
+    mal = set(df.loc[df["pathology"] == "MALIGNANT", "patient_id"])
+    train_pats, val_pats = split_patients(pats, [int(p in mal) for p in pats], val_size, seed)
+    out_dirs = {"train": train_out, "val": val_out}
+    for split, plist in (("train", train_pats), ("val", val_pats)):
+        os.makedirs(out_dirs[split], exist_ok=True)
+        for folder in set(folders.values()):
+            os.makedirs(os.path.join(out_dirs[split], folder), exist_ok=True)
+        Path(out_dirs[split], "pat_lst.txt").write_text("".join(p + "\n" for p in plist))
+    pat_split = {**{p: "train" for p in train_pats}, **{p: "val" for p in val_pats}}
+    tasks = _build_tasks(df, pat_split, full_img_dir, _index_masks(roi_mask_dir), out_dirs)
+    results = _run_all(tasks, cfg, workers, verbose)
+    summary = _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows)
+    summary["elapsed_s"] = round(time.time() - t0, 3)
+    _write_outputs(results, out_dirs, summary, options)
+    _log_summary(summary, out_dirs)
+    return summary
+
+
+def _run_all(tasks, cfg, workers, verbose) -> List[dict]:
+    from tqdm import tqdm
+
+    jobs = [(t, cfg) for t in tasks]
+    bar = dict(total=len(jobs), disable=not verbose, unit="view", desc="sampling")
+    if workers == 1 or len(jobs) <= 1:
+        return [_run_task(j) for j in tqdm(jobs, **bar)]
+    # "spawn": fresh worker processes; forking a parent that has run threaded libraries
+    # (OpenCV, BLAS, thread pools) can deadlock the children.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(jobs)), initializer=_worker_init) as pool:
+        return list(tqdm(pool.imap(_run_task, jobs, chunksize=1), **bar))
+
+
+def _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows) -> dict:
+    names = sorted(set(folders.values()))
+    patches = {s: {f: 0 for f in names} for s in ("train", "val")}
+    skipped: Dict[str, int] = {}
+    skipped_images = {}
+    for r in results:
+        for folder, n in r["counts"].items():
+            patches[r["split"]][folder] += n
+        if r["status"] != "ok":
+            skipped[r["status"]] = skipped.get(r["status"], 0) + 1
+            skipped_images[r["img_id"]] = r["message"]
+    read = sum(r["status"] == "ok" for r in results)
+    return {
+        "images_total": len(results), "images_read": read,
+        "images_skipped": len(results) - read, "skipped": skipped,
+        "skipped_images": skipped_images,
+        "patients": {"train": len(train_pats), "val": len(val_pats),
+                     "not_in_csv": list(not_in_csv)},
+        "patches": patches,
+        "patches_total": sum(sum(v.values()) for v in patches.values()),
+        "abn_shortfall": sum(r["abn_shortfall"] for r in results),
+        "hns_shortfall": sum(r["hns_shortfall"] for r in results),
+        "bkg_shortfall": sum(r["bkg_shortfall"] for r in results),
+        "cutoff_relaxations": sum(r["relaxations"] for r in results),
+        "bad_rows": len(bad_rows),
+    }
+
+
+_MANIFEST_COLS = ["folder", "filename", "img_id", "kind", "row", "col", "roi_frac",
+                  "patch_frac"]
+
+
+def _write_outputs(results, out_dirs, summary, options) -> None:
+    for split, out in out_dirs.items():
+        rows = [row for r in results if r["split"] == split for row in r["rows"]]
+        pd.DataFrame(rows, columns=_MANIFEST_COLS).to_csv(Path(out, "patches.csv"), index=False)
+    with open(Path(out_dirs["train"], "sampling_summary.json"), "w") as fh:
+        json.dump({"options": options, "summary": summary}, fh, indent=1, default=str)
+    for r in results:
+        for msg in r["warnings"]:
+            logger.warning(msg)
+        if r["status"] != "ok":
+            logger.warning("skipped %s (%s)", r["message"], r["status"])
+
+
+def _log_summary(summary: dict, out_dirs: Dict[str, str]) -> None:
+    logger.info("images read: %d of %d; skipped: %d %s", summary["images_read"],
+                summary["images_total"], summary["images_skipped"], summary["skipped"] or "")
+    for split, counts in summary["patches"].items():
+        logger.info("%s patches in %s: %s", split, out_dirs[split], counts)
+    logger.info("patients: %d train, %d val, %d not in the CSV; abnormal shortfall %d, "
+                "background shortfall %d, cutoff relaxations %d, %.1f s",
+                summary["patients"]["train"], summary["patients"]["val"],
+                len(summary["patients"]["not_in_csv"]), summary["abn_shortfall"],
+                summary["bkg_shortfall"], summary["cutoff_relaxations"], summary["elapsed_s"])
+
+
+# ------------------------------------------------------------------------- command line
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser with the 2017 flags; defaults are those of :func:`run`."""
+    d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    parser = argparse.ArgumentParser(description="Sample patches from mammograms and ROI masks.")
+    for name in ("roi_mask_csv", "roi_mask_dir", "patient_list", "full_img_dir", "train_out",
+                 "val_out"):
+        parser.add_argument(name, metavar=name.upper())
+    parser.add_argument("--target-height", type=int, default=d["target_height"])
+    add_optional_value_flag(parser, "target-width", int, default=d["target_width"],
+                            help_text="fixed width (default: keep the aspect ratio)")
+    add_bool_flag(parser, "segment-breast", d["segment_breast"], "crop to the breast first")
+    for name in ("patch_size", "nb_bkg", "nb_abn", "nb_hns"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name])
+    for name in ("pos_cutoff", "neg_cutoff", "val_size"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=d[name])
+    for name in ("bkg_dir", "calc_pos_dir", "calc_neg_dir", "mass_pos_dir", "mass_neg_dir"):
+        parser.add_argument("--" + name.replace("_", "-"), default=d[name])
+    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    parser.add_argument("--workers", type=int, default=d["workers"],
+                        help="views processed in parallel (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d["seed"],
+                        help="run seed (default: RANDOM_SEED or 12345)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Command-line entry point; returns the summary of :func:`run`."""
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    return run(**vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Patch sampler (ddsm_train/sample_patches_combined.py): overlap rules checked by brute force.
+
+The test writes its own small 16-bit mammogram phantoms (a flat-ish breast on a zero background,
+disc lesions with 0/255 masks, a few bright specks for the blob detector) in the CBIS-DDSM
+layout, runs the sampler at a small size (target height 512, 64-pixel patches), and checks every
+written patch against the image and masks it recomputes independently.
+"""
+import filecmp
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+import dm_image
+import sample_patches_combined as spc
+
+H, W = 600, 480          # stored image size
+TH, P = 512, 64          # target height, patch size
+NB_ABN, NB_BKG, NB_HNS = 6, 8, 4
+TW = int(TH / H * W)     # resized width (2017 truncation)
+
+# patient -> list of (side, view, abn_num, pathology, type, (cx, cy, radius))
+CASES = {
+    "P_00001": [("LEFT", "CC", 1, "MALIGNANT", "mass", (150, 250, 40)),
+                ("LEFT", "CC", 2, "BENIGN", "calc", (120, 420, 8))],
+    "P_00002": [("RIGHT", "MLO", 1, "BENIGN", "mass", (330, 300, 36))],
+    "P_00003": [("LEFT", "MLO", 1, "MALIGNANT", "calc", (160, 330, 10))],
+    "P_00004": [("RIGHT", "CC", 1, "BENIGN_WITHOUT_CALLBACK", "mass", (300, 200, 42))],
+    "P_00005": [("LEFT", "CC", 1, "MALIGNANT", "mass", (170, 300, 38))],
+    "P_00006": [("RIGHT", "CC", 1, "BENIGN", "calc", (320, 330, 9))],
+    "P_00007": [("LEFT", "CC", 1, "MALIGNANT", "calc", (140, 280, 12)),
+                ("LEFT", "MLO", 1, "MALIGNANT", "calc", (150, 260, 12))],
+    "P_00008": [("RIGHT", "MLO", 1, "BENIGN", "mass", (310, 350, 40))],
+}
+SPECKS = [(0.30, 0.25), (0.45, 0.15), (0.55, 0.78), (0.25, 0.62), (0.42, 0.88), (0.60, 0.40),
+          (0.35, 0.48), (0.50, 0.62)]  # (x, y) as fractions of the breast box, away from lesions
+
+
+def _draw_view(rng, side, lesions, constant=False):
+    """16-bit phantom and one 0/255 mask per lesion."""
+    img = np.zeros((H, W), np.uint16)
+    breast = np.zeros((H, W), np.uint8)
+    cx = 0 if side == "LEFT" else W - 1
+    cv2.ellipse(breast, (cx, H // 2), (int(W * 0.8), int(H * 0.46)), 0, 0, 360, 1, -1)
+    inside = breast > 0
+    if constant:
+        img[inside] = 30000
+        return img, [_disc_mask(c) for *_, c in lesions]
+    img[inside] = 20000 + rng.integers(0, 1500, size=int(inside.sum()))
+    masks = []
+    for *_, circle in lesions:
+        mask = _disc_mask(circle)
+        img[mask > 0] += 5000
+        masks.append(mask)
+    ys, xs = np.nonzero(inside)
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    for fx, fy in SPECKS:
+        sx = int(x0 + fx * (x1 - x0)) if side == "LEFT" else int(x1 - fx * (x1 - x0))
+        cv2.circle(img, (sx, int(y0 + fy * (y1 - y0))), 4, 60000, -1)
+    return img, masks
+
+
+def _disc_mask(circle):
+    mask = np.zeros((H, W), np.uint8)
+    cv2.circle(mask, circle[:2], circle[2], 255, -1)
+    return mask
+
+
+def _write_dataset(root, cases=CASES, constant=False):
+    rng = np.random.default_rng(7)
+    full, masks_dir = root / "full_img", root / "roi_mask"
+    full.mkdir(parents=True)
+    masks_dir.mkdir()
+    rows = []
+    views = {}
+    for pat, lesions in cases.items():
+        for les in lesions:
+            views.setdefault((pat, les[0], les[1]), []).append(les)
+    for (pat, side, view), lesions in views.items():
+        img, masks = _draw_view(rng, side, lesions, constant)
+        cv2.imwrite(str(full / f"{pat}_{side}_{view}.png"), img)
+        for les, mask in zip(lesions, masks):
+            split = "Test" if pat == "P_00003" else "Training"
+            name = f"{les[4].capitalize()}-{split}_{pat}_{side}_{view}_{les[2]}.png"
+            cv2.imwrite(str(masks_dir / name), mask)
+            rows.append((pat, side, view, les[2], les[3], les[4]))
+    pd.DataFrame(rows, columns=list(spc.CSV_COLUMNS)).to_csv(root / "roi_mask_path.csv",
+                                                             index=False)
+    (root / "pat.txt").write_text("".join(p + "\n" for p in cases))
+    return root
+
+
+def _run(data, out, **kw):
+    opts = dict(target_height=TH, patch_size=P, nb_abn=NB_ABN, nb_bkg=NB_BKG, nb_hns=NB_HNS,
+                val_size=0.25, verbose=False, seed=12345)
+    opts.update(kw)
+    return spc.run(str(data / "roi_mask_path.csv"), str(data / "roi_mask"),
+                   str(data / "pat.txt"), str(data / "full_img"), str(out / "train"),
+                   str(out / "val"), **opts)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return _write_dataset(tmp_path_factory.mktemp("sampler_data"))
+
+
+@pytest.fixture(scope="module")
+def sampled(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sampled_w1")
+    return out, _run(dataset, out, workers=1)
+
+
+def _resized(path, gs=False):
+    return dm_image.read_resize_img(path, target_height=TH, gs_255=gs)
+
+
+def _ref_mask(path):
+    """Independent mask resize: area interpolation, half-coverage threshold (documented rule)."""
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    m = cv2.resize(np.where(m > 0, 255, 0).astype(np.uint8), (TW, TH), interpolation=cv2.INTER_AREA)
+    return m >= 128
+
+
+def _window(arr, row, col):
+    """Brute-force patch window with zero fill outside ``arr`` (centre convention c - P//2)."""
+    pad = np.pad(arr, P)
+    r, c = row - P // 2 + P, col - P // 2 + P
+    return pad[r:r + P, c:c + P]
+
+
+def _manifest(out):
+    frames = []
+    for split in ("train", "val"):
+        df = pd.read_csv(out / split / "patches.csv")
+        df["split"] = split
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_every_patch_meets_its_overlap_rule(dataset, sampled):
+    out, summary = sampled
+    assert summary["images_skipped"] == 0 and summary["cutoff_relaxations"] == 0
+    man = _manifest(out)
+    assert len(man) == summary["patches_total"] > 0
+    csv = pd.read_csv(dataset / "roi_mask_path.csv")
+    checked = {"abn": 0, "bkg": 0, "hns": 0}
+    for img_id, rows in man.groupby("img_id"):
+        pat, side, view = img_id.rsplit("_", 2)
+        image = _resized(dataset / "full_img" / f"{img_id}.png")
+        image, _ = dm_image.segment_breast(image, crop=False)  # outside the breast -> 0
+        lesions = csv[(csv.patient_id == pat) & (csv.side == side) & (csv.view == view)]
+        masks = {}
+        for les in lesions.itertuples():
+            name = next(n for n in os.listdir(dataset / "roi_mask")
+                        if n.endswith(f"_{img_id}_{les.abn_num}.png"))
+            masks[les.abn_num] = _ref_mask(dataset / "roi_mask" / name)
+        union = np.logical_or.reduce(list(masks.values()))
+        for r in rows.itertuples():
+            patch = cv2.imread(str(out / r.split / r.folder / r.filename), cv2.IMREAD_UNCHANGED)
+            assert patch.dtype == np.uint16 and patch.shape == (P, P)
+            expect = np.clip(np.rint(_window(image, r.row, r.col)), 0, 65535).astype(np.uint16)
+            np.testing.assert_array_equal(patch, expect, err_msg=r.filename)
+            if r.kind.startswith("abn"):
+                mask = masks[int(r.kind[3:])]
+                inter = _window(mask, r.row, r.col).sum()
+                assert inter / mask.sum() > 0.75 or inter / P ** 2 > 0.75, r.filename
+                checked["abn"] += 1
+            else:
+                for mask in list(masks.values()) + [union]:
+                    inter = _window(mask, r.row, r.col).sum()
+                    assert inter / mask.sum() <= 0.35 and inter / P ** 2 <= 0.35, r.filename
+                checked[r.kind] += 1
+    assert min(checked.values()) > 0, checked
+
+
+def test_counts_per_folder_and_files_match_manifest(dataset, sampled):
+    out, summary = sampled
+    csv = pd.read_csv(dataset / "roi_mask_path.csv")
+    folder = {("calc", "MALIGNANT"): "calc_mal", ("mass", "MALIGNANT"): "mass_mal"}
+    for split in ("train", "val"):
+        pats = (out / split / "pat_lst.txt").read_text().split()
+        sub = csv[csv.patient_id.isin(pats)]
+        nb_views = len(sub.groupby(["patient_id", "side", "view"]))
+        expect = {f: 0 for f in ("background", "calc_mal", "calc_ben", "mass_mal", "mass_ben")}
+        for r in sub.itertuples():
+            f = folder.get((r.type, r.pathology), f"{r.type}_ben")
+            expect[f] += NB_ABN
+        expect["background"] = nb_views * (NB_BKG + NB_HNS)
+        assert summary["patches"][split] == expect
+        on_disk = {f: len(os.listdir(out / split / f)) for f in expect}
+        assert on_disk == expect
+    names = _manifest(out)
+    assert names.filename.str.fullmatch(r"P_\d{5}_(LEFT|RIGHT)_(CC|MLO)_(abn\d+|bkg|hns)_\d{4}\.png").all()
+    assert (names.groupby(["img_id", "kind"]).size().loc[lambda s: s.index.get_level_values(1)
+                                                         == "hns"] == NB_HNS).all()
+
+
+def test_val_split_is_patient_level_and_stratified(dataset, sampled):
+    out, summary = sampled
+    train = (out / "train" / "pat_lst.txt").read_text().split()
+    val = (out / "val" / "pat_lst.txt").read_text().split()
+    assert sorted(train + val) == sorted(CASES) and not set(train) & set(val)
+    malignant = {p for p, les in CASES.items() if any(x[3] == "MALIGNANT" for x in les)}
+    assert len(val) == 2 and len(set(val) & malignant) == 1
+    man = _manifest(out)
+    pats = man.img_id.str.rsplit("_", n=2).str[0]
+    assert set(pats[man.split == "val"]) <= set(val)
+    assert set(pats[man.split == "train"]) <= set(train)
+    assert summary["patients"] == {"train": 6, "val": 2, "not_in_csv": []}
+
+
+@pytest.mark.slow  # spawned workers import TensorFlow (via dm_image)
+def test_reproducible_and_independent_of_workers(dataset, sampled, tmp_path):
+    out1, sum1 = sampled
+    sum2 = _run(dataset, tmp_path / "w2", workers=2)
+    assert sum2["patches"] == sum1["patches"]
+    for split in ("train", "val"):
+        for folder in sum1["patches"][split]:
+            a, b = out1 / split / folder, tmp_path / "w2" / split / folder
+            names = sorted(os.listdir(a))
+            assert names == sorted(os.listdir(b))
+            _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+            assert not mismatch and not errors
+    other = _run(dataset, tmp_path / "seed", workers=1, seed=999, val_size=0.0)
+    assert other["patches"]["val"]["background"] == 0
+    a = pd.read_csv(out1 / "train" / "patches.csv").set_index("filename")
+    b = pd.read_csv(tmp_path / "seed" / "train" / "patches.csv").set_index("filename")
+    common = a.index.intersection(b.index)
+    assert len(common) > 0 and (a.loc[common, ["row", "col"]] != b.loc[common, ["row", "col"]]).any().any()
+
+
+def test_constant_patches_stay_constant(tmp_path):
+    cases = {"P_00001": [("LEFT", "CC", 1, "MALIGNANT", "mass", (150, 250, 40))]}
+    data = _write_dataset(tmp_path / "data", cases, constant=True)
+    summary = spc.run(str(data / "roi_mask_path.csv"), str(data / "roi_mask"),
+                      str(data / "pat.txt"), str(data / "full_img"), str(tmp_path / "tr"),
+                      str(tmp_path / "va"), target_height=H, patch_size=P, nb_abn=5,
+                      nb_bkg=40, nb_hns=0, val_size=0.0, verbose=False)
+    assert summary["patches"]["train"]["background"] == 40
+    constant = 0
+    for folder in ("background", "mass_mal"):
+        for name in os.listdir(tmp_path / "tr" / folder):
+            patch = cv2.imread(str(tmp_path / "tr" / folder / name), cv2.IMREAD_UNCHANGED)
+            assert set(np.unique(patch)) <= {0, 30000}, name
+            constant += int(patch.min() == patch.max())
+    assert constant >= 5  # e.g. all abnormal patches lie inside the flat breast
+
+
+def test_bad_inputs_are_counted_and_run_goes_on(tmp_path):
+    cases = {p: CASES[p] for p in ("P_00001", "P_00002", "P_00003", "P_00004", "P_00005")}
+    data = _write_dataset(tmp_path / "data", cases)
+    masks = data / "roi_mask"
+    cv2.imwrite(str(masks / "Mass-Training_P_00002_RIGHT_MLO_1.png"),
+                np.zeros((H, W), np.uint8))                                   # empty mask
+    cv2.imwrite(str(masks / "Calc-Test_P_00003_LEFT_MLO_1.png"),
+                np.full((H // 2, W), 255, np.uint8))                          # wrong size
+    (data / "full_img" / "P_00004_RIGHT_CC.png").write_bytes(b"not a png")   # unreadable
+    os.remove(masks / "Mass-Training_P_00005_LEFT_CC_1.png")                 # missing mask
+    with open(data / "pat.txt", "a") as fh:
+        fh.write("P_09999\n")                                                 # not in the CSV
+    summary = spc.main([str(data / "roi_mask_path.csv"), str(masks), str(data / "pat.txt"),
+                        str(data / "full_img"), str(tmp_path / "tr"), str(tmp_path / "va"),
+                        "--target-height", str(TH), "--patch-size", str(P), "--nb-abn", "3",
+                        "--nb-bkg", "4", "--nb-hns", "0", "--val-size", "0", "--no-verbose"])
+    assert summary["skipped"] == {"empty_mask": 1, "mask_size_mismatch": 1,
+                                  "unreadable_image": 1, "mask_missing": 1}
+    assert summary["images_read"] == 1 and summary["images_total"] == 5
+    assert set(summary["skipped_images"]) == {"P_00002_RIGHT_MLO", "P_00003_LEFT_MLO",
+                                              "P_00004_RIGHT_CC", "P_00005_LEFT_CC"}
+    assert summary["patients"]["not_in_csv"] == ["P_09999"]
+    assert summary["patches"]["train"] == {"background": 4, "calc_ben": 3, "calc_mal": 0,
+                                           "mass_ben": 0, "mass_mal": 3}
+    assert not list((tmp_path / "tr").rglob("*.part"))
+
+
+def test_window_sums_match_brute_force():
+    rng = np.random.default_rng(0)
+    mask = np.zeros((90, 70), bool)
+    mask[20:50, 10:40] = True
+    mask[60:90, 45:70] = rng.random((30, 25)) > 0.9
+    sat = spc.build_mask_sat(mask)
+    cx, cy = rng.integers(-20, 90, 300), rng.integers(-20, 110, 300)
+    got = spc.window_sums(sat, cx, cy, 16)
+    pad = np.pad(mask, 40)
+    want = [pad[y - 8 + 40:y + 8 + 40, x - 8 + 40:x + 8 + 40].sum() for x, y in zip(cx, cy)]
+    np.testing.assert_array_equal(got, want)
+    assert sat.area == mask.sum()
+    assert sat.bbox == (10, 20, 30, 30)  # largest connected component
+    assert spc.build_mask_sat(np.zeros((5, 5))) is None
+
+
+def _reference_abnormal(seed, sat, patch, nb, cutoff):
+    """One-at-a-time 2017 loop over the same random stream (batches of 512 x then 512 y)."""
+    rng = np.random.default_rng(seed)
+    bx, by, bw, bh = sat.bbox
+    out, nb_try, relax = [], 0, 0
+    while len(out) < nb:
+        xs, ys = rng.integers(bx, bx + bw, 512), rng.integers(by, by + bh, 512)
+        for x, y in zip(xs, ys):
+            if len(out) == nb:
+                break
+            nb_try += 1
+            if nb_try >= 1000:
+                relax += 1
+                cutoff -= 0.05
+                nb_try = 0
+            inter = spc.window_sums(sat, np.array([x]), np.array([y]), patch)[0]
+            if inter / sat.area > cutoff or inter / patch ** 2 > cutoff:
+                out.append((x, y))
+                nb_try = 0
+    return np.array(out), relax
+
+
+def test_abnormal_draws_relax_cutoff_like_the_2017_loop():
+    mask = np.zeros((200, 200), bool)
+    mask[100, 20:180] = True          # a thin line: 0.75 of it never fits in a 16-px patch
+    mask[40:45, 20:180] = True          # best patch fraction 80/256: passes after 9 relaxations
+    sat = spc.build_mask_sat(mask)
+    got, cut, relax = spc.draw_abnormal_centres(np.random.default_rng(5), sat, 16, 12, 0.75)
+    want, want_relax = _reference_abnormal(5, sat, 16, 12, 0.75)
+    assert relax == want_relax > 0
+    np.testing.assert_array_equal(got, want)
+    assert cut == pytest.approx(0.75 - 0.05 * relax)
+
+
+def test_negative_rule_uses_both_fractions():
+    mask = np.zeros((100, 100), bool)
+    mask[50:53, 50:53] = True                     # 9-pixel ROI
+    sat = spc.build_mask_sat(mask)
+    # a patch holding the whole small ROI: patch fraction tiny, ROI fraction 1 -> rejected
+    assert not spc.negative_passes([sat], np.array([51]), np.array([51]), 32, 0.35)[0]
+    assert spc.negative_passes([sat], np.array([10]), np.array([10]), 32, 0.35)[0]
+    assert spc.abnormal_passes(sat, np.array([51]), np.array([51]), 32, 0.75)[0]
+
+
+def test_select_hard_negatives_spreads_points():
+    pts = np.array([[10, 10], [11, 10], [12, 11], [200, 200], [201, 199], [400, 30]])
+    chosen = spc.select_hard_negatives(pts, 3, seed=1)
+    assert chosen.shape == (3, 2)
+    assert {tuple(p) for p in chosen} <= {tuple(p) for p in pts}
+    groups = {0 if p[0] < 50 else (1 if p[0] < 300 else 2) for p in chosen}
+    assert groups == {0, 1, 2}
+    np.testing.assert_array_equal(spc.select_hard_negatives(pts[:2], 3, 1), pts[:2])
+
+
+@pytest.mark.parametrize("kw, msg", [({"pos_cutoff": 0.0}, "pos_cutoff"),
+                                     ({"patch_size": 1}, "patch_size"),
+                                     ({"val_size": 1.0}, "val_size"),
+                                     ({"nb_abn": -1}, "nb_abn"),
+                                     ({"workers": 0}, "workers")])
+def test_bad_options_raise(dataset, tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        _run(dataset, tmp_path, **kw)
+    assert not (tmp_path / "train").exists()
+
+
+def test_bad_csv_and_missing_paths_raise(dataset, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient_id,side,view,pathology\nP_00001,LEFT,CC,MALIGNANT\n")
+    with pytest.raises(ValueError, match="abn_num"):
+        spc.run(str(bad), str(dataset / "roi_mask"), str(dataset / "pat.txt"),
+                str(dataset / "full_img"), str(tmp_path / "a"), str(tmp_path / "b"))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        spc.run(str(dataset / "roi_mask_path.csv"), str(tmp_path / "nope"),
+                str(dataset / "pat.txt"), str(dataset / "full_img"), str(tmp_path / "a"),
+                str(tmp_path / "b"))
+
+
+def test_parser_defaults_match_spec():
+    args = spc.get_args_parser().parse_args(["a.csv", "m", "p.txt", "f", "tr", "va"])
+    assert (args.target_height, args.target_width, args.segment_breast, args.patch_size) == \
+        (4096, None, True, 256)
+    assert (args.nb_bkg, args.nb_abn, args.nb_hns) == (30, 30, 15)
+    assert (args.pos_cutoff, args.neg_cutoff, args.val_size, args.verbose) == (0.75, 0.35, 0.1, True)
+    assert (args.bkg_dir, args.calc_pos_dir, args.calc_neg_dir, args.mass_pos_dir,
+            args.mass_neg_dir) == ("background", "calc_mal", "calc_ben", "mass_mal", "mass_ben")
+    args = spc.get_args_parser().parse_args(["a.csv", "m", "p.txt", "f", "tr", "va",
+                                             "--target-width", "300", "--no-segment-breast",
+                                             "--no-verbose", "--workers", "3", "--seed", "7"])
+    assert (args.target_width, args.segment_breast, args.verbose, args.workers, args.seed) == \
+        (300, False, False, 3, 7)
