@@ -1,0 +1,486 @@
+"""Patch-class probability heatmaps of CC and MLO mammograms, saved without pickle.
+
+Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
+Sci Rep 9, 12495 (2019); arXiv:1708.09427 (SPEC section 6, ``heatmap_score.py``). For every
+(patient, side) of ``--pat-csv`` (columns ``patient_id,side,cancer``; optionally only the
+patients of ``--pat-list``) and each of its views ``{patient}_{side}_{CC|MLO}.{ext}`` in
+``IMG_FOLDER``, a heatmap of the patch classifier's class probabilities, in one of two modes:
+
+* **sweep** (default): the patch classifier ``DL_STATE`` is swept over the image by
+  ``dm_image.get_prob_heatmap``: image read at ``--img-height`` (aspect kept,
+  ``--rescale-factor`` applied), breast segmented and cropped, zero margin of half a patch,
+  ``--patch-size`` windows every ``--stride`` pixels centred on the image, each patch's max
+  mapped to ``--img-scale``, optional equalisation, ``--featurewise-mean`` subtracted (or the
+  backbone's ImageNet preprocessing with ``--no-featurewise-center``). Heatmap shape
+  ``(nb_row, nb_col, nb_class)`` with ``nb = max(1, floor((L - patch) / stride + 0.99))``,
+  ``L`` = segmented height (width) + 2 * (patch // 2).
+* **fprop** (``--fprop-mode``): one fully convolutional pass over the whole image resized to
+  ``--img-size`` (image max mapped to ``--img-scale``, rescale, centring as above). A patch
+  classifier is converted with ``dm_resnet.add_top_layers(..., return_heatmap=True)`` (cut
+  by ``--net``, average pool ``--avg-pool-size`` at ``--hm-strides``, the patch classifier's
+  dense applied at every location with softmax); a whole-image model with a heatmap head
+  (``hm_avg_pool`` / ``hm_dense`` layers) gives the same heatmap from its own layers; a model
+  whose output is already 4-D is used as is. Heatmap shape ``(rows, cols, nb_class)`` of that
+  output (e.g. 36x28 feature map - 7 + 1 = 30x22 for VGG at 1152x896 with 7x7 pooling).
+
+Output ``--out`` (``.npz``, read back with :func:`load_heatmaps`, no pickle): the 2017 list of
+``{patient_id, side, cancer, cc, mlo}`` (``cc``/``mlo``: float32 ``(rows, cols, nb_class)`` or
+None for a missing view). In the file: ``patient_id``, ``side`` (unicode arrays), ``cancer``
+(int64), ``cc_<i>`` / ``mlo_<i>`` for record ``i`` when present, ``meta`` (JSON string: mode,
+options, ``malignant_class``). A 2017 pickle is read only with
+``load_heatmaps(path, allow_pickle=True)``, through an unpickler limited to containers and
+numpy arrays.
+
+``--png-dir``: each mammogram (grey) with the heatmap of class ``--malignant-class`` blended in
+as an OpenCV JET colour map (blue 0 .. red 1), coloured inside the segmented breast only (sweep:
+the heatmap stretched over the breast's bounding box; fprop: over the whole image), written as
+``{patient}_{side}_{view}_heatmap.png``, at most ``--png-height`` pixels high. Which class is
+drawn: ``--malignant-class``, default 1 = ``malignant`` of the 3-class
+``background/malignant/benign`` patch set; for the 5-class set
+(``background, calc_mal, calc_ben, mass_mal, mass_ben``) pick 1 (calcification) or 3 (mass).
+
+Example (from inside ``ddsm_train/``)::
+
+    python heatmap_score.py CBIS-DDSM/full_png patch_clf_vgg19.h5 --pat-csv test_pats.csv \\
+        --net vgg19 --featurewise-mean 71.8 --out heatmaps.npz --png-dir heatmap_png
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+_HERE = Path(__file__).resolve().parent
+for _p in (str(_HERE.parent), str(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import dm_image  # noqa: E402
+from common_flags import add_bool_flag, add_image_flags, setup_logging  # noqa: E402
+from image_clf_predict import RestrictedUnpickler  # noqa: E402
+
+__all__ = [
+    "VIEWS", "HEATMAP_FORMAT", "read_patient_sides", "view_path", "get_preprocess",
+    "build_fprop_model", "fprop_heatmap", "sweep_heatmap", "overlay_heatmap",
+    "save_heatmaps", "load_heatmaps", "run", "get_args_parser", "main",
+]
+
+logger = logging.getLogger(__name__)
+
+VIEWS = ("CC", "MLO")
+HEATMAP_FORMAT = "heatmap_score/1"
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------------------ inputs
+def read_patient_sides(pat_csv: PathLike, pat_list: Optional[PathLike] = None) -> pd.DataFrame:
+    """(patient, side) rows of ``pat_csv``, restricted to ``pat_list`` when given.
+
+    Several rows of one (patient, side) are merged, ``cancer`` = their maximum.
+
+    Returns:
+        DataFrame with columns ``patient_id`` (str), ``side`` (str), ``cancer`` (int).
+
+    Raises:
+        ValueError: a required column is missing (the message lists the columns found).
+    """
+    df = pd.read_csv(pat_csv, dtype={"patient_id": str, "side": str})
+    missing = {"patient_id", "side", "cancer"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{pat_csv} lacks column(s) {sorted(missing)}; found "
+                         f"{list(df.columns)} (needed: patient_id,side,cancer)")
+    df["patient_id"] = df["patient_id"].str.strip()
+    df["side"] = df["side"].str.strip()
+    if pat_list is not None:
+        keep = {ln.strip() for ln in Path(pat_list).read_text().splitlines() if ln.strip()}
+        unknown = keep - set(df["patient_id"])
+        if unknown:
+            logger.warning("%d patient(s) of %s are not in %s, e.g. %s", len(unknown), pat_list,
+                           pat_csv, sorted(unknown)[:3])
+        df = df[df["patient_id"].isin(keep)]
+    df = df.groupby(["patient_id", "side"], sort=False, as_index=False)["cancer"].max()
+    return df.astype({"cancer": int})
+
+
+def view_path(img_folder: PathLike, patient_id: str, side: str, view: str,
+              img_extension: str = "png") -> Optional[Path]:
+    """``{img_folder}/{patient}_{side}_{view}.{ext}``, or None (warned) when missing."""
+    path = Path(img_folder) / f"{patient_id}_{side}_{view}.{img_extension.lstrip('.')}"
+    if path.is_file():
+        return path
+    logger.warning("missing view: %s", path)
+    return None
+
+
+# ------------------------------------------------------------------------------ models
+def get_preprocess(net: str):
+    """The ImageNet ``preprocess_input`` of backbone ``net`` (None for yaroslav).
+
+    Raises:
+        ValueError: unknown ``net`` (the message lists the valid keys).
+    """
+    import tf_keras as keras
+    from dm_keras_ext import _check_net   # the one table of backbones
+
+    module = _check_net(net).module
+    return None if module is None else getattr(keras.applications, module).preprocess_input
+
+
+def build_fprop_model(model, net: str, img_size: Sequence[int], avg_pool_size: Sequence[int],
+                      hm_strides: Sequence[int]):
+    """A model from whole images to per-location class probabilities (batch, r, c, classes).
+
+    ``model`` with a 4-D output is returned as is; a whole-image model with ``hm_avg_pool``
+    and ``hm_dense`` layers gets a softmax dense with ``hm_dense``'s weights on
+    ``hm_avg_pool``; any other model is taken as a patch classifier and converted with
+    ``dm_resnet.add_top_layers(..., return_heatmap=True)``.
+    """
+    import tf_keras as keras
+    from dm_resnet import add_top_layers
+
+    if len(model.output_shape) == 4:
+        return model
+    names = {lyr.name for lyr in model.layers}
+    if {"hm_avg_pool", "hm_dense"} <= names:
+        dense = model.get_layer("hm_dense")
+        out = keras.layers.Dense(dense.units, activation="softmax", name="hm_softmax")(
+            model.get_layer("hm_avg_pool").output)
+        hm = keras.Model(model.inputs, out, name="heatmap")
+        hm.get_layer("hm_softmax").set_weights(dense.get_weights())
+        return hm
+    return add_top_layers(model, tuple(img_size), patch_net=net, add_heatmap=True,
+                          avg_pool_size=tuple(avg_pool_size), return_heatmap=True,
+                          hm_strides=tuple(hm_strides))
+
+
+def _prep_input(img: np.ndarray, channels: int, opts: dict) -> np.ndarray:
+    """(H, W) float32 -> (H, W, channels), equalised and centred / preprocessed."""
+    if opts["equalize_hist"]:
+        img = dm_image._equalize_hist(img)
+    x = np.repeat(img[..., None], channels, axis=-1).astype(np.float32)
+    if opts["featurewise_center"]:
+        return x - np.float32(opts["featurewise_mean"])
+    return opts["preprocess"](x) if opts["preprocess"] is not None else x
+
+
+def fprop_heatmap(hm_model, paths: List[Path], opts: dict, batch_size: int):
+    """Heatmaps of ``paths`` in batches of one forward pass each.
+
+    Returns:
+        (list of float32 (rows, cols, nb_class), list of the (H, W) images as read).
+    """
+    channels = hm_model.input_shape[-1]
+    heatmaps, images = [], []
+    for start in range(0, len(paths), batch_size):
+        imgs = [dm_image.read_resize_img(p, target_size=opts["img_size"],
+                                         target_scale=opts["img_scale"],
+                                         rescale_factor=opts["rescale_factor"])
+                for p in paths[start:start + batch_size]]
+        x = np.stack([_prep_input(i, channels, opts) for i in imgs])
+        pred = np.asarray(hm_model.predict_on_batch(x), dtype=np.float32)
+        heatmaps += list(pred)
+        images += imgs
+    return heatmaps, images
+
+
+def sweep_heatmap(model, path: Path, opts: dict, batch_size: int, with_mask: bool = True):
+    """Sweep heatmap of one image via ``dm_image.get_prob_heatmap``.
+
+    Returns:
+        (float32 (nb_row, nb_col, nb_class), the (H, W) image read, breast box (x, y, w, h)
+        and bool (H, W) breast mask when ``with_mask``, else None and None).
+    """
+    img = dm_image.read_resize_img(path, target_height=opts["img_height"],
+                                   rescale_factor=opts["rescale_factor"])
+    heatmap = dm_image.get_prob_heatmap(
+        img, None, opts["img_scale"], opts["patch_size"], opts["stride"], model, batch_size,
+        featurewise_center=opts["featurewise_center"],
+        featurewise_mean=opts["featurewise_mean"], preprocess=opts["preprocess"],
+        equalize_hist=opts["equalize_hist"])
+    if not with_mask:
+        return heatmap, img, None, None
+    masked, bbox = dm_image.segment_breast(img, crop=False)
+    return heatmap, img, bbox, masked > 0
+
+
+# ------------------------------------------------------------------------------ pictures
+def overlay_heatmap(img: np.ndarray, heatmap: np.ndarray, malignant_class: int,
+                    bbox: Optional[Sequence[int]] = None, mask: Optional[np.ndarray] = None,
+                    max_height: int = 1024,
+                    alpha: float = 0.45, label: str = "") -> np.ndarray:
+    """The image in grey with one heatmap class blended in as a JET colour map.
+
+    Args:
+        img: (H, W) image, any intensity scale (shown scaled by its max).
+        heatmap: (rows, cols, nb_class) probabilities in 0..1.
+        malignant_class: class index drawn.
+        bbox: (x, y, w, h) region of ``img`` the heatmap covers (None: the whole image).
+        mask: optional bool (H, W); colour only where True (the segmented breast).
+        max_height: output height limit (the image is shrunk, never enlarged).
+        alpha: weight of the colour map.
+        label: text drawn in the top-left corner.
+
+    Returns:
+        uint8 (h, w, 3) BGR picture.
+    """
+    if not -heatmap.shape[-1] <= malignant_class < heatmap.shape[-1]:
+        raise ValueError(f"malignant_class {malignant_class} out of range for a heatmap with "
+                         f"{heatmap.shape[-1]} classes")
+    f = min(1.0, max_height / img.shape[0])
+    size = (max(1, int(round(img.shape[1] * f))), max(1, int(round(img.shape[0] * f))))
+    grey = cv2.resize(img.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+    g_max = float(grey.max())
+    grey8 = np.clip(grey * (255.0 / g_max if g_max > 0 else 0), 0, 255).astype(np.uint8)
+    pic = cv2.cvtColor(grey8, cv2.COLOR_GRAY2BGR)
+    x, y, w, h = bbox if bbox is not None else (0, 0, img.shape[1], img.shape[0])
+    x0, y0 = int(round(x * f)), int(round(y * f))
+    x1, y1 = min(size[0], int(round((x + w) * f))), min(size[1], int(round((y + h) * f)))
+    if x1 > x0 and y1 > y0:
+        prob = np.clip(heatmap[..., malignant_class], 0, 1)
+        prob = cv2.resize(prob.astype(np.float32), (x1 - x0, y1 - y0),
+                          interpolation=cv2.INTER_LINEAR)
+        colour = cv2.applyColorMap(np.round(prob * 255).astype(np.uint8), cv2.COLORMAP_JET)
+        region = pic[y0:y1, x0:x1]
+        blend = cv2.addWeighted(colour, alpha, region, 1 - alpha, 0)
+        if mask is not None:
+            small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+            blend = np.where(small[y0:y1, x0:x1, None] > 0, blend, region)
+        pic[y0:y1, x0:x1] = blend
+    if label:
+        scale = float(np.clip(size[0] / 900, 0.25, 1.5))
+        cv2.putText(pic, label, (8, int(30 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale,
+                    (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
+    return pic
+
+
+def _write_png(pic: np.ndarray, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    if not cv2.imwrite(str(tmp), pic):
+        raise OSError(f"could not write {path}")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ files
+def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = None) -> Path:
+    """Write heatmap records (2017 dict shape) to ``.npz`` (see the module docstring)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"heatmap output should end in .npz, got {path} (pickle is no longer "
+                         f"written)")
+    arrays = {"patient_id": np.array([str(r["patient_id"]) for r in records], dtype=str),
+              "side": np.array([str(r["side"]) for r in records], dtype=str),
+              "cancer": np.array([int(r["cancer"]) for r in records], dtype=np.int64),
+              "meta": np.array(json.dumps(dict(meta or {}, format=HEATMAP_FORMAT),
+                                          default=str))}
+    for i, rec in enumerate(records):
+        for view in ("cc", "mlo"):
+            if rec.get(view) is not None:
+                arrays[f"{view}_{i}"] = np.asarray(rec[view], dtype=np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+class _HeatmapUnpickler(RestrictedUnpickler):
+    """Restricted unpickler that also rebuilds numpy arrays (for 2017 heatmap pickles)."""
+
+    ALLOWED = RestrictedUnpickler.ALLOWED | {
+        ("numpy", "ndarray"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct")}
+    WHAT = "containers, numpy arrays and scalars are allowed in a heatmap pickle"
+
+
+def load_heatmaps(path: PathLike, allow_pickle: bool = False,
+                  return_meta: bool = False):
+    """Read heatmaps written by :func:`save_heatmaps` (or a 2017 pickle with allow_pickle).
+
+    Args:
+        path: ``.npz`` file; or a ``.pkl`` of the 2017 code when ``allow_pickle`` (read by an
+            unpickler limited to containers and numpy arrays; Python 2 strings as latin-1).
+        allow_pickle: permit reading a pickle.
+        return_meta: also return the ``meta`` dict (empty for a pickle).
+
+    Returns:
+        list of ``{patient_id, side, cancer, cc, mlo}`` (``cc``/``mlo`` float32 arrays or None);
+        with ``return_meta`` a tuple (list, meta).
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        if not allow_pickle:
+            raise ValueError(f"{path} is not an .npz heatmap file; reading a 2017 pickle needs "
+                             f"allow_pickle=True (--allow-pickle)")
+        recs = _HeatmapUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        out = [{"patient_id": r["patient_id"], "side": r["side"], "cancer": r["cancer"],
+                "cc": r.get("cc"), "mlo": r.get("mlo")} for r in recs]
+        return (out, {}) if return_meta else out
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        if meta.get("format") != HEATMAP_FORMAT:
+            raise ValueError(f"{path} is not a heatmap_score file (format {meta.get('format')})")
+        out = [{"patient_id": str(pid), "side": str(side), "cancer": int(c),
+                "cc": z[f"cc_{i}"] if f"cc_{i}" in z.files else None,
+                "mlo": z[f"mlo_{i}"] if f"mlo_{i}" in z.files else None}
+               for i, (pid, side, c) in enumerate(zip(z["patient_id"], z["side"], z["cancer"]))]
+    return (out, meta) if return_meta else out
+
+
+# ------------------------------------------------------------------------------ run
+def _score_view(model, path, opts, batch_size, fprop, with_mask):
+    """(heatmap, image, bbox or None, breast mask or None) of one view."""
+    if fprop:
+        hms, imgs = fprop_heatmap(model, [path], opts, batch_size)
+        mask = None
+        if with_mask:   # for the picture only: colour the breast, not the background
+            try:
+                mask = dm_image.segment_breast(imgs[0], crop=False)[0] > 0
+            except ValueError:
+                pass
+        return hms[0], imgs[0], None, mask
+    return sweep_heatmap(model, path, opts, batch_size, with_mask)
+
+
+def _draw(png_dir, rec, view, heatmap, img, bbox, mask, malignant_class, png_height):
+    name = f"{rec['patient_id']}_{rec['side']}_{view}"
+    label = f"{name}  max p[{malignant_class}] = {heatmap[..., malignant_class].max():.2f}"
+    pic = overlay_heatmap(img, heatmap, malignant_class, bbox, mask, png_height, label=label)
+    _write_png(pic, Path(png_dir) / f"{name}_heatmap.png")
+
+
+def _score_breast(row, model, img_folder, img_extension, opts, batch_size, fprop_mode, png,
+                  summary) -> dict:
+    """The 2017 record of one (patient, side); missing/failed views are None and counted."""
+    rec = {"patient_id": row.patient_id, "side": row.side, "cancer": int(row.cancer)}
+    for view in VIEWS:
+        rec[view.lower()] = None
+        path = view_path(img_folder, row.patient_id, row.side, view, img_extension)
+        if path is None:
+            summary["missing"].append(f"{row.patient_id}_{row.side}_{view}")
+            continue
+        try:
+            heatmap, img, bbox, mask = _score_view(model, path, opts, batch_size, fprop_mode,
+                                                   with_mask=bool(png["dir"]))
+        except (OSError, ValueError) as exc:
+            logger.warning("no heatmap for %s: %s", path, exc)
+            summary["failed"].append((str(path), " ".join(str(exc).split())))
+            continue
+        rec[view.lower()] = heatmap
+        summary["n_heatmaps"] += 1
+        if png["dir"]:
+            _draw(png["dir"], rec, view, heatmap, img, bbox, mask, png["class"], png["height"])
+            summary["pngs"] += 1
+    return rec
+
+
+def run(img_folder: str, dl_state: str, pat_csv: str, pat_list: Optional[str] = None,
+        out: str = "./modelState/prob_heatmap.npz", png_dir: Optional[str] = None,
+        fprop_mode: bool = False, img_height: int = 4096, img_size: Sequence[int] = (1152, 896),
+        img_scale: Optional[float] = 255.0, rescale_factor: Optional[float] = None,
+        equalize_hist: bool = False, featurewise_center: bool = True,
+        featurewise_mean: float = 71.8, net: str = "vgg19", batch_size: int = 128,
+        patch_size: int = 256, stride: int = 8, avg_pool_size: Sequence[int] = (7, 7),
+        hm_strides: Sequence[int] = (1, 1), malignant_class: int = 1,
+        img_extension: str = "png", png_height: int = 1024, verbose: bool = False,
+        custom_objects: Optional[dict] = None) -> dict:
+    """Compute heatmaps for every (patient, side) and write them (and optional PNGs).
+
+    Args: see the module docstring and ``--help``; ``dl_state`` is the patch classifier (or
+    whole-image heatmap model in fprop mode), loaded with ``dm_keras_ext.robust_load_model``.
+
+    Returns:
+        Summary dict: ``out``, ``n_records``, ``n_heatmaps``, ``missing`` (paths),
+        ``failed`` ((path, reason)), ``pngs``, ``elapsed_s``.
+    """
+    from dm_keras_ext import robust_load_model
+
+    t0 = time.time()
+    get_preprocess(net)   # validates net before anything is read
+    if Path(out).suffix != ".npz":
+        raise ValueError(f"--out should end in .npz, got {out}")
+    recs = read_patient_sides(pat_csv, pat_list)
+    model = robust_load_model(dl_state, custom_objects=custom_objects)
+    if fprop_mode:
+        model = build_fprop_model(model, net, img_size, avg_pool_size, hm_strides)
+    nb_class = int(model.output_shape[-1])
+    if not -nb_class <= malignant_class < nb_class:
+        raise ValueError(f"malignant_class {malignant_class} out of range for {nb_class} "
+                         f"classes of {dl_state}")
+    opts = dict(img_height=img_height, img_size=tuple(img_size), img_scale=img_scale,
+                rescale_factor=rescale_factor, equalize_hist=equalize_hist,
+                featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
+                preprocess=None if featurewise_center else get_preprocess(net),
+                patch_size=patch_size, stride=stride)
+    summary = {"missing": [], "failed": [], "pngs": 0, "n_heatmaps": 0}
+    png = {"dir": png_dir, "class": malignant_class, "height": png_height}
+    rows = recs.itertuples(index=False)
+    if verbose:
+        from tqdm import tqdm
+        rows = tqdm(rows, total=len(recs), desc="heatmaps", unit="breast")
+    records = [_score_breast(row, model, img_folder, img_extension, opts, batch_size,
+                             fprop_mode, png, summary) for row in rows]
+    meta = {"mode": "fprop" if fprop_mode else "sweep", "dl_state": str(dl_state),
+            "malignant_class": malignant_class, "nb_class": nb_class,
+            "options": {k: v for k, v in opts.items() if k != "preprocess"}}
+    summary["out"] = str(save_heatmaps(records, out, meta))
+    summary["n_records"] = len(records)
+    summary["elapsed_s"] = round(time.time() - t0, 2)
+    logger.info("%d heatmaps for %d breasts in %.1f s -> %s; %d views missing, %d failed, "
+                "%d PNGs", summary["n_heatmaps"], len(records), summary["elapsed_s"],
+                summary["out"], len(summary["missing"]), len(summary["failed"]),
+                summary["pngs"])
+    return summary
+
+
+# ------------------------------------------------------------------------------ command line
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser of the 2017 flags (and the new ones); defaults are those of :func:`run`."""
+    d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    parser = argparse.ArgumentParser(description="Patch-class heatmaps of mammograms.")
+    parser.add_argument("img_folder", metavar="IMG_FOLDER")
+    parser.add_argument("dl_state", metavar="DL_STATE", help="patch classifier (.h5)")
+    parser.add_argument("--pat-csv", required=True, help="CSV with patient_id,side,cancer")
+    parser.add_argument("--pat-list", default=d["pat_list"], help="patient IDs, one a line")
+    parser.add_argument("--out", default=d["out"], help="output .npz (default: %(default)s)")
+    parser.add_argument("--png-dir", default=d["png_dir"], help="write overlay PNGs here")
+    parser.add_argument("--png-height", type=int, default=d["png_height"],
+                        help="max height of the PNGs (default: %(default)s)")
+    add_bool_flag(parser, "fprop-mode", d["fprop_mode"], "one fully convolutional pass")
+    parser.add_argument("--img-height", type=int, default=d["img_height"],
+                        help="sweep mode: resize height (default: %(default)s)")
+    add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
+                    equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
+                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
+    parser.add_argument("--net", default=d["net"], help="backbone (default: %(default)s)")
+    for name in ("batch_size", "patch_size", "stride", "malignant_class"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name],
+                            help="(default: %(default)s)")
+    for name in ("avg_pool_size", "hm_strides"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, nargs=2,
+                            default=list(d[name]), help="fprop mode (default: %(default)s)")
+    parser.add_argument("--img-extension", default=d["img_extension"])
+    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Command-line entry point; returns the summary of :func:`run`."""
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    return run(**vars(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,697 @@
+"""Score whole mammograms with trained whole-image models and evaluate the scores.
+
+Inference and evaluation for Shen et al., "Deep Learning to Improve Breast Cancer Detection on
+Screening Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. One or several whole-image
+models (HDF5, including the published Keras 2.0.8 files, loaded with
+``dm_keras_ext.robust_load_model``) score each image; their class probabilities are averaged.
+With ``--test-augment`` each model sees the image as is and flipped left-right, up-down and both
+(``dm_keras_ext.flip_all_img``), in one batched call, and the 4 predictions are averaged
+(SPEC section 5).
+
+Inputs (exactly one kind):
+
+* ``--img-dir DIR`` with one subfolder per class (``--class-list neg pos``): labelled images;
+  ``malignant_label`` is 1 for the last class of ``--class-list`` and 0 for the others.
+* ``--img-dir DIR`` without class subfolders: every image file in it (unlabelled).
+* ``--img-list FILE``: one image path per line, optionally ``path,label`` (label 0/1); or a
+  CSV whose header has an ``image`` or ``path`` column and optionally a label column
+  (``malignant_label``, ``malignant``, ``label`` or ``cancer``). Relative paths are taken from
+  ``--img-dir`` when given, else from the list's folder.
+* ``--exam-list data.pkl|data.json --img-dir DIR``: the mammography meta-repository's exam
+  list: a list of dicts with ``L-CC``, ``R-CC``, ``L-MLO``, ``R-MLO`` (lists of image file
+  stems, found in ``DIR`` as ``stem.png`` / ``stem.dcm`` / ...), ``horizontal_flip`` (recorded,
+  not applied: the models are scored as trained) and optionally ``cancer_label`` with
+  ``left_malignant`` / ``right_malignant``. The pickle is read by a restricted unpickler that
+  only builds builtins containers, ``collections`` containers and numpy scalars; any other
+  class in the file raises ``pickle.UnpicklingError`` before it is built. JSON with the same
+  structure is read too.
+
+Preprocessing per image (as in training): optional breast segmentation (largest bright object,
+cropped, at the file's resolution), resize to ``--img-size`` (OpenCV cubic), ``--img-scale``,
+``--rescale-factor``, optional histogram equalisation, ``--featurewise-mean`` subtracted, and
+the single channel copied to the model's channel count (3 for ImageNet backbones, 1 for
+YaroslavNet). Models are checked before any image is read: channel count (against
+``--channels`` when given), fixed input size against ``--img-size``, and equal class counts.
+
+Outputs in ``--out-dir``:
+
+* ``image_predictions.csv``: ``image_index,malignant_pred,malignant_label,prob_<class>...,
+  error,path`` (+ ``exam_index,view`` for exam lists); ``malignant_pred`` is the probability
+  of class ``--malignant-class`` (default the last); an unreadable image has empty scores and
+  the reason in ``error``; unknown labels are empty.
+* ``breast_predictions.csv`` (exam lists): ``index,left_malignant,right_malignant``, the mean
+  ``malignant_pred`` over the views of that breast that were scored (empty if none).
+* with labels: ``metrics.json`` (AUROC, AUPRC = trapezoidal area under the PR curve, their
+  seeded percentile bootstrap 95 % intervals over ``--bootstrap`` resamples, sensitivity and
+  specificity at ``--threshold`` with ``score >= threshold`` positive; per level ``image`` and,
+  for exam lists, ``breast``; see ``eval_metrics``), ``roc_<level>.png``, ``pr_<level>.png``.
+* ``options.json``: the resolved options.
+
+Example (from inside ``ddsm_train/``)::
+
+    python image_clf_predict.py --model ddsm_resnet50.h5 ddsm_vgg16.h5 --img-dir test \\
+        --img-size 1152 896 --rescale-factor 0.003891 --featurewise-mean 52.16 \\
+        --test-augment --out-dir predictions
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import io
+import json
+import logging
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+_HERE = Path(__file__).resolve().parent
+for _p in (str(_HERE.parent), str(_HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import dm_image  # noqa: E402
+import eval_metrics  # noqa: E402
+from common_flags import add_bool_flag, add_image_flags, add_optional_value_flag, \
+    setup_logging  # noqa: E402
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
+    "collect_class_folders", "collect_folder", "read_image_list", "collect_exams",
+    "load_models", "check_models", "load_pred_image", "predict_batch", "score_items",
+    "image_table", "breast_table", "evaluate_level", "write_outputs", "run",
+    "get_args_parser", "main",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".dcm", ".dicom", ".jpg", ".jpeg", ".tif", ".tiff", ".pgm")
+VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
+_LABEL_COLUMNS = ("malignant_label", "malignant", "label", "cancer")
+_PATH_COLUMNS = ("image", "path", "image_path", "filename")
+_READ_ERRORS = (OSError, ValueError, cv2.error)
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class ImageItem:
+    """One image to score: ``image_index`` (CSV key), file path, label (0/1 or None), and for
+    exam lists the exam index and view (``L-CC`` ...)."""
+    image_index: str
+    path: Path
+    label: Optional[int] = None
+    exam: Optional[int] = None
+    view: Optional[str] = None
+
+
+# ------------------------------------------------------------------------------ inputs
+def _image_files(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def collect_class_folders(img_dir: PathLike, class_list: Sequence[str]) -> List[ImageItem]:
+    """Images of ``img_dir/<class>/``; label 1 for the last class, else 0.
+
+    Raises:
+        ValueError: a class folder is missing (the message lists the folders found).
+    """
+    img_dir = Path(img_dir)
+    missing = [c for c in class_list if not (img_dir / c).is_dir()]
+    if missing:
+        found = sorted(p.name for p in img_dir.iterdir() if p.is_dir())
+        raise ValueError(f"class folder(s) {missing} not found in {img_dir}; found {found}")
+    items = []
+    for k, cls in enumerate(class_list):
+        label = int(k == len(class_list) - 1)
+        items += [ImageItem(f"{cls}/{p.name}", p, label) for p in _image_files(img_dir / cls)]
+    return items
+
+
+def collect_folder(img_dir: PathLike) -> List[ImageItem]:
+    """Every image file of ``img_dir`` (by extension, sorted), unlabelled."""
+    return [ImageItem(p.name, p) for p in _image_files(Path(img_dir))]
+
+
+def _parse_label(value, where: str) -> Optional[int]:
+    text = str(value).strip()
+    if text == "" or text.lower() == "nan":
+        return None
+    try:
+        num = float(text)
+    except ValueError:
+        num = None
+    if num not in (0.0, 1.0):
+        raise ValueError(f"{where}: label should be 0 or 1, got {text!r}")
+    return int(num)
+
+
+def read_image_list(img_list: PathLike, img_dir: Optional[PathLike] = None) -> List[ImageItem]:
+    """Read an image list file (see the module docstring for the two accepted layouts)."""
+    img_list = Path(img_list)
+    base = Path(img_dir) if img_dir is not None else img_list.parent
+    lines = [(i + 1, ln.strip()) for i, ln in enumerate(img_list.read_text().splitlines())]
+    lines = [(i, ln) for i, ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ValueError(f"image list {img_list} holds no image")
+    header = [f.strip().lower() for f in lines[0][1].split(",")]
+    items = []
+    if any(h in _PATH_COLUMNS for h in header):
+        table = pd.read_csv(img_list, dtype=str, keep_default_na=False, comment="#")
+        table.columns = [c.strip().lower() for c in table.columns]
+        path_col = next(c for c in _PATH_COLUMNS if c in table.columns)
+        label_col = next((c for c in _LABEL_COLUMNS if c in table.columns), None)
+        for row, rec in table.iterrows():
+            label = (_parse_label(rec[label_col], f"{img_list} row {row + 2}")
+                     if label_col else None)
+            items.append(ImageItem(rec[path_col], base / rec[path_col], label))
+        return items
+    for lineno, line in lines:
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) > 2:
+            raise ValueError(f"{img_list} line {lineno}: expected 'path' or 'path,label', "
+                             f"got {line!r}")
+        label = _parse_label(fields[1], f"{img_list} line {lineno}") if len(fields) == 2 \
+            else None
+        items.append(ImageItem(fields[0], base / fields[0], label))
+    return items
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that only builds plain data: builtins containers and scalars,
+    ``collections`` containers, numpy scalars/dtypes (and ``_codecs.encode``, which protocol 2
+    uses for bytes). Any other global raises
+    ``pickle.UnpicklingError`` naming it, before anything is constructed."""
+
+    ALLOWED = {("builtins", n) for n in (
+        "dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int",
+        "float", "complex", "bool", "slice", "range")} | {
+        ("collections", "OrderedDict"), ("collections", "defaultdict"),
+        ("collections", "deque"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    WHAT = "builtins/collections containers and numpy scalars are allowed in an exam list"
+    _PY2 = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+    def find_class(self, module, name):
+        if (self._PY2.get(module, module), name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only {self.WHAT}")
+        return super().find_class(module, name)
+
+
+def _validate_exams(exams, source) -> List[dict]:
+    if not isinstance(exams, list):
+        raise ValueError(f"{source}: an exam list should be a list of dicts, got "
+                         f"{type(exams).__name__}")
+    for k, exam in enumerate(exams):
+        if not isinstance(exam, dict):
+            raise ValueError(f"{source}: exam {k} should be a dict, got {type(exam).__name__}")
+        for view in VIEWS:
+            stems = exam.get(view, [])
+            if not isinstance(stems, (list, tuple)) or \
+                    not all(isinstance(s, str) for s in stems):
+                raise ValueError(f"{source}: exam {k} view {view} should be a list of image "
+                                 f"file stems, got {stems!r}")
+        if not any(exam.get(v) for v in VIEWS):
+            logger.warning("%s: exam %d has no image in %s", source, k, VIEWS)
+        label = exam.get("cancer_label")
+        if label is not None and not isinstance(label, dict):
+            raise ValueError(f"{source}: exam {k} cancer_label should be a dict, got {label!r}")
+    return exams
+
+
+def load_exam_list(path: PathLike) -> List[dict]:
+    """Read an exam list from a pickle (restricted, see :class:`RestrictedUnpickler`; Python 2
+    pickles are decoded as latin-1) or from JSON (``.json``), and check its structure.
+
+    Raises:
+        pickle.UnpicklingError: the pickle references a class outside the allowed set.
+        ValueError: the structure is not a list of exam dicts with lists of stems.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if path.suffix.lower() == ".json":
+        exams = json.loads(data.decode("utf-8"))
+    else:
+        exams = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    return _validate_exams(exams, path)
+
+
+def _resolve_stem(img_dir: Path, stem: str) -> Path:
+    direct = img_dir / stem
+    if direct.suffix.lower() in IMAGE_EXTENSIONS and direct.is_file():
+        return direct
+    for ext in IMAGE_EXTENSIONS:
+        cand = img_dir / (stem + ext)
+        if cand.is_file():
+            return cand
+    return img_dir / (stem + ".png")   # missing: reported as unreadable in the CSV
+
+
+def collect_exams(exams: List[dict], img_dir: PathLike) -> List[ImageItem]:
+    """One :class:`ImageItem` per image stem of every exam (views in ``VIEWS`` order); label
+    from ``cancer_label[left_malignant|right_malignant]`` when present."""
+    img_dir = Path(img_dir)
+    items = []
+    for k, exam in enumerate(exams):
+        labels = exam.get("cancer_label") or {}
+        for view in VIEWS:
+            side = "left" if view.startswith("L") else "right"
+            raw = labels.get(f"{side}_malignant")
+            label = _parse_label(raw, f"exam {k} {side}_malignant") if raw is not None else None
+            for stem in exam.get(view, []):
+                items.append(ImageItem(stem, _resolve_stem(img_dir, stem), label, k, view))
+    return items
+
+
+# ------------------------------------------------------------------------------ models
+def load_models(models, custom_objects=None) -> List[Tuple[str, object]]:
+    """Load models from HDF5 paths (``dm_keras_ext.robust_load_model``); Keras models pass
+    through. Returns ``[(name, model), ...]``."""
+    from dm_keras_ext import robust_load_model
+
+    out = []
+    for m in models:
+        if isinstance(m, (str, os.PathLike)):
+            if not Path(m).is_file():
+                raise FileNotFoundError(f"model file {m} not found")
+            logger.info("loading model %s", m)
+            out.append((os.fspath(m), robust_load_model(os.fspath(m),
+                                                        custom_objects=custom_objects)))
+        else:
+            out.append((getattr(m, "name", "model"), m))
+    return out
+
+
+def check_models(models: List[Tuple[str, object]], img_size: Sequence[int],
+                 channels: Optional[int] = None) -> Tuple[List[int], int]:
+    """Check the models against the input flags before any image is read.
+
+    Args:
+        models: ``[(name, model)]``.
+        img_size: (height, width) the images are resized to.
+        channels: expected input channel count (None: take each model's own).
+
+    Returns:
+        (channel count per model, number of classes).
+
+    Raises:
+        ValueError: a model is not a channels-last image classifier, its channel count is
+            not 1 or 3 or differs from ``channels``, its fixed input size differs from
+            ``img_size``, or the models disagree on the number of classes.
+    """
+    chans, nb_classes = [], set()
+    for name, model in models:
+        shape = model.input_shape
+        if isinstance(shape, list) or len(shape) != 4:
+            raise ValueError(f"model {name} should take one (batch, height, width, channels) "
+                             f"input, got input shape {shape}")
+        c = shape[-1]
+        if c not in (1, 3):
+            raise ValueError(f"model {name} takes {c}-channel input; only 1 (e.g. YaroslavNet) "
+                             f"or 3 (ImageNet backbones) channels are supported")
+        if channels is not None and c != channels:
+            raise ValueError(
+                f"model {name} takes {c}-channel input but {channels} channels were asked for "
+                f"(--channels {channels}); a 1-channel model such as YaroslavNet needs "
+                f"--channels 1 (or leave --channels out to use each model's own count)")
+        if shape[1] is not None and shape[2] is not None and \
+                (shape[1], shape[2]) != tuple(img_size):
+            raise ValueError(f"model {name} takes {shape[1]}x{shape[2]} images but --img-size "
+                             f"is {img_size[0]} {img_size[1]}")
+        out = model.output_shape
+        if isinstance(out, list) or len(out) != 2:
+            raise ValueError(f"model {name} should output (batch, nb_class) probabilities, got "
+                             f"output shape {out}")
+        chans.append(int(c))
+        nb_classes.add(int(out[-1]))
+    if len(nb_classes) != 1:
+        raise ValueError(f"the models disagree on the number of classes: {sorted(nb_classes)}")
+    return chans, nb_classes.pop()
+
+
+# ------------------------------------------------------------------------------ scoring
+def _read_segmented(path: Path, img_size, img_scale, rescale_factor) -> np.ndarray:
+    """Read at full resolution, crop to the segmented breast, then resize and scale as
+    ``dm_image.read_resize_img`` does (cubic in the stored dtype, float32, scale, rescale)."""
+    img, _ = dm_image.segment_breast(dm_image.read_image(path))
+    img = cv2.resize(img, dsize=(int(img_size[1]), int(img_size[0])),
+                     interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    if img_scale is not None:
+        img_max = float(img.max())
+        img *= np.float32(img_scale / (img_max if img_max else img_scale))
+    if rescale_factor is not None:
+        img *= np.float32(rescale_factor)
+    return img
+
+
+def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional[float] = None,
+                    rescale_factor: Optional[float] = None, equalize_hist: bool = False,
+                    featurewise_center: bool = True, featurewise_mean: float = 52.16,
+                    segment_breast: bool = False) -> np.ndarray:
+    """One preprocessed image, float32 (height, width, 1), centred when asked.
+
+    Without segmentation this is ``dm_image.read_img_for_pred`` (one channel); with it the
+    breast is cropped first (see :func:`_read_segmented`) and equalised the same way.
+
+    Raises:
+        dm_image.ImageReadError, ValueError: unreadable image or failed segmentation.
+    """
+    if segment_breast:
+        img = _read_segmented(Path(path), img_size, img_scale, rescale_factor)
+        if equalize_hist:
+            img = dm_image._equalize_hist(img)
+        x = img[..., None]
+    else:
+        x = dm_image.read_img_for_pred(path, equalize_hist=equalize_hist, dup_3_channels=False,
+                                       target_size=img_size, target_scale=img_scale,
+                                       rescale_factor=rescale_factor)
+    if featurewise_center:
+        x = x - np.float32(featurewise_mean)
+    return x.astype(np.float32, copy=False)
+
+
+def predict_batch(models: List[Tuple[str, object]], channels: List[int], x: np.ndarray,
+                  test_augment: bool = False) -> np.ndarray:
+    """Mean class probabilities of all models (and of the 4 flips with ``test_augment``).
+
+    Args:
+        models: ``[(name, model)]``.
+        channels: input channels per model; ``x`` is copied to that many channels.
+        x: float32 (n, height, width, 1), preprocessed.
+        test_augment: also predict on ``dm_keras_ext.flip_all_img`` flips, in the same call.
+
+    Returns:
+        float64 (n, nb_class).
+    """
+    from dm_keras_ext import flip_all_img
+
+    n = len(x)
+    total = None
+    for (_, model), c in zip(models, channels):
+        xm = np.repeat(x, c, axis=-1) if c != 1 else x
+        if test_augment:
+            xm = flip_all_img(xm)   # (4n, ...): as is, left-right, up-down, both
+        pred = np.asarray(model.predict_on_batch(xm), dtype=np.float64)
+        pred = pred.reshape((-1, n, pred.shape[-1])).mean(axis=0)
+        total = pred if total is None else total + pred
+    return total / len(models)
+
+
+def _describe_error(exc: Exception) -> str:
+    """One-line reason for the CSV (``ImageReadError``'s message holds file and reason)."""
+    if isinstance(exc, dm_image.ImageReadError) and exc.args and isinstance(exc.args[0], str):
+        text = exc.args[0]
+    else:
+        text = str(exc)
+    return f"{type(exc).__name__}: {' '.join(text.split())}"
+
+
+def score_items(items: List[ImageItem], models, channels, nb_class: int, batch_size: int,
+                test_augment: bool, read_opts: dict,
+                verbose: bool = False) -> Tuple[np.ndarray, List[str]]:
+    """Score every item; unreadable images get NaN probabilities and a reason.
+
+    Returns:
+        (float64 (n, nb_class) probabilities with NaN rows for failures, list of n reasons,
+        '' for images that were scored).
+    """
+    probs = np.full((len(items), nb_class), np.nan)
+    errors = [""] * len(items)
+    starts = range(0, len(items), batch_size)
+    if verbose:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="scoring", unit="batch")
+    for start in starts:
+        good, xs = [], []
+        for i in range(start, min(start + batch_size, len(items))):
+            try:
+                xs.append(load_pred_image(items[i].path, **read_opts))
+                good.append(i)
+            except _READ_ERRORS as exc:
+                errors[i] = _describe_error(exc)
+                logger.warning("skipping %s: %s", items[i].path, errors[i])
+        if good:
+            probs[good] = predict_batch(models, channels, np.stack(xs), test_augment)
+    return probs, errors
+
+
+# ------------------------------------------------------------------------------ outputs
+def _prob_names(class_list: Sequence[str], nb_class: int) -> List[str]:
+    if len(class_list) == nb_class:
+        return [f"prob_{c}" for c in class_list]
+    return [f"prob_{k}" for k in range(nb_class)]
+
+
+def image_table(items: List[ImageItem], probs: np.ndarray, errors: List[str],
+                prob_names: List[str], malignant_class: int) -> pd.DataFrame:
+    """The image-level table (see the module docstring for the columns)."""
+    df = pd.DataFrame({
+        "image_index": [it.image_index for it in items],
+        "malignant_pred": probs[:, malignant_class] if len(items) else [],
+        "malignant_label": pd.array([it.label for it in items], dtype="Int64"),
+    })
+    for k, name in enumerate(prob_names):
+        df[name] = probs[:, k]
+    df["error"] = errors
+    df["path"] = [str(it.path) for it in items]
+    if any(it.exam is not None for it in items):
+        df["exam_index"] = [it.exam for it in items]
+        df["view"] = [it.view for it in items]
+    return df
+
+
+def breast_table(exams: List[dict], images: pd.DataFrame) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """Breast-level scores (mean over the scored views of each breast) and labels.
+
+    Returns:
+        (``index,left_malignant,right_malignant`` table, same shape table of labels with
+        ``<NA>`` where unknown).
+    """
+    side = images["view"].str[0].map({"L": "left", "R": "right"})
+    means = images.assign(side=side).groupby(["exam_index", "side"])["malignant_pred"].mean()
+    rows, labels = [], []
+    for k, exam in enumerate(exams):
+        rows.append({"index": k, **{f"{s}_malignant": means.get((k, s), np.nan)
+                                    for s in ("left", "right")}})
+        lab = exam.get("cancer_label") or {}
+        labels.append({f"{s}_malignant": lab.get(f"{s}_malignant") for s in ("left", "right")})
+    return (pd.DataFrame(rows, columns=["index", "left_malignant", "right_malignant"]),
+            pd.DataFrame(labels, columns=["left_malignant", "right_malignant"]))
+
+
+def evaluate_level(y, score, out_dir: Path, level: str, threshold: float, n_boot: int,
+                   seed: int) -> Optional[dict]:
+    """Metrics of the labelled, scored entries, and the ROC/PR PNGs when both classes occur.
+
+    Returns:
+        The ``eval_metrics.evaluate_binary`` dict plus ``roc_png``/``pr_png`` paths, or None
+        when no entry has both a label and a score.
+    """
+    y = pd.to_numeric(pd.Series(y), errors="coerce").astype("Float64").to_numpy(
+        dtype=float, na_value=np.nan)
+    score = np.asarray(score, dtype=float)
+    keep = np.isfinite(y) & np.isfinite(score)
+    if not keep.any():
+        return None
+    y, score = y[keep].astype(int), score[keep]
+    metrics = eval_metrics.evaluate_binary(y, score, threshold=threshold, n_boot=n_boot,
+                                           seed=seed)
+    if 0 < y.sum() < y.size:
+        roc, pr = eval_metrics.plot_roc_pr(y, score, out_dir / f"roc_{level}.png",
+                                           out_dir / f"pr_{level}.png", title=level,
+                                           metrics=metrics)
+        metrics.update(roc_png=str(roc), pr_png=str(pr))
+    logger.info("%s level: n=%d AUROC %.4f %s AUPRC %.4f %s sens %.3f spec %.3f @ %.2f",
+                level, metrics["n"], metrics["auroc"], metrics["auroc_ci"], metrics["auprc"],
+                metrics["auprc_ci"], metrics["sensitivity"], metrics["specificity"], threshold)
+    return metrics
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+    return path
+
+
+def write_outputs(items: List[ImageItem], exams: Optional[List[dict]], probs: np.ndarray,
+                  errors: List[str], out: Path, prob_names: List[str], malignant_class: int,
+                  threshold: float, bootstrap: int, seed: int) -> dict:
+    """Write the CSVs, and with labels the metrics JSON and curves; return the summary."""
+    images = image_table(items, probs, errors, prob_names, malignant_class)
+    summary = {"n_images": len(items), "n_scored": int(np.isfinite(probs[:, 0]).sum()),
+               "image_csv": str(_write_csv(images, out / "image_predictions.csv")),
+               "errors": [(it.image_index, e) for it, e in zip(items, errors) if e],
+               "metrics": {}}
+    summary["n_errors"] = len(summary["errors"])
+    levels = {"image": (images["malignant_label"], images["malignant_pred"])}
+    if exams is not None:
+        breasts, labels = breast_table(exams, images)
+        summary["breast_csv"] = str(_write_csv(breasts, out / "breast_predictions.csv"))
+        levels["breast"] = (labels[["left_malignant", "right_malignant"]].to_numpy().ravel(),
+                            breasts[["left_malignant", "right_malignant"]].to_numpy().ravel())
+    for level, (y, score) in levels.items():
+        res = evaluate_level(y, score, out, level, threshold, bootstrap, seed)
+        if res is not None:
+            summary["metrics"][level] = res
+    if summary["metrics"]:
+        summary["metrics_json"] = str(eval_metrics.write_json_atomic(
+            {**summary["metrics"], "n_images": summary["n_images"],
+             "n_errors": summary["n_errors"], "errors": summary["errors"]},
+            out / "metrics.json"))
+    return summary
+
+
+# ------------------------------------------------------------------------------ run
+def _collect(img_dir, img_list, exam_list, class_list):
+    if sum(x is not None for x in (img_list, exam_list)) > 1:
+        raise ValueError("give at most one of img_list and exam_list")
+    if exam_list is not None:
+        if img_dir is None:
+            raise ValueError("exam_list needs img_dir (the folder of the images)")
+        exams = load_exam_list(exam_list)
+        return collect_exams(exams, img_dir), exams
+    if img_list is not None:
+        return read_image_list(img_list, img_dir), None
+    if img_dir is None:
+        raise ValueError("give img_dir, img_list or exam_list")
+    if not Path(img_dir).is_dir():
+        raise ValueError(f"image folder {img_dir} not found")
+    if any((Path(img_dir) / c).is_dir() for c in class_list):
+        return collect_class_folders(img_dir, class_list), None
+    return collect_folder(img_dir), None
+
+
+def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] = None,
+        exam_list: Optional[str] = None, out_dir: str = "./predictions",
+        class_list: Sequence[str] = ("neg", "pos"), malignant_class: int = -1,
+        img_size: Sequence[int] = (1152, 896), img_scale: Optional[float] = None,
+        rescale_factor: Optional[float] = None, featurewise_center: bool = True,
+        featurewise_mean: float = 52.16, equalize_hist: bool = False,
+        segment_breast: bool = False, test_augment: bool = False,
+        channels: Optional[int] = None, batch_size: int = 4, threshold: float = 0.5,
+        bootstrap: int = 2000, seed: int = 12345, verbose: bool = False,
+        custom_objects: Optional[dict] = None) -> dict:
+    """Score images with the averaged models and write the tables, metrics and curves.
+
+    Args:
+        model: HDF5 paths (or tf-keras models) of whole-image classifiers; averaged.
+        img_dir, img_list, exam_list: the images (see the module docstring).
+        out_dir: output folder (created).
+        class_list: class sub-folder names in label order; also names the ``prob_`` columns.
+        malignant_class: index of the class whose probability is ``malignant_pred``.
+        img_size: (height, width) the images are resized to.
+        img_scale, rescale_factor, featurewise_center, featurewise_mean, equalize_hist: the
+            training preprocessing (rescale 0.003891 for 16-bit input; mean on 0..255 scale).
+        segment_breast: crop each image to the segmented breast before resizing.
+        test_augment: average over the 4 flips.
+        channels: expected model input channels (None: each model's own).
+        batch_size: images per prediction call (x4 with ``test_augment``).
+        threshold: operating point for sensitivity/specificity.
+        bootstrap: bootstrap resamples for the intervals (0: none).
+        seed: bootstrap seed.
+        verbose: progress bar.
+        custom_objects: passed to the model loader.
+
+    Returns:
+        Summary dict: counts, output paths, metrics per level and the list of failures.
+    """
+    t0 = time.time()
+    if isinstance(model, (str, os.PathLike)) or hasattr(model, "layers"):
+        model = [model]
+    if not model:
+        raise ValueError("at least one model is required")
+    if batch_size < 1:
+        raise ValueError(f"batch_size should be >= 1, got {batch_size}")
+    if len(img_size) != 2 or min(img_size) < 1:
+        raise ValueError(f"img_size should be (height, width), got {img_size}")
+    if channels is not None and channels not in (1, 3):
+        raise ValueError(f"channels should be 1 or 3, got {channels}")
+    items, exams = _collect(img_dir, img_list, exam_list, class_list)
+    if not items:
+        raise ValueError(f"no image found (img_dir={img_dir}, img_list={img_list}, "
+                         f"exam_list={exam_list}; extensions {IMAGE_EXTENSIONS})")
+    models = load_models(model, custom_objects)
+    chans, nb_class = check_models(models, img_size, channels)
+    if not -nb_class <= malignant_class < nb_class:
+        raise ValueError(f"malignant_class {malignant_class} out of range for {nb_class} "
+                         f"classes")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters
+               and k != "custom_objects"}
+    options["model"] = [name for name, _ in models]
+    logger.info("options: %s", json.dumps(options, default=str, sort_keys=True))
+    eval_metrics.write_json_atomic(options, out / "options.json")
+    logger.info("scoring %d images with %d model(s), channels %s, %d classes, flips %s",
+                len(items), len(models), chans, nb_class, test_augment)
+    read_opts = dict(img_size=tuple(img_size), img_scale=img_scale,
+                     rescale_factor=rescale_factor, equalize_hist=equalize_hist,
+                     featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
+                     segment_breast=segment_breast)
+    probs, errors = score_items(items, models, chans, nb_class, batch_size, test_augment,
+                                read_opts, verbose)
+    summary = write_outputs(items, exams, probs, errors, out,
+                            _prob_names(class_list, nb_class), malignant_class, threshold,
+                            bootstrap, seed)
+    summary["elapsed_s"] = round(time.time() - t0, 2)
+    logger.info("scored %d of %d images in %.1f s (%d unreadable); outputs in %s",
+                summary["n_scored"], len(items), summary["elapsed_s"], summary["n_errors"], out)
+    return summary
+
+
+# ------------------------------------------------------------------------------ command line
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser of the command-line flags; defaults are those of :func:`run`."""
+    d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    parser = argparse.ArgumentParser(description="Score whole mammograms with trained models.")
+    parser.add_argument("--model", nargs="+", required=True, metavar="MODEL.h5",
+                        help="whole-image model file(s); predictions are averaged")
+    src = parser.add_argument_group("input")
+    src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
+                                       "folder of --exam-list / relative --img-list paths")
+    src.add_argument("--img-list", help="file with one image path (and label) per line")
+    src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form)")
+    src.add_argument("--class-list", nargs="+", default=list(d["class_list"]),
+                     help="class folders in label order (default: %(default)s)")
+    src.add_argument("--malignant-class", type=int, default=d["malignant_class"],
+                     help="class index reported as malignant_pred (default: last)")
+    add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
+                    equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
+                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
+    g = parser.add_argument_group("inference")
+    add_bool_flag(g, "segment-breast", d["segment_breast"], "crop to the segmented breast")
+    add_bool_flag(g, "test-augment", d["test_augment"], "average over 4 flips")
+    add_optional_value_flag(g, "channels", int, d["channels"],
+                            "expected model input channels, 1 or 3 (default: the model's)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="images per prediction call (default: %(default)s)")
+    ev = parser.add_argument_group("evaluation")
+    ev.add_argument("--threshold", type=float, default=d["threshold"],
+                    help="score >= threshold is positive (default: %(default)s)")
+    ev.add_argument("--bootstrap", type=int, default=d["bootstrap"],
+                    help="bootstrap resamples for 95%% intervals (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=d["seed"],
+                    help="bootstrap seed (default: %(default)s)")
+    parser.add_argument("--out-dir", default=d["out_dir"], help="(default: %(default)s)")
+    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Command-line entry point; returns the summary of :func:`run`."""
+    args = get_args_parser().parse_args(argv)
+    setup_logging()
+    return run(**vars(args))
+
+
+if __name__ == "__main__":
+    main()

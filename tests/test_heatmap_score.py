@@ -1,0 +1,178 @@
+"""heatmap_score: sweep and fprop modes, safe .npz output, 2017 pickles, overlay PNGs."""
+import logging
+import math
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+
+import dm_image
+import heatmap_score as hs
+
+P = 16          # patch size of the tiny patch classifier
+STRIDE = 4
+HEIGHT = 96     # --img-height of the synthetic sweep
+
+
+def _nb(extent, patch, stride):
+    """2017 sweep count: round((L - patch) / stride + 0.49), Python 2 rounding, at least 1."""
+    return max(1, int(math.floor((extent - patch) / stride + 0.49 + 0.5)))
+
+
+def _mammogram(path, seed):
+    rng = np.random.default_rng(seed)
+    img = np.zeros((192, 144), np.uint16)
+    cv2.ellipse(img, (0, 96), (100, 80), 0, -90, 90, 30000, -1)
+    img = (img + (img > 0) * rng.integers(0, 20000, img.shape)).astype(np.uint16)
+    img[5:12, 120:135] = 65535    # burned-in marker, excluded by segmentation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hm")
+    for k, name in enumerate(["P_1_LEFT_CC", "P_1_LEFT_MLO", "P_1_RIGHT_CC", "P_2_LEFT_CC",
+                              "P_2_LEFT_MLO"]):
+        _mammogram(root / "img" / f"{name}.png", k)
+    (root / "pats.csv").write_text("patient_id,side,cancer\nP_1,LEFT,0\nP_1,RIGHT,1\n"
+                                   "P_2,LEFT,1\nP_2,LEFT,0\n")
+    import tf_keras as keras
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inp)
+    x = keras.layers.MaxPooling2D(2)(x)
+    x = keras.layers.Conv2D(6, 3, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPooling2D(2, name="last_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, activation="softmax")(x)
+    model = keras.Model(inp, out)
+    model.save(root / "patch.h5")
+    return root, model
+
+
+def test_sweep_mode_shapes_values_and_missing_views(synth, tmp_path, caplog, keras_session):
+    root, model = synth
+    with caplog.at_level(logging.WARNING):
+        args = hs.get_args_parser().parse_args([
+            str(root / "img"), str(root / "patch.h5"), "--pat-csv", str(root / "pats.csv"),
+            "--img-height", str(HEIGHT), "--patch-size", str(P), "--stride", str(STRIDE),
+            "--batch-size", "64", "--featurewise-mean", "71.8", "--out", str(tmp_path / "hm.npz"),
+            "--png-dir", str(tmp_path / "png")])
+        summary = hs.run(**vars(args))   # main() would reset logging handlers
+    assert "P_1_RIGHT_MLO.png" in caplog.text
+    recs = hs.load_heatmaps(tmp_path / "hm.npz")
+    assert [(r["patient_id"], r["side"], r["cancer"]) for r in recs] == [
+        ("P_1", "LEFT", 0), ("P_1", "RIGHT", 1), ("P_2", "LEFT", 1)]
+    assert recs[1]["mlo"] is None and recs[1]["cc"] is not None
+    assert summary["missing"] == ["P_1_RIGHT_MLO"] and summary["n_heatmaps"] == 5
+    # expected shape from the sweep formula on the segmented, margin-padded image
+    img = dm_image.read_resize_img(root / "img" / "P_1_LEFT_CC.png", target_height=HEIGHT)
+    crop, _ = dm_image.segment_breast(img)
+    padded = np.pad(crop, P // 2)
+    nb_row, nb_col = _nb(padded.shape[0], P, STRIDE), _nb(padded.shape[1], P, STRIDE)
+    hm = recs[0]["cc"]
+    assert hm.shape == (nb_row, nb_col, 3) and hm.dtype == np.float32
+    np.testing.assert_allclose(hm.sum(-1), 1, atol=1e-5)
+    # the value at (r, c) is the classifier on the patch at the centred sweep position
+    y_gap = (padded.shape[0] - P - (nb_row - 1) * STRIDE) // 2
+    x_gap = (padded.shape[1] - P - (nb_col - 1) * STRIDE) // 2
+    for r, c in [(0, 0), (nb_row // 2, nb_col // 3), (nb_row - 1, nb_col - 1)]:
+        patch = padded[y_gap + r * STRIDE:y_gap + r * STRIDE + P,
+                       x_gap + c * STRIDE:x_gap + c * STRIDE + P].astype(np.float64)
+        patch = patch * (255.0 / patch.max() if patch.max() else 1.0)   # --img-scale 255
+        x = np.repeat(patch[None, ..., None], 3, -1).astype("float32") - np.float32(71.8)
+        np.testing.assert_allclose(hm[r, c], model.predict(x, verbose=0)[0], atol=1e-5)
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert len(pngs) == 5 and "P_1_LEFT_CC_heatmap.png" in pngs
+    pic = cv2.imread(str(tmp_path / "png" / "P_1_LEFT_CC_heatmap.png"))
+    assert pic.shape == (HEIGHT, img.shape[1], 3)
+    assert (pic[..., 0] != pic[..., 2]).any()      # coloured, not grey
+
+
+def test_fprop_mode_and_pat_list(synth, tmp_path, keras_session):
+    root, _ = synth
+    (tmp_path / "pats.txt").write_text("P_2\n")
+    summary = hs.run(str(root / "img"), str(root / "patch.h5"), str(root / "pats.csv"),
+                     pat_list=str(tmp_path / "pats.txt"), out=str(tmp_path / "f.npz"),
+                     fprop_mode=True, img_size=(64, 48), avg_pool_size=(4, 4),
+                     hm_strides=(1, 1), net="yaroslav", featurewise_mean=71.8,
+                     png_dir=str(tmp_path / "png"))
+    recs, meta = hs.load_heatmaps(tmp_path / "f.npz", return_meta=True)
+    assert [r["patient_id"] for r in recs] == ["P_2"] and meta["mode"] == "fprop"
+    # feature map 64/4 x 48/4 = 16 x 12, 4x4 average pool at stride 1 -> 13 x 9
+    assert recs[0]["cc"].shape == (13, 9, 3) and recs[0]["mlo"].shape == (13, 9, 3)
+    np.testing.assert_allclose(recs[0]["cc"].sum(-1), 1, atol=1e-5)
+    assert summary["pngs"] == 2
+    assert cv2.imread(str(tmp_path / "png" / "P_2_LEFT_MLO_heatmap.png")).shape == (64, 48, 3)
+
+
+def test_npz_is_plain_and_old_pickles_need_the_flag(tmp_path):
+    recs = [{"patient_id": "P_9", "side": "RIGHT", "cancer": 1,
+             "cc": np.random.rand(4, 3, 3).astype("float32"), "mlo": None}]
+    path = hs.save_heatmaps(recs, tmp_path / "h.npz", {"mode": "sweep"})
+    with np.load(path, allow_pickle=False) as z:
+        assert sorted(z.files) == ["cancer", "cc_0", "meta", "patient_id", "side"]
+    back = hs.load_heatmaps(path)
+    np.testing.assert_array_equal(back[0]["cc"], recs[0]["cc"])
+    assert back[0]["mlo"] is None and back[0]["patient_id"] == "P_9"
+    old = tmp_path / "old.pkl"
+    old.write_bytes(pickle.dumps(recs, protocol=2))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        hs.load_heatmaps(old)
+    loaded = hs.load_heatmaps(old, allow_pickle=True)
+    np.testing.assert_array_equal(loaded[0]["cc"], recs[0]["cc"])
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("true",))
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps([{"patient_id": Evil()}]))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        hs.load_heatmaps(evil, allow_pickle=True)
+    with pytest.raises(ValueError, match=r"\.npz"):
+        hs.save_heatmaps(recs, tmp_path / "h.pkl")
+
+
+def test_bad_input(synth, tmp_path, keras_session):
+    root, _ = synth
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("patient,side\nP_1,LEFT\n")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['cancer', 'patient_id'\]"):
+        hs.read_patient_sides(bad_csv)
+    with pytest.raises(ValueError, match="unknown net 'vgg99'; valid: .*vgg19"):
+        hs.run(str(root / "img"), str(root / "patch.h5"), str(root / "pats.csv"),
+               net="vgg99", out=str(tmp_path / "x.npz"))
+    with pytest.raises(ValueError, match="malignant_class 5 out of range for 3"):
+        hs.run(str(root / "img"), str(root / "patch.h5"), str(root / "pats.csv"),
+               malignant_class=5, out=str(tmp_path / "x.npz"))
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_mammogram_overlay(real_mammogram_dir, keras208_dir, tmp_path, keras_session):
+    (tmp_path / "pats.csv").write_text("patient_id,side,cancer\n1,R,1\n")
+    height, patch, stride = 256, 32, 8
+    summary = hs.main([str(real_mammogram_dir), str(keras208_dir / "tiny_patch_vgg.h5"),
+                       "--pat-csv", str(tmp_path / "pats.csv"), "--img-height", str(height),
+                       "--patch-size", str(patch), "--stride", str(stride),
+                       "--out", str(tmp_path / "real.npz"), "--png-dir", str(tmp_path / "png"),
+                       "--png-height", "256"])
+    assert summary["missing"] == ["1_R_MLO"]
+    img = dm_image.read_resize_img(real_mammogram_dir / "1_R_CC.png", target_height=height)
+    crop, (x, y, w, h) = dm_image.segment_breast(img)
+    assert y > 0 or x > 0      # the "R CC" label is outside the breast box
+    hm = hs.load_heatmaps(tmp_path / "real.npz")[0]["cc"]
+    assert hm.shape == (_nb(h + 2 * (patch // 2), patch, stride),
+                        _nb(w + 2 * (patch // 2), patch, stride), 3)
+    pic = cv2.imread(str(tmp_path / "png" / "1_R_CC_heatmap.png"))
+    assert pic.shape == (256, int(256 / 3328 * 2560), 3)
+    # coloured inside the breast box only
+    inside = pic[y + h // 2, x + w // 2]
+    assert len(set(inside.tolist())) > 1
+    assert len(set(pic[2, 2].tolist())) == 1

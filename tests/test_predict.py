@@ -1,0 +1,274 @@
+"""image_clf_predict: class folders, lists, exam lists, flips, averaging, bad input, real data."""
+import json
+import pickle
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
+
+import dm_image
+import image_clf_predict as icp
+
+H, W = 32, 24
+RESCALE = 255 / 65535
+MEAN = 40.0
+
+
+def _write_img(path, bright):
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    img = rng.integers(2000, 12000, size=(H * 2, W * 2)).astype(np.uint16)
+    if bright:
+        img[20:40, 10:30] = 60000
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), img)
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls")
+    for k in range(4):
+        _write_img(root / "neg" / f"n{k}.png", False)
+        _write_img(root / "pos" / f"p{k}.png", True)
+    (root / "pos" / "broken.png").write_bytes(b"not a png at all")
+    return root
+
+
+def _tiny_model(keras, channels=3, seed=0, fixed=True):
+    keras.utils.set_random_seed(seed)
+    shape = (H, W, channels) if fixed else (None, None, channels)
+    inp = keras.Input(shape)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(2, activation="softmax", name="out")(x)
+    return keras.Model(inp, out)
+
+
+@pytest.fixture(scope="module")
+def trained_models(class_dir, tmp_path_factory):
+    """Two small models: one trained a few steps on the synthetic set, one random."""
+    import tf_keras as keras
+
+    keras.backend.clear_session()
+    out = tmp_path_factory.mktemp("models")
+    files = sorted((class_dir / "neg").glob("*.png")) + sorted((class_dir / "pos").glob("p*.png"))
+    X = np.stack([_reference_input(f, 3) for f in files])
+    y = np.array([0] * 4 + [1] * 4)
+    m1 = _tiny_model(keras, seed=1)
+    m1.compile(keras.optimizers.Adam(0.05), "sparse_categorical_crossentropy")
+    m1.fit(X, y, epochs=15, batch_size=8, verbose=0)
+    m2 = _tiny_model(keras, seed=2, fixed=False)
+    paths = [out / "m1.h5", out / "m2.h5"]
+    m1.save(paths[0])
+    m2.save(paths[1])
+    m3 = _tiny_model(keras, channels=1, seed=3)
+    m3.save(out / "gray.h5")
+    return paths, out / "gray.h5"
+
+
+def _reference_input(path, channels):
+    img = dm_image.read_resize_img(path, target_size=(H, W), rescale_factor=RESCALE)
+    return np.repeat((img - MEAN)[..., None], channels, axis=-1).astype("float32")
+
+
+def _reference_pred(model, paths, flips):
+    X = np.stack([_reference_input(p, model.input_shape[-1]) for p in paths])
+    views = [X, X[:, :, ::-1], X[:, ::-1], X[:, ::-1, ::-1]] if flips else [X]
+    return np.mean([model.predict(v, verbose=0) for v in views], axis=0)
+
+
+BASE = ["--img-size", str(H), str(W), "--rescale-factor", str(RESCALE), "--featurewise-mean",
+        str(MEAN), "--bootstrap", "200", "--batch-size", "3"]
+
+
+@pytest.mark.slow
+def test_class_folders_flips_and_averaging(class_dir, trained_models, tmp_path, keras_session):
+    paths, _ = trained_models
+    out = tmp_path / "out"
+    summary = icp.main(["--model", *map(str, paths), "--img-dir", str(class_dir),
+                        "--test-augment", "--out-dir", str(out), *BASE])
+    df = pd.read_csv(out / "image_predictions.csv", keep_default_na=False)
+    assert list(df.columns[:6]) == ["image_index", "malignant_pred", "malignant_label",
+                                    "prob_neg", "prob_pos", "error"]
+    assert len(df) == 9 and summary["n_scored"] == 8 and summary["n_errors"] == 1
+    bad = df[df.image_index == "pos/broken.png"].iloc[0]
+    assert bad.malignant_pred == "" and "broken.png" in bad.error and "decode" in bad.error
+    good = df[df.error == ""]
+    files = [class_dir / i for i in good.image_index]
+    from dm_keras_ext import robust_load_model
+    ref = np.mean([_reference_pred(robust_load_model(str(p)), files, True) for p in paths],
+                  axis=0)
+    np.testing.assert_allclose(good[["prob_neg", "prob_pos"]].astype(float), ref, atol=1e-5)
+    y = good.malignant_label.astype(int).to_numpy()
+    assert list(y) == [0] * 4 + [1] * 4
+    s = good.malignant_pred.astype(float).to_numpy()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image"]["auroc"] == pytest.approx(roc_auc_score(y, s))
+    p, r, _ = precision_recall_curve(y, s)
+    assert metrics["image"]["auprc"] == pytest.approx(auc(r, p))
+    assert metrics["image"]["bootstrap"]["n_boot"] == 200
+    assert metrics["n_errors"] == 1
+    for name in ("roc_image.png", "pr_image.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "options.json").read_text())["test_augment"] is True
+
+
+def test_single_model_no_flips_and_image_list(class_dir, trained_models, tmp_path,
+                                              keras_session):
+    paths, _ = trained_models
+    lst = tmp_path / "list.txt"
+    lst.write_text("# images\nneg/n0.png,0\npos/p1.png,1\nmissing.png\n")
+    summary = icp.main(["--model", str(paths[0]), "--img-list", str(lst), "--img-dir",
+                        str(class_dir), "--out-dir", str(tmp_path / "o"), *BASE])
+    df = pd.read_csv(tmp_path / "o" / "image_predictions.csv")
+    ref = _reference_pred(keras_session.models.load_model(paths[0]),
+                          [class_dir / "neg/n0.png", class_dir / "pos/p1.png"], False)
+    np.testing.assert_allclose(df.prob_pos[:2], ref[:, 1], atol=1e-5)
+    assert np.isnan(df.malignant_pred[2]) and "no such file" in df.error[2]
+    assert df.malignant_label.tolist()[:2] == [0, 1] and np.isnan(df.malignant_label[2])
+    assert summary["metrics"]["image"]["n"] == 2
+
+
+def test_folder_without_classes(class_dir, trained_models, tmp_path, keras_session):
+    paths, _ = trained_models
+    summary = icp.run(model=[str(paths[1])], img_dir=str(class_dir / "neg"),
+                      out_dir=str(tmp_path), img_size=(H, W), rescale_factor=RESCALE,
+                      featurewise_mean=MEAN)
+    df = pd.read_csv(tmp_path / "image_predictions.csv")
+    assert df.image_index.tolist() == [f"n{k}.png" for k in range(4)]
+    assert df.malignant_label.isna().all() and summary["metrics"] == {}
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_channel_mismatch_explained_before_reading(class_dir, trained_models, tmp_path,
+                                                   monkeypatch, keras_session):
+    paths, gray = trained_models
+
+    def no_read(*a, **k):
+        raise AssertionError("an image was read before the model check")
+
+    monkeypatch.setattr(dm_image, "read_image", no_read)
+    monkeypatch.setattr(dm_image, "read_img_for_pred", no_read)
+    with pytest.raises(ValueError, match="1-channel input but 3 channels.*YaroslavNet"):
+        icp.main(["--model", str(gray), "--img-dir", str(class_dir), "--channels", "3",
+                  "--out-dir", str(tmp_path), *BASE])
+    with pytest.raises(ValueError, match=f"takes {H}x{W} images but --img-size is 64 48"):
+        icp.main(["--model", str(paths[0]), "--img-dir", str(class_dir), "--out-dir",
+                  str(tmp_path), *BASE, "--img-size", "64", "48"])
+    assert not (tmp_path / "image_predictions.csv").exists()
+
+
+def test_one_channel_model_scored(class_dir, trained_models, tmp_path, keras_session):
+    _, gray = trained_models
+    icp.main(["--model", str(gray), "--img-dir", str(class_dir / "pos"), "--out-dir",
+              str(tmp_path), *BASE])
+    df = pd.read_csv(tmp_path / "image_predictions.csv")
+    files = [class_dir / "pos" / i for i in df.image_index[df.error.isna()]]
+    ref = _reference_pred(keras_session.models.load_model(gray), files, False)
+    np.testing.assert_allclose(df.prob_pos.dropna(), ref[:, 1], atol=1e-5)
+
+
+def _exams():
+    return [
+        {"horizontal_flip": "NO", "L-CC": ["neg/n0"], "R-CC": ["pos/p0"],
+         "L-MLO": ["neg/n1"], "R-MLO": ["pos/p1", "pos/broken"],
+         "cancer_label": {"left_malignant": 0, "right_malignant": 1, "benign": 0}},
+        {"horizontal_flip": "YES", "L-CC": ["neg/n2"], "R-CC": ["neg/n3"], "L-MLO": [],
+         "R-MLO": ["nowhere"], "cancer_label": {"left_malignant": 0, "right_malignant": 0}},
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "json"])
+def test_exam_list(class_dir, trained_models, tmp_path, keras_session, fmt):
+    paths, _ = trained_models
+    src = tmp_path / f"data.{fmt}"
+    if fmt == "pkl":
+        src.write_bytes(pickle.dumps(_exams(), protocol=2))
+    else:
+        src.write_text(json.dumps(_exams()))
+    summary = icp.main(["--model", str(paths[0]), "--exam-list", str(src), "--img-dir",
+                        str(class_dir), "--out-dir", str(tmp_path / "o"), *BASE])
+    img = pd.read_csv(tmp_path / "o" / "image_predictions.csv")
+    assert len(img) == 8 and img.error.notna().sum() == 2
+    assert img.view.tolist()[:5] == ["L-CC", "R-CC", "L-MLO", "R-MLO", "R-MLO"]
+    br = pd.read_csv(tmp_path / "o" / "breast_predictions.csv")
+    assert br.columns.tolist() == ["index", "left_malignant", "right_malignant"]
+    pred = dict(zip(img.image_index, img.malignant_pred))
+    assert br.left_malignant[0] == pytest.approx((pred["neg/n0"] + pred["neg/n1"]) / 2, 1e-5)
+    assert br.right_malignant[0] == pytest.approx((pred["pos/p0"] + pred["pos/p1"]) / 2, 1e-5)
+    assert br.right_malignant[1] == pytest.approx(pred["neg/n3"], 1e-5)
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["breast"]["n"] == 4 and metrics["breast"]["n_pos"] == 1
+    assert (tmp_path / "o" / "roc_breast.png").exists()
+    assert summary["breast_csv"].endswith("breast_predictions.csv")
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_exam_list_refuses_arbitrary_classes(tmp_path):
+    bad = tmp_path / "data.pkl"
+    bad.write_bytes(pickle.dumps([{"L-CC": ["a"], "x": _Evil()}]))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os|nt).system"):
+        icp.load_exam_list(bad)
+    ok = tmp_path / "ok.pkl"
+    from collections import OrderedDict
+    ok.write_bytes(pickle.dumps([OrderedDict({"L-CC": ["a"], "n": np.int64(3)})]))
+    assert icp.load_exam_list(ok)[0]["n"] == 3
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps([{"L-CC": "a"}]))
+    with pytest.raises(ValueError, match="exam 0 view L-CC should be a list"):
+        icp.load_exam_list(wrong)
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_real_mammograms_with_keras208_model(real_mammogram_dir, keras208_dir, tmp_path,
+                                             keras_session):
+    labels = pd.read_csv(real_mammogram_dir / "labels.csv")
+    exams = []
+    for pat, grp in labels.groupby("patient"):
+        lab = dict(zip(grp.side, grp.malignant))
+        exams.append({"horizontal_flip": "NO", "L-CC": [f"{pat}_L_CC"], "R-CC": [f"{pat}_R_CC"],
+                      "L-MLO": [], "R-MLO": [],
+                      "cancer_label": {"left_malignant": int(lab["LEFT"]),
+                                       "right_malignant": int(lab["RIGHT"])}})
+    src = tmp_path / "exams.json"
+    src.write_text(json.dumps(exams))
+    model = keras208_dir / "tiny_image_vgg_top.h5"
+    out = tmp_path / "o"
+    summary = icp.main(["--model", str(model), "--exam-list", str(src), "--img-dir",
+                        str(real_mammogram_dir), "--img-size", "96", "64", "--rescale-factor",
+                        "0.003891", "--featurewise-mean", "52.16", "--test-augment",
+                        "--bootstrap", "100", "--out-dir", str(out)])
+    img = pd.read_csv(out / "image_predictions.csv")
+    assert img.image_index.tolist() == ["1_L_CC", "1_R_CC", "2_L_CC", "2_R_CC"]
+    assert img.error.isna().all() and img.malignant_label.tolist() == [0, 1, 0, 0]
+    from dm_keras_ext import robust_load_model
+    m = robust_load_model(str(model))
+    X = np.stack([np.repeat(dm_image.read_resize_img(
+        real_mammogram_dir / f"{s}.png", target_size=(96, 64),
+        rescale_factor=0.003891)[..., None] - np.float32(52.16), 3, axis=-1)
+        for s in img.image_index])
+    ref = np.mean([m.predict(v, verbose=0) for v in
+                   (X, X[:, :, ::-1], X[:, ::-1], X[:, ::-1, ::-1])], axis=0)
+    np.testing.assert_allclose(img[["prob_neg", "prob_pos"]], ref, atol=1e-5)
+    br = pd.read_csv(out / "breast_predictions.csv")
+    assert br["index"].tolist() == [0, 1]
+    np.testing.assert_allclose(br.right_malignant, img.malignant_pred[[1, 3]], atol=1e-6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"image", "breast"} and metrics["image"]["n_pos"] == 1
+    for name in ("roc_image.png", "pr_image.png", "roc_breast.png", "pr_breast.png"):
+        assert (out / name).stat().st_size > 1000
+    assert summary["n_errors"] == 0
+    # breast segmentation: cropping changes the input, so the scores change
+    seg = icp.run(model=[str(model)], img_list=str(real_mammogram_dir / "labels.csv"),
+                  out_dir=str(tmp_path / "seg"), img_size=(96, 64), rescale_factor=0.003891,
+                  segment_breast=True, bootstrap=0)
+    seg_df = pd.read_csv(tmp_path / "seg" / "image_predictions.csv")
+    assert seg["n_scored"] == 4
+    assert not np.allclose(seg_df.prob_pos, img.prob_pos, atol=1e-6)
