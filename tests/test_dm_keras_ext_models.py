@@ -154,3 +154,41 @@ def test_vgg19_xception_inception_roles(keras_session, no_weight_env):
     # weight-equivalent to the 2017 index 194: nothing between it and ours has weights
     assert top_nb > 194 and not any(model.layers[i].weights for i in range(194, top_nb))
     assert R.find_cut_layer(model, "inception").name == "mixed10"
+
+
+def _first_conv(model):
+    import tf_keras as keras
+    return next(lyr for lyr in model.layers if isinstance(lyr, keras.layers.Conv2D))
+
+
+@pytest.mark.parametrize("nb_filter,size,stride", [(8, 5, 2), (16, 3, 1)])
+def test_dm_resnet14_small_net_honours_2017_flags(keras_session, no_weight_env, nb_filter, size,
+                                                  stride):
+    model, preprocess, top_nb = E.get_dl_model(
+        "dm_resnet14", nb_class=3, use_pretrained=True, nb_init_filter=nb_filter,
+        init_filter_size=size, init_conv_stride=stride, weight_decay=1e-4, alpha=1e-4,
+        l1_ratio=0.0)
+    assert model.input_shape == (None, None, None, 1)      # greyscale, like YaroslavNet
+    assert preprocess is None and top_nb is None            # no pretrained weights: stage 1 only
+    stem = _first_conv(model)
+    assert stem.filters == nb_filter and stem.kernel_size == (size, size)
+    assert stem.strides == (stride, stride)
+    ref = R.ResNetBuilder.build_dm_resnet_14((1, None, None), 3, nb_init_filter=nb_filter,
+                                             init_filter_size=size, init_conv_stride=stride,
+                                             pool_size=2, pool_stride=2)
+    assert model.count_params() == ref.count_params()
+    cut = R.find_cut_layer(model, "dm_resnet14")
+    assert cut.output.shape[-1] == nb_filter * 8 * 4          # 4 stages, bottleneck x4
+    x = np.zeros((2, 64, 64, 1), "float32")
+    assert model.predict(x, verbose=0).shape == (2, 3)
+    whole, top = R.add_top_layers(model, (128, 96), "dm_resnet14", depths=[16],
+                                  repetitions=[1], bottleneck_enlarge_factor=2)
+    assert whole.input_shape == (None, 128, 96, 1) and whole.output_shape == (None, 2)
+    assert top == 2
+
+
+def test_dm_resnet14_param_count_grows_with_filters(keras_session):
+    small = E.dm_resnet14_patch_net(nb_class=3, nb_init_filter=8).count_params()
+    big = E.dm_resnet14_patch_net(nb_class=3, nb_init_filter=16).count_params()
+    assert big > 3 * small                               # conv weights scale ~ filters^2
+    assert E.dm_resnet14_patch_net(nb_class=3, nb_init_filter=16).count_params() == 507_395
