@@ -175,6 +175,9 @@ def add_ram_flags(parser):
     g = parser.add_argument_group("memory")
     add_bool_flag(g, "load-val-ram", False, "load the validation set into memory")
     add_bool_flag(g, "load-train-ram", False, "load the train set into memory")
+    g.add_argument("--img-cache-dir", dest="img_cache_dir", default=None, metavar="DIR",
+                   help="keep every image, read and resized, as a .npy file in DIR: epochs "
+                        "after the first and later runs skip the decoding (default: off)")
 
 
 def add_augmentation_flag(parser, default):
@@ -388,7 +391,8 @@ AUGMENTATION_2017 = dict(horizontal_flip=True, vertical_flip=True, rotation_rang
 def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, rescale_factor,
                          featurewise_center, featurewise_mean, equalize_hist, augmentation,
                          class_list, auto_batch_balance, batch_size, train_batch_size,
-                         load_train_ram, load_val_ram, dup_3_channels, preprocess, seed):
+                         load_train_ram, load_val_ram, dup_3_channels, preprocess, seed,
+                         cache_dir=None):
     """Train, validation and test iterators over class folders (``dm_image`` generators).
 
     Per image: read and resize to ``img_size``, ``img_scale``/``rescale_factor`` (0..255
@@ -396,7 +400,8 @@ def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, r
     (train only), featurewise centring with ``featurewise_mean``, then ``preprocess`` on the
     batch. The train iterator shuffles (``seed``) and, with ``auto_batch_balance``, yields
     sample weights; validation and test keep file order. ``load_*_ram`` caches a set in memory
-    (``load_dat_ram``) and iterates over the cache.
+    (``load_dat_ram``) and iterates over the cache; ``cache_dir`` keeps the resized images as
+    ``.npy`` files there (``dm_image.cached_read``), for every set.
 
     Returns:
         (train, val, test) tf-keras Sequences yielding ``(x, y[, w])``; x float32
@@ -412,7 +417,8 @@ def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, r
         it = imgen.flow_from_directory(folder, target_size=tuple(img_size), classes=class_list,
                                        class_mode="categorical", batch_size=bs,
                                        shuffle=shuffle, seed=seed,
-                                       auto_batch_balance=balance, **read)
+                                       auto_batch_balance=balance, cache_dir=cache_dir,
+                                       **read)
         if not in_ram:
             return it
         X, y = load_dat_ram(it)

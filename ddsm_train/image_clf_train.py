@@ -209,7 +209,8 @@ def run(train_dir, val_dir, test_dir, **options):
         augmentation=opts["augmentation"], class_list=opts["class_list"],
         auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
         train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
-        load_val_ram=opts["load_val_ram"], dup_3_channels=channels == 3,
+        load_val_ram=opts["load_val_ram"], cache_dir=opts["img_cache_dir"],
+        dup_3_channels=channels == 3,
         preprocess=_preprocess_fn(opts, channels), seed=env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d images; train batch %d, eval batch %d",
                 train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])

@@ -145,7 +145,8 @@ def run(train_dir, val_dir, test_dir, **options):
         augmentation=opts["augmentation"], class_list=opts["class_list"],
         auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
         train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
-        load_val_ram=opts["load_val_ram"], dup_3_channels=channels == 3,
+        load_val_ram=opts["load_val_ram"], cache_dir=opts["img_cache_dir"],
+        dup_3_channels=channels == 3,
         preprocess=None if opts["featurewise_center"] else preprocess,
         seed=env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d patches; train batch %d, eval batch %d",

@@ -52,6 +52,9 @@ NB_FILTER="${DEMO_NB_INIT_FILTER:-16}"
 PATCH_EPOCHS="${DEMO_PATCH_EPOCHS:-4}"
 TOP_EPOCHS="${DEMO_TOP_EPOCHS:-2}"
 ALL_EPOCHS="${DEMO_ALL_EPOCHS:-8}"
+IMAGE_AUG="${DEMO_IMAGE_AUGMENTATION:-1}"     # 1: --augmentation for the whole-image net
+IMAGE_LR="${DEMO_IMAGE_LR:-0.001}"
+ALL_MULT="${DEMO_ALL_LAYER_MULTIPLIER:-0.1}"
 BOOTSTRAP="${DEMO_BOOTSTRAP:-2000}"
 MEAN="${DEMO_FEATUREWISE_MEAN:-45}"           # mean of the synthetic whole images, 0..255 scale
 RESCALE=0.003891                              # 16-bit PNG -> 0..255
@@ -111,8 +114,9 @@ stage 4_image_train "$PY" "$HERE/image_clf_train.py" \
     --img-size "$IMG_H" "$IMG_W" "${SCALE_FLAGS[@]}" --batch-size 32 --train-bs-multiplier 0.5 \
     --block-type resnet --top-depths 64 --top-repetitions 1 --bottleneck-enlarge-factor 2 \
     --nb-epoch "$TOP_EPOCHS" --all-layer-epochs "$ALL_EPOCHS" --optimizer adam \
-    --init-learningrate 0.001 --all-layer-multiplier 0.1 --load-train-ram --load-val-ram \
-    --best-model "$MODELS/image_clf.h5"
+    --init-learningrate "$IMAGE_LR" --all-layer-multiplier "$ALL_MULT" \
+    "$( (( IMAGE_AUG )) && echo --augmentation || echo --no-augmentation)" \
+    --load-train-ram --load-val-ram --best-model "$MODELS/image_clf.h5"
 
 PRED_FLAGS=(--model "$MODELS/image_clf.h5" --img-dir "$DATA/whole_img/test"
             --img-size "$IMG_H" "$IMG_W" "${SCALE_FLAGS[@]}" --bootstrap "$BOOTSTRAP"

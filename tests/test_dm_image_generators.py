@@ -329,3 +329,59 @@ def test_real_mammograms_at_full_size(real_mammogram_dir, tmp_path):
                                       - np.float32(52.16))
     X, _ = load_dat_ram(it, nb_samples=2)
     assert X.dtype == np.uint16 and X.nbytes / len(X) <= 2.1e6
+
+
+def test_disk_cache_same_batches_and_skips_decoding(img_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    gen = DMImageDataGenerator(featurewise_center=True, **AUG)
+    plain = [b for b in _iterator(img_dir, gen, shuffle=True)]
+    cached_it = _iterator(img_dir, gen, shuffle=True, cache_dir=cache)
+    first = [cached_it[i] for i in range(len(cached_it))]
+    assert len(list(cache.glob("*.npy"))) == 5 and not list(cache.glob("*.tmp"))
+    # second pass: every image comes from the cache, nothing is decoded
+    calls = []
+    monkeypatch.setattr(dm_image, "read_resize_img",
+                        lambda *a, **k: calls.append(a) or pytest.fail("decoded again"))
+    second = [cached_it[i] for i in range(len(cached_it))]
+    assert calls == []
+    for a, b, c in zip(plain, first, second):
+        for u, v, w in zip(a, b, c):
+            np.testing.assert_array_equal(u, v)
+            np.testing.assert_array_equal(u, w)
+    X, _ = load_dat_ram(cached_it)  # the RAM loader reads through the cache too
+    assert X.dtype == np.uint16 and X.shape == (5,) + SIZE
+
+
+def test_cached_read_equals_reference_and_invalidates(img_dir, tmp_path):
+    path = img_dir / "pos" / "y.png"
+    cache = tmp_path / "c"
+    ref = read_resize_img(str(path), target_size=SIZE)
+    got = dm_image.cached_read(path, cache, SIZE)
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got.astype(np.float32), ref)
+    np.testing.assert_array_equal(dm_image.cached_read(path, cache, SIZE), got)
+    # another size is another entry; a rewritten image is read again
+    assert dm_image.cached_read(path, cache, (32, 24)).shape == (32, 24)
+    assert len(list(cache.glob("*.npy"))) == 2
+    new = np.full((80, 60), 1234, np.uint16)
+    cv2.imwrite(str(path), new)
+    import os
+    os.utime(path, ns=(1, 10 ** 18))  # a new mtime even on coarse file systems
+    np.testing.assert_array_equal(dm_image.cached_read(path, cache, SIZE),
+                                  np.full(SIZE, 1234, np.uint16))
+    # a damaged entry is decoded again and repaired
+    for f in cache.glob("*.npy"):
+        f.write_bytes(b"garbage")
+    np.testing.assert_array_equal(dm_image.cached_read(path, cache, SIZE),
+                                  np.full(SIZE, 1234, np.uint16))
+    with pytest.raises(dm_image.ImageReadError, match="nope.png"):
+        dm_image.cached_read(tmp_path / "nope.png", cache, SIZE)
+
+
+def test_cache_that_cannot_be_written_is_skipped(img_dir, tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    dm_image._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="dm_image"):
+        img = dm_image.cached_read(img_dir / "pos" / "y.png", blocker / "sub", SIZE)
+    assert img.shape == SIZE and "cannot be written" in caplog.text

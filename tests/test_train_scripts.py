@@ -88,7 +88,8 @@ IMAGE_DEFAULTS = dict(
     bottleneck_enlarge_factor=4, add_heatmap=False, avg_pool_size=[7, 7], add_conv=True,
     add_shortcut=False, hm_strides=[1, 1], hm_pool_size=[5, 5], fc_init_units=64, fc_layers=2,
     top_layer_nb=None, nb_epoch=5, all_layer_epochs=20, load_val_ram=False,
-    load_train_ram=False, weight_decay=1e-4, hidden_dropout=0.0, weight_decay2=1e-4,
+    load_train_ram=False, img_cache_dir=None, weight_decay=1e-4, hidden_dropout=0.0,
+    weight_decay2=1e-4,
     hidden_dropout2=0.0, optim="sgd", init_lr=0.01, lr_patience=10, es_patience=25,
     auto_batch_balance=True, pos_cls_weight=1.0, neg_cls_weight=1.0, all_layer_multiplier=0.1,
     best_model="./modelState/image_clf.h5", final_model="NOSAVE", kept_layer_idx=None,
@@ -99,6 +100,7 @@ PATCH_DEFAULTS = dict(
     featurewise_mean=59.6, equalize_hist=True, batch_size=64, train_bs_multiplier=0.5,
     augmentation=False, class_list=["background", "malignant", "benign"], nb_epoch=5,
     top_layer_epochs=10, all_layer_epochs=20, load_val_ram=False, load_train_ram=False,
+    img_cache_dir=None,
     net="resnet50", use_pretrained=True, top_layer_nb=None, nb_init_filter=32,
     init_filter_size=5, init_conv_stride=2, max_pooling_size=2, max_pooling_stride=2,
     weight_decay=1e-4, weight_decay2=1e-4, bias_multiplier=None, alpha=1e-4, l1_ratio=0.0,
@@ -211,7 +213,10 @@ def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path
         "--block-type", "vgg", "--top-depths", "8", "--top-repetitions", "1",
         "--batch-size", "4", "--nb-epoch", "1", "--all-layer-epochs", "1", "--optimizer", "adam",
         "--init-learningrate", "0.001", "--load-val-ram", "--bias-multiplier", "0.1",
+        "--img-cache-dir", str(tmp_path / "cache"),
         "--best-model", str(best), "--final-model", str(final)])
+    n_images = sum(1 for p in (data / "img").rglob("*.png"))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == n_images  # train, val and test
     hist = result["history"]
     assert result["epochs"] == 2 and len(hist["val_auc"]) == 2 and len(hist["loss"]) == 2
     assert result["best_val_auc"] == pytest.approx(max(hist["val_auc"]))

@@ -1,9 +1,13 @@
 """Benchmark: augmented 1152x896 whole-image batches, ours vs the 2017 per-image path.
 
-Run with ``make bench`` (prints a table). Set-up writes synthetic 16-bit mammogram-like PNGs of
-real size (3328x2560, smooth breast shape plus noise; about as large as real CBIS-DDSM/INbreast
-PNGs) to a temporary folder. All rates are single-threaded (``cv2.setNumThreads(1)``) except
-the 2-worker row. The augmentation settings are those of image_clf_train (SPEC section 5).
+Run with ``make bench`` (prints a table per input size). Set-up writes synthetic 16-bit
+mammogram-like PNGs (smooth breast shape plus noise) to a temporary folder, at two sizes:
+3328x2560 (about as large as real CBIS-DDSM/INbreast PNGs, resized on every read) and 1152x896
+(images stored at the training size, as ``prepare_cbis_ddsm.py --whole-size`` writes them). All
+rates are single-threaded (``cv2.setNumThreads(1)``) except the 2-worker row. The augmentation
+settings are those of image_clf_train (SPEC section 5). The ``.npy`` disk-cache row
+(``--img-cache-dir``) times the epochs after the first; the first epoch (decode + cache write) is
+printed beside it.
 """
 import os
 import time
@@ -21,7 +25,7 @@ REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_mammo
 
 N_FILES = int(os.environ.get("BENCH_N_FILES", 24))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 2))
-FULL = (3328, 2560)
+SIZES_ON_DISK = [(3328, 2560), (1152, 896)]
 SIZE = (1152, 896)
 RESCALE = 255.0 / 65535
 MEAN = 52.16
@@ -29,8 +33,8 @@ AUG = dict(rotation_range=25., shear_range=0.2, zoom_range=0.2, channel_shift_ra
            horizontal_flip=True, vertical_flip=True, fill_mode="nearest")
 
 
-def _synthetic_mammogram(rng):
-    h, w = FULL
+def _synthetic_mammogram(rng, full):
+    h, w = full
     rr, cc = np.mgrid[0:h // 8, 0:w // 8].astype(np.float32)
     r0, r1 = rng.uniform(0.3, 0.4) * h / 8, rng.uniform(0.45, 0.65) * w / 8
     dist = ((rr - h / 16) / r0) ** 2 + (cc / r1) ** 2
@@ -44,15 +48,16 @@ def _synthetic_mammogram(rng):
     return np.clip(big, 0, 65535).astype(np.uint16)
 
 
-@pytest.fixture(scope="module")
-def png_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench_pngs")
+@pytest.fixture(scope="module", params=SIZES_ON_DISK, ids=lambda s: f"{s[0]}x{s[1]}")
+def png_dir(request, tmp_path_factory):
+    full = request.param
+    root = tmp_path_factory.mktemp(f"bench_pngs_{full[0]}")
     rng = np.random.RandomState(0)
     for k in range(N_FILES):
         cls = root / ("pos" if k % 4 == 0 else "neg")
         cls.mkdir(exist_ok=True)
-        cv2.imwrite(str(cls / f"img_{k:03d}.png"), _synthetic_mammogram(rng))
-    return root
+        cv2.imwrite(str(cls / f"img_{k:03d}.png"), _synthetic_mammogram(rng, full))
+    return root, full
 
 
 def _files(root):
@@ -86,9 +91,10 @@ def _iterate(it):
         it[i]
 
 
-def test_bench_generators(png_dir):
+def test_bench_generators(png_dir, tmp_path):
     from tf_keras.preprocessing.image import ImageDataGenerator
 
+    png_dir, full = png_dir
     files = _files(png_dir)
     n = len(files)
     prev_threads = cv2.getNumThreads()
@@ -99,6 +105,11 @@ def test_bench_generators(png_dir):
         it = gen.flow_from_directory(str(png_dir), target_size=SIZE, rescale_factor=RESCALE,
                                      dup_3_channels=True, batch_size=4,
                                      auto_batch_balance=True, seed=1)
+        cached_it = gen.flow_from_directory(str(png_dir), target_size=SIZE,
+                                            rescale_factor=RESCALE, dup_3_channels=True,
+                                            batch_size=4, auto_batch_balance=True, seed=1,
+                                            cache_dir=tmp_path / "npy_cache")
+        first_epoch = _rate(lambda: _iterate(cached_it), n)  # decodes and writes the cache
         kw = dict(AUG, shear_range=float(np.rad2deg(0.2)))  # today's Keras takes degrees
         gen_2017 = ImageDataGenerator(featurewise_center=True, interpolation_order=0, **kw)
         gen_2017.mean = MEAN
@@ -120,6 +131,7 @@ def test_bench_generators(png_dir):
             "ours": (lambda: _iterate(it), n),
             "base": (lambda: _baseline_2017(files, gen_2017), n),
             "ours2": (lambda: list(pool.map(it.__getitem__, range(len(it)))), n),
+            "ours_npy": (lambda: _iterate(cached_it), n),
             "ours_ram": (lambda: _iterate(ram_it), n),
             "base_ram": (lambda: _baseline_2017_ram(cache_2017, gen_2017), len(cache_2017)),
         }
@@ -132,6 +144,7 @@ def test_bench_generators(png_dir):
         decode, decode_real = best["decode"], best.get("decode_real")
         ours, base, ours2 = best["ours"], best["base"], best["ours2"]
         ours_ram, base_ram = best["ours_ram"], best["base_ram"]
+        ours_npy = best["ours_npy"]
     finally:
         cv2.setNumThreads(prev_threads)
 
@@ -142,12 +155,14 @@ def test_bench_generators(png_dir):
         ("2017 baseline, from disk", base, 1.0),
         ("ours, from disk", ours, ours / base),
         ("ours, from disk, 2 worker threads", ours2, ours2 / base),
+        ("ours, from disk, first epoch with .npy cache", first_epoch, first_epoch / base),
+        ("ours, from .npy disk cache (later epochs)", ours_npy, ours_npy / base),
         ("2017 baseline, from float32 RAM cache", base_ram, base_ram / base),
         ("ours, from uint16 RAM cache", ours_ram, ours_ram / base),
     ]
     sizes = np.mean([os.path.getsize(f) for f in files]) / 1e6
     print(f"\n\nAugmented {SIZE[0]}x{SIZE[1]} images/s, {n} synthetic 16-bit "
-          f"{FULL[0]}x{FULL[1]} PNGs ({sizes:.1f} MB each), single thread unless noted, "
+          f"{full[0]}x{full[1]} PNGs ({sizes:.1f} MB each), single thread unless noted, "
           f"best of {ROUNDS} rounds")
     print(f"{'path':44s} {'img/s':>8s} {'x 2017 disk':>12s}")
     for name, rate, ratio in rows:
