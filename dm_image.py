@@ -280,7 +280,10 @@ def _breast_mask(img: np.ndarray, low_int_threshold: float,
     img_max = float(np.max(img))
     if not np.isfinite(img_max) or img_max <= 0:
         raise ValueError(f"cannot segment the breast: the image is all black (max {img_max})")
-    img_8u = np.clip(img.astype(np.float32) / img_max * 255, 0, 255).astype(np.uint8)
+    scaled = img.astype(np.float32)  # img / img_max * 255 in float32, in place
+    scaled /= img_max
+    scaled *= 255
+    img_8u = np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
     low_th = int(img_8u.max() * low_int_threshold) if low_int_threshold < 1 \
         else int(low_int_threshold)
     binary = (img_8u > low_th).astype(np.uint8)
@@ -768,7 +771,6 @@ import threading
 from typing import Optional, Tuple
 
 import cv2
-import tf_keras as keras
 
 IMG_EXTENSIONS = ("png", "jpg", "jpeg", "pgm", "tif", "tiff", "dcm")
 _CLASS_MODES = ("categorical", "binary", "sparse", None)
@@ -1277,17 +1279,36 @@ def batch_balance_weights(labels: np.ndarray) -> np.ndarray:
     return (float(len(labels)) / counts[inverse]).astype(np.float32)
 
 
-class _DMIterator(keras.utils.Sequence):
+class _SequenceBase:
+    """Stand-in base of the iterators until one is made: then ``tf_keras.utils.Sequence``.
+
+    ``import dm_image`` must stay light (the patch sampler, CBIS-DDSM preparation and their
+    worker processes use only the image functions and should not load TensorFlow), while tf-keras
+    recognises an iterator as a ``Sequence`` only by ``isinstance``. So the first iterator
+    created imports tf-keras and makes ``Sequence`` the base of :class:`_DMIterator`.
+    """
+
+
+def _bind_sequence_base() -> None:
+    if _DMIterator.__bases__ == (_SequenceBase,):
+        import tf_keras as keras
+
+        _DMIterator.__bases__ = (keras.utils.Sequence,)
+
+
+class _DMIterator(_SequenceBase):
     """Common batching, shuffling, class subsampling and sample weights of the iterators.
 
     Batch ``i`` of an epoch depends only on (seed, epoch, i), so tf-keras may fetch batches in
     any order and with several workers (threads or processes). ``on_epoch_end`` (called by
     ``model.fit``, or by ``next()`` at the end of an epoch) draws the next epoch's order.
+    Iterators are ``tf_keras.utils.Sequence`` instances (see :class:`_SequenceBase`).
     """
 
     def __init__(self, n, labels, nb_class, class_mode, image_data_generator, batch_size,
                  shuffle, seed, auto_batch_balance, balance_classes, no_pos_skip,
                  dup_3_channels, preprocess, data_format):
+        _bind_sequence_base()
         super().__init__()
         _positive_int("batch_size", batch_size)
         if class_mode not in _CLASS_MODES + ("raw",):
@@ -1344,7 +1365,8 @@ class _DMIterator(keras.utils.Sequence):
         state.pop("_lock", None)
         return state
 
-    def __setstate__(self, state):
+    def __setstate__(self, state):  # e.g. in a loader worker process: bind the base there too
+        _bind_sequence_base()
         self.__dict__.update(state)
         self._lock = threading.Lock()
 

@@ -56,6 +56,7 @@ import re
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -482,7 +483,21 @@ def _abn_folder(cfg: _Settings, roi: _Roi) -> str:
 
 
 def _sample_view(task: _ViewTask, cfg: _Settings) -> dict:
-    """Sample and write the patches of one view; returns counts, manifest rows and messages."""
+    """Sample and write the patches of one view; returns counts, manifest rows and messages.
+
+    The PNGs are encoded and written by a background thread (OpenCV releases the GIL), so
+    writing the abnormal patches overlaps with the blob detection that follows.
+    """
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = []
+        res = _sample_view_with(task, cfg, lambda path, arr: pending.append(
+            writer.submit(_write_png, path, arr)))
+        for job in pending:
+            job.result()  # re-raise a failed write here
+    return res
+
+
+def _sample_view_with(task: _ViewTask, cfg: _Settings, write) -> dict:
     res = {"img_id": task.img_id, "split": task.split, "status": "ok", "message": "",
            "counts": {}, "rows": [], "warnings": [], "relaxations": 0,
            "abn_shortfall": 0, "hns_shortfall": 0, "bkg_shortfall": 0}
@@ -501,7 +516,7 @@ def _sample_view(task: _ViewTask, cfg: _Settings) -> dict:
         out = Path(task.out_dir) / folder
         for k, (x, y) in enumerate(centres):
             name = f"{task.img_id}_{kind}_{k:04d}.png"
-            _write_png(out / name, extract_patch(img_pad, int(x), int(y), p))
+            write(out / name, extract_patch(img_pad, int(x), int(y), p))
             roi_frac, patch_frac = fracs_fn(int(x), int(y))
             res["rows"].append({"folder": folder, "filename": name, "img_id": task.img_id,
                                 "kind": kind, "row": int(y) - m + bbox[1],

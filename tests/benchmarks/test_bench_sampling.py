@@ -1,8 +1,8 @@
 """Benchmark: patch sampling, ours vs a faithful reimplementation of the 2017 algorithm.
 
 Same images and settings for both (height 4096, 256-pixel patches, 30 abnormal patches per ROI,
-15 hard negatives and 30 background patches per view, cutoffs 0.75 / 0.35): three 4096-pixel-high
-synthetic mammograms with lesion masks from ``make_synthetic_ddsm``. The 2017 reference does
+15 hard negatives and 30 background patches per view, cutoffs 0.75 / 0.35): six (``BENCH_SAMPLING_VIEWS``)
+4096-pixel-high synthetic mammograms with lesion masks from ``make_synthetic_ddsm``. The 2017 reference does
 what the 2017 sampler did per view: read and resize the image once, segment the breast, then per
 ROI read and resize the mask, crop it, add float margins to image and mask, find the ROI's
 largest contour, and draw centres one at a time, judging each candidate by copying the whole
@@ -26,14 +26,14 @@ import sample_patches_combined as spc
 
 TARGET_H, PATCH, NB_ABN, NB_BKG, NB_HNS = 4096, 256, 30, 30, 15
 POS_CUT, NEG_CUT = 0.75, 0.35
-NB_VIEWS = 3
+NB_VIEWS = int(os.environ.get("BENCH_SAMPLING_VIEWS", 6))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     mk = pytest.importorskip("make_synthetic_ddsm")
     root = tmp_path_factory.mktemp("bench_sampling")
-    mk.run(root / "syn", nb_patients=3, img_height=4096, img_width=3200, seed=3)
+    mk.run(root / "syn", nb_patients=NB_VIEWS + 1, img_height=4096, img_width=3200, seed=3)
     csv = pd.read_csv(root / "syn" / "roi_mask_path.csv")
     views = csv.drop_duplicates(["patient_id", "side", "view"]).head(NB_VIEWS)
     sub = csv.merge(views[["patient_id", "side", "view"]])
