@@ -1,8 +1,9 @@
 """Benchmark: patch sampling, ours vs a faithful reimplementation of the 2017 algorithm.
 
 Same images and settings for both (height 4096, 256-pixel patches, 30 abnormal patches per ROI,
-15 hard negatives and 30 background patches per view, cutoffs 0.75 / 0.35): six (``BENCH_SAMPLING_VIEWS``)
-4096-pixel-high synthetic mammograms with lesion masks from ``make_synthetic_ddsm``. The 2017 reference does
+15 hard negatives and 30 background patches per view, cutoffs 0.75 / 0.35): six
+(``BENCH_SAMPLING_VIEWS``) 4096-pixel-high synthetic mammograms with lesion masks from
+``make_synthetic_ddsm``. The 2017 reference does
 what the 2017 sampler did per view: read and resize the image once, segment the breast, then per
 ROI read and resize the mask, crop it, add float margins to image and mask, find the ROI's
 largest contour, and draw centres one at a time, judging each candidate by copying the whole
