@@ -30,9 +30,9 @@ __all__ = [
     "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
     "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
     "add_model_file_flags", "add_distributed_flags",
-    "setup_logging", "options_json_path", "log_and_save_options", "check_batch_vs_devices",
+    "setup_logging", "cli_main", "options_json_path", "log_and_save_options", "check_batch_vs_devices",
     "resolve_options", "check_class_dirs", "env_summary", "AUGMENTATION_2017",
-    "build_data_iterators",
+    "build_data_iterators", "iterators_from_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -289,6 +289,17 @@ def setup_logging(level=logging.INFO):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def cli_main(parser, run, argv=None):
+    """A script's ``main()``: parse ``argv`` with ``parser``, set up logging, ``run(**args)``.
+
+    Returns what ``run`` returns; its errors (ValueError for bad values, OSError for bad
+    files) propagate with their messages.
+    """
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run(**vars(args))
+
+
 def options_json_path(best_model):
     """Path of the options JSON written beside ``best_model`` (``<best_model>.options.json``)."""
     return Path(str(best_model) + ".options.json")
@@ -436,3 +447,24 @@ def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, r
     val = make(eval_imgen, val_dir, batch_size, False, False, load_val_ram)
     test = make(eval_imgen, test_dir, batch_size, False, False, False)
     return train, val, test
+
+
+def iterators_from_options(opts, channels, preprocess, seed):
+    """:func:`build_data_iterators` from a training script's options (``vars(args)``).
+
+    Returns:
+        (train, val, test, train_batch_size); the train batch is ``--batch-size`` x
+        ``--train-bs-multiplier``.
+    """
+    train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
+    train, val, test = build_data_iterators(
+        opts["train_dir"], opts["val_dir"], opts["test_dir"], img_size=opts["img_size"],
+        img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
+        featurewise_center=opts["featurewise_center"],
+        featurewise_mean=opts["featurewise_mean"], equalize_hist=opts["equalize_hist"],
+        augmentation=opts["augmentation"], class_list=opts["class_list"],
+        auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
+        train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
+        load_val_ram=opts["load_val_ram"], cache_dir=opts["img_cache_dir"],
+        dup_3_channels=channels == 3, preprocess=preprocess, seed=seed)
+    return train, val, test, train_bs

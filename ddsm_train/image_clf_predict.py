@@ -80,7 +80,7 @@ import pandas as pd  # noqa: E402
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_optional_value_flag, \
-    setup_logging  # noqa: E402
+    cli_main  # noqa: E402
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
@@ -688,9 +688,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Command-line entry point; returns the summary of :func:`run`."""
-    args = get_args_parser().parse_args(argv)
-    setup_logging()
-    return run(**vars(args))
+    return cli_main(get_args_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -200,18 +200,8 @@ def run(train_dir, val_dir, test_dir, **options):
     model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
     model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
     channels = model.input_shape[-1]
-    train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
-    train, val, test = cf.build_data_iterators(
-        opts["train_dir"], opts["val_dir"], opts["test_dir"], img_size=opts["img_size"],
-        img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
-        featurewise_center=opts["featurewise_center"],
-        featurewise_mean=opts["featurewise_mean"], equalize_hist=opts["equalize_hist"],
-        augmentation=opts["augmentation"], class_list=opts["class_list"],
-        auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
-        train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
-        load_val_ram=opts["load_val_ram"], cache_dir=opts["img_cache_dir"],
-        dup_3_channels=channels == 3,
-        preprocess=_preprocess_fn(opts, channels), seed=env["RANDOM_SEED"])
+    train, val, test, train_bs = cf.iterators_from_options(
+        opts, channels, _preprocess_fn(opts, channels), env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d images; train batch %d, eval batch %d",
                 train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])
     ckpt = dm_keras_ext.DMAucModelCheckpoint(opts["best_model"], val)

@@ -60,7 +60,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, setup_logging  # noqa: E402
+from common_flags import add_bool_flag, cli_main  # noqa: E402
 
 __all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
            "get_args_parser", "main"]
@@ -427,9 +427,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Command-line entry point; returns the summary of :func:`run`."""
-    args = get_args_parser().parse_args(argv)
-    setup_logging()
-    return run(**vars(args))
+    return cli_main(get_args_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag, get_random_seed, \
-    setup_logging  # noqa: E402
+    cli_main  # noqa: E402
 
 __all__ = [
     "CSV_COLUMNS", "PATHOLOGY_LABELS", "LESION_TYPES", "BLOB_PARAMS", "MaskSat",
@@ -857,9 +857,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Command-line entry point; returns the summary of :func:`run`."""
-    args = get_args_parser().parse_args(argv)
-    setup_logging()
-    return run(**vars(args))
+    return cli_main(get_args_parser(), run, argv)
 
 
 if __name__ == "__main__":
