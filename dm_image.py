@@ -270,7 +270,36 @@ def read_resize_img(fname: PathLike, target_size: Optional[Sequence[int]] = None
     return img
 
 
-_IO_ALL += ["ImageReadError", "read_image", "read_resize_img"]
+def write_png(path: PathLike, img: np.ndarray) -> None:
+    """Write a PNG atomically: encoded in memory, written to ``<name>.part``, then renamed.
+
+    A crash or a full disk never leaves a truncated PNG under the final name (a reader would
+    otherwise meet a file that fails to decode).
+
+    Args:
+        path: destination file (its folder must exist).
+        img: (H, W) uint8/uint16 or (H, W, 3) uint8 BGR image, stored as is (16-bit stays 16-bit).
+
+    Raises:
+        OSError: the image cannot be encoded or the file cannot be written.
+    """
+    path = Path(path)
+    try:
+        ok, buf = cv2.imencode(".png", img)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise OSError(f"could not encode a PNG for {path} (array {img.dtype} {img.shape})")
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_bytes(buf.tobytes())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_IO_ALL += ["ImageReadError", "read_image", "read_resize_img", "write_png"]
 
 
 # ---- breast segmentation -------------------------------------------------------------------

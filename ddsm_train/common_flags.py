@@ -30,7 +30,8 @@ __all__ = [
     "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
     "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
     "add_model_file_flags", "add_distributed_flags",
-    "setup_logging", "cli_main", "options_json_path", "log_and_save_options", "check_batch_vs_devices",
+    "setup_logging", "cli_main", "checked_main", "parallel_map", "options_json_path",
+    "log_and_save_options", "check_batch_vs_devices",
     "resolve_options", "check_class_dirs", "env_summary", "AUGMENTATION_2017",
     "build_data_iterators", "iterators_from_options",
 ]
@@ -298,6 +299,48 @@ def cli_main(parser, run, argv=None):
     args = parser.parse_args(argv)
     setup_logging()
     return run(**vars(args))
+
+
+def checked_main(parser, validate, run, argv=None):
+    """A training script's ``main()``: parse, set up logging, ``validate(opts)``, ``run``.
+
+    A ValueError from ``validate`` stops with the usage line and the message (exit status 2),
+    before any model or data is loaded.
+    """
+    args = parser.parse_args(argv)
+    setup_logging()
+    opts = vars(args)
+    try:
+        validate(opts)
+    except ValueError as err:
+        parser.error(str(err))
+    return run(**opts)
+
+
+def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1):
+    """``[fn(x) for x in items]`` in ``workers`` spawned processes, with a tqdm progress bar.
+
+    Results keep the order of ``items``. Worker processes are started with "spawn" (forking a
+    parent that has run threaded libraries such as OpenCV can deadlock the children) and run
+    OpenCV single-threaded; ``fn`` must be a picklable module-level function.
+    """
+    from tqdm import tqdm
+
+    items = list(items)
+    bar = dict(total=len(items), disable=not verbose, unit="view", desc=desc)
+    if workers == 1 or len(items) <= 1:
+        return [fn(x) for x in tqdm(items, **bar)]
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(items)), initializer=_single_threaded_opencv) as pool:
+        return list(tqdm(pool.imap(fn, items, chunksize=chunksize), **bar))
+
+
+def _single_threaded_opencv():
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def options_json_path(best_model):

@@ -266,10 +266,7 @@ def overlay_heatmap(img: np.ndarray, heatmap: np.ndarray, malignant_class: int,
 
 def _write_png(pic: np.ndarray, path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    if not cv2.imwrite(str(tmp), pic):
-        raise OSError(f"could not write {path}")
-    os.replace(tmp, path)
+    dm_image.write_png(path, pic)
 
 
 # ------------------------------------------------------------------------------ files

@@ -264,15 +264,7 @@ def _report(opts, json_path, hists, ckpt, test, is_chief=True):
 
 def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    cf.setup_logging()
-    opts = vars(args)
-    try:
-        validate_options(opts)
-    except ValueError as err:
-        parser.error(str(err))
-    result = run(**opts)
+    result = cf.checked_main(get_args_parser(), validate_options, run, argv)
     print(f"best validation AUROC {result['best_val_auc']:.4f}; test AUROC "
           f"{_fmt(result['test_auc'])}, with flips {_fmt(result['test_auc_augmented'])}")
     return result

@@ -193,15 +193,7 @@ def _report(opts, json_path, hists, test, is_chief=True):
 
 def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    cf.setup_logging()
-    opts = vars(args)
-    try:
-        validate_options(opts)
-    except ValueError as err:
-        parser.error(str(err))
-    result = run(**opts)
+    result = cf.checked_main(get_args_parser(), validate_options, run, argv)
     if result["test_accuracy"] is not None:
         print(f"best validation accuracy {result['best_val_accuracy']:.4f}; test accuracy "
               f"{result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}")

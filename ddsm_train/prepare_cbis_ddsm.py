@@ -41,7 +41,6 @@ import argparse
 import inspect
 import json
 import logging
-import multiprocessing
 import os
 import re
 import sys
@@ -60,7 +59,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, cli_main  # noqa: E402
+from common_flags import add_bool_flag, cli_main, parallel_map  # noqa: E402
 
 __all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
            "get_args_parser", "main"]
@@ -166,15 +165,6 @@ def is_mask_for(arr: np.ndarray, full_shape: Sequence[int]) -> bool:
     return not np.any((arr != lo) & (arr != hi))
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise OSError(f"could not encode PNG for {path}")
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
-
-
 @dataclass
 class _View:
     patient: str
@@ -250,7 +240,7 @@ def _process_view(args) -> dict:
         res["messages"].append(f"{img_id}: {res['problem'].replace('_', ' ')} "
                                f"({view.image_paths[0]})")
         return res
-    _write_png(out / "full_img" / f"{img_id}.png", img.astype(np.uint16))
+    dm_image.write_png(out / "full_img" / f"{img_id}.png", img.astype(np.uint16))
     res["full"] = True
     for roi in view.rois:
         name = f"{roi['type'].capitalize()}-{roi['split']}_{img_id}_{roi['abn_num']}.png"
@@ -266,7 +256,8 @@ def _process_view(args) -> dict:
         count("masks_written")
         if status == "swapped":
             count("swapped_paths")
-        _write_png(out / "roi_mask" / name, np.where(arr == arr.max(), 255, 0).astype(np.uint8))
+        dm_image.write_png(out / "roi_mask" / name,
+                           np.where(arr == arr.max(), 255, 0).astype(np.uint8))
         res["rois"].append({"patient_id": view.patient, "side": view.side, "view": view.view,
                             "abn_num": roi["abn_num"], "pathology": roi["pathology"],
                             "type": roi["type"], "split": roi["split"]})
@@ -274,7 +265,7 @@ def _process_view(args) -> dict:
         h, w = cfg.whole_img_size
         small = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
         label = "pos" if view.malignant else "neg"
-        _write_png(out / "whole_img" / view.split / label / f"{img_id}.png", small)
+        dm_image.write_png(out / "whole_img" / view.split / label / f"{img_id}.png", small)
         res["whole"] = (view.split, label)
     return res
 
@@ -358,7 +349,8 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
     logger.info("options: %s; CSVs: %s", options, used)
     views = _build_views(table)
     cfg = _Config(str(dicom_root), str(out_dir), whole_img_size)
-    results = _run_all(views, cfg, workers, verbose)
+    results = parallel_map(_process_view, [(v, cfg) for v in views], workers, "converting",
+                           verbose, chunksize=4)
     summary = _summarise(results, views, table)
     summary.update(_write_tables(results, table, out))
     summary["problems"] = _report_problems(results, out)
@@ -367,18 +359,6 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
         json.dump({"options": options, "summary": summary}, fh, indent=1, default=str)
     logger.info("summary: %s", summary)
     return summary
-
-
-def _run_all(views, cfg, workers, verbose) -> List[dict]:
-    from tqdm import tqdm
-
-    jobs = [(v, cfg) for v in views]
-    bar = dict(total=len(jobs), disable=not verbose, unit="view", desc="converting")
-    if workers == 1 or len(jobs) <= 1:
-        return [_process_view(j) for j in tqdm(jobs, **bar)]
-    ctx = multiprocessing.get_context("spawn")  # fork can deadlock after threaded libraries
-    with ctx.Pool(min(workers, len(jobs))) as pool:
-        return list(tqdm(pool.imap(_process_view, jobs, chunksize=4), **bar))
 
 
 def _summarise(results: List[dict], views: List[_View], table: pd.DataFrame) -> dict:

@@ -50,7 +50,6 @@ import argparse
 import inspect
 import json
 import logging
-import multiprocessing
 import os
 import re
 import sys
@@ -72,7 +71,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag, get_random_seed, \
-    cli_main  # noqa: E402
+    cli_main, parallel_map  # noqa: E402
 
 __all__ = [
     "CSV_COLUMNS", "PATHOLOGY_LABELS", "LESION_TYPES", "BLOB_PARAMS", "MaskSat",
@@ -363,15 +362,6 @@ def _to_uint16(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img), 0, 65535).astype(np.uint16)
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", arr)
-    if not ok:
-        raise OSError(f"could not encode PNG for {path}")
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
-
-
 def view_seed(seed: int, img_id: str) -> np.random.SeedSequence:
     """Seed of one view: from the run seed and the CRC-32 of its ``img_id``."""
     return np.random.SeedSequence([int(seed), zlib.crc32(img_id.encode("utf-8"))])
@@ -491,7 +481,7 @@ def _sample_view(task: _ViewTask, cfg: _Settings) -> dict:
     with ThreadPoolExecutor(max_workers=1) as writer:
         pending = []
         res = _sample_view_with(task, cfg, lambda path, arr: pending.append(
-            writer.submit(_write_png, path, arr)))
+            writer.submit(dm_image.write_png, path, arr)))
         for job in pending:
             job.result()  # re-raise a failed write here
     return res
@@ -554,10 +544,6 @@ def _sample_view_with(task: _ViewTask, cfg: _Settings, write) -> dict:
                                    "background patches meet the negative rule")
         emit(cfg.folders["bkg"], "bkg", bkg, neg_fracs)
     return res
-
-
-def _worker_init() -> None:
-    cv2.setNumThreads(1)
 
 
 def _run_task(args) -> dict:
@@ -750,26 +736,12 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         Path(out_dirs[split], "pat_lst.txt").write_text("".join(p + "\n" for p in plist))
     pat_split = {**{p: "train" for p in train_pats}, **{p: "val" for p in val_pats}}
     tasks = _build_tasks(df, pat_split, full_img_dir, _index_masks(roi_mask_dir), out_dirs)
-    results = _run_all(tasks, cfg, workers, verbose)
+    results = parallel_map(_run_task, [(t, cfg) for t in tasks], workers, "sampling", verbose)
     summary = _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows)
     summary["elapsed_s"] = round(time.time() - t0, 3)
     _write_outputs(results, out_dirs, summary, options)
     _log_summary(summary, out_dirs)
     return summary
-
-
-def _run_all(tasks, cfg, workers, verbose) -> List[dict]:
-    from tqdm import tqdm
-
-    jobs = [(t, cfg) for t in tasks]
-    bar = dict(total=len(jobs), disable=not verbose, unit="view", desc="sampling")
-    if workers == 1 or len(jobs) <= 1:
-        return [_run_task(j) for j in tqdm(jobs, **bar)]
-    # "spawn": fresh worker processes; forking a parent that has run threaded libraries
-    # (OpenCV, BLAS, thread pools) can deadlock the children.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(jobs)), initializer=_worker_init) as pool:
-        return list(tqdm(pool.imap(_run_task, jobs, chunksize=1), **bar))
 
 
 def _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows) -> dict:

@@ -643,3 +643,24 @@ def test_get_prob_heatmap_one_channel_and_preprocess(keras_session):
     expected = model.predict(patches[..., None] / 100.0, verbose=0)
     assert hm[0].shape == (nb_row, nb_col, 2)
     np.testing.assert_allclose(hm[0].reshape(-1, 2), expected, atol=1e-6)
+
+
+def test_write_png_atomic_16bit_roundtrip_and_errors(tmp_path, monkeypatch):
+    import dm_image
+    img = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 500)
+    path = tmp_path / "p.png"
+    dm_image.write_png(path, img)
+    back = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and np.array_equal(back, img)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+    # a failed write leaves the old file whole and no temporary file behind
+    def broken(self, data):
+        raise OSError("disk full")
+    monkeypatch.setattr(type(path), "write_bytes", broken)
+    with pytest.raises(OSError, match="disk full"):
+        dm_image.write_png(path, np.zeros((4, 4), np.uint8))
+    monkeypatch.undo()
+    assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), img)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+    with pytest.raises(OSError, match="could not encode"):
+        dm_image.write_png(tmp_path / "bad.png", np.zeros((4, 4, 7), np.float64))
