@@ -417,20 +417,32 @@ def add_img_margins(img: np.ndarray, margin: int) -> np.ndarray:
 
 
 # ---- histogram equalisation ---------------------------------------------------------------
-def _equalize_hist(img: np.ndarray) -> np.ndarray:
+def hist_equalize(img: np.ndarray) -> np.ndarray:
     """OpenCV 8-bit histogram equalisation of a 2-D image; float32 0..255 out.
 
-    An image already in 0..255 is cast to uint8 by truncation (as the 2017 code did); any
-    other image is first scaled by its maximum to 0..255 (negative values clipped to 0),
-    where the 2017 cast would have wrapped around.
+    The one rule used everywhere (training generators, prediction, heatmap sweeps): an image
+    already in 0..255 (the documented use, after ``rescale_factor``) is cast to uint8 by
+    truncation, as the 2017 code did; any other image (e.g. 16-bit levels without a rescale
+    factor) is first scaled by its maximum to 0..255, negative values clipped to 0, where the
+    2017 cast would have wrapped around.
+
+    Args:
+        img: (H, W) image, any real dtype.
+
+    Returns:
+        float32 (H, W), values 0..255.
     """
-    if img.min() >= 0 and img.max() <= 255:
+    return _equalize_to_u8(img).astype(np.float32)
+
+
+def _equalize_to_u8(img: np.ndarray) -> np.ndarray:
+    if img.size == 0 or (img.min() >= 0 and img.max() <= 255):
         img_u8 = img.astype(np.uint8)
     else:
         img_max = float(img.max())
         scale = 255.0 / img_max if img_max > 0 else 0.0
         img_u8 = np.clip(img.astype(np.float64) * scale, 0, 255).astype(np.uint8)
-    return cv2.equalizeHist(img_u8).astype(np.float32)
+    return cv2.equalizeHist(img_u8)
 
 
 # ---- patch sweeping -----------------------------------------------------------------------
@@ -469,7 +481,7 @@ def _scale_equalize_patches(patches: np.ndarray, target_scale: Optional[float],
         factor = target_scale / np.where(p_max != 0, p_max, target_scale)
         np.multiply(out, factor[:, None, None], out=out, dtype=np.float64, casting="unsafe")
     if equalize_hist:
-        return np.stack([_equalize_hist(p) for p in out]) if len(out) else \
+        return np.stack([hist_equalize(p) for p in out]) if len(out) else \
             out.astype(np.float32)
     return out.astype(np.float32, copy=False)
 
@@ -656,9 +668,8 @@ def read_img_for_pred(fname: PathLike, equalize_hist: bool = False,
                       rescale_factor: Optional[float] = None) -> np.ndarray:
     """Read one image and shape it as a network input (no batch axis).
 
-    Steps: :func:`read_resize_img` (size and scale arguments passed on); optional OpenCV
-    histogram equalisation (an image in 0..255 is cast to uint8 by truncation as in 2017,
-    any other image is first scaled by its maximum to 0..255; the result is in 0..255);
+    Steps: :func:`read_resize_img` (size and scale arguments passed on); optional
+    :func:`hist_equalize` (result in 0..255, same rule as the training generators);
     a channel axis; copy into 3 channels when ``dup_3_channels``; then ``transformer(x)`` and
     ``standardizer(x)`` when given (e.g. a generator's ``random_transform`` / ``standardize``).
 
@@ -683,7 +694,7 @@ def read_img_for_pred(fname: PathLike, equalize_hist: bool = False,
     img = read_resize_img(fname, target_size=target_size, target_height=target_height,
                           target_scale=target_scale, rescale_factor=rescale_factor)
     if equalize_hist:
-        img = _equalize_hist(img)
+        img = hist_equalize(img)
     axis = -1 if data_format == "channels_last" else 0
     x = np.repeat(np.expand_dims(img, axis), 3 if dup_3_channels else 1, axis=axis)
     x = transformer(x) if transformer is not None else x
@@ -784,7 +795,7 @@ def get_prob_heatmap(img_list, target_height: Optional[int], target_scale: Optio
 
 _IO_ALL += ["segment_breast", "DMImagePreprocessor", "crop_img", "add_img_margins",
             "sweep_img_patches", "get_roi_patches", "clust_kpts", "to_sparse",
-            "index_balancer", "read_img_for_pred", "get_prob_heatmap"]
+            "index_balancer", "hist_equalize", "read_img_for_pred", "get_prob_heatmap"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -915,15 +926,6 @@ def _warp(img: np.ndarray, params: dict, fill_mode: str, cval: float) -> np.ndar
     if img.ndim == 3 and out.ndim == 2:
         out = out[..., None]
     return out
-
-
-def _equalize_u8(img: np.ndarray) -> np.ndarray:
-    """Histogram equalisation as in 2017: 0..255 image truncated to uint8, cv2.equalizeHist.
-
-    Values are clipped to 0..255 first (the 2017 code cast without clipping, which wraps
-    out-of-range values; in range the results are identical). Returns uint8 (H, W).
-    """
-    return cv2.equalizeHist(np.clip(img, 0, 255).astype(np.uint8))
 
 
 def _scale_stored(img: np.ndarray, target_scale: Optional[float],
@@ -1218,7 +1220,7 @@ class DMImageDataGenerator:
             rng: random state for the augmentation draw.
         """
         if equalize_hist:
-            stored = _equalize_u8(_scale_stored(stored, target_scale, rescale_factor))
+            stored = _equalize_to_u8(_scale_stored(stored, target_scale, rescale_factor))
             target_scale = rescale_factor = None
         if stored.dtype not in (np.uint8, np.uint16) or not self._fusable():
             self.process_image(out, _scale_stored(stored, target_scale, rescale_factor), rng)
@@ -1494,7 +1496,8 @@ class DMDirectoryIterator(_DMIterator):
     Per image (SPEC section 5), with the values of :func:`read_resize_img` (``target_size``,
     ``gs_255``, then ``target_scale`` and ``rescale_factor``; the file is read and resized
     once and kept in its integer levels, scaled per batch by the same float32 operations) ->
-    optional histogram equalisation (the 0..255 image truncated to uint8, ``cv2.equalizeHist``)
+    optional histogram equalisation (:func:`hist_equalize`: the 0..255 image truncated to
+    uint8, ``cv2.equalizeHist``; an image outside 0..255 is first scaled by its maximum)
     -> random transform of the single channel -> copy to 3 channels when ``dup_3_channels``
     (channel shift per channel) -> standardize (featurewise centring).
     ``preprocess`` is then applied to the whole float32 batch. Batches are ``x`` (class_mode

@@ -19,6 +19,7 @@ _MODEL_ALL = [
     "Yaroslav",
     "dm_resnet14_patch_net",
     "imagenet_weights_path",
+    "get_preprocess_input",
     "stage2_start_index",
     "get_dl_model",
     "OPTIMIZERS",
@@ -168,6 +169,23 @@ def _check_net(net):
     return _NETS[net]
 
 
+def get_preprocess_input(net):
+    """The ImageNet ``preprocess_input`` function of backbone ``net`` (None when it has none).
+
+    None for ``yaroslav`` and ``dm_resnet14`` (trained from scratch on featurewise-centred
+    images). Used when ``--no-featurewise-center`` asks for the backbone's own preprocessing.
+
+    Raises:
+        ValueError: unknown ``net`` (the message lists the valid keys).
+    """
+    module = _check_net(net).module
+    if module is None:
+        return None
+    import tf_keras as keras
+
+    return getattr(keras.applications, module).preprocess_input
+
+
 def stage2_start_index(model, net):
     """Default ``top_layer_nb`` of patch training: index of the first layer trained in stage 2.
 
@@ -236,8 +254,7 @@ def get_dl_model(net, nb_class=3, use_pretrained=True, resume_from=None, top_lay
     spec = _check_net(net)
     if kw and net != "dm_resnet14":
         logger.debug("get_dl_model ignores options %s for net %s", sorted(kw), net)
-    preprocess = (None if spec.module is None else
-                  getattr(keras.applications, spec.module).preprocess_input)
+    preprocess = get_preprocess_input(net)
     if resume_from is not None:
         model = robust_load_model(resume_from)
     elif net == "yaroslav":

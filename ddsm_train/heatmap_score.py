@@ -130,11 +130,9 @@ def get_preprocess(net: str):
     Raises:
         ValueError: unknown ``net`` (the message lists the valid keys).
     """
-    import tf_keras as keras
-    from dm_keras_ext import _check_net   # the one table of backbones
+    from dm_keras_ext import get_preprocess_input   # the one table of backbones
 
-    module = _check_net(net).module
-    return None if module is None else getattr(keras.applications, module).preprocess_input
+    return get_preprocess_input(net)
 
 
 def build_fprop_model(model, net: str, img_size: Sequence[int], avg_pool_size: Sequence[int],
@@ -167,7 +165,7 @@ def build_fprop_model(model, net: str, img_size: Sequence[int], avg_pool_size: S
 def _prep_input(img: np.ndarray, channels: int, opts: dict) -> np.ndarray:
     """(H, W) float32 -> (H, W, channels), equalised and centred / preprocessed."""
     if opts["equalize_hist"]:
-        img = dm_image._equalize_hist(img)
+        img = dm_image.hist_equalize(img)
     x = np.repeat(img[..., None], channels, axis=-1).astype(np.float32)
     if opts["featurewise_center"]:
         return x - np.float32(opts["featurewise_mean"])

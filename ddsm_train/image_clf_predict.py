@@ -367,7 +367,7 @@ def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional
     if segment_breast:
         img = _read_segmented(Path(path), img_size, img_scale, rescale_factor)
         if equalize_hist:
-            img = dm_image._equalize_hist(img)
+            img = dm_image.hist_equalize(img)
         x = img[..., None]
     else:
         x = dm_image.read_img_for_pred(path, equalize_hist=equalize_hist, dup_3_channels=False,

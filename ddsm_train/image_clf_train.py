@@ -164,10 +164,9 @@ def _check_model(model, opts, nb_class):
 def _preprocess_fn(opts, channels):
     if opts["featurewise_center"] or channels != 3:
         return None
-    import tf_keras as keras
-    module = {"resnet50": "resnet50", "vgg16": "vgg16", "vgg19": "vgg19",
-              "xception": "xception", "inception": "inception_v3"}.get(opts["patch_net"])
-    return None if module is None else getattr(keras.applications, module).preprocess_input
+    from dm_keras_ext import get_preprocess_input
+
+    return get_preprocess_input(opts["patch_net"])
 
 
 def run(train_dir, val_dir, test_dir, **options):

@@ -385,3 +385,21 @@ def test_cache_that_cannot_be_written_is_skipped(img_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="dm_image"):
         img = dm_image.cached_read(img_dir / "pos" / "y.png", blocker / "sub", SIZE)
     assert img.shape == SIZE and "cannot be written" in caplog.text
+
+
+@pytest.mark.parametrize("rescale", [RESCALE, None])
+def test_equalisation_same_in_training_and_prediction(img_dir, rescale):
+    """16-bit images without a rescale factor too: the generator (disk and RAM) and
+    read_img_for_pred equalise with one rule (dm_image.hist_equalize)."""
+    gen = DMImageDataGenerator()
+    it = gen.flow_from_directory(str(img_dir), target_size=SIZE, rescale_factor=rescale,
+                                 equalize_hist=True, batch_size=5, shuffle=False)
+    x, _ = it[0]
+    X, y = load_dat_ram(it)
+    x_ram, _ = gen.flow(X, y, batch_size=5, shuffle=False, **it.ram_flow_kwargs())[0]
+    np.testing.assert_array_equal(x, x_ram)
+    for k, name in enumerate(it.filenames):
+        pred = dm_image.read_img_for_pred(img_dir / name, equalize_hist=True, target_size=SIZE,
+                                          rescale_factor=rescale, dup_3_channels=False)
+        np.testing.assert_array_equal(x[k], pred)
+        assert 0 <= pred.min() and pred.max() == 255  # equalised, not saturated
