@@ -604,11 +604,11 @@ def split_patients(patients: Sequence[str], malignant: Sequence[int], val_size: 
     Returns:
         (train_patients, val_patients), each sorted.
     """
-    from sklearn.model_selection import train_test_split
-
     patients = list(patients)
     if val_size <= 0 or len(patients) < 2:
         return sorted(patients), []
+    from sklearn.model_selection import train_test_split  # ~2 s to import: only when needed
+
     try:
         tr, va = train_test_split(patients, test_size=val_size, random_state=seed,
                                   stratify=list(malignant))
