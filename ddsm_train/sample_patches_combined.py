@@ -67,7 +67,6 @@ for _p in (str(_HERE.parent), str(_HERE)):
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag, get_random_seed, \
@@ -559,7 +558,9 @@ def _run_task(args) -> dict:
 
 
 # ------------------------------------------------------------------------- tables and split
-def _read_roi_table(path: str) -> Tuple[pd.DataFrame, List[str]]:
+def _read_roi_table(path: str) -> Tuple["pd.DataFrame", List[str]]:
+    import pandas as pd  # not at module level: worker processes start faster without it
+
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     df.columns = [c.strip() for c in df.columns]
     missing = [c for c in CSV_COLUMNS if c not in df.columns]
@@ -777,6 +778,8 @@ _MANIFEST_COLS = ["folder", "filename", "img_id", "kind", "row", "col", "roi_fra
 
 
 def _write_outputs(results, out_dirs, summary, options) -> None:
+    import pandas as pd
+
     for split, out in out_dirs.items():
         rows = [row for r in results if r["split"] == split for row in r["rows"]]
         pd.DataFrame(rows, columns=_MANIFEST_COLS).to_csv(Path(out, "patches.csv"), index=False)

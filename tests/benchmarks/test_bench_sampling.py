@@ -1,10 +1,11 @@
 """Benchmark: patch sampling, ours vs a faithful reimplementation of the 2017 algorithm.
 
 Same images and settings for both (height 4096, 256-pixel patches, 30 abnormal patches per ROI,
-15 hard negatives and 30 background patches per view, cutoffs 0.75 / 0.35): six
-(``BENCH_SAMPLING_VIEWS``) 4096-pixel-high synthetic mammograms with lesion masks from
-``make_synthetic_ddsm``. The 2017 reference does
-what the 2017 sampler did per view: read and resize the image once, segment the breast, then per
+15 hard negatives and 30 background patches per view, cutoffs 0.75 / 0.35), on two sets: six
+(``BENCH_SAMPLING_VIEWS``) 4096x3200 synthetic mammograms with lesion masks from
+``make_synthetic_ddsm`` (their noise texture makes blob detection ~3x costlier than on real
+images), and the four real 3328x2560 mammograms of ../shared (skipped when absent), each with
+one elliptical lesion mask. The 2017 reference does what the 2017 sampler did per view: read and resize the image once, segment the breast, then per
 ROI read and resize the mask, crop it, add float margins to image and mask, find the ROI's
 largest contour, and draw centres one at a time, judging each candidate by copying the whole
 padded mask, adding 1000 inside the patch window and counting pixels over the full image
@@ -25,23 +26,52 @@ from PIL import Image
 import dm_image
 import sample_patches_combined as spc
 
+REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_mammograms"
+
 TARGET_H, PATCH, NB_ABN, NB_BKG, NB_HNS = 4096, 256, 30, 30, 15
 POS_CUT, NEG_CUT = 0.75, 0.35
 NB_VIEWS = int(os.environ.get("BENCH_SAMPLING_VIEWS", 6))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def _synthetic_set(root):
     mk = pytest.importorskip("make_synthetic_ddsm")
-    root = tmp_path_factory.mktemp("bench_sampling")
     mk.run(root / "syn", nb_patients=NB_VIEWS + 1, img_height=4096, img_width=3200, seed=3)
     csv = pd.read_csv(root / "syn" / "roi_mask_path.csv")
     views = csv.drop_duplicates(["patient_id", "side", "view"]).head(NB_VIEWS)
     sub = csv.merge(views[["patient_id", "side", "view"]])
+    assert len(views) == NB_VIEWS
+    return sub
+
+
+def _real_set(root):
+    """The 4 real 3328x2560 mammograms of ../shared, each with one elliptical lesion mask
+    (about 1.5 % of the breast) placed in its breast."""
+    files = sorted(REAL_DIR.glob("*.png")) if REAL_DIR.is_dir() else []
+    if not files:
+        pytest.skip("../shared/data/real_mammograms is absent")
+    (root / "syn" / "full_img").mkdir(parents=True)
+    (root / "syn" / "roi_mask").mkdir(parents=True)
+    rows = []
+    for k, f in enumerate(files):
+        pat, side = f"P_R{k:04d}", "LEFT" if "_L_" in f.name else "RIGHT"
+        img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        (root / "syn" / "full_img" / f"{pat}_{side}_CC.png").write_bytes(f.read_bytes())
+        _, (x, y, w, h) = dm_image.segment_breast(img)
+        mask = np.zeros(img.shape, np.uint8)
+        cv2.ellipse(mask, (x + w // 2, y + h // 2), (w // 9, h // 12), 30, 0, 360, 255, -1)
+        cv2.imwrite(str(root / "syn" / "roi_mask" / f"Mass-Training_{pat}_{side}_CC_1.png"), mask)
+        rows.append(dict(patient_id=pat, side=side, view="CC", abn_num=1,
+                         pathology="MALIGNANT" if k % 2 else "BENIGN", type="mass"))
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module", params=["synthetic", "real"])
+def data(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"bench_sampling_{request.param}")
+    sub = _synthetic_set(root) if request.param == "synthetic" else _real_set(root)
     sub.to_csv(root / "roi.csv", index=False)
     (root / "pats.txt").write_text("".join(p + "\n" for p in sub.patient_id.unique()))
-    assert len(views) == NB_VIEWS
-    return root
+    return root, request.param, len(sub.drop_duplicates(["patient_id", "side", "view"]))
 
 
 # ------------------------------------------------------------------ 2017 reference algorithm
@@ -135,7 +165,7 @@ def _run_ours(root, out, workers):
                    verbose=False, workers=workers)
 
 
-def _shared_stage(root):
+def _shared_stage(root, n_views):
     """Seconds per image of the part both share: read + resize image and masks, segment."""
     csv = pd.read_csv(root / "roi.csv")
     t = time.perf_counter()
@@ -152,24 +182,25 @@ def _shared_stage(root):
         t_blob = time.perf_counter()
         spc.detect_blob_centres(img, PATCH)
         blob_s += time.perf_counter() - t_blob
-    return (time.perf_counter() - t - blob_s) / NB_VIEWS, blob_s / NB_VIEWS
+    return (time.perf_counter() - t - blob_s) / n_views, blob_s / n_views
 
 
 def test_bench_sampling_vs_2017(data, tmp_path):
-    t_shared, t_blob = _shared_stage(data)
+    data, kind, n_views = data
+    t_shared, t_blob = _shared_stage(data, n_views)
     t = time.perf_counter()
     ours = _run_ours(data, tmp_path / "ours1", workers=1)
-    t_ours = (time.perf_counter() - t) / NB_VIEWS
+    t_ours = (time.perf_counter() - t) / n_views
     t = time.perf_counter()
     ours2 = _run_ours(data, tmp_path / "ours2", workers=2)
-    t_ours2 = (time.perf_counter() - t) / NB_VIEWS
+    t_ours2 = (time.perf_counter() - t) / n_views
     t = time.perf_counter()
     ref = _run_2017(data, tmp_path / "ref")
-    t_ref = (time.perf_counter() - t) / NB_VIEWS
+    t_ref = (time.perf_counter() - t) / n_views
     p = ours["patches"]["train"]
     ours_counts = {"abn": sum(v for k, v in p.items() if k != "background"),
                    "hns+bkg": p["background"]}
-    print(f"\n[bench sampling] {NB_VIEWS} images of height {TARGET_H}, patch {PATCH}, "
+    print(f"\n[bench sampling] {n_views} {kind} images of height {TARGET_H}, patch {PATCH}, "
           f"{NB_ABN}/{NB_BKG}/{NB_HNS} abn/bkg/hns")
     print(f"  2017 algorithm : {t_ref:7.2f} s/image  patches {ref}")
     print(f"  ours, 1 worker : {t_ours:7.2f} s/image  patches {ours_counts}  "
@@ -180,6 +211,6 @@ def test_bench_sampling_vs_2017(data, tmp_path):
           f"blob detection (both): {t_blob:.2f} s/image")
     print(f"  rest (overlap checks, drawing, writing): 2017 {t_ref - t_shared:.2f} s vs ours "
           f"{t_ours - t_shared:.2f} s per image, ratio {(t_ref - t_shared) / (t_ours - t_shared):.1f}x")
-    assert ours["images_read"] == NB_VIEWS and ours2["patches"] == ours["patches"]
+    assert ours["images_read"] == n_views and ours2["patches"] == ours["patches"]
     assert ours_counts["abn"] == ref["abn"]
     assert ours_counts["hns+bkg"] == ref["hns"] + ref["bkg"] or ours["hns_shortfall"] > 0
