@@ -257,11 +257,7 @@ def read_resize_img(fname: PathLike, target_size: Optional[Sequence[int]] = None
         _check_positive("target_scale", target_scale)
     if rescale_factor is not None:
         _check_positive("rescale_factor", rescale_factor)
-    img = read_image(fname, gs_255=gs_255)
-    height, width = _resize_target(img.shape, target_size, target_height)
-    if (height, width) != img.shape:
-        img = cv2.resize(img, dsize=(width, height), interpolation=cv2.INTER_CUBIC)
-    img = img.astype(np.float32)
+    img = read_resize_stored(fname, target_size, target_height, gs_255).astype(np.float32)
     if target_scale is not None:
         img_max = float(img.max())
         img *= np.float32(float(target_scale) / (img_max if img_max != 0 else target_scale))
@@ -299,7 +295,33 @@ def write_png(path: PathLike, img: np.ndarray) -> None:
         raise
 
 
-_IO_ALL += ["ImageReadError", "read_image", "read_resize_img", "write_png"]
+def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = None,
+                       target_height: Optional[int] = None, gs_255: bool = False) -> np.ndarray:
+    """The first steps of :func:`read_resize_img`, in the file's own dtype: read and resize.
+
+    ``read_resize_img(f, size)`` equals ``read_resize_stored(f, size).astype(np.float32)``
+    (then scaled); this form skips the float32 copy where integer levels are wanted (patch
+    sampling, the image caches): uint16 for 16-bit files, uint8 for 8-bit files and masks.
+
+    Args:
+        fname, target_size, target_height, gs_255: as in :func:`read_resize_img`.
+
+    Returns:
+        (height, width) array in the dtype of :func:`read_image`'s result.
+    """
+    if (target_size is None) == (target_height is None):
+        raise ValueError("exactly one of target_size=(height, width) and target_height is "
+                         f"required, got target_size={target_size!r}, "
+                         f"target_height={target_height!r}")
+    img = read_image(fname, gs_255=gs_255)
+    height, width = _resize_target(img.shape, target_size, target_height)
+    if (height, width) != img.shape:
+        img = cv2.resize(img, dsize=(width, height), interpolation=cv2.INTER_CUBIC)
+    return img
+
+
+_IO_ALL += ["ImageReadError", "read_image", "read_resize_img", "read_resize_stored",
+            "write_png"]
 
 
 # ---- breast segmentation -------------------------------------------------------------------
@@ -1579,8 +1601,8 @@ class DMDirectoryIterator(_DMIterator):
         """
         path = os.path.join(self.directory, self.filenames[j])
         if self.cache_dir is None:
-            return _stored_form(read_resize_img(path, target_size=self.target_size,
-                                                gs_255=self.gs_255))
+            return _stored_form(read_resize_stored(path, target_size=self.target_size,
+                                               gs_255=self.gs_255))
         return cached_read(path, self.cache_dir, self.target_size, self.gs_255)
 
     def _read_or_skip(self, j: int) -> Optional[np.ndarray]:
@@ -1740,7 +1762,11 @@ def _positive(name: str, value) -> float:
 
 
 def _stored_form(img: np.ndarray) -> np.ndarray:
-    """Integer form of an unscaled float32 image: uint8 or uint16 when lossless, else as is."""
+    """Integer form of an unscaled image: uint8 or uint16 when lossless, else as is."""
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:
+        return img.astype(np.uint8) if img.size and img.max() <= 255 else img
     if img.size == 0 or img.min() < 0 or not np.array_equal(np.floor(img), img):
         return img
     top = img.max()
@@ -1799,7 +1825,7 @@ def cached_read(path: PathLike, cache_dir: PathLike, target_size, gs_255: bool =
             return img
     except (OSError, ValueError):
         pass  # not cached yet, or a damaged entry: decode again
-    img = _stored_form(read_resize_img(path, target_size=target_size, gs_255=gs_255))
+    img = _stored_form(read_resize_stored(path, target_size=target_size, gs_255=gs_255))
     tmp = None
     try:
         os.makedirs(cache_dir, exist_ok=True)

@@ -358,6 +358,8 @@ def extract_patch(img_pad: np.ndarray, x: int, y: int, patch_size: int) -> np.nd
 
 
 def _to_uint16(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint16:
+        return img
     return np.clip(np.rint(img), 0, 65535).astype(np.uint16)
 
 
@@ -420,11 +422,11 @@ def _load_view(task: _ViewTask, cfg: _Settings):
     """Read, resize, segment and pad one view and its masks; raise _SkipView on bad input."""
     try:
         orig_shape = _image_shape(task.img_path)
-        if cfg.target_width is None:
-            img = dm_image.read_resize_img(task.img_path, target_height=cfg.target_height)
+        if cfg.target_width is None:  # integer levels as stored (the patches keep them)
+            img = dm_image.read_resize_stored(task.img_path, target_height=cfg.target_height)
         else:
-            img = dm_image.read_resize_img(task.img_path,
-                                           target_size=(cfg.target_height, cfg.target_width))
+            img = dm_image.read_resize_stored(
+                task.img_path, target_size=(cfg.target_height, cfg.target_width))
     except (OSError, ValueError, cv2.error) as err:
         raise _SkipView("unreadable_image", f"{task.img_id}: cannot read {task.img_path}: {err}")
     masks = []

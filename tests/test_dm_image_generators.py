@@ -340,7 +340,7 @@ def test_disk_cache_same_batches_and_skips_decoding(img_dir, tmp_path, monkeypat
     assert len(list(cache.glob("*.npy"))) == 5 and not list(cache.glob("*.tmp"))
     # second pass: every image comes from the cache, nothing is decoded
     calls = []
-    monkeypatch.setattr(dm_image, "read_resize_img",
+    monkeypatch.setattr(dm_image, "read_image",
                         lambda *a, **k: calls.append(a) or pytest.fail("decoded again"))
     second = [cached_it[i] for i in range(len(cached_it))]
     assert calls == []

@@ -664,3 +664,17 @@ def test_write_png_atomic_16bit_roundtrip_and_errors(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
     with pytest.raises(OSError, match="could not encode"):
         dm_image.write_png(tmp_path / "bad.png", np.zeros((4, 4, 7), np.float64))
+
+
+@pytest.mark.parametrize("name, dtype", [("png16.png", np.uint16), ("png8.png", np.uint8),
+                                         ("tif16.tif", np.uint16)])
+@pytest.mark.parametrize("kwargs", [dict(target_size=(100, 80)), dict(target_height=401),
+                                    dict(target_height=120, gs_255=True)], ids=str)
+def test_read_resize_stored_is_read_resize_img_before_float(image_files, name, dtype, kwargs):
+    import dm_image
+    stored = dm_image.read_resize_stored(image_files[name], **kwargs)
+    assert stored.dtype == (np.uint8 if kwargs.get("gs_255") else dtype)
+    np.testing.assert_array_equal(stored.astype(np.float32),
+                                  read_resize_img(image_files[name], **kwargs))
+    with pytest.raises(ValueError, match="exactly one"):
+        dm_image.read_resize_stored(image_files[name])
