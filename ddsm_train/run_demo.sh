@@ -38,7 +38,7 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-PATIENTS="${DEMO_PATIENTS:-120}"              # 4 images each; 25 % test, 20 % of the rest val
+PATIENTS="${DEMO_PATIENTS:-160}"              # 4 images each; 25 % test, 20 % of the rest val
 FULL_H="${DEMO_FULL_HEIGHT:-576}"             # full mammogram size
 FULL_W="${DEMO_FULL_WIDTH:-448}"
 IMG_H="${DEMO_IMG_HEIGHT:-288}"               # whole-image size = patch sampling scale

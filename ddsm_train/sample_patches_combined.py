@@ -725,9 +725,11 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
     pats = _read_patient_list(patient_list)
     known = set(df["patient_id"])
     not_in_csv = [p for p in pats if p not in known]
-    for p in not_in_csv:
-        logger.warning("patient %s is in %s but not in %s; skipped", p, patient_list,
-                       roi_mask_csv)
+    if not_in_csv:  # one line, not one per patient (lists often hold lesion-free patients)
+        shown = ", ".join(not_in_csv[:5]) + (", ..." if len(not_in_csv) > 5 else "")
+        logger.warning("%d patient(s) of %s are not in %s (no ROI rows) and are skipped: %s "
+                       "(all listed in sampling_summary.json)", len(not_in_csv), patient_list,
+                       roi_mask_csv, shown)
     pats = [p for p in pats if p in known]
     mal = set(df.loc[df["pathology"] == "MALIGNANT", "patient_id"])
     train_pats, val_pats = split_patients(pats, [int(p in mal) for p in pats], val_size, seed)
