@@ -443,8 +443,9 @@ def hist_equalize(img: np.ndarray) -> np.ndarray:
     """OpenCV 8-bit histogram equalisation of a 2-D image; float32 0..255 out.
 
     The one rule used everywhere (training generators, prediction, heatmap sweeps): an image
-    already in 0..255 (the documented use, after ``rescale_factor``) is cast to uint8 by
-    truncation, as the 2017 code did; any other image (e.g. 16-bit levels without a rescale
+    already in 0..255 (the documented use, after ``rescale_factor``; values in (-1, 256), which
+    the 2017 cast also truncated into 0..255) is cast to uint8 by truncation, as the 2017 code
+    did; any other image (e.g. 16-bit levels without a rescale
     factor) is first scaled by its maximum to 0..255, negative values clipped to 0, where the
     2017 cast would have wrapped around.
 
@@ -458,8 +459,11 @@ def hist_equalize(img: np.ndarray) -> np.ndarray:
 
 
 def _equalize_to_u8(img: np.ndarray) -> np.ndarray:
-    if img.size == 0 or (img.min() >= 0 and img.max() <= 255):
-        img_u8 = img.astype(np.uint8)
+    # "In 0..255" includes what the 2017 truncating cast also mapped into 0..255 (e.g. 255.00002
+    # from float32 rounding of 65535 * 255/65535), so that the max-scaling applies only to
+    # images really on another scale.
+    if img.size == 0 or (img.min() > -1 and img.max() < 256):
+        img_u8 = np.clip(img, 0, 255).astype(np.uint8)
     else:
         img_max = float(img.max())
         scale = 255.0 / img_max if img_max > 0 else 0.0
