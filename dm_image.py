@@ -249,15 +249,12 @@ def read_resize_img(fname: PathLike, target_size: Optional[Sequence[int]] = None
         ValueError: bad size/scale arguments.
         ImageReadError: the file cannot be read as an image.
     """
-    if (target_size is None) == (target_height is None):
-        raise ValueError("exactly one of target_size=(height, width) and target_height is "
-                         f"required, got target_size={target_size!r}, "
-                         f"target_height={target_height!r}")
     if target_scale is not None:
         _check_positive("target_scale", target_scale)
     if rescale_factor is not None:
         _check_positive("rescale_factor", rescale_factor)
-    img = read_resize_stored(fname, target_size, target_height, gs_255).astype(np.float32)
+    img = read_resize_stored(  # checks target_size / target_height before reading
+        fname, target_size, target_height, gs_255).astype(np.float32)
     if target_scale is not None:
         img_max = float(img.max())
         img *= np.float32(float(target_scale) / (img_max if img_max != 0 else target_scale))
