@@ -322,24 +322,54 @@ _IO_ALL += ["ImageReadError", "read_image", "read_resize_img", "read_resize_stor
 
 
 # ---- breast segmentation -------------------------------------------------------------------
+def _levels_8bit(values: np.ndarray, img_max: float) -> np.ndarray:
+    """``uint8(clip(values / img_max * 255))`` computed in float32 (the 2017 8-bit view)."""
+    scaled = values.astype(np.float32)
+    scaled /= img_max
+    scaled *= 255
+    return np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
+
+
+def _above_level(img: np.ndarray, img_max: float, level: int) -> np.ndarray:
+    """uint8 image, nonzero where the 8-bit level of ``img`` (see _levels_8bit) exceeds ``level``.
+
+    For uint8/uint16 images the 8-bit level is a non-decreasing function of the stored
+    level, so the first stored level above the threshold is found once, with the same float32
+    arithmetic on 0..max, and the image is compared with it as integers (no float copy).
+    """
+    if img.dtype in (np.uint8, np.uint16):
+        above = np.flatnonzero(_levels_8bit(np.arange(int(img_max) + 1), img_max) > level)
+        if above.size == 0:
+            return np.zeros(img.shape, np.uint8)
+        return cv2.compare(img, int(above[0]), cv2.CMP_GE)
+    return (_levels_8bit(img, img_max) > level).astype(np.uint8)
+
+
+def _label_areas(binary: np.ndarray) -> Tuple[int, np.ndarray, np.ndarray]:
+    """8-connected labels of ``binary``: (number of labels, labels, pixel count per label)."""
+    try:  # 16-bit labels are half the memory traffic; OpenCV refuses past 65535 objects
+        nb_lab, labels = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_16U)
+    except cv2.error:
+        nb_lab, labels = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
+    if labels.dtype == np.uint16 and labels.size < 2 ** 24:  # counts exact in float32
+        areas = cv2.calcHist([labels], [0], None, [nb_lab], [0, nb_lab]).ravel()
+        return nb_lab, labels, areas.astype(np.int64)
+    return nb_lab, labels, np.bincount(labels.ravel(), minlength=nb_lab)
+
+
 def _breast_mask(img: np.ndarray, low_int_threshold: float,
                  min_breast_fraction: float) -> Tuple[np.ndarray, Tuple[int, int, int, int]]:
     """Filled mask (uint8 0/255) of the largest bright object and its (x, y, w, h) box."""
     img_max = float(np.max(img))
     if not np.isfinite(img_max) or img_max <= 0:
         raise ValueError(f"cannot segment the breast: the image is all black (max {img_max})")
-    scaled = img.astype(np.float32)  # img / img_max * 255 in float32, in place
-    scaled /= img_max
-    scaled *= 255
-    img_8u = np.clip(scaled, 0, 255, out=scaled).astype(np.uint8)
-    low_th = int(img_8u.max() * low_int_threshold) if low_int_threshold < 1 \
-        else int(low_int_threshold)
-    binary = (img_8u > low_th).astype(np.uint8)
-    nb_lab, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    # the 8-bit maximum is always 255 (img_max / img_max * 255)
+    low_th = int(255 * low_int_threshold) if low_int_threshold < 1 else int(low_int_threshold)
+    nb_lab, labels, areas = _label_areas(_above_level(img, img_max, low_th))
     if nb_lab < 2:
         raise ValueError(f"cannot segment the breast: no pixel above the threshold {low_th}/255")
-    lab = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    contours, _ = cv2.findContours((labels == lab).astype(np.uint8), cv2.RETR_EXTERNAL,
+    lab = 1 + int(np.argmax(areas[1:]))
+    contours, _ = cv2.findContours(cv2.compare(labels, lab, cv2.CMP_EQ), cv2.RETR_EXTERNAL,
                                    cv2.CHAIN_APPROX_SIMPLE)
     mask = cv2.drawContours(np.zeros(img.shape, np.uint8), contours, -1, 255, cv2.FILLED)
     area = int(np.count_nonzero(mask))
@@ -347,8 +377,8 @@ def _breast_mask(img: np.ndarray, low_int_threshold: float,
         raise ValueError(f"cannot segment the breast: the largest bright object covers {area} "
                          f"pixels, less than {min_breast_fraction:.2%} of the image "
                          f"{img.shape}; no breast found")
-    x, y, w, h = (int(v) for v in stats[lab, :4])
-    return mask, (x, y, w, h)
+    x, y, w, h = cv2.boundingRect(np.concatenate(contours))
+    return mask, (int(x), int(y), int(w), int(h))
 
 
 def segment_breast(img: np.ndarray, low_int_threshold: float = 0.05, crop: bool = True,
@@ -383,10 +413,9 @@ def segment_breast(img: np.ndarray, low_int_threshold: float = 0.05, crop: bool 
     if not low_int_threshold > 0:
         raise ValueError(f"low_int_threshold should be > 0, got {low_int_threshold!r}")
     mask, (x, y, w, h) = _breast_mask(img, low_int_threshold, min_breast_fraction)
-    out = np.where(mask > 0, img, np.zeros((), img.dtype))
     if crop:
-        out = out[y:y + h, x:x + w]
-    return out, (x, y, w, h)
+        img, mask = img[y:y + h, x:x + w], mask[y:y + h, x:x + w]
+    return np.where(mask > 0, img, np.zeros((), img.dtype)), (x, y, w, h)
 
 
 class DMImagePreprocessor:

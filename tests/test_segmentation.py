@@ -109,3 +109,42 @@ def test_real_mammograms_box_has_breast_and_no_label(real_mammogram_dir):
         assert np.all(masked[others] == 0)
         assert out.shape == (h, w) and out.dtype == np.float32
         assert w * h > 0.25 * img.size
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
+def test_integer_images_segment_as_their_float_copy(dtype):
+    """uint8/uint16 images take an integer threshold path; it must pick the same pixels as the
+    float32 8-bit conversion it replaces (levels at the threshold edge included)."""
+    rng = np.random.default_rng(11)
+    top = np.iinfo(dtype).max
+    for k in range(40):
+        h, w = rng.integers(8, 90, 2)
+        raw = rng.integers(0, top + 1, (h, w)) * (rng.random((h, w)) < rng.random())
+        img = cv2.GaussianBlur(raw.astype(np.float64), (0, 0), 0.2 + 2 * rng.random())
+        img = np.rint(img * (top / max(img.max(), 1))).astype(dtype)
+        if k % 2:  # a maximum that does not divide evenly (e.g. 12-bit data)
+            img = np.minimum(img, rng.integers(300 if dtype == np.uint16 else 30, top))
+        for thr in (0.05, 0.37, 7):
+            try:
+                ref = segment_breast(img.astype(np.float64), thr, min_breast_fraction=0)
+            except ValueError as err:
+                with pytest.raises(ValueError, match=str(err)[:30]):
+                    segment_breast(img, thr, min_breast_fraction=0)
+                continue
+            out, box = segment_breast(img, thr, min_breast_fraction=0)
+            assert box == ref[1]
+            np.testing.assert_array_equal(out, ref[0].astype(dtype))
+
+
+def test_more_objects_than_16bit_labels():
+    """Over 65535 separate specks (labels no longer fit 16 bits): still the largest object."""
+    img = np.zeros((700, 700), np.uint16)
+    img[::2, ::2] = 5000                       # 122,500 one-pixel objects
+    img[300:420, 100:600] = 60000              # the "breast"
+    out, box = segment_breast(img, crop=False)
+    # the block plus the specks touching it: row 420 (cols 100..600) and col 600 (rows 300..418)
+    assert box == (100, 300, 501, 121)
+    labels, _ = ndimage.label(img > 0, EIGHT_CONNECTED)
+    expected = labels == labels[350, 350]
+    assert expected.sum() == 500 * 120 + 251 + 60
+    np.testing.assert_array_equal(out > 0, expected)
