@@ -45,7 +45,7 @@ IMG_H="${DEMO_IMG_HEIGHT:-288}"               # whole-image size = patch samplin
 IMG_W="${DEMO_IMG_WIDTH:-224}"
 CONTRAST="${DEMO_LESION_CONTRAST:-2.0}"
 PATCH="${DEMO_PATCH_SIZE:-64}"
-NB_BKG="${DEMO_NB_BKG:-10}"
+NB_BKG="${DEMO_NB_BKG:-15}"                   # per view, the NB_HNS hard negatives included
 NB_ABN="${DEMO_NB_ABN:-20}"
 NB_HNS="${DEMO_NB_HNS:-5}"
 NB_FILTER="${DEMO_NB_INIT_FILTER:-16}"
@@ -93,9 +93,9 @@ sample_patches() {
         --nb-bkg "$NB_BKG" --nb-abn "$NB_ABN" "${SAMPLE_FLAGS[@]}"
     echo "    ${cmd[*]} $DATA/test_pat.txt $DATA/full_img $PATCHES/test ... --val-size 0"
     "${cmd[@]}" "$DATA/test_pat.txt" "$DATA/full_img" "$PATCHES/test" "$PATCHES/test_unused" \
-        --val-size 0 --nb-bkg "$NB_TEST" --nb-abn "$NB_TEST" "${SAMPLE_FLAGS[@]}"
+        --val-size 0 --nb-bkg $(( NB_HNS + NB_TEST )) --nb-abn "$NB_TEST" "${SAMPLE_FLAGS[@]}"
 }
-NB_TEST=$(( (NB_BKG + 1) / 2 ))
+NB_TEST=$(( (NB_BKG - NB_HNS + 1) / 2 ))   # test: abnormal per ROI, random background per view
 stage 2_sample_patches sample_patches
 rm -rf "$PATCHES/test_unused"
 

@@ -16,8 +16,10 @@ patient list) it cuts square patches of three kinds per view:
   8-bit image, 2017 parameters) whose patch meets the negative rule; when more than ``nb_hns``
   qualify, they are clustered with k-means on their coordinates and the spot nearest each
   cluster centre is kept. Written to the background folder.
-* **background**: centres drawn uniformly inside the (breast-cropped) image until ``nb_bkg``
-  patches meet the negative rule.
+* **background**: centres drawn uniformly inside the (breast-cropped) image until the view has
+  ``nb_bkg`` background-folder patches in all, the hard negatives included (as in 2017: with
+  the defaults, 15 hard negatives and 15 random patches, fewer hard negatives being made up
+  with random ones), each meeting the negative rule.
 
 Negative rule: for every ROI of the view and for the union of its ROIs, the overlap is at most
 ``neg_cutoff`` of the ROI area and at most ``neg_cutoff`` of the patch area.
@@ -529,6 +531,7 @@ def _sample_view_with(task: _ViewTask, cfg: _Settings, write) -> dict:
         emit(_abn_folder(cfg, roi), f"abn{roi.abn_num}", centres,
              lambda x, y, s=sat: tuple(f[0] for f in _fractions(s, np.array([x]),
                                                                 np.array([y]), p)))
+    nb_random = cfg.nb_bkg  # the hard negatives count towards nb_bkg (2017)
     if cfg.nb_hns > 0:
         blobs = detect_blob_centres(img, p) + m
         ok = negative_passes(neg_sats, blobs[:, 0], blobs[:, 1], p, cfg.neg_cutoff)
@@ -536,12 +539,13 @@ def _sample_view_with(task: _ViewTask, cfg: _Settings, write) -> dict:
         hns = select_hard_negatives(blobs[ok], cfg.nb_hns, hns_seed)
         res["hns_shortfall"] = cfg.nb_hns - len(hns)
         emit(cfg.folders["bkg"], "hns", hns, neg_fracs)
-    if cfg.nb_bkg > 0:
+        nb_random -= len(hns)
+    if nb_random > 0:
         region = (m, m, img.shape[1] + m, img.shape[0] + m)
-        bkg = draw_background_centres(rng, neg_sats, region, p, cfg.nb_bkg, cfg.neg_cutoff)
-        if len(bkg) < cfg.nb_bkg:
-            res["bkg_shortfall"] = cfg.nb_bkg - len(bkg)
-            res["warnings"].append(f"{task.img_id}: only {len(bkg)} of {cfg.nb_bkg} "
+        bkg = draw_background_centres(rng, neg_sats, region, p, nb_random, cfg.neg_cutoff)
+        if len(bkg) < nb_random:
+            res["bkg_shortfall"] = nb_random - len(bkg)
+            res["warnings"].append(f"{task.img_id}: only {len(bkg)} of {nb_random} random "
                                    "background patches meet the negative rule")
         emit(cfg.folders["bkg"], "bkg", bkg, neg_fracs)
     return res
@@ -680,8 +684,8 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         target_width: optional fixed width.
         segment_breast: crop each image (and its masks) to the segmented breast first.
         patch_size: patch side in pixels (in the resized image).
-        nb_bkg, nb_abn, nb_hns: background patches per view, abnormal patches per ROI, hard
-            negatives per view (at most).
+        nb_bkg, nb_abn, nb_hns: background-folder patches per view (hard negatives included),
+            abnormal patches per ROI, hard negatives per view (at most).
         pos_cutoff, neg_cutoff: overlap cutoffs (see module docstring).
         val_size: fraction of patients for validation (0: none).
         bkg_dir, calc_pos_dir, calc_neg_dir, mass_pos_dir, mass_neg_dir: class folder names

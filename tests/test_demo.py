@@ -15,7 +15,7 @@ import pytest
 SMALL_ENV = {   # same pixel scale as the default demo (288x224, 64-px patches), fewer of all
     "DEMO_PATIENTS": "40", "DEMO_FULL_HEIGHT": "576", "DEMO_FULL_WIDTH": "448",
     "DEMO_IMG_HEIGHT": "288", "DEMO_IMG_WIDTH": "224", "DEMO_PATCH_SIZE": "64",
-    "DEMO_LESION_CONTRAST": "3.0", "DEMO_NB_BKG": "6", "DEMO_NB_ABN": "12", "DEMO_NB_HNS": "2",
+    "DEMO_LESION_CONTRAST": "3.0", "DEMO_NB_BKG": "8", "DEMO_NB_ABN": "12", "DEMO_NB_HNS": "2",
     "DEMO_NB_INIT_FILTER": "16", "DEMO_PATCH_EPOCHS": "3", "DEMO_TOP_EPOCHS": "1",
     "DEMO_ALL_EPOCHS": "3", "DEMO_BOOTSTRAP": "200", "RANDOM_SEED": "12345",
     "NUM_CPU_CORES": "2",

@@ -188,14 +188,14 @@ def test_counts_per_folder_and_files_match_manifest(dataset, sampled):
         for r in sub.itertuples():
             f = folder.get((r.type, r.pathology), f"{r.type}_ben")
             expect[f] += NB_ABN
-        expect["background"] = nb_views * (NB_BKG + NB_HNS)
+        expect["background"] = nb_views * NB_BKG  # hard negatives included, as in 2017
         assert summary["patches"][split] == expect
         on_disk = {f: len(os.listdir(out / split / f)) for f in expect}
         assert on_disk == expect
     names = _manifest(out)
     assert names.filename.str.fullmatch(r"P_\d{5}_(LEFT|RIGHT)_(CC|MLO)_(abn\d+|bkg|hns)_\d{4}\.png").all()
-    assert (names.groupby(["img_id", "kind"]).size().loc[lambda s: s.index.get_level_values(1)
-                                                         == "hns"] == NB_HNS).all()
+    per_view = names.groupby(["img_id", "kind"]).size().unstack(fill_value=0)
+    assert (per_view["hns"] == NB_HNS).all() and (per_view["bkg"] == NB_BKG - NB_HNS).all()
 
 
 def test_val_split_is_patient_level_and_stratified(dataset, sampled):
@@ -238,8 +238,11 @@ def test_constant_patches_stay_constant(tmp_path):
     summary = spc.run(str(data / "roi_mask_path.csv"), str(data / "roi_mask"),
                       str(data / "pat.txt"), str(data / "full_img"), str(tmp_path / "tr"),
                       str(tmp_path / "va"), target_height=H, patch_size=P, nb_abn=5,
-                      nb_bkg=40, nb_hns=0, val_size=0.0, verbose=False)
+                      nb_bkg=40, nb_hns=10, val_size=0.0, verbose=False)
+    # a flat image has no blobs: the 10 missing hard negatives are made up with random ones
+    assert summary["hns_shortfall"] == 10 and summary["bkg_shortfall"] == 0
     assert summary["patches"]["train"]["background"] == 40
+    assert all("_bkg_" in n for n in os.listdir(tmp_path / "tr" / "background"))
     constant = 0
     for folder in ("background", "mass_mal"):
         for name in os.listdir(tmp_path / "tr" / folder):
