@@ -263,7 +263,7 @@ def read_resize_img(fname: PathLike, target_size: Optional[Sequence[int]] = None
     return img
 
 
-def write_png(path: PathLike, img: np.ndarray) -> None:
+def write_png(path: PathLike, img: np.ndarray, bilevel: bool = False) -> None:
     """Write a PNG atomically: encoded in memory, written to ``<name>.part``, then renamed.
 
     A crash or a full disk never leaves a truncated PNG under the final name (a reader would
@@ -272,13 +272,22 @@ def write_png(path: PathLike, img: np.ndarray) -> None:
     Args:
         path: destination file (its folder must exist).
         img: (H, W) uint8/uint16 or (H, W, 3) uint8 BGR image, stored as is (16-bit stays 16-bit).
+        bilevel: store a 0/255 uint8 mask as a 1-bit PNG (OpenCV reads it back as the same
+            0/255 uint8 array, about 2.5x faster than an 8-bit PNG of a full-size mask).
 
     Raises:
+        ValueError: ``bilevel`` with an image that is not uint8 0/255.
         OSError: the image cannot be encoded or the file cannot be written.
     """
     path = Path(path)
+    params = []
+    if bilevel:
+        if img.dtype != np.uint8 or img.ndim != 2 or np.any((img != 0) & (img != 255)):
+            raise ValueError(f"a bilevel PNG ({path}) needs a 2-D uint8 0/255 mask, got "
+                             f"{img.dtype} {img.shape}")
+        params = [cv2.IMWRITE_PNG_BILEVEL, 1]
     try:
-        ok, buf = cv2.imencode(".png", img)
+        ok, buf = cv2.imencode(".png", img, params)
     except cv2.error:
         ok = False
     if not ok:

@@ -6,7 +6,7 @@ tests, benchmarks and the demo use it in place of CBIS-DDSM, in exactly the layo
 read (SPEC section 3)::
 
     OUT/full_img/{patient_id}_{LEFT|RIGHT}_{CC|MLO}.png        16-bit full mammograms
-    OUT/roi_mask/{Calc|Mass}-Training_{patient_id}_{side}_{view}_{abn_num}.png   8-bit 0/255
+    OUT/roi_mask/{Calc|Mass}-Training_{patient_id}_{side}_{view}_{abn_num}.png   1-bit 0/255
     OUT/roi_mask_path.csv      patient_id,side,view,abn_num,pathology,type
     OUT/train_pat.txt, OUT/test_pat.txt                         one patient id per line
     OUT/pat_side_cancer.csv    patient_id,side,cancer
@@ -484,8 +484,8 @@ def _to_stored(img12: np.ndarray) -> np.ndarray:
     return (np.rint(np.clip(img12, 0, MAX_12BIT)).astype(np.uint16) * np.uint16(STORE_FACTOR))
 
 
-def _imwrite(path: Path, img: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), img):
+def _imwrite(path: Path, img: np.ndarray, params=()) -> None:
+    if not cv2.imwrite(str(path), img, list(params)):
         raise OSError(f"could not write {path}")
 
 
@@ -554,7 +554,7 @@ def _write_patient(pat: _Patient, split: str, paths: dict, h: int, w: int, whole
             for abn, les, mask in masks:
                 prefix = "Mass" if les.kind == "mass" else "Calc"
                 _imwrite(paths["roi_mask_dir"] / f"{prefix}-Training_{stem}_{abn}.png",
-                         mask.astype(np.uint8) * np.uint8(255))
+                         mask.astype(np.uint8) * np.uint8(255), (cv2.IMWRITE_PNG_BILEVEL, 1))
                 rows.append((pat.patient_id, side, view, abn, les.pathology, les.kind))
             cls = "pos" if any(les.malignant for _, les, _ in masks) else "neg"
             small = cv2.resize(img12, (whole_hw[1], whole_hw[0]), interpolation=cv2.INTER_AREA)

@@ -13,10 +13,11 @@ Output in ``OUT_DIR``:
 * ``full_img/{patient_id}_{side}_{view}.png``: 16-bit full mammograms (DICOM read by
   :func:`dm_image.read_image`: LUTs/windowing applied, MONOCHROME1 inverted, 0..65535). A view
   listed in several CSVs is written once.
-* ``roi_mask/{Calc|Mass}-{Training|Test}_{patient_id}_{side}_{view}_{abn_num}.png``: 8-bit 0/255
-  masks. The mask of a row is recognised by content among the files of its ``ROI mask file
-  path`` and ``cropped image file path`` (the two are swapped in some rows): the one holding at
-  most two values and having the full image's size.
+* ``roi_mask/{Calc|Mass}-{Training|Test}_{patient_id}_{side}_{view}_{abn_num}.png``: 0/255
+  masks as 1-bit PNGs (OpenCV reads them as uint8 0/255, 2.5x faster than 8-bit ones). The
+  mask of a row is recognised by content among the files of its ``ROI mask file path`` and
+  ``cropped image file path`` (the two are swapped in some rows): the one holding at most two
+  values and having the full image's size.
 * ``roi_mask_path.csv`` (``patient_id,side,view,abn_num,pathology,type``), one row per mask
   written; ``train_pat.txt`` / ``test_pat.txt`` (patients with a mask from the official
   training / test CSVs; 31 patients have lesions in both); ``pat_side_cancer.csv``
@@ -257,7 +258,7 @@ def _process_view(args) -> dict:
         if status == "swapped":
             count("swapped_paths")
         dm_image.write_png(out / "roi_mask" / name,
-                           np.where(arr == arr.max(), 255, 0).astype(np.uint8))
+                           np.where(arr == arr.max(), 255, 0).astype(np.uint8), bilevel=True)
         res["rois"].append({"patient_id": view.patient, "side": view.side, "view": view.view,
                             "abn_num": roi["abn_num"], "pathology": roi["pathology"],
                             "type": roi["type"], "split": roi["split"]})

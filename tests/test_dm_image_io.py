@@ -666,6 +666,24 @@ def test_write_png_atomic_16bit_roundtrip_and_errors(tmp_path, monkeypatch):
         dm_image.write_png(tmp_path / "bad.png", np.zeros((4, 4, 7), np.float64))
 
 
+def test_write_png_bilevel_mask(tmp_path):
+    import dm_image
+    mask = np.zeros((37, 29), np.uint8)
+    mask[5:20, 3:11] = 255
+    mask[30, 28] = 255
+    dm_image.write_png(tmp_path / "m.png", mask, bilevel=True)
+    raw = (tmp_path / "m.png").read_bytes()
+    assert raw[24] == 1 and raw[25] == 0            # IHDR: bit depth 1, greyscale
+    for flag in (cv2.IMREAD_UNCHANGED, cv2.IMREAD_GRAYSCALE):
+        back = cv2.imread(str(tmp_path / "m.png"), flag)
+        assert back.dtype == np.uint8 and np.array_equal(back, mask)
+    np.testing.assert_array_equal(dm_image.read_image(tmp_path / "m.png", gs_255=True), mask)
+    for bad in (np.full((4, 4), 1, np.uint8), np.zeros((4, 4), np.uint16)):
+        with pytest.raises(ValueError, match="bilevel PNG .*bad.png.* 0/255 mask"):
+            dm_image.write_png(tmp_path / "bad.png", bad, bilevel=True)
+    assert not (tmp_path / "bad.png").exists()
+
+
 @pytest.mark.parametrize("name, dtype", [("png16.png", np.uint16), ("png8.png", np.uint8),
                                          ("tif16.tif", np.uint16)])
 @pytest.mark.parametrize("kwargs", [dict(target_size=(100, 80)), dict(target_height=401),

@@ -112,6 +112,7 @@ def test_real_csvs_with_small_dicoms(cbis_csv_dir, tmp_path):
         name = f"{kind}-{split}_{img_id}_{row['abnormality id']}.png"
         if with_mask:
             np.testing.assert_array_equal(_read_png(out / "roi_mask" / name), _mask(seed))
+            assert (out / "roi_mask" / name).read_bytes()[24] == 1  # a 1-bit PNG
             expect_rows.append([row["patient_id"], row["left or right breast"],
                                 row["image view"], row["abnormality id"], row["pathology"],
                                 kind.lower()])
