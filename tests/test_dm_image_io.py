@@ -666,6 +666,30 @@ def test_write_png_atomic_16bit_roundtrip_and_errors(tmp_path, monkeypatch):
         dm_image.write_png(tmp_path / "bad.png", np.zeros((4, 4, 7), np.float64))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_write_png_greyscale_encoder_roundtrips(tmp_path, dtype):
+    """2-D uint8/uint16 images take our own PNG encoder: OpenCV and PIL must read back the
+    same array (odd sizes, 1-pixel rows and columns, strided views included)."""
+    from PIL import Image
+
+    import dm_image
+    rng = np.random.default_rng(5)
+    top = np.iinfo(dtype).max
+    shapes = [(1, 1), (1, 9), (9, 1), (17, 3), (256, 256), (31, 64)]
+    for k, shape in enumerate(shapes):
+        img = rng.integers(0, top + 1, shape).astype(dtype)
+        img[0, 0], img[-1, -1] = top, 0
+        for arr in (img, img[::-1, ::2], img.T):
+            path = tmp_path / f"g{k}.png"
+            dm_image.write_png(path, arr)
+            back = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            assert back.dtype == dtype and np.array_equal(back, arr)
+            with Image.open(path) as im:
+                im.verify()  # chunk CRCs
+            with Image.open(path) as im:
+                assert np.array_equal(np.asarray(im).astype(np.int64), arr.astype(np.int64))
+
+
 def test_write_png_bilevel_mask(tmp_path):
     import dm_image
     mask = np.zeros((37, 29), np.uint8)

@@ -1,20 +1,27 @@
 """Benchmark: patch sampling, ours vs a faithful reimplementation of the 2017 algorithm.
 
 Same images and settings for both (height 4096, 256-pixel patches, 30 abnormal patches per ROI,
-15 hard negatives and 30 background patches per view, cutoffs 0.75 / 0.35), on two sets: six
-(``BENCH_SAMPLING_VIEWS``) 4096x3200 synthetic mammograms with lesion masks from
-``make_synthetic_ddsm`` (their noise texture makes blob detection ~3x costlier than on real
-images), and the four real 3328x2560 mammograms of ../shared (skipped when absent), each with
-one elliptical lesion mask. The 2017 reference does what the 2017 sampler did per view: read
-and resize the image once, segment the breast, then per
-ROI read and resize the mask, crop it, add float margins to image and mask, find the ROI's
-largest contour, and draw centres one at a time, judging each candidate by copying the whole
-padded mask, adding 1000 inside the patch window and counting pixels over the full image
-(``overlap_patch_roi``); blob-detector hard negatives and background patches the same way; every
-patch min-max normalised and written through PIL. Run with ``make bench``; prints seconds per
-image and the ratio.
+30 background-folder patches per view of which up to 15 are blob hard negatives, cutoffs
+0.75 / 0.35), on two sets: six (``BENCH_SAMPLING_VIEWS``) 4096x3200 synthetic mammograms with
+lesion masks from ``make_synthetic_ddsm`` (their noise texture makes blob detection ~3x costlier
+than on real images), and twelve views made from the four real 3328x2560 mammograms of
+../shared (skipped when absent), each image used three times with a different elliptical lesion
+mask (masks stored as 1-bit PNGs, as ``prepare_cbis_ddsm`` and ``make_synthetic_ddsm`` write
+them). The 2017 reference is self-contained (it shares no code with ours apart from the blob
+detector's parameters, so speeding up ours cannot change it) and follows the 2017 sampler per
+view: read and resize the image (``cv2.imread``, bicubic, float32) and segment the breast (8-bit
+threshold, largest external contour by area, its bounding box); per ROI read, resize and crop
+the mask; for the first ROI, add float64 margins to image and mask, find the ROI's largest
+contour, detect blobs on the 8-bit image and take them in a seeded random order while they pass
+the negative test; then (``sample_patches``) add the margins again and draw abnormal centres in
+the ROI's box and background centres in the image one at a time, judging each candidate by
+copying the whole padded mask, adding 1000 inside the patch window and counting pixels over the
+full image (``overlap_patch_roi``); every patch min-max normalised and written through PIL.
+Run with ``make bench``; prints wall-clock and CPU seconds per image (CPU: all threads and
+worker processes) and the ratios.
 """
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -45,8 +52,9 @@ def _synthetic_set(root):
 
 
 def _real_set(root):
-    """The 4 real 3328x2560 mammograms of ../shared, each with one elliptical lesion mask
-    (about 1.5 % of the breast) placed in its breast."""
+    """Twelve views from the 4 real 3328x2560 mammograms of ../shared: each image three times
+    (as CC, MLO and a second CC of another patient), each time with one elliptical lesion mask
+    (about 1.5 % of the breast) at another place in its breast."""
     files = sorted(REAL_DIR.glob("*.png")) if REAL_DIR.is_dir() else []
     if not files:
         pytest.skip("../shared/data/real_mammograms is absent")
@@ -54,15 +62,19 @@ def _real_set(root):
     (root / "syn" / "roi_mask").mkdir(parents=True)
     rows = []
     for k, f in enumerate(files):
-        pat, side = f"P_R{k:04d}", "LEFT" if "_L_" in f.name else "RIGHT"
+        side = "LEFT" if "_L_" in f.name else "RIGHT"
         img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-        (root / "syn" / "full_img" / f"{pat}_{side}_CC.png").write_bytes(f.read_bytes())
         _, (x, y, w, h) = dm_image.segment_breast(img)
-        mask = np.zeros(img.shape, np.uint8)
-        cv2.ellipse(mask, (x + w // 2, y + h // 2), (w // 9, h // 12), 30, 0, 360, 255, -1)
-        cv2.imwrite(str(root / "syn" / "roi_mask" / f"Mass-Training_{pat}_{side}_CC_1.png"), mask)
-        rows.append(dict(patient_id=pat, side=side, view="CC", abn_num=1,
-                         pathology="MALIGNANT" if k % 2 else "BENIGN", type="mass"))
+        for j, (pat, view) in enumerate([(f"P_R{k:04d}", "CC"), (f"P_R{k:04d}", "MLO"),
+                                         (f"P_R{k + 10:04d}", "CC")]):
+            (root / "syn" / "full_img" / f"{pat}_{side}_{view}.png").write_bytes(f.read_bytes())
+            mask = np.zeros(img.shape, np.uint8)
+            cx, cy = x + w * (2 + j) // 6, y + h * (1 + j) // 4
+            cv2.ellipse(mask, (cx, cy), (w // 9, h // 12), 30 * j, 0, 360, 255, -1)
+            name = f"Mass-Training_{pat}_{side}_{view}_1.png"  # 1-bit, as prepare_cbis_ddsm
+            dm_image.write_png(root / "syn" / "roi_mask" / name, mask, bilevel=True)
+            rows.append(dict(patient_id=pat, side=side, view=view, abn_num=1,
+                             pathology="MALIGNANT" if (k + j) % 2 else "BENIGN", type="mass"))
     return pd.DataFrame(rows)
 
 
@@ -76,6 +88,34 @@ def data(request, tmp_path_factory):
 
 
 # ------------------------------------------------------------------ 2017 reference algorithm
+def _read_resize_2017(path, gs_255=False):
+    """2017 read_resize_img: OpenCV read, bicubic resize to the target height, float32."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if gs_255 else cv2.IMREAD_UNCHANGED)
+    width = int(float(TARGET_H) / img.shape[0] * img.shape[1])
+    return cv2.resize(img, (width, TARGET_H), interpolation=cv2.INTER_CUBIC).astype("float32")
+
+
+def _segment_2017(img, low_int_threshold=0.05):
+    """2017 segment_breast: threshold the 8-bit image, keep the largest external contour by
+    area (filled), mask the image with it and crop to the contour's bounding box."""
+    img_8u = (img.astype("float32") / img.max() * 255).astype("uint8")
+    _, binary = cv2.threshold(img_8u, int(img_8u.max() * low_int_threshold), 255,
+                              cv2.THRESH_BINARY)
+    cnts, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    idx = int(np.argmax([cv2.contourArea(c) for c in cnts]))
+    mask = cv2.drawContours(np.zeros_like(binary), cnts, idx, 255, -1)
+    x, y, w, h = cv2.boundingRect(cnts[idx])
+    return cv2.bitwise_and(img, img, mask=mask)[y:y + h, x:x + w], (x, y, w, h)
+
+
+def _margins_2017(img):
+    """2017 add_img_margins: a float64 canvas with a zero margin of half a patch."""
+    h = PATCH // 2
+    out = np.zeros((img.shape[0] + 2 * h, img.shape[1] + 2 * h))
+    out[h:h + img.shape[0], h:h + img.shape[1]] = img
+    return out
+
+
 def _overlap_2017(center, roi_mask, cutoff, add_val=1000):
     """Per-candidate overlap test of 2017: copy the full mask, mark the window, count."""
     x, y = center
@@ -83,7 +123,7 @@ def _overlap_2017(center, roi_mask, cutoff, add_val=1000):
     x1, x2 = max(x - h, 0), min(x + h, roi_mask.shape[1])
     y1, y2 = max(y - h, 0), min(y + h, roi_mask.shape[0])
     roi_area = (roi_mask > 0).sum()
-    added = roi_mask.copy().astype("uint16")
+    added = roi_mask.copy()
     added[y1:y2, x1:x2] += add_val
     patch_area = (added >= add_val).sum()
     inter = float((added > add_val).sum())
@@ -98,42 +138,67 @@ def _save_2017(img, x, y, path):
     Image.fromarray(scaled).save(path)  # 16-bit PNG through PIL
 
 
-def _sample_view_2017(img, masks, out, img_id):
-    h = PATCH // 2
-    rng = np.random.RandomState(12345)
-    img_m = dm_image.add_img_margins(img.astype("float64"), h)
-    union = np.zeros_like(img_m)
-    n = {"abn": 0, "hns": 0, "bkg": 0}
-    for k, mask in enumerate(masks):
-        mask_m = dm_image.add_img_margins(mask.astype("float64"), h)
-        union = np.maximum(union, mask_m)
-        cnts, _ = cv2.findContours(mask_m.astype("uint8"), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
-        rx, ry, rw, rh = cv2.boundingRect(max(cnts, key=cv2.contourArea))
-        cut, tries, got = POS_CUT, 0, 0
-        while got < NB_ABN:
-            x, y = rng.randint(rx, rx + rw), rng.randint(ry, ry + rh)
-            tries += 1
-            if tries >= 1000:
-                cut, tries = cut - 0.05, 0
-            if _overlap_2017((x, y), mask_m, cut):
-                _save_2017(img_m, x, y, out / f"{img_id}_{k}_abn_{got:04d}.png")
-                got, tries = got + 1, 0
-        n["abn"] += got
-    det = spc.create_blob_detector(PATCH)
-    kpts = det.detect((img_m / img_m.max() * 255).astype("uint8"))
+def _roi_box_2017(mask_m):
+    cnts, _ = cv2.findContours(mask_m.astype("uint8"), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
+    return cv2.boundingRect(max(cnts, key=cv2.contourArea))
+
+
+def _blob_negatives_2017(img, mask, out, name, nb):
+    """2017 sample_blob_negatives: margins, ROI box, blobs of the 8-bit image, in a seeded
+    random order, kept while they pass the negative test against this ROI."""
+    img_m, mask_m = _margins_2017(img), _margins_2017(mask)
+    _roi_box_2017(mask_m)
+    kpts = spc.create_blob_detector(PATCH).detect((img_m / img_m.max() * 255).astype("uint8"))
+    kpts = np.random.RandomState(12345).permutation(kpts)
+    got = 0
     for kp in kpts:
-        if n["hns"] >= NB_HNS:
+        if got >= nb:
             break
         x, y = int(kp.pt[0]), int(kp.pt[1])
-        if not _overlap_2017((x, y), union, NEG_CUT):
-            _save_2017(img_m, x, y, out / f"{img_id}_hns_{n['hns']:04d}.png")
-            n["hns"] += 1
-    while n["bkg"] < NB_BKG:
+        if not _overlap_2017((x, y), mask_m, NEG_CUT):
+            _save_2017(img_m, x, y, out / f"{name}_hns_{got:04d}.png")
+            got += 1
+    return got
+
+
+def _sample_patches_2017(img, mask, out, name, nb_abn, nb_bkg):
+    """2017 sample_patches: margins, ROI box, abnormal patches then background patches."""
+    h = PATCH // 2
+    img_m, mask_m = _margins_2017(img), _margins_2017(mask)
+    rx, ry, rw, rh = _roi_box_2017(mask_m)
+    rng = np.random.RandomState(12345)
+    cut, tries, got = POS_CUT, 0, 0
+    while got < nb_abn:
+        x, y = rng.randint(rx, rx + rw), rng.randint(ry, ry + rh)
+        tries += 1
+        if tries >= 1000:
+            cut, tries = cut - 0.05, 0
+        if _overlap_2017((x, y), mask_m, cut):
+            _save_2017(img_m, x, y, out / f"{name}_abn_{got:04d}.png")
+            got, tries = got + 1, 0
+    bkg = 0
+    while bkg < nb_bkg:
         x = rng.randint(h, img_m.shape[1] - h)
         y = rng.randint(h, img_m.shape[0] - h)
-        if not _overlap_2017((x, y), union, NEG_CUT):
-            _save_2017(img_m, x, y, out / f"{img_id}_bkg_{n['bkg']:04d}.png")
-            n["bkg"] += 1
+        if not _overlap_2017((x, y), mask_m, NEG_CUT):
+            _save_2017(img_m, x, y, out / f"{name}_bkg_{bkg:04d}.png")
+            bkg += 1
+    return got, bkg
+
+
+def _sample_view_2017(img, masks, out, img_id):
+    """The 2017 per-view flow: for the first ROI, blob hard negatives then the abnormal patches
+    and the background patches that complete nb_bkg; for every further ROI, its abnormal
+    patches only (each call adds the margins again and judges against its own ROI)."""
+    n = {"abn": 0, "hns": 0, "bkg": 0}
+    for k, mask in enumerate(masks):
+        name = f"{img_id}_{k}"
+        hns = _blob_negatives_2017(img, mask, out, name, NB_HNS) if k == 0 and NB_HNS else 0
+        abn, bkg = _sample_patches_2017(img, mask, out, name, NB_ABN,
+                                        max(NB_BKG - hns, 0) if k == 0 else 0)
+        n["abn"] += abn
+        n["hns"] += hns
+        n["bkg"] += bkg
     return n
 
 
@@ -143,15 +208,13 @@ def _run_2017(root, out):
     counts = {"abn": 0, "hns": 0, "bkg": 0}
     for (pat, side, view), g in csv.groupby(["patient_id", "side", "view"]):
         img_id = f"{pat}_{side}_{view}"
-        img = dm_image.read_resize_img(root / "syn" / "full_img" / f"{img_id}.png",
-                                       target_height=TARGET_H)
-        img, bbox = dm_image.segment_breast(img)
+        img = _read_resize_2017(root / "syn" / "full_img" / f"{img_id}.png")
+        img, (x, y, w, h) = _segment_2017(img)
         masks = []
         for r in g.itertuples():
             name = f"{r.type.capitalize()}-Training_{img_id}_{r.abn_num}.png"
-            mask = dm_image.read_resize_img(root / "syn" / "roi_mask" / name,
-                                            target_height=TARGET_H, gs_255=True)
-            masks.append(dm_image.crop_img(mask, bbox))
+            mask = _read_resize_2017(root / "syn" / "roi_mask" / name, gs_255=True)
+            masks.append(mask[y:y + h, x:x + w])
         for key, v in _sample_view_2017(img, masks, out, img_id).items():
             counts[key] += v
     return counts
@@ -166,53 +229,67 @@ def _run_ours(root, out, workers):
                    verbose=False, workers=workers)
 
 
-def _shared_stage(root, n_views):
-    """Seconds per image of the part both share: read + resize image and masks, segment."""
+def _timed(fn, *args, **kwargs):
+    """(result, wall seconds, CPU seconds of this process's threads and of finished children)."""
+    def cpu():
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), \
+            resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    t, c = time.perf_counter(), cpu()
+    res = fn(*args, **kwargs)
+    return res, time.perf_counter() - t, cpu() - c
+
+
+def _our_stages(root):
+    """Seconds per image of our per-view stages, one process, one thread."""
     csv = pd.read_csv(root / "roi.csv")
-    t = time.perf_counter()
-    blob_s = 0.0
-    for (pat, side, view), g in csv.groupby(["patient_id", "side", "view"]):
-        img_id = f"{pat}_{side}_{view}"
-        img = dm_image.read_resize_img(root / "syn" / "full_img" / f"{img_id}.png",
-                                       target_height=TARGET_H)
-        img, bbox = dm_image.segment_breast(img)
-        for r in g.itertuples():
-            name = f"{r.type.capitalize()}-Training_{img_id}_{r.abn_num}.png"
-            dm_image.read_resize_img(root / "syn" / "roi_mask" / name, target_height=TARGET_H,
-                                     gs_255=True)
-        t_blob = time.perf_counter()
-        spc.detect_blob_centres(img, PATCH)
-        blob_s += time.perf_counter() - t_blob
-    return (time.perf_counter() - t - blob_s) / n_views, blob_s / n_views
+    stages = dict.fromkeys(["read+resize", "masks", "segment", "blobs"], 0.0)
+    cv2.setNumThreads(1)
+    try:
+        for (pat, side, view), g in csv.groupby(["patient_id", "side", "view"]):
+            img_id = f"{pat}_{side}_{view}"
+            t = time.perf_counter()
+            img = dm_image.read_resize_stored(root / "syn" / "full_img" / f"{img_id}.png",
+                                              target_height=TARGET_H)
+            t, t0 = time.perf_counter(), t
+            stages["read+resize"] += t - t0
+            for r in g.itertuples():
+                name = f"{r.type.capitalize()}-Training_{img_id}_{r.abn_num}.png"
+                mask = dm_image.read_image(root / "syn" / "roi_mask" / name, gs_255=True)
+                cv2.resize(mask, img.shape[::-1], interpolation=cv2.INTER_AREA)
+            t, t0 = time.perf_counter(), t
+            stages["masks"] += t - t0
+            img, _ = dm_image.segment_breast(img)
+            t, t0 = time.perf_counter(), t
+            stages["segment"] += t - t0
+            spc.detect_blob_centres(img, PATCH)
+            stages["blobs"] += time.perf_counter() - t
+    finally:
+        cv2.setNumThreads(-1)
+    n = len(csv.drop_duplicates(["patient_id", "side", "view"]))
+    return {k: v / n for k, v in stages.items()}
 
 
 def test_bench_sampling_vs_2017(data, tmp_path):
     data, kind, n_views = data
-    t_shared, t_blob = _shared_stage(data, n_views)
-    t = time.perf_counter()
-    ours = _run_ours(data, tmp_path / "ours1", workers=1)
-    t_ours = (time.perf_counter() - t) / n_views
-    t = time.perf_counter()
-    ours2 = _run_ours(data, tmp_path / "ours2", workers=2)
-    t_ours2 = (time.perf_counter() - t) / n_views
-    t = time.perf_counter()
-    ref = _run_2017(data, tmp_path / "ref")
-    t_ref = (time.perf_counter() - t) / n_views
+    stages = _our_stages(data)
+    ours, t_ours, c_ours = _timed(_run_ours, data, tmp_path / "ours1", workers=1)
+    ours2, t_ours2, c_ours2 = _timed(_run_ours, data, tmp_path / "ours2", workers=2)
+    ref, t_ref, c_ref = _timed(_run_2017, data, tmp_path / "ref")
     p = ours["patches"]["train"]
     ours_counts = {"abn": sum(v for k, v in p.items() if k != "background"),
                    "hns+bkg": p["background"]}
+    per = 1.0 / n_views
     print(f"\n[bench sampling] {n_views} {kind} images of height {TARGET_H}, patch {PATCH}, "
-          f"{NB_ABN}/{NB_BKG}/{NB_HNS} abn/bkg/hns")
-    print(f"  2017 algorithm : {t_ref:7.2f} s/image  patches {ref}")
-    print(f"  ours, 1 worker : {t_ours:7.2f} s/image  patches {ours_counts}  "
-          f"ratio {t_ref / t_ours:5.1f}x")
-    print(f"  ours, 2 workers: {t_ours2:7.2f} s/image  ratio {t_ref / t_ours2:5.1f}x "
-          "(includes starting 2 spawned workers)")
-    print(f"  shared by both (read+resize image and masks, segment): {t_shared:.2f} s/image; "
-          f"blob detection (both): {t_blob:.2f} s/image")
-    rest_ref, rest_ours = t_ref - t_shared, t_ours - t_shared
-    print(f"  rest (blob detection, overlap checks, drawing, writing): 2017 {rest_ref:.2f} s vs "
-          f"ours {rest_ours:.2f} s per image, ratio {rest_ref / rest_ours:.1f}x")
+          f"{NB_ABN}/{NB_BKG}/{NB_HNS} abn/bkg/hns; s/image wall (CPU), ratio of wall times")
+    print(f"  2017 algorithm  : {t_ref * per:6.2f} s ({c_ref * per:5.2f} s CPU)  patches {ref}")
+    print(f"  ours, 1 process : {t_ours * per:6.2f} s ({c_ours * per:5.2f} s CPU)  "
+          f"ratio {t_ref / t_ours:5.1f}x  (CPU ratio {c_ref / c_ours:4.1f}x)  "
+          f"patches {ours_counts}")
+    print(f"  ours, 2 workers : {t_ours2 * per:6.2f} s ({c_ours2 * per:5.2f} s CPU)  "
+          f"ratio {t_ref / t_ours2:5.1f}x  (spawning the 2 worker processes included)")
+    print("  our stages, s/image, one thread: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
     assert ours["images_read"] == n_views and ours2["patches"] == ours["patches"]
     assert ours_counts["abn"] == ref["abn"]
     assert ours_counts["hns+bkg"] == ref["hns"] + ref["bkg"] or ours["hns_shortfall"] > 0
