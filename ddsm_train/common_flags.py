@@ -317,24 +317,34 @@ def checked_main(parser, validate, run, argv=None):
     return run(**opts)
 
 
-def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1):
+def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1, sizes=None):
     """``[fn(x) for x in items]`` in ``workers`` spawned processes, with a tqdm progress bar.
 
     Results keep the order of ``items``. Worker processes are started with "spawn" (forking a
     parent that has run threaded libraries such as OpenCV can deadlock the children) and run
-    OpenCV single-threaded; ``fn`` must be a picklable module-level function.
+    OpenCV single-threaded; ``fn`` must be a picklable module-level function. ``sizes``
+    (one int per item, e.g. the views in a batch) weights the progress bar, in views.
     """
     from tqdm import tqdm
 
     items = list(items)
-    bar = dict(total=len(items), disable=not verbose, unit="view", desc=desc)
-    if workers == 1 or len(items) <= 1:
-        return [fn(x) for x in tqdm(items, **bar)]
-    import multiprocessing
+    sizes = [1] * len(items) if sizes is None else list(sizes)
+    bar = tqdm(total=sum(sizes), disable=not verbose, unit="view", desc=desc)
+    results = []
+    with bar:
+        if workers == 1 or len(items) <= 1:
+            for x, n in zip(items, sizes):
+                results.append(fn(x))
+                bar.update(n)
+            return results
+        import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(items)), initializer=_single_threaded_opencv) as pool:
-        return list(tqdm(pool.imap(fn, items, chunksize=chunksize), **bar))
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(workers, len(items)), initializer=_single_threaded_opencv) as pool:
+            for res, n in zip(pool.imap(fn, items, chunksize=chunksize), sizes):
+                results.append(res)
+                bar.update(n)
+    return results
 
 
 def _single_threaded_opencv():

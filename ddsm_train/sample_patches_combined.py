@@ -113,26 +113,31 @@ class MaskSat:
     bbox: Tuple[int, int, int, int]
 
 
-def build_mask_sat(mask: np.ndarray) -> Optional[MaskSat]:
+def build_mask_sat(mask: np.ndarray, margin: int = 0) -> Optional[MaskSat]:
     """Summed-area table of a binary mask, or None when the mask is empty.
 
     Args:
         mask: (H, W) array; pixels > 0 belong to the ROI.
+        margin: the table's coordinates are those of ``mask`` with a zero margin of this many
+            pixels on each side (``np.pad(mask, margin)``, without making that copy).
 
     Returns:
-        MaskSat in the mask's coordinates, or None for an all-zero mask.
+        MaskSat in those coordinates, or None for an all-zero mask.
     """
-    binary = (np.asarray(mask) > 0).astype(np.uint8)
-    rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
-    if rows.size == 0:
+    mask = np.asarray(mask)
+    nonzero = mask.view(np.uint8) if mask.dtype == bool else \
+        cv2.compare(mask, 0, cv2.CMP_GT) if mask.dtype == np.uint8 else \
+        (mask > 0).astype(np.uint8)
+    x0, y0, w, h = cv2.boundingRect(nonzero)
+    if w == 0 or h == 0:
         return None
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    crop = binary[y0:y1, x0:x1]
+    crop = (nonzero[y0:y0 + h, x0:x0 + w] > 0).astype(np.uint8)
     _, _, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
     big = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     bx, by, bw, bh = (int(v) for v in stats[big, :4])
-    return MaskSat(sat=cv2.integral(crop), y0=int(y0), x0=int(x0), area=int(crop.sum()),
-                   bbox=(bx + int(x0), by + int(y0), bw, bh))
+    y0, x0 = int(y0) + margin, int(x0) + margin
+    return MaskSat(sat=cv2.integral(crop), y0=y0, x0=x0, area=int(np.count_nonzero(crop)),
+                   bbox=(bx + x0, by + y0, bw, bh))
 
 
 def window_sums(sat: MaskSat, cx: np.ndarray, cy: np.ndarray, patch_size: int) -> np.ndarray:
@@ -154,8 +159,8 @@ def window_sums(sat: MaskSat, cx: np.ndarray, cy: np.ndarray, patch_size: int) -
     y1 = np.asarray(cy, dtype=np.int64) - patch_size // 2 - sat.y0
     x2, y2 = np.clip(x1 + patch_size, 0, w), np.clip(y1 + patch_size, 0, h)
     x1, y1 = np.clip(x1, 0, w), np.clip(y1, 0, h)
-    s = sat.sat.astype(np.int64, copy=False)
-    return s[y2, x2] - s[y1, x2] - s[y2, x1] + s[y1, x1]
+    s = sat.sat  # int32 (counts <= the mask area); gathered, then summed in int64
+    return (s[y2, x2].astype(np.int64) - s[y1, x2] - s[y2, x1]) + s[y1, x1]
 
 
 def _fractions(sat: MaskSat, cx, cy, patch_size: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -313,13 +318,15 @@ def _kmeans(pts: np.ndarray, k: int, rng: np.random.Generator, iters: int = 30):
     centres = np.array(centres)
     labels = np.full(len(pts), -1)
     for _ in range(iters):
-        new = ((pts[:, None, :] - centres[None]) ** 2).sum(-1).argmin(axis=1)
+        # nearest centre: argmin of |c|^2 - 2 p.c (|p - c|^2 without the constant |p|^2)
+        new = ((centres ** 2).sum(axis=1) - 2.0 * pts @ centres.T).argmin(axis=1)
         if np.array_equal(new, labels):
             break
         labels = new
-        for j in range(k):
-            if np.any(labels == j):
-                centres[j] = pts[labels == j].mean(axis=0)
+        size = np.bincount(labels, minlength=k)
+        used = size > 0  # an emptied cluster keeps its centre
+        for d in range(pts.shape[1]):
+            centres[used, d] = np.bincount(labels, pts[:, d], minlength=k)[used] / size[used]
     return labels, centres
 
 
@@ -353,10 +360,31 @@ def select_hard_negatives(centres: np.ndarray, nb: int, seed: int) -> np.ndarray
 
 
 # ------------------------------------------------------------------------- patches and files
-def extract_patch(img_pad: np.ndarray, x: int, y: int, patch_size: int) -> np.ndarray:
-    """Square window of ``patch_size`` centred at (x, y) of a padded uint16 image (a view)."""
-    x1, y1 = x - patch_size // 2, y - patch_size // 2
-    return img_pad[y1:y1 + patch_size, x1:x1 + patch_size]
+def extract_patch(img: np.ndarray, x: int, y: int, patch_size: int,
+                  margin: int = 0) -> np.ndarray:
+    """Square window of ``patch_size`` whose centre is (x, y), zeros outside the image.
+
+    Args:
+        img: (H, W) image.
+        x, y: centre column and row in the coordinates of ``img`` padded with ``margin``
+            zeros on each side (the window spans ``[c - patch_size // 2, ... + patch_size)``).
+        patch_size: side of the window.
+        margin: that zero margin (the padded copy is never made).
+
+    Returns:
+        (patch_size, patch_size) array of ``img``'s dtype: a view of ``img`` when the window
+        lies inside it, else a zero-filled copy.
+    """
+    x1, y1 = x - patch_size // 2 - margin, y - patch_size // 2 - margin
+    x2, y2 = x1 + patch_size, y1 + patch_size
+    height, width = img.shape[:2]
+    if x1 >= 0 and y1 >= 0 and x2 <= width and y2 <= height:
+        return img[y1:y2, x1:x2]
+    out = np.zeros((patch_size, patch_size) + img.shape[2:], img.dtype)
+    sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    if sx1 < sx2 and sy1 < sy2:
+        out[sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = img[sy1:sy2, sx1:sx2]
+    return out
 
 
 def _to_uint16(img: np.ndarray) -> np.ndarray:
@@ -421,7 +449,13 @@ def _image_shape(path: str) -> Tuple[int, int]:
 
 
 def _load_view(task: _ViewTask, cfg: _Settings):
-    """Read, resize, segment and pad one view and its masks; raise _SkipView on bad input."""
+    """Read, resize and segment one view and its masks; raise _SkipView on bad input.
+
+    Returns:
+        (img, bbox, sats): the breast-cropped image as uint16, its box in the resized image,
+        and the summed-area tables of its ROIs (then of their union when there are several)
+        in the coordinates of the image with its zero margin of ``patch_size // 2``.
+    """
     try:
         orig_shape = _image_shape(task.img_path)
         if cfg.target_width is None:  # integer levels as stored (the patches keep them)
@@ -443,11 +477,11 @@ def _load_view(task: _ViewTask, cfg: _Settings):
         if mask.shape != tuple(orig_shape):
             raise _SkipView("mask_size_mismatch", f"{name}: mask {roi.mask_path} is "
                             f"{mask.shape}, its image is {tuple(orig_shape)}")
-        if not mask.any():
+        binary = cv2.compare(mask, 0, cv2.CMP_GT)  # 0/255
+        if not cv2.countNonZero(binary):
             raise _SkipView("empty_mask", f"{name}: mask {roi.mask_path} is empty")
-        binary = np.where(mask > 0, np.uint8(255), np.uint8(0))
         binary = cv2.resize(binary, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_AREA)
-        masks.append(binary >= 128)
+        masks.append(cv2.compare(binary, 128, cv2.CMP_GE))  # at least half covered
     bbox = (0, 0, img.shape[1], img.shape[0])
     if cfg.segment_breast:
         try:
@@ -460,14 +494,17 @@ def _load_view(task: _ViewTask, cfg: _Settings):
     m = cfg.patch_size // 2
     sats = []
     for roi, mask in zip(task.rois, masks):
-        sat = build_mask_sat(np.pad(mask, m))
+        sat = build_mask_sat(mask, margin=m)
         if sat is None:
             raise _SkipView("roi_outside_breast", f"{task.img_id} abn {roi.abn_num}: ROI "
                             "vanishes after resizing / breast cropping")
         sats.append(sat)
     if len(sats) > 1:  # union of the view's ROIs, for the negative rule
-        sats.append(build_mask_sat(np.pad(np.logical_or.reduce(masks), m)))
-    return img, bbox, sats
+        union = masks[0].copy()
+        for mask in masks[1:]:
+            cv2.max(union, mask, dst=union)
+        sats.append(build_mask_sat(union, margin=m))
+    return _to_uint16(img), bbox, sats
 
 
 def _abn_folder(cfg: _Settings, roi: _Roi) -> str:
@@ -475,51 +512,44 @@ def _abn_folder(cfg: _Settings, roi: _Roi) -> str:
     return cfg.folders[f"{roi.type}_{label}"]
 
 
-def _sample_view(task: _ViewTask, cfg: _Settings) -> dict:
-    """Sample and write the patches of one view; returns counts, manifest rows and messages.
+def _new_result(task: _ViewTask) -> dict:
+    return {"img_id": task.img_id, "split": task.split, "status": "ok", "message": "",
+            "counts": {}, "rows": [], "warnings": [], "relaxations": 0,
+            "abn_shortfall": 0, "hns_shortfall": 0, "bkg_shortfall": 0}
 
-    The PNGs are encoded and written by a background thread (OpenCV releases the GIL), so
-    writing the abnormal patches overlaps with the blob detection that follows.
-    """
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = []
-        res = _sample_view_with(task, cfg, lambda path, arr: pending.append(
-            writer.submit(dm_image.write_png, path, arr)))
-        for job in pending:
-            job.result()  # re-raise a failed write here
+
+def _error_result(task: _ViewTask, err: BaseException) -> dict:
+    """The result of a view that failed unexpectedly (its patches are not counted)."""
+    logger.error("failed on %s: %s: %s", task.img_id, type(err).__name__, err,
+                 exc_info=(type(err), err, err.__traceback__))
+    res = _new_result(task)
+    res.update(status="error", message=f"{task.img_id}: {type(err).__name__}: {err}")
     return res
 
 
-def _sample_view_with(task: _ViewTask, cfg: _Settings, write) -> dict:
-    res = {"img_id": task.img_id, "split": task.split, "status": "ok", "message": "",
-           "counts": {}, "rows": [], "warnings": [], "relaxations": 0,
-           "abn_shortfall": 0, "hns_shortfall": 0, "bkg_shortfall": 0}
-    try:
-        img, bbox, neg_sats = _load_view(task, cfg)
-    except _SkipView as skip:
-        res.update(status=skip.reason, message=str(skip))
-        return res
-    ss = view_seed(cfg.seed, task.img_id)
-    rng = np.random.default_rng(ss)
+def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, bbox,
+                   neg_sats: List[MaskSat], write) -> None:
+    """Draw the patches of a loaded view, hand each to ``write(path, array)``, fill ``res``."""
+    rng = np.random.default_rng(view_seed(cfg.seed, task.img_id))
     p, m = cfg.patch_size, cfg.patch_size // 2
-    img_pad = np.pad(_to_uint16(img), m)
     sats = neg_sats[:len(task.rois)]  # one per ROI; neg_sats may end with their union
 
-    def emit(folder, kind, centres, fracs_fn):
+    def emit(folder, kind, centres, tables):
+        """Write the patches at ``centres``; the manifest gets their largest overlap fractions
+        over ``tables`` (the ROI's own for abnormal patches, all of them for negatives)."""
         out = Path(task.out_dir) / folder
-        for k, (x, y) in enumerate(centres):
+        cx, cy = centres[:, 0], centres[:, 1]
+        fracs = [_fractions(sat, cx, cy, p) for sat in tables]
+        roi_frac = np.max([f[0] for f in fracs], axis=0) if fracs else np.zeros(len(cx))
+        patch_frac = np.max([f[1] for f in fracs], axis=0) if fracs else np.zeros(len(cx))
+        for k, (x, y) in enumerate(centres.tolist()):
             name = f"{task.img_id}_{kind}_{k:04d}.png"
-            write(out / name, extract_patch(img_pad, int(x), int(y), p))
-            roi_frac, patch_frac = fracs_fn(int(x), int(y))
+            write(out / name, extract_patch(img, x, y, p, margin=m))
             res["rows"].append({"folder": folder, "filename": name, "img_id": task.img_id,
-                                "kind": kind, "row": int(y) - m + bbox[1],
-                                "col": int(x) - m + bbox[0],
-                                "roi_frac": round(roi_frac, 6), "patch_frac": round(patch_frac, 6)})
+                                "kind": kind, "row": y - m + bbox[1], "col": x - m + bbox[0],
+                                "roi_frac": round(float(roi_frac[k]), 6),
+                                "patch_frac": round(float(patch_frac[k]), 6)})
         res["counts"][folder] = res["counts"].get(folder, 0) + len(centres)
-
-    def neg_fracs(x, y):
-        fr = [_fractions(s, np.array([x]), np.array([y]), p) for s in neg_sats]
-        return (max([f[0][0] for f in fr], default=0.0), max([f[1][0] for f in fr], default=0.0))
 
     for roi, sat in zip(task.rois, sats):
         centres, cut, relax = draw_abnormal_centres(rng, sat, p, cfg.nb_abn, cfg.pos_cutoff)
@@ -528,9 +558,7 @@ def _sample_view_with(task: _ViewTask, cfg: _Settings, write) -> dict:
             res["abn_shortfall"] += cfg.nb_abn - len(centres)
             res["warnings"].append(f"{task.img_id} abn {roi.abn_num}: only {len(centres)} of "
                                    f"{cfg.nb_abn} abnormal patches (cutoff fell to 0)")
-        emit(_abn_folder(cfg, roi), f"abn{roi.abn_num}", centres,
-             lambda x, y, s=sat: tuple(f[0] for f in _fractions(s, np.array([x]),
-                                                                np.array([y]), p)))
+        emit(_abn_folder(cfg, roi), f"abn{roi.abn_num}", centres, [sat])
     nb_random = cfg.nb_bkg  # the hard negatives count towards nb_bkg (2017)
     if cfg.nb_hns > 0:
         blobs = detect_blob_centres(img, p) + m
@@ -538,7 +566,7 @@ def _sample_view_with(task: _ViewTask, cfg: _Settings, write) -> dict:
         hns_seed = int(rng.integers(2 ** 31 - 1))
         hns = select_hard_negatives(blobs[ok], cfg.nb_hns, hns_seed)
         res["hns_shortfall"] = cfg.nb_hns - len(hns)
-        emit(cfg.folders["bkg"], "hns", hns, neg_fracs)
+        emit(cfg.folders["bkg"], "hns", hns, neg_sats)
         nb_random -= len(hns)
     if nb_random > 0:
         region = (m, m, img.shape[1] + m, img.shape[0] + m)
@@ -547,23 +575,79 @@ def _sample_view_with(task: _ViewTask, cfg: _Settings, write) -> dict:
             res["bkg_shortfall"] = nb_random - len(bkg)
             res["warnings"].append(f"{task.img_id}: only {len(bkg)} of {nb_random} random "
                                    "background patches meet the negative rule")
-        emit(cfg.folders["bkg"], "bkg", bkg, neg_fracs)
+        emit(cfg.folders["bkg"], "bkg", bkg, neg_sats)
+
+
+def _iter_views(tasks: Sequence[_ViewTask], cfg: _Settings):
+    """Sample views in order, yielding one result dict per view as its files are written.
+
+    Three threads share the work (OpenCV, NumPy and file writes release the GIL): a loader
+    reads, resizes and segments the next view while this one is sampled, and a writer encodes
+    and writes the PNG patches. A view's result is yielded once all its files are written; any
+    failure (bad input, a failed write, an unexpected error) becomes that view's skip or error
+    result, and the others go on.
+    """
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # these threads are the parallelism; OpenCV's own pool would compete
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="load") as loader, \
+                ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+            loading = loader.submit(_load_view, tasks[0], cfg) if tasks else None
+            previous = None
+            for i, task in enumerate(tasks):
+                current = loading
+                if i + 1 < len(tasks):
+                    loading = loader.submit(_load_view, tasks[i + 1], cfg)
+                res, jobs = _new_result(task), []
+                try:
+                    _sample_loaded(task, cfg, res, *current.result(), write=lambda path, arr:
+                                   jobs.append((path, writer.submit(dm_image.write_png,
+                                                                    path, arr))))
+                except _SkipView as skip:
+                    res.update(status=skip.reason, message=str(skip))
+                except Exception as err:  # noqa: BLE001 - reported in the summary
+                    res = _error_result(task, err)
+                if previous is not None:  # its writes had this view's sampling time to finish
+                    yield _finish_view(*previous)
+                previous = (task, res, jobs)
+            if previous is not None:
+                yield _finish_view(*previous)
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _finish_view(task: _ViewTask, res: dict, jobs) -> dict:
+    """Wait for a view's file writes. A failed write makes the view an error; the patches of a
+    view that ends in error are removed, so the folders hold exactly the manifest's files."""
+    errors = [err for err in (job.exception() for _, job in jobs) if err is not None]
+    if errors and res["status"] == "ok":
+        res = _error_result(task, errors[0])
+    if res["status"] != "ok":
+        for path, _ in jobs:
+            Path(path).unlink(missing_ok=True)
     return res
 
 
-def _run_task(args) -> dict:
-    task, cfg = args
-    try:
-        return _sample_view(task, cfg)
-    except Exception as err:  # keep the run going; reported in the summary
-        logger.exception("failed on %s", task.img_id)
-        return {"img_id": task.img_id, "split": task.split, "status": "error",
-                "message": f"{task.img_id}: {type(err).__name__}: {err}", "counts": {},
-                "rows": [], "warnings": [], "relaxations": 0, "abn_shortfall": 0,
-                "hns_shortfall": 0, "bkg_shortfall": 0}
+def _sample_batch(args) -> List[dict]:
+    """Worker entry point: ``_iter_views`` over a batch of views."""
+    tasks, cfg = args
+    return list(_iter_views(tasks, cfg))
 
 
-# ------------------------------------------------------------------------- tables and split
+def _sample_all(tasks: List[_ViewTask], cfg: _Settings, workers: int, verbose: bool):
+    """Results of all views, in order: in this process, or in batches over worker processes."""
+    if workers == 1 or len(tasks) <= 1:
+        from tqdm import tqdm
+
+        return list(tqdm(_iter_views(tasks, cfg), total=len(tasks), disable=not verbose,
+                         unit="view", desc="sampling"))
+    size = max(1, min(8, len(tasks) // (2 * workers)))  # balance vs. overlap inside a batch
+    batches = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+    done = parallel_map(_sample_batch, [(b, cfg) for b in batches], workers, "sampling",
+                        verbose, sizes=[len(b) for b in batches])
+    return [res for batch in done for res in batch]
+
+
 def _read_roi_table(path: str) -> Tuple["pd.DataFrame", List[str]]:
     import pandas as pd  # not at module level: worker processes start faster without it
 
@@ -745,7 +829,7 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         Path(out_dirs[split], "pat_lst.txt").write_text("".join(p + "\n" for p in plist))
     pat_split = {**{p: "train" for p in train_pats}, **{p: "val" for p in val_pats}}
     tasks = _build_tasks(df, pat_split, full_img_dir, _index_masks(roi_mask_dir), out_dirs)
-    results = parallel_map(_run_task, [(t, cfg) for t in tasks], workers, "sampling", verbose)
+    results = _sample_all(tasks, cfg, workers, verbose)
     summary = _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows)
     summary["elapsed_s"] = round(time.time() - t0, 3)
     _write_outputs(results, out_dirs, summary, options)

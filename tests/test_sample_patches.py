@@ -293,6 +293,46 @@ def test_window_sums_match_brute_force():
     assert sat.area == mask.sum()
     assert sat.bbox == (10, 20, 30, 30)  # largest connected component
     assert spc.build_mask_sat(np.zeros((5, 5))) is None
+    # a margin gives the table of the zero-padded mask, without the padded copy
+    for m in (mask, mask.astype(np.uint8) * 255, mask.astype(np.float32)):
+        with_margin, padded = spc.build_mask_sat(m, margin=7), spc.build_mask_sat(np.pad(m, 7))
+        assert (with_margin.y0, with_margin.x0, with_margin.area, with_margin.bbox) == \
+            (padded.y0, padded.x0, padded.area, padded.bbox)
+        np.testing.assert_array_equal(with_margin.sat, padded.sat)
+
+
+def test_extract_patch_fills_outside_with_zeros():
+    img = np.arange(1, 31 * 23 + 1, dtype=np.uint16).reshape(31, 23)
+    pad = np.pad(img, 40)
+    for x, y in [(45, 50), (40, 40), (62, 70), (30, 35), (66, 45), (10, 10), (80, 95)]:
+        for m in (0, 40):
+            got = spc.extract_patch(img, x - 40 + m, y - 40 + m, 12, margin=m)
+            want = pad[y - 6:y + 6, x - 6:x + 6]
+            assert got.shape == (12, 12) and got.dtype == np.uint16
+            np.testing.assert_array_equal(got, want, err_msg=f"{(x, y, m)}")
+    inside = spc.extract_patch(img, 10, 10, 8)
+    assert np.shares_memory(inside, img)  # a view when the window lies inside
+
+
+def test_failed_patch_write_fails_that_view_only(dataset, tmp_path, monkeypatch):
+    real_write = spc.dm_image.write_png
+
+    def flaky(path, arr, *a, **kw):
+        if Path(path).name.startswith("P_00002_RIGHT_MLO_bkg"):
+            raise OSError(f"disk full writing {path}")
+        return real_write(path, arr, *a, **kw)
+    monkeypatch.setattr(spc.dm_image, "write_png", flaky)
+    summary = _run(dataset, tmp_path, workers=1, val_size=0.0)
+    assert summary["skipped"] == {"error": 1}
+    assert "P_00002_RIGHT_MLO" in summary["skipped_images"]
+    assert "disk full" in summary["skipped_images"]["P_00002_RIGHT_MLO"]
+    man = pd.read_csv(tmp_path / "train" / "patches.csv")
+    assert "P_00002_RIGHT_MLO" not in set(man.img_id)
+    assert man.img_id.nunique() == summary["images_read"] == summary["images_total"] - 1
+    assert all((tmp_path / "train" / r.folder / r.filename).is_file() for r in man.itertuples())
+    # the failed view's other patches (written before the failure) are removed too
+    assert not list((tmp_path / "train").rglob("P_00002_RIGHT_MLO_*"))
+    assert len(list((tmp_path / "train").rglob("*.png"))) == len(man)
 
 
 def _reference_abnormal(seed, sat, patch, nb, cutoff):
