@@ -18,7 +18,7 @@ the ROI's box and background centres in the image one at a time, judging each ca
 copying the whole padded mask, adding 1000 inside the patch window and counting pixels over the
 full image (``overlap_patch_roi``); every patch min-max normalised and written through PIL.
 Run with ``make bench``; prints wall-clock and CPU seconds per image (CPU: all threads and
-worker processes) and the ratios.
+worker processes) and the ratios, best of ``BENCH_SAMPLING_ROUNDS`` (2) interleaved rounds.
 """
 import os
 import resource
@@ -39,6 +39,7 @@ REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_mammo
 TARGET_H, PATCH, NB_ABN, NB_BKG, NB_HNS = 4096, 256, 30, 30, 15
 POS_CUT, NEG_CUT = 0.75, 0.35
 NB_VIEWS = int(os.environ.get("BENCH_SAMPLING_VIEWS", 6))
+ROUNDS = int(os.environ.get("BENCH_SAMPLING_ROUNDS", 2))
 
 
 def _synthetic_set(root):
@@ -271,23 +272,37 @@ def _our_stages(root):
 
 
 def test_bench_sampling_vs_2017(data, tmp_path):
+    """Rounds of (ours in one process, ours with 2 workers, 2017), interleaved so that a slow
+    spell of a shared machine hits all three; each row reports its best round."""
     data, kind, n_views = data
     stages = _our_stages(data)
-    ours, t_ours, c_ours = _timed(_run_ours, data, tmp_path / "ours1", workers=1)
-    ours2, t_ours2, c_ours2 = _timed(_run_ours, data, tmp_path / "ours2", workers=2)
-    ref, t_ref, c_ref = _timed(_run_2017, data, tmp_path / "ref")
+    runs = {"ours1": (_run_ours, {"workers": 1}), "ours2": (_run_ours, {"workers": 2}),
+            "ref": (_run_2017, {})}
+    times = {name: [] for name in runs}
+    for r in range(ROUNDS):
+        for name, (fn, kw) in runs.items():
+            out, wall, cpu = _timed(fn, data, tmp_path / f"{name}_{r}", **kw)
+            times[name].append((wall / n_views, cpu / n_views))
+            if r == 0:
+                runs[name] = (fn, kw, out)
+    ours, ours2, ref = (runs[name][2] for name in ("ours1", "ours2", "ref"))
+    best = {name: min(v) for name, v in times.items()}
     p = ours["patches"]["train"]
     ours_counts = {"abn": sum(v for k, v in p.items() if k != "background"),
                    "hns+bkg": p["background"]}
-    per = 1.0 / n_views
+    t_ref, c_ref = best["ref"]
     print(f"\n[bench sampling] {n_views} {kind} images of height {TARGET_H}, patch {PATCH}, "
-          f"{NB_ABN}/{NB_BKG}/{NB_HNS} abn/bkg/hns; s/image wall (CPU), ratio of wall times")
-    print(f"  2017 algorithm  : {t_ref * per:6.2f} s ({c_ref * per:5.2f} s CPU)  patches {ref}")
-    print(f"  ours, 1 process : {t_ours * per:6.2f} s ({c_ours * per:5.2f} s CPU)  "
-          f"ratio {t_ref / t_ours:5.1f}x  (CPU ratio {c_ref / c_ours:4.1f}x)  "
-          f"patches {ours_counts}")
-    print(f"  ours, 2 workers : {t_ours2 * per:6.2f} s ({c_ours2 * per:5.2f} s CPU)  "
-          f"ratio {t_ref / t_ours2:5.1f}x  (spawning the 2 worker processes included)")
+          f"{NB_ABN}/{NB_BKG}/{NB_HNS} abn/bkg/hns per ROI/view/view; {os.cpu_count()} cores; "
+          f"best of {ROUNDS} interleaved rounds, s/image wall (CPU)")
+    print(f"  2017 algorithm  : {t_ref:6.2f} s ({c_ref:5.2f} s CPU)  patches {ref}")
+    for name, label in (("ours1", "ours, 1 process "), ("ours2", "ours, 2 workers ")):
+        t, c = best[name]
+        rounds = ", ".join(f"{ref_t / our_t:.1f}x" for (ref_t, _), (our_t, _)
+                           in zip(times["ref"], times[name]))
+        print(f"  {label}: {t:6.2f} s ({c:5.2f} s CPU)  ratio {t_ref / t:5.1f}x "
+              f"(per round {rounds}), CPU ratio {c_ref / c:4.1f}x")
+    print(f"  ours: patches {ours_counts}; 1 process = a loader, a sampler and a PNG-writer "
+          "thread; 2 workers: spawning them included")
     print("  our stages, s/image, one thread: "
           + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
     assert ours["images_read"] == n_views and ours2["patches"] == ours["patches"]
