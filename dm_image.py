@@ -265,6 +265,20 @@ def read_resize_img(fname: PathLike, target_size: Optional[Sequence[int]] = None
     return img
 
 
+try:  # libdeflate (the "deflate" package): same zlib stream format, about 2x faster at level 1
+    import deflate as _libdeflate
+except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
+    _libdeflate = None
+
+
+def _zlib_level1(data) -> bytes:
+    """A zlib stream of ``data`` at compression level 1 (libdeflate when installed)."""
+    if _libdeflate is not None:
+        return _libdeflate.zlib_compress(data, 1)
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    return deflate.compress(data) + deflate.flush()
+
+
 def _png_chunk(kind: bytes, data) -> bytes:
     return (struct.pack(">I", len(data)) + kind + bytes(data)
             + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
@@ -273,9 +287,10 @@ def _png_chunk(kind: bytes, data) -> bytes:
 def _encode_png_grey(img: np.ndarray) -> bytes:
     """PNG file bytes of a non-empty 2-D uint8/uint16 greyscale image.
 
-    Each row gets the PNG "Sub" filter and the stream is deflated at level 1 with run-length
-    matching: OpenCV's default PNG settings, done with NumPy and zlib (about 25 % less CPU on
-    16-bit patches, and zlib works without holding the GIL).
+    Each row gets the PNG "Sub" filter (OpenCV's default) and the stream is deflated at level 1
+    by libdeflate, or by zlib with run-length matching (OpenCV's default) when libdeflate is not
+    installed: about half the CPU of ``cv2.imencode`` on a 256x256 16-bit patch, without
+    holding the GIL while compressing.
     """
     height, width = img.shape
     depth = img.dtype.itemsize  # bytes per sample: 1 or 2 (PNG stores 16-bit big-endian)
@@ -285,8 +300,7 @@ def _encode_png_grey(img: np.ndarray) -> bytes:
     rows[:, 0] = 1  # filter type Sub: each byte minus the byte one sample to its left
     rows[:, 1:depth + 1] = raw[:, :depth]
     np.subtract(raw[:, depth:], raw[:, :-depth], out=rows[:, depth + 1:])  # wraps modulo 256
-    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    idat = deflate.compress(rows) + deflate.flush()
+    idat = _zlib_level1(rows)
     ihdr = struct.pack(">IIBBBBB", width, height, 8 * depth, 0, 0, 0, 0)  # greyscale
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
             + _png_chunk(b"IEND", b""))

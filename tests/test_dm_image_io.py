@@ -666,13 +666,19 @@ def test_write_png_atomic_16bit_roundtrip_and_errors(tmp_path, monkeypatch):
         dm_image.write_png(tmp_path / "bad.png", np.zeros((4, 4, 7), np.float64))
 
 
+@pytest.mark.parametrize("compressor", ["libdeflate", "zlib"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_write_png_greyscale_encoder_roundtrips(tmp_path, dtype):
+def test_write_png_greyscale_encoder_roundtrips(tmp_path, monkeypatch, dtype, compressor):
     """2-D uint8/uint16 images take our own PNG encoder: OpenCV and PIL must read back the
-    same array (odd sizes, 1-pixel rows and columns, strided views included)."""
+    same array (odd sizes, 1-pixel rows and columns, strided views included), with libdeflate
+    and with the zlib fallback."""
     from PIL import Image
 
     import dm_image
+    if compressor == "zlib":
+        monkeypatch.setattr(dm_image, "_libdeflate", None)
+    elif dm_image._libdeflate is None:
+        pytest.skip("the deflate package (libdeflate) is not installed")
     rng = np.random.default_rng(5)
     top = np.iinfo(dtype).max
     shapes = [(1, 1), (1, 9), (9, 1), (17, 3), (256, 256), (31, 64)]
