@@ -31,6 +31,12 @@ zero margin of ``patch_size // 2``. Overlaps come from summed-area tables of the
 and sum per candidate. Patches are 16-bit PNGs holding the resized image's intensities unchanged
 (rounded and clipped to 0..65535; no per-patch normalisation, so a constant patch stays constant).
 
+Speed: one process runs three threads over its views (OpenCV, NumPy and zlib release the GIL): a
+loader reads, resizes and segments the next view while the current one is sampled, and a writer
+encodes and writes the PNGs, so about two cores are busy. ``--workers N`` runs N such processes
+on batches of views. A view whose patch cannot be written counts as an error and its other
+patches are removed, so the folders always match ``patches.csv``.
+
 Outputs, in ``TRAIN_OUT`` or ``VAL_OUT`` (patient-level split stratified by "has a malignant
 lesion"): one subfolder per class folder name; patch files
 ``{patient}_{side}_{view}_{kind}_{k:04d}.png`` with kind ``abn{abn_num}``, ``hns`` or ``bkg``;
@@ -916,7 +922,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), default=d[name])
     add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
     parser.add_argument("--workers", type=int, default=d["workers"],
-                        help="views processed in parallel (default: %(default)s)")
+                        help="worker processes, each sampling a batch of views with its own "
+                        "loader and writer threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d["seed"],
                         help="run seed (default: RANDOM_SEED or 12345)")
     return parser

@@ -10,7 +10,7 @@ mask (masks stored as 1-bit PNGs, as ``prepare_cbis_ddsm`` and ``make_synthetic_
 them). The 2017 reference is self-contained (it shares no code with ours apart from the blob
 detector's parameters, so speeding up ours cannot change it) and follows the 2017 sampler per
 view: read and resize the image (``cv2.imread``, bicubic, float32) and segment the breast (8-bit
-threshold, largest external contour by area, its bounding box); per ROI read, resize and crop
+threshold, largest contour of the contour tree by area, its bounding box); per ROI read, resize and crop
 the mask; for the first ROI, add float64 margins to image and mask, find the ROI's largest
 contour, detect blobs on the 8-bit image and take them in a seeded random order while they pass
 the negative test; then (``sample_patches``) add the margins again and draw abnormal centres in
@@ -97,12 +97,12 @@ def _read_resize_2017(path, gs_255=False):
 
 
 def _segment_2017(img, low_int_threshold=0.05):
-    """2017 segment_breast: threshold the 8-bit image, keep the largest external contour by
-    area (filled), mask the image with it and crop to the contour's bounding box."""
+    """2017 segment_breast: threshold the 8-bit image, keep the largest contour (of the full
+    contour tree) by area, filled, mask the image with it and crop to its bounding box."""
     img_8u = (img.astype("float32") / img.max() * 255).astype("uint8")
     _, binary = cv2.threshold(img_8u, int(img_8u.max() * low_int_threshold), 255,
                               cv2.THRESH_BINARY)
-    cnts, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cnts, _ = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)
     idx = int(np.argmax([cv2.contourArea(c) for c in cnts]))
     mask = cv2.drawContours(np.zeros_like(binary), cnts, idx, 255, -1)
     x, y, w, h = cv2.boundingRect(cnts[idx])
@@ -278,14 +278,12 @@ def test_bench_sampling_vs_2017(data, tmp_path):
     stages = _our_stages(data)
     runs = {"ours1": (_run_ours, {"workers": 1}), "ours2": (_run_ours, {"workers": 2}),
             "ref": (_run_2017, {})}
-    times = {name: [] for name in runs}
+    times, outputs = {name: [] for name in runs}, {}
     for r in range(ROUNDS):
         for name, (fn, kw) in runs.items():
-            out, wall, cpu = _timed(fn, data, tmp_path / f"{name}_{r}", **kw)
+            outputs[name], wall, cpu = _timed(fn, data, tmp_path / f"{name}_{r}", **kw)
             times[name].append((wall / n_views, cpu / n_views))
-            if r == 0:
-                runs[name] = (fn, kw, out)
-    ours, ours2, ref = (runs[name][2] for name in ("ours1", "ours2", "ref"))
+    ours, ours2, ref = outputs["ours1"], outputs["ours2"], outputs["ref"]
     best = {name: min(v) for name, v in times.items()}
     p = ours["patches"]["train"]
     ours_counts = {"abn": sum(v for k, v in p.items() if k != "background"),
