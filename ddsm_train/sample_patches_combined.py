@@ -31,10 +31,9 @@ zero margin of ``patch_size // 2``. Overlaps come from summed-area tables of the
 and sum per candidate. Patches are 16-bit PNGs holding the resized image's intensities unchanged
 (rounded and clipped to 0..65535; no per-patch normalisation, so a constant patch stays constant).
 
-Speed: one process runs three threads over its views (OpenCV, NumPy and zlib release the GIL): a
-loader reads, resizes and segments the next view while the current one is sampled, and a writer
-encodes and writes the PNGs, so about two cores are busy. ``--workers N`` runs N such processes
-on batches of views. A view whose patch cannot be written counts as an error and its other
+Speed: one process samples two views at a time on threads (OpenCV, NumPy and zlib release the
+GIL) while a third thread encodes and writes the PNGs, so about two cores are busy;
+``--workers N`` runs N such processes on batches of views. A view whose patch cannot be written counts as an error and its other
 patches are removed, so the folders always match ``patches.csv``.
 
 Outputs, in ``TRAIN_OUT`` or ``VAL_OUT`` (patient-level split stratified by "has a malignant
@@ -55,7 +54,9 @@ Example (from inside ``ddsm_train/``)::
 from __future__ import annotations
 
 import argparse
+import collections
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -97,6 +98,7 @@ BLOB_PARAMS = dict(min_area=3, min_int=0.5, max_int=0.95, th_step=10)
 _TRIES_BEFORE_RELAX = 1000
 _RELAX_STEP = 0.05
 _BATCH = 512
+VIEW_THREADS = 2  # views sampled at a time by one process (plus one PNG-writer thread)
 _MASK_NAME_RE = re.compile(r"^(?P<type>[A-Za-z]+)-[A-Za-z]+_(?P<img_id>.+)_(?P<abn>\d+)\.png$")
 
 
@@ -584,42 +586,45 @@ def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, 
         emit(cfg.folders["bkg"], "bkg", bkg, neg_sats)
 
 
-def _iter_views(tasks: Sequence[_ViewTask], cfg: _Settings):
-    """Sample views in order, yielding one result dict per view as its files are written.
+def _process_view(task: _ViewTask, cfg: _Settings, writer) -> Tuple[dict, list]:
+    """Load and sample one view, its PNGs queued on ``writer``: (result, [(path, future)])."""
+    res, jobs = _new_result(task), []
 
-    Three threads share the work (OpenCV, NumPy and file writes release the GIL): a loader
-    reads, resizes and segments the next view while this one is sampled, and a writer encodes
-    and writes the PNG patches. A view's result is yielded once all its files are written; any
-    failure (bad input, a failed write, an unexpected error) becomes that view's skip or error
-    result, and the others go on.
+    def write(path, arr):
+        jobs.append((path, writer.submit(dm_image.write_png, path, arr)))
+    try:
+        _sample_loaded(task, cfg, res, *_load_view(task, cfg), write=write)
+    except _SkipView as skip:
+        res.update(status=skip.reason, message=str(skip))
+    except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
+        res = _error_result(task, err)
+    return res, jobs
+
+
+def _iter_views(tasks: Sequence[_ViewTask], cfg: _Settings, threads: int = VIEW_THREADS):
+    """Sample views, yielding one result dict per view, in order, once its files are written.
+
+    ``threads`` views are read, segmented and sampled at a time on threads (OpenCV, NumPy and
+    zlib release the GIL), one more waits queued, and a writer thread encodes and writes the
+    PNG patches. Any failure (bad input, a failed write, an unexpected error) becomes that
+    view's skip or error result, and the others go on.
     """
-    threads = cv2.getNumThreads()
+    opencv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # these threads are the parallelism; OpenCV's own pool would compete
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="load") as loader, \
+        with ThreadPoolExecutor(threads, thread_name_prefix="view") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-            loading = loader.submit(_load_view, tasks[0], cfg) if tasks else None
-            previous = None
-            for i, task in enumerate(tasks):
-                current = loading
-                if i + 1 < len(tasks):
-                    loading = loader.submit(_load_view, tasks[i + 1], cfg)
-                res, jobs = _new_result(task), []
-                try:
-                    _sample_loaded(task, cfg, res, *current.result(), write=lambda path, arr:
-                                   jobs.append((path, writer.submit(dm_image.write_png,
-                                                                    path, arr))))
-                except _SkipView as skip:
-                    res.update(status=skip.reason, message=str(skip))
-                except Exception as err:  # noqa: BLE001 - reported in the summary
-                    res = _error_result(task, err)
-                if previous is not None:  # its writes had this view's sampling time to finish
-                    yield _finish_view(*previous)
-                previous = (task, res, jobs)
-            if previous is not None:
-                yield _finish_view(*previous)
+            pending, queue = collections.deque(), iter(tasks)
+            for task in itertools.islice(queue, threads + 1):
+                pending.append((task, pool.submit(_process_view, task, cfg, writer)))
+            while pending:
+                task, future = pending.popleft()
+                res, jobs = future.result()
+                for nxt in itertools.islice(queue, 1):
+                    pending.append((nxt, pool.submit(_process_view, nxt, cfg, writer)))
+                yield _finish_view(task, res, jobs)
     finally:
-        cv2.setNumThreads(threads)
+        cv2.setNumThreads(opencv_threads)
 
 
 def _finish_view(task: _ViewTask, res: dict, jobs) -> dict:
@@ -922,8 +927,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), default=d[name])
     add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
     parser.add_argument("--workers", type=int, default=d["workers"],
-                        help="worker processes, each sampling a batch of views with its own "
-                        "loader and writer threads (default: %(default)s)")
+                        help="worker processes, each sampling two views at a time on "
+                        "threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d["seed"],
                         help="run seed (default: RANDOM_SEED or 12345)")
     return parser

@@ -299,8 +299,8 @@ def test_bench_sampling_vs_2017(data, tmp_path):
                            in zip(times["ref"], times[name]))
         print(f"  {label}: {t:6.2f} s ({c:5.2f} s CPU)  ratio {t_ref / t:5.1f}x "
               f"(per round {rounds}), CPU ratio {c_ref / c:4.1f}x")
-    print(f"  ours: patches {ours_counts}; 1 process = a loader, a sampler and a PNG-writer "
-          "thread; 2 workers: spawning them included")
+    print(f"  ours: patches {ours_counts}; 1 process = two view threads and a PNG-writer "
+          "thread; 2 workers = two such processes (spawning them included)")
     print("  our stages, s/image, one thread: "
           + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
     assert ours["images_read"] == n_views and ours2["patches"] == ours["patches"]
