@@ -2,7 +2,7 @@
 
 Same images and settings for both (height 4096, 256-pixel patches, 30 abnormal patches per ROI,
 30 background-folder patches per view of which up to 15 are blob hard negatives, cutoffs
-0.75 / 0.35), on two sets: six (``BENCH_SAMPLING_VIEWS``) 4096x3200 synthetic mammograms with
+0.75 / 0.35), on two sets: twelve (``BENCH_SAMPLING_VIEWS``) 4096x3200 synthetic mammograms with
 lesion masks from ``make_synthetic_ddsm`` (their noise texture makes blob detection ~3x costlier
 than on real images), and twelve views made from the four real 3328x2560 mammograms of
 ../shared (skipped when absent), each image used three times with a different elliptical lesion
@@ -38,7 +38,7 @@ REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_mammo
 
 TARGET_H, PATCH, NB_ABN, NB_BKG, NB_HNS = 4096, 256, 30, 30, 15
 POS_CUT, NEG_CUT = 0.75, 0.35
-NB_VIEWS = int(os.environ.get("BENCH_SAMPLING_VIEWS", 6))
+NB_VIEWS = int(os.environ.get("BENCH_SAMPLING_VIEWS", 12))
 ROUNDS = int(os.environ.get("BENCH_SAMPLING_ROUNDS", 2))
 
 
