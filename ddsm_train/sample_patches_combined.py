@@ -547,9 +547,9 @@ def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, 
         over ``tables`` (the ROI's own for abnormal patches, all of them for negatives)."""
         out = Path(task.out_dir) / folder
         cx, cy = centres[:, 0], centres[:, 1]
-        fracs = [_fractions(sat, cx, cy, p) for sat in tables]
-        roi_frac = np.max([f[0] for f in fracs], axis=0) if fracs else np.zeros(len(cx))
-        patch_frac = np.max([f[1] for f in fracs], axis=0) if fracs else np.zeros(len(cx))
+        fracs = [_fractions(sat, cx, cy, p) for sat in tables]  # a view has >= 1 ROI
+        roi_frac = np.max([f[0] for f in fracs], axis=0)
+        patch_frac = np.max([f[1] for f in fracs], axis=0)
         for k, (x, y) in enumerate(centres.tolist()):
             name = f"{task.img_id}_{kind}_{k:04d}.png"
             write(out / name, extract_patch(img, x, y, p, margin=m))
