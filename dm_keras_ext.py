@@ -25,6 +25,8 @@ _MODEL_ALL = [
     "OPTIMIZERS",
     "create_optimizer",
     "robust_load_model",
+    "check_model_file_safe",
+    "UnsafeModelError",
     "save_model_atomic",
 ]
 
@@ -311,7 +313,78 @@ def create_optimizer(name, lr):
     return OPTIMIZERS[name](float(lr))
 
 
-def robust_load_model(filepath, custom_objects=None):
+class UnsafeModelError(ValueError):
+    """A model file holds a layer that would run code stored in the file when loaded.
+
+    Raised before any layer is built; ``filename`` and ``layer`` name the file and the layer.
+    """
+
+    def __init__(self, filename, layer, class_name):
+        super().__init__(
+            f"refusing to load {filename}: layer {layer!r} ({class_name}) holds Python code that "
+            f"would run when the model is built; load it only if you trust the file "
+            f"(safe_mode=False, or --trust-model-file on the command line)")
+        self.filename, self.layer, self.class_name = filename, layer, class_name
+
+
+#: Layer classes whose config can carry Python code (marshalled bytecode or a source string).
+_CODE_LAYER_CLASSES = frozenset({"Lambda"})
+
+
+def _code_layers(config):
+    """Yield ``(layer name, class name)`` of every layer in a model config that carries code.
+
+    Walks nested models (``Functional``/``Model``/``Sequential`` inside a model) and wrappers
+    (``TimeDistributed``, ``Bidirectional``: a ``layer`` entry in the config).
+    """
+    stack = [config]
+    while stack:
+        entry = stack.pop()
+        if isinstance(entry, list):
+            stack.extend(entry)
+            continue
+        if not isinstance(entry, dict):
+            continue
+        class_name = entry.get("class_name")
+        cfg = entry.get("config")
+        if isinstance(class_name, str) and isinstance(cfg, dict):
+            if class_name in _CODE_LAYER_CLASSES or "function_type" in cfg:
+                yield cfg.get("name", "?"), class_name
+        for key in ("config", "layers", "layer", "forward_layer", "backward_layer"):
+            if key in entry and isinstance(entry[key], (dict, list)):
+                stack.append(entry[key])
+
+
+def _h5_model_config(path):
+    """The parsed ``model_config`` attribute of an HDF5 model file, or None when it has none."""
+    try:
+        with _h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+    except OSError as err:
+        raise OSError(f"cannot read model file {path}: not a readable HDF5 file ({err})") from err
+    if raw is None:
+        return None
+    try:
+        return _json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: its model_config is not valid JSON ({err})") from err
+
+
+def check_model_file_safe(filepath):
+    """Raise :class:`UnsafeModelError` when an HDF5 model file holds a layer that carries code.
+
+    Reads only the file's JSON configuration (no layer is built, nothing is executed). Files
+    written by Keras 2.0.8 for the 2017 models and by this project have no such layer.
+    """
+    path = _os.fspath(filepath)
+    if not _h5py.is_hdf5(path):
+        return   # .keras archives are checked by tf-keras's own safe mode
+    config = _h5_model_config(path)
+    for layer, class_name in _code_layers(config or {}):
+        raise UnsafeModelError(path, layer, class_name)
+
+
+def robust_load_model(filepath, custom_objects=None, safe_mode=True):
     """Load an HDF5 model written by Keras 2.0.x (2017) or by this project (not compiled).
 
     Whole-image models whose nested patch network was saved with a fixed input size (which
@@ -319,17 +392,33 @@ def robust_load_model(filepath, custom_objects=None):
     opened to ``(None, None, C)`` and the same weights. When tf-keras cannot rebuild a file at
     all, the model is re-created from the file's ``model_config`` and its weights loaded by
     topology. Optimiser state is not restored; compile the model before training.
+
+    Loading never runs code stored in the file unless ``safe_mode`` is False: a file with a
+    ``Lambda`` layer (Python bytecode in its config) is refused with :class:`UnsafeModelError`
+    naming the file and the layer, before anything is built.
+
+    Args:
+        filepath: ``.h5`` model file (or a ``.keras`` archive).
+        custom_objects: extra classes needed to deserialise the file.
+        safe_mode: refuse layers that carry code (default). Pass False only for a file you
+            trust: its Lambda layers then run as stored.
     """
+    from tf_keras.src.saving import serialization_lib as _serialization_lib
+
     path = _os.fspath(filepath)
     if not _os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        model = keras.models.load_model(path, custom_objects=custom_objects, compile=False)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        logger.warning("tf-keras could not load %s (%s); rebuilding from its config", path,
-                       str(err).splitlines()[0] if str(err) else type(err).__name__)
-        return _load_from_h5_config(path, custom_objects)
-    return _relax_nested_inputs(model, custom_objects)
+    if safe_mode:
+        check_model_file_safe(path)
+    with _serialization_lib.SafeModeScope(bool(safe_mode)):
+        try:
+            model = keras.models.load_model(path, custom_objects=custom_objects, compile=False,
+                                            safe_mode=bool(safe_mode))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            logger.warning("tf-keras could not load %s (%s); rebuilding from its config", path,
+                           str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return _load_from_h5_config(path, custom_objects)
+        return _relax_nested_inputs(model, custom_objects)
 
 
 def _relax_config_inputs(config):
@@ -362,11 +451,9 @@ def _relax_nested_inputs(model, custom_objects):
 
 
 def _load_from_h5_config(path, custom_objects):
-    with _h5py.File(path, "r") as f:
-        raw = f.attrs.get("model_config")
-        if raw is None:
-            raise ValueError(f"{path} holds no model_config (a weights-only file?)")
-    config = _json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    config = _h5_model_config(path)
+    if config is None:
+        raise ValueError(f"{path} holds no model_config (a weights-only file?)")
     _relax_config_inputs(config["config"])
     model = keras.models.model_from_config(config, custom_objects=custom_objects)
     model.load_weights(path)

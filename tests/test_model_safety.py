@@ -1,0 +1,64 @@
+"""Loading a model file never runs code stored in it unless the caller trusts the file."""
+import h5py
+import numpy as np
+import pytest
+
+import dm_keras_ext as E
+
+
+def _lambda_model_file(keras, folder, marker):
+    """An .h5 whose Lambda layer touches ``marker`` whenever it is called (i.e. when built)."""
+    source = f"lambda x: (__import__('pathlib').Path({str(marker)!r}).touch(), x)[1]"
+    inp = keras.Input((4,))
+    hidden = keras.layers.Dense(3, name="dense_a")(inp)
+    inner = keras.Model(inp, keras.layers.Lambda(eval(source), name="sneaky")(hidden),
+                        name="inner")
+    outer_in = keras.Input((4,))
+    out = keras.layers.Dense(2, activation="softmax", name="top")(inner(outer_in))
+    path = folder / "stranger.h5"
+    keras.Model(outer_in, out).save(path, save_format="h5")
+    marker.unlink(missing_ok=True)   # building and saving called the lambda
+    return path
+
+
+def test_lambda_layer_is_refused_without_running_it(keras_session, tmp_path):
+    marker = tmp_path / "code_ran"
+    path = _lambda_model_file(keras_session, tmp_path, marker)
+    with pytest.raises(E.UnsafeModelError) as info:
+        E.robust_load_model(path)
+    message = str(info.value)
+    assert str(path) in message and "'sneaky'" in message and "Lambda" in message
+    assert not marker.exists()
+    # The same file loads, and its code runs, only when the caller says it trusts the file.
+    model = E.robust_load_model(path, safe_mode=False)
+    assert marker.exists()
+    assert model.predict(np.ones((1, 4), np.float32), verbose=0).shape == (1, 2)
+
+
+def test_code_check_reads_only_the_config(tmp_path):
+    """A config-only file with a Lambda deep in a nested model is found by the JSON walk."""
+    config = {"class_name": "Functional", "config": {"name": "m", "layers": [
+        {"class_name": "InputLayer", "config": {"name": "in"}},
+        {"class_name": "Functional", "config": {"name": "nested", "layers": [
+            {"class_name": "TimeDistributed", "config": {"name": "td", "layer": {
+                "class_name": "Lambda", "config": {"name": "deep", "function_type": "lambda",
+                                                   "function": ["AAAA", None, None]}}}}]}}]}}
+    path = tmp_path / "deep.h5"
+    with h5py.File(path, "w") as f:
+        import json
+        f.attrs["model_config"] = json.dumps(config).encode()
+    with pytest.raises(E.UnsafeModelError, match="'deep'"):
+        E.check_model_file_safe(path)
+
+
+def test_not_a_model_file_names_the_file(tmp_path):
+    path = tmp_path / "notes.h5"
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)   # HDF5 signature, then nothing valid
+    with pytest.raises((OSError, ValueError), match="notes.h5"):
+        E.robust_load_model(path)
+
+
+@pytest.mark.real_data
+def test_keras208_files_pass_the_safety_check(keras208_dir):
+    for path in sorted(keras208_dir.glob("*.h5")) + sorted(keras208_dir.glob("train_steps/*.h5")):
+        E.check_model_file_safe(path)
