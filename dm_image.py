@@ -187,7 +187,13 @@ def read_image(fname: PathLike, gs_255: bool = False) -> np.ndarray:
     if _jpeg_is_truncated(path):
         raise ImageReadError(path, "truncated JPEG (no end-of-image marker)")
     flag = cv2.IMREAD_GRAYSCALE if gs_255 else cv2.IMREAD_UNCHANGED
-    img = cv2.imread(str(path), flag)
+    try:
+        img = cv2.imread(str(path), flag)
+    except cv2.error as exc:   # e.g. a header declaring more pixels than OpenCV accepts
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
+        raise ImageReadError(path, f"OpenCV refused it ({reason})") from None
+    except MemoryError:
+        raise ImageReadError(path, "its declared size does not fit in memory") from None
     if img is None:
         raise ImageReadError(path, "OpenCV could not decode it (not an image, truncated or "
                                    "unsupported format)")

@@ -17,6 +17,20 @@ for p in (str(REPO_ROOT), str(REPO_ROOT / "ddsm_train")):
         sys.path.insert(0, p)
 
 
+def huge_png_bytes(width=200_000, height=200_000):
+    """A small PNG whose header declares ``width`` x ``height`` 16-bit pixels (a decoder bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
 def _shared_path(*parts):
     path = SHARED_DIR.joinpath(*parts)
     if not path.exists():

@@ -4,6 +4,7 @@ import logging
 import cv2
 import numpy as np
 import pytest
+from conftest import huge_png_bytes
 
 import dm_image
 from dm_image import (DMDirectoryIterator, DMImageDataGenerator, batch_balance_weights,
@@ -209,8 +210,10 @@ def test_bad_folders_and_options(tmp_path, img_dir):
         gen.flow(np.zeros((3, 4, 4), np.uint16), np.zeros(2))
 
 
-def test_unreadable_file_is_skipped_counted_and_logged(img_dir, caplog):
-    (img_dir / "neg" / "_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+@pytest.mark.parametrize("content", ["garbage", "huge_dims"])
+def test_unreadable_file_is_skipped_counted_and_logged(img_dir, caplog, content):
+    data = (b"\x89PNG\r\n\x1a\n garbage" if content == "garbage" else huge_png_bytes())
+    (img_dir / "neg" / "_broken.png").write_bytes(data)
     it = _iterator(img_dir, batch_size=4, auto_batch_balance=True)
     assert it.filenames[0] == "neg/_broken.png" and it.n == 6
     with caplog.at_level(logging.WARNING, logger="dm_image"):

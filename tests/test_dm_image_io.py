@@ -5,6 +5,7 @@ import os
 import cv2
 import numpy as np
 import pytest
+from conftest import huge_png_bytes
 
 from dm_image import (ImageReadError, add_img_margins, clust_kpts, crop_img, get_prob_heatmap,
                       get_roi_patches, index_balancer, read_image, read_img_for_pred,
@@ -182,13 +183,15 @@ def _bad_files(tmp_path, image_files):
     text.write_text("this is not an image\n" * 20)
     fake_dcm = tmp_path / "fake.dcm"
     fake_dcm.write_text("not dicom either\n" * 20)
-    return {"missing": tmp_path / "missing.png", "empty": empty, "truncated": truncated,
+    huge = tmp_path / "huge_dims.png"
+    huge.write_bytes(huge_png_bytes())
+    return {"huge_dims": huge, "missing": tmp_path / "missing.png", "empty": empty, "truncated": truncated,
             "text": text, "directory": tmp_path, "fake_dcm": fake_dcm,
             "truncated_jpeg": truncated_jpeg}
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "truncated", "text", "directory",
-                                  "fake_dcm", "truncated_jpeg"])
+                                  "fake_dcm", "truncated_jpeg", "huge_dims"])
 def test_unreadable_files_raise_image_read_error(tmp_path, image_files, kind):
     path = _bad_files(tmp_path, image_files)[kind]
     with pytest.raises(ImageReadError) as info:
