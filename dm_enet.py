@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from dm_image import atomic_write
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DLRepr", "MultiViewDLElasticNet", "CLASSIFIER_CHOICES"]
@@ -309,20 +311,17 @@ class MultiViewDLElasticNet:
         path = Path(path)
         if path.suffix != ".npz":
             raise ValueError(f"save path should end in .npz, got {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         classes = np.asarray(self.clf.classes_)
         if classes.dtype == object:
             classes = classes.astype(str)
         config = dict(self.config, format=_FORMAT)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, coef=self.clf.coef_, intercept=self.clf.intercept_, classes=classes,
-                 scaler_mean=(self.scaler_mean_ if self.scaler_mean_ is not None
-                              else np.zeros(0)),
-                 scaler_scale=(self.scaler_scale_ if self.scaler_scale_ is not None
-                               else np.zeros(0)),
-                 config=np.array(json.dumps(config)))
-        os.replace(tmp, path)
-        return path
+        arrays = dict(coef=self.clf.coef_, intercept=self.clf.intercept_, classes=classes,
+                      scaler_mean=(self.scaler_mean_ if self.scaler_mean_ is not None
+                                   else np.zeros(0)),
+                      scaler_scale=(self.scaler_scale_ if self.scaler_scale_ is not None
+                                    else np.zeros(0)),
+                      config=np.array(json.dumps(config)))
+        return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
     def load(cls, path: PathLike, dl_model=None, custom_objects=None) -> "MultiViewDLElasticNet":

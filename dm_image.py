@@ -22,6 +22,8 @@ _IO_ALL = []
 
 import os
 import struct
+import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -312,8 +314,62 @@ def _encode_png_grey(img: np.ndarray) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _current_umask() -> int:
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
+                 to_path: bool = False) -> Path:
+    """Write ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
+
+    Every file the project writes goes through here, so a crash, a kill or a full disk never
+    leaves a half-written file under the final name, and an older file of that name survives a
+    failed write. The temporary name is unpredictable and created exclusively (``O_EXCL``, via
+    :func:`tempfile.mkstemp`), so a link planted in the folder is never followed; it is removed
+    when writing fails. The result gets the permissions of a normally created file
+    (``0o666`` less the umask), not the temporary file's ``0o600``.
+
+    Args:
+        path: destination; missing parent folders are created.
+        write: ``write(fileobj)``, or ``write(tmp_path)`` with ``to_path`` (for writers that
+            open the file themselves, such as HDF5).
+        text: open the temporary file in text mode (UTF-8, ``\n`` line ends).
+        to_path: pass the temporary file's path instead of an open file.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        if to_path:
+            os.close(fd)
+            write(tmp)
+        else:
+            mode = "w" if text else "wb"
+            kwargs = {"encoding": "utf-8", "newline": "\n"} if text else {}
+            with os.fdopen(fd, mode, **kwargs) as fh:
+                write(fh)
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
 def write_png(path: PathLike, img: np.ndarray, bilevel: bool = False) -> None:
-    """Write a PNG atomically: encoded in memory, written to ``<name>.part``, then renamed.
+    """Write a PNG atomically (:func:`atomic_write`): encoded in memory, then written.
 
     A crash or a full disk never leaves a truncated PNG under the final name (a reader would
     otherwise meet a file that fails to decode).
@@ -344,13 +400,7 @@ def write_png(path: PathLike, img: np.ndarray, bilevel: bool = False) -> None:
             ok = False
         if not ok:
             raise OSError(f"could not encode a PNG for {path} (array {img.dtype} {img.shape})")
-    tmp = path.with_name(path.name + ".part")
-    try:
-        tmp.write_bytes(buf)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(buf))
 
 
 def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = None,
@@ -378,7 +428,7 @@ def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = N
     return img
 
 
-_IO_ALL += ["ImageReadError", "read_image", "read_resize_img", "read_resize_stored",
+_IO_ALL += ["ImageReadError", "atomic_write", "read_image", "read_resize_img", "read_resize_stored",
             "write_png"]
 
 
@@ -1917,17 +1967,10 @@ def cached_read(path: PathLike, cache_dir: PathLike, target_size, gs_255: bool =
     except (OSError, ValueError):
         pass  # not cached yet, or a damaged entry: decode again
     img = _stored_form(read_resize_stored(path, target_size=target_size, gs_255=gs_255))
-    tmp = None
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cache_dir)
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, img, allow_pickle=False)
-        os.replace(tmp, cfile)
+        atomic_write(cfile, lambda fh: np.save(fh, img, allow_pickle=False))
     except OSError as exc:
         _warn_once(f"image cache {cache_dir} cannot be written ({exc}); reading without it")
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
     return img
 
 

@@ -32,13 +32,13 @@ _MODEL_ALL = [
 
 import json as _json  # noqa: E402  (Section 1 imports)
 import os as _os  # noqa: E402
-import tempfile as _tempfile  # noqa: E402
 import warnings as _warnings  # noqa: E402
 from collections import namedtuple as _namedtuple  # noqa: E402
 
 import h5py as _h5py  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
+import dm_image as _dm_image  # noqa: E402
 import dm_resnet as _dm_resnet  # noqa: E402
 
 #: Environment variable naming a local ImageNet weight file, or a folder holding the standard
@@ -463,28 +463,20 @@ def _load_from_h5_config(path, custom_objects):
 def save_model_atomic(model, filepath, include_optimizer=True):
     """Save ``model`` as HDF5 at ``filepath`` atomically.
 
-    Written to a temporary file in the same folder, then renamed over ``filepath``
-    (``os.replace``), so a crash never leaves a half-written model and an older file survives.
+    Written through :func:`dm_image.atomic_write` (an exclusively created temporary file in the
+    same folder, renamed over ``filepath``), so a crash or a full disk never leaves a
+    half-written model and an older file survives.
     The result loads with :func:`robust_load_model` and with ``tf_keras.models.load_model``.
     """
-    path = _os.path.abspath(_os.fspath(filepath))
-    folder = _os.path.dirname(path)
-    _os.makedirs(folder, exist_ok=True)
-    fd, tmp = _tempfile.mkstemp(prefix=f".{_os.path.basename(path)}.", suffix=".tmp.h5",
-                                dir=folder)
-    _os.close(fd)
-    try:
+    def save(tmp):
         with _warnings.catch_warnings():
             _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
             model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
                        save_format="h5")
-        _os.replace(tmp, path)
-    except BaseException:
-        if _os.path.exists(tmp):
-            _os.remove(tmp)
-        raise
+
+    path = _dm_image.atomic_write(_os.path.abspath(_os.fspath(filepath)), save, to_path=True)
     logger.info("Saved model to %s", path)
-    return path
+    return str(path)
 
 # ----------------------------------------------------------------------------------------------
 # Section 2: training loops, callbacks, metrics and RAM loading (issue 5). Names: _TRAIN_ALL.

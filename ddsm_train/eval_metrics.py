@@ -340,9 +340,7 @@ def _json_clean(obj):
 
 def write_json_atomic(obj, path: PathLike) -> Path:
     """Write ``obj`` as indented JSON (NaN/inf as null, numpy types converted) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_clean(obj), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    from dm_image import atomic_write
+
+    text = json.dumps(_json_clean(obj), indent=2, sort_keys=True)
+    return atomic_write(path, lambda fh: fh.write(text), text=True)

@@ -1,6 +1,8 @@
 """Image I/O of ``dm_image``: ``read_image``, ``read_resize_img`` (equal to the 2017 function),
 DICOM decoding, and the one exception type for unreadable files."""
+import errno
 import os
+import stat
 
 import cv2
 import numpy as np
@@ -656,17 +658,59 @@ def test_write_png_atomic_16bit_roundtrip_and_errors(tmp_path, monkeypatch):
     back = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     assert back.dtype == np.uint16 and np.array_equal(back, img)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
-    # a failed write leaves the old file whole and no temporary file behind
-    def broken(self, data):
-        raise OSError("disk full")
-    monkeypatch.setattr(type(path), "write_bytes", broken)
-    with pytest.raises(OSError, match="disk full"):
+    # a failed write (full disk) leaves the old file whole and no temporary file behind
+    real_fdopen = os.fdopen
+
+    class _FullDisk:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            self.fh.write(data[:7])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dm_image.os, "fdopen", lambda *a, **k: _FullDisk(real_fdopen(*a, **k)))
+    with pytest.raises(OSError, match="No space left"):
         dm_image.write_png(path, np.zeros((4, 4), np.uint8))
     monkeypatch.undo()
     assert np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), img)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
     with pytest.raises(OSError, match="could not encode"):
         dm_image.write_png(tmp_path / "bad.png", np.zeros((4, 4, 7), np.float64))
+
+
+def test_atomic_write_never_follows_planted_links_and_keeps_normal_permissions(tmp_path):
+    import dm_image
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "result.json"
+    # links at every name a fixed-name scheme could use
+    for name in ("result.json.tmp", "result.json.part", ".result.json.tmp", "result.tmp.json"):
+        (out / name).symlink_to(victim)
+    old_mask = os.umask(0o027)
+    try:
+        dm_image.atomic_write(target, lambda fh: fh.write("{}\n"), text=True)
+    finally:
+        os.umask(old_mask)
+    assert victim.read_text() == "precious"
+    assert target.read_text() == "{}\n" and not target.is_symlink()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640   # 0o666 less the umask, not 0o600
+    # a writer that fails part-way leaves no temporary file and the old content
+    with pytest.raises(RuntimeError, match="boom"):
+        dm_image.atomic_write(target, lambda fh: (fh.write("partial"),
+                                                  (_ for _ in ()).throw(RuntimeError("boom"))),
+                              text=True)
+    assert target.read_text() == "{}\n"
+    assert sorted(p.name for p in out.iterdir() if not p.is_symlink()) == ["result.json"]
 
 
 @pytest.mark.parametrize("compressor", ["libdeflate", "zlib"])
