@@ -290,31 +290,43 @@ def setup_logging(level=logging.INFO):
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def cli_main(parser, run, argv=None):
-    """A script's ``main()``: parse ``argv`` with ``parser``, set up logging, ``run(**args)``.
-
-    Returns what ``run`` returns; its errors (ValueError for bad values, OSError for bad
-    files) propagate with their messages.
-    """
-    args = parser.parse_args(argv)
-    setup_logging()
-    return run(**vars(args))
+#: Set this environment variable to 1 to see the traceback of a user error as well.
+TRACEBACK_ENV = "DM_TRACEBACK"
 
 
-def checked_main(parser, validate, run, argv=None):
-    """A training script's ``main()``: parse, set up logging, ``validate(opts)``, ``run``.
+def _user_error_exit(parser, err):
+    """End a script on a user error: one line naming the file or value, exit status 2."""
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        raise err
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
+        message = f"{err.filename}: {message}"
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
-    A ValueError from ``validate`` stops with the usage line and the message (exit status 2),
-    before any model or data is loaded.
+
+def cli_main(parser, run, argv=None, validate=None):
+    """A script's ``main()``: parse ``argv``, set up logging, ``validate(opts)``, ``run(**opts)``.
+
+    Returns what ``run`` returns. A user error, i.e. a ``ValueError`` (bad value, bad row in a
+    CSV, unsafe model file) or an ``OSError`` (missing, unreadable or unwritable file, full
+    disk), ends the script with one line ``PROG: error: MESSAGE`` on stderr and exit status 2,
+    without a traceback (set ``DM_TRACEBACK=1`` to see it). ``validate`` runs before any model
+    or data is loaded.
     """
     args = parser.parse_args(argv)
     setup_logging()
     opts = vars(args)
     try:
-        validate(opts)
-    except ValueError as err:
-        parser.error(str(err))
-    return run(**opts)
+        if validate is not None:
+            validate(opts)
+        return run(**opts)
+    except (ValueError, OSError) as err:
+        _user_error_exit(parser, err)
+
+
+def checked_main(parser, validate, run, argv=None):
+    """A training script's ``main()``: :func:`cli_main` with ``validate(opts)`` first."""
+    return cli_main(parser, run, argv, validate=validate)
 
 
 def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1, sizes=None):

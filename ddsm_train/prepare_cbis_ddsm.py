@@ -61,6 +61,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, cli_main, parallel_map  # noqa: E402
+from script_utils import InputFileError, read_csv_table, safe_name_part  # noqa: E402
 
 __all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
            "get_args_parser", "main"]
@@ -72,6 +73,9 @@ CSV_NAMES = {("calc", "Training"): "calc_case_description_train_set.csv",
              ("mass", "Training"): "mass_case_description_train_set.csv",
              ("mass", "Test"): "mass_case_description_test_set.csv"}
 ROI_COLUMNS = ["patient_id", "side", "view", "abn_num", "pathology", "type"]
+PATHOLOGIES = frozenset({"MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"})
+SIDES = frozenset({"LEFT", "RIGHT"})
+VIEWS = frozenset({"CC", "MLO"})
 _NEEDED = {"patient_id": "patient_id", "left_or_right_breast": "side", "image_view": "view",
            "abnormality_id": "abn_num", "pathology": "pathology",
            "image_file_path": "image_path", "cropped_image_file_path": "crop_path",
@@ -107,14 +111,14 @@ def read_description_csvs(csv_dir: str) -> Tuple[pd.DataFrame, List[str]]:
         path = Path(csv_dir) / name
         if not path.is_file():
             continue
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        df.columns = [_norm_col(c) for c in df.columns]
+        df = read_csv_table(path)
+        df.columns = [c if c == "_line" else _norm_col(c) for c in df.columns]
         missing = [c for c in _NEEDED if c not in df.columns]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}; columns are "
-                             f"{list(df.columns)}")
+                             f"{[c for c in df.columns if c != '_line']}")
         out = df[list(_NEEDED)].rename(columns=_NEEDED)
-        out = out.apply(lambda s: s.str.strip())
+        out["where"] = [f"{path}, {n}" for n in df["_line"]]
         for col in ("image_path", "crop_path", "roi_path"):
             out[col] = out[col].str.replace("\\", "/", regex=False).str.strip("/")
         out["breast_density"] = df.get("breast_density", pd.Series("", index=df.index))
@@ -122,6 +126,7 @@ def read_description_csvs(csv_dir: str) -> Tuple[pd.DataFrame, List[str]]:
         out["pathology"] = out["pathology"].str.upper()
         out["side"] = out["side"].str.upper()
         out["view"] = out["view"].str.upper()
+        _check_rows(out)
         frames.append(out)
         used.append(str(path))
     if not frames:
@@ -130,10 +135,22 @@ def read_description_csvs(csv_dir: str) -> Tuple[pd.DataFrame, List[str]]:
     table = pd.concat(frames, ignore_index=True)
     bad = ~table["abn_num"].str.fullmatch(r"\d+")
     if bad.any():
-        logger.warning("%d rows with a non-integer abnormality id dropped", int(bad.sum()))
+        logger.warning("%d rows with a non-integer abnormality id dropped: %s",
+                       int(bad.sum()), "; ".join(table.loc[bad, "where"].head(5)))
     table = table[~bad].copy()
     table["abn_num"] = table["abn_num"].astype(int)
     return table, used
+
+
+def _check_rows(table: pd.DataFrame) -> None:
+    """Refuse a row whose pathology, side or view is unknown, or whose patient id cannot be
+    part of a file name (a typo must not turn a malignant breast into ``neg``)."""
+    for rec in table[["patient_id", "side", "view", "pathology", "where"]].to_dict("records"):
+        safe_name_part(rec["patient_id"], "patient_id", rec["where"])
+        for col, valid in (("pathology", PATHOLOGIES), ("side", SIDES), ("view", VIEWS)):
+            if rec[col] not in valid:
+                raise InputFileError(f"{rec['where']}: unknown {col} {rec[col]!r}; expected one "
+                                     f"of {sorted(valid)}")
 
 
 # ------------------------------------------------------------------------- files

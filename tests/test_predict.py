@@ -142,7 +142,7 @@ def test_folder_without_classes(class_dir, trained_models, tmp_path, keras_sessi
 
 
 def test_channel_mismatch_explained_before_reading(class_dir, trained_models, tmp_path,
-                                                   monkeypatch, keras_session):
+                                                   monkeypatch, keras_session, capsys):
     paths, gray = trained_models
 
     def no_read(*a, **k):
@@ -151,11 +151,17 @@ def test_channel_mismatch_explained_before_reading(class_dir, trained_models, tm
     monkeypatch.setattr(dm_image, "read_image", no_read)
     monkeypatch.setattr(dm_image, "read_img_for_pred", no_read)
     with pytest.raises(ValueError, match="1-channel input but 3 channels.*YaroslavNet"):
-        icp.main(["--model", str(gray), "--img-dir", str(class_dir), "--channels", "3",
-                  "--out-dir", str(tmp_path), *BASE])
-    with pytest.raises(ValueError, match=f"takes {H}x{W} images but --img-size is 64 48"):
+        icp.run(**vars(icp.get_args_parser().parse_args(
+            ["--model", str(gray), "--img-dir", str(class_dir), "--channels", "3",
+             "--out-dir", str(tmp_path), *BASE])))
+    # from the command line: one line naming the value, exit status 2, no traceback
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
         icp.main(["--model", str(paths[0]), "--img-dir", str(class_dir), "--out-dir",
                   str(tmp_path), *BASE, "--img-size", "64", "48"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert f"takes {H}x{W} images but --img-size is 64 48" in err and str(paths[0]) in err
     assert not (tmp_path / "image_predictions.csv").exists()
 
 

@@ -1,0 +1,124 @@
+"""Plumbing shared by the command-line scripts: reading users' text files and checking values
+that become parts of file names.
+
+Text inputs (CSV tables, patient lists, image lists) are read the same way everywhere: UTF-8
+with or without a byte-order mark, Windows or Unix line ends, blank lines ignored, spaces around
+values stripped; undecodable bytes are an error naming the file and the line. A value read from
+such a file (a patient id, a side, a view, a file name) is checked by :func:`safe_name_part`
+before any path is built from it, so no row can make a script read or write outside the folders
+it was given.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_table",
+           "safe_name_part"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_FORBIDDEN = ("/", "\\", ":")
+
+
+class InputFileError(ValueError):
+    """A user's input file (CSV, list) cannot be read or holds a bad value; names file and line."""
+
+
+def read_text_file(path: PathLike) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped, line ends made ``\\n``).
+
+    Raises:
+        FileNotFoundError: no such file (the message names it).
+        InputFileError: bytes that are not UTF-8, with the file and line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise InputFileError(f"{path}, line {line}: bytes that are not UTF-8 text "
+                             f"({data[err.start:err.start + 4]!r}); save the file as UTF-8"
+                             ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text_lines(path: PathLike) -> List[Tuple[int, str]]:
+    """``(line number, stripped line)`` for every non-blank line of a text file (1-based)."""
+    lines = read_text_file(path).split("\n")
+    return [(i + 1, ln.strip()) for i, ln in enumerate(lines) if ln.strip()]
+
+
+def read_csv_table(path: PathLike, required: Sequence[str] = (), **read_csv_kwargs):
+    """A CSV file as a pandas DataFrame of stripped strings, with a ``_line`` column.
+
+    Column names and values are stripped of surrounding spaces; blank lines are skipped; the
+    ``_line`` column says where each row is in the file (``"line 12"``, or ``"data row 11"``
+    when quoted values span lines), for error messages.
+
+    Args:
+        path: the CSV file.
+        required: column names that must be present (an error lists the columns found).
+        read_csv_kwargs: passed to :func:`pandas.read_csv` (``dtype=str`` and
+            ``keep_default_na=False`` are the defaults here).
+
+    Raises:
+        FileNotFoundError, InputFileError: unreadable file, bad CSV, missing columns.
+    """
+    import pandas as pd
+
+    text = read_text_file(path)
+    kwargs = dict(dtype=str, keep_default_na=False, skip_blank_lines=True)
+    kwargs.update(read_csv_kwargs)
+    lines = text.split("\n")
+    try:
+        df = pd.read_csv(io.StringIO(text), **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
+        raise InputFileError(f"{path}: not a readable CSV table ({str(err).strip()})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputFileError(f"{path}: missing column(s) {missing}; columns are "
+                             f"{list(df.columns)}")
+    for col in df.columns:
+        if pd.api.types.is_string_dtype(df[col]):
+            df[col] = df[col].map(lambda v: v.strip() if isinstance(v, str) else v)
+    # data rows are the non-blank lines after the header
+    data_lines = [i + 1 for i, ln in enumerate(lines) if ln.strip()][1:]
+    if len(data_lines) == len(df):
+        df["_line"] = [f"line {n}" for n in data_lines]
+    else:   # quoted fields spanning lines: fall back to the row position
+        df["_line"] = [f"data row {i + 1}" for i in range(len(df))]
+    return df
+
+
+def safe_name_part(value, what: str, where: Optional[str] = None) -> str:
+    """``value`` as a string that is safe as one component of a file name.
+
+    Rejects what could leave the folder a path is built in or confuse a file system: empty
+    values, ``.`` and ``..``, path separators (``/``, ``\\``), drive colons and control
+    characters. Surrounding spaces are stripped.
+
+    Args:
+        value: the value read from a user's file.
+        what: what the value is (``"patient_id"``), for the message.
+        where: the file and line it came from, for the message.
+
+    Raises:
+        InputFileError: the value is not a safe name component.
+    """
+    text = "" if value is None else str(value).strip()
+    bad = (not text or text in (".", "..") or any(c in text for c in _FORBIDDEN)
+           or _CONTROL.search(text) is not None)
+    if bad:
+        place = f"{where}: " if where else ""
+        raise InputFileError(f"{place}{what} {value!r} cannot be part of a file name "
+                             f"(empty, '.', '..', a path separator or a control character)")
+    return text
