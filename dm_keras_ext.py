@@ -23,6 +23,10 @@ _MODEL_ALL = [
     "stage2_start_index",
     "get_dl_model",
     "OPTIMIZERS",
+    "KERAS208_EPSILON",
+    "Keras208RMSprop",
+    "Keras208Adagrad",
+    "Keras208Nadam",
     "create_optimizer",
     "robust_load_model",
     "check_model_file_safe",
@@ -36,6 +40,7 @@ import warnings as _warnings  # noqa: E402
 from collections import namedtuple as _namedtuple  # noqa: E402
 
 import h5py as _h5py  # noqa: E402
+import tensorflow as _tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 import dm_image as _dm_image  # noqa: E402
@@ -292,20 +297,213 @@ def _build_backbone_net(net, spec, nb_class, use_pretrained, weight_decay, hidde
     return keras.Model(base.input, out, name=f"{net}_patch")
 
 
-#: Optimiser factories keyed by the ``--optimizer`` names; sgd is Nesterov with momentum 0.9.
+# ---------------------------------------------------------------- Keras 2.0.8 update rules
+# tf-keras's RMSprop and Adagrad put epsilon inside the square root (and Adagrad starts its
+# accumulator at 0.1), and its Nadam uses another momentum schedule; the three classes below
+# compute the Keras 2.0.8 rules instead. SGD (Nesterov), Adam, Adamax and Adadelta of tf-keras
+# compute the same rules as Keras 2.0.8 once given its epsilon (1e-8) and rho (Adadelta 0.95).
+#: Epsilon of every Keras 2.0.8 optimizer (``K.epsilon()``).
+KERAS208_EPSILON = 1e-8
+
+
+def _dense_gradient(gradient):
+    """Sparse (``IndexedSlices``) gradients as dense tensors; others unchanged."""
+    if isinstance(gradient, _tf.IndexedSlices):
+        return _tf.convert_to_tensor(gradient)
+    return gradient
+
+
+class _Keras208Optimizer(keras.optimizers.Optimizer):
+    """Shared plumbing: learning-rate hyperparameter, slot creation, slot lookup, config."""
+
+    _SLOTS = ()            # slot variable names, one variable of each per model variable
+    _HYPER = ()            # float hyperparameters besides learning_rate, saved in the config
+
+    def __init__(self, learning_rate, name, **kwargs):
+        hyper = {key: float(kwargs.pop(key)) for key in self._HYPER}
+        super().__init__(name=name, **kwargs)
+        self._learning_rate = self._build_learning_rate(learning_rate)
+        for key, value in hyper.items():
+            setattr(self, key, value)
+
+    def build(self, var_list):
+        super().build(var_list)
+        if getattr(self, "_built", False):
+            return
+        self._built = True
+        self._slots = {slot: [self.add_variable_from_reference(var, slot) for var in var_list]
+                       for slot in self._SLOTS}
+
+    def _slot(self, slot, variable):
+        return self._slots[slot][self._index_dict[self._var_key(variable)]]
+
+    def get_config(self):
+        config = super().get_config()
+        config["learning_rate"] = self._serialize_hyperparameter(self._learning_rate)
+        config.update({key: getattr(self, key) for key in self._HYPER})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="dm_keras_ext")
+class Keras208RMSprop(_Keras208Optimizer):
+    """RMSprop as Keras 2.0.8: ``a = rho*a + (1-rho)*g^2; p -= lr*g / (sqrt(a) + epsilon)``.
+
+    The accumulator starts at zero; epsilon is added outside the square root.
+
+    Args:
+        learning_rate: float, a schedule, or a callable (tf-keras semantics).
+        rho: decay of the squared-gradient average.
+        epsilon: fuzz factor added to the root.
+        name: optimizer name.
+        **kwargs: tf-keras optimizer options (``clipnorm``, ``jit_compile``, ...).
+    """
+
+    _SLOTS = ("a",)
+    _HYPER = ("rho", "epsilon")
+
+    def __init__(self, learning_rate=0.001, rho=0.9, epsilon=KERAS208_EPSILON,
+                 name="Keras208RMSprop", **kwargs):
+        super().__init__(learning_rate, name, rho=rho, epsilon=epsilon, **kwargs)
+
+    def update_step(self, gradient, variable):
+        g = _dense_gradient(gradient)
+        dtype = variable.dtype
+        lr = _tf.cast(self.learning_rate, dtype)
+        rho = _tf.cast(self.rho, dtype)
+        a = self._slot("a", variable)
+        a.assign(rho * a + (1.0 - rho) * _tf.square(g))
+        variable.assign_sub(lr * g / (_tf.sqrt(a) + _tf.cast(self.epsilon, dtype)))
+
+
+@keras.saving.register_keras_serializable(package="dm_keras_ext")
+class Keras208Adagrad(_Keras208Optimizer):
+    """Adagrad as Keras 2.0.8: ``a = a + g^2; p -= lr*g / (sqrt(a) + epsilon)``, ``a`` from 0.
+
+    Args:
+        learning_rate: float, a schedule, or a callable (tf-keras semantics).
+        epsilon: fuzz factor added to the root.
+        name: optimizer name.
+        **kwargs: tf-keras optimizer options (``clipnorm``, ``jit_compile``, ...).
+    """
+
+    _SLOTS = ("a",)
+    _HYPER = ("epsilon",)
+
+    def __init__(self, learning_rate=0.01, epsilon=KERAS208_EPSILON, name="Keras208Adagrad",
+                 **kwargs):
+        super().__init__(learning_rate, name, epsilon=epsilon, **kwargs)
+
+    def update_step(self, gradient, variable):
+        g = _dense_gradient(gradient)
+        dtype = variable.dtype
+        lr = _tf.cast(self.learning_rate, dtype)
+        a = self._slot("a", variable)
+        a.assign_add(_tf.square(g))
+        variable.assign_sub(lr * g / (_tf.sqrt(a) + _tf.cast(self.epsilon, dtype)))
+
+
+#: Steps over which the Nadam momentum-schedule product is formed; by then it is below 1e-80,
+#: far under float32's smallest value, so later steps see exactly the same (zero) product.
+_NADAM_SCHEDULE_STEPS = 256
+
+
+@keras.saving.register_keras_serializable(package="dm_keras_ext")
+class Keras208Nadam(_Keras208Optimizer):
+    """Nadam as Keras 2.0.8 (Dozat's momentum schedule with ``schedule_decay``).
+
+    At step ``t`` (from 1), with ``c_t = beta_1 * (1 - 0.5 * 0.96**(t * schedule_decay))`` and
+    the schedule product ``S_t = c_1 * ... * c_t``::
+
+        g' = g / (1 - S_t)
+        m = beta_1*m + (1-beta_1)*g;    m' = m / (1 - S_t * c_{t+1})
+        v = beta_2*v + (1-beta_2)*g^2;  v' = v / (1 - beta_2**t)
+        p -= lr * ((1 - c_t)*g' + c_{t+1}*m') / (sqrt(v') + epsilon)
+
+    ``S_t`` is one scalar shared by all variables (Keras 2.0.8 kept it as a variable starting at
+    1 and multiplied it by ``c_t`` once per step); here it is formed from the step count, which
+    gives the same value and needs no extra state to save, restore or keep in sync across
+    replicas.
+
+    Args:
+        learning_rate: float, a schedule, or a callable (tf-keras semantics).
+        beta_1: first-moment decay.
+        beta_2: second-moment decay.
+        epsilon: fuzz factor added to the root.
+        schedule_decay: decay of the momentum schedule.
+        name: optimizer name.
+        **kwargs: tf-keras optimizer options (``clipnorm``, ``jit_compile``, ...).
+    """
+
+    _SLOTS = ("m", "v")
+    _HYPER = ("beta_1", "beta_2", "epsilon", "schedule_decay")
+
+    def __init__(self, learning_rate=0.002, beta_1=0.9, beta_2=0.999, epsilon=KERAS208_EPSILON,
+                 schedule_decay=0.004, name="Keras208Nadam", **kwargs):
+        super().__init__(learning_rate, name, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         schedule_decay=schedule_decay, **kwargs)
+
+    def _momentum_cache(self, step, dtype):
+        """``c_step`` (``step`` a float tensor of any shape)."""
+        beta_1 = _tf.cast(self.beta_1, dtype)
+        decay = _tf.cast(0.96, dtype)
+        return beta_1 * (1.0 - 0.5 * _tf.pow(decay, step * _tf.cast(self.schedule_decay, dtype)))
+
+    def update_step(self, gradient, variable):
+        g = _dense_gradient(gradient)
+        dtype = variable.dtype
+        lr = _tf.cast(self.learning_rate, dtype)
+        beta_1 = _tf.cast(self.beta_1, dtype)
+        beta_2 = _tf.cast(self.beta_2, dtype)
+        t = _tf.cast(self.iterations + 1, dtype)
+        # Fixed-size product (masked beyond t) so that the step also compiles under XLA.
+        steps = _tf.range(1, _NADAM_SCHEDULE_STEPS + 1, dtype=dtype)
+        factors = _tf.where(steps <= t, self._momentum_cache(steps, dtype),
+                            _tf.ones_like(steps))
+        s_t = _tf.reduce_prod(factors)
+        c_t = self._momentum_cache(t, dtype)
+        c_next = self._momentum_cache(t + 1.0, dtype)
+        m = self._slot("m", variable)
+        v = self._slot("v", variable)
+        m.assign(beta_1 * m + (1.0 - beta_1) * g)
+        v.assign(beta_2 * v + (1.0 - beta_2) * _tf.square(g))
+        g_hat = g / (1.0 - s_t)
+        m_hat = m / (1.0 - s_t * c_next)
+        v_hat = v / (1.0 - _tf.pow(beta_2, t))
+        m_bar = (1.0 - c_t) * g_hat + c_next * m_hat
+        variable.assign_sub(lr * m_bar / (_tf.sqrt(v_hat) + _tf.cast(self.epsilon, dtype)))
+
+
+#: Optimiser factories keyed by the ``--optimizer`` names, with Keras 2.0.8's update rules and
+#: defaults (epsilon 1e-8, state from zero); sgd is Nesterov with momentum 0.9.
 OPTIMIZERS = {
     "sgd": lambda lr: keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True),
-    "rmsprop": lambda lr: keras.optimizers.RMSprop(learning_rate=lr),
-    "adagrad": lambda lr: keras.optimizers.Adagrad(learning_rate=lr),
-    "adadelta": lambda lr: keras.optimizers.Adadelta(learning_rate=lr),
-    "adamax": lambda lr: keras.optimizers.Adamax(learning_rate=lr),
-    "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr),
-    "nadam": lambda lr: keras.optimizers.Nadam(learning_rate=lr),
+    "rmsprop": lambda lr: Keras208RMSprop(learning_rate=lr),
+    "adagrad": lambda lr: Keras208Adagrad(learning_rate=lr),
+    "adadelta": lambda lr: keras.optimizers.Adadelta(learning_rate=lr, rho=0.95,
+                                                     epsilon=KERAS208_EPSILON),
+    "adamax": lambda lr: keras.optimizers.Adamax(learning_rate=lr, beta_1=0.9, beta_2=0.999,
+                                                 epsilon=KERAS208_EPSILON),
+    "adam": lambda lr: keras.optimizers.Adam(learning_rate=lr, beta_1=0.9, beta_2=0.999,
+                                             epsilon=KERAS208_EPSILON),
+    "nadam": lambda lr: Keras208Nadam(learning_rate=lr),
 }
 
 
 def create_optimizer(name, lr):
-    """A fresh optimiser ``name`` (a key of ``OPTIMIZERS``) with learning rate ``lr`` > 0."""
+    """A fresh optimiser ``name`` (a key of ``OPTIMIZERS``) with learning rate ``lr`` > 0.
+
+    Every optimizer takes the steps Keras 2.0.8 took (epsilon 1e-8, state from zero, Nadam's
+    ``schedule_decay`` momentum schedule); only ``lr`` is set, as the 2017 code did, except
+    sgd's Nesterov momentum 0.9. The learning rate is a tf-keras hyperparameter variable, so
+    ``ReduceLROnPlateau`` can change it.
+
+    Args:
+        name: one of ``OPTIMIZERS``.
+        lr: learning rate > 0.
+
+    Returns:
+        A new, unbuilt tf-keras optimizer.
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
     if not lr > 0:
@@ -484,9 +682,11 @@ def save_model_atomic(model, filepath, include_optimizer=True):
 import copy  # noqa: E402  (Section 2 imports)
 import re  # noqa: E402
 import sys  # noqa: E402
+import types as _types  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
+from tf_keras.src.engine import base_layer_utils as _base_layer_utils  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from dm_image import load_dat_ram  # noqa: E402,F401  (2017 name re-exported here)
@@ -495,7 +695,7 @@ _TRAIN_ALL = [
     "do_3stage_training", "do_2stage_training", "DMAucModelCheckpoint", "BestModelCheckpoint",
     "DMMetrics", "DMFlush", "flip_all_img", "load_dat_ram", "ovr_auroc", "is_bias_variable",
     "with_bias_multiplier", "rebuild_model", "set_regularization", "class_weight_dict",
-    "save_model_distributed",
+    "save_model_distributed", "FROZEN_BN_MODES", "set_frozen_bn_mode",
 ]
 
 _REGULARIZED_CLASSES = ("Dense", "Conv2D")
@@ -513,8 +713,10 @@ class _BiasMultiplierMixin:
     """Optimizer mixin: the update applied to bias variables is scaled by ``bias_multiplier``.
 
     The base optimizer computes its update (momentum, Adam moments, ...) as usual; for a bias
-    variable the change it made is then scaled, which is exactly a per-variable learning rate
-    of ``learning_rate * bias_multiplier`` for SGD (with momentum) and for Adam-type optimizers.
+    variable the change it made is then scaled. Every optimizer of :func:`create_optimizer`
+    changes a variable by an amount proportional to the learning rate (its state does not
+    depend on it), so this is exactly a per-variable learning rate of
+    ``learning_rate * bias_multiplier``.
     """
 
     def __init__(self, *args, bias_multiplier=1.0, **kwargs):
@@ -553,7 +755,7 @@ def _bias_multiplier_class(base):
 
 for _base in (keras.optimizers.SGD, keras.optimizers.RMSprop, keras.optimizers.Adagrad,
               keras.optimizers.Adadelta, keras.optimizers.Adamax, keras.optimizers.Adam,
-              keras.optimizers.Nadam):
+              keras.optimizers.Nadam, Keras208RMSprop, Keras208Adagrad, Keras208Nadam):
     _bias_multiplier_class(_base)   # registered at import so saved models load again
 del _base
 
@@ -959,11 +1161,119 @@ def _default_top_layer_nb(model):
 
 
 def _set_trainable(model, trainable_fn):
+    """Set ``trainable`` of each top-level layer (a nested model passes it to its layers)."""
     for i, layer in enumerate(model.layers):
         layer.trainable = bool(trainable_fn(i, layer))
 
 
-def _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics):
+# ---------------------------------------------------------------- frozen BatchNormalization
+#: Values of ``frozen_bn_mode``: ``"batch"``, a frozen BatchNormalization layer trains as in
+#: Keras 2.0.8 (batch statistics, moving statistics updated, gamma/beta fixed); ``"moving"``,
+#: as in tf-keras (it runs in inference mode with its moving statistics, which stay fixed).
+FROZEN_BN_MODES = ("batch", "moving")
+
+# Instance attributes that set_frozen_bn_mode("batch") puts on a BatchNormalization layer,
+# shadowing the class methods of the same names; "moving" removes them.
+_BN_OVERRIDES = ("_get_training_value", "add_update")
+
+
+@tf.autograph.experimental.do_not_convert
+def _bn_training_value_batch(layer, training=None):
+    """The layer's training flag as given: a frozen layer is not forced into inference mode."""
+    del layer
+    if training is None:
+        training = keras.backend.learning_phase()
+    if isinstance(training, int):
+        training = bool(training)
+    return training
+
+
+@tf.autograph.experimental.do_not_convert
+def _bn_add_update_always(layer, updates):
+    """``add_update`` that runs the moving-statistics updates of a non-trainable layer too."""
+    del layer
+    if _base_layer_utils.call_context().in_keras_graph:
+        return   # functional-API construction: nothing to run
+    for update in tf.nest.flatten(updates):
+        if callable(update):
+            update()
+
+
+def _batch_norm_layers(model):
+    """Every BatchNormalization layer of ``model``, nested models and wrappers included."""
+    found, stack, seen = [], [model], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        stack.extend(getattr(layer, "layers", None) or [])
+        inner = getattr(layer, "layer", None)            # TimeDistributed and other wrappers
+        if isinstance(inner, keras.layers.Layer):
+            stack.append(inner)
+    return found
+
+
+def set_frozen_bn_mode(model, mode="batch"):
+    """Choose how the frozen (``trainable=False``) BatchNormalization layers of ``model`` train.
+
+    ``"batch"``: as Keras 2.0.8 did. In training (``fit``, ``train_on_batch``, a call with
+    ``training=True``) a frozen BN layer normalises with the batch mean and biased batch
+    variance, the gradient flows through those batch statistics, and its moving statistics move
+    toward them (``moving = moving * momentum + batch * (1 - momentum)``); only gamma and beta
+    stay fixed: they are not in ``model.trainable_weights``, so the optimizer neither keeps
+    state for them nor updates them. Every BN layer, trainable or not, then also averages the
+    biased batch variance (no n/(n-1) correction) into its moving variance, as Keras 2.0.8
+    did. ``"moving"``: tf-keras's behaviour, a frozen BN layer runs in inference mode with its
+    moving statistics, which do not change, and trainable BN layers average the corrected
+    (unbiased) batch variance.
+
+    Inference (``predict``, ``evaluate``, ``training=False``) is the same in both modes, and so
+    is the training-mode output of a trainable BN layer. The mode belongs to the layer objects in memory: it applies whatever
+    ``trainable`` is set to later, is not written to saved files (which keep tf-keras's usual
+    config and trainable flags), and is lost when a model is rebuilt from its config or
+    loaded, so set it again then. Set it before ``compile`` (compiling traces the train step
+    anew).
+
+    Args:
+        model: a tf-keras model or layer; nested models and wrapped layers are included.
+        mode: one of ``FROZEN_BN_MODES``.
+
+    Returns:
+        The number of BatchNormalization layers set.
+    """
+    _check_frozen_bn_mode(mode)
+    layers = _batch_norm_layers(model)
+    for layer in layers:
+        if mode == "batch":
+            layer._get_training_value = _types.MethodType(_bn_training_value_batch, layer)
+            layer.add_update = _types.MethodType(_bn_add_update_always, layer)
+        else:
+            for attr in _BN_OVERRIDES:
+                if attr in vars(layer):
+                    delattr(layer, attr)
+        # tf-keras's fused kernel leaves the n/(n-1) correction in the variance it averages
+        # into moving_variance unless this flag is off; with it off the fused and the
+        # non-fused (XLA) paths both average the biased batch variance.
+        layer._bessels_correction_test_only = mode == "moving"
+    return len(layers)
+
+
+def _check_frozen_bn_mode(mode):
+    if mode not in FROZEN_BN_MODES:
+        raise ValueError(f"unknown frozen_bn_mode {mode!r}; valid: {list(FROZEN_BN_MODES)}")
+
+
+def _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
+             frozen_bn_mode="batch"):
+    """Compile ``model`` for a training stage: a fresh optimizer, categorical cross-entropy.
+
+    The frozen BatchNormalization layers are set to ``frozen_bn_mode`` first (see
+    :func:`set_frozen_bn_mode`), so that the mode also holds for a model just rebuilt.
+    """
+    set_frozen_bn_mode(model, frozen_bn_mode)
     with (strategy or model.distribute_strategy).scope():
         opt = with_bias_multiplier(create_optimizer(optim, lr), bias_multiplier)
         model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=list(metrics),
@@ -986,14 +1296,19 @@ class _Stage:
         self.epochs_done, self.histories = 0, []
 
     def run(self, model, name, epochs, optim, lr, bias_multiplier, jit_compile, strategy,
-            metrics=("accuracy",)):
+            metrics=("accuracy",), frozen_bn_mode="batch"):
+        """Compile ``model`` (frozen BN layers in ``frozen_bn_mode``) and fit it for ``epochs``."""
         if epochs <= 0:
             logger.info("%s: skipped (0 epochs)", name)
             return
-        _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics)
+        _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
+                 frozen_bn_mode)
         nb_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-        logger.info("%s: epochs %d-%d, optimizer %s, lr %.3g, %d trainable parameters", name,
-                    self.epochs_done + 1, self.epochs_done + epochs, optim, lr, nb_trainable)
+        nb_frozen_bn = sum(not layer.trainable for layer in _batch_norm_layers(model))
+        logger.info("%s: epochs %d-%d, optimizer %s, lr %.3g, %d trainable parameters, "
+                    "%d frozen BatchNormalization layers (frozen_bn_mode %s)", name,
+                    self.epochs_done + 1, self.epochs_done + epochs, optim, lr, nb_trainable,
+                    nb_frozen_bn, frozen_bn_mode)
         callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss",
                                                    patience=self.es_patience, verbose=1)]
         if optim == "sgd":
@@ -1023,20 +1338,24 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
                        es_patience=5, lr_patience=2, auto_batch_balance=True, nb_class=3,
                        pos_cls_weight=1., neg_cls_weight=1., nb_worker=1, weight_decay2=.01,
                        hidden_dropout2=.0, bias_multiplier=None, strategy=None,
-                       jit_compile=False, verbose=2, custom_objects=None, callbacks=None):
-    """Three-stage patch classifier training (SPEC section 5).
+                       jit_compile=False, verbose=2, custom_objects=None, callbacks=None,
+                       frozen_bn_mode="batch"):
+    """Three-stage patch classifier training.
 
     Stage 1: only the final Dense layer trains (all layers when ``use_pretrained`` is False, and
     then only this stage runs) for ``nb_epoch`` at ``init_lr``. Stage 2: layers from
     ``top_layer_nb`` on train for ``top_layer_epochs`` at ``init_lr * top_layer_multiplier``,
     with the final Dense kernel L2 set to ``weight_decay2`` and the Dropout before it to
     ``hidden_dropout2``. Stage 3: all layers for ``all_layer_epochs`` at
-    ``init_lr * all_layer_multiplier``. Frozen layers include BatchNormalization, which then uses
-    its moving statistics (tf-keras semantics; Keras 2.0.8 kept batch statistics in frozen BN
-    layers). Each stage compiles a fresh optimizer. Epochs are numbered continuously; each stage
-    stops early after ``es_patience`` epochs without val-loss improvement; with sgd the lr
-    halves after ``lr_patience`` such epochs; the best model by ``val_accuracy`` is saved
-    atomically to ``best_model_out``.
+    ``init_lr * all_layer_multiplier``. Frozen layers include BatchNormalization layers: with
+    ``frozen_bn_mode="batch"`` (the default, as Keras 2.0.8 trained) they normalise with batch
+    statistics in training and update their moving statistics, only gamma and beta staying
+    fixed; with ``"moving"`` (tf-keras) they run in inference mode with fixed moving
+    statistics (see :func:`set_frozen_bn_mode`). Each stage compiles a fresh optimizer with
+    Keras 2.0.8's update rule (:func:`create_optimizer`). Epochs are numbered continuously;
+    each stage stops early after ``es_patience`` epochs without val-loss improvement; with sgd
+    the lr halves after ``lr_patience`` such epochs; the best model by ``val_accuracy`` is
+    saved atomically to ``best_model_out``.
 
     Args:
         model: compiled-or-not patch classifier (softmax output, ``nb_class`` units).
@@ -1056,6 +1375,8 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
         verbose: Keras fit verbosity.
         custom_objects: classes needed to rebuild the model from its config.
         callbacks: extra Keras callbacks for every stage.
+        frozen_bn_mode: ``"batch"`` or ``"moving"``, how frozen BatchNormalization layers
+            train (see :func:`set_frozen_bn_mode`).
         (other arguments: see the command-line flags of ``patch_clf_train.py``.)
 
     Returns:
@@ -1064,13 +1385,14 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
     """
     if use_pretrained and top_layer_epochs > 0 and top_layer_nb is None:
         raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
+    _check_frozen_bn_mode(frozen_bn_mode)
     cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
                                                            neg_cls_weight)
     ckpt = BestModelCheckpoint(best_model_out, monitor="val_accuracy", mode="max")
     stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch, ckpt, cw,
                    es_patience, lr_patience, nb_worker, verbose, callbacks)
     common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
-                  strategy=strategy)
+                  strategy=strategy, frozen_bn_mode=frozen_bn_mode)
     if not use_pretrained:
         _set_trainable(model, lambda i, layer: True)
         stage.run(model, "stage 1 (all layers, no pretrained weights)", nb_epoch, lr=init_lr,
@@ -1101,12 +1423,17 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
                        pos_cls_weight=1., neg_cls_weight=1., nb_worker=1, auc_checkpointer=None,
                        weight_decay=.0001, hidden_dropout=.0, weight_decay2=.0001,
                        hidden_dropout2=.0, bias_multiplier=None, strategy=None,
-                       jit_compile=False, verbose=2, custom_objects=None, callbacks=None):
-    """Two-stage whole-image training (SPEC section 5).
+                       jit_compile=False, verbose=2, custom_objects=None, callbacks=None,
+                       frozen_bn_mode="batch"):
+    """Two-stage whole-image training.
 
     Stage 1 (``nb_epoch`` epochs, 0 skips it): layers before ``top_layer_nb`` (the converted
     patch network) are frozen, lr ``init_lr``, every Dense/Conv2D kernel L2 = ``weight_decay``
-    and every Dropout rate = ``hidden_dropout``. Stage 2 (``all_layer_epochs``): all layers at
+    and every Dropout rate = ``hidden_dropout``. The frozen BatchNormalization layers (those of
+    the nested patch network included) train as ``frozen_bn_mode`` says: ``"batch"`` (default,
+    Keras 2.0.8) normalises with batch statistics and updates their moving statistics, gamma
+    and beta fixed; ``"moving"`` (tf-keras) uses the fixed moving statistics (see
+    :func:`set_frozen_bn_mode`). Stage 2 (``all_layer_epochs``): all layers at
     ``init_lr * all_layer_multiplier`` with ``weight_decay2`` / ``hidden_dropout2``. Epochs are
     numbered continuously; early stopping on val loss; with sgd the lr halves on a val-loss
     plateau; the best model by mean one-vs-rest validation AUROC is saved by
@@ -1118,6 +1445,7 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
     Returns:
         list of ``keras.callbacks.History``, one per stage run (``.model``: the trained model).
     """
+    _check_frozen_bn_mode(frozen_bn_mode)
     if nb_epoch > 0 and top_layer_nb is None:
         top_layer_nb = _default_top_layer_nb(model)
     cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
@@ -1128,7 +1456,7 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
                    auc_checkpointer, cw, es_patience, lr_patience, nb_worker, verbose,
                    callbacks)
     common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
-                  strategy=strategy)
+                  strategy=strategy, frozen_bn_mode=frozen_bn_mode)
     if nb_epoch > 0:
         model = set_regularization(model, weight_decay, hidden_dropout,
                                    custom_objects=custom_objects)

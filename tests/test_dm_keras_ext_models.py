@@ -87,10 +87,17 @@ def test_pretrained_weights_load_from_cache_and_env(keras_session, no_weight_env
 
 
 @pytest.mark.parametrize("name,cls,extra", [
-    ("sgd", "SGD", {"momentum": 0.9, "nesterov": True}), ("rmsprop", "RMSprop", {}),
-    ("adagrad", "Adagrad", {}), ("adadelta", "Adadelta", {}), ("adamax", "Adamax", {}),
-    ("adam", "Adam", {}), ("nadam", "Nadam", {})])
+    ("sgd", "SGD", {"momentum": 0.9, "nesterov": True}),
+    ("rmsprop", "Keras208RMSprop", {"rho": 0.9, "epsilon": 1e-8}),
+    ("adagrad", "Keras208Adagrad", {"epsilon": 1e-8}),
+    ("adadelta", "Adadelta", {"rho": 0.95, "epsilon": 1e-8}),
+    ("adamax", "Adamax", {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-8}),
+    ("adam", "Adam", {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-8, "amsgrad": False}),
+    ("nadam", "Keras208Nadam", {"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-8,
+                                "schedule_decay": 0.004})])
 def test_create_optimizer(name, cls, extra):
+    """Keras 2.0.8's optimizers and defaults (epsilon 1e-8; the update rules are checked
+    against NumPy and Keras 2.0.8's own steps in test_keras208_training.py)."""
     opt = E.create_optimizer(name, 0.003)
     assert type(opt).__name__ == cls
     cfg = opt.get_config()
