@@ -27,6 +27,12 @@ import re
 from pathlib import Path
 from typing import Optional
 
+try:   # the root dm_* modules become importable through script_utils
+    import script_utils  # noqa: F401  (run as a script from ddsm_train/)
+except ImportError:
+    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+from dm_image import atomic_write  # noqa: E402
+
 __all__ = ["run", "get_args_parser", "main"]
 
 _PATCH_ACC = re.compile(r"test accuracy ([0-9.]+), loss ([0-9.]+)")
@@ -117,9 +123,10 @@ def run(out_dir: str) -> dict:
         "files": _shorten_data(files),
     }
     summary["file_list"] = str(out.resolve() / "files.txt")
-    (out / "files.txt").write_text("".join(f"{name}\n" for names in files.values()
-                                           for name in names))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    listing = "".join(f"{name}\n" for names in files.values() for name in names)
+    atomic_write(out / "files.txt", lambda fh: fh.write(listing), text=True)
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out / "summary.json", lambda fh: fh.write(text), text=True)
     return summary
 
 

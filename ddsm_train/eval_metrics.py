@@ -30,6 +30,8 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
+from dm_image import atomic_write
+
 __all__ = [
     "DEFAULT_N_BOOT", "DEFAULT_SEED", "DEFAULT_THRESHOLD",
     "check_binary_inputs", "roc_auc", "pr_auc", "sensitivity_specificity",
@@ -316,8 +318,8 @@ def plot_roc_pr(y_true, y_score, roc_path: PathLike, pr_path: PathLike,
         if _label(name):
             ax.legend(loc="lower right" if diag else "lower left")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        atomic_write(path, lambda fh, fig=fig, fmt=path.suffix[1:] or "png":
+                     fig.savefig(fh, format=fmt))
         paths.append(path)
     return paths[0], paths[1]
 
@@ -340,7 +342,5 @@ def _json_clean(obj):
 
 def write_json_atomic(obj, path: PathLike) -> Path:
     """Write ``obj`` as indented JSON (NaN/inf as null, numpy types converted) atomically."""
-    from dm_image import atomic_write
-
     text = json.dumps(_json_clean(obj), indent=2, sort_keys=True)
     return atomic_write(path, lambda fh: fh.write(text), text=True)

@@ -88,6 +88,7 @@ import json
 import logging
 import shutil
 import time
+import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import scipy.fft
+
+try:   # the root dm_* modules become importable through script_utils
+    import script_utils  # noqa: F401  (run as a script from ddsm_train/)
+except ImportError:
+    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+import dm_image  # noqa: E402
 
 __all__ = [
     "MAX_12BIT",
@@ -485,8 +492,22 @@ def _to_stored(img12: np.ndarray) -> np.ndarray:
 
 
 def _imwrite(path: Path, img: np.ndarray, params=()) -> None:
-    if not cv2.imwrite(str(path), img, list(params)):
-        raise OSError(f"could not write {path}")
+    ok, buf = cv2.imencode(path.suffix or ".png", img, list(params))
+    if not ok:
+        raise OSError(f"could not encode an image for {path}")
+    dm_image.atomic_write(path, lambda fh: fh.write(buf))
+
+
+def _write_text(path: Path, text: str) -> None:
+    dm_image.atomic_write(path, lambda fh: fh.write(text), text=True)
+
+
+def _csv_text(header, rows) -> str:
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(header)
+    wr.writerows(rows)
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,19 +585,12 @@ def _write_patient(pat: _Patient, split: str, paths: dict, h: int, w: int, whole
 
 
 def _write_lists(paths: dict, patients: list, train_ids: list, test_ids: list, rows: list) -> None:
-    paths["train_pat"].write_text("".join(f"{p}\n" for p in train_ids))
-    paths["test_pat"].write_text("".join(f"{p}\n" for p in test_ids))
-    with open(paths["roi_mask_csv"], "w", newline="") as fh:
-        wr = csv.writer(fh, lineterminator="\n")
-        wr.writerow(ROI_CSV_HEADER)
-        wr.writerows(rows)
-    with open(paths["pat_side_cancer_csv"], "w", newline="") as fh:
-        wr = csv.writer(fh, lineterminator="\n")
-        wr.writerow(PAT_SIDE_HEADER)
-        for pat in patients:
-            for side in SIDES:
-                wr.writerow((pat.patient_id, side,
-                             int(any(les.malignant for les in pat.breasts[side].lesions))))
+    _write_text(paths["train_pat"], "".join(f"{p}\n" for p in train_ids))
+    _write_text(paths["test_pat"], "".join(f"{p}\n" for p in test_ids))
+    _write_text(paths["roi_mask_csv"], _csv_text(ROI_CSV_HEADER, rows))
+    cancer = [(pat.patient_id, side, int(any(les.malignant for les in pat.breasts[side].lesions)))
+              for pat in patients for side in SIDES]
+    _write_text(paths["pat_side_cancer_csv"], _csv_text(PAT_SIDE_HEADER, cancer))
 
 
 def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int = 800,
@@ -658,8 +672,8 @@ def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int =
                   whole_img_counts=counts)
     summary = {k: (v.relative_to(out).as_posix() if isinstance(v, Path) else v)
                for k, v in result.items() if k != "out_dir"}
-    paths["options_json"].write_text(json.dumps({"options": options, "result": summary,
-                                                  "val_patients": val_ids}, indent=2) + "\n")
+    _write_text(paths["options_json"], json.dumps({"options": options, "result": summary,
+                                                    "val_patients": val_ids}, indent=2) + "\n")
     result["seconds"] = time.perf_counter() - t0
     return result
 

@@ -302,22 +302,30 @@ def _build_views(table: pd.DataFrame) -> List[_View]:
     return views
 
 
+def _write_text(path: Path, text: str) -> None:
+    dm_image.atomic_write(path, lambda fh: fh.write(text), text=True)
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    dm_image.atomic_write(path, lambda fh: df.to_csv(fh, index=False), text=True)
+
+
 def _write_tables(results: List[dict], table: pd.DataFrame, out: Path) -> dict:
     rows = [r for res in results for r in res["rois"]]
     roi_df = pd.DataFrame(rows, columns=ROI_COLUMNS + ["split"]).sort_values(
         ["patient_id", "side", "view", "abn_num"])
-    roi_df[ROI_COLUMNS].to_csv(out / "roi_mask_path.csv", index=False)
+    _write_csv(roi_df[ROI_COLUMNS], out / "roi_mask_path.csv")
     lists = {}
     for split, fname in (("Training", "train_pat.txt"), ("Test", "test_pat.txt")):
         pats = sorted(set(roi_df.loc[roi_df["split"] == split, "patient_id"]))
-        (out / fname).write_text("".join(p + "\n" for p in pats))
+        _write_text(out / fname, "".join(p + "\n" for p in pats))
         lists[split] = set(pats)
     written = {tuple(r["img_id"].rsplit("_", 2)[:2]) for r in results if r["full"]}
     mal = table.assign(c=(table["pathology"] == "MALIGNANT").astype(int)).groupby(
         ["patient_id", "side"])["c"].max()
     psc = [(p, s, int(mal.get((p, s), 0))) for p, s in sorted(written)]
-    pd.DataFrame(psc, columns=["patient_id", "side", "cancer"]).to_csv(
-        out / "pat_side_cancer.csv", index=False)
+    _write_csv(pd.DataFrame(psc, columns=["patient_id", "side", "cancer"]),
+               out / "pat_side_cancer.csv")
     return {"train_patients": len(lists["Training"]), "test_patients": len(lists["Test"]),
             "patients_in_both_splits": len(lists["Training"] & lists["Test"])}
 
@@ -373,8 +381,8 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
     summary.update(_write_tables(results, table, out))
     summary["problems"] = _report_problems(results, out)
     summary["elapsed_s"] = round(time.time() - t0, 3)
-    with open(out / "prepare_summary.json", "w") as fh:
-        json.dump({"options": options, "summary": summary}, fh, indent=1, default=str)
+    _write_text(out / "prepare_summary.json",
+                json.dumps({"options": options, "summary": summary}, indent=1, default=str))
     logger.info("summary: %s", summary)
     return summary
 
@@ -400,7 +408,7 @@ def _report_problems(results: List[dict], out: Path, nb_logged: int = 10) -> int
     msgs = [m for r in results for m in r["messages"]]
     for msg in msgs[:nb_logged]:
         logger.warning(msg)
-    (out / "prepare_problems.txt").write_text("".join(m + "\n" for m in msgs))
+    _write_text(out / "prepare_problems.txt", "".join(m + "\n" for m in msgs))
     if len(msgs) > nb_logged:
         logger.warning("%d problems in all, listed in %s", len(msgs),
                        out / "prepare_problems.txt")

@@ -7,14 +7,24 @@ values stripped; undecodable bytes are an error naming the file and the line. A 
 such a file (a patient id, a side, a view, a file name) is checked by :func:`safe_name_part`
 before any path is built from it, so no row can make a script read or write outside the folders
 it was given.
+
+Importing this module also makes the root ``dm_*`` modules importable for the scripts.
 """
 from __future__ import annotations
 
 import io
 import os
 import re
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
+
+# The scripts run as ``python ddsm_train/SCRIPT.py`` (or from inside that folder) without an
+# installed package: importing this module puts the repository root, where the ``dm_*``
+# modules live, on ``sys.path``.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 PathLike = Union[str, os.PathLike]
 
