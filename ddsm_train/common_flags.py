@@ -6,7 +6,8 @@ Sci Rep 9, 12495 (2019); arXiv:1708.09427.
 Each flag is declared once here and added to a script's parser by one ``add_*_flags`` call.
 Defaults that differ between scripts (image size, featurewise mean, ...) are arguments of those
 calls, so every default still lives in exactly one place: the script's call for per-script values,
-this module for the rest. The ``--x/--no-x`` pairs of the 2017 scripts are kept; destination
+this module for the rest. The ``--x/--no-x`` pairs and the short aliases (``-bs``, ``-ilr``,
+``-hd``, ...) of the 2017 scripts are kept, each an alias of its long flag; destination
 names are the 2017 ones (``optim`` for ``--optimizer``, ``init_lr`` for ``--init-learningrate``)
 so that ``run(**vars(args))`` passes them straight through.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED", "NOSAVE",
-    "MIXED_PRECISION_CHOICES", "OPTIMIZER_CHOICES",
+    "MIXED_PRECISION_CHOICES", "OPTIMIZER_CHOICES", "FROZEN_BN_MODES",
     "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
     "add_bool_flag", "add_optional_value_flag",
     "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
@@ -44,6 +45,10 @@ DEFAULT_RANDOM_SEED = 12345
 NOSAVE = "NOSAVE"
 MIXED_PRECISION_CHOICES = ("float16", "bfloat16")
 OPTIMIZER_CHOICES = ("sgd", "rmsprop", "adagrad", "adadelta", "adamax", "adam", "nadam")
+#: ``--frozen-bn-mode``: what a BatchNormalization layer frozen in an early stage normalises
+#: with while it trains around it. ``batch``: the batch's own statistics (Keras 2.0.8, 2017);
+#: ``moving``: its stored moving statistics (tf-keras inference mode).
+FROZEN_BN_MODES = ("batch", "moving")
 
 
 # --------------------------------------------------------------------------- environment
@@ -93,6 +98,11 @@ def _dest(name):
     return name.replace("-", "_")
 
 
+def _names(long_name, short):
+    """Option strings: ``--long_name`` and the 2017 short alias, when there is one."""
+    return (f"--{long_name}",) + ((short,) if short else ())
+
+
 def add_bool_flag(group, name, default, help_text="", dest=None):
     """Add a ``--name`` / ``--no-name`` pair (2017 style) to a parser or argument group.
 
@@ -111,7 +121,8 @@ def add_bool_flag(group, name, default, help_text="", dest=None):
     group.set_defaults(**{dest: default})
 
 
-def add_optional_value_flag(group, name, type_, default=None, help_text="", dest=None, nargs=None):
+def add_optional_value_flag(group, name, type_, default=None, help_text="", dest=None, nargs=None,
+                            short=None, no_short=None, metavar=None):
     """Add ``--name VALUE`` and ``--no-name`` (sets None), as the 2017 scripts did.
 
     Args:
@@ -122,12 +133,17 @@ def add_optional_value_flag(group, name, type_, default=None, help_text="", dest
         help_text: help for ``--name``.
         dest: destination attribute.
         nargs: argparse nargs for the value.
+        short, no_short: 2017 short aliases of ``--name`` and ``--no-name`` (e.g. ``-ic``,
+            ``-nic``), or None.
+        metavar: argparse metavar of the value.
     """
     dest = dest or _dest(name)
-    group.add_argument(f"--{name}", dest=dest, type=type_, nargs=nargs,
-                       help=f"{help_text} (default: {default}; --no-{name} sets None)")
-    group.add_argument(f"--no-{name}", dest=dest, action="store_const", const=None,
-                       help=argparse.SUPPRESS)
+    extra = {"metavar": metavar} if metavar else {}
+    group.add_argument(*_names(name, short), dest=dest, type=type_, nargs=nargs,
+                       help=f"{help_text} (default: {default}; --no-{name}"
+                            f"{' or ' + no_short if no_short else ''} sets None)", **extra)
+    group.add_argument(*_names(f"no-{name}", no_short), dest=dest, action="store_const",
+                       const=None, help=argparse.SUPPRESS)
     group.set_defaults(**{dest: default})
 
 
@@ -148,10 +164,12 @@ def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewi
             for no rescaling.
     """
     g = parser.add_argument_group("image")
-    g.add_argument("--img-size", dest="img_size", nargs=2, type=int, default=list(img_size),
-                   metavar=("HEIGHT", "WIDTH"), help=f"image size (default: {list(img_size)})")
+    g.add_argument("--img-size", "-is", dest="img_size", nargs=2, type=int,
+                   default=list(img_size), metavar=("HEIGHT", "WIDTH"),
+                   help=f"image size (default: {list(img_size)})")
     add_optional_value_flag(g, "img-scale", float, img_scale,
-                            "map each image's max intensity to this value")
+                            "map each image's max intensity to this value", short="-ic",
+                            no_short="-nic")
     add_optional_value_flag(g, "rescale-factor", float, rescale_factor,
                             "multiply intensities by this factor (0.003891 for 16-bit PNG)")
     add_bool_flag(g, "featurewise-center", featurewise_center, "subtract --featurewise-mean")
@@ -164,7 +182,7 @@ def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewi
 def add_batch_flags(parser, batch_size=64, train_bs_multiplier=0.5):
     """``--batch-size`` (evaluation batch) and ``--train-bs-multiplier`` (train batch = product)."""
     g = parser.add_argument_group("batch")
-    g.add_argument("--batch-size", dest="batch_size", type=int, default=batch_size,
+    g.add_argument("--batch-size", "-bs", dest="batch_size", type=int, default=batch_size,
                    help=f"evaluation batch size (default: {batch_size})")
     g.add_argument("--train-bs-multiplier", dest="train_bs_multiplier", type=float,
                    default=train_bs_multiplier,
@@ -182,7 +200,7 @@ def add_ram_flags(parser):
 
 
 def add_augmentation_flag(parser, default):
-    """``--augmentation`` (flips, rotation, shear, zoom, channel shift; SPEC section 5)."""
+    """``--augmentation``: the train-time augmentation of :data:`AUGMENTATION_2017`."""
     add_bool_flag(parser, "augmentation", default, "random augmentation of train images")
 
 
@@ -202,18 +220,24 @@ def add_class_flags(parser, class_list, auto_batch_balance):
 
 
 def add_optimizer_flags(parser, optim="sgd", init_lr=0.01, lr_patience=10, es_patience=25):
-    """``--optimizer``, ``--init-learningrate``, ``--lr-patience``, ``--es-patience``."""
+    """``--optimizer``, ``--init-learningrate``, ``--lr-patience``, ``--es-patience``,
+    ``--frozen-bn-mode``."""
     g = parser.add_argument_group("optimiser")
     g.add_argument("--optimizer", dest="optim", type=str.lower, default=optim,
                    choices=OPTIMIZER_CHOICES, help="(default: %(default)s)")
-    g.add_argument("--init-learningrate", dest="init_lr", type=float, default=init_lr,
+    g.add_argument("--init-learningrate", "-ilr", dest="init_lr", type=float, default=init_lr,
                    help="stage-1 learning rate (default: %(default)s)")
-    g.add_argument("--lr-patience", dest="lr_patience", type=int, default=lr_patience,
+    g.add_argument("--lr-patience", "-lrp", dest="lr_patience", type=int, default=lr_patience,
                    help="epochs without val-loss improvement before the lr halves (sgd) "
                         "(default: %(default)s)")
-    g.add_argument("--es-patience", dest="es_patience", type=int, default=es_patience,
+    g.add_argument("--es-patience", "-esp", dest="es_patience", type=int, default=es_patience,
                    help="epochs without val-loss improvement before stopping "
                         "(default: %(default)s)")
+    g.add_argument("--frozen-bn-mode", dest="frozen_bn_mode", default="batch",
+                   choices=FROZEN_BN_MODES,
+                   help="BatchNormalization layers frozen in an early stage normalise with the "
+                        "batch's statistics (batch: as Keras 2.0.8 did in 2017) or with their "
+                        "moving statistics (moving: tf-keras behaviour) (default: %(default)s)")
 
 
 def add_stage_flags(parser, nb_epoch, all_layer_epochs, all_layer_multiplier,
@@ -223,7 +247,7 @@ def add_stage_flags(parser, nb_epoch, all_layer_epochs, all_layer_multiplier,
     ``top_layer_epochs`` / ``top_layer_multiplier`` are only added when given (3-stage scripts).
     """
     g = parser.add_argument_group("stages")
-    g.add_argument("--nb-epoch", dest="nb_epoch", type=int, default=nb_epoch,
+    g.add_argument("--nb-epoch", "-ne", dest="nb_epoch", type=int, default=nb_epoch,
                    help="stage-1 epochs; 0 skips stage 1 (default: %(default)s)")
     if top_layer_epochs is not None:
         g.add_argument("--top-layer-epochs", dest="top_layer_epochs", type=int,
@@ -246,13 +270,14 @@ def add_regularization_flags(parser, weight_decay=1e-4, weight_decay2=1e-4, hidd
                              hidden_dropout2=0.0, bias_multiplier=None):
     """Weight decay and dropout for the first and later stages, and the bias lr multiplier."""
     g = parser.add_argument_group("regularisation")
-    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=weight_decay,
+    g.add_argument("--weight-decay", "-wd", dest="weight_decay", type=float,
+                   default=weight_decay,
                    help="L2 of Dense/Conv2D kernels, stage 1 (default: %(default)s)")
-    g.add_argument("--weight-decay2", dest="weight_decay2", type=float, default=weight_decay2,
-                   help="L2 in later stages (default: %(default)s)")
-    g.add_argument("--hidden-dropout", dest="hidden_dropout", type=float, default=hidden_dropout,
-                   help="dropout rate, stage 1 (default: %(default)s)")
-    g.add_argument("--hidden-dropout2", dest="hidden_dropout2", type=float,
+    g.add_argument("--weight-decay2", "-wd2", dest="weight_decay2", type=float,
+                   default=weight_decay2, help="L2 in later stages (default: %(default)s)")
+    g.add_argument("--hidden-dropout", "-hd", dest="hidden_dropout", type=float,
+                   default=hidden_dropout, help="dropout rate, stage 1 (default: %(default)s)")
+    g.add_argument("--hidden-dropout2", "-hd2", dest="hidden_dropout2", type=float,
                    default=hidden_dropout2,
                    help="dropout rate in later stages (default: %(default)s)")
     add_optional_value_flag(g, "bias-multiplier", float, bias_multiplier,
@@ -262,9 +287,9 @@ def add_regularization_flags(parser, weight_decay=1e-4, weight_decay2=1e-4, hidd
 def add_model_file_flags(parser, best_model):
     """``--best-model`` (best checkpoint) and ``--final-model`` (``NOSAVE``: do not save)."""
     g = parser.add_argument_group("model files")
-    g.add_argument("--best-model", dest="best_model", type=str, default=best_model,
+    g.add_argument("--best-model", "-bm", dest="best_model", type=str, default=best_model,
                    help="where the best model is saved (default: %(default)s)")
-    g.add_argument("--final-model", dest="final_model", type=str, default=NOSAVE,
+    g.add_argument("--final-model", "-fm", dest="final_model", type=str, default=NOSAVE,
                    help=f"where the last model is saved; {NOSAVE} skips it (default: %(default)s)")
 
 
@@ -457,8 +482,9 @@ def check_class_dirs(dirs, class_list):
                            folder, extra)
 
 
-#: Train-time augmentation of ``--augmentation`` (SPEC section 5; Keras 2.0 units: shear in
-#: radians, zoom drawn per axis).
+#: Train-time augmentation of ``--augmentation``: random horizontal and vertical flips,
+#: rotation up to 25 degrees, shear up to 0.2 radians, zoom 0.8-1.2 drawn per axis, channel
+#: shift up to 20 intensity levels, nearest fill (the 2017 settings, Keras 2.0 units).
 AUGMENTATION_2017 = dict(horizontal_flip=True, vertical_flip=True, rotation_range=25.0,
                          shear_range=0.2, zoom_range=(0.8, 1.2), channel_shift_range=20.0,
                          fill_mode="nearest")

@@ -40,7 +40,7 @@ __all__ = ["get_args_parser", "validate_options", "run", "main"]
 
 
 def get_args_parser():
-    """Command-line flags of the whole-image trainer (SPEC section 6)."""
+    """Command-line flags of the whole-image trainer (the 2017 flags and short aliases)."""
     parser = argparse.ArgumentParser(
         description="Train a whole-image classifier from a patch classifier, or fine-tune one.")
     parser.add_argument("train_dir", help="train folder, one subfolder per class")
@@ -81,7 +81,12 @@ def get_args_parser():
     t.add_argument("--fc-layers", dest="fc_layers", type=int, default=2,
                    help="(default: %(default)s)")
     cf.add_optional_value_flag(t, "kept-layer-idx", int, None,
-                               "explicit cut index into the patch net's layers (e.g. -5)")
+                               "explicit cut index into the patch net's layers, as in 2017; "
+                               "negative counts from the end of the 2017 layer list of "
+                               "--patch-net, so -5 is the final ReLU (2048 channels) of a "
+                               "ResNet50 patch net, a 2017 file or one of ours, although our "
+                               "ResNet50 head lacks the 2017 7x7 average pooling layer; "
+                               "None: the cut is found by role for --patch-net")
     cf.add_stage_flags(parser, nb_epoch=5, all_layer_epochs=20, all_layer_multiplier=0.1)
     cf.add_ram_flags(parser)
     cf.add_regularization_flags(parser)
@@ -215,7 +220,8 @@ def run(train_dir, val_dir, test_dir, **options):
         auc_checkpointer=ckpt, weight_decay=opts["weight_decay"],
         hidden_dropout=opts["hidden_dropout"], weight_decay2=opts["weight_decay2"],
         hidden_dropout2=opts["hidden_dropout2"], bias_multiplier=opts["bias_multiplier"],
-        strategy=strategy, jit_compile=opts["jit"])
+        strategy=strategy, jit_compile=opts["jit"],
+        frozen_bn_mode=opts["frozen_bn_mode"])
     _save_final(hists, model, opts["final_model"])
     return _report(opts, json_path, hists, ckpt, test,
                    getattr(strategy.extended, "should_checkpoint", True))

@@ -5,9 +5,11 @@ Sci Rep 9, 12495 (2019); arXiv:1708.09427.
 
 Patches come from ``sample_patches_combined.py``: ``TRAIN_DIR``, ``VAL_DIR`` and ``TEST_DIR``
 each hold one subfolder per class of ``--class-list``. With ImageNet weights (``--use-pretrained``,
-read from the local Keras cache, never downloaded) or ``--resume-from`` the three stages of SPEC
-section 5 run; without them (``--net yaroslav``, ``--no-use-pretrained``) only stage 1 runs, on
-all layers. The model with the best validation accuracy is saved atomically to ``--best-model``
+read from the local Keras cache, never downloaded) or ``--resume-from`` three stages run: the
+final dense layer (``--nb-epoch``), the layers from ``--top-layer-nb`` up
+(``--top-layer-epochs``, lr x ``--top-layer-multiplier``), all layers (``--all-layer-epochs``,
+lr x ``--all-layer-multiplier``); without them (``--net yaroslav``, ``--no-use-pretrained``) only
+stage 1 runs, on all layers. The model with the best validation accuracy is saved atomically to ``--best-model``
 (options in ``<best-model>.options.json``); at the end its test accuracy and loss are reported.
 """
 import argparse
@@ -28,7 +30,7 @@ __all__ = ["get_args_parser", "validate_options", "run", "main"]
 
 
 def get_args_parser():
-    """Command-line flags of the patch classifier trainer (SPEC section 6)."""
+    """Command-line flags of the patch classifier trainer (the 2017 flags and short aliases)."""
     parser = argparse.ArgumentParser(description="Train a patch classifier (3 stages).")
     parser.add_argument("train_dir", help="train folder, one subfolder per class")
     parser.add_argument("val_dir", help="validation folder")
@@ -47,18 +49,21 @@ def get_args_parser():
                         "(default: %(default)s)")
     cf.add_bool_flag(n, "use-pretrained", True, "start from local ImageNet weights")
     cf.add_optional_value_flag(n, "resume-from", str, None, "patch model file to continue from")
-    for name, default in (("nb-init-filter", 32), ("init-filter-size", 5),
-                          ("init-conv-stride", 2), ("max-pooling-size", 2),
-                          ("max-pooling-stride", 2)):
-        n.add_argument(f"--{name}", dest=name.replace("-", "_"), type=int, default=default,
-                       help="2017 ResNet-builder option, kept (default: %(default)s)")
+    for name, short, default in (("nb-init-filter", "-nif", 32), ("init-filter-size", "-ifs", 5),
+                                 ("init-conv-stride", "-ics", 2),
+                                 ("max-pooling-size", "-mps", 2),
+                                 ("max-pooling-stride", "-mpr", 2)):
+        n.add_argument(f"--{name}", short, dest=name.replace("-", "_"), type=int,
+                       default=default,
+                       help="stem of the dm_resnet14 builder; accepted and unused for the "
+                            "ImageNet backbones, as in 2017 (default: %(default)s)")
     n.add_argument("--alpha", dest="alpha", type=float, default=1e-4,
                    help="elastic-net penalty, kept for the 2017 ResNet builder "
                         "(default: %(default)s)")
     n.add_argument("--l1-ratio", dest="l1_ratio", type=float, default=0.0,
                    help="(default: %(default)s)")
-    n.add_argument("--inp-dropout", dest="inp_dropout", type=float, default=0.0,
-                   help="(default: %(default)s)")
+    n.add_argument("--inp-dropout", "-id", dest="inp_dropout", type=float, default=0.0,
+                   help="input dropout of dm_resnet14 (default: %(default)s)")
     cf.add_regularization_flags(parser)
     cf.add_optimizer_flags(parser)
     cf.add_model_file_flags(parser, best_model="./modelState/patch_clf.h5")
@@ -153,7 +158,8 @@ def run(train_dir, val_dir, test_dir, **options):
         nb_class=nb_class, pos_cls_weight=opts["pos_cls_weight"],
         neg_cls_weight=opts["neg_cls_weight"], nb_worker=env["NUM_CPU_CORES"],
         weight_decay2=opts["weight_decay2"], hidden_dropout2=opts["hidden_dropout2"],
-        bias_multiplier=opts["bias_multiplier"], strategy=strategy, jit_compile=opts["jit"])
+        bias_multiplier=opts["bias_multiplier"], strategy=strategy, jit_compile=opts["jit"],
+        frozen_bn_mode=opts["frozen_bn_mode"])
     if opts["final_model"] and opts["final_model"] != cf.NOSAVE:
         dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
                                             opts["final_model"])
