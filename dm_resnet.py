@@ -42,6 +42,7 @@ __all__ = [
     "MultiViewResNetBuilder",
     "relax_input_shape",
     "find_cut_layer",
+    "resolve_kept_layer_idx",
     "add_top_layers",
 ]
 
@@ -477,24 +478,87 @@ CUT_LAYER_ROLES = {
 __all__.append("CUT_LAYER_ROLES")
 
 
+# The layers that followed the backbone in a patch classifier of the 2017 code (Keras 2.0.8,
+# ``--hidden-dropout`` > 0 as in its training script), by class. Keras 2.0.8's ResNet50 ended
+# with a 7x7 ``AveragePooling2D`` (``avg_pool``) before the global pooling; YaroslavNet had no
+# dropout. A negative ``kept_layer_idx`` counts from the end of such a layer list.
+KERAS208_PATCH_HEADS = {
+    "resnet50": ("AveragePooling2D", "GlobalAveragePooling2D", "Dropout", "Dense"),
+    "vgg16": ("GlobalAveragePooling2D", "Dropout", "Dense"),
+    "vgg19": ("GlobalAveragePooling2D", "Dropout", "Dense"),
+    "xception": ("GlobalAveragePooling2D", "Dropout", "Dense"),
+    "inception": ("GlobalAveragePooling2D", "Dropout", "Dense"),
+    "yaroslav": ("GlobalAveragePooling2D", "Dense"),
+}
+__all__.append("KERAS208_PATCH_HEADS")
+
+# Our patch head (``dm_keras_ext.get_dl_model``): layer names and classes after the backbone.
+_OUR_PATCH_HEAD = (("avg_pool", "GlobalAveragePooling2D"), ("top_dropout", "Dropout"),
+                   ("predictions", "Dense"))
+# Class of the backbone's last layer (the one feeding the head) in our patch nets, for the nets
+# whose 2017 head differs from ours.
+_OUR_FEATURE_LAYER = {"resnet50": (layers.Activation, layers.ReLU),
+                      "yaroslav": (layers.MaxPooling2D,)}
+
+
+def resolve_kept_layer_idx(model, patch_net, kept_layer_idx):
+    """Index into ``model.layers`` of the layer a 2017 ``--kept-layer-idx`` names.
+
+    A non-negative index, and any index into a model whose head is shaped as the 2017 patch
+    classifiers of ``patch_net`` (a Keras 2.0.8 file, say), index ``model.layers`` directly. A
+    negative index into a patch net built by this project (``get_dl_model``: global pooling
+    ``avg_pool``, dropout ``top_dropout``, dense ``predictions``) is read against the 2017 layer
+    list of ``patch_net`` (:data:`KERAS208_PATCH_HEADS`), whose backbone ends the same way but
+    whose head may hold other layers: ``-5`` on a ResNet50 is its final ReLU (2048 channels)
+    either way, although our ResNet50 head lacks the 2017 7x7 ``AveragePooling2D``.
+
+    Raises:
+        ValueError: the index names a layer of the 2017 head that our model does not have.
+    """
+    idx = int(kept_layer_idx)
+    head17 = KERAS208_PATCH_HEADS.get(patch_net)
+    ours = _OUR_PATCH_HEAD
+    if idx >= 0 or head17 is None or len(model.layers) <= len(ours):
+        return idx
+    tail = model.layers[-len(ours):]
+    if [(lyr.name, type(lyr).__name__) for lyr in tail] != [tuple(x) for x in ours]:
+        return idx                                    # not our head: its own list, as in 2017
+    feature = model.layers[-len(ours) - 1]
+    if not isinstance(feature, _OUR_FEATURE_LAYER.get(patch_net, (keras.layers.Layer,))):
+        return idx
+    if -idx > len(head17):                            # a backbone layer: same from its end
+        return idx + len(head17) - len(ours)
+    role = head17[idx]
+    matches = [i for i in range(-len(ours), 0) if type(model.layers[i]).__name__ == role]
+    if not matches:
+        raise ValueError(f"kept_layer_idx {idx} names the {role} of the 2017 {patch_net} patch "
+                         f"classifier's head, which model {model.name!r} does not have")
+    return matches[0]
+
+
 def find_cut_layer(model, patch_net="resnet50", kept_layer_idx=None):
     """The last layer of ``model`` kept when it becomes the bottom of a whole-image network.
 
     Args:
         model: patch classifier (backbone, global pooling, dropout, dense).
         patch_net: backbone key of ``CUT_LAYER_ROLES``; other names use the last 4-D layer.
-        kept_layer_idx: explicit index into ``model.layers`` (negative counts from the end,
-            e.g. -5), overriding the role.
+        kept_layer_idx: explicit index, overriding the role, as the 2017 ``--kept-layer-idx``
+            (see :func:`resolve_kept_layer_idx`: -5 is the final ReLU of a ResNet50 patch net,
+            ours or a 2017 file).
 
     Returns:
         The keras layer whose (4-D) output feeds the new top.
     """
     if kept_layer_idx is not None:
+        idx = resolve_kept_layer_idx(model, patch_net, kept_layer_idx)
         try:
-            layer = model.layers[int(kept_layer_idx)]
+            layer = model.layers[idx]
         except IndexError:
             raise ValueError(f"kept_layer_idx {kept_layer_idx} is out of range for a model "
                              f"with {len(model.layers)} layers") from None
+        if idx != int(kept_layer_idx):
+            logger.info("kept_layer_idx %s on %s patch net %r (2017 layer list) -> layer %d "
+                        "%r", kept_layer_idx, patch_net, model.name, idx, layer.name)
     else:
         name, fallback = CUT_LAYER_ROLES.get(patch_net, (None, _last_4d_layer))
         names = {lyr.name for lyr in model.layers}
@@ -613,7 +677,8 @@ def add_top_layers(model, image_size, patch_net="resnet50", block_type="resnet",
         image_size: (height, width) of the whole images, e.g. (1152, 896).
         patch_net: backbone key for the cut point ('resnet50', 'vgg16', 'vgg19', 'yaroslav',
             'xception', 'inception'; others: last 4-D layer).
-        kept_layer_idx: explicit cut index into ``model.layers`` (e.g. -5), overrides the role.
+        kept_layer_idx: explicit cut index (e.g. -5), overrides the role; a negative index
+            counts in the 2017 layer list of ``patch_net`` (:func:`resolve_kept_layer_idx`).
         return_heatmap: return only a model mapping images to per-location class
             probabilities ``(batch, rows, cols, patch_classes)`` (softmax of the patch dense).
         Other args: as named; ``weight_decay`` is the L2 of every new Conv2D/Dense.
