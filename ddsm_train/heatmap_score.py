@@ -1,7 +1,10 @@
-"""Patch-class probability heatmaps of CC and MLO mammograms, saved without pickle.
+"""Patch-class probability heatmaps of CC and MLO mammograms (2017 pickle or plain ``.npz``).
 
 Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
-Sci Rep 9, 12495 (2019); arXiv:1708.09427 (SPEC section 6, ``heatmap_score.py``). For every
+Sci Rep 9, 12495 (2019); arXiv:1708.09427. The flags and defaults are those of the 2017
+``heatmap_score.py`` (``--net vgg19``, ``--featurewise-mean 71.8`` used only with
+``--featurewise-center``, no ``--img-scale``, no ``--img-height``, ``--batch-size 128``,
+``--stride 8``, ``--pat-csv ./full_img/pat.csv``, ``--out ./output/prob_heatmap.pkl``). For every
 (patient, side) of ``--pat-csv`` (columns ``patient_id,side,cancer``; optionally only the
 patients of ``--pat-list``) and each of its views ``{patient}_{side}_{CC|MLO}.{ext}`` in
 ``IMG_FOLDER``, a heatmap of the patch classifier's class probabilities, in one of two modes:
@@ -13,7 +16,8 @@ patients of ``--pat-list``) and each of its views ``{patient}_{side}_{CC|MLO}.{e
   mapped to ``--img-scale``, optional equalisation, ``--featurewise-mean`` subtracted (or the
   backbone's ImageNet preprocessing with ``--no-featurewise-center``). Heatmap shape
   ``(nb_row, nb_col, nb_class)`` with ``nb = max(1, floor((L - patch) / stride + 0.99))``,
-  ``L`` = segmented height (width) + 2 * (patch // 2).
+  ``L`` = segmented height (width) + 2 * (patch // 2). Without ``--img-height`` the image is
+  swept at its stored size.
 * **fprop** (``--fprop-mode``): one fully convolutional pass over the whole image resized to
   ``--img-size`` (image max mapped to ``--img-scale``, rescale, centring as above). A patch
   classifier is converted with ``dm_resnet.add_top_layers(..., return_heatmap=True)`` (cut
@@ -23,13 +27,18 @@ patients of ``--pat-list``) and each of its views ``{patient}_{side}_{CC|MLO}.{e
   whose output is already 4-D is used as is. Heatmap shape ``(rows, cols, nb_class)`` of that
   output (e.g. 36x28 feature map - 7 + 1 = 30x22 for VGG at 1152x896 with 7x7 pooling).
 
-Output ``--out`` (``.npz``, read back with :func:`load_heatmaps`, no pickle): the 2017 list of
-``{patient_id, side, cancer, cc, mlo}`` (``cc``/``mlo``: float32 ``(rows, cols, nb_class)`` or
-None for a missing view). In the file: ``patient_id``, ``side`` (unicode arrays), ``cancer``
-(int64), ``cc_<i>`` / ``mlo_<i>`` for record ``i`` when present, ``meta`` (JSON string: mode,
-options, ``malignant_class``). A 2017 pickle is read only with
-``load_heatmaps(path, allow_pickle=True)``, through an unpickler limited to containers and
-numpy arrays.
+Output ``--out``: the 2017 list of ``{patient_id, side, cancer, cc, mlo}`` (``cc``/``mlo``:
+float32 ``(rows, cols, nb_class)`` or None for a missing view), in the format its name ends in:
+
+* ``.pkl`` (the 2017 default): that list pickled as 2017 wrote it (protocol 2, numpy arrays
+  named by their numpy 1.x path), so 2017 downstream code reads it with ``pickle.load``;
+* ``.npz`` (no pickle inside): ``patient_id``, ``side`` (unicode arrays), ``cancer`` (int64),
+  ``cc_<i>`` / ``mlo_<i>`` for record ``i`` when present, ``meta`` (JSON string: mode,
+  options, ``malignant_class``).
+
+Both are written to a temporary file in the output folder, then renamed over ``--out``.
+:func:`load_heatmaps` reads an ``.npz``; a pickle only with ``allow_pickle=True``, through an
+unpickler limited to containers and numpy arrays.
 
 ``--png-dir``: each mammogram (grey) with the heatmap of class ``--malignant-class`` blended in
 as an OpenCV JET colour map (blue 0 .. red 1), coloured inside the segmented breast only (sweep:
@@ -42,7 +51,8 @@ drawn: ``--malignant-class``, default 1 = ``malignant`` of the 3-class
 Example (from inside ``ddsm_train/``)::
 
     python heatmap_score.py CBIS-DDSM/full_png patch_clf_vgg19.h5 --pat-csv test_pats.csv \\
-        --net vgg19 --featurewise-mean 71.8 --out heatmaps.npz --png-dir heatmap_png
+        --img-height 4096 --img-scale 255 --featurewise-center --featurewise-mean 71.8 \\
+        --net vgg19 --out heatmaps.npz --png-dir heatmap_png
 """
 from __future__ import annotations
 
@@ -52,6 +62,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -73,13 +84,14 @@ from image_clf_predict import RestrictedUnpickler  # noqa: E402
 __all__ = [
     "VIEWS", "HEATMAP_FORMAT", "read_patient_sides", "view_path", "get_preprocess",
     "build_fprop_model", "fprop_heatmap", "sweep_heatmap", "overlay_heatmap",
-    "save_heatmaps", "load_heatmaps", "run", "get_args_parser", "main",
+    "save_heatmaps", "load_heatmaps", "HEATMAP_SUFFIXES", "run", "get_args_parser", "main",
 ]
 
 logger = logging.getLogger(__name__)
 
 VIEWS = ("CC", "MLO")
 HEATMAP_FORMAT = "heatmap_score/1"
+HEATMAP_SUFFIXES = (".pkl", ".npz")   # 2017 pickle, pickle-free archive
 PathLike = Union[str, os.PathLike]
 
 
@@ -87,7 +99,8 @@ PathLike = Union[str, os.PathLike]
 def read_patient_sides(pat_csv: PathLike, pat_list: Optional[PathLike] = None) -> pd.DataFrame:
     """(patient, side) rows of ``pat_csv``, restricted to ``pat_list`` when given.
 
-    Several rows of one (patient, side) are merged, ``cancer`` = their maximum.
+    Several rows of one (patient, side) are merged, ``cancer`` = their maximum; rows come sorted
+    by patient, then side (the order of the 2017 output).
 
     Returns:
         DataFrame with columns ``patient_id`` (str), ``side`` (str), ``cancer`` (int).
@@ -109,7 +122,7 @@ def read_patient_sides(pat_csv: PathLike, pat_list: Optional[PathLike] = None) -
             logger.warning("%d patient(s) of %s are not in %s, e.g. %s", len(unknown), pat_list,
                            pat_csv, sorted(unknown)[:3])
         df = df[df["patient_id"].isin(keep)]
-    df = df.groupby(["patient_id", "side"], sort=False, as_index=False)["cancer"].max()
+    df = df.groupby(["patient_id", "side"], sort=True, as_index=False)["cancer"].max()
     return df.astype({"cancer": int})
 
 
@@ -268,12 +281,56 @@ def _write_png(pic: np.ndarray, path: Path):
 
 
 # ------------------------------------------------------------------------------ files
-def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = None) -> Path:
-    """Write heatmap records (2017 dict shape) to ``.npz`` (see the module docstring)."""
+def _check_out(path: PathLike) -> Path:
     path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"heatmap output should end in .npz, got {path} (pickle is no longer "
-                         f"written)")
+    if path.suffix not in HEATMAP_SUFFIXES:
+        raise ValueError(f"heatmap output should end in .pkl (2017 pickle) or .npz (no pickle), "
+                         f"got {path}")
+    return path
+
+
+_NP_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
+
+
+class _Pickler2017(pickle._Pickler):
+    """Protocol-2 pickler that names numpy's array rebuilder ``numpy.core.multiarray`` (numpy
+    2 names it ``numpy._core.multiarray``, which numpy 1.x, the 2017 stack, cannot import)."""
+
+    def save_global(self, obj, name=None):
+        if obj is _NP_RECONSTRUCT:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+def _save_pickle(records: List[Dict], path: Path):
+    """The 2017 ``.pkl``: a list of ``{patient_id, side, cancer, cc, mlo}`` dicts."""
+    recs = [{"patient_id": str(r["patient_id"]), "side": str(r["side"]),
+             "cancer": int(r["cancer"]),
+             "cc": None if r.get("cc") is None else np.asarray(r["cc"], dtype=np.float32),
+             "mlo": None if r.get("mlo") is None else np.asarray(r["mlo"], dtype=np.float32)}
+            for r in records]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            _Pickler2017(f, protocol=2).dump(recs)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = None) -> Path:
+    """Write heatmap records (2017 dict shape) to ``.pkl`` or ``.npz`` (module docstring).
+
+    ``meta`` goes into an ``.npz`` only (the 2017 pickle holds the list alone).
+    """
+    path = _check_out(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".pkl":
+        _save_pickle(records, path)
+        return path
     arrays = {"patient_id": np.array([str(r["patient_id"]) for r in records], dtype=str),
               "side": np.array([str(r["side"]) for r in records], dtype=str),
               "cancer": np.array([int(r["cancer"]) for r in records], dtype=np.int64),
@@ -283,7 +340,6 @@ def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = No
         for view in ("cc", "mlo"):
             if rec.get(view) is not None:
                 arrays[f"{view}_{i}"] = np.asarray(rec[view], dtype=np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
@@ -380,11 +436,13 @@ def _score_breast(row, model, img_folder, img_extension, opts, batch_size, fprop
     return rec
 
 
-def run(img_folder: str, dl_state: str, pat_csv: str, pat_list: Optional[str] = None,
-        out: str = "./modelState/prob_heatmap.npz", png_dir: Optional[str] = None,
-        fprop_mode: bool = False, img_height: int = 4096, img_size: Sequence[int] = (1152, 896),
-        img_scale: Optional[float] = 255.0, rescale_factor: Optional[float] = None,
-        equalize_hist: bool = False, featurewise_center: bool = True,
+def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
+        pat_list: Optional[str] = None,
+        out: str = "./output/prob_heatmap.pkl", png_dir: Optional[str] = None,
+        fprop_mode: bool = False, img_height: Optional[int] = None,
+        img_size: Sequence[int] = (1152, 896),
+        img_scale: Optional[float] = None, rescale_factor: Optional[float] = None,
+        equalize_hist: bool = False, featurewise_center: bool = False,
         featurewise_mean: float = 71.8, net: str = "vgg19", batch_size: int = 128,
         patch_size: int = 256, stride: int = 8, avg_pool_size: Sequence[int] = (7, 7),
         hm_strides: Sequence[int] = (1, 1), malignant_class: int = 1,
@@ -403,8 +461,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str, pat_list: Optional[str] = 
 
     t0 = time.time()
     get_preprocess(net)   # validates net before anything is read
-    if Path(out).suffix != ".npz":
-        raise ValueError(f"--out should end in .npz, got {out}")
+    _check_out(out)
     recs = read_patient_sides(pat_csv, pat_list)
     model = robust_load_model(dl_state, custom_objects=custom_objects)
     if fprop_mode:
@@ -446,15 +503,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Patch-class heatmaps of mammograms.")
     parser.add_argument("img_folder", metavar="IMG_FOLDER")
     parser.add_argument("dl_state", metavar="DL_STATE", help="patch classifier (.h5)")
-    parser.add_argument("--pat-csv", required=True, help="CSV with patient_id,side,cancer")
-    parser.add_argument("--pat-list", default=d["pat_list"], help="patient IDs, one a line")
-    parser.add_argument("--out", default=d["out"], help="output .npz (default: %(default)s)")
+    parser.add_argument("--pat-csv", default=d["pat_csv"],
+                        help="CSV with patient_id,side,cancer (default: %(default)s)")
+    parser.add_argument("--pat-list", default=d["pat_list"],
+                        help="patient IDs, one a line (default: all of --pat-csv; "
+                             "--no-pat-list sets that)")
+    parser.add_argument("--no-pat-list", dest="pat_list", action="store_const", const=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=d["out"],
+                        help="output file: .pkl writes the 2017 pickle, .npz a pickle-free "
+                             "archive (default: %(default)s)")
     parser.add_argument("--png-dir", default=d["png_dir"], help="write overlay PNGs here")
     parser.add_argument("--png-height", type=int, default=d["png_height"],
                         help="max height of the PNGs (default: %(default)s)")
     add_bool_flag(parser, "fprop-mode", d["fprop_mode"], "one fully convolutional pass")
-    parser.add_argument("--img-height", type=int, default=d["img_height"],
-                        help="sweep mode: resize height (default: %(default)s)")
+    parser.add_argument("--img-height", "-ih", dest="img_height", type=int,
+                        default=d["img_height"],
+                        help="sweep mode: resize to this height, aspect kept (default: "
+                             "%(default)s = stored size; --no-img-height sets that)")
+    parser.add_argument("--no-img-height", dest="img_height", action="store_const", const=None,
+                        help=argparse.SUPPRESS)
     add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
                     equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
                     img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
