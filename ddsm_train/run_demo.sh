@@ -144,7 +144,7 @@ with open(f"{out}/positive_breast.csv", "w", newline="") as f:
 EOF
 stage 7_heatmap "$PY" "$HERE/heatmap_score.py" "$DATA/full_img" "$MODELS/patch_clf.h5" \
     --pat-csv "$HM/positive_breast.csv" --fprop-mode --net dm_resnet14 \
-    --img-size "$IMG_H" "$IMG_W" --no-img-scale "${SCALE_FLAGS[@]}" \
+    --img-size "$IMG_H" "$IMG_W" --no-img-scale "${SCALE_FLAGS[@]}" --featurewise-center \
     --avg-pool-size "$HM_POOL" "$HM_POOL" --malignant-class 1 --out "$HM/prob_heatmap.npz" \
     --png-dir "$HM"
 
