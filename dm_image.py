@@ -428,8 +428,8 @@ def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = N
     return img
 
 
-_IO_ALL += ["ImageReadError", "atomic_write", "read_image", "read_resize_img", "read_resize_stored",
-            "write_png"]
+_IO_ALL += ["ImageReadError", "atomic_write", "intensity_scale_problem", "read_image",
+            "read_resize_img", "read_resize_stored", "write_png"]
 
 
 # ---- breast segmentation -------------------------------------------------------------------
@@ -1091,6 +1091,34 @@ def _warp(img: np.ndarray, params: dict, fill_mode: str, cval: float) -> np.ndar
     return out
 
 
+def intensity_scale_problem(img_max: float, rescale_factor: Optional[float],
+                            target_scale: Optional[float] = None) -> Optional[str]:
+    """Why an image's intensities do not fit ``rescale_factor``, or None when they do.
+
+    ``rescale_factor`` is meant to bring an image to the 0..255 scale (255/65535 for 16-bit
+    files, 1 for 8-bit files). An 8-bit image among 16-bit ones under the 16-bit factor would
+    reach at most 1.0 (1/257 of the scale), a 16-bit image under an 8-bit factor up to 65535:
+    both are reported instead of being used silently. Nothing is checked when ``target_scale``
+    maps each image's maximum itself, or without a factor.
+
+    Args:
+        img_max: the image's largest stored level (before scaling).
+        rescale_factor: the factor applied to the stored levels, or None.
+        target_scale: the ``target_scale`` in use, or None.
+    """
+    if rescale_factor is None or target_scale is not None or img_max <= 0:
+        return None
+    scaled = float(img_max) * float(rescale_factor)
+    if scaled <= 1.0:
+        return (f"its maximum level {img_max:g} becomes {scaled:.3g} with rescale factor "
+                f"{rescale_factor:g} (an 8-bit image under a 16-bit factor?)")
+    if scaled > 256.0:
+        return (f"its maximum level {img_max:g} becomes {scaled:.4g} with rescale factor "
+                f"{rescale_factor:g}, beyond the 0..255 scale (a 16-bit image under an 8-bit "
+                f"factor?)")
+    return None
+
+
 def _scale_stored(img: np.ndarray, target_scale: Optional[float],
                   rescale_factor: Optional[float], img_max: Optional[float] = None) -> np.ndarray:
     """float32 copy of a stored-form image scaled exactly as :func:`read_resize_img`.
@@ -1679,7 +1707,10 @@ class DMDirectoryIterator(_DMIterator):
 
     An unreadable file is skipped: it is replaced in its batch by the next readable sample of
     the epoch order, logged once with ``logger.warning`` and listed in ``skipped_files`` (with
-    ``use_multiprocessing`` the worker processes log it; the list is per process).
+    ``use_multiprocessing`` the worker processes log it; the list is per process). An image
+    whose levels do not fit ``rescale_factor`` (an 8-bit file among 16-bit ones, or the reverse:
+    :func:`intensity_scale_problem`) is used as read but reported once with
+    ``logger.warning`` and listed in ``scale_mismatch_files``.
     """
 
     def __init__(self, directory, image_data_generator, target_size=(1152, 896),
@@ -1706,7 +1737,8 @@ class DMDirectoryIterator(_DMIterator):
             self.directory, classes, follow_links)
         self.class_indices = {name: i for i, name in enumerate(class_names)}
         self.skipped_files = []
-        self._bad = set()
+        self.scale_mismatch_files = []
+        self._bad, self._scale_checked = set(), set()
         super().__init__(len(self.filenames), labels, len(class_names), class_mode,
                          image_data_generator, batch_size, shuffle, seed, auto_batch_balance,
                          balance_classes, no_pos_skip, dup_3_channels, preprocess, data_format)
@@ -1750,7 +1782,7 @@ class DMDirectoryIterator(_DMIterator):
         if j in self._bad:
             return None
         try:
-            return self.read_base(j)
+            img = self.read_base(j)
         except OSError as exc:
             with self._lock:
                 if j not in self._bad:
@@ -1759,6 +1791,17 @@ class DMDirectoryIterator(_DMIterator):
                     logger.warning("skipping unreadable image (%d skipped so far): %s",
                                    len(self.skipped_files), exc)
             return None
+        if j not in self._scale_checked and img.size:
+            problem = intensity_scale_problem(float(img.max()), self.rescale_factor,
+                                              self.target_scale)
+            with self._lock:
+                self._scale_checked.add(j)
+                if problem is not None:
+                    self.scale_mismatch_files.append(self.filenames[j])
+                    logger.warning("image %s: %s (%d such images so far)",
+                                   os.path.join(self.directory, self.filenames[j]), problem,
+                                   len(self.scale_mismatch_files))
+        return img
 
     def _load_batch(self, idx, rng, fallback_start):
         height, width = self.target_size

@@ -406,3 +406,34 @@ def test_equalisation_same_in_training_and_prediction(img_dir, rescale):
                                           rescale_factor=rescale, dup_3_channels=False)
         np.testing.assert_array_equal(x[k], pred)
         assert 0 <= pred.min() and pred.max() == 255  # equalised, not saturated
+
+
+def test_mixed_bit_depth_is_reported_not_used_silently(img_dir, caplog):
+    """An 8-bit file among 16-bit ones under the 16-bit factor would reach 1/257 of the scale."""
+    eight = (np.arange(64 * 48, dtype=np.uint32).reshape(64, 48) % 200 + 30).astype(np.uint8)
+    cv2.imwrite(str(img_dir / "pos" / "x8.png"), eight)
+    it = _iterator(img_dir, batch_size=6)
+    with caplog.at_level(logging.WARNING, logger="dm_image"):
+        it[0]
+        it[0]
+    assert it.scale_mismatch_files == ["pos/x8.png"]
+    warned = [r.getMessage() for r in caplog.records if "x8.png" in r.getMessage()]
+    assert len(warned) == 1 and "8-bit image under a 16-bit factor" in warned[0]
+    # the same folder with the 8-bit factor flags the 16-bit images instead
+    it8 = _iterator(img_dir, batch_size=6, rescale_factor=1.0)
+    it8[0]
+    assert sorted(it8.scale_mismatch_files) == sorted(f for f in it8.filenames if f != "pos/x8.png")
+    # target_scale maps every image's maximum itself: nothing to report
+    it_ts = _iterator(img_dir, batch_size=6, target_scale=255.0, rescale_factor=None)
+    it_ts[0]
+    assert it_ts.scale_mismatch_files == []
+
+
+def test_intensity_scale_problem_rule():
+    assert dm_image.intensity_scale_problem(65535, 255 / 65535) is None
+    assert dm_image.intensity_scale_problem(4000, 255 / 65535) is None   # a dark 16-bit image
+    assert "8-bit image" in dm_image.intensity_scale_problem(255, 255 / 65535)
+    assert "16-bit image" in dm_image.intensity_scale_problem(40000, 1.0)
+    assert dm_image.intensity_scale_problem(255, 1.0) is None
+    assert dm_image.intensity_scale_problem(255, 255 / 65535, target_scale=255.0) is None
+    assert dm_image.intensity_scale_problem(0, 255 / 65535) is None      # a blank image
