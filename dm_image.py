@@ -26,7 +26,7 @@ import tempfile
 import threading
 import zlib
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import cv2
 
@@ -975,7 +975,8 @@ from typing import Optional, Tuple
 
 import cv2
 
-IMG_EXTENSIONS = ("png", "jpg", "jpeg", "pgm", "tif", "tiff", "dcm")
+#: File name extensions read as images everywhere (folders, lists, class subfolders).
+IMG_EXTENSIONS = ("png", "jpg", "jpeg", "pgm", "tif", "tiff", "dcm", "dicom")
 _CLASS_MODES = ("categorical", "binary", "sparse", None)
 _DATA_FORMATS = ("channels_last", "channels_first")
 _BORDER_MODES = {"nearest": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT,
@@ -1886,6 +1887,30 @@ def _has_image_ext(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMG_EXTENSIONS if "." in name else False
 
 
+def list_images(directory, follow_links=False) -> List[str]:
+    """Every image file under ``directory`` (recursively), as sorted relative paths.
+
+    Image files are those with an extension in :data:`IMG_EXTENSIONS` (any case); folders and
+    file names are sorted, so the order is the same on every machine.
+
+    Raises:
+        ValueError: the folder does not exist or holds no image.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ValueError(f"image folder {directory!r} does not exist or is not a folder")
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=follow_links):
+        dirs.sort()
+        rel = os.path.relpath(root, directory)
+        found.extend(os.path.normpath(os.path.join(rel, f)) for f in sorted(files)
+                     if _has_image_ext(f))
+    if not found:
+        raise ValueError(f"no images (extensions {', '.join(IMG_EXTENSIONS)}) found in "
+                         f"{directory!r}")
+    return found
+
+
 def list_class_images(directory, classes=None, follow_links=False):
     """List the images of a folder with one subfolder per class, in a deterministic order.
 
@@ -2079,6 +2104,7 @@ def load_dat_ram(generator, nb_samples=None):
 
 _GEN_ALL += ["IMG_EXTENSIONS", "DMImageDataGenerator", "DMDirectoryIterator",
              "DMNumpyArrayIterator", "keras20_transform_matrix", "fused_warp_matrix",
-             "batch_balance_weights", "list_class_images", "cached_read", "load_dat_ram"]
+             "batch_balance_weights", "list_class_images", "list_images", "cached_read",
+             "load_dat_ram"]
 
 __all__ = _IO_ALL + _GEN_ALL

@@ -61,6 +61,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, cli_main, parallel_map  # noqa: E402
+from compute_mean import image_mean  # noqa: E402
 from script_utils import InputFileError, read_csv_table, safe_name_part  # noqa: E402
 
 __all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
@@ -310,16 +311,20 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     dm_image.atomic_write(path, lambda fh: df.to_csv(fh, index=False), text=True)
 
 
-def _write_tables(results: List[dict], table: pd.DataFrame, out: Path) -> dict:
+def _write_tables(results: List[dict], table: pd.DataFrame, out: Path,
+                  val_patients: Sequence[str] = ()) -> dict:
     rows = [r for res in results for r in res["rois"]]
     roi_df = pd.DataFrame(rows, columns=ROI_COLUMNS + ["split"]).sort_values(
         ["patient_id", "side", "view", "abn_num"])
     _write_csv(roi_df[ROI_COLUMNS], out / "roi_mask_path.csv")
     lists = {}
+    val = set(val_patients)
     for split, fname in (("Training", "train_pat.txt"), ("Test", "test_pat.txt")):
-        pats = sorted(set(roi_df.loc[roi_df["split"] == split, "patient_id"]))
+        pats = sorted(set(roi_df.loc[roi_df["split"] == split, "patient_id"]) - val)
         _write_text(out / fname, "".join(p + "\n" for p in pats))
         lists[split] = set(pats)
+    if val:
+        _write_text(out / "val_pat.txt", "".join(p + "\n" for p in sorted(val)))
     written = {tuple(r["img_id"].rsplit("_", 2)[:2]) for r in results if r["full"]}
     mal = table.assign(c=(table["pathology"] == "MALIGNANT").astype(int)).groupby(
         ["patient_id", "side"])["c"].max()
@@ -327,12 +332,36 @@ def _write_tables(results: List[dict], table: pd.DataFrame, out: Path) -> dict:
     _write_csv(pd.DataFrame(psc, columns=["patient_id", "side", "cancer"]),
                out / "pat_side_cancer.csv")
     return {"train_patients": len(lists["Training"]), "test_patients": len(lists["Test"]),
+            "val_patients": len(val),
             "patients_in_both_splits": len(lists["Training"] & lists["Test"])}
+
+
+def _assign_val(views: List[_View], val_size: Optional[float], seed: int) -> List[str]:
+    """Move a patient-level, cancer-stratified ``val_size`` fraction of the training patients
+    (those with no test view) to the ``val`` split; returns the validation patients."""
+    if not val_size:
+        return []
+    from sample_patches_combined import split_patients
+
+    test_pats = {v.patient for v in views if v.split == "test"}
+    malignant: Dict[str, bool] = {}
+    for v in views:
+        if v.patient not in test_pats:
+            malignant[v.patient] = malignant.get(v.patient, False) or v.malignant
+    pats = sorted(malignant)
+    _, val = split_patients(pats, [int(malignant[p]) for p in pats], val_size, seed)
+    chosen = set(val)
+    for v in views:
+        if v.patient in chosen:
+            v.split = "val"
+    logger.info("%d of %d training patients moved to val (seed %d)", len(val), len(pats), seed)
+    return val
 
 
 def run(csv_dir: str, dicom_root: str, out_dir: str,
         whole_img_size: Optional[Sequence[int]] = None, workers: int = 1,
-        verbose: bool = True) -> dict:
+        verbose: bool = True, val_size: Optional[float] = None,
+        seed: int = 12345) -> dict:
     """Write full images, ROI masks, tables and patient lists from a CBIS-DDSM download.
 
     Args:
@@ -342,6 +371,11 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
         whole_img_size: optional (height, width) of the whole-image ``neg|pos`` folders.
         workers: views converted in parallel by this many processes.
         verbose: show a progress bar.
+        val_size: fraction of the training patients moved to a validation set (patient-level,
+            stratified by "has a malignant lesion", seeded by ``seed``): their whole images go
+            to ``whole_img/val`` and they are listed in ``val_pat.txt`` instead of
+            ``train_pat.txt``, so no patient is in two sets. None or 0: no validation set.
+        seed: random seed of that split.
 
     Returns:
         Summary dict: ``views_total``, ``full_images_written``, ``masks_written``,
@@ -361,6 +395,8 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
         whole_img_size = (int(whole_img_size[0]), int(whole_img_size[1]))
     if workers < 1:
         raise ValueError(f"workers should be >= 1, got {workers}")
+    if val_size is not None and not 0.0 <= val_size < 1.0:
+        raise ValueError(f"val_size should be in [0, 1), got {val_size}")
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"no such folder: {dicom_root}")
     table, used = read_description_csvs(csv_dir)
@@ -368,17 +404,24 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
     for sub in ("full_img", "roi_mask"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if whole_img_size is not None:
-        for split in ("train", "test"):
+        for split in ("train", "val", "test") if val_size else ("train", "test"):
             for label in ("neg", "pos"):
                 (out / "whole_img" / split / label).mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters}
     logger.info("options: %s; CSVs: %s", options, used)
     views = _build_views(table)
+    val_patients = _assign_val(views, val_size, seed)
     cfg = _Config(str(dicom_root), str(out_dir), whole_img_size)
     results = parallel_map(_process_view, [(v, cfg) for v in views], workers, "converting",
                            verbose, chunksize=4)
     summary = _summarise(results, views, table)
-    summary.update(_write_tables(results, table, out))
+    summary.update(_write_tables(results, table, out, val_patients))
+    if whole_img_size is not None and sum(summary["whole_images"]["train"].values()):
+        summary["whole_img_train_mean"] = round(float(image_mean(
+            out / "whole_img" / "train", whole_img_size, rescale_factor=255 / 65535,
+            workers=workers)["mean"]), 4)
+        logger.info("mean intensity of whole_img/train at rescale factor 255/65535 "
+                    "(--featurewise-mean): %.4f", summary["whole_img_train_mean"])
     summary["problems"] = _report_problems(results, out)
     summary["elapsed_s"] = round(time.time() - t0, 3)
     _write_text(out / "prepare_summary.json",
@@ -393,7 +436,7 @@ def _summarise(results: List[dict], views: List[_View], table: pd.DataFrame) -> 
     summary = {"csv_rows": len(table), "views_total": len(views),
                "full_images_written": sum(r["full"] for r in results)}
     summary.update({k: sum(r["counts"].get(k, 0) for r in results) for k in keys})
-    whole = {s: {"neg": 0, "pos": 0} for s in ("train", "test")}
+    whole = {s: {"neg": 0, "pos": 0} for s in sorted({v.split for v in views} | {"train", "test"})}
     for r in results:
         if r["whole"]:
             whole[r["whole"][0]][r["whole"][1]] += 1
@@ -426,7 +469,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--whole-img-size", type=int, nargs=2, metavar=("H", "W"),
                         default=d["whole_img_size"],
                         help="also write whole_img/{train,test}/{neg,pos} at this size")
-    parser.add_argument("--workers", type=int, default=d["workers"])
+    parser.add_argument("--val-size", type=float, default=d["val_size"],
+                        help="fraction of the training patients moved to whole_img/val and "
+                             "val_pat.txt (patient-level, stratified by cancer; default: none)")
+    parser.add_argument("--seed", type=int, default=d["seed"],
+                        help="random seed of the --val-size split (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=d["workers"],
+                        help="processes converting views in parallel (default: %(default)s)")
     add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
     return parser
 

@@ -213,6 +213,34 @@ def test_handwritten_csv_quirks_and_layouts(tmp_path):
     assert not (out / "whole_img").exists()
 
 
+def test_val_split_and_train_mean(tmp_path):
+    """--val-size moves whole patients to whole_img/val and val_pat.txt; the summary holds the
+    mean intensity of whole_img/train as compute_mean.py computes it."""
+    import compute_mean
+
+    csv_dir, root = _handwritten(tmp_path)
+    out = tmp_path / "out"
+    summary = prep.main([str(csv_dir), str(root), str(out), "--whole-img-size", "16", "12",
+                         "--val-size", "0.5", "--no-verbose"])
+    val = (out / "val_pat.txt").read_text().split()
+    train = (out / "train_pat.txt").read_text().split()
+    assert len(val) == 1 and sorted(train + val) == ["P_00001", "P_00002"]
+    val_imgs = sorted(p.name for p in (out / "whole_img" / "val").rglob("*.png"))
+    train_imgs = sorted(p.name for p in (out / "whole_img" / "train").rglob("*.png"))
+    assert val_imgs and all(n.startswith(val[0]) for n in val_imgs)
+    assert train_imgs and not any(n.startswith(val[0]) for n in train_imgs)
+    assert summary["val_patients"] == 1 and summary["train_patients"] == 1
+    expected = compute_mean.image_mean(out / "whole_img" / "train", (16, 12),
+                                       rescale_factor=255 / 65535)["mean"]
+    assert summary["whole_img_train_mean"] == pytest.approx(expected, abs=1e-4)
+    assert summary["whole_img_train_mean"] > 1.0
+    # the same seed gives the same split
+    again = prep.run(str(csv_dir), str(root), str(tmp_path / "out2"), whole_img_size=(16, 12),
+                     val_size=0.5, verbose=False)
+    assert (tmp_path / "out2" / "val_pat.txt").read_text().split() == val
+    assert again["whole_images"] == summary["whole_images"]
+
+
 def test_unidentified_mask_and_missing_image_are_counted(tmp_path):
     csv_dir, root = _handwritten(tmp_path)
     c1 = "Calc-Training_P_00001_LEFT_CC"

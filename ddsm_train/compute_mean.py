@@ -1,0 +1,134 @@
+"""Mean pixel intensity of a folder of images, as ``--featurewise-mean`` expects it.
+
+Every image under ``FOLDER`` (recursively: a whole-image ``train/`` folder with its ``neg/`` and
+``pos/`` subfolders, or a patch folder) is read, resized to ``--img-size`` and scaled exactly as
+the training generators do before featurewise centring (``--img-scale`` maps each image's
+maximum, ``--rescale-factor`` multiplies the stored levels, ``--equalize-hist`` equalises), and
+the mean over all pixels of all images is printed. Use the training set only.
+
+Example (CBIS-DDSM 16-bit PNGs at the 2017 whole-image size)::
+
+    python ddsm_train/compute_mean.py whole_img/train --img-size 1152 896 \\
+        --rescale-factor 0.003891
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+try:   # the root dm_* modules become importable through script_utils
+    import script_utils  # noqa: F401  (run as a script from ddsm_train/)
+except ImportError:
+    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+import dm_image  # noqa: E402
+from common_flags import (add_bool_flag, add_optional_value_flag, cli_main,  # noqa: E402
+                          get_num_cpu_cores)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["image_mean", "run", "get_args_parser", "main"]
+
+
+def _one_image(path: str, img_size, img_scale, rescale_factor, equalize_hist):
+    """(sum of pixels, pixel count, scale problem or None) of one image as the generators see it."""
+    stored = dm_image.read_resize_stored(path, target_size=img_size)
+    problem = dm_image.intensity_scale_problem(float(stored.max()) if stored.size else 0.0,
+                                               rescale_factor, img_scale)
+    img = dm_image.read_resize_img(path, target_size=img_size, target_scale=img_scale,
+                                   rescale_factor=rescale_factor)
+    if equalize_hist:
+        img = dm_image.hist_equalize(img)
+    return float(np.sum(img, dtype=np.float64)), int(img.size), problem
+
+
+def image_mean(folder, img_size: Sequence[int], img_scale: Optional[float] = None,
+               rescale_factor: Optional[float] = None, equalize_hist: bool = False,
+               workers: int = 1) -> Dict[str, object]:
+    """Mean intensity of every image under ``folder`` after resizing and scaling.
+
+    Args:
+        folder: folder searched recursively for image files.
+        img_size: (height, width) each image is resized to.
+        img_scale: each image's maximum mapped to this value (None: not used).
+        rescale_factor: stored levels multiplied by this (255/65535 for 16-bit files).
+        equalize_hist: histogram-equalise as the generators do.
+        workers: images decoded in parallel threads.
+
+    Returns:
+        ``{"mean": float, "images": n, "skipped": [unreadable files],
+        "scale_mismatch": [files whose levels do not fit the rescale factor]}``.
+
+    Raises:
+        ValueError: no image in the folder, or none readable.
+    """
+    files = [os.path.join(os.fspath(folder), f) for f in dm_image.list_images(folder)]
+    total, count, skipped, mismatch = 0.0, 0, [], []
+
+    def task(path):
+        try:
+            return path, _one_image(path, tuple(img_size), img_scale, rescale_factor,
+                                    equalize_hist)
+        except OSError as exc:
+            return path, exc
+
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+        for path, result in pool.map(task, files):
+            if isinstance(result, OSError):
+                skipped.append(path)
+                logger.warning("skipping unreadable image: %s", result)
+                continue
+            total, count = total + result[0], count + result[1]
+            if result[2] is not None:
+                mismatch.append(path)
+                logger.warning("image %s: %s", path, result[2])
+    if count == 0:
+        raise ValueError(f"no readable image in {os.fspath(folder)!r} ({len(skipped)} "
+                         f"unreadable)")
+    return {"mean": total / count, "images": len(files) - len(skipped), "skipped": skipped,
+            "scale_mismatch": mismatch}
+
+
+def run(folder: str, img_size: Sequence[int] = (1152, 896), img_scale: Optional[float] = None,
+        rescale_factor: Optional[float] = None, equalize_hist: bool = False,
+        workers: Optional[int] = None) -> Dict[str, object]:
+    """Compute and print the mean (see :func:`image_mean`); returns its result."""
+    result = image_mean(folder, img_size, img_scale, rescale_factor, equalize_hist,
+                        workers or get_num_cpu_cores())
+    logger.info("%d images, %d unreadable, %d with levels that do not fit the rescale factor",
+                result["images"], len(result["skipped"]), len(result["scale_mismatch"]))
+    print(f"{result['mean']:.4f}")
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser of ``compute_mean.py``; defaults are those of :func:`run`."""
+    parser = argparse.ArgumentParser(
+        description="Print the mean pixel intensity of a folder of images, computed as the "
+                    "training generators compute it (the value for --featurewise-mean).")
+    parser.add_argument("folder", metavar="FOLDER",
+                        help="training images (searched recursively)")
+    parser.add_argument("--img-size", "-is", nargs=2, type=int, default=[1152, 896],
+                        metavar=("H", "W"), help="resize to H W (default: %(default)s)")
+    add_optional_value_flag(parser, "img-scale", float, None,
+                            "map each image's maximum to this value", short="-ic",
+                            no_short="-nic")
+    add_optional_value_flag(parser, "rescale-factor", float, None,
+                            "multiply stored levels by this (0.003891 for 16-bit PNG)")
+    add_bool_flag(parser, "equalize-hist", False, "histogram-equalise each image")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding threads (default: NUM_CPU_CORES, else 4)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Command-line entry point."""
+    return cli_main(get_args_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""compute_mean.py gives the mean that the training generators see before centring."""
+import cv2
+import numpy as np
+import pytest
+
+import compute_mean
+import dm_image
+
+
+@pytest.fixture
+def train_dir(tmp_path):
+    rng = np.random.RandomState(4)
+    for rel, size in [("neg/a.png", (90, 70)), ("neg/b.png", (120, 80)), ("pos/c.png", (64, 50))]:
+        path = tmp_path / "train" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img = rng.randint(0, 60000, size=size).astype(np.uint16)
+        img[: size[0] // 3] = 0
+        cv2.imwrite(str(path), img)
+    (tmp_path / "train" / "neg" / "readme.txt").write_text("not an image")
+    return tmp_path / "train"
+
+
+def _generator_mean(folder, equalize):
+    gen = dm_image.DMImageDataGenerator()
+    it = gen.flow_from_directory(str(folder), target_size=(48, 40), rescale_factor=255 / 65535,
+                                 equalize_hist=equalize, batch_size=3, shuffle=False,
+                                 class_mode=None)
+    return float(np.mean(it[0], dtype=np.float64))
+
+
+@pytest.mark.parametrize("equalize", [False, True])
+def test_mean_equals_what_the_generator_yields(train_dir, equalize, capsys):
+    args = [str(train_dir), "--img-size", "48", "40", "--rescale-factor", str(255 / 65535)]
+    result = compute_mean.main(args + (["--equalize-hist"] if equalize else []))
+    assert result["images"] == 3 and result["skipped"] == []
+    assert result["mean"] == pytest.approx(_generator_mean(train_dir, equalize), rel=1e-6)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{result['mean']:.4f}"
+
+
+def test_unreadable_and_mixed_depth_files_are_reported(train_dir):
+    (train_dir / "pos" / "broken.png").write_bytes(b"\x89PNG broken")
+    cv2.imwrite(str(train_dir / "pos" / "eight.png"), np.full((40, 30), 200, np.uint8))
+    result = compute_mean.image_mean(train_dir, (48, 40), rescale_factor=255 / 65535)
+    assert result["images"] == 4
+    assert [p.rsplit("/", 1)[-1] for p in result["skipped"]] == ["broken.png"]
+    assert [p.rsplit("/", 1)[-1] for p in result["scale_mismatch"]] == ["eight.png"]
+
+
+def test_empty_folder_is_a_user_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as info:
+        compute_mean.main([str(tmp_path / "empty")])
+    assert info.value.code == 2 and "no images" in capsys.readouterr().err
