@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ if _ROOT not in sys.path:
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_table",
-           "safe_name_part"]
+           "safe_name_part", "RestrictedUnpickler", "restricted_unpickle"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FORBIDDEN = ("/", "\\", ":")
@@ -132,3 +133,67 @@ def safe_name_part(value, what: str, where: Optional[str] = None) -> str:
         raise InputFileError(f"{place}{what} {value!r} cannot be part of a file name "
                              f"(empty, '.', '..', a path separator or a control character)")
     return text
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that builds plain data only, and only as much as the file itself holds.
+
+    Allowed: builtins and ``collections`` containers and scalars, numpy dtypes and scalars (and
+    ``_codecs.encode``, which protocol 2 uses for bytes); any other global raises
+    ``pickle.UnpicklingError`` naming it before anything is constructed. A constructor called
+    with an integer size (``bytes(10**10)``, ``bytearray(...)``: a few bytes of pickle asking
+    for gigabytes) is refused too, so what is built stays proportional to the file.
+    Subclasses widen ``ALLOWED`` (e.g. numpy arrays, whose data is checked against their
+    shape by numpy).
+    """
+
+    ALLOWED = frozenset({("builtins", n) for n in (
+        "dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int",
+        "float", "complex", "bool", "slice", "range")} | {
+        ("collections", "OrderedDict"), ("collections", "defaultdict"),
+        ("collections", "deque"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")})
+    WHAT = "builtins/collections containers and numpy scalars are allowed"
+    #: Constructors whose integer argument would be a size to allocate.
+    SIZED = frozenset({("builtins", "bytes"), ("builtins", "bytearray"),
+                       ("builtins", "str"), ("collections", "deque")})
+    _PY2 = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+    def find_class(self, module, name):
+        key = (self._PY2.get(module, module), name)
+        if key not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only {self.WHAT}")
+        found = super().find_class(module, name)
+        if key not in self.SIZED:
+            return found
+
+        def checked(*args, **kwargs):
+            if any(isinstance(a, int) and not isinstance(a, bool)
+                   for a in list(args) + list(kwargs.values())):
+                raise pickle.UnpicklingError(
+                    f"refusing {key[0]}.{name} with an integer argument: it would allocate "
+                    f"memory the file does not hold")
+            return found(*args, **kwargs)
+
+        return checked
+
+
+def restricted_unpickle(path: PathLike, unpickler=RestrictedUnpickler,
+                        max_bytes: int = 1 << 30):
+    """Load a pickle through ``unpickler`` (Python 2 strings as latin-1).
+
+    Raises:
+        InputFileError: the file is larger than ``max_bytes`` or not a pickle the unpickler
+            accepts (the message names the file).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InputFileError(f"{path}: {size} bytes is more than the {max_bytes} bytes "
+                             f"accepted for a pickle")
+    try:
+        return unpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, TypeError,
+            ValueError, MemoryError, RecursionError) as err:
+        raise InputFileError(f"{path}: not a readable pickle ({type(err).__name__}: "
+                             f"{err})") from None

@@ -94,3 +94,44 @@ def test_safe_name_part_keeps_ordinary_ids():
     assert safe_name_part(" P_00005 ", "patient_id") == "P_00005"
     assert safe_name_part("Mass-Training_P_1_LEFT_CC_1.png", "file") == \
         "Mass-Training_P_1_LEFT_CC_1.png"
+
+
+class _Bomb:
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __reduce__(self):
+        return (bytes if self.kind == "bytes" else bytearray), (10 ** 11,)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray"])
+def test_restricted_unpickler_refuses_a_size_bomb(tmp_path, kind):
+    import pickle
+
+    from script_utils import restricted_unpickle
+
+    path = tmp_path / "exams.pkl"
+    path.write_bytes(pickle.dumps([{"L-CC": ["a"]}, _Bomb(kind)], protocol=2))
+    assert path.stat().st_size < 200
+    with pytest.raises(InputFileError, match=f"exams.pkl.*refusing builtins.{kind}"):
+        restricted_unpickle(path)
+
+
+def test_restricted_unpickler_reads_plain_data_and_refuses_code(tmp_path):
+    import collections
+    import os
+    import pickle
+
+    from script_utils import restricted_unpickle
+
+    data = [{"L-CC": ["a", "b"], "cancer_label": collections.OrderedDict(left=1)},
+            (b"\x00\x01", bytearray(b"xy"), 3.5, None, frozenset({1}))]
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps(data, protocol=2))
+    assert restricted_unpickle(path) == data
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(os.system))
+    with pytest.raises(InputFileError, match="refusing to load posix.system"):
+        restricted_unpickle(evil)
+    with pytest.raises(InputFileError, match="more than the 10 bytes"):
+        restricted_unpickle(path, max_bytes=10)
