@@ -411,12 +411,10 @@ def log_and_save_options(options, best_model, extra=None):
         record["environment"] = dict(extra)
     for key in sorted(record):
         logger.info("option %s = %r", key, record[key])
-    path = options_json_path(best_model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-    return path
+    from dm_image import atomic_write
+
+    text = json.dumps(record, indent=2, sort_keys=True, default=str)
+    return atomic_write(options_json_path(best_model), lambda f: f.write(text), text=True)
 
 
 def check_batch_vs_devices(batch_size, nb_devices, what="batch size"):

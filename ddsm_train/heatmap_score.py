@@ -311,14 +311,7 @@ def _save_pickle(records: List[Dict], path: Path):
              "cc": None if r.get("cc") is None else np.asarray(r["cc"], dtype=np.float32),
              "mlo": None if r.get("mlo") is None else np.asarray(r["mlo"], dtype=np.float32)}
             for r in records]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            _Pickler2017(f, protocol=2).dump(recs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    dm_image.atomic_write(path, lambda f: _Pickler2017(f, protocol=2).dump(recs))
 
 
 def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = None) -> Path:
@@ -327,7 +320,6 @@ def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = No
     ``meta`` goes into an ``.npz`` only (the 2017 pickle holds the list alone).
     """
     path = _check_out(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".pkl":
         _save_pickle(records, path)
         return path
@@ -340,9 +332,7 @@ def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = No
         for view in ("cc", "mlo"):
             if rec.get(view) is not None:
                 arrays[f"{view}_{i}"] = np.asarray(rec[view], dtype=np.float32)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    dm_image.atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     return path
 
 
