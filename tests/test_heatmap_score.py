@@ -1,4 +1,5 @@
-"""heatmap_score: sweep and fprop modes, safe .npz output, 2017 pickles, overlay PNGs."""
+"""heatmap_score: sweep and fprop modes, .npz and 2017 .pkl output, 2017 pickles read safely,
+overlay PNGs."""
 import logging
 import math
 import pickle
@@ -59,7 +60,8 @@ def test_sweep_mode_shapes_values_and_missing_views(synth, tmp_path, caplog, ker
         args = hs.get_args_parser().parse_args([
             str(root / "img"), str(root / "patch.h5"), "--pat-csv", str(root / "pats.csv"),
             "--img-height", str(HEIGHT), "--patch-size", str(P), "--stride", str(STRIDE),
-            "--batch-size", "64", "--featurewise-mean", "71.8", "--out", str(tmp_path / "hm.npz"),
+            "--batch-size", "64", "--img-scale", "255", "--featurewise-center",
+            "--featurewise-mean", "71.8", "--out", str(tmp_path / "hm.npz"),
             "--png-dir", str(tmp_path / "png")])
         summary = hs.run(**vars(args))   # main() would reset logging handlers
     assert "P_1_RIGHT_MLO.png" in caplog.text
@@ -98,7 +100,8 @@ def test_fprop_mode_and_pat_list(synth, tmp_path, keras_session):
     summary = hs.run(str(root / "img"), str(root / "patch.h5"), str(root / "pats.csv"),
                      pat_list=str(tmp_path / "pats.txt"), out=str(tmp_path / "f.npz"),
                      fprop_mode=True, img_size=(64, 48), avg_pool_size=(4, 4),
-                     hm_strides=(1, 1), net="yaroslav", featurewise_mean=71.8,
+                     hm_strides=(1, 1), net="yaroslav", featurewise_center=True,
+                     featurewise_mean=71.8,
                      png_dir=str(tmp_path / "png"))
     recs, meta = hs.load_heatmaps(tmp_path / "f.npz", return_meta=True)
     assert [r["patient_id"] for r in recs] == ["P_2"] and meta["mode"] == "fprop"
@@ -135,7 +138,7 @@ def test_npz_is_plain_and_old_pickles_need_the_flag(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         hs.load_heatmaps(evil, allow_pickle=True)
     with pytest.raises(ValueError, match=r"\.npz"):
-        hs.save_heatmaps(recs, tmp_path / "h.pkl")
+        hs.save_heatmaps(recs, tmp_path / "h.h5")
 
 
 def test_bad_input(synth, tmp_path, keras_session):

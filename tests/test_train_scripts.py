@@ -1,4 +1,4 @@
-"""patch_clf_train.py / image_clf_train.py / common_flags / example shell scripts (issue 5).
+"""patch_clf_train.py / image_clf_train.py / common_flags / the training shell scripts.
 
 Tiny synthetic 16-bit class folders; tiny models; the companion page's fine-tuning command run
 verbatim with paths and sizes substituted."""
@@ -93,7 +93,7 @@ IMAGE_DEFAULTS = dict(
     hidden_dropout2=0.0, optim="sgd", init_lr=0.01, lr_patience=10, es_patience=25,
     auto_batch_balance=True, pos_cls_weight=1.0, neg_cls_weight=1.0, all_layer_multiplier=0.1,
     best_model="./modelState/image_clf.h5", final_model="NOSAVE", kept_layer_idx=None,
-    bias_multiplier=None, mixed_precision=None, jit=False)
+    bias_multiplier=None, mixed_precision=None, jit=False, frozen_bn_mode="batch")
 
 PATCH_DEFAULTS = dict(
     img_size=[256, 256], img_scale=None, rescale_factor=None, featurewise_center=True,
@@ -108,7 +108,7 @@ PATCH_DEFAULTS = dict(
     lr_patience=10, es_patience=25, resume_from=None, auto_batch_balance=False,
     pos_cls_weight=1.0, neg_cls_weight=1.0, top_layer_multiplier=0.1, all_layer_multiplier=0.01,
     best_model="./modelState/patch_clf.h5", final_model="NOSAVE", mixed_precision=None,
-    jit=False)
+    jit=False, frozen_bn_mode="batch")
 
 
 @pytest.mark.parametrize("module, expected", [(image_clf_train, IMAGE_DEFAULTS),
@@ -269,18 +269,41 @@ def test_shell_scripts_syntax_and_flags_accepted(name):
     assert args.train_dir and args.test_dir
     if name == "train_image_clf_im1152.sh":
         assert args.bias_multiplier == 0.1 and args.patch_model_state is not None
+        assert args.kept_layer_idx == -5
+
+
+def _options(tokens):
+    """``{flag: [values]}`` of a command's tokens, in order."""
+    opts, flag = {}, None
+    for tok in tokens:
+        if tok.startswith("--"):
+            flag = tok
+            opts[flag] = []
+        elif flag is not None:
+            opts[flag].append(tok)
+    return opts
 
 
 def test_inbreast_script_is_the_companion_page_command():
+    """The companion page's command, with the flags the 2017 script also passed."""
     if not SEED_PAGE.is_file():
         pytest.skip(f"{SEED_PAGE} is absent")
     text = SEED_PAGE.read_text()
     end = text.index("$TRAIN_DIR $VAL_DIR $TEST_DIR")
     block = text[text.index("python image_clf_train.py"):end]
-    page_flags = [tok for tok in block.replace("\\", " ").split()][2:]
+    page = _options(block.replace("\\", " ").split()[2:])
     script = (SCRIPTS_DIR / "train_image_clf_inbreast.sh").read_text()
-    sblock = script[script.index("python image_clf_train.py"):script.index("$TRAIN_DIR $VAL_DIR")]
-    assert sblock.replace("\\", " ").split()[2:] == page_flags
+    sblock = script[script.index("image_clf_train.py"):script.index("$TRAIN_DIR $VAL_DIR")]
+    ours = _options(sblock.replace("\\", " ").split()[1:])
+    assert {f: v for f, v in ours.items() if f in page} == page
+    assert [f for f in ours if f in page] == list(page)                  # same order
+    assert {f: v for f, v in ours.items() if f not in page} == {
+        "--patch-net": ["resnet50"], "--block-type": ["resnet"], "--top-depths": ["512", "512"],
+        "--top-repetitions": ["2", "2"], "--bottleneck-enlarge-factor": ["2"],
+        "--no-add-heatmap": [], "--avg-pool-size": ["7", "7"], "--add-conv": [],
+        "--no-add-shortcut": [], "--hm-strides": ["1", "1"], "--hm-pool-size": ["5", "5"],
+        "--fc-init-units": ["64"], "--fc-layers": ["2"], "--lr-patience": ["2"],
+        "--pos-cls-weight": ["1.0"], "--neg-cls-weight": ["1.0"]}
 
 
 def _readme_argv(model, data, best, img_size):
