@@ -1231,11 +1231,12 @@ def set_frozen_bn_mode(model, mode="batch"):
     (unbiased) batch variance.
 
     Inference (``predict``, ``evaluate``, ``training=False``) is the same in both modes, and so
-    is the training-mode output of a trainable BN layer. The mode belongs to the layer objects in memory: it applies whatever
-    ``trainable`` is set to later, is not written to saved files (which keep tf-keras's usual
-    config and trainable flags), and is lost when a model is rebuilt from its config or
-    loaded, so set it again then. Set it before ``compile`` (compiling traces the train step
-    anew).
+    is the training-mode output of a trainable BN layer. The mode belongs to the layer objects
+    in memory: it applies whatever ``trainable`` is set to later, is not written to saved
+    files (which keep tf-keras's usual config and trainable flags), and is lost when a model is
+    rebuilt from its config or loaded, so set it again then (the staged training functions
+    set it at each stage's compile). Set it before ``compile`` (compiling traces the train
+    step anew).
 
     Args:
         model: a tf-keras model or layer; nested models and wrapped layers are included.

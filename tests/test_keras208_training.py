@@ -217,8 +217,11 @@ def test_model_with_optimizer_state_saves_and_reloads(tmp_path, name):
 
 # ------------------------------------------------------------------ Keras 2.0.8's own steps
 _CASES_DIR = os.path.join(os.path.dirname(REPO), "shared", "fixtures", "keras208", "train_steps")
-_CASES = (json.load(open(os.path.join(_CASES_DIR, "cases.json")))["cases"]
-          if os.path.isfile(os.path.join(_CASES_DIR, "cases.json")) else {})
+_CASES_JSON = os.path.join(_CASES_DIR, "cases.json")
+_CASES = {}
+if os.path.isfile(_CASES_JSON):
+    with open(_CASES_JSON) as _f:
+        _CASES = json.load(_f)["cases"]
 # Conv biases that feed a BatchNormalization layer: their gradient is zero in exact arithmetic
 # (BN subtracts the batch mean), so adaptive optimizers move them by about +-lr at the sign of
 # float round-off; they are left out of the comparison (Keras 2.0.8 itself is not repeatable
@@ -236,7 +239,7 @@ def _weights_by_key(model):
 @pytest.mark.parametrize("case", sorted(_CASES) or ["sgd_all"])
 def test_three_steps_match_keras208(keras208_dir, case):
     """3 train_on_batch steps from Keras 2.0.8's initial weights land where Keras 2.0.8 landed:
-    ||ours - k208|| / ||k208 - init|| below 6x Keras 2.0.8's own run-to-run spread (2e-5 where
+    ||ours - k208|| / ||k208 - init|| below 6x Keras 2.0.8's own run-to-run spread (1e-5 where
     it repeats exactly), BatchNormalization moving statistics included."""
     folder = keras208_dir / "train_steps"
     spec = json.loads((folder / "cases.json").read_text())["cases"][case]
@@ -263,7 +266,7 @@ def test_three_steps_match_keras208(keras208_dir, case):
     keys = [k for k in ref if k not in _PRE_BN_BIASES]
     diff = np.sqrt(sum(np.sum((ours[k].astype(np.float64) - ref[k]) ** 2) for k in keys))
     update = np.sqrt(sum(np.sum((ref[k].astype(np.float64) - init[k]) ** 2) for k in keys))
-    assert diff / update < max(6 * spec["run_to_run"], 2e-5), diff / update
+    assert diff / update < max(6 * spec["run_to_run"], 1e-5), diff / update
     if spec["frozen_but_last"]:
         for key in ref:
             if not key.startswith("dense_1:") and key.split(":")[1] in "01":
