@@ -203,11 +203,24 @@ def _check_options_json(result, expected):
     assert saved["environment"]["RANDOM_SEED"] == 12345
 
 
+def _record_calls(monkeypatch, name):
+    """Wrap ``dm_keras_ext.<name>`` to record the keyword arguments of each call."""
+    import dm_keras_ext
+    calls, original = [], getattr(dm_keras_ext, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(dm_keras_ext, name, wrapper)
+    return calls
+
+
 @pytest.mark.slow
 def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path,
-                                                     keras_session):
+                                                     keras_session, monkeypatch):
     best, final = tmp_path / "ms" / "best.h5", tmp_path / "ms" / "final.h5"
-    result = image_clf_train.main(_dirs(data, "img") + [
+    calls = _record_calls(monkeypatch, "do_2stage_training")
+    result = image_clf_train.main(_dirs(data, "img") + ["--frozen-bn-mode", "moving",
         "--patch-model-state", str(model_files["patch"]), "--img-size", "64", "48",
         "--rescale-factor", "0.003891", "--featurewise-mean", "50", "--patch-net", "vgg16",
         "--block-type", "vgg", "--top-depths", "8", "--top-repetitions", "1",
@@ -222,15 +235,19 @@ def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path
     assert result["best_val_auc"] == pytest.approx(max(hist["val_auc"]))
     assert 0.0 <= result["test_auc"] <= 1.0 and 0.0 <= result["test_auc_augmented"] <= 1.0
     assert best.is_file() and final.is_file()
-    _check_options_json(result, {"img_size": [64, 48], "bias_multiplier": 0.1, "optim": "adam"})
+    _check_options_json(result, {"img_size": [64, 48], "bias_multiplier": 0.1, "optim": "adam",
+                                 "frozen_bn_mode": "moving"})
+    assert [c["frozen_bn_mode"] for c in calls] == ["moving"]
     import dm_keras_ext
     reloaded = dm_keras_ext.robust_load_model(best)
     assert reloaded.input_shape == (None, 64, 48, 3) and reloaded.output_shape == (None, 2)
 
 
 @pytest.mark.slow
-def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_session):
+def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_session,
+                                           monkeypatch):
     best = tmp_path / "patch_best.h5"
+    calls = _record_calls(monkeypatch, "do_3stage_training")
     result = patch_clf_train.main(_dirs(data, "patch") + [
         "--resume-from", str(model_files["patch"]), "--net", "vgg16", "--top-layer-nb", "3",
         "--img-size", "32", "32", "--rescale-factor", "0.003891", "--featurewise-mean", "50",
@@ -240,7 +257,9 @@ def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_se
     assert [s.split(" (")[0] for s in result["stages"]] == ["stage 1", "stage 2"]
     assert len(result["history"]["val_accuracy"]) == 2
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_loss"] > 0
-    _check_options_json(result, {"net": "vgg16", "top_layer_nb": 3, "auto_batch_balance": True})
+    _check_options_json(result, {"net": "vgg16", "top_layer_nb": 3, "auto_batch_balance": True,
+                                 "frozen_bn_mode": "batch"})
+    assert [c["frozen_bn_mode"] for c in calls] == ["batch"]
     import dm_keras_ext
     assert dm_keras_ext.robust_load_model(best).output_shape == (None, 3)
 
