@@ -22,8 +22,10 @@ _IO_ALL = []
 
 import os
 import struct
+import sys
 import tempfile
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -314,6 +316,58 @@ def _encode_png_grey(img: np.ndarray) -> bytes:
             + _png_chunk(b"IEND", b""))
 
 
+class _LineProgress:
+    """Progress for a log file: one ``logger.info`` line every ``every`` items and at the end."""
+
+    def __init__(self, total: Optional[int], desc: str, unit: str, every: int):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, max(1, int(every))
+        self.n, self._next, self._t0 = 0, self.every, time.perf_counter()
+        self._quiet = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n >= self._next and not self._quiet and (self.total is None
+                                                          or self.n < self.total):
+            self._line()
+            self._next = (self.n // self.every + 1) * self.every
+
+    def _line(self) -> None:
+        of = f"/{self.total}" if self.total is not None else ""
+        logger.info("%s: %d%s %s (%.0f s)", self.desc, self.n, of, self.unit,
+                    time.perf_counter() - self._t0)
+
+    def close(self) -> None:
+        if self.n and not self._quiet:
+            self._line()
+
+    def _silent(self) -> "_LineProgress":
+        self._quiet = True
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(total: Optional[int], desc: str, unit: str = "img", verbose: bool = True,
+             every: Optional[int] = None):
+    """A progress display for a loop of ``total`` items: ``with progress(...) as bar: bar.update()``.
+
+    On a terminal it is a tqdm bar (on stderr); when stderr is a file or a pipe (a batch job's
+    log) it is a line every ``every`` items (default: a tenth of ``total``) through logging, so
+    logs stay readable; with ``verbose`` False it shows nothing.
+    """
+    if not verbose:
+        return _LineProgress(total, desc, unit, every=1 << 62)._silent()
+    if sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit)
+    return _LineProgress(total, desc, unit, every or max(1, (total or 100) // 10))
+
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -428,8 +482,8 @@ def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = N
     return img
 
 
-_IO_ALL += ["ImageReadError", "atomic_write", "intensity_scale_problem", "read_image",
-            "read_resize_img", "read_resize_stored", "write_png"]
+_IO_ALL += ["ImageReadError", "atomic_write", "progress", "intensity_scale_problem",
+            "read_image", "read_resize_img", "read_resize_stored", "write_png"]
 
 
 # ---- breast segmentation -------------------------------------------------------------------
@@ -2042,7 +2096,7 @@ def cached_read(path: PathLike, cache_dir: PathLike, target_size, gs_255: bool =
     return img
 
 
-def load_dat_ram(generator, nb_samples=None):
+def load_dat_ram(generator, nb_samples=None, verbose=True):
     """Load a data set into RAM, images in their stored form (2017 name ``load_dat_ram``).
 
     For a :class:`DMDirectoryIterator` every file is read once in ``filenames`` order (not
@@ -2064,6 +2118,7 @@ def load_dat_ram(generator, nb_samples=None):
     Args:
         generator: a DMDirectoryIterator, or an iterator of (x, y[, w]) batches.
         nb_samples: number of samples to load (default: all files of a directory iterator).
+        verbose: show progress (:func:`progress`) while reading a directory iterator's files.
 
     Returns:
         (X, y): X (N, H, W) uint8/uint16/float32 stored images (or the concatenated batches),
@@ -2082,18 +2137,16 @@ def load_dat_ram(generator, nb_samples=None):
     n = generator.n if nb_samples is None else min(int(nb_samples), generator.n)
     X = np.empty((n,) + generator.target_size, dtype=np.uint16)
     kept = []
-    for j in range(n):
-        try:
-            img = generator.read_base(j)
-        except OSError as exc:
-            logger.warning("load_dat_ram: skipping unreadable image: %s", exc)
-            if generator.filenames[j] not in generator.skipped_files:
-                generator.skipped_files.append(generator.filenames[j])
-            continue
-        if img.dtype not in (np.uint8, np.uint16) and X.dtype == np.uint16:
-            X = X.astype(np.float32)
-        X[len(kept)] = img
-        kept.append(j)
+    with progress(n, f"loading {generator.directory} into RAM", verbose=verbose) as bar:
+        for j in range(n):
+            img = generator._read_or_skip(j)
+            bar.update()
+            if img is None:
+                continue
+            if img.dtype not in (np.uint8, np.uint16) and X.dtype == np.uint16:
+                X = X.astype(np.float32)
+            X[len(kept)] = img
+            kept.append(j)
     X = X[:len(kept)] if len(kept) < n else X
     if X.dtype == np.uint16 and (generator.gs_255 or (X.size and X.max() <= 255)):
         X = X.astype(np.uint8)

@@ -355,18 +355,18 @@ def checked_main(parser, validate, run, argv=None):
 
 
 def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1, sizes=None):
-    """``[fn(x) for x in items]`` in ``workers`` spawned processes, with a tqdm progress bar.
+    """``[fn(x) for x in items]`` in ``workers`` spawned processes, showing progress.
 
     Results keep the order of ``items``. Worker processes are started with "spawn" (forking a
     parent that has run threaded libraries such as OpenCV can deadlock the children) and run
     OpenCV single-threaded; ``fn`` must be a picklable module-level function. ``sizes``
     (one int per item, e.g. the views in a batch) weights the progress bar, in views.
     """
-    from tqdm import tqdm
+    from dm_image import progress
 
     items = list(items)
     sizes = [1] * len(items) if sizes is None else list(sizes)
-    bar = tqdm(total=sum(sizes), disable=not verbose, unit="view", desc=desc)
+    bar = progress(sum(sizes), desc, unit="view", verbose=verbose)
     results = []
     with bar:
         if workers == 1 or len(items) <= 1:

@@ -773,3 +773,23 @@ def test_read_resize_stored_is_read_resize_img_before_float(image_files, name, d
                                   read_resize_img(image_files[name], **kwargs))
     with pytest.raises(ValueError, match="exactly one"):
         dm_image.read_resize_stored(image_files[name])
+
+
+def test_progress_logs_lines_when_not_on_a_terminal(caplog):
+    import logging
+
+    import dm_image
+
+    with caplog.at_level(logging.INFO, logger="dm_image"):
+        with dm_image.progress(25, "scoring", unit="img") as bar:
+            for _ in range(25):
+                bar.update()
+        with dm_image.progress(25, "quiet", verbose=False) as bar:
+            for _ in range(25):
+                bar.update()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [ln.split(" (")[0] for ln in lines] == [
+        "scoring: 2/25 img", "scoring: 4/25 img", "scoring: 6/25 img", "scoring: 8/25 img",
+        "scoring: 10/25 img", "scoring: 12/25 img", "scoring: 14/25 img", "scoring: 16/25 img",
+        "scoring: 18/25 img", "scoring: 20/25 img", "scoring: 22/25 img", "scoring: 24/25 img",
+        "scoring: 25/25 img"]
