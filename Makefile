@@ -5,7 +5,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test bench demo venv clean
+.PHONY: test bench demo gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	bash ddsm_train/run_demo.sh
+
+# Training/loader/prediction speed and mixed-precision numerics on this machine's GPUs (tiny
+# sizes on the CPU when no GPU is visible); GPU_CHECK_ARGS e.g. "--models resnet50 --strict".
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(VPY) ddsm_train/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
