@@ -293,6 +293,13 @@ def add_model_file_flags(parser, best_model):
                    help=f"where the last model is saved; {NOSAVE} skips it (default: %(default)s)")
 
 
+def add_trust_flag(parser):
+    """``--trust-model-file``: allow model files whose layers carry Python code (off)."""
+    add_bool_flag(parser, "trust-model-file", False,
+                  "load model files even if they hold Python code (Lambda layers), which then "
+                  "runs: only for files you trust")
+
+
 def add_distributed_flags(parser):
     """Mixed precision and XLA compilation (both off by default)."""
     g = parser.add_argument_group("devices and precision")

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import json
 import logging
 import os
@@ -78,12 +77,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, add_image_flags, cli_main  # noqa: E402
-from image_clf_predict import RestrictedUnpickler  # noqa: E402
+from common_flags import add_bool_flag, add_image_flags, add_trust_flag, cli_main  # noqa: E402
+from script_utils import (RestrictedUnpickler, read_csv_table, read_text_lines,  # noqa: E402
+                          restricted_unpickle, safe_name_part)
 
 __all__ = [
     "VIEWS", "HEATMAP_FORMAT", "read_patient_sides", "view_path", "get_preprocess",
-    "build_fprop_model", "fprop_heatmap", "sweep_heatmap", "overlay_heatmap",
+    "build_fprop_model", "fprop_heatmap", "sweep_heatmap", "overlay_heatmap", "list_any_images",
     "save_heatmaps", "load_heatmaps", "HEATMAP_SUFFIXES", "run", "get_args_parser", "main",
 ]
 
@@ -106,17 +106,20 @@ def read_patient_sides(pat_csv: PathLike, pat_list: Optional[PathLike] = None) -
         DataFrame with columns ``patient_id`` (str), ``side`` (str), ``cancer`` (int).
 
     Raises:
-        ValueError: a required column is missing (the message lists the columns found).
+        ValueError: a required column is missing (the message lists the columns found), or a
+            row's patient id or side cannot be part of a file name, or its cancer is not 0/1
+            (the message names the file and line).
     """
-    df = pd.read_csv(pat_csv, dtype={"patient_id": str, "side": str})
-    missing = {"patient_id", "side", "cancer"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{pat_csv} lacks column(s) {sorted(missing)}; found "
-                         f"{list(df.columns)} (needed: patient_id,side,cancer)")
-    df["patient_id"] = df["patient_id"].str.strip()
-    df["side"] = df["side"].str.strip()
+    df = read_csv_table(pat_csv, required=("patient_id", "side", "cancer"))
+    for rec in df[["patient_id", "side", "cancer", "_line"]].to_dict("records"):
+        where = f"{pat_csv}, {rec['_line']}"
+        safe_name_part(rec["patient_id"], "patient_id", where)
+        safe_name_part(rec["side"], "side", where)
+        if rec["cancer"] not in ("0", "1"):
+            raise ValueError(f"{where}: cancer should be 0 or 1, got {rec['cancer']!r}")
+    df = df.astype({"cancer": int}).drop(columns="_line")
     if pat_list is not None:
-        keep = {ln.strip() for ln in Path(pat_list).read_text().splitlines() if ln.strip()}
+        keep = {ln for _, ln in read_text_lines(pat_list)}
         unknown = keep - set(df["patient_id"])
         if unknown:
             logger.warning("%d patient(s) of %s are not in %s, e.g. %s", len(unknown), pat_list,
@@ -124,6 +127,39 @@ def read_patient_sides(pat_csv: PathLike, pat_list: Optional[PathLike] = None) -
         df = df[df["patient_id"].isin(keep)]
     df = df.groupby(["patient_id", "side"], sort=True, as_index=False)["cancer"].max()
     return df.astype({"cancer": int})
+
+
+def list_any_images(img_folder: PathLike, img_list: Optional[PathLike] = None) -> List[Path]:
+    """The images to score without a patient table: every image file under ``img_folder``
+    (recursively, sorted), or the paths listed in ``img_list`` (one a line, relative paths
+    taken from ``img_folder``).
+
+    Raises:
+        ValueError: no image found; FileNotFoundError: a listed file does not exist.
+    """
+    folder = Path(img_folder)
+    if img_list is None:
+        return [folder / rel for rel in dm_image.list_images(folder)]
+    paths = []
+    for line_no, entry in read_text_lines(img_list):
+        path = Path(entry) if Path(entry).is_absolute() else folder / entry
+        if not path.is_file():
+            raise FileNotFoundError(f"{img_list}, line {line_no}: no such image file {path}")
+        paths.append(path)
+    if not paths:
+        raise ValueError(f"{img_list} lists no image")
+    return paths
+
+
+def _picture_name(path: Path, img_folder: PathLike) -> str:
+    """A flat, safe overlay file stem for an image: its path under ``img_folder`` with the
+    folder separators turned into ``__`` (the file's own name for other paths)."""
+    try:
+        rel = path.resolve().relative_to(Path(img_folder).resolve())
+    except ValueError:
+        rel = Path(path.name)
+    parts = [safe_name_part(p, "image path part") for p in rel.with_suffix("").parts]
+    return "__".join(parts)
 
 
 def view_path(img_folder: PathLike, patient_id: str, side: str, view: str,
@@ -320,6 +356,8 @@ def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = No
     ``meta`` goes into an ``.npz`` only (the 2017 pickle holds the list alone).
     """
     path = _check_out(path)
+    if records and "image" in records[0]:
+        return _save_image_heatmaps(records, path, meta)
     if path.suffix == ".pkl":
         _save_pickle(records, path)
         return path
@@ -332,6 +370,24 @@ def save_heatmaps(records: List[Dict], path: PathLike, meta: Optional[dict] = No
         for view in ("cc", "mlo"):
             if rec.get(view) is not None:
                 arrays[f"{view}_{i}"] = np.asarray(rec[view], dtype=np.float32)
+    dm_image.atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    return path
+
+
+def _save_image_heatmaps(records: List[Dict], path: Path, meta: Optional[dict]) -> Path:
+    """Records ``{image, heatmap}`` of ``--all-images`` / ``--img-list`` runs: a pickled list
+    of those dicts (``.pkl``) or ``image`` names with ``hm_<i>`` arrays (``.npz``)."""
+    recs = [{"image": str(r["image"]),
+             "heatmap": None if r["heatmap"] is None else np.asarray(r["heatmap"], np.float32)}
+            for r in records]
+    if path.suffix == ".pkl":
+        dm_image.atomic_write(path, lambda f: _Pickler2017(f, protocol=2).dump(recs))
+        return path
+    arrays = {"image": np.array([r["image"] for r in recs], dtype=str),
+              "meta": np.array(json.dumps(dict(meta or {}, format=HEATMAP_FORMAT),
+                                          default=str))}
+    arrays.update({f"hm_{i}": r["heatmap"] for i, r in enumerate(recs)
+                   if r["heatmap"] is not None})
     dm_image.atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
     return path
 
@@ -364,14 +420,21 @@ def load_heatmaps(path: PathLike, allow_pickle: bool = False,
         if not allow_pickle:
             raise ValueError(f"{path} is not an .npz heatmap file; reading a 2017 pickle needs "
                              f"allow_pickle=True (--allow-pickle)")
-        recs = _HeatmapUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-        out = [{"patient_id": r["patient_id"], "side": r["side"], "cancer": r["cancer"],
-                "cc": r.get("cc"), "mlo": r.get("mlo")} for r in recs]
+        recs = restricted_unpickle(path, _HeatmapUnpickler)
+        if recs and isinstance(recs[0], dict) and "image" in recs[0]:
+            out = [{"image": r["image"], "heatmap": r["heatmap"]} for r in recs]
+        else:
+            out = [{"patient_id": r["patient_id"], "side": r["side"], "cancer": r["cancer"],
+                    "cc": r.get("cc"), "mlo": r.get("mlo")} for r in recs]
         return (out, {}) if return_meta else out
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         if meta.get("format") != HEATMAP_FORMAT:
             raise ValueError(f"{path} is not a heatmap_score file (format {meta.get('format')})")
+        if "image" in z.files:
+            out = [{"image": str(name), "heatmap": z[f"hm_{i}"] if f"hm_{i}" in z.files
+                    else None} for i, name in enumerate(z["image"])]
+            return (out, meta) if return_meta else out
         out = [{"patient_id": str(pid), "side": str(side), "cancer": int(c),
                 "cc": z[f"cc_{i}"] if f"cc_{i}" in z.files else None,
                 "mlo": z[f"mlo_{i}"] if f"mlo_{i}" in z.files else None}
@@ -399,6 +462,41 @@ def _draw(png_dir, rec, view, heatmap, img, bbox, mask, malignant_class, png_hei
     label = f"{name}  max p[{malignant_class}] = {heatmap[..., malignant_class].max():.2f}"
     pic = overlay_heatmap(img, heatmap, malignant_class, bbox, mask, png_height, label=label)
     _write_png(pic, Path(png_dir) / f"{name}_heatmap.png")
+
+
+def _check_numbers(values: dict, featurewise_mean: float) -> None:
+    """Refuse non-finite or non-positive sizes, strides and scales before any work."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if not np.isfinite(float(v)) or float(v) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} should be finite and > 0, "
+                                 f"got {value}")
+    if not np.isfinite(float(featurewise_mean)):
+        raise ValueError(f"--featurewise-mean should be a finite number, got {featurewise_mean}")
+
+
+def _score_image(path, img_folder, model, opts, batch_size, fprop_mode, png, summary) -> dict:
+    """The record ``{image, heatmap}`` of one image; an unreadable one is None and counted."""
+    rec = {"image": str(path), "heatmap": None}
+    try:
+        heatmap, img, bbox, mask = _score_view(model, path, opts, batch_size, fprop_mode,
+                                               with_mask=bool(png["dir"]))
+    except (OSError, ValueError) as exc:
+        logger.warning("no heatmap for %s: %s", path, exc)
+        summary["failed"].append((str(path), " ".join(str(exc).split())))
+        return rec
+    rec["heatmap"] = heatmap
+    summary["n_heatmaps"] += 1
+    if png["dir"]:
+        name = _picture_name(Path(path), img_folder)
+        label = f"{name}  max p[{png['class']}] = {heatmap[..., png['class']].max():.2f}"
+        pic = overlay_heatmap(img, heatmap, png["class"], bbox, mask, png["height"],
+                              label=label)
+        _write_png(pic, Path(png["dir"]) / f"{name}_heatmap.png")
+        summary["pngs"] += 1
+    return rec
 
 
 def _score_breast(row, model, img_folder, img_extension, opts, batch_size, fprop_mode, png,
@@ -437,23 +535,42 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         patch_size: int = 256, stride: int = 8, avg_pool_size: Sequence[int] = (7, 7),
         hm_strides: Sequence[int] = (1, 1), malignant_class: int = 1,
         img_extension: str = "png", png_height: int = 1024, verbose: bool = False,
-        custom_objects: Optional[dict] = None) -> dict:
+        all_images: bool = False, img_list: Optional[str] = None,
+        trust_model_file: bool = False, custom_objects: Optional[dict] = None) -> dict:
     """Compute heatmaps for every (patient, side) and write them (and optional PNGs).
 
     Args: see the module docstring and ``--help``; ``dl_state`` is the patch classifier (or
-    whole-image heatmap model in fprop mode), loaded with ``dm_keras_ext.robust_load_model``.
+    whole-image heatmap model in fprop mode), loaded with ``dm_keras_ext.robust_load_model``
+    (a file with code in it, such as a Lambda layer, is refused unless ``trust_model_file``).
+    With ``all_images`` (every image under ``img_folder``) or ``img_list`` (one path per
+    line), any images are scored, one record ``{image, heatmap}`` each, and ``pat_csv`` is
+    not read.
 
     Returns:
         Summary dict: ``out``, ``n_records``, ``n_heatmaps``, ``missing`` (paths),
         ``failed`` ((path, reason)), ``pngs``, ``elapsed_s``.
+
+    Raises:
+        ValueError: a bad option value, a bad row, or no heatmap at all (no image found or
+            none readable); nothing is written then.
     """
     from dm_keras_ext import robust_load_model
 
     t0 = time.time()
     get_preprocess(net)   # validates net before anything is read
     _check_out(out)
-    recs = read_patient_sides(pat_csv, pat_list)
-    model = robust_load_model(dl_state, custom_objects=custom_objects)
+    _check_numbers(dict(batch_size=batch_size, patch_size=patch_size, stride=stride,
+                        png_height=png_height, img_height=img_height, img_scale=img_scale,
+                        rescale_factor=rescale_factor, img_size=img_size,
+                        avg_pool_size=avg_pool_size, hm_strides=hm_strides),
+                   featurewise_mean)
+    any_images = all_images or img_list is not None
+    if any_images:
+        paths = list_any_images(img_folder, img_list)
+    else:
+        recs = read_patient_sides(pat_csv, pat_list)
+    model = robust_load_model(dl_state, custom_objects=custom_objects,
+                              safe_mode=not trust_model_file)
     if fprop_mode:
         model = build_fprop_model(model, net, img_size, avg_pool_size, hm_strides)
     nb_class = int(model.output_shape[-1])
@@ -467,12 +584,26 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
                 patch_size=patch_size, stride=stride)
     summary = {"missing": [], "failed": [], "pngs": 0, "n_heatmaps": 0}
     png = {"dir": png_dir, "class": malignant_class, "height": png_height}
-    rows = recs.itertuples(index=False)
-    if verbose:
-        from tqdm import tqdm
-        rows = tqdm(rows, total=len(recs), desc="heatmaps", unit="breast")
-    records = [_score_breast(row, model, img_folder, img_extension, opts, batch_size,
-                             fprop_mode, png, summary) for row in rows]
+    if any_images:
+        with dm_image.progress(len(paths), "heatmaps", unit="img", verbose=verbose) as bar:
+            records = []
+            for path in paths:
+                records.append(_score_image(path, img_folder, model, opts, batch_size,
+                                            fprop_mode, png, summary))
+                bar.update()
+    else:
+        with dm_image.progress(len(recs), "heatmaps", unit="breast", verbose=verbose) as bar:
+            records = []
+            for row in recs.itertuples(index=False):
+                records.append(_score_breast(row, model, img_folder, img_extension, opts,
+                                             batch_size, fprop_mode, png, summary))
+                bar.update()
+    if summary["n_heatmaps"] == 0:
+        raise ValueError(f"no heatmap computed: {len(summary['missing'])} view(s) missing and "
+                         f"{len(summary['failed'])} unreadable under {img_folder}"
+                         + (f" (e.g. {summary['missing'][0]})" if summary["missing"] else "")
+                         + (f" (e.g. {summary['failed'][0][0]}: {summary['failed'][0][1]})"
+                            if summary["failed"] else "") + "; nothing written")
     meta = {"mode": "fprop" if fprop_mode else "sweep", "dl_state": str(dl_state),
             "malignant_class": malignant_class, "nb_class": nb_class,
             "options": {k: v for k, v in opts.items() if k != "preprocess"}}
@@ -523,8 +654,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name in ("avg_pool_size", "hm_strides"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, nargs=2,
                             default=list(d[name]), help="fprop mode (default: %(default)s)")
-    parser.add_argument("--img-extension", default=d["img_extension"])
-    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    parser.add_argument("--img-extension", default=d["img_extension"],
+                        help="extension of the {patient}_{side}_{view} files "
+                             "(default: %(default)s)")
+    anyimg = parser.add_argument_group("any images (instead of --pat-csv)")
+    add_bool_flag(anyimg, "all-images", d["all_images"],
+                  "score every image file under IMG_FOLDER (recursively), one heatmap each")
+    anyimg.add_argument("--img-list", default=d["img_list"], metavar="FILE",
+                        help="score the images listed in FILE, one path a line (relative "
+                             "to IMG_FOLDER) (default: none)")
+    add_trust_flag(parser)
+    add_bool_flag(parser, "verbose", d["verbose"], "progress display")
     return parser
 
 

@@ -135,7 +135,7 @@ def test_npz_is_plain_and_old_pickles_need_the_flag(tmp_path):
 
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps([{"patient_id": Evil()}]))
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(ValueError, match="evil.pkl.*refusing to load posix.system"):
         hs.load_heatmaps(evil, allow_pickle=True)
     with pytest.raises(ValueError, match=r"\.npz"):
         hs.save_heatmaps(recs, tmp_path / "h.h5")
@@ -145,8 +145,23 @@ def test_bad_input(synth, tmp_path, keras_session):
     root, _ = synth
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("patient,side\nP_1,LEFT\n")
-    with pytest.raises(ValueError, match=r"lacks column\(s\) \['cancer', 'patient_id'\]"):
+    with pytest.raises(ValueError, match=r"bad.csv: missing column\(s\) \['patient_id', 'cancer'\]"):
         hs.read_patient_sides(bad_csv)
+    # ids from a CSV never leave the output folder; a typo in cancer is named with its line
+    evil = tmp_path / "evil.csv"
+    evil.write_text("patient_id,side,cancer\nP_1,LEFT,1\n../../x,LEFT,1\n")
+    with pytest.raises(ValueError, match="evil.csv, line 3: patient_id '../../x' cannot be"):
+        hs.read_patient_sides(evil)
+    typo = tmp_path / "typo.csv"
+    typo.write_bytes(b"\xef\xbb\xbfpatient_id,side,cancer\r\nP_1,LEFT,yes\r\n")
+    with pytest.raises(ValueError, match="typo.csv, line 2: cancer should be 0 or 1"):
+        hs.read_patient_sides(typo)
+    for flag, value in (("--stride", "0"), ("--featurewise-mean", "nan"),
+                        ("--batch-size", "-2"), ("--img-scale", "inf")):
+        with pytest.raises(ValueError, match=f"{flag}.*finite"):
+            hs.run(**vars(hs.get_args_parser().parse_args(
+                [str(root / "img"), str(root / "patch.h5"), "--pat-csv", str(root / "pats.csv"),
+                 "--out", str(tmp_path / "x.npz"), flag, value])))
     with pytest.raises(ValueError, match="unknown net 'vgg99'; valid: .*vgg19"):
         hs.run(str(root / "img"), str(root / "patch.h5"), str(root / "pats.csv"),
                net="vgg99", out=str(tmp_path / "x.npz"))
@@ -179,3 +194,63 @@ def test_real_mammogram_overlay(real_mammogram_dir, keras208_dir, tmp_path, kera
     inside = pic[y + h // 2, x + w // 2]
     assert len(set(inside.tolist())) > 1
     assert len(set(pic[2, 2].tolist())) == 1
+
+
+def test_no_image_found_exits_non_zero_and_writes_nothing(synth, tmp_path, capsys,
+                                                          keras_session):
+    root, _ = synth
+    (tmp_path / "pats.csv").write_text("patient_id,side,cancer\nP_9,LEFT,0\n")
+    with pytest.raises(SystemExit) as info:
+        hs.main([str(root / "img"), str(root / "patch.h5"), "--pat-csv",
+                 str(tmp_path / "pats.csv"), "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no heatmap computed" in err and "P_9_LEFT_CC" in err
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("fprop", [False, True])
+def test_any_images_folder_or_list(synth, tmp_path, keras_session, fprop):
+    """--all-images scores every image under the folder (subfolders too); --img-list the
+    listed ones; one record and one overlay per image, names kept inside --png-dir."""
+    root, model = synth
+    folder = tmp_path / "hospital"
+    _mammogram(folder / "a" / "scan 1.png", 7)
+    _mammogram(folder / "b.png", 8)
+    (folder / "broken.png").write_bytes(b"\x89PNG broken")
+    mode = ["--fprop-mode", "--img-size", "96", "64", "--avg-pool-size", "2", "2"] if fprop \
+        else ["--img-height", str(HEIGHT), "--patch-size", str(P), "--stride", str(STRIDE)]
+    common = [str(folder), str(root / "patch.h5"), "--net", "vgg16", *mode,
+              "--featurewise-center", "--png-dir", str(tmp_path / "png")]
+    summary = hs.main(common + ["--all-images", "--out", str(tmp_path / "all.npz")])
+    recs = hs.load_heatmaps(tmp_path / "all.npz")
+    assert [r["image"].rsplit("hospital/", 1)[1] for r in recs] == \
+        ["b.png", "broken.png", "a/scan 1.png"]   # a folder's files, then its subfolders
+    assert recs[1]["heatmap"] is None and summary["failed"][0][0].endswith("broken.png")
+    assert recs[2]["heatmap"].ndim == 3 and recs[2]["heatmap"].shape[-1] == 3
+    np.testing.assert_allclose(recs[2]["heatmap"].sum(-1), 1, rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == \
+        ["a__scan 1_heatmap.png", "b_heatmap.png"]
+    listing = tmp_path / "list.txt"
+    listing.write_text("b.png\n\n")
+    hs.main(common + ["--img-list", str(listing), "--out", str(tmp_path / "one.pkl")])
+    with open(tmp_path / "one.pkl", "rb") as fh:
+        one = pickle.load(fh)
+    assert [r["image"] for r in one] == [str(folder / "b.png")]
+    np.testing.assert_allclose(one[0]["heatmap"], recs[0]["heatmap"], rtol=1e-6)
+
+
+def test_lambda_model_needs_trust(synth, tmp_path, keras_session):
+    root, _ = synth
+    import tf_keras as keras
+
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Lambda(lambda t: t * 1.0, name="scale")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x)).save(
+        tmp_path / "lambda.h5", save_format="h5")
+    args = [str(root / "img"), str(tmp_path / "lambda.h5"), "--pat-csv", str(root / "pats.csv"),
+            "--img-height", str(HEIGHT), "--patch-size", str(P), "--stride", "32",
+            "--out", str(tmp_path / "x.npz")]
+    with pytest.raises(ValueError, match="lambda.h5.*'scale'"):
+        hs.run(**vars(hs.get_args_parser().parse_args(args)))
+    assert hs.main(args + ["--trust-model-file"])["n_heatmaps"] == 5
