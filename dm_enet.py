@@ -35,12 +35,14 @@ CLASSIFIER_CHOICES = ("sgd", "logistic")
 _FORMAT = "dm_enet.MultiViewDLElasticNet/1"
 
 
-def _load_model(model_or_path, custom_objects=None):
-    """A Keras model, or one loaded from an HDF5 path with ``dm_keras_ext.robust_load_model``."""
+def _load_model(model_or_path, custom_objects=None, safe_mode=True):
+    """A Keras model, or one loaded from an HDF5 path with ``dm_keras_ext.robust_load_model``
+    (a file whose layers carry code is refused unless ``safe_mode`` is False)."""
     if isinstance(model_or_path, (str, os.PathLike)):
         from dm_keras_ext import robust_load_model
 
-        return robust_load_model(os.fspath(model_or_path), custom_objects=custom_objects)
+        return robust_load_model(os.fspath(model_or_path), custom_objects=custom_objects,
+                                 safe_mode=safe_mode)
     if not hasattr(model_or_path, "layers"):
         raise TypeError(f"model_or_path should be a Keras model or an HDF5 path, got "
                         f"{type(model_or_path).__name__}")
@@ -81,6 +83,7 @@ class DLRepr:
         layer_indices: or their indices in ``model.layers`` (negative counts from the end).
             Names are safer: indices change between Keras versions.
         custom_objects: passed to the loader.
+        safe_mode: refuse a model file with Lambda layers (code); False only for trusted files.
 
     Attributes:
         model: the full model.
@@ -94,10 +97,11 @@ class DLRepr:
     """
 
     def __init__(self, model_or_path, layer_names: Optional[Sequence[str]] = None,
-                 layer_indices: Optional[Sequence[int]] = None, custom_objects=None):
+                 layer_indices: Optional[Sequence[int]] = None, custom_objects=None,
+                 safe_mode: bool = True):
         import tf_keras as keras
 
-        self.model = _load_model(model_or_path, custom_objects)
+        self.model = _load_model(model_or_path, custom_objects, safe_mode)
         self.layers = _resolve_layers(self.model, layer_names, layer_indices)
         outputs = []
         for layer in self.layers:
@@ -201,12 +205,14 @@ class MultiViewDLElasticNet:
         max_iter: classifier iterations.
         seed: classifier random state.
         custom_objects: for loading ``dl_model`` from a path.
+        safe_mode: refuse a ``dl_model`` file with Lambda layers (code); False only for
+            trusted files.
     """
 
     def __init__(self, dl_model=None, layer_names=None, layer_indices=None,
                  classifier: str = "sgd", alpha: float = 1e-4, l1_ratio: float = 0.15,
                  standardize: bool = True, max_iter: int = 1000, seed: int = 12345,
-                 custom_objects=None):
+                 custom_objects=None, safe_mode: bool = True):
         if classifier not in CLASSIFIER_CHOICES:
             raise ValueError(f"classifier should be one of {list(CLASSIFIER_CHOICES)}, "
                              f"got {classifier!r}")
@@ -222,7 +228,7 @@ class MultiViewDLElasticNet:
                                          if layer_indices is not None else None),
                        "dl_model_path": (os.fspath(dl_model)
                                          if isinstance(dl_model, (str, os.PathLike)) else None)}
-        self.repr = (DLRepr(dl_model, layer_names, layer_indices, custom_objects)
+        self.repr = (DLRepr(dl_model, layer_names, layer_indices, custom_objects, safe_mode)
                      if dl_model is not None else None)
         self.clf = None
         self.scaler_mean_ = None
@@ -324,7 +330,8 @@ class MultiViewDLElasticNet:
         return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
-    def load(cls, path: PathLike, dl_model=None, custom_objects=None) -> "MultiViewDLElasticNet":
+    def load(cls, path: PathLike, dl_model=None, custom_objects=None,
+             safe_mode: bool = True) -> "MultiViewDLElasticNet":
         """Load a classifier written by :meth:`save`.
 
         Args:
@@ -332,6 +339,7 @@ class MultiViewDLElasticNet:
             dl_model: the network (model or HDF5 path); default the path recorded at save time,
                 if any, else features-only use.
             custom_objects: for loading the network.
+            safe_mode: refuse a network file with Lambda layers (code).
         """
         path = Path(path)
         with np.load(path, allow_pickle=False) as z:
@@ -344,7 +352,7 @@ class MultiViewDLElasticNet:
             raise ValueError(f"{path} is not a MultiViewDLElasticNet file (format mismatch)")
         model_path = config.pop("dl_model_path")
         dl_model = dl_model if dl_model is not None else model_path
-        obj = cls(dl_model=dl_model, custom_objects=custom_objects, **config)
+        obj = cls(dl_model=dl_model, custom_objects=custom_objects, safe_mode=safe_mode, **config)
         clf = obj._new_classifier()
         clf.coef_ = arrays["coef"]
         clf.intercept_ = arrays["intercept"]

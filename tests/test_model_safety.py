@@ -62,3 +62,14 @@ def test_not_a_model_file_names_the_file(tmp_path):
 def test_keras208_files_pass_the_safety_check(keras208_dir):
     for path in sorted(keras208_dir.glob("*.h5")) + sorted(keras208_dir.glob("train_steps/*.h5")):
         E.check_model_file_safe(path)
+
+
+def test_dm_enet_loads_in_safe_mode(keras_session, tmp_path):
+    import dm_enet
+
+    marker = tmp_path / "code_ran"
+    path = _lambda_model_file(keras_session, tmp_path, marker)
+    with pytest.raises(E.UnsafeModelError, match="'sneaky'"):
+        dm_enet.DLRepr(path, layer_names=["top"])
+    assert not marker.exists()
+    assert dm_enet.DLRepr(path, layer_names=["top"], safe_mode=False).model is not None
