@@ -268,18 +268,12 @@ def evaluate_binary(y_true, y_score, threshold: float = DEFAULT_THRESHOLD,
     return res
 
 
-def plot_roc_pr(y_true, y_score, roc_path: PathLike, pr_path: PathLike,
-                title: str = "", metrics: Optional[Dict] = None) -> Tuple[Path, Path]:
-    """Write the ROC curve and the precision-recall curve as PNG files (matplotlib Agg).
+def roc_pr_figures(y_true, y_score, title: str = "", metrics: Optional[Dict] = None):
+    """The ROC and precision-recall curves as two matplotlib Figures (see :func:`plot_roc_pr`).
 
-    Args:
-        y_true, y_score: labels 0/1 and scores (both classes needed).
-        roc_path, pr_path: output PNG paths (folders created).
-        title: prefix of the plot titles.
-        metrics: optional :func:`evaluate_binary` result; AUCs and intervals go in the legend.
-
-    Returns:
-        (roc_path, pr_path) as Paths.
+    Titles give the numbers of positives and negatives; with ``metrics`` (an
+    :func:`evaluate_binary` result) the legend gives the AUCs with their intervals and a red
+    dot marks the operating point at ``metrics["threshold"]``.
     """
     import matplotlib
 
@@ -302,10 +296,17 @@ def plot_roc_pr(y_true, y_score, roc_path: PathLike, pr_path: PathLike,
             text += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
         return text
 
-    paths = []
-    for path, (xs, ys, xlab, ylab, name, diag) in (
-            (roc_path, (fpr, tpr, "1 - specificity", "sensitivity", "auroc", True)),
-            (pr_path, (recall, precision, "recall", "precision", "auprc", False))):
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    point = None
+    if metrics.get("threshold") is not None and metrics.get("sensitivity") is not None:
+        sens, spec = float(metrics["sensitivity"]), float(metrics["specificity"])
+        pred_pos = s >= float(metrics["threshold"])
+        prec = float(y[pred_pos].mean()) if pred_pos.any() else float("nan")
+        point = {True: (1 - spec, sens), False: (sens, prec)}
+    figures = []
+    for xs, ys, xlab, ylab, name, diag in (
+            (fpr, tpr, "1 - specificity", "sensitivity", "auroc", True),
+            (recall, precision, "recall", "precision", "auprc", False)):
         fig = Figure(figsize=(5, 5), dpi=100)
         ax = fig.add_subplot(1, 1, 1)
         ax.plot(xs, ys, lw=2, label=_label(name))
@@ -313,10 +314,38 @@ def plot_roc_pr(y_true, y_score, roc_path: PathLike, pr_path: PathLike,
             ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
         else:
             ax.axhline(y.mean(), ls="--", color="grey", lw=1)
+        if point is not None and np.all(np.isfinite(point[diag])):
+            px, py = point[diag]
+            what = (f"sens {py:.2f}, spec {1 - px:.2f}" if diag
+                    else f"recall {px:.2f}, precision {py:.2f}")
+            ax.plot([px], [py], "o", color="red", ms=7,
+                    label=f"threshold {float(metrics['threshold']):.2f}: {what}")
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel=xlab, ylabel=ylab,
-               title=f"{title} {'ROC' if diag else 'precision-recall'} (n={y.size})".strip())
-        if _label(name):
-            ax.legend(loc="lower right" if diag else "lower left")
+               title=f"{title} {'ROC' if diag else 'precision-recall'} "
+                     f"({n_pos} positive / {n_neg} negative)".strip())
+        if _label(name) or point is not None:
+            ax.legend(loc="lower right" if diag else "lower left", fontsize="small")
+        figures.append(fig)
+    return figures[0], figures[1]
+
+
+def plot_roc_pr(y_true, y_score, roc_path: PathLike, pr_path: PathLike,
+                title: str = "", metrics: Optional[Dict] = None) -> Tuple[Path, Path]:
+    """Write the ROC curve and the precision-recall curve as PNG files (matplotlib Agg).
+
+    Args:
+        y_true, y_score: labels 0/1 and scores (both classes needed).
+        roc_path, pr_path: output PNG paths (folders created).
+        title: prefix of the plot titles (which also give the numbers of positives and
+            negatives).
+        metrics: optional :func:`evaluate_binary` result; AUCs and intervals go in the legend,
+            and its operating point at ``metrics["threshold"]`` is marked on both curves.
+
+    Returns:
+        (roc_path, pr_path) as Paths.
+    """
+    paths = []
+    for path, fig in zip((roc_path, pr_path), roc_pr_figures(y_true, y_score, title, metrics)):
         path = Path(path)
         atomic_write(path, lambda fh, fig=fig, fmt=path.suffix[1:] or "png":
                      fig.savefig(fh, format=fmt))

@@ -122,3 +122,18 @@ def test_evaluate_and_plot(tmp_path):
                                 tmp_path / "m.json")
     loaded = json.loads(path.read_text())
     assert loaded["auroc"] is None and loaded["sensitivity"] == 0.0
+
+
+def test_curves_show_counts_and_the_operating_point():
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.6, 0.3, 0.7, 0.4, 0.9])
+    res = em.evaluate_binary(y, s, threshold=0.5, n_boot=0)
+    roc, pr = em.roc_pr_figures(y, s, title="image", metrics=res)
+    assert roc.axes[0].get_title() == "image ROC (3 positive / 4 negative)"
+    dots = [ln for ln in roc.axes[0].get_lines() if ln.get_marker() == "o"]
+    # at 0.5: tp 2 of 3 (sensitivity 2/3), fp 1 of 4 (specificity 3/4)
+    assert len(dots) == 1
+    np.testing.assert_allclose([dots[0].get_xdata()[0], dots[0].get_ydata()[0]], [1 / 4, 2 / 3])
+    pr_dot = [ln for ln in pr.axes[0].get_lines() if ln.get_marker() == "o"][0]
+    np.testing.assert_allclose([pr_dot.get_xdata()[0], pr_dot.get_ydata()[0]], [2 / 3, 2 / 3])
+    assert "threshold 0.50" in pr_dot.get_label()
