@@ -85,6 +85,7 @@ __all__ = [
     "VIEWS", "HEATMAP_FORMAT", "read_patient_sides", "view_path", "get_preprocess",
     "build_fprop_model", "fprop_heatmap", "sweep_heatmap", "overlay_heatmap", "list_any_images",
     "save_heatmaps", "load_heatmaps", "HEATMAP_SUFFIXES", "run", "get_args_parser", "main",
+    "DEFAULT_CLASS_NAMES", "class_name", "find_roi_mask",
 ]
 
 logger = logging.getLogger(__name__)
@@ -265,8 +266,13 @@ def sweep_heatmap(model, path: Path, opts: dict, batch_size: int, with_mask: boo
 def overlay_heatmap(img: np.ndarray, heatmap: np.ndarray, malignant_class: int,
                     bbox: Optional[Sequence[int]] = None, mask: Optional[np.ndarray] = None,
                     max_height: int = 1024,
-                    alpha: float = 0.45, label: str = "") -> np.ndarray:
+                    alpha: float = 0.45, label: str = "",
+                    roi_mask: Optional[np.ndarray] = None,
+                    colour_bar: bool = True) -> np.ndarray:
     """The image in grey with one heatmap class blended in as a JET colour map.
+
+    A colour bar on the right gives the probability scale (0 blue .. 1 red); a lesion mask
+    (``roi_mask``) is outlined in white.
 
     Args:
         img: (H, W) image, any intensity scale (shown scaled by its max).
@@ -277,9 +283,11 @@ def overlay_heatmap(img: np.ndarray, heatmap: np.ndarray, malignant_class: int,
         max_height: output height limit (the image is shrunk, never enlarged).
         alpha: weight of the colour map.
         label: text drawn in the top-left corner.
+        roi_mask: optional (H, W) lesion mask (non-zero inside), outlined.
+        colour_bar: add the probability colour bar.
 
     Returns:
-        uint8 (h, w, 3) BGR picture.
+        uint8 (h, w, 3) BGR picture (``w`` includes the colour bar).
     """
     if not -heatmap.shape[-1] <= malignant_class < heatmap.shape[-1]:
         raise ValueError(f"malignant_class {malignant_class} out of range for a heatmap with "
@@ -304,11 +312,75 @@ def overlay_heatmap(img: np.ndarray, heatmap: np.ndarray, malignant_class: int,
             small = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
             blend = np.where(small[y0:y1, x0:x1, None] > 0, blend, region)
         pic[y0:y1, x0:x1] = blend
+    scale = float(np.clip(size[0] / 900, 0.25, 1.5))
+    if roi_mask is not None:
+        small = cv2.resize((np.asarray(roi_mask) > 0).astype(np.uint8), size,
+                           interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(pic, contours, -1, (255, 255, 255), max(1, int(2 * scale)))
     if label:
-        scale = float(np.clip(size[0] / 900, 0.25, 1.5))
         cv2.putText(pic, label, (8, int(30 * scale) + 4), cv2.FONT_HERSHEY_SIMPLEX, scale,
                     (255, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
+    if colour_bar:
+        pic = np.concatenate([pic, _colour_bar(size[1], scale)], axis=1)
     return pic
+
+
+def _colour_bar(height: int, scale: float) -> np.ndarray:
+    """A JET colour bar (1 at the top, 0 at the bottom) with 0 / 0.5 / 1 ticks, BGR uint8."""
+    width = max(30, int(round(70 * scale)))
+    bar_w = max(8, width // 3)
+    pad = max(6, int(round(12 * scale)))
+    inner = max(1, height - 2 * pad)
+    levels = np.linspace(255, 0, inner).round().astype(np.uint8)[:, None]
+    out = np.zeros((height, width, 3), np.uint8)
+    out[pad:pad + inner, 2:2 + bar_w] = cv2.applyColorMap(
+        np.repeat(levels, bar_w, axis=1), cv2.COLORMAP_JET)
+    font = max(0.25, 0.45 * scale)
+    for value in (0.0, 0.5, 1.0):
+        y = pad + int(round((1 - value) * (inner - 1)))
+        cv2.putText(out, f"{value:g}", (bar_w + 5, min(height - 2, y + int(5 * scale) + 2)),
+                    cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+#: Patch class names of the 2017 sets, by class count (``--class-list`` overrides them).
+DEFAULT_CLASS_NAMES = {3: ("background", "malignant", "benign"),
+                       5: ("background", "calc_mal", "calc_ben", "mass_mal", "mass_ben"),
+                       2: ("neg", "pos")}
+
+
+def class_name(index: int, nb_class: int, class_list: Optional[Sequence[str]] = None) -> str:
+    """The name of class ``index``: from ``class_list``, else the 2017 sets', else ``class k``."""
+    names = list(class_list) if class_list else DEFAULT_CLASS_NAMES.get(nb_class)
+    if names is not None and len(names) == nb_class:
+        return str(names[index])
+    return f"class {index % nb_class}"
+
+
+def find_roi_mask(roi_mask_dir: Optional[PathLike], stem: str, shape) -> Optional[np.ndarray]:
+    """The union of the lesion masks of image ``stem`` in ``roi_mask_dir``, at ``shape``.
+
+    A mask belongs to the image when its file name holds the image's name as a whole part:
+    ``Mass-Training_P_00001_LEFT_CC_1.png`` for ``P_00001_LEFT_CC``, or ``scan1_mask.png`` /
+    ``scan1.png`` for ``scan1``. None when the folder has none (or is not given).
+    """
+    if roi_mask_dir is None:
+        return None
+    import re
+
+    pattern = re.compile(rf"(^|[_-]){re.escape(stem)}([_.])")
+    union = None
+    for path in sorted(Path(roi_mask_dir).iterdir()):
+        if not path.is_file() or not pattern.search(path.name):
+            continue
+        try:
+            m = dm_image.read_resize_img(path, target_size=tuple(shape), gs_255=True) >= 128
+        except (OSError, ValueError) as exc:
+            logger.warning("skipping unreadable ROI mask %s: %s", path, exc)
+            continue
+        union = m if union is None else union | m
+    return union
 
 
 def _write_png(pic: np.ndarray, path: Path):
@@ -457,11 +529,14 @@ def _score_view(model, path, opts, batch_size, fprop, with_mask):
     return sweep_heatmap(model, path, opts, batch_size, with_mask)
 
 
-def _draw(png_dir, rec, view, heatmap, img, bbox, mask, malignant_class, png_height):
-    name = f"{rec['patient_id']}_{rec['side']}_{view}"
-    label = f"{name}  max p[{malignant_class}] = {heatmap[..., malignant_class].max():.2f}"
-    pic = overlay_heatmap(img, heatmap, malignant_class, bbox, mask, png_height, label=label)
-    _write_png(pic, Path(png_dir) / f"{name}_heatmap.png")
+def _draw(png, name, heatmap, img, bbox, mask):
+    """Write the overlay ``{name}_heatmap.png`` of one image into ``png["dir"]``."""
+    k = png["class"]
+    title = class_name(k, heatmap.shape[-1], png.get("class_list"))
+    label = f"{name}  P({title}) max {heatmap[..., k].max():.2f}"
+    roi = find_roi_mask(png.get("roi_mask_dir"), name, img.shape[:2])
+    pic = overlay_heatmap(img, heatmap, k, bbox, mask, png["height"], label=label, roi_mask=roi)
+    _write_png(pic, Path(png["dir"]) / f"{name}_heatmap.png")
 
 
 def _check_numbers(values: dict, featurewise_mean: float) -> None:
@@ -490,11 +565,7 @@ def _score_image(path, img_folder, model, opts, batch_size, fprop_mode, png, sum
     rec["heatmap"] = heatmap
     summary["n_heatmaps"] += 1
     if png["dir"]:
-        name = _picture_name(Path(path), img_folder)
-        label = f"{name}  max p[{png['class']}] = {heatmap[..., png['class']].max():.2f}"
-        pic = overlay_heatmap(img, heatmap, png["class"], bbox, mask, png["height"],
-                              label=label)
-        _write_png(pic, Path(png["dir"]) / f"{name}_heatmap.png")
+        _draw(png, _picture_name(Path(path), img_folder), heatmap, img, bbox, mask)
         summary["pngs"] += 1
     return rec
 
@@ -519,7 +590,7 @@ def _score_breast(row, model, img_folder, img_extension, opts, batch_size, fprop
         rec[view.lower()] = heatmap
         summary["n_heatmaps"] += 1
         if png["dir"]:
-            _draw(png["dir"], rec, view, heatmap, img, bbox, mask, png["class"], png["height"])
+            _draw(png, f"{rec['patient_id']}_{rec['side']}_{view}", heatmap, img, bbox, mask)
             summary["pngs"] += 1
     return rec
 
@@ -536,6 +607,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         hm_strides: Sequence[int] = (1, 1), malignant_class: int = 1,
         img_extension: str = "png", png_height: int = 1024, verbose: bool = False,
         all_images: bool = False, img_list: Optional[str] = None,
+        class_list: Optional[Sequence[str]] = None, roi_mask_dir: Optional[str] = None,
         trust_model_file: bool = False, custom_objects: Optional[dict] = None) -> dict:
     """Compute heatmaps for every (patient, side) and write them (and optional PNGs).
 
@@ -577,13 +649,17 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     if not -nb_class <= malignant_class < nb_class:
         raise ValueError(f"malignant_class {malignant_class} out of range for {nb_class} "
                          f"classes of {dl_state}")
+    if class_list is not None and len(class_list) != nb_class:
+        raise ValueError(f"--class-list names {len(class_list)} classes ({list(class_list)}) "
+                         f"but {dl_state} outputs {nb_class}")
     opts = dict(img_height=img_height, img_size=tuple(img_size), img_scale=img_scale,
                 rescale_factor=rescale_factor, equalize_hist=equalize_hist,
                 featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
                 preprocess=None if featurewise_center else get_preprocess(net),
                 patch_size=patch_size, stride=stride)
     summary = {"missing": [], "failed": [], "pngs": 0, "n_heatmaps": 0}
-    png = {"dir": png_dir, "class": malignant_class, "height": png_height}
+    png = {"dir": png_dir, "class": malignant_class, "height": png_height,
+           "class_list": class_list, "roi_mask_dir": roi_mask_dir}
     if any_images:
         with dm_image.progress(len(paths), "heatmaps", unit="img", verbose=verbose) as bar:
             records = []
@@ -663,6 +739,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     anyimg.add_argument("--img-list", default=d["img_list"], metavar="FILE",
                         help="score the images listed in FILE, one path a line (relative "
                              "to IMG_FOLDER) (default: none)")
+    pics = parser.add_argument_group("overlay pictures (with --png-dir)")
+    pics.add_argument("--class-list", nargs="+", default=d["class_list"], metavar="NAME",
+                      help="names of the model's classes, for the pictures (default: the 2017 "
+                           "3- or 5-class patch sets by class count)")
+    pics.add_argument("--roi-mask-dir", default=d["roi_mask_dir"], metavar="DIR",
+                      help="outline the lesion masks found here (file names holding the "
+                           "image's name, e.g. Mass-Training_P_00001_LEFT_CC_1.png) "
+                           "(default: none)")
     add_trust_flag(parser)
     add_bool_flag(parser, "verbose", d["verbose"], "progress display")
     return parser

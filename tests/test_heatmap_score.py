@@ -90,8 +90,8 @@ def test_sweep_mode_shapes_values_and_missing_views(synth, tmp_path, caplog, ker
     pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert len(pngs) == 5 and "P_1_LEFT_CC_heatmap.png" in pngs
     pic = cv2.imread(str(tmp_path / "png" / "P_1_LEFT_CC_heatmap.png"))
-    assert pic.shape == (HEIGHT, img.shape[1], 3)
-    assert (pic[..., 0] != pic[..., 2]).any()      # coloured, not grey
+    assert pic.shape[0] == HEIGHT and pic.shape[1] - img.shape[1] >= 30   # + colour bar
+    assert (pic[:, :img.shape[1], 0] != pic[:, :img.shape[1], 2]).any()   # coloured, not grey
 
 
 def test_fprop_mode_and_pat_list(synth, tmp_path, keras_session):
@@ -109,7 +109,7 @@ def test_fprop_mode_and_pat_list(synth, tmp_path, keras_session):
     assert recs[0]["cc"].shape == (13, 9, 3) and recs[0]["mlo"].shape == (13, 9, 3)
     np.testing.assert_allclose(recs[0]["cc"].sum(-1), 1, atol=1e-5)
     assert summary["pngs"] == 2
-    assert cv2.imread(str(tmp_path / "png" / "P_2_LEFT_MLO_heatmap.png")).shape == (64, 48, 3)
+    assert cv2.imread(str(tmp_path / "png" / "P_2_LEFT_MLO_heatmap.png")).shape[:2] == (64, 78)
 
 
 def test_npz_is_plain_and_old_pickles_need_the_flag(tmp_path):
@@ -189,7 +189,7 @@ def test_real_mammogram_overlay(real_mammogram_dir, keras208_dir, tmp_path, kera
     assert hm.shape == (_nb(h + 2 * (patch // 2), patch, stride),
                         _nb(w + 2 * (patch // 2), patch, stride), 3)
     pic = cv2.imread(str(tmp_path / "png" / "1_R_CC_heatmap.png"))
-    assert pic.shape == (256, int(256 / 3328 * 2560), 3)
+    assert pic.shape[:2] == (256, int(256 / 3328 * 2560) + 30)
     # coloured inside the breast box only
     inside = pic[y + h // 2, x + w // 2]
     assert len(set(inside.tolist())) > 1
@@ -254,3 +254,31 @@ def test_lambda_model_needs_trust(synth, tmp_path, keras_session):
     with pytest.raises(ValueError, match="lambda.h5.*'scale'"):
         hs.run(**vars(hs.get_args_parser().parse_args(args)))
     assert hs.main(args + ["--trust-model-file"])["n_heatmaps"] == 5
+
+
+def test_overlay_colour_bar_roi_outline_and_class_name(tmp_path):
+    img = np.full((100, 80), 1000.0, np.float32)
+    heatmap = np.zeros((10, 8, 3), np.float32)
+    heatmap[..., 1] = 0.9
+    heatmap[..., 0] = 0.1
+    roi = np.zeros((100, 80), np.uint8)
+    roi[40:60, 30:50] = 1
+    pic = hs.overlay_heatmap(img, heatmap, 1, max_height=100, roi_mask=roi)
+    assert pic.shape[:2] == (100, 110)
+    bar = pic[:, 80:]
+    top, bottom = bar[14, 5].astype(int), bar[85, 5].astype(int)
+    assert top[2] > top[0] and bottom[0] > bottom[2]            # red at 1, blue at 0 (BGR)
+    assert (pic[40, 30:50] == 255).all(axis=-1).any()             # the lesion outline, white
+    assert not (pic[10, 10] == 255).all()
+    plain = hs.overlay_heatmap(img, heatmap, 1, max_height=100, colour_bar=False)
+    assert plain.shape[:2] == (100, 80)
+    assert hs.class_name(1, 3) == "malignant" and hs.class_name(3, 5) == "mass_mal"
+    assert hs.class_name(1, 2, ["benign", "cancer"]) == "cancer"
+    assert hs.class_name(2, 4) == "class 2"
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    cv2.imwrite(str(masks / "Mass-Training_P_1_LEFT_CC_1.png"), roi * 255)
+    cv2.imwrite(str(masks / "Calc-Training_P_11_LEFT_CC_1.png"), np.full_like(roi, 255))
+    found = hs.find_roi_mask(masks, "P_1_LEFT_CC", (50, 40))
+    assert found.shape == (50, 40) and abs(int(found.sum()) - 10 * 10) <= 10
+    assert hs.find_roi_mask(masks, "P_2_LEFT_CC", (50, 40)) is None
