@@ -1,25 +1,33 @@
-"""Mammogram image I/O, preprocessing, patch utilities and data generators.
+"""Mammogram images: files, breast geometry, the input recipe, augmentation and generators.
 
 Part of the reimplementation of the all-convolutional whole-mammogram classifier of
 Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
 Sci Rep 9, 12495 (2019); arXiv:1708.09427.
 
-Pixel scale conventions used throughout (SPEC section 3): images are read in their stored dtype
-(uint16 0..65535 for 16-bit PNG and DICOM, uint8 0..255 for 8-bit files), resized, converted to
-float32, and optionally brought to a 0..255 scale by ``rescale_factor`` (255/65535 = 0.003891 for
-16-bit PNG) before featurewise centring.
+The sections follow the data: image files are read, resized and written (I/O); the breast is
+segmented and cut into crops and patches (geometry); intensities are brought to the scale a
+model was trained on (intensity, with :class:`InputRecipe`, the one description of how a stored
+image becomes model input); training images are augmented (augmentation), standardised
+(:class:`DMImageDataGenerator`) and batched (the iterators, with RAM and disk caches); trained
+models are applied to whole images (prediction).
+
+Pixel scales: images are read in their stored dtype (uint16 0..65535 for 16-bit PNG and DICOM,
+uint8 0..255 for 8-bit files), resized, converted to float32, optionally scaled so that their
+maximum becomes ``img_scale`` (``target_scale`` in the 2017 names), then multiplied by
+``rescale_factor`` (255/65535 = 0.003891 brings 16-bit images to 0..255) before histogram
+equalisation and featurewise centring.
+
+Importing this module does not load TensorFlow (the patch sampler and the CBIS-DDSM
+preparation, and their worker processes, use only the image functions): the iterator classes,
+which are ``tf_keras.utils.Sequence`` subclasses, are created on first use, and a recipe's
+backbone preprocessing function is looked up only when it is applied.
 """
+import dataclasses
+import functools
+import hashlib
+import json
 import logging
-
-import numpy as np
-
-logger = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------
-# Section 1: image I/O, segmentation and patch utilities (issue 2). Names: _IO_ALL.
-# ----------------------------------------------------------------------------------------------
-_IO_ALL = []
-
+import math
 import os
 import struct
 import sys
@@ -28,14 +36,80 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, ClassVar, List, Optional, Sequence, Tuple, Union
 
 import cv2
+import numpy as np
+
+try:  # libdeflate (the "deflate" package): same zlib stream format, about 2x faster at level 1
+    import deflate as _libdeflate
+except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
+    _libdeflate = None
+
+__all__ = [
+    # I/O
+    "ImageReadError", "IMG_EXTENSIONS", "read_image", "read_resize_stored", "read_resize_img",
+    "atomic_write", "write_png", "list_images", "list_class_images", "progress",
+    # geometry
+    "segment_breast", "crop_img", "add_img_margins", "sweep_img_patches", "get_roi_patches",
+    "kmeans", "clust_kpts",
+    # intensity
+    "hist_equalize", "intensity_scale_problem", "InputRecipe", "RECIPE_ATTR",
+    # augmentation
+    "keras20_transform_matrix", "fused_warp_matrix",
+    # generator, labels and iterators
+    "DMImageDataGenerator", "to_sparse", "index_balancer", "batch_balance_weights",
+    "DMDirectoryIterator", "DMNumpyArrayIterator",
+    # caches
+    "cached_read", "load_dat_ram",
+    # prediction
+    "read_img_for_pred", "get_prob_heatmap",
+    # 2017 compatibility
+    "DMImagePreprocessor",
+]
+
+logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
+#: File name extensions read as images everywhere (folders, lists, class subfolders).
+IMG_EXTENSIONS = ("png", "jpg", "jpeg", "pgm", "tif", "tiff", "dcm", "dicom")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _U16_MAX = 65535
+_CLASS_MODES = ("categorical", "binary", "sparse", None)
+_DATA_FORMATS = ("channels_last", "channels_first")
+_BORDER_MODES = {"nearest": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT,
+                 "reflect": cv2.BORDER_REFLECT, "wrap": cv2.BORDER_WRAP}
+
+_WARNED = set()
+
+
+def _warn_once(message: str) -> None:
+    """``logger.warning(message)`` the first time this exact message comes up."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int; ValueError naming ``name`` unless it is an integer > 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or value <= 0:
+        raise ValueError(f"{name} should be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive(name: str, value) -> float:
+    """``value`` as a float; ValueError naming ``name`` unless it is a number > 0."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or not value > 0:
+        raise ValueError(f"{name} should be > 0, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files: reading and resizing in the file's own levels (uint16 / uint8), writing
+# atomically, listing folders; a progress display.
+# ----------------------------------------------------------------------------------------------
 
 
 class ImageReadError(OSError):
@@ -204,31 +278,43 @@ def read_image(fname: PathLike, gs_255: bool = False) -> np.ndarray:
     return _to_greyscale(img, path)
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value <= 0:
-        raise ValueError(f"{name} should be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_positive(name: str, value) -> float:
-    if not isinstance(value, (int, float, np.integer, np.floating)) or not value > 0:
-        raise ValueError(f"{name} should be > 0, got {value!r}")
-    return float(value)
-
-
 def _resize_target(shape: Tuple[int, int], target_size, target_height) -> Tuple[int, int]:
     """(height, width) to resize to; width truncated to int when only the height is given."""
     if target_height is not None:
-        height = _check_positive_int("target_height", target_height)
+        height = _positive_int("target_height", target_height)
         width = int(float(height) / shape[0] * shape[1])
         if width <= 0:
             raise ValueError(f"target_height {height} gives width 0 for image shape {shape}")
         return height, width
     if len(target_size) != 2:
         raise ValueError(f"target_size should be (height, width), got {target_size!r}")
-    return (_check_positive_int("target_size[0]", target_size[0]),
-            _check_positive_int("target_size[1]", target_size[1]))
+    return (_positive_int("target_size[0]", target_size[0]),
+            _positive_int("target_size[1]", target_size[1]))
+
+
+def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = None,
+                       target_height: Optional[int] = None, gs_255: bool = False) -> np.ndarray:
+    """The first steps of :func:`read_resize_img`, in the file's own dtype: read and resize.
+
+    ``read_resize_img(f, size)`` equals ``read_resize_stored(f, size).astype(np.float32)``
+    (then scaled); this form skips the float32 copy where integer levels are wanted (patch
+    sampling, the image caches): uint16 for 16-bit files, uint8 for 8-bit files and masks.
+
+    Args:
+        fname, target_size, target_height, gs_255: as in :func:`read_resize_img`.
+
+    Returns:
+        (height, width) array in the dtype of :func:`read_image`'s result.
+    """
+    if (target_size is None) == (target_height is None):
+        raise ValueError("exactly one of target_size=(height, width) and target_height is "
+                         f"required, got target_size={target_size!r}, "
+                         f"target_height={target_height!r}")
+    img = read_image(fname, gs_255=gs_255)
+    height, width = _resize_target(img.shape, target_size, target_height)
+    if (height, width) != img.shape:
+        img = cv2.resize(img, dsize=(width, height), interpolation=cv2.INTER_CUBIC)
+    return img
 
 
 def read_resize_img(fname: PathLike, target_size: Optional[Sequence[int]] = None,
@@ -262,23 +348,12 @@ def read_resize_img(fname: PathLike, target_size: Optional[Sequence[int]] = None
         ImageReadError: the file cannot be read as an image.
     """
     if target_scale is not None:
-        _check_positive("target_scale", target_scale)
+        _positive("target_scale", target_scale)
     if rescale_factor is not None:
-        _check_positive("rescale_factor", rescale_factor)
-    img = read_resize_stored(  # checks target_size / target_height before reading
-        fname, target_size, target_height, gs_255).astype(np.float32)
-    if target_scale is not None:
-        img_max = float(img.max())
-        img *= np.float32(float(target_scale) / (img_max if img_max != 0 else target_scale))
-    if rescale_factor is not None:
-        img *= np.float32(rescale_factor)
-    return img
-
-
-try:  # libdeflate (the "deflate" package): same zlib stream format, about 2x faster at level 1
-    import deflate as _libdeflate
-except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
-    _libdeflate = None
+        _positive("rescale_factor", rescale_factor)
+    stored = read_resize_stored(  # checks target_size / target_height before reading
+        fname, target_size, target_height, gs_255)
+    return _scale_stored(stored, target_scale, rescale_factor)
 
 
 def _zlib_level1(data) -> bytes:
@@ -314,58 +389,6 @@ def _encode_png_grey(img: np.ndarray) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8 * depth, 0, 0, 0, 0)  # greyscale
     return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
             + _png_chunk(b"IEND", b""))
-
-
-class _LineProgress:
-    """Progress for a log file: one ``logger.info`` line every ``every`` items and at the end."""
-
-    def __init__(self, total: Optional[int], desc: str, unit: str, every: int):
-        self.total, self.desc, self.unit, self.every = total, desc, unit, max(1, int(every))
-        self.n, self._next, self._t0 = 0, self.every, time.perf_counter()
-        self._quiet = False
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if self.n >= self._next and not self._quiet and (self.total is None
-                                                          or self.n < self.total):
-            self._line()
-            self._next = (self.n // self.every + 1) * self.every
-
-    def _line(self) -> None:
-        of = f"/{self.total}" if self.total is not None else ""
-        logger.info("%s: %d%s %s (%.0f s)", self.desc, self.n, of, self.unit,
-                    time.perf_counter() - self._t0)
-
-    def close(self) -> None:
-        if self.n and not self._quiet:
-            self._line()
-
-    def _silent(self) -> "_LineProgress":
-        self._quiet = True
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def progress(total: Optional[int], desc: str, unit: str = "img", verbose: bool = True,
-             every: Optional[int] = None):
-    """A progress display for a loop of ``total`` items: ``with progress(...) as bar: bar.update()``.
-
-    On a terminal it is a tqdm bar (on stderr); when stderr is a file or a pipe (a batch job's
-    log) it is a line every ``every`` items (default: a tenth of ``total``) through logging, so
-    logs stay readable; with ``verbose`` False it shows nothing.
-    """
-    if not verbose:
-        return _LineProgress(total, desc, unit, every=1 << 62)._silent()
-    if sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, desc=desc, unit=unit)
-    return _LineProgress(total, desc, unit, every or max(1, (total or 100) // 10))
 
 
 _UMASK_LOCK = threading.Lock()
@@ -457,36 +480,138 @@ def write_png(path: PathLike, img: np.ndarray, bilevel: bool = False) -> None:
     atomic_write(path, lambda fh: fh.write(buf))
 
 
-def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = None,
-                       target_height: Optional[int] = None, gs_255: bool = False) -> np.ndarray:
-    """The first steps of :func:`read_resize_img`, in the file's own dtype: read and resize.
+def _has_image_ext(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMG_EXTENSIONS if "." in name else False
 
-    ``read_resize_img(f, size)`` equals ``read_resize_stored(f, size).astype(np.float32)``
-    (then scaled); this form skips the float32 copy where integer levels are wanted (patch
-    sampling, the image caches): uint16 for 16-bit files, uint8 for 8-bit files and masks.
+
+def list_images(directory, follow_links=False) -> List[str]:
+    """Every image file under ``directory`` (recursively), as sorted relative paths.
+
+    Image files are those with an extension in :data:`IMG_EXTENSIONS` (any case); folders and
+    file names are sorted, so the order is the same on every machine.
+
+    Raises:
+        ValueError: the folder does not exist or holds no image.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ValueError(f"image folder {directory!r} does not exist or is not a folder")
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=follow_links):
+        dirs.sort()
+        rel = os.path.relpath(root, directory)
+        found.extend(os.path.normpath(os.path.join(rel, f)) for f in sorted(files)
+                     if _has_image_ext(f))
+    if not found:
+        raise ValueError(f"no images (extensions {', '.join(IMG_EXTENSIONS)}) found in "
+                         f"{directory!r}")
+    return found
+
+
+def list_class_images(directory, classes=None, follow_links=False):
+    """List the images of a folder with one subfolder per class, in a deterministic order.
 
     Args:
-        fname, target_size, target_height, gs_255: as in :func:`read_resize_img`.
+        directory: folder holding one subfolder per class (e.g. ``neg/``, ``pos/``).
+        classes: class names in label order; default: the subfolder names, sorted.
+        follow_links: follow symbolic links to folders.
 
     Returns:
-        (height, width) array in the dtype of :func:`read_image`'s result.
+        (class_names, filenames, labels): ``filenames`` are paths relative to ``directory``,
+        class by class, each class's files found recursively with folders and file names
+        sorted; ``labels`` is an int64 array of class indices.
+
+    Raises:
+        ValueError: the folder does not exist, a given class has no subfolder, or no image
+            with an accepted extension (png, jpg, jpeg, pgm, tif, tiff, dcm) is found.
     """
-    if (target_size is None) == (target_height is None):
-        raise ValueError("exactly one of target_size=(height, width) and target_height is "
-                         f"required, got target_size={target_size!r}, "
-                         f"target_height={target_height!r}")
-    img = read_image(fname, gs_255=gs_255)
-    height, width = _resize_target(img.shape, target_size, target_height)
-    if (height, width) != img.shape:
-        img = cv2.resize(img, dsize=(width, height), interpolation=cv2.INTER_CUBIC)
-    return img
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ValueError(f"image folder {directory!r} does not exist or is not a folder")
+    if classes is None:
+        classes = sorted(d for d in os.listdir(directory)
+                         if os.path.isdir(os.path.join(directory, d)))
+    classes = list(classes)
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"class names should be unique, got {classes}")
+    filenames, labels = [], []
+    for label, name in enumerate(classes):
+        sub = os.path.join(directory, name)
+        if not os.path.isdir(sub):
+            raise ValueError(f"class {name!r} has no subfolder: {sub!r} does not exist")
+        found = []
+        for root, dirs, files in os.walk(sub, followlinks=follow_links):
+            dirs.sort()
+            rel = os.path.relpath(root, directory)
+            found.extend(os.path.join(rel, f) for f in sorted(files) if _has_image_ext(f))
+        if not found:
+            logger.warning("class %r has no images in %s", name, sub)
+        filenames.extend(found)
+        labels.extend([label] * len(found))
+    if not filenames:
+        raise ValueError(f"no images (extensions {', '.join(IMG_EXTENSIONS)}) found in class "
+                         f"subfolders {classes} of {directory!r}")
+    return classes, filenames, np.asarray(labels, dtype=np.int64)
 
 
-_IO_ALL += ["ImageReadError", "atomic_write", "progress", "intensity_scale_problem",
-            "read_image", "read_resize_img", "read_resize_stored", "write_png"]
+class _LineProgress:
+    """Progress for a log file: one ``logger.info`` line every ``every`` items and at the end."""
+
+    def __init__(self, total: Optional[int], desc: str, unit: str, every: int):
+        self.total, self.desc, self.unit, self.every = total, desc, unit, max(1, int(every))
+        self.n, self._next, self._t0 = 0, self.every, time.perf_counter()
+        self._quiet = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.n >= self._next and not self._quiet and (self.total is None
+                                                          or self.n < self.total):
+            self._line()
+            self._next = (self.n // self.every + 1) * self.every
+
+    def _line(self) -> None:
+        of = f"/{self.total}" if self.total is not None else ""
+        logger.info("%s: %d%s %s (%.0f s)", self.desc, self.n, of, self.unit,
+                    time.perf_counter() - self._t0)
+
+    def close(self) -> None:
+        if self.n and not self._quiet:
+            self._line()
+
+    def _silent(self) -> "_LineProgress":
+        self._quiet = True
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-# ---- breast segmentation -------------------------------------------------------------------
+def progress(total: Optional[int], desc: str, unit: str = "img", verbose: bool = True,
+             every: Optional[int] = None):
+    """A progress display for a loop of ``total`` items: ``with progress(...) as bar: bar.update()``.
+
+    On a terminal it is a tqdm bar (on stderr); when stderr is a file or a pipe (a batch job's
+    log) it is a line every ``every`` items (default: a tenth of ``total``) through logging, so
+    logs stay readable; with ``verbose`` False it shows nothing.
+    """
+    if not verbose:
+        return _LineProgress(total, desc, unit, every=1 << 62)._silent()
+    if sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit)
+    return _LineProgress(total, desc, unit, every or max(1, (total or 100) // 10))
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry: breast segmentation, crops and margins, patch sweeps, keypoint patches and their
+# k-means clusters.
+# ----------------------------------------------------------------------------------------------
+
+
 def _levels_8bit(values: np.ndarray, img_max: float) -> np.ndarray:
     """``uint8(clip(values / img_max * 255))`` computed in float32 (the 2017 8-bit view)."""
     scaled = values.astype(np.float32)
@@ -583,13 +708,6 @@ def segment_breast(img: np.ndarray, low_int_threshold: float = 0.05, crop: bool 
     return np.where(mask > 0, img, np.zeros((), img.dtype)), (x, y, w, h)
 
 
-class DMImagePreprocessor:
-    """2017 name space for preprocessing: ``DMImagePreprocessor.segment_breast(img, ...)``."""
-
-    segment_breast = staticmethod(segment_breast)
-
-
-# ---- cropping and margins -----------------------------------------------------------------
 def crop_img(img: np.ndarray, bbox: Sequence[int]) -> np.ndarray:
     """Crop ``img[y:y+h, x:x+w]`` for ``bbox = (x, y, w, h)``.
 
@@ -629,40 +747,6 @@ def add_img_margins(img: np.ndarray, margin: int) -> np.ndarray:
     return np.pad(img, ((m, m), (m, m)) + ((0, 0),) * (img.ndim - 2), mode="constant")
 
 
-# ---- histogram equalisation ---------------------------------------------------------------
-def hist_equalize(img: np.ndarray) -> np.ndarray:
-    """OpenCV 8-bit histogram equalisation of a 2-D image; float32 0..255 out.
-
-    The one rule used everywhere (training generators, prediction, heatmap sweeps): an image
-    already in 0..255 (the documented use, after ``rescale_factor``; values in (-1, 256), which
-    the 2017 cast also truncated into 0..255) is cast to uint8 by truncation, as the 2017 code
-    did; any other image (e.g. 16-bit levels without a rescale
-    factor) is first scaled by its maximum to 0..255, negative values clipped to 0, where the
-    2017 cast would have wrapped around.
-
-    Args:
-        img: (H, W) image, any real dtype.
-
-    Returns:
-        float32 (H, W), values 0..255.
-    """
-    return _equalize_to_u8(img).astype(np.float32)
-
-
-def _equalize_to_u8(img: np.ndarray) -> np.ndarray:
-    # "In 0..255" includes what the 2017 truncating cast also mapped into 0..255 (e.g. 255.00002
-    # from float32 rounding of 65535 * 255/65535), so that the max-scaling applies only to
-    # images really on another scale.
-    if img.size == 0 or (img.min() > -1 and img.max() < 256):
-        img_u8 = np.clip(img, 0, 255).astype(np.uint8)
-    else:
-        img_max = float(img.max())
-        scale = 255.0 / img_max if img_max > 0 else 0.0
-        img_u8 = np.clip(img.astype(np.float64) * scale, 0, 255).astype(np.uint8)
-    return cv2.equalizeHist(img_u8)
-
-
-# ---- patch sweeping -----------------------------------------------------------------------
 def _nb_sweep_steps(extent: int, patch_size: int, stride: int) -> int:
     """2017 count of sweep positions: round((extent - patch) / stride + 0.49), half up, >= 1."""
     return max(1, int(np.floor((extent - patch_size) / stride + 0.49 + 0.5)))
@@ -670,8 +754,8 @@ def _nb_sweep_steps(extent: int, patch_size: int, stride: int) -> int:
 
 def _sweep_grid(shape: Tuple[int, ...], patch_size: int, stride: int):
     """(nb_row, nb_col, y_gap, x_gap) of the centred 2017 sweep; validates the arguments."""
-    patch_size = _check_positive_int("patch_size", patch_size)
-    stride = _check_positive_int("stride", stride)
+    patch_size = _positive_int("patch_size", patch_size)
+    stride = _positive_int("stride", stride)
     if shape[0] < patch_size or shape[1] < patch_size:
         raise ValueError(f"image of shape {shape[:2]} is smaller than patch_size {patch_size}")
     nb_row = _nb_sweep_steps(shape[0], patch_size, stride)
@@ -679,28 +763,6 @@ def _sweep_grid(shape: Tuple[int, ...], patch_size: int, stride: int):
     y_gap = (shape[0] - patch_size - (nb_row - 1) * stride) // 2
     x_gap = (shape[1] - patch_size - (nb_col - 1) * stride) // 2
     return nb_row, nb_col, y_gap, x_gap
-
-
-def _scale_equalize_patches(patches: np.ndarray, target_scale: Optional[float],
-                            equalize_hist: bool) -> np.ndarray:
-    """Per-patch ``target_scale`` (patch max -> target_scale) and equalisation.
-
-    ``patches`` has shape (..., p, p) (a strided view is copied once); returns float32
-    (N, p, p). The scaling is computed in float64 and rounded to float32 once (equalisation
-    sees the float64 values), as in 2017.
-    """
-    exact_in_f32 = patches.dtype in (np.uint8, np.int8, np.uint16, np.int16, np.float16,
-                                     np.float32, np.bool_) and not equalize_hist
-    out = np.array(patches, dtype=np.float32 if exact_in_f32 else np.float64)
-    out = out.reshape((-1,) + out.shape[-2:])
-    if target_scale is not None and len(out):
-        p_max = out.max(axis=(1, 2)).astype(np.float64)
-        factor = target_scale / np.where(p_max != 0, p_max, target_scale)
-        np.multiply(out, factor[:, None, None], out=out, dtype=np.float64, casting="unsafe")
-    if equalize_hist:
-        return np.stack([hist_equalize(p) for p in out]) if len(out) else \
-            out.astype(np.float32)
-    return out.astype(np.float32, copy=False)
 
 
 def sweep_img_patches(img: np.ndarray, patch_size: int, stride: int,
@@ -734,7 +796,6 @@ def sweep_img_patches(img: np.ndarray, patch_size: int, stride: int,
     return _scale_equalize_patches(windows, target_scale, equalize_hist), nb_row, nb_col
 
 
-# ---- keypoint patches ---------------------------------------------------------------------
 def _kpt_xy(key_pts) -> np.ndarray:
     """(N, 2) float64 (x, y) coordinates from cv2.KeyPoint objects or an (N, 2) array."""
     if len(key_pts) and isinstance(key_pts[0], cv2.KeyPoint):
@@ -768,8 +829,8 @@ def get_roi_patches(img: np.ndarray, key_pts, roi_size: Sequence[int] = (256, 25
     img = np.asarray(img)
     if img.ndim != 2:
         raise ValueError(f"get_roi_patches expects a 2-D image, got shape {img.shape}")
-    h = _check_positive_int("roi_size[0]", roi_size[0])
-    w = _check_positive_int("roi_size[1]", roi_size[1])
+    h = _positive_int("roi_size[0]", roi_size[0])
+    w = _positive_int("roi_size[1]", roi_size[1])
     xy = _kpt_xy(key_pts)
     if len(xy) == 0:
         return np.zeros((0, h, w), np.float32)
@@ -782,271 +843,450 @@ def get_roi_patches(img: np.ndarray, key_pts, roi_size: Sequence[int] = (256, 25
     return np.ascontiguousarray(windows[rows, cols])
 
 
+def kmeans(points, k: int, seed=12345, iters: int = 30) -> Tuple[np.ndarray, np.ndarray]:
+    """K-means of 2-D points: k-means++ seeding, then at most ``iters`` Lloyd iterations.
+
+    A small NumPy k-means, fast for the few hundred keypoints of a mammogram and safe in
+    forked worker processes (where OpenMP-backed k-means implementations can deadlock). An
+    emptied cluster keeps its centre.
+
+    Args:
+        points: (n, d) float coordinates, n >= k.
+        k: number of clusters (> 0).
+        seed: an int seed or a ``np.random.Generator`` for the seeding.
+        iters: largest number of Lloyd iterations.
+
+    Returns:
+        (labels, centres): int (n,) cluster of each point, float64 (k, d) centres.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    k = _positive_int("k", k)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    centres = [pts[rng.integers(len(pts))]]
+    d2 = ((pts - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        centres.append(pts[rng.choice(len(pts), p=d2 / d2.sum())] if d2.sum() > 0
+                       else pts[rng.integers(len(pts))])
+        d2 = np.minimum(d2, ((pts - centres[-1]) ** 2).sum(axis=1))
+    centres = np.array(centres)
+    labels = np.full(len(pts), -1)
+    for _ in range(iters):
+        # nearest centre: argmin of |c|^2 - 2 p.c (|p - c|^2 without the constant |p|^2)
+        new = ((centres ** 2).sum(axis=1) - 2.0 * pts @ centres.T).argmin(axis=1)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+        size = np.bincount(labels, minlength=k)
+        used = size > 0
+        for d in range(pts.shape[1]):
+            centres[used, d] = np.bincount(labels, pts[:, d], minlength=k)[used] / size[used]
+    return labels, centres
+
+
 def clust_kpts(key_pts, nb_clust: int, seed: int = 12345, return_centers: bool = False):
     """Group keypoints by k-means on their (x, y) and keep one representative per cluster.
 
-    K-means (scikit-learn, k-means++, 10 inits, 30 iterations, ``random_state=seed``, as in
-    2017). The representative of a cluster is its keypoint of largest ``size``, then largest
+    K-means of :func:`kmeans` (k-means++ seeding from ``seed``, at most 30 Lloyd
+    iterations). The representative of a cluster is its keypoint of largest ``size``, then largest
     ``response`` (cv2.KeyPoint input), or the point nearest the cluster centre (array input).
     With ``nb_clust`` or fewer keypoints all are returned.
 
     Args:
         key_pts: cv2.KeyPoint list or an (N, 2) array of (x, y).
         nb_clust: number of clusters (> 0).
-        seed: k-means random state.
+        seed: k-means seed.
         return_centers: return the (nb_clust, 2) float64 cluster centres instead (2017 output).
 
     Returns:
         At most ``nb_clust`` keypoints, in input order: a list of cv2.KeyPoint for KeyPoint
         input, else an (M, 2) float64 array of (x, y).
     """
-    from sklearn.cluster import KMeans
-
-    nb_clust = _check_positive_int("nb_clust", nb_clust)
+    nb_clust = _positive_int("nb_clust", nb_clust)
     xy = _kpt_xy(key_pts)
     is_kp = len(xy) > 0 and isinstance(key_pts[0], cv2.KeyPoint)
     if len(xy) <= nb_clust:
         return xy if return_centers else (list(key_pts) if is_kp else xy)
-    km = KMeans(nb_clust, init="k-means++", n_init=10, max_iter=30, random_state=seed).fit(xy)
+    labels, centres = kmeans(xy, nb_clust, seed)
     if return_centers:
-        return km.cluster_centers_
-    dist = np.linalg.norm(xy - km.cluster_centers_[km.labels_], axis=1)
+        return centres
+    dist = np.linalg.norm(xy - centres[labels], axis=1)
     size = np.array([kp.size for kp in key_pts]) if is_kp else np.zeros(len(xy))
     resp = np.array([kp.response for kp in key_pts]) if is_kp else np.zeros(len(xy))
     order = np.lexsort((dist, -resp, -size))  # best first: size, response, nearness
-    _, first = np.unique(km.labels_[order], return_index=True)
+    _, first = np.unique(labels[order], return_index=True)
     chosen = np.sort(order[first])
     return [key_pts[i] for i in chosen] if is_kp else xy[chosen]
 
 
-# ---- labels and class balance ---------------------------------------------------------------
-def to_sparse(y: np.ndarray) -> np.ndarray:
-    """Class indices from labels: one-hot / probability rows -> argmax; 1-D -> as int.
+# ----------------------------------------------------------------------------------------------
+# Intensity: scaling, histogram equalisation and the input recipe.
+# ----------------------------------------------------------------------------------------------
+
+
+def hist_equalize(img: np.ndarray) -> np.ndarray:
+    """OpenCV 8-bit histogram equalisation of a 2-D image; float32 0..255 out.
+
+    The one rule used everywhere (training generators, prediction, heatmap sweeps): an image
+    already in 0..255 (the documented use, after ``rescale_factor``; values in (-1, 256), which
+    the 2017 cast also truncated into 0..255) is cast to uint8 by truncation, as the 2017 code
+    did; any other image (e.g. 16-bit levels without a rescale
+    factor) is first scaled by its maximum to 0..255, negative values clipped to 0, where the
+    2017 cast would have wrapped around.
 
     Args:
-        y: (N,) class indices or (N, nb_class) one-hot / probability matrix.
+        img: (H, W) image, any real dtype.
 
     Returns:
-        int64 array of shape (N,).
+        float32 (H, W), values 0..255.
     """
-    y = np.asarray(y)
-    if y.ndim == 1:
-        return y.astype(np.int64)
-    if y.ndim == 2:
-        return np.argmax(y, axis=1).astype(np.int64)
-    raise ValueError(f"labels should be (N,) indices or (N, nb_class) one-hot, got shape "
-                     f"{y.shape}")
+    return _equalize_to_u8(img).astype(np.float32)
 
 
-def index_balancer(index_array: np.ndarray, classes: np.ndarray, ratio: float,
-                   rng) -> np.ndarray:
-    """Resample a batch's indices so negatives and positives come at a ``ratio`` : 1 rate.
+def _equalize_to_u8(img: np.ndarray) -> np.ndarray:
+    # "In 0..255" includes what the 2017 truncating cast also mapped into 0..255 (e.g. 255.00002
+    # from float32 rounding of 65535 * 255/65535), so that the max-scaling applies only to
+    # images really on another scale.
+    if img.size == 0 or (img.min() > -1 and img.max() < 256):
+        img_u8 = np.clip(img, 0, 255).astype(np.uint8)
+    else:
+        img_max = float(img.max())
+        scale = 255.0 / img_max if img_max > 0 else 0.0
+        img_u8 = np.clip(img.astype(np.float64) * scale, 0, 255).astype(np.uint8)
+    return cv2.equalizeHist(img_u8)
 
-    2017 semantics: class 1 is positive, every other class negative. The same number of
-    indices is drawn with replacement, each positive with probability proportional to
-    ``1 / nb_pos`` and each negative to ``ratio / nb_neg``, so the expected neg:pos ratio of
-    the result is ``ratio``; the result is sorted (repeated files are then read once).
+
+def _scale_stored(img: np.ndarray, target_scale: Optional[float],
+                  rescale_factor: Optional[float], img_max: Optional[float] = None) -> np.ndarray:
+    """float32 copy of stored levels: max -> ``target_scale``, then times ``rescale_factor``.
+
+    The scaling of :func:`read_resize_img` and :meth:`InputRecipe.scale`, in float32 (a
+    factor of 1 for an all-zero image).
+
+    ``img_max`` overrides the maximum used for ``target_scale`` (to scale a lookup table of
+    levels as the image it belongs to).
+    """
+    out = img.astype(np.float32)
+    if target_scale is not None:
+        img_max = float(out.max()) if img_max is None else float(np.float32(img_max))
+        out *= np.float32(float(target_scale) / (img_max if img_max != 0 else target_scale))
+    if rescale_factor is not None:
+        out *= np.float32(rescale_factor)
+    return out
+
+
+def intensity_scale_problem(img_max: float, rescale_factor: Optional[float],
+                            target_scale: Optional[float] = None) -> Optional[str]:
+    """Why an image's intensities do not fit ``rescale_factor``, or None when they do.
+
+    ``rescale_factor`` is meant to bring an image to the 0..255 scale (255/65535 for 16-bit
+    files, 1 for 8-bit files). An 8-bit image among 16-bit ones under the 16-bit factor would
+    reach at most 1.0 (1/257 of the scale), a 16-bit image under an 8-bit factor up to 65535:
+    both are reported instead of being used silently. Nothing is checked when ``target_scale``
+    maps each image's maximum itself, or without a factor.
 
     Args:
-        index_array: (N,) sample indices of a batch.
-        classes: (N,) class of each index (1 = positive).
-        ratio: desired negatives per positive (> 0).
-        rng: ``np.random.RandomState`` or ``np.random.Generator``.
-
-    Returns:
-        Sorted (N,) array of indices drawn from ``index_array``.
+        img_max: the image's largest stored level (before scaling).
+        rescale_factor: the factor applied to the stored levels, or None.
+        target_scale: the ``target_scale`` in use, or None.
     """
-    _check_positive("ratio", ratio)
-    index_array, classes = np.asarray(index_array), np.asarray(classes)
-    if index_array.shape != classes.shape or index_array.ndim != 1:
-        raise ValueError(f"index_array and classes should be 1-D of equal length, got "
-                         f"{index_array.shape} and {classes.shape}")
-    n = len(index_array)
-    if n == 0:
-        return index_array.copy()
-    pos = classes == 1
-    probs = np.where(pos, n / (pos.sum() + 1e-7), ratio * n / ((~pos).sum() + 1e-7))
-    chosen = rng.choice(index_array, n, p=probs / probs.sum())
-    chosen.sort()
-    return chosen
+    if rescale_factor is None or target_scale is not None or img_max <= 0:
+        return None
+    scaled = float(img_max) * float(rescale_factor)
+    if scaled <= 1.0:
+        return (f"its maximum level {img_max:g} becomes {scaled:.3g} with rescale factor "
+                f"{rescale_factor:g} (an 8-bit image under a 16-bit factor?)")
+    if scaled > 256.0:
+        return (f"its maximum level {img_max:g} becomes {scaled:.4g} with rescale factor "
+                f"{rescale_factor:g}, beyond the 0..255 scale (a 16-bit image under an 8-bit "
+                f"factor?)")
+    return None
 
 
-# ---- prediction helpers -------------------------------------------------------------------
-_DATA_FORMATS = ("channels_last", "channels_first")
+def _scale_equalize_patches(patches: np.ndarray, target_scale: Optional[float],
+                            equalize_hist: bool) -> np.ndarray:
+    """Per-patch ``target_scale`` (patch max -> target_scale) and equalisation.
 
-
-def read_img_for_pred(fname: PathLike, equalize_hist: bool = False,
-                      data_format: Optional[str] = None, dup_3_channels: bool = True,
-                      transformer: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                      standardizer: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                      target_size: Optional[Sequence[int]] = None,
-                      target_height: Optional[int] = None,
-                      target_scale: Optional[float] = None,
-                      rescale_factor: Optional[float] = None) -> np.ndarray:
-    """Read one image and shape it as a network input (no batch axis).
-
-    Steps: :func:`read_resize_img` (size and scale arguments passed on); optional
-    :func:`hist_equalize` (result in 0..255, same rule as the training generators);
-    a channel axis; copy into 3 channels when ``dup_3_channels``; then ``transformer(x)`` and
-    ``standardizer(x)`` when given (e.g. a generator's ``random_transform`` / ``standardize``).
-
-    Args:
-        fname: image file (see :func:`read_image`).
-        equalize_hist: equalise the histogram.
-        data_format: "channels_last" (default when None) or "channels_first".
-        dup_3_channels: 3 identical channels (ImageNet backbones) instead of 1.
-        transformer: callable applied to the (H, W, C) array.
-        standardizer: callable applied after ``transformer``.
-        target_size, target_height, target_scale, rescale_factor: as in
-            :func:`read_resize_img`.
-
-    Returns:
-        float32 array (H, W, C) (or (C, H, W) for channels_first), C = 3 or 1, intensity
-        scale that of ``read_resize_img`` (or 0..255 after equalisation) unless the callables
-        change it.
+    ``patches`` has shape (..., p, p) (a strided view is copied once); returns float32
+    (N, p, p). The scaling is computed in float64 and rounded to float32 once (equalisation
+    sees the float64 values), as in 2017.
     """
-    data_format = data_format or "channels_last"
-    if data_format not in _DATA_FORMATS:
-        raise ValueError(f"data_format should be one of {_DATA_FORMATS}, got {data_format!r}")
-    img = read_resize_img(fname, target_size=target_size, target_height=target_height,
-                          target_scale=target_scale, rescale_factor=rescale_factor)
+    exact_in_f32 = patches.dtype in (np.uint8, np.int8, np.uint16, np.int16, np.float16,
+                                     np.float32, np.bool_) and not equalize_hist
+    out = np.array(patches, dtype=np.float32 if exact_in_f32 else np.float64)
+    out = out.reshape((-1,) + out.shape[-2:])
+    if target_scale is not None and len(out):
+        p_max = out.max(axis=(1, 2)).astype(np.float64)
+        factor = target_scale / np.where(p_max != 0, p_max, target_scale)
+        np.multiply(out, factor[:, None, None], out=out, dtype=np.float64, casting="unsafe")
     if equalize_hist:
-        img = hist_equalize(img)
-    axis = -1 if data_format == "channels_last" else 0
-    x = np.repeat(np.expand_dims(img, axis), 3 if dup_3_channels else 1, axis=axis)
-    x = transformer(x) if transformer is not None else x
-    x = standardizer(x) if standardizer is not None else x
-    return x
+        return np.stack([hist_equalize(p) for p in out]) if len(out) else \
+            out.astype(np.float32)
+    return out.astype(np.float32, copy=False)
 
 
-def _model_channels(model) -> int:
-    """Channel count of a channels-last image model's input (3 when it cannot be told)."""
-    shape = getattr(model, "input_shape", None)
-    if isinstance(shape, list):
-        shape = shape[0]
-    return int(shape[-1]) if shape is not None and len(shape) == 4 and shape[-1] else 3
+#: HDF5 root attribute of a model file holding its :class:`InputRecipe` as JSON.
+RECIPE_ATTR = "dm_input_recipe"
 
 
-def _predict_sweep(img: np.ndarray, patch_size: int, stride: int, model, batch_size: int,
-                   options: dict) -> np.ndarray:
-    """Sweep one prepared image with ``model`` chunk by chunk; (nb_row, nb_col, nb_class)."""
-    nb_row, nb_col, y_gap, x_gap = _sweep_grid(img.shape, patch_size, stride)
-    windows = np.lib.stride_tricks.sliding_window_view(img, (patch_size, patch_size))
-    windows = windows[y_gap::stride, x_gap::stride][:nb_row, :nb_col]  # a view, no copy
-    nb_channel = _model_channels(model)
-    chunk = batch_size * max(1, 2048 // batch_size)  # patches copied per step: bounded memory
-    preds = []
-    for start in range(0, nb_row * nb_col, chunk):
-        flat = np.arange(start, min(start + chunk, nb_row * nb_col))
-        x = _scale_equalize_patches(windows[flat // nb_col, flat % nb_col],
-                                    options["target_scale"], options["equalize_hist"])
-        x = np.repeat(x[..., None], nb_channel, axis=-1)
-        if options["featurewise_center"]:
-            x -= np.float32(options["featurewise_mean"])
-        elif options["preprocess"] is not None:
-            x = options["preprocess"](x)
-        padded = options["parallelized"] and len(x) % 2 == 1
-        if padded:  # an even count splits evenly over 2 GPUs, as in 2017
-            x = np.concatenate([x, x[-1:]])
-        pred = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
-        preds.append(pred[:-1] if padded else pred)
-    pred = np.concatenate(preds)
-    return pred.reshape((nb_row, nb_col, pred.shape[-1]))
+@functools.lru_cache(maxsize=None)
+def _preprocess_function(name: str) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """The ImageNet ``preprocess_input`` of backbone ``name`` (imports tf-keras on first use)."""
+    from dm_keras_ext import get_preprocess_input
+
+    return get_preprocess_input(name)
 
 
-def get_prob_heatmap(img_list, target_height: Optional[int], target_scale: Optional[float],
-                     patch_size: int, stride: int, model, batch_size: int,
-                     featurewise_center: bool = False, featurewise_mean: float = 91.6,
-                     preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                     parallelized: bool = False, equalize_hist: bool = False):
-    """Patch-class probability heatmaps by sweeping a patch classifier over whole images.
+def _optional_float(name: str, value) -> Optional[float]:
+    return None if value is None else _positive(name, value)
 
-    Per image: read with :func:`read_resize_img` at ``target_height`` (aspect kept, stored
-    intensity scale; an array is used as given), :func:`segment_breast` (cropped), a zero
-    margin of ``patch_size // 2``, then the centred sweep of :func:`sweep_img_patches` at
-    ``stride`` with per-patch ``target_scale`` and ``equalize_hist``; patches get the model's
-    channel count (3 copies or 1); then, as in 2017, either ``featurewise_mean`` is subtracted
-    (``featurewise_center``) or else ``preprocess`` is applied; ``model.predict`` in
-    ``batch_size`` batches (patches are made chunk by chunk, so memory stays bounded).
 
-    Args:
-        img_list: a file name or 2-D image array, or a list of them (None gives [None]).
-        target_height: resize height for files (None: keep the file's size).
-        target_scale: per-patch max mapped to this value (None: no scaling).
-        patch_size: patch side of the classifier (e.g. 256).
-        stride: sweep step in pixels (e.g. 8).
-        model: a Keras model taking (N, patch_size, patch_size, C) channels-last input and
-            returning (N, nb_class) probabilities.
-        batch_size: prediction batch size.
-        featurewise_center, featurewise_mean: subtract this mean from every patch.
-        preprocess: callable on the (N, p, p, C) float32 patches (ignored when centring).
-        parallelized: pad to an even number of patches (for a 2-GPU split model).
-        equalize_hist: histogram-equalise each patch (0..255).
+@dataclasses.dataclass(frozen=True)
+class InputRecipe:
+    """How a stored image becomes model input: the settings, and the steps that apply them.
 
-    Returns:
-        A list of float32 heatmaps (nb_row, nb_col, nb_class), one per image, rows and columns
-        as in :func:`sweep_img_patches`; a single heatmap when ``img_list`` is one name/array.
+    Training, prediction and heatmaps all go through this one recipe, and the trainers store
+    it in every model file they write (HDF5 root attribute :data:`RECIPE_ATTR`, JSON), so a
+    model can be applied with the settings it was trained with. The steps, in order:
+
+    1. read and resize (:meth:`read_stored`): the file's levels (uint16 0..65535, uint8
+       0..255) resized with OpenCV bicubic interpolation in that dtype to ``img_size``, or to
+       ``img_height`` keeping the aspect ratio, or kept at the stored size when neither is set;
+    2. scale (:meth:`scale`): float32; the image maximum mapped to ``img_scale`` when set,
+       then everything multiplied by ``rescale_factor`` when set (255/65535 brings 16-bit
+       images to 0..255);
+    3. equalise (:meth:`equalize`), when ``equalize_hist``: :func:`hist_equalize`, 0..255;
+    4. copy the single channel ``channels`` times (:meth:`to_input`; 3 for ImageNet
+       backbones, 1 for YaroslavNet and the small ResNets);
+    5. normalise (:meth:`normalize`): subtract ``featurewise_mean`` when
+       ``featurewise_center``, otherwise apply the ``preprocess_input`` function of backbone
+       ``preprocess`` (a ``--net`` name such as ``"vgg16"``) when it is set.
+
+    Training augmentation runs between steps 3 and 4 and is not part of the recipe. A
+    patch-classifier heatmap sweep (:func:`get_prob_heatmap`) reads the whole image with
+    steps 1 and :meth:`rescale` and applies ``img_scale`` and the later steps per patch
+    (:meth:`patches_to_input`), since the patch is the image the classifier was trained on.
+
+    Attributes:
+        img_size: (height, width) in pixels, or None.
+        img_height: height in pixels, aspect ratio kept (exclusive with ``img_size``), or None.
+        channels: 1 or 3.
+        img_scale: the value each image's maximum is mapped to, or None.
+        rescale_factor: intensity multiplier (> 0), or None.
+        equalize_hist: histogram equalisation on.
+        featurewise_center: subtract ``featurewise_mean``.
+        featurewise_mean: mean intensity on the final scale (0..255 for CBIS-DDSM: 52.16
+            whole images, 59.6 patches), a scalar or one value per channel, or None.
+        preprocess: backbone whose ImageNet ``preprocess_input`` applies when not centring
+            (resolved only when applied, so this module stays free of TensorFlow), or None.
     """
-    if img_list is None:
-        return [None]
-    single = isinstance(img_list, (str, os.PathLike)) or \
-        (isinstance(img_list, np.ndarray) and img_list.ndim == 2)
-    options = dict(target_scale=target_scale, equalize_hist=equalize_hist,
-                   featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
-                   preprocess=preprocess, parallelized=parallelized)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    heatmaps = []
-    for item in ([img_list] if single else img_list):
-        if isinstance(item, np.ndarray):
-            img = item.astype(np.float32, copy=False)
-        elif target_height is None:
-            img = read_image(item).astype(np.float32)
-        else:
-            img = read_resize_img(item, target_height=target_height)
-        img, _ = segment_breast(img)
-        img = add_img_margins(img, int(patch_size) // 2)
-        heatmaps.append(_predict_sweep(img, patch_size, stride, model, batch_size, options)
-                        .astype(np.float32))
-    return heatmaps[0] if single else heatmaps
 
+    img_size: Optional[Tuple[int, int]] = None
+    img_height: Optional[int] = None
+    channels: int = 1
+    img_scale: Optional[float] = None
+    rescale_factor: Optional[float] = None
+    equalize_hist: bool = False
+    featurewise_center: bool = False
+    featurewise_mean: Union[None, float, Tuple[float, ...]] = None
+    preprocess: Optional[str] = None
 
-_IO_ALL += ["segment_breast", "DMImagePreprocessor", "crop_img", "add_img_margins",
-            "sweep_img_patches", "get_roi_patches", "clust_kpts", "to_sparse",
-            "index_balancer", "hist_equalize", "read_img_for_pred", "get_prob_heatmap"]
+    #: Version of the :meth:`to_dict` layout.
+    VERSION: ClassVar[int] = 1
 
+    def __post_init__(self):
+        set_ = functools.partial(object.__setattr__, self)
+        if self.img_size is not None and self.img_height is not None:
+            raise ValueError(f"give img_size or img_height, not both (got {self.img_size!r} "
+                             f"and {self.img_height!r})")
+        if self.img_size is not None:
+            if len(self.img_size) != 2:
+                raise ValueError(f"img_size should be (height, width), got {self.img_size!r}")
+            set_("img_size", (_positive_int("img_size[0]", self.img_size[0]),
+                              _positive_int("img_size[1]", self.img_size[1])))
+        if self.img_height is not None:
+            set_("img_height", _positive_int("img_height", self.img_height))
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ValueError(f"channels should be 1 or 3, got {self.channels!r}")
+        set_("channels", int(self.channels))
+        set_("img_scale", _optional_float("img_scale", self.img_scale))
+        set_("rescale_factor", _optional_float("rescale_factor", self.rescale_factor))
+        set_("equalize_hist", bool(self.equalize_hist))
+        set_("featurewise_center", bool(self.featurewise_center))
+        mean = self.featurewise_mean
+        if mean is not None:
+            mean = tuple(float(m) for m in np.asarray(mean, dtype=np.float64).reshape(-1))
+            set_("featurewise_mean", mean[0] if len(mean) == 1 else mean)
+        if self.preprocess is not None and not isinstance(self.preprocess, str):
+            raise ValueError(f"preprocess should be a backbone name such as 'vgg16' (the "
+                             f"function is looked up when applied), got {self.preprocess!r}")
+
+    # -- steps ----------------------------------------------------------------------------
+    def read_stored(self, path: PathLike, gs_255: bool = False) -> np.ndarray:
+        """Step 1: the file read and resized, in its stored dtype ((H, W) uint16/uint8).
+
+        Raises:
+            ImageReadError: the file cannot be read as an image.
+        """
+        if self.img_size is None and self.img_height is None:
+            return read_image(path, gs_255=gs_255)
+        return read_resize_stored(path, self.img_size, self.img_height, gs_255)
+
+    def scale(self, stored: np.ndarray, img_max: Optional[float] = None) -> np.ndarray:
+        """Step 2: float32 copy with the maximum mapped to ``img_scale``, times ``rescale_factor``.
+
+        Args:
+            stored: (H, W) image levels, any real dtype (uint16 0..65535 or uint8 0..255).
+            img_max: maximum used for ``img_scale`` instead of ``stored.max()`` (to scale a
+                lookup table of levels as the image it belongs to).
+
+        Returns:
+            float32 array of ``stored``'s shape (a factor of 1 for an all-zero image).
+        """
+        return _scale_stored(stored, self.img_scale, self.rescale_factor, img_max)
+
+    def rescale(self, stored: np.ndarray) -> np.ndarray:
+        """float32 copy times ``rescale_factor`` only (the whole image of a patch sweep)."""
+        return _scale_stored(stored, None, self.rescale_factor)
+
+    def equalize(self, img: np.ndarray) -> np.ndarray:
+        """Step 3: :func:`hist_equalize` when ``equalize_hist`` (0..255), else ``img``."""
+        return hist_equalize(img) if self.equalize_hist else img
+
+    def intensities(self, stored: np.ndarray) -> np.ndarray:
+        """Steps 2 and 3: (H, W) stored levels -> (H, W) float32 on the model's scale."""
+        return self.equalize(self.scale(stored))
+
+    def preprocess_function(self) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+        """The backbone's ``preprocess_input`` (None when ``preprocess`` is None or the
+        backbone has none, e.g. ``yaroslav``); imports tf-keras on first use."""
+        return None if self.preprocess is None else _preprocess_function(self.preprocess)
+
+    def normalize(self, x: np.ndarray,
+                  preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+        """Step 5 on (..., C) float32 input: centring, else the backbone preprocessing.
+
+        Args:
+            x: float32 array whose last axis is the channel axis; may be modified in place.
+            preprocess: a function used instead of the one named by ``preprocess``.
+
+        Returns:
+            float32 array of ``x``'s shape.
+        """
+        if self.featurewise_center:
+            if self.featurewise_mean is None:
+                _warn_once("featurewise_center is on but no featurewise_mean is set; "
+                           "images are not centred")
+                return x
+            return x - np.asarray(self.featurewise_mean, dtype=np.float32)
+        fn = preprocess if preprocess is not None else self.preprocess_function()
+        return fn(x) if fn is not None else x
+
+    def to_input(self, img: np.ndarray,
+                 preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+        """Steps 4 and 5: (H, W) intensities -> (H, W, ``channels``) float32 model input."""
+        x = np.repeat(np.asarray(img, dtype=np.float32)[..., None], self.channels, axis=-1)
+        return self.normalize(x, preprocess)
+
+    def read(self, path: PathLike,
+             preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+        """All steps: an image file -> (H, W, ``channels``) float32 model input."""
+        return self.to_input(self.intensities(self.read_stored(path)), preprocess)
+
+    def batch(self, paths: Sequence[PathLike],
+              preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+        """:meth:`read` of every file, stacked: (N, H, W, ``channels``) float32."""
+        return np.stack([self.read(p, preprocess) for p in paths])
+
+    def patches_to_input(self, patches: np.ndarray,
+                         preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                         ) -> np.ndarray:
+        """Patches cut from a rescaled image -> (N, p, p, ``channels``) float32 model input.
+
+        Each patch's maximum is mapped to ``img_scale`` (computed in float64 and rounded to
+        float32 once, as the 2017 sweep did), then equalisation, channel copy and
+        normalisation as for whole images.
+
+        Args:
+            patches: (..., p, p) array of patches (a strided view is copied once).
+            preprocess: a function used instead of the one named by ``preprocess``.
+        """
+        x = _scale_equalize_patches(patches, self.img_scale, self.equalize_hist)
+        return self.normalize(np.repeat(x[..., None], self.channels, axis=-1), preprocess)
+
+    # -- storage --------------------------------------------------------------------------
+    def replace(self, **changes) -> "InputRecipe":
+        """A copy with some settings changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict of the settings, with ``version`` (:attr:`VERSION`)."""
+        out = {"version": self.VERSION}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InputRecipe":
+        """The recipe of a :meth:`to_dict` dict; missing settings take their defaults.
+
+        Raises:
+            ValueError: a newer layout version, an unknown key or an invalid value.
+        """
+        data = dict(data)
+        version = data.pop("version", cls.VERSION)
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise ValueError(f"input recipe version {version!r} is newer than this code "
+                             f"understands ({cls.VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown input recipe settings {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as a compact JSON string (sorted keys)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: Union[str, bytes]) -> "InputRecipe":
+        """The recipe of a :meth:`to_json` string."""
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_model_file(cls, path: PathLike) -> Optional["InputRecipe"]:
+        """The recipe stored in a model file, or None (a 2017 file, or a file without one).
+
+        Read with h5py from the HDF5 root attribute :data:`RECIPE_ATTR` (no TensorFlow
+        needed); a file that is not HDF5 has none.
+
+        Raises:
+            ValueError: the stored recipe cannot be read (the message names the file).
+        """
+        import h5py
+
+        try:
+            with h5py.File(os.fspath(path), "r") as fh:
+                text = fh.attrs.get(RECIPE_ATTR)
+        except OSError:
+            return None
+        if text is None:
+            return None
+        try:
+            return cls.from_json(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{os.fspath(path)}: unreadable input recipe ({exc})") from exc
+
+    def differences(self, other: "InputRecipe") -> dict:
+        """``{setting: (self's value, other's value)}`` for the settings that differ."""
+        return {f.name: (getattr(self, f.name), getattr(other, f.name))
+                for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)}
 
 # ----------------------------------------------------------------------------------------------
-# Section 2: data generators, iterators and augmentation (issue 3). Names: _GEN_ALL.
+# Augmentation: Keras 2.0.8's random affine transform and flips, fused into one OpenCV warp.
 # ----------------------------------------------------------------------------------------------
-_GEN_ALL = []
 
-import hashlib
-import math
-import os
-import tempfile
-import threading
-from typing import Optional, Tuple
-
-import cv2
-
-#: File name extensions read as images everywhere (folders, lists, class subfolders).
-IMG_EXTENSIONS = ("png", "jpg", "jpeg", "pgm", "tif", "tiff", "dcm", "dicom")
-_CLASS_MODES = ("categorical", "binary", "sparse", None)
-_DATA_FORMATS = ("channels_last", "channels_first")
-_BORDER_MODES = {"nearest": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT,
-                 "reflect": cv2.BORDER_REFLECT, "wrap": cv2.BORDER_WRAP}
-
-
-_WARNED = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.warning(message)
-
-
-# ---- augmentation maths (Keras 2.0.8 ImageDataGenerator conventions) -------------------------
 
 def keras20_transform_matrix(params: dict, height: int, width: int) -> Optional[np.ndarray]:
     """The 3x3 affine matrix Keras 2.0.8 ``random_transform`` built, or None for the identity.
@@ -1146,55 +1386,21 @@ def _warp(img: np.ndarray, params: dict, fill_mode: str, cval: float) -> np.ndar
     return out
 
 
-def intensity_scale_problem(img_max: float, rescale_factor: Optional[float],
-                            target_scale: Optional[float] = None) -> Optional[str]:
-    """Why an image's intensities do not fit ``rescale_factor``, or None when they do.
-
-    ``rescale_factor`` is meant to bring an image to the 0..255 scale (255/65535 for 16-bit
-    files, 1 for 8-bit files). An 8-bit image among 16-bit ones under the 16-bit factor would
-    reach at most 1.0 (1/257 of the scale), a 16-bit image under an 8-bit factor up to 65535:
-    both are reported instead of being used silently. Nothing is checked when ``target_scale``
-    maps each image's maximum itself, or without a factor.
-
-    Args:
-        img_max: the image's largest stored level (before scaling).
-        rescale_factor: the factor applied to the stored levels, or None.
-        target_scale: the ``target_scale`` in use, or None.
-    """
-    if rescale_factor is None or target_scale is not None or img_max <= 0:
-        return None
-    scaled = float(img_max) * float(rescale_factor)
-    if scaled <= 1.0:
-        return (f"its maximum level {img_max:g} becomes {scaled:.3g} with rescale factor "
-                f"{rescale_factor:g} (an 8-bit image under a 16-bit factor?)")
-    if scaled > 256.0:
-        return (f"its maximum level {img_max:g} becomes {scaled:.4g} with rescale factor "
-                f"{rescale_factor:g}, beyond the 0..255 scale (a 16-bit image under an 8-bit "
-                f"factor?)")
-    return None
+# ----------------------------------------------------------------------------------------------
+# Generator: DMImageDataGenerator (augmentation and standardisation per image); labels and
+# class balance.
+# ----------------------------------------------------------------------------------------------
 
 
-def _scale_stored(img: np.ndarray, target_scale: Optional[float],
-                  rescale_factor: Optional[float], img_max: Optional[float] = None) -> np.ndarray:
-    """float32 copy of a stored-form image scaled exactly as :func:`read_resize_img`.
-
-    ``img_max`` overrides the maximum used for ``target_scale`` (to scale a lookup table of
-    levels as the image it belongs to).
-    """
-    out = img.astype(np.float32)
-    if target_scale is not None:
-        img_max = float(out.max()) if img_max is None else float(np.float32(img_max))
-        out *= np.float32(float(target_scale) / (img_max if img_max != 0 else target_scale))
-    if rescale_factor is not None:
-        out *= np.float32(rescale_factor)
-    return out
+#: The recipe of stored levels used as they are (float32, no scaling).
+_LEVELS_AS_IS = InputRecipe()
 
 
 class DMImageDataGenerator:
     """Keras-2.0-style image generator for mammograms: augmentation, centring, iterators.
 
     The constructor takes the Keras 2 ``ImageDataGenerator`` arguments. Augmentation follows
-    Keras 2.0.8 exactly (SPEC section 5): rotation uniform in +-``rotation_range`` DEGREES,
+    Keras 2.0.8 exactly: rotation uniform in +-``rotation_range`` DEGREES,
     shear uniform in +-``shear_range`` RADIANS (Keras 2.0 units; today's Keras takes degrees),
     row and column zoom drawn independently in ``zoom_range`` (a float z means [1-z, 1+z]),
     shifts as fractions of height/width, all about the image centre, nearest-neighbour
@@ -1451,11 +1657,12 @@ class DMImageDataGenerator:
     def process_stored(self, out: np.ndarray, stored: np.ndarray, rng,
                        target_scale: Optional[float] = None,
                        rescale_factor: Optional[float] = None,
-                       equalize_hist: bool = False) -> None:
+                       equalize_hist: bool = False,
+                       recipe: Optional[InputRecipe] = None) -> None:
         """Expand one stored-form image into ``out``: scale, equalise, augment, standardise.
 
-        Same result as scaling ``stored`` like :func:`read_resize_img` (``target_scale``, then
-        ``rescale_factor``), optional histogram equalisation, then :meth:`process_image`. For
+        Same result as the recipe's :meth:`~InputRecipe.intensities` (``target_scale``, then
+        ``rescale_factor``, optional histogram equalisation), then :meth:`process_image`. For
         uint8/uint16 images the warp runs on the stored integers and scaling, channel shift,
         clipping and featurewise centring are one per-channel lookup table of the image's
         levels (the same float32 operations on each level, so bit-identical results).
@@ -1464,19 +1671,25 @@ class DMImageDataGenerator:
             out: destination (H, W, C) float32, channels last.
             stored: (H, W) image, uint8/uint16 levels (or float32) at target size.
             rng: random state for the augmentation draw.
+            target_scale, rescale_factor, equalize_hist: the intensity steps, unless
+                ``recipe`` is given (its ``img_scale``, ``rescale_factor`` and
+                ``equalize_hist`` are used then).
         """
-        if equalize_hist:
-            stored = _equalize_to_u8(_scale_stored(stored, target_scale, rescale_factor))
-            target_scale = rescale_factor = None
+        if recipe is None:
+            recipe = InputRecipe(img_scale=target_scale, rescale_factor=rescale_factor,
+                                 equalize_hist=equalize_hist)
+        if recipe.equalize_hist:
+            stored = _equalize_to_u8(recipe.scale(stored))
+            recipe = _LEVELS_AS_IS
         if stored.dtype not in (np.uint8, np.uint16) or not self._fusable():
-            self.process_image(out, _scale_stored(stored, target_scale, rescale_factor), rng)
+            self.process_image(out, recipe.scale(stored), rng)
             return
         shape = out.shape if self.data_format == "channels_last" else (out.shape[2],) + \
             out.shape[:2]
         params = self.get_random_transform(shape, rng) if self.augments else None
         warped = stored if params is None else _warp(stored, params, self.fill_mode, self.cval)
-        levels = _scale_stored(np.arange(np.iinfo(stored.dtype).max + 1, dtype=stored.dtype),
-                               target_scale, rescale_factor, img_max=stored.max())
+        levels = recipe.scale(np.arange(np.iinfo(stored.dtype).max + 1, dtype=stored.dtype),
+                              img_max=stored.max())
         tables = self._level_tables(levels, warped, params, out.shape[2])
         # One gather of C-float rows: (levels, C) table indexed by the warped image. mode="clip"
         # (indices are always in range) lets numpy write straight into ``out``.
@@ -1512,7 +1725,7 @@ class DMImageDataGenerator:
              balance_classes=False, no_pos_skip=0., target_scale=None, rescale_factor=None,
              equalize_hist=False, dup_3_channels=False, preprocess=None, data_format=None):
         """Iterate over in-memory images (see :class:`DMNumpyArrayIterator`)."""
-        return DMNumpyArrayIterator(
+        return _sequence_class("DMNumpyArrayIterator")(
             X, y, self, batch_size=batch_size, shuffle=shuffle, seed=seed,
             auto_batch_balance=auto_batch_balance, balance_classes=balance_classes,
             no_pos_skip=no_pos_skip, target_scale=target_scale, rescale_factor=rescale_factor,
@@ -1530,7 +1743,7 @@ class DMImageDataGenerator:
         ``cache_dir``: keep each image, read and resized, as a ``.npy`` file there (see
         :func:`cached_read`); epochs after the first, and later runs, skip the decoding.
         """
-        return DMDirectoryIterator(
+        return _sequence_class("DMDirectoryIterator")(
             directory, self, target_size=target_size, target_scale=target_scale,
             gs_255=gs_255, equalize_hist=equalize_hist, rescale_factor=rescale_factor,
             dup_3_channels=dup_3_channels, data_format=data_format, classes=classes,
@@ -1538,6 +1751,57 @@ class DMImageDataGenerator:
             batch_size=batch_size, preprocess=preprocess, shuffle=shuffle, seed=seed,
             balance_classes=balance_classes, no_pos_skip=no_pos_skip, follow_links=follow_links,
             cache_dir=cache_dir)
+
+
+def to_sparse(y: np.ndarray) -> np.ndarray:
+    """Class indices from labels: one-hot / probability rows -> argmax; 1-D -> as int.
+
+    Args:
+        y: (N,) class indices or (N, nb_class) one-hot / probability matrix.
+
+    Returns:
+        int64 array of shape (N,).
+    """
+    y = np.asarray(y)
+    if y.ndim == 1:
+        return y.astype(np.int64)
+    if y.ndim == 2:
+        return np.argmax(y, axis=1).astype(np.int64)
+    raise ValueError(f"labels should be (N,) indices or (N, nb_class) one-hot, got shape "
+                     f"{y.shape}")
+
+
+def index_balancer(index_array: np.ndarray, classes: np.ndarray, ratio: float,
+                   rng) -> np.ndarray:
+    """Resample a batch's indices so negatives and positives come at a ``ratio`` : 1 rate.
+
+    2017 semantics: class 1 is positive, every other class negative. The same number of
+    indices is drawn with replacement, each positive with probability proportional to
+    ``1 / nb_pos`` and each negative to ``ratio / nb_neg``, so the expected neg:pos ratio of
+    the result is ``ratio``; the result is sorted (repeated files are then read once).
+
+    Args:
+        index_array: (N,) sample indices of a batch.
+        classes: (N,) class of each index (1 = positive).
+        ratio: desired negatives per positive (> 0).
+        rng: ``np.random.RandomState`` or ``np.random.Generator``.
+
+    Returns:
+        Sorted (N,) array of indices drawn from ``index_array``.
+    """
+    _positive("ratio", ratio)
+    index_array, classes = np.asarray(index_array), np.asarray(classes)
+    if index_array.shape != classes.shape or index_array.ndim != 1:
+        raise ValueError(f"index_array and classes should be 1-D of equal length, got "
+                         f"{index_array.shape} and {classes.shape}")
+    n = len(index_array)
+    if n == 0:
+        return index_array.copy()
+    pos = classes == 1
+    probs = np.where(pos, n / (pos.sum() + 1e-7), ratio * n / ((~pos).sum() + 1e-7))
+    chosen = rng.choice(index_array, n, p=probs / probs.sum())
+    chosen.sort()
+    return chosen
 
 
 def batch_balance_weights(labels: np.ndarray) -> np.ndarray:
@@ -1556,36 +1820,61 @@ def batch_balance_weights(labels: np.ndarray) -> np.ndarray:
     return (float(len(labels)) / counts[inverse]).astype(np.float32)
 
 
-class _SequenceBase:
-    """Stand-in base of the iterators until one is made: then ``tf_keras.utils.Sequence``.
+# ----------------------------------------------------------------------------------------------
+# Iterators: batches of a folder or of in-memory images (tf-keras Sequences whose classes are
+# made on first use).
+# ----------------------------------------------------------------------------------------------
 
-    ``import dm_image`` must stay light (the patch sampler, CBIS-DDSM preparation and their
-    worker processes use only the image functions and should not load TensorFlow), while tf-keras
-    recognises an iterator as a ``Sequence`` only by ``isinstance``. So the first iterator
-    created imports tf-keras and makes ``Sequence`` the base of :class:`_DMIterator`.
+
+#: Public iterator class name -> name of its implementation class in this module.
+_SEQUENCE_CLASSES = {"DMDirectoryIterator": "_DirectoryIterator",
+                     "DMNumpyArrayIterator": "_ArrayIterator"}
+_SEQUENCE_LOCK = threading.Lock()
+
+
+def _sequence_class(name: str) -> type:
+    """The public iterator class ``name``: its implementation + ``tf_keras.utils.Sequence``.
+
+    tf-keras recognises a data set as a ``Sequence`` only by ``isinstance``, while importing
+    this module must not load TensorFlow. So each public iterator class is made on first use
+    (importing tf-keras then) and kept as a module attribute, where pickle finds it, also in
+    loader worker processes.
     """
+    cls = globals().get(name)
+    if cls is None:
+        with _SEQUENCE_LOCK:
+            cls = globals().get(name)
+            if cls is None:
+                import tf_keras as keras
+
+                impl = globals()[_SEQUENCE_CLASSES[name]]
+                cls = type(name, (impl, keras.utils.Sequence),
+                           {"__module__": __name__, "__qualname__": name,
+                            "__doc__": impl.__doc__})
+                globals()[name] = cls
+    return cls
 
 
-def _bind_sequence_base() -> None:
-    if _DMIterator.__bases__ == (_SequenceBase,):
-        import tf_keras as keras
+def __getattr__(name: str):
+    """Module attribute hook: ``dm_image.DMDirectoryIterator`` etc. made on first access."""
+    if name in _SEQUENCE_CLASSES:
+        return _sequence_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        _DMIterator.__bases__ = (keras.utils.Sequence,)
-
-
-class _DMIterator(_SequenceBase):
+class _DMIterator:
     """Common batching, shuffling, class subsampling and sample weights of the iterators.
 
     Batch ``i`` of an epoch depends only on (seed, epoch, i), so tf-keras may fetch batches in
     any order and with several workers (threads or processes). ``on_epoch_end`` (called by
     ``model.fit``, or by ``next()`` at the end of an epoch) draws the next epoch's order.
-    Iterators are ``tf_keras.utils.Sequence`` instances (see :class:`_SequenceBase`).
+    The public classes :class:`DMDirectoryIterator` and :class:`DMNumpyArrayIterator` are
+    these implementations with ``tf_keras.utils.Sequence`` as a further base (see
+    :func:`_sequence_class`).
     """
 
     def __init__(self, n, labels, nb_class, class_mode, image_data_generator, batch_size,
                  shuffle, seed, auto_batch_balance, balance_classes, no_pos_skip,
                  dup_3_channels, preprocess, data_format):
-        _bind_sequence_base()
         super().__init__()
         _positive_int("batch_size", batch_size)
         if class_mode not in _CLASS_MODES + ("raw",):
@@ -1642,8 +1931,7 @@ class _DMIterator(_SequenceBase):
         state.pop("_lock", None)
         return state
 
-    def __setstate__(self, state):  # e.g. in a loader worker process: bind the base there too
-        _bind_sequence_base()
+    def __setstate__(self, state):  # e.g. in a loader worker process
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
@@ -1726,12 +2014,25 @@ class _DMIterator(_SequenceBase):
         """Return (x (B, H, W, C) float32 channels-last, sample indices used)."""
         raise NotImplementedError
 
+    @property
+    def recipe(self) -> InputRecipe:
+        """The :class:`InputRecipe` of this iterator's images (size, scaling, equalisation,
+        channels, the generator's featurewise centring); ``preprocess`` is held as the
+        callable ``self.preprocess``, outside the recipe."""
+        gen = self.image_data_generator
+        return InputRecipe(
+            img_size=getattr(self, "target_size", None), channels=3 if self.dup_3_channels else 1,
+            img_scale=self.target_scale, rescale_factor=self.rescale_factor,
+            equalize_hist=self.equalize_hist, featurewise_center=gen.featurewise_center,
+            featurewise_mean=gen.mean if gen.featurewise_center else None)
+
     def _process(self, out, stored, rng):
-        self.image_data_generator.process_stored(out, stored, rng, self.target_scale,
-                                                 self.rescale_factor, self.equalize_hist)
+        self.image_data_generator.process_stored(out, stored, rng, recipe=InputRecipe(
+            img_scale=self.target_scale, rescale_factor=self.rescale_factor,
+            equalize_hist=self.equalize_hist))
 
 
-class DMDirectoryIterator(_DMIterator):
+class _DirectoryIterator(_DMIterator):
     """Batches of mammograms read from ``directory/<class>/...`` (a tf-keras ``Sequence``).
 
     File order is deterministic: classes in the order given (default: subfolder names sorted),
@@ -1739,7 +2040,7 @@ class DMDirectoryIterator(_DMIterator):
     holds the paths relative to ``directory`` in that order and ``classes`` the class index of
     each. Accepted extensions: png, jpg, jpeg, pgm, tif, tiff, dcm (any case).
 
-    Per image (SPEC section 5), with the values of :func:`read_resize_img` (``target_size``,
+    Per image, with the values of :func:`read_resize_img` (``target_size``,
     ``gs_255``, then ``target_scale`` and ``rescale_factor``; the file is read and resized
     once and kept in its integer levels, scaled per batch by the same float32 operations) ->
     optional histogram equalisation (:func:`hist_equalize`: the 0..255 image truncated to
@@ -1880,7 +2181,7 @@ class DMDirectoryIterator(_DMIterator):
         return x, np.asarray(used, dtype=np.int64)
 
 
-class DMNumpyArrayIterator(_DMIterator):
+class _ArrayIterator(_DMIterator):
     """Batches from images held in memory (a tf-keras ``Sequence``), e.g. the RAM cache.
 
     ``X`` is either the stored form from :func:`load_dat_ram`, (N, H, W) uint8/uint16 (or
@@ -1936,92 +2237,9 @@ class DMNumpyArrayIterator(_DMIterator):
         return x, np.asarray(idx)
 
 
-
-def _has_image_ext(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in IMG_EXTENSIONS if "." in name else False
-
-
-def list_images(directory, follow_links=False) -> List[str]:
-    """Every image file under ``directory`` (recursively), as sorted relative paths.
-
-    Image files are those with an extension in :data:`IMG_EXTENSIONS` (any case); folders and
-    file names are sorted, so the order is the same on every machine.
-
-    Raises:
-        ValueError: the folder does not exist or holds no image.
-    """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise ValueError(f"image folder {directory!r} does not exist or is not a folder")
-    found = []
-    for root, dirs, files in os.walk(directory, followlinks=follow_links):
-        dirs.sort()
-        rel = os.path.relpath(root, directory)
-        found.extend(os.path.normpath(os.path.join(rel, f)) for f in sorted(files)
-                     if _has_image_ext(f))
-    if not found:
-        raise ValueError(f"no images (extensions {', '.join(IMG_EXTENSIONS)}) found in "
-                         f"{directory!r}")
-    return found
-
-
-def list_class_images(directory, classes=None, follow_links=False):
-    """List the images of a folder with one subfolder per class, in a deterministic order.
-
-    Args:
-        directory: folder holding one subfolder per class (e.g. ``neg/``, ``pos/``).
-        classes: class names in label order; default: the subfolder names, sorted.
-        follow_links: follow symbolic links to folders.
-
-    Returns:
-        (class_names, filenames, labels): ``filenames`` are paths relative to ``directory``,
-        class by class, each class's files found recursively with folders and file names
-        sorted; ``labels`` is an int64 array of class indices.
-
-    Raises:
-        ValueError: the folder does not exist, a given class has no subfolder, or no image
-            with an accepted extension (png, jpg, jpeg, pgm, tif, tiff, dcm) is found.
-    """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise ValueError(f"image folder {directory!r} does not exist or is not a folder")
-    if classes is None:
-        classes = sorted(d for d in os.listdir(directory)
-                         if os.path.isdir(os.path.join(directory, d)))
-    classes = list(classes)
-    if len(set(classes)) != len(classes):
-        raise ValueError(f"class names should be unique, got {classes}")
-    filenames, labels = [], []
-    for label, name in enumerate(classes):
-        sub = os.path.join(directory, name)
-        if not os.path.isdir(sub):
-            raise ValueError(f"class {name!r} has no subfolder: {sub!r} does not exist")
-        found = []
-        for root, dirs, files in os.walk(sub, followlinks=follow_links):
-            dirs.sort()
-            rel = os.path.relpath(root, directory)
-            found.extend(os.path.join(rel, f) for f in sorted(files) if _has_image_ext(f))
-        if not found:
-            logger.warning("class %r has no images in %s", name, sub)
-        filenames.extend(found)
-        labels.extend([label] * len(found))
-    if not filenames:
-        raise ValueError(f"no images (extensions {', '.join(IMG_EXTENSIONS)}) found in class "
-                         f"subfolders {classes} of {directory!r}")
-    return classes, filenames, np.asarray(labels, dtype=np.int64)
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or value <= 0:
-        raise ValueError(f"{name} should be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _positive(name: str, value) -> float:
-    if not isinstance(value, (int, float, np.integer, np.floating)) or not value > 0:
-        raise ValueError(f"{name} should be > 0, got {value!r}")
-    return float(value)
+# ----------------------------------------------------------------------------------------------
+# Caches: stored-form images on disk (.npy) and in RAM.
+# ----------------------------------------------------------------------------------------------
 
 
 def _stored_form(img: np.ndarray) -> np.ndarray:
@@ -2124,7 +2342,7 @@ def load_dat_ram(generator, nb_samples=None, verbose=True):
         (X, y): X (N, H, W) uint8/uint16/float32 stored images (or the concatenated batches),
         y labels encoded per the iterator's ``class_mode`` (None for class_mode None).
     """
-    if not isinstance(generator, DMDirectoryIterator):
+    if not isinstance(generator, _DirectoryIterator):
         if nb_samples is None:
             raise ValueError("nb_samples is required to load batches from a generic generator")
         xs, ys, total = [], [], 0
@@ -2155,9 +2373,152 @@ def load_dat_ram(generator, nb_samples=None, verbose=True):
     return X, y
 
 
-_GEN_ALL += ["IMG_EXTENSIONS", "DMImageDataGenerator", "DMDirectoryIterator",
-             "DMNumpyArrayIterator", "keras20_transform_matrix", "fused_warp_matrix",
-             "batch_balance_weights", "list_class_images", "list_images", "cached_read",
-             "load_dat_ram"]
+# ----------------------------------------------------------------------------------------------
+# Prediction: model input from image files, patch-classifier heatmaps.
+# ----------------------------------------------------------------------------------------------
 
-__all__ = _IO_ALL + _GEN_ALL
+
+def read_img_for_pred(fname: PathLike, equalize_hist: bool = False,
+                      data_format: Optional[str] = None, dup_3_channels: bool = True,
+                      transformer: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                      standardizer: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                      target_size: Optional[Sequence[int]] = None,
+                      target_height: Optional[int] = None,
+                      target_scale: Optional[float] = None,
+                      rescale_factor: Optional[float] = None) -> np.ndarray:
+    """Read one image and shape it as a network input (no batch axis).
+
+    The steps of an :class:`InputRecipe` without normalisation: read and resize, scale
+    (``target_scale``, ``rescale_factor``), optional :func:`hist_equalize` (0..255, the rule
+    of the training generators), a channel axis, copied into 3 channels when
+    ``dup_3_channels``; then ``transformer(x)`` and ``standardizer(x)`` when given (e.g. a
+    generator's ``random_transform`` / ``standardize``).
+
+    Args:
+        fname: image file (see :func:`read_image`).
+        equalize_hist: equalise the histogram.
+        data_format: "channels_last" (default when None) or "channels_first".
+        dup_3_channels: 3 identical channels (ImageNet backbones) instead of 1.
+        transformer: callable applied to the (H, W, C) array.
+        standardizer: callable applied after ``transformer``.
+        target_size, target_height, target_scale, rescale_factor: as in
+            :func:`read_resize_img`.
+
+    Returns:
+        float32 array (H, W, C) (or (C, H, W) for channels_first), C = 3 or 1, intensity
+        scale that of ``read_resize_img`` (or 0..255 after equalisation) unless the callables
+        change it.
+    """
+    data_format = data_format or "channels_last"
+    if data_format not in _DATA_FORMATS:
+        raise ValueError(f"data_format should be one of {_DATA_FORMATS}, got {data_format!r}")
+    recipe = InputRecipe(img_size=target_size, img_height=target_height,
+                         channels=3 if dup_3_channels else 1, img_scale=target_scale,
+                         rescale_factor=rescale_factor, equalize_hist=equalize_hist)
+    # read_resize_stored wants exactly one size (the recipe would keep the stored size)
+    x = recipe.to_input(recipe.intensities(read_resize_stored(fname, target_size,
+                                                              target_height)))
+    if data_format == "channels_first":
+        x = np.ascontiguousarray(np.moveaxis(x, -1, 0))
+    x = transformer(x) if transformer is not None else x
+    x = standardizer(x) if standardizer is not None else x
+    return x
+
+
+def _model_channels(model) -> int:
+    """Channel count of a channels-last image model's input (3 when it cannot be told)."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, list):
+        shape = shape[0]
+    return int(shape[-1]) if shape is not None and len(shape) == 4 and shape[-1] else 3
+
+
+def _predict_sweep(img: np.ndarray, patch_size: int, stride: int, model, batch_size: int,
+                   recipe: InputRecipe,
+                   preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                   parallelized: bool = False) -> np.ndarray:
+    """Sweep one prepared image with ``model`` chunk by chunk; (nb_row, nb_col, nb_class).
+
+    Each chunk of patches becomes model input through ``recipe.patches_to_input``.
+    """
+    nb_row, nb_col, y_gap, x_gap = _sweep_grid(img.shape, patch_size, stride)
+    windows = np.lib.stride_tricks.sliding_window_view(img, (patch_size, patch_size))
+    windows = windows[y_gap::stride, x_gap::stride][:nb_row, :nb_col]  # a view, no copy
+    chunk = batch_size * max(1, 2048 // batch_size)  # patches copied per step: bounded memory
+    preds = []
+    for start in range(0, nb_row * nb_col, chunk):
+        flat = np.arange(start, min(start + chunk, nb_row * nb_col))
+        x = recipe.patches_to_input(windows[flat // nb_col, flat % nb_col], preprocess)
+        padded = parallelized and len(x) % 2 == 1
+        if padded:  # an even count splits evenly over 2 GPUs, as in 2017
+            x = np.concatenate([x, x[-1:]])
+        pred = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+        preds.append(pred[:-1] if padded else pred)
+    pred = np.concatenate(preds)
+    return pred.reshape((nb_row, nb_col, pred.shape[-1]))
+
+
+def get_prob_heatmap(img_list, target_height: Optional[int], target_scale: Optional[float],
+                     patch_size: int, stride: int, model, batch_size: int,
+                     featurewise_center: bool = False, featurewise_mean: float = 91.6,
+                     preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                     parallelized: bool = False, equalize_hist: bool = False):
+    """Patch-class probability heatmaps by sweeping a patch classifier over whole images.
+
+    Per image: read with :func:`read_resize_img` at ``target_height`` (aspect kept, stored
+    intensity scale; an array is used as given), :func:`segment_breast` (cropped), a zero
+    margin of ``patch_size // 2``, then the centred sweep of :func:`sweep_img_patches` at
+    ``stride`` with per-patch ``target_scale`` and ``equalize_hist``; patches get the model's
+    channel count (3 copies or 1); then, as in 2017, either ``featurewise_mean`` is subtracted
+    (``featurewise_center``) or else ``preprocess`` is applied; ``model.predict`` in
+    ``batch_size`` batches (patches are made chunk by chunk, so memory stays bounded).
+
+    Args:
+        img_list: a file name or 2-D image array, or a list of them (None gives [None]).
+        target_height: resize height for files (None: keep the file's size).
+        target_scale: per-patch max mapped to this value (None: no scaling).
+        patch_size: patch side of the classifier (e.g. 256).
+        stride: sweep step in pixels (e.g. 8).
+        model: a Keras model taking (N, patch_size, patch_size, C) channels-last input and
+            returning (N, nb_class) probabilities.
+        batch_size: prediction batch size.
+        featurewise_center, featurewise_mean: subtract this mean from every patch.
+        preprocess: callable on the (N, p, p, C) float32 patches (ignored when centring).
+        parallelized: pad to an even number of patches (for a 2-GPU split model).
+        equalize_hist: histogram-equalise each patch (0..255).
+
+    Returns:
+        A list of float32 heatmaps (nb_row, nb_col, nb_class), one per image, rows and columns
+        as in :func:`sweep_img_patches`; a single heatmap when ``img_list`` is one name/array.
+    """
+    if img_list is None:
+        return [None]
+    single = isinstance(img_list, (str, os.PathLike)) or \
+        (isinstance(img_list, np.ndarray) and img_list.ndim == 2)
+    recipe = InputRecipe(img_height=target_height, channels=_model_channels(model),
+                         img_scale=target_scale, equalize_hist=equalize_hist,
+                         featurewise_center=featurewise_center,
+                         featurewise_mean=featurewise_mean)
+    batch_size = _positive_int("batch_size", batch_size)
+    heatmaps = []
+    for item in ([img_list] if single else img_list):
+        if isinstance(item, np.ndarray):
+            img = item.astype(np.float32, copy=False)
+        else:
+            img = recipe.rescale(recipe.read_stored(item))
+        img, _ = segment_breast(img)
+        img = add_img_margins(img, int(patch_size) // 2)
+        heatmaps.append(_predict_sweep(img, patch_size, stride, model, batch_size, recipe,
+                                       preprocess, parallelized).astype(np.float32))
+    return heatmaps[0] if single else heatmaps
+
+
+# ----------------------------------------------------------------------------------------------
+# 2017 compatibility: names kept for code written against the 2017 module.
+# ----------------------------------------------------------------------------------------------
+
+
+class DMImagePreprocessor:
+    """2017 name space for preprocessing: ``DMImagePreprocessor.segment_breast(img, ...)``."""
+
+    segment_breast = staticmethod(segment_breast)

@@ -31,7 +31,7 @@ _MODEL_ALL = [
     "robust_load_model",
     "check_model_file_safe",
     "UnsafeModelError",
-    "save_model_atomic",
+    "save_model_atomic", "register_input_recipe",
 ]
 
 import json as _json  # noqa: E402  (Section 1 imports)
@@ -658,21 +658,55 @@ def _load_from_h5_config(path, custom_objects):
     return model
 
 
-def save_model_atomic(model, filepath, include_optimizer=True):
-    """Save ``model`` as HDF5 at ``filepath`` atomically.
+#: Input recipes (JSON) of model files, by absolute path: see :func:`register_input_recipe`.
+_INPUT_RECIPES = {}
+
+
+def register_input_recipe(filepath, recipe):
+    """Store ``recipe`` in every model file later saved at ``filepath`` by this process.
+
+    The trainers register their :class:`dm_image.InputRecipe` for ``--best-model`` and
+    ``--final-model`` before training, so the checkpoint callbacks, which save through
+    :func:`save_model_atomic`, write it into each file (whatever model object they hold).
+
+    Args:
+        filepath: model file path.
+        recipe: a :class:`dm_image.InputRecipe`, or None to stop storing one.
+    """
+    key = _os.path.abspath(_os.fspath(filepath))
+    if recipe is None:
+        _INPUT_RECIPES.pop(key, None)
+    else:
+        _INPUT_RECIPES[key] = recipe.to_json()
+
+
+def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
+    """Save ``model`` as HDF5 at ``filepath`` atomically, with its input recipe.
 
     Written through :func:`dm_image.atomic_write` (an exclusively created temporary file in the
     same folder, renamed over ``filepath``), so a crash or a full disk never leaves a
     half-written model and an older file survives.
     The result loads with :func:`robust_load_model` and with ``tf_keras.models.load_model``.
+    ``recipe`` (a :class:`dm_image.InputRecipe`; default: the one registered for
+    ``filepath`` by :func:`register_input_recipe`) is stored as JSON in the HDF5 root
+    attribute ``dm_image.RECIPE_ATTR``, readable with h5py alone
+    (``dm_image.InputRecipe.from_model_file``).
     """
+    path = _os.path.abspath(_os.fspath(filepath))
+    recipe_json = recipe.to_json() if recipe is not None else _INPUT_RECIPES.get(path)
+
     def save(tmp):
         with _warnings.catch_warnings():
             _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
             model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
                        save_format="h5")
+        if recipe_json is not None:
+            import h5py
 
-    path = _dm_image.atomic_write(_os.path.abspath(_os.fspath(filepath)), save, to_path=True)
+            with h5py.File(tmp, "a") as fh:
+                fh.attrs[_dm_image.RECIPE_ATTR] = recipe_json
+
+    path = _dm_image.atomic_write(path, save, to_path=True)
     logger.info("Saved model to %s", path)
     return str(path)
 

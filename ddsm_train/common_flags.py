@@ -35,6 +35,8 @@ __all__ = [
     "log_and_save_options", "check_batch_vs_devices",
     "resolve_options", "check_class_dirs", "env_summary", "AUGMENTATION_2017",
     "build_data_iterators", "iterators_from_options",
+    "given_options", "RECIPE_OPTIONS", "apply_model_recipe", "training_recipe",
+    "save_input_recipe",
 ]
 
 logger = logging.getLogger(__name__)
@@ -336,10 +338,28 @@ def _user_error_exit(parser, err):
     parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
-def cli_main(parser, run, argv=None, validate=None):
+def given_options(parser, argv=None):
+    """The destinations of the options given on the command line ``argv`` (not defaulted).
+
+    The parser's defaults stay as they are: ``argv`` is parsed into a namespace already
+    holding a marker for every destination, which argparse leaves alone unless a flag sets it.
+
+    Returns:
+        frozenset of destination names, e.g. ``{"model", "img_dir"}``.
+    """
+    unset = object()
+    dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    namespace = argparse.Namespace(**{d: unset for d in dests})
+    parsed = parser.parse_args(argv, namespace=namespace)
+    return frozenset(k for k, v in vars(parsed).items() if v is not unset)
+
+
+def cli_main(parser, run, argv=None, validate=None, pass_given=False):
     """A script's ``main()``: parse ``argv``, set up logging, ``validate(opts)``, ``run(**opts)``.
 
-    Returns what ``run`` returns. A user error, i.e. a ``ValueError`` (bad value, bad row in a
+    With ``pass_given`` ``run`` also gets ``given_options``: the sorted destinations the
+    command line set (:func:`given_options`), so that settings the user left out can come
+    from a model file's input recipe. Returns what ``run`` returns. A user error, i.e. a ``ValueError`` (bad value, bad row in a
     CSV, unsafe model file) or an ``OSError`` (missing, unreadable or unwritable file, full
     disk), ends the script with one line ``PROG: error: MESSAGE`` on stderr and exit status 2,
     without a traceback (set ``DM_TRACEBACK=1`` to see it). ``validate`` runs before any model
@@ -348,6 +368,8 @@ def cli_main(parser, run, argv=None, validate=None):
     args = parser.parse_args(argv)
     setup_logging()
     opts = vars(args)
+    if pass_given:
+        opts["given_options"] = sorted(given_options(parser, argv))
     try:
         if validate is not None:
             validate(opts)
@@ -356,9 +378,9 @@ def cli_main(parser, run, argv=None, validate=None):
         _user_error_exit(parser, err)
 
 
-def checked_main(parser, validate, run, argv=None):
+def checked_main(parser, validate, run, argv=None, pass_given=False):
     """A training script's ``main()``: :func:`cli_main` with ``validate(opts)`` first."""
-    return cli_main(parser, run, argv, validate=validate)
+    return cli_main(parser, run, argv, validate=validate, pass_given=pass_given)
 
 
 def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1, sizes=None):
@@ -564,3 +586,123 @@ def iterators_from_options(opts, channels, preprocess, seed):
         load_val_ram=opts["load_val_ram"], cache_dir=opts["img_cache_dir"],
         dup_3_channels=channels == 3, preprocess=preprocess, seed=seed)
     return train, val, test, train_bs
+
+
+# --------------------------------------------------------------------------- input recipes
+#: Script options stored in a model's input recipe (``dm_image.InputRecipe``), option name ->
+#: recipe field.
+RECIPE_OPTIONS = {"img_size": "img_size", "img_scale": "img_scale",
+                  "rescale_factor": "rescale_factor", "equalize_hist": "equalize_hist",
+                  "featurewise_center": "featurewise_center",
+                  "featurewise_mean": "featurewise_mean"}
+
+
+def _as_option(value):
+    """A recipe value in the form the scripts hold it (lists for sizes, floats)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def apply_model_recipe(values, model_file, given, names=None, defaults=None):
+    """Fill the preprocessing options the user did not give from a model file's input recipe.
+
+    A model written by the trainers carries its ``dm_image.InputRecipe`` (HDF5 attribute);
+    every option of ``names`` the user did not give takes the recipe's value (logged, listing
+    them), and a given value that contradicts the recipe is kept with one warning naming both.
+    A file without a recipe (a 2017 file, or one saved by other code) changes nothing: the
+    flags and their 2017 defaults apply.
+
+    Args:
+        values: option name -> value (e.g. ``vars(args)``); not modified.
+        model_file: path of the model file (anything else, e.g. a model object, has no recipe).
+        given: names the user set explicitly; None: those whose value differs from
+            ``defaults`` (a Python call).
+        names: option name -> recipe field (default :data:`RECIPE_OPTIONS`); a field may be
+            a function ``recipe -> value or None`` (None: the recipe does not say).
+        defaults: option defaults, used when ``given`` is None.
+
+    Returns:
+        (new values dict, the recipe or None).
+    """
+    import dm_image
+
+    values = dict(values)
+    if not isinstance(model_file, (str, os.PathLike)) or not os.path.isfile(model_file):
+        return values, None
+    recipe = dm_image.InputRecipe.from_model_file(model_file)
+    if recipe is None:
+        logger.info("%s holds no input recipe; preprocessing comes from the flags", model_file)
+        return values, None
+    names = RECIPE_OPTIONS if names is None else names
+    if given is None:
+        given = {k for k in names if k in values and (defaults or {}).get(k) != values[k]}
+    taken = []
+    for name, field in names.items():
+        stored = field(recipe) if callable(field) else getattr(recipe, field)
+        if stored is None and (callable(field) or name == "featurewise_mean"):
+            continue   # the recipe does not say
+        stored = _as_option(stored)
+        if name not in given:
+            if values.get(name) != stored:
+                taken.append(f"{name}={stored!r}")
+            values[name] = stored
+        elif not _same_value(values.get(name), stored):
+            logger.warning("--%s %s contradicts the input recipe of %s (%s); using %s",
+                           name.replace("_", "-"), _as_option(values.get(name)), model_file,
+                           stored, _as_option(values.get(name)))
+    if taken:
+        logger.info("taken from the input recipe of %s: %s", model_file, ", ".join(taken))
+    return values, recipe
+
+
+def _same_value(a, b):
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(
+            1.0, abs(float(b)))
+    return a == b
+
+
+def training_recipe(opts, channels, preprocess=None):
+    """The ``dm_image.InputRecipe`` of a training script's options (``vars(args)``).
+
+    Args:
+        opts: the options (``img_size``, ``img_scale``, ``rescale_factor``,
+            ``equalize_hist``, ``featurewise_center``, ``featurewise_mean``).
+        channels: the model's input channels (1 or 3).
+        preprocess: the backbone whose ``preprocess_input`` the iterators apply (when not
+            centring), or None.
+    """
+    from dm_image import InputRecipe
+
+    return InputRecipe(img_size=tuple(opts["img_size"]), channels=int(channels),
+                       img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
+                       equalize_hist=opts["equalize_hist"],
+                       featurewise_center=opts["featurewise_center"],
+                       featurewise_mean=opts["featurewise_mean"], preprocess=preprocess)
+
+
+def save_input_recipe(recipe, best_model, *model_files):
+    """Store ``recipe`` in the models a training run writes and in its options JSON.
+
+    Every file later saved at ``best_model`` or one of ``model_files`` (``NOSAVE`` skipped)
+    carries it as an HDF5 attribute (``dm_keras_ext.register_input_recipe``), and
+    ``<best_model>.options.json``, when present, gets it under ``input_recipe``.
+
+    Returns:
+        Path of the options JSON, or None when there is none yet.
+    """
+    import dm_keras_ext
+    from dm_image import atomic_write
+
+    for path in (best_model,) + model_files:
+        if path and path != NOSAVE:
+            dm_keras_ext.register_input_recipe(path, recipe)
+    json_path = options_json_path(best_model)
+    if not json_path.is_file():
+        return None
+    record = json.loads(json_path.read_text(encoding="utf-8"))
+    record["input_recipe"] = recipe.to_dict()
+    text = json.dumps(record, indent=2, sort_keys=True, default=str)
+    logger.info("input recipe: %s", recipe.to_json())
+    return atomic_write(json_path, lambda f: f.write(text), text=True)

@@ -77,7 +77,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, add_image_flags, add_trust_flag, cli_main  # noqa: E402
+from common_flags import RECIPE_OPTIONS, add_bool_flag, add_image_flags, \
+    add_trust_flag, apply_model_recipe, cli_main  # noqa: E402
 from script_utils import (RestrictedUnpickler, read_csv_table, read_text_lines,  # noqa: E402
                           restricted_unpickle, safe_name_part)
 
@@ -212,14 +213,21 @@ def build_fprop_model(model, net: str, img_size: Sequence[int], avg_pool_size: S
                           hm_strides=tuple(hm_strides))
 
 
+def _recipe(opts: dict, channels: int = 1) -> dm_image.InputRecipe:
+    """The ``dm_image.InputRecipe`` of the options (``opts["preprocess"]``, a function, is
+    passed separately to the recipe's steps)."""
+    return dm_image.InputRecipe(
+        img_size=opts.get("img_size"), channels=channels, img_scale=opts["img_scale"],
+        rescale_factor=opts["rescale_factor"], equalize_hist=opts["equalize_hist"],
+        featurewise_center=opts["featurewise_center"],
+        featurewise_mean=opts["featurewise_mean"])
+
+
 def _prep_input(img: np.ndarray, channels: int, opts: dict) -> np.ndarray:
-    """(H, W) float32 -> (H, W, channels), equalised and centred / preprocessed."""
-    if opts["equalize_hist"]:
-        img = dm_image.hist_equalize(img)
-    x = np.repeat(img[..., None], channels, axis=-1).astype(np.float32)
-    if opts["featurewise_center"]:
-        return x - np.float32(opts["featurewise_mean"])
-    return opts["preprocess"](x) if opts["preprocess"] is not None else x
+    """(H, W) float32 -> (H, W, channels): the recipe's equalisation, channel copy and
+    centring (or ``opts["preprocess"]``)."""
+    recipe = _recipe(opts, channels)
+    return recipe.to_input(recipe.equalize(img), opts["preprocess"])
 
 
 def fprop_heatmap(hm_model, paths: List[Path], opts: dict, batch_size: int):
@@ -231,10 +239,8 @@ def fprop_heatmap(hm_model, paths: List[Path], opts: dict, batch_size: int):
     channels = hm_model.input_shape[-1]
     heatmaps, images = [], []
     for start in range(0, len(paths), batch_size):
-        imgs = [dm_image.read_resize_img(p, target_size=opts["img_size"],
-                                         target_scale=opts["img_scale"],
-                                         rescale_factor=opts["rescale_factor"])
-                for p in paths[start:start + batch_size]]
+        recipe = _recipe(opts, channels)
+        imgs = [recipe.scale(recipe.read_stored(p)) for p in paths[start:start + batch_size]]
         x = np.stack([_prep_input(i, channels, opts) for i in imgs])
         pred = np.asarray(hm_model.predict_on_batch(x), dtype=np.float32)
         heatmaps += list(pred)
@@ -249,8 +255,9 @@ def sweep_heatmap(model, path: Path, opts: dict, batch_size: int, with_mask: boo
         (float32 (nb_row, nb_col, nb_class), the (H, W) image read, breast box (x, y, w, h)
         and bool (H, W) breast mask when ``with_mask``, else None and None).
     """
-    img = dm_image.read_resize_img(path, target_height=opts["img_height"],
-                                   rescale_factor=opts["rescale_factor"])
+    recipe = dm_image.InputRecipe(img_height=opts["img_height"],
+                                  rescale_factor=opts["rescale_factor"])
+    img = recipe.rescale(recipe.read_stored(path))   # per-patch img_scale: in the sweep
     heatmap = dm_image.get_prob_heatmap(
         img, None, opts["img_scale"], opts["patch_size"], opts["stride"], model, batch_size,
         featurewise_center=opts["featurewise_center"],
@@ -608,7 +615,8 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         img_extension: str = "png", png_height: int = 1024, verbose: bool = False,
         all_images: bool = False, img_list: Optional[str] = None,
         class_list: Optional[Sequence[str]] = None, roi_mask_dir: Optional[str] = None,
-        trust_model_file: bool = False, custom_objects: Optional[dict] = None) -> dict:
+        trust_model_file: bool = False, custom_objects: Optional[dict] = None,
+        given_options: Optional[Sequence[str]] = None) -> dict:
     """Compute heatmaps for every (patient, side) and write them (and optional PNGs).
 
     Args: see the module docstring and ``--help``; ``dl_state`` is the patch classifier (or
@@ -616,7 +624,12 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     (a file with code in it, such as a Lambda layer, is refused unless ``trust_model_file``).
     With ``all_images`` (every image under ``img_folder``) or ``img_list`` (one path per
     line), any images are scored, one record ``{image, heatmap}`` each, and ``pat_csv`` is
-    not read.
+    not read. ``given_options``: the options set explicitly (the command line's); the
+    intensity options not among them (``img_scale``, ``rescale_factor``, ``equalize_hist``,
+    ``featurewise_center``, ``featurewise_mean``, ``net`` when the recipe names a backbone,
+    and in sweep mode ``patch_size`` from a square recipe size) come from ``dl_state``'s input
+    recipe when it has one (``dm_image.InputRecipe``); None: those whose value differs from
+    the default count as given.
 
     Returns:
         Summary dict: ``out``, ``n_records``, ``n_heatmaps``, ``missing`` (paths),
@@ -629,6 +642,22 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     from dm_keras_ext import robust_load_model
 
     t0 = time.time()
+    names = dict(RECIPE_OPTIONS)
+    del names["img_size"]   # a whole-image size is not a patch classifier's
+    names["net"] = lambda r: r.preprocess
+    if not fprop_mode:
+        names["patch_size"] = lambda r: r.img_size[0] if r.img_size and \
+            r.img_size[0] == r.img_size[1] else None
+    defaults = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    prep, _ = apply_model_recipe(
+        dict(img_scale=img_scale, rescale_factor=rescale_factor, equalize_hist=equalize_hist,
+             featurewise_center=featurewise_center, featurewise_mean=featurewise_mean, net=net,
+             patch_size=patch_size), dl_state, None if given_options is None else
+        set(given_options), names, defaults)
+    img_scale, rescale_factor, equalize_hist = prep["img_scale"], prep["rescale_factor"], \
+        prep["equalize_hist"]
+    featurewise_center, featurewise_mean = prep["featurewise_center"], prep["featurewise_mean"]
+    net, patch_size = prep["net"], prep["patch_size"]
     get_preprocess(net)   # validates net before anything is read
     _check_out(out)
     _check_numbers(dict(batch_size=batch_size, patch_size=patch_size, stride=stride,
@@ -754,7 +783,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv)
+    return cli_main(get_args_parser(), run, argv, pass_given=True)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ import pandas as pd  # noqa: E402
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_optional_value_flag, \
-    cli_main  # noqa: E402
+    apply_model_recipe, cli_main  # noqa: E402
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
@@ -338,44 +338,39 @@ def check_models(models: List[Tuple[str, object]], img_size: Sequence[int],
 
 
 # ------------------------------------------------------------------------------ scoring
-def _read_segmented(path: Path, img_size, img_scale, rescale_factor) -> np.ndarray:
-    """Read at full resolution, crop to the segmented breast, then resize and scale as
-    ``dm_image.read_resize_img`` does (cubic in the stored dtype, float32, scale, rescale)."""
+def _segmented_stored(path: Path, img_size) -> np.ndarray:
+    """The breast cropped from the full-resolution file, resized, in the stored dtype."""
     img, _ = dm_image.segment_breast(dm_image.read_image(path))
-    img = cv2.resize(img, dsize=(int(img_size[1]), int(img_size[0])),
-                     interpolation=cv2.INTER_CUBIC).astype(np.float32)
-    if img_scale is not None:
-        img_max = float(img.max())
-        img *= np.float32(img_scale / (img_max if img_max else img_scale))
-    if rescale_factor is not None:
-        img *= np.float32(rescale_factor)
-    return img
+    return cv2.resize(img, dsize=(int(img_size[1]), int(img_size[0])),
+                      interpolation=cv2.INTER_CUBIC)
 
 
 def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional[float] = None,
                     rescale_factor: Optional[float] = None, equalize_hist: bool = False,
                     featurewise_center: bool = True, featurewise_mean: float = 52.16,
-                    segment_breast: bool = False) -> np.ndarray:
-    """One preprocessed image, float32 (height, width, 1), centred when asked.
+                    segment_breast: bool = False, channels: int = 1,
+                    preprocess: Optional[str] = None) -> np.ndarray:
+    """One image as model input through ``dm_image.InputRecipe``: float32 (H, W, channels).
 
-    Without segmentation this is ``dm_image.read_img_for_pred`` (one channel); with it the
-    breast is cropped first (see :func:`_read_segmented`) and equalised the same way.
+    Read and resize to ``img_size``, ``img_scale`` / ``rescale_factor``, optional histogram
+    equalisation, ``channels`` copies of the single channel, then ``featurewise_mean``
+    subtracted when ``featurewise_center``, else the ImageNet preprocessing of backbone
+    ``preprocess`` when given. With ``segment_breast`` the breast is cropped from the
+    full-resolution image before resizing (:func:`_segmented_stored`). With one channel and
+    centring (the default) the result is copied to each model's channel count by
+    :func:`predict_batch`, which gives the same input as reading at that count.
 
     Raises:
         dm_image.ImageReadError, ValueError: unreadable image or failed segmentation.
     """
-    if segment_breast:
-        img = _read_segmented(Path(path), img_size, img_scale, rescale_factor)
-        if equalize_hist:
-            img = dm_image.hist_equalize(img)
-        x = img[..., None]
-    else:
-        x = dm_image.read_img_for_pred(path, equalize_hist=equalize_hist, dup_3_channels=False,
-                                       target_size=img_size, target_scale=img_scale,
-                                       rescale_factor=rescale_factor)
-    if featurewise_center:
-        x = x - np.float32(featurewise_mean)
-    return x.astype(np.float32, copy=False)
+    recipe = dm_image.InputRecipe(
+        img_size=img_size, channels=channels, img_scale=img_scale,
+        rescale_factor=rescale_factor, equalize_hist=equalize_hist,
+        featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
+        preprocess=preprocess)
+    stored = _segmented_stored(Path(path), recipe.img_size) if segment_breast else \
+        recipe.read_stored(path)
+    return recipe.to_input(recipe.intensities(stored)).astype(np.float32, copy=False)
 
 
 def predict_batch(models: List[Tuple[str, object]], channels: List[int], x: np.ndarray,
@@ -384,8 +379,9 @@ def predict_batch(models: List[Tuple[str, object]], channels: List[int], x: np.n
 
     Args:
         models: ``[(name, model)]``.
-        channels: input channels per model; ``x`` is copied to that many channels.
-        x: float32 (n, height, width, 1), preprocessed.
+        channels: input channels per model; a one-channel ``x`` is copied to that many.
+        x: float32 (n, height, width, 1) preprocessed, or (n, height, width, C) already at
+            the models' channel count.
         test_augment: also predict on ``dm_keras_ext.flip_all_img`` flips, in the same call.
 
     Returns:
@@ -396,7 +392,7 @@ def predict_batch(models: List[Tuple[str, object]], channels: List[int], x: np.n
     n = len(x)
     total = None
     for (_, model), c in zip(models, channels):
-        xm = np.repeat(x, c, axis=-1) if c != 1 else x
+        xm = np.repeat(x, c, axis=-1) if x.shape[-1] == 1 and c != 1 else x
         if test_augment:
             xm = flip_all_img(xm)   # (4n, ...): as is, left-right, up-down, both
         pred = np.asarray(model.predict_on_batch(xm), dtype=np.float64)
@@ -570,6 +566,34 @@ def _collect(img_dir, img_list, exam_list, class_list):
     return collect_folder(img_dir), None
 
 
+def _resolve_recipe(models: Sequence, values: dict, given) -> dict:
+    """The image options of :func:`run` completed from the first model file's input recipe.
+
+    Returns:
+        The six image options, and ``channels``: extra :func:`load_pred_image` arguments
+        (``channels`` and ``preprocess``) when the recipe asks for a backbone's
+        preprocessing, which works on all channels, else ``{}`` (one channel, copied per
+        model).
+    """
+    names = ("img_size", "img_scale", "rescale_factor", "equalize_hist", "featurewise_center",
+             "featurewise_mean")
+    defaults = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    files = [m for m in models if isinstance(m, (str, os.PathLike)) and Path(m).is_file()]
+    prep, recipe = apply_model_recipe({k: values[k] for k in names},
+                                      files[0] if files else None,
+                                      None if given is None else set(given), defaults=defaults)
+    for other in files[1:]:
+        theirs = dm_image.InputRecipe.from_model_file(other)
+        if recipe is not None and theirs is not None and theirs != recipe:
+            logger.warning("models %s and %s were trained with different input recipes (%s); "
+                           "all are scored with the first one's", files[0], other,
+                           recipe.differences(theirs))
+    prep["channels"] = {}
+    if recipe is not None and recipe.preprocess and not prep["featurewise_center"]:
+        prep["channels"] = dict(channels=recipe.channels, preprocess=recipe.preprocess)
+    return prep
+
+
 def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] = None,
         exam_list: Optional[str] = None, out_dir: str = "./predictions",
         class_list: Sequence[str] = ("neg", "pos"), malignant_class: int = -1,
@@ -579,7 +603,8 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         segment_breast: bool = False, test_augment: bool = False,
         channels: Optional[int] = None, batch_size: int = 4, threshold: float = 0.5,
         bootstrap: int = 2000, seed: int = 12345, verbose: bool = False,
-        custom_objects: Optional[dict] = None) -> dict:
+        custom_objects: Optional[dict] = None,
+        given_options: Optional[Sequence[str]] = None) -> dict:
     """Score images with the averaged models and write the tables, metrics and curves.
 
     Args:
@@ -600,6 +625,13 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         seed: bootstrap seed.
         verbose: progress bar.
         custom_objects: passed to the model loader.
+        given_options: the options set explicitly (the command line's, see
+            ``common_flags.given_options``); the image options (``img_size``, ``img_scale``,
+            ``rescale_factor``, ``equalize_hist``, ``featurewise_center``,
+            ``featurewise_mean``) not among them come from the first model file's input
+            recipe when it has one (``dm_image.InputRecipe``; a recipe that does not centre
+            also brings its backbone preprocessing). None: those whose value differs from
+            the default count as given.
 
     Returns:
         Summary dict: counts, output paths, metrics per level and the list of failures.
@@ -615,6 +647,11 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         raise ValueError(f"img_size should be (height, width), got {img_size}")
     if channels is not None and channels not in (1, 3):
         raise ValueError(f"channels should be 1 or 3, got {channels}")
+    prep = _resolve_recipe(model, locals(), given_options)
+    img_size, img_scale, rescale_factor = prep["img_size"], prep["img_scale"], \
+        prep["rescale_factor"]
+    equalize_hist, featurewise_center = prep["equalize_hist"], prep["featurewise_center"]
+    featurewise_mean = prep["featurewise_mean"]
     items, exams = _collect(img_dir, img_list, exam_list, class_list)
     if not items:
         raise ValueError(f"no image found (img_dir={img_dir}, img_list={img_list}, "
@@ -627,7 +664,7 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters
-               and k != "custom_objects"}
+               and k not in ("custom_objects", "given_options")}
     options["model"] = [name for name, _ in models]
     logger.info("options: %s", json.dumps(options, default=str, sort_keys=True))
     eval_metrics.write_json_atomic(options, out / "options.json")
@@ -636,7 +673,7 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
     read_opts = dict(img_size=tuple(img_size), img_scale=img_scale,
                      rescale_factor=rescale_factor, equalize_hist=equalize_hist,
                      featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
-                     segment_breast=segment_breast)
+                     segment_breast=segment_breast, **prep["channels"])
     probs, errors = score_items(items, models, chans, nb_class, batch_size, test_augment,
                                 read_opts, verbose)
     summary = write_outputs(items, exams, probs, errors, out,
@@ -688,7 +725,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv)
+    return cli_main(get_args_parser(), run, argv, pass_given=True)
 
 
 if __name__ == "__main__":

@@ -180,13 +180,18 @@ def run(train_dir, val_dir, test_dir, **options):
     Args:
         train_dir, val_dir, test_dir: folders with one subfolder per class of ``class_list``.
         **options: the command-line options by destination name (see ``get_args_parser``);
-            missing ones take the parser's defaults.
+            missing ones take the parser's defaults. With ``resume_from``, the image
+            options not given (``given_options`` when passed, as the command line does,
+            else the keywords passed) come from that file's input recipe when it has one.
 
     Returns:
         dict: ``best_model``, ``options_json``, ``best_val_auc``, ``best_epoch``, ``test_auc``,
         ``test_auc_augmented``, ``epochs`` (run), ``history`` (merged per-epoch logs).
     """
+    given = options.pop("given_options", None)
     opts = cf.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
+    opts, _ = cf.apply_model_recipe(opts, opts["resume_from"],
+                                    set(options) if given is None else set(given))
     env = cf.env_summary()
     import dm_multi_gpu
 
@@ -204,6 +209,8 @@ def run(train_dir, val_dir, test_dir, **options):
     model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
     model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
     channels = model.input_shape[-1]
+    cf.save_input_recipe(cf.training_recipe(opts, channels, opts["patch_net"] if _preprocess_fn(
+        opts, channels) else None), opts["best_model"], opts["final_model"])
     train, val, test, train_bs = cf.iterators_from_options(
         opts, channels, _preprocess_fn(opts, channels), env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d images; train batch %d, eval batch %d",
@@ -269,7 +276,7 @@ def _report(opts, json_path, hists, ckpt, test, is_chief=True):
 
 def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
-    result = cf.checked_main(get_args_parser(), validate_options, run, argv)
+    result = cf.checked_main(get_args_parser(), validate_options, run, argv, pass_given=True)
     print(f"best validation AUROC {result['best_val_auc']:.4f}; test AUROC "
           f"{_fmt(result['test_auc'])}, with flips {_fmt(result['test_auc_augmented'])}")
     return result

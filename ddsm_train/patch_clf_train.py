@@ -141,6 +141,9 @@ def run(train_dir, val_dir, test_dir, **options):
     model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
     model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
     channels = model.input_shape[-1]
+    cf.save_input_recipe(cf.training_recipe(opts, channels, opts["net"] if preprocess and not
+                                            opts["featurewise_center"] else None),
+                         opts["best_model"], opts["final_model"])
     train, val, test, train_bs = cf.iterators_from_options(
         opts, channels, None if opts["featurewise_center"] else preprocess, env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d patches; train batch %d, eval batch %d",
