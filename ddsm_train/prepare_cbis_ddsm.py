@@ -62,7 +62,8 @@ import pandas as pd  # noqa: E402
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, cli_main, parallel_map  # noqa: E402
 from compute_mean import image_mean  # noqa: E402
-from script_utils import InputFileError, read_csv_table, safe_name_part  # noqa: E402
+from script_utils import ROI_COLUMNS, InputFileError, read_csv_table, \
+    safe_name_part  # noqa: E402
 
 __all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
            "get_args_parser", "main"]
@@ -73,7 +74,6 @@ CSV_NAMES = {("calc", "Training"): "calc_case_description_train_set.csv",
              ("calc", "Test"): "calc_case_description_test_set.csv",
              ("mass", "Training"): "mass_case_description_train_set.csv",
              ("mass", "Test"): "mass_case_description_test_set.csv"}
-ROI_COLUMNS = ["patient_id", "side", "view", "abn_num", "pathology", "type"]
 PATHOLOGIES = frozenset({"MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"})
 SIDES = frozenset({"LEFT", "RIGHT"})
 VIEWS = frozenset({"CC", "MLO"})

@@ -78,6 +78,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dm_image  # noqa: E402
+from script_utils import ROI_COLUMNS  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag, get_random_seed, \
     cli_main, parallel_map  # noqa: E402
 
@@ -91,7 +92,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("patient_id", "side", "view", "abn_num", "pathology", "type")
+CSV_COLUMNS = tuple(ROI_COLUMNS)   # the columns of roi_mask_path.csv
 PATHOLOGY_LABELS = {"MALIGNANT": "pos", "BENIGN": "neg", "BENIGN_WITHOUT_CALLBACK": "neg"}
 LESION_TYPES = ("calc", "mass")
 BLOB_PARAMS = dict(min_area=3, min_int=0.5, max_int=0.95, th_step=10)
@@ -315,36 +316,13 @@ def detect_blob_centres(img: np.ndarray, patch_size: int = 256) -> np.ndarray:
     return pts[np.sort(first)]
 
 
-def _kmeans(pts: np.ndarray, k: int, rng: np.random.Generator, iters: int = 30):
-    """Lloyd k-means, k-means++ seeding, on (n, 2) float points; returns (labels, centres)."""
-    centres = [pts[rng.integers(len(pts))]]
-    d2 = ((pts - centres[0]) ** 2).sum(axis=1)
-    for _ in range(1, k):
-        centres.append(pts[rng.choice(len(pts), p=d2 / d2.sum())] if d2.sum() > 0
-                       else pts[rng.integers(len(pts))])
-        d2 = np.minimum(d2, ((pts - centres[-1]) ** 2).sum(axis=1))
-    centres = np.array(centres)
-    labels = np.full(len(pts), -1)
-    for _ in range(iters):
-        # nearest centre: argmin of |c|^2 - 2 p.c (|p - c|^2 without the constant |p|^2)
-        new = ((centres ** 2).sum(axis=1) - 2.0 * pts @ centres.T).argmin(axis=1)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-        size = np.bincount(labels, minlength=k)
-        used = size > 0  # an emptied cluster keeps its centre
-        for d in range(pts.shape[1]):
-            centres[used, d] = np.bincount(labels, pts[:, d], minlength=k)[used] / size[used]
-    return labels, centres
-
-
 def select_hard_negatives(centres: np.ndarray, nb: int, seed: int) -> np.ndarray:
     """Keep at most ``nb`` centres, spread over the image with k-means when there are more.
 
     K-means (k-means++ seeding from ``seed``, Lloyd iterations) on the (x, y) coordinates into
     ``nb`` clusters; from each cluster the member nearest its centre is kept, in input order.
-    (A small NumPy k-means rather than scikit-learn: it is fast for a few hundred points and
-    safe in forked worker processes, where OpenMP-backed k-means can deadlock.)
+    (``dm_image.kmeans``, a small NumPy k-means: fast for a few hundred points and safe in
+    forked worker processes, where OpenMP-backed k-means can deadlock.)
 
     Args:
         centres: int (n, 2) array of (x, y).
@@ -360,7 +338,7 @@ def select_hard_negatives(centres: np.ndarray, nb: int, seed: int) -> np.ndarray
     if len(centres) <= nb:
         return centres
     pts = centres.astype(np.float64)
-    labels, ctr = _kmeans(pts, nb, np.random.default_rng(seed))
+    labels, ctr = dm_image.kmeans(pts, nb, np.random.default_rng(seed))
     dist = ((pts - ctr[labels]) ** 2).sum(axis=1)
     order = np.lexsort((np.arange(len(pts)), dist, labels))
     first = order[np.r_[True, labels[order][1:] != labels[order][:-1]]]

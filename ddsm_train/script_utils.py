@@ -30,7 +30,11 @@ if _ROOT not in sys.path:
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_table",
-           "safe_name_part", "RestrictedUnpickler", "restricted_unpickle"]
+           "safe_name_part", "RestrictedUnpickler", "restricted_unpickle", "ROI_COLUMNS"]
+
+#: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
+#: make_synthetic_ddsm, read by sample_patches_combined.
+ROI_COLUMNS = ["patient_id", "side", "view", "abn_num", "pathology", "type"]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FORBIDDEN = ("/", "\\", ":")
