@@ -1958,6 +1958,17 @@ class _DMIterator:
         """Restart ``next()`` at the first batch of the current epoch."""
         self.batch_index = 0
 
+    def set_epoch(self, epoch: int):
+        """Go to the start of ``epoch`` (0-based): its order and draws, as if it came next.
+
+        A resumed training run sets the epoch it continues at, so that its batches are those
+        an uninterrupted run would have drawn.
+        """
+        with self._lock:
+            self.epoch = int(epoch)
+            self.index_array = self._epoch_index(self.epoch)
+            self.batch_index = 0
+
     # -- batches --------------------------------------------------------------------------
     def _plan(self, i: int):
         if not 0 <= i < len(self):

@@ -716,6 +716,8 @@ def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
 import copy  # noqa: E402  (Section 2 imports)
 import re  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 import types as _types  # noqa: E402
 
 import tensorflow as tf  # noqa: E402
@@ -730,6 +732,9 @@ _TRAIN_ALL = [
     "DMMetrics", "DMFlush", "flip_all_img", "load_dat_ram", "ovr_auroc", "is_bias_variable",
     "with_bias_multiplier", "rebuild_model", "set_regularization", "class_weight_dict",
     "save_model_distributed", "FROZEN_BN_MODES", "set_frozen_bn_mode",
+    "last_checkpoint_path", "training_log_path", "training_curves_path",
+    "save_training_checkpoint", "read_training_state", "resolve_resume", "write_training_log",
+    "plot_training_curves", "TRAINING_STATE_KEY", "KILL_AFTER_EPOCH_ENV",
 ]
 
 _REGULARIZED_CLASSES = ("Dense", "Conv2D")
@@ -942,22 +947,33 @@ class DMFlush(keras.callbacks.Callback):
         sys.stderr.flush()
 
 
-def save_model_distributed(model, filepath):
-    """Save through Section 1's ``save_model_atomic`` (temporary file + os.replace).
+def _save_as_chief(model, filepath, save):
+    """``save(model, path)`` at ``filepath`` on the chief; other workers save to a temp folder.
 
     In a multi-worker run every worker must take part in saving; only the chief writes
     ``filepath``, the others write to a temporary folder that is removed.
     """
     if getattr(model.distribute_strategy.extended, "should_checkpoint", True):
-        save_model_atomic(model, filepath)
-        return
+        return save(model, filepath)
     import shutil
     import tempfile
     folder = tempfile.mkdtemp(prefix="dm_worker_save_")
     try:
-        save_model_atomic(model, f"{folder}/model.h5")
+        save(model, f"{folder}/model.h5")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def save_model_distributed(model, filepath, include_optimizer=False):
+    """Save through ``save_model_atomic`` (temporary file + os.replace), chief worker only.
+
+    By default the file is a plain model without optimizer state (about half the size); the
+    last-epoch checkpoint of a run (:func:`save_training_checkpoint`) is the file that keeps
+    the optimizer state for resuming.
+    """
+    _save_as_chief(model, filepath,
+                   lambda m, p: save_model_atomic(m, p, include_optimizer=include_optimizer))
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):
@@ -993,6 +1009,14 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         logger.info("best %s %.5f at epoch %s (%s)", self.monitor, self.best, self.best_epoch,
                     self.filepath)
+
+    def get_state(self):
+        """What a resumed run needs: the monitored quantity, its best value and epoch."""
+        return {"monitor": self.monitor, "value": float(self.best), "epoch": self.best_epoch}
+
+    def set_state(self, state):
+        """Restore :meth:`get_state` (the best so far of an interrupted run)."""
+        self.best, self.best_epoch = float(state["value"]), state["epoch"]
 
 
 def flip_all_img(X):
@@ -1128,6 +1152,18 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
         logger.info("best validation AUROC %.4f at epoch %s (per class %s), model %s",
                     self.best_auc, self.best_epoch, self.best_all_auc, self.filepath)
 
+    def get_state(self):
+        """What a resumed run needs: the best mean AUROC, its epoch and per-class values."""
+        return {"monitor": "val_auc", "value": float(self.best_auc), "epoch": self.best_epoch,
+                "per_class": self.best_all_auc,
+                "history": [[e, a, list(p)] for e, a, p in self.auc_history]}
+
+    def set_state(self, state):
+        """Restore :meth:`get_state` (the best so far of an interrupted run)."""
+        self.best_auc, self.best_epoch = float(state["value"]), state["epoch"]
+        self.best_all_auc = state.get("per_class")
+        self.auc_history = [(e, a, p) for e, a, p in state.get("history", [])]
+
     @staticmethod
     def calc_test_auc(test_set, model, batch_size=None, test_samples=None, return_y_res=False,
                       test_augment=False):
@@ -1157,6 +1193,468 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
         y_true, y_pred = np.concatenate(ys), np.concatenate(preds)
         auc, _ = ovr_auroc(y_true, y_pred)
         return (auc, y_true, y_pred) if return_y_res else auc
+
+
+# ---------------------------------------------------------------- resumable runs, logs and curves
+#: Name of the HDF5 dataset of a last-epoch checkpoint that holds its training state (JSON).
+TRAINING_STATE_KEY = "dm_training_state"
+_STATE_VERSION = 1
+#: Test hook: with this environment variable set to N, a training process kills itself
+#: (SIGKILL, as a crash or an out-of-memory kill would) right after the checkpoint of epoch N.
+KILL_AFTER_EPOCH_ENV = "DM_KILL_AFTER_EPOCH"
+
+
+def last_checkpoint_path(best_model):
+    """``<best_model>.last.h5``: the run's last finished epoch, kept for resuming."""
+    return str(best_model) + ".last.h5"
+
+
+def training_log_path(best_model):
+    """``<best_model>.log.csv``: one row per finished epoch."""
+    return str(best_model) + ".log.csv"
+
+
+def training_curves_path(best_model):
+    """``<best_model>.curves.png``: loss, validation accuracy/AUROC and lr by epoch."""
+    return str(best_model) + ".curves.png"
+
+
+def save_training_checkpoint(model, path, state):
+    """Write ``model`` with its optimizer state and the JSON ``state`` as one HDF5 file.
+
+    The file is written atomically (:func:`dm_image.atomic_write`), weights and state together,
+    so a kill at any moment leaves either the previous checkpoint or this one, never weights of
+    one epoch with the state of another. It is also a regular Keras model file
+    (:func:`robust_load_model` loads it); :func:`read_training_state` reads the state.
+    """
+    text = _json.dumps(state)
+
+    def save(m, dest):
+        import h5py
+
+        def write(tmp):
+            with _warnings.catch_warnings():
+                _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy",
+                                         category=UserWarning)
+                m.save(tmp, overwrite=True, include_optimizer=True, save_format="h5")
+            with h5py.File(tmp, "a") as f:
+                f.create_dataset(TRAINING_STATE_KEY, data=text,
+                                 dtype=h5py.string_dtype("utf-8"))
+        return _dm_image.atomic_write(_os.path.abspath(_os.fspath(dest)), write, to_path=True)
+
+    return _save_as_chief(model, path, save)
+
+
+def read_training_state(path):
+    """The training state of a last-epoch checkpoint, or None for a plain model file.
+
+    Raises:
+        OSError: the file cannot be read as HDF5.
+        ValueError: the state is unreadable or of an unknown version.
+    """
+    import h5py
+
+    path = _os.fspath(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if TRAINING_STATE_KEY not in f:
+                return None
+            raw = f[TRAINING_STATE_KEY][()]
+    except OSError as err:
+        raise OSError(f"{path}: cannot be read as an HDF5 model file ({err})") from None
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    try:
+        state = _json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: unreadable training state ({err})") from None
+    if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        raise ValueError(f"{path}: training state of an unknown version "
+                         f"{state.get('version') if isinstance(state, dict) else state!r}")
+    state["path"] = path
+    return state
+
+
+def _options_diff(old, new):
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def resolve_resume(checkpoint, run_info, auto_resume=True, resume_from=None):
+    """Decide whether a training run continues an interrupted one; return its state or None.
+
+    Args:
+        checkpoint: this run's last-epoch checkpoint (:func:`last_checkpoint_path`).
+        run_info: this run's identity: ``options_hash`` (all options that change the result),
+            ``training_hash`` (the same without the model-source options) and ``options``.
+        auto_resume: continue ``checkpoint`` when it holds an unfinished run with the same
+            ``options_hash``; False starts over (the checkpoint is replaced after epoch 1).
+        resume_from: a model file given by the user; when it is an unfinished last-epoch
+            checkpoint, its run continues (a warning names options that differ).
+
+    Returns:
+        The state to continue from (:func:`read_training_state`), or None for a new run.
+    """
+    if resume_from is not None:
+        state = read_training_state(resume_from)
+        if state is not None and not state.get("finished"):
+            old = state.get("run", {})
+            if old.get("training_hash") != run_info.get("training_hash"):
+                logger.warning("Resuming %s with other options than its run: %s", resume_from,
+                               _options_diff(old.get("options", {}),
+                                             run_info.get("options", {})) or "(unknown)")
+            logger.info("RESUMING the run of %s after epoch %d (stage %d)", resume_from,
+                        state["epoch"], state["stage"])
+            return state
+        if state is not None:
+            logger.info("%s is the checkpoint of a finished run: starting a new run from its "
+                        "weights", resume_from)
+    if not _os.path.isfile(checkpoint):
+        return None
+    try:
+        state = read_training_state(checkpoint)
+    except (OSError, ValueError) as err:
+        logger.warning("Ignoring the checkpoint %s (%s); starting a new run", checkpoint, err)
+        return None
+    if state is None:
+        return None
+    if state.get("finished"):
+        logger.info("%s holds a finished run; starting a new run", checkpoint)
+        return None
+    if not auto_resume:
+        logger.info("Unfinished run in %s (epoch %d) not resumed (--no-auto-resume); starting "
+                    "over", checkpoint, state["epoch"])
+        return None
+    if state.get("run", {}).get("options_hash") != run_info.get("options_hash"):
+        logger.warning("%s holds an unfinished run with other options (%s); starting a new run, "
+                       "which replaces it", checkpoint,
+                       _options_diff(state.get("run", {}).get("options", {}),
+                                     run_info.get("options", {})) or "(unknown)")
+        return None
+    logger.info("RESUMING the unfinished run of %s after epoch %d (stage %d); "
+                "--no-auto-resume starts over", checkpoint, state["epoch"], state["stage"])
+    return state
+
+
+def _load_checkpoint_weights(model, path, with_optimizer):
+    """Load a checkpoint's weights into ``model`` (compiled) and, optionally, its optimizer."""
+    model.load_weights(path)
+    if not with_optimizer:
+        return
+    import h5py
+    from tf_keras.src.saving.legacy import hdf5_format
+
+    with h5py.File(path, "r") as f:
+        if "optimizer_weights" not in f:
+            raise ValueError(f"{path} holds no optimizer state")
+        values = [np.asarray(v) for v in hdf5_format.load_optimizer_weights_from_hdf5_group(f)]
+    opt = model.optimizer
+    with model.distribute_strategy.scope():
+        opt.build(model.trainable_variables)
+    if len(values) != len(opt.variables):
+        raise ValueError(f"{path}: {len(values)} optimizer variables for an optimizer with "
+                         f"{len(opt.variables)}; was it written by another configuration?")
+    opt.set_weights(values)
+
+
+def _random_layers(model):
+    """Layers drawing random numbers in training (dropout, noise) with a non-zero rate."""
+    from tf_keras.src.engine.base_layer import BaseRandomLayer
+
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, BaseRandomLayer) and getattr(layer, "rate", 1) != 0]
+
+
+class _EpochSequence(keras.utils.Sequence):
+    """A train Sequence whose epoch is the training epoch.
+
+    The stage sets the epoch before each ``fit``; ``fit`` then advances it once per epoch from
+    its own thread. The extra end-of-pass calls of tf-keras's loader threads are ignored, so
+    with the project's iterators (which draw batch ``i`` of epoch ``e`` from (seed, e, i)) the
+    data of an epoch depend only on the seed and the epoch number, however many epochs ran in
+    this process and however many loader workers there are.
+    """
+
+    def __init__(self, sequence):
+        super().__init__()
+        self.sequence, self.epoch = sequence, 0
+        self._thread = threading.get_ident()
+
+    def __len__(self):
+        return len(self.sequence)
+
+    def __getitem__(self, i):
+        return self.sequence[i]
+
+    def set_epoch(self, epoch):
+        self._thread, self.epoch = threading.get_ident(), int(epoch)
+        setter = getattr(self.sequence, "set_epoch", None)
+        if setter is not None:
+            setter(self.epoch)
+
+    def on_epoch_end(self):
+        if threading.get_ident() != self._thread:
+            return
+        if hasattr(self.sequence, "set_epoch"):
+            self.set_epoch(self.epoch + 1)
+        else:
+            self.epoch += 1
+            self.sequence.on_epoch_end()
+
+
+class _EpochSeed(keras.callbacks.Callback):
+    """At each epoch's start, seed Python, NumPy and TensorFlow with ``seed + epoch``.
+
+    A model with dropout or noise layers gets a freshly traced train step each epoch, so
+    that its random draws also restart from ``seed + epoch``: an epoch is the same whether
+    the run went through or was resumed just before it.
+    """
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed, self._retrace = int(seed), False
+
+    def on_train_begin(self, logs=None):
+        self._retrace = bool(_random_layers(self.model))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        keras.utils.set_random_seed(self.seed + int(epoch))
+        if self._retrace:
+            self.model.train_function = self.model.make_train_function(force=True)
+
+
+class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose counters can be saved and restored across processes."""
+
+    def __init__(self, initial_state=None, **kwargs):
+        super().__init__(**kwargs)
+        self._initial_state = initial_state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._initial_state:
+            self.wait = int(self._initial_state["wait"])
+            self.best = float(self._initial_state["best"])
+            self.best_epoch = int(self._initial_state.get("best_epoch", 0))
+            self._initial_state = None
+
+    def get_state(self):
+        return {"wait": int(self.wait), "best": float(self.best),
+                "best_epoch": int(self.best_epoch)}
+
+
+class _ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose counters can be saved and restored across processes."""
+
+    def __init__(self, initial_state=None, **kwargs):
+        super().__init__(**kwargs)
+        self._initial_state = initial_state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._initial_state:
+            self.wait = int(self._initial_state["wait"])
+            self.best = float(self._initial_state["best"])
+            self.cooldown_counter = int(self._initial_state.get("cooldown_counter", 0))
+            self._initial_state = None
+
+    def get_state(self):
+        return {"wait": int(self.wait), "best": float(self.best),
+                "cooldown_counter": int(self.cooldown_counter)}
+
+
+def _lr_value(model):
+    return float(keras.backend.get_value(model.optimizer.learning_rate))
+
+
+def _csv_number(value):
+    if value is None:
+        return ""
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return format(float(value), ".8g")
+
+
+def write_training_log(rows, path):
+    """Write the per-epoch rows of a run as CSV (atomically: the whole file each time).
+
+    Columns: ``epoch`` (1-based, continuing across stages), ``stage`` (1, 2, 3: the stage's
+    number in its training function), the Keras logs of the epoch (``loss``, ``accuracy``,
+    ``val_loss``, ``val_accuracy``, ``val_auc`` and ``val_auc_<class>`` where AUROC is
+    computed, other metrics), ``lr`` (the learning rate the epoch trained with) and
+    ``seconds`` (its wall time).
+    """
+    keys = []
+    for row in rows:
+        keys += [k for k in row["logs"] if k != "lr" and k not in keys]
+    header = ["epoch", "stage"] + keys + ["lr", "seconds"]
+    lines = [",".join(header)]
+    for row in rows:
+        values = [row["epoch"], row["stage"]] + [row["logs"].get(k) for k in keys] + \
+            [row["lr"], row["seconds"]]
+        lines.append(",".join(_csv_number(v) for v in values))
+    text = "\n".join(lines) + "\n"
+    return _dm_image.atomic_write(path, lambda f: f.write(text), text=True)
+
+
+def plot_training_curves(rows, path):
+    """Plot a run's loss, validation accuracy/AUROC and learning rate by epoch into a PNG.
+
+    Stage boundaries are dashed vertical lines. Drawn with matplotlib's Agg canvas (no display
+    needed, the global backend untouched) and written through :func:`dm_image.atomic_write`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_val, ax_lr = fig.subplots(3, 1, sharex=True)
+    epochs = [r["epoch"] for r in rows]
+
+    def series(key):
+        return [r["logs"].get(key, np.nan) for r in rows]
+
+    for ax, keys, title in ((ax_loss, ("loss", "val_loss"), "loss"),
+                            (ax_val, ("accuracy", "val_accuracy", "val_auc"),
+                             "accuracy / AUROC")):
+        for key in keys:
+            if any(key in r["logs"] for r in rows):
+                ax.plot(epochs, series(key), marker="o", markersize=3, label=key)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize="small")
+    ax_lr.plot(epochs, [r["lr"] for r in rows], drawstyle="steps-mid", marker="o",
+               markersize=3)
+    if rows and min(r["lr"] for r in rows) > 0:
+        ax_lr.set_yscale("log")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("epoch")
+    ax_lr.grid(alpha=0.3)
+    for prev, row in zip(rows, rows[1:]):
+        if row["stage"] != prev["stage"]:
+            for ax in (ax_loss, ax_val, ax_lr):
+                ax.axvline(row["epoch"] - 0.5, color="gray", linestyle="--", linewidth=1)
+    for row in rows[:1] + [b for a, b in zip(rows, rows[1:]) if a["stage"] != b["stage"]]:
+        ax_loss.annotate(f"stage {row['stage']}", (row["epoch"] - 0.5, 1.0),
+                         xycoords=("data", "axes fraction"), fontsize="small",
+                         va="bottom")
+    fig.tight_layout()
+
+    def write(f):
+        fig.savefig(f, format="png")
+    return _dm_image.atomic_write(path, write)
+
+
+class _RunRecorder:
+    """Per-epoch records of a staged run: CSV log, last-epoch checkpoint, curves, resuming.
+
+    Args:
+        plan: the numbers of the stages this run trains (epochs > 0), in order.
+        plan_info: settings the stages depend on (stored in the checkpoint).
+        checkpoint, log_csv, curves_png: files to write (None: not written).
+        seed: base seed of the epochs (None: no reseeding).
+        run_info: the run's identity (options hash, options), stored in the checkpoint.
+        resume: a state of :func:`read_training_state` to continue from, or None.
+    """
+
+    def __init__(self, plan, plan_info, checkpoint=None, log_csv=None, curves_png=None,
+                 seed=None, run_info=None, resume=None):
+        self.plan, self.plan_info = list(plan), dict(plan_info)
+        self.checkpoint, self.log_csv, self.curves_png = checkpoint, log_csv, curves_png
+        self.seed, self.run_info, self.resume = seed, dict(run_info or {}), resume
+        self.rows = [dict(r) for r in resume["rows"]] if resume else []
+        self.weights_pending = resume is not None
+        if resume and log_csv:
+            write_training_log(self.rows, log_csv)      # drops rows after the checkpoint
+
+    def stage_mode(self, number):
+        """``"skip"`` (trained before the resume), ``"resume"`` (continue it) or ``"run"``."""
+        if self.resume is None:
+            return "run"
+        done = self.resume["stage"]
+        if number < done or (number == done and self.resume["stage_done"]):
+            return "skip"
+        return "resume" if number == done else "run"
+
+    def past_history(self, number, name, model):
+        """A History of the epochs of stage ``number`` recorded before the resume."""
+        hist = keras.callbacks.History()
+        hist.set_model(model)
+        hist.stage, hist.epoch, hist.history = name, [], {}
+        for row in self.rows:
+            if row["stage"] == number:
+                hist.epoch.append(row["epoch"] - 1)
+                for key, value in row["logs"].items():
+                    hist.history.setdefault(key, []).append(value)
+        return hist
+
+    def last_epoch_of(self, number):
+        return max((r["epoch"] for r in self.rows if r["stage"] == number), default=0)
+
+    def restore(self, model, checkpointer, with_optimizer):
+        """Load the checkpoint's weights (and optimizer state) and the best-so-far."""
+        path = self.resume["path"]
+        _load_checkpoint_weights(model, path, with_optimizer)
+        if hasattr(checkpointer, "set_state") and self.resume.get("best"):
+            checkpointer.set_state(self.resume["best"])
+        self.weights_pending = False
+        logger.info("Restored weights%s of epoch %d from %s", " and optimizer state"
+                    if with_optimizer else "", self.resume["epoch"], path)
+
+    def record(self, model, row, state):
+        self.rows.append(row)
+        if self.checkpoint:
+            state = dict(state, version=_STATE_VERSION, seed=self.seed, run=self.run_info,
+                         plan=self.plan_info, rows=self.rows)
+            save_training_checkpoint(model, self.checkpoint, state)
+        if self.log_csv:
+            write_training_log(self.rows, self.log_csv)
+        kill_after = _os.environ.get(KILL_AFTER_EPOCH_ENV, "").strip()
+        if kill_after and int(kill_after) == row["epoch"]:
+            import signal
+            logger.warning("%s=%s: killing this process after epoch %d", KILL_AFTER_EPOCH_ENV,
+                           kill_after, row["epoch"])
+            _os.kill(_os.getpid(), signal.SIGKILL)
+
+    def finish(self, model, checkpointer):
+        if self.weights_pending and self.resume is not None:   # nothing left to train
+            self.restore(model, checkpointer, with_optimizer=False)
+        if self.curves_png and self.rows:
+            plot_training_curves(self.rows, self.curves_png)
+            logger.info("Training curves: %s", self.curves_png)
+
+
+class _RecordEpoch(keras.callbacks.Callback):
+    """Last callback of a stage: the epoch's CSV row and the last-epoch checkpoint."""
+
+    def __init__(self, recorder, number, name, start, end, early_stopping, plateau,
+                 checkpointer):
+        super().__init__()
+        self.recorder, self.number, self.name, self.start, self.end = recorder, number, name, \
+            start, end
+        self.early_stopping, self.plateau, self.checkpointer = early_stopping, plateau, \
+            checkpointer
+        self._t0, self._lr = None, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0, self._lr = time.time(), _lr_value(self.model)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0}
+        row = {"epoch": epoch + 1, "stage": self.number, "logs": logs, "lr": self._lr,
+               "seconds": round(time.time() - self._t0, 3)}
+        stage_done = bool(self.model.stop_training) or epoch + 1 >= self.end
+        state = {"stage": self.number, "stage_name": self.name, "stage_done": stage_done,
+                 "stage_start_epoch": self.start, "epoch": epoch + 1,
+                 "finished": stage_done and self.number == (self.recorder.plan or
+                                                             [self.number])[-1],
+                 "lr": _lr_value(self.model),
+                 "early_stopping": self.early_stopping.get_state(),
+                 "plateau": self.plateau.get_state() if self.plateau is not None else None,
+                 "best": self.checkpointer.get_state()
+                 if hasattr(self.checkpointer, "get_state") else None}
+        self.recorder.record(self.model, row, state)
 
 
 # ---------------------------------------------------------------- staged training
@@ -1316,53 +1814,96 @@ def _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
 
 
 class _Stage:
-    """Runs successive ``fit`` calls with continuing epoch numbers and shared callbacks."""
+    """Runs successive ``fit`` calls with continuing epoch numbers and shared callbacks.
+
+    With a recorder (``_RunRecorder``) each epoch is logged and checkpointed, and a resumed
+    run skips the stages finished before, continues the interrupted one and restores weights,
+    optimizer state, learning rate and the early-stopping and plateau counters.
+    """
 
     def __init__(self, train_generator, validation_set, validation_steps, steps_per_epoch,
                  checkpointer, class_weight, es_patience, lr_patience, nb_worker, verbose,
-                 extra_callbacks=None):
+                 extra_callbacks=None, recorder=None):
         self.extra_callbacks = list(extra_callbacks or [])
         self.train, self.val = train_generator, validation_set
+        if isinstance(train_generator, keras.utils.Sequence):
+            self.train = _EpochSequence(train_generator)
         self.val_steps = None if isinstance(validation_set, (tuple, list)) else validation_steps
         self.steps, self.checkpointer = steps_per_epoch, checkpointer
         self.class_weight, self.es_patience, self.lr_patience = class_weight, es_patience, \
             lr_patience
         self.nb_worker, self.verbose = nb_worker, verbose
+        self.recorder = recorder or _RunRecorder([], {})
         self.epochs_done, self.histories = 0, []
 
     def run(self, model, name, epochs, optim, lr, bias_multiplier, jit_compile, strategy,
-            metrics=("accuracy",), frozen_bn_mode="batch"):
-        """Compile ``model`` (frozen BN layers in ``frozen_bn_mode``) and fit it for ``epochs``."""
+            metrics=("accuracy",), frozen_bn_mode="batch", number=1):
+        """Compile ``model`` (frozen BN layers in ``frozen_bn_mode``) and fit it for ``epochs``.
+
+        ``number`` is the stage's number in its training function (1, 2, 3).
+        """
         if epochs <= 0:
             logger.info("%s: skipped (0 epochs)", name)
             return
+        rec = self.recorder
+        mode = rec.stage_mode(number)
+        if mode == "skip":
+            hist = rec.past_history(number, name, model)
+            self.histories.append(hist)
+            self.epochs_done = max(self.epochs_done, rec.last_epoch_of(number))
+            logger.info("%s: finished before the resume (%d epochs)", name, len(hist.epoch))
+            return
         _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
                  frozen_bn_mode)
+        start = initial = self.epochs_done
+        es_state = plateau_state = None
+        if mode == "resume":
+            state = rec.resume
+            start, initial = int(state["stage_start_epoch"]), int(state["epoch"])
+            rec.restore(model, self.checkpointer, with_optimizer=True)
+            keras.backend.set_value(model.optimizer.learning_rate, state["lr"])
+            es_state, plateau_state = state["early_stopping"], state["plateau"]
+        elif rec.weights_pending:        # the stage before was finished at the checkpoint
+            rec.restore(model, self.checkpointer, with_optimizer=False)
         nb_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         nb_frozen_bn = sum(not layer.trainable for layer in _batch_norm_layers(model))
-        logger.info("%s: epochs %d-%d, optimizer %s, lr %.3g, %d trainable parameters, "
+        logger.info("%s: epochs %d-%d%s, optimizer %s, lr %.3g, %d trainable parameters, "
                     "%d frozen BatchNormalization layers (frozen_bn_mode %s)", name,
-                    self.epochs_done + 1, self.epochs_done + epochs, optim, lr, nb_trainable,
-                    nb_frozen_bn, frozen_bn_mode)
-        callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss",
-                                                   patience=self.es_patience, verbose=1)]
+                    start + 1, start + epochs,
+                    f" (resumed after epoch {initial})" if mode == "resume" else "", optim,
+                    _lr_value(model), nb_trainable, nb_frozen_bn, frozen_bn_mode)
+        callbacks = [_EpochSeed(rec.seed)] if rec.seed is not None else []
+        early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=self.es_patience,
+                                        verbose=1)
+        callbacks.append(early)
+        plateau = None
         if optim == "sgd":
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss", factor=0.5, patience=self.lr_patience, verbose=1))
+            plateau = _ResumablePlateau(plateau_state, monitor="val_loss", factor=0.5,
+                                        patience=self.lr_patience, verbose=1)
+            callbacks.append(plateau)
         callbacks += [self.checkpointer, DMFlush()] + self.extra_callbacks
+        callbacks.append(_RecordEpoch(rec, number, name, start, start + epochs, early, plateau,
+                                      self.checkpointer))
         if isinstance(self.train, (tuple, list)):   # (X, y[, sample_weight]) arrays
             data = dict(x=self.train[0], y=self.train[1], steps_per_epoch=None,
                         sample_weight=self.train[2] if len(self.train) > 2 else None)
         else:
             data = dict(x=self.train, steps_per_epoch=self.steps)
+            if isinstance(self.train, _EpochSequence):
+                self.train.set_epoch(initial)
         hist = model.fit(**data,
-                         epochs=self.epochs_done + epochs, initial_epoch=self.epochs_done,
+                         epochs=start + epochs, initial_epoch=initial,
                          class_weight=self.class_weight, validation_data=self.val,
                          validation_steps=self.val_steps, callbacks=callbacks,
                          workers=self.nb_worker, use_multiprocessing=False,
                          verbose=self.verbose)
         hist.stage = name
-        self.epochs_done += len(hist.history.get("loss", []))
+        self.epochs_done = initial + len(hist.history.get("loss", []))
+        if mode == "resume":                # prepend the epochs run before the resume
+            past = rec.past_history(number, name, model)
+            for key, values in past.history.items():
+                hist.history[key] = values + list(hist.history.get(key, []))
+            hist.epoch = past.epoch + list(hist.epoch)
         self.histories.append(hist)
 
 
@@ -1374,7 +1915,8 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
                        pos_cls_weight=1., neg_cls_weight=1., nb_worker=1, weight_decay2=.01,
                        hidden_dropout2=.0, bias_multiplier=None, strategy=None,
                        jit_compile=False, verbose=2, custom_objects=None, callbacks=None,
-                       frozen_bn_mode="batch"):
+                       frozen_bn_mode="batch", seed=None, checkpoint_path=None, log_csv=None,
+                       curves_png=None, resume_state=None, run_info=None):
     """Three-stage patch classifier training.
 
     Stage 1: only the final Dense layer trains (all layers when ``use_pretrained`` is False, and
@@ -1412,31 +1954,55 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
         callbacks: extra Keras callbacks for every stage.
         frozen_bn_mode: ``"batch"`` or ``"moving"``, how frozen BatchNormalization layers
             train (see :func:`set_frozen_bn_mode`).
+        seed: with a seed, each epoch starts by seeding Python, NumPy and TensorFlow with
+            ``seed + epoch`` (and retraces the train step of a model with dropout), so that an
+            epoch's randomness depends only on (seed, epoch): a resumed run ends as an
+            uninterrupted one would. None: no reseeding.
+        checkpoint_path: after each epoch the model, its optimizer state and the run's state
+            (stage, epoch, lr, early-stopping and plateau counters, best so far, ``seed``,
+            ``run_info``, the epochs' logs) are written atomically to this HDF5 file (see
+            :func:`save_training_checkpoint`); the last epoch marks it finished. None: off.
+        log_csv: the per-epoch CSV log (:func:`write_training_log`), rewritten each epoch.
+        curves_png: the training curves (:func:`plot_training_curves`) written at the end.
+        resume_state: a state of :func:`read_training_state` (see :func:`resolve_resume`):
+            stages finished before it are skipped, the interrupted one continues from its
+            weights, optimizer state, lr and counters; its ``plan`` settings override
+            ``use_pretrained`` and ``top_layer_nb``.
+        run_info: the run's identity (options hash, options), stored in the checkpoint.
         (other arguments: see the command-line flags of ``patch_clf_train.py``.)
 
     Returns:
         list of ``keras.callbacks.History``, one per stage run (``.stage`` names it;
         ``.model`` is the model trained in that stage).
     """
+    plan_info = {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb}
+    if resume_state is not None:
+        use_pretrained, top_layer_nb = _resume_plan(resume_state, plan_info)
     if use_pretrained and top_layer_epochs > 0 and top_layer_nb is None:
         raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
     _check_frozen_bn_mode(frozen_bn_mode)
     cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
                                                            neg_cls_weight)
     ckpt = BestModelCheckpoint(best_model_out, monitor="val_accuracy", mode="max")
+    plan = [1] if not use_pretrained else \
+        [n for n, e in ((1, nb_epoch), (2, top_layer_epochs), (3, all_layer_epochs)) if e > 0]
+    rec = _RunRecorder([n for n in plan if n != 1 or nb_epoch > 0],
+                       {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb},
+                       checkpoint_path, log_csv, curves_png, seed, run_info, resume_state)
     stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch, ckpt, cw,
-                   es_patience, lr_patience, nb_worker, verbose, callbacks)
+                   es_patience, lr_patience, nb_worker, verbose, callbacks, rec)
     common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
                   strategy=strategy, frozen_bn_mode=frozen_bn_mode)
     if not use_pretrained:
         _set_trainable(model, lambda i, layer: True)
         stage.run(model, "stage 1 (all layers, no pretrained weights)", nb_epoch, lr=init_lr,
-                  **common)
+                  number=1, **common)
+        rec.finish(model, ckpt)
         return stage.histories
     logger.info("3-stage training of %s", net or model.name)
     dense = _final_dense(model)
     _set_trainable(model, lambda i, layer: layer is dense)
-    stage.run(model, "stage 1 (final dense layer)", nb_epoch, lr=init_lr, **common)
+    stage.run(model, "stage 1 (final dense layer)", nb_epoch, lr=init_lr, number=1, **common)
     if top_layer_epochs > 0 or all_layer_epochs > 0:
         dropout = _dropout_before(model, dense)
         names = {dense.name} | ({dropout.name} if dropout is not None else set())
@@ -1444,11 +2010,25 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
     if top_layer_epochs > 0:
         _set_trainable(model, lambda i, layer: i >= top_layer_nb)
         stage.run(model, f"stage 2 (layers {top_layer_nb}+)", top_layer_epochs,
-                  lr=init_lr * top_layer_multiplier, **common)
+                  lr=init_lr * top_layer_multiplier, number=2, **common)
     _set_trainable(model, lambda i, layer: True)
     stage.run(model, "stage 3 (all layers)", all_layer_epochs,
-              lr=init_lr * all_layer_multiplier, **common)
+              lr=init_lr * all_layer_multiplier, number=3, **common)
+    rec.finish(model, ckpt)
     return stage.histories
+
+
+def _resume_plan(state, plan_info):
+    """The stage settings of a resumed run (its checkpoint's), logging any change."""
+    saved = state.get("plan", {})
+    values = []
+    for key, value in plan_info.items():
+        old = saved.get(key, value)
+        if old != value:
+            logger.warning("resumed run: %s is %r in its checkpoint (%r now); using %r", key,
+                           old, value, old)
+        values.append(old)
+    return values
 
 
 def do_2stage_training(model, org_model, train_generator, validation_set, validation_steps,
@@ -1459,7 +2039,8 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
                        weight_decay=.0001, hidden_dropout=.0, weight_decay2=.0001,
                        hidden_dropout2=.0, bias_multiplier=None, strategy=None,
                        jit_compile=False, verbose=2, custom_objects=None, callbacks=None,
-                       frozen_bn_mode="batch"):
+                       frozen_bn_mode="batch", seed=None, checkpoint_path=None, log_csv=None,
+                       curves_png=None, resume_state=None, run_info=None):
     """Two-stage whole-image training.
 
     Stage 1 (``nb_epoch`` epochs, 0 skips it): layers before ``top_layer_nb`` (the converted
@@ -1474,8 +2055,9 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
     plateau; the best model by mean one-vs-rest validation AUROC is saved by
     ``auc_checkpointer`` (a :class:`DMAucModelCheckpoint` on ``validation_set`` when None).
 
-    Args: as :func:`do_3stage_training`; ``top_layer_nb`` defaults to the layer after the last
-        nested model (the converted patch network).
+    Args: as :func:`do_3stage_training` (``resume_state``'s plan overrides ``top_layer_nb``);
+        ``top_layer_nb`` defaults to the layer after the last nested model (the converted
+        patch network).
 
     Returns:
         list of ``keras.callbacks.History``, one per stage run (``.model``: the trained model).
@@ -1483,26 +2065,33 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
     _check_frozen_bn_mode(frozen_bn_mode)
     if nb_epoch > 0 and top_layer_nb is None:
         top_layer_nb = _default_top_layer_nb(model)
+    if resume_state is not None:
+        top_layer_nb, = _resume_plan(resume_state, {"top_layer_nb": top_layer_nb})
     cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
                                                            neg_cls_weight)
     if auc_checkpointer is None:
         auc_checkpointer = DMAucModelCheckpoint(best_model_out, validation_set)
+    rec = _RunRecorder([n for n, e in ((1, nb_epoch), (2, all_layer_epochs)) if e > 0],
+                       {"top_layer_nb": top_layer_nb}, checkpoint_path, log_csv, curves_png,
+                       seed, run_info, resume_state)
     stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch,
                    auc_checkpointer, cw, es_patience, lr_patience, nb_worker, verbose,
-                   callbacks)
+                   callbacks, rec)
     common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
                   strategy=strategy, frozen_bn_mode=frozen_bn_mode)
     if nb_epoch > 0:
         model = set_regularization(model, weight_decay, hidden_dropout,
                                    custom_objects=custom_objects)
         _set_trainable(model, lambda i, layer: i >= top_layer_nb)
-        stage.run(model, f"stage 1 (layers {top_layer_nb}+)", nb_epoch, lr=init_lr, **common)
+        stage.run(model, f"stage 1 (layers {top_layer_nb}+)", nb_epoch, lr=init_lr, number=1,
+                  **common)
     if all_layer_epochs > 0:
         model = set_regularization(model, weight_decay2, hidden_dropout2,
                                    custom_objects=custom_objects)
         _set_trainable(model, lambda i, layer: True)
         stage.run(model, "stage 2 (all layers)", all_layer_epochs,
-                  lr=init_lr * all_layer_multiplier, **common)
+                  lr=init_lr * all_layer_multiplier, number=2, **common)
+    rec.finish(model, auc_checkpointer)
     return stage.histories
 
 
