@@ -30,7 +30,8 @@ __all__ = [
     "add_bool_flag", "add_optional_value_flag",
     "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
     "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
-    "add_model_file_flags", "add_distributed_flags",
+    "add_model_file_flags", "add_distributed_flags", "add_run_flags", "run_identity",
+    "RUN_NEUTRAL_OPTIONS", "MODEL_SOURCE_OPTIONS", "run_file_kwargs",
     "setup_logging", "cli_main", "checked_main", "parallel_map", "options_json_path",
     "log_and_save_options", "check_batch_vs_devices",
     "resolve_options", "check_class_dirs", "env_summary", "AUGMENTATION_2017",
@@ -312,6 +313,68 @@ def add_distributed_flags(parser):
     g.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_const",
                    const=None, help=argparse.SUPPRESS)
     add_bool_flag(g, "jit", False, "XLA-compile the train step")
+
+
+def add_run_flags(parser):
+    """``--auto-resume`` (continue an interrupted run) and ``--tensorboard-dir``."""
+    g = parser.add_argument_group("resuming and logs")
+    add_bool_flag(g, "auto-resume", True,
+                  "continue the unfinished run of <best-model>.last.h5 when its options are "
+                  "these")
+    g.add_argument("--tensorboard-dir", dest="tensorboard_dir", default=None, metavar="DIR",
+                   help="also write TensorBoard logs to DIR (default: off)")
+
+
+#: Options that do not change what a training run computes: left out of its options hash, so
+#: that changing them does not stop ``--auto-resume``.
+RUN_NEUTRAL_OPTIONS = ("auto_resume", "tensorboard_dir", "final_model", "img_cache_dir")
+#: Options naming the model a run starts from (``--resume-from`` of a checkpoint continues a
+#: run started from another source).
+MODEL_SOURCE_OPTIONS = ("resume_from", "patch_model_state")
+
+
+def run_identity(opts, env):
+    """Identity of a training run, stored in its checkpoint and compared on resuming.
+
+    Returns:
+        dict: ``options`` (the options that change the result, with ``RANDOM_SEED`` and
+        ``NUM_GPU_DEVICES``), ``options_hash`` (SHA-256 of them), ``training_hash`` (the same
+        without the model-source options) and ``seed``.
+    """
+    import hashlib
+
+    options = {k: v for k, v in opts.items() if k not in RUN_NEUTRAL_OPTIONS}
+    options.update(RANDOM_SEED=env["RANDOM_SEED"], NUM_GPU_DEVICES=env["NUM_GPU_DEVICES"])
+    options = json.loads(json.dumps(options, sort_keys=True, default=str))
+
+    def digest(d):
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    training = {k: v for k, v in options.items() if k not in MODEL_SOURCE_OPTIONS}
+    return {"options": options, "options_hash": digest(options),
+            "training_hash": digest(training), "seed": env["RANDOM_SEED"]}
+
+
+def run_file_kwargs(opts, env, identity, resume):
+    """Keyword arguments of ``dm_keras_ext.do_2stage_training``/``do_3stage_training`` for the
+    run's files beside ``--best-model``: ``.last.h5`` (checkpoint), ``.log.csv``,
+    ``.curves.png``; the seed, the run's identity, the state to resume and, with
+    ``--tensorboard-dir``, a TensorBoard callback."""
+    import dm_keras_ext
+
+    best = opts["best_model"]
+    callbacks = []
+    if opts.get("tensorboard_dir"):
+        import tf_keras as keras
+
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=opts["tensorboard_dir"]))
+        logger.info("TensorBoard logs: %s", opts["tensorboard_dir"])
+    logger.info("Run files: %s (last epoch), %s, %s", dm_keras_ext.last_checkpoint_path(best),
+                dm_keras_ext.training_log_path(best), dm_keras_ext.training_curves_path(best))
+    return dict(seed=env["RANDOM_SEED"], checkpoint_path=dm_keras_ext.last_checkpoint_path(best),
+                log_csv=dm_keras_ext.training_log_path(best),
+                curves_png=dm_keras_ext.training_curves_path(best), resume_state=resume,
+                run_info=identity, callbacks=callbacks)
 
 
 # --------------------------------------------------------------------------- run helpers

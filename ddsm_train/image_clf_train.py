@@ -50,7 +50,8 @@ def get_args_parser():
     cf.add_optional_value_flag(g, "patch-model-state", str, None,
                                "patch classifier file converted into a whole-image model")
     cf.add_optional_value_flag(g, "resume-from", str, None,
-                               "whole-image model file to continue from (fine-tuning)")
+                               "whole-image model file to fine-tune, or a run's last-epoch "
+                               "checkpoint (<best-model>.last.h5) to continue that run")
     cf.add_image_flags(parser, img_size=(1152, 896), featurewise_mean=52.16,
                        equalize_hist=False)
     cf.add_batch_flags(parser)
@@ -93,6 +94,7 @@ def get_args_parser():
     cf.add_optimizer_flags(parser)
     cf.add_model_file_flags(parser, best_model="./modelState/image_clf.h5")
     cf.add_distributed_flags(parser)
+    cf.add_run_flags(parser)
     return parser
 
 
@@ -202,6 +204,10 @@ def run(train_dir, val_dir, test_dir, **options):
     import dm_keras_ext
     import tf_keras as keras
 
+    identity = cf.run_identity(opts, env)
+    resume = dm_keras_ext.resolve_resume(
+        dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
+        auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])
     keras.utils.set_random_seed(env["RANDOM_SEED"])
     nb_class = len(opts["class_list"])
     dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
@@ -228,7 +234,7 @@ def run(train_dir, val_dir, test_dir, **options):
         hidden_dropout=opts["hidden_dropout"], weight_decay2=opts["weight_decay2"],
         hidden_dropout2=opts["hidden_dropout2"], bias_multiplier=opts["bias_multiplier"],
         strategy=strategy, jit_compile=opts["jit"],
-        frozen_bn_mode=opts["frozen_bn_mode"])
+        frozen_bn_mode=opts["frozen_bn_mode"], **cf.run_file_kwargs(opts, env, identity, resume))
     _save_final(hists, model, opts["final_model"])
     return _report(opts, json_path, hists, ckpt, test,
                    getattr(strategy.extended, "should_checkpoint", True))

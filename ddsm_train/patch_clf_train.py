@@ -48,7 +48,9 @@ def get_args_parser():
                    help="resnet50, vgg16, vgg19, xception, inception, yaroslav or dm_resnet14 "
                         "(default: %(default)s)")
     cf.add_bool_flag(n, "use-pretrained", True, "start from local ImageNet weights")
-    cf.add_optional_value_flag(n, "resume-from", str, None, "patch model file to continue from")
+    cf.add_optional_value_flag(n, "resume-from", str, None,
+                               "patch model file to continue from, or a run's last-epoch "
+                               "checkpoint (<best-model>.last.h5) to continue that run")
     for name, short, default in (("nb-init-filter", "-nif", 32), ("init-filter-size", "-ifs", 5),
                                  ("init-conv-stride", "-ics", 2),
                                  ("max-pooling-size", "-mps", 2),
@@ -68,6 +70,7 @@ def get_args_parser():
     cf.add_optimizer_flags(parser)
     cf.add_model_file_flags(parser, best_model="./modelState/patch_clf.h5")
     cf.add_distributed_flags(parser)
+    cf.add_run_flags(parser)
     return parser
 
 
@@ -134,6 +137,10 @@ def run(train_dir, val_dir, test_dir, **options):
     import dm_keras_ext
     import tf_keras as keras
 
+    identity = cf.run_identity(opts, env)
+    resume = dm_keras_ext.resolve_resume(
+        dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
+        auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])
     keras.utils.set_random_seed(env["RANDOM_SEED"])
     nb_class = len(opts["class_list"])
     dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
@@ -162,7 +169,7 @@ def run(train_dir, val_dir, test_dir, **options):
         neg_cls_weight=opts["neg_cls_weight"], nb_worker=env["NUM_CPU_CORES"],
         weight_decay2=opts["weight_decay2"], hidden_dropout2=opts["hidden_dropout2"],
         bias_multiplier=opts["bias_multiplier"], strategy=strategy, jit_compile=opts["jit"],
-        frozen_bn_mode=opts["frozen_bn_mode"])
+        frozen_bn_mode=opts["frozen_bn_mode"], **cf.run_file_kwargs(opts, env, identity, resume))
     if opts["final_model"] and opts["final_model"] != cf.NOSAVE:
         dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
                                             opts["final_model"])

@@ -1,0 +1,289 @@
+"""Resuming interrupted training runs, the per-epoch CSV log and the training curves.
+
+The trainers are run as subprocesses on tiny synthetic 16-bit images with a tiny patch network;
+a run killed with SIGKILL right after the checkpoint of epoch k (``DM_KILL_AFTER_EPOCH``) and
+started again with the same command must end exactly as the run that was never interrupted."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tf_keras as keras
+
+import dm_keras_ext as K
+
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "ddsm_train"
+IMG_HW, PATCH_HW = (40, 32), (24, 24)
+
+
+def _write_split(root, classes, counts, hw, rng, contrast=15000):
+    for split, n in counts.items():
+        for ci, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.normal(13000, 2500, hw)
+                if ci:                                 # a bright square marks lesion classes
+                    r, c = rng.integers(2, hw[0] - 10), rng.integers(2, hw[1] - 10)
+                    img[r:r + 8, c:c + 8] += contrast * ci
+                cv2.imwrite(str(folder / f"{cls}_{i:02d}.png"),
+                            img.clip(0, 65535).astype(np.uint16))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Image (neg/pos) and patch (3 classes) folders and a tiny VGG-like patch network."""
+    root = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(3)
+    _write_split(root / "img", ["neg", "pos"], {"train": 6, "val": 4, "test": 2}, IMG_HW, rng,
+                 contrast=2500)      # faint lesions: the validation AUROC moves over epochs
+    _write_split(root / "patch", ["background", "malignant", "benign"],
+                 {"train": 3, "val": 2, "test": 1}, PATCH_HW, rng)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((None, None, 3))
+    x = inp
+    for b, filters in enumerate((4, 8), start=1):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+                                name=f"block{b}_conv1")(x)
+        x = keras.layers.MaxPooling2D(name=f"block{b}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dropout(0.0, name="top_dropout")(x)
+    out = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
+    K.save_model_atomic(keras.Model(inp, out), root / "patch.h5", include_optimizer=False)
+    keras.backend.clear_session()
+    return root
+
+
+def _dirs(root, kind):
+    return [str(root / kind / s) for s in ("train", "val", "test")]
+
+
+def _start(script, argv, workers, kill_after=None):
+    env = dict(os.environ, NUM_CPU_CORES=str(workers), RANDOM_SEED="7", CUDA_VISIBLE_DEVICES="",
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
+    env.pop(K.KILL_AFTER_EPOCH_ENV, None)
+    if kill_after is not None:
+        env[K.KILL_AFTER_EPOCH_ENV] = str(kill_after)
+    return subprocess.Popen([sys.executable, str(SCRIPTS_DIR / script)] + argv, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, expect_rc=0):
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == expect_rc, out[-4000:]
+    return out
+
+
+def _model_weights(path):
+    import h5py
+    weights = {}
+    with h5py.File(path, "r") as f:
+        f["model_weights"].visititems(
+            lambda name, obj: weights.__setitem__(name, obj[()])
+            if isinstance(obj, h5py.Dataset) else None)
+    return weights
+
+
+def _max_weight_diff(a, b):
+    wa, wb = _model_weights(a), _model_weights(b)
+    assert wa.keys() == wb.keys() and wa
+    return max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+
+
+def _log_rows(best):
+    with open(K.training_log_path(best), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _interrupted_vs_straight(script, argv, tmp_path, workers, kill_after):
+    """Run ``argv`` straight through (``a``) and killed after ``kill_after`` then restarted
+    (``b``); the two straight-through and the first killed run go in parallel."""
+    best_a, best_b = tmp_path / "a" / "best.h5", tmp_path / "b" / "best.h5"
+    straight = _start(script, argv + ["--best-model", str(best_a)], workers)
+    killed = _start(script, argv + ["--best-model", str(best_b)], workers, kill_after)
+    out_killed = _finish(killed, expect_rc=-9)
+    state = K.read_training_state(K.last_checkpoint_path(best_b))
+    assert state["epoch"] == kill_after and not state["finished"]
+    assert "killing this process after epoch" in out_killed
+    resumed = _start(script, argv + ["--best-model", str(best_b)], workers)
+    out_resumed = _finish(resumed)
+    _finish(straight)
+    assert f"RESUMING the unfinished run of {K.last_checkpoint_path(best_b)} after epoch " \
+           f"{kill_after}" in out_resumed
+    return best_a, best_b
+
+
+def _image_argv(root):
+    return _dirs(root, "img") + [
+        "--patch-model-state", str(root / "patch.h5"), "--img-size", *map(str, IMG_HW),
+        "--rescale-factor", "0.003891", "--featurewise-mean", "50", "--patch-net", "vgg16",
+        "--block-type", "vgg", "--top-depths", "8", "--top-repetitions", "1",
+        "--batch-size", "4", "--nb-epoch", "1", "--all-layer-epochs", "2", "--optimizer", "sgd",
+        "--init-learningrate", "0.02", "--all-layer-multiplier", "1", "--hidden-dropout", "0.3",
+        "--hidden-dropout2", "0.3", "--lr-patience", "1"]
+
+
+@pytest.mark.slow
+def test_image_clf_train_killed_and_resumed_ends_as_uninterrupted(setup, tmp_path):
+    """2 stages (1 + 2 epochs), AUROC checkpoint, dropout 0.3, augmentation, 2 loader workers;
+    killed after epoch 2, in the middle of stage 2 (optimizer state and counters restored)."""
+    best_a, best_b = _interrupted_vs_straight("image_clf_train.py", _image_argv(setup),
+                                              tmp_path, workers=2, kill_after=2)
+    sa = K.read_training_state(K.last_checkpoint_path(best_a))
+    sb = K.read_training_state(K.last_checkpoint_path(best_b))
+    assert sa["finished"] and sb["finished"]
+    assert sa["epoch"] == sb["epoch"] == 3
+    assert sb["best"]["value"] == pytest.approx(sa["best"]["value"], abs=1e-12)
+    assert sb["best"]["epoch"] == sa["best"]["epoch"]
+    diffs = (_max_weight_diff(best_a, best_b),
+             _max_weight_diff(K.last_checkpoint_path(best_a), K.last_checkpoint_path(best_b)))
+    print(f"image_clf_train resume: epochs {sa['epoch']}/{sb['epoch']}, best val AUROC "
+          f"{sa['best']['value']:.6f} (epoch {sa['best']['epoch']}) / {sb['best']['value']:.6f} "
+          f"(epoch {sb['best']['epoch']}), max weight difference best {diffs[0]:.2e}, "
+          f"last {diffs[1]:.2e}")
+    assert max(diffs) <= 1e-5
+    rows_a, rows_b = _log_rows(best_a), _log_rows(best_b)
+    assert [(r["epoch"], r["stage"]) for r in rows_b] == [("1", "1"), ("2", "2"), ("3", "2")]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in ("loss", "val_loss", "val_auc", "val_auc_0", "val_auc_1", "lr"):
+            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5, abs=1e-6), key
+    # the dropout layers really were active (so the per-epoch seeding was exercised)
+    rates = [layer.rate for layer in K.robust_load_model(best_a)._flatten_layers()
+             if isinstance(layer, keras.layers.Dropout)]
+    assert rates and all(r == pytest.approx(0.3) for r in rates)
+    # the best model is a plain model file, the last-epoch checkpoint keeps the optimizer
+    import h5py
+    with h5py.File(best_a, "r") as f:
+        assert "optimizer_weights" not in f
+    with h5py.File(K.last_checkpoint_path(best_a), "r") as f:
+        assert "optimizer_weights" in f
+    png = cv2.imread(K.training_curves_path(best_b))
+    assert png is not None and png.shape[0] >= 400 and png.shape[1] >= 400
+
+
+@pytest.mark.slow
+def test_patch_clf_train_killed_at_a_stage_boundary_and_resumed(setup, tmp_path):
+    """3 stages of one epoch each (adam); killed after epoch 1, when stage 1 has just ended."""
+    argv = _dirs(setup, "patch") + [
+        "--resume-from", str(setup / "patch.h5"), "--net", "vgg16", "--top-layer-nb", "3",
+        "--img-size", *map(str, PATCH_HW), "--rescale-factor", "0.003891",
+        "--featurewise-mean", "50", "--batch-size", "6", "--nb-epoch", "1",
+        "--top-layer-epochs", "1", "--all-layer-epochs", "1", "--optimizer", "adam",
+        "--init-learningrate", "0.01", "--top-layer-multiplier", "1",
+        "--all-layer-multiplier", "1"]
+    best_a, best_b = _interrupted_vs_straight("patch_clf_train.py", argv, tmp_path,
+                                              workers=1, kill_after=1)
+    sa = K.read_training_state(K.last_checkpoint_path(best_a))
+    sb = K.read_training_state(K.last_checkpoint_path(best_b))
+    assert sa["finished"] and sb["finished"] and sa["epoch"] == sb["epoch"] == 3
+    assert sb["best"] == sa["best"]
+    assert [r["stage"] for r in _log_rows(best_b)] == ["1", "2", "3"]
+    assert _max_weight_diff(K.last_checkpoint_path(best_a),
+                            K.last_checkpoint_path(best_b)) <= 1e-5
+
+
+# ------------------------------------------------------------------ in-process checks
+def _tiny_model(nb_class=3):
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inp)
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(0.0, name="drop")(x)
+    out = keras.layers.Dense(nb_class, activation="softmax", name="fc")(x)
+    return keras.Model(inp, out)
+
+
+def _data(n=24, nb_class=3):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % nb_class
+    X = rng.normal(size=(n, 8, 8, 1)).astype("float32") + labels[:, None, None, None] * 0.5
+    return X, keras.utils.to_categorical(labels, nb_class)
+
+
+@pytest.mark.parametrize("optim, bias_multiplier", [("rmsprop", 0.5), ("adagrad", None),
+                                                     ("nadam", 0.1), ("sgd", None)])
+def test_checkpoint_restores_optimizer_state_exactly(tmp_path, keras_session, optim,
+                                                     bias_multiplier):
+    X, y = _data()
+    keras.utils.set_random_seed(3)
+    model = _tiny_model()
+    K._compile(model, optim, 0.01, bias_multiplier, False, None, ["accuracy"])
+    model.fit(X, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    path = tmp_path / "last.h5"
+    K.save_training_checkpoint(model, path, {"version": 1, "epoch": 1})
+    assert K.read_training_state(path)["epoch"] == 1
+    other = _tiny_model()
+    K._compile(other, optim, 0.01, bias_multiplier, False, None, ["accuracy"])
+    K._load_checkpoint_weights(other, path, with_optimizer=True)
+    assert int(other.optimizer.iterations) == int(model.optimizer.iterations) == 3
+    assert len(other.optimizer.variables) == len(model.optimizer.variables) > 1
+    for a, b in zip(model.optimizer.variables, other.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    model.fit(X, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    other.fit(X, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), other.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+
+
+def test_training_log_rows_stages_lr_and_curves(tmp_path, keras_session):
+    """At lr 1e-30 the val loss never improves: ReduceLROnPlateau halves the lr each epoch."""
+    X, y = _data()
+    best = tmp_path / "best.h5"
+    hists = K.do_3stage_training(
+        _tiny_model(), None, (X, y), (X, y), None, str(best), None, top_layer_nb=2, nb_epoch=3,
+        top_layer_epochs=2, all_layer_epochs=0, optim="sgd", init_lr=1e-30,
+        top_layer_multiplier=1.0, es_patience=10, lr_patience=1, verbose=0, seed=5,
+        checkpoint_path=K.last_checkpoint_path(best), log_csv=K.training_log_path(best),
+        curves_png=K.training_curves_path(best), run_info={"options_hash": "x"})
+    assert [len(h.epoch) for h in hists] == [3, 2]
+    rows = _log_rows(best)
+    assert list(rows[0])[:2] == ["epoch", "stage"] and list(rows[0])[-2:] == ["lr", "seconds"]
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(rows[0])
+    assert [(int(r["epoch"]), int(r["stage"])) for r in rows] == \
+        [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2)]
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[:3] == pytest.approx([1e-30, 1e-30, 5e-31])    # halved after epoch 2
+    assert lrs[3] == pytest.approx(1e-30)                       # stage 2: a fresh optimizer
+    assert all(float(r["seconds"]) >= 0 for r in rows)
+    state = K.read_training_state(K.last_checkpoint_path(best))
+    assert state["finished"] and state["epoch"] == 5 and state["stage"] == 2
+    assert state["seed"] == 5 and state["plateau"]["wait"] >= 0
+    assert state["lr"] == pytest.approx(lrs[-1] / 2)            # lr for a next epoch
+    png = cv2.imread(K.training_curves_path(best))
+    assert png is not None and png.shape[:2] == (800, 800)
+    assert K.read_training_state(best) is None                  # the best model: plain file
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resolve_resume_decisions(tmp_path, keras_session, caplog):
+    model = _tiny_model()
+    model.compile("sgd", "categorical_crossentropy")
+    ckpt = tmp_path / "best.h5.last.h5"
+    run = {"options_hash": "h1", "training_hash": "t1", "options": {"nb_epoch": 2}}
+
+    def write(finished=False, options_hash="h1", training_hash="t1", path=ckpt):
+        K.save_training_checkpoint(model, path, {
+            "version": 1, "finished": finished, "epoch": 2, "stage": 1,
+            "run": {"options_hash": options_hash, "training_hash": training_hash,
+                    "options": {"nb_epoch": 3}}})
+
+    assert K.resolve_resume(str(ckpt), run) is None                        # no checkpoint
+    write()
+    assert K.resolve_resume(str(ckpt), run)["epoch"] == 2                  # same options
+    assert K.resolve_resume(str(ckpt), run, auto_resume=False) is None     # --no-auto-resume
+    write(finished=True)
+    assert K.resolve_resume(str(ckpt), run) is None                        # finished run
+    write(options_hash="h2")
+    assert K.resolve_resume(str(ckpt), run) is None                        # other options
+    assert "other options (['nb_epoch'])" in caplog.text
+    other = tmp_path / "elsewhere.h5"
+    write(options_hash="h9", training_hash="t9", path=other)               # --resume-from
+    assert K.resolve_resume(str(ckpt), run, resume_from=str(other))["path"] == str(other)
+    plain = tmp_path / "plain.h5"
+    K.save_model_atomic(model, plain)
+    assert K.resolve_resume(str(tmp_path / "none.h5"), run, resume_from=str(plain)) is None
