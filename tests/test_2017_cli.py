@@ -233,7 +233,10 @@ FPROP_SCRIPT = dict(
     pat_csv=_ROI + "pat_side_cancer.csv", img_folder=_ROI + "full_img_png",
     dl_state="CBIS-DDSM/Combined_patches_im1152_224_s10/resnet_prt_best1.h5",
     batch_size=128, patch_size=256, stride=8, png_dir=None, png_height=1024,
-    malignant_class=1, img_extension="png", verbose=False)
+    malignant_class=1, img_extension="png", verbose=False,
+    # options added since 2017, neutral by default
+    all_images=False, img_list=None, class_list=None, roi_mask_dir=None,
+    trust_model_file=False)
 SCORE_SCRIPT = dict(
     fprop_mode=False, img_size=[1152, 896], img_height=4096, img_scale=255.0,
     rescale_factor=None, equalize_hist=False, featurewise_center=True, featurewise_mean=59.6,
