@@ -727,8 +727,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Parser of the 2017 flags (and the new ones); defaults are those of :func:`run`."""
     d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
     parser = argparse.ArgumentParser(description="Patch-class heatmaps of mammograms.")
-    parser.add_argument("img_folder", metavar="IMG_FOLDER")
-    parser.add_argument("dl_state", metavar="DL_STATE", help="patch classifier (.h5)")
+    parser.add_argument("img_folder", metavar="IMG_FOLDER",
+                        help="folder of the mammograms ({patient}_{side}_{view}.png)")
+    parser.add_argument("dl_state", metavar="DL_STATE",
+                        help="patch classifier (.h5; a whole-image heatmap model with "
+                             "--fprop-mode)")
     parser.add_argument("--pat-csv", default=d["pat_csv"],
                         help="CSV with patient_id,side,cancer (default: %(default)s)")
     parser.add_argument("--pat-list", default=d["pat_list"],
@@ -739,7 +742,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=d["out"],
                         help="output file: .pkl writes the 2017 pickle, .npz a pickle-free "
                              "archive (default: %(default)s)")
-    parser.add_argument("--png-dir", default=d["png_dir"], help="write overlay PNGs here")
+    parser.add_argument("--png-dir", default=d["png_dir"],
+                        help="write overlay PNGs here (default: none)")
     parser.add_argument("--png-height", type=int, default=d["png_height"],
                         help="max height of the PNGs (default: %(default)s)")
     add_bool_flag(parser, "fprop-mode", d["fprop_mode"], "one fully convolutional pass")

@@ -686,16 +686,29 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Write a seeded synthetic CBIS-DDSM-style data set (mammogram phantoms, ROI "
                     "masks, CSVs, patient lists and whole-image class folders).")
     parser.add_argument("out_dir", help="output folder (missing or empty unless --overwrite)")
+    helps = {"nb_patients": "patients (4 views each)",
+             "img_height": "mammogram height in pixels", "img_width": "mammogram width in pixels",
+             "seed": "random seed of the whole data set",
+             "test_frac": "fraction of patients in the test set",
+             "val_frac": "fraction of the training patients in whole_img/val",
+             "malignant_frac": "fraction of breasts with a malignant lesion",
+             "benign_frac": "fraction of breasts with a benign lesion",
+             "lesion_contrast": "lesion brightness relative to the tissue texture",
+             "workers": "processes drawing patients in parallel"}
     for name, typ in (("nb_patients", int), ("img_height", int), ("img_width", int),
                       ("seed", int), ("test_frac", float), ("val_frac", float),
                       ("malignant_frac", float), ("benign_frac", float),
                       ("lesion_contrast", float), ("workers", int)):
-        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name])
+        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name],
+                            help=helps[name])
     parser.add_argument("--whole-img-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                        default=list(defaults["whole_img_size"]))
+                        default=list(defaults["whole_img_size"]),
+                        help="size of the whole-image class folders' images")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace earlier outputs of this generator in OUT_DIR")
-    parser.add_argument("--verbose", action="store_true", help="log one line per patient")
+                        help="replace earlier outputs of this generator in OUT_DIR (default: "
+                             "off)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log one line per patient (default: off)")
     return parser
 
 

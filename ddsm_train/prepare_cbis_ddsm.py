@@ -463,12 +463,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Parser; defaults are those of :func:`run`."""
     d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
     parser = argparse.ArgumentParser(description="Convert CBIS-DDSM DICOM to the PNG layout.")
-    parser.add_argument("csv_dir", metavar="CSV_DIR")
-    parser.add_argument("dicom_root", metavar="DICOM_ROOT")
-    parser.add_argument("out_dir", metavar="OUT_DIR")
+    parser.add_argument("csv_dir", metavar="CSV_DIR",
+                        help="folder with the official CBIS-DDSM description CSVs")
+    parser.add_argument("dicom_root", metavar="DICOM_ROOT",
+                        help="folder the CSVs' DICOM file paths are relative to")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created)")
     parser.add_argument("--whole-img-size", type=int, nargs=2, metavar=("H", "W"),
                         default=d["whole_img_size"],
-                        help="also write whole_img/{train,test}/{neg,pos} at this size")
+                        help="also write whole_img/{train,test}/{neg,pos} at this size "
+                             "(default: not written)")
     parser.add_argument("--val-size", type=float, default=d["val_size"],
                         help="fraction of the training patients moved to whole_img/val and "
                              "val_pat.txt (patient-level, stratified by cancer; default: none)")
