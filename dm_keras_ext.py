@@ -1275,8 +1275,8 @@ def read_training_state(path):
     return state
 
 
-def _options_diff(old, new):
-    keys = sorted(set(old) | set(new))
+def _options_diff(old, new, ignore=()):
+    keys = sorted((set(old) | set(new)) - set(ignore))
     return [k for k in keys if old.get(k) != new.get(k)]
 
 
@@ -1286,7 +1286,8 @@ def resolve_resume(checkpoint, run_info, auto_resume=True, resume_from=None):
     Args:
         checkpoint: this run's last-epoch checkpoint (:func:`last_checkpoint_path`).
         run_info: this run's identity: ``options_hash`` (all options that change the result),
-            ``training_hash`` (the same without the model-source options) and ``options``.
+            ``training_hash`` (the same without the options ``source_options`` that name the
+            model to start from and the output files) and ``options``.
         auto_resume: continue ``checkpoint`` when it holds an unfinished run with the same
             ``options_hash``; False starts over (the checkpoint is replaced after epoch 1).
         resume_from: a model file given by the user; when it is an unfinished last-epoch
@@ -1302,7 +1303,8 @@ def resolve_resume(checkpoint, run_info, auto_resume=True, resume_from=None):
             if old.get("training_hash") != run_info.get("training_hash"):
                 logger.warning("Resuming %s with other options than its run: %s", resume_from,
                                _options_diff(old.get("options", {}),
-                                             run_info.get("options", {})) or "(unknown)")
+                                             run_info.get("options", {}),
+                                             run_info.get("source_options", ())) or "(unknown)")
             logger.info("RESUMING the run of %s after epoch %d (stage %d)", resume_from,
                         state["epoch"], state["stage"])
             return state
@@ -1593,11 +1595,20 @@ class _RunRecorder:
         return max((r["epoch"] for r in self.rows if r["stage"] == number), default=0)
 
     def restore(self, model, checkpointer, with_optimizer):
-        """Load the checkpoint's weights (and optimizer state) and the best-so-far."""
+        """Load the checkpoint's weights (and optimizer state) and the best-so-far.
+
+        A run resumed with another best-model path gets a copy of the run's best model there.
+        """
         path = self.resume["path"]
         _load_checkpoint_weights(model, path, with_optimizer)
         if hasattr(checkpointer, "set_state") and self.resume.get("best"):
             checkpointer.set_state(self.resume["best"])
+            old, new = self.resume.get("best_model"), getattr(checkpointer, "filepath", None)
+            if old and new and not _os.path.isfile(new) and _os.path.isfile(old):
+                import shutil
+                _dm_image.atomic_write(new, lambda tmp: shutil.copyfile(old, tmp),
+                                       to_path=True)
+                logger.info("Copied the run's best model %s to %s", old, new)
         self.weights_pending = False
         logger.info("Restored weights%s of epoch %d from %s", " and optimizer state"
                     if with_optimizer else "", self.resume["epoch"], path)
@@ -1646,6 +1657,7 @@ class _RecordEpoch(keras.callbacks.Callback):
                "seconds": round(time.time() - self._t0, 3)}
         stage_done = bool(self.model.stop_training) or epoch + 1 >= self.end
         state = {"stage": self.number, "stage_name": self.name, "stage_done": stage_done,
+                 "best_model": getattr(self.checkpointer, "filepath", None),
                  "stage_start_epoch": self.start, "epoch": epoch + 1,
                  "finished": stage_done and self.number == (self.recorder.plan or
                                                              [self.number])[-1],
@@ -1856,8 +1868,9 @@ class _Stage:
         _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
                  frozen_bn_mode)
         start = initial = self.epochs_done
-        es_state = plateau_state = None
+        es_state = plateau_state = past = None
         if mode == "resume":
+            past = rec.past_history(number, name, model)     # the epochs before the resume
             state = rec.resume
             start, initial = int(state["stage_start_epoch"]), int(state["epoch"])
             rec.restore(model, self.checkpointer, with_optimizer=True)
@@ -1899,8 +1912,7 @@ class _Stage:
                          verbose=self.verbose)
         hist.stage = name
         self.epochs_done = initial + len(hist.history.get("loss", []))
-        if mode == "resume":                # prepend the epochs run before the resume
-            past = rec.past_history(number, name, model)
+        if past is not None:                # prepend the epochs run before the resume
             for key, values in past.history.items():
                 hist.history[key] = values + list(hist.history.get(key, []))
             hist.epoch = past.epoch + list(hist.epoch)

@@ -328,9 +328,9 @@ def add_run_flags(parser):
 #: Options that do not change what a training run computes: left out of its options hash, so
 #: that changing them does not stop ``--auto-resume``.
 RUN_NEUTRAL_OPTIONS = ("auto_resume", "tensorboard_dir", "final_model", "img_cache_dir")
-#: Options naming the model a run starts from (``--resume-from`` of a checkpoint continues a
-#: run started from another source).
-MODEL_SOURCE_OPTIONS = ("resume_from", "patch_model_state")
+#: Options naming the model a run starts from and where it is saved (``--resume-from`` of a
+#: checkpoint continues a run started from another source, possibly into another folder).
+MODEL_SOURCE_OPTIONS = ("resume_from", "patch_model_state", "best_model")
 
 
 def run_identity(opts, env):
@@ -339,7 +339,7 @@ def run_identity(opts, env):
     Returns:
         dict: ``options`` (the options that change the result, with ``RANDOM_SEED`` and
         ``NUM_GPU_DEVICES``), ``options_hash`` (SHA-256 of them), ``training_hash`` (the same
-        without the model-source options) and ``seed``.
+        without ``source_options``: :data:`MODEL_SOURCE_OPTIONS`) and ``seed``.
     """
     import hashlib
 
@@ -352,7 +352,8 @@ def run_identity(opts, env):
 
     training = {k: v for k, v in options.items() if k not in MODEL_SOURCE_OPTIONS}
     return {"options": options, "options_hash": digest(options),
-            "training_hash": digest(training), "seed": env["RANDOM_SEED"]}
+            "training_hash": digest(training), "source_options": list(MODEL_SOURCE_OPTIONS),
+            "seed": env["RANDOM_SEED"]}
 
 
 def run_file_kwargs(opts, env, identity, resume):
