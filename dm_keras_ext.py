@@ -1537,10 +1537,13 @@ def plot_training_curves(rows, path):
         if row["stage"] != prev["stage"]:
             for ax in (ax_loss, ax_val, ax_lr):
                 ax.axvline(row["epoch"] - 0.5, color="gray", linestyle="--", linewidth=1)
-    for row in rows[:1] + [b for a, b in zip(rows, rows[1:]) if a["stage"] != b["stage"]]:
-        ax_loss.annotate(f"stage {row['stage']}", (row["epoch"] - 0.5, 1.0),
+    for i, row in enumerate(rows[:1] + [b for a, b in zip(rows, rows[1:])
+                                        if a["stage"] != b["stage"]]):
+        ax_loss.annotate(f"stage {row['stage']}", (row["epoch"] - (0.5 if i else 0.0), 1.0),
                          xycoords=("data", "axes fraction"), fontsize="small",
                          va="bottom")
+    from matplotlib.ticker import MaxNLocator
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
 
     def write(f):
