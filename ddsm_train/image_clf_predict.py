@@ -410,17 +410,40 @@ def _describe_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {' '.join(text.split())}"
 
 
+def _load_or_reason(path: Path, read_opts: dict):
+    """(image, '') or (None, reason) for an unreadable image; other errors propagate."""
+    try:
+        return load_pred_image(path, **read_opts), ""
+    except _READ_ERRORS as exc:
+        return None, _describe_error(exc)
+
+
 def score_items(items: List[ImageItem], models, channels, nb_class: int, batch_size: int,
-                test_augment: bool, read_opts: dict,
-                verbose: bool = False) -> Tuple[np.ndarray, List[str]]:
+                test_augment: bool, read_opts: dict, verbose: bool = False,
+                prefetch: int = 2, workers: Optional[int] = None
+                ) -> Tuple[np.ndarray, List[str]]:
     """Score every item; unreadable images get NaN probabilities and a reason.
+
+    While the models score one batch, the images of the next ``prefetch`` batches are read and
+    resized on ``workers`` background threads (``prefetch.prefetch_map``), so on a GPU the
+    decoding hides behind the models. Scores, their order and the skipped images are the same
+    as with ``prefetch=0`` (read each batch, then score it).
+
+    Args:
+        prefetch: batches read ahead (0: none).
+        workers: reading threads (default: ``prefetch.default_workers()``, 0 on a single CPU).
 
     Returns:
         (float64 (n, nb_class) probabilities with NaN rows for failures, list of n reasons,
         '' for images that were scored).
     """
+    from prefetch import default_workers, prefetch_map
+
     probs = np.full((len(items), nb_class), np.nan)
     errors = [""] * len(items)
+    workers = default_workers() if workers is None else workers
+    loaded = prefetch_map(lambda item: _load_or_reason(item.path, read_opts), items,
+                          ahead=prefetch * batch_size, workers=workers)
     starts = range(0, len(items), batch_size)
     if verbose:
         from tqdm import tqdm
@@ -428,14 +451,16 @@ def score_items(items: List[ImageItem], models, channels, nb_class: int, batch_s
     for start in starts:
         good, xs = [], []
         for i in range(start, min(start + batch_size, len(items))):
-            try:
-                xs.append(load_pred_image(items[i].path, **read_opts))
-                good.append(i)
-            except _READ_ERRORS as exc:
-                errors[i] = _describe_error(exc)
+            x, reason = next(loaded)
+            if reason:
+                errors[i] = reason
                 logger.warning("skipping %s: %s", items[i].path, errors[i])
+            else:
+                xs.append(x)
+                good.append(i)
         if good:
             probs[good] = predict_batch(models, channels, np.stack(xs), test_augment)
+    loaded.close()
     return probs, errors
 
 

@@ -175,6 +175,75 @@ def test_one_channel_model_scored(class_dir, trained_models, tmp_path, keras_ses
     np.testing.assert_allclose(df.prob_pos.dropna(), ref[:, 1], atol=1e-5)
 
 
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_prefetched_scoring_matches_serial(class_dir, trained_models, keras_session, caplog,
+                                           workers):
+    """Reading ahead on threads gives the same scores, order, skips and messages as reading
+    each batch before scoring it; an unreadable image in the middle is skipped and reported."""
+    from dm_keras_ext import robust_load_model
+
+    paths, _ = trained_models
+    models = icp.load_models([str(paths[0])])
+    files = [class_dir / "neg" / "n0.png", class_dir / "neg" / "n1.png",
+             class_dir / "pos" / "broken.png", class_dir / "pos" / "p0.png",
+             class_dir / "nowhere.png", class_dir / "pos" / "p1.png", class_dir / "neg" / "n2.png"]
+    items = [icp.ImageItem(f.name, f) for f in files]
+    read_opts = dict(img_size=(H, W), img_scale=None, rescale_factor=RESCALE,
+                     equalize_hist=False, featurewise_center=True, featurewise_mean=MEAN,
+                     segment_breast=False)
+    runs = []
+    for prefetch in (0, 2):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=icp.logger.name):
+            probs, errors = icp.score_items(items, models, [3], 2, 3, False, read_opts,
+                                            prefetch=prefetch, workers=workers)
+        runs.append((probs, errors, [r.getMessage() for r in caplog.records
+                                     if r.name == icp.logger.name]))
+    (p0, e0, log0), (p1, e1, log1) = runs
+    np.testing.assert_array_equal(p0, p1)   # bit for bit, NaN rows included
+    assert e0 == e1, (e0, e1)
+    assert log0 == log1, (log0, log1)
+    assert [bool(e) for e in e1] == [False, False, True, False, True, False, False]
+    assert "broken.png" in e1[2] and "decode" in e1[2] and "no such file" in e1[4]
+    assert len(log1) == 2 and "broken.png" in log1[0] and "nowhere.png" in log1[1]
+    good = [f for f, e in zip(files, e1) if not e]
+    ref = _reference_pred(robust_load_model(str(paths[0])), good, False)
+    np.testing.assert_allclose(p1[[i for i, e in enumerate(e1) if not e]], ref, atol=1e-5)
+
+
+def test_prefetch_map_order_bound_and_errors():
+    import threading
+    import time as _time
+
+    from prefetch import prefetch_map
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow_square(k):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        _time.sleep(0.01 * (k % 3))
+        with lock:
+            running[0] -= 1
+        if k == 7:
+            raise ValueError("seven")
+        return k * k
+
+    consumed = []
+    gen = prefetch_map(slow_square, iter(range(10)), ahead=3, workers=2)
+    with pytest.raises(ValueError, match="seven"):
+        for v in gen:
+            consumed.append(v)
+    assert consumed == [k * k for k in range(7)] and peak[0] <= 2
+    assert list(prefetch_map(slow_square, range(5), ahead=0)) == [0, 1, 4, 9, 16]
+    pulled = []
+    lazy = prefetch_map(lambda k: k, (pulled.append(k) or k for k in range(100)), ahead=4,
+                        workers=1)
+    assert next(lazy) == 0 and len(pulled) <= 5
+    lazy.close()
+
+
 def _exams():
     return [
         {"horizontal_flip": "NO", "L-CC": ["neg/n0"], "R-CC": ["pos/p0"],
