@@ -33,7 +33,9 @@ and sum per candidate. Patches are 16-bit PNGs holding the resized image's inten
 
 Speed: one process samples two views at a time on threads (OpenCV, NumPy and zlib release the
 GIL) while a third thread encodes and writes the PNGs, so about two cores are busy;
-``--workers N`` runs N such processes on batches of views. A view whose patch cannot be written counts as an error and its other
+``--workers N`` runs N such processes on batches of views. A process limited to one CPU (e.g.
+under ``taskset -c 0``) samples one view after the other and writes its PNGs itself, without
+threads. A view whose patch cannot be written counts as an error and its other
 patches are removed, so the folders always match ``patches.csv``.
 
 Outputs, in ``TRAIN_OUT`` or ``VAL_OUT`` (patient-level split stratified by "has a malignant
@@ -64,7 +66,7 @@ import re
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -579,17 +581,47 @@ def _process_view(task: _ViewTask, cfg: _Settings, writer) -> Tuple[dict, list]:
     return res, jobs
 
 
-def _iter_views(tasks: Sequence[_ViewTask], cfg: _Settings, threads: int = VIEW_THREADS):
+class _InlineWriter:
+    """``submit`` runs the call at once and returns its finished future (one-CPU processes)."""
+
+    @staticmethod
+    def submit(fn, *args) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as err:  # noqa: BLE001 - handled by _finish_view like a thread's
+            future.set_exception(err)
+        return future
+
+
+def _cpus_available() -> int:
+    """CPUs this process may run on (its affinity, e.g. under ``taskset``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def _iter_views(tasks: Sequence[_ViewTask], cfg: _Settings, threads: Optional[int] = None):
     """Sample views, yielding one result dict per view, in order, once its files are written.
 
-    ``threads`` views are read, segmented and sampled at a time on threads (OpenCV, NumPy and
-    zlib release the GIL), one more waits queued, and a writer thread encodes and writes the
-    PNG patches. Any failure (bad input, a failed write, an unexpected error) becomes that
-    view's skip or error result, and the others go on.
+    ``threads`` views (default ``VIEW_THREADS``) are read, segmented and sampled at a time on
+    threads (OpenCV, NumPy and zlib release the GIL), one more waits queued, and a writer
+    thread encodes and writes the PNG patches. A process limited to one CPU (or
+    ``threads=1``) does all of it in order in its own thread, without threads that would only
+    compete for that CPU. Any failure (bad input, a failed write, an unexpected error) becomes
+    that view's skip or error result, and the others go on.
     """
+    if threads is None:
+        threads = VIEW_THREADS if _cpus_available() > 1 else 1
     opencv_threads = cv2.getNumThreads()
     cv2.setNumThreads(1)  # these threads are the parallelism; OpenCV's own pool would compete
     try:
+        if threads <= 1:
+            for task in tasks:
+                res, jobs = _process_view(task, cfg, _InlineWriter)
+                yield _finish_view(task, res, jobs)
+            return
         with ThreadPoolExecutor(threads, thread_name_prefix="view") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
             pending, queue = collections.deque(), iter(tasks)

@@ -314,7 +314,37 @@ def test_extract_patch_fills_outside_with_zeros():
     assert np.shares_memory(inside, img)  # a view when the window lies inside
 
 
-def test_failed_patch_write_fails_that_view_only(dataset, tmp_path, monkeypatch):
+def test_one_cpu_process_samples_without_threads(dataset, sampled, tmp_path, monkeypatch):
+    """Limited to one CPU, the sampler starts no thread (they would only compete for it) and
+    writes the same files as the threaded pipeline."""
+    import threading
+
+    out1, sum1 = sampled
+    started = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        started.append(self.name)
+        return real_start(self)
+    monkeypatch.setattr(spc, "_cpus_available", lambda: 1)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    sum2 = _run(dataset, tmp_path / "one", workers=1)
+    assert started == []
+    assert sum2["patches"] == sum1["patches"]
+    for split in ("train", "val"):
+        for folder in sum1["patches"][split]:
+            a, b = out1 / split / folder, tmp_path / "one" / split / folder
+            names = sorted(os.listdir(a))
+            assert names == sorted(os.listdir(b))
+            _, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+            assert not mismatch and not errors
+        assert (out1 / split / "patches.csv").read_text() == \
+            (tmp_path / "one" / split / "patches.csv").read_text()
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_failed_patch_write_fails_that_view_only(dataset, tmp_path, monkeypatch, cpus):
+    monkeypatch.setattr(spc, "_cpus_available", lambda: cpus)
     real_write = spc.dm_image.write_png
 
     def flaky(path, arr, *a, **kw):
