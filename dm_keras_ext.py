@@ -29,6 +29,7 @@ _MODEL_ALL = [
     "Keras208Nadam",
     "create_optimizer",
     "robust_load_model",
+    "register_model_sidecar",
     "check_model_file_safe",
     "UnsafeModelError",
     "save_model_atomic", "register_input_recipe",
@@ -234,7 +235,7 @@ def imagenet_weights_path(net, weights_path=None):
 def get_dl_model(net, nb_class=3, use_pretrained=True, resume_from=None, top_layer_nb=None,
                  weight_decay=1e-4, hidden_dropout=0.0, nb_init_filter=32, init_filter_size=5,
                  init_conv_stride=2, max_pooling_size=2, max_pooling_stride=2, inp_dropout=0.0,
-                 input_shape=None, weights_path=None, **kw):
+                 input_shape=None, weights_path=None, safe_mode=True, **kw):
     """Build (or resume) a patch classifier.
 
     Patch nets are the backbone (``include_top=False``) + global average pooling
@@ -247,7 +248,8 @@ def get_dl_model(net, nb_class=3, use_pretrained=True, resume_from=None, top_lay
             nb_init_filter, init_filter_size, ...; see :func:`dm_resnet14_patch_net`).
         use_pretrained: load ImageNet weights from a local file (:func:`imagenet_weights_path`;
             never downloads). Ignored for yaroslav.
-        resume_from: HDF5 model file to load instead (:func:`robust_load_model`).
+        resume_from: HDF5 model file to load instead (:func:`robust_load_model`; with
+            ``safe_mode`` False a file with Lambda layers is trusted and loaded).
         top_layer_nb: stage-2 start; default by role (:func:`stage2_start_index`).
         input_shape: ``(rows, cols, channels)``; default ``(None, None, 3)`` (yaroslav: 1).
         nb_init_filter, init_filter_size, init_conv_stride, max_pooling_size,
@@ -263,7 +265,7 @@ def get_dl_model(net, nb_class=3, use_pretrained=True, resume_from=None, top_lay
         logger.debug("get_dl_model ignores options %s for net %s", sorted(kw), net)
     preprocess = get_preprocess_input(net)
     if resume_from is not None:
-        model = robust_load_model(resume_from)
+        model = robust_load_model(resume_from, safe_mode=safe_mode)
     elif net == "yaroslav":
         model = Yaroslav(input_shape, nb_class, hidden_dropout, weight_decay)
     elif net == "dm_resnet14":
@@ -680,6 +682,20 @@ def register_input_recipe(filepath, recipe):
         _INPUT_RECIPES[key] = recipe.to_json()
 
 
+_SIDECARS = {}
+
+
+def register_model_sidecar(filepath, sidecar_path, make_text):
+    """Write ``sidecar_path`` (text from ``make_text()``) when a model is next saved at
+    ``filepath`` by :func:`save_model_atomic`, right after it.
+
+    The trainers register ``<best-model>.options.json`` this way, so an options file is
+    written only once the run has produced a model: a run that fails before its first model
+    leaves the files of an earlier run at that path as they were.
+    """
+    _SIDECARS[_os.path.abspath(_os.fspath(filepath))] = (_os.fspath(sidecar_path), make_text)
+
+
 def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
     """Save ``model`` as HDF5 at ``filepath`` atomically, with its input recipe.
 
@@ -708,6 +724,10 @@ def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
 
     path = _dm_image.atomic_write(path, save, to_path=True)
     logger.info("Saved model to %s", path)
+    sidecar = _SIDECARS.pop(str(path), None)
+    if sidecar is not None:
+        text = sidecar[1]()
+        _dm_image.atomic_write(sidecar[0], lambda fh: fh.write(text), text=True)
     return str(path)
 
 # ----------------------------------------------------------------------------------------------

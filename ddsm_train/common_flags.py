@@ -327,7 +327,8 @@ def add_run_flags(parser):
 
 #: Options that do not change what a training run computes: left out of its options hash, so
 #: that changing them does not stop ``--auto-resume``.
-RUN_NEUTRAL_OPTIONS = ("auto_resume", "tensorboard_dir", "final_model", "img_cache_dir")
+RUN_NEUTRAL_OPTIONS = ("auto_resume", "tensorboard_dir", "final_model", "img_cache_dir",
+                       "trust_model_file")
 #: Options naming the model a run starts from and where it is saved (``--resume-from`` of a
 #: checkpoint continues a run started from another source, possibly into another folder).
 MODEL_SOURCE_OPTIONS = ("resume_from", "patch_model_state", "best_model")
@@ -488,26 +489,40 @@ def options_json_path(best_model):
     return Path(str(best_model) + ".options.json")
 
 
+#: Options records of this process's runs, by options JSON path, until their model is saved.
+_OPTIONS_RECORDS = {}
+
+
 def log_and_save_options(options, best_model, extra=None):
-    """Log resolved options and write them as JSON beside the best model file.
+    """Log resolved options; they are saved as JSON beside the best model with its first save.
+
+    The JSON (``<best_model>.options.json``) is written right after the run's first model is
+    saved at ``best_model`` (``dm_keras_ext.register_model_sidecar``), so it always describes
+    the model next to it: a run that fails before producing a model leaves an earlier run's
+    model and options file as they were.
 
     Args:
         options: mapping of option name to value (JSON-serialisable after ``str`` fallback).
-        best_model: the best-model path; its folder is created.
+        best_model: the best-model path.
         extra: optional mapping added under ``"environment"`` (e.g. resolved env variables).
 
     Returns:
-        Path: the JSON file written.
+        Path: where the JSON file will be written.
     """
+    import dm_keras_ext
+
     record = dict(options)
     if extra:
         record["environment"] = dict(extra)
     for key in sorted(record):
         logger.info("option %s = %r", key, record[key])
-    from dm_image import atomic_write
-
-    text = json.dumps(record, indent=2, sort_keys=True, default=str)
-    return atomic_write(options_json_path(best_model), lambda f: f.write(text), text=True)
+    json_path = options_json_path(best_model)
+    _OPTIONS_RECORDS[str(json_path)] = record
+    dm_keras_ext.register_model_sidecar(
+        best_model, json_path,
+        lambda: json.dumps(_OPTIONS_RECORDS[str(json_path)], indent=2, sort_keys=True,
+                           default=str))
+    return json_path
 
 
 def check_batch_vs_devices(batch_size, nb_devices, what="batch size"):
@@ -545,16 +560,23 @@ def env_summary():
             "RANDOM_SEED": get_random_seed()}
 
 
-def check_class_dirs(dirs, class_list):
+def check_class_dirs(dirs, class_list, need_two_classes=()):
     """Check that each folder exists and holds one subfolder per class of ``class_list``.
+
+    A folder written by the patch sampler (with a ``patches.csv`` manifest) is also compared
+    with its manifest: image files that the manifest does not list (left by another run, or
+    copied in) are reported with a warning, since they would be trained on.
 
     Args:
         dirs: mapping of a label (e.g. ``"TRAIN_DIR"``) to a folder.
         class_list: class subfolder names.
+        need_two_classes: labels of ``dirs`` whose images must cover at least two classes
+            (a validation set scored by AUROC).
 
     Raises:
-        ValueError: a folder is missing, or lacks a class subfolder (the message lists what was
-            found). Subfolders not in ``class_list`` are ignored with a warning.
+        ValueError: a folder is missing, lacks a class subfolder (the message lists what was
+            found), or is in ``need_two_classes`` with images of fewer than two classes.
+            Subfolders not in ``class_list`` are ignored with a warning.
     """
     if not class_list or len(set(class_list)) != len(class_list):
         raise ValueError(f"--class-list should name distinct classes, got {class_list}")
@@ -571,6 +593,44 @@ def check_class_dirs(dirs, class_list):
         if extra:
             logger.warning("%s %s: subfolders %s are not in --class-list; ignored", label,
                            folder, extra)
+        if label in need_two_classes:
+            counts = {c: len(_class_images(folder / c)) for c in class_list}
+            if sum(1 for n in counts.values() if n) < 2:
+                raise ValueError(f"{label} {folder} has images of fewer than two classes "
+                                 f"({counts}): its AUROC is undefined, so no best model could "
+                                 f"be chosen")
+        _check_manifest(label, folder, class_list)
+
+
+def _class_images(folder):
+    from dm_image import list_images
+
+    try:
+        return list_images(folder)
+    except ValueError:
+        return []
+
+
+def _check_manifest(label, folder, class_list):
+    """Warn about image files in ``folder``'s class subfolders that its ``patches.csv`` lacks."""
+    manifest = Path(folder) / "patches.csv"
+    if not manifest.is_file():
+        return
+    from script_utils import read_csv_table
+
+    try:
+        table = read_csv_table(manifest, required=("folder", "filename"))
+    except (OSError, ValueError) as err:
+        logger.warning("%s %s: cannot read its manifest (%s)", label, folder, err)
+        return
+    listed = {(f, n) for f, n in zip(table["folder"], table["filename"])}
+    unlisted = [f"{c}/{name}" for c in class_list for name in _class_images(Path(folder) / c)
+                if (c, name) not in listed]
+    if unlisted:
+        logger.warning("%s %s: %d image(s) not in its patches.csv manifest (e.g. %s): "
+                       "another sampling run wrote into this folder, or files were copied in; "
+                       "they are trained on as well", label, folder, len(unlisted),
+                       unlisted[:3])
 
 
 #: Train-time augmentation of ``--augmentation``: random horizontal and vertical flips,
@@ -750,23 +810,21 @@ def save_input_recipe(recipe, best_model, *model_files):
     """Store ``recipe`` in the models a training run writes and in its options JSON.
 
     Every file later saved at ``best_model`` or one of ``model_files`` (``NOSAVE`` skipped)
-    carries it as an HDF5 attribute (``dm_keras_ext.register_input_recipe``), and
-    ``<best_model>.options.json``, when present, gets it under ``input_recipe``.
+    carries it as an HDF5 attribute (``dm_keras_ext.register_input_recipe``), and the options
+    JSON of :func:`log_and_save_options` gets it under ``input_recipe``.
 
     Returns:
-        Path of the options JSON, or None when there is none yet.
+        Path of the options JSON, or None when no options were logged for ``best_model``.
     """
     import dm_keras_ext
-    from dm_image import atomic_write
 
     for path in (best_model,) + model_files:
         if path and path != NOSAVE:
             dm_keras_ext.register_input_recipe(path, recipe)
     json_path = options_json_path(best_model)
-    if not json_path.is_file():
-        return None
-    record = json.loads(json_path.read_text(encoding="utf-8"))
-    record["input_recipe"] = recipe.to_dict()
-    text = json.dumps(record, indent=2, sort_keys=True, default=str)
     logger.info("input recipe: %s", recipe.to_json())
-    return atomic_write(json_path, lambda f: f.write(text), text=True)
+    record = _OPTIONS_RECORDS.get(str(json_path))
+    if record is None:
+        return None
+    record["input_recipe"] = recipe.to_dict()
+    return json_path

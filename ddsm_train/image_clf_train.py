@@ -95,6 +95,7 @@ def get_args_parser():
     cf.add_model_file_flags(parser, best_model="./modelState/image_clf.h5")
     cf.add_distributed_flags(parser)
     cf.add_run_flags(parser)
+    cf.add_trust_flag(parser)
     return parser
 
 
@@ -107,8 +108,12 @@ def validate_options(opts, nb_devices=None):
     if not os.path.isfile(source):
         raise ValueError(f"model file not found: {source}")
     cf.check_class_dirs({"TRAIN_DIR": opts["train_dir"], "VAL_DIR": opts["val_dir"],
-                         "TEST_DIR": opts["test_dir"]}, opts["class_list"])
+                         "TEST_DIR": opts["test_dir"]}, opts["class_list"],
+                        need_two_classes=("VAL_DIR", "TEST_DIR"))
     _check_common(opts, nb_devices)
+    if opts["nb_epoch"] == 0 and opts["all_layer_epochs"] == 0:
+        raise ValueError("nothing to train: --nb-epoch and --all-layer-epochs are both 0 (to "
+                         "score an existing model, use image_clf_predict.py)")
     if opts["block_type"] == "resnet" and len(opts["top_depths"]) != len(
             opts["top_repetitions"]):
         raise ValueError(f"--top-depths {opts['top_depths']} and --top-repetitions "
@@ -136,12 +141,14 @@ def _build_model(opts, nb_class):
     import dm_resnet
 
     if opts["resume_from"] is not None:
-        model = dm_keras_ext.robust_load_model(opts["resume_from"])
+        model = dm_keras_ext.robust_load_model(opts["resume_from"],
+                                               safe_mode=not opts["trust_model_file"])
         top_layer_nb = opts["top_layer_nb"]
         logger.info("Resumed whole-image model %s (%d layers)", opts["resume_from"],
                     len(model.layers))
     else:
-        patch = dm_keras_ext.robust_load_model(opts["patch_model_state"])
+        patch = dm_keras_ext.robust_load_model(opts["patch_model_state"],
+                                               safe_mode=not opts["trust_model_file"])
         model, top_layer_nb = dm_resnet.add_top_layers(
             patch, tuple(opts["img_size"]), opts["patch_net"], opts["block_type"],
             opts["top_depths"], opts["top_repetitions"], nb_class=nb_class,
@@ -265,9 +272,8 @@ def _report(opts, json_path, hists, ckpt, test, is_chief=True):
         logger.info("Multi-worker run: the chief worker reports the test result")
         return result
     if ckpt.best_epoch is None:
-        logger.warning("no epoch produced a validation AUROC; nothing saved to %s",
-                       opts["best_model"])
-        return result
+        raise ValueError(f"no epoch produced a validation AUROC, so no model was saved to "
+                         f"{opts['best_model']} (any file there is from an earlier run)")
     best = dm_keras_ext.robust_load_model(opts["best_model"])
     calc = dm_keras_ext.DMAucModelCheckpoint.calc_test_auc
     result["test_auc"] = float(calc(test, best))

@@ -71,6 +71,7 @@ def get_args_parser():
     cf.add_model_file_flags(parser, best_model="./modelState/patch_clf.h5")
     cf.add_distributed_flags(parser)
     cf.add_run_flags(parser)
+    cf.add_trust_flag(parser)
     return parser
 
 
@@ -91,6 +92,13 @@ def validate_options(opts, nb_devices=None):
     for name in ("nb_epoch", "top_layer_epochs", "all_layer_epochs"):
         if opts[name] < 0:
             raise ValueError(f"--{name.replace('_', '-')} should be >= 0, got {opts[name]}")
+    stages = (("nb_epoch", "top_layer_epochs", "all_layer_epochs")
+              if opts["use_pretrained"] and opts["resume_from"] is None else ("nb_epoch",))
+    if not any(opts[name] for name in stages):
+        raise ValueError("nothing to train: " + " and ".join(
+            f"--{n.replace('_', '-')}" for n in stages) + " are all 0" * (len(stages) > 1)
+            + " is 0" * (len(stages) == 1) + " (without --use-pretrained only the first "
+            "stage runs)" * (len(stages) == 1))
     if not opts["init_lr"] > 0:
         raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
 
@@ -102,6 +110,7 @@ def _build_model(opts, nb_class):
         opts["net"], nb_class=nb_class,
         use_pretrained=opts["use_pretrained"] and opts["resume_from"] is None,
         resume_from=opts["resume_from"], top_layer_nb=opts["top_layer_nb"],
+        safe_mode=not opts["trust_model_file"],
         weight_decay=opts["weight_decay"], hidden_dropout=opts["hidden_dropout"],
         nb_init_filter=opts["nb_init_filter"], init_filter_size=opts["init_filter_size"],
         init_conv_stride=opts["init_conv_stride"], max_pooling_size=opts["max_pooling_size"],
@@ -193,9 +202,9 @@ def _report(opts, json_path, hists, test, is_chief=True):
     if not is_chief:
         logger.info("Multi-worker run: the chief worker reports the test result")
         return result
-    if not os.path.isfile(opts["best_model"]):
-        logger.warning("no best model was saved to %s", opts["best_model"])
-        return result
+    if not val_acc:
+        raise ValueError(f"no epoch produced a validation accuracy, so no model was saved to "
+                         f"{opts['best_model']} (any file there is from an earlier run)")
     best = dm_keras_ext.robust_load_model(opts["best_model"])
     best.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=["accuracy"])
     loss, acc = best.evaluate(test, verbose=0)

@@ -189,7 +189,9 @@ PATCH_SCRIPT = dict(
     final_model="NOSAVE", train_dir="CBIS-DDSM/Combined_patches_im4096_256/train",
     val_dir="CBIS-DDSM/Combined_patches_im4096_256/val",
     test_dir="CBIS-DDSM/Combined_patches_im4096_256/test", img_cache_dir=None,
-    mixed_precision=None, jit=False, frozen_bn_mode="batch")
+    mixed_precision=None, jit=False, frozen_bn_mode="batch",
+    # options added since 2017, neutral by default
+    auto_resume=True, tensorboard_dir=None, trust_model_file=False)
 IM1152_SCRIPT = dict(
     patch_model_state="CBIS-DDSM/Combined_patches_im4096_256/3cls_best_model_resnet50.h5",
     resume_from=None, img_size=[1152, 896], img_scale=None, rescale_factor=0.003891,
@@ -208,7 +210,9 @@ IM1152_SCRIPT = dict(
     patch_net="resnet50", block_type="resnet", bottleneck_enlarge_factor=4, add_heatmap=False,
     avg_pool_size=[7, 7], add_conv=True, add_shortcut=False, hm_strides=[1, 1],
     hm_pool_size=[5, 5], fc_init_units=64, fc_layers=2, top_layer_nb=None, img_cache_dir=None,
-    mixed_precision=None, jit=False, frozen_bn_mode="batch")
+    mixed_precision=None, jit=False, frozen_bn_mode="batch",
+    # options added since 2017, neutral by default
+    auto_resume=True, tensorboard_dir=None, trust_model_file=False)
 INBREAST_SCRIPT = dict(
     patch_model_state=None, resume_from="ddsm_vgg16_s10_[512-512-1024]x2_hybrid.h5",
     img_size=[1152, 896], img_scale=None, rescale_factor=0.003891, featurewise_center=True,
@@ -224,7 +228,9 @@ INBREAST_SCRIPT = dict(
     best_model="INbreast/transferred_inbreast_best_model.h5", final_model="NOSAVE",
     train_dir="INbreast/train", val_dir="INbreast/val", test_dir="INbreast/test",
     kept_layer_idx=None, top_layer_nb=None, bias_multiplier=None, img_cache_dir=None,
-    mixed_precision=None, jit=False, frozen_bn_mode="batch")
+    mixed_precision=None, jit=False, frozen_bn_mode="batch",
+    # options added since 2017, neutral by default
+    auto_resume=True, tensorboard_dir=None, trust_model_file=False)
 _ROI = "CBIS-DDSM/Combined_full_ROI/"
 FPROP_SCRIPT = dict(
     fprop_mode=True, img_size=[1152, 896], img_height=None, img_scale=None,

@@ -1,0 +1,133 @@
+"""The trainers refuse to compute wrongly: nothing to train, a validation or test set of one
+class, a model file with code; a run that fails before its first model leaves an earlier run's
+model and options file untouched; patch folders are checked against their manifest."""
+import logging
+
+import cv2
+import numpy as np
+import pytest
+
+import image_clf_train
+import patch_clf_train
+
+
+def _images(root, classes, n=3, hw=(32, 24)):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                cv2.imwrite(str(folder / f"{cls}_{i}.png"),
+                            rng.integers(1000, 60000, hw).astype(np.uint16))
+    return [str(root / s) for s in ("train", "val", "test")]
+
+
+@pytest.fixture
+def whole(tmp_path, keras_session):
+    keras = keras_session
+    dirs = _images(tmp_path / "img", ["neg", "pos"])
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="c1")(inp)
+    x = keras.layers.MaxPooling2D(name="block5_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    patch = tmp_path / "patch.h5"
+    keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x)).save(patch)
+    best = tmp_path / "out" / "best.h5"
+    best.parent.mkdir()
+    best.write_bytes(b"the model of an earlier run")
+    (tmp_path / "out" / "best.h5.options.json").write_text('{"earlier": true}\n')
+    common = dirs + ["--patch-model-state", str(patch), "--patch-net", "vgg16",
+                     "--img-size", "32", "24",
+                     "--top-depths", "8", "--top-repetitions", "1", "--batch-size", "4",
+                     "--no-augmentation", "--best-model", str(best)]
+    return tmp_path, best, common
+
+
+def _untouched(best):
+    assert best.read_bytes() == b"the model of an earlier run"
+    assert (best.parent / "best.h5.options.json").read_text() == '{"earlier": true}\n'
+
+
+def _exit2(main, argv, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    return err
+
+
+def test_zero_epochs_is_an_error_and_the_old_model_is_not_reported(whole, capsys):
+    _, best, common = whole
+    err = _exit2(image_clf_train.main, common + ["--nb-epoch", "0", "--all-layer-epochs", "0"],
+                 capsys)
+    assert "nothing to train" in err
+    _untouched(best)
+
+
+def test_one_class_validation_set_is_refused_before_training(whole, capsys):
+    tmp_path, best, common = whole
+    for f in (tmp_path / "img" / "val" / "pos").iterdir():
+        f.unlink()
+    err = _exit2(image_clf_train.main, common + ["--nb-epoch", "1"], capsys)
+    assert "VAL_DIR" in err and "fewer than two classes" in err and "'pos': 0" in err
+    _untouched(best)
+
+
+def test_a_run_failing_before_its_first_model_leaves_the_earlier_files(whole, monkeypatch):
+    _, best, common = whole
+    import dm_keras_ext
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed during the first epoch")
+
+    monkeypatch.setattr(dm_keras_ext, "do_2stage_training", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        image_clf_train.main(common + ["--nb-epoch", "1", "--no-auto-resume"])
+    _untouched(best)
+
+
+def test_model_file_with_code_is_refused_unless_trusted(whole, keras_session, capsys):
+    tmp_path, best, common = whole
+    keras = keras_session
+    inp = keras.Input((None, None, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0, name="doubling")(inp)
+    x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(x)
+    x = keras.layers.MaxPooling2D(name="block5_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    sneaky = tmp_path / "sneaky.h5"
+    keras.Model(inp, keras.layers.Dense(3, activation="softmax")(x)).save(
+        sneaky, save_format="h5")
+    argv = [a if not a.endswith("patch.h5") else str(sneaky) for a in common]
+    err = _exit2(image_clf_train.main, argv + ["--nb-epoch", "1"], capsys)
+    assert "sneaky.h5" in err and "'doubling'" in err and "--trust-model-file" in err
+    err = _exit2(patch_clf_train.main,
+                 [str(tmp_path / "img" / s) for s in ("train", "val", "test")]
+                 + ["--class-list", "neg", "pos", "--resume-from", str(sneaky),
+                    "--img-size", "32", "24", "--nb-epoch", "1"], capsys)
+    assert "'doubling'" in err
+    _untouched(best)
+
+
+def test_patch_trainer_nothing_to_train(tmp_path, capsys):
+    dirs = _images(tmp_path / "p", ["background", "malignant", "benign"], n=1)
+    err = _exit2(patch_clf_train.main, dirs + ["--net", "dm_resnet14", "--no-use-pretrained",
+                                               "--nb-epoch", "0", "--top-layer-epochs", "3"],
+                 capsys)
+    assert "nothing to train: --nb-epoch is 0" in err
+
+
+def test_patch_folder_files_outside_the_manifest_are_reported(tmp_path, caplog):
+    import common_flags as cf
+
+    dirs = _images(tmp_path / "p", ["background", "malignant"], n=2)
+    train = tmp_path / "p" / "train"
+    (train / "patches.csv").write_text(
+        "folder,filename,img_id,kind,row,col,roi_frac,patch_frac\n"
+        "background,background_0.png,v,bkg,0,0,0,0\nbackground,background_1.png,v,bkg,0,0,0,0\n"
+        "malignant,malignant_0.png,v,abn,0,0,1,1\n")
+    with caplog.at_level(logging.WARNING):
+        cf.check_class_dirs({"TRAIN_DIR": train}, ["background", "malignant"])
+    warned = [r.getMessage() for r in caplog.records if "manifest" in r.getMessage()]
+    assert len(warned) == 1 and "1 image(s)" in warned[0] and "malignant_1.png" in warned[0]
