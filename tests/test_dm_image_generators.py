@@ -4,7 +4,7 @@ import logging
 import cv2
 import numpy as np
 import pytest
-from conftest import huge_png_bytes
+from conftest import huge_png_bytes, imwrite
 
 import dm_image
 from dm_image import (DMDirectoryIterator, DMImageDataGenerator, batch_balance_weights,
@@ -30,9 +30,7 @@ def img_dir(tmp_path):
     """neg/ with 3 16-bit PNGs (one in a subfolder), pos/ with 2, plus a non-image file."""
     rng = np.random.RandomState(0)
     for rel in ["neg/b.png", "neg/a.png", "neg/sub/c.png", "pos/z.png", "pos/y.png"]:
-        path = tmp_path / "train" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(path), _mammo(rng))
+        imwrite(tmp_path / "train" / rel, _mammo(rng))
     (tmp_path / "train" / "neg" / "notes.txt").write_text("not an image")
     return tmp_path / "train"
 
@@ -269,8 +267,7 @@ def test_load_dat_ram_without_augmentation_equals_reference(img_dir):
 def test_load_dat_ram_8bit_and_skips_broken(tmp_path):
     rng = np.random.RandomState(1)
     for rel in ["a/1.png", "a/2.png", "b/1.png"]:
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(tmp_path / rel), _mammo(rng, 32, 32, np.uint8))
+        imwrite(tmp_path / rel, _mammo(rng, 32, 32, np.uint8))
     (tmp_path / "b" / "0.png").write_bytes(b"broken")
     it = DMImageDataGenerator().flow_from_directory(str(tmp_path), target_size=(32, 32),
                                                     class_mode="sparse")
@@ -381,10 +378,10 @@ def test_cached_read_equals_reference_and_invalidates(img_dir, tmp_path):
         dm_image.cached_read(tmp_path / "nope.png", cache, SIZE)
 
 
-def test_cache_that_cannot_be_written_is_skipped(img_dir, tmp_path, caplog):
+def test_cache_that_cannot_be_written_is_skipped(img_dir, tmp_path, caplog,
+                                                 fresh_dm_image_warnings):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    dm_image._WARNED.clear()
     with caplog.at_level(logging.WARNING, logger="dm_image"):
         img = dm_image.cached_read(img_dir / "pos" / "y.png", blocker / "sub", SIZE)
     assert img.shape == SIZE and "cannot be written" in caplog.text

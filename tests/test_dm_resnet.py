@@ -3,42 +3,9 @@ import numpy as np
 import pytest
 
 import dm_resnet as R
+from conftest import KERAS208_TINY, tiny_patch_net
 
 BLOCKS = sorted(R.BLOCK_FNS)
-
-
-def _layers():
-    from tf_keras import layers
-    return layers
-
-
-def tiny_patch_net(keras, input_shape=(None, None, 3), nb_class=3, seed=0):
-    """2017-fixture-shaped patch net: 2 x (conv-BN-relu-pool), GAP, dropout, softmax dense."""
-    layers = _layers()
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input(input_shape)
-    x = inp
-    for b, f in ((1, 8), (2, 16)):
-        x = layers.Conv2D(f, 3, padding="same", name=f"block{b}_conv1")(x)
-        x = layers.BatchNormalization(name=f"block{b}_bn")(x)
-        x = layers.Activation("relu", name=f"block{b}_relu")(x)
-        x = layers.MaxPooling2D(name=f"block{b}_pool")(x)
-    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = layers.Dropout(0.5, name="top_dropout")(x)
-    x = layers.Dense(nb_class, activation="softmax", name="predictions")(x)
-    model = keras.Model(inp, x, name="tiny_patch")
-    _randomise_bn(model)
-    return model
-
-
-def _randomise_bn(model):
-    """Non-trivial BN statistics so that inference differs from identity."""
-    rng = np.random.default_rng(1)
-    for layer in model.layers:
-        if layer.__class__.__name__ == "BatchNormalization":
-            g, b, m, v = layer.get_weights()
-            layer.set_weights([rng.uniform(.5, 1.5, g.shape), rng.normal(0, .1, b.shape),
-                               rng.normal(0, .1, m.shape), rng.uniform(.5, 1.5, v.shape)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,17 +208,6 @@ def test_multiview_two_towers_concatenated(keras_session):
 # ----------------------------------------------------------------------------------------------
 # add_top_layers
 # ----------------------------------------------------------------------------------------------
-# (options, params, layers) of the Keras 2.0.8 conversions of the same tiny patch net, as
-# recorded with the 2017 code in ../shared/fixtures/keras208/expected.json.
-KERAS208_TINY = {
-    "resnet_top": (dict(block_type="resnet", depths=[16, 16], repetitions=[1, 1],
-                        bottleneck_enlarge_factor=2), (None, None, 3), 10450, 35),
-    "vgg_top": (dict(block_type="vgg", depths=[16], repetitions=[1]), (None, None, 3), 3906, 10),
-    "fixed_patch_input": (dict(block_type="resnet", depths=[16], repetitions=[1],
-                               bottleneck_enlarge_factor=2), (32, 32, 3), 5618, 20),
-}
-
-
 @pytest.mark.parametrize("case", sorted(KERAS208_TINY))
 def test_tiny_conversions_match_keras208_counts(keras_session, case):
     kwargs, shape, params, nb_layers = KERAS208_TINY[case]

@@ -2,6 +2,7 @@
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,9 +10,10 @@ ROOT_MODULES = ["dm_image", "dm_keras_ext", "dm_resnet", "dm_multi_gpu", "dm_ene
 
 
 @pytest.mark.parametrize("name", ROOT_MODULES)
-def test_root_module_imports_and_exports(name):
+def test_root_module_imports_and_exports(name, repo_root):
     mod = importlib.import_module(name)
-    assert mod.__doc__ and "1708.09427" in mod.__doc__
+    assert Path(mod.__file__).resolve() == repo_root / f"{name}.py"   # this checkout's module
+    assert mod.__all__
     for public in mod.__all__:
         assert hasattr(mod, public), f"{name}.__all__ lists {public!r} but it is not defined"
 

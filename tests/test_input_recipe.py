@@ -295,7 +295,9 @@ def test_resume_from_takes_the_recipe(trained):
     opts = cf.resolve_options(image_clf_train.get_args_parser(), ("a", "b", "c"),
                               {"resume_from": str(best), "featurewise_mean": 44.33})
     got, recipe = cf.apply_model_recipe(opts, str(best), {"resume_from", "featurewise_mean"})
-    assert recipe is not None
+    assert recipe == dm_image.InputRecipe(img_size=(64, 48), channels=3,
+                                          rescale_factor=0.003891, featurewise_center=True,
+                                          featurewise_mean=50.0)   # the file's, not the flags'
     assert got["img_size"] == [64, 48] and got["rescale_factor"] == 0.003891
     assert got["featurewise_mean"] == 44.33          # given: kept (and warned)
 

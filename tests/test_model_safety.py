@@ -58,10 +58,35 @@ def test_not_a_model_file_names_the_file(tmp_path):
         E.robust_load_model(path)
 
 
+def _layer_list(config):
+    """The layer configs of a model config (Keras 2.0.8 writes a Sequential's as a bare list)."""
+    inner = config["config"]
+    return inner if isinstance(inner, list) else inner["layers"]
+
+
 @pytest.mark.real_data
-def test_keras208_files_pass_the_safety_check(keras208_dir):
-    for path in sorted(keras208_dir.glob("*.h5")) + sorted(keras208_dir.glob("train_steps/*.h5")):
+def test_keras208_files_pass_the_safety_check(keras208_dir, tmp_path):
+    """The 2017 files pass; each with its deepest last layer made a Lambda is refused."""
+    import json
+
+    paths = sorted(keras208_dir.glob("*.h5")) + sorted(keras208_dir.glob("train_steps/*.h5"))
+    assert [p.relative_to(keras208_dir).as_posix() for p in paths] == [
+        "tiny_image_fixed_patch_input.h5", "tiny_image_resnet_top.h5", "tiny_image_vgg_top.h5",
+        "tiny_patch_vgg.h5", "train_steps/tiny_patch_vgg_nodrop.h5"]
+    for path in paths:
         E.check_model_file_safe(path)
+        with h5py.File(path, "r") as f:
+            config = json.loads(f.attrs["model_config"])
+        layers = _layer_list(config)
+        nested = [c for c in layers if c["class_name"] in ("Model", "Functional", "Sequential")]
+        target = (_layer_list(nested[0]) if nested else layers)[-1]
+        target["class_name"] = "Lambda"
+        target["config"].update(function_type="lambda", function=["AAAA", None, None])
+        doctored = tmp_path / path.name
+        with h5py.File(doctored, "w") as f:
+            f.attrs["model_config"] = json.dumps(config).encode()
+        with pytest.raises(E.UnsafeModelError, match=repr(target["config"]["name"])):
+            E.check_model_file_safe(doctored)
 
 
 def test_dm_enet_loads_in_safe_mode(keras_session, tmp_path):
@@ -72,4 +97,8 @@ def test_dm_enet_loads_in_safe_mode(keras_session, tmp_path):
     with pytest.raises(E.UnsafeModelError, match="'sneaky'"):
         dm_enet.DLRepr(path, layer_names=["top"])
     assert not marker.exists()
-    assert dm_enet.DLRepr(path, layer_names=["top"], safe_mode=False).model is not None
+    rep = dm_enet.DLRepr(path, layer_names=["top"], safe_mode=False)
+    assert marker.exists()                          # trusted: built, and its code ran
+    assert rep.model.count_params() == (4 * 3 + 3) + (3 * 2 + 2)
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(rep.get_feats(x), rep.model.predict(x, verbose=0), rtol=1e-6)

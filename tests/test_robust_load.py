@@ -10,7 +10,7 @@ import pytest
 
 import dm_keras_ext as E
 import dm_resnet as R
-from test_dm_resnet import KERAS208_TINY, tiny_patch_net
+from conftest import KERAS208_TINY, tiny_patch_net
 
 KERAS208_NAMES = ["tiny_patch_vgg", "tiny_image_resnet_top", "tiny_image_vgg_top",
                   "tiny_image_fixed_patch_input"]
