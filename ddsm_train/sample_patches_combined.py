@@ -658,10 +658,12 @@ def _sample_batch(args) -> List[dict]:
 def _sample_all(tasks: List[_ViewTask], cfg: _Settings, workers: int, verbose: bool):
     """Results of all views, in order: in this process, or in batches over worker processes."""
     if workers == 1 or len(tasks) <= 1:
-        from tqdm import tqdm
-
-        return list(tqdm(_iter_views(tasks, cfg), total=len(tasks), disable=not verbose,
-                         unit="view", desc="sampling"))
+        results = []
+        with dm_image.progress(len(tasks), "sampling", unit="view", verbose=verbose) as bar:
+            for res in _iter_views(tasks, cfg):
+                results.append(res)
+                bar.update()
+        return results
     size = max(1, min(8, len(tasks) // (2 * workers)))  # balance vs. overlap inside a batch
     batches = [tasks[i:i + size] for i in range(0, len(tasks), size)]
     done = parallel_map(_sample_batch, [(b, cfg) for b in batches], workers, "sampling",
