@@ -7,9 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+from conftest import split_dirs, tiny_vgg_patch_net, write_class_split
 
 import common_flags as cf
 import image_clf_train
@@ -20,28 +20,14 @@ SEED_PAGE = Path(__file__).resolve().parents[2] / "shared" / "seed_companion_pag
 IMG_HW = (64, 48)
 
 
-def _write_split(root, classes, counts, hw, rng):
-    for split, n in counts.items():
-        for ci, cls in enumerate(classes):
-            folder = root / split / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.normal(13000, 2500, hw)
-                if ci:                                 # a bright square marks lesion classes
-                    r, c = rng.integers(2, hw[0] - 10), rng.integers(2, hw[1] - 10)
-                    img[r:r + 8, c:c + 8] += 15000 * ci
-                cv2.imwrite(str(folder / f"{cls}_{i:02d}.png"),
-                            img.clip(0, 65535).astype(np.uint16))
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Whole images (neg/pos, 64x48) and patches (3 classes, 32x32) as 16-bit PNG folders."""
     root = tmp_path_factory.mktemp("train_data")
     rng = np.random.default_rng(7)
-    _write_split(root / "img", ["neg", "pos"], {"train": 6, "val": 4, "test": 4}, IMG_HW, rng)
-    _write_split(root / "patch", ["background", "malignant", "benign"],
-                 {"train": 4, "val": 2, "test": 2}, (32, 32), rng)
+    write_class_split(root / "img", ["neg", "pos"], {"train": 6, "val": 4, "test": 4}, IMG_HW, rng)
+    write_class_split(root / "patch", ["background", "malignant", "benign"],
+                      {"train": 4, "val": 2, "test": 2}, (32, 32), rng)
     return root
 
 
@@ -54,18 +40,8 @@ def model_files(tmp_path_factory):
     import dm_resnet
 
     keras.backend.clear_session()
-    keras.utils.set_random_seed(1)
     folder = tmp_path_factory.mktemp("models")
-    inp = keras.Input((None, None, 3))
-    x = inp
-    for b, filters in enumerate((4, 8), start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
-                                name=f"block{b}_conv1")(x)
-        x = keras.layers.MaxPooling2D(name=f"block{b}_pool")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = keras.layers.Dropout(0.0, name="top_dropout")(x)
-    out = keras.layers.Dense(3, activation="softmax", name="predictions")(x)
-    patch = keras.Model(inp, out, name="tiny_patch")
+    patch = tiny_vgg_patch_net(keras, name="tiny_patch")
     patch_file = folder / "patch.h5"
     dm_keras_ext.save_model_atomic(patch, patch_file)
     image, _ = dm_resnet.add_top_layers(patch, IMG_HW, "vgg16", "vgg", [8], [1], nb_class=2)
@@ -73,10 +49,6 @@ def model_files(tmp_path_factory):
     dm_keras_ext.save_model_atomic(image, image_file)
     keras.backend.clear_session()
     return {"patch": patch_file, "image": image_file}
-
-
-def _dirs(data, kind):
-    return [str(data / kind / s) for s in ("train", "val", "test")]
 
 
 # ------------------------------------------------------------------ flags
@@ -158,7 +130,7 @@ def test_env_helpers(monkeypatch):
 
 def test_run_rejects_unknown_options(data):
     with pytest.raises(ValueError, match="unknown options.*valid"):
-        image_clf_train.run(*_dirs(data, "img"), nb_epochs=3)
+        image_clf_train.run(*split_dirs(data, "img"), nb_epochs=3)
 
 
 # ------------------------------------------------------------------ contradictory flags
@@ -173,7 +145,7 @@ def _expect_usage_error(module, argv, message, capsys, tmp_path):
 def test_contradictory_flags_stop_before_work(data, model_files, capsys, tmp_path,
                                               monkeypatch):
     monkeypatch.delenv("NUM_GPU_DEVICES", raising=False)
-    img = _dirs(data, "img")
+    img = split_dirs(data, "img")
     model = str(model_files["image"])
     _expect_usage_error(image_clf_train, img, "exactly one of --patch-model-state and "
                         "--resume-from is required, got neither", capsys, tmp_path)
@@ -189,11 +161,11 @@ def test_contradictory_flags_stop_before_work(data, model_files, capsys, tmp_pat
     _expect_usage_error(image_clf_train, img + ["--resume-from", model, "--batch-size", "4"],
                         "train batch size (batch size x multiplier) 2 is below the number of "
                         "devices 4", capsys, tmp_path)
-    _expect_usage_error(patch_clf_train, _dirs(data, "patch") + ["--batch-size", "2"],
+    _expect_usage_error(patch_clf_train, split_dirs(data, "patch") + ["--batch-size", "2"],
                         "below the number of devices 4", capsys, tmp_path)
     monkeypatch.delenv("NUM_GPU_DEVICES")
     with pytest.raises(ValueError, match="no subfolder"):
-        patch_clf_train.run(*_dirs(data, "patch"), class_list=["background", "calc_mal"],
+        patch_clf_train.run(*split_dirs(data, "patch"), class_list=["background", "calc_mal"],
                             best_model=str(tmp_path / "never.h5"))
 
 
@@ -203,6 +175,43 @@ def _check_options_json(result, expected):
     for key, value in expected.items():
         assert saved[key] == value, key
     assert saved["environment"]["RANDOM_SEED"] == 12345
+
+
+def _test_set_predictions(model_file, folder, classes, img_size, mean, flips=False,
+                          equalize=False, logits=False):
+    """(probabilities, labels) of ``model_file`` on ``folder/CLASS/*.png``, computed here: each
+    image resized, scaled by 0.003891 (``equalize``: then histogram-equalised), centred on
+    ``mean``, 3 channels; ``flips``: the mean over the image and its left-right, up-down and
+    both flips; ``logits``: the final softmax layer's inputs (NumPy) instead of its outputs."""
+    import tf_keras as keras
+
+    import dm_image
+    import dm_keras_ext
+
+    files = [(f, k) for k, cls in enumerate(classes) for f in sorted((folder / cls).glob("*.png"))]
+    X = np.stack([dm_image.read_img_for_pred(f, equalize_hist=equalize, target_size=img_size,
+                                             rescale_factor=0.003891)
+                  for f, _ in files]) - np.float32(mean)
+    views = [X, X[:, :, ::-1], X[:, ::-1], X[:, ::-1, ::-1]] if flips else [X]
+    model = dm_keras_ext.robust_load_model(model_file)
+    if logits:
+        top = model.layers[-1]
+        assert top.get_config()["activation"] == "softmax"
+        kernel, bias = top.get_weights()
+        features = keras.Model(model.inputs, model.layers[-2].output)
+        out = [features.predict(v, verbose=0) @ kernel + bias for v in views]
+    else:
+        out = [model.predict(v, verbose=0) for v in views]
+    return np.mean(out, 0), np.array([k for _, k in files])
+
+
+def _test_auc(model_file, data, img_size, mean, flips=False):
+    """Test-set AUROC (P(pos) ranked by scikit-learn) of a whole-image model."""
+    from sklearn.metrics import roc_auc_score
+
+    prob, y = _test_set_predictions(model_file, data / "img" / "test", ("neg", "pos"),
+                                    img_size, mean, flips)
+    return roc_auc_score(y, prob[:, 1])
 
 
 def _record_calls(monkeypatch, name):
@@ -222,7 +231,7 @@ def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path
                                                      keras_session, monkeypatch):
     best, final = tmp_path / "ms" / "best.h5", tmp_path / "ms" / "final.h5"
     calls = _record_calls(monkeypatch, "do_2stage_training")
-    result = image_clf_train.main(_dirs(data, "img") + ["--frozen-bn-mode", "moving",
+    result = image_clf_train.main(split_dirs(data, "img") + ["--frozen-bn-mode", "moving",
         "--patch-model-state", str(model_files["patch"]), "--img-size", "64", "48",
         "--rescale-factor", "0.003891", "--featurewise-mean", "50", "--patch-net", "vgg16",
         "--block-type", "vgg", "--top-depths", "8", "--top-repetitions", "1",
@@ -235,7 +244,9 @@ def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path
     hist = result["history"]
     assert result["epochs"] == 2 and len(hist["val_auc"]) == 2 and len(hist["loss"]) == 2
     assert result["best_val_auc"] == pytest.approx(max(hist["val_auc"]))
-    assert 0.0 <= result["test_auc"] <= 1.0 and 0.0 <= result["test_auc_augmented"] <= 1.0
+    assert result["test_auc"] == pytest.approx(_test_auc(best, data, (64, 48), 50), abs=1e-6)
+    assert result["test_auc_augmented"] == pytest.approx(
+        _test_auc(best, data, (64, 48), 50, flips=True), abs=1e-6)
     assert best.is_file() and final.is_file()
     _check_options_json(result, {"img_size": [64, 48], "bias_multiplier": 0.1, "optim": "adam",
                                  "frozen_bn_mode": "moving"})
@@ -248,9 +259,11 @@ def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path
 @pytest.mark.slow
 def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_session,
                                            monkeypatch):
+    import dm_keras_ext
+
     best = tmp_path / "patch_best.h5"
     calls = _record_calls(monkeypatch, "do_3stage_training")
-    result = patch_clf_train.main(_dirs(data, "patch") + [
+    result = patch_clf_train.main(split_dirs(data, "patch") + [
         "--resume-from", str(model_files["patch"]), "--net", "vgg16", "--top-layer-nb", "3",
         "--img-size", "32", "32", "--rescale-factor", "0.003891", "--featurewise-mean", "50",
         "--batch-size", "6", "--nb-epoch", "1", "--top-layer-epochs", "1",
@@ -258,11 +271,15 @@ def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_se
         "--load-train-ram", "--auto-batch-balance", "--best-model", str(best)])
     assert [s.split(" (")[0] for s in result["stages"]] == ["stage 1", "stage 2"]
     assert len(result["history"]["val_accuracy"]) == 2
-    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_loss"] > 0
+    z, y = _test_set_predictions(best, data / "patch" / "test",
+                                 ("background", "malignant", "benign"), (32, 32), 50,
+                                 equalize=True, logits=True)   # equalised: the patch default
+    assert result["test_accuracy"] == pytest.approx(np.mean(z.argmax(1) == y))
+    log_prob = z - np.logaddexp.reduce(z, axis=1, keepdims=True)   # exact, even when saturated
+    assert result["test_loss"] == pytest.approx(-log_prob[np.arange(len(y)), y].mean(), rel=1e-4)
     _check_options_json(result, {"net": "vgg16", "top_layer_nb": 3, "auto_batch_balance": True,
                                  "frozen_bn_mode": "batch"})
     assert [c["frozen_bn_mode"] for c in calls] == ["batch"]
-    import dm_keras_ext
     assert dm_keras_ext.robust_load_model(best).output_shape == (None, 3)
 
 
@@ -332,7 +349,7 @@ def _readme_argv(model, data, best, img_size):
     argv = _script_argv("train_image_clf_inbreast.sh")[1:]
     subs = {"ddsm_vgg16_s10_[512-512-1024]x2_hybrid.h5": str(model),
             "INbreast/transferred_inbreast_best_model.h5": str(best)}
-    subs.update(zip(["INbreast/train", "INbreast/val", "INbreast/test"], _dirs(data, "img")))
+    subs.update(zip(["INbreast/train", "INbreast/val", "INbreast/test"], split_dirs(data, "img")))
     argv = [subs.get(a, a) for a in argv]
     i = argv.index("--img-size")
     argv[i + 1:i + 3] = [str(v) for v in img_size]
@@ -347,7 +364,8 @@ def test_readme_finetuning_command_runs(data, model_files, tmp_path, keras_sessi
     best = tmp_path / "transferred_inbreast_best_model.h5"
     result = image_clf_train.main(_readme_argv(model_files["image"], data, best, IMG_HW))
     assert result["epochs"] == 1 and len(result["history"]["val_auc"]) == 1   # stage 1 skipped
-    assert best.is_file() and 0.0 <= result["test_auc"] <= 1.0
+    assert best.is_file()
+    assert result["test_auc"] == pytest.approx(_test_auc(best, data, IMG_HW, 44.33), abs=1e-6)
     _check_options_json(result, {"nb_epoch": 0, "optim": "adam", "featurewise_mean": 44.33,
                                  "load_train_ram": True, "weight_decay2": 0.01})
 
@@ -362,6 +380,7 @@ def test_readme_finetuning_command_on_keras208_model(data, keras208_dir, tmp_pat
     monkeypatch.setenv("NUM_CPU_CORES", "4")
     best = tmp_path / "best.h5"
     result = image_clf_train.main(_readme_argv(model, data, best, (96, 64)))
-    assert result["epochs"] == 1 and 0.0 <= result["test_auc"] <= 1.0
+    assert result["epochs"] == 1
+    assert result["test_auc"] == pytest.approx(_test_auc(best, data, (96, 64), 44.33), abs=1e-6)
     import dm_keras_ext
     assert dm_keras_ext.robust_load_model(best).output_shape == (None, 2)
