@@ -532,7 +532,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     size.add_argument("--tiny", dest="tiny", action="store_true", default=None,
                       help="tiny sizes on any device (default when no GPU is visible)")
     size.add_argument("--full", dest="tiny", action="store_false",
-                      help="full sizes even without a GPU (slow on a CPU)")
+                      help="full sizes even without a GPU (slow on a CPU; default: full "
+                           "sizes only when a GPU is visible)")
     parser.add_argument("--models", nargs="+", choices=("resnet50", "demo"),
                         default=["resnet50", "demo"], help="(default: %(default)s)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
@@ -542,9 +543,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per mode (default: 20 on a GPU, 2 tiny)")
     parser.add_argument("--strict", action="store_true",
-                        help=f"fail when mixed precision is below {SPEEDUP_TARGET}x float32")
+                        help=f"fail when mixed precision is below {SPEEDUP_TARGET}x float32 "
+                             f"(default: report it only)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="FILE",
-                        help="also write the results as JSON")
+                        help="also write the results as JSON (default: table only)")
     return parser
 
 
@@ -602,10 +604,12 @@ def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
             keras.backend.clear_session()
             gc.collect()
     if json_out:
-        with open(json_out, "w") as fh:
-            json.dump({"device": report.device, "tiny": tiny, "gpu_count": gpu_count,
-                       "workers": workers, "rows": [r.__dict__ for r in report.rows],
-                       "failures": report.failures, "warnings": report.warnings}, fh, indent=1)
+        record = {"device": report.device, "tiny": tiny, "gpu_count": gpu_count,
+                  "workers": workers, "rows": [r.__dict__ for r in report.rows],
+                  "failures": report.failures, "warnings": report.warnings}
+        from dm_image import atomic_write
+
+        atomic_write(json_out, lambda fh: json.dump(record, fh, indent=1), text=True)
     report.table = format_table(report, gpu_count, workers, strategy_text)
     return report
 

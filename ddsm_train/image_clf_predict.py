@@ -22,9 +22,9 @@ Inputs (exactly one kind):
   stems, found in ``DIR`` as ``stem.png`` / ``stem.dcm`` / ...), ``horizontal_flip`` (recorded,
   not applied: the models are scored as trained) and optionally ``cancer_label`` with
   ``left_malignant`` / ``right_malignant``. The pickle is read by a restricted unpickler that
-  only builds builtins containers, ``collections`` containers and numpy scalars; any other
-  class in the file raises ``pickle.UnpicklingError`` before it is built. JSON with the same
-  structure is read too.
+  only builds builtins containers, ``collections`` containers and numpy scalars, and no more
+  than the file holds; any other class (or a size request such as ``bytes(10**11)``) is an
+  error naming the file, before anything is built. JSON with the same structure is read too.
 
 Preprocessing per image (as in training): optional breast segmentation (largest bright object,
 cropped, at the file's resolution), resize to ``--img-size`` (OpenCV cubic), ``--img-scale``,
@@ -57,11 +57,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import json
 import logging
 import os
-import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -80,7 +78,8 @@ import pandas as pd  # noqa: E402
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_optional_value_flag, \
-    apply_model_recipe, cli_main  # noqa: E402
+    add_trust_flag, apply_model_recipe, cli_main  # noqa: E402
+from script_utils import RestrictedUnpickler, restricted_unpickle  # noqa: E402
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
@@ -92,7 +91,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".dcm", ".dicom", ".jpg", ".jpeg", ".tif", ".tiff", ".pgm")
+IMAGE_EXTENSIONS = tuple("." + ext for ext in dm_image.IMG_EXTENSIONS)
 VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 _LABEL_COLUMNS = ("malignant_label", "malignant", "label", "cancer")
 _PATH_COLUMNS = ("image", "path", "image_path", "filename")
@@ -185,27 +184,6 @@ def read_image_list(img_list: PathLike, img_dir: Optional[PathLike] = None) -> L
     return items
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that only builds plain data: builtins containers and scalars,
-    ``collections`` containers, numpy scalars/dtypes (and ``_codecs.encode``, which protocol 2
-    uses for bytes). Any other global raises
-    ``pickle.UnpicklingError`` naming it, before anything is constructed."""
-
-    ALLOWED = {("builtins", n) for n in (
-        "dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int",
-        "float", "complex", "bool", "slice", "range")} | {
-        ("collections", "OrderedDict"), ("collections", "defaultdict"),
-        ("collections", "deque"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
-    WHAT = "builtins/collections containers and numpy scalars are allowed in an exam list"
-    _PY2 = {"__builtin__": "builtins", "copy_reg": "copyreg"}
-
-    def find_class(self, module, name):
-        if (self._PY2.get(module, module), name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only {self.WHAT}")
-        return super().find_class(module, name)
-
-
 def _validate_exams(exams, source) -> List[dict]:
     if not isinstance(exams, list):
         raise ValueError(f"{source}: an exam list should be a list of dicts, got "
@@ -232,15 +210,15 @@ def load_exam_list(path: PathLike) -> List[dict]:
     pickles are decoded as latin-1) or from JSON (``.json``), and check its structure.
 
     Raises:
-        pickle.UnpicklingError: the pickle references a class outside the allowed set.
-        ValueError: the structure is not a list of exam dicts with lists of stems.
+        ValueError: the pickle references a class outside the allowed set, asks for memory the
+            file does not hold, or the structure is not a list of exam dicts with lists of
+            stems (the message names the file).
     """
     path = Path(path)
-    data = path.read_bytes()
     if path.suffix.lower() == ".json":
-        exams = json.loads(data.decode("utf-8"))
+        exams = json.loads(path.read_bytes().decode("utf-8"))
     else:
-        exams = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        exams = restricted_unpickle(path)
     return _validate_exams(exams, path)
 
 
@@ -272,9 +250,10 @@ def collect_exams(exams: List[dict], img_dir: PathLike) -> List[ImageItem]:
 
 
 # ------------------------------------------------------------------------------ models
-def load_models(models, custom_objects=None) -> List[Tuple[str, object]]:
-    """Load models from HDF5 paths (``dm_keras_ext.robust_load_model``); Keras models pass
-    through. Returns ``[(name, model), ...]``."""
+def load_models(models, custom_objects=None, safe_mode=True) -> List[Tuple[str, object]]:
+    """Load models from HDF5 paths (``dm_keras_ext.robust_load_model``: a file with Lambda
+    layers is refused unless ``safe_mode`` is False); Keras models pass through.
+    Returns ``[(name, model), ...]``."""
     from dm_keras_ext import robust_load_model
 
     out = []
@@ -284,7 +263,8 @@ def load_models(models, custom_objects=None) -> List[Tuple[str, object]]:
                 raise FileNotFoundError(f"model file {m} not found")
             logger.info("loading model %s", m)
             out.append((os.fspath(m), robust_load_model(os.fspath(m),
-                                                        custom_objects=custom_objects)))
+                                                        custom_objects=custom_objects,
+                                                        safe_mode=safe_mode)))
         else:
             out.append((getattr(m, "name", "model"), m))
     return out
@@ -349,7 +329,8 @@ def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional
                     rescale_factor: Optional[float] = None, equalize_hist: bool = False,
                     featurewise_center: bool = True, featurewise_mean: float = 52.16,
                     segment_breast: bool = False, channels: int = 1,
-                    preprocess: Optional[str] = None) -> np.ndarray:
+                    preprocess: Optional[str] = None,
+                    scale_problems: Optional[list] = None) -> np.ndarray:
     """One image as model input through ``dm_image.InputRecipe``: float32 (H, W, channels).
 
     Read and resize to ``img_size``, ``img_scale`` / ``rescale_factor``, optional histogram
@@ -358,7 +339,10 @@ def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional
     ``preprocess`` when given. With ``segment_breast`` the breast is cropped from the
     full-resolution image before resizing (:func:`_segmented_stored`). With one channel and
     centring (the default) the result is copied to each model's channel count by
-    :func:`predict_batch`, which gives the same input as reading at that count.
+    :func:`predict_batch`, which gives the same input as reading at that count. An image whose
+    levels do not fit ``rescale_factor`` (an 8-bit file among 16-bit ones, or the reverse:
+    ``dm_image.intensity_scale_problem``) is scored as read, with a warning naming it, and
+    ``(path, reason)`` is appended to ``scale_problems`` when given.
 
     Raises:
         dm_image.ImageReadError, ValueError: unreadable image or failed segmentation.
@@ -370,6 +354,12 @@ def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional
         preprocess=preprocess)
     stored = _segmented_stored(Path(path), recipe.img_size) if segment_breast else \
         recipe.read_stored(path)
+    problem = dm_image.intensity_scale_problem(float(stored.max()) if stored.size else 0.0,
+                                               rescale_factor, img_scale)
+    if problem is not None:
+        logger.warning("image %s: %s", path, problem)
+        if scale_problems is not None:
+            scale_problems.append((str(path), problem))
     return recipe.to_input(recipe.intensities(stored)).astype(np.float32, copy=False)
 
 
@@ -572,6 +562,38 @@ def write_outputs(items: List[ImageItem], exams: Optional[List[dict]], probs: np
 
 
 # ------------------------------------------------------------------------------ run
+#: Every file name this script writes into ``--out-dir``.
+OUTPUT_NAMES = ("image_predictions.csv", "breast_predictions.csv", "metrics.json",
+                "options.json", "roc_image.png", "pr_image.png", "roc_breast.png",
+                "pr_breast.png")
+
+
+def _remove_stale_outputs(out: Path, summary: dict) -> None:
+    """Remove outputs of an earlier run that this run did not write (a stale metrics.json or
+    curve next to new predictions would describe other images)."""
+    written = {Path(v).name for k, v in summary.items()
+               if isinstance(v, str) and k.endswith(("_csv", "_json"))}
+    for level in summary.get("metrics", {}).values():
+        written |= {Path(level[k]).name for k in ("roc_png", "pr_png") if level.get(k)}
+    for name in OUTPUT_NAMES:
+        if name not in written and (out / name).is_file():
+            (out / name).unlink()
+            logger.info("removed %s of an earlier run (this run does not write it)",
+                        out / name)
+
+
+def _check_numbers(threshold, bootstrap, featurewise_mean, img_scale, rescale_factor) -> None:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold should be in [0, 1], got {threshold}")
+    if bootstrap < 0:
+        raise ValueError(f"--bootstrap should be >= 0, got {bootstrap}")
+    if not np.isfinite(featurewise_mean):
+        raise ValueError(f"--featurewise-mean should be a finite number, got {featurewise_mean}")
+    for name, value in (("img-scale", img_scale), ("rescale-factor", rescale_factor)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ValueError(f"--{name} should be finite and > 0, got {value}")
+
+
 def _collect(img_dir, img_list, exam_list, class_list):
     if sum(x is not None for x in (img_list, exam_list)) > 1:
         raise ValueError("give at most one of img_list and exam_list")
@@ -628,7 +650,7 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         segment_breast: bool = False, test_augment: bool = False,
         channels: Optional[int] = None, batch_size: int = 4, threshold: float = 0.5,
         bootstrap: int = 2000, seed: int = 12345, verbose: bool = False,
-        custom_objects: Optional[dict] = None,
+        trust_model_file: bool = False, custom_objects: Optional[dict] = None,
         given_options: Optional[Sequence[str]] = None) -> dict:
     """Score images with the averaged models and write the tables, metrics and curves.
 
@@ -649,6 +671,7 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         bootstrap: bootstrap resamples for the intervals (0: none).
         seed: bootstrap seed.
         verbose: progress bar.
+        trust_model_file: load model files with Lambda layers (their code runs).
         custom_objects: passed to the model loader.
         given_options: the options set explicitly (the command line's, see
             ``common_flags.given_options``); the image options (``img_size``, ``img_scale``,
@@ -660,6 +683,12 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
 
     Returns:
         Summary dict: counts, output paths, metrics per level and the list of failures.
+
+    Raises:
+        ValueError: bad option values, models whose class count differs from ``class_list``,
+            or no image could be scored (nothing is written then). The output folder holds
+            this run's files only: files of an earlier run that this one does not write
+            (e.g. metrics of a labelled set) are removed.
     """
     t0 = time.time()
     if isinstance(model, (str, os.PathLike)) or hasattr(model, "layers"):
@@ -672,6 +701,7 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         raise ValueError(f"img_size should be (height, width), got {img_size}")
     if channels is not None and channels not in (1, 3):
         raise ValueError(f"channels should be 1 or 3, got {channels}")
+    _check_numbers(threshold, bootstrap, featurewise_mean, img_scale, rescale_factor)
     prep = _resolve_recipe(model, locals(), given_options)
     img_size, img_scale, rescale_factor = prep["img_size"], prep["img_scale"], \
         prep["rescale_factor"]
@@ -681,29 +711,38 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
     if not items:
         raise ValueError(f"no image found (img_dir={img_dir}, img_list={img_list}, "
                          f"exam_list={exam_list}; extensions {IMAGE_EXTENSIONS})")
-    models = load_models(model, custom_objects)
+    models = load_models(model, custom_objects, safe_mode=not trust_model_file)
     chans, nb_class = check_models(models, img_size, channels)
     if not -nb_class <= malignant_class < nb_class:
         raise ValueError(f"malignant_class {malignant_class} out of range for {nb_class} "
                          f"classes")
+    if len(class_list) != nb_class:
+        raise ValueError(f"--class-list names {len(class_list)} classes ({list(class_list)}) "
+                         f"but the model(s) output {nb_class}: give the classes the model was "
+                         f"trained with, in its label order")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters
                and k not in ("custom_objects", "given_options")}
     options["model"] = [name for name, _ in models]
     logger.info("options: %s", json.dumps(options, default=str, sort_keys=True))
-    eval_metrics.write_json_atomic(options, out / "options.json")
     logger.info("scoring %d images with %d model(s), channels %s, %d classes, flips %s",
                 len(items), len(models), chans, nb_class, test_augment)
     read_opts = dict(img_size=tuple(img_size), img_scale=img_scale,
                      rescale_factor=rescale_factor, equalize_hist=equalize_hist,
                      featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
-                     segment_breast=segment_breast, **prep["channels"])
+                     segment_breast=segment_breast, scale_problems=[], **prep["channels"])
     probs, errors = score_items(items, models, chans, nb_class, batch_size, test_augment,
                                 read_opts, verbose)
+    if not np.isfinite(probs).all(axis=1).any():
+        raise ValueError(f"none of the {len(items)} images could be scored (e.g. "
+                         f"{items[0].path}: {errors[0]}); nothing written")
+    out.mkdir(parents=True, exist_ok=True)
     summary = write_outputs(items, exams, probs, errors, out,
                             _prob_names(class_list, nb_class), malignant_class, threshold,
                             bootstrap, seed)
+    summary["options_json"] = str(eval_metrics.write_json_atomic(options, out / "options.json"))
+    summary["scale_mismatch"] = read_opts["scale_problems"]
+    _remove_stale_outputs(out, summary)
     summary["elapsed_s"] = round(time.time() - t0, 2)
     logger.info("scored %d of %d images in %.1f s (%d unreadable); outputs in %s",
                 summary["n_scored"], len(items), summary["elapsed_s"], summary["n_errors"], out)
@@ -716,12 +755,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
     parser = argparse.ArgumentParser(description="Score whole mammograms with trained models.")
     parser.add_argument("--model", nargs="+", required=True, metavar="MODEL.h5",
-                        help="whole-image model file(s); predictions are averaged")
-    src = parser.add_argument_group("input")
+                        help="whole-image model file(s); predictions are averaged (required, "
+                             "no default)")
+    src = parser.add_argument_group("input (one of them)")
     src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
-                                       "folder of --exam-list / relative --img-list paths")
-    src.add_argument("--img-list", help="file with one image path (and label) per line")
-    src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form)")
+                                       "folder of --exam-list / relative --img-list paths "
+                                       "(default: none)")
+    src.add_argument("--img-list", help="file with one image path (and label) per line "
+                                        "(default: none)")
+    src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form) "
+                                         "(default: none)")
     src.add_argument("--class-list", nargs="+", default=list(d["class_list"]),
                      help="class folders in label order (default: %(default)s)")
     src.add_argument("--malignant-class", type=int, default=d["malignant_class"],
@@ -743,7 +786,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                     help="bootstrap resamples for 95%% intervals (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=d["seed"],
                     help="bootstrap seed (default: %(default)s)")
-    parser.add_argument("--out-dir", default=d["out_dir"], help="(default: %(default)s)")
+    parser.add_argument("--out-dir", default=d["out_dir"],
+                        help="output folder; files of an earlier run there that this run does "
+                             "not write are removed (default: %(default)s)")
+    add_trust_flag(parser)
     add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
     return parser
 

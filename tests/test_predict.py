@@ -288,7 +288,7 @@ class _Evil:
 def test_exam_list_refuses_arbitrary_classes(tmp_path):
     bad = tmp_path / "data.pkl"
     bad.write_bytes(pickle.dumps([{"L-CC": ["a"], "x": _Evil()}]))
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load (posix|os|nt).system"):
+    with pytest.raises(ValueError, match="data.pkl.*refusing to load (posix|os|nt).system"):
         icp.load_exam_list(bad)
     ok = tmp_path / "ok.pkl"
     from collections import OrderedDict
@@ -347,3 +347,53 @@ def test_real_mammograms_with_keras208_model(real_mammogram_dir, keras208_dir, t
     seg_df = pd.read_csv(tmp_path / "seg" / "image_predictions.csv")
     assert seg["n_scored"] == 4
     assert not np.allclose(seg_df.prob_pos, img.prob_pos, atol=1e-6)
+
+
+def _exit2(argv, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        icp.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    return err
+
+
+def test_bad_values_and_mismatched_models_are_refused(class_dir, trained_models, tmp_path,
+                                                      capsys, keras_session):
+    paths, _ = trained_models
+    common = ["--model", str(paths[0]), "--img-dir", str(class_dir / "neg"), "--out-dir",
+              str(tmp_path / "out"), *BASE]
+    for flags, expected in ((["--threshold", "1.5"], "--threshold should be in [0, 1]"),
+                            (["--threshold", "nan"], "--threshold should be in [0, 1]"),
+                            (["--bootstrap", "-1"], "--bootstrap should be >= 0"),
+                            (["--featurewise-mean", "nan"], "--featurewise-mean should be"),
+                            (["--rescale-factor", "inf"], "--rescale-factor should be"),
+                            (["--class-list", "neg", "benign", "malignant"],
+                             "names 3 classes (['neg', 'benign', 'malignant']) but the "
+                             "model(s) output 2")):
+        assert expected in _exit2(common + flags, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_holds_one_run_and_mixed_depth_is_reported(class_dir, trained_models, tmp_path,
+                                                           keras_session, caplog):
+    import logging
+
+    paths, _ = trained_models
+    out = tmp_path / "out"
+    icp.main(["--model", str(paths[0]), "--img-dir", str(class_dir), "--out-dir", str(out),
+              *BASE])
+    assert (out / "metrics.json").is_file() and (out / "roc_image.png").is_file()
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for f in sorted((class_dir / "neg").glob("*.png"))[:2]:
+        (unlabelled / f.name).write_bytes(f.read_bytes())
+    cv2.imwrite(str(unlabelled / "eight_bit.png"), np.full((H, W), 180, np.uint8))
+    with caplog.at_level(logging.WARNING):
+        summary = icp.main(["--model", str(paths[0]), "--img-dir", str(unlabelled),
+                            "--out-dir", str(out), *BASE])
+    # no labels: no metrics or curves, and none of the first run's are left behind
+    assert sorted(p.name for p in out.iterdir()) == ["image_predictions.csv", "options.json"]
+    assert [p.rsplit("/", 1)[-1] for p, _ in summary["scale_mismatch"]] == ["eight_bit.png"]
+    assert any("eight_bit.png" in r.getMessage() and "8-bit image" in r.getMessage()
+               for r in caplog.records)
