@@ -255,18 +255,11 @@ def sweep_heatmap(model, path: Path, opts: dict, batch_size: int, with_mask: boo
         (float32 (nb_row, nb_col, nb_class), the (H, W) image read, breast box (x, y, w, h)
         and bool (H, W) breast mask when ``with_mask``, else None and None).
     """
-    recipe = dm_image.InputRecipe(img_height=opts["img_height"],
-                                  rescale_factor=opts["rescale_factor"])
-    img = recipe.rescale(recipe.read_stored(path))   # per-patch img_scale: in the sweep
-    heatmap = dm_image.get_prob_heatmap(
-        img, None, opts["img_scale"], opts["patch_size"], opts["stride"], model, batch_size,
-        featurewise_center=opts["featurewise_center"],
-        featurewise_mean=opts["featurewise_mean"], preprocess=opts["preprocess"],
-        equalize_hist=opts["equalize_hist"])
-    if not with_mask:
-        return heatmap, img, None, None
-    masked, bbox = dm_image.segment_breast(img, crop=False)
-    return heatmap, img, bbox, masked > 0
+    read, error = _read_view(path, opts, 1, False, with_mask)
+    if error is not None:
+        raise error
+    img, bbox, mask = read
+    return _view_heatmap(model, img, opts, batch_size, False, 1), img, bbox, mask
 
 
 # ------------------------------------------------------------------------------ pictures
@@ -522,18 +515,91 @@ def load_heatmaps(path: PathLike, allow_pickle: bool = False,
 
 
 # ------------------------------------------------------------------------------ run
-def _score_view(model, path, opts, batch_size, fprop, with_mask):
-    """(heatmap, image, bbox or None, breast mask or None) of one view."""
+def _read_view(path, opts, channels, fprop, with_mask):
+    """The CPU part of one view, run ahead on a loader thread: ``((image, bbox, mask), None)``
+    or ``(None, error)``. ``image`` is what the model part takes (fprop: scaled to the
+    recipe; sweep: rescaled, the sweep scales each patch), ``bbox``/``mask`` the breast for
+    the picture (only ``with_mask``)."""
+    try:
+        if fprop:
+            recipe = _recipe(opts, channels)
+            img = recipe.scale(recipe.read_stored(path))
+            mask = None
+            if with_mask:   # for the picture only: colour the breast, not the background
+                try:
+                    mask = dm_image.segment_breast(img, crop=False)[0] > 0
+                except ValueError:
+                    pass
+            return (img, None, mask), None
+        recipe = dm_image.InputRecipe(img_height=opts["img_height"],
+                                      rescale_factor=opts["rescale_factor"])
+        img = recipe.rescale(recipe.read_stored(path))   # per-patch img_scale: in the sweep
+        bbox = mask = None
+        if with_mask:
+            masked, bbox = dm_image.segment_breast(img, crop=False)
+            mask = masked > 0
+        return (img, bbox, mask), None
+    except (OSError, ValueError, cv2.error) as exc:
+        return None, exc
+
+
+def _view_heatmap(model, img, opts, batch_size, fprop, channels):
+    """The model part of one view: float32 (rows, cols, nb_class)."""
     if fprop:
-        hms, imgs = fprop_heatmap(model, [path], opts, batch_size)
-        mask = None
-        if with_mask:   # for the picture only: colour the breast, not the background
-            try:
-                mask = dm_image.segment_breast(imgs[0], crop=False)[0] > 0
-            except ValueError:
-                pass
-        return hms[0], imgs[0], None, mask
-    return sweep_heatmap(model, path, opts, batch_size, with_mask)
+        x = _prep_input(img, channels, opts)[None]
+        return np.asarray(model.predict_on_batch(x), dtype=np.float32)[0]
+    return dm_image.get_prob_heatmap(
+        img, None, opts["img_scale"], opts["patch_size"], opts["stride"], model, batch_size,
+        featurewise_center=opts["featurewise_center"],
+        featurewise_mean=opts["featurewise_mean"], preprocess=opts["preprocess"],
+        equalize_hist=opts["equalize_hist"])
+
+
+def _score_views(model, views, opts, batch_size, fprop, png, summary, verbose):
+    """Heatmaps of ``views`` (``(name, path)``, path None when missing), in order.
+
+    While the model scores one view, the next ones are read, scaled and segmented on loader
+    threads (``prefetch.prefetch_map``, a bounded read-ahead), so decoding does not wait for
+    the model. A missing or unreadable view gets None, a warning, and is counted in
+    ``summary``; with ``png["dir"]`` each heatmap's overlay is written.
+
+    Returns:
+        list of float32 heatmaps or None, one per view.
+    """
+    from prefetch import default_workers, prefetch_map
+
+    channels = int(model.input_shape[-1])
+    with_mask = bool(png["dir"])
+    workers = default_workers()
+    loaded = prefetch_map(
+        lambda view: (None, None) if view[1] is None else
+        _read_view(view[1], opts, channels, fprop, with_mask),
+        views, ahead=2 * max(1, workers), workers=workers)
+    out = []
+    with dm_image.progress(len(views), "heatmaps", unit="img", verbose=verbose) as bar:
+        for (name, path), (read, error) in zip(views, loaded):
+            bar.update()
+            out.append(None)
+            if path is None:
+                summary["missing"].append(name)
+                continue
+            if error is None:
+                img, bbox, mask = read
+                try:
+                    heatmap = _view_heatmap(model, img, opts, batch_size, fprop, channels)
+                except (OSError, ValueError) as exc:
+                    error = exc
+            if error is not None:
+                logger.warning("no heatmap for %s: %s", path, error)
+                summary["failed"].append((str(path), " ".join(str(error).split())))
+                continue
+            out[-1] = heatmap
+            summary["n_heatmaps"] += 1
+            if png["dir"]:
+                _draw(png, name, heatmap, img, bbox, mask)
+                summary["pngs"] += 1
+    loaded.close()
+    return out
 
 
 def _draw(png, name, heatmap, img, bbox, mask):
@@ -557,49 +623,6 @@ def _check_numbers(values: dict, featurewise_mean: float) -> None:
                                  f"got {value}")
     if not np.isfinite(float(featurewise_mean)):
         raise ValueError(f"--featurewise-mean should be a finite number, got {featurewise_mean}")
-
-
-def _score_image(path, img_folder, model, opts, batch_size, fprop_mode, png, summary) -> dict:
-    """The record ``{image, heatmap}`` of one image; an unreadable one is None and counted."""
-    rec = {"image": str(path), "heatmap": None}
-    try:
-        heatmap, img, bbox, mask = _score_view(model, path, opts, batch_size, fprop_mode,
-                                               with_mask=bool(png["dir"]))
-    except (OSError, ValueError) as exc:
-        logger.warning("no heatmap for %s: %s", path, exc)
-        summary["failed"].append((str(path), " ".join(str(exc).split())))
-        return rec
-    rec["heatmap"] = heatmap
-    summary["n_heatmaps"] += 1
-    if png["dir"]:
-        _draw(png, _picture_name(Path(path), img_folder), heatmap, img, bbox, mask)
-        summary["pngs"] += 1
-    return rec
-
-
-def _score_breast(row, model, img_folder, img_extension, opts, batch_size, fprop_mode, png,
-                  summary) -> dict:
-    """The 2017 record of one (patient, side); missing/failed views are None and counted."""
-    rec = {"patient_id": row.patient_id, "side": row.side, "cancer": int(row.cancer)}
-    for view in VIEWS:
-        rec[view.lower()] = None
-        path = view_path(img_folder, row.patient_id, row.side, view, img_extension)
-        if path is None:
-            summary["missing"].append(f"{row.patient_id}_{row.side}_{view}")
-            continue
-        try:
-            heatmap, img, bbox, mask = _score_view(model, path, opts, batch_size, fprop_mode,
-                                                   with_mask=bool(png["dir"]))
-        except (OSError, ValueError) as exc:
-            logger.warning("no heatmap for %s: %s", path, exc)
-            summary["failed"].append((str(path), " ".join(str(exc).split())))
-            continue
-        rec[view.lower()] = heatmap
-        summary["n_heatmaps"] += 1
-        if png["dir"]:
-            _draw(png, f"{rec['patient_id']}_{rec['side']}_{view}", heatmap, img, bbox, mask)
-            summary["pngs"] += 1
-    return rec
 
 
 def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
@@ -690,19 +713,19 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     png = {"dir": png_dir, "class": malignant_class, "height": png_height,
            "class_list": class_list, "roi_mask_dir": roi_mask_dir}
     if any_images:
-        with dm_image.progress(len(paths), "heatmaps", unit="img", verbose=verbose) as bar:
-            records = []
-            for path in paths:
-                records.append(_score_image(path, img_folder, model, opts, batch_size,
-                                            fprop_mode, png, summary))
-                bar.update()
+        views = [(_picture_name(Path(p), img_folder), p) for p in paths]
+        heatmaps = _score_views(model, views, opts, batch_size, fprop_mode, png, summary,
+                                verbose)
+        records = [{"image": str(p), "heatmap": h} for p, h in zip(paths, heatmaps)]
     else:
-        with dm_image.progress(len(recs), "heatmaps", unit="breast", verbose=verbose) as bar:
-            records = []
-            for row in recs.itertuples(index=False):
-                records.append(_score_breast(row, model, img_folder, img_extension, opts,
-                                             batch_size, fprop_mode, png, summary))
-                bar.update()
+        rows = list(recs.itertuples(index=False))
+        views = [(f"{r.patient_id}_{r.side}_{v}",
+                  view_path(img_folder, r.patient_id, r.side, v, img_extension))
+                 for r in rows for v in VIEWS]
+        heatmaps = iter(_score_views(model, views, opts, batch_size, fprop_mode, png, summary,
+                                     verbose))
+        records = [{"patient_id": r.patient_id, "side": r.side, "cancer": int(r.cancer),
+                    **{v.lower(): next(heatmaps) for v in VIEWS}} for r in rows]
     if summary["n_heatmaps"] == 0:
         raise ValueError(f"no heatmap computed: {len(summary['missing'])} view(s) missing and "
                          f"{len(summary['failed'])} unreadable under {img_folder}"
