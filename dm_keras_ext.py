@@ -4,16 +4,32 @@ Part of the reimplementation of Shen et al., "Deep Learning to Improve Breast Ca
 Screening Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. Keras 2 API through tf-keras
 (``import tf_keras as keras``).
 """
+import copy
+import json as _json
 import logging
+import os as _os
+import re
+import sys
+import threading
+import time
+import types as _types
+import warnings as _warnings
+from collections import namedtuple as _namedtuple
 
+import h5py as _h5py
 import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from sklearn.metrics import roc_auc_score
+from tf_keras.src.engine import base_layer_utils as _base_layer_utils
+
+import dm_image as _dm_image
+import dm_resnet as _dm_resnet
+from dm_image import load_dat_ram  # noqa: F401  (2017 name, re-exported)
 
 logger = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------------------------
-# Section 1: model factory, optimisers, loading and saving (issue 4). Names: _MODEL_ALL.
-# ----------------------------------------------------------------------------------------------
-_MODEL_ALL = [
+__all__ = [
     "IMAGENET_WEIGHTS_ENV",
     "YAROSLAV_FILTERS",
     "Yaroslav",
@@ -32,21 +48,38 @@ _MODEL_ALL = [
     "register_model_sidecar",
     "check_model_file_safe",
     "UnsafeModelError",
-    "save_model_atomic", "register_input_recipe",
+    "save_model_atomic",
+    "register_input_recipe",
+    "do_3stage_training",
+    "do_2stage_training",
+    "DMAucModelCheckpoint",
+    "BestModelCheckpoint",
+    "DMMetrics",
+    "DMFlush",
+    "flip_all_img",
+    "load_dat_ram",
+    "ovr_auroc",
+    "is_bias_variable",
+    "with_bias_multiplier",
+    "rebuild_model",
+    "set_regularization",
+    "class_weight_dict",
+    "save_model_distributed",
+    "FROZEN_BN_MODES",
+    "set_frozen_bn_mode",
+    "last_checkpoint_path",
+    "training_log_path",
+    "training_curves_path",
+    "save_training_checkpoint",
+    "read_training_state",
+    "resolve_resume",
+    "write_training_log",
+    "plot_training_curves",
+    "TRAINING_STATE_KEY",
+    "KILL_AFTER_EPOCH_ENV",
 ]
 
-import json as _json  # noqa: E402  (Section 1 imports)
-import os as _os  # noqa: E402
-import warnings as _warnings  # noqa: E402
-from collections import namedtuple as _namedtuple  # noqa: E402
-
-import h5py as _h5py  # noqa: E402
-import tensorflow as _tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
-
-import dm_image as _dm_image  # noqa: E402
-import dm_resnet as _dm_resnet  # noqa: E402
-
+# ---------------------------------------------------------------- patch-net factory
 #: Environment variable naming a local ImageNet weight file, or a folder holding the standard
 #: Keras file names (e.g. ``resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5``).
 IMAGENET_WEIGHTS_ENV = "DM_IMAGENET_WEIGHTS"
@@ -310,8 +343,8 @@ KERAS208_EPSILON = 1e-8
 
 def _dense_gradient(gradient):
     """Sparse (``IndexedSlices``) gradients as dense tensors; others unchanged."""
-    if isinstance(gradient, _tf.IndexedSlices):
-        return _tf.convert_to_tensor(gradient)
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(gradient)
     return gradient
 
 
@@ -370,11 +403,11 @@ class Keras208RMSprop(_Keras208Optimizer):
     def update_step(self, gradient, variable):
         g = _dense_gradient(gradient)
         dtype = variable.dtype
-        lr = _tf.cast(self.learning_rate, dtype)
-        rho = _tf.cast(self.rho, dtype)
+        lr = tf.cast(self.learning_rate, dtype)
+        rho = tf.cast(self.rho, dtype)
         a = self._slot("a", variable)
-        a.assign(rho * a + (1.0 - rho) * _tf.square(g))
-        variable.assign_sub(lr * g / (_tf.sqrt(a) + _tf.cast(self.epsilon, dtype)))
+        a.assign(rho * a + (1.0 - rho) * tf.square(g))
+        variable.assign_sub(lr * g / (tf.sqrt(a) + tf.cast(self.epsilon, dtype)))
 
 
 @keras.saving.register_keras_serializable(package="dm_keras_ext")
@@ -398,10 +431,10 @@ class Keras208Adagrad(_Keras208Optimizer):
     def update_step(self, gradient, variable):
         g = _dense_gradient(gradient)
         dtype = variable.dtype
-        lr = _tf.cast(self.learning_rate, dtype)
+        lr = tf.cast(self.learning_rate, dtype)
         a = self._slot("a", variable)
-        a.assign_add(_tf.square(g))
-        variable.assign_sub(lr * g / (_tf.sqrt(a) + _tf.cast(self.epsilon, dtype)))
+        a.assign_add(tf.square(g))
+        variable.assign_sub(lr * g / (tf.sqrt(a) + tf.cast(self.epsilon, dtype)))
 
 
 #: Steps over which the Nadam momentum-schedule product is formed; by then it is below 1e-80,
@@ -446,33 +479,33 @@ class Keras208Nadam(_Keras208Optimizer):
 
     def _momentum_cache(self, step, dtype):
         """``c_step`` (``step`` a float tensor of any shape)."""
-        beta_1 = _tf.cast(self.beta_1, dtype)
-        decay = _tf.cast(0.96, dtype)
-        return beta_1 * (1.0 - 0.5 * _tf.pow(decay, step * _tf.cast(self.schedule_decay, dtype)))
+        beta_1 = tf.cast(self.beta_1, dtype)
+        decay = tf.cast(0.96, dtype)
+        return beta_1 * (1.0 - 0.5 * tf.pow(decay, step * tf.cast(self.schedule_decay, dtype)))
 
     def update_step(self, gradient, variable):
         g = _dense_gradient(gradient)
         dtype = variable.dtype
-        lr = _tf.cast(self.learning_rate, dtype)
-        beta_1 = _tf.cast(self.beta_1, dtype)
-        beta_2 = _tf.cast(self.beta_2, dtype)
-        t = _tf.cast(self.iterations + 1, dtype)
+        lr = tf.cast(self.learning_rate, dtype)
+        beta_1 = tf.cast(self.beta_1, dtype)
+        beta_2 = tf.cast(self.beta_2, dtype)
+        t = tf.cast(self.iterations + 1, dtype)
         # Fixed-size product (masked beyond t) so that the step also compiles under XLA.
-        steps = _tf.range(1, _NADAM_SCHEDULE_STEPS + 1, dtype=dtype)
-        factors = _tf.where(steps <= t, self._momentum_cache(steps, dtype),
-                            _tf.ones_like(steps))
-        s_t = _tf.reduce_prod(factors)
+        steps = tf.range(1, _NADAM_SCHEDULE_STEPS + 1, dtype=dtype)
+        factors = tf.where(steps <= t, self._momentum_cache(steps, dtype),
+                            tf.ones_like(steps))
+        s_t = tf.reduce_prod(factors)
         c_t = self._momentum_cache(t, dtype)
         c_next = self._momentum_cache(t + 1.0, dtype)
         m = self._slot("m", variable)
         v = self._slot("v", variable)
         m.assign(beta_1 * m + (1.0 - beta_1) * g)
-        v.assign(beta_2 * v + (1.0 - beta_2) * _tf.square(g))
+        v.assign(beta_2 * v + (1.0 - beta_2) * tf.square(g))
         g_hat = g / (1.0 - s_t)
         m_hat = m / (1.0 - s_t * c_next)
-        v_hat = v / (1.0 - _tf.pow(beta_2, t))
+        v_hat = v / (1.0 - tf.pow(beta_2, t))
         m_bar = (1.0 - c_t) * g_hat + c_next * m_hat
-        variable.assign_sub(lr * m_bar / (_tf.sqrt(v_hat) + _tf.cast(self.epsilon, dtype)))
+        variable.assign_sub(lr * m_bar / (tf.sqrt(v_hat) + tf.cast(self.epsilon, dtype)))
 
 
 #: Optimiser factories keyed by the ``--optimizer`` names, with Keras 2.0.8's update rules and
@@ -513,6 +546,7 @@ def create_optimizer(name, lr):
     return OPTIMIZERS[name](float(lr))
 
 
+# ---------------------------------------------------------------- loading and saving model files
 class UnsafeModelError(ValueError):
     """A model file holds a layer that would run code stored in the file when loaded.
 
@@ -730,36 +764,6 @@ def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
         _dm_image.atomic_write(sidecar[0], lambda fh: fh.write(text), text=True)
     return str(path)
 
-# ----------------------------------------------------------------------------------------------
-# Section 2: training loops, callbacks, metrics and RAM loading (issue 5). Names: _TRAIN_ALL.
-# ----------------------------------------------------------------------------------------------
-import copy  # noqa: E402  (Section 2 imports)
-import re  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import types as _types  # noqa: E402
-
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
-from tf_keras.src.engine import base_layer_utils as _base_layer_utils  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
-
-from dm_image import load_dat_ram  # noqa: E402,F401  (2017 name re-exported here)
-
-_TRAIN_ALL = [
-    "do_3stage_training", "do_2stage_training", "DMAucModelCheckpoint", "BestModelCheckpoint",
-    "DMMetrics", "DMFlush", "flip_all_img", "load_dat_ram", "ovr_auroc", "is_bias_variable",
-    "with_bias_multiplier", "rebuild_model", "set_regularization", "class_weight_dict",
-    "save_model_distributed", "FROZEN_BN_MODES", "set_frozen_bn_mode",
-    "last_checkpoint_path", "training_log_path", "training_curves_path",
-    "save_training_checkpoint", "read_training_state", "resolve_resume", "write_training_log",
-    "plot_training_curves", "TRAINING_STATE_KEY", "KILL_AFTER_EPOCH_ENV",
-]
-
-_REGULARIZED_CLASSES = ("Dense", "Conv2D")
-_DROPOUT_CLASSES = ("Dropout",)
-
 
 # ---------------------------------------------------------------- bias learning-rate multiplier
 def is_bias_variable(variable):
@@ -843,6 +847,10 @@ def with_bias_multiplier(optimizer, bias_multiplier):
 
 
 # ---------------------------------------------------------------- rebuilding with new settings
+_REGULARIZED_CLASSES = ("Dense", "Conv2D")
+_DROPOUT_CLASSES = ("Dropout",)
+
+
 def _walk_layer_configs(model_config, edit):
     """Apply ``edit(class_name, layer_config)`` to every layer config, nested models included."""
     changed = False
@@ -1445,44 +1453,38 @@ class _EpochSeed(keras.callbacks.Callback):
             self.model.train_function = self.model.make_train_function(force=True)
 
 
-class _ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+class _ResumableCounters:
+    """Callback mixin: counters saved in a run's last-epoch checkpoint (:meth:`get_state`) and
+    restored, after the callback's own reset, when the run resumes (``initial_state``)."""
+
+    _STATE = ()   # (attribute, type) pairs
+
+    def __init__(self, initial_state=None, **kwargs):
+        super().__init__(**kwargs)
+        self._initial_state = initial_state
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._initial_state:
+            for name, kind in self._STATE:
+                if name in self._initial_state:
+                    setattr(self, name, kind(self._initial_state[name]))
+            self._initial_state = None
+
+    def get_state(self):
+        return {name: kind(getattr(self, name)) for name, kind in self._STATE}
+
+
+class _ResumableEarlyStopping(_ResumableCounters, keras.callbacks.EarlyStopping):
     """EarlyStopping whose counters can be saved and restored across processes."""
 
-    def __init__(self, initial_state=None, **kwargs):
-        super().__init__(**kwargs)
-        self._initial_state = initial_state
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self._initial_state:
-            self.wait = int(self._initial_state["wait"])
-            self.best = float(self._initial_state["best"])
-            self.best_epoch = int(self._initial_state.get("best_epoch", 0))
-            self._initial_state = None
-
-    def get_state(self):
-        return {"wait": int(self.wait), "best": float(self.best),
-                "best_epoch": int(self.best_epoch)}
+    _STATE = (("wait", int), ("best", float), ("best_epoch", int))
 
 
-class _ResumablePlateau(keras.callbacks.ReduceLROnPlateau):
+class _ResumablePlateau(_ResumableCounters, keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau whose counters can be saved and restored across processes."""
 
-    def __init__(self, initial_state=None, **kwargs):
-        super().__init__(**kwargs)
-        self._initial_state = initial_state
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self._initial_state:
-            self.wait = int(self._initial_state["wait"])
-            self.best = float(self._initial_state["best"])
-            self.cooldown_counter = int(self._initial_state.get("cooldown_counter", 0))
-            self._initial_state = None
-
-    def get_state(self):
-        return {"wait": int(self.wait), "best": float(self.best),
-                "cooldown_counter": int(self.cooldown_counter)}
+    _STATE = (("wait", int), ("best", float), ("cooldown_counter", int))
 
 
 def _lr_value(model):
@@ -2130,4 +2132,3 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
     return stage.histories
 
 
-__all__ = _MODEL_ALL + _TRAIN_ALL

@@ -27,8 +27,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-try:   # the root dm_* modules become importable through script_utils
-    import script_utils  # noqa: F401  (run as a script from ddsm_train/)
+try:   # puts the root dm_* modules and this folder on sys.path
+    import script_utils  # noqa: F401  (run as a script)
 except ImportError:
     from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
 from dm_image import atomic_write  # noqa: E402

@@ -63,10 +63,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+try:   # puts the root dm_* modules and this folder on sys.path
+    import script_utils  # noqa: F401  (run as a script)
+except ImportError:
+    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
 
 import numpy as np  # noqa: E402
 

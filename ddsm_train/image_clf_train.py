@@ -25,12 +25,11 @@ import argparse
 import logging
 import math
 import os
-import sys
 
-for _path in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),   # root modules
-              os.path.dirname(os.path.abspath(__file__))):                    # common_flags
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+try:   # puts the root dm_* modules and this folder on sys.path
+    import script_utils  # noqa: F401  (run as a script)
+except ImportError:
+    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
 
 import common_flags as cf  # noqa: E402
 

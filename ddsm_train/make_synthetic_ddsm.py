@@ -97,8 +97,8 @@ import cv2
 import numpy as np
 import scipy.fft
 
-try:   # the root dm_* modules become importable through script_utils
-    import script_utils  # noqa: F401  (run as a script from ddsm_train/)
+try:   # puts the root dm_* modules and this folder on sys.path
+    import script_utils  # noqa: F401  (run as a script)
 except ImportError:
     from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
 import dm_image  # noqa: E402

@@ -44,16 +44,15 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+try:   # puts the root dm_* modules and this folder on sys.path
+    import script_utils  # noqa: F401  (run as a script)
+except ImportError:
+    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-# The scripts run as ``python ddsm_train/SCRIPT.py`` (or from inside that folder) without an
-# installed package: importing this module puts the repository root, where the ``dm_*``
-# modules live, on ``sys.path``.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
+# The scripts run as ``python ddsm_train/SCRIPT.py``, from inside that folder, or as
+# ``python -m ddsm_train.SCRIPT``, without an installed package: importing this module puts the
+# repository root (the ``dm_*`` modules) and this folder (the scripts' shared modules) first
+# on ``sys.path``. Each script imports it first.
+_HERE = Path(__file__).resolve().parent
+for _folder in (str(_HERE), str(_HERE.parent)):
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
 
 PathLike = Union[str, os.PathLike]
 

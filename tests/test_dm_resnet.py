@@ -300,11 +300,15 @@ def test_fc_top_without_shortcut(keras_session):
 
 def test_cut_point_override_and_single_channel(keras_session):
     patch = tiny_patch_net(keras_session, (None, None, 1))
-    model, _ = R.add_top_layers(patch, (32, 32), "yaroslav", block_type="vgg", depths=[4],
+    # a backbone name without a 2017 layer list: the index counts in the model's own list
+    model, _ = R.add_top_layers(patch, (32, 32), "tiny", block_type="vgg", depths=[4],
                                 repetitions=[1], kept_layer_idx=-8)
     assert model.input_shape == (None, 32, 32, 1)
     nested = model.get_layer("patch_net")
     assert nested.layers[-1].name == "block1_pool" and nested.output_shape[-1] == 8
+    # "yaroslav": read in the 2017 YaroslavNet list, whose head has no dropout, so the same
+    # index lands one layer earlier in ours
+    assert R.find_cut_layer(patch, "yaroslav", kept_layer_idx=-8).name == "block1_relu"
     assert R.find_cut_layer(patch, "vgg16").name == "block2_pool"  # no block5_pool: last 4-D
 
 
