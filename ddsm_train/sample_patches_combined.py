@@ -1,8 +1,9 @@
 """Sample training patches from full mammograms and their lesion (ROI) masks.
 
 Stage 1 of Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening
-Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. From CBIS-DDSM-style data (SPEC
-section 3: full images ``{patient}_{side}_{view}.png``, masks
+Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. From CBIS-DDSM-style data (as
+``prepare_cbis_ddsm.py`` and ``make_synthetic_ddsm.py`` write it: full images
+``{patient}_{side}_{view}.png``, masks
 ``{Calc|Mass}-{Training|Test}_{patient}_{side}_{view}_{abn}.png``, ``roi_mask_path.csv`` and a
 patient list) it cuts square patches of three kinds per view:
 
@@ -43,7 +44,28 @@ lesion"): one subfolder per class folder name; patch files
 ``{patient}_{side}_{view}_{kind}_{k:04d}.png`` with kind ``abn{abn_num}``, ``hns`` or ``bkg``;
 ``pat_lst.txt`` (the patients of that output); ``patches.csv`` (one row per patch: file, view,
 kind, centre row/col in the resized full image, overlap fractions). ``TRAIN_OUT`` also gets
-``sampling_summary.json`` (options and the run summary).
+``sampling_summary.json`` (options and the run summary). Every file is written atomically.
+
+Checks, so that a run never computes a wrong patch set quietly:
+
+* Output folders that already hold patches (an image file in a class folder this run writes
+  to, or a ``patches.csv``) are refused: a second run into them would mix two patient splits.
+  ``--overwrite`` first removes exactly what this run writes (those class folders,
+  ``patches.csv``, ``pat_lst.txt``, ``sampling_summary.json``) in both outputs.
+* Every value a path is built from (patient IDs of the list and the CSV, side, view,
+  ``abn_num``, class folder names) must be a plain file-name part: a value such as ``../x`` is
+  an error naming the file and line, raised before anything is written.
+* A CSV row of a listed patient with an unknown pathology (MALIGNANT, BENIGN,
+  BENIGN_WITHOUT_CALLBACK) or type (calc, mass), a non-integer ``abn_num``, an empty side or
+  view, a pathology contradicting another row of the same mask, or a missing, unreadable, empty
+  or wrongly sized mask makes its whole view skipped, with a warning naming the CSV file and
+  line (sampling the view without that lesion would cut background patches from it); such views
+  are counted as ``views_skipped_bad_roi``. An empty side or view skips every view of that
+  patient it could belong to. Repeated rows are reported and counted once.
+* A full image stored with another bit depth than most (an 8-bit image among 16-bit ones, or
+  the reverse) gives patches on another intensity scale: each such view is reported and listed
+  as ``mixed_bit_depth_views`` (one ``--rescale-factor`` cannot fit both).
+* A run that samples no view at all is an error and writes no manifest.
 
 Determinism: view ``img_id`` uses the generator ``numpy.random.default_rng([seed,
 crc32(img_id)])``, so results do not depend on ``--workers`` or on the other views in the run.
@@ -63,6 +85,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 import zlib
@@ -80,7 +103,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dm_image  # noqa: E402
-from script_utils import ROI_COLUMNS  # noqa: E402
+from script_utils import ROI_COLUMNS, InputFileError, read_csv_table, read_text_lines, \
+    safe_name_part  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag, get_random_seed, \
     cli_main, parallel_map  # noqa: E402
 
@@ -102,6 +126,11 @@ _TRIES_BEFORE_RELAX = 1000
 _RELAX_STEP = 0.05
 _BATCH = 512
 VIEW_THREADS = 2  # views sampled at a time by one process (plus one PNG-writer thread)
+#: Skip reasons of a view that has a bad ROI (a bad CSV row or a bad mask file).
+BAD_ROI_REASONS = ("bad_roi_row", "mask_missing", "mask_unreadable", "mask_size_mismatch",
+                   "empty_mask")
+#: Files of an output folder that a run writes besides its class folders.
+OUTPUT_FILES = ("patches.csv", "pat_lst.txt", "sampling_summary.json")
 _MASK_NAME_RE = re.compile(r"^(?P<type>[A-Za-z]+)-[A-Za-z]+_(?P<img_id>.+)_(?P<abn>\d+)\.png$")
 
 
@@ -378,6 +407,8 @@ def extract_patch(img: np.ndarray, x: int, y: int, patch_size: int,
 def _to_uint16(img: np.ndarray) -> np.ndarray:
     if img.dtype == np.uint16:
         return img
+    if img.dtype == np.uint8:  # exact (np.rint would go through float16)
+        return img.astype(np.uint16)
     return np.clip(np.rint(img), 0, 65535).astype(np.uint16)
 
 
@@ -393,6 +424,8 @@ class _Roi:
     pathology: str
     type: str
     mask_path: Optional[str]
+    where: str = ""     # "roi_mask_path.csv, line 12": for messages
+    kind: str = ""      # patch kind in file names: abn{abn_num} (abn{abn_num}{type} if shared)
 
 
 @dataclass
@@ -440,9 +473,10 @@ def _load_view(task: _ViewTask, cfg: _Settings):
     """Read, resize and segment one view and its masks; raise _SkipView on bad input.
 
     Returns:
-        (img, bbox, sats): the breast-cropped image as uint16, its box in the resized image,
-        and the summed-area tables of its ROIs (then of their union when there are several)
-        in the coordinates of the image with its zero margin of ``patch_size // 2``.
+        (img, bbox, sats, stored): the breast-cropped image as uint16, its box in the resized
+        image, the summed-area tables of its ROIs (then of their union when there are several)
+        in the coordinates of the image with its zero margin of ``patch_size // 2``, and
+        (dtype name, largest level) of the image as stored (before the uint16 conversion).
     """
     try:
         orig_shape = _image_shape(task.img_path)
@@ -453,9 +487,10 @@ def _load_view(task: _ViewTask, cfg: _Settings):
                 task.img_path, target_size=(cfg.target_height, cfg.target_width))
     except (OSError, ValueError, cv2.error) as err:
         raise _SkipView("unreadable_image", f"{task.img_id}: cannot read {task.img_path}: {err}")
+    stored = (str(img.dtype), float(img.max()) if img.size else 0.0)
     masks = []
     for roi in task.rois:
-        name = f"{task.img_id} abn {roi.abn_num}"
+        name = f"{task.img_id} abn {roi.abn_num} ({roi.type}; {roi.where})"
         if roi.mask_path is None:
             raise _SkipView("mask_missing", f"{name}: no mask file in the ROI mask folder")
         try:
@@ -492,7 +527,7 @@ def _load_view(task: _ViewTask, cfg: _Settings):
         for mask in masks[1:]:
             cv2.max(union, mask, dst=union)
         sats.append(build_mask_sat(union, margin=m))
-    return _to_uint16(img), bbox, sats
+    return _to_uint16(img), bbox, sats, stored
 
 
 def _abn_folder(cfg: _Settings, roi: _Roi) -> str:
@@ -501,9 +536,11 @@ def _abn_folder(cfg: _Settings, roi: _Roi) -> str:
 
 
 def _new_result(task: _ViewTask) -> dict:
-    return {"img_id": task.img_id, "split": task.split, "status": "ok", "message": "",
+    return {"img_id": task.img_id, "img_path": task.img_path, "split": task.split,
+            "status": "ok", "message": "",
             "counts": {}, "rows": [], "warnings": [], "relaxations": 0,
-            "abn_shortfall": 0, "hns_shortfall": 0, "bkg_shortfall": 0}
+            "abn_shortfall": 0, "hns_shortfall": 0, "bkg_shortfall": 0,
+            "dtype": None, "img_max": None}
 
 
 def _error_result(task: _ViewTask, err: BaseException) -> dict:
@@ -546,7 +583,7 @@ def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, 
             res["abn_shortfall"] += cfg.nb_abn - len(centres)
             res["warnings"].append(f"{task.img_id} abn {roi.abn_num}: only {len(centres)} of "
                                    f"{cfg.nb_abn} abnormal patches (cutoff fell to 0)")
-        emit(_abn_folder(cfg, roi), f"abn{roi.abn_num}", centres, [sat])
+        emit(_abn_folder(cfg, roi), roi.kind or f"abn{roi.abn_num}", centres, [sat])
     nb_random = cfg.nb_bkg  # the hard negatives count towards nb_bkg (2017)
     if cfg.nb_hns > 0:
         blobs = detect_blob_centres(img, p) + m
@@ -573,7 +610,8 @@ def _process_view(task: _ViewTask, cfg: _Settings, writer) -> Tuple[dict, list]:
     def write(path, arr):
         jobs.append((path, writer.submit(dm_image.write_png, path, arr)))
     try:
-        _sample_loaded(task, cfg, res, *_load_view(task, cfg), write=write)
+        img, bbox, sats, (res["dtype"], res["img_max"]) = _load_view(task, cfg)
+        _sample_loaded(task, cfg, res, img, bbox, sats, write=write)
     except _SkipView as skip:
         res.update(status=skip.reason, message=str(skip))
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
@@ -671,39 +709,125 @@ def _sample_all(tasks: List[_ViewTask], cfg: _Settings, workers: int, verbose: b
     return [res for batch in done for res in batch]
 
 
-def _read_roi_table(path: str) -> Tuple["pd.DataFrame", List[str]]:
-    import pandas as pd  # not at module level: worker processes start faster without it
+# ------------------------------------------------------------------------- inputs
+@dataclass
+class _RoiTable:
+    """What ``roi_mask_path.csv`` says about the listed patients.
 
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    df.columns = [c.strip() for c in df.columns]
-    missing = [c for c in CSV_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected {list(CSV_COLUMNS)}")
-    df = df[list(CSV_COLUMNS)].apply(lambda s: s.str.strip())
-    df["pathology"] = df["pathology"].str.upper()
-    df["type"] = df["type"].str.lower()
-    bad = ~df["pathology"].isin(PATHOLOGY_LABELS) | ~df["type"].isin(LESION_TYPES) \
-        | ~df["abn_num"].str.fullmatch(r"\d+")
-    problems = [f"{path} row {i + 2}: bad pathology/type/abn_num {tuple(r)}"
-                for i, r in df[bad].iterrows()]
-    df = df[~bad].copy()
-    df["abn_num"] = df["abn_num"].astype(int)
-    return df, problems
+    Attributes:
+        views: (patient, side, view) -> its valid ROIs, repeated rows dropped.
+        bad: (patient, side, view) -> why the view cannot be sampled (one message per bad row);
+            side and/or view None: every view of that patient with the given parts.
+        known: every patient ID of the CSV.
+        malignant: patients with a MALIGNANT row.
+        bad_rows: number of bad rows of listed patients.
+        duplicate_rows: number of repeated rows dropped.
+    """
+
+    views: Dict[Tuple[str, str, str], List[_Roi]] = field(default_factory=dict)
+    bad: Dict[Tuple[str, Optional[str], Optional[str]], List[str]] = field(default_factory=dict)
+    known: set = field(default_factory=set)
+    malignant: set = field(default_factory=set)
+    bad_rows: int = 0
+    duplicate_rows: int = 0
+
+
+def _read_roi_table(path: str, patients) -> _RoiTable:
+    """Read and check ``roi_mask_path.csv`` (see the module docstring, "Checks").
+
+    Args:
+        path: the CSV file.
+        patients: the listed patient IDs; rows of other patients are only checked for values
+            that cannot be part of a file name.
+
+    Raises:
+        InputFileError: unreadable file, missing columns, or a value (patient_id, side, view,
+            abn_num) that cannot be part of a file name, naming the file and line.
+    """
+    df = read_csv_table(path, required=CSV_COLUMNS)
+    patients = set(patients)
+    table = _RoiTable()
+    first: Dict[tuple, str] = {}        # a row's values -> where they were first seen
+    mask_rows: Dict[tuple, Tuple[str, str]] = {}  # (pat, side, view, type, abn) -> first row's
+    #                                               (pathology, where)
+    repeats: Dict[str, List[str]] = {}  # where a row was first seen -> lines repeating it
+    for rec in df[list(CSV_COLUMNS) + ["_line"]].to_dict("records"):
+        where = f"{path}, {rec['_line']}"
+        pat = safe_name_part(rec["patient_id"], "patient_id", where)
+        side, view, abn = rec["side"], rec["view"], rec["abn_num"]
+        for what, value in (("side", side), ("view", view), ("abn_num", abn)):
+            if value:  # an empty one is a bad row (below), not a path problem
+                safe_name_part(value, what, where)
+        pathology, typ = rec["pathology"].upper(), rec["type"].lower()
+        table.known.add(pat)
+        if pathology == "MALIGNANT":
+            table.malignant.add(pat)
+        if pat not in patients:
+            continue
+        problems = []
+        if not side or not view:
+            problems.append(f"empty {'side' if not side else 'view'} (the lesion's view is "
+                            f"unknown)")
+        if pathology not in PATHOLOGY_LABELS:
+            problems.append(f"unknown pathology {rec['pathology']!r} (expected "
+                            f"{', '.join(PATHOLOGY_LABELS)})")
+        if typ not in LESION_TYPES:
+            problems.append(f"unknown type {rec['type']!r} (expected "
+                            f"{' or '.join(LESION_TYPES)})")
+        if not re.fullmatch(r"\d+", abn):
+            problems.append(f"abn_num {abn!r} is not a non-negative integer")
+        key = (pat, side or None, view or None)
+        if problems:
+            table.bad.setdefault(key, []).append(f"{where}: {'; '.join(problems)}")
+            table.bad_rows += 1
+            continue
+        values = (pat, side, view, int(abn), pathology, typ)
+        if values in first:
+            repeats.setdefault(first[values], []).append(rec["_line"])
+            table.duplicate_rows += 1
+            continue
+        first[values] = where
+        mask_key = (pat, side, view, typ, int(abn))
+        if mask_key in mask_rows:
+            other_pathology, other = mask_rows[mask_key]
+            table.bad.setdefault(key, []).append(
+                f"{where}: pathology {pathology} contradicts {other} ({other_pathology}) for the "
+                f"same {typ} abn {int(abn)}")
+            table.bad_rows += 1
+            continue
+        mask_rows[mask_key] = (pathology, where)
+        table.views.setdefault(key, []).append(_Roi(int(abn), pathology, typ, None, where))
+    for where, lines in repeats.items():
+        logger.warning("%s: repeated by %s (the same lesion); counted once", where,
+                       ", ".join(lines))
+    return table
 
 
 def _read_patient_list(path: str) -> List[str]:
-    with open(path) as fh:
-        pats = [line.strip() for line in fh if line.strip()]
+    """Patient IDs of a list file, one a line (repeats dropped); an ID that cannot be part of a
+    file name is an error naming the file and line."""
+    pats = [safe_name_part(text, "patient id", f"{path}, line {n}")
+            for n, text in read_text_lines(path)]
     return list(dict.fromkeys(pats))
 
 
 def _index_masks(roi_mask_dir: str) -> Dict[Tuple[str, str, int], str]:
+    """(type, img_id, abn_num) -> mask path, for the ``{Type}-{split}_{img_id}_{abn}.png`` files
+    of the folder (a name that is not a plain file-name part is ignored with a warning)."""
     index = {}
     for name in sorted(os.listdir(roi_mask_dir)):
         hit = _MASK_NAME_RE.match(name)
-        if hit:
-            key = (hit["type"].lower(), hit["img_id"], int(hit["abn"]))
-            index.setdefault(key, os.path.join(roi_mask_dir, name))
+        if not hit:
+            continue
+        try:
+            if safe_name_part(name, "mask file name", roi_mask_dir) != name:
+                raise InputFileError(f"{roi_mask_dir}: mask file name {name!r} has surrounding "
+                                     "spaces")
+        except InputFileError as err:
+            logger.warning("%s; file ignored", err)
+            continue
+        key = (hit["type"].lower(), hit["img_id"], int(hit["abn"]))
+        index.setdefault(key, os.path.join(roi_mask_dir, name))
     return index
 
 
@@ -737,7 +861,8 @@ def split_patients(patients: Sequence[str], malignant: Sequence[int], val_size: 
 
 # ------------------------------------------------------------------------- run
 def _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, val_size,
-                   target_height, target_width, workers) -> None:
+                   target_height, target_width, workers, class_dirs, train_out,
+                   val_out) -> None:
     if patch_size < 2:
         raise ValueError(f"patch_size should be >= 2, got {patch_size}")
     for name, v in (("nb_bkg", nb_bkg), ("nb_abn", nb_abn), ("nb_hns", nb_hns)):
@@ -752,20 +877,121 @@ def _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, v
         raise ValueError(f"target size should be positive, got {target_height}x{target_width}")
     if workers < 1:
         raise ValueError(f"workers should be >= 1, got {workers}")
+    for name, value in class_dirs.items():
+        safe_name_part(value, "class folder name --" + name.replace("_", "-"))
+    if os.path.realpath(train_out) == os.path.realpath(val_out):
+        raise ValueError(f"TRAIN_OUT and VAL_OUT are the same folder ({train_out}): the two "
+                         "splits' patches and manifests would mix; name two folders")
 
 
-def _build_tasks(df, pats_split, full_img_dir, mask_index, out_dirs):
-    tasks = []
-    for (pat, side, view), g in df[df["patient_id"].isin(pats_split)].groupby(
-            ["patient_id", "side", "view"], sort=True):
-        img_id = f"{pat}_{side}_{view}"
-        rois = [_Roi(int(r.abn_num), r.pathology, r.type,
-                     mask_index.get((r.type, img_id, int(r.abn_num))))
-                for r in g.sort_values("abn_num").itertuples()]
-        split = pats_split[pat]
-        tasks.append(_ViewTask(img_id, pat, os.path.join(full_img_dir, img_id + ".png"), rois,
-                               split, out_dirs[split]))
-    return tasks
+def _skip_result(img_id: str, split: str, reason: str, message: str) -> dict:
+    """The result of a view skipped before sampling."""
+    task = _ViewTask(img_id, "", "", [], split, "")
+    res = _new_result(task)
+    res.update(status=reason, message=message)
+    return res
+
+
+def _build_views(table: _RoiTable, pat_split: Dict[str, str], full_img_dir: str,
+                 mask_index, roi_mask_dir: str, out_dirs: Dict[str, str]):
+    """The views of the split patients, in (patient, side, view) order.
+
+    Returns:
+        (entries, tasks): ``entries`` holds, per view, its ``_ViewTask`` (to sample) or the
+        result of a view skipped now (a bad CSV row, a missing mask or full image); ``tasks``
+        the views to sample.
+    """
+    wild = {k: v for k, v in table.bad.items() if None in k}
+    keys = set(table.views) | {k for k in table.bad if None not in k}
+    for (pat, side, view), msgs in wild.items():
+        if not any(k[0] == pat and side in (None, k[1]) and view in (None, k[2]) for k in keys):
+            for msg in msgs:
+                logger.warning("%s; no view of patient %s can be sampled with it", msg, pat)
+    entries, tasks = [], []
+    for pat, side, view in sorted(k for k in keys if k[0] in pat_split):
+        img_id, split = f"{pat}_{side}_{view}", pat_split[pat]
+        problems = list(table.bad.get((pat, side, view), []))
+        for (w_pat, w_side, w_view), msgs in wild.items():
+            if w_pat == pat and w_side in (None, side) and w_view in (None, view):
+                problems += msgs
+        if problems:
+            entries.append(_skip_result(img_id, split, "bad_roi_row", f"{img_id}: bad ROI "
+                                        f"row(s), the view is skipped: {' | '.join(problems)}"))
+            continue
+        rois = sorted(table.views[(pat, side, view)], key=lambda r: (r.abn_num, r.type))
+        shared = collections.Counter(r.abn_num for r in rois)
+        for roi in rois:  # a calc and a mass may share an abn_num: their file names may not
+            roi.mask_path = mask_index.get((roi.type, img_id, roi.abn_num))
+            roi.kind = f"abn{roi.abn_num}" + (roi.type if shared[roi.abn_num] > 1 else "")
+        missing = [f"{img_id} abn {r.abn_num} ({r.type}; {r.where}): no mask "
+                   f"{r.type.capitalize()}-*_{img_id}_{r.abn_num}.png in {roi_mask_dir}"
+                   for r in rois if r.mask_path is None]
+        img_path = os.path.join(full_img_dir, img_id + ".png")
+        if missing:
+            entries.append(_skip_result(img_id, split, "mask_missing", "; ".join(missing)))
+        elif not os.path.isfile(img_path):
+            entries.append(_skip_result(img_id, split, "image_missing",
+                                        f"{img_id}: no full image {img_path}"))
+        else:
+            task = _ViewTask(img_id, pat, img_path, rois, split, out_dirs[split])
+            entries.append(task)
+            tasks.append(task)
+    return entries, tasks
+
+
+def _earlier_patches(out: str, class_names: Sequence[str]) -> Optional[str]:
+    """What in ``out`` shows an earlier run's patches (a manifest, image files), or None."""
+    if os.path.lexists(os.path.join(out, "patches.csv")):
+        return os.path.join(out, "patches.csv")
+    for name in class_names:
+        folder = os.path.join(out, name)
+        if not os.path.isdir(folder):
+            continue
+        with os.scandir(folder) as it:
+            n = sum(1 for e in it if e.is_file()
+                    and e.name.rsplit(".", 1)[-1].lower() in dm_image.IMG_EXTENSIONS)
+        if n:
+            return f"{n} image file(s) in {folder}"
+    return None
+
+
+def _prepare_outputs(out_dirs: Dict[str, str], class_names: Sequence[str],
+                     overwrite: bool) -> None:
+    """Refuse output folders that hold an earlier run's patches; with ``overwrite`` remove what
+    this run writes there (its class folders and ``OUTPUT_FILES``), nothing else."""
+    found = [held for held in (_earlier_patches(out, class_names) for out in out_dirs.values())
+             if held]
+    if found and not overwrite:
+        raise ValueError(
+            f"output folder already holds patches: {'; '.join(found)}. Sampling into it again "
+            "would mix two runs (and their patient splits); pass --overwrite to replace them "
+            f"(removes the class folders {', '.join(class_names)} and "
+            f"{', '.join(OUTPUT_FILES)} of both outputs, nothing else), or name new folders")
+    if not overwrite:
+        return
+    for out in out_dirs.values():
+        for name in class_names:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        for name in OUTPUT_FILES:
+            Path(out, name).unlink(missing_ok=True)
+    if found:
+        logger.warning("--overwrite: removed the earlier run's class folders and files (%s)",
+                       "; ".join(found))
+
+
+def _make_folders(out_dirs: Dict[str, str], class_names: Sequence[str]) -> List[str]:
+    """Create the output and class folders; return those created (in creation order)."""
+    created = []
+    for out in out_dirs.values():
+        for folder in [out] + [os.path.join(out, n) for n in class_names]:
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+                created.append(folder)
+    return created
 
 
 def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: str,
@@ -775,7 +1001,7 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         neg_cutoff: float = 0.35, val_size: float = 0.1, bkg_dir: str = "background",
         calc_pos_dir: str = "calc_mal", calc_neg_dir: str = "calc_ben",
         mass_pos_dir: str = "mass_mal", mass_neg_dir: str = "mass_ben", verbose: bool = True,
-        workers: int = 1, seed: Optional[int] = None) -> dict:
+        workers: int = 1, seed: Optional[int] = None, overwrite: bool = False) -> dict:
     """Sample abnormal, hard-negative and background patches for the patients of a list.
 
     Args:
@@ -785,7 +1011,7 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
             (8-bit, non-zero = lesion, the full image's size).
         patient_list: text file, one patient ID per line.
         full_img_dir: folder of ``{patient}_{side}_{view}.png`` full images (16-bit or 8-bit).
-        train_out, val_out: output folders (created).
+        train_out, val_out: output folders (created; two different folders).
         target_height: images resized to this height; width kept in proportion unless
             ``target_width`` is given.
         target_width: optional fixed width.
@@ -801,21 +1027,30 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         workers: views processed in parallel by this many processes (results identical).
         seed: run seed; default ``RANDOM_SEED`` from the environment or 12345. Also the
             random_state of the patient split.
+        overwrite: replace an earlier run's patches in the output folders (refused without).
 
     Returns:
         Summary dict: ``images_total``, ``images_read``, ``images_skipped``, ``skipped``
-        (reason -> count), ``skipped_images`` (img_id -> message), ``patients`` (train/val
-        counts, ``not_in_csv`` list), ``patches`` (split -> folder -> count),
-        ``patches_total``, shortfalls, ``cutoff_relaxations``, ``bad_rows``, ``elapsed_s``.
+        (reason -> count), ``skipped_images`` (img_id -> message), ``views_skipped_bad_roi``,
+        ``patients`` (train/val counts, ``not_in_csv`` list), ``patches`` (split -> folder ->
+        count), ``patches_total``, shortfalls, ``cutoff_relaxations``, ``bad_rows``,
+        ``duplicate_rows``, ``bit_depths`` (stored dtype -> sampled views), ``bit_depth`` (the
+        most common), ``mixed_bit_depth_views``, ``elapsed_s``.
 
     Raises:
-        ValueError: bad option values or a CSV without the required columns.
+        ValueError: bad option values; a CSV without the required columns, undecodable or
+            with a value that cannot be part of a file name (InputFileError, naming the file
+            and line); output folders holding an earlier run's patches without ``overwrite``;
+            no view sampled (nothing is written then).
         FileNotFoundError: an input file or folder does not exist.
     """
     t0 = time.time()
     seed = get_random_seed() if seed is None else int(seed)
+    class_dirs = {"bkg_dir": bkg_dir, "calc_pos_dir": calc_pos_dir,
+                  "calc_neg_dir": calc_neg_dir, "mass_pos_dir": mass_pos_dir,
+                  "mass_neg_dir": mass_neg_dir}
     _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, val_size,
-                   target_height, target_width, workers)
+                   target_height, target_width, workers, class_dirs, train_out, val_out)
     for path in (roi_mask_csv, patient_list):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {path}")
@@ -830,37 +1065,59 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
                if k in inspect.signature(run).parameters}
     logger.info("sampling options: %s", json.dumps(options, default=str))
 
-    df, bad_rows = _read_roi_table(roi_mask_csv)
-    for msg in bad_rows:
-        logger.warning(msg)
-    pats = _read_patient_list(patient_list)
-    known = set(df["patient_id"])
-    not_in_csv = [p for p in pats if p not in known]
+    # read and check every input before anything is written
+    listed = _read_patient_list(patient_list)
+    table = _read_roi_table(roi_mask_csv, listed)
+    not_in_csv = [p for p in listed if p not in table.known]
     if not_in_csv:  # one line, not one per patient (lists often hold lesion-free patients)
         shown = ", ".join(not_in_csv[:5]) + (", ..." if len(not_in_csv) > 5 else "")
         logger.warning("%d patient(s) of %s are not in %s (no ROI rows) and are skipped: %s "
                        "(all listed in sampling_summary.json)", len(not_in_csv), patient_list,
                        roi_mask_csv, shown)
-    pats = [p for p in pats if p in known]
-    mal = set(df.loc[df["pathology"] == "MALIGNANT", "patient_id"])
-    train_pats, val_pats = split_patients(pats, [int(p in mal) for p in pats], val_size, seed)
+    pats = [p for p in listed if p in table.known]
+    train_pats, val_pats = split_patients(pats, [int(p in table.malignant) for p in pats],
+                                          val_size, seed)
     out_dirs = {"train": train_out, "val": val_out}
-    for split, plist in (("train", train_pats), ("val", val_pats)):
-        os.makedirs(out_dirs[split], exist_ok=True)
-        for folder in set(folders.values()):
-            os.makedirs(os.path.join(out_dirs[split], folder), exist_ok=True)
-        Path(out_dirs[split], "pat_lst.txt").write_text("".join(p + "\n" for p in plist))
     pat_split = {**{p: "train" for p in train_pats}, **{p: "val" for p in val_pats}}
-    tasks = _build_tasks(df, pat_split, full_img_dir, _index_masks(roi_mask_dir), out_dirs)
-    results = _sample_all(tasks, cfg, workers, verbose)
-    summary = _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows)
+    entries, tasks = _build_views(table, pat_split, full_img_dir, _index_masks(roi_mask_dir),
+                                  roi_mask_dir, out_dirs)
+    class_names = sorted(set(folders.values()))
+    _prepare_outputs(out_dirs, class_names, overwrite)
+
+    created = _make_folders(out_dirs, class_names)
+    sampled = iter(_sample_all(tasks, cfg, workers, verbose))
+    results = [next(sampled) if isinstance(e, _ViewTask) else e for e in entries]
+    summary = _summarise(results, folders, train_pats, val_pats, not_in_csv, table)
     summary["elapsed_s"] = round(time.time() - t0, 3)
-    _write_outputs(results, out_dirs, summary, options)
+    _report_views(results, summary)
+    if summary["images_read"] == 0:
+        for folder in reversed(created):  # the empty folders this run made (no patch in them)
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        raise ValueError(
+            f"no view was sampled: {len(listed)} patient(s) in {patient_list} "
+            f"({len(not_in_csv)} not in {roi_mask_csv}), {summary['images_total']} view(s), "
+            f"{summary['images_skipped']} skipped {summary['skipped'] or ''}; no manifest "
+            "written (see the warnings above)")
+    _write_outputs(results, out_dirs, {"train": train_pats, "val": val_pats}, summary, options)
     _log_summary(summary, out_dirs)
     return summary
 
 
-def _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows) -> dict:
+def _bit_depths(results) -> Tuple[Dict[str, int], Optional[str], List[str]]:
+    """(stored dtype -> sampled views, the most common dtype (the first seen on a tie), the
+    sampled views stored with another dtype)."""
+    ok = [r for r in results if r["status"] == "ok" and r["dtype"]]
+    counts = collections.Counter(r["dtype"] for r in ok)  # in the order first seen
+    if not counts:
+        return {}, None, []
+    main = max(counts, key=counts.get)
+    return dict(counts), main, [r["img_id"] for r in ok if r["dtype"] != main]
+
+
+def _summarise(results, folders, train_pats, val_pats, not_in_csv, table: _RoiTable) -> dict:
     names = sorted(set(folders.values()))
     patches = {s: {f: 0 for f in names} for s in ("train", "val")}
     skipped: Dict[str, int] = {}
@@ -872,10 +1129,12 @@ def _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows) -> 
             skipped[r["status"]] = skipped.get(r["status"], 0) + 1
             skipped_images[r["img_id"]] = r["message"]
     read = sum(r["status"] == "ok" for r in results)
+    depths, main, mixed = _bit_depths(results)
     return {
         "images_total": len(results), "images_read": read,
         "images_skipped": len(results) - read, "skipped": skipped,
         "skipped_images": skipped_images,
+        "views_skipped_bad_roi": sum(r["status"] in BAD_ROI_REASONS for r in results),
         "patients": {"train": len(train_pats), "val": len(val_pats),
                      "not_in_csv": list(not_in_csv)},
         "patches": patches,
@@ -884,32 +1143,68 @@ def _summarise(results, folders, train_pats, val_pats, not_in_csv, bad_rows) -> 
         "hns_shortfall": sum(r["hns_shortfall"] for r in results),
         "bkg_shortfall": sum(r["bkg_shortfall"] for r in results),
         "cutoff_relaxations": sum(r["relaxations"] for r in results),
-        "bad_rows": len(bad_rows),
+        "bad_rows": table.bad_rows,
+        "duplicate_rows": table.duplicate_rows,
+        "bit_depths": depths, "bit_depth": main, "mixed_bit_depth_views": mixed,
     }
 
 
 _MANIFEST_COLS = ["folder", "filename", "img_id", "kind", "row", "col", "roi_frac",
                   "patch_frac"]
+_RESCALE_FOR = {"uint16": 255.0 / 65535.0, "uint8": 1.0}  # stored levels -> 0..255
 
 
-def _write_outputs(results, out_dirs, summary, options) -> None:
-    import pandas as pd
-
-    for split, out in out_dirs.items():
-        rows = [row for r in results if r["split"] == split for row in r["rows"]]
-        pd.DataFrame(rows, columns=_MANIFEST_COLS).to_csv(Path(out, "patches.csv"), index=False)
-    with open(Path(out_dirs["train"], "sampling_summary.json"), "w") as fh:
-        json.dump({"options": options, "summary": summary}, fh, indent=1, default=str)
+def _report_views(results, summary: dict) -> None:
+    """Log each view's warnings and skip, then the views stored with another bit depth."""
     for r in results:
         for msg in r["warnings"]:
             logger.warning(msg)
         if r["status"] != "ok":
             logger.warning("skipped %s (%s)", r["message"], r["status"])
+    mixed = set(summary["mixed_bit_depth_views"])
+    if not mixed:
+        return
+    main, depths = summary["bit_depth"], summary["bit_depths"]
+    factor = _RESCALE_FOR.get(main)
+    for r in results:
+        if r["img_id"] in mixed:
+            why = dm_image.intensity_scale_problem(r["img_max"], factor) if factor else None
+            logger.warning("%s (%s): the full image is stored as %s while %d of the %d sampled "
+                           "views are %s: its patches hold levels on another scale%s",
+                           r["img_id"], r["img_path"], r["dtype"], depths[main],
+                           summary["images_read"], main,
+                           f" ({why}, a factor meant for {main})" if why else "")
+    logger.warning("%d sampled view(s) are not stored as %s like the other %d (%s; listed as "
+                   "mixed_bit_depth_views in sampling_summary.json): a single --rescale-factor "
+                   "will not fit those patches; convert those images to the same bit depth, or "
+                   "sample them into other folders", len(mixed), main, depths[main],
+                   ", ".join(f"{d}: {n}" for d, n in depths.items()))
+
+
+def _write_outputs(results, out_dirs, split_pats, summary, options) -> None:
+    """Write each output's ``patches.csv`` and ``pat_lst.txt`` and the summary, atomically."""
+    import pandas as pd
+
+    for split, out in out_dirs.items():
+        rows = [row for r in results if r["split"] == split for row in r["rows"]]
+        manifest = pd.DataFrame(rows, columns=_MANIFEST_COLS)
+        dm_image.atomic_write(Path(out, "patches.csv"),
+                              lambda fh, df=manifest: df.to_csv(fh, index=False), text=True)
+        text = "".join(p + "\n" for p in split_pats[split])
+        dm_image.atomic_write(Path(out, "pat_lst.txt"), lambda fh, t=text: fh.write(t),
+                              text=True)
+    dm_image.atomic_write(
+        Path(out_dirs["train"], "sampling_summary.json"),
+        lambda fh: json.dump({"options": options, "summary": summary}, fh, indent=1,
+                             default=str), text=True)
 
 
 def _log_summary(summary: dict, out_dirs: Dict[str, str]) -> None:
     logger.info("images read: %d of %d; skipped: %d %s", summary["images_read"],
                 summary["images_total"], summary["images_skipped"], summary["skipped"] or "")
+    if summary["views_skipped_bad_roi"]:
+        logger.warning("%d view(s) skipped for a bad ROI row or mask (their lesions would "
+                       "otherwise be cut as background)", summary["views_skipped_bad_roi"])
     for split, counts in summary["patches"].items():
         logger.info("%s patches in %s: %s", split, out_dirs[split], counts)
     logger.info("patients: %d train, %d val, %d not in the CSV; abnormal shortfall %d, "
@@ -920,29 +1215,66 @@ def _log_summary(summary: dict, out_dirs: Dict[str, str]) -> None:
 
 
 # ------------------------------------------------------------------------- command line
+_HELP = {
+    "roi_mask_csv": "roi_mask_path.csv: one row per lesion (patient_id, side, view, abn_num, "
+                    "pathology, type)",
+    "roi_mask_dir": "folder of the ROI masks {Calc|Mass}-{split}_{patient}_{side}_{view}_{abn}"
+                    ".png",
+    "patient_list": "text file of the patients to sample, one patient ID per line",
+    "full_img_dir": "folder of the full images {patient}_{side}_{view}.png",
+    "train_out": "output folder of the training patches (class subfolders, patches.csv)",
+    "val_out": "output folder of the validation patches (another folder than TRAIN_OUT)",
+    "target_height": "height the full images are resized to, in pixels",
+    "patch_size": "side of the square patches, in pixels of the resized image",
+    "nb_bkg": "background-folder patches per view, the hard negatives included",
+    "nb_abn": "abnormal patches per lesion",
+    "nb_hns": "hard-negative patches per view, at most",
+    "pos_cutoff": "an abnormal patch overlaps its lesion by more than this fraction of the "
+                  "lesion or of the patch (lowered by 0.05 after 1,000 failed draws)",
+    "neg_cutoff": "a background patch overlaps each lesion by at most this fraction of the "
+                  "lesion and of the patch",
+    "val_size": "fraction of the patients whose patches go to VAL_OUT (0: none)",
+    "bkg_dir": "class folder of the background and hard-negative patches",
+    "calc_pos_dir": "class folder of the malignant calcification patches",
+    "calc_neg_dir": "class folder of the benign calcification patches",
+    "mass_pos_dir": "class folder of the malignant mass patches",
+    "mass_neg_dir": "class folder of the benign mass patches",
+}
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """Parser with the 2017 flags; defaults are those of :func:`run`."""
     d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
     parser = argparse.ArgumentParser(description="Sample patches from mammograms and ROI masks.")
     for name in ("roi_mask_csv", "roi_mask_dir", "patient_list", "full_img_dir", "train_out",
                  "val_out"):
-        parser.add_argument(name, metavar=name.upper())
-    parser.add_argument("--target-height", type=int, default=d["target_height"])
+        parser.add_argument(name, metavar=name.upper(), help=_HELP[name])
+    dflt = " (default: %(default)s)"
+    parser.add_argument("--target-height", type=int, default=d["target_height"],
+                        help=_HELP["target_height"] + dflt)
     add_optional_value_flag(parser, "target-width", int, default=d["target_width"],
-                            help_text="fixed width (default: keep the aspect ratio)")
+                            help_text="fixed width of the resized images; not set: keep the "
+                                      "aspect ratio")
     add_bool_flag(parser, "segment-breast", d["segment_breast"], "crop to the breast first")
     for name in ("patch_size", "nb_bkg", "nb_abn", "nb_hns"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name])
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name],
+                            help=_HELP[name] + dflt)
     for name in ("pos_cutoff", "neg_cutoff", "val_size"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=d[name])
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=d[name],
+                            help=_HELP[name] + dflt)
     for name in ("bkg_dir", "calc_pos_dir", "calc_neg_dir", "mass_pos_dir", "mass_neg_dir"):
-        parser.add_argument("--" + name.replace("_", "-"), default=d[name])
+        parser.add_argument("--" + name.replace("_", "-"), default=d[name],
+                            help=_HELP[name] + dflt)
     add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
     parser.add_argument("--workers", type=int, default=d["workers"],
                         help="worker processes, each sampling two views at a time on "
                         "threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d["seed"],
                         help="run seed (default: RANDOM_SEED or 12345)")
+    parser.add_argument("--overwrite", action="store_true", default=d["overwrite"],
+                        help="replace an earlier run's patches in TRAIN_OUT and VAL_OUT: their "
+                             "class folders, patches.csv, pat_lst.txt and sampling_summary.json "
+                             "are removed first (default: off; refused when they hold patches)")
     return parser
 
 

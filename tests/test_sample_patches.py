@@ -6,6 +6,7 @@ layout, runs the sampler at a small size (target height 512, 64-pixel patches), 
 written patch against the image and masks it recomputes independently.
 """
 import filecmp
+import json
 import os
 from pathlib import Path
 
@@ -455,3 +456,248 @@ def test_parser_defaults_match_spec():
                                              "--no-verbose", "--workers", "3", "--seed", "7"])
     assert (args.target_width, args.segment_breast, args.verbose, args.workers, args.seed) == \
         (300, False, False, 3, 7)
+
+
+# ------------------------------------------------------------------------- refusing wrong runs
+SMALL = {p: CASES[p] for p in ("P_00001", "P_00002", "P_00004", "P_00005")}
+
+
+def _argv(data, out, *extra, csv=None, pats=None):
+    return [str(csv or data / "roi_mask_path.csv"), str(data / "roi_mask"),
+            str(pats or data / "pat.txt"), str(data / "full_img"), str(out / "train"),
+            str(out / "val"), "--target-height", str(TH), "--patch-size", str(P),
+            "--nb-abn", "3", "--nb-bkg", "4", "--nb-hns", "1", "--no-verbose", *extra]
+
+
+def _exit_message(capsys, argv):
+    """(exit status, stderr) of the command line ``argv``."""
+    with pytest.raises(SystemExit) as exc:
+        spc.main(argv)
+    return exc.value.code, capsys.readouterr().err
+
+
+def _files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
+
+
+def test_rerun_into_folders_holding_patches_is_refused(tmp_path, capsys):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    out = tmp_path / "out"
+    spc.main(_argv(data, out, "--val-size", "0.5"))
+    before = {p: (out / p).read_bytes() for p in _files_under(out)}
+    code, err = _exit_message(capsys, _argv(data, out, "--val-size", "0.5", "--seed", "3"))
+    assert code == 2 and "already holds patches" in err and str(out / "train") in err
+    assert "--overwrite" in err and err.count("\n") == 1
+    assert {p: (out / p).read_bytes() for p in _files_under(out)} == before  # nothing touched
+    # image files in a class folder (no manifest) are refused too, naming that folder
+    other = tmp_path / "other"
+    (other / "val" / "mass_ben").mkdir(parents=True)
+    cv2.imwrite(str(other / "val" / "mass_ben" / "old.png"), np.zeros((4, 4), np.uint8))
+    code, err = _exit_message(capsys, _argv(data, other))
+    assert code == 2 and str(other / "val" / "mass_ben") in err
+    assert not (other / "train").exists()
+    # other files (not patches) do not stop a run
+    fresh = tmp_path / "fresh"
+    (fresh / "train" / "background").mkdir(parents=True)
+    (fresh / "train" / "README.txt").write_text("my notes")
+    (fresh / "train" / "background" / "notes.txt").write_text("x")
+    assert spc.main(_argv(data, fresh))["images_read"] == 4
+    # the two outputs must be two folders
+    same = _argv(data, tmp_path / "x")
+    same[5] = same[4]
+    code, err = _exit_message(capsys, same)
+    assert code == 2 and "same folder" in err
+
+
+def test_overwrite_replaces_exactly_what_the_run_writes(tmp_path):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    out = tmp_path / "out"
+    first = spc.main(_argv(data, out, "--val-size", "0.5", "--nb-bkg", "6"))
+    assert first["patches"]["train"]["background"] > 0
+    keep = {out / "train" / "README.txt": "notes", out / "val" / "extra" / "x.png": "other class",
+            out / "train" / "background.bak" / "a.png": "a backup"}
+    for path, text in keep.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    second = spc.main(_argv(data, out, "--val-size", "0.5", "--nb-bkg", "2", "--seed", "99",
+                            "--overwrite"))
+    for path, text in keep.items():  # not written by the run: left alone
+        assert path.read_text() == text
+    summary = json.loads((out / "train" / "sampling_summary.json").read_text())
+    assert summary["summary"]["patches"] == second["patches"]
+    assert summary["options"]["overwrite"] is True
+    pats = {s: set((out / s / "pat_lst.txt").read_text().split()) for s in ("train", "val")}
+    assert not pats["train"] & pats["val"] and pats["train"] | pats["val"] == set(SMALL)
+    for split in ("train", "val"):
+        man = pd.read_csv(out / split / "patches.csv")
+        # every patch file of the class folders is in this run's manifest (old ones removed)
+        on_disk = {str(p.relative_to(out / split)) for name in ("background", "calc_mal",
+                   "calc_ben", "mass_mal", "mass_ben") for p in (out / split / name).glob("*")}
+        assert on_disk == {f"{r.folder}/{r.filename}" for r in man.itertuples()}
+        assert set(man.img_id.str.rsplit("_", n=2).str[0]) <= pats[split]
+        assert not man.filename.str.contains("bkg_0002").any()  # nb_bkg 6 -> 2
+    assert second["patches_total"] == len(pd.read_csv(out / "train" / "patches.csv")) + \
+        len(pd.read_csv(out / "val" / "patches.csv"))
+
+
+def _csv_text(lines):
+    """A CSV as a Windows editor might save it: BOM, CRLF, a blank line, padded values."""
+    return "\ufeff" + "\r\n".join(lines) + "\r\n"
+
+
+def test_bad_roi_rows_skip_their_whole_view(tmp_path, caplog):
+    cases = {p: CASES[p] for p in ("P_00001", "P_00002", "P_00003", "P_00004", "P_00005",
+                                   "P_00006", "P_00008")}
+    data = _write_dataset(tmp_path / "data", cases)
+    (data / "roi_mask" / "Mass-Training_P_00005_LEFT_CC_1.png").write_bytes(b"garbage")
+    lines = ["patient_id , side, view,abn_num,pathology,type",   # line 1
+             "P_00001,LEFT,CC,1,MALIGNANT,mass",                  # 2
+             " P_00001 , LEFT , CC , 2 , LUMP , calc ",           # 3: unknown pathology
+             "",                                                  # 4
+             "P_00002,RIGHT,MLO,1,BENIGN,cyst",                   # 5: unknown type
+             "P_00003,LEFT,MLO,first,MALIGNANT,calc",             # 6: abn_num not an integer
+             "P_00004,RIGHT,CC,1,BENIGN_WITHOUT_CALLBACK,mass",   # 7
+             "P_00004,RIGHT,CC,1,benign_without_callback,Mass",   # 8: repeats line 7
+             "P_00005,LEFT,CC,1,MALIGNANT,mass",                  # 9: unreadable mask
+             "P_00006,,CC,1,BENIGN,calc",                         # 10: side empty
+             "P_00006,RIGHT,CC,1,BENIGN,calc",                    # 11
+             "P_00008,RIGHT,MLO,1,BENIGN,mass"]                   # 12
+    csv = tmp_path / "roi.csv"
+    csv.write_text(_csv_text(lines), newline="")
+    pats = tmp_path / "pats.txt"
+    pats.write_text(_csv_text([" " + p for p in cases] + ["", "P_00001"]), newline="")
+    with caplog.at_level("WARNING"):
+        summary = spc.main(_argv(data, tmp_path / "out", "--val-size", "0", csv=csv, pats=pats))
+    assert summary["skipped"] == {"bad_roi_row": 4, "mask_unreadable": 1}
+    assert summary["views_skipped_bad_roi"] == 5
+    assert summary["bad_rows"] == 4 and summary["duplicate_rows"] == 1
+    assert summary["images_read"] == 2 and summary["images_total"] == 7
+    log = caplog.text
+    for line, img_id in ((3, "P_00001_LEFT_CC"), (5, "P_00002_RIGHT_MLO"),
+                         (6, "P_00003_LEFT_MLO"), (10, "P_00006_RIGHT_CC")):
+        assert f"{csv}, line {line}" in summary["skipped_images"][img_id]
+        assert f"{csv}, line {line}" in log
+    assert f"{csv}, line 9" in summary["skipped_images"]["P_00005_LEFT_CC"]
+    assert f"{csv}, line 7: repeated by line 8" in log
+    man = pd.read_csv(tmp_path / "out" / "train" / "patches.csv")
+    assert set(man.img_id) == {"P_00004_RIGHT_CC", "P_00008_RIGHT_MLO"}  # no view sampled
+    abn = man[man.kind.str.startswith("abn")]                           # without its lesion
+    assert abn.groupby("img_id").size().to_dict() == {"P_00004_RIGHT_CC": 3,
+                                                      "P_00008_RIGHT_MLO": 3}
+    assert set(abn.folder) == {"mass_ben"}
+    written = (tmp_path / "out" / "train" / "pat_lst.txt").read_text().split()
+    assert written == sorted(cases)  # list read through BOM, spaces, blank line, repeat
+
+
+@pytest.mark.parametrize("which, text, line", [
+    ("pats", b"P_00001\r\n\r\nP_0\xe90002\r\n", 3),
+    ("csv", b"patient_id,side,view,abn_num,pathology,type\nP_00001,LEFT,CC,1,MALIGNANT,ma\xffss\n",
+     2)])
+def test_undecodable_input_is_an_error_naming_file_and_line(dataset, tmp_path, capsys, which,
+                                                            text, line):
+    path = tmp_path / f"input.{which}"
+    path.write_bytes(text)
+    kw = {"csv": path} if which == "csv" else {"pats": path}
+    code, err = _exit_message(capsys, _argv(dataset, tmp_path / "out", **kw))
+    assert code == 2 and f"{path}, line {line}" in err and "UTF-8" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where, value", [("pats", "../x"), ("patient_id", "../P_00001"),
+                                          ("side", "LEFT/.."), ("view", ".."),
+                                          ("abn_num", "1\\x"), ("flag", "../bkg")])
+def test_path_like_values_are_refused_before_writing(dataset, tmp_path, capsys, where, value):
+    csv = pd.read_csv(dataset / "roi_mask_path.csv", dtype=str)
+    pats = (dataset / "pat.txt").read_text()
+    extra = []
+    if where == "pats":
+        pats = pats.replace("P_00002\n", value + "\n")       # line 2
+    elif where == "flag":
+        extra = ["--bkg-dir", value]
+    else:
+        csv.loc[3, where] = value                             # file line 5
+    csv.to_csv(tmp_path / "roi.csv", index=False)
+    (tmp_path / "pats.txt").write_text(pats)
+    code, err = _exit_message(capsys, _argv(dataset, tmp_path / "out", *extra,
+                                            csv=tmp_path / "roi.csv", pats=tmp_path / "pats.txt"))
+    assert code == 2 and repr(value) in err and "cannot be part of a file name" in err
+    if where == "pats":
+        assert f"{tmp_path / 'pats.txt'}, line 2" in err
+    elif where != "flag":
+        assert f"{tmp_path / 'roi.csv'}, line 5" in err and where in err
+    else:
+        assert "--bkg-dir" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mixed_bit_depths_are_reported(sampled, tmp_path, caplog):
+    cases = {p: CASES[p] for p in ("P_00002", "P_00004", "P_00006")}
+    data = _write_dataset(tmp_path / "data", cases)
+    odd = data / "full_img" / "P_00004_RIGHT_CC.png"
+    img16 = cv2.imread(str(odd), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(odd), (img16 // 257).astype(np.uint8))
+    with caplog.at_level("WARNING"):
+        summary = spc.main(_argv(data, tmp_path / "out", "--val-size", "0"))
+    assert summary["images_read"] == 3
+    assert summary["bit_depths"] == {"uint16": 2, "uint8": 1}
+    assert summary["bit_depth"] == "uint16"
+    assert summary["mixed_bit_depth_views"] == ["P_00004_RIGHT_CC"]
+    saved = json.loads((tmp_path / "out" / "train" / "sampling_summary.json").read_text())
+    assert saved["summary"]["mixed_bit_depth_views"] == ["P_00004_RIGHT_CC"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("P_00004_RIGHT_CC" in m and str(odd) in m and "uint8" in m for m in warned)
+    assert any("--rescale-factor will not fit" in m for m in warned)
+    man = pd.read_csv(tmp_path / "out" / "train" / "patches.csv")
+    for r in man[man.img_id == "P_00004_RIGHT_CC"].itertuples():  # stored levels, 0..255
+        assert cv2.imread(str(tmp_path / "out" / "train" / r.folder / r.filename),
+                          cv2.IMREAD_UNCHANGED).max() <= 255
+    # one bit depth: nothing reported
+    _, one = sampled
+    assert one["bit_depths"] == {"uint16": one["images_read"]}
+    assert one["mixed_bit_depth_views"] == []
+
+
+@pytest.mark.parametrize("problem", ["no_images", "no_patient_in_csv"])
+def test_nothing_sampled_exits_2_without_manifest(tmp_path, capsys, problem):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    if problem == "no_images":
+        for f in (data / "full_img").iterdir():
+            f.unlink()
+    else:
+        (data / "pat.txt").write_text("P_09998\nP_09999\n")
+    code, err = _exit_message(capsys, _argv(data, tmp_path / "out"))
+    assert code == 2 and "no view was sampled" in err and "no manifest" in err
+    if problem == "no_images":
+        assert "4 view(s), 4 skipped {'image_missing': 4}" in err
+    else:
+        assert "2 patient(s)" in err and "2 not in" in err
+    assert not list((tmp_path / "out").rglob("*"))  # the empty folders it made are removed
+
+
+def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    written = []
+    real = spc.dm_image.atomic_write
+
+    def recording(path, *a, **kw):
+        written.append(str(Path(path).relative_to(tmp_path / "out")))
+        return real(path, *a, **kw)
+    monkeypatch.setattr(spc.dm_image, "atomic_write", recording)
+    spc.main(_argv(data, tmp_path / "out", "--val-size", "0.5"))
+    assert sorted(written) == _files_under(tmp_path / "out")
+    assert {"train/patches.csv", "val/patches.csv", "train/pat_lst.txt", "val/pat_lst.txt",
+            "train/sampling_summary.json"} <= set(written)
+
+
+def test_calc_and_mass_sharing_an_abn_num_keep_their_own_patches(tmp_path):
+    """CBIS-DDSM numbers calcifications and masses separately: a view may have both with
+    abn_num 1. Merged into one class folder, their patches must not overwrite each other."""
+    cases = {"P_00001": [("LEFT", "CC", 1, "MALIGNANT", "mass", (150, 250, 40)),
+                         ("LEFT", "CC", 1, "MALIGNANT", "calc", (120, 420, 8))]}
+    data = _write_dataset(tmp_path / "data", cases)
+    summary = spc.main(_argv(data, tmp_path / "out", "--val-size", "0", "--calc-pos-dir",
+                             "malignant", "--mass-pos-dir", "malignant"))
+    assert summary["patches"]["train"]["malignant"] == 6
+    man = pd.read_csv(tmp_path / "out" / "train" / "patches.csv")
+    assert set(man.kind) >= {"abn1calc", "abn1mass"} and man.filename.is_unique
+    assert len(os.listdir(tmp_path / "out" / "train" / "malignant")) == 6
