@@ -5,8 +5,8 @@ Screening Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. One or severa
 models (HDF5, including the published Keras 2.0.8 files, loaded with
 ``dm_keras_ext.robust_load_model``) score each image; their class probabilities are averaged.
 With ``--test-augment`` each model sees the image as is and flipped left-right, up-down and both
-(``dm_keras_ext.flip_all_img``), in one batched call, and the 4 predictions are averaged
-(SPEC section 5).
+(``dm_keras_ext.flip_all_img``), in one batched call, and the 4 predictions are averaged, as
+the 2017 evaluation did.
 
 Inputs (exactly one kind):
 

@@ -3,7 +3,7 @@
 Companion data for the end-to-end whole-mammogram classifier of Shen et al., "Deep Learning to
 Improve Breast Cancer Detection on Screening Mammography" (Sci Rep 2019; arXiv 1708.09427). The
 tests, benchmarks and the demo use it in place of CBIS-DDSM, in exactly the layouts the real tools
-read (SPEC section 3)::
+read (the CBIS-DDSM layouts described in the README's "Data formats")::
 
     OUT/full_img/{patient_id}_{LEFT|RIGHT}_{CC|MLO}.png        16-bit full mammograms
     OUT/roi_mask/{Calc|Mass}-Training_{patient_id}_{side}_{view}_{abn_num}.png   1-bit 0/255

@@ -1,7 +1,8 @@
 """Convert a TCIA CBIS-DDSM download (DICOM + the four description CSVs) to the sampler layout.
 
 Data preparation for Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening
-Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427 (SPEC section 3).
+Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. The output layout is the one described
+in the README's "Data formats".
 
 Input: ``CSV_DIR`` with the official ``{calc,mass}_case_description_{train,test}_set.csv`` and
 ``DICOM_ROOT``, the folder the CSV paths are relative to. A listed path that does not exist is

@@ -1,5 +1,5 @@
-"""dm_keras_ext Section 1: patch-net factory, YaroslavNet, ImageNet weights, optimisers, and the
-2017 reference parameter counts of patch and whole-image models (SPEC section 5)."""
+"""dm_keras_ext model factory: patch nets, YaroslavNet, ImageNet weights, optimisers, and the
+parameter counts of the 2017 patch and whole-image models (Keras 2.0.8 reference counts)."""
 import numpy as np
 import pytest
 

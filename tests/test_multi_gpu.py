@@ -1,4 +1,4 @@
-"""dm_multi_gpu (issue 5): strategies, make_parallel, mixed precision; distributed runs on CPU
+"""dm_multi_gpu: strategies, make_parallel, mixed precision; distributed runs on CPU
 (two logical CPU devices; two local worker processes on loopback) in subprocesses."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Tests of ddsm_train/make_synthetic_ddsm.py: layouts of SPEC section 3, pixel scale, masks,
+"""Tests of ddsm_train/make_synthetic_ddsm.py: the CBIS-DDSM layouts, pixel scale, masks,
 splits, anatomy (pectoral wedge, text label, chest-wall side), class cues, determinism and
 bad input."""
 import csv

@@ -1,4 +1,4 @@
-"""Training core of dm_keras_ext (issue 5): stages, regularisation switching, bias multiplier,
+"""Training core of dm_keras_ext: stages, regularisation switching, bias multiplier,
 AUROC checkpointing, flips, metrics, early stopping, crash safety. Tiny models, numpy data."""
 import numpy as np
 import pytest

@@ -5,7 +5,7 @@ mammogram-like PNGs (smooth breast shape plus noise) to a temporary folder, at t
 3328x2560 (about as large as real CBIS-DDSM/INbreast PNGs, resized on every read) and 1152x896
 (images stored at the training size, as ``prepare_cbis_ddsm.py --whole-size`` writes them). All
 rates are single-threaded (``cv2.setNumThreads(1)``) except the 2-worker row. The augmentation
-settings are those of image_clf_train (SPEC section 5). The ``.npy`` disk-cache row
+settings are those of image_clf_train (the 2017 augmentation). The ``.npy`` disk-cache row
 (``--img-cache-dir``) times the epochs after the first; the first epoch (decode + cache write) is
 printed beside it.
 """
