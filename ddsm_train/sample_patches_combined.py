@@ -963,8 +963,8 @@ def _prepare_outputs(out_dirs: Dict[str, str], class_names: Sequence[str],
              if held]
     if found and not overwrite:
         raise ValueError(
-            f"output folder already holds patches: {'; '.join(found)}. Sampling into it again "
-            "would mix two runs (and their patient splits); pass --overwrite to replace them "
+            f"output folder(s) already hold patches: {'; '.join(found)}. Sampling into them "
+            "again would mix two runs (and their patient splits); pass --overwrite to replace them "
             f"(removes the class folders {', '.join(class_names)} and "
             f"{', '.join(OUTPUT_FILES)} of both outputs, nothing else), or name new folders")
     if not overwrite:

@@ -486,7 +486,7 @@ def test_rerun_into_folders_holding_patches_is_refused(tmp_path, capsys):
     spc.main(_argv(data, out, "--val-size", "0.5"))
     before = {p: (out / p).read_bytes() for p in _files_under(out)}
     code, err = _exit_message(capsys, _argv(data, out, "--val-size", "0.5", "--seed", "3"))
-    assert code == 2 and "already holds patches" in err and str(out / "train") in err
+    assert code == 2 and "already hold patches" in err and str(out / "train") in err
     assert "--overwrite" in err and err.count("\n") == 1
     assert {p: (out / p).read_bytes() for p in _files_under(out)} == before  # nothing touched
     # image files in a class folder (no manifest) are refused too, naming that folder
