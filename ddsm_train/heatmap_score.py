@@ -608,7 +608,18 @@ def _draw(png, name, heatmap, img, bbox, mask):
     label = f"{name}  P({title}) max {heatmap[..., k].max():.2f}"
     roi = find_roi_mask(png.get("roi_mask_dir"), name, img.shape[:2])
     pic = overlay_heatmap(img, heatmap, k, bbox, mask, png["height"], label=label, roi_mask=roi)
-    _write_png(pic, Path(png["dir"]) / f"{name}_heatmap.png")
+    path = Path(png["dir"]) / f"{name}_heatmap.png"
+    _write_png(pic, path)
+    png.setdefault("written", set()).add(path.name)
+
+
+def _remove_stale_pictures(png_dir: Path, written: set) -> None:
+    """Remove ``*_heatmap.png`` overlays of an earlier run that this run did not draw, so the
+    folder shows one run's pictures only."""
+    for path in sorted(png_dir.glob("*_heatmap.png")):
+        if path.name not in written:
+            path.unlink()
+            logger.info("removed %s of an earlier run (this run does not draw it)", path)
 
 
 def _check_numbers(values: dict, featurewise_mean: float) -> None:
@@ -634,7 +645,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         featurewise_mean: float = 71.8, net: str = "vgg19", batch_size: int = 128,
         patch_size: int = 256, stride: int = 8, avg_pool_size: Sequence[int] = (7, 7),
         hm_strides: Sequence[int] = (1, 1), malignant_class: int = 1,
-        img_extension: str = "png", png_height: int = 1024, verbose: bool = False,
+        img_extension: str = "png", png_height: int = 1024, verbose: bool = True,
         all_images: bool = False, img_list: Optional[str] = None,
         class_list: Optional[Sequence[str]] = None, roi_mask_dir: Optional[str] = None,
         trust_model_file: bool = False, custom_objects: Optional[dict] = None,
@@ -735,6 +746,8 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
             "malignant_class": malignant_class, "nb_class": nb_class,
             "options": {k: v for k, v in opts.items() if k != "preprocess"}}
     summary["out"] = str(save_heatmaps(records, out, meta))
+    if png_dir:
+        _remove_stale_pictures(Path(png_dir), png.get("written", set()))
     summary["n_records"] = len(records)
     summary["elapsed_s"] = round(time.time() - t0, 2)
     logger.info("%d heatmaps for %d breasts in %.1f s -> %s; %d views missing, %d failed, "
@@ -765,7 +778,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="output file: .pkl writes the 2017 pickle, .npz a pickle-free "
                              "archive (default: %(default)s)")
     parser.add_argument("--png-dir", default=d["png_dir"],
-                        help="write overlay PNGs here (default: none)")
+                        help="write overlay PNGs here; *_heatmap.png files of an earlier run "
+                             "there that this run does not draw are removed (default: none)")
     parser.add_argument("--png-height", type=int, default=d["png_height"],
                         help="max height of the PNGs (default: %(default)s)")
     add_bool_flag(parser, "fprop-mode", d["fprop_mode"], "one fully convolutional pass")
@@ -803,7 +817,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "image's name, e.g. Mass-Training_P_00001_LEFT_CC_1.png) "
                            "(default: none)")
     add_trust_flag(parser)
-    add_bool_flag(parser, "verbose", d["verbose"], "progress display")
+    add_bool_flag(parser, "verbose", d["verbose"], "progress display (a bar on a terminal, a "
+                  "log line every tenth of the images otherwise)")
     return parser
 
 

@@ -78,7 +78,8 @@ import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_optional_value_flag, \
     add_trust_flag, apply_model_recipe, cli_main  # noqa: E402
-from script_utils import RestrictedUnpickler, restricted_unpickle  # noqa: E402
+from script_utils import (RestrictedUnpickler, read_csv_table, read_text_lines,  # noqa: E402
+                          restricted_unpickle)
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
@@ -156,19 +157,18 @@ def read_image_list(img_list: PathLike, img_dir: Optional[PathLike] = None) -> L
     """Read an image list file (see the module docstring for the two accepted layouts)."""
     img_list = Path(img_list)
     base = Path(img_dir) if img_dir is not None else img_list.parent
-    lines = [(i + 1, ln.strip()) for i, ln in enumerate(img_list.read_text().splitlines())]
-    lines = [(i, ln) for i, ln in lines if ln and not ln.startswith("#")]
+    lines = [(i, ln) for i, ln in read_text_lines(img_list) if not ln.startswith("#")]
     if not lines:
         raise ValueError(f"image list {img_list} holds no image")
     header = [f.strip().lower() for f in lines[0][1].split(",")]
     items = []
     if any(h in _PATH_COLUMNS for h in header):
-        table = pd.read_csv(img_list, dtype=str, keep_default_na=False, comment="#")
-        table.columns = [c.strip().lower() for c in table.columns]
+        table = read_csv_table(img_list, comment="#")
+        table.columns = [c if c == "_line" else c.lower() for c in table.columns]
         path_col = next(c for c in _PATH_COLUMNS if c in table.columns)
         label_col = next((c for c in _LABEL_COLUMNS if c in table.columns), None)
-        for row, rec in table.iterrows():
-            label = (_parse_label(rec[label_col], f"{img_list} row {row + 2}")
+        for rec in table.to_dict("records"):
+            label = (_parse_label(rec[label_col], f"{img_list} {rec['_line']}")
                      if label_col else None)
             items.append(ImageItem(rec[path_col], base / rec[path_col], label))
         return items
@@ -433,11 +433,9 @@ def score_items(items: List[ImageItem], models, channels, nb_class: int, batch_s
     workers = default_workers() if workers is None else workers
     loaded = prefetch_map(lambda item: _load_or_reason(item.path, read_opts), items,
                           ahead=prefetch * batch_size, workers=workers)
-    starts = range(0, len(items), batch_size)
-    if verbose:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="scoring", unit="batch")
-    for start in starts:
+    bar = dm_image.progress(len(items), "scoring", unit="img", verbose=verbose)
+    for start in range(0, len(items), batch_size):
+        bar.update(min(batch_size, len(items) - start))
         good, xs = [], []
         for i in range(start, min(start + batch_size, len(items))):
             x, reason = next(loaded)
@@ -450,6 +448,7 @@ def score_items(items: List[ImageItem], models, channels, nb_class: int, batch_s
         if good:
             probs[good] = predict_batch(models, channels, np.stack(xs), test_augment)
     loaded.close()
+    bar.close()
     return probs, errors
 
 
@@ -648,7 +647,7 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         featurewise_mean: float = 52.16, equalize_hist: bool = False,
         segment_breast: bool = False, test_augment: bool = False,
         channels: Optional[int] = None, batch_size: int = 4, threshold: float = 0.5,
-        bootstrap: int = 2000, seed: int = 12345, verbose: bool = False,
+        bootstrap: int = 2000, seed: int = 12345, verbose: bool = True,
         trust_model_file: bool = False, custom_objects: Optional[dict] = None,
         given_options: Optional[Sequence[str]] = None) -> dict:
     """Score images with the averaged models and write the tables, metrics and curves.
@@ -789,7 +788,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="output folder; files of an earlier run there that this run does "
                              "not write are removed (default: %(default)s)")
     add_trust_flag(parser)
-    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    add_bool_flag(parser, "verbose", d["verbose"], "progress display (a bar on a terminal, a "
+                  "log line every tenth of the images otherwise)")
     return parser
 
 

@@ -137,7 +137,7 @@ HEATMAP_DEFAULTS = dict(
     featurewise_center=False, featurewise_mean=71.8, net="vgg19", batch_size=128,
     patch_size=256, stride=8, avg_pool_size=[7, 7], hm_strides=[1, 1],
     pat_csv="./full_img/pat.csv", pat_list=None, out="./output/prob_heatmap.pkl",
-    png_dir=None, png_height=1024, malignant_class=1, img_extension="png", verbose=False,
+    png_dir=None, png_height=1024, malignant_class=1, img_extension="png", verbose=True,
     # options added since 2017, neutral by default
     all_images=False, img_list=None, class_list=None, roi_mask_dir=None,
     trust_model_file=False)
@@ -239,7 +239,7 @@ FPROP_SCRIPT = dict(
     pat_csv=_ROI + "pat_side_cancer.csv", img_folder=_ROI + "full_img_png",
     dl_state="CBIS-DDSM/Combined_patches_im1152_224_s10/resnet_prt_best1.h5",
     batch_size=128, patch_size=256, stride=8, png_dir=None, png_height=1024,
-    malignant_class=1, img_extension="png", verbose=False,
+    malignant_class=1, img_extension="png", verbose=True,
     # options added since 2017, neutral by default
     all_images=False, img_list=None, class_list=None, roi_mask_dir=None,
     trust_model_file=False)
@@ -249,7 +249,7 @@ SCORE_SCRIPT = dict(
     net="resnet50", batch_size=64, patch_size=256, stride=128, avg_pool_size=[7, 7],
     hm_strides=[1, 1], pat_csv=_ROI + "pat_side_cancer.csv", img_folder=_ROI + "full_img_png",
     dl_state="CBIS-DDSM/Combined_patches_im4096_256/3cls_best_model_resnet50.h5",
-    png_dir=None, png_height=1024, malignant_class=1, img_extension="png", verbose=False,
+    png_dir=None, png_height=1024, malignant_class=1, img_extension="png", verbose=True,
     # options added since 2017, neutral by default
     all_images=False, img_list=None, class_list=None, roi_mask_dir=None,
     trust_model_file=False)

@@ -283,3 +283,16 @@ def test_overlay_colour_bar_roi_outline_and_class_name(tmp_path):
     found = hs.find_roi_mask(masks, "P_1_LEFT_CC", (50, 40))
     assert found.shape == (50, 40) and abs(int(found.sum()) - 10 * 10) <= 10
     assert hs.find_roi_mask(masks, "P_2_LEFT_CC", (50, 40)) is None
+
+
+def test_png_dir_holds_one_run(synth, tmp_path, keras_session):
+    root, _ = synth
+    pngs = tmp_path / "png"
+    pngs.mkdir()
+    (pngs / "P_9_LEFT_CC_heatmap.png").write_bytes(b"an earlier run's picture")
+    (pngs / "notes.txt").write_text("not ours")
+    (tmp_path / "one.csv").write_text("patient_id,side,cancer\nP_1,RIGHT,1\n")
+    hs.main([str(root / "img"), str(root / "patch.h5"), "--pat-csv", str(tmp_path / "one.csv"),
+             "--img-height", str(HEIGHT), "--patch-size", str(P), "--stride", "16",
+             "--featurewise-center", "--out", str(tmp_path / "h.npz"), "--png-dir", str(pngs)])
+    assert sorted(p.name for p in pngs.iterdir()) == ["P_1_RIGHT_CC_heatmap.png", "notes.txt"]

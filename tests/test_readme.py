@@ -6,7 +6,14 @@ import re
 import pytest
 
 SCRIPTS = ["image_clf_train", "patch_clf_train", "sample_patches_combined",
-           "image_clf_predict", "heatmap_score", "make_synthetic_ddsm", "prepare_cbis_ddsm"]
+           "image_clf_predict", "heatmap_score", "make_synthetic_ddsm", "prepare_cbis_ddsm",
+           "compute_mean"]
+
+
+def _all_scripts(repo_root):
+    """Every ``ddsm_train`` module with a command line (a ``get_args_parser``)."""
+    return sorted(p.stem for p in (repo_root / "ddsm_train").glob("*.py")
+                  if "def get_args_parser" in p.read_text())
 
 
 def _long_flags(parser):
@@ -63,3 +70,27 @@ def test_readme_walkthrough_commands_parse_as_written(repo_root):
             parser.parse_args(argv)
         except SystemExit:
             pytest.fail(f"README command for {name}.py does not parse: {' '.join(argv)}")
+
+
+def test_every_script_is_documented(repo_root):
+    internal = {"demo_summary", "gpu_check"}   # run by make demo / make gpu-check
+    assert set(_all_scripts(repo_root)) - internal == set(SCRIPTS)
+
+
+def test_every_argument_has_a_one_line_help_with_its_default(repo_root):
+    """``--help`` explains every argument: positionals say what they are, options with a
+    value say their default (a ``--no-x`` twin may stay hidden)."""
+    problems = []
+    for script in _all_scripts(repo_root):
+        parser = importlib.import_module(script).get_args_parser()
+        shows_defaults = issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            name = action.option_strings[0] if action.option_strings else action.dest
+            text = " ".join((action.help or "").split())
+            if not text:
+                problems.append(f"{script}: {name} has no help")
+            elif (action.option_strings and not shows_defaults and "default" not in text):
+                problems.append(f"{script}: {name} help does not give the default")
+    assert not problems, "\n".join(problems)
