@@ -20,8 +20,9 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
+
+from script_utils import _OPTIONS_RECORDS, options_json_path
 
 __all__ = [
     "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED", "NOSAVE",
@@ -32,11 +33,10 @@ __all__ = [
     "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
     "add_model_file_flags", "add_distributed_flags", "add_run_flags", "run_identity",
     "RUN_NEUTRAL_OPTIONS", "MODEL_SOURCE_OPTIONS", "run_file_kwargs",
-    "setup_logging", "cli_main", "checked_main", "parallel_map", "options_json_path",
-    "log_and_save_options", "check_batch_vs_devices",
+    "check_batch_vs_devices",
     "resolve_options", "check_class_dirs", "env_summary", "AUGMENTATION_2017",
     "build_data_iterators", "iterators_from_options",
-    "given_options", "RECIPE_OPTIONS", "apply_model_recipe", "training_recipe",
+    "RECIPE_OPTIONS", "apply_model_recipe", "training_recipe",
     "save_input_recipe",
 ]
 
@@ -380,151 +380,6 @@ def run_file_kwargs(opts, env, identity, resume):
 
 
 # --------------------------------------------------------------------------- run helpers
-def setup_logging(level=logging.INFO):
-    """Configure root logging to stdout for a script's ``main()``.
-
-    Leaves an already configured root logger alone (a calling program or pytest owns it).
-    """
-    logging.basicConfig(level=level, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-#: Set this environment variable to 1 to see the traceback of a user error as well.
-TRACEBACK_ENV = "DM_TRACEBACK"
-
-
-def _user_error_exit(parser, err):
-    """End a script on a user error: one line naming the file or value, exit status 2."""
-    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-        raise err
-    message = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
-        message = f"{err.filename}: {message}"
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-
-def given_options(parser, argv=None):
-    """The destinations of the options given on the command line ``argv`` (not defaulted).
-
-    The parser's defaults stay as they are: ``argv`` is parsed into a namespace already
-    holding a marker for every destination, which argparse leaves alone unless a flag sets it.
-
-    Returns:
-        frozenset of destination names, e.g. ``{"model", "img_dir"}``.
-    """
-    unset = object()
-    dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
-    namespace = argparse.Namespace(**{d: unset for d in dests})
-    parsed = parser.parse_args(argv, namespace=namespace)
-    return frozenset(k for k, v in vars(parsed).items() if v is not unset)
-
-
-def cli_main(parser, run, argv=None, validate=None, pass_given=False):
-    """A script's ``main()``: parse ``argv``, set up logging, ``validate(opts)``, ``run(**opts)``.
-
-    With ``pass_given`` ``run`` also gets ``given_options``: the sorted destinations the
-    command line set (:func:`given_options`), so that settings the user left out can come
-    from a model file's input recipe. Returns what ``run`` returns. A user error, i.e. a ``ValueError`` (bad value, bad row in a
-    CSV, unsafe model file) or an ``OSError`` (missing, unreadable or unwritable file, full
-    disk), ends the script with one line ``PROG: error: MESSAGE`` on stderr and exit status 2,
-    without a traceback (set ``DM_TRACEBACK=1`` to see it). ``validate`` runs before any model
-    or data is loaded.
-    """
-    args = parser.parse_args(argv)
-    setup_logging()
-    opts = vars(args)
-    if pass_given:
-        opts["given_options"] = sorted(given_options(parser, argv))
-    try:
-        if validate is not None:
-            validate(opts)
-        return run(**opts)
-    except (ValueError, OSError) as err:
-        _user_error_exit(parser, err)
-
-
-def checked_main(parser, validate, run, argv=None, pass_given=False):
-    """A training script's ``main()``: :func:`cli_main` with ``validate(opts)`` first."""
-    return cli_main(parser, run, argv, validate=validate, pass_given=pass_given)
-
-
-def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1, sizes=None):
-    """``[fn(x) for x in items]`` in ``workers`` spawned processes, showing progress.
-
-    Results keep the order of ``items``. Worker processes are started with "spawn" (forking a
-    parent that has run threaded libraries such as OpenCV can deadlock the children) and run
-    OpenCV single-threaded; ``fn`` must be a picklable module-level function. ``sizes``
-    (one int per item, e.g. the views in a batch) weights the progress bar, in views.
-    """
-    from dm_image import progress
-
-    items = list(items)
-    sizes = [1] * len(items) if sizes is None else list(sizes)
-    bar = progress(sum(sizes), desc, unit="view", verbose=verbose)
-    results = []
-    with bar:
-        if workers == 1 or len(items) <= 1:
-            for x, n in zip(items, sizes):
-                results.append(fn(x))
-                bar.update(n)
-            return results
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(workers, len(items)), initializer=_single_threaded_opencv) as pool:
-            for res, n in zip(pool.imap(fn, items, chunksize=chunksize), sizes):
-                results.append(res)
-                bar.update(n)
-    return results
-
-
-def _single_threaded_opencv():
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
-def options_json_path(best_model):
-    """Path of the options JSON written beside ``best_model`` (``<best_model>.options.json``)."""
-    return Path(str(best_model) + ".options.json")
-
-
-#: Options records of this process's runs, by options JSON path, until their model is saved.
-_OPTIONS_RECORDS = {}
-
-
-def log_and_save_options(options, best_model, extra=None):
-    """Log resolved options; they are saved as JSON beside the best model with its first save.
-
-    The JSON (``<best_model>.options.json``) is written right after the run's first model is
-    saved at ``best_model`` (``dm_keras_ext.register_model_sidecar``), so it always describes
-    the model next to it: a run that fails before producing a model leaves an earlier run's
-    model and options file as they were.
-
-    Args:
-        options: mapping of option name to value (JSON-serialisable after ``str`` fallback).
-        best_model: the best-model path.
-        extra: optional mapping added under ``"environment"`` (e.g. resolved env variables).
-
-    Returns:
-        Path: where the JSON file will be written.
-    """
-    import dm_keras_ext
-
-    record = dict(options)
-    if extra:
-        record["environment"] = dict(extra)
-    for key in sorted(record):
-        logger.info("option %s = %r", key, record[key])
-    json_path = options_json_path(best_model)
-    _OPTIONS_RECORDS[str(json_path)] = record
-    dm_keras_ext.register_model_sidecar(
-        best_model, json_path,
-        lambda: json.dumps(_OPTIONS_RECORDS[str(json_path)], indent=2, sort_keys=True,
-                           default=str))
-    return json_path
-
-
 def check_batch_vs_devices(batch_size, nb_devices, what="batch size"):
     """Raise ValueError when a global batch cannot give each replica at least one sample."""
     if batch_size < nb_devices:

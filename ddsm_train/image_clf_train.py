@@ -27,9 +27,9 @@ import math
 import os
 
 try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # noqa: F401  (run as a script)
+    import script_utils  # (run as a script)
 except ImportError:
-    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+    from ddsm_train import script_utils  # (run as ddsm_train.<module>)
 
 import common_flags as cf  # noqa: E402
 
@@ -205,7 +205,7 @@ def run(train_dir, val_dir, test_dir, **options):
 
     strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])   # first: multi-worker needs it
     validate_options(opts, strategy.num_replicas_in_sync)
-    json_path = cf.log_and_save_options(opts, opts["best_model"], env)
+    json_path = script_utils.log_and_save_options(opts, opts["best_model"], env)
 
     import dm_keras_ext
     import tf_keras as keras
@@ -287,7 +287,8 @@ def _report(opts, json_path, hists, ckpt, test, is_chief=True):
 
 def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
-    result = cf.checked_main(get_args_parser(), validate_options, run, argv, pass_given=True)
+    result = script_utils.checked_main(get_args_parser(), validate_options, run, argv,
+                                       pass_given=True)
     print(f"best validation AUROC {result['best_val_auc']:.4f}; test AUROC "
           f"{_fmt(result['test_auc'])}, with flips {_fmt(result['test_auc_augmented'])}")
     return result

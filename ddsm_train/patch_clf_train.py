@@ -17,9 +17,9 @@ import logging
 import os
 
 try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # noqa: F401  (run as a script)
+    import script_utils  # (run as a script)
 except ImportError:
-    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+    from ddsm_train import script_utils  # (run as ddsm_train.<module>)
 
 import common_flags as cf  # noqa: E402
 
@@ -140,7 +140,7 @@ def run(train_dir, val_dir, test_dir, **options):
 
     strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
     validate_options(opts, strategy.num_replicas_in_sync)
-    json_path = cf.log_and_save_options(opts, opts["best_model"], env)
+    json_path = script_utils.log_and_save_options(opts, opts["best_model"], env)
 
     import dm_keras_ext
     import tf_keras as keras
@@ -217,7 +217,7 @@ def _report(opts, json_path, hists, test, is_chief=True):
 
 def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
-    result = cf.checked_main(get_args_parser(), validate_options, run, argv)
+    result = script_utils.checked_main(get_args_parser(), validate_options, run, argv)
     if result["test_accuracy"] is not None:
         print(f"best validation accuracy {result['best_val_accuracy']:.4f}; test accuracy "
               f"{result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}")

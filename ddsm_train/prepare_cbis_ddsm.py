@@ -60,10 +60,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, cli_main, parallel_map  # noqa: E402
+from common_flags import add_bool_flag  # noqa: E402
 from compute_mean import image_mean  # noqa: E402
-from script_utils import ROI_COLUMNS, InputFileError, read_csv_table, \
-    safe_name_part  # noqa: E402
+from script_utils import ROI_COLUMNS, InputFileError, cli_main, parallel_map, \
+    read_csv_table, safe_name_part  # noqa: E402
 
 __all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
            "get_args_parser", "main"]

@@ -103,10 +103,10 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dm_image  # noqa: E402
-from script_utils import ROI_COLUMNS, InputFileError, read_csv_table, read_text_lines, \
-    safe_name_part  # noqa: E402
-from common_flags import add_bool_flag, add_optional_value_flag, get_random_seed, \
-    cli_main, parallel_map  # noqa: E402
+from common_flags import add_bool_flag, add_optional_value_flag, \
+    get_random_seed  # noqa: E402
+from script_utils import ROI_COLUMNS, InputFileError, cli_main, parallel_map, \
+    read_csv_table, read_text_lines, safe_name_part  # noqa: E402
 
 __all__ = [
     "CSV_COLUMNS", "PATHOLOGY_LABELS", "LESION_TYPES", "BLOB_PARAMS", "MaskSat",

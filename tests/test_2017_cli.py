@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import common_flags as cf
+import script_utils
 import heatmap_score
 import image_clf_train
 import patch_clf_train
@@ -560,7 +561,7 @@ def test_patch_script_runs(patch_model):
     import json
 
     import dm_keras_ext
-    opts = json.loads(cf.options_json_path(patch_model).read_text())
+    opts = json.loads(script_utils.options_json_path(patch_model).read_text())
     for key, value in dict(PATCH_SCRIPT, img_size=[PATCH_HW, PATCH_HW], net="vgg16",
                            top_layer_epochs=1, all_layer_epochs=1).items():
         if not key.endswith("_dir") and key != "best_model":
@@ -592,7 +593,7 @@ def test_im1152_script_runs(image_model):
 
     import dm_keras_ext
     best, out = image_model
-    opts = json.loads(cf.options_json_path(best).read_text())
+    opts = json.loads(script_utils.options_json_path(best).read_text())
     assert (opts["kept_layer_idx"], opts["nb_epoch"], opts["all_layer_epochs"],
             opts["frozen_bn_mode"]) == (-5, 1, 2, "batch")
     model = dm_keras_ext.robust_load_model(best)

@@ -146,7 +146,8 @@ def test_bad_input(synth, tmp_path, keras_session):
     root, _ = synth
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("patient,side\nP_1,LEFT\n")
-    with pytest.raises(ValueError, match=r"bad.csv: missing column\(s\) \['patient_id', 'cancer'\]"):
+    with pytest.raises(ValueError,
+                       match=r"bad.csv: missing column\(s\) \['patient_id', 'cancer'\]"):
         hs.read_patient_sides(bad_csv)
     # ids from a CSV never leave the output folder; a typo in cancer is named with its line
     evil = tmp_path / "evil.csv"
