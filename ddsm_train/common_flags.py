@@ -32,7 +32,8 @@ __all__ = [
     "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
     "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
     "add_model_file_flags", "add_distributed_flags", "add_run_flags", "run_identity",
-    "RUN_NEUTRAL_OPTIONS", "MODEL_SOURCE_OPTIONS", "run_file_kwargs",
+    "RUN_NEUTRAL_OPTIONS", "MODEL_SOURCE_OPTIONS", "run_file_kwargs", "begin_training_run",
+    "add_progress_flag",
     "check_batch_vs_devices",
     "resolve_options", "check_class_dirs", "env_summary", "AUGMENTATION_2017",
     "build_data_iterators", "iterators_from_options",
@@ -355,6 +356,42 @@ def run_identity(opts, env):
     return {"options": options, "options_hash": digest(options),
             "training_hash": digest(training), "source_options": list(MODEL_SOURCE_OPTIONS),
             "seed": env["RANDOM_SEED"]}
+
+
+def begin_training_run(opts, validate):
+    """The start both trainers share, before any model is built.
+
+    Makes the ``tf.distribute`` strategy of ``NUM_GPU_DEVICES`` (first: multi-worker set-up
+    needs it), runs ``validate(opts, replicas)``, logs the options (saved as JSON with the
+    run's first model), finds an unfinished run to resume (``--auto-resume``,
+    ``--resume-from`` of a checkpoint), seeds every RNG with ``RANDOM_SEED`` and sets the
+    ``--mixed-precision`` policy.
+
+    Returns:
+        ``(env, strategy, options_json_path, run_identity, resume)``.
+    """
+    import dm_keras_ext
+    import dm_multi_gpu
+    import tf_keras as keras
+    from script_utils import log_and_save_options
+
+    env = env_summary()
+    strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
+    validate(opts, strategy.num_replicas_in_sync)
+    json_path = log_and_save_options(opts, opts["best_model"], env)
+    identity = run_identity(opts, env)
+    resume = dm_keras_ext.resolve_resume(
+        dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
+        auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])
+    keras.utils.set_random_seed(env["RANDOM_SEED"])
+    dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
+    return env, strategy, json_path, identity, resume
+
+
+def add_progress_flag(parser, default=True):
+    """``--verbose`` / ``--no-verbose``: progress display (on by default)."""
+    add_bool_flag(parser, "verbose", default, "progress display (a bar on a terminal, a log "
+                  "line every tenth of the work otherwise)")
 
 
 def run_file_kwargs(opts, env, identity, resume):

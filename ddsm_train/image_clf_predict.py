@@ -77,7 +77,7 @@ import pandas as pd  # noqa: E402
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_optional_value_flag, \
-    add_trust_flag, apply_model_recipe  # noqa: E402
+    add_progress_flag, add_trust_flag, apply_model_recipe  # noqa: E402
 from script_utils import (RestrictedUnpickler, cli_main, read_csv_table,  # noqa: E402
                           read_text_lines, restricted_unpickle)
 
@@ -788,8 +788,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="output folder; files of an earlier run there that this run does "
                              "not write are removed (default: %(default)s)")
     add_trust_flag(parser)
-    add_bool_flag(parser, "verbose", d["verbose"], "progress display (a bar on a terminal, a "
-                  "log line every tenth of the images otherwise)")
+    add_progress_flag(parser, d["verbose"])
     return parser
 
 

@@ -135,23 +135,11 @@ def run(train_dir, val_dir, test_dir, **options):
         ``test_accuracy``.
     """
     opts = cf.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    env = cf.env_summary()
+    env, strategy, json_path, identity, resume = cf.begin_training_run(opts, validate_options)
+    import dm_keras_ext
     import dm_multi_gpu
 
-    strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
-    validate_options(opts, strategy.num_replicas_in_sync)
-    json_path = script_utils.log_and_save_options(opts, opts["best_model"], env)
-
-    import dm_keras_ext
-    import tf_keras as keras
-
-    identity = cf.run_identity(opts, env)
-    resume = dm_keras_ext.resolve_resume(
-        dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
-        auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])
-    keras.utils.set_random_seed(env["RANDOM_SEED"])
     nb_class = len(opts["class_list"])
-    dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
     model, preprocess, top_layer_nb = _build_model(opts, nb_class)
     model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
     model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
