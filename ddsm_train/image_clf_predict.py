@@ -525,10 +525,8 @@ def evaluate_level(y, score, out_dir: Path, level: str, threshold: float, n_boot
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
-    return path
+    return dm_image.atomic_write(path, lambda fh: df.to_csv(fh, index=False,
+                                                            float_format="%.6g"), text=True)
 
 
 def write_outputs(items: List[ImageItem], exams: Optional[List[dict]], probs: np.ndarray,
