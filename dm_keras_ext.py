@@ -14,6 +14,7 @@ import threading
 import time
 import types as _types
 import warnings as _warnings
+import zipfile as _zipfile
 from collections import namedtuple as _namedtuple
 
 import h5py as _h5py
@@ -642,12 +643,17 @@ def robust_load_model(filepath, custom_objects=None, safe_mode=True):
     path = _os.fspath(filepath)
     if not _os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
+    if not _h5py.is_hdf5(path) and not _zipfile.is_zipfile(path):
+        raise OSError(f"cannot read model file {path}: neither an HDF5 (.h5) model nor a .keras "
+                      f"archive")
     if safe_mode:
         check_model_file_safe(path)
     with _serialization_lib.SafeModeScope(bool(safe_mode)):
         try:
             model = keras.models.load_model(path, custom_objects=custom_objects, compile=False,
                                             safe_mode=bool(safe_mode))
+        except OSError as err:
+            raise OSError(f"cannot read model file {path}: {err}") from err
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             logger.warning("tf-keras could not load %s (%s); rebuilding from its config", path,
                            str(err).splitlines()[0] if str(err) else type(err).__name__)

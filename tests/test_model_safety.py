@@ -56,6 +56,10 @@ def test_not_a_model_file_names_the_file(tmp_path):
     path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)   # HDF5 signature, then nothing valid
     with pytest.raises((OSError, ValueError), match="notes.h5"):
         E.robust_load_model(path)
+    text = tmp_path / "readme.h5"
+    text.write_text("not a model at all\n")
+    with pytest.raises(OSError, match="readme.h5: neither an HDF5"):
+        E.robust_load_model(text)
 
 
 def _layer_list(config):

@@ -397,3 +397,20 @@ def test_out_dir_holds_one_run_and_mixed_depth_is_reported(class_dir, trained_mo
     assert [p.rsplit("/", 1)[-1] for p, _ in summary["scale_mismatch"]] == ["eight_bit.png"]
     assert any("eight_bit.png" in r.getMessage() and "8-bit image" in r.getMessage()
                for r in caplog.records)
+
+
+def test_lambda_model_cannot_run_code_through_prediction(class_dir, tmp_path, keras_session,
+                                                          capsys):
+    keras = keras_session
+    marker = tmp_path / "code_ran"
+    source = f"lambda x: (__import__('pathlib').Path({str(marker)!r}).touch(), x)[1]"
+    inp = keras.Input((H, W, 3))
+    x = keras.layers.Lambda(eval(source), name="sneaky")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inp, keras.layers.Dense(2, activation="softmax")(x)).save(
+        tmp_path / "lambda.h5", save_format="h5")
+    marker.unlink(missing_ok=True)
+    argv = ["--model", str(tmp_path / "lambda.h5"), "--img-dir", str(class_dir),
+            "--out-dir", str(tmp_path / "out"), *BASE]
+    assert "'sneaky'" in _exit2(argv, capsys) and not marker.exists()
+    assert icp.main(argv + ["--trust-model-file"])["n_scored"] == 8 and marker.exists()
