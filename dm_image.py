@@ -484,6 +484,16 @@ def _has_image_ext(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMG_EXTENSIONS if "." in name else False
 
 
+def _walk_images(folder, relative_to, follow_links) -> List[str]:
+    """Image files under ``folder``, sorted folder by folder, relative to ``relative_to``."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=follow_links):
+        dirs.sort()
+        rel = os.path.relpath(root, relative_to)
+        found.extend(os.path.join(rel, f) for f in sorted(files) if _has_image_ext(f))
+    return found
+
+
 def list_images(directory, follow_links=False) -> List[str]:
     """Every image file under ``directory`` (recursively), as sorted relative paths.
 
@@ -496,12 +506,7 @@ def list_images(directory, follow_links=False) -> List[str]:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise ValueError(f"image folder {directory!r} does not exist or is not a folder")
-    found = []
-    for root, dirs, files in os.walk(directory, followlinks=follow_links):
-        dirs.sort()
-        rel = os.path.relpath(root, directory)
-        found.extend(os.path.normpath(os.path.join(rel, f)) for f in sorted(files)
-                     if _has_image_ext(f))
+    found = [os.path.normpath(f) for f in _walk_images(directory, directory, follow_links)]
     if not found:
         raise ValueError(f"no images (extensions {', '.join(IMG_EXTENSIONS)}) found in "
                          f"{directory!r}")
@@ -539,11 +544,7 @@ def list_class_images(directory, classes=None, follow_links=False):
         sub = os.path.join(directory, name)
         if not os.path.isdir(sub):
             raise ValueError(f"class {name!r} has no subfolder: {sub!r} does not exist")
-        found = []
-        for root, dirs, files in os.walk(sub, followlinks=follow_links):
-            dirs.sort()
-            rel = os.path.relpath(root, directory)
-            found.extend(os.path.join(rel, f) for f in sorted(files) if _has_image_ext(f))
+        found = _walk_images(sub, directory, follow_links)
         if not found:
             logger.warning("class %r has no images in %s", name, sub)
         filenames.extend(found)

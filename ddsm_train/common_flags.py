@@ -153,8 +153,8 @@ def add_optional_value_flag(group, name, type_, default=None, help_text="", dest
 
 # --------------------------------------------------------------------------- flag groups
 def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewise_center=True,
-                    img_scale=None, rescale_factor=None):
-    """Image reading and intensity flags.
+                    img_scale=None, rescale_factor=None, centring=True):
+    """Image reading and intensity flags (``centring`` False: without the centring flags).
 
     Args:
         parser: the script's parser.
@@ -176,10 +176,12 @@ def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewi
                             no_short="-nic")
     add_optional_value_flag(g, "rescale-factor", float, rescale_factor,
                             "multiply intensities by this factor (0.003891 for 16-bit PNG)")
-    add_bool_flag(g, "featurewise-center", featurewise_center, "subtract --featurewise-mean")
-    g.add_argument("--featurewise-mean", dest="featurewise_mean", type=float,
-                   default=featurewise_mean,
-                   help=f"train-set mean intensity after rescale (default: {featurewise_mean})")
+    if centring:
+        add_bool_flag(g, "featurewise-center", featurewise_center, "subtract --featurewise-mean")
+        g.add_argument("--featurewise-mean", dest="featurewise_mean", type=float,
+                       default=featurewise_mean,
+                       help=f"train-set mean intensity after rescale (default: "
+                            f"{featurewise_mean})")
     add_bool_flag(g, "equalize-hist", equalize_hist, "histogram equalisation")
 
 

@@ -26,8 +26,7 @@ try:   # puts the root dm_* modules and this folder on sys.path
 except ImportError:
     from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
 import dm_image  # noqa: E402
-from common_flags import (add_bool_flag, add_optional_value_flag,  # noqa: E402
-                          get_num_cpu_cores)
+from common_flags import add_image_flags, get_num_cpu_cores  # noqa: E402
 from script_utils import cli_main  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -113,14 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "training generators compute it (the value for --featurewise-mean).")
     parser.add_argument("folder", metavar="FOLDER",
                         help="training images (searched recursively)")
-    parser.add_argument("--img-size", "-is", nargs=2, type=int, default=[1152, 896],
-                        metavar=("H", "W"), help="resize to H W (default: %(default)s)")
-    add_optional_value_flag(parser, "img-scale", float, None,
-                            "map each image's maximum to this value", short="-ic",
-                            no_short="-nic")
-    add_optional_value_flag(parser, "rescale-factor", float, None,
-                            "multiply stored levels by this (0.003891 for 16-bit PNG)")
-    add_bool_flag(parser, "equalize-hist", False, "histogram-equalise each image")
+    add_image_flags(parser, img_size=(1152, 896), featurewise_mean=None, equalize_hist=False,
+                    centring=False)
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding threads (default: NUM_CPU_CORES, else 4)")
     return parser
