@@ -118,11 +118,9 @@ def add_bool_flag(group, name, default, help_text="", dest=None):
         dest: destination attribute, default ``name`` with ``_`` for ``-``.
     """
     dest = dest or _dest(name)
-    group.add_argument(f"--{name}", dest=dest, action="store_true",
-                       help=f"{help_text} (default: {'on' if default else 'off'}; "
-                            f"--no-{name} turns it off)")
-    group.add_argument(f"--no-{name}", dest=dest, action="store_false", help=argparse.SUPPRESS)
-    group.set_defaults(**{dest: default})
+    group.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction,
+                       default=default,
+                       help=f"{help_text} (default: {'on' if default else 'off'})")
 
 
 def add_optional_value_flag(group, name, type_, default=None, help_text="", dest=None, nargs=None,
