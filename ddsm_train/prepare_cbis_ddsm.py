@@ -341,7 +341,7 @@ def _assign_val(views: List[_View], val_size: Optional[float], seed: int) -> Lis
     (those with no test view) to the ``val`` split; returns the validation patients."""
     if not val_size:
         return []
-    from sample_patches_combined import split_patients
+    from patch_sampling import split_patients
 
     test_pats = {v.patient for v in views if v.split == "test"}
     malignant: Dict[str, bool] = {}
