@@ -27,6 +27,8 @@ from tf_keras.src.engine import base_layer_utils as _base_layer_utils
 import dm_image as _dm_image
 import dm_resnet as _dm_resnet
 from dm_image import load_dat_ram  # noqa: F401  (2017 name, re-exported)
+from dm_resnet import rebuild_model  # noqa: F401  (re-exported)
+from dm_resnet import walk_layer_configs
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ __all__ = [
     "DMMetrics",
     "DMFlush",
     "flip_all_img",
+    "predict_flip_mean",
     "load_dat_ram",
     "ovr_auroc",
     "is_bias_variable",
@@ -658,43 +661,14 @@ def robust_load_model(filepath, custom_objects=None, safe_mode=True):
             logger.warning("tf-keras could not load %s (%s); rebuilding from its config", path,
                            str(err).splitlines()[0] if str(err) else type(err).__name__)
             return _load_from_h5_config(path, custom_objects)
-        return _relax_nested_inputs(model, custom_objects)
-
-
-def _relax_config_inputs(config):
-    """Open the spatial input size of every nested functional model in a model config."""
-    changed = False
-    for layer_cfg in config.get("layers", []):
-        if layer_cfg.get("class_name") not in ("Functional", "Model"):
-            continue
-        for inner in layer_cfg["config"].get("layers", []):
-            if inner.get("class_name") == "InputLayer":
-                before = list(inner["config"].get("batch_input_shape")
-                              or inner["config"].get("batch_shape") or [])
-                _dm_resnet._relax_input_cfg(inner["config"])
-                after = list(inner["config"].get("batch_input_shape")
-                             or inner["config"].get("batch_shape") or [])
-                changed = changed or before != after
-    return changed
-
-
-def _relax_nested_inputs(model, custom_objects):
-    if not isinstance(model, keras.Model) or isinstance(model, keras.Sequential):
-        return model
-    config = model.get_config()
-    if not _relax_config_inputs(config):
-        return model
-    new = keras.Model.from_config(config, custom_objects=custom_objects)
-    new.set_weights(model.get_weights())
-    logger.info("Opened fixed input sizes of nested models in %r", model.name)
-    return new
+        return _dm_resnet.relax_input_shape(model, custom_objects, nested=True)
 
 
 def _load_from_h5_config(path, custom_objects):
     config = _h5_model_config(path)
     if config is None:
         raise ValueError(f"{path} holds no model_config (a weights-only file?)")
-    _relax_config_inputs(config["config"])
+    _dm_resnet.relax_nested_input_configs(config["config"])
     model = keras.models.model_from_config(config, custom_objects=custom_objects)
     model.load_weights(path)
     return model
@@ -857,45 +831,6 @@ _REGULARIZED_CLASSES = ("Dense", "Conv2D")
 _DROPOUT_CLASSES = ("Dropout",)
 
 
-def _walk_layer_configs(model_config, edit):
-    """Apply ``edit(class_name, layer_config)`` to every layer config, nested models included."""
-    changed = False
-    for entry in model_config.get("layers", []):
-        cfg = entry.get("config", {})
-        changed = bool(edit(entry.get("class_name"), cfg)) or changed
-        if isinstance(cfg, dict) and "layers" in cfg:
-            changed = _walk_layer_configs(cfg, edit) or changed
-    return changed
-
-
-def rebuild_model(model, edit, custom_objects=None, force=False):
-    """Rebuild ``model`` from its config after ``edit`` changed layer configs; copy the weights.
-
-    Changing ``kernel_regularizer`` or a dropout ``rate`` on a built tf-keras layer has no effect
-    on the loss; rebuilding from the edited config does. Layer names, trainable flags and weights
-    are kept; the new model is built under the original model's distribution strategy.
-
-    Args:
-        model: a functional or Sequential tf-keras model (nested models allowed).
-        edit: ``edit(class_name, layer_config) -> bool`` edits a layer config dict in place and
-            returns True when it changed something.
-        custom_objects: extra classes needed to deserialise the config.
-        force: rebuild even when ``edit`` changed nothing.
-
-    Returns:
-        The rebuilt model, or ``model`` itself when nothing changed.
-    """
-    config = copy.deepcopy(model.get_config())
-    if not _walk_layer_configs(config, edit) and not force:
-        return model
-    objects = dict(keras.utils.get_custom_objects())
-    objects.update(custom_objects or {})
-    with model.distribute_strategy.scope():
-        new_model = type(model).from_config(config, custom_objects=objects)
-        new_model.set_weights(model.get_weights())
-    return new_model
-
-
 def _l2_config(weight_decay):
     if not weight_decay:
         return None
@@ -943,7 +878,8 @@ def set_regularization(model, weight_decay=None, dropout=None, layer_names=None,
                 return True
         return False
 
-    return rebuild_model(model, edit, custom_objects)
+    return rebuild_model(model, lambda config: walk_layer_configs(config, edit),
+                         custom_objects)
 
 
 # ---------------------------------------------------------------- metrics and callbacks
@@ -1130,11 +1066,22 @@ def _iter_test_batches(test_set, batch_size, test_samples):
         yield x, y
 
 
-def _predict_batch(model, x, test_augment):
+def predict_flip_mean(model, x, test_augment=False):
+    """Class probabilities of ``model`` for the batch ``x``, optionally averaged over flips.
+
+    Args:
+        model: tf-keras model.
+        x: model input batch (N, H, W, C).
+        test_augment: predict on the 4 flips of :func:`flip_all_img` in one forward pass of
+            4N images and average the 4 predictions of each image.
+
+    Returns:
+        float64 array (N, nb_class).
+    """
     x = np.asarray(x)
     if not test_augment:
-        return np.asarray(model.predict_on_batch(x))
-    pred = np.asarray(model.predict_on_batch(flip_all_img(x)))   # one forward pass, 4N images
+        return np.asarray(model.predict_on_batch(x), dtype=np.float64)
+    pred = np.asarray(model.predict_on_batch(flip_all_img(x)), dtype=np.float64)
     return pred.reshape((4, len(x)) + pred.shape[1:]).mean(axis=0)
 
 
@@ -1220,7 +1167,7 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
         for x, y in _iter_test_batches(test_set, batch_size, test_samples):
             if len(x) == 0:
                 continue
-            preds.append(_predict_batch(model, x, test_augment))
+            preds.append(predict_flip_mean(model, x, test_augment))
             ys.append(np.asarray(y))
         if not ys:
             raise ValueError("calc_test_auc: the test set yielded no samples")

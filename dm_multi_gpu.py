@@ -17,7 +17,6 @@ Typical use::
         model = build_model(...)                # or: model, _ = make_parallel(model, gpu_count)
     model.compile(...)                          # compile/fit use the model's strategy
 """
-import copy
 import functools
 import json
 import logging
@@ -26,10 +25,12 @@ import os
 import tensorflow as tf
 import tf_keras as keras
 
+from dm_resnet import rebuild_model
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PRECISION_POLICIES", "tf_config_workers", "get_strategy", "make_parallel",
-           "rebuild_in_strategy", "set_precision_policy", "apply_precision_policy"]
+           "set_precision_policy", "apply_precision_policy"]
 
 PRECISION_POLICIES = {None: "float32", "float32": "float32", "float16": "mixed_float16",
                       "bfloat16": "mixed_bfloat16"}
@@ -97,29 +98,6 @@ def get_strategy(gpu_count=None, devices=None):
     return strategy
 
 
-def rebuild_in_strategy(model, strategy, edit_config=None, custom_objects=None):
-    """Rebuild ``model`` from its config under ``strategy`` and copy its weights.
-
-    Args:
-        model: functional or Sequential tf-keras model.
-        strategy: ``tf.distribute.Strategy`` whose scope holds the new variables.
-        edit_config: optional ``fn(config)`` editing a deep copy of ``model.get_config()``.
-        custom_objects: classes needed to deserialise the config.
-
-    Returns:
-        The new model (same layer names and weights).
-    """
-    config = copy.deepcopy(model.get_config())
-    if edit_config is not None:
-        edit_config(config)
-    objects = dict(keras.utils.get_custom_objects())
-    objects.update(custom_objects or {})
-    with strategy.scope():
-        new_model = type(model).from_config(config, custom_objects=objects)
-        new_model.set_weights(model.get_weights())
-    return new_model
-
-
 def make_parallel(model, gpu_count, devices=None):
     """Data-parallel version of ``model`` over ``gpu_count`` devices (2017 name).
 
@@ -136,7 +114,7 @@ def make_parallel(model, gpu_count, devices=None):
     strategy = get_strategy(gpu_count, devices)
     if model.distribute_strategy is strategy or strategy is tf.distribute.get_strategy():
         return model, model
-    parallel = rebuild_in_strategy(model, strategy)
+    parallel = rebuild_model(model, strategy=strategy)
     return parallel, parallel
 
 
@@ -187,7 +165,8 @@ def apply_precision_policy(model, mixed_precision=None, custom_objects=None):
 
     def edit(config):
         _set_layer_dtypes(config, policy, output_names)
+        return True
 
-    new_model = rebuild_in_strategy(model, model.distribute_strategy, edit, custom_objects)
+    new_model = rebuild_model(model, edit, custom_objects)
     logger.info("Mixed precision %s: output layers %s kept float32", policy, sorted(output_names))
     return new_model

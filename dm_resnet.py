@@ -1,4 +1,4 @@
-"""ResNet builders and the patch-to-whole-image converter ``add_top_layers``.
+"""ResNet builders, the patch-to-whole-image converter ``add_top_layers`` and model rebuilding.
 
 Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
 Sci Rep 9, 12495 (2019); arXiv:1708.09427. Residual blocks follow He et al. 2016 ("org",
@@ -18,6 +18,7 @@ Conventions kept from the 2017 code (so that parameter counts and saved models m
 - ``ResNetBuilder.build`` takes ``input_shape`` as ``(nb_channels, nb_rows, nb_cols)``, as the
   2017 (keras-resnet) builders did, and permutes it to channels-last.
 """
+import copy
 import logging
 from typing import Callable, Sequence
 
@@ -40,7 +41,10 @@ __all__ = [
     "BLOCK_FNS",
     "ResNetBuilder",
     "MultiViewResNetBuilder",
+    "walk_layer_configs",
+    "rebuild_model",
     "relax_input_shape",
+    "relax_nested_input_configs",
     "find_cut_layer",
     "resolve_kept_layer_idx",
     "add_top_layers",
@@ -409,26 +413,97 @@ class MultiViewResNetBuilder(ResNetBuilder):
 
 
 # ----------------------------------------------------------------------------------------------
-# Patch net -> whole-image net
+# Rebuilding a model from its (edited) config
 # ----------------------------------------------------------------------------------------------
-def relax_input_shape(model, custom_objects=None):
-    """Return ``model`` with its input's spatial size opened to None (same weights).
+def walk_layer_configs(model_config, edit, nested=True) -> bool:
+    """Apply ``edit(class_name, layer_config)`` to every layer config of a model config.
+
+    Args:
+        model_config: the ``config`` dict of a functional or Sequential model (its ``layers``).
+        edit: edits one layer config dict in place; returns True when it changed something.
+        nested: also walk the layers of nested models.
+
+    Returns:
+        True when any call of ``edit`` changed something.
+    """
+    changed = False
+    for entry in model_config.get("layers", []):
+        cfg = entry.get("config", {})
+        changed = bool(edit(entry.get("class_name"), cfg)) or changed
+        if nested and isinstance(cfg, dict) and "layers" in cfg:
+            changed = walk_layer_configs(cfg, edit) or changed
+    return changed
+
+
+def rebuild_model(model, edit_config=None, custom_objects=None, strategy=None, force=False):
+    """Rebuild ``model`` from its config, edited by ``edit_config``, and copy its weights.
+
+    A built tf-keras layer ignores later changes of its input size, regulariser, dropout rate or
+    dtype policy; a model rebuilt from the edited config has them. Layer names, trainable flags
+    and weights are kept; every registered custom class (and ``custom_objects``) deserialises.
+
+    Args:
+        model: a functional or Sequential tf-keras model (nested models allowed).
+        edit_config: ``fn(config) -> bool`` editing a deep copy of ``model.get_config()`` in
+            place and returning True when it changed something (:func:`walk_layer_configs`
+            edits layer by layer); None rebuilds the config as it is.
+        custom_objects: extra classes needed to deserialise the config.
+        strategy: ``tf.distribute.Strategy`` whose scope holds the new variables (default: the
+            model's own).
+        force: rebuild even when ``edit_config`` changed nothing.
+
+    Returns:
+        The rebuilt model, or ``model`` itself when nothing changed (and not ``force``).
+    """
+    config = copy.deepcopy(model.get_config())
+    changed = True if edit_config is None else bool(edit_config(config))
+    if not changed and not force:
+        return model
+    objects = dict(keras.utils.get_custom_objects())
+    objects.update(custom_objects or {})
+    with (strategy or model.distribute_strategy).scope():
+        new_model = type(model).from_config(config, custom_objects=objects)
+        new_model.set_weights(model.get_weights())
+    return new_model
+
+
+def relax_input_shape(model, custom_objects=None, nested=False):
+    """Return ``model`` with the spatial size of its inputs opened to None (same weights).
 
     A fully convolutional network saved with a fixed input size (e.g. 256x256 patches) cannot
     be called on a larger image in tf-keras; the rebuilt copy can. The model is returned
     unchanged when its spatial dimensions are already None.
+
+    Args:
+        model: tf-keras model.
+        custom_objects: extra classes needed to deserialise its config.
+        nested: open the inputs of the models nested in ``model`` instead of its own (a
+            whole-image model holding a fixed-size patch network).
     """
-    shapes = [tuple(s) for s in _as_list(model.input_shape)]
-    if all(all(d is None for d in _spatial(s)) for s in shapes):
-        return model
-    config = model.get_config()
-    for layer_cfg in config["layers"]:
-        if layer_cfg["class_name"] == "InputLayer":
-            _relax_input_cfg(layer_cfg["config"])
-    new = keras.Model.from_config(config, custom_objects=custom_objects)
-    new.set_weights(model.get_weights())
-    logger.info("Opened the input of %r from %s to spatial size None", model.name, shapes)
+    if nested:
+        if not isinstance(model, keras.Model) or isinstance(model, keras.Sequential):
+            return model
+        new = rebuild_model(model, relax_nested_input_configs, custom_objects)
+    else:
+        shapes = [tuple(s) for s in _as_list(model.input_shape)]
+        if all(all(d is None for d in _spatial(s)) for s in shapes):
+            return model
+        new = rebuild_model(model, lambda config: walk_layer_configs(
+            config, _relax_input_layer, nested=False), custom_objects)
+    if new is not model:
+        logger.info("Opened the spatial input size of %s in %r",
+                    "nested models" if nested else "the input", model.name)
     return new
+
+
+def relax_nested_input_configs(model_config) -> bool:
+    """Open the spatial input size of every model nested one level in ``model_config``."""
+    changed = False
+    for entry in model_config.get("layers", []):
+        if entry.get("class_name") in ("Functional", "Model"):
+            changed = walk_layer_configs(entry["config"], _relax_input_layer,
+                                         nested=False) or changed
+    return changed
 
 
 def _as_list(shape_or_list):
@@ -439,17 +514,25 @@ def _spatial(shape):
     return shape[1:-1] if _channel_axis() == -1 else shape[2:]
 
 
-def _relax_input_cfg(cfg):
+def _relax_input_layer(class_name, cfg) -> bool:
+    """Open the spatial size of an ``InputLayer`` config (4-D inputs); True when it changed."""
+    if class_name != "InputLayer":
+        return False
     key = "batch_input_shape" if "batch_input_shape" in cfg else "batch_shape"
-    shape = list(cfg[key])
-    if len(shape) == 4:
-        if _channel_axis() == -1:
-            shape[1:3] = [None, None]
-        else:
-            shape[2:4] = [None, None]
-        cfg[key] = shape
+    shape = list(cfg.get(key) or [])
+    if len(shape) != 4:
+        return False
+    spatial = slice(1, 3) if _channel_axis() == -1 else slice(2, 4)
+    if all(d is None for d in shape[spatial]):
+        return False
+    shape[spatial] = [None, None]
+    cfg[key] = shape
+    return True
 
 
+# ----------------------------------------------------------------------------------------------
+# Patch net -> whole-image net
+# ----------------------------------------------------------------------------------------------
 def _last_4d_activation(model):
     """The last Activation/ReLU layer with a 4-D output (ResNet's final block ReLU)."""
     for layer in reversed(model.layers):

@@ -371,22 +371,18 @@ def predict_batch(models: List[Tuple[str, object]], channels: List[int], x: np.n
         channels: input channels per model; a one-channel ``x`` is copied to that many.
         x: float32 (n, height, width, 1) preprocessed, or (n, height, width, C) already at
             the models' channel count.
-        test_augment: also predict on ``dm_keras_ext.flip_all_img`` flips, in the same call.
+        test_augment: average each model's predictions on the 4 flips
+            (``dm_keras_ext.predict_flip_mean``).
 
     Returns:
         float64 (n, nb_class).
     """
-    from dm_keras_ext import flip_all_img
+    from dm_keras_ext import predict_flip_mean
 
-    n = len(x)
-    total = None
+    total = 0.0
     for (_, model), c in zip(models, channels):
         xm = np.repeat(x, c, axis=-1) if x.shape[-1] == 1 and c != 1 else x
-        if test_augment:
-            xm = flip_all_img(xm)   # (4n, ...): as is, left-right, up-down, both
-        pred = np.asarray(model.predict_on_batch(xm), dtype=np.float64)
-        pred = pred.reshape((-1, n, pred.shape[-1])).mean(axis=0)
-        total = pred if total is None else total + pred
+        total = total + predict_flip_mean(model, xm, test_augment)
     return total / len(models)
 
 

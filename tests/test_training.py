@@ -295,6 +295,20 @@ def test_flip_all_img_order_and_shape():
         K.flip_all_img(np.zeros((3, 4)))
 
 
+def test_predict_flip_mean_is_the_float64_mean_of_the_four_flips():
+    model = _flip_sensitive_model(3)
+    X = np.random.default_rng(2).normal(size=(5, 4, 6, 1)).astype("float32")
+    views = [X, X[:, :, ::-1], X[:, ::-1], X[:, ::-1, ::-1]]
+    per_view = [model.predict_on_batch(v).astype(np.float64) for v in views]
+    counting = _CountingModel(model)
+    got = K.predict_flip_mean(counting, X, test_augment=True)
+    assert got.dtype == np.float64 and got.shape == (5, 3)
+    assert counting.calls == [(20, 4, 6, 1)]                      # one forward pass
+    np.testing.assert_allclose(got, np.mean(per_view, axis=0), rtol=0, atol=1e-7)
+    assert np.abs(got - per_view[0]).max() > 1e-3                 # the flips matter here
+    np.testing.assert_array_equal(K.predict_flip_mean(model, X), per_view[0])
+
+
 @pytest.mark.parametrize("nb_class", [2, 3])
 def test_calc_test_auc_matches_sklearn_with_and_without_flips(nb_class):
     model = _flip_sensitive_model(nb_class)
