@@ -26,8 +26,8 @@ try:   # puts the root dm_* modules and this folder on sys.path
 except ImportError:
     from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
 import dm_image  # noqa: E402
-from common_flags import add_image_flags, get_num_cpu_cores  # noqa: E402
-from script_utils import cli_main  # noqa: E402
+from common_flags import add_image_flags  # noqa: E402
+from script_utils import cli_main, get_num_cpu_cores  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ an in-memory batch. Steps per second exclude warm-up steps (graph tracing, autot
 clock stops only after the last step's loss and optimizer step counter are fetched from the
 device. Then:
 
-* the data loader's augmented images per second: ``common_flags.build_data_iterators`` (the
+* the data loader's augmented images per second: ``training_setup.build_data_iterators`` (the
   trainers' ``DMImageDataGenerator.flow_from_directory`` with the 2017 augmentation) over
   synthetic 16-bit PNGs in a temporary folder, read by ``NUM_CPU_CORES`` threads through the
   same ``OrderedEnqueuer`` that ``fit(workers=...)`` uses, against the images per second the
@@ -64,9 +64,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # noqa: F401  (run as a script)
+    import script_utils  # (run as a script)
 except ImportError:
-    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+    from ddsm_train import script_utils  # (run as ddsm_train.<module>)
 
 import numpy as np  # noqa: E402
 
@@ -412,9 +412,9 @@ def loader_rate(spec: ModelSpec, folder: Path, workers: int, warmup: int, timed:
     """Augmented images/s of the trainers' train iterator read by ``workers`` threads."""
     import tf_keras as keras
 
-    import common_flags as cf
+    import training_setup
 
-    train, _, _ = cf.build_data_iterators(
+    train, _, _ = training_setup.build_data_iterators(
         folder, folder, folder, img_size=spec.img_size, img_scale=None,
         rescale_factor=RESCALE_16BIT, featurewise_center=True,
         featurewise_mean=spec.featurewise_mean, equalize_hist=False, augmentation=True,
@@ -556,8 +556,6 @@ def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
     """Run the checks and return the report (see the module docstring)."""
     import tensorflow as tf
 
-    import common_flags as cf
-
     gpus = _gpus()
     if tiny is None:
         tiny = not gpus
@@ -568,10 +566,10 @@ def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             pass
-    gpu_count = cf.env_int("NUM_GPU_DEVICES", max(len(gpus), 1), minimum=1)
+    gpu_count = script_utils.env_int("NUM_GPU_DEVICES", max(len(gpus), 1), minimum=1)
     # without GPUs a one-device MirroredStrategy on the CPU still runs the distributed path
     strategy_devices = None if gpus else ("/cpu:0",)
-    workers = cf.get_num_cpu_cores()
+    workers = script_utils.get_num_cpu_cores()
     import dm_multi_gpu
 
     strategy = dm_multi_gpu.get_strategy(gpu_count, strategy_devices)
@@ -582,7 +580,7 @@ def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
     specs = model_specs(tiny)
     import tf_keras as keras
 
-    keras.utils.set_random_seed(cf.get_random_seed())
+    keras.utils.set_random_seed(script_utils.get_random_seed())
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         for key in models:
             spec = specs[key]

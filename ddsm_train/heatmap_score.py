@@ -76,10 +76,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import RECIPE_OPTIONS, add_bool_flag, add_image_flags, \
-    add_progress_flag, add_trust_flag, apply_model_recipe  # noqa: E402
-from script_utils import (RestrictedUnpickler, cli_main, read_csv_table,  # noqa: E402
-                          read_text_lines, restricted_unpickle, safe_name_part)
+from common_flags import add_bool_flag, add_image_flags, add_progress_flag, \
+    add_trust_flag  # noqa: E402
+from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
+                          apply_model_recipe, cli_main, read_csv_table, read_text_lines,
+                          restricted_unpickle, safe_name_part)
 
 __all__ = [
     "VIEWS", "HEATMAP_FORMAT", "read_patient_sides", "view_path", "get_preprocess",

@@ -77,9 +77,9 @@ import pandas as pd  # noqa: E402
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_optional_value_flag, \
-    add_progress_flag, add_trust_flag, apply_model_recipe  # noqa: E402
-from script_utils import (RestrictedUnpickler, cli_main, read_csv_table,  # noqa: E402
-                          read_text_lines, restricted_unpickle)
+    add_progress_flag, add_trust_flag  # noqa: E402
+from script_utils import (RestrictedUnpickler, apply_model_recipe, cli_main,  # noqa: E402
+                          read_csv_table, read_text_lines, restricted_unpickle)
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",

@@ -32,6 +32,7 @@ except ImportError:
     from ddsm_train import script_utils  # (run as ddsm_train.<module>)
 
 import common_flags as cf  # noqa: E402
+import training_setup as ts  # noqa: E402
 
 logger = logging.getLogger("image_clf_train")
 
@@ -106,7 +107,7 @@ def validate_options(opts, nb_devices=None):
     source = opts["patch_model_state"] or opts["resume_from"]
     if not os.path.isfile(source):
         raise ValueError(f"model file not found: {source}")
-    cf.check_class_dirs({"TRAIN_DIR": opts["train_dir"], "VAL_DIR": opts["val_dir"],
+    ts.check_class_dirs({"TRAIN_DIR": opts["train_dir"], "VAL_DIR": opts["val_dir"],
                          "TEST_DIR": opts["test_dir"]}, opts["class_list"],
                         need_two_classes=("VAL_DIR", "TEST_DIR"))
     _check_common(opts, nb_devices)
@@ -121,13 +122,13 @@ def validate_options(opts, nb_devices=None):
 
 def _check_common(opts, nb_devices):
     if nb_devices is None:
-        nb_devices = cf.get_num_gpu_devices()
+        nb_devices = script_utils.get_num_gpu_devices()
     train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
     if opts["batch_size"] < 1 or train_bs < 1:
         raise ValueError(f"--batch-size {opts['batch_size']} x --train-bs-multiplier "
                          f"{opts['train_bs_multiplier']} gives a train batch of {train_bs}")
-    cf.check_batch_vs_devices(train_bs, nb_devices, "train batch size (batch size x multiplier)")
-    cf.check_batch_vs_devices(opts["batch_size"], nb_devices, "--batch-size")
+    ts.check_batch_vs_devices(train_bs, nb_devices, "train batch size (batch size x multiplier)")
+    ts.check_batch_vs_devices(opts["batch_size"], nb_devices, "--batch-size")
     for name in ("nb_epoch", "all_layer_epochs"):
         if opts[name] < 0:
             raise ValueError(f"--{name.replace('_', '-')} should be >= 0, got {opts[name]}")
@@ -197,10 +198,10 @@ def run(train_dir, val_dir, test_dir, **options):
         ``test_auc_augmented``, ``epochs`` (run), ``history`` (merged per-epoch logs).
     """
     given = options.pop("given_options", None)
-    opts = cf.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    opts, _ = cf.apply_model_recipe(opts, opts["resume_from"],
-                                    set(options) if given is None else set(given))
-    env, strategy, json_path, identity, resume = cf.begin_training_run(opts, validate_options)
+    opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
+    opts, _ = script_utils.apply_model_recipe(opts, opts["resume_from"],
+                                              set(options) if given is None else set(given))
+    env, strategy, json_path, identity, resume = ts.begin_training_run(opts, validate_options)
     import dm_keras_ext
     import dm_multi_gpu
 
@@ -209,9 +210,9 @@ def run(train_dir, val_dir, test_dir, **options):
     model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
     model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
     channels = model.input_shape[-1]
-    cf.save_input_recipe(cf.training_recipe(opts, channels, opts["patch_net"] if _preprocess_fn(
+    ts.save_input_recipe(ts.training_recipe(opts, channels, opts["patch_net"] if _preprocess_fn(
         opts, channels) else None), opts["best_model"], opts["final_model"])
-    train, val, test, train_bs = cf.iterators_from_options(
+    train, val, test, train_bs = ts.iterators_from_options(
         opts, channels, _preprocess_fn(opts, channels), env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d images; train batch %d, eval batch %d",
                 train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])
@@ -228,7 +229,7 @@ def run(train_dir, val_dir, test_dir, **options):
         hidden_dropout=opts["hidden_dropout"], weight_decay2=opts["weight_decay2"],
         hidden_dropout2=opts["hidden_dropout2"], bias_multiplier=opts["bias_multiplier"],
         strategy=strategy, jit_compile=opts["jit"],
-        frozen_bn_mode=opts["frozen_bn_mode"], **cf.run_file_kwargs(opts, env, identity, resume))
+        frozen_bn_mode=opts["frozen_bn_mode"], **ts.run_file_kwargs(opts, env, identity, resume))
     _save_final(hists, model, opts["final_model"])
     return _report(opts, json_path, hists, ckpt, test,
                    getattr(strategy.extended, "should_checkpoint", True))

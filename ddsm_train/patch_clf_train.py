@@ -22,6 +22,7 @@ except ImportError:
     from ddsm_train import script_utils  # (run as ddsm_train.<module>)
 
 import common_flags as cf  # noqa: E402
+import training_setup as ts  # noqa: E402
 
 logger = logging.getLogger("patch_clf_train")
 
@@ -78,16 +79,16 @@ def validate_options(opts, nb_devices=None):
     """Stop on contradictory options before any work (ValueError with one clear message)."""
     if opts["resume_from"] is not None and not os.path.isfile(opts["resume_from"]):
         raise ValueError(f"model file not found: {opts['resume_from']}")
-    cf.check_class_dirs({"TRAIN_DIR": opts["train_dir"], "VAL_DIR": opts["val_dir"],
+    ts.check_class_dirs({"TRAIN_DIR": opts["train_dir"], "VAL_DIR": opts["val_dir"],
                          "TEST_DIR": opts["test_dir"]}, opts["class_list"])
     if nb_devices is None:
-        nb_devices = cf.get_num_gpu_devices()
+        nb_devices = script_utils.get_num_gpu_devices()
     train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
     if train_bs < 1:
         raise ValueError(f"--batch-size {opts['batch_size']} x --train-bs-multiplier "
                          f"{opts['train_bs_multiplier']} gives a train batch of {train_bs}")
-    cf.check_batch_vs_devices(train_bs, nb_devices, "train batch size (batch size x multiplier)")
-    cf.check_batch_vs_devices(opts["batch_size"], nb_devices, "--batch-size")
+    ts.check_batch_vs_devices(train_bs, nb_devices, "train batch size (batch size x multiplier)")
+    ts.check_batch_vs_devices(opts["batch_size"], nb_devices, "--batch-size")
     for name in ("nb_epoch", "top_layer_epochs", "all_layer_epochs"):
         if opts[name] < 0:
             raise ValueError(f"--{name.replace('_', '-')} should be >= 0, got {opts[name]}")
@@ -134,8 +135,8 @@ def run(train_dir, val_dir, test_dir, **options):
         ``epochs``, ``stages``, ``history`` (merged per-epoch logs), ``test_loss``,
         ``test_accuracy``.
     """
-    opts = cf.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    env, strategy, json_path, identity, resume = cf.begin_training_run(opts, validate_options)
+    opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
+    env, strategy, json_path, identity, resume = ts.begin_training_run(opts, validate_options)
     import dm_keras_ext
     import dm_multi_gpu
 
@@ -144,10 +145,10 @@ def run(train_dir, val_dir, test_dir, **options):
     model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
     model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
     channels = model.input_shape[-1]
-    cf.save_input_recipe(cf.training_recipe(opts, channels, opts["net"] if preprocess and not
+    ts.save_input_recipe(ts.training_recipe(opts, channels, opts["net"] if preprocess and not
                                             opts["featurewise_center"] else None),
                          opts["best_model"], opts["final_model"])
-    train, val, test, train_bs = cf.iterators_from_options(
+    train, val, test, train_bs = ts.iterators_from_options(
         opts, channels, None if opts["featurewise_center"] else preprocess, env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d patches; train batch %d, eval batch %d",
                 train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])
@@ -165,7 +166,7 @@ def run(train_dir, val_dir, test_dir, **options):
         neg_cls_weight=opts["neg_cls_weight"], nb_worker=env["NUM_CPU_CORES"],
         weight_decay2=opts["weight_decay2"], hidden_dropout2=opts["hidden_dropout2"],
         bias_multiplier=opts["bias_multiplier"], strategy=strategy, jit_compile=opts["jit"],
-        frozen_bn_mode=opts["frozen_bn_mode"], **cf.run_file_kwargs(opts, env, identity, resume))
+        frozen_bn_mode=opts["frozen_bn_mode"], **ts.run_file_kwargs(opts, env, identity, resume))
     if opts["final_model"] and opts["final_model"] != cf.NOSAVE:
         dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
                                             opts["final_model"])

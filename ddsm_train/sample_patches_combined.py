@@ -101,15 +101,14 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, add_optional_value_flag, \
-    get_random_seed  # noqa: E402
+from common_flags import add_bool_flag, add_optional_value_flag  # noqa: E402
 from patch_sampling import (BLOB_PARAMS, MaskSat, _fractions, _to_uint16,  # noqa: E402,F401
                             abnormal_passes, build_mask_sat, create_blob_detector,
                             detect_blob_centres, draw_abnormal_centres,
                             draw_background_centres, extract_patch, negative_passes,
                             select_hard_negatives, split_patients, view_seed, window_sums)
-from script_utils import ROI_COLUMNS, InputFileError, cli_main, parallel_map, \
-    read_csv_table, read_text_lines, safe_name_part  # noqa: E402
+from script_utils import ROI_COLUMNS, InputFileError, cli_main, get_random_seed, \
+    parallel_map, read_csv_table, read_text_lines, safe_name_part  # noqa: E402
 
 __all__ = [
     "CSV_COLUMNS", "PATHOLOGY_LABELS", "LESION_TYPES", "BLOB_PARAMS", "MaskSat",

@@ -10,7 +10,16 @@ it was given.
 
 Importing this module also makes the root ``dm_*`` modules importable for the scripts, and it
 holds what running a script needs: logging set-up, the ``main()`` wrapper that turns a user
-error into one line and exit status 2, the process pool, and the options file of a run.
+error into one line and exit status 2, a script's resolved options, the process
+pool, the options file of a run, the run's environment variables, and the preprocessing options
+a model file's input recipe supplies (prediction, heatmaps, ``--resume-from``).
+
+Environment variables (read at run time, not at import):
+    NUM_CPU_CORES: data loader workers (default 4).
+    NUM_GPU_DEVICES: GPUs for data-parallel training (default 1).
+    RANDOM_SEED: seed for shuffling, augmentation and weight initialisation (default 12345).
+
+Importing this module does not import TensorFlow.
 """
 from __future__ import annotations
 
@@ -39,7 +48,11 @@ for _folder in (str(_HERE), str(_HERE.parent)):
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_table",
-           "safe_name_part", "RestrictedUnpickler", "restricted_unpickle", "ROI_COLUMNS"]
+           "safe_name_part", "RestrictedUnpickler", "restricted_unpickle", "ROI_COLUMNS",
+           "resolve_options",
+           "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
+           "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
+           "RECIPE_OPTIONS", "apply_model_recipe"]
 
 #: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
 #: make_synthetic_ddsm, read by sample_patches_combined.
@@ -281,6 +294,28 @@ def checked_main(parser, validate, run, argv=None, pass_given=False):
     return cli_main(parser, run, argv, validate=validate, pass_given=pass_given)
 
 
+def resolve_options(parser, positionals, options):
+    """Complete ``options`` with the parser's defaults (the only place defaults live).
+
+    Args:
+        parser: the script's ``get_args_parser()``.
+        positionals: positional argument values, in order (e.g. the three folders).
+        options: keyword options given to ``run``.
+
+    Returns:
+        dict: every option of the parser.
+
+    Raises:
+        ValueError: an option the parser does not know, listing the valid ones.
+    """
+    resolved = vars(parser.parse_args([str(p) for p in positionals]))
+    unknown = sorted(set(options) - set(resolved))
+    if unknown:
+        raise ValueError(f"unknown options {unknown}; valid: {sorted(resolved)}")
+    resolved.update(options)
+    return resolved
+
+
 def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1, sizes=None):
     """``[fn(x) for x in items]`` in ``workers`` spawned processes, showing progress.
 
@@ -356,3 +391,125 @@ def log_and_save_options(options, best_model, extra=None):
         lambda: json.dumps(_OPTIONS_RECORDS[str(json_path)], indent=2, sort_keys=True,
                            default=str))
     return json_path
+
+
+# ------------------------------------------------------------------ environment of a run
+DEFAULT_NUM_CPU_CORES = 4
+DEFAULT_NUM_GPU_DEVICES = 1
+DEFAULT_RANDOM_SEED = 12345
+
+
+def env_int(name, default, minimum=None):
+    """Read an integer environment variable.
+
+    Args:
+        name: variable name, e.g. ``"NUM_CPU_CORES"``.
+        default: value when the variable is unset or empty.
+        minimum: smallest accepted value (inclusive), or None.
+
+    Returns:
+        int: the value.
+
+    Raises:
+        ValueError: the variable is not an integer or is below ``minimum``.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} should be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"environment variable {name} should be >= {minimum}, got {value}")
+    return value
+
+
+def get_num_cpu_cores():
+    """``NUM_CPU_CORES`` (data loader workers), default 4."""
+    return env_int("NUM_CPU_CORES", DEFAULT_NUM_CPU_CORES, minimum=1)
+
+
+def get_num_gpu_devices():
+    """``NUM_GPU_DEVICES`` (replicas for data-parallel training), default 1."""
+    return env_int("NUM_GPU_DEVICES", DEFAULT_NUM_GPU_DEVICES, minimum=1)
+
+
+def get_random_seed():
+    """``RANDOM_SEED``, default 12345."""
+    return env_int("RANDOM_SEED", DEFAULT_RANDOM_SEED)
+
+
+# ------------------------------------------------------------------ a model file's input recipe
+#: Script options stored in a model's input recipe (``dm_image.InputRecipe``), option name ->
+#: recipe field.
+RECIPE_OPTIONS = {"img_size": "img_size", "img_scale": "img_scale",
+                  "rescale_factor": "rescale_factor", "equalize_hist": "equalize_hist",
+                  "featurewise_center": "featurewise_center",
+                  "featurewise_mean": "featurewise_mean"}
+
+
+def _as_option(value):
+    """A recipe value in the form the scripts hold it (lists for sizes, floats)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def apply_model_recipe(values, model_file, given, names=None, defaults=None):
+    """Fill the preprocessing options the user did not give from a model file's input recipe.
+
+    A model written by the trainers carries its ``dm_image.InputRecipe`` (HDF5 attribute);
+    every option of ``names`` the user did not give takes the recipe's value (logged, listing
+    them), and a given value that contradicts the recipe is kept with one warning naming both.
+    A file without a recipe (a 2017 file, or one saved by other code) changes nothing: the
+    flags and their 2017 defaults apply.
+
+    Args:
+        values: option name -> value (e.g. ``vars(args)``); not modified.
+        model_file: path of the model file (anything else, e.g. a model object, has no recipe).
+        given: names the user set explicitly; None: those whose value differs from
+            ``defaults`` (a Python call).
+        names: option name -> recipe field (default :data:`RECIPE_OPTIONS`); a field may be
+            a function ``recipe -> value or None`` (None: the recipe does not say).
+        defaults: option defaults, used when ``given`` is None.
+
+    Returns:
+        (new values dict, the recipe or None).
+    """
+    import dm_image
+
+    values = dict(values)
+    if not isinstance(model_file, (str, os.PathLike)) or not os.path.isfile(model_file):
+        return values, None
+    recipe = dm_image.InputRecipe.from_model_file(model_file)
+    if recipe is None:
+        logger.info("%s holds no input recipe; preprocessing comes from the flags", model_file)
+        return values, None
+    names = RECIPE_OPTIONS if names is None else names
+    if given is None:
+        given = {k for k in names if k in values and (defaults or {}).get(k) != values[k]}
+    taken = []
+    for name, field in names.items():
+        stored = field(recipe) if callable(field) else getattr(recipe, field)
+        if stored is None and (callable(field) or name == "featurewise_mean"):
+            continue   # the recipe does not say
+        stored = _as_option(stored)
+        if name not in given:
+            if values.get(name) != stored:
+                taken.append(f"{name}={stored!r}")
+            values[name] = stored
+        elif not _same_value(values.get(name), stored):
+            logger.warning("--%s %s contradicts the input recipe of %s (%s); using %s",
+                           name.replace("_", "-"), _as_option(values.get(name)), model_file,
+                           stored, _as_option(values.get(name)))
+    if taken:
+        logger.info("taken from the input recipe of %s: %s", model_file, ", ".join(taken))
+    return values, recipe
+
+
+def _same_value(a, b):
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(
+            1.0, abs(float(b)))
+    return a == b

@@ -288,13 +288,14 @@ def pd_read(path):
 
 
 def test_resume_from_takes_the_recipe(trained):
-    import common_flags as cf
     import image_clf_train
+    import script_utils
 
     _, best = trained
-    opts = cf.resolve_options(image_clf_train.get_args_parser(), ("a", "b", "c"),
-                              {"resume_from": str(best), "featurewise_mean": 44.33})
-    got, recipe = cf.apply_model_recipe(opts, str(best), {"resume_from", "featurewise_mean"})
+    opts = script_utils.resolve_options(image_clf_train.get_args_parser(), ("a", "b", "c"),
+                                        {"resume_from": str(best), "featurewise_mean": 44.33})
+    got, recipe = script_utils.apply_model_recipe(opts, str(best),
+                                                  {"resume_from", "featurewise_mean"})
     assert recipe == dm_image.InputRecipe(img_size=(64, 48), channels=3,
                                           rescale_factor=0.003891, featurewise_center=True,
                                           featurewise_mean=50.0)   # the file's, not the flags'
@@ -303,11 +304,11 @@ def test_resume_from_takes_the_recipe(trained):
 
 
 def test_2017_file_keeps_the_defaults(keras208_dir):
-    import common_flags as cf
+    import script_utils
 
     files = sorted(keras208_dir.glob("*.h5"))
     assert files
     values = {"img_size": [1152, 896], "rescale_factor": None, "featurewise_mean": 52.16}
     for f in files:
         assert dm_image.InputRecipe.from_model_file(f) is None
-        assert cf.apply_model_recipe(values, str(f), set()) == (values, None)
+        assert script_utils.apply_model_recipe(values, str(f), set()) == (values, None)

@@ -1,4 +1,5 @@
-"""patch_clf_train.py / image_clf_train.py / common_flags / the training shell scripts.
+"""patch_clf_train.py / image_clf_train.py, their flags (common_flags) and set-up
+(training_setup), and the training shell scripts.
 
 Tiny synthetic 16-bit class folders; tiny models; the companion page's fine-tuning command run
 verbatim with paths and sizes substituted."""
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from conftest import split_dirs, tiny_vgg_patch_net, write_class_split
 
-import common_flags as cf
 import image_clf_train
 import patch_clf_train
+import script_utils
+import training_setup
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "ddsm_train"
 SEED_PAGE = Path(__file__).resolve().parents[2] / "shared" / "seed_companion_page.txt"
@@ -116,16 +118,16 @@ def test_flag_pairs_and_optional_values():
 def test_env_helpers(monkeypatch):
     for name in ("NUM_CPU_CORES", "NUM_GPU_DEVICES", "RANDOM_SEED"):
         monkeypatch.delenv(name, raising=False)
-    assert cf.env_summary() == {"NUM_CPU_CORES": 4, "NUM_GPU_DEVICES": 1, "RANDOM_SEED": 12345}
+    assert training_setup.env_summary() == {"NUM_CPU_CORES": 4, "NUM_GPU_DEVICES": 1, "RANDOM_SEED": 12345}
     monkeypatch.setenv("NUM_GPU_DEVICES", "2")
     monkeypatch.setenv("RANDOM_SEED", "7")
-    assert (cf.get_num_gpu_devices(), cf.get_random_seed()) == (2, 7)
+    assert (script_utils.get_num_gpu_devices(), script_utils.get_random_seed()) == (2, 7)
     monkeypatch.setenv("NUM_CPU_CORES", "four")
     with pytest.raises(ValueError, match="NUM_CPU_CORES"):
-        cf.get_num_cpu_cores()
+        script_utils.get_num_cpu_cores()
     monkeypatch.setenv("NUM_GPU_DEVICES", "0")
     with pytest.raises(ValueError, match=">= 1"):
-        cf.get_num_gpu_devices()
+        script_utils.get_num_gpu_devices()
 
 
 def test_run_rejects_unknown_options(data):

@@ -119,7 +119,7 @@ def test_patch_trainer_nothing_to_train(tmp_path, capsys):
 
 
 def test_patch_folder_files_outside_the_manifest_are_reported(tmp_path, caplog):
-    import common_flags as cf
+    import training_setup
 
     dirs = _images(tmp_path / "p", ["background", "malignant"], n=2)
     train = tmp_path / "p" / "train"
@@ -128,6 +128,6 @@ def test_patch_folder_files_outside_the_manifest_are_reported(tmp_path, caplog):
         "background,background_0.png,v,bkg,0,0,0,0\nbackground,background_1.png,v,bkg,0,0,0,0\n"
         "malignant,malignant_0.png,v,abn,0,0,1,1\n")
     with caplog.at_level(logging.WARNING):
-        cf.check_class_dirs({"TRAIN_DIR": train}, ["background", "malignant"])
+        training_setup.check_class_dirs({"TRAIN_DIR": train}, ["background", "malignant"])
     warned = [r.getMessage() for r in caplog.records if "manifest" in r.getMessage()]
     assert len(warned) == 1 and "1 image(s)" in warned[0] and "malignant_1.png" in warned[0]

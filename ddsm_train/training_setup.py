@@ -1,0 +1,327 @@
+"""What the two trainers (``patch_clf_train.py``, ``image_clf_train.py``) share before and
+around training.
+
+Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
+Sci Rep 9, 12495 (2019); arXiv:1708.09427.
+
+Before any model is built: the class folders and the batch size are checked
+(:func:`check_class_dirs`, :func:`check_batch_vs_devices`), then :func:`begin_training_run`
+makes the ``tf.distribute`` strategy, logs the options, finds an unfinished run to resume by the
+run's identity (:func:`run_identity`), seeds every RNG and sets the precision policy. Around
+training: the data iterators of the options (:func:`iterators_from_options`, with the 2017
+augmentation :data:`AUGMENTATION_2017`), the input recipe stored in every model file the run
+writes (:func:`training_recipe`, :func:`save_input_recipe`) and the run's files beside
+``--best-model`` (:func:`run_file_kwargs`).
+
+Importing this module does not import TensorFlow; the functions that need it import it.
+"""
+import json
+import logging
+from pathlib import Path
+
+from common_flags import NOSAVE
+from script_utils import _OPTIONS_RECORDS, get_num_cpu_cores, get_num_gpu_devices, \
+    get_random_seed, log_and_save_options, options_json_path, read_csv_table
+
+__all__ = [
+    "check_batch_vs_devices", "env_summary", "check_class_dirs",
+    "RUN_NEUTRAL_OPTIONS", "MODEL_SOURCE_OPTIONS", "run_identity", "begin_training_run",
+    "run_file_kwargs",
+    "AUGMENTATION_2017", "build_data_iterators", "iterators_from_options",
+    "training_recipe", "save_input_recipe",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- checks
+def check_batch_vs_devices(batch_size, nb_devices, what="batch size"):
+    """Raise ValueError when a global batch cannot give each replica at least one sample."""
+    if batch_size < nb_devices:
+        raise ValueError(f"{what} {batch_size} is below the number of devices {nb_devices} "
+                         f"(NUM_GPU_DEVICES / workers); each device needs at least one sample")
+
+
+def env_summary():
+    """Environment settings of a run: ``NUM_CPU_CORES``, ``NUM_GPU_DEVICES``, ``RANDOM_SEED``."""
+    return {"NUM_CPU_CORES": get_num_cpu_cores(), "NUM_GPU_DEVICES": get_num_gpu_devices(),
+            "RANDOM_SEED": get_random_seed()}
+
+
+def check_class_dirs(dirs, class_list, need_two_classes=()):
+    """Check that each folder exists and holds one subfolder per class of ``class_list``.
+
+    A folder written by the patch sampler (with a ``patches.csv`` manifest) is also compared
+    with its manifest: image files that the manifest does not list (left by another run, or
+    copied in) are reported with a warning, since they would be trained on.
+
+    Args:
+        dirs: mapping of a label (e.g. ``"TRAIN_DIR"``) to a folder.
+        class_list: class subfolder names.
+        need_two_classes: labels of ``dirs`` whose images must cover at least two classes
+            (a validation set scored by AUROC).
+
+    Raises:
+        ValueError: a folder is missing, lacks a class subfolder (the message lists what was
+            found), or is in ``need_two_classes`` with images of fewer than two classes.
+            Subfolders not in ``class_list`` are ignored with a warning.
+    """
+    if not class_list or len(set(class_list)) != len(class_list):
+        raise ValueError(f"--class-list should name distinct classes, got {class_list}")
+    for label, folder in dirs.items():
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"{label} {folder} is not a folder")
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        missing = [c for c in class_list if c not in found]
+        if missing:
+            raise ValueError(f"--class-list {list(class_list)} does not match {label} {folder}: "
+                             f"no subfolder {missing} (found {found})")
+        extra = [c for c in found if c not in class_list]
+        if extra:
+            logger.warning("%s %s: subfolders %s are not in --class-list; ignored", label,
+                           folder, extra)
+        if label in need_two_classes:
+            counts = {c: len(_class_images(folder / c)) for c in class_list}
+            if sum(1 for n in counts.values() if n) < 2:
+                raise ValueError(f"{label} {folder} has images of fewer than two classes "
+                                 f"({counts}): its AUROC is undefined, so no best model could "
+                                 f"be chosen")
+        _check_manifest(label, folder, class_list)
+
+
+def _class_images(folder):
+    from dm_image import list_images
+
+    try:
+        return list_images(folder)
+    except ValueError:
+        return []
+
+
+def _check_manifest(label, folder, class_list):
+    """Warn about image files in ``folder``'s class subfolders that its ``patches.csv`` lacks."""
+    manifest = Path(folder) / "patches.csv"
+    if not manifest.is_file():
+        return
+    try:
+        table = read_csv_table(manifest, required=("folder", "filename"))
+    except (OSError, ValueError) as err:
+        logger.warning("%s %s: cannot read its manifest (%s)", label, folder, err)
+        return
+    listed = {(f, n) for f, n in zip(table["folder"], table["filename"])}
+    unlisted = [f"{c}/{name}" for c in class_list for name in _class_images(Path(folder) / c)
+                if (c, name) not in listed]
+    if unlisted:
+        logger.warning("%s %s: %d image(s) not in its patches.csv manifest (e.g. %s): "
+                       "another sampling run wrote into this folder, or files were copied in; "
+                       "they are trained on as well", label, folder, len(unlisted),
+                       unlisted[:3])
+
+
+# --------------------------------------------------------------------------- the run
+#: Options that do not change what a training run computes: left out of its options hash, so
+#: that changing them does not stop ``--auto-resume``.
+RUN_NEUTRAL_OPTIONS = ("auto_resume", "tensorboard_dir", "final_model", "img_cache_dir",
+                       "trust_model_file")
+#: Options naming the model a run starts from and where it is saved (``--resume-from`` of a
+#: checkpoint continues a run started from another source, possibly into another folder).
+MODEL_SOURCE_OPTIONS = ("resume_from", "patch_model_state", "best_model")
+
+
+def run_identity(opts, env):
+    """Identity of a training run, stored in its checkpoint and compared on resuming.
+
+    Returns:
+        dict: ``options`` (the options that change the result, with ``RANDOM_SEED`` and
+        ``NUM_GPU_DEVICES``), ``options_hash`` (SHA-256 of them), ``training_hash`` (the same
+        without ``source_options``: :data:`MODEL_SOURCE_OPTIONS`) and ``seed``.
+    """
+    import hashlib
+
+    options = {k: v for k, v in opts.items() if k not in RUN_NEUTRAL_OPTIONS}
+    options.update(RANDOM_SEED=env["RANDOM_SEED"], NUM_GPU_DEVICES=env["NUM_GPU_DEVICES"])
+    options = json.loads(json.dumps(options, sort_keys=True, default=str))
+
+    def digest(d):
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    training = {k: v for k, v in options.items() if k not in MODEL_SOURCE_OPTIONS}
+    return {"options": options, "options_hash": digest(options),
+            "training_hash": digest(training), "source_options": list(MODEL_SOURCE_OPTIONS),
+            "seed": env["RANDOM_SEED"]}
+
+
+def begin_training_run(opts, validate):
+    """The start both trainers share, before any model is built.
+
+    Makes the ``tf.distribute`` strategy of ``NUM_GPU_DEVICES`` (first: multi-worker set-up
+    needs it), runs ``validate(opts, replicas)``, logs the options (saved as JSON with the
+    run's first model), finds an unfinished run to resume (``--auto-resume``,
+    ``--resume-from`` of a checkpoint), seeds every RNG with ``RANDOM_SEED`` and sets the
+    ``--mixed-precision`` policy.
+
+    Returns:
+        ``(env, strategy, options_json_path, run_identity, resume)``.
+    """
+    import dm_keras_ext
+    import dm_multi_gpu
+    import tf_keras as keras
+
+    env = env_summary()
+    strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
+    validate(opts, strategy.num_replicas_in_sync)
+    json_path = log_and_save_options(opts, opts["best_model"], env)
+    identity = run_identity(opts, env)
+    resume = dm_keras_ext.resolve_resume(
+        dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
+        auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])
+    keras.utils.set_random_seed(env["RANDOM_SEED"])
+    dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
+    return env, strategy, json_path, identity, resume
+
+
+def run_file_kwargs(opts, env, identity, resume):
+    """Keyword arguments of ``dm_keras_ext.do_2stage_training``/``do_3stage_training`` for the
+    run's files beside ``--best-model``: ``.last.h5`` (checkpoint), ``.log.csv``,
+    ``.curves.png``; the seed, the run's identity, the state to resume and, with
+    ``--tensorboard-dir``, a TensorBoard callback."""
+    import dm_keras_ext
+
+    best = opts["best_model"]
+    callbacks = []
+    if opts.get("tensorboard_dir"):
+        import tf_keras as keras
+
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=opts["tensorboard_dir"]))
+        logger.info("TensorBoard logs: %s", opts["tensorboard_dir"])
+    logger.info("Run files: %s (last epoch), %s, %s", dm_keras_ext.last_checkpoint_path(best),
+                dm_keras_ext.training_log_path(best), dm_keras_ext.training_curves_path(best))
+    return dict(seed=env["RANDOM_SEED"], checkpoint_path=dm_keras_ext.last_checkpoint_path(best),
+                log_csv=dm_keras_ext.training_log_path(best),
+                curves_png=dm_keras_ext.training_curves_path(best), resume_state=resume,
+                run_info=identity, callbacks=callbacks)
+
+
+# --------------------------------------------------------------------------- data
+#: Train-time augmentation of ``--augmentation``: random horizontal and vertical flips,
+#: rotation up to 25 degrees, shear up to 0.2 radians, zoom 0.8-1.2 drawn per axis, channel
+#: shift up to 20 intensity levels, nearest fill (the 2017 settings, Keras 2.0 units).
+AUGMENTATION_2017 = dict(horizontal_flip=True, vertical_flip=True, rotation_range=25.0,
+                         shear_range=0.2, zoom_range=(0.8, 1.2), channel_shift_range=20.0,
+                         fill_mode="nearest")
+
+
+def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, rescale_factor,
+                         featurewise_center, featurewise_mean, equalize_hist, augmentation,
+                         class_list, auto_batch_balance, batch_size, train_batch_size,
+                         load_train_ram, load_val_ram, dup_3_channels, preprocess, seed,
+                         cache_dir=None):
+    """Train, validation and test iterators over class folders (``dm_image`` generators).
+
+    Per image: read and resize to ``img_size``, ``img_scale``/``rescale_factor`` (0..255
+    scale), optional histogram equalisation, channel copy when ``dup_3_channels``, augmentation
+    (train only), featurewise centring with ``featurewise_mean``, then ``preprocess`` on the
+    batch. The train iterator shuffles (``seed``) and, with ``auto_batch_balance``, yields
+    sample weights; validation and test keep file order. ``load_*_ram`` caches a set in memory
+    (``load_dat_ram``) and iterates over the cache; ``cache_dir`` keeps the resized images as
+    ``.npy`` files there (``dm_image.cached_read``), for every set.
+
+    Returns:
+        (train, val, test) tf-keras Sequences yielding ``(x, y[, w])``; x float32
+        (B, H, W, C), y one-hot.
+    """
+    from dm_image import DMImageDataGenerator, load_dat_ram
+
+    read = dict(target_scale=img_scale, rescale_factor=rescale_factor,
+                equalize_hist=equalize_hist, dup_3_channels=dup_3_channels,
+                preprocess=preprocess)
+
+    def make(imgen, folder, bs, shuffle, balance, in_ram):
+        it = imgen.flow_from_directory(folder, target_size=tuple(img_size), classes=class_list,
+                                       class_mode="categorical", batch_size=bs,
+                                       shuffle=shuffle, seed=seed,
+                                       auto_batch_balance=balance, cache_dir=cache_dir,
+                                       **read)
+        if not in_ram:
+            return it
+        X, y = load_dat_ram(it)
+        logger.info("Loaded %d images of %s into RAM (%.1f MB)", len(X), folder, X.nbytes / 1e6)
+        return imgen.flow(X, y, batch_size=bs, shuffle=shuffle, seed=seed,
+                          auto_batch_balance=balance, **read)
+
+    train_imgen = DMImageDataGenerator(featurewise_center=featurewise_center,
+                                       **(AUGMENTATION_2017 if augmentation else {}))
+    eval_imgen = DMImageDataGenerator(featurewise_center=featurewise_center)
+    if featurewise_center:
+        train_imgen.mean = eval_imgen.mean = featurewise_mean
+    train = make(train_imgen, train_dir, train_batch_size, True, auto_batch_balance,
+                 load_train_ram)
+    val = make(eval_imgen, val_dir, batch_size, False, False, load_val_ram)
+    test = make(eval_imgen, test_dir, batch_size, False, False, False)
+    return train, val, test
+
+
+def iterators_from_options(opts, channels, preprocess, seed):
+    """:func:`build_data_iterators` from a training script's options (``vars(args)``).
+
+    Returns:
+        (train, val, test, train_batch_size); the train batch is ``--batch-size`` x
+        ``--train-bs-multiplier``.
+    """
+    train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
+    train, val, test = build_data_iterators(
+        opts["train_dir"], opts["val_dir"], opts["test_dir"], img_size=opts["img_size"],
+        img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
+        featurewise_center=opts["featurewise_center"],
+        featurewise_mean=opts["featurewise_mean"], equalize_hist=opts["equalize_hist"],
+        augmentation=opts["augmentation"], class_list=opts["class_list"],
+        auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
+        train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
+        load_val_ram=opts["load_val_ram"], cache_dir=opts["img_cache_dir"],
+        dup_3_channels=channels == 3, preprocess=preprocess, seed=seed)
+    return train, val, test, train_bs
+
+
+# --------------------------------------------------------------------------- input recipes
+def training_recipe(opts, channels, preprocess=None):
+    """The ``dm_image.InputRecipe`` of a training script's options (``vars(args)``).
+
+    Args:
+        opts: the options (``img_size``, ``img_scale``, ``rescale_factor``,
+            ``equalize_hist``, ``featurewise_center``, ``featurewise_mean``).
+        channels: the model's input channels (1 or 3).
+        preprocess: the backbone whose ``preprocess_input`` the iterators apply (when not
+            centring), or None.
+    """
+    from dm_image import InputRecipe
+
+    return InputRecipe(img_size=tuple(opts["img_size"]), channels=int(channels),
+                       img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
+                       equalize_hist=opts["equalize_hist"],
+                       featurewise_center=opts["featurewise_center"],
+                       featurewise_mean=opts["featurewise_mean"], preprocess=preprocess)
+
+
+def save_input_recipe(recipe, best_model, *model_files):
+    """Store ``recipe`` in the models a training run writes and in its options JSON.
+
+    Every file later saved at ``best_model`` or one of ``model_files`` (``NOSAVE`` skipped)
+    carries it as an HDF5 attribute (``dm_keras_ext.register_input_recipe``), and the options
+    JSON of :func:`log_and_save_options` gets it under ``input_recipe``.
+
+    Returns:
+        Path of the options JSON, or None when no options were logged for ``best_model``.
+    """
+    import dm_keras_ext
+
+    for path in (best_model,) + model_files:
+        if path and path != NOSAVE:
+            dm_keras_ext.register_input_recipe(path, recipe)
+    json_path = options_json_path(best_model)
+    logger.info("input recipe: %s", recipe.to_json())
+    record = _OPTIONS_RECORDS.get(str(json_path))
+    if record is None:
+        return None
+    record["input_recipe"] = recipe.to_dict()
+    return json_path
