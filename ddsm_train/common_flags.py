@@ -21,8 +21,8 @@ __all__ = [
     "add_bool_flag", "add_optional_value_flag",
     "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
     "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
-    "add_model_file_flags", "add_distributed_flags", "add_run_flags", "add_trust_flag",
-    "add_progress_flag",
+    "add_model_file_flags", "add_distributed_flags", "add_run_flags", "add_training_flags",
+    "add_trust_flag", "add_progress_flag", "add_model_reading_flags",
 ]
 
 NOSAVE = "NOSAVE"
@@ -269,3 +269,21 @@ def add_progress_flag(parser, default=True):
     add_bool_flag(parser, "verbose", default, "progress display (a bar on a terminal, a log "
                   "line every tenth of the work otherwise)")
 
+
+def add_training_flags(parser, best_model):
+    """The flag groups both trainers end with: regularisation, optimiser, model files (the
+    default ``--best-model`` is ``best_model``), devices and precision, resuming and logs, and
+    ``--trust-model-file``."""
+    add_regularization_flags(parser)
+    add_optimizer_flags(parser)
+    add_model_file_flags(parser, best_model=best_model)
+    add_distributed_flags(parser)
+    add_run_flags(parser)
+    add_trust_flag(parser)
+
+
+def add_model_reading_flags(parser, verbose=True):
+    """The flags of every script that reads trained models (prediction, heatmaps):
+    ``--trust-model-file`` and ``--verbose`` (default ``verbose``)."""
+    add_trust_flag(parser)
+    add_progress_flag(parser, verbose)

@@ -57,7 +57,6 @@ Example (from inside ``ddsm_train/``)::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -76,11 +75,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, add_image_flags, add_progress_flag, \
-    add_trust_flag  # noqa: E402
+from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
-                          restricted_unpickle, safe_name_part)
+                          restricted_unpickle, run_defaults, safe_name_part)
 
 __all__ = [
     "VIEWS", "HEATMAP_FORMAT", "read_patient_sides", "view_path", "get_preprocess",
@@ -682,7 +680,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     if not fprop_mode:
         names["patch_size"] = lambda r: r.img_size[0] if r.img_size and \
             r.img_size[0] == r.img_size[1] else None
-    defaults = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    defaults = run_defaults(run)
     prep, _ = apply_model_recipe(
         dict(img_scale=img_scale, rescale_factor=rescale_factor, equalize_hist=equalize_hist,
              featurewise_center=featurewise_center, featurewise_mean=featurewise_mean, net=net,
@@ -761,7 +759,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
 # ------------------------------------------------------------------------------ command line
 def get_args_parser() -> argparse.ArgumentParser:
     """Parser of the 2017 flags (and the new ones); defaults are those of :func:`run`."""
-    d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    d = run_defaults(run)
     parser = argparse.ArgumentParser(description="Patch-class heatmaps of mammograms.")
     parser.add_argument("img_folder", metavar="IMG_FOLDER",
                         help="folder of the mammograms ({patient}_{side}_{view}.png)")
@@ -817,8 +815,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="outline the lesion masks found here (file names holding the "
                            "image's name, e.g. Mass-Training_P_00001_LEFT_CC_1.png) "
                            "(default: none)")
-    add_trust_flag(parser)
-    add_progress_flag(parser, d["verbose"])
+    add_model_reading_flags(parser, d["verbose"])
     return parser
 
 

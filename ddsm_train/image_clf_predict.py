@@ -76,10 +76,10 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
-from common_flags import add_bool_flag, add_image_flags, add_optional_value_flag, \
-    add_progress_flag, add_trust_flag  # noqa: E402
+from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags, \
+    add_optional_value_flag  # noqa: E402
 from script_utils import (RestrictedUnpickler, apply_model_recipe, cli_main,  # noqa: E402
-                          read_csv_table, read_text_lines, restricted_unpickle)
+                          read_csv_table, read_text_lines, restricted_unpickle, run_defaults)
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
@@ -616,7 +616,7 @@ def _resolve_recipe(models: Sequence, values: dict, given) -> dict:
     """
     names = ("img_size", "img_scale", "rescale_factor", "equalize_hist", "featurewise_center",
              "featurewise_mean")
-    defaults = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    defaults = run_defaults(run)
     files = [m for m in models if isinstance(m, (str, os.PathLike)) and Path(m).is_file()]
     prep, recipe = apply_model_recipe({k: values[k] for k in names},
                                       files[0] if files else None,
@@ -744,11 +744,12 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
 # ------------------------------------------------------------------------------ command line
 def get_args_parser() -> argparse.ArgumentParser:
     """Parser of the command-line flags; defaults are those of :func:`run`."""
-    d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    d = run_defaults(run)
     parser = argparse.ArgumentParser(description="Score whole mammograms with trained models.")
     parser.add_argument("--model", nargs="+", required=True, metavar="MODEL.h5",
                         help="whole-image model file(s); predictions are averaged (required, "
                              "no default)")
+    add_model_reading_flags(parser, d["verbose"])
     src = parser.add_argument_group("input (one of them)")
     src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
                                        "folder of --exam-list / relative --img-list paths "
@@ -781,8 +782,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=d["out_dir"],
                         help="output folder; files of an earlier run there that this run does "
                              "not write are removed (default: %(default)s)")
-    add_trust_flag(parser)
-    add_progress_flag(parser, d["verbose"])
     return parser
 
 

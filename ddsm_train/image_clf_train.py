@@ -90,12 +90,7 @@ def get_args_parser():
                                "None: the cut is found by role for --patch-net")
     cf.add_stage_flags(parser, nb_epoch=5, all_layer_epochs=20, all_layer_multiplier=0.1)
     cf.add_ram_flags(parser)
-    cf.add_regularization_flags(parser)
-    cf.add_optimizer_flags(parser)
-    cf.add_model_file_flags(parser, best_model="./modelState/image_clf.h5")
-    cf.add_distributed_flags(parser)
-    cf.add_run_flags(parser)
-    cf.add_trust_flag(parser)
+    cf.add_training_flags(parser, best_model="./modelState/image_clf.h5")
     return parser
 
 

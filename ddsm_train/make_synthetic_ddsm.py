@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import logging
 import shutil
@@ -680,7 +679,7 @@ def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int =
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The command-line flags; their defaults are read from the signature of :func:`run`."""
-    defaults = {k: p.default for k, p in inspect.signature(run).parameters.items()}
+    defaults = script_utils.run_defaults(run)
     parser = argparse.ArgumentParser(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Write a seeded synthetic CBIS-DDSM-style data set (mammogram phantoms, ROI "

@@ -66,12 +66,7 @@ def get_args_parser():
                    help="(default: %(default)s)")
     n.add_argument("--inp-dropout", "-id", dest="inp_dropout", type=float, default=0.0,
                    help="input dropout of dm_resnet14 (default: %(default)s)")
-    cf.add_regularization_flags(parser)
-    cf.add_optimizer_flags(parser)
-    cf.add_model_file_flags(parser, best_model="./modelState/patch_clf.h5")
-    cf.add_distributed_flags(parser)
-    cf.add_run_flags(parser)
-    cf.add_trust_flag(parser)
+    cf.add_training_flags(parser, best_model="./modelState/patch_clf.h5")
     return parser
 
 

@@ -63,7 +63,7 @@ import dm_image  # noqa: E402
 from common_flags import add_bool_flag  # noqa: E402
 from compute_mean import image_mean  # noqa: E402
 from script_utils import ROI_COLUMNS, InputFileError, cli_main, parallel_map, \
-    read_csv_table, safe_name_part  # noqa: E402
+    read_csv_table, run_defaults, safe_name_part  # noqa: E402
 
 __all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
            "get_args_parser", "main"]
@@ -461,13 +461,12 @@ def _report_problems(results: List[dict], out: Path, nb_logged: int = 10) -> int
 # ------------------------------------------------------------------------- command line
 def get_args_parser() -> argparse.ArgumentParser:
     """Parser; defaults are those of :func:`run`."""
-    d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    d = run_defaults(run)
     parser = argparse.ArgumentParser(description="Convert CBIS-DDSM DICOM to the PNG layout.")
-    parser.add_argument("csv_dir", metavar="CSV_DIR",
-                        help="folder with the official CBIS-DDSM description CSVs")
-    parser.add_argument("dicom_root", metavar="DICOM_ROOT",
-                        help="folder the CSVs' DICOM file paths are relative to")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created)")
+    for name, help_text in (("csv_dir", "folder with the official CBIS-DDSM description CSVs"),
+                            ("dicom_root", "folder the CSVs' DICOM file paths are relative to"),
+                            ("out_dir", "output folder (created)")):
+        parser.add_argument(name, metavar=name.upper(), help=help_text)
     parser.add_argument("--whole-img-size", type=int, nargs=2, metavar=("H", "W"),
                         default=d["whole_img_size"],
                         help="also write whole_img/{train,test}/{neg,pos} at this size "

@@ -108,7 +108,7 @@ from patch_sampling import (BLOB_PARAMS, MaskSat, _fractions, _to_uint16,  # noq
                             draw_background_centres, extract_patch, negative_passes,
                             select_hard_negatives, split_patients, view_seed, window_sums)
 from script_utils import ROI_COLUMNS, InputFileError, cli_main, get_random_seed, \
-    parallel_map, read_csv_table, read_text_lines, safe_name_part  # noqa: E402
+    parallel_map, read_csv_table, read_text_lines, run_defaults, safe_name_part  # noqa: E402
 
 __all__ = [
     "CSV_COLUMNS", "PATHOLOGY_LABELS", "LESION_TYPES", "BLOB_PARAMS", "MaskSat",
@@ -931,7 +931,7 @@ _HELP = {
 
 def get_args_parser() -> argparse.ArgumentParser:
     """Parser with the 2017 flags; defaults are those of :func:`run`."""
-    d = {k: v.default for k, v in inspect.signature(run).parameters.items()}
+    d = run_defaults(run)
     parser = argparse.ArgumentParser(description="Sample patches from mammograms and ROI masks.")
     for name in ("roi_mask_csv", "roi_mask_dir", "patient_list", "full_img_dir", "train_out",
                  "val_out"):

@@ -10,7 +10,7 @@ it was given.
 
 Importing this module also makes the root ``dm_*`` modules importable for the scripts, and it
 holds what running a script needs: logging set-up, the ``main()`` wrapper that turns a user
-error into one line and exit status 2, a script's resolved options, the process
+error into one line and exit status 2, a script's defaults and resolved options, the process
 pool, the options file of a run, the run's environment variables, and the preprocessing options
 a model file's input recipe supplies (prediction, heatmaps, ``--resume-from``).
 
@@ -24,6 +24,7 @@ Importing this module does not import TensorFlow.
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import logging
@@ -49,7 +50,7 @@ PathLike = Union[str, os.PathLike]
 
 __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_table",
            "safe_name_part", "RestrictedUnpickler", "restricted_unpickle", "ROI_COLUMNS",
-           "resolve_options",
+           "run_defaults", "resolve_options",
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
            "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
            "RECIPE_OPTIONS", "apply_model_recipe"]
@@ -292,6 +293,12 @@ def cli_main(parser, run, argv=None, validate=None, pass_given=False):
 def checked_main(parser, validate, run, argv=None, pass_given=False):
     """A training script's ``main()``: :func:`cli_main` with ``validate(opts)`` first."""
     return cli_main(parser, run, argv, validate=validate, pass_given=pass_given)
+
+
+def run_defaults(run):
+    """The defaults of ``run``'s keyword parameters, by name: a script's parser takes its flag
+    defaults from them, so that ``run`` called from Python and the command line agree."""
+    return {k: v.default for k, v in inspect.signature(run).parameters.items()}
 
 
 def resolve_options(parser, positionals, options):
