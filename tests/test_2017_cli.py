@@ -29,35 +29,41 @@ def _parse(module, argv, positionals=("a", "b", "c")):
 
 
 # ------------------------------------------------------------------ short and long forms
-# (short, long, values given, dest, expected value)
-TRAINER_ALIASES = [
-    ("-is", "--img-size", ["100", "80"], "img_size", [100, 80]),
-    ("-ic", "--img-scale", ["255.0"], "img_scale", 255.0),
-    ("-bs", "--batch-size", ["12"], "batch_size", 12),
-    ("-ne", "--nb-epoch", ["3"], "nb_epoch", 3),
-    ("-wd", "--weight-decay", ["0.01"], "weight_decay", 0.01),
-    ("-wd2", "--weight-decay2", ["0.02"], "weight_decay2", 0.02),
-    ("-hd", "--hidden-dropout", ["0.5"], "hidden_dropout", 0.5),
-    ("-hd2", "--hidden-dropout2", ["0.25"], "hidden_dropout2", 0.25),
-    ("-ilr", "--init-learningrate", ["0.001"], "init_lr", 0.001),
-    ("-lrp", "--lr-patience", ["2"], "lr_patience", 2),
-    ("-esp", "--es-patience", ["5"], "es_patience", 5),
-    ("-bm", "--best-model", ["best.h5"], "best_model", "best.h5"),
-    ("-fm", "--final-model", ["final.h5"], "final_model", "final.h5"),
-]
-PATCH_ALIASES = [
-    ("-nif", "--nb-init-filter", ["64"], "nb_init_filter", 64),
-    ("-ifs", "--init-filter-size", ["7"], "init_filter_size", 7),
-    ("-ics", "--init-conv-stride", ["3"], "init_conv_stride", 3),
-    ("-mps", "--max-pooling-size", ["3"], "max_pooling_size", 3),
-    ("-mpr", "--max-pooling-stride", ["1"], "max_pooling_stride", 1),
-    ("-id", "--inp-dropout", ["0.1"], "inp_dropout", 0.1),
-]
-HEATMAP_ALIASES = [
-    ("-is", "--img-size", ["100", "80"], "img_size", [100, 80]),
-    ("-ih", "--img-height", ["4096"], "img_height", 4096),
-    ("-ic", "--img-scale", ["255.0"], "img_scale", 255.0),
-]
+def _value(text):
+    """A command-line value as the parser should read it: an int, a float, else the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _alias_rows(table):
+    """``(short, long, values given, dest, expected value)`` rows of ``table``: entries
+    ``SHORT LONG DEST VALUE...`` separated by ``;``; the expected value is the value read as a
+    number where it is one, a list of them when there are several."""
+    rows = []
+    for entry in table.split(";"):
+        short, long, dest, *values = entry.split()
+        expected = [_value(v) for v in values]
+        rows.append((short, long, values, dest, expected if len(expected) > 1 else expected[0]))
+    return rows
+
+
+TRAINER_ALIASES = _alias_rows(
+    "-is --img-size img_size 100 80; -ic --img-scale img_scale 255.0; -bs --batch-size "
+    "batch_size 12; -ne --nb-epoch nb_epoch 3; -wd --weight-decay weight_decay 0.01; -wd2 "
+    "--weight-decay2 weight_decay2 0.02; -hd --hidden-dropout hidden_dropout 0.5; -hd2 "
+    "--hidden-dropout2 hidden_dropout2 0.25; -ilr --init-learningrate init_lr 0.001; -lrp "
+    "--lr-patience lr_patience 2; -esp --es-patience es_patience 5; -bm --best-model best_model "
+    "best.h5; -fm --final-model final_model final.h5")
+PATCH_ALIASES = _alias_rows(
+    "-nif --nb-init-filter nb_init_filter 64; -ifs --init-filter-size init_filter_size 7; "
+    "-ics --init-conv-stride init_conv_stride 3; -mps --max-pooling-size max_pooling_size 3; "
+    "-mpr --max-pooling-stride max_pooling_stride 1; -id --inp-dropout inp_dropout 0.1")
+HEATMAP_ALIASES = _alias_rows("-is --img-size img_size 100 80; -ih --img-height img_height 4096; "
+                              "-ic --img-scale img_scale 255.0")
 ALIAS_CASES = ([(m, *c) for m in TRAINERS for c in TRAINER_ALIASES]
                + [(patch_clf_train, *c) for c in PATCH_ALIASES]
                + [(heatmap_score, *c) for c in HEATMAP_ALIASES])
