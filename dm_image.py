@@ -29,22 +29,15 @@ import json
 import logging
 import math
 import os
-import struct
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, ClassVar, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
-
-try:  # libdeflate (the "deflate" package): same zlib stream format, about 2x faster at level 1
-    import deflate as _libdeflate
-except ImportError:  # pragma: no cover - exercised by monkeypatching in the tests
-    _libdeflate = None
 
 __all__ = [
     # I/O
@@ -356,39 +349,12 @@ def read_resize_img(fname: PathLike, target_size: Optional[Sequence[int]] = None
     return _scale_stored(stored, target_scale, rescale_factor)
 
 
-def _zlib_level1(data) -> bytes:
-    """A zlib stream of ``data`` at compression level 1 (libdeflate when installed)."""
-    if _libdeflate is not None:
-        return _libdeflate.zlib_compress(data, 1)
-    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    return deflate.compress(data) + deflate.flush()
-
-
-def _png_chunk(kind: bytes, data) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + bytes(data)
-            + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
-
-
-def _encode_png_grey(img: np.ndarray) -> bytes:
-    """PNG file bytes of a non-empty 2-D uint8/uint16 greyscale image.
-
-    Each row gets the PNG "Sub" filter (OpenCV's default) and the stream is deflated at level 1
-    by libdeflate, or by zlib with run-length matching (OpenCV's default) when libdeflate is not
-    installed: about half the CPU of ``cv2.imencode`` on a 256x256 16-bit patch, without
-    holding the GIL while compressing.
+def _encode_png(img: np.ndarray, params: Sequence[int]):
+    """``cv2.imencode(".png", img, params)``: (ok, buffer), OpenCV's default filter and zlib
+    level unless ``params`` say otherwise. A function of its own so that the PNG-encoder
+    benchmark (tests/benchmarks) can time the patch sampler with another encoder in its place.
     """
-    height, width = img.shape
-    depth = img.dtype.itemsize  # bytes per sample: 1 or 2 (PNG stores 16-bit big-endian)
-    raw = np.ascontiguousarray(img, dtype=">u2" if depth == 2 else np.uint8)
-    raw = raw.view(np.uint8).reshape(height, width * depth)
-    rows = np.empty((height, width * depth + 1), np.uint8)
-    rows[:, 0] = 1  # filter type Sub: each byte minus the byte one sample to its left
-    rows[:, 1:depth + 1] = raw[:, :depth]
-    np.subtract(raw[:, depth:], raw[:, :-depth], out=rows[:, depth + 1:])  # wraps modulo 256
-    idat = _zlib_level1(rows)
-    ihdr = struct.pack(">IIBBBBB", width, height, 8 * depth, 0, 0, 0, 0)  # greyscale
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
+    return cv2.imencode(".png", img, list(params))
 
 
 _UMASK_LOCK = threading.Lock()
@@ -468,15 +434,12 @@ def write_png(path: PathLike, img: np.ndarray, bilevel: bool = False) -> None:
             raise ValueError(f"a bilevel PNG ({path}) needs a 2-D uint8 0/255 mask, got "
                              f"{img.dtype} {img.shape}")
         params = [cv2.IMWRITE_PNG_BILEVEL, 1]
-    if not bilevel and img.ndim == 2 and img.dtype in (np.uint8, np.uint16) and img.size:
-        buf = _encode_png_grey(img)
-    else:
-        try:
-            ok, buf = cv2.imencode(".png", img, params)
-        except cv2.error:
-            ok = False
-        if not ok:
-            raise OSError(f"could not encode a PNG for {path} (array {img.dtype} {img.shape})")
+    try:
+        ok, buf = _encode_png(img, params)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise OSError(f"could not encode a PNG for {path} (array {img.dtype} {img.shape})")
     atomic_write(path, lambda fh: fh.write(buf))
 
 

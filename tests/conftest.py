@@ -200,16 +200,3 @@ def class_shift_data(n=24, nb_class=3, seed=0):
     labels = np.arange(n) % nb_class
     X = rng.normal(size=(n, 8, 8, 1)).astype("float32") + labels[:, None, None, None] * 0.5
     return X, keras.utils.to_categorical(labels, nb_class)
-
-
-@pytest.fixture(params=["libdeflate", "zlib"])
-def png_deflate(request, monkeypatch):
-    """Each deflate back-end of ``dm_image.write_png`` in turn: libdeflate (skipped when the
-    deflate package is not installed) and the zlib fallback (libdeflate hidden for the test)."""
-    import dm_image
-
-    if request.param == "zlib":
-        monkeypatch.setattr(dm_image, "_libdeflate", None)
-    elif dm_image._libdeflate is None:
-        pytest.skip("the deflate package (libdeflate) is not installed")
-    return request.param
