@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     write_class_split(root / "img", ["neg", "pos"], {"train": 6, "val": 4, "test": 2}, IMG_HW,
                       rng, contrast=2500)   # faint lesions: the validation AUROC moves over epochs
     write_class_split(root / "patch", ["background", "malignant", "benign"],
-                      {"train": 3, "val": 2, "test": 1}, PATCH_HW, rng)
+                      {"train": 6, "val": 4, "test": 1}, PATCH_HW, rng)
     keras.backend.clear_session()
     K.save_model_atomic(tiny_vgg_patch_net(keras), root / "patch.h5", include_optimizer=False)
     keras.backend.clear_session()
@@ -75,25 +75,56 @@ def _log_rows(best):
         return list(csv.DictReader(f))
 
 
-def _interrupted_vs_straight(script, argv, tmp_path, workers, kill_after, straight=True):
-    """Run ``argv`` straight through (``a``, unless ``straight`` is False) and killed after
-    ``kill_after`` then restarted (``b``); the straight-through and the killed run go in
-    parallel."""
+def _interrupted_vs_straight(script, argv, tmp_path, workers, kill_after):
+    """Run ``argv`` straight through (``a``) and, in parallel, killed after epoch ``kill_after``
+    then restarted (``b``). ``kill_after`` may be a sequence of epochs: run ``b`` is then killed
+    after each of them in turn, each restart resuming the checkpoint of the kill before, and the
+    last restart runs to the end. Returns the two best-model paths and the restarts' outputs
+    (one string for a single kill, else a list)."""
     best_a, best_b = tmp_path / "a" / "best.h5", tmp_path / "b" / "best.h5"
-    if straight:
-        straight = _start(script, argv + ["--best-model", str(best_a)], workers)
-    killed = _start(script, argv + ["--best-model", str(best_b)], workers, kill_after)
-    out_killed = _finish(killed, expect_rc=-9)
-    state = K.read_training_state(K.last_checkpoint_path(best_b))
-    assert state["epoch"] == kill_after and not state["finished"]
-    assert "killing this process after epoch" in out_killed
-    resumed = _start(script, argv + ["--best-model", str(best_b)], workers)
-    out_resumed = _finish(resumed)
-    if straight:
-        _finish(straight)
-    assert f"RESUMING the unfinished run of {K.last_checkpoint_path(best_b)} after epoch " \
-           f"{kill_after}" in out_resumed
-    return best_a, best_b, out_resumed
+    kills = [kill_after] if isinstance(kill_after, int) else list(kill_after)
+    straight = _start(script, argv + ["--best-model", str(best_a)], workers)
+    outputs = []
+    for i, kill in enumerate(kills + [None]):
+        proc = _start(script, argv + ["--best-model", str(best_b)], workers, kill)
+        out = _finish(proc, expect_rc=0 if kill is None else -9)
+        if i:
+            assert f"RESUMING the unfinished run of {K.last_checkpoint_path(best_b)} after " \
+                   f"epoch {kills[i - 1]}" in out, out[-4000:]
+        if kill is not None:
+            state = K.read_training_state(K.last_checkpoint_path(best_b))
+            assert state["epoch"] == kill and not state["finished"]
+            assert "killing this process after epoch" in out
+        outputs.append(out)
+    _finish(straight)
+    return best_a, best_b, outputs[1] if len(kills) == 1 else outputs[1:]
+
+
+def _compare_runs(best_a, best_b, epochs, metric, log_keys, label):
+    """Assert that run ``b`` (interrupted) ended as run ``a`` (straight through): both finished
+    after ``epochs`` epochs, the same best ``metric`` value and epoch, best-model and last-epoch
+    weights within 1e-5, the same per-epoch log rows. Prints the figures on one line."""
+    sa = K.read_training_state(K.last_checkpoint_path(best_a))
+    sb = K.read_training_state(K.last_checkpoint_path(best_b))
+    diffs = (_max_weight_diff(best_a, best_b),
+             _max_weight_diff(K.last_checkpoint_path(best_a), K.last_checkpoint_path(best_b)))
+    print(f"{label} resume: epochs {sa['epoch']}/{sb['epoch']}, best {metric} "
+          f"{sa['best']['value']:.6f} (epoch {sa['best']['epoch']}) / {sb['best']['value']:.6f} "
+          f"(epoch {sb['best']['epoch']}), max weight difference best {diffs[0]:.2e}, "
+          f"last {diffs[1]:.2e}")
+    assert sa["finished"] and sb["finished"]
+    assert sa["epoch"] == sb["epoch"] == epochs
+    assert sb["best"]["value"] == pytest.approx(sa["best"]["value"], abs=1e-12)
+    assert sb["best"]["epoch"] == sa["best"]["epoch"]
+    assert max(diffs) <= 1e-5
+    rows_a, rows_b = _log_rows(best_a), _log_rows(best_b)
+    assert [(r["epoch"], r["stage"]) for r in rows_b] == \
+        [(r["epoch"], r["stage"]) for r in rows_a]
+    for ra, rb in zip(rows_a, rows_b):
+        for key in log_keys:
+            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5, abs=1e-6), \
+                (key, ra["epoch"])
+    return sb
 
 
 def _image_argv(root):
@@ -113,24 +144,11 @@ def test_image_clf_train_killed_and_resumed_ends_as_uninterrupted(setup, tmp_pat
     best_a, best_b, out = _interrupted_vs_straight("image_clf_train.py", _image_argv(setup),
                                                    tmp_path, workers=2, kill_after=2)
     assert "Training summary: 3 epochs, best validation AUROC" in out
-    sa = K.read_training_state(K.last_checkpoint_path(best_a))
-    sb = K.read_training_state(K.last_checkpoint_path(best_b))
-    assert sa["finished"] and sb["finished"]
-    assert sa["epoch"] == sb["epoch"] == 3
-    assert sb["best"]["value"] == pytest.approx(sa["best"]["value"], abs=1e-12)
-    assert sb["best"]["epoch"] == sa["best"]["epoch"]
-    diffs = (_max_weight_diff(best_a, best_b),
-             _max_weight_diff(K.last_checkpoint_path(best_a), K.last_checkpoint_path(best_b)))
-    print(f"image_clf_train resume: epochs {sa['epoch']}/{sb['epoch']}, best val AUROC "
-          f"{sa['best']['value']:.6f} (epoch {sa['best']['epoch']}) / {sb['best']['value']:.6f} "
-          f"(epoch {sb['best']['epoch']}), max weight difference best {diffs[0]:.2e}, "
-          f"last {diffs[1]:.2e}")
-    assert max(diffs) <= 1e-5
-    rows_a, rows_b = _log_rows(best_a), _log_rows(best_b)
-    assert [(r["epoch"], r["stage"]) for r in rows_b] == [("1", "1"), ("2", "2"), ("3", "2")]
-    for ra, rb in zip(rows_a, rows_b):
-        for key in ("loss", "val_loss", "val_auc", "val_auc_0", "val_auc_1", "lr"):
-            assert float(rb[key]) == pytest.approx(float(ra[key]), rel=1e-5, abs=1e-6), key
+    _compare_runs(best_a, best_b, 3, "val AUROC",
+                  ("loss", "val_loss", "val_auc", "val_auc_0", "val_auc_1", "lr"),
+                  "image_clf_train")
+    assert [(r["epoch"], r["stage"]) for r in _log_rows(best_b)] == \
+        [("1", "1"), ("2", "2"), ("3", "2")]
     # the dropout layers really were active (so the per-epoch seeding was exercised)
     rates = [layer.rate for layer in K.robust_load_model(best_a)._flatten_layers()
              if isinstance(layer, keras.layers.Dropout)]
@@ -146,31 +164,46 @@ def test_image_clf_train_killed_and_resumed_ends_as_uninterrupted(setup, tmp_pat
 
 
 @pytest.mark.slow
-def test_patch_clf_train_killed_at_a_stage_boundary_and_resumed(setup, tmp_path):
-    """3 stages of one epoch each (adam); killed after epoch 1, when stage 1 has just ended.
-
-    A lighter check than the whole-image one: the resumed run trains stages 2 and 3 only, and
-    its log, state and best model agree."""
+def test_patch_clf_train_killed_and_resumed_twice_ends_as_uninterrupted(setup, tmp_path):
+    """3 stages (1 + 2 + 1 epochs, adam, dropout 0.3 from stage 2, augmentation, 2 loader
+    workers). Killed after epoch 1, when stage 1 has just ended (stage 2 starts from the
+    checkpoint's weights with a fresh optimizer), then again after epoch 2, in the middle of
+    stage 2 (its adam moments and step count come from the checkpoint); the run that finishes
+    must match one never interrupted."""
+    # inputs of about unit scale, so that the tiny net learns within 4 epochs: the validation
+    # accuracy peaks at epoch 2 and only ties it later, so a restart that forgot the best-so-far
+    # would save another epoch as the best
     argv = split_dirs(setup, "patch") + [
         "--resume-from", str(setup / "patch.h5"), "--net", "vgg16", "--top-layer-nb", "3",
-        "--img-size", *map(str, PATCH_HW), "--rescale-factor", "0.003891",
-        "--featurewise-mean", "50", "--batch-size", "6", "--nb-epoch", "1",
-        "--top-layer-epochs", "1", "--all-layer-epochs", "1", "--optimizer", "adam",
-        "--init-learningrate", "0.01", "--top-layer-multiplier", "1",
-        "--all-layer-multiplier", "1"]
-    _, best, out = _interrupted_vs_straight("patch_clf_train.py", argv, tmp_path, workers=1,
-                                            kill_after=1, straight=False)
-    assert "stage 1 (final dense layer): finished before the resume (1 epochs)" in out
-    assert "Restored weights of epoch 1" in out                 # stage 2: a fresh optimizer
-    assert "3 epochs, best validation accuracy" in out
-    state = K.read_training_state(K.last_checkpoint_path(best))
-    assert state["finished"] and state["epoch"] == 3 and state["stage"] == 3
-    rows = _log_rows(best)
-    assert [(r["epoch"], r["stage"]) for r in rows] == [("1", "1"), ("2", "2"), ("3", "3")]
+        "--img-size", *map(str, PATCH_HW), "--no-equalize-hist", "--rescale-factor",
+        "0.0003891", "--featurewise-mean", "5", "--batch-size", "6", "--nb-epoch", "1",
+        "--top-layer-epochs", "2", "--all-layer-epochs", "1", "--optimizer", "adam",
+        "--init-learningrate", "0.03", "--top-layer-multiplier", "1",
+        "--all-layer-multiplier", "1", "--hidden-dropout2", "0.3", "--augmentation"]
+    best_a, best_b, (out1, out2) = _interrupted_vs_straight(
+        "patch_clf_train.py", argv, tmp_path, workers=2, kill_after=(1, 2))
+    # after the first kill: stage 1 is skipped, stage 2 restores the weights only
+    assert "stage 1 (final dense layer): finished before the resume (1 epochs)" in out1
+    assert "Restored weights of epoch 1" in out1
+    # after the second: stage 2 continues with the optimizer state of epoch 2
+    assert "stage 1 (final dense layer): finished before the resume (1 epochs)" in out2
+    assert "Restored weights and optimizer state of epoch 2" in out2
+    assert "(resumed after epoch 2)" in out2
+    assert "4 epochs, best validation accuracy" in out2
+    state = _compare_runs(best_a, best_b, 4, "val accuracy",
+                          ("loss", "accuracy", "val_loss", "val_accuracy", "lr"),
+                          "patch_clf_train")
+    assert state["stage"] == 3
+    rows = _log_rows(best_b)
+    assert [(r["epoch"], r["stage"]) for r in rows] == \
+        [("1", "1"), ("2", "2"), ("3", "2"), ("4", "3")]
     val_acc = [float(r["val_accuracy"]) for r in rows]
     assert state["best"]["value"] == pytest.approx(max(val_acc))
     assert state["best"]["epoch"] == int(np.argmax(val_acc)) + 1
-    assert K.robust_load_model(best).output_shape == (None, 3)
+    assert K.robust_load_model(best_b).output_shape == (None, 3)
+    last = K.robust_load_model(K.last_checkpoint_path(best_b))   # dropout on in stages 2, 3
+    assert [layer.rate for layer in last.layers if isinstance(layer, keras.layers.Dropout)] \
+        == [pytest.approx(0.3)]
 
 
 # ------------------------------------------------------------------ in-process checks
