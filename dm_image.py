@@ -602,13 +602,12 @@ def _above_level(img: np.ndarray, img_max: float, level: int) -> np.ndarray:
 def _label_areas(binary: np.ndarray) -> Tuple[int, np.ndarray, np.ndarray]:
     """8-connected labels of ``binary``: (number of labels, labels, pixel count per label)."""
     try:  # 16-bit labels are half the memory traffic; OpenCV refuses past 65535 objects
-        nb_lab, labels = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_16U)
+        nb_lab, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8,
+                                                                    ltype=cv2.CV_16U)
     except cv2.error:
-        nb_lab, labels = cv2.connectedComponents(binary, connectivity=8, ltype=cv2.CV_32S)
-    if labels.dtype == np.uint16 and labels.size < 2 ** 24:  # counts exact in float32
-        areas = cv2.calcHist([labels], [0], None, [nb_lab], [0, nb_lab]).ravel()
-        return nb_lab, labels, areas.astype(np.int64)
-    return nb_lab, labels, np.bincount(labels.ravel(), minlength=nb_lab)
+        nb_lab, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8,
+                                                                    ltype=cv2.CV_32S)
+    return nb_lab, labels, stats[:, cv2.CC_STAT_AREA].astype(np.int64)
 
 
 def _breast_mask(img: np.ndarray, low_int_threshold: float,
@@ -633,6 +632,11 @@ def _breast_mask(img: np.ndarray, low_int_threshold: float,
                          f"{img.shape}; no breast found")
     x, y, w, h = cv2.boundingRect(np.concatenate(contours))
     return mask, (int(x), int(y), int(w), int(h))
+
+
+#: dtypes whose masked copy OpenCV makes (``cv2.bitwise_and`` with a mask), twice as fast as
+#: ``np.where``.
+_CV_MASKABLE = (np.uint8, np.uint16, np.int16, np.float32)
 
 
 def segment_breast(img: np.ndarray, low_int_threshold: float = 0.05, crop: bool = True,
@@ -669,6 +673,8 @@ def segment_breast(img: np.ndarray, low_int_threshold: float = 0.05, crop: bool 
     mask, (x, y, w, h) = _breast_mask(img, low_int_threshold, min_breast_fraction)
     if crop:
         img, mask = img[y:y + h, x:x + w], mask[y:y + h, x:x + w]
+    if img.dtype in _CV_MASKABLE:
+        return cv2.bitwise_and(img, img, mask=mask), (x, y, w, h)   # zero outside the mask
     return np.where(mask > 0, img, np.zeros((), img.dtype)), (x, y, w, h)
 
 

@@ -69,8 +69,8 @@ def build_mask_sat(mask: np.ndarray, margin: int = 0) -> Optional[MaskSat]:
         MaskSat in those coordinates, or None for an all-zero mask.
     """
     mask = np.asarray(mask)
-    nonzero = mask.view(np.uint8) if mask.dtype == bool else \
-        cv2.compare(mask, 0, cv2.CMP_GT) if mask.dtype == np.uint8 else \
+    # boundingRect of an 8-bit image is the box of its nonzero pixels: no binary copy needed
+    nonzero = mask.view(np.uint8) if mask.dtype in (bool, np.uint8) else \
         (mask > 0).astype(np.uint8)
     x0, y0, w, h = cv2.boundingRect(nonzero)
     if w == 0 or h == 0:

@@ -22,8 +22,8 @@ pinned to CPU 0 with ``os.sched_setaffinity``, as under ``taskset -c 0``) and on
 machine's cores (ours with ``--workers`` = half the cores, as advised), wall-clock and CPU seconds per image
 (CPU: all threads and worker processes) and the ratios, best of ``BENCH_SAMPLING_ROUNDS`` (2)
 interleaved rounds; and the floor: the work every sampler must do (read and resize, masks,
-segmentation, blob detection, PNG writing), timed with our functions in one thread, against
-which our one-core time is compared. Times are measured inside the running process, so they are
+segmentation, blob detection, PNG writing of the patches our sampler writes), timed with our
+functions in one thread, against which our one-core time is compared. Times are measured inside the running process, so they are
 the marginal cost per image, without the interpreter's start-up.
 """
 import json
@@ -94,6 +94,7 @@ def data(request, tmp_path_factory):
     sub = _synthetic_set(root) if request.param == "synthetic" else _real_set(root)
     sub.to_csv(root / "roi.csv", index=False)
     (root / "pats.txt").write_text("".join(p + "\n" for p in sub.patient_id.unique()))
+    _run_ours(root, root / "patches", workers=1)   # the patches the floor writes again
     return root, request.param, len(sub.drop_duplicates(["patient_id", "side", "view"]))
 
 
@@ -250,10 +251,11 @@ def _timed(fn, *args, **kwargs):
     return res, time.perf_counter() - t, cpu() - c
 
 
-def _our_stages(root, out):
+def _our_stages(root, out, patches_dir):
     """Seconds per image of the work any sampler must do, done by our functions in one thread:
     read and resize the image, read and resize its masks, segment the breast, detect blobs,
-    write the view's patches (``NB_ABN`` per ROI and ``NB_BKG``) as 16-bit PNGs."""
+    write the view's patches as 16-bit PNGs: the very patches our sampler wrote for the view
+    into ``patches_dir`` (read back untimed), since a patch's content sets its encoding time."""
     csv = pd.read_csv(root / "roi.csv")
     stages = dict.fromkeys(["read+resize", "masks", "segment", "blobs", "png"], 0.0)
     out.mkdir(parents=True, exist_ok=True)
@@ -278,9 +280,12 @@ def _our_stages(root, out):
             spc.detect_blob_centres(img, PATCH)
             t, t0 = time.perf_counter(), t
             stages["blobs"] += t - t0
-            for k in range(NB_ABN * len(g) + NB_BKG):
-                y, x = (k * 97) % (img.shape[0] - PATCH), (k * 61) % (img.shape[1] - PATCH)
-                dm_image.write_png(out / f"{img_id}_{k:04d}.png", img[y:y + PATCH, x:x + PATCH])
+            written = [cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+                       for f in sorted(Path(patches_dir).glob(f"*/{img_id}_*.png"))]
+            assert len(written) == NB_ABN * len(g) + NB_BKG, (img_id, len(written))
+            t = time.perf_counter()
+            for k, patch in enumerate(written):
+                dm_image.write_png(out / f"{img_id}_{k:04d}.png", patch)
             stages["png"] += time.perf_counter() - t
     finally:
         cv2.setNumThreads(-1)
@@ -289,13 +294,14 @@ def _our_stages(root, out):
 
 
 def _one_core_round(root, out):
-    """One round in a process limited to one CPU: the floor (our stages), our sampler (which
-    must start no thread there) and the 2017 algorithm, in seconds per image."""
+    """One round in a process limited to one CPU: the floor (our stages, writing again the
+    patches of the untimed sampling run in ``root / "patches"``), our sampler (which must
+    start no thread there) and the 2017 algorithm, in seconds per image."""
     import threading
 
     assert len(os.sched_getaffinity(0)) == 1
     n_views = len(pd.read_csv(root / "roi.csv").drop_duplicates(["patient_id", "side", "view"]))
-    stages = _our_stages(root, out / "stages")
+    stages = _our_stages(root, out / "stages", root / "patches" / "train")
     started, real_start = [], threading.Thread.start
 
     def start(thread):
