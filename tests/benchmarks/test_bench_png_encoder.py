@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 import dm_image
-import test_bench_sampling as tbs  # its inputs, sampler options and timing helper
+import sampling_inputs as inputs
 
 try:
     import deflate as libdeflate
@@ -103,7 +103,7 @@ def _sampler_rounds(root, out, workers):
     for r in range(ROUNDS):
         for name in ENCODERS if r % 2 == 0 else ENCODERS[::-1]:
             dest = out / f"{name}_{r}"
-            res, wall, cpu = tbs._timed(_with_encoder, name, tbs._run_ours, root, dest,
+            res, wall, cpu = inputs.timed(_with_encoder, name, inputs.run_ours, root, dest,
                                         workers=workers)
             runs[name].append((wall, cpu, res["patches"], str(dest / "train")))
     return runs
@@ -114,7 +114,7 @@ def _encode_only(patch_dir):
     encoder, ``ROUNDS`` alternating rounds: {encoder: ([seconds per round], total bytes)}."""
     patches = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
                for p in sorted(Path(patch_dir).rglob("*.png"))]
-    assert patches and all(p.dtype == np.uint16 and p.shape == (tbs.PATCH, tbs.PATCH)
+    assert patches and all(p.dtype == np.uint16 and p.shape == (inputs.PATCH, inputs.PATCH)
                            for p in patches)
     encoders = {"write_png": _cv2_png, CANDIDATE: _candidate_png}
     result = {name: ([], 0) for name in ENCODERS}
@@ -156,12 +156,10 @@ def data(tmp_path_factory):
     """(root, kind, views): the real set of ``test_bench_sampling``, else its synthetic set."""
     root = tmp_path_factory.mktemp("bench_png")
     try:
-        sub, kind = tbs._real_set(root), "real"
+        sub, kind = inputs.real_set(root), "real"
     except pytest.skip.Exception:
-        sub, kind = tbs._synthetic_set(root), "synthetic"
-    sub.to_csv(root / "roi.csv", index=False)
-    (root / "pats.txt").write_text("".join(p + "\n" for p in sub.patient_id.unique()))
-    return root, kind, len(sub.drop_duplicates(["patient_id", "side", "view"]))
+        sub, kind = inputs.synthetic_set(root), "synthetic"
+    return root, kind, inputs.write_set(root, sub)
 
 
 def test_bench_sampler_png_encoder(data, tmp_path):
@@ -185,7 +183,7 @@ def test_bench_sampler_png_encoder(data, tmp_path):
 
     cv, cand = ENCODERS
     print(f"\n[bench png encoder] whole sampler, {n_views} {kind} views of height "
-          f"{tbs.TARGET_H}, {n_files} patches of {tbs.PATCH}x{tbs.PATCH} uint16; {cores} cores, "
+          f"{inputs.TARGET_H}, {n_files} patches of {inputs.PATCH}x{inputs.PATCH} uint16; {cores} cores, "
           f"load average {os.getloadavg()[0]:.2f} at the end; median of {ROUNDS} alternating "
           "rounds, seconds for the whole run, wall (CPU)")
     print(f"  {'':14s} {'write_png (cv2)':>22s} {cand:>22s} {'speed-up':>17s}"

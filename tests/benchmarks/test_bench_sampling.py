@@ -28,7 +28,6 @@ the marginal cost per image, without the interpreter's start-up.
 """
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -42,60 +41,19 @@ from PIL import Image
 
 import dm_image
 import sample_patches_combined as spc
+from sampling_inputs import (NB_ABN, NB_BKG, NB_HNS, NEG_CUT, PATCH, POS_CUT, TARGET_H,
+                             real_set, run_ours, synthetic_set, timed, write_set)
 
-REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_mammograms"
-
-TARGET_H, PATCH, NB_ABN, NB_BKG, NB_HNS = 4096, 256, 30, 30, 15
-POS_CUT, NEG_CUT = 0.75, 0.35
-NB_VIEWS = int(os.environ.get("BENCH_SAMPLING_VIEWS", 12))
 ROUNDS = int(os.environ.get("BENCH_SAMPLING_ROUNDS", 2))
-
-
-def _synthetic_set(root):
-    mk = pytest.importorskip("make_synthetic_ddsm")
-    mk.run(root / "syn", nb_patients=NB_VIEWS + 1, img_height=4096, img_width=3200, seed=3)
-    csv = pd.read_csv(root / "syn" / "roi_mask_path.csv")
-    views = csv.drop_duplicates(["patient_id", "side", "view"]).head(NB_VIEWS)
-    sub = csv.merge(views[["patient_id", "side", "view"]])
-    assert len(views) == NB_VIEWS
-    return sub
-
-
-def _real_set(root):
-    """Twelve views from the 4 real 3328x2560 mammograms of ../shared: each image three times
-    (as CC, MLO and a second CC of another patient), each time with one elliptical lesion mask
-    (about 1.5 % of the breast) at another place in its breast."""
-    files = sorted(REAL_DIR.glob("*.png")) if REAL_DIR.is_dir() else []
-    if not files:
-        pytest.skip("../shared/data/real_mammograms is absent")
-    (root / "syn" / "full_img").mkdir(parents=True)
-    (root / "syn" / "roi_mask").mkdir(parents=True)
-    rows = []
-    for k, f in enumerate(files):
-        side = "LEFT" if "_L_" in f.name else "RIGHT"
-        img = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
-        _, (x, y, w, h) = dm_image.segment_breast(img)
-        for j, (pat, view) in enumerate([(f"P_R{k:04d}", "CC"), (f"P_R{k:04d}", "MLO"),
-                                         (f"P_R{k + 10:04d}", "CC")]):
-            (root / "syn" / "full_img" / f"{pat}_{side}_{view}.png").write_bytes(f.read_bytes())
-            mask = np.zeros(img.shape, np.uint8)
-            cx, cy = x + w * (2 + j) // 6, y + h * (1 + j) // 4
-            cv2.ellipse(mask, (cx, cy), (w // 9, h // 12), 30 * j, 0, 360, 255, -1)
-            name = f"Mass-Training_{pat}_{side}_{view}_1.png"  # 1-bit, as prepare_cbis_ddsm
-            dm_image.write_png(root / "syn" / "roi_mask" / name, mask, bilevel=True)
-            rows.append(dict(patient_id=pat, side=side, view=view, abn_num=1,
-                             pathology="MALIGNANT" if (k + j) % 2 else "BENIGN", type="mass"))
-    return pd.DataFrame(rows)
 
 
 @pytest.fixture(scope="module", params=["synthetic", "real"])
 def data(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"bench_sampling_{request.param}")
-    sub = _synthetic_set(root) if request.param == "synthetic" else _real_set(root)
-    sub.to_csv(root / "roi.csv", index=False)
-    (root / "pats.txt").write_text("".join(p + "\n" for p in sub.patient_id.unique()))
-    _run_ours(root, root / "patches", workers=1)   # the patches the floor writes again
-    return root, request.param, len(sub.drop_duplicates(["patient_id", "side", "view"]))
+    n_views = write_set(root, synthetic_set(root) if request.param == "synthetic"
+                        else real_set(root))
+    run_ours(root, root / "patches", workers=1)   # the patches the floor writes again
+    return root, request.param, n_views
 
 
 # ------------------------------------------------------------------ 2017 reference algorithm
@@ -232,25 +190,6 @@ def _run_2017(root, out):
 
 
 # ------------------------------------------------------------------ benchmark
-def _run_ours(root, out, workers):
-    return spc.run(str(root / "roi.csv"), str(root / "syn" / "roi_mask"), str(root / "pats.txt"),
-                   str(root / "syn" / "full_img"), str(out / "train"), str(out / "val"),
-                   target_height=TARGET_H, patch_size=PATCH, nb_abn=NB_ABN, nb_bkg=NB_BKG,
-                   nb_hns=NB_HNS, pos_cutoff=POS_CUT, neg_cutoff=NEG_CUT, val_size=0.0,
-                   verbose=False, workers=workers)
-
-
-def _timed(fn, *args, **kwargs):
-    """(result, wall seconds, CPU seconds of this process's threads and of finished children)."""
-    def cpu():
-        own, kids = resource.getrusage(resource.RUSAGE_SELF), \
-            resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-    t, c = time.perf_counter(), cpu()
-    res = fn(*args, **kwargs)
-    return res, time.perf_counter() - t, cpu() - c
-
-
 def _our_stages(root, out, patches_dir):
     """Seconds per image of the work any sampler must do, done by our functions in one thread:
     read and resize the image, read and resize its masks, segment the breast, detect blobs,
@@ -309,10 +248,10 @@ def _one_core_round(root, out):
         return real_start(thread)
     threading.Thread.start = start
     try:
-        ours, t_ours, c_ours = _timed(_run_ours, root, out / "ours", workers=1)
+        ours, t_ours, c_ours = timed(run_ours, root, out / "ours", workers=1)
     finally:
         threading.Thread.start = real_start
-    ref, t_ref, c_ref = _timed(_run_2017, root, out / "ref")
+    ref, t_ref, c_ref = timed(_run_2017, root, out / "ref")
     return {"stages": stages, "ours": (t_ours / n_views, c_ours / n_views),
             "ref": (t_ref / n_views, c_ref / n_views), "threads": started,
             "ours_patches": ours["patches"], "hns_shortfall": ours["hns_shortfall"],
@@ -356,9 +295,9 @@ def test_bench_sampling_vs_2017(data, tmp_path):
         rows["floor"].append((sum(one["stages"].values()), None))
         rows["ours1"].append(tuple(one["ours"]))
         rows["ref1"].append(tuple(one["ref"]))
-        ours_all, wall, cpu = _timed(_run_ours, data, tmp_path / f"all_{r}", workers=workers)
+        ours_all, wall, cpu = timed(run_ours, data, tmp_path / f"all_{r}", workers=workers)
         rows["ours_all"].append((wall / n_views, cpu / n_views))
-        ref_all, wall, cpu = _timed(_run_2017, data, tmp_path / f"ref_{r}")
+        ref_all, wall, cpu = timed(_run_2017, data, tmp_path / f"ref_{r}")
         rows["ref_all"].append((wall / n_views, cpu / n_views))
         # same patches, per folder, as the 2017 algorithm, on one CPU and on all of them
         for ours_p, ref in ((one["ours_patches"], one["ref_counts"]),
