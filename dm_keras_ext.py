@@ -1208,6 +1208,10 @@ def save_training_checkpoint(model, path, state):
     one epoch with the state of another. It is also a regular Keras model file
     (:func:`robust_load_model` loads it); :func:`read_training_state` reads the state.
     """
+    scale = _dynamic_loss_scale(getattr(model, "optimizer", None))
+    if scale is not None:   # not among the optimizer's saved variables
+        state = dict(state, loss_scale={"scale": float(scale[0].numpy()),
+                                        "counter": int(scale[1].numpy())})
     text = _json.dumps(state)
 
     def save(m, dest):
@@ -1319,8 +1323,19 @@ def resolve_resume(checkpoint, run_info, auto_resume=True, resume_from=None):
     return state
 
 
+def _dynamic_loss_scale(optimizer):
+    """(current loss scale, steps since it last changed) variables of a ``mixed_float16``
+    optimizer with dynamic loss scaling; None for any other optimizer."""
+    if not isinstance(optimizer, keras.mixed_precision.LossScaleOptimizer) \
+            or not optimizer.dynamic:
+        return None
+    # tf-keras exposes the counter variable but the scale only as a tensor
+    return optimizer._loss_scale.current_loss_scale, optimizer.dynamic_counter
+
+
 def _load_checkpoint_weights(model, path, with_optimizer):
-    """Load a checkpoint's weights into ``model`` (compiled) and, optionally, its optimizer."""
+    """Load a checkpoint's weights into ``model`` (compiled) and, optionally, its optimizer
+    (with ``mixed_float16``, also the dynamic loss scale)."""
     model.load_weights(path)
     if not with_optimizer:
         return
@@ -1332,12 +1347,17 @@ def _load_checkpoint_weights(model, path, with_optimizer):
             raise ValueError(f"{path} holds no optimizer state")
         values = [np.asarray(v) for v in hdf5_format.load_optimizer_weights_from_hdf5_group(f)]
     opt = model.optimizer
+    inner = getattr(opt, "inner_optimizer", opt)   # the loss-scale wrapper saves the inner's
     with model.distribute_strategy.scope():
-        opt.build(model.trainable_variables)
-    if len(values) != len(opt.variables):
+        inner.build(model.trainable_variables)
+    if len(values) != len(inner.variables):
         raise ValueError(f"{path}: {len(values)} optimizer variables for an optimizer with "
-                         f"{len(opt.variables)}; was it written by another configuration?")
-    opt.set_weights(values)
+                         f"{len(inner.variables)}; was it written by another configuration?")
+    inner.set_weights(values)
+    scale, saved = _dynamic_loss_scale(opt), (read_training_state(path) or {}).get("loss_scale")
+    if scale is not None and saved:
+        scale[0].assign(float(saved["scale"]))
+        scale[1].assign(int(saved["counter"]))
 
 
 def _random_layers(model):

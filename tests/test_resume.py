@@ -232,6 +232,42 @@ def test_checkpoint_restores_optimizer_state_exactly(tmp_path, keras_session, op
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_checkpoint_restores_mixed_precision_state_exactly(tmp_path, keras_session, precision):
+    """``--mixed-precision``: the checkpoint also carries the dynamic loss scale (float16) and
+    the float32 master weights, so a resumed run steps as the uninterrupted one."""
+    import dm_multi_gpu
+
+    X, y = class_shift_data()
+    try:
+        dm_multi_gpu.set_precision_policy(precision)
+        keras.utils.set_random_seed(3)
+        model = tiny_gap_net()
+        K._compile(model, "adam", 0.01, None, False, None, ["accuracy"])
+        assert (precision == "float16") == isinstance(
+            model.optimizer, keras.mixed_precision.LossScaleOptimizer)
+        model.fit(X, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        path = tmp_path / "last.h5"
+        K.save_training_checkpoint(model, path, {"version": 1, "epoch": 1})
+        other = tiny_gap_net()
+        K._compile(other, "adam", 0.01, None, False, None, ["accuracy"])
+        K._load_checkpoint_weights(other, path, with_optimizer=True)
+        assert len(other.optimizer.variables) == len(model.optimizer.variables) > 1
+        for a, b in zip(model.optimizer.variables, other.optimizer.variables):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+        if precision == "float16":    # the dynamic loss scale and its step counter
+            assert int(model.optimizer.dynamic_counter) == 3
+            assert int(other.optimizer.dynamic_counter) == 3
+            assert float(other.optimizer.loss_scale) == float(model.optimizer.loss_scale)
+        assert all(w.dtype == np.float32 for w in other.get_weights())
+        model.fit(X, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        other.fit(X, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        for a, b in zip(model.get_weights(), other.get_weights()):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    finally:
+        dm_multi_gpu.set_precision_policy(None)
+
+
 def test_training_log_rows_stages_lr_and_curves(tmp_path, keras_session):
     """At lr 1e-30 the val loss never improves: ReduceLROnPlateau halves the lr each epoch."""
     X, y = class_shift_data()
