@@ -21,10 +21,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # noqa: F401  (run as a script)
-except ImportError:
-    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 import dm_image  # noqa: E402
 from common_flags import add_image_flags  # noqa: E402
 from script_utils import cli_main, get_num_cpu_cores  # noqa: E402

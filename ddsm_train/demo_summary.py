@@ -27,10 +27,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # noqa: F401  (run as a script)
-except ImportError:
-    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 from dm_image import atomic_write  # noqa: E402
 
 __all__ = ["run", "get_args_parser", "main"]

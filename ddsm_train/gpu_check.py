@@ -63,10 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # (run as a script)
-except ImportError:
-    from ddsm_train import script_utils  # (run as ddsm_train.<module>)
+import script_utils  # first: puts the root dm_* modules and this folder on sys.path
 
 import numpy as np  # noqa: E402
 

@@ -26,10 +26,7 @@ import logging
 import math
 import os
 
-try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # (run as a script)
-except ImportError:
-    from ddsm_train import script_utils  # (run as ddsm_train.<module>)
+import script_utils  # first: puts the root dm_* modules and this folder on sys.path
 
 import common_flags as cf  # noqa: E402
 import training_setup as ts  # noqa: E402

@@ -17,10 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # noqa: F401  (run as a script)
-except ImportError:
-    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 import dm_image  # noqa: E402
 
 __all__ = [

@@ -50,10 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-try:   # puts the root dm_* modules and this folder on sys.path
-    import script_utils  # noqa: F401  (run as a script)
-except ImportError:
-    from ddsm_train import script_utils  # noqa: F401  (run as ddsm_train.<module>)
+import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

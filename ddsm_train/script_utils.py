@@ -35,10 +35,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
-# The scripts run as ``python ddsm_train/SCRIPT.py``, from inside that folder, or as
-# ``python -m ddsm_train.SCRIPT``, without an installed package: importing this module puts the
-# repository root (the ``dm_*`` modules) and this folder (the scripts' shared modules) first
-# on ``sys.path``. Each script imports it first.
+# The scripts run as ``python ddsm_train/SCRIPT.py`` (from any folder) or as
+# ``python -m ddsm_train.SCRIPT`` (the package then puts this folder on ``sys.path``), without
+# an installed package: importing this module puts the repository root (the ``dm_*`` modules)
+# and this folder (the scripts' shared modules) first on ``sys.path``. Each script imports it
+# before any other module of the project, under this one name.
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
