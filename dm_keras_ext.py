@@ -27,8 +27,7 @@ from tf_keras.src.engine import base_layer_utils as _base_layer_utils
 import dm_image as _dm_image
 import dm_resnet as _dm_resnet
 from dm_image import load_dat_ram  # noqa: F401  (2017 name, re-exported)
-from dm_resnet import rebuild_model  # noqa: F401  (re-exported)
-from dm_resnet import walk_layer_configs
+from dm_resnet import rebuild_model, walk_layer_configs  # rebuild_model: re-exported
 
 logger = logging.getLogger(__name__)
 

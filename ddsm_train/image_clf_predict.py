@@ -75,8 +75,9 @@ import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags, \
     add_optional_value_flag  # noqa: E402
-from script_utils import (RestrictedUnpickler, apply_model_recipe, cli_main,  # noqa: E402
-                          read_csv_table, read_text_lines, restricted_unpickle, run_defaults)
+from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
+                          apply_model_recipe, cli_main, read_csv_table, read_text_lines,
+                          restricted_unpickle, run_defaults)
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
@@ -611,8 +612,7 @@ def _resolve_recipe(models: Sequence, values: dict, given) -> dict:
         preprocessing, which works on all channels, else ``{}`` (one channel, copied per
         model).
     """
-    names = ("img_size", "img_scale", "rescale_factor", "equalize_hist", "featurewise_center",
-             "featurewise_mean")
+    names = RECIPE_OPTIONS
     defaults = run_defaults(run)
     files = [m for m in models if isinstance(m, (str, os.PathLike)) and Path(m).is_file()]
     prep, recipe = apply_model_recipe({k: values[k] for k in names},
