@@ -50,6 +50,11 @@ __all__ = [
     "register_model_sidecar",
     "check_model_file_safe",
     "UnsafeModelError",
+    "UnknownLayerError",
+    "SAFE_TF_FUNCTIONS",
+    "model_config_code",
+    "read_model_config",
+    "check_model_config",
     "save_model_atomic",
     "register_input_recipe",
     "do_3stage_training",
@@ -551,45 +556,202 @@ def create_optimizer(name, lr):
 
 # ---------------------------------------------------------------- loading and saving model files
 class UnsafeModelError(ValueError):
-    """A model file holds a layer that would run code stored in the file when loaded.
+    """A model file names code (a Python function, a TensorFlow op) that loading would run.
 
-    Raised before any layer is built; ``filename`` and ``layer`` name the file and the layer.
+    Raised before any layer is built; ``filename``, ``layer``, ``class_name`` and
+    ``function`` name the file, the layer, its class and what it would call.
     """
+
+    def __init__(self, filename, layer, class_name, function=None):
+        what = f"calls {function}" if function else "holds code"
+        super().__init__(
+            f"refusing to load {filename}: layer {layer!r} ({class_name}) {what}, named in the "
+            f"file and run when the model is built; load it only if you trust the file "
+            f"(safe_mode=False, or --trust-model-file on the command line)")
+        self.filename, self.layer, self.class_name = filename, layer, class_name
+        self.function = function
+
+
+class UnknownLayerError(ValueError):
+    """A model file holds a layer class that neither tf-keras nor ``custom_objects`` defines."""
 
     def __init__(self, filename, layer, class_name):
         super().__init__(
-            f"refusing to load {filename}: layer {layer!r} ({class_name}) holds Python code that "
-            f"would run when the model is built; load it only if you trust the file "
-            f"(safe_mode=False, or --trust-model-file on the command line)")
+            f"cannot load {filename}: layer {layer!r} is of class {class_name!r}, which is not a "
+            f"tf-keras layer (a model with custom layers needs their classes in custom_objects)")
         self.filename, self.layer, self.class_name = filename, layer, class_name
 
 
-#: Layer classes whose config can carry Python code (marshalled bytecode or a source string).
-_CODE_LAYER_CLASSES = frozenset({"Lambda"})
+#: Layer classes that call a function named in their config: Python code (``Lambda``), a
+#: TensorFlow API function (``TFOpLambda``, ``SlicingOpLambda``: what ``x + y`` or ``x[:, 0]``
+#: on a Keras tensor records), or a class or tensor method (``ClassMethod``,
+#: ``InstanceMethod``, ``InstanceProperty``).
+_CODE_LAYER_CLASSES = frozenset({"Lambda", "TFOpLambda", "SlicingOpLambda", "ClassMethod",
+                                 "InstanceMethod", "InstanceProperty"})
+
+#: Config keys that name something to call; any layer carrying one is treated as calling code,
+#: whatever its class.
+_CALLABLE_KEYS = ("function", "function_type", "cls_symbol", "method_name", "attr_name")
+
+#: Classes of the nested entries that hold Python code in a ``.keras`` archive's config.
+_CODE_ENTRY_CLASSES = frozenset({"__lambda__", "__python_function__"})
+
+#: TensorFlow functions an op layer (``TFOpLambda``/``SlicingOpLambda``) may call in safe mode:
+#: pure tensor maths with no side effect (no file, no I/O, no Python callback), as recorded by
+#: arithmetic, slicing and the common math calls on Keras tensors. Names as stored in the
+#: config (``tf.`` prefix dropped). The 2017 Keras 2.0.8 files and the models this project
+#: builds hold no op layer at all.
+SAFE_TF_FUNCTIONS = frozenset(
+    [f"__operators__.{op}" for op in ("add", "getitem", "eq", "ne")]
+    + [f"math.{op}" for op in (
+        "add", "add_n", "subtract", "multiply", "divide", "truediv", "floordiv", "negative",
+        "abs", "sign", "square", "sqrt", "rsqrt", "exp", "log", "log1p", "pow", "maximum",
+        "minimum", "sigmoid", "tanh", "softplus", "reciprocal", "greater", "greater_equal",
+        "less", "less_equal", "equal", "not_equal", "logical_and", "logical_or", "logical_not",
+        "reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_prod",
+        "reduce_logsumexp", "argmax", "argmin", "l2_normalize")]
+    + [f"nn.{op}" for op in ("relu", "relu6", "elu", "selu", "gelu", "leaky_relu", "softmax",
+                             "log_softmax", "sigmoid", "silu", "bias_add", "l2_normalize")]
+    + ["concat", "stack", "unstack", "reshape", "transpose", "expand_dims", "squeeze", "tile",
+       "cast", "identity", "clip_by_value", "where", "gather", "split", "pad", "shape",
+       "zeros_like", "ones_like", "reverse", "stop_gradient", "linalg.matmul", "einsum",
+       "image.resize"])
+
+_SAFE_MODULE = re.compile(r"(builtins|keras|tf_keras)(\.[A-Za-z_][\w.]*)?\Z")
+
+#: Keys whose values are layer configs (wrappers, recurrent cells); ``layers`` lists them.
+_LAYER_KEYS = frozenset({"layer", "forward_layer", "backward_layer", "cell"})
+_LAYER_LIST_KEYS = frozenset({"layers", "cells"})
+_MODEL_CLASSES = frozenset({"Model", "Functional", "Sequential"})
 
 
-def _code_layers(config):
-    """Yield ``(layer name, class name)`` of every layer in a model config that carries code.
+def _called_function(class_name, cfg):
+    """What a layer config says to call, for a message, e.g. ``tf.io.write_file``."""
+    function = cfg.get("function")
+    if class_name in ("TFOpLambda", "SlicingOpLambda") and isinstance(function, str):
+        return f"tf.{function}"
+    if "cls_symbol" in cfg:
+        return f"tf.{cfg.get('cls_symbol')}.{cfg.get('method_name')}"
+    if "attr_name" in cfg:
+        return f"the tensor attribute {cfg.get('attr_name')!r}"
+    if isinstance(function, str):
+        module = cfg.get("module")
+        return f"{module}.{function}" if isinstance(module, str) else function
+    if isinstance(function, dict) and function.get("class_name") in _CODE_ENTRY_CLASSES:
+        return "Python code (a lambda)"
+    if cfg.get("function_type") == "lambda" or isinstance(function, (list, tuple)):
+        return "Python bytecode (a lambda)"
+    return "a function named in the file"
 
-    Walks nested models (``Functional``/``Model``/``Sequential`` inside a model) and wrappers
-    (``TimeDistributed``, ``Bidirectional``: a ``layer`` entry in the config).
+
+def _walk_layer_entries(entry, visit, layer_name="?", is_layer=True):
+    """Call ``visit(entry, layer_name, is_layer)`` on every dict of a model config.
+
+    ``layer_name`` is the name of the innermost layer holding the entry; ``is_layer`` tells
+    whether the entry itself is a layer (the model, an item of a ``layers`` list, the layer of
+    a wrapper such as ``TimeDistributed``/``Bidirectional``, a recurrent cell), nested models
+    included (a Keras 2.0.8 ``Sequential`` stores its layers as a bare list in ``config``).
     """
-    stack = [config]
-    while stack:
-        entry = stack.pop()
-        if isinstance(entry, list):
-            stack.extend(entry)
+    if isinstance(entry, list):
+        for item in entry:
+            _walk_layer_entries(item, visit, layer_name, is_layer)
+        return
+    if not isinstance(entry, dict):
+        return
+    class_name = entry.get("class_name")
+    cfg = entry.get("config")
+    if is_layer and isinstance(class_name, str) and isinstance(cfg, dict):
+        layer_name = str(cfg.get("name", layer_name))
+    visit(entry, layer_name, is_layer and isinstance(class_name, str))
+    for key, value in entry.items():
+        if not isinstance(value, (dict, list)):
             continue
-        if not isinstance(entry, dict):
-            continue
+        child_is_layer = (key in _LAYER_KEYS or key in _LAYER_LIST_KEYS
+                          or (key == "config" and isinstance(value, list)
+                              and class_name in _MODEL_CLASSES))
+        if key in _LAYER_LIST_KEYS and not isinstance(value, list):
+            child_is_layer = False
+        _walk_layer_entries(value, visit, layer_name, child_is_layer)
+
+
+def model_config_code(config):
+    """Every place in a model config that names code to run when the model is built.
+
+    Reads the JSON structure only. A layer counts when its class calls a function
+    (``Lambda``, ``TFOpLambda``, ``SlicingOpLambda``, ``ClassMethod``, ...) or its config
+    carries a callable reference of any kind (``function``, ``function_type``, ``cls_symbol``,
+    ``attr_name``, ...), except op layers calling the pure tensor maths of
+    :data:`SAFE_TF_FUNCTIONS`; an entry whose ``module`` is outside tf-keras (which a
+    ``.keras`` archive would import) or that holds a Python lambda counts too. Nested models,
+    wrappers and recurrent cells are searched.
+
+    Args:
+        config: a parsed model config (``{"class_name": ..., "config": ...}``).
+
+    Returns:
+        list of ``(layer name, class name, function)`` triples, empty for a safe config.
+    """
+    found = []
+
+    def visit(entry, layer_name, is_layer):
         class_name = entry.get("class_name")
         cfg = entry.get("config")
-        if isinstance(class_name, str) and isinstance(cfg, dict):
-            if class_name in _CODE_LAYER_CLASSES or "function_type" in cfg:
-                yield cfg.get("name", "?"), class_name
-        for key in ("config", "layers", "layer", "forward_layer", "backward_layer"):
-            if key in entry and isinstance(entry[key], (dict, list)):
-                stack.append(entry[key])
+        if not isinstance(class_name, str):
+            return
+        module = entry.get("module")
+        if isinstance(module, str) and not _SAFE_MODULE.match(module):
+            target = cfg if isinstance(cfg, str) else class_name
+            found.append((layer_name, class_name, f"{module}.{target}"))
+            return
+        if class_name in _CODE_ENTRY_CLASSES:
+            found.append((layer_name, class_name, "Python code (a lambda)"))
+            return
+        if not isinstance(cfg, dict):
+            return
+        if class_name in _CODE_LAYER_CLASSES or any(k in cfg for k in _CALLABLE_KEYS):
+            if (class_name in ("TFOpLambda", "SlicingOpLambda")
+                    and cfg.get("function") in SAFE_TF_FUNCTIONS
+                    and not any(k in cfg for k in _CALLABLE_KEYS if k != "function")):
+                return
+            found.append((layer_name, class_name, _called_function(class_name, cfg)))
+
+    _walk_layer_entries(config, visit)
+    return found
+
+
+def _is_known_layer_class(class_name, custom_objects):
+    from tf_keras.src.layers import serialization as _layer_serialization
+
+    if custom_objects and class_name in custom_objects:
+        return True
+    if keras.saving.get_registered_object(class_name) is not None:
+        return True
+    _layer_serialization.populate_deserializable_objects()
+    return class_name in _layer_serialization.LOCAL.ALL_OBJECTS
+
+
+def unknown_layer_classes(config, custom_objects=None):
+    """``(layer name, class name)`` of every layer in a model config whose class is unknown
+    (neither a tf-keras layer nor registered nor in ``custom_objects``)."""
+    found = []
+
+    def visit(entry, layer_name, is_layer):
+        name = entry.get("registered_name") or entry.get("class_name")
+        if is_layer and isinstance(name, str) and not _is_known_layer_class(name,
+                                                                            custom_objects):
+            found.append((layer_name, name))
+
+    _walk_layer_entries(config, visit)
+    return found
+
+
+def _parse_model_config(path, raw, what):
+    if raw is None:
+        return None
+    try:
+        return _json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: its {what} is not valid JSON ({err})") from err
 
 
 def _h5_model_config(path):
@@ -599,26 +761,62 @@ def _h5_model_config(path):
             raw = f.attrs.get("model_config")
     except OSError as err:
         raise OSError(f"cannot read model file {path}: not a readable HDF5 file ({err})") from err
-    if raw is None:
-        return None
+    return _parse_model_config(path, raw, "model_config")
+
+
+def _archive_model_config(path):
+    """The parsed ``config.json`` of a ``.keras`` archive."""
     try:
-        return _json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{path}: its model_config is not valid JSON ({err})") from err
+        with _zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise ValueError(f"{path}: a zip file without config.json, not a .keras model")
+            raw = archive.read("config.json")
+    except _zipfile.BadZipFile as err:
+        raise OSError(f"cannot read model file {path}: not a readable .keras archive "
+                      f"({err})") from err
+    return _parse_model_config(path, raw, "config.json")
 
 
-def check_model_file_safe(filepath):
-    """Raise :class:`UnsafeModelError` when an HDF5 model file holds a layer that carries code.
+def read_model_config(filepath):
+    """The model config stored in an HDF5 model file (``model_config`` attribute) or a
+    ``.keras`` archive (``config.json``), parsed, without building anything; None when an
+    HDF5 file has none (a weights-only file)."""
+    path = _os.fspath(filepath)
+    if _h5py.is_hdf5(path):
+        return _h5_model_config(path)
+    if _zipfile.is_zipfile(path):
+        return _archive_model_config(path)
+    raise OSError(f"cannot read model file {path}: neither an HDF5 (.h5) model nor a .keras "
+                  f"archive")
 
-    Reads only the file's JSON configuration (no layer is built, nothing is executed). Files
-    written by Keras 2.0.8 for the 2017 models and by this project have no such layer.
+
+def check_model_config(path, config, custom_objects=None, safe_mode=True):
+    """Check a model file's parsed config before anything is built.
+
+    Raises:
+        UnsafeModelError: ``safe_mode`` and a layer names code to run
+            (:func:`model_config_code`); names the file, the layer and the function.
+        UnknownLayerError: a layer class tf-keras does not know; names the file and the class.
+    """
+    if config is None:
+        return
+    if safe_mode:
+        for layer, class_name, function in model_config_code(config):
+            raise UnsafeModelError(path, layer, class_name, function)
+    for layer, class_name in unknown_layer_classes(config, custom_objects):
+        raise UnknownLayerError(path, layer, class_name)
+
+
+def check_model_file_safe(filepath, custom_objects=None):
+    """Raise :class:`UnsafeModelError` when a model file names code that loading would run.
+
+    Reads only the file's JSON configuration (HDF5 ``model_config`` or the ``config.json`` of
+    a ``.keras`` archive); no layer is built, nothing is executed. Files written by Keras 2.0.8
+    for the 2017 models and by this project pass. An unknown layer class raises
+    :class:`UnknownLayerError`.
     """
     path = _os.fspath(filepath)
-    if not _h5py.is_hdf5(path):
-        return   # .keras archives are checked by tf-keras's own safe mode
-    config = _h5_model_config(path)
-    for layer, class_name in _code_layers(config or {}):
-        raise UnsafeModelError(path, layer, class_name)
+    check_model_config(path, read_model_config(path), custom_objects)
 
 
 def robust_load_model(filepath, custom_objects=None, safe_mode=True):
@@ -630,41 +828,55 @@ def robust_load_model(filepath, custom_objects=None, safe_mode=True):
     all, the model is re-created from the file's ``model_config`` and its weights loaded by
     topology. Optimiser state is not restored; compile the model before training.
 
-    Loading never runs code stored in the file unless ``safe_mode`` is False: a file with a
-    ``Lambda`` layer (Python bytecode in its config) is refused with :class:`UnsafeModelError`
-    naming the file and the layer, before anything is built.
+    Loading never runs code named in the file unless ``safe_mode`` is False: the whole config
+    (nested models and wrappers included) is read first, and a layer that calls a function
+    named in the file (``Lambda``, ``TFOpLambda`` such as ``tf.io.write_file``, ...; pure
+    tensor maths of :data:`SAFE_TF_FUNCTIONS` excepted) is refused with
+    :class:`UnsafeModelError` naming the file, the layer and the function, before anything is
+    built. A layer class tf-keras does not know gives :class:`UnknownLayerError`.
 
     Args:
         filepath: ``.h5`` model file (or a ``.keras`` archive).
         custom_objects: extra classes needed to deserialise the file.
-        safe_mode: refuse layers that carry code (default). Pass False only for a file you
-            trust: its Lambda layers then run as stored.
+        safe_mode: refuse layers that call code (default). Pass False only for a file you
+            trust: its Lambda and op layers then run as stored.
     """
     from tf_keras.src.saving import serialization_lib as _serialization_lib
 
     path = _os.fspath(filepath)
     if not _os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    if not _h5py.is_hdf5(path) and not _zipfile.is_zipfile(path):
+    is_h5 = _h5py.is_hdf5(path)
+    if not is_h5 and not _zipfile.is_zipfile(path):
         raise OSError(f"cannot read model file {path}: neither an HDF5 (.h5) model nor a .keras "
                       f"archive")
-    if safe_mode:
-        check_model_file_safe(path)
-    with _serialization_lib.SafeModeScope(bool(safe_mode)):
-        try:
+    if not is_h5:
+        check_model_config(path, _archive_model_config(path), custom_objects, safe_mode)
+        with _serialization_lib.SafeModeScope(bool(safe_mode)):
             model = keras.models.load_model(path, custom_objects=custom_objects, compile=False,
                                             safe_mode=bool(safe_mode))
+        return _dm_resnet.relax_input_shape(model, custom_objects, nested=True)
+    try:
+        handle = _h5py.File(path, "r")
+    except OSError as err:
+        raise OSError(f"cannot read model file {path}: not a readable HDF5 file ({err})") from err
+    with handle, _serialization_lib.SafeModeScope(bool(safe_mode)):
+        # The config checked is the one built: tf-keras reads the same open file.
+        config = _parse_model_config(path, handle.attrs.get("model_config"), "model_config")
+        check_model_config(path, config, custom_objects, safe_mode)
+        try:
+            model = keras.models.load_model(handle, custom_objects=custom_objects,
+                                            compile=False, safe_mode=bool(safe_mode))
         except OSError as err:
             raise OSError(f"cannot read model file {path}: {err}") from err
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             logger.warning("tf-keras could not load %s (%s); rebuilding from its config", path,
                            str(err).splitlines()[0] if str(err) else type(err).__name__)
-            return _load_from_h5_config(path, custom_objects)
+            return _load_from_h5_config(path, custom_objects, config, handle)
         return _dm_resnet.relax_input_shape(model, custom_objects, nested=True)
 
 
-def _load_from_h5_config(path, custom_objects):
-    config = _h5_model_config(path)
+def _load_from_h5_config(path, custom_objects, config, handle):
     if config is None:
         raise ValueError(f"{path} holds no model_config (a weights-only file?)")
     _dm_resnet.relax_nested_input_configs(config["config"])
