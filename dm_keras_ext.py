@@ -55,6 +55,9 @@ __all__ = [
     "model_config_code",
     "read_model_config",
     "check_model_config",
+    "ModelRoleError",
+    "model_role",
+    "check_model_role",
     "save_model_atomic",
     "register_input_recipe",
     "do_3stage_training",
@@ -307,6 +310,7 @@ def get_dl_model(net, nb_class=3, use_pretrained=True, resume_from=None, top_lay
     preprocess = get_preprocess_input(net)
     if resume_from is not None:
         model = robust_load_model(resume_from, safe_mode=safe_mode)
+        check_model_role(model, resume_from, ("patch",), "--resume-from")
     elif net == "yaroslav":
         model = Yaroslav(input_shape, nb_class, hidden_dropout, weight_decay)
     elif net == "dm_resnet14":
@@ -883,6 +887,73 @@ def _load_from_h5_config(path, custom_objects, config, handle):
     model = keras.models.model_from_config(config, custom_objects=custom_objects)
     model.load_weights(path)
     return model
+
+
+class ModelRoleError(ValueError):
+    """A model file holds a model of another role than the one expected (a whole-image
+    classifier where a patch classifier is needed, ...); names the file, expected and found."""
+
+
+#: Layers of the heatmap head a whole-image model carries when built with ``add_heatmap``.
+HEATMAP_HEAD_LAYERS = frozenset({"hm_avg_pool", "hm_dense"})
+
+
+def model_role(model):
+    """The role of a model, from its architecture: ``"patch"``, ``"whole-image"`` or
+    ``"heatmap"``.
+
+    A model with a 4-D output (per-location class probabilities) is a heatmap model. A model
+    that applies a nested network (a layer that is itself a model) and puts layers on top of
+    it is a whole-image classifier: :func:`dm_resnet.add_top_layers` and the 2017 scripts
+    build every whole-image model that way. Any other model (a flat network with a class
+    output, as every patch net of :func:`get_dl_model`) counts as a patch classifier.
+    """
+    if len(model.output_shape) == 4:
+        return "heatmap"
+    if any(isinstance(layer, keras.Model) for layer in model.layers):
+        return "whole-image"
+    return "patch"
+
+
+def _describe_role(model, role):
+    shape = "x".join("?" if d is None else str(d) for d in model.input_shape[1:3])
+    if role == "whole-image":
+        nested = [layer.name for layer in model.layers if isinstance(layer, keras.Model)]
+        return (f"a whole-image classifier ({shape} input, network {nested[0]!r} nested in it, "
+                f"{model.output_shape[-1]} outputs)")
+    if role == "heatmap":
+        return f"a heatmap model (4-D output {tuple(model.output_shape)})"
+    return f"a patch classifier ({shape} input, {model.output_shape[-1]} outputs)"
+
+
+def check_model_role(model, filepath, expected, flag=None):
+    """Refuse a loaded model whose role (:func:`model_role`) is not among ``expected``.
+
+    Args:
+        model: the loaded model.
+        filepath: its file, for the message.
+        expected: accepted roles, e.g. ``("patch",)``; ``"whole-image+heatmap"`` accepts a
+            whole-image model carrying a heatmap head (:data:`HEATMAP_HEAD_LAYERS`).
+        flag: the option or argument that named the file (e.g. ``"--patch-model-state"``).
+
+    Raises:
+        ModelRoleError: naming the file, what was expected and what was found.
+    """
+    role = model_role(model)
+    if role in expected:
+        return role
+    if role == "whole-image" and "whole-image+heatmap" in expected and \
+            HEATMAP_HEAD_LAYERS <= {layer.name for layer in model.layers}:
+        return role
+    wanted = {"patch": "a patch classifier (a network ending in a softmax over the patch "
+                       "classes, no nested network)",
+              "whole-image": "a whole-image classifier",
+              "heatmap": "a heatmap model",
+              "whole-image+heatmap": "a whole-image model with a heatmap head (hm_avg_pool, "
+                                     "hm_dense)"}
+    where = f"{flag} {_os.fspath(filepath)}" if flag else _os.fspath(filepath)
+    raise ModelRoleError(f"{where}: expected {' or '.join(wanted[r] for r in expected)}, found "
+                         f"{_describe_role(model, role)}")
 
 
 #: Input recipes (JSON) of model files, by absolute path: see :func:`register_input_recipe`.

@@ -15,8 +15,11 @@ What the trainers do with these options lives in ``training_setup``; the environ
 of a run and a model file's input recipe in ``script_utils``.
 """
 import argparse
+import math
 
 __all__ = [
+    "finite_float", "nonneg_float", "positive_float", "unit_interval", "fraction",
+    "nonneg_int", "positive_int", "use_checked_numbers",
     "NOSAVE", "MIXED_PRECISION_CHOICES", "OPTIMIZER_CHOICES", "FROZEN_BN_MODES",
     "add_bool_flag", "add_optional_value_flag",
     "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
@@ -32,6 +35,89 @@ OPTIMIZER_CHOICES = ("sgd", "rmsprop", "adagrad", "adadelta", "adamax", "adam", 
 #: with while it trains around it. ``batch``: the batch's own statistics (Keras 2.0.8, 2017);
 #: ``moving``: its stored moving statistics (tf-keras inference mode).
 FROZEN_BN_MODES = ("batch", "moving")
+
+
+# --------------------------------------------------------------------------- value types
+# argparse types of the numeric flags: a value outside the flag's meaningful range stops the
+# script with one line ``PROG: error: argument --FLAG: ...`` (exit status 2) naming the flag.
+def _float_value(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"should be a finite number, got {text!r}")
+    return value
+
+
+def _int_value(text):
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def finite_float(text: str) -> float:
+    """A finite float (``nan`` and ``inf`` are refused): the type of every float flag."""
+    return _float_value(text)
+
+
+def nonneg_float(text: str) -> float:
+    """A finite float >= 0 (weight decays, class weights, ...)."""
+    value = _float_value(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"should be >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0 (learning rates and their multipliers, scale factors, ...)."""
+    value = _float_value(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"should be > 0, got {text!r}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A float in [0, 1) (dropout rates: 1 would drop every unit)."""
+    value = _float_value(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"should be in [0, 1), got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A float in [0, 1] (shares of a set, ratios)."""
+    value = _float_value(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"should be in [0, 1], got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (epochs, seeds, patience, counts that may be zero)."""
+    value = _int_value(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"should be >= 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes, batch sizes, widths, worker counts)."""
+    value = _int_value(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"should be >= 1, got {text!r}")
+    return value
+
+
+def use_checked_numbers(parser):
+    """Make every plain ``type=float`` flag of ``parser`` (argument groups included) refuse
+    non-finite values (:func:`finite_float`), and every ``type=int`` flag name itself in its
+    error. The scripts' ``main()`` applies this to their parser, so a new float flag gets the
+    rule without declaring it; flags with a range use the types above."""
+    parser.register("type", float, finite_float)
+    parser.register("type", int, _int_value)
+    return parser
 
 
 # --------------------------------------------------------------------------- flag primitives
@@ -103,17 +189,17 @@ def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewi
             for no rescaling.
     """
     g = parser.add_argument_group("image")
-    g.add_argument("--img-size", "-is", dest="img_size", nargs=2, type=int,
+    g.add_argument("--img-size", "-is", dest="img_size", nargs=2, type=positive_int,
                    default=list(img_size), metavar=("HEIGHT", "WIDTH"),
                    help=f"image size (default: {list(img_size)})")
-    add_optional_value_flag(g, "img-scale", float, img_scale,
+    add_optional_value_flag(g, "img-scale", positive_float, img_scale,
                             "map each image's max intensity to this value", short="-ic",
                             no_short="-nic")
-    add_optional_value_flag(g, "rescale-factor", float, rescale_factor,
+    add_optional_value_flag(g, "rescale-factor", positive_float, rescale_factor,
                             "multiply intensities by this factor (0.003891 for 16-bit PNG)")
     if centring:
         add_bool_flag(g, "featurewise-center", featurewise_center, "subtract --featurewise-mean")
-        g.add_argument("--featurewise-mean", dest="featurewise_mean", type=float,
+        g.add_argument("--featurewise-mean", dest="featurewise_mean", type=finite_float,
                        default=featurewise_mean,
                        help=f"train-set mean intensity after rescale (default: "
                             f"{featurewise_mean})")
@@ -123,9 +209,10 @@ def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewi
 def add_batch_flags(parser, batch_size=64, train_bs_multiplier=0.5):
     """``--batch-size`` (evaluation batch) and ``--train-bs-multiplier`` (train batch = product)."""
     g = parser.add_argument_group("batch")
-    g.add_argument("--batch-size", "-bs", dest="batch_size", type=int, default=batch_size,
+    g.add_argument("--batch-size", "-bs", dest="batch_size", type=positive_int,
+                   default=batch_size,
                    help=f"evaluation batch size (default: {batch_size})")
-    g.add_argument("--train-bs-multiplier", dest="train_bs_multiplier", type=float,
+    g.add_argument("--train-bs-multiplier", dest="train_bs_multiplier", type=positive_float,
                    default=train_bs_multiplier,
                    help="train batch = batch size x this (default: %(default)s)")
 
@@ -154,10 +241,10 @@ def add_class_flags(parser, class_list, auto_batch_balance):
                    help=f"class sub-folder names, in label order (default: {list(class_list)})")
     add_bool_flag(g, "auto-batch-balance", auto_batch_balance,
                   "sample weights giving each class in a batch equal total weight")
-    g.add_argument("--pos-cls-weight", dest="pos_cls_weight", type=float, default=1.0,
+    g.add_argument("--pos-cls-weight", dest="pos_cls_weight", type=nonneg_float, default=1.0,
                    help="weight of the non-first classes without auto batch balance "
                         "(default: %(default)s)")
-    g.add_argument("--neg-cls-weight", dest="neg_cls_weight", type=float, default=1.0,
+    g.add_argument("--neg-cls-weight", dest="neg_cls_weight", type=nonneg_float, default=1.0,
                    help="weight of the first class (default: %(default)s)")
 
 
@@ -167,12 +254,15 @@ def add_optimizer_flags(parser, optim="sgd", init_lr=0.01, lr_patience=10, es_pa
     g = parser.add_argument_group("optimiser")
     g.add_argument("--optimizer", dest="optim", type=str.lower, default=optim,
                    choices=OPTIMIZER_CHOICES, help="(default: %(default)s)")
-    g.add_argument("--init-learningrate", "-ilr", dest="init_lr", type=float, default=init_lr,
+    g.add_argument("--init-learningrate", "-ilr", dest="init_lr", type=positive_float,
+                   default=init_lr,
                    help="stage-1 learning rate (default: %(default)s)")
-    g.add_argument("--lr-patience", "-lrp", dest="lr_patience", type=int, default=lr_patience,
+    g.add_argument("--lr-patience", "-lrp", dest="lr_patience", type=nonneg_int,
+                   default=lr_patience,
                    help="epochs without val-loss improvement before the lr halves (sgd) "
                         "(default: %(default)s)")
-    g.add_argument("--es-patience", "-esp", dest="es_patience", type=int, default=es_patience,
+    g.add_argument("--es-patience", "-esp", dest="es_patience", type=nonneg_int,
+                   default=es_patience,
                    help="epochs without val-loss improvement before stopping "
                         "(default: %(default)s)")
     g.add_argument("--frozen-bn-mode", dest="frozen_bn_mode", default="batch",
@@ -189,21 +279,21 @@ def add_stage_flags(parser, nb_epoch, all_layer_epochs, all_layer_multiplier,
     ``top_layer_epochs`` / ``top_layer_multiplier`` are only added when given (3-stage scripts).
     """
     g = parser.add_argument_group("stages")
-    g.add_argument("--nb-epoch", "-ne", dest="nb_epoch", type=int, default=nb_epoch,
+    g.add_argument("--nb-epoch", "-ne", dest="nb_epoch", type=nonneg_int, default=nb_epoch,
                    help="stage-1 epochs; 0 skips stage 1 (default: %(default)s)")
     if top_layer_epochs is not None:
-        g.add_argument("--top-layer-epochs", dest="top_layer_epochs", type=int,
+        g.add_argument("--top-layer-epochs", dest="top_layer_epochs", type=nonneg_int,
                        default=top_layer_epochs, help="stage-2 epochs (default: %(default)s)")
-    g.add_argument("--all-layer-epochs", dest="all_layer_epochs", type=int,
+    g.add_argument("--all-layer-epochs", dest="all_layer_epochs", type=nonneg_int,
                    default=all_layer_epochs, help="all-layer stage epochs (default: %(default)s)")
     if top_layer_multiplier is not None:
-        g.add_argument("--top-layer-multiplier", dest="top_layer_multiplier", type=float,
+        g.add_argument("--top-layer-multiplier", dest="top_layer_multiplier", type=positive_float,
                        default=top_layer_multiplier,
                        help="stage-2 lr = init lr x this (default: %(default)s)")
-    g.add_argument("--all-layer-multiplier", dest="all_layer_multiplier", type=float,
+    g.add_argument("--all-layer-multiplier", dest="all_layer_multiplier", type=positive_float,
                    default=all_layer_multiplier,
                    help="all-layer stage lr = init lr x this (default: %(default)s)")
-    add_optional_value_flag(g, "top-layer-nb", int, None,
+    add_optional_value_flag(g, "top-layer-nb", nonneg_int, None,
                             "index of the first layer trained in the top-layer stage "
                             "(None: resolved by role for the network)")
 
@@ -212,17 +302,17 @@ def add_regularization_flags(parser, weight_decay=1e-4, weight_decay2=1e-4, hidd
                              hidden_dropout2=0.0, bias_multiplier=None):
     """Weight decay and dropout for the first and later stages, and the bias lr multiplier."""
     g = parser.add_argument_group("regularisation")
-    g.add_argument("--weight-decay", "-wd", dest="weight_decay", type=float,
+    g.add_argument("--weight-decay", "-wd", dest="weight_decay", type=nonneg_float,
                    default=weight_decay,
                    help="L2 of Dense/Conv2D kernels, stage 1 (default: %(default)s)")
-    g.add_argument("--weight-decay2", "-wd2", dest="weight_decay2", type=float,
+    g.add_argument("--weight-decay2", "-wd2", dest="weight_decay2", type=nonneg_float,
                    default=weight_decay2, help="L2 in later stages (default: %(default)s)")
-    g.add_argument("--hidden-dropout", "-hd", dest="hidden_dropout", type=float,
+    g.add_argument("--hidden-dropout", "-hd", dest="hidden_dropout", type=unit_interval,
                    default=hidden_dropout, help="dropout rate, stage 1 (default: %(default)s)")
-    g.add_argument("--hidden-dropout2", "-hd2", dest="hidden_dropout2", type=float,
+    g.add_argument("--hidden-dropout2", "-hd2", dest="hidden_dropout2", type=unit_interval,
                    default=hidden_dropout2,
                    help="dropout rate in later stages (default: %(default)s)")
-    add_optional_value_flag(g, "bias-multiplier", float, bias_multiplier,
+    add_optional_value_flag(g, "bias-multiplier", nonneg_float, bias_multiplier,
                             "learning-rate multiplier for bias terms")
 
 

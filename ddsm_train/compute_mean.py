@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 import dm_image  # noqa: E402
 from common_flags import add_image_flags  # noqa: E402
+import common_flags as cf  # noqa: E402
 from script_utils import cli_main, get_num_cpu_cores  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def image_mean(folder, img_size: Sequence[int], img_scale: Optional[float] = Non
         except OSError as exc:
             return path, exc
 
-    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+    with script_utils.thread_pool(max(1, int(workers))) as pool:
         for path, result in pool.map(task, files):
             if isinstance(result, OSError):
                 skipped.append(path)
@@ -111,7 +111,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="training images (searched recursively)")
     add_image_flags(parser, img_size=(1152, 896), featurewise_mean=None, equalize_hist=False,
                     centring=False)
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=cf.positive_int, default=None,
                         help="decoding threads (default: NUM_CPU_CORES, else 4)")
     return parser
 

@@ -162,8 +162,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    summary = run(**vars(args))
+    parser = get_args_parser()
+    args = script_utils.parse_command_line(parser, argv)
+    with script_utils.exit_on_interrupt(parser):
+        try:
+            summary = run(**vars(args))
+        except (ValueError, OSError) as err:
+            script_utils.user_error_exit(parser, err)
     print(format_summary(summary))
     return summary
 

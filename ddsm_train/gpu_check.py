@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import script_utils  # first: puts the root dm_* modules and this folder on sys.path
+import common_flags as cf  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -535,9 +536,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         default=["resnet50", "demo"], help="(default: %(default)s)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="training modes (default: %(default)s)")
-    parser.add_argument("--warmup-steps", type=int, default=None,
+    parser.add_argument("--warmup-steps", type=cf.nonneg_int, default=None,
                         help="untimed steps per mode (default: 5 on a GPU, 1 tiny)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=cf.positive_int, default=None,
                         help="timed steps per mode (default: 20 on a GPU, 2 tiny)")
     parser.add_argument("--strict", action="store_true",
                         help=f"fail when mixed precision is below {SPEEDUP_TARGET}x float32 "
@@ -610,10 +611,15 @@ def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = script_utils.parse_command_line(parser, argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    report = run(**vars(args))
+    with script_utils.exit_on_interrupt(parser):
+        try:
+            report = run(**vars(args))
+        except OSError as err:   # e.g. an unwritable --json file
+            script_utils.user_error_exit(parser, err)
     print(report.table)
     return 1 if report.failures else 0
 

@@ -73,6 +73,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags  # noqa: E402
+import common_flags as cf  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
                           restricted_unpickle, run_defaults, safe_name_part)
@@ -668,7 +669,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         ValueError: a bad option value, a bad row, or no heatmap at all (no image found or
             none readable); nothing is written then.
     """
-    from dm_keras_ext import robust_load_model
+    from dm_keras_ext import check_model_role, robust_load_model
 
     t0 = time.time()
     names = dict(RECIPE_OPTIONS)
@@ -701,6 +702,8 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         recs = read_patient_sides(pat_csv, pat_list)
     model = robust_load_model(dl_state, custom_objects=custom_objects,
                               safe_mode=not trust_model_file)
+    check_model_role(model, dl_state, ("patch", "heatmap", "whole-image+heatmap") if fprop_mode
+                     else ("patch",), "DL_STATE")
     if fprop_mode:
         model = build_fprop_model(model, net, img_size, avg_pool_size, hm_strides)
     nb_class = int(model.output_shape[-1])
@@ -789,11 +792,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                     equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
                     img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
     parser.add_argument("--net", default=d["net"], help="backbone (default: %(default)s)")
-    for name in ("batch_size", "patch_size", "stride", "malignant_class"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name],
+    for name, type_ in (("batch_size", cf.positive_int), ("patch_size", cf.positive_int),
+                        ("stride", cf.positive_int), ("malignant_class", int)):
+        parser.add_argument("--" + name.replace("_", "-"), type=type_, default=d[name],
                             help="(default: %(default)s)")
     for name in ("avg_pool_size", "hm_strides"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, nargs=2,
+        parser.add_argument("--" + name.replace("_", "-"), type=cf.positive_int, nargs=2,
                             default=list(d[name]), help="fprop mode (default: %(default)s)")
     parser.add_argument("--img-extension", default=d["img_extension"],
                         help="extension of the {patient}_{side}_{view} files "

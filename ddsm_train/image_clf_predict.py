@@ -75,6 +75,7 @@ import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags, \
     add_optional_value_flag  # noqa: E402
+import common_flags as cf  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
                           restricted_unpickle, run_defaults)
@@ -765,16 +766,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("inference")
     add_bool_flag(g, "segment-breast", d["segment_breast"], "crop to the segmented breast")
     add_bool_flag(g, "test-augment", d["test_augment"], "average over 4 flips")
-    add_optional_value_flag(g, "channels", int, d["channels"],
+    add_optional_value_flag(g, "channels", cf.positive_int, d["channels"],
                             "expected model input channels, 1 or 3 (default: the model's)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+    g.add_argument("--batch-size", type=cf.positive_int, default=d["batch_size"],
                    help="images per prediction call (default: %(default)s)")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--threshold", type=float, default=d["threshold"],
                     help="score >= threshold is positive (default: %(default)s)")
-    ev.add_argument("--bootstrap", type=int, default=d["bootstrap"],
+    ev.add_argument("--bootstrap", type=cf.nonneg_int, default=d["bootstrap"],
                     help="bootstrap resamples for 95%% intervals (default: %(default)s)")
-    ev.add_argument("--seed", type=int, default=d["seed"],
+    ev.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
                     help="bootstrap seed (default: %(default)s)")
     parser.add_argument("--out-dir", default=d["out_dir"],
                         help="output folder; files of an earlier run there that this run does "

@@ -59,24 +59,24 @@ def get_args_parser():
                    help="backbone of the patch classifier (default: %(default)s)")
     t.add_argument("--block-type", dest="block_type", type=str, default="resnet",
                    choices=("resnet", "vgg"), help="(default: %(default)s)")
-    t.add_argument("--top-depths", dest="top_depths", nargs="+", type=int, default=[512, 512],
-                   help="filters per top block (default: %(default)s)")
-    t.add_argument("--top-repetitions", dest="top_repetitions", nargs="+", type=int,
+    t.add_argument("--top-depths", dest="top_depths", nargs="+", type=cf.positive_int,
+                   default=[512, 512], help="filters per top block (default: %(default)s)")
+    t.add_argument("--top-repetitions", dest="top_repetitions", nargs="+", type=cf.positive_int,
                    default=[3, 3], help="repetitions per top block (default: %(default)s)")
-    t.add_argument("--bottleneck-enlarge-factor", dest="bottleneck_enlarge_factor", type=int,
-                   default=4, help="(default: %(default)s)")
+    t.add_argument("--bottleneck-enlarge-factor", dest="bottleneck_enlarge_factor",
+                   type=cf.positive_int, default=4, help="(default: %(default)s)")
     cf.add_bool_flag(t, "add-heatmap", False, "heatmap head on the patch net")
-    t.add_argument("--avg-pool-size", dest="avg_pool_size", nargs=2, type=int, default=[7, 7],
-                   help="heatmap average pool (default: %(default)s)")
+    t.add_argument("--avg-pool-size", dest="avg_pool_size", nargs=2, type=cf.positive_int,
+                   default=[7, 7], help="heatmap average pool (default: %(default)s)")
     cf.add_bool_flag(t, "add-conv", True, "convolutional top blocks (else FC layers)")
     cf.add_bool_flag(t, "add-shortcut", False, "dense shortcut from the flattened input")
-    t.add_argument("--hm-strides", dest="hm_strides", nargs=2, type=int, default=[1, 1],
+    t.add_argument("--hm-strides", dest="hm_strides", nargs=2, type=cf.positive_int,
+                   default=[1, 1], help="(default: %(default)s)")
+    t.add_argument("--hm-pool-size", dest="hm_pool_size", nargs=2, type=cf.positive_int,
+                   default=[5, 5], help="(default: %(default)s)")
+    t.add_argument("--fc-init-units", dest="fc_init_units", type=cf.positive_int, default=64,
                    help="(default: %(default)s)")
-    t.add_argument("--hm-pool-size", dest="hm_pool_size", nargs=2, type=int, default=[5, 5],
-                   help="(default: %(default)s)")
-    t.add_argument("--fc-init-units", dest="fc_init_units", type=int, default=64,
-                   help="(default: %(default)s)")
-    t.add_argument("--fc-layers", dest="fc_layers", type=int, default=2,
+    t.add_argument("--fc-layers", dest="fc_layers", type=cf.nonneg_int, default=2,
                    help="(default: %(default)s)")
     cf.add_optional_value_flag(t, "kept-layer-idx", int, None,
                                "explicit cut index into the patch net's layers, as in 2017; "
@@ -141,6 +141,8 @@ def _build_model(opts, nb_class):
     else:
         patch = dm_keras_ext.robust_load_model(opts["patch_model_state"],
                                                safe_mode=not opts["trust_model_file"])
+        dm_keras_ext.check_model_role(patch, opts["patch_model_state"], ("patch",),
+                                      "--patch-model-state")
         model, top_layer_nb = dm_resnet.add_top_layers(
             patch, tuple(opts["img_size"]), opts["patch_net"], opts["block_type"],
             opts["top_depths"], opts["top_repetitions"], nb_class=nb_class,

@@ -88,7 +88,6 @@ import logging
 import shutil
 import time
 import io
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +97,7 @@ import scipy.fft
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 import dm_image  # noqa: E402
+import common_flags as cf  # noqa: E402
 
 __all__ = [
     "MAX_12BIT",
@@ -653,7 +653,7 @@ def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int =
         return _write_patient(pat, split_of[pat.patient_id], paths, img_height, img_width,
                               whole_hw, seed, lesion_contrast)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with script_utils.thread_pool(workers) as pool:
         results = list(pool.map(write, patients))
     for pat, (prow, labels) in zip(patients, results):
         rows += prow
@@ -691,13 +691,15 @@ def get_args_parser() -> argparse.ArgumentParser:
              "benign_frac": "fraction of breasts with a benign lesion",
              "lesion_contrast": "lesion brightness relative to the tissue texture",
              "workers": "processes drawing patients in parallel"}
-    for name, typ in (("nb_patients", int), ("img_height", int), ("img_width", int),
-                      ("seed", int), ("test_frac", float), ("val_frac", float),
-                      ("malignant_frac", float), ("benign_frac", float),
-                      ("lesion_contrast", float), ("workers", int)):
+    for name, typ in (("nb_patients", cf.positive_int), ("img_height", cf.positive_int),
+                      ("img_width", cf.positive_int), ("seed", cf.nonneg_int),
+                      ("test_frac", cf.fraction), ("val_frac", cf.fraction),
+                      ("malignant_frac", cf.fraction), ("benign_frac", cf.fraction),
+                      ("lesion_contrast", cf.finite_float), ("workers", cf.positive_int)):
         parser.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name],
                             help=helps[name])
-    parser.add_argument("--whole-img-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+    parser.add_argument("--whole-img-size", type=cf.positive_int, nargs=2,
+                        metavar=("HEIGHT", "WIDTH"),
                         default=list(defaults["whole_img_size"]),
                         help="size of the whole-image class folders' images")
     parser.add_argument("--overwrite", action="store_true",
@@ -711,12 +713,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     """Command line: parse ``argv``, run, print a two-line summary; bad input exits with 2."""
     parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = script_utils.parse_command_line(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        res = run(**vars(args))
-    except ValueError as err:
-        parser.error(str(err))
+    with script_utils.exit_on_interrupt(parser):
+        try:
+            res = run(**vars(args))
+        except (ValueError, OSError) as err:
+            script_utils.user_error_exit(parser, err)
     c = res["whole_img_counts"]
     print(f"wrote {res['nb_images']} images of {res['nb_patients']} patients "
           f"({res['nb_malignant_patients']} with cancer), {res['nb_masks']} ROI masks, "

@@ -52,16 +52,17 @@ def get_args_parser():
                                  ("init-conv-stride", "-ics", 2),
                                  ("max-pooling-size", "-mps", 2),
                                  ("max-pooling-stride", "-mpr", 2)):
-        n.add_argument(f"--{name}", short, dest=name.replace("-", "_"), type=int,
+        n.add_argument(f"--{name}", short, dest=name.replace("-", "_"), type=cf.positive_int,
                        default=default,
                        help="stem of the dm_resnet14 builder; accepted and unused for the "
                             "ImageNet backbones, as in 2017 (default: %(default)s)")
-    n.add_argument("--alpha", dest="alpha", type=float, default=1e-4,
+    n.add_argument("--alpha", dest="alpha", type=cf.nonneg_float, default=1e-4,
                    help="elastic-net penalty, kept for the 2017 ResNet builder "
                         "(default: %(default)s)")
-    n.add_argument("--l1-ratio", dest="l1_ratio", type=float, default=0.0,
+    n.add_argument("--l1-ratio", dest="l1_ratio", type=cf.fraction, default=0.0,
                    help="(default: %(default)s)")
-    n.add_argument("--inp-dropout", "-id", dest="inp_dropout", type=float, default=0.0,
+    n.add_argument("--inp-dropout", "-id", dest="inp_dropout", type=cf.unit_interval,
+                   default=0.0,
                    help="input dropout of dm_resnet14 (default: %(default)s)")
     cf.add_training_flags(parser, best_model="./modelState/patch_clf.h5")
     return parser

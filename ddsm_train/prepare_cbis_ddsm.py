@@ -58,6 +58,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag  # noqa: E402
+import common_flags as cf  # noqa: E402
 from compute_mean import image_mean  # noqa: E402
 from script_utils import ROI_COLUMNS, InputFileError, cli_main, parallel_map, \
     read_csv_table, run_defaults, safe_name_part  # noqa: E402
@@ -464,16 +465,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                             ("dicom_root", "folder the CSVs' DICOM file paths are relative to"),
                             ("out_dir", "output folder (created)")):
         parser.add_argument(name, metavar=name.upper(), help=help_text)
-    parser.add_argument("--whole-img-size", type=int, nargs=2, metavar=("H", "W"),
+    parser.add_argument("--whole-img-size", type=cf.positive_int, nargs=2, metavar=("H", "W"),
                         default=d["whole_img_size"],
                         help="also write whole_img/{train,test}/{neg,pos} at this size "
                              "(default: not written)")
     parser.add_argument("--val-size", type=float, default=d["val_size"],
                         help="fraction of the training patients moved to whole_img/val and "
                              "val_pat.txt (patient-level, stratified by cancer; default: none)")
-    parser.add_argument("--seed", type=int, default=d["seed"],
+    parser.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
                         help="random seed of the --val-size split (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=d["workers"],
+    parser.add_argument("--workers", type=cf.positive_int, default=d["workers"],
                         help="processes converting views in parallel (default: %(default)s)")
     add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
     return parser

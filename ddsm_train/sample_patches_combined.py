@@ -99,6 +99,7 @@ import numpy as np  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag  # noqa: E402
+import common_flags as cf  # noqa: E402
 from patch_sampling import (BLOB_PARAMS, MaskSat, _fractions, _to_uint16,  # noqa: E402,F401
                             abnormal_passes, build_mask_sat, create_blob_detector,
                             detect_blob_centres, draw_abnormal_centres,
@@ -934,14 +935,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                  "val_out"):
         parser.add_argument(name, metavar=name.upper(), help=_HELP[name])
     dflt = " (default: %(default)s)"
-    parser.add_argument("--target-height", type=int, default=d["target_height"],
+    parser.add_argument("--target-height", type=cf.positive_int, default=d["target_height"],
                         help=_HELP["target_height"] + dflt)
-    add_optional_value_flag(parser, "target-width", int, default=d["target_width"],
+    add_optional_value_flag(parser, "target-width", cf.positive_int, default=d["target_width"],
                             help_text="fixed width of the resized images; not set: keep the "
                                       "aspect ratio")
     add_bool_flag(parser, "segment-breast", d["segment_breast"], "crop to the breast first")
-    for name in ("patch_size", "nb_bkg", "nb_abn", "nb_hns"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name],
+    for name, type_ in (("patch_size", cf.positive_int), ("nb_bkg", cf.nonneg_int),
+                        ("nb_abn", cf.nonneg_int), ("nb_hns", cf.nonneg_int)):
+        parser.add_argument("--" + name.replace("_", "-"), type=type_, default=d[name],
                             help=_HELP[name] + dflt)
     for name in ("pos_cutoff", "neg_cutoff", "val_size"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=d[name],
@@ -950,10 +952,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), default=d[name],
                             help=_HELP[name] + dflt)
     add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
-    parser.add_argument("--workers", type=int, default=d["workers"],
+    parser.add_argument("--workers", type=cf.positive_int, default=d["workers"],
                         help="worker processes, each sampling two views at a time on "
                         "threads (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=d["seed"],
+    parser.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
                         help="run seed (default: RANDOM_SEED or 12345)")
     parser.add_argument("--overwrite", action="store_true", default=d["overwrite"],
                         help="replace an earlier run's patches in TRAIN_OUT and VAL_OUT: their "

@@ -24,6 +24,7 @@ Importing this module does not import TensorFlow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import io
 import json
@@ -54,7 +55,8 @@ __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_tabl
            "run_defaults", "resolve_options",
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
            "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
-           "RECIPE_OPTIONS", "apply_model_recipe"]
+           "RECIPE_OPTIONS", "apply_model_recipe", "INTERRUPTED_EXIT", "parse_command_line",
+           "exit_on_interrupt", "thread_pool"]
 
 #: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
 #: make_synthetic_ddsm, read by sample_patches_combined.
@@ -241,7 +243,7 @@ def setup_logging(level=logging.INFO):
 TRACEBACK_ENV = "DM_TRACEBACK"
 
 
-def _user_error_exit(parser, err):
+def user_error_exit(parser, err):
     """End a script on a user error: one line naming the file or value, exit status 2."""
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         raise err
@@ -249,6 +251,9 @@ def _user_error_exit(parser, err):
     if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
         message = f"{err.filename}: {message}"
     parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+_user_error_exit = user_error_exit
 
 
 def given_options(parser, argv=None):
@@ -278,17 +283,59 @@ def cli_main(parser, run, argv=None, validate=None, pass_given=False):
     ``PROG: error: MESSAGE`` on stderr and exit status 2, without a traceback (set
     ``DM_TRACEBACK=1`` to see it). ``validate`` runs before any model or data is loaded.
     """
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     setup_logging()
     opts = vars(args)
     if pass_given:
         opts["given_options"] = sorted(given_options(parser, argv))
+    with exit_on_interrupt(parser):
+        try:
+            if validate is not None:
+                validate(opts)
+            return run(**opts)
+        except (ValueError, OSError) as err:
+            user_error_exit(parser, err)
+
+
+#: Exit status of a script stopped by Ctrl-C (SIGINT), as a shell reports it (128 + 2).
+INTERRUPTED_EXIT = 130
+
+
+def parse_command_line(parser, argv=None):
+    """``parser.parse_args(argv)`` with the shared number rules: every float flag refuses
+    ``nan``/``inf`` and a bad number names its flag (``common_flags.use_checked_numbers``)."""
+    from common_flags import use_checked_numbers
+
+    return use_checked_numbers(parser).parse_args(argv)
+
+
+@contextlib.contextmanager
+def exit_on_interrupt(parser):
+    """Turn Ctrl-C (``KeyboardInterrupt``) inside the block into one line
+    ``PROG: interrupted`` on stderr and exit status 130, without a traceback. Worker pools
+    opened with :func:`parallel_map` or :func:`thread_pool` are stopped on the way out."""
     try:
-        if validate is not None:
-            validate(opts)
-        return run(**opts)
-    except (ValueError, OSError) as err:
-        _user_error_exit(parser, err)
+        yield
+    except KeyboardInterrupt:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        parser.exit(INTERRUPTED_EXIT, f"{parser.prog}: interrupted\n")
+
+
+@contextlib.contextmanager
+def thread_pool(workers, **kwargs):
+    """A ``ThreadPoolExecutor`` that, when the block ends with an exception (Ctrl-C
+    included), drops the tasks not yet started instead of running them all before the
+    exception goes on; tasks already running finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, **kwargs)
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def checked_main(parser, validate, run, argv=None, pass_given=False):
@@ -347,11 +394,22 @@ def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1, sizes=None
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(workers, len(items)), initializer=_single_threaded_opencv) as pool:
+        # Leaving the block (Ctrl-C included) terminates the workers.
+        with ctx.Pool(min(workers, len(items)), initializer=_worker_init) as pool:
             for res, n in zip(pool.imap(fn, items, chunksize=chunksize), sizes):
                 results.append(res)
                 bar.update(n)
     return results
+
+
+def _worker_init():
+    """Worker set-up: OpenCV single-threaded, and Ctrl-C left to the parent process (which
+    stops the pool), so a terminal's SIGINT to the whole process group prints no traceback
+    per worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _single_threaded_opencv()
 
 
 def _single_threaded_opencv():
