@@ -58,6 +58,7 @@ __all__ = [
     "ModelRoleError",
     "model_role",
     "check_model_role",
+    "check_top_layer_nb",
     "save_model_atomic",
     "register_input_recipe",
     "do_3stage_training",
@@ -954,6 +955,31 @@ def check_model_role(model, filepath, expected, flag=None):
     where = f"{flag} {_os.fspath(filepath)}" if flag else _os.fspath(filepath)
     raise ModelRoleError(f"{where}: expected {' or '.join(wanted[r] for r in expected)}, found "
                          f"{_describe_role(model, role)}")
+
+
+def check_top_layer_nb(model, top_layer_nb, flag="--top-layer-nb"):
+    """Refuse a first-trained-layer index that leaves nothing to train.
+
+    Args:
+        model: the built model.
+        top_layer_nb: index of the first layer a stage trains, or None (nothing to check).
+        flag: the option that set it, for the message.
+
+    Raises:
+        ValueError: ``top_layer_nb`` is negative, beyond the model's layers, or the layers
+            from it on hold no trainable parameter; names the flag.
+    """
+    if top_layer_nb is None:
+        return
+    count = len(model.layers)
+    if not 0 <= top_layer_nb < count:
+        raise ValueError(f"{flag} {top_layer_nb} is beyond the model: it has {count} layers "
+                         f"(0..{count - 1})")
+    params = sum(int(np.prod(w.shape)) for layer in model.layers[top_layer_nb:]
+                 for w in layer.trainable_weights)
+    if params == 0:
+        raise ValueError(f"{flag} {top_layer_nb}: layers {top_layer_nb}..{count - 1} of the "
+                         f"model hold no trainable parameter, so that stage would train nothing")
 
 
 #: Input recipes (JSON) of model files, by absolute path: see :func:`register_input_recipe`.

@@ -469,6 +469,13 @@ class _HeatmapUnpickler(RestrictedUnpickler):
     WHAT = "containers, numpy arrays and scalars are allowed in a heatmap pickle"
 
 
+def _require_keys(path, archive, keys):
+    missing = [k for k in keys if k not in archive.files]
+    if missing:
+        raise ValueError(f"{path} is not a heatmap_score file: it lacks {missing} (holds "
+                         f"{sorted(archive.files)[:10]})")
+
+
 def load_heatmaps(path: PathLike, allow_pickle: bool = False,
                   return_meta: bool = False):
     """Read heatmaps written by :func:`save_heatmaps` (or a 2017 pickle with allow_pickle).
@@ -495,10 +502,24 @@ def load_heatmaps(path: PathLike, allow_pickle: bool = False,
             out = [{"patient_id": r["patient_id"], "side": r["side"], "cancer": r["cancer"],
                     "cc": r.get("cc"), "mlo": r.get("mlo")} for r in recs]
         return (out, {}) if return_meta else out
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        if meta.get("format") != HEATMAP_FORMAT:
-            raise ValueError(f"{path} is not a heatmap_score file (format {meta.get('format')})")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz heatmap file ({err})") from err
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a heatmap_score file (one array, not an .npz archive)")
+    with z:
+        _require_keys(path, z, ["meta"])
+        try:
+            meta = json.loads(str(z["meta"]))
+        except ValueError as err:
+            raise ValueError(f"{path}: not a heatmap_score file (its meta is not JSON: "
+                             f"{err})") from err
+        if not isinstance(meta, dict) or meta.get("format") != HEATMAP_FORMAT:
+            raise ValueError(f"{path} is not a heatmap_score file (format "
+                             f"{meta.get('format') if isinstance(meta, dict) else None})")
+        _require_keys(path, z, ["image"] if "image" in z.files
+                      else ["patient_id", "side", "cancer"])
         if "image" in z.files:
             out = [{"image": str(name), "heatmap": z[f"hm_{i}"] if f"hm_{i}" in z.files
                     else None} for i, name in enumerate(z["image"])]

@@ -214,7 +214,13 @@ def load_exam_list(path: PathLike) -> List[dict]:
     """
     path = Path(path)
     if path.suffix.lower() == ".json":
-        exams = json.loads(path.read_bytes().decode("utf-8"))
+        try:
+            exams = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err})") from err
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {err.lineno} column {err.colno}: not valid JSON "
+                             f"({err.msg})") from err
     else:
         exams = restricted_unpickle(path)
     return _validate_exams(exams, path)

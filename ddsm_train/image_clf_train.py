@@ -143,6 +143,7 @@ def _build_model(opts, nb_class):
                                                safe_mode=not opts["trust_model_file"])
         dm_keras_ext.check_model_role(patch, opts["patch_model_state"], ("patch",),
                                       "--patch-model-state")
+        _check_patch_fits(patch, opts)
         model, top_layer_nb = dm_resnet.add_top_layers(
             patch, tuple(opts["img_size"]), opts["patch_net"], opts["block_type"],
             opts["top_depths"], opts["top_repetitions"], nb_class=nb_class,
@@ -156,7 +157,23 @@ def _build_model(opts, nb_class):
         if opts["top_layer_nb"] is not None:
             top_layer_nb = opts["top_layer_nb"]
     _check_model(model, opts, nb_class)
+    dm_keras_ext.check_top_layer_nb(model, opts["top_layer_nb"])
     return model, top_layer_nb
+
+
+def _check_patch_fits(patch, opts):
+    """The patches the patch classifier was trained on (its fixed input, else the square size
+    of its input recipe) must fit in the whole image of ``--img-size``."""
+    import dm_image
+
+    size = tuple(patch.input_shape[1:3])
+    if None in size:
+        recipe = dm_image.InputRecipe.from_model_file(opts["patch_model_state"])
+        size = tuple(recipe.img_size) if recipe is not None and recipe.img_size else ()
+    if size and any(p > i for p, i in zip(size, opts["img_size"])):
+        raise ValueError(f"--img-size {opts['img_size'][0]} {opts['img_size'][1]} is smaller than "
+                         f"the {size[0]}x{size[1]} patches of --patch-model-state "
+                         f"{opts['patch_model_state']}")
 
 
 def _check_model(model, opts, nb_class):

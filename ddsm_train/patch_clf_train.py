@@ -112,6 +112,7 @@ def _build_model(opts, nb_class):
     if model.output_shape[-1] != nb_class:
         raise ValueError(f"the model has {model.output_shape[-1]} outputs but --class-list "
                          f"names {nb_class} classes {opts['class_list']}")
+    dm_keras_ext.check_top_layer_nb(model, opts["top_layer_nb"])
     return model, preprocess, top_layer_nb
 
 

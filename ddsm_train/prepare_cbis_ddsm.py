@@ -383,7 +383,8 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
 
     Raises:
         FileNotFoundError: no CSV in ``csv_dir`` or ``dicom_root`` is not a folder.
-        ValueError: bad ``whole_img_size`` / ``workers`` or a CSV without a needed column.
+        ValueError: bad ``whole_img_size`` / ``workers``, a CSV without a needed column, or
+            no full-mammogram DICOM found for any view (nothing converted).
     """
     t0 = time.time()
     if whole_img_size is not None:
@@ -421,6 +422,10 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
         logger.info("mean intensity of whole_img/train at rescale factor 255/65535 "
                     "(--featurewise-mean): %.4f", summary["whole_img_train_mean"])
     summary["problems"] = _report_problems(results, out)
+    if views and summary["full_images_written"] == 0:
+        raise ValueError(f"no full-mammogram DICOM of the {len(views)} views was found or "
+                         f"readable under {dicom_root}: nothing converted (problems listed in "
+                         f"{out / 'prepare_problems.txt'})")
     summary["elapsed_s"] = round(time.time() - t0, 3)
     _write_text(out / "prepare_summary.json",
                 json.dumps({"options": options, "summary": summary}, indent=1, default=str))

@@ -553,6 +553,9 @@ def _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, v
     for name, v in (("nb_bkg", nb_bkg), ("nb_abn", nb_abn), ("nb_hns", nb_hns)):
         if v < 0:
             raise ValueError(f"{name} should be >= 0, got {v}")
+    if nb_bkg == 0 and nb_abn == 0:   # hard negatives count towards nb_bkg
+        raise ValueError("--nb-bkg 0 and --nb-abn 0: every patch count is 0, nothing would be "
+                         "sampled")
     for name, v in (("pos_cutoff", pos_cutoff), ("neg_cutoff", neg_cutoff)):
         if not 0 < v <= 1:
             raise ValueError(f"{name} should be in (0, 1], got {v}")

@@ -17,6 +17,7 @@ Importing this module does not import TensorFlow; the functions that need it imp
 """
 import json
 import logging
+import os
 from pathlib import Path
 
 from common_flags import NOSAVE
@@ -171,6 +172,7 @@ def begin_training_run(opts, validate):
     env = env_summary()
     strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
     validate(opts, strategy.num_replicas_in_sync)
+    _check_tensorboard_dir(opts.get("tensorboard_dir"))
     json_path = log_and_save_options(opts, opts["best_model"], env)
     identity = run_identity(opts, env)
     resume = dm_keras_ext.resolve_resume(
@@ -179,6 +181,12 @@ def begin_training_run(opts, validate):
     keras.utils.set_random_seed(env["RANDOM_SEED"])
     dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
     return env, strategy, json_path, identity, resume
+
+
+def _check_tensorboard_dir(folder):
+    """``--tensorboard-dir`` must be a folder or a path where one can be made."""
+    if folder and os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--tensorboard-dir {folder} is not a folder (a file is there)")
 
 
 def run_file_kwargs(opts, env, identity, resume):
