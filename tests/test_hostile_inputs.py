@@ -384,9 +384,10 @@ def run(folder):
     script_utils.parallel_map(touch_and_sleep, [os.path.join(folder, f"m{{i}}") for i in
                               range(2)], 2, "waiting", verbose=False)
 
-parser = argparse.ArgumentParser(prog="pool_script")
-parser.add_argument("folder")
-script_utils.cli_main(parser, run)
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="pool_script")
+    parser.add_argument("folder")
+    script_utils.cli_main(parser, run)
 """
 
 _TASK_MODULE = """
@@ -404,8 +405,11 @@ def _interrupt_when(proc, ready, timeout=60):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "the run did not start in time"
         time.sleep(0.05)
+    time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)   # as a terminal's Ctrl-C: the whole process group
-    return proc.communicate(timeout=60)
+    sent = time.time()
+    out, err = proc.communicate(timeout=60)
+    return out, err, time.time() - sent
 
 
 @pytest.mark.slow
@@ -416,49 +420,57 @@ def test_ctrl_c_stops_workers_with_one_line_and_status_130(tmp_path):
     script = tmp_path / "pool_script.py"
     script.write_text(_POOL_SCRIPT.format(ddsm=str(REPO / "ddsm_train")))
     env = dict(os.environ, PYTHONPATH=str(tmp_path), DM_TRACEBACK="")
-    t0 = time.time()
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    _, err = _interrupt_when(proc, lambda: all((tmp_path / f"m{i}").exists() for i in (0, 1)))
+    _, err, after = _interrupt_when(proc, lambda: all((tmp_path / f"m{i}").exists()
+                                                      for i in (0, 1)))
     assert proc.returncode == 130, err
     assert err.strip() == "pool_script: interrupted", err
-    assert time.time() - t0 < 50   # the sleeping workers were stopped, not waited for
+    assert after < 20   # the workers sleeping 60 s were stopped, not waited for
+
+
+_SLOW_READS = """
+import runpy, sys, time
+from pathlib import Path
+sys.path[:0] = [{ddsm!r}, {root!r}]
+import dm_image
+
+original = dm_image.read_resize_stored
+
+def slow(path, **kwargs):   # each image takes 0.5 s: the run lasts ~20 s
+    Path({marker!r}).touch()
+    time.sleep(0.5)
+    return original(path, **kwargs)
+
+dm_image.read_resize_stored = slow
+sys.argv = ["compute_mean.py"] + sys.argv[1:]
+runpy.run_path({script!r}, run_name="__main__")
+"""
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_real_script(tmp_path):
-    """compute_mean blocked reading an image (a FIFO named like one) is stopped by Ctrl-C."""
+def test_ctrl_c_in_a_real_script_stops_its_thread_pool(tmp_path):
+    """compute_mean over 40 images read at 0.5 s each, Ctrl-C after the first: one line,
+    status 130, and the images not yet started are dropped rather than read to the end."""
     folder = tmp_path / "imgs"
     folder.mkdir()
-    fifo = folder / "a.png"
-    os.mkfifo(fifo)
+    for i in range(40):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((8, 8), 100 + i, np.uint8))
+    marker = tmp_path / "reading"
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SLOW_READS.format(ddsm=str(REPO / "ddsm_train"), root=str(REPO),
+                                         marker=str(marker),
+                                         script=str(REPO / "ddsm_train" / "compute_mean.py")))
     env = dict(os.environ, DM_TRACEBACK="")
-    proc = subprocess.Popen([sys.executable, str(REPO / "ddsm_train" / "compute_mean.py"),
-                             str(folder), "--img-size", "8", "8", "--workers", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    holder = []
-
-    def reader_waiting():   # opening the FIFO for writing succeeds once the reader has it open
-        try:
-            holder.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            return True
-        except OSError:
-            return False
-
-    deadline = time.time() + 60
-    while not reader_waiting():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.3)
-    os.close(holder[0])   # the reading thread gets end of file and ends
-    _, err = proc.communicate(timeout=60)
+    proc = subprocess.Popen([sys.executable, str(driver), str(folder), "--img-size", "8", "8",
+                             "--workers", "1"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err, after = _interrupt_when(proc, marker.exists)
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "compute_mean.py: interrupted", err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "mean" not in out
+    assert after < 8   # not the ~20 s the remaining reads would take
 
 
 # ------------------------------------------------------------------ nothing produced, bad files
