@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -73,7 +74,7 @@ def image_mean(folder, img_size: Sequence[int], img_scale: Optional[float] = Non
         except OSError as exc:
             return path, exc
 
-    with script_utils.thread_pool(max(1, int(workers))) as pool:
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
         for path, result in pool.map(task, files):
             if isinstance(result, OSError):
                 skipped.append(path)

@@ -88,6 +88,7 @@ import logging
 import shutil
 import time
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -653,7 +654,7 @@ def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int =
         return _write_patient(pat, split_of[pat.patient_id], paths, img_height, img_width,
                               whole_hw, seed, lesion_contrast)
 
-    with script_utils.thread_pool(workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(write, patients))
     for pat, (prow, labels) in zip(patients, results):
         rows += prow

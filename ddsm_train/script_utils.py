@@ -56,7 +56,7 @@ __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_tabl
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
            "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
            "RECIPE_OPTIONS", "apply_model_recipe", "INTERRUPTED_EXIT", "parse_command_line",
-           "exit_on_interrupt", "thread_pool"]
+           "exit_on_interrupt"]
 
 #: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
 #: make_synthetic_ddsm, read by sample_patches_combined.
@@ -312,30 +312,15 @@ def parse_command_line(parser, argv=None):
 @contextlib.contextmanager
 def exit_on_interrupt(parser):
     """Turn Ctrl-C (``KeyboardInterrupt``) inside the block into one line
-    ``PROG: interrupted`` on stderr and exit status 130, without a traceback. Worker pools
-    opened with :func:`parallel_map` or :func:`thread_pool` are stopped on the way out."""
+    ``PROG: interrupted`` on stderr and exit status 130, without a traceback. The worker
+    processes of :func:`parallel_map` ignore SIGINT and are stopped on the way out; thread
+    pools used through ``Executor.map`` drop the tasks not yet started."""
     try:
         yield
     except KeyboardInterrupt:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
         parser.exit(INTERRUPTED_EXIT, f"{parser.prog}: interrupted\n")
-
-
-@contextlib.contextmanager
-def thread_pool(workers, **kwargs):
-    """A ``ThreadPoolExecutor`` that, when the block ends with an exception (Ctrl-C
-    included), drops the tasks not yet started instead of running them all before the
-    exception goes on; tasks already running finish."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(workers, **kwargs)
-    try:
-        yield pool
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
 
 
 def checked_main(parser, validate, run, argv=None, pass_given=False):
