@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -42,7 +43,8 @@ import numpy as np
 __all__ = [
     # I/O
     "ImageReadError", "IMG_EXTENSIONS", "read_image", "read_resize_stored", "read_resize_img",
-    "atomic_write", "write_png", "list_images", "list_class_images", "progress",
+    "atomic_write", "remove_atomic_leftovers", "process_alive", "write_png", "list_images",
+    "list_class_images", "progress",
     # geometry
     "segment_breast", "crop_img", "add_img_margins", "sweep_img_patches", "get_roi_patches",
     "kmeans", "clust_kpts",
@@ -375,7 +377,8 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
     leaves a half-written file under the final name, and an older file of that name survives a
     failed write. The temporary name is unpredictable and created exclusively (``O_EXCL``, via
     :func:`tempfile.mkstemp`), so a link planted in the folder is never followed; it is removed
-    when writing fails. The result gets the permissions of a normally created file
+    when writing fails; one left by a killed process (``.NAME.ddsmPID.XXXXXXXX.tmp``, PID its
+    process) is removed by :func:`remove_atomic_leftovers`. The result gets the permissions of a normally created file
     (``0o666`` less the umask), not the temporary file's ``0o600``.
 
     Args:
@@ -390,7 +393,8 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{ATOMIC_TMP_MARK}{os.getpid()}.",
+                               suffix=".tmp", dir=path.parent)
     try:
         if to_path:
             os.close(fd)
@@ -409,6 +413,59 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
             pass
         raise
     return path
+
+
+#: Marker in the temporary names of :func:`atomic_write`, followed by the writer's process id.
+ATOMIC_TMP_MARK = "ddsm"
+_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\." + ATOMIC_TMP_MARK + r"(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this machine (one of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_atomic_leftovers(folder: PathLike, name: Optional[str] = None) -> List[Path]:
+    """Remove the temporary files that killed :func:`atomic_write` calls left in ``folder``.
+
+    Only names of the form ``.NAME.ddsmPID.XXXXXXXX.tmp`` whose process ``PID`` is no longer
+    running are removed (a write in progress, or any other file, is never touched).
+
+    Args:
+        folder: the folder of the files written.
+        name: only leftovers of this file name (None: of any file).
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _ATOMIC_TMP.match(entry.name)
+            if (match is None or (name is not None and match["name"] != name)
+                    or not entry.is_file(follow_symlinks=False)
+                    or process_alive(int(match["pid"]))):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+            logger.info("removed %s, left by an interrupted write", entry.path)
+    return removed
 
 
 def write_png(path: PathLike, img: np.ndarray, bilevel: bool = False) -> None:

@@ -17,6 +17,7 @@ Importing this module does not import TensorFlow; the functions that need it imp
 """
 import json
 import logging
+import os
 from pathlib import Path
 
 from common_flags import NOSAVE
@@ -171,6 +172,7 @@ def begin_training_run(opts, validate):
     env = env_summary()
     strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
     validate(opts, strategy.num_replicas_in_sync)
+    claim_run_files(opts)
     json_path = log_and_save_options(opts, opts["best_model"], env)
     identity = run_identity(opts, env)
     resume = dm_keras_ext.resolve_resume(
@@ -179,6 +181,52 @@ def begin_training_run(opts, validate):
     keras.utils.set_random_seed(env["RANDOM_SEED"])
     dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
     return env, strategy, json_path, identity, resume
+
+
+def _is_chief() -> bool:
+    """Whether this process is the one that writes the model files of a multi-worker run."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return True
+    try:
+        config = json.loads(raw)
+        task, cluster = config.get("task", {}), config.get("cluster", {})
+    except (ValueError, AttributeError):
+        return True
+    if "chief" in cluster:
+        return task.get("type") == "chief"
+    return task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
+
+
+def claim_run_files(opts):
+    """Check a training run's paths and take its lock, before anything is written.
+
+    Refuses (``run_files.check_run_paths``) a ``--best-model``, ``--final-model``, checkpoint or
+    ``--tensorboard-dir``/``--img-cache-dir`` that is an input model file or lies in a data
+    folder, and two outputs at one path; the checkpoint ``<best>.last.h5`` may be the
+    ``--resume-from`` file (a resumed run replaces it). Then holds ``<best_model>.lock``
+    (``run_files.RunLock``, released when the trainer's ``run`` ends) and removes leftovers of
+    killed writes beside the model files.
+    """
+    import run_files
+    from dm_keras_ext import last_checkpoint_path
+
+    best = opts["best_model"]
+    final = opts.get("final_model")
+    final = None if final in (None, "", NOSAVE) else final
+    run_files.check_run_paths(
+        input_files={"--patch-model-state": opts.get("patch_model_state"),
+                     "--resume-from": opts.get("resume_from")},
+        input_dirs={"TRAIN_DIR": opts.get("train_dir"), "VAL_DIR": opts.get("val_dir"),
+                    "TEST_DIR": opts.get("test_dir")},
+        output_files={"--best-model": best, "--final-model": final,
+                      "the checkpoint": last_checkpoint_path(best)},
+        output_dirs={"--tensorboard-dir": opts.get("tensorboard_dir"),
+                     "--img-cache-dir": opts.get("img_cache_dir")},
+        may_replace=[("the checkpoint", "--resume-from")])
+    if _is_chief():
+        run_files.RunLock(best, "--best-model").acquire()
+    run_files.clean_leftovers(*{str(Path(p).absolute().parent) for p in (best, final) if p})
 
 
 def run_file_kwargs(opts, env, identity, resume):
