@@ -109,7 +109,7 @@ def check_run_paths(*, input_files: Optional[Mapping[str, Optional[PathLike]]] =
 
 
 # ---------------------------------------------------------------------------------- run lock
-class RunLockedError(RuntimeError):
+class RunLockedError(FileExistsError):
     """Another live process holds the lock of a run's output."""
 
 
