@@ -43,6 +43,7 @@ import numpy as np
 __all__ = [
     # I/O
     "ImageReadError", "IMG_EXTENSIONS", "read_image", "read_resize_stored", "read_resize_img",
+    "MIN_IMAGE_SIDE", "image_content_problem",
     "atomic_write", "remove_atomic_leftovers", "process_alive", "write_png", "list_images",
     "list_class_images", "progress",
     # geometry
@@ -270,7 +271,34 @@ def read_image(fname: PathLike, gs_255: bool = False) -> np.ndarray:
     if img is None:
         raise ImageReadError(path, "OpenCV could not decode it (not an image, truncated or "
                                    "unsupported format)")
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
+        raise ImageReadError(path, f"{int(np.size(img) - np.isfinite(img).sum())} pixel "
+                                   f"value(s) are not finite (NaN or infinity)")
     return _to_greyscale(img, path)
+
+
+#: Smallest height and width of an image that a classifier can score: the networks here
+#: downsample by 16 to 32, so a smaller stored image holds less than one position of their
+#: feature maps (scoring it would only score the resizing).
+MIN_IMAGE_SIDE = 16
+
+
+def image_content_problem(img: np.ndarray, min_side: int = MIN_IMAGE_SIDE) -> Optional[str]:
+    """Why an image as read cannot give a score, or None.
+
+    Args:
+        img: (H, W) image as :func:`read_image` returns it (before any resizing).
+        min_side: smallest height and width accepted.
+
+    Returns:
+        ``"constant image (every pixel is V)"``, ``"HxW image, smaller than ..."`` or None.
+    """
+    if min(img.shape[:2]) < min_side:
+        return (f"{img.shape[0]}x{img.shape[1]} image, smaller than {min_side}x{min_side} "
+                f"(less than one position of the networks' feature maps)")
+    if img.size and img.min() == img.max():
+        return f"constant image (every pixel is {img.flat[0]})"
+    return None
 
 
 def _resize_target(shape: Tuple[int, int], target_size, target_height) -> Tuple[int, int]:
@@ -288,7 +316,8 @@ def _resize_target(shape: Tuple[int, int], target_size, target_height) -> Tuple[
 
 
 def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = None,
-                       target_height: Optional[int] = None, gs_255: bool = False) -> np.ndarray:
+                       target_height: Optional[int] = None, gs_255: bool = False,
+                       scorable: bool = False) -> np.ndarray:
     """The first steps of :func:`read_resize_img`, in the file's own dtype: read and resize.
 
     ``read_resize_img(f, size)`` equals ``read_resize_stored(f, size).astype(np.float32)``
@@ -297,15 +326,23 @@ def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = N
 
     Args:
         fname, target_size, target_height, gs_255: as in :func:`read_resize_img`.
+        scorable: refuse an image that cannot give a score (:func:`image_content_problem`:
+            constant, or smaller than :data:`MIN_IMAGE_SIDE`), checked before resizing.
 
     Returns:
         (height, width) array in the dtype of :func:`read_image`'s result.
+
+    Raises:
+        ImageReadError: unreadable, or not scorable with ``scorable``.
     """
     if (target_size is None) == (target_height is None):
         raise ValueError("exactly one of target_size=(height, width) and target_height is "
                          f"required, got target_size={target_size!r}, "
                          f"target_height={target_height!r}")
     img = read_image(fname, gs_255=gs_255)
+    problem = image_content_problem(img) if scorable else None
+    if problem is not None:
+        raise ImageReadError(fname, problem)
     height, width = _resize_target(img.shape, target_size, target_height)
     if (height, width) != img.shape:
         img = cv2.resize(img, dsize=(width, height), interpolation=cv2.INTER_CUBIC)
@@ -1148,15 +1185,21 @@ class InputRecipe:
                              f"function is looked up when applied), got {self.preprocess!r}")
 
     # -- steps ----------------------------------------------------------------------------
-    def read_stored(self, path: PathLike, gs_255: bool = False) -> np.ndarray:
+    def read_stored(self, path: PathLike, gs_255: bool = False,
+                    scorable: bool = False) -> np.ndarray:
         """Step 1: the file read and resized, in its stored dtype ((H, W) uint16/uint8).
 
         Raises:
-            ImageReadError: the file cannot be read as an image.
+            ImageReadError: the file cannot be read as an image (or, with ``scorable``,
+                cannot give a score: :func:`image_content_problem`).
         """
         if self.img_size is None and self.img_height is None:
-            return read_image(path, gs_255=gs_255)
-        return read_resize_stored(path, self.img_size, self.img_height, gs_255)
+            img = read_image(path, gs_255=gs_255)
+            problem = image_content_problem(img) if scorable else None
+            if problem is not None:
+                raise ImageReadError(path, problem)
+            return img
+        return read_resize_stored(path, self.img_size, self.img_height, gs_255, scorable)
 
     def scale(self, stored: np.ndarray, img_max: Optional[float] = None) -> np.ndarray:
         """Step 2: float32 copy with the maximum mapped to ``img_scale``, times ``rescale_factor``.

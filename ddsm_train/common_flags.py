@@ -16,6 +16,8 @@ of a run and a model file's input recipe in ``script_utils``.
 """
 import argparse
 
+import script_utils
+
 __all__ = [
     "NOSAVE", "MIXED_PRECISION_CHOICES", "OPTIMIZER_CHOICES", "FROZEN_BN_MODES",
     "add_bool_flag", "add_optional_value_flag",
@@ -150,7 +152,7 @@ def add_class_flags(parser, class_list, auto_batch_balance):
     """Class list, auto batch balance and class weights."""
     g = parser.add_argument_group("classes")
     g.add_argument("--class-list", dest="class_list", nargs="+", type=str,
-                   default=list(class_list),
+                   default=list(class_list), action=script_utils.UniqueValuesAction,
                    help=f"class sub-folder names, in label order (default: {list(class_list)})")
     add_bool_flag(g, "auto-batch-balance", auto_batch_balance,
                   "sample weights giving each class in a batch equal total weight")

@@ -388,12 +388,14 @@ def test_out_dir_holds_one_run_and_mixed_depth_is_reported(class_dir, trained_mo
     unlabelled.mkdir()
     for f in sorted((class_dir / "neg").glob("*.png"))[:2]:
         (unlabelled / f.name).write_bytes(f.read_bytes())
-    cv2.imwrite(str(unlabelled / "eight_bit.png"), np.full((H, W), 180, np.uint8))
+    cv2.imwrite(str(unlabelled / "eight_bit.png"),
+                np.linspace(100, 180, H * W).reshape(H, W).astype(np.uint8))
     with caplog.at_level(logging.WARNING):
         summary = icp.main(["--model", str(paths[0]), "--img-dir", str(unlabelled),
                             "--out-dir", str(out), *BASE])
     # no labels: no metrics or curves, and none of the first run's are left behind
-    assert sorted(p.name for p in out.iterdir()) == ["image_predictions.csv", "options.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".ddsm_outputs.json",
+                                                     "image_predictions.csv", "options.json"]
     assert [p.rsplit("/", 1)[-1] for p, _ in summary["scale_mismatch"]] == ["eight_bit.png"]
     assert any("eight_bit.png" in r.getMessage() and "8-bit image" in r.getMessage()
                for r in caplog.records)
