@@ -243,6 +243,7 @@ class OutputManifest:
         self.earlier_dirs: Set[str] = set()
         self.files: Set[str] = set()
         self.dirs: Set[str] = set()
+        self.earlier_tool: Optional[str] = None
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -253,6 +254,7 @@ class OutputManifest:
                 raise ValueError(f"{self.path}: not a manifest of this project's tools "
                                  f"({type(err).__name__}); remove it if the folder's files "
                                  f"are yours") from None
+            self.earlier_tool = str(data.get("tool"))
             self.earlier_files = {f for f in files if self._safe(f)}
             self.earlier_dirs = {d for d in dirs if self._safe(d)}
 

@@ -88,7 +88,7 @@ def test_sweep_mode_shapes_values_and_missing_views(synth, tmp_path, caplog, ker
         patch = patch * (255.0 / patch.max() if patch.max() else 1.0)   # --img-scale 255
         x = np.repeat(patch[None, ..., None], 3, -1).astype("float32") - np.float32(71.8)
         np.testing.assert_allclose(hm[r, c], model.predict(x, verbose=0)[0], atol=1e-5)
-    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir() if p.suffix == ".png")
     assert len(pngs) == 5 and "P_1_LEFT_CC_heatmap.png" in pngs
     pic = cv2.imread(str(tmp_path / "png" / "P_1_LEFT_CC_heatmap.png"))
     assert pic.shape[0] == HEIGHT and pic.shape[1] - img.shape[1] >= 30   # + colour bar
@@ -291,9 +291,14 @@ def test_png_dir_holds_one_run(synth, tmp_path, keras_session):
     pngs = tmp_path / "png"
     pngs.mkdir()
     (pngs / "P_9_LEFT_CC_heatmap.png").write_bytes(b"an earlier run's picture")
+    (pngs / ".ddsm_outputs.json").write_text('{"tool": "heatmap_score", "files": '
+                                             '["P_9_LEFT_CC_heatmap.png"], "dirs": []}')
+    (pngs / "P_8_LEFT_CC_heatmap.png").write_bytes(b"a user's own picture")
     (pngs / "notes.txt").write_text("not ours")
     (tmp_path / "one.csv").write_text("patient_id,side,cancer\nP_1,RIGHT,1\n")
     hs.main([str(root / "img"), str(root / "patch.h5"), "--pat-csv", str(tmp_path / "one.csv"),
              "--img-height", str(HEIGHT), "--patch-size", str(P), "--stride", "16",
              "--featurewise-center", "--out", str(tmp_path / "h.npz"), "--png-dir", str(pngs)])
-    assert sorted(p.name for p in pngs.iterdir()) == ["P_1_RIGHT_CC_heatmap.png", "notes.txt"]
+    assert sorted(p.name for p in pngs.iterdir()) == [
+        ".ddsm_outputs.json", "P_1_RIGHT_CC_heatmap.png", "P_8_LEFT_CC_heatmap.png", "notes.txt"]
+    assert (pngs / "P_8_LEFT_CC_heatmap.png").read_bytes() == b"a user's own picture"
