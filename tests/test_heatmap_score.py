@@ -230,7 +230,7 @@ def test_any_images_folder_or_list(synth, tmp_path, keras_session, fprop):
     assert recs[1]["heatmap"] is None and summary["failed"][0][0].endswith("broken.png")
     assert recs[2]["heatmap"].ndim == 3 and recs[2]["heatmap"].shape[-1] == 3
     np.testing.assert_allclose(recs[2]["heatmap"].sum(-1), 1, rtol=1e-5)
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == \
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == \
         ["a__scan 1_heatmap.png", "b_heatmap.png"]
     listing = tmp_path / "list.txt"
     listing.write_text("b.png\n\n")
