@@ -82,6 +82,7 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
         if extra:
             logger.warning("%s %s: subfolders %s are not in --class-list; ignored", label,
                            folder, extra)
+        warn_images_beside(folder, class_list, label)
         if label in need_two_classes:
             counts = {c: len(_class_images(folder / c)) for c in class_list}
             if sum(1 for n in counts.values() if n) < 2:
@@ -89,6 +90,20 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
                                  f"({counts}): its AUROC is undefined, so no best model could "
                                  f"be chosen")
         _check_manifest(label, folder, class_list)
+
+
+def warn_images_beside(folder, class_list, label) -> int:
+    """Warn (count and an example) about image files directly in ``folder``, beside its class
+    subfolders: they belong to no class and are left out. Returns their count."""
+    from dm_image import IMG_EXTENSIONS
+
+    beside = sorted(p.name for p in Path(folder).iterdir() if p.is_file()
+                    and p.suffix.lower().lstrip(".") in IMG_EXTENSIONS)
+    if beside:
+        logger.warning("%s %s: %d image(s) lie beside the class folders %s and are left out "
+                       "(e.g. %s); move them into a class folder", label, folder, len(beside),
+                       list(class_list), beside[0])
+    return len(beside)
 
 
 def _class_images(folder):
