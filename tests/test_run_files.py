@@ -161,3 +161,17 @@ def test_leftovers_of_killed_writes_are_removed(tmp_path, live_pid):
         p.write_bytes(b"partial")
     assert run_files.clean_leftovers(tmp_path) == 1
     assert not dead.exists() and busy.exists() and other.exists() and path.exists()
+
+
+# ------------------------------------------------------------------ input tables
+def test_duplicated_csv_header_is_an_error_naming_file_and_column(tmp_path):
+    import script_utils
+
+    table = tmp_path / "t.csv"
+    table.write_text("patient_id,side, Side ,cancer\nP_1,LEFT,RIGHT,1\n")
+    with pytest.raises(script_utils.InputFileError,
+                       match=r"t.csv: column 'Side' given twice"):
+        script_utils.read_csv_table(table)
+    table.write_text("# note\npatient_id,side\nP_1,LEFT\n")
+    assert list(script_utils.read_csv_table(table, comment="#").columns) == [
+        "patient_id", "side", "_line"]

@@ -429,3 +429,26 @@ def test_second_run_into_a_locked_best_model_refuses(data, capsys, tmp_path, mon
         holder.kill()
         holder.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.h5.lock"]
+
+
+def test_stale_lock_and_leftovers_of_a_killed_run_are_cleared(data, capsys, tmp_path,
+                                                              monkeypatch):
+    """A killed run's lock (its process gone) is taken over, its temporary file removed, and
+    the lock is released when the new run stops on an error."""
+    import subprocess
+    monkeypatch.delenv("NUM_GPU_DEVICES", raising=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    best = tmp_path / "best.h5"
+    Path(str(best) + ".lock").write_text(json.dumps(
+        {"pid": dead.pid, "host": __import__("socket").gethostname()}))
+    leftover = tmp_path / f".best.h5.ddsm{dead.pid}.k2j4_x.tmp"
+    leftover.write_bytes(b"half a model")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an HDF5 file")
+    with pytest.raises(SystemExit) as exc:
+        image_clf_train.main(split_dirs(data, "img") + [
+            "--patch-model-state", str(bad), "--img-size", "64", "48",
+            "--best-model", str(best)])
+    assert exc.value.code == 2 and "bad.h5" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
