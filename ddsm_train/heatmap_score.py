@@ -47,6 +47,12 @@ the heatmap stretched over the breast's bounding box; fprop: over the whole imag
 drawn: ``--malignant-class``, default 1 = ``malignant`` of the 3-class
 ``background/malignant/benign`` patch set; for the 5-class set
 (``background, calc_mal, calc_ben, mass_mal, mass_ben``) pick 1 (calcification) or 3 (mass).
+With ``--all-images``/``--img-list`` an overlay is named after the image's path under
+IMG_FOLDER; images differing only in extension (``a.png``, ``a.jpg``) keep it (``a__png``,
+``a__jpg``). The folder's manifest ``.ddsm_outputs.json`` lists the overlays drawn: those an
+earlier run drew that this one does not are removed, other files are kept, and an overlay of
+this run's name that no manifest lists stops the run unless ``--overwrite``. ``--png-dir`` and
+``--out`` must lie outside IMG_FOLDER.
 
 Example (from inside ``ddsm_train/``)::
 

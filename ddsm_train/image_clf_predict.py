@@ -46,6 +46,10 @@ Outputs in ``--out-dir``:
   specificity at ``--threshold`` with ``score >= threshold`` positive; per level ``image`` and,
   for exam lists, ``breast``; see ``eval_metrics``), ``roc_<level>.png``, ``pr_<level>.png``.
 * ``options.json``: the resolved options.
+* ``.ddsm_outputs.json``: the manifest of the files this run wrote. Files an earlier run
+  wrote that this one does not are removed; other files (your own) are kept, and one named
+  like an output stops the run unless ``--overwrite``. ``--out-dir`` must lie outside
+  ``--img-dir``.
 
 Example (from inside ``ddsm_train/``)::
 

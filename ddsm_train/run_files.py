@@ -359,4 +359,5 @@ def add_overwrite_flag(parser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace files in {what} that this project's tools did not write "
                              f"(without it such a file stops the run); files an earlier run "
-                             f"of the tool wrote are replaced or removed either way")
+                             f"of the tool wrote are replaced or removed either way "
+                             f"(default: off)")

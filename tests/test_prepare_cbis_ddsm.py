@@ -288,10 +288,17 @@ def test_rerun_after_a_change_gives_the_fresh_tree(tmp_path):
     prep.run(str(csv_dir), str(root), str(out), whole_img_size=(16, 12), val_size=0.5,
              verbose=False)
     assert (out / "val_pat.txt").is_file() and list((out / "whole_img" / "val").rglob("*.png"))
+    prep.run(str(csv_dir), str(root), str(out), whole_img_size=(16, 12), verbose=False)
+    assert not (out / "val_pat.txt").exists() and not (out / "whole_img" / "val").exists()
+    assert (out / "whole_img" / "train" / "neg" / "P_00002_RIGHT_MLO.png").is_file()
     mass = csv_dir / "mass_case_description_train_set.csv"
     mass.write_text(mass.read_text().replace(",BENIGN,", ",MALIGNANT,"))
-    prep.run(str(csv_dir), str(root), str(out), whole_img_size=(16, 12), verbose=False)
-    prep.run(str(csv_dir), str(root), str(fresh), whole_img_size=(16, 12), verbose=False)
+    rerun = prep.run(str(csv_dir), str(root), str(out), whole_img_size=(16, 12), verbose=False)
+    first = prep.run(str(csv_dir), str(root), str(fresh), whole_img_size=(16, 12),
+                     verbose=False)
+    # the mean is of this run's train images only (the stale neg/ copy was gone before it)
+    assert rerun["whole_img_train_mean"] == first["whole_img_train_mean"]
+    assert rerun["whole_images"] == first["whole_images"]
     got, want = _tree(out), _tree(fresh)
     assert got.pop("notes.txt") == b"mine"            # not the tool's: kept
     assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
