@@ -265,12 +265,8 @@ class OutputManifest:
 
     def rel(self, path: PathLike) -> str:
         """``path`` relative to the folder, as stored (POSIX separators)."""
-        path = Path(path)
-        if path.is_absolute() or not str(path).startswith(str(self.folder)):
-            path = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(self.folder)))
-        else:
-            path = path.relative_to(self.folder)
-        return path.as_posix()
+        return Path(os.path.relpath(os.path.abspath(path),
+                                    os.path.abspath(self.folder))).as_posix()
 
     def wrote_before(self, path: PathLike) -> bool:
         """Whether an earlier run's manifest names ``path``."""
@@ -319,8 +315,11 @@ class OutputManifest:
         written by this run, then its folders left empty; returns the files removed."""
         keep_rel = {self.rel(p) for p in keep} | self.files
         removed = []
+        root = os.path.realpath(self.folder)
         for rel in sorted(self.earlier_files - keep_rel):
             path = self.folder / rel
+            if not _inside(os.path.realpath(path.parent), root):   # through a planted link
+                continue
             if path.is_file() or path.is_symlink():
                 path.unlink()
                 removed.append(path)

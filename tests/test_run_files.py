@@ -145,6 +145,11 @@ def test_manifest_ignores_paths_outside_its_folder(tmp_path):
         {"tool": "x", "files": ["../victim.txt", str(victim)], "dirs": []}))
     run_files.OutputManifest(out, "tool").finish()
     assert victim.read_text() == "keep"
+    (out / "sub").symlink_to(tmp_path)                # a link planted in the folder
+    (out / run_files.MANIFEST_NAME).write_text(json.dumps(
+        {"tool": "x", "files": ["sub/victim.txt"], "dirs": []}))
+    run_files.OutputManifest(out, "tool").finish()
+    assert victim.read_text() == "keep"
     (out / run_files.MANIFEST_NAME).write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a manifest"):
         run_files.OutputManifest(out, "tool")
