@@ -569,6 +569,7 @@ def _prepare_out_dir(out: Path) -> dict:
             (out / name).unlink(missing_ok=True)
     manifest.remove_earlier()
     manifest.begin()
+    run_files.clean_leftovers(*(p for p in out.rglob("*") if p.is_dir()))
     paths = {"out_dir": out, "full_img_dir": out / "full_img", "roi_mask_dir": out / "roi_mask",
              "roi_mask_csv": out / "roi_mask_path.csv", "train_pat": out / "train_pat.txt",
              "test_pat": out / "test_pat.txt", "pat_side_cancer_csv": out / "pat_side_cancer.csv",

@@ -449,6 +449,7 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
     for sub in folders:
         (out / sub).mkdir(parents=True, exist_ok=True)
         manifest.add_dir(out / sub)
+    run_files.clean_leftovers(*(out / sub for sub in folders))
     options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters}
     logger.info("options: %s; CSVs: %s", options, used)
     views = _build_views(table)

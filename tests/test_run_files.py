@@ -180,3 +180,17 @@ def test_duplicated_csv_header_is_an_error_naming_file_and_column(tmp_path):
     table.write_text("# note\npatient_id,side\nP_1,LEFT\n")
     assert list(script_utils.read_csv_table(table, comment="#").columns) == [
         "patient_id", "side", "_line"]
+
+
+def test_images_beside_class_folders_are_reported(tmp_path, caplog):
+    import logging
+
+    import training_setup
+
+    for rel in ("neg/a.png", "pos/b.png", "c.png", "d.jpg", "notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        training_setup.check_class_dirs({"TRAIN_DIR": tmp_path}, ["neg", "pos"])
+    msgs = [r.getMessage() for r in caplog.records if "beside the class folders" in r.getMessage()]
+    assert len(msgs) == 1 and "2 image(s)" in msgs[0] and "(e.g. c.png)" in msgs[0]
