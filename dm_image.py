@@ -415,8 +415,8 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
     failed write. The temporary name is unpredictable and created exclusively (``O_EXCL``, via
     :func:`tempfile.mkstemp`), so a link planted in the folder is never followed; it is removed
     when writing fails; one left by a killed process (``.NAME.ddsmPID.XXXXXXXX.tmp``, PID its
-    process) is removed by :func:`remove_atomic_leftovers`. The result gets the permissions of a normally created file
-    (``0o666`` less the umask), not the temporary file's ``0o600``.
+    process) is removed by :func:`remove_atomic_leftovers`. The result gets the permissions of
+    a normally created file (``0o666`` less the umask), not the temporary file's ``0o600``.
 
     Args:
         path: destination; missing parent folders are created.

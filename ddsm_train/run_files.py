@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import dm_image
 
@@ -232,7 +232,7 @@ class OutputManifest:
         tool: the writing tool's name, stored in the manifest.
 
     Raises:
-        InputFileError-like ``ValueError``: a manifest that is not this format (names the file).
+        ValueError: a manifest file that is not of this format (the message names it).
     """
 
     def __init__(self, folder: PathLike, tool: str):

@@ -494,7 +494,7 @@ def test_duplicate_list_entries_and_class_names_are_errors(class_dir, trained_mo
                                                            tmp_path, capsys):
     paths, _ = trained_models
     listing = tmp_path / "list.txt"
-    listing.write_text(f"neg/n0.png,0\npos/p1.png,1\n./neg/n0.png,0\n")
+    listing.write_text("neg/n0.png,0\npos/p1.png,1\n./neg/n0.png,0\n")
     err = _exit2(["--model", str(paths[0]), "--img-list", str(listing), "--img-dir",
                   str(class_dir), "--out-dir", str(tmp_path / "o"), *BASE], capsys)
     assert f"{listing}: image" in err and "given twice (line 1 and line 3)" in err
