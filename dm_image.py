@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -42,7 +43,9 @@ import numpy as np
 __all__ = [
     # I/O
     "ImageReadError", "IMG_EXTENSIONS", "read_image", "read_resize_stored", "read_resize_img",
-    "atomic_write", "write_png", "list_images", "list_class_images", "progress",
+    "MIN_IMAGE_SIDE", "image_content_problem",
+    "atomic_write", "remove_atomic_leftovers", "process_alive", "write_png", "list_images",
+    "list_class_images", "progress",
     # geometry
     "segment_breast", "crop_img", "add_img_margins", "sweep_img_patches", "get_roi_patches",
     "kmeans", "clust_kpts",
@@ -268,7 +271,34 @@ def read_image(fname: PathLike, gs_255: bool = False) -> np.ndarray:
     if img is None:
         raise ImageReadError(path, "OpenCV could not decode it (not an image, truncated or "
                                    "unsupported format)")
+    if img.dtype.kind == "f" and not np.isfinite(img).all():
+        raise ImageReadError(path, f"{int(np.size(img) - np.isfinite(img).sum())} pixel "
+                                   f"value(s) are not finite (NaN or infinity)")
     return _to_greyscale(img, path)
+
+
+#: Smallest height and width of an image that a classifier can score: the networks here
+#: downsample by 16 to 32, so a smaller stored image holds less than one position of their
+#: feature maps (scoring it would only score the resizing).
+MIN_IMAGE_SIDE = 16
+
+
+def image_content_problem(img: np.ndarray, min_side: int = MIN_IMAGE_SIDE) -> Optional[str]:
+    """Why an image as read cannot give a score, or None.
+
+    Args:
+        img: (H, W) image as :func:`read_image` returns it (before any resizing).
+        min_side: smallest height and width accepted.
+
+    Returns:
+        ``"constant image (every pixel is V)"``, ``"HxW image, smaller than ..."`` or None.
+    """
+    if min(img.shape[:2]) < min_side:
+        return (f"{img.shape[0]}x{img.shape[1]} image, smaller than {min_side}x{min_side} "
+                f"(less than one position of the networks' feature maps)")
+    if img.size and img.min() == img.max():
+        return f"constant image (every pixel is {img.flat[0]})"
+    return None
 
 
 def _resize_target(shape: Tuple[int, int], target_size, target_height) -> Tuple[int, int]:
@@ -286,7 +316,8 @@ def _resize_target(shape: Tuple[int, int], target_size, target_height) -> Tuple[
 
 
 def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = None,
-                       target_height: Optional[int] = None, gs_255: bool = False) -> np.ndarray:
+                       target_height: Optional[int] = None, gs_255: bool = False,
+                       scorable: bool = False) -> np.ndarray:
     """The first steps of :func:`read_resize_img`, in the file's own dtype: read and resize.
 
     ``read_resize_img(f, size)`` equals ``read_resize_stored(f, size).astype(np.float32)``
@@ -295,15 +326,23 @@ def read_resize_stored(fname: PathLike, target_size: Optional[Sequence[int]] = N
 
     Args:
         fname, target_size, target_height, gs_255: as in :func:`read_resize_img`.
+        scorable: refuse an image that cannot give a score (:func:`image_content_problem`:
+            constant, or smaller than :data:`MIN_IMAGE_SIDE`), checked before resizing.
 
     Returns:
         (height, width) array in the dtype of :func:`read_image`'s result.
+
+    Raises:
+        ImageReadError: unreadable, or not scorable with ``scorable``.
     """
     if (target_size is None) == (target_height is None):
         raise ValueError("exactly one of target_size=(height, width) and target_height is "
                          f"required, got target_size={target_size!r}, "
                          f"target_height={target_height!r}")
     img = read_image(fname, gs_255=gs_255)
+    problem = image_content_problem(img) if scorable else None
+    if problem is not None:
+        raise ImageReadError(fname, problem)
     height, width = _resize_target(img.shape, target_size, target_height)
     if (height, width) != img.shape:
         img = cv2.resize(img, dsize=(width, height), interpolation=cv2.INTER_CUBIC)
@@ -375,8 +414,9 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
     leaves a half-written file under the final name, and an older file of that name survives a
     failed write. The temporary name is unpredictable and created exclusively (``O_EXCL``, via
     :func:`tempfile.mkstemp`), so a link planted in the folder is never followed; it is removed
-    when writing fails. The result gets the permissions of a normally created file
-    (``0o666`` less the umask), not the temporary file's ``0o600``.
+    when writing fails; one left by a killed process (``.NAME.ddsmPID.XXXXXXXX.tmp``, PID its
+    process) is removed by :func:`remove_atomic_leftovers`. The result gets the permissions of
+    a normally created file (``0o666`` less the umask), not the temporary file's ``0o600``.
 
     Args:
         path: destination; missing parent folders are created.
@@ -390,7 +430,8 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{ATOMIC_TMP_MARK}{os.getpid()}.",
+                               suffix=".tmp", dir=path.parent)
     try:
         if to_path:
             os.close(fd)
@@ -409,6 +450,59 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
             pass
         raise
     return path
+
+
+#: Marker in the temporary names of :func:`atomic_write`, followed by the writer's process id.
+ATOMIC_TMP_MARK = "ddsm"
+_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\." + ATOMIC_TMP_MARK + r"(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this machine (one of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_atomic_leftovers(folder: PathLike, name: Optional[str] = None) -> List[Path]:
+    """Remove the temporary files that killed :func:`atomic_write` calls left in ``folder``.
+
+    Only names of the form ``.NAME.ddsmPID.XXXXXXXX.tmp`` whose process ``PID`` is no longer
+    running are removed (a write in progress, or any other file, is never touched).
+
+    Args:
+        folder: the folder of the files written.
+        name: only leftovers of this file name (None: of any file).
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _ATOMIC_TMP.match(entry.name)
+            if (match is None or (name is not None and match["name"] != name)
+                    or not entry.is_file(follow_symlinks=False)
+                    or process_alive(int(match["pid"]))):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+            logger.info("removed %s, left by an interrupted write", entry.path)
+    return removed
 
 
 def write_png(path: PathLike, img: np.ndarray, bilevel: bool = False) -> None:
@@ -1091,15 +1185,21 @@ class InputRecipe:
                              f"function is looked up when applied), got {self.preprocess!r}")
 
     # -- steps ----------------------------------------------------------------------------
-    def read_stored(self, path: PathLike, gs_255: bool = False) -> np.ndarray:
+    def read_stored(self, path: PathLike, gs_255: bool = False,
+                    scorable: bool = False) -> np.ndarray:
         """Step 1: the file read and resized, in its stored dtype ((H, W) uint16/uint8).
 
         Raises:
-            ImageReadError: the file cannot be read as an image.
+            ImageReadError: the file cannot be read as an image (or, with ``scorable``,
+                cannot give a score: :func:`image_content_problem`).
         """
         if self.img_size is None and self.img_height is None:
-            return read_image(path, gs_255=gs_255)
-        return read_resize_stored(path, self.img_size, self.img_height, gs_255)
+            img = read_image(path, gs_255=gs_255)
+            problem = image_content_problem(img) if scorable else None
+            if problem is not None:
+                raise ImageReadError(path, problem)
+            return img
+        return read_resize_stored(path, self.img_size, self.img_height, gs_255, scorable)
 
     def scale(self, stored: np.ndarray, img_max: Optional[float] = None) -> np.ndarray:
         """Step 2: float32 copy with the maximum mapped to ``img_scale``, times ``rescale_factor``.

@@ -17,6 +17,8 @@ of a run and a model file's input recipe in ``script_utils``.
 import argparse
 import math
 
+import script_utils
+
 __all__ = [
     "finite_float", "nonneg_float", "positive_float", "unit_interval", "fraction",
     "nonneg_int", "positive_int", "use_checked_numbers",
@@ -237,7 +239,7 @@ def add_class_flags(parser, class_list, auto_batch_balance):
     """Class list, auto batch balance and class weights."""
     g = parser.add_argument_group("classes")
     g.add_argument("--class-list", dest="class_list", nargs="+", type=str,
-                   default=list(class_list),
+                   default=list(class_list), action=script_utils.UniqueValuesAction,
                    help=f"class sub-folder names, in label order (default: {list(class_list)})")
     add_bool_flag(g, "auto-batch-balance", auto_batch_balance,
                   "sample weights giving each class in a batch equal total weight")

@@ -35,6 +35,9 @@ __all__ = ["image_mean", "run", "get_args_parser", "main"]
 def _one_image(path: str, img_size, img_scale, rescale_factor, equalize_hist):
     """(sum of pixels, pixel count, scale problem or None) of one image as the generators see it."""
     stored = dm_image.read_resize_stored(path, target_size=img_size)
+    constant = dm_image.image_content_problem(stored, min_side=1)
+    if constant is not None:    # no information: left out of the mean
+        raise dm_image.ImageReadError(path, constant)
     problem = dm_image.intensity_scale_problem(float(stored.max()) if stored.size else 0.0,
                                                rescale_factor, img_scale)
     img = dm_image.read_resize_img(path, target_size=img_size, target_scale=img_scale,
@@ -58,7 +61,8 @@ def image_mean(folder, img_size: Sequence[int], img_scale: Optional[float] = Non
         workers: images decoded in parallel threads.
 
     Returns:
-        ``{"mean": float, "images": n, "skipped": [unreadable files],
+        ``{"mean": float, "images": n, "skipped": [files left out: unreadable, with non-finite
+        pixels or constant],
         "scale_mismatch": [files whose levels do not fit the rescale factor]}``.
 
     Raises:
@@ -78,7 +82,7 @@ def image_mean(folder, img_size: Sequence[int], img_scale: Optional[float] = Non
         for path, result in pool.map(task, files):
             if isinstance(result, OSError):
                 skipped.append(path)
-                logger.warning("skipping unreadable image: %s", result)
+                logger.warning("skipping image: %s", result)
                 continue
             total, count = total + result[0], count + result[1]
             if result[2] is not None:

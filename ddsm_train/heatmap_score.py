@@ -47,6 +47,12 @@ the heatmap stretched over the breast's bounding box; fprop: over the whole imag
 drawn: ``--malignant-class``, default 1 = ``malignant`` of the 3-class
 ``background/malignant/benign`` patch set; for the 5-class set
 (``background, calc_mal, calc_ben, mass_mal, mass_ben``) pick 1 (calcification) or 3 (mass).
+With ``--all-images``/``--img-list`` an overlay is named after the image's path under
+IMG_FOLDER; images differing only in extension (``a.png``, ``a.jpg``) keep it (``a__png``,
+``a__jpg``). The folder's manifest ``.ddsm_outputs.json`` lists the overlays drawn: those an
+earlier run drew that this one does not are removed, other files are kept, and an overlay of
+this run's name that no manifest lists stops the run unless ``--overwrite``. ``--png-dir`` and
+``--out`` must lie outside IMG_FOLDER.
 
 Example (from inside ``ddsm_train/``)::
 
@@ -62,6 +68,7 @@ import logging
 import os
 import pickle
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -74,6 +81,8 @@ import pandas as pd  # noqa: E402
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags  # noqa: E402
 import common_flags as cf  # noqa: E402
+import run_files  # noqa: E402
+from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
                           restricted_unpickle, run_defaults, safe_name_part)
@@ -138,14 +147,16 @@ def list_any_images(img_folder: PathLike, img_list: Optional[PathLike] = None) -
     folder = Path(img_folder)
     if img_list is None:
         return [folder / rel for rel in dm_image.list_images(folder)]
-    paths = []
+    paths, where = [], []
     for line_no, entry in read_text_lines(img_list):
         path = Path(entry) if Path(entry).is_absolute() else folder / entry
         if not path.is_file():
             raise FileNotFoundError(f"{img_list}, line {line_no}: no such image file {path}")
         paths.append(path)
+        where.append(f"line {line_no}")
     if not paths:
         raise ValueError(f"{img_list} lists no image")
+    check_unique([os.path.realpath(p) for p in paths], "image", str(img_list), lines=where)
     return paths
 
 
@@ -158,6 +169,17 @@ def _picture_name(path: Path, img_folder: PathLike) -> str:
         rel = Path(path.name)
     parts = [safe_name_part(p, "image path part") for p in rel.with_suffix("").parts]
     return "__".join(parts)
+
+
+def picture_names(paths: Sequence[Path], img_folder: PathLike) -> List[str]:
+    """:func:`_picture_name` of each image, made distinct: images whose names would collide
+    (``a.png`` and ``a.jpg``) keep their extension in the name (``a__png``, ``a__jpg``)."""
+    names = [_picture_name(Path(p), img_folder) for p in paths]
+    counts = Counter(names)
+    out = [f"{n}__{safe_name_part(Path(p).suffix.lstrip('.'), 'image extension')}"
+           if counts[n] > 1 and Path(p).suffix else n for n, p in zip(names, paths)]
+    check_unique(out, "overlay name", str(img_folder))
+    return out
 
 
 def view_path(img_folder: PathLike, patient_id: str, side: str, view: str,
@@ -631,13 +653,30 @@ def _draw(png, name, heatmap, img, bbox, mask):
     png.setdefault("written", set()).add(path.name)
 
 
-def _remove_stale_pictures(png_dir: Path, written: set) -> None:
-    """Remove ``*_heatmap.png`` overlays of an earlier run that this run did not draw, so the
-    folder shows one run's pictures only."""
-    for path in sorted(png_dir.glob("*_heatmap.png")):
-        if path.name not in written:
-            path.unlink()
-            logger.info("removed %s of an earlier run (this run does not draw it)", path)
+def _remove_stale_pictures(manifest: "run_files.OutputManifest", written: set) -> None:
+    """Record the overlays this run drew in ``--png-dir``'s manifest and remove those an
+    earlier run drew (its manifest) that this run did not, so the folder shows one run's
+    pictures only; ``*_heatmap.png`` files no manifest names are kept."""
+    for name in sorted(written):
+        manifest.add(manifest.folder / name)
+    for path in manifest.finish():
+        logger.info("removed %s of an earlier run (this run does not draw it)", path)
+
+
+def _claim_paths(img_folder, dl_state, pat_csv, pat_list, img_list, roi_mask_dir, out,
+                 png_dir, overwrite, planned):
+    """Refuse outputs that overlap the inputs; returns the ``--png-dir`` manifest (or None)
+    after refusing overlays of the same name that no manifest names (unless ``overwrite``)."""
+    run_files.check_run_paths(
+        input_files={"DL_STATE": dl_state, "--pat-csv": pat_csv, "--pat-list": pat_list,
+                     "--img-list": img_list},
+        input_dirs={"IMG_FOLDER": img_folder, "--roi-mask-dir": roi_mask_dir},
+        output_files={"--out": out}, output_dirs={"--png-dir": png_dir})
+    if not png_dir:
+        return None
+    manifest = run_files.OutputManifest(png_dir, "heatmap_score")
+    manifest.check_foreign([Path(png_dir, f"{n}_heatmap.png") for n in planned], overwrite)
+    return manifest
 
 
 def _check_numbers(values: dict, featurewise_mean: float) -> None:
@@ -667,7 +706,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         all_images: bool = False, img_list: Optional[str] = None,
         class_list: Optional[Sequence[str]] = None, roi_mask_dir: Optional[str] = None,
         trust_model_file: bool = False, custom_objects: Optional[dict] = None,
-        given_options: Optional[Sequence[str]] = None) -> dict:
+        given_options: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict:
     """Compute heatmaps for every (patient, side) and write them (and optional PNGs).
 
     Args: see the module docstring and ``--help``; ``dl_state`` is the patch classifier (or
@@ -680,7 +719,9 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     ``featurewise_center``, ``featurewise_mean``, ``net`` when the recipe names a backbone,
     and in sweep mode ``patch_size`` from a square recipe size) come from ``dl_state``'s input
     recipe when it has one (``dm_image.InputRecipe``); None: those whose value differs from
-    the default count as given.
+    the default count as given. ``out`` and ``png_dir`` must not overlap the inputs; an
+    overlay named like one of this run's that no manifest of ``png_dir`` names stops the run
+    unless ``overwrite``.
 
     Returns:
         Summary dict: ``out``, ``n_records``, ``n_heatmaps``, ``missing`` (paths),
@@ -717,10 +758,18 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
                         avg_pool_size=avg_pool_size, hm_strides=hm_strides),
                    featurewise_mean)
     any_images = all_images or img_list is not None
+    if class_list is not None:
+        check_unique(list(class_list), "class name", "--class-list")
     if any_images:
         paths = list_any_images(img_folder, img_list)
+        planned = picture_names(paths, img_folder)
     else:
         recs = read_patient_sides(pat_csv, pat_list)
+        planned = [f"{r.patient_id}_{r.side}_{v}" for r in recs.itertuples(index=False)
+                   for v in VIEWS]
+    manifest = _claim_paths(img_folder, dl_state, None if any_images else pat_csv, pat_list,
+                            img_list, roi_mask_dir, out, png_dir, overwrite,
+                            planned if png_dir else [])
     model = robust_load_model(dl_state, custom_objects=custom_objects,
                               safe_mode=not trust_model_file)
     check_model_role(model, dl_state, ("patch", "heatmap", "whole-image+heatmap") if fprop_mode
@@ -740,10 +789,13 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
                 preprocess=None if featurewise_center else get_preprocess(net),
                 patch_size=patch_size, stride=stride)
     summary = {"missing": [], "failed": [], "pngs": 0, "n_heatmaps": 0}
+    if manifest is not None:
+        manifest.begin([Path(png_dir, f"{n}_heatmap.png") for n in planned])
+    run_files.clean_leftovers(Path(out).absolute().parent)
     png = {"dir": png_dir, "class": malignant_class, "height": png_height,
            "class_list": class_list, "roi_mask_dir": roi_mask_dir}
     if any_images:
-        views = [(_picture_name(Path(p), img_folder), p) for p in paths]
+        views = list(zip(planned, paths))
         heatmaps = _score_views(model, views, opts, batch_size, fprop_mode, png, summary,
                                 verbose)
         records = [{"image": str(p), "heatmap": h} for p, h in zip(paths, heatmaps)]
@@ -767,7 +819,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
             "options": {k: v for k, v in opts.items() if k != "preprocess"}}
     summary["out"] = str(save_heatmaps(records, out, meta))
     if png_dir:
-        _remove_stale_pictures(Path(png_dir), png.get("written", set()))
+        _remove_stale_pictures(manifest, png.get("written", set()))
     summary["n_records"] = len(records)
     summary["elapsed_s"] = round(time.time() - t0, 2)
     logger.info("%d heatmaps for %d breasts in %.1f s -> %s; %d views missing, %d failed, "
@@ -798,8 +850,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="output file: .pkl writes the 2017 pickle, .npz a pickle-free "
                              "archive (default: %(default)s)")
     parser.add_argument("--png-dir", default=d["png_dir"],
-                        help="write overlay PNGs here; *_heatmap.png files of an earlier run "
-                             "there that this run does not draw are removed (default: none)")
+                        help="write overlay PNGs here (outside IMG_FOLDER); overlays an "
+                             "earlier run drew there (listed in its .ddsm_outputs.json) that "
+                             "this run does not draw are removed, other files are kept "
+                             "(default: none)")
+    run_files.add_overwrite_flag(parser, "--png-dir")
     parser.add_argument("--png-height", type=int, default=d["png_height"],
                         help="max height of the PNGs (default: %(default)s)")
     add_bool_flag(parser, "fprop-mode", d["fprop_mode"], "one fully convolutional pass")
@@ -831,6 +886,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "to IMG_FOLDER) (default: none)")
     pics = parser.add_argument_group("overlay pictures (with --png-dir)")
     pics.add_argument("--class-list", nargs="+", default=d["class_list"], metavar="NAME",
+                      action=script_utils.UniqueValuesAction,
                       help="names of the model's classes, for the pictures (default: the 2017 "
                            "3- or 5-class patch sets by class count)")
     pics.add_argument("--roi-mask-dir", default=d["roi_mask_dir"], metavar="DIR",

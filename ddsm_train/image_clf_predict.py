@@ -46,6 +46,10 @@ Outputs in ``--out-dir``:
   specificity at ``--threshold`` with ``score >= threshold`` positive; per level ``image`` and,
   for exam lists, ``breast``; see ``eval_metrics``), ``roc_<level>.png``, ``pr_<level>.png``.
 * ``options.json``: the resolved options.
+* ``.ddsm_outputs.json``: the manifest of the files this run wrote. Files an earlier run
+  wrote that this one does not are removed; other files (your own) are kept, and one named
+  like an output stops the run unless ``--overwrite``. ``--out-dir`` must lie outside
+  ``--img-dir``.
 
 Example (from inside ``ddsm_train/``)::
 
@@ -73,9 +77,11 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
+import run_files  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags, \
     add_optional_value_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
+from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
                           restricted_unpickle, run_defaults)
@@ -131,6 +137,11 @@ def collect_class_folders(img_dir: PathLike, class_list: Sequence[str]) -> List[
     for k, cls in enumerate(class_list):
         label = int(k == len(class_list) - 1)
         items += [ImageItem(f"{cls}/{p.name}", p, label) for p in _image_files(img_dir / cls)]
+    beside = _image_files(img_dir)
+    if beside:
+        logger.warning("%d image(s) lie beside the class folders of %s and are not scored "
+                       "(e.g. %s): move them into a class folder %s", len(beside), img_dir,
+                       beside[0].name, list(class_list))
     return items
 
 
@@ -170,7 +181,8 @@ def read_image_list(img_list: PathLike, img_dir: Optional[PathLike] = None) -> L
             label = (_parse_label(rec[label_col], f"{img_list} {rec['_line']}")
                      if label_col else None)
             items.append(ImageItem(rec[path_col], base / rec[path_col], label))
-        return items
+        return _unique_items(items, list(table["_line"]), img_list)
+    where = []
     for lineno, line in lines:
         fields = [f.strip() for f in line.split(",")]
         if len(fields) > 2:
@@ -179,6 +191,15 @@ def read_image_list(img_list: PathLike, img_dir: Optional[PathLike] = None) -> L
         label = _parse_label(fields[1], f"{img_list} line {lineno}") if len(fields) == 2 \
             else None
         items.append(ImageItem(fields[0], base / fields[0], label))
+        where.append(f"line {lineno}")
+    return _unique_items(items, where, img_list)
+
+
+def _unique_items(items: List[ImageItem], where: List[str], img_list) -> List[ImageItem]:
+    """Refuse a list naming one image twice (after resolving links): it would be counted
+    twice in the metrics."""
+    check_unique([os.path.realpath(it.path) for it in items], "image", str(img_list),
+                 lines=where)
     return items
 
 
@@ -324,7 +345,11 @@ def check_models(models: List[Tuple[str, object]], img_size: Sequence[int],
 # ------------------------------------------------------------------------------ scoring
 def _segmented_stored(path: Path, img_size) -> np.ndarray:
     """The breast cropped from the full-resolution file, resized, in the stored dtype."""
-    img, _ = dm_image.segment_breast(dm_image.read_image(path))
+    img = dm_image.read_image(path)
+    problem = dm_image.image_content_problem(img)
+    if problem is not None:
+        raise dm_image.ImageReadError(path, problem)
+    img, _ = dm_image.segment_breast(img)
     return cv2.resize(img, dsize=(int(img_size[1]), int(img_size[0])),
                       interpolation=cv2.INTER_CUBIC)
 
@@ -349,7 +374,9 @@ def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional
     ``(path, reason)`` is appended to ``scale_problems`` when given.
 
     Raises:
-        dm_image.ImageReadError, ValueError: unreadable image or failed segmentation.
+        dm_image.ImageReadError, ValueError: unreadable image, an image that cannot give a
+            score (non-finite pixels, constant, smaller than ``dm_image.MIN_IMAGE_SIDE``) or
+            failed segmentation.
     """
     recipe = dm_image.InputRecipe(
         img_size=img_size, channels=channels, img_scale=img_scale,
@@ -357,7 +384,7 @@ def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional
         featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
         preprocess=preprocess)
     stored = _segmented_stored(Path(path), recipe.img_size) if segment_breast else \
-        recipe.read_stored(path)
+        recipe.read_stored(path, scorable=True)
     problem = dm_image.intensity_scale_problem(float(stored.max()) if stored.size else 0.0,
                                                rescale_factor, img_scale)
     if problem is not None:
@@ -565,18 +592,31 @@ OUTPUT_NAMES = ("image_predictions.csv", "breast_predictions.csv", "metrics.json
                 "pr_breast.png")
 
 
-def _remove_stale_outputs(out: Path, summary: dict) -> None:
-    """Remove outputs of an earlier run that this run did not write (a stale metrics.json or
-    curve next to new predictions would describe other images)."""
+def _remove_stale_outputs(manifest: "run_files.OutputManifest", summary: dict) -> None:
+    """Record what this run wrote in the folder's manifest and remove the files an earlier
+    run's manifest names that this run did not write (a stale metrics.json or curve next to
+    new predictions would describe other images); files no manifest names are kept."""
     written = {Path(v).name for k, v in summary.items()
                if isinstance(v, str) and k.endswith(("_csv", "_json"))}
     for level in summary.get("metrics", {}).values():
         written |= {Path(level[k]).name for k in ("roc_png", "pr_png") if level.get(k)}
-    for name in OUTPUT_NAMES:
-        if name not in written and (out / name).is_file():
-            (out / name).unlink()
-            logger.info("removed %s of an earlier run (this run does not write it)",
-                        out / name)
+    for name in sorted(written):
+        manifest.add(manifest.folder / name)
+    for path in manifest.finish():
+        logger.info("removed %s of an earlier run (this run does not write it)", path)
+
+
+def _claim_paths(model, img_dir, img_list, exam_list, out_dir, overwrite):
+    """Refuse an ``--out-dir`` that overlaps an input, or that holds files named like this
+    tool's outputs that no manifest names (unless ``overwrite``); returns the manifest."""
+    models = [m for m in model if isinstance(m, (str, os.PathLike))]
+    run_files.check_run_paths(
+        input_files={**{f"--model #{i + 1}" if i else "--model": m for i, m in enumerate(models)},
+                     "--img-list": img_list, "--exam-list": exam_list},
+        input_dirs={"--img-dir": img_dir}, output_dirs={"--out-dir": out_dir})
+    manifest = run_files.OutputManifest(out_dir, "image_clf_predict")
+    manifest.check_foreign([Path(out_dir, n) for n in OUTPUT_NAMES], overwrite)
+    return manifest
 
 
 def _check_numbers(threshold, bootstrap, featurewise_mean, img_scale, rescale_factor) -> None:
@@ -647,7 +687,7 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         channels: Optional[int] = None, batch_size: int = 4, threshold: float = 0.5,
         bootstrap: int = 2000, seed: int = 12345, verbose: bool = True,
         trust_model_file: bool = False, custom_objects: Optional[dict] = None,
-        given_options: Optional[Sequence[str]] = None) -> dict:
+        given_options: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict:
     """Score images with the averaged models and write the tables, metrics and curves.
 
     Args:
@@ -676,15 +716,20 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
             recipe when it has one (``dm_image.InputRecipe``; a recipe that does not centre
             also brings its backbone preprocessing). None: those whose value differs from
             the default count as given.
+        overwrite: replace files in ``out_dir`` named like this tool's outputs that no
+            manifest names (without it they stop the run).
 
     Returns:
         Summary dict: counts, output paths, metrics per level and the list of failures.
 
     Raises:
         ValueError: bad option values, models whose class count differs from ``class_list``,
-            or no image could be scored (nothing is written then). The output folder holds
-            this run's files only: files of an earlier run that this one does not write
-            (e.g. metrics of a labelled set) are removed.
+            or no image could be scored (nothing is written then); an ``out_dir`` that
+            overlaps an input (``run_files.RunPathError``). The output folder holds this
+            run's files only: files an earlier run wrote (its manifest) that this one does
+            not write (e.g. metrics of a labelled set) are removed; other files are kept.
+        FileExistsError: a file named like an output that no manifest names, without
+            ``overwrite``.
     """
     t0 = time.time()
     if isinstance(model, (str, os.PathLike)) or hasattr(model, "layers"):
@@ -698,11 +743,13 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
     if channels is not None and channels not in (1, 3):
         raise ValueError(f"channels should be 1 or 3, got {channels}")
     _check_numbers(threshold, bootstrap, featurewise_mean, img_scale, rescale_factor)
+    check_unique(list(class_list), "class name", "--class-list")
     prep = _resolve_recipe(model, locals(), given_options)
     img_size, img_scale, rescale_factor = prep["img_size"], prep["img_scale"], \
         prep["rescale_factor"]
     equalize_hist, featurewise_center = prep["equalize_hist"], prep["featurewise_center"]
     featurewise_mean = prep["featurewise_mean"]
+    manifest = _claim_paths(model, img_dir, img_list, exam_list, out_dir, overwrite)
     items, exams = _collect(img_dir, img_list, exam_list, class_list)
     if not items:
         raise ValueError(f"no image found (img_dir={img_dir}, img_list={img_list}, "
@@ -733,12 +780,17 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
         raise ValueError(f"none of the {len(items)} images could be scored (e.g. "
                          f"{items[0].path}: {errors[0]}); nothing written")
     out.mkdir(parents=True, exist_ok=True)
+    manifest.begin([out / n for n in OUTPUT_NAMES])
     summary = write_outputs(items, exams, probs, errors, out,
                             _prob_names(class_list, nb_class), malignant_class, threshold,
                             bootstrap, seed)
     summary["options_json"] = str(eval_metrics.write_json_atomic(options, out / "options.json"))
     summary["scale_mismatch"] = read_opts["scale_problems"]
-    _remove_stale_outputs(out, summary)
+    _remove_stale_outputs(manifest, summary)
+    if summary["n_errors"]:
+        logger.warning("%d of %d images could not be scored and are left out of the metrics "
+                       "(reasons in the error column of %s)", summary["n_errors"], len(items),
+                       out / "image_predictions.csv")
     summary["elapsed_s"] = round(time.time() - t0, 2)
     logger.info("scored %d of %d images in %.1f s (%d unreadable); outputs in %s",
                 summary["n_scored"], len(items), summary["elapsed_s"], summary["n_errors"], out)
@@ -763,6 +815,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form) "
                                          "(default: none)")
     src.add_argument("--class-list", nargs="+", default=list(d["class_list"]),
+                     action=script_utils.UniqueValuesAction,
                      help="class folders in label order (default: %(default)s)")
     src.add_argument("--malignant-class", type=int, default=d["malignant_class"],
                      help="class index reported as malignant_pred (default: last)")
@@ -784,8 +837,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
                     help="bootstrap seed (default: %(default)s)")
     parser.add_argument("--out-dir", default=d["out_dir"],
-                        help="output folder; files of an earlier run there that this run does "
-                             "not write are removed (default: %(default)s)")
+                        help="output folder, outside the input folders; files an earlier run "
+                             "wrote there (listed in its .ddsm_outputs.json) that this run does "
+                             "not write are removed, other files are kept (default: "
+                             "%(default)s)")
+    run_files.add_overwrite_flag(parser, "--out-dir")
     return parser
 
 

@@ -29,6 +29,7 @@ import os
 import script_utils  # first: puts the root dm_* modules and this folder on sys.path
 
 import common_flags as cf  # noqa: E402
+import run_files  # noqa: E402
 import training_setup as ts  # noqa: E402
 
 logger = logging.getLogger("image_clf_train")
@@ -194,6 +195,7 @@ def _preprocess_fn(opts, channels):
     return get_preprocess_input(opts["patch_net"])
 
 
+@run_files.releases_locks
 def run(train_dir, val_dir, test_dir, **options):
     """Train (or fine-tune) a whole-image classifier and report its test AUROC.
 

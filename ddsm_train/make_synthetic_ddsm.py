@@ -72,8 +72,10 @@ Splits
 
 Output folder
     A missing or empty ``out_dir`` is filled. A non-empty one is refused (``ValueError``) unless
-    ``overwrite=True`` (``--overwrite``), which removes only the files and folders listed above
-    before writing; anything else in the folder is left alone.
+    ``overwrite=True`` (``--overwrite``) and the folder holds this generator's marker (its
+    manifest ``.ddsm_outputs.json``, naming every file it wrote): then the files the manifest
+    names are removed before writing (and the folders above once empty); anything else in the
+    folder is left alone. A folder without the marker (real prepared data) is never touched.
 
 Same seed and options give byte-identical files, wherever they are written and whatever the
 number of ``workers``: every patient and view has its own random stream. Speed: about 20 s of
@@ -99,6 +101,7 @@ import scipy.fft
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 import dm_image  # noqa: E402
 import common_flags as cf  # noqa: E402
+import run_files  # noqa: E402
 
 __all__ = [
     "MAX_12BIT",
@@ -122,6 +125,7 @@ VIEWS = ("CC", "MLO")
 ROI_CSV_HEADER = tuple(script_utils.ROI_COLUMNS)   # the columns of roi_mask_path.csv
 PAT_SIDE_HEADER = ("patient_id", "side", "cancer")
 MIN_IMG_HEIGHT, MIN_IMG_WIDTH, MIN_WHOLE_SIZE = 128, 96, 16
+_TOOL = "make_synthetic_ddsm"
 _OUTPUT_DIRS = ("full_img", "roi_mask", "whole_img")
 _OUTPUT_FILES = ("roi_mask_path.csv", "train_pat.txt", "test_pat.txt", "pat_side_cancer.csv",
                  "synthetic_ddsm.json")
@@ -539,25 +543,60 @@ def _check_args(out_dir: Path, nb_patients, img_height, img_width, whole_img_siz
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"out_dir {out_dir} is not empty; pass overwrite=True (--overwrite) to "
                          f"replace the generated files in it")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _generated_here(out_dir):
+        raise ValueError(f"--overwrite refuses out_dir {out_dir}: it holds no marker of this "
+                         f"generator ({run_files.MANIFEST_NAME}), so it may hold real data; "
+                         f"give an empty or new folder")
+
+
+def _generated_here(out: Path) -> bool:
+    """Whether ``out`` holds this generator's marker: its manifest (or, from versions before
+    manifests, its ``synthetic_ddsm.json``)."""
+    manifest = run_files.OutputManifest(out, _TOOL)
+    if manifest.earlier_tool is not None:
+        return manifest.earlier_tool == _TOOL
+    return (out / "synthetic_ddsm.json").is_file()
 
 
 def _prepare_out_dir(out: Path) -> dict:
-    """Remove earlier outputs of this generator and create the folders; return the paths."""
-    for name in _OUTPUT_DIRS:
-        if (out / name).exists():
-            shutil.rmtree(out / name)
-    for name in _OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
+    """Remove earlier outputs of this generator (the files its manifest names, and the
+    folders it made once empty) and create the folders; return the paths."""
+    manifest = run_files.OutputManifest(out, _TOOL)
+    if manifest.earlier_tool is None and (out / "synthetic_ddsm.json").is_file():
+        for name in _OUTPUT_DIRS:   # a folder this generator wrote before it kept manifests
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+        for name in _OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+    manifest.remove_earlier()
+    manifest.begin()
+    run_files.clean_leftovers(*(p for p in out.rglob("*") if p.is_dir()))
     paths = {"out_dir": out, "full_img_dir": out / "full_img", "roi_mask_dir": out / "roi_mask",
              "roi_mask_csv": out / "roi_mask_path.csv", "train_pat": out / "train_pat.txt",
              "test_pat": out / "test_pat.txt", "pat_side_cancer_csv": out / "pat_side_cancer.csv",
              "whole_img_dir": out / "whole_img", "options_json": out / "synthetic_ddsm.json"}
-    paths["full_img_dir"].mkdir(parents=True)
-    paths["roi_mask_dir"].mkdir()
+    paths["full_img_dir"].mkdir(parents=True, exist_ok=True)
+    paths["roi_mask_dir"].mkdir(exist_ok=True)
     for split in ("train", "val", "test"):
         for cls in ("neg", "pos"):
-            (paths["whole_img_dir"] / split / cls).mkdir(parents=True)
+            (paths["whole_img_dir"] / split / cls).mkdir(parents=True, exist_ok=True)
+    paths["_before"] = _files_under(out)
     return paths
+
+
+def _files_under(out: Path) -> set:
+    return {p for p in out.rglob("*") if p.is_file() and p.name != run_files.MANIFEST_NAME}
+
+
+def _save_manifest(out: Path, before: set) -> None:
+    """Name the files this run wrote (and the folders it makes) in ``out``'s manifest."""
+    manifest = run_files.OutputManifest(out, _TOOL)
+    for path in sorted(_files_under(out) - before):
+        manifest.add(path)
+    for name in _OUTPUT_DIRS:
+        for folder in [out / name] + sorted(p for p in (out / name).rglob("*") if p.is_dir()):
+            manifest.add_dir(folder)
+    manifest.finish(remove_earlier=False)
 
 
 def _write_patient(pat: _Patient, split: str, paths: dict, h: int, w: int, whole_hw, seed: int,
@@ -648,6 +687,7 @@ def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int =
     split_of = {**{i: "train" for i in fit_ids}, **{i: "val" for i in val_ids},
                 **{i: "test" for i in test_ids}}
     paths = _prepare_out_dir(out)
+    before = paths.pop("_before")
     rows, counts = [], {s: {"neg": 0, "pos": 0} for s in ("train", "val", "test")}
 
     def write(pat):
@@ -671,6 +711,7 @@ def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int =
                for k, v in result.items() if k != "out_dir"}
     _write_text(paths["options_json"], json.dumps({"options": options, "result": summary,
                                                     "val_patients": val_ids}, indent=2) + "\n")
+    _save_manifest(out, before)
     result["seconds"] = time.perf_counter() - t0
     return result
 

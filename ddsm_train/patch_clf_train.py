@@ -19,6 +19,7 @@ import os
 import script_utils  # first: puts the root dm_* modules and this folder on sys.path
 
 import common_flags as cf  # noqa: E402
+import run_files  # noqa: E402
 import training_setup as ts  # noqa: E402
 
 logger = logging.getLogger("patch_clf_train")
@@ -116,6 +117,7 @@ def _build_model(opts, nb_class):
     return model, preprocess, top_layer_nb
 
 
+@run_files.releases_locks
 def run(train_dir, val_dir, test_dir, **options):
     """Train a patch classifier and report its test accuracy.
 

@@ -32,6 +32,12 @@ Output in ``OUT_DIR``:
 
 Missing or unreadable files are logged, counted in the summary and skipped; the run goes on.
 
+A rerun into the same ``OUT_DIR`` gives the tree a fresh run gives: the manifest
+``.ddsm_outputs.json`` lists every file a run wrote, and the files an earlier run wrote that
+this run does not (a view whose pathology changed from ``neg/`` to ``pos/``, an earlier
+``--val-size`` split) are removed before the mean is computed; other files are never touched.
+``OUT_DIR`` must lie outside ``DICOM_ROOT``.
+
 Example (from inside ``ddsm_train/``)::
 
     python prepare_cbis_ddsm.py ../shared/data/cbis_ddsm_csv /data/CBIS-DDSM /data/cbis_png \\
@@ -57,6 +63,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
+import run_files  # noqa: E402
 from common_flags import add_bool_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
 from compute_mean import image_mean  # noqa: E402
@@ -257,10 +264,10 @@ def _process_view(args) -> dict:
         res["messages"].append(f"{img_id}: {res['problem'].replace('_', ' ')} "
                                f"({view.image_paths[0]})")
         return res
-    dm_image.write_png(out / "full_img" / f"{img_id}.png", img.astype(np.uint16))
+    dm_image.write_png(out / _full_rel(view), img.astype(np.uint16))
     res["full"] = True
     for roi in view.rois:
-        name = f"{roi['type'].capitalize()}-{roi['split']}_{img_id}_{roi['abn_num']}.png"
+        name = _mask_rel(view, roi).name
         arr, status = _find_mask(roi, root, img.shape, res)
         if arr is None:
             count(f"mask_{status}")
@@ -282,9 +289,40 @@ def _process_view(args) -> dict:
         h, w = cfg.whole_img_size
         small = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
         label = "pos" if view.malignant else "neg"
-        dm_image.write_png(out / "whole_img" / view.split / label / f"{img_id}.png", small)
+        dm_image.write_png(out / _whole_rel(view), small)
         res["whole"] = (view.split, label)
     return res
+
+
+def _full_rel(view: _View) -> Path:
+    return Path("full_img", f"{view.patient}_{view.side}_{view.view}.png")
+
+
+def _mask_rel(view: _View, roi: dict) -> Path:
+    return Path("roi_mask", f"{roi['type'].capitalize()}-{roi['split']}_{view.patient}_"
+                            f"{view.side}_{view.view}_{roi['abn_num']}.png")
+
+
+def _whole_rel(view: _View) -> Path:
+    return Path("whole_img", view.split, "pos" if view.malignant else "neg",
+                f"{view.patient}_{view.side}_{view.view}.png")
+
+
+#: The tables a run writes into ``OUT_DIR`` (``val_pat.txt`` only with a validation set).
+_TABLES = ("roi_mask_path.csv", "train_pat.txt", "test_pat.txt", "val_pat.txt",
+           "pat_side_cancer.csv", "prepare_summary.json", "prepare_problems.txt")
+
+
+def _written_files(results: List[dict], views: List[_View], val: bool) -> List[Path]:
+    """The files (relative to ``OUT_DIR``) the converted views and the tables make."""
+    files = [Path(t) for t in _TABLES if val or t != "val_pat.txt"]
+    for res, view in zip(results, views):
+        if res["full"]:
+            files.append(_full_rel(view))
+            files += [_mask_rel(view, roi) for roi in res["rois"]]
+            if res["whole"]:
+                files.append(_whole_rel(view))
+    return files
 
 
 # ------------------------------------------------------------------------- run
@@ -399,20 +437,35 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
     if not os.path.isdir(dicom_root):
         raise FileNotFoundError(f"no such folder: {dicom_root}")
     table, used = read_description_csvs(csv_dir)
+    run_files.check_run_paths(
+        input_files={f"CSV_DIR's {name}": Path(csv_dir, name) for name in CSV_NAMES.values()},
+        input_dirs={"DICOM_ROOT": dicom_root}, output_dirs={"OUT_DIR": out_dir})
     out = Path(out_dir)
-    for sub in ("full_img", "roi_mask"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    manifest = run_files.OutputManifest(out, "prepare_cbis_ddsm")
+    folders = [Path("full_img"), Path("roi_mask")]
     if whole_img_size is not None:
+        folders.append(Path("whole_img"))
         for split in ("train", "val", "test") if val_size else ("train", "test"):
-            for label in ("neg", "pos"):
-                (out / "whole_img" / split / label).mkdir(parents=True, exist_ok=True)
+            folders += [Path("whole_img", split)] + [Path("whole_img", split, label)
+                                                     for label in ("neg", "pos")]
+    for sub in folders:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        manifest.add_dir(out / sub)
+    run_files.clean_leftovers(*(out / sub for sub in folders))
     options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters}
     logger.info("options: %s; CSVs: %s", options, used)
     views = _build_views(table)
     val_patients = _assign_val(views, val_size, seed)
+    manifest.begin([out / _full_rel(v) for v in views]
+                   + [out / _mask_rel(v, r) for v in views for r in v.rois]
+                   + ([out / _whole_rel(v) for v in views] if whole_img_size else [])
+                   + [out / t for t in _TABLES])
     cfg = _Config(str(dicom_root), str(out_dir), whole_img_size)
     results = parallel_map(_process_view, [(v, cfg) for v in views], workers, "converting",
                            verbose, chunksize=4)
+    for rel in _written_files(results, views, bool(val_patients)):
+        manifest.add(out / rel)
+    manifest.remove_earlier()   # e.g. a view now in pos/, or an earlier val split: before the mean
     summary = _summarise(results, views, table)
     summary.update(_write_tables(results, table, out, val_patients))
     if whole_img_size is not None and sum(summary["whole_images"]["train"].values()):
@@ -429,6 +482,7 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
     summary["elapsed_s"] = round(time.time() - t0, 3)
     _write_text(out / "prepare_summary.json",
                 json.dumps({"options": options, "summary": summary}, indent=1, default=str))
+    manifest.finish()
     logger.info("summary: %s", summary)
     return summary
 

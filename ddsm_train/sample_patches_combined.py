@@ -50,8 +50,10 @@ Checks, so that a run never computes a wrong patch set quietly:
 
 * Output folders that already hold patches (an image file in a class folder this run writes
   to, or a ``patches.csv``) are refused: a second run into them would mix two patient splits.
-  ``--overwrite`` first removes exactly what this run writes (those class folders,
-  ``patches.csv``, ``pat_lst.txt``, ``sampling_summary.json``) in both outputs.
+  ``--overwrite`` first removes what an earlier run of this tool wrote there, as its manifest
+  ``.ddsm_outputs.json`` lists it (patches of any class set, ``patches.csv``, ``pat_lst.txt``,
+  ``sampling_summary.json``, and its class folders once empty), so a rerun gives the tree a
+  fresh run gives; patches no manifest names are never removed and stop the run.
 * Every value a path is built from (patient IDs of the list and the CSV, side, view,
   ``abn_num``, class folder names) must be a plain file-name part: a value such as ``../x`` is
   an error naming the file and line, raised before anything is written.
@@ -85,7 +87,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dm_image  # noqa: E402
+import run_files  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
 from patch_sampling import (BLOB_PARAMS, MaskSat, _fractions, _to_uint16,  # noqa: E402,F401
@@ -127,6 +129,7 @@ BAD_ROI_REASONS = ("bad_roi_row", "mask_missing", "mask_unreadable", "mask_size_
                    "empty_mask")
 #: Files of an output folder that a run writes besides its class folders.
 OUTPUT_FILES = ("patches.csv", "pat_lst.txt", "sampling_summary.json")
+_TOOL = "sample_patches_combined"
 _MASK_NAME_RE = re.compile(r"^(?P<type>[A-Za-z]+)-[A-Za-z]+_(?P<img_id>.+)_(?P<abn>\d+)\.png$")
 
 
@@ -644,31 +647,34 @@ def _earlier_patches(out: str, class_names: Sequence[str]) -> Optional[str]:
 
 
 def _prepare_outputs(out_dirs: Dict[str, str], class_names: Sequence[str],
-                     overwrite: bool) -> None:
-    """Refuse output folders that hold an earlier run's patches; with ``overwrite`` remove what
-    this run writes there (its class folders and ``OUTPUT_FILES``), nothing else."""
+                     overwrite: bool) -> Dict[str, "run_files.OutputManifest"]:
+    """Refuse output folders that hold an earlier run's patches; with ``overwrite`` remove the
+    files an earlier run of this tool wrote there (its manifest: patch files of any class set,
+    ``OUTPUT_FILES``, and its class folders once empty), nothing else. Patches that no
+    manifest names (copied by hand, or from a killed run) stop the run either way. Returns the
+    manifest of each output folder."""
     found = [held for held in (_earlier_patches(out, class_names) for out in out_dirs.values())
              if held]
     if found and not overwrite:
         raise ValueError(
             f"output folder(s) already hold patches: {'; '.join(found)}. Sampling into them "
             "again would mix two runs (and their patient splits); pass --overwrite to replace them "
-            f"(removes the class folders {', '.join(class_names)} and "
-            f"{', '.join(OUTPUT_FILES)} of both outputs, nothing else), or name new folders")
-    if not overwrite:
-        return
+            "(removes only the files an earlier run of this tool wrote, as listed in its "
+            f"{run_files.MANIFEST_NAME}), or name new folders")
+    manifests = {split: run_files.OutputManifest(out, _TOOL) for split, out in out_dirs.items()}
+    if overwrite:
+        removed = sum(len(m.remove_earlier()) for m in manifests.values())
+        if removed:
+            logger.warning("--overwrite: removed %d file(s) an earlier run wrote", removed)
+    left = [held for held in (_earlier_patches(out, class_names) for out in out_dirs.values())
+            if held]
+    if left:
+        raise ValueError(f"output folder(s) hold patches that no manifest of this tool names "
+                         f"({'; '.join(left)}): they were not written by an earlier run of it "
+                         f"(or by one that was killed); move them away or name new folders")
     for out in out_dirs.values():
-        for name in class_names:
-            path = os.path.join(out, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            elif os.path.lexists(path):
-                os.unlink(path)
-        for name in OUTPUT_FILES:
-            Path(out, name).unlink(missing_ok=True)
-    if found:
-        logger.warning("--overwrite: removed the earlier run's class folders and files (%s)",
-                       "; ".join(found))
+        run_files.clean_leftovers(out, *(os.path.join(out, n) for n in class_names))
+    return manifests
 
 
 def _make_folders(out_dirs: Dict[str, str], class_names: Sequence[str]) -> List[str]:
@@ -770,7 +776,11 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
     entries, tasks = _build_views(table, pat_split, full_img_dir, _index_masks(roi_mask_dir),
                                   roi_mask_dir, out_dirs)
     class_names = sorted(set(folders.values()))
-    _prepare_outputs(out_dirs, class_names, overwrite)
+    run_files.check_run_paths(
+        input_files={"ROI_MASK_CSV": roi_mask_csv, "PATIENT_LIST": patient_list},
+        input_dirs={"ROI_MASK_DIR": roi_mask_dir, "FULL_IMG_DIR": full_img_dir},
+        output_dirs={"TRAIN_OUT": train_out, "VAL_OUT": val_out})
+    manifests = _prepare_outputs(out_dirs, class_names, overwrite)
 
     created = _make_folders(out_dirs, class_names)
     sampled = iter(_sample_all(tasks, cfg, workers, verbose))
@@ -790,6 +800,7 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
             f"{summary['images_skipped']} skipped {summary['skipped'] or ''}; no manifest "
             "written (see the warnings above)")
     _write_outputs(results, out_dirs, {"train": train_pats, "val": val_pats}, summary, options)
+    _save_manifests(manifests, results, class_names)
     _log_summary(summary, out_dirs)
     return summary
 
@@ -887,6 +898,21 @@ def _write_outputs(results, out_dirs, split_pats, summary, options) -> None:
                              default=str), text=True)
 
 
+def _save_manifests(manifests, results, class_names) -> None:
+    """Name each output folder's patches, files and class folders in its manifest."""
+    for split, manifest in manifests.items():
+        for r in results:
+            if r["split"] == split:
+                for row in r["rows"]:
+                    manifest.add(manifest.folder / row["folder"] / row["filename"])
+        for name in OUTPUT_FILES:
+            if (manifest.folder / name).is_file():
+                manifest.add(manifest.folder / name)
+        for name in class_names:
+            manifest.add_dir(manifest.folder / name)
+        manifest.finish()
+
+
 def _log_summary(summary: dict, out_dirs: Dict[str, str]) -> None:
     logger.info("images read: %d of %d; skipped: %d %s", summary["images_read"],
                 summary["images_total"], summary["images_skipped"], summary["skipped"] or "")
@@ -961,9 +987,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
                         help="run seed (default: RANDOM_SEED or 12345)")
     parser.add_argument("--overwrite", action="store_true", default=d["overwrite"],
-                        help="replace an earlier run's patches in TRAIN_OUT and VAL_OUT: their "
-                             "class folders, patches.csv, pat_lst.txt and sampling_summary.json "
-                             "are removed first (default: off; refused when they hold patches)")
+                        help="replace an earlier run's patches in TRAIN_OUT and VAL_OUT: the "
+                             "files its manifest (.ddsm_outputs.json) lists are removed first, "
+                             "nothing else (default: off; refused when they hold patches)")
     return parser
 
 

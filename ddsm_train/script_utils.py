@@ -56,7 +56,7 @@ __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_tabl
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
            "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
            "RECIPE_OPTIONS", "apply_model_recipe", "INTERRUPTED_EXIT", "parse_command_line",
-           "exit_on_interrupt"]
+           "exit_on_interrupt", "check_unique", "UniqueValuesAction"]
 
 #: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
 #: make_synthetic_ddsm, read by sample_patches_combined.
@@ -124,6 +124,8 @@ def read_csv_table(path: PathLike, required: Sequence[str] = (), **read_csv_kwar
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise InputFileError(f"{path}: not a readable CSV table ({str(err).strip()})") from None
     df.columns = [str(c).strip() for c in df.columns]
+    if kwargs.get("header", "infer") in ("infer", 0) and "names" not in kwargs:
+        _check_unique_header(path, text, kwargs)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputFileError(f"{path}: missing column(s) {missing}; columns are "
@@ -138,6 +140,47 @@ def read_csv_table(path: PathLike, required: Sequence[str] = (), **read_csv_kwar
     else:   # quoted fields spanning lines: fall back to the row position
         df["_line"] = [f"data row {i + 1}" for i in range(len(df))]
     return df
+
+
+def _check_unique_header(path, text, kwargs) -> None:
+    """A CSV header naming one column twice (spaces and case aside) is an error: pandas would
+    rename the second copy and one of the two would be used without a word."""
+    import pandas as pd
+
+    first = pd.read_csv(io.StringIO(text), **{**kwargs, "header": None, "nrows": 1})
+    names = [str(v).strip() for v in first.iloc[0].tolist()] if len(first) else []
+    check_unique(names, "column", str(path), key=str.lower)
+
+
+def check_unique(values: Sequence, what: str, where: str, key=None,
+                 lines: Optional[Sequence] = None) -> None:
+    """Raise ``InputFileError`` naming the first value that occurs twice.
+
+    Args:
+        values: the values (class names, image paths, column names).
+        what: what a value is, for the message (``"class name"``).
+        where: the file or flag the values come from.
+        key: compare ``key(value)`` instead of the values (e.g. ``str.lower``).
+        lines: where each value is (``"line 12"``), named in the message.
+    """
+    seen = {}
+    for i, value in enumerate(values):
+        k = key(value) if key else value
+        if k in seen:
+            at = (f" ({lines[seen[k]]} and {lines[i]})" if lines is not None else "")
+            raise InputFileError(f"{where}: {what} {value!r} given twice{at}")
+        seen[k] = i
+
+
+class UniqueValuesAction(argparse.Action):
+    """``nargs`` flag whose values must differ (``--class-list neg neg`` is a usage error)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            check_unique(values, "value", option_string)
+        except InputFileError as err:
+            parser.error(str(err))
+        setattr(namespace, self.dest, values)
 
 
 def safe_name_part(value, what: str, where: Optional[str] = None) -> str:

@@ -82,6 +82,7 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
         if extra:
             logger.warning("%s %s: subfolders %s are not in --class-list; ignored", label,
                            folder, extra)
+        warn_images_beside(folder, class_list, label)
         if label in need_two_classes:
             counts = {c: len(_class_images(folder / c)) for c in class_list}
             if sum(1 for n in counts.values() if n) < 2:
@@ -89,6 +90,20 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
                                  f"({counts}): its AUROC is undefined, so no best model could "
                                  f"be chosen")
         _check_manifest(label, folder, class_list)
+
+
+def warn_images_beside(folder, class_list, label) -> int:
+    """Warn (count and an example) about image files directly in ``folder``, beside its class
+    subfolders: they belong to no class and are left out. Returns their count."""
+    from dm_image import IMG_EXTENSIONS
+
+    beside = sorted(p.name for p in Path(folder).iterdir() if p.is_file()
+                    and p.suffix.lower().lstrip(".") in IMG_EXTENSIONS)
+    if beside:
+        logger.warning("%s %s: %d image(s) lie beside the class folders %s and are left out "
+                       "(e.g. %s); move them into a class folder", label, folder, len(beside),
+                       list(class_list), beside[0])
+    return len(beside)
 
 
 def _class_images(folder):
@@ -173,6 +188,7 @@ def begin_training_run(opts, validate):
     strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
     validate(opts, strategy.num_replicas_in_sync)
     _check_tensorboard_dir(opts.get("tensorboard_dir"))
+    claim_run_files(opts)
     json_path = log_and_save_options(opts, opts["best_model"], env)
     identity = run_identity(opts, env)
     resume = dm_keras_ext.resolve_resume(
@@ -187,6 +203,52 @@ def _check_tensorboard_dir(folder):
     """``--tensorboard-dir`` must be a folder or a path where one can be made."""
     if folder and os.path.lexists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--tensorboard-dir {folder} is not a folder (a file is there)")
+
+
+def _is_chief() -> bool:
+    """Whether this process is the one that writes the model files of a multi-worker run."""
+    raw = os.environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return True
+    try:
+        config = json.loads(raw)
+        task, cluster = config.get("task", {}), config.get("cluster", {})
+    except (ValueError, AttributeError):
+        return True
+    if "chief" in cluster:
+        return task.get("type") == "chief"
+    return task.get("type", "worker") == "worker" and int(task.get("index", 0)) == 0
+
+
+def claim_run_files(opts):
+    """Check a training run's paths and take its lock, before anything is written.
+
+    Refuses (``run_files.check_run_paths``) a ``--best-model``, ``--final-model``, checkpoint or
+    ``--tensorboard-dir``/``--img-cache-dir`` that is an input model file or lies in a data
+    folder, and two outputs at one path; the checkpoint ``<best>.last.h5`` may be the
+    ``--resume-from`` file (a resumed run replaces it). Then holds ``<best_model>.lock``
+    (``run_files.RunLock``, released when the trainer's ``run`` ends) and removes leftovers of
+    killed writes beside the model files.
+    """
+    import run_files
+    from dm_keras_ext import last_checkpoint_path
+
+    best = opts["best_model"]
+    final = opts.get("final_model")
+    final = None if final in (None, "", NOSAVE) else final
+    run_files.check_run_paths(
+        input_files={"--patch-model-state": opts.get("patch_model_state"),
+                     "--resume-from": opts.get("resume_from")},
+        input_dirs={"TRAIN_DIR": opts.get("train_dir"), "VAL_DIR": opts.get("val_dir"),
+                    "TEST_DIR": opts.get("test_dir")},
+        output_files={"--best-model": best, "--final-model": final,
+                      "the checkpoint": last_checkpoint_path(best)},
+        output_dirs={"--tensorboard-dir": opts.get("tensorboard_dir"),
+                     "--img-cache-dir": opts.get("img_cache_dir")},
+        may_replace=[("the checkpoint", "--resume-from")])
+    if _is_chief():
+        run_files.RunLock(best, "--best-model").acquire()
+    run_files.clean_leftovers(*{str(Path(p).absolute().parent) for p in (best, final) if p})
 
 
 def run_file_kwargs(opts, env, identity, resume):

@@ -147,7 +147,7 @@ HEATMAP_DEFAULTS = dict(
     png_dir=None, png_height=1024, malignant_class=1, img_extension="png", verbose=True,
     # options added since 2017, neutral by default
     all_images=False, img_list=None, class_list=None, roi_mask_dir=None,
-    trust_model_file=False)
+    trust_model_file=False, overwrite=False)
 
 
 def test_heatmap_defaults_are_2017():
@@ -249,7 +249,7 @@ FPROP_SCRIPT = dict(
     malignant_class=1, img_extension="png", verbose=True,
     # options added since 2017, neutral by default
     all_images=False, img_list=None, class_list=None, roi_mask_dir=None,
-    trust_model_file=False)
+    trust_model_file=False, overwrite=False)
 SCORE_SCRIPT = dict(
     fprop_mode=False, img_size=[1152, 896], img_height=4096, img_scale=255.0,
     rescale_factor=None, equalize_hist=False, featurewise_center=True, featurewise_mean=59.6,
@@ -259,7 +259,7 @@ SCORE_SCRIPT = dict(
     png_dir=None, png_height=1024, malignant_class=1, img_extension="png", verbose=True,
     # options added since 2017, neutral by default
     all_images=False, img_list=None, class_list=None, roi_mask_dir=None,
-    trust_model_file=False)
+    trust_model_file=False, overwrite=False)
 
 
 @pytest.mark.parametrize("name, module, expected", [

@@ -39,7 +39,8 @@ def test_mean_equals_what_the_generator_yields(train_dir, equalize, capsys):
 
 def test_unreadable_and_mixed_depth_files_are_reported(train_dir):
     (train_dir / "pos" / "broken.png").write_bytes(b"\x89PNG broken")
-    cv2.imwrite(str(train_dir / "pos" / "eight.png"), np.full((40, 30), 200, np.uint8))
+    cv2.imwrite(str(train_dir / "pos" / "eight.png"),
+                np.linspace(150, 250, 40 * 30).reshape(40, 30).astype(np.uint8))
     result = compute_mean.image_mean(train_dir, (48, 40), rescale_factor=255 / 65535)
     assert result["images"] == 4
     assert [p.rsplit("/", 1)[-1] for p in result["skipped"]] == ["broken.png"]
@@ -51,3 +52,18 @@ def test_empty_folder_is_a_user_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         compute_mean.main([str(tmp_path / "empty")])
     assert info.value.code == 2 and "no images" in capsys.readouterr().err
+
+
+def test_non_finite_and_constant_images_are_left_out(train_dir, capsys):
+    """A float TIFF with NaN pixels and a constant image are skipped (named), and the mean is
+    that of the other images: no nan printed."""
+    clean = compute_mean.image_mean(train_dir, (48, 40), rescale_factor=255 / 65535)
+    nan = np.random.RandomState(1).rand(50, 40).astype(np.float32)
+    nan[3, 4] = np.nan
+    assert cv2.imwrite(str(train_dir / "pos" / "nan.tif"), nan)
+    cv2.imwrite(str(train_dir / "neg" / "flat.png"), np.full((60, 50), 30000, np.uint16))
+    result = compute_mean.main([str(train_dir), "--img-size", "48", "40", "--rescale-factor",
+                                str(255 / 65535)])
+    assert sorted(p.rsplit("/", 1)[-1] for p in result["skipped"]) == ["flat.png", "nan.tif"]
+    assert result["images"] == 3 and result["mean"] == pytest.approx(clean["mean"], rel=1e-9)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{clean['mean']:.4f}"

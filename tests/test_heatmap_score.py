@@ -88,7 +88,7 @@ def test_sweep_mode_shapes_values_and_missing_views(synth, tmp_path, caplog, ker
         patch = patch * (255.0 / patch.max() if patch.max() else 1.0)   # --img-scale 255
         x = np.repeat(patch[None, ..., None], 3, -1).astype("float32") - np.float32(71.8)
         np.testing.assert_allclose(hm[r, c], model.predict(x, verbose=0)[0], atol=1e-5)
-    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir() if p.suffix == ".png")
     assert len(pngs) == 5 and "P_1_LEFT_CC_heatmap.png" in pngs
     pic = cv2.imread(str(tmp_path / "png" / "P_1_LEFT_CC_heatmap.png"))
     assert pic.shape[0] == HEIGHT and pic.shape[1] - img.shape[1] >= 30   # + colour bar
@@ -230,7 +230,7 @@ def test_any_images_folder_or_list(synth, tmp_path, keras_session, fprop):
     assert recs[1]["heatmap"] is None and summary["failed"][0][0].endswith("broken.png")
     assert recs[2]["heatmap"].ndim == 3 and recs[2]["heatmap"].shape[-1] == 3
     np.testing.assert_allclose(recs[2]["heatmap"].sum(-1), 1, rtol=1e-5)
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == \
+    assert sorted(p.name for p in (tmp_path / "png").glob("*.png")) == \
         ["a__scan 1_heatmap.png", "b_heatmap.png"]
     listing = tmp_path / "list.txt"
     listing.write_text("b.png\n\n")
@@ -291,9 +291,65 @@ def test_png_dir_holds_one_run(synth, tmp_path, keras_session):
     pngs = tmp_path / "png"
     pngs.mkdir()
     (pngs / "P_9_LEFT_CC_heatmap.png").write_bytes(b"an earlier run's picture")
+    (pngs / ".ddsm_outputs.json").write_text('{"tool": "heatmap_score", "files": '
+                                             '["P_9_LEFT_CC_heatmap.png"], "dirs": []}')
+    (pngs / "P_8_LEFT_CC_heatmap.png").write_bytes(b"a user's own picture")
     (pngs / "notes.txt").write_text("not ours")
     (tmp_path / "one.csv").write_text("patient_id,side,cancer\nP_1,RIGHT,1\n")
     hs.main([str(root / "img"), str(root / "patch.h5"), "--pat-csv", str(tmp_path / "one.csv"),
              "--img-height", str(HEIGHT), "--patch-size", str(P), "--stride", "16",
              "--featurewise-center", "--out", str(tmp_path / "h.npz"), "--png-dir", str(pngs)])
-    assert sorted(p.name for p in pngs.iterdir()) == ["P_1_RIGHT_CC_heatmap.png", "notes.txt"]
+    assert sorted(p.name for p in pngs.iterdir()) == [
+        ".ddsm_outputs.json", "P_1_RIGHT_CC_heatmap.png", "P_8_LEFT_CC_heatmap.png", "notes.txt"]
+    assert (pngs / "P_8_LEFT_CC_heatmap.png").read_bytes() == b"a user's own picture"
+
+
+# ------------------------------------------------------------------ hostile input
+def test_same_stem_images_get_distinct_overlays(synth, tmp_path, keras_session):
+    root, _ = synth
+    folder = tmp_path / "imgs"
+    _mammogram(folder / "a.png", 1)
+    _mammogram(folder / "a.tif", 2)
+    pngs = tmp_path / "png"
+    common = [str(folder), str(root / "patch.h5"), "--net", "vgg16", "--img-height",
+              str(HEIGHT), "--patch-size", str(P), "--stride", "16", "--featurewise-center",
+              "--all-images", "--png-dir", str(pngs)]
+    hs.main(common + ["--out", str(tmp_path / "h.npz")])
+    pics = sorted(pngs.glob("*.png"))
+    assert [p.name for p in pics] == ["a__png_heatmap.png", "a__tif_heatmap.png"]
+    assert pics[0].read_bytes() != pics[1].read_bytes()
+    listing = tmp_path / "list.txt"
+    listing.write_text("a.png\na.tif\n./a.png\n")
+    with pytest.raises(ValueError, match=r"image '.*a.png' given twice \(line 1 and line 3\)"):
+        hs.run(str(folder), str(root / "patch.h5"), img_list=str(listing),
+               out=str(tmp_path / "h2.npz"))
+
+
+def test_outputs_overlapping_the_inputs_are_refused(synth, tmp_path, capsys):
+    root, _ = synth
+    before = sorted(p.name for p in (root / "img").iterdir())
+    for extra, message in [(["--png-dir", str(root / "img")], "--png-dir"),
+                           (["--out", str(root / "img" / "h.npz")], "--out")]:
+        with pytest.raises(SystemExit) as exc:
+            hs.main([str(root / "img"), str(root / "patch.h5"), "--pat-csv",
+                     str(root / "pats.csv"), "--out", str(tmp_path / "h.npz"), *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"{message} " in err
+        assert "inside the input folder IMG_FOLDER" in err
+    assert sorted(p.name for p in (root / "img").iterdir()) == before
+
+
+def test_overlay_not_written_by_the_tool_stops_the_run(synth, tmp_path, capsys):
+    root, _ = synth
+    pngs = tmp_path / "png"
+    pngs.mkdir()
+    (pngs / "P_1_RIGHT_CC_heatmap.png").write_bytes(b"my own picture")
+    (tmp_path / "one.csv").write_text("patient_id,side,cancer\nP_1,RIGHT,1\n")
+    with pytest.raises(SystemExit) as exc:
+        hs.main([str(root / "img"), str(root / "patch.h5"), "--pat-csv",
+                 str(tmp_path / "one.csv"), "--out", str(tmp_path / "h.npz"),
+                 "--png-dir", str(pngs)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "P_1_RIGHT_CC_heatmap.png exists and was not written" in err
+    assert (pngs / "P_1_RIGHT_CC_heatmap.png").read_bytes() == b"my own picture"
+    assert not (tmp_path / "h.npz").exists()

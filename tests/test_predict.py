@@ -388,12 +388,14 @@ def test_out_dir_holds_one_run_and_mixed_depth_is_reported(class_dir, trained_mo
     unlabelled.mkdir()
     for f in sorted((class_dir / "neg").glob("*.png"))[:2]:
         (unlabelled / f.name).write_bytes(f.read_bytes())
-    cv2.imwrite(str(unlabelled / "eight_bit.png"), np.full((H, W), 180, np.uint8))
+    cv2.imwrite(str(unlabelled / "eight_bit.png"),
+                np.linspace(100, 180, H * W).reshape(H, W).astype(np.uint8))
     with caplog.at_level(logging.WARNING):
         summary = icp.main(["--model", str(paths[0]), "--img-dir", str(unlabelled),
                             "--out-dir", str(out), *BASE])
     # no labels: no metrics or curves, and none of the first run's are left behind
-    assert sorted(p.name for p in out.iterdir()) == ["image_predictions.csv", "options.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".ddsm_outputs.json",
+                                                     "image_predictions.csv", "options.json"]
     assert [p.rsplit("/", 1)[-1] for p, _ in summary["scale_mismatch"]] == ["eight_bit.png"]
     assert any("eight_bit.png" in r.getMessage() and "8-bit image" in r.getMessage()
                for r in caplog.records)
@@ -414,3 +416,92 @@ def test_lambda_model_cannot_run_code_through_prediction(class_dir, tmp_path, ke
             "--out-dir", str(tmp_path / "out"), *BASE]
     assert "'sneaky'" in _exit2(argv, capsys) and not marker.exists()
     assert icp.main(argv + ["--trust-model-file"])["n_scored"] == 8 and marker.exists()
+
+
+# ------------------------------------------------------------------ hostile input
+def _copy_class_dir(src, dst):
+    for f in sorted(src.rglob("*.png")):
+        (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+        (dst / f.relative_to(src)).write_bytes(f.read_bytes())
+
+
+def test_out_dir_overlapping_the_inputs_is_refused(class_dir, trained_models, tmp_path, capsys):
+    paths, _ = trained_models
+    common = ["--model", str(paths[0]), "--img-dir", str(class_dir), *BASE]
+    err = _exit2(common + ["--out-dir", str(class_dir / "pos" / "out")], capsys)
+    assert "--out-dir" in err and "inside the input folder --img-dir" in err
+    link = tmp_path / "link"
+    link.symlink_to(class_dir / "neg")
+    assert "inside the input folder --img-dir" in _exit2(common + ["--out-dir", str(link)],
+                                                         capsys)
+    assert not (class_dir / "pos" / "out").exists()
+    assert sorted(p.name for p in (class_dir / "neg").iterdir()) == [f"n{k}.png" for k in range(4)]
+
+
+def test_users_files_are_kept_or_refused(class_dir, trained_models, tmp_path, capsys):
+    paths, _ = trained_models
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("my own metrics")
+    common = ["--model", str(paths[0]), "--img-dir", str(class_dir), "--out-dir", str(out),
+              *BASE]
+    err = _exit2(common, capsys)
+    assert "metrics.json exists and was not written by this tool" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    # unlabelled images: metrics.json would not be written, yet it is named like an output:
+    # with --overwrite the run goes on and never deletes it
+    folder = tmp_path / "unlabelled"
+    _copy_class_dir(class_dir / "neg", folder)
+    icp.main(["--model", str(paths[0]), "--img-dir", str(folder), "--out-dir", str(out),
+              "--overwrite", *BASE])
+    assert (out / "metrics.json").read_text() == "my own metrics"
+    assert (out / "image_predictions.csv").is_file()
+
+
+def test_images_that_cannot_give_a_score_go_to_the_error_column(class_dir, trained_models,
+                                                                  tmp_path, caplog):
+    import logging
+
+    paths, _ = trained_models
+    folder = tmp_path / "imgs"
+    _copy_class_dir(class_dir, folder)
+    (folder / "pos" / "broken.png").unlink()
+    nan = np.random.RandomState(0).rand(H * 2, W * 2).astype(np.float32)
+    nan[5, 5] = np.nan
+    assert cv2.imwrite(str(folder / "pos" / "nan.tif"), nan)
+    cv2.imwrite(str(folder / "neg" / "flat.png"), np.full((H * 2, W * 2), 9000, np.uint16))
+    cv2.imwrite(str(folder / "pos" / "dot.png"), np.full((1, 1), 9000, np.uint16))
+    _write_img(folder / "beside.png", False)
+    clean = icp.main(["--model", str(paths[0]), "--img-dir", str(class_dir), "--out-dir",
+                      str(tmp_path / "clean"), *BASE])
+    with caplog.at_level(logging.WARNING):
+        summary = icp.main(["--model", str(paths[0]), "--img-dir", str(folder), "--out-dir",
+                            str(tmp_path / "out"), *BASE])
+    df = pd.read_csv(tmp_path / "out" / "image_predictions.csv", keep_default_na=False)
+    errors = dict(zip(df.image_index, df.error))
+    assert "not finite" in errors["pos/nan.tif"] and "constant" in errors["neg/flat.png"]
+    assert "1x1 image" in errors["pos/dot.png"]
+    assert summary["n_errors"] == 3 and summary["n_scored"] == 8
+    # the metrics are those of the 8 good images, as in the clean run
+    assert summary["metrics"]["image"]["auroc"] == clean["metrics"]["image"]["auroc"]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("3 of 11 images could not be scored" in m for m in msgs)
+    assert any("1 image(s) lie beside the class folders" in m and "beside.png" in m
+               for m in msgs)
+
+
+def test_duplicate_list_entries_and_class_names_are_errors(class_dir, trained_models,
+                                                           tmp_path, capsys):
+    paths, _ = trained_models
+    listing = tmp_path / "list.txt"
+    listing.write_text("neg/n0.png,0\npos/p1.png,1\n./neg/n0.png,0\n")
+    err = _exit2(["--model", str(paths[0]), "--img-list", str(listing), "--img-dir",
+                  str(class_dir), "--out-dir", str(tmp_path / "o"), *BASE], capsys)
+    assert f"{listing}: image" in err and "given twice (line 1 and line 3)" in err
+    err = _exit2(["--model", str(paths[0]), "--img-dir", str(class_dir), "--class-list", "neg",
+                  "neg", "--out-dir", str(tmp_path / "o"), *BASE], capsys)
+    assert "--class-list: value 'neg' given twice" in err
+    with pytest.raises(ValueError, match="class name 'neg' given twice"):
+        icp.run([str(paths[0])], img_dir=str(class_dir), class_list=("neg", "neg"),
+                out_dir=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()

@@ -269,3 +269,45 @@ def test_is_mask_for():
     assert prep.is_mask_for(_mask(0), (FULL_H, FULL_W))
     assert not prep.is_mask_for(_mask(0), (FULL_H, FULL_W + 1))
     assert not prep.is_mask_for(_full(0), (FULL_H, FULL_W))
+
+
+def _tree(folder):
+    """{relative path: bytes} of every file under ``folder`` but the summary (it names the
+    output folder and the run time)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "prepare_summary.json"}
+
+
+def test_rerun_after_a_change_gives_the_fresh_tree(tmp_path):
+    """A pathology corrected in the CSV and --val-size dropped: the rerun into the same folder
+    leaves no image in its old class folder and no val images or list."""
+    csv_dir, root = _handwritten(tmp_path)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    (out / "notes.txt").parent.mkdir()
+    (out / "notes.txt").write_text("mine")
+    prep.run(str(csv_dir), str(root), str(out), whole_img_size=(16, 12), val_size=0.5,
+             verbose=False)
+    assert (out / "val_pat.txt").is_file() and list((out / "whole_img" / "val").rglob("*.png"))
+    prep.run(str(csv_dir), str(root), str(out), whole_img_size=(16, 12), verbose=False)
+    assert not (out / "val_pat.txt").exists() and not (out / "whole_img" / "val").exists()
+    assert (out / "whole_img" / "train" / "neg" / "P_00002_RIGHT_MLO.png").is_file()
+    mass = csv_dir / "mass_case_description_train_set.csv"
+    mass.write_text(mass.read_text().replace(",BENIGN,", ",MALIGNANT,"))
+    rerun = prep.run(str(csv_dir), str(root), str(out), whole_img_size=(16, 12), verbose=False)
+    first = prep.run(str(csv_dir), str(root), str(fresh), whole_img_size=(16, 12),
+                     verbose=False)
+    # the mean is of this run's train images only (the stale neg/ copy was gone before it)
+    assert rerun["whole_img_train_mean"] == first["whole_img_train_mean"]
+    assert rerun["whole_images"] == first["whole_images"]
+    got, want = _tree(out), _tree(fresh)
+    assert got.pop("notes.txt") == b"mine"            # not the tool's: kept
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+    assert "whole_img/train/pos/P_00002_RIGHT_MLO.png" in got
+    assert not (out / "whole_img" / "val").exists()
+
+
+def test_out_dir_inside_the_dicom_root_is_refused(tmp_path):
+    csv_dir, root = _handwritten(tmp_path)
+    with pytest.raises(ValueError, match="OUT_DIR .* inside the input folder DICOM_ROOT"):
+        prep.run(str(csv_dir), str(root), str(root / "png"), verbose=False)
+    assert not (root / "png").exists()

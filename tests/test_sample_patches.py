@@ -700,3 +700,33 @@ def test_calc_and_mass_sharing_an_abn_num_keep_their_own_patches(tmp_path):
     man = pd.read_csv(tmp_path / "out" / "train" / "patches.csv")
     assert set(man.kind) >= {"abn1calc", "abn1mass"} and man.filename.is_unique
     assert len(os.listdir(tmp_path / "out" / "train" / "malignant")) == 6
+
+
+def _tree(folder):
+    """{relative path: bytes} of every file under ``folder`` but the run summary (it holds
+    the options and the run time)."""
+    return {rel: (Path(folder) / rel).read_bytes() for rel in _files_under(folder)
+            if not rel.endswith("sampling_summary.json")}
+
+
+def test_overwrite_after_a_class_set_change_gives_the_fresh_tree(tmp_path):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    three = ("--calc-pos-dir", "malignant", "--mass-pos-dir", "malignant",
+             "--calc-neg-dir", "benign", "--mass-neg-dir", "benign")
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    spc.main(_argv(data, out, "--val-size", "0.5"))
+    assert (out / "train" / "calc_mal").is_dir()
+    spc.main(_argv(data, out, "--val-size", "0.5", *three, "--overwrite"))
+    spc.main(_argv(data, fresh, "--val-size", "0.5", *three))
+    got, want = _tree(out), _tree(fresh)
+    assert len(want) > 10 and sorted(got) == sorted(want)     # no old class folder left
+    assert all(got[k] == want[k] for k in want)
+    assert sorted(p.name for p in (out / "train").iterdir() if p.is_dir()) == \
+        ["background", "benign", "malignant"]
+
+
+def test_outputs_inside_an_input_folder_are_refused(tmp_path, capsys):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    code, err = _exit_message(capsys, _argv(data, data / "full_img" / "patches"))
+    assert code == 2 and "TRAIN_OUT" in err and "inside the input folder FULL_IMG_DIR" in err
+    assert not (data / "full_img" / "patches").exists()

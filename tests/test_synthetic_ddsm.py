@@ -371,14 +371,31 @@ def test_non_empty_out_dir_refused_unless_overwrite(tmp_path, capsys):
     with pytest.raises(ValueError, match="is not empty.*overwrite"):
         msd.run(out, **TINY)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
-    msd.run(out, seed=1, overwrite=True, **TINY)
+    with pytest.raises(ValueError, match="holds no marker of this generator"):
+        msd.run(out, overwrite=True, **TINY)       # not ours: may be real data
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    msd.run(out, seed=1, **TINY)
+    (out / "notes.txt").write_text("mine")
+    (out / "full_img" / "mine.png").write_bytes(b"x")   # the user's, in a generated folder
     first = _all_bytes(out)
-    assert first["notes.txt"] == b"mine" and len(first) > 12
-    (out / "full_img" / "stale.png").write_bytes(b"x")
+    msd.run(out, seed=2, overwrite=True, **TINY)
     res = msd.run(out, seed=1, overwrite=True, **TINY)
     assert res["nb_images"] == 12
-    assert _all_bytes(out) == first  # earlier outputs replaced, stale file gone, notes kept
+    assert _all_bytes(out) == first  # earlier outputs replaced, the user's files kept
     with pytest.raises(SystemExit) as exc:
         msd.main([str(out), "--nb-patients", "2", "--img-height", "128", "--img-width", "96",
                   "--whole-img-size", "32", "24"])
     assert exc.value.code == 2 and "is not empty" in capsys.readouterr().err
+
+
+def test_overwrite_refuses_prepared_real_data(tmp_path):
+    real = tmp_path / "cbis"
+    for rel in ("full_img/P_00001_LEFT_CC.png", "whole_img/train/neg/P_00001_LEFT_CC.png",
+                "roi_mask_path.csv", "train_pat.txt"):
+        (real / rel).parent.mkdir(parents=True, exist_ok=True)
+        (real / rel).write_bytes(b"real")
+    before = _all_bytes(real)
+    with pytest.raises(ValueError, match="holds no marker"):
+        msd.run(real, overwrite=True, **TINY)
+    assert _all_bytes(real) == before

@@ -386,3 +386,69 @@ def test_readme_finetuning_command_on_keras208_model(data, keras208_dir, tmp_pat
     assert result["test_auc"] == pytest.approx(_test_auc(best, data, (96, 64), 44.33), abs=1e-6)
     import dm_keras_ext
     assert dm_keras_ext.robust_load_model(best).output_shape == (None, 2)
+
+
+# ------------------------------------------------------------------ run files
+def test_outputs_that_overlap_inputs_stop_before_work(data, model_files, capsys, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.delenv("NUM_GPU_DEVICES", raising=False)
+    patch = tmp_path / "in" / "patch.h5"
+    patch.parent.mkdir()
+    patch.write_bytes(model_files["patch"].read_bytes())
+    img = split_dirs(data, "img") + ["--img-size", "64", "48"]
+    for extra, message in [
+            (["--patch-model-state", str(patch), "--best-model", str(patch)],
+             "--best-model {0} is the input --patch-model-state {0}".format(patch)),
+            (["--patch-model-state", str(patch), "--best-model", str(tmp_path / "b.h5"),
+              "--final-model", str(tmp_path / "b.h5")], "are the same path"),
+            (["--patch-model-state", str(patch), "--best-model",
+              str(data / "img" / "train" / "neg" / "b.h5")],
+             "inside the input folder TRAIN_DIR")]:
+        with pytest.raises(SystemExit) as exc:
+            image_clf_train.main(img + extra)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in", "patch.h5"]
+    assert patch.read_bytes() == model_files["patch"].read_bytes()
+
+
+def test_second_run_into_a_locked_best_model_refuses(data, capsys, tmp_path, monkeypatch):
+    import subprocess
+    monkeypatch.delenv("NUM_GPU_DEVICES", raising=False)
+    best = tmp_path / "best.h5"
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        Path(str(best) + ".lock").write_text(json.dumps(
+            {"pid": holder.pid, "host": __import__("socket").gethostname()}))
+        with pytest.raises(SystemExit) as exc:
+            patch_clf_train.main(split_dirs(data, "patch") + [
+                "--best-model", str(best), "--img-size", "32", "32", "--nb-epoch", "1"])
+        assert exc.value.code == 2
+        assert f"(process {holder.pid}, lock file {best}.lock)" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.h5.lock"]
+
+
+def test_stale_lock_and_leftovers_of_a_killed_run_are_cleared(data, capsys, tmp_path,
+                                                              monkeypatch):
+    """A killed run's lock (its process gone) is taken over, its temporary file removed, and
+    the lock is released when the new run stops on an error."""
+    import subprocess
+    monkeypatch.delenv("NUM_GPU_DEVICES", raising=False)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    best = tmp_path / "best.h5"
+    Path(str(best) + ".lock").write_text(json.dumps(
+        {"pid": dead.pid, "host": __import__("socket").gethostname()}))
+    leftover = tmp_path / f".best.h5.ddsm{dead.pid}.k2j4_x.tmp"
+    leftover.write_bytes(b"half a model")
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an HDF5 file")
+    with pytest.raises(SystemExit) as exc:
+        image_clf_train.main(split_dirs(data, "img") + [
+            "--patch-model-state", str(bad), "--img-size", "64", "48",
+            "--best-model", str(best)])
+    assert exc.value.code == 2 and "bad.h5" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
