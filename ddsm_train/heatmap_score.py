@@ -176,7 +176,7 @@ def get_preprocess(net: str):
     Raises:
         ValueError: unknown ``net`` (the message lists the valid keys).
     """
-    from dm_keras_ext import get_preprocess_input   # the one table of backbones
+    from dm_resnet import get_preprocess_input   # the one table of backbones
 
     return get_preprocess_input(net)
 

@@ -170,7 +170,7 @@ def _check_model(model, opts, nb_class):
 def _preprocess_fn(opts, channels):
     if opts["featurewise_center"] or channels != 3:
         return None
-    from dm_keras_ext import get_preprocess_input
+    from dm_resnet import get_preprocess_input
 
     return get_preprocess_input(opts["patch_net"])
 
