@@ -491,8 +491,9 @@ def relax_input_shape(model, custom_objects=None, nested=False):
     """Return ``model`` with the spatial size of its inputs opened to None (same weights).
 
     A fully convolutional network saved with a fixed input size (e.g. 256x256 patches) cannot
-    be called on a larger image in tf-keras; the rebuilt copy can. The model is returned
-    unchanged when its spatial dimensions are already None.
+    be called on a larger image in tf-keras; the rebuilt copy can (with the inputs of the
+    models nested in it opened too). The model is returned unchanged when its spatial
+    dimensions are already None.
 
     Args:
         model: tf-keras model.
@@ -509,7 +510,7 @@ def relax_input_shape(model, custom_objects=None, nested=False):
         if all(all(d is None for d in _spatial(s)) for s in shapes):
             return model
         new = rebuild_model(model, lambda config: walk_layer_configs(
-            config, _relax_input_layer, nested=False), custom_objects)
+            config, _relax_input_layer, nested=True), custom_objects)
     if new is not model:
         logger.info("Opened the spatial input size of %s in %r",
                     "nested models" if nested else "the input", model.name)
@@ -517,12 +518,13 @@ def relax_input_shape(model, custom_objects=None, nested=False):
 
 
 def relax_nested_input_configs(model_config) -> bool:
-    """Open the spatial input size of every model nested one level in ``model_config``."""
+    """Open the spatial input size of every model nested one level in ``model_config``, and
+    of the models nested in those (ConvNeXt's stem is a Sequential inside the backbone)."""
     changed = False
     for entry in model_config.get("layers", []):
         if entry.get("class_name") in ("Functional", "Model"):
             changed = walk_layer_configs(entry["config"], _relax_input_layer,
-                                         nested=False) or changed
+                                         nested=True) or changed
     return changed
 
 
