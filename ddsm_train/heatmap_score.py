@@ -72,7 +72,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags  # noqa: E402
+from common_flags import (add_bool_flag, add_image_flags, add_model_reading_flags,  # noqa: E402
+                          backbone_names)
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
                           restricted_unpickle, run_defaults, safe_name_part)
@@ -788,7 +789,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
                     equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
                     img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
-    parser.add_argument("--net", default=d["net"], help="backbone (default: %(default)s)")
+    parser.add_argument("--net", default=d["net"], choices=backbone_names(), metavar="NET",
+                        help="backbone of the patch classifier, for its cut point and "
+                             "preprocessing: %(choices)s (default: %(default)s)")
     for name in ("batch_size", "patch_size", "stride", "malignant_class"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name],
                             help="(default: %(default)s)")

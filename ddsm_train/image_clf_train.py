@@ -56,7 +56,9 @@ def get_args_parser():
     cf.add_class_flags(parser, class_list=("neg", "pos"), auto_batch_balance=True)
     t = parser.add_argument_group("top layers (patch-to-whole-image conversion)")
     t.add_argument("--patch-net", dest="patch_net", type=str, default="resnet50",
-                   help="backbone of the patch classifier (default: %(default)s)")
+                   choices=cf.backbone_names(), metavar="NET",
+                   help="backbone of the patch classifier, for its cut point and "
+                        "preprocessing: %(choices)s (default: %(default)s)")
     t.add_argument("--block-type", dest="block_type", type=str, default="resnet",
                    choices=("resnet", "vgg"), help="(default: %(default)s)")
     t.add_argument("--top-depths", dest="top_depths", nargs="+", type=int, default=[512, 512],
