@@ -1,4 +1,5 @@
-"""ResNet builders, the patch-to-whole-image converter ``add_top_layers`` and model rebuilding.
+"""ResNet builders, the table of backbones, the patch-to-whole-image converter ``add_top_layers``
+and model rebuilding.
 
 Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
 Sci Rep 9, 12495 (2019); arXiv:1708.09427. Residual blocks follow He et al. 2016 ("org",
@@ -8,6 +9,12 @@ BN-relu-conv), arXiv:1512.03385 and arXiv:1603.05027.
 Every builder takes a tensor and returns a tensor; every layer it creates is named from the
 ``name`` argument, so models can be cut, frozen or inspected by layer name. Keras 2 API via
 tf-keras (``import tf_keras as keras``), channels-last tensors.
+
+The table of backbones, :data:`BACKBONES`, holds one :class:`Backbone` record per patch
+classifier backbone (constructor, preprocessing, ImageNet weight file, stage-2 and cut roles,
+patch head); the model factory (``dm_keras_ext.get_dl_model``), ``add_top_layers``, the input
+recipe and the scripts' ``--net``/``--patch-net`` choices read it, and
+:func:`register_backbone` adds one.
 
 Conventions kept from the 2017 code (so that parameter counts and saved models match):
 - every Conv2D/Dense of the builders uses a bias, ``he_normal`` initialisation and an L2 kernel
