@@ -10,7 +10,8 @@ final dense layer (``--nb-epoch``), the layers from ``--top-layer-nb`` up
 (``--top-layer-epochs``, lr x ``--top-layer-multiplier``), all layers (``--all-layer-epochs``,
 lr x ``--all-layer-multiplier``); without them (a ``--net`` without ImageNet weights, such as
 ``yaroslav`` or ``dm_resnet14``, or ``--no-use-pretrained``) only stage 1 runs, on all layers.
-The model with the best validation accuracy is saved atomically to ``--best-model`` (options in ``<best-model>.options.json``); at the end its test accuracy and loss are reported.
+The model with the best validation accuracy is saved atomically to ``--best-model`` (options in
+``<best-model>.options.json``); at the end its test accuracy and loss are reported.
 """
 import argparse
 import logging
