@@ -286,3 +286,35 @@ def test_efficientnet_imagenet_weights_from_cache(keras_session, monkeypatch, tm
     feat = keras.Model(model.input, R.find_cut_layer(model, "efficientnetv2b0").output)
     np.testing.assert_allclose(feat.predict(preprocess(x.copy()), verbose=0),
                                src.predict(x, verbose=0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_toy_backbone_through_the_trainers(keras_session, toy_backbone, tmp_path):
+    """The one entry is all the command-line trainers need: patch training (``--net toy``),
+    conversion and whole-image training (``--patch-net toy``), test scoring."""
+    from conftest import split_dirs, write_class_split
+
+    import image_clf_train
+    import patch_clf_train
+
+    rng = np.random.default_rng(3)
+    write_class_split(tmp_path / "patch", ["background", "malignant", "benign"],
+                      {"train": 3, "val": 2, "test": 2}, (32, 32), rng)
+    write_class_split(tmp_path / "img", ["neg", "pos"], {"train": 3, "val": 2, "test": 2},
+                      (64, 48), rng)
+    common = ["--rescale-factor", "0.003891", "--featurewise-mean", "50", "--batch-size", "2",
+              "--nb-epoch", "1", "--final-model", "NOSAVE"]
+    patch = patch_clf_train.main(split_dirs(tmp_path, "patch") + common + [
+        "--net", "toy", "--img-size", "32", "32", "--no-equalize-hist",
+        "--best-model", str(tmp_path / "patch.h5")])
+    assert patch["stages"] == ["stage 1 (all layers, no pretrained weights)"]
+    image = image_clf_train.main(split_dirs(tmp_path, "img") + common + [
+        "--patch-model-state", str(tmp_path / "patch.h5"), "--patch-net", "toy",
+        "--img-size", "64", "48", "--top-depths", "4", "--top-repetitions", "1",
+        "--bottleneck-enlarge-factor", "1", "--all-layer-epochs", "0",
+        "--best-model", str(tmp_path / "image.h5")])
+    import dm_keras_ext
+
+    whole = dm_keras_ext.robust_load_model(tmp_path / "image.h5")
+    assert whole.get_layer("patch_net").layers[-1].name == "toy_conv2"
+    assert whole.input_shape == (None, 64, 48, 1) and image["epochs"] == 1
