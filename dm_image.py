@@ -1094,8 +1094,9 @@ RECIPE_ATTR = "dm_input_recipe"
 
 @functools.lru_cache(maxsize=None)
 def _preprocess_function(name: str) -> Optional[Callable[[np.ndarray], np.ndarray]]:
-    """The ImageNet ``preprocess_input`` of backbone ``name`` (imports tf-keras on first use)."""
-    from dm_keras_ext import get_preprocess_input
+    """The ImageNet ``preprocess_input`` of backbone ``name``, from the table of backbones in
+    ``dm_resnet`` (imports tf-keras on first use)."""
+    from dm_resnet import get_preprocess_input
 
     return get_preprocess_input(name)
 

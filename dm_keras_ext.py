@@ -15,7 +15,6 @@ import time
 import types as _types
 import warnings as _warnings
 import zipfile as _zipfile
-from collections import namedtuple as _namedtuple
 
 import h5py as _h5py
 import numpy as np
@@ -28,6 +27,8 @@ import dm_image as _dm_image
 import dm_resnet as _dm_resnet
 from dm_image import load_dat_ram  # noqa: F401  (2017 name, re-exported)
 from dm_resnet import rebuild_model, walk_layer_configs  # rebuild_model: re-exported
+from dm_resnet import (YAROSLAV_FILTERS, Yaroslav,  # noqa: F401  (re-exported: the table's home)
+                       dm_resnet14_patch_net, get_preprocess_input)
 
 logger = logging.getLogger(__name__)
 
@@ -92,159 +93,24 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------- patch-net factory
+# The backbones (constructors, preprocessing, weight files, stage-2 and cut roles, heads) are
+# one table, ``dm_resnet.BACKBONES``; the functions here read it.
 #: Environment variable naming a local ImageNet weight file, or a folder holding the standard
 #: Keras file names (e.g. ``resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5``).
 IMAGENET_WEIGHTS_ENV = "DM_IMAGENET_WEIGHTS"
-
-#: YaroslavNet: filters of its six blocks, each two 3x3 conv-BN-relu then a 2x2 max pool
-#: (the DREAM 2016 DM challenge winning patch classifier; 5,903,331 parameters for 3 classes).
-YAROSLAV_FILTERS = (32, 64, 128, 256, 256, 512)
-
-
-def Yaroslav(input_shape=None, nb_class=5, hidden_dropout=0.0, weight_decay=0.0):  # noqa: N802
-    """YaroslavNet patch classifier for single-channel (greyscale) patches.
-
-    Blocks ``block1``..``block6`` of two 3x3 conv (``block{i}_conv{j}``) - BN - relu and a 2x2
-    max pool (``block{i}_pool``; the last is ``block6_pool``), then global average pooling
-    (``avg_pool``), dropout (``top_dropout``) and ``Dense(nb_class, softmax)``
-    (``predictions``, L2 ``weight_decay``).
-
-    Args:
-        input_shape: ``(rows, cols, 1)``; default ``(None, None, 1)``. Pixels on the centred
-            0..255 scale used by the training scripts.
-        nb_class: number of patch classes.
-    """
-    input_shape = (None, None, 1) if input_shape is None else tuple(input_shape)
-    inp = keras.Input(shape=input_shape, name="input")
-    x = inp
-    for i, filters in enumerate(YAROSLAV_FILTERS, start=1):
-        for j in (1, 2):
-            x = keras.layers.Conv2D(filters, (3, 3), padding="same",
-                                    name=f"block{i}_conv{j}")(x)
-            x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
-            x = keras.layers.Activation("relu", name=f"block{i}_relu{j}")(x)
-        x = keras.layers.MaxPooling2D((2, 2), strides=(2, 2), name=f"block{i}_pool")(x)
-    return keras.Model(inp, _patch_head(x, nb_class, hidden_dropout, weight_decay),
-                       name="yaroslav")
-
-
-def dm_resnet14_patch_net(input_shape=None, nb_class=3, nb_init_filter=32, init_filter_size=5,
-                          init_conv_stride=2, max_pooling_size=2, max_pooling_stride=2,
-                          weight_decay=1e-4, hidden_dropout=0.0, inp_dropout=0.0, alpha=1e-4,
-                          l1_ratio=0.0):
-    """Small single-channel ResNet patch classifier (``--net dm_resnet14``), for CPU runs.
-
-    :meth:`dm_resnet.ResNetBuilder.build_dm_resnet_14`: stem conv (``nb_init_filter`` filters
-    of ``init_filter_size`` at stride ``init_conv_stride``) - BN - relu, max pool
-    (``max_pooling_size`` / ``max_pooling_stride``; 0 turns it off), four bottleneck stages of
-    one block each (filters ``nb_init_filter`` x 1, 2, 4, 8, output x 4 channels), global
-    average pooling and a softmax Dense (``predictions``, elastic-net penalty ``alpha``,
-    ``l1_ratio``). These are the 2017 ``--nb-init-filter``/``--init-filter-size``/... flags.
-    No pretrained weights: patch training runs stage 1 only, on all layers.
-
-    Args:
-        input_shape: ``(rows, cols, 1)``; default ``(None, None, 1)``. Pixels on the centred
-            0..255 scale used by the training scripts.
-        nb_class: number of patch classes.
-
-    Returns:
-        ``keras.Model`` ``(batch, rows, cols, 1)`` float32 -> ``(batch, nb_class)`` softmax.
-    """
-    rows, cols, chans = (None, None, 1) if input_shape is None else tuple(input_shape)
-    model = _dm_resnet.ResNetBuilder.build_dm_resnet_14(
-        (chans, rows, cols), nb_class, nb_init_filter=nb_init_filter,
-        init_filter_size=init_filter_size, init_conv_stride=init_conv_stride,
-        pool_size=max_pooling_size, pool_stride=max_pooling_stride, weight_decay=weight_decay,
-        alpha=alpha, l1_ratio=l1_ratio, inp_dropout=inp_dropout, hidden_dropout=hidden_dropout)
-    model._name = "dm_resnet14"
-    return model
-
-
-def _patch_head(x, nb_class, hidden_dropout, weight_decay):
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    x = keras.layers.Dropout(hidden_dropout, name="top_dropout")(x)
-    reg = keras.regularizers.l2(weight_decay) if weight_decay else None
-    return keras.layers.Dense(nb_class, activation="softmax", kernel_regularizer=reg,
-                              name="predictions")(x)
-
-
-def _index_of(model, name):
-    return [layer.name for layer in model.layers].index(name)
-
-
-def _resnet50_stage2(model):
-    """The ReLU after the second-to-last residual add (``conv5_block2_out`` in tf-keras,
-    ``activation_46`` = index 162 in Keras 2.0.8): the last residual block and head train."""
-    adds = [i for i, lyr in enumerate(model.layers) if isinstance(lyr, keras.layers.Add)]
-    if len(adds) < 2:
-        raise ValueError(f"model {model.name!r} has no residual Add layers")
-    target = model.layers[adds[-2]]
-    for i in range(adds[-2] + 1, len(model.layers)):
-        inbound = model.layers[i]._inbound_nodes
-        if inbound and any(target in _as_layers(node.inbound_layers) for node in inbound):
-            return i
-    raise ValueError(f"no layer follows {target.name!r} in model {model.name!r}")
-
-
-def _as_layers(obj):
-    return obj if isinstance(obj, (list, tuple)) else [obj]
-
-
-# net -> (application constructor name, preprocess module, ImageNet notop file, stage-2 role).
-# Stage-2 roles (first layer trained in stage 2 of patch training), by role, not index:
-# ResNet50: see _resnet50_stage2; VGG16/19: block5_conv1 (2017 indices 15/17);
-# Xception: block14_sepconv1 (2017 index 126: the exit-flow block 14 after the last residual
-# add); InceptionV3: the first layer after ``mixed6`` (2017 index 194 fell among mixed6's final
-# activations, so the trainable weights were those of mixed7..mixed10 and the head).
-_NetSpec = _namedtuple("_NetSpec", "constructor module weights_file stage2")
-_NETS = {
-    "resnet50": _NetSpec("ResNet50", "resnet50",
-                         "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                         _resnet50_stage2),
-    "vgg16": _NetSpec("VGG16", "vgg16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                      lambda m: _index_of(m, "block5_conv1")),
-    "vgg19": _NetSpec("VGG19", "vgg19", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                      lambda m: _index_of(m, "block5_conv1")),
-    "xception": _NetSpec("Xception", "xception",
-                         "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                         lambda m: _index_of(m, "block14_sepconv1")),
-    "inception": _NetSpec("InceptionV3", "inception_v3",
-                          "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
-                          lambda m: _index_of(m, "mixed6") + 1),
-    "yaroslav": _NetSpec(None, None, None, lambda m: None),
-    "dm_resnet14": _NetSpec(None, None, None, lambda m: None),
-}
-
-
-def _check_net(net):
-    if net not in _NETS:
-        raise ValueError(f"unknown net {net!r}; valid: {sorted(_NETS)}")
-    return _NETS[net]
-
-
-def get_preprocess_input(net):
-    """The ImageNet ``preprocess_input`` function of backbone ``net`` (None when it has none).
-
-    None for ``yaroslav`` and ``dm_resnet14`` (trained from scratch on featurewise-centred
-    images). Used when ``--no-featurewise-center`` asks for the backbone's own preprocessing.
-
-    Raises:
-        ValueError: unknown ``net`` (the message lists the valid keys).
-    """
-    module = _check_net(net).module
-    if module is None:
-        return None
-    import tf_keras as keras
-
-    return getattr(keras.applications, module).preprocess_input
 
 
 def stage2_start_index(model, net):
     """Default ``top_layer_nb`` of patch training: index of the first layer trained in stage 2.
 
-    None for ``yaroslav`` (no pretrained weights: only stage 1 runs, on all layers).
+    Found by the role of ``net``'s table entry (``dm_resnet.BACKBONES``). None for backbones
+    without pretrained weights (``yaroslav``, ``dm_resnet14``: only stage 1 runs, on all
+    layers).
+
+    Raises:
+        ValueError: unknown ``net`` (the message lists the valid keys).
     """
-    return _check_net(net).stage2(model)
+    return _dm_resnet.get_backbone(net).stage2(model)
 
 
 def imagenet_weights_path(net, weights_path=None):
@@ -252,12 +118,13 @@ def imagenet_weights_path(net, weights_path=None):
 
     Looked up in order: ``weights_path`` (file, or folder holding the standard name), the
     ``DM_IMAGENET_WEIGHTS`` environment variable (same), ``$KERAS_HOME/models/`` or
-    ``~/.keras/models/``.
+    ``~/.keras/models/``. The standard name is the ``weights_file`` of ``net``'s table entry.
 
     Raises:
         FileNotFoundError: naming the file and the places searched.
+        ValueError: unknown ``net``, or one without ImageNet weights.
     """
-    spec = _check_net(net)
+    spec = _dm_resnet.get_backbone(net)
     if spec.weights_file is None:
         raise ValueError(f"net {net!r} has no ImageNet weights")
     keras_home = _os.environ.get("KERAS_HOME", _os.path.join(_os.path.expanduser("~"),
@@ -269,11 +136,13 @@ def imagenet_weights_path(net, weights_path=None):
         cand = _os.path.join(place, spec.weights_file) if _os.path.isdir(place) else place
         if _os.path.isfile(cand):
             return cand
+    how = (f", e.g. keras.applications.{spec.constructor.name}(weights='imagenet', "
+           "include_top=False)" if isinstance(spec.constructor, _dm_resnet.KerasApplication)
+           else "")
     raise FileNotFoundError(
         f"ImageNet weights for {net!r} not found: put {spec.weights_file} in "
         f"{_os.path.join(keras_home, 'models')} (the Keras cache; download it once on a "
-        f"machine with network access, e.g. keras.applications.{spec.constructor}"
-        f"(weights='imagenet', include_top=False)), or point {IMAGENET_WEIGHTS_ENV} or "
+        f"machine with network access{how}), or point {IMAGENET_WEIGHTS_ENV} or "
         f"weights_path at the file. Searched: {places}")
 
 
@@ -283,45 +152,51 @@ def get_dl_model(net, nb_class=3, use_pretrained=True, resume_from=None, top_lay
                  input_shape=None, weights_path=None, safe_mode=True, **kw):
     """Build (or resume) a patch classifier.
 
-    Patch nets are the backbone (``include_top=False``) + global average pooling
-    (``avg_pool``) + ``Dropout(hidden_dropout)`` (``top_dropout``) + ``Dense(nb_class,
-    softmax, L2 weight_decay)`` (``predictions``); ``yaroslav`` is :func:`Yaroslav`.
+    Patch nets are the backbone of ``net``'s entry in ``dm_resnet.BACKBONES`` (the 2017 nets,
+    EfficientNetV2-S/B0, ConvNeXt-Tiny, and any backbone registered with
+    ``dm_resnet.register_backbone``) + global average pooling (``avg_pool``) +
+    ``Dropout(hidden_dropout)`` (``top_dropout``) + ``Dense(nb_class, softmax, L2
+    weight_decay)`` (``predictions``); ``yaroslav`` is :func:`Yaroslav`.
 
     Args:
-        net: one of 'resnet50', 'vgg16', 'vgg19', 'xception', 'inception', 'yaroslav',
-            'dm_resnet14' (small single-channel ResNet for CPU runs that honours
-            nb_init_filter, init_filter_size, ...; see :func:`dm_resnet14_patch_net`).
+        net: a key of ``dm_resnet.BACKBONES``: 'resnet50', 'vgg16', 'vgg19', 'xception',
+            'inception', 'yaroslav', 'dm_resnet14' (small single-channel ResNet for CPU runs
+            that honours nb_init_filter, init_filter_size, ...; see
+            :func:`dm_resnet14_patch_net`), 'efficientnetv2s', 'efficientnetv2b0',
+            'convnext_tiny'.
         use_pretrained: load ImageNet weights from a local file (:func:`imagenet_weights_path`;
-            never downloads). Ignored for yaroslav.
+            never downloads). Ignored for backbones without ImageNet weights.
         resume_from: HDF5 model file to load instead (:func:`robust_load_model`; with
             ``safe_mode`` False a file with Lambda layers is trusted and loaded).
         top_layer_nb: stage-2 start; default by role (:func:`stage2_start_index`).
-        input_shape: ``(rows, cols, channels)``; default ``(None, None, 3)`` (yaroslav: 1).
+        input_shape: ``(rows, cols, channels)``; default ``(None, None, 3)`` (yaroslav,
+            dm_resnet14: 1).
         nb_init_filter, init_filter_size, init_conv_stride, max_pooling_size,
             max_pooling_stride, inp_dropout, **kw: accepted for command-line compatibility
             with the 2017 scripts; used by dm_resnet14 only (with ``alpha``, ``l1_ratio``).
 
     Returns:
         ``(model, preprocess_input, top_layer_nb)``; ``preprocess_input`` is the backbone's
-        ImageNet preprocessing function (None for yaroslav).
+        ImageNet preprocessing function (None for yaroslav and dm_resnet14).
     """
-    spec = _check_net(net)
-    if kw and net != "dm_resnet14":
-        logger.debug("get_dl_model ignores options %s for net %s", sorted(kw), net)
-    preprocess = get_preprocess_input(net)
+    spec = _dm_resnet.get_backbone(net)
     if resume_from is not None:
         model = robust_load_model(resume_from, safe_mode=safe_mode)
         check_model_role(model, resume_from, ("patch",), "--resume-from")
-    elif net == "yaroslav":
-        model = Yaroslav(input_shape, nb_class, hidden_dropout, weight_decay)
-    elif net == "dm_resnet14":
-        model = dm_resnet14_patch_net(input_shape, nb_class, nb_init_filter, init_filter_size,
-                                      init_conv_stride, max_pooling_size, max_pooling_stride,
-                                      weight_decay, hidden_dropout, inp_dropout,
-                                      kw.pop("alpha", 1e-4), kw.pop("l1_ratio", 0.0))
     else:
-        model = _build_backbone_net(net, spec, nb_class, use_pretrained, weight_decay,
-                                    hidden_dropout, input_shape, weights_path)
+        path = (imagenet_weights_path(net, weights_path)
+                if use_pretrained and spec.weights_file is not None else None)
+        options = dict(nb_init_filter=nb_init_filter, init_filter_size=init_filter_size,
+                       init_conv_stride=init_conv_stride, max_pooling_size=max_pooling_size,
+                       max_pooling_stride=max_pooling_stride, inp_dropout=inp_dropout,
+                       alpha=kw.pop("alpha", 1e-4), l1_ratio=kw.pop("l1_ratio", 0.0))
+        if kw:
+            logger.debug("get_dl_model ignores options %s for net %s", sorted(kw), net)
+        model = spec.build_patch_net(input_shape, nb_class, hidden_dropout, weight_decay,
+                                     weights_path=path,
+                                     **(options if spec.patch_head is None else {}))
+        if path is not None:
+            logger.info("Loaded ImageNet weights for %s from %s", net, path)
     if top_layer_nb is None:
         try:
             top_layer_nb = spec.stage2(model)
@@ -329,20 +204,7 @@ def get_dl_model(net, nb_class=3, use_pretrained=True, resume_from=None, top_lay
             logger.warning("No default top_layer_nb for %s (%s); pass it explicitly", net, err)
     logger.info("Patch net %s: %d layers, %d parameters, top_layer_nb=%s", net,
                 len(model.layers), model.count_params(), top_layer_nb)
-    return model, preprocess, top_layer_nb
-
-
-def _build_backbone_net(net, spec, nb_class, use_pretrained, weight_decay, hidden_dropout,
-                        input_shape, weights_path):
-    path = imagenet_weights_path(net, weights_path) if use_pretrained else None
-    constructor = getattr(keras.applications, spec.constructor)
-    shape = (None, None, 3) if input_shape is None else tuple(input_shape)
-    base = constructor(include_top=False, weights=None, input_shape=shape)
-    if path is not None:
-        base.load_weights(path)
-        logger.info("Loaded ImageNet weights for %s from %s", net, path)
-    out = _patch_head(base.output, nb_class, hidden_dropout, weight_decay)
-    return keras.Model(base.input, out, name=f"{net}_patch")
+    return model, spec.preprocess, top_layer_nb
 
 
 # ---------------------------------------------------------------- Keras 2.0.8 update rules

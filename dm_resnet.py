@@ -1,4 +1,5 @@
-"""ResNet builders, the patch-to-whole-image converter ``add_top_layers`` and model rebuilding.
+"""ResNet builders, the table of backbones, the patch-to-whole-image converter ``add_top_layers``
+and model rebuilding.
 
 Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
 Sci Rep 9, 12495 (2019); arXiv:1708.09427. Residual blocks follow He et al. 2016 ("org",
@@ -8,6 +9,12 @@ BN-relu-conv), arXiv:1512.03385 and arXiv:1603.05027.
 Every builder takes a tensor and returns a tensor; every layer it creates is named from the
 ``name`` argument, so models can be cut, frozen or inspected by layer name. Keras 2 API via
 tf-keras (``import tf_keras as keras``), channels-last tensors.
+
+The table of backbones, :data:`BACKBONES`, holds one :class:`Backbone` record per patch
+classifier backbone (constructor, preprocessing, ImageNet weight file, stage-2 and cut roles,
+patch head); the model factory (``dm_keras_ext.get_dl_model``), ``add_top_layers``, the input
+recipe and the scripts' ``--net``/``--patch-net`` choices read it, and
+:func:`register_backbone` adds one.
 
 Conventions kept from the 2017 code (so that parameter counts and saved models match):
 - every Conv2D/Dense of the builders uses a bias, ``he_normal`` initialisation and an L2 kernel
@@ -19,9 +26,13 @@ Conventions kept from the 2017 code (so that parameter counts and saved models m
   2017 (keras-resnet) builders did, and permutes it to channels-last.
 """
 import copy
+import dataclasses
 import logging
-from typing import Callable, Sequence
+import re
+from collections.abc import Mapping
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import tf_keras as keras
 from tf_keras import layers
 
@@ -48,6 +59,22 @@ __all__ = [
     "find_cut_layer",
     "resolve_kept_layer_idx",
     "add_top_layers",
+    "Backbone",
+    "PatchHead",
+    "PATCH_HEAD",
+    "KerasApplication",
+    "BACKBONES",
+    "register_backbone",
+    "get_backbone",
+    "backbone_names",
+    "get_preprocess_input",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "YAROSLAV_FILTERS",
+    "Yaroslav",
+    "dm_resnet14_patch_net",
+    "CUT_LAYER_ROLES",
+    "KERAS208_PATCH_HEADS",
 ]
 
 
@@ -471,8 +498,9 @@ def relax_input_shape(model, custom_objects=None, nested=False):
     """Return ``model`` with the spatial size of its inputs opened to None (same weights).
 
     A fully convolutional network saved with a fixed input size (e.g. 256x256 patches) cannot
-    be called on a larger image in tf-keras; the rebuilt copy can. The model is returned
-    unchanged when its spatial dimensions are already None.
+    be called on a larger image in tf-keras; the rebuilt copy can (with the inputs of the
+    models nested in it opened too). The model is returned unchanged when its spatial
+    dimensions are already None.
 
     Args:
         model: tf-keras model.
@@ -489,7 +517,7 @@ def relax_input_shape(model, custom_objects=None, nested=False):
         if all(all(d is None for d in _spatial(s)) for s in shapes):
             return model
         new = rebuild_model(model, lambda config: walk_layer_configs(
-            config, _relax_input_layer, nested=False), custom_objects)
+            config, _relax_input_layer, nested=True), custom_objects)
     if new is not model:
         logger.info("Opened the spatial input size of %s in %r",
                     "nested models" if nested else "the input", model.name)
@@ -497,12 +525,13 @@ def relax_input_shape(model, custom_objects=None, nested=False):
 
 
 def relax_nested_input_configs(model_config) -> bool:
-    """Open the spatial input size of every model nested one level in ``model_config``."""
+    """Open the spatial input size of every model nested one level in ``model_config``, and
+    of the models nested in those (ConvNeXt's stem is a Sequential inside the backbone)."""
     changed = False
     for entry in model_config.get("layers", []):
         if entry.get("class_name") in ("Functional", "Model"):
             changed = walk_layer_configs(entry["config"], _relax_input_layer,
-                                         nested=False) or changed
+                                         nested=True) or changed
     return changed
 
 
@@ -531,7 +560,7 @@ def _relax_input_layer(class_name, cfg) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Patch net -> whole-image net
+# Backbones of the patch classifier: one table
 # ----------------------------------------------------------------------------------------------
 def _last_4d_activation(model):
     """The last Activation/ReLU layer with a 4-D output (ResNet's final block ReLU)."""
@@ -542,48 +571,456 @@ def _last_4d_activation(model):
 
 
 def _last_4d_layer(model):
+    """The last layer with a 4-D output: the backbone's last feature map before the head."""
     for layer in reversed(model.layers):
         if not isinstance(layer, keras.layers.InputLayer) and len(layer.output.shape) == 4:
             return layer
     return None
 
 
-# Cut point of each backbone, by role: the layer name in tf-keras applications, then a
-# structural fallback that also finds it in models saved by Keras 2.0.8 (auto-named layers).
-CUT_LAYER_ROLES = {
-    "resnet50": ("conv5_block3_out", _last_4d_activation),
-    "vgg16": ("block5_pool", _last_4d_layer),
-    "vgg19": ("block5_pool", _last_4d_layer),
-    "yaroslav": ("block6_pool", _last_4d_layer),
-    "xception": ("block14_sepconv2_act", _last_4d_activation),
-    "inception": ("mixed10", _last_4d_layer),
-}
-__all__.append("CUT_LAYER_ROLES")
+def _index_of(name):
+    """Stage-2 role: the layer called ``name``."""
+    def role(model):
+        return [layer.name for layer in model.layers].index(name)
+    return role
 
 
-# The layers that followed the backbone in a patch classifier of the 2017 code (Keras 2.0.8,
-# ``--hidden-dropout`` > 0 as in its training script), by class. Keras 2.0.8's ResNet50 ended
-# with a 7x7 ``AveragePooling2D`` (``avg_pool``) before the global pooling; YaroslavNet had no
-# dropout. A negative ``kept_layer_idx`` counts from the end of such a layer list.
-KERAS208_PATCH_HEADS = {
-    "resnet50": ("AveragePooling2D", "GlobalAveragePooling2D", "Dropout", "Dense"),
-    "vgg16": ("GlobalAveragePooling2D", "Dropout", "Dense"),
-    "vgg19": ("GlobalAveragePooling2D", "Dropout", "Dense"),
-    "xception": ("GlobalAveragePooling2D", "Dropout", "Dense"),
-    "inception": ("GlobalAveragePooling2D", "Dropout", "Dense"),
-    "yaroslav": ("GlobalAveragePooling2D", "Dense"),
-}
-__all__.append("KERAS208_PATCH_HEADS")
-
-# Our patch head (``dm_keras_ext.get_dl_model``): layer names and classes after the backbone.
-_OUR_PATCH_HEAD = (("avg_pool", "GlobalAveragePooling2D"), ("top_dropout", "Dropout"),
-                   ("predictions", "Dense"))
-# Class of the backbone's last layer (the one feeding the head) in our patch nets, for the nets
-# whose 2017 head differs from ours.
-_OUR_FEATURE_LAYER = {"resnet50": (layers.Activation, layers.ReLU),
-                      "yaroslav": (layers.MaxPooling2D,)}
+def _after(name):
+    """Stage-2 role: the layer after the one called ``name``."""
+    def role(model):
+        return [layer.name for layer in model.layers].index(name) + 1
+    return role
 
 
+def _no_stage2(model):
+    """Stage-2 role of a backbone without pretrained weights: none (stage 1 trains all)."""
+    return None
+
+
+def _as_layers(obj):
+    return obj if isinstance(obj, (list, tuple)) else [obj]
+
+
+def _resnet50_stage2(model):
+    """The ReLU after the second-to-last residual add (``conv5_block2_out`` in tf-keras,
+    ``activation_46`` = index 162 in Keras 2.0.8): the last residual block and head train."""
+    adds = [i for i, lyr in enumerate(model.layers) if isinstance(lyr, keras.layers.Add)]
+    if len(adds) < 2:
+        raise ValueError(f"model {model.name!r} has no residual Add layers")
+    target = model.layers[adds[-2]]
+    for i in range(adds[-2] + 1, len(model.layers)):
+        inbound = model.layers[i]._inbound_nodes
+        if inbound and any(target in _as_layers(node.inbound_layers) for node in inbound):
+            return i
+    raise ValueError(f"no layer follows {target.name!r} in model {model.name!r}")
+
+
+def _last_block_start(block_pattern: str) -> Callable[["keras.Model"], int]:
+    """Stage-2 role: the first layer of the backbone's last block.
+
+    Args:
+        block_pattern: regular expression matched at the start of layer names; its first group
+            names the block (``block6o`` of ``block6o_expand_conv``).
+    """
+    pattern = re.compile(block_pattern)
+
+    def role(model):
+        blocks = [(i, m.group(1)) for i, lyr in enumerate(model.layers)
+                  if (m := pattern.match(lyr.name))]
+        if not blocks:
+            raise ValueError(f"model {model.name!r} has no layer named like {block_pattern!r}")
+        return next(i for i, block in blocks if block == blocks[-1][1])
+    return role
+
+
+def _scale_to_unit_range(x):
+    """0..255 -> -1..1 as EfficientNetV2-S/M/L's own ``Rescaling(1/128, offset=-1)`` layer."""
+    return np.asarray(x, dtype=np.float32) * np.float32(1 / 128) - np.float32(1)
+
+
+#: ImageNet RGB channel means and standard deviations on the 0..1 scale.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _imagenet_standardize(x):
+    """0..255 RGB -> (x / 255 - mean) / std per channel, as the ``Normalization`` layer that
+    EfficientNetV2-B0..B3 and ConvNeXt put at their bottom."""
+    x = np.asarray(x, dtype=np.float32)
+    mean = np.float32(255) * np.asarray(IMAGENET_MEAN, np.float32)
+    std = np.float32(255) * np.asarray(IMAGENET_STD, np.float32)
+    return (x - mean) / std
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasApplication:
+    """Constructor of a backbone entry: ``keras.applications.<name>`` without its top.
+
+    Called as ``KerasApplication("ResNet50")(input_shape, weights_path=None)``; returns the
+    backbone (its last feature map as output) with the weights of ``weights_path`` when given.
+
+    Attributes:
+        name: the constructor's name in ``keras.applications`` (``"ResNet50"``).
+        builtin_preprocessing: the application has rescaling/normalisation layers at its bottom
+            (EfficientNetV2, ConvNeXt). They are left out (``include_preprocessing=False``): the
+            input recipe is the one place that scales the input, and the backbone entry's
+            ``preprocess`` computes what they did. The ImageNet weight file, saved with those
+            layers, is loaded into a copy that has them and copied over layer by layer.
+    """
+    name: str
+    builtin_preprocessing: bool = False
+
+    def __call__(self, input_shape, weights_path=None) -> "keras.Model":
+        build = getattr(keras.applications, self.name)
+        kwargs = {"include_preprocessing": False} if self.builtin_preprocessing else {}
+        base = build(include_top=False, weights=None, input_shape=tuple(input_shape), **kwargs)
+        if weights_path is None:
+            return base
+        if not self.builtin_preprocessing:
+            base.load_weights(weights_path)
+            return base
+        full = build(include_top=False, weights=None, input_shape=tuple(input_shape))
+        full.load_weights(weights_path)
+        scaling = (layers.Rescaling, layers.Normalization)
+        src = [lyr for lyr in full.layers if lyr.weights and not isinstance(lyr, scaling)]
+        dst = [lyr for lyr in base.layers if lyr.weights]
+        if [[w.shape for w in lyr.weights] for lyr in src] != \
+                [[w.shape for w in lyr.weights] for lyr in dst]:
+            raise ValueError(f"{weights_path}: its layers do not match {self.name} without its "
+                             "preprocessing layers")
+        for source, target in zip(src, dst):
+            target.set_weights(source.get_weights())
+        return base
+
+
+def _patch_head(x, nb_class, hidden_dropout, weight_decay):
+    x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = layers.Dropout(hidden_dropout, name="top_dropout")(x)
+    return layers.Dense(nb_class, activation="softmax", kernel_regularizer=_l2(weight_decay),
+                        name="predictions")(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchHead:
+    """The layers a patch classifier has after its backbone's last feature map.
+
+    Attributes:
+        layers: ``(name, class name)`` of each layer, in order.
+        build: ``build(x, nb_class, hidden_dropout, weight_decay)`` adds them to the 4-D tensor
+            ``x`` and returns the ``(batch, nb_class)`` softmax output.
+    """
+    layers: Tuple[Tuple[str, str], ...]
+    build: Optional[Callable] = None
+
+
+#: Our patch head: global average pooling, dropout, softmax dense (L2 ``weight_decay``).
+PATCH_HEAD = PatchHead((("avg_pool", "GlobalAveragePooling2D"), ("top_dropout", "Dropout"),
+                        ("predictions", "Dense")), _patch_head)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """Everything the project knows about one backbone of the patch classifier.
+
+    One entry of :data:`BACKBONES` (added with :func:`register_backbone`) is all a backbone
+    needs: ``--net``/``--patch-net`` accept its name, ``dm_keras_ext.get_dl_model`` builds it,
+    patch training finds its stage-2 layer, ``add_top_layers`` cuts it, and the input recipe
+    applies its preprocessing.
+
+    Attributes:
+        name: the key (``--net`` / ``--patch-net`` value).
+        constructor: builds the backbone. With a ``patch_head``: ``constructor(input_shape)``
+            returns a model whose output is its last feature map (4-D), and, for a backbone
+            with a ``weights_file``, ``constructor(input_shape, weights_path=path)`` loads
+            ImageNet weights from ``path``. With ``patch_head=None`` the constructor builds the
+            whole patch classifier: ``constructor(input_shape, nb_class=, weight_decay=,
+            hidden_dropout=, **builder options)``.
+        preprocess: ``fn(x) -> x`` mapping images on the 0..255 scale (``(..., 3)`` RGB,
+            float32) to what the backbone's ImageNet weights expect; applied by the input
+            recipe instead of featurewise centring (``--no-featurewise-center``). None: none.
+        weights_file: file name of its ImageNet "notop" weights in the Keras cache
+            (``~/.keras/models/``); None: no pretrained weights (patch training then runs
+            stage 1 only, on all layers).
+        stage2: ``fn(model) -> index`` of the first layer trained in stage 2 of patch training
+            (found by role, e.g. the start of the last block), or None.
+        cut_layer: name of the layer whose feature map a whole-image model keeps
+            (``add_top_layers``), tried first.
+        cut_fallback: ``fn(model) -> layer`` finding that layer by structure when no layer has
+            that name (Keras 2.0.8 files have auto-named layers).
+        patch_head: the head ``constructor``'s backbone gets (:data:`PATCH_HEAD`), or None.
+        head_2017: layer classes after the backbone in the 2017 (Keras 2.0.8) patch classifier
+            files of this backbone, so that a 2017 ``--kept-layer-idx`` counts right; None: no
+            2017 files.
+        feature_layer: classes the backbone's last layer can have in our patch nets (for
+            recognising them against a 2017 head).
+        channels: input channels when ``input_shape`` is not given.
+        model_name: name of the patch classifier model (default ``{name}_patch``).
+        custom_objects: layer classes its saved models need, registered with Keras.
+    """
+    name: str
+    constructor: Callable[..., "keras.Model"]
+    preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    weights_file: Optional[str] = None
+    stage2: Callable[["keras.Model"], Optional[int]] = _no_stage2
+    cut_layer: Optional[str] = None
+    cut_fallback: Callable[["keras.Model"], object] = _last_4d_layer
+    patch_head: Optional[PatchHead] = PATCH_HEAD
+    head_2017: Optional[Tuple[str, ...]] = None
+    feature_layer: Tuple[type, ...] = (layers.Layer,)
+    channels: int = 3
+    model_name: Optional[str] = None
+    custom_objects: Mapping[str, type] = dataclasses.field(default_factory=dict)
+
+    def build_patch_net(self, input_shape=None, nb_class=3, hidden_dropout=0.0,
+                        weight_decay=0.0, weights_path=None, **options) -> "keras.Model":
+        """The patch classifier: backbone + :attr:`patch_head`.
+
+        Args:
+            input_shape: ``(rows, cols, channels)``; default ``(None, None, channels)``.
+            nb_class: number of patch classes.
+            hidden_dropout: rate of the head's dropout.
+            weight_decay: L2 of the head's dense layer.
+            weights_path: ImageNet weight file to load (None: random initialisation).
+            **options: builder options, for a constructor without ``patch_head`` only.
+
+        Returns:
+            ``keras.Model`` ``(batch, rows, cols, channels)`` -> ``(batch, nb_class)`` softmax.
+        """
+        shape = (None, None, self.channels) if input_shape is None else tuple(input_shape)
+        if self.patch_head is None:
+            return self.constructor(shape, nb_class=nb_class, weight_decay=weight_decay,
+                                    hidden_dropout=hidden_dropout, **options)
+        if options:
+            logger.debug("backbone %s ignores options %s", self.name, sorted(options))
+        base = (self.constructor(shape) if weights_path is None
+                else self.constructor(shape, weights_path=weights_path))
+        out = self.patch_head.build(base.output, nb_class, hidden_dropout, weight_decay)
+        return keras.Model(base.inputs, out, name=self.model_name or f"{self.name}_patch")
+
+
+#: The table of backbones, by ``--net`` name (see :class:`Backbone`, :func:`register_backbone`).
+BACKBONES: Dict[str, Backbone] = {}
+
+
+def register_backbone(backbone: Backbone, replace: bool = False) -> Backbone:
+    """Add ``backbone`` to :data:`BACKBONES`, and its ``custom_objects`` to Keras's registry.
+
+    Args:
+        backbone: the entry.
+        replace: allow replacing an entry of the same name.
+
+    Returns:
+        ``backbone``.
+
+    Raises:
+        ValueError: the name is taken (and not ``replace``) or the entry is malformed.
+    """
+    if not isinstance(backbone, Backbone):
+        raise ValueError(f"register_backbone expects a Backbone, got {type(backbone).__name__}")
+    if not backbone.name or not isinstance(backbone.name, str):
+        raise ValueError(f"backbone name should be a non-empty string, got {backbone.name!r}")
+    if backbone.name in BACKBONES and not replace:
+        raise ValueError(f"backbone {backbone.name!r} is already registered; pass replace=True "
+                         "to replace it")
+    if not callable(backbone.constructor):
+        raise ValueError(f"backbone {backbone.name!r}: constructor should be callable, got "
+                         f"{backbone.constructor!r}")
+    keras.utils.get_custom_objects().update(backbone.custom_objects)
+    BACKBONES[backbone.name] = backbone
+    return backbone
+
+
+def get_backbone(name: str) -> Backbone:
+    """The entry of backbone ``name``.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the valid keys).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown net {name!r}; valid: {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def backbone_names() -> List[str]:
+    """The names in :data:`BACKBONES`, in the order they were registered."""
+    return list(BACKBONES)
+
+
+def get_preprocess_input(net: str) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """The ImageNet ``preprocess_input`` function of backbone ``net`` (None when it has none).
+
+    None for ``yaroslav`` and ``dm_resnet14`` (trained from scratch on featurewise-centred
+    images). Used when ``--no-featurewise-center`` asks for the backbone's own preprocessing.
+
+    Raises:
+        ValueError: unknown ``net`` (the message lists the valid keys).
+    """
+    return get_backbone(net).preprocess
+
+
+#: YaroslavNet: filters of its six blocks, each two 3x3 conv-BN-relu then a 2x2 max pool
+#: (the DREAM 2016 DM challenge winning patch classifier; 5,903,331 parameters for 3 classes).
+YAROSLAV_FILTERS = (32, 64, 128, 256, 256, 512)
+
+
+def _yaroslav_features(input_shape):
+    """YaroslavNet without its head: blocks ``block1``..``block6`` up to ``block6_pool``."""
+    inp = keras.Input(shape=tuple(input_shape), name="input")
+    x = inp
+    for i, filters in enumerate(YAROSLAV_FILTERS, start=1):
+        for j in (1, 2):
+            x = layers.Conv2D(filters, (3, 3), padding="same", name=f"block{i}_conv{j}")(x)
+            x = layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = layers.Activation("relu", name=f"block{i}_relu{j}")(x)
+        x = layers.MaxPooling2D((2, 2), strides=(2, 2), name=f"block{i}_pool")(x)
+    return keras.Model(inp, x, name="yaroslav_features")
+
+
+def Yaroslav(input_shape=None, nb_class=5, hidden_dropout=0.0, weight_decay=0.0):  # noqa: N802
+    """YaroslavNet patch classifier for single-channel (greyscale) patches.
+
+    Blocks ``block1``..``block6`` of two 3x3 conv (``block{i}_conv{j}``) - BN - relu and a 2x2
+    max pool (``block{i}_pool``; the last is ``block6_pool``), then global average pooling
+    (``avg_pool``), dropout (``top_dropout``) and ``Dense(nb_class, softmax)``
+    (``predictions``, L2 ``weight_decay``).
+
+    Args:
+        input_shape: ``(rows, cols, 1)``; default ``(None, None, 1)``. Pixels on the centred
+            0..255 scale used by the training scripts.
+        nb_class: number of patch classes.
+    """
+    return get_backbone("yaroslav").build_patch_net(input_shape, nb_class, hidden_dropout,
+                                                    weight_decay)
+
+
+def dm_resnet14_patch_net(input_shape=None, nb_class=3, nb_init_filter=32, init_filter_size=5,
+                          init_conv_stride=2, max_pooling_size=2, max_pooling_stride=2,
+                          weight_decay=1e-4, hidden_dropout=0.0, inp_dropout=0.0, alpha=1e-4,
+                          l1_ratio=0.0):
+    """Small single-channel ResNet patch classifier (``--net dm_resnet14``), for CPU runs.
+
+    :meth:`ResNetBuilder.build_dm_resnet_14`: stem conv (``nb_init_filter`` filters
+    of ``init_filter_size`` at stride ``init_conv_stride``) - BN - relu, max pool
+    (``max_pooling_size`` / ``max_pooling_stride``; 0 turns it off), four bottleneck stages of
+    one block each (filters ``nb_init_filter`` x 1, 2, 4, 8, output x 4 channels), global
+    average pooling and a softmax Dense (``predictions``, elastic-net penalty ``alpha``,
+    ``l1_ratio``). These are the 2017 ``--nb-init-filter``/``--init-filter-size``/... flags.
+    No pretrained weights: patch training runs stage 1 only, on all layers.
+
+    Args:
+        input_shape: ``(rows, cols, 1)``; default ``(None, None, 1)``. Pixels on the centred
+            0..255 scale used by the training scripts.
+        nb_class: number of patch classes.
+
+    Returns:
+        ``keras.Model`` ``(batch, rows, cols, 1)`` float32 -> ``(batch, nb_class)`` softmax.
+    """
+    rows, cols, chans = (None, None, 1) if input_shape is None else tuple(input_shape)
+    model = ResNetBuilder.build_dm_resnet_14(
+        (chans, rows, cols), nb_class, nb_init_filter=nb_init_filter,
+        init_filter_size=init_filter_size, init_conv_stride=init_conv_stride,
+        pool_size=max_pooling_size, pool_stride=max_pooling_stride, weight_decay=weight_decay,
+        alpha=alpha, l1_ratio=l1_ratio, inp_dropout=inp_dropout, hidden_dropout=hidden_dropout)
+    model._name = "dm_resnet14"
+    return model
+
+
+def _convnext_custom_objects():
+    from tf_keras.src.applications import convnext
+
+    return {"LayerScale": convnext.LayerScale, "StochasticDepth": convnext.StochasticDepth}
+
+
+# The 2017 backbones and today's. Stage-2 roles (first layer trained in stage 2 of patch
+# training), by role, not index: ResNet50: the last residual block (_resnet50_stage2);
+# VGG16/19: block5_conv1 (2017 indices 15/17); Xception: block14_sepconv1 (2017 index 126: the
+# exit-flow block 14 after the last residual add); InceptionV3: the first layer after
+# ``mixed6`` (2017 index 194 fell among mixed6's final activations, so the trainable weights
+# were those of mixed7..mixed10 and the head); EfficientNetV2 and ConvNeXt: the last block of
+# their last stage (as ResNet50). Cut roles: the last feature map before the head.
+_APP_HEAD_2017 = ("GlobalAveragePooling2D", "Dropout", "Dense")
+for _backbone in (
+    Backbone("resnet50", KerasApplication("ResNet50"),
+             keras.applications.resnet50.preprocess_input,
+             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", _resnet50_stage2,
+             "conv5_block3_out", _last_4d_activation,
+             head_2017=("AveragePooling2D",) + _APP_HEAD_2017,
+             feature_layer=(layers.Activation, layers.ReLU)),
+    Backbone("vgg16", KerasApplication("VGG16"), keras.applications.vgg16.preprocess_input,
+             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", _index_of("block5_conv1"),
+             "block5_pool", _last_4d_layer, head_2017=_APP_HEAD_2017),
+    Backbone("vgg19", KerasApplication("VGG19"), keras.applications.vgg19.preprocess_input,
+             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", _index_of("block5_conv1"),
+             "block5_pool", _last_4d_layer, head_2017=_APP_HEAD_2017),
+    Backbone("xception", KerasApplication("Xception"),
+             keras.applications.xception.preprocess_input,
+             "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+             _index_of("block14_sepconv1"), "block14_sepconv2_act", _last_4d_activation,
+             head_2017=_APP_HEAD_2017),
+    Backbone("inception", KerasApplication("InceptionV3"),
+             keras.applications.inception_v3.preprocess_input,
+             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", _after("mixed6"),
+             "mixed10", _last_4d_layer, head_2017=_APP_HEAD_2017),
+    Backbone("yaroslav", _yaroslav_features, cut_layer="block6_pool",
+             head_2017=("GlobalAveragePooling2D", "Dense"),
+             feature_layer=(layers.MaxPooling2D,), channels=1, model_name="yaroslav"),
+    Backbone("dm_resnet14", dm_resnet14_patch_net, patch_head=None, channels=1),
+    Backbone("efficientnetv2s", KerasApplication("EfficientNetV2S", builtin_preprocessing=True),
+             _scale_to_unit_range, "efficientnetv2-s_notop.h5",
+             _last_block_start(r"(block\d+[a-z]+)_"), "top_activation", _last_4d_activation),
+    Backbone("efficientnetv2b0",
+             KerasApplication("EfficientNetV2B0", builtin_preprocessing=True),
+             _imagenet_standardize, "efficientnetv2-b0_notop.h5",
+             _last_block_start(r"(block\d+[a-z]+)_"), "top_activation", _last_4d_activation),
+    Backbone("convnext_tiny", KerasApplication("ConvNeXtTiny", builtin_preprocessing=True),
+             _imagenet_standardize, "convnext_tiny_notop.h5",
+             _last_block_start(r"\w*?(stage_\d+_block_\d+)_"), None, _last_4d_layer,
+             custom_objects=_convnext_custom_objects()),
+):
+    register_backbone(_backbone)
+del _backbone
+
+
+class _BackboneView(Mapping):
+    """A read-only view of one fact of every backbone in :data:`BACKBONES` (the entries that
+    have it), kept for code that reads the dicts these facts were once kept in."""
+
+    def __init__(self, fact):
+        self._fact = fact
+
+    def _items(self):
+        return {name: v for name, b in BACKBONES.items() if (v := self._fact(b)) is not None}
+
+    def __getitem__(self, name):
+        return self._items()[name]
+
+    def __iter__(self):
+        return iter(self._items())
+
+    def __len__(self):
+        return len(self._items())
+
+    def __repr__(self):
+        return repr(self._items())
+
+
+#: Cut role of each backbone: ``(layer name, structural fallback)`` (a view of :data:`BACKBONES`).
+CUT_LAYER_ROLES = _BackboneView(lambda b: (b.cut_layer, b.cut_fallback))
+
+#: The layers that followed the backbone in a patch classifier of the 2017 code (Keras 2.0.8,
+#: ``--hidden-dropout`` > 0 as in its training script), by class (a view of :data:`BACKBONES`).
+#: Keras 2.0.8's ResNet50 ended with a 7x7 ``AveragePooling2D`` (``avg_pool``) before the
+#: global pooling; YaroslavNet had no dropout. A negative ``kept_layer_idx`` counts from the end
+#: of such a layer list.
+KERAS208_PATCH_HEADS = _BackboneView(lambda b: b.head_2017)
+
+# Our patch head (``Backbone.build_patch_net``): layer names and classes after the backbone.
+_OUR_PATCH_HEAD = PATCH_HEAD.layers
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch net -> whole-image net
+# ----------------------------------------------------------------------------------------------
 def resolve_kept_layer_idx(model, patch_net, kept_layer_idx):
     """Index into ``model.layers`` of the layer a 2017 ``--kept-layer-idx`` names.
 
@@ -599,15 +1036,18 @@ def resolve_kept_layer_idx(model, patch_net, kept_layer_idx):
         ValueError: the index names a layer of the 2017 head that our model does not have.
     """
     idx = int(kept_layer_idx)
-    head17 = KERAS208_PATCH_HEADS.get(patch_net)
-    ours = _OUR_PATCH_HEAD
-    if idx >= 0 or head17 is None or len(model.layers) <= len(ours):
+    backbone = BACKBONES.get(patch_net)
+    head17 = backbone.head_2017 if backbone is not None else None
+    if idx >= 0 or head17 is None or backbone.patch_head is None:
+        return idx
+    ours = backbone.patch_head.layers
+    if len(model.layers) <= len(ours):
         return idx
     tail = model.layers[-len(ours):]
     if [(lyr.name, type(lyr).__name__) for lyr in tail] != [tuple(x) for x in ours]:
         return idx                                    # not our head: its own list, as in 2017
     feature = model.layers[-len(ours) - 1]
-    if not isinstance(feature, _OUR_FEATURE_LAYER.get(patch_net, (keras.layers.Layer,))):
+    if not isinstance(feature, backbone.feature_layer):
         return idx
     if -idx > len(head17):                            # a backbone layer: same from its end
         return idx + len(head17) - len(ours)
@@ -624,7 +1064,8 @@ def find_cut_layer(model, patch_net="resnet50", kept_layer_idx=None):
 
     Args:
         model: patch classifier (backbone, global pooling, dropout, dense).
-        patch_net: backbone key of ``CUT_LAYER_ROLES``; other names use the last 4-D layer.
+        patch_net: backbone key of :data:`BACKBONES` (its cut role); other names use the last
+            4-D layer.
         kept_layer_idx: explicit index, overriding the role, as the 2017 ``--kept-layer-idx``
             (see :func:`resolve_kept_layer_idx`: -5 is the final ReLU of a ResNet50 patch net,
             ours or a 2017 file).
@@ -643,7 +1084,9 @@ def find_cut_layer(model, patch_net="resnet50", kept_layer_idx=None):
             logger.info("kept_layer_idx %s on %s patch net %r (2017 layer list) -> layer %d "
                         "%r", kept_layer_idx, patch_net, model.name, idx, layer.name)
     else:
-        name, fallback = CUT_LAYER_ROLES.get(patch_net, (None, _last_4d_layer))
+        backbone = BACKBONES.get(patch_net)
+        name, fallback = ((backbone.cut_layer, backbone.cut_fallback) if backbone is not None
+                          else (None, _last_4d_layer))
         names = {lyr.name for lyr in model.layers}
         layer = model.get_layer(name) if name in names else fallback(model)
         if layer is None:
@@ -758,8 +1201,8 @@ def add_top_layers(model, image_size, patch_net="resnet50", block_type="resnet",
     Args:
         model: patch classifier; its last layer must be the Dense classifier for heatmaps.
         image_size: (height, width) of the whole images, e.g. (1152, 896).
-        patch_net: backbone key for the cut point ('resnet50', 'vgg16', 'vgg19', 'yaroslav',
-            'xception', 'inception'; others: last 4-D layer).
+        patch_net: backbone key of :data:`BACKBONES` for the cut point ('resnet50', 'vgg16',
+            'convnext_tiny', ...; other names: the last 4-D layer).
         kept_layer_idx: explicit cut index (e.g. -5), overrides the role; a negative index
             counts in the 2017 layer list of ``patch_net`` (:func:`resolve_kept_layer_idx`).
         return_heatmap: return only a model mapping images to per-location class

@@ -132,6 +132,14 @@ def _names(long_name, short):
     return (f"--{long_name}",) + ((short,) if short else ())
 
 
+def backbone_names():
+    """The ``--net`` / ``--patch-net`` choices: the names in the table of backbones,
+    ``dm_resnet.BACKBONES`` (one entry per backbone; imports tf-keras)."""
+    import dm_resnet
+
+    return dm_resnet.backbone_names()
+
+
 def add_bool_flag(group, name, default, help_text="", dest=None):
     """Add a ``--name`` / ``--no-name`` pair (2017 style) to a parser or argument group.
 

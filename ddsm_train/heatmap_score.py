@@ -79,7 +79,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags  # noqa: E402
+from common_flags import (add_bool_flag, add_image_flags, add_model_reading_flags,  # noqa: E402
+                          backbone_names)
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
 from script_utils import check_unique  # noqa: E402
@@ -199,7 +200,7 @@ def get_preprocess(net: str):
     Raises:
         ValueError: unknown ``net`` (the message lists the valid keys).
     """
-    from dm_keras_ext import get_preprocess_input   # the one table of backbones
+    from dm_resnet import get_preprocess_input   # the one table of backbones
 
     return get_preprocess_input(net)
 
@@ -867,7 +868,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
                     equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
                     img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
-    parser.add_argument("--net", default=d["net"], help="backbone (default: %(default)s)")
+    parser.add_argument("--net", default=d["net"], choices=backbone_names(), metavar="NET",
+                        help="backbone of the patch classifier, for its cut point and "
+                             "preprocessing: %(choices)s (default: %(default)s)")
     for name, type_ in (("batch_size", cf.positive_int), ("patch_size", cf.positive_int),
                         ("stride", cf.positive_int), ("malignant_class", int)):
         parser.add_argument("--" + name.replace("_", "-"), type=type_, default=d[name],

@@ -57,7 +57,9 @@ def get_args_parser():
     cf.add_class_flags(parser, class_list=("neg", "pos"), auto_batch_balance=True)
     t = parser.add_argument_group("top layers (patch-to-whole-image conversion)")
     t.add_argument("--patch-net", dest="patch_net", type=str, default="resnet50",
-                   help="backbone of the patch classifier (default: %(default)s)")
+                   choices=cf.backbone_names(), metavar="NET",
+                   help="backbone of the patch classifier, for its cut point and "
+                        "preprocessing: %(choices)s (default: %(default)s)")
     t.add_argument("--block-type", dest="block_type", type=str, default="resnet",
                    choices=("resnet", "vgg"), help="(default: %(default)s)")
     t.add_argument("--top-depths", dest="top_depths", nargs="+", type=cf.positive_int,
@@ -190,7 +192,7 @@ def _check_model(model, opts, nb_class):
 def _preprocess_fn(opts, channels):
     if opts["featurewise_center"] or channels != 3:
         return None
-    from dm_keras_ext import get_preprocess_input
+    from dm_resnet import get_preprocess_input
 
     return get_preprocess_input(opts["patch_net"])
 

@@ -8,9 +8,10 @@ each hold one subfolder per class of ``--class-list``. With ImageNet weights (``
 read from the local Keras cache, never downloaded) or ``--resume-from`` three stages run: the
 final dense layer (``--nb-epoch``), the layers from ``--top-layer-nb`` up
 (``--top-layer-epochs``, lr x ``--top-layer-multiplier``), all layers (``--all-layer-epochs``,
-lr x ``--all-layer-multiplier``); without them (``--net yaroslav``, ``--no-use-pretrained``) only
-stage 1 runs, on all layers. The model with the best validation accuracy is saved atomically to ``--best-model``
-(options in ``<best-model>.options.json``); at the end its test accuracy and loss are reported.
+lr x ``--all-layer-multiplier``); without them (a ``--net`` without ImageNet weights, such as
+``yaroslav`` or ``dm_resnet14``, or ``--no-use-pretrained``) only stage 1 runs, on all layers.
+The model with the best validation accuracy is saved atomically to ``--best-model`` (options in
+``<best-model>.options.json``); at the end its test accuracy and loss are reported.
 """
 import argparse
 import logging
@@ -43,7 +44,8 @@ def get_args_parser():
     cf.add_ram_flags(parser)
     n = parser.add_argument_group("network")
     n.add_argument("--net", dest="net", type=str, default="resnet50",
-                   help="resnet50, vgg16, vgg19, xception, inception, yaroslav or dm_resnet14 "
+                   choices=cf.backbone_names(), metavar="NET",
+                   help="backbone of the patch classifier: %(choices)s "
                         "(default: %(default)s)")
     cf.add_bool_flag(n, "use-pretrained", True, "start from local ImageNet weights")
     cf.add_optional_value_flag(n, "resume-from", str, None,
@@ -148,8 +150,10 @@ def run(train_dir, val_dir, test_dir, **options):
         opts, channels, None if opts["featurewise_center"] else preprocess, env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d patches; train batch %d, eval batch %d",
                 train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])
-    staged = opts["resume_from"] is not None or (opts["use_pretrained"] and
-                                                  opts["net"] != "yaroslav")
+    import dm_resnet
+
+    staged = opts["resume_from"] is not None or (
+        opts["use_pretrained"] and dm_resnet.get_backbone(opts["net"]).weights_file is not None)
     hists = dm_keras_ext.do_3stage_training(
         model, model, train, val, len(val), opts["best_model"], len(train),
         top_layer_nb=top_layer_nb, net=opts["net"], nb_epoch=opts["nb_epoch"],
