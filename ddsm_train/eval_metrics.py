@@ -658,8 +658,12 @@ def iter_bootstrap_counts(y_true, n_boot: int, seed: int, groups=None, stratify:
         b = min(chunk, n_boot - done)
         cl_counts = np.zeros((b, n_cl))
         rows = np.arange(b)[:, None] * n_cl
+        u = rng.random((b, sum(st.size for st in strata)))   # one row per resample
+        start = 0
         for st in strata:
-            picks = st[rng.integers(0, st.size, size=(b, st.size))]
+            k = np.minimum((u[:, start:start + st.size] * st.size).astype(np.int64), st.size - 1)
+            picks = st[k]
+            start += st.size
             cl_counts += np.bincount((picks + rows).ravel(), minlength=b * n_cl).reshape(b, n_cl)
         yield cl_counts[:, cluster_of]
         done += b
