@@ -201,6 +201,7 @@ def _cbis_csv(path, seed, n_pat=24):
     return pd.DataFrame(rows)
 
 
+@pytest.mark.slow
 def test_cli_levels_validation_thresholds_calibration_and_comparison(tmp_path, capsys):
     test = _cbis_csv(tmp_path / "test.csv", 1)
     val = _cbis_csv(tmp_path / "val.csv", 2)
@@ -250,6 +251,7 @@ def _exams(n=12):
     return exams
 
 
+@pytest.mark.slow
 def test_same_auroc_as_prediction_for_our_and_the_meta_repository_files(tmp_path):
     exams = _exams()
     (tmp_path / "exams.json").write_text(json.dumps(exams))
