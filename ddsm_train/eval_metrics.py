@@ -20,6 +20,26 @@ Definitions (all on binary labels 0/1 and real-valued scores, higher = more like
   all resamples of a chunk at once from resample counts (no Python loop per replicate) and equal
   scikit-learn's values on the resampled data.
 - Sensitivity / specificity at a threshold: a score ``>= threshold`` is called positive.
+
+What a screening study reports (:func:`evaluate_scores`, used by ``image_clf_predict.py`` and
+``evaluate.py``; :func:`evaluate_binary` is its headline subset):
+
+- Stratified, clustered bootstrap (:func:`iter_bootstrap_counts`): patients (clusters of cases;
+  each case alone when patients are unknown) are drawn with replacement, the patients with a
+  positive case and the others separately, so every resample keeps their numbers; every
+  statistic of every resample comes from the resample counts at once. Percentile intervals.
+  (:func:`bootstrap_replicates` / :func:`bootstrap_ci` are the plain case bootstrap.)
+- Operating points: thresholds chosen on validation scores (:func:`choose_threshold`: Youden's
+  J, a target sensitivity or specificity) and applied unchanged; sensitivity, specificity, PPV,
+  NPV, F1 there (:func:`threshold_rates`); sensitivity at a fixed specificity and the reverse,
+  read off the ROC curve (:func:`rate_at_fixed`).
+- pF1 (:func:`probabilistic_f1`), the RSNA 2023 screening challenge's probabilistic F1.
+- Calibration: ECE over equal-width bins, Brier score, reliability diagram; Platt or isotonic
+  recalibration (:class:`Calibrator`).
+- Comparison of two scores of the same cases: DeLong's test in the O(n log n) form of Sun & Xu
+  (:func:`delong_auc_cov`) and the paired bootstrap interval of the AUROC difference.
+- Multi-class (patch classifiers): confusion matrix and one-vs-rest AUROC
+  (:func:`confusion_report`).
 """
 import json
 import logging
@@ -37,6 +57,7 @@ __all__ = [
     "DEFAULT_N_BOOT", "DEFAULT_SEED", "DEFAULT_THRESHOLD",
     "check_binary_inputs", "roc_auc", "pr_auc", "sensitivity_specificity",
     "iter_bootstrap_indices", "bootstrap_replicates", "bootstrap_ci", "evaluate_binary",
+    "BINARY_KEYS",
     "plot_roc_pr", "write_json_atomic",
     "MIN_BOOTSTRAP_CASES", "DEFAULT_FIXED_RATES", "DEFAULT_N_BINS", "THRESHOLD_RULES",
     "CALIBRATION_METHODS", "midranks", "delong_auc_cov", "delong_test", "probabilistic_f1",
@@ -246,34 +267,24 @@ def bootstrap_ci(y_true, y_score, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFA
     return res
 
 
+#: The keys of :func:`evaluate_binary`, the headline figures of :func:`evaluate_scores`.
+BINARY_KEYS = ("n", "n_pos", "n_neg", "auroc", "auprc", "auroc_ci", "auprc_ci", "bootstrap",
+               "threshold", "sensitivity", "specificity", "tp", "fp", "tn", "fn")
+
+
 def evaluate_binary(y_true, y_score, threshold: float = DEFAULT_THRESHOLD,
                     n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> Dict:
-    """All metrics of one set of scores, as a JSON-ready dict.
+    """The headline metrics of one set of scores, as a JSON-ready dict: the ``BINARY_KEYS``
+    of :func:`evaluate_scores` (same computation, same stratified bootstrap).
 
-    Keys: ``n, n_pos, n_neg, auroc, auprc, auroc_ci, auprc_ci, bootstrap`` (the
-    :func:`bootstrap_ci` counts), ``threshold, sensitivity, specificity, tp, fp, tn, fn``.
-    With a single class present the AUCs and intervals are NaN (and a warning is logged);
-    ``n_boot=0`` skips the bootstrap.
+    Keys: ``n, n_pos, n_neg, auroc, auprc, auroc_ci, auprc_ci, bootstrap`` (its settings and
+    counts), ``threshold, sensitivity, specificity, tp, fp, tn, fn``. With a single class
+    present the AUCs and intervals are None (and a warning is logged); ``n_boot=0`` skips the
+    bootstrap.
     """
-    y, s = check_binary_inputs(y_true, y_score)
-    res = {"n": int(y.size), "n_pos": int(y.sum()), "n_neg": int(y.size - y.sum())}
-    both = res["n_pos"] > 0 and res["n_neg"] > 0
-    if both:
-        res["auroc"], res["auprc"] = roc_auc(y, s), pr_auc(y, s)
-    else:
-        logger.warning("only one class among %d labels: AUROC/AUPRC undefined", y.size)
-        res["auroc"] = res["auprc"] = math.nan
-    if both and n_boot > 0:
-        boot = bootstrap_ci(y, s, n_boot=n_boot, seed=seed)
-        res["auroc_ci"], res["auprc_ci"] = boot.pop("auroc_ci"), boot.pop("auprc_ci")
-        res["bootstrap"] = boot
-    else:
-        res["auroc_ci"] = res["auprc_ci"] = [math.nan, math.nan]
-        res["bootstrap"] = {"n_boot": int(n_boot), "n_valid": 0, "n_skipped": 0,
-                            "seed": int(seed), "level": 0.95}
-    res["threshold"] = float(threshold)
-    res.update(sensitivity_specificity(y, s, threshold))
-    return res
+    res = evaluate_scores(y_true, y_score, threshold=threshold, fixed=(), n_boot=n_boot,
+                          seed=seed)
+    return {k: res[k] for k in BINARY_KEYS}
 
 
 def roc_pr_figures(y_true, y_score, title: str = "", metrics: Optional[Dict] = None):
