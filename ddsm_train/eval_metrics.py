@@ -1002,8 +1002,10 @@ def write_confusion_report(labels, probs, class_names: Sequence[str], prefix: Pa
     for ax, mat, title, fmt in zip(fig.subplots(1, 2), (counts, normed),
                                    ("counts", "row-normalised"), ("{:.0f}", "{:.2f}")):
         ax.imshow(mat, cmap="Blues", vmin=0)
+        top = np.nanmax(mat) if np.isfinite(mat).any() else 0
         for (i, j), v in np.ndenumerate(mat):
-            ax.text(j, i, fmt.format(v) if np.isfinite(v) else "-", ha="center", va="center")
+            ax.text(j, i, fmt.format(v) if np.isfinite(v) else "-", ha="center", va="center",
+                    color="white" if np.isfinite(v) and v > top / 2 else "black")
         ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)),
                xticklabels=class_names, yticklabels=class_names, xlabel="predicted",
                ylabel="true", title=f"test confusion matrix ({title})")
