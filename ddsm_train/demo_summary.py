@@ -153,7 +153,7 @@ def _fmt_auc(value, ci) -> str:
 def _point_lines(point: Optional[dict]) -> list:
     if not point:
         return []
-    return [f"  operating point chosen on validation (Youden's J, threshold "
+    return [f"  operating point chosen on validation (Youden index, threshold "
             f"{point['threshold']:.3f}), on test: sensitivity "
             f"{_fmt_auc(point['sensitivity'], point['sensitivity_ci'])}, specificity "
             f"{_fmt_auc(point['specificity'], point['specificity_ci'])}"]

@@ -117,7 +117,7 @@ def test_demo_summary(demo_run):
     point = summary["operating_point"]
     assert point["threshold"] == pytest.approx(eval_metrics.choose_threshold(
         val.malignant_label, val.malignant_pred, "youden"), abs=1e-6)   # CSV: 6 digits
-    assert "operating point chosen on validation (Youden's J" in stdout
+    assert "operating point chosen on validation (Youden index" in stdout
     assert Path(summary["out_dir"]) == out.resolve()
     assert stdout.strip().splitlines()[-1] == (f"Results are in {out.resolve()} "
                                                "(summary.json; files.txt lists every file)")
