@@ -832,25 +832,32 @@ def evaluate_scores(y_true, y_score, threshold: float = DEFAULT_THRESHOLD,
         res["notes"].append(f"all {y.size} scores are equal ({s[0]:g}): they do not rank the "
                             f"cases (AUROC 0.5), no bootstrap intervals")
     else:
-        reps = {}
-        for counts in iter_bootstrap_counts(y, n_boot, seed, groups=groups):
-            for k, v in _replicate_metrics(counts, y, s, points, fixed, unit).items():
-                reps.setdefault(k, []).append(v)
-        reps = {k: np.concatenate(v) for k, v in reps.items()}
-        valid = np.isfinite(reps["auroc"])
-        boot.update(n_valid=int(valid.sum()), n_skipped=int((~valid).sum()))
-        for key in keys:
-            if key in reps:
-                res[f"{key}_ci"] = _ci(reps[key], level)
-        for name, rates in res["operating_points"].items():
-            for rate in ("sensitivity", "specificity", "ppv", "npv", "f1"):
-                rates[f"{rate}_ci"] = _ci(reps[f"{name}/{rate}"], level)
-        for f in fixed:
-            res["sensitivity_at_specificity"][f"{f:g}"]["ci"] = _ci(
-                reps[f"sens_at_spec/{f:g}"], level)
-            res["specificity_at_sensitivity"][f"{f:g}"]["ci"] = _ci(
-                reps[f"spec_at_sens/{f:g}"], level)
+        _add_intervals(res, y, s, points, fixed, groups, unit)
     return _finish(res)
+
+
+def _add_intervals(res: Dict, y: np.ndarray, s: np.ndarray, points: Dict[str, float],
+                   fixed: Sequence[float], groups, unit: bool) -> None:
+    """Fill the ``*_ci`` entries of an :func:`evaluate_scores` result from its bootstrap."""
+    boot, level = res["bootstrap"], res["bootstrap"]["level"]
+    reps = {}
+    for counts in iter_bootstrap_counts(y, boot["n_boot"], boot["seed"], groups=groups):
+        for k, v in _replicate_metrics(counts, y, s, points, fixed, unit).items():
+            reps.setdefault(k, []).append(v)
+    reps = {k: np.concatenate(v) for k, v in reps.items()}
+    valid = np.isfinite(reps["auroc"])
+    boot.update(n_valid=int(valid.sum()), n_skipped=int((~valid).sum()))
+    for key in ("auroc", "auprc", "pf1"):
+        if key in reps:
+            res[f"{key}_ci"] = _ci(reps[key], level)
+    for name, rates in res["operating_points"].items():
+        for rate in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+            rates[f"{rate}_ci"] = _ci(reps[f"{name}/{rate}"], level)
+    for f in fixed:
+        res["sensitivity_at_specificity"][f"{f:g}"]["ci"] = _ci(reps[f"sens_at_spec/{f:g}"],
+                                                                level)
+        res["specificity_at_sensitivity"][f"{f:g}"]["ci"] = _ci(reps[f"spec_at_sens/{f:g}"],
+                                                                level)
 
 
 def _finish(res: Dict) -> Dict:
