@@ -483,6 +483,10 @@ def format_table(metrics: dict) -> str:
 # ------------------------------------------------------------------------------ run
 def _load_all(files, score_col, label_col, id_col, exam_list, names) -> Cases:
     parts = []
+    if not names and len(files) > 1 and not (score_col and len(score_col) > 1):
+        stems = [Path(f).stem for f in files]     # several files: one model each, named by
+        names = stems if len(set(stems)) == len(stems) else [   # file, or by folder
+            f"{Path(f).parent.name}/{Path(f).stem}" for f in files]
     for k, path in enumerate(files):
         one = names[k] if names and len(files) > 1 else (
             names[0] if names and not score_col or names and len(score_col) == 1 else None)
@@ -615,7 +619,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-col", default=d["id_col"],
                    help="column naming each image (default: %(default)s)")
     p.add_argument("--names", nargs="+", help="model names, one per file or --score-col "
-                                              "(default: the column name or the file stem)")
+                                              "(default: the column name for one file, the "
+                                              "file stem or folder/stem for several)")
     p.add_argument("--breast-combine", choices=sorted(_COMBINE), default=d["breast_combine"],
                    help="how the views of a breast are combined (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=d["threshold"],
