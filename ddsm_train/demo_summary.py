@@ -8,10 +8,12 @@ Screening Mammography" (Sci Rep 2019; arXiv 1708.09427). Reads what the demo's s
 * ``logs/3_patch_train.log`` (the line ``... test accuracy X, loss Y`` printed by
   ``patch_clf_train.py``) and ``logs/4_image_train.log`` (``... test AUROC X, with flips Y``),
 * ``predictions/no_flips/metrics.json`` and ``predictions/flips/metrics.json``
-  (``image_clf_predict.py``),
+  (``image_clf_predict.py``), ``evaluation/metrics.json`` (``evaluate.py``: the operating point
+  chosen on the validation images by Youden's J, applied to the test images),
 
 and writes ``OUT_DIR/summary.json`` with ``patch_test_accuracy``, ``test_auroc`` /
 ``test_auroc_ci`` (no flips), ``test_auroc_flips`` / ``test_auroc_flips_ci``, ``n_test_images``,
+``operating_point`` (its threshold, test sensitivity and specificity with intervals),
 ``stage_seconds``, ``total_seconds``, ``roc_png``, ``heatmap_pngs`` and ``files`` (the files
 of the run relative to ``OUT_DIR``, by top folder; folders of more than 20 files as a count and
 the first 5), and ``OUT_DIR/files.txt`` listing every file of the run; then prints the
@@ -59,6 +61,19 @@ def _read_metrics(path: Path) -> dict:
     return json.loads(path.read_text()).get("image", {})
 
 
+def _validation_point(path: Path) -> Optional[dict]:
+    """The Youden operating point chosen on the validation images (evaluate.py), as found on
+    the test images (flips), or None when the evaluation did not run or chose none."""
+    if not path.is_file():
+        return None
+    image = json.loads(path.read_text()).get("image", {})
+    point = next(iter(image.values()), {}).get("operating_points", {}).get("youden")
+    if not point:
+        return None
+    return {k: point.get(k) for k in ("threshold", "sensitivity", "sensitivity_ci",
+                                      "specificity", "specificity_ci")}
+
+
 def _list_files(out: Path) -> dict:
     files = {}
     for p in sorted(out.rglob("*")):
@@ -100,6 +115,7 @@ def run(out_dir: str) -> dict:
     flips = _read_metrics(out / "predictions" / "flips" / "metrics.json")
     files = _list_files(out)
     summary = {
+        "operating_point": _validation_point(out / "evaluation" / "metrics.json"),
         "out_dir": str(out.resolve()),
         "patch_test_accuracy": patch[0] if patch else None,
         "patch_test_loss": patch[1] if patch else None,
@@ -134,6 +150,15 @@ def _fmt_auc(value, ci) -> str:
     return f"{value:.3f}{ci_txt}"
 
 
+def _point_lines(point: Optional[dict]) -> list:
+    if not point:
+        return []
+    return [f"  operating point chosen on validation (Youden index, threshold "
+            f"{point['threshold']:.3f}), on test: sensitivity "
+            f"{_fmt_auc(point['sensitivity'], point['sensitivity_ci'])}, specificity "
+            f"{_fmt_auc(point['specificity'], point['specificity_ci'])}"]
+
+
 def format_summary(s: dict) -> str:
     """The printed lines of the summary (last line: where the results are)."""
     acc = s["patch_test_accuracy"]
@@ -145,6 +170,7 @@ def format_summary(s: dict) -> str:
         f"  whole-image test AUROC ({s['n_test_images']} images, {s['n_test_pos']} positive): "
         f"{_fmt_auc(s['test_auroc'], s['test_auroc_ci'])}",
         f"  with flip augmentation: {_fmt_auc(s['test_auroc_flips'], s['test_auroc_flips_ci'])}",
+        *_point_lines(s.get("operating_point")),
         f"  time per stage: {times}",
         f"  total time: {s['total_seconds']:.0f}s",
         f"  ROC curve: {s['roc_png']['flips']}",

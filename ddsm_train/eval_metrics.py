@@ -20,13 +20,34 @@ Definitions (all on binary labels 0/1 and real-valued scores, higher = more like
   all resamples of a chunk at once from resample counts (no Python loop per replicate) and equal
   scikit-learn's values on the resampled data.
 - Sensitivity / specificity at a threshold: a score ``>= threshold`` is called positive.
+
+What a screening study reports (:func:`evaluate_scores`, used by ``image_clf_predict.py`` and
+``evaluate.py``; :func:`evaluate_binary` is its headline subset):
+
+- Stratified, clustered bootstrap (:func:`iter_bootstrap_counts`): patients (clusters of cases;
+  each case alone when patients are unknown) are drawn with replacement, the patients with a
+  positive case and the others separately, so every resample keeps their numbers; every
+  statistic of every resample comes from the resample counts at once. Percentile intervals.
+  (:func:`bootstrap_replicates` / :func:`bootstrap_ci` are the plain case bootstrap.)
+- Operating points: thresholds chosen on validation scores (:func:`choose_threshold`: Youden's
+  J, a target sensitivity or specificity) and applied unchanged; sensitivity, specificity, PPV,
+  NPV, F1 there (:func:`threshold_rates`); sensitivity at a fixed specificity and the reverse,
+  read off the ROC curve (:func:`rate_at_fixed`).
+- pF1 (:func:`probabilistic_f1`), the RSNA 2023 screening challenge's probabilistic F1.
+- Calibration: ECE over equal-width bins, Brier score, reliability diagram; Platt or isotonic
+  recalibration (:class:`Calibrator`).
+- Comparison of two scores of the same cases: DeLong's test in the O(n log n) form of Sun & Xu
+  (:func:`delong_auc_cov`) and the paired bootstrap interval of the AUROC difference.
+- Multi-class (patch classifiers): confusion matrix and one-vs-rest AUROC
+  (:func:`confusion_report`).
 """
 import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -36,7 +57,15 @@ __all__ = [
     "DEFAULT_N_BOOT", "DEFAULT_SEED", "DEFAULT_THRESHOLD",
     "check_binary_inputs", "roc_auc", "pr_auc", "sensitivity_specificity",
     "iter_bootstrap_indices", "bootstrap_replicates", "bootstrap_ci", "evaluate_binary",
+    "BINARY_KEYS",
     "plot_roc_pr", "write_json_atomic",
+    "MIN_BOOTSTRAP_CASES", "DEFAULT_FIXED_RATES", "DEFAULT_N_BINS", "THRESHOLD_RULES",
+    "CALIBRATION_METHODS", "midranks", "delong_auc_cov", "delong_test", "probabilistic_f1",
+    "threshold_rates", "choose_threshold", "rate_at_fixed", "expected_calibration_error",
+    "reliability_table", "brier_score", "reliability_figure", "save_figure",
+    "iter_bootstrap_counts", "bootstrap_method", "degenerate_reason", "evaluate_scores",
+    "paired_auroc_difference", "Calibrator", "confusion_report", "write_confusion_report",
+    "parse_cbis_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -238,34 +267,24 @@ def bootstrap_ci(y_true, y_score, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFA
     return res
 
 
+#: The keys of :func:`evaluate_binary`, the headline figures of :func:`evaluate_scores`.
+BINARY_KEYS = ("n", "n_pos", "n_neg", "auroc", "auprc", "auroc_ci", "auprc_ci", "bootstrap",
+               "threshold", "sensitivity", "specificity", "tp", "fp", "tn", "fn")
+
+
 def evaluate_binary(y_true, y_score, threshold: float = DEFAULT_THRESHOLD,
                     n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> Dict:
-    """All metrics of one set of scores, as a JSON-ready dict.
+    """The headline metrics of one set of scores, as a JSON-ready dict: the ``BINARY_KEYS``
+    of :func:`evaluate_scores` (same computation, same stratified bootstrap).
 
-    Keys: ``n, n_pos, n_neg, auroc, auprc, auroc_ci, auprc_ci, bootstrap`` (the
-    :func:`bootstrap_ci` counts), ``threshold, sensitivity, specificity, tp, fp, tn, fn``.
-    With a single class present the AUCs and intervals are NaN (and a warning is logged);
-    ``n_boot=0`` skips the bootstrap.
+    Keys: ``n, n_pos, n_neg, auroc, auprc, auroc_ci, auprc_ci, bootstrap`` (its settings and
+    counts), ``threshold, sensitivity, specificity, tp, fp, tn, fn``. With a single class
+    present the AUCs and intervals are None (and a warning is logged); ``n_boot=0`` skips the
+    bootstrap.
     """
-    y, s = check_binary_inputs(y_true, y_score)
-    res = {"n": int(y.size), "n_pos": int(y.sum()), "n_neg": int(y.size - y.sum())}
-    both = res["n_pos"] > 0 and res["n_neg"] > 0
-    if both:
-        res["auroc"], res["auprc"] = roc_auc(y, s), pr_auc(y, s)
-    else:
-        logger.warning("only one class among %d labels: AUROC/AUPRC undefined", y.size)
-        res["auroc"] = res["auprc"] = math.nan
-    if both and n_boot > 0:
-        boot = bootstrap_ci(y, s, n_boot=n_boot, seed=seed)
-        res["auroc_ci"], res["auprc_ci"] = boot.pop("auroc_ci"), boot.pop("auprc_ci")
-        res["bootstrap"] = boot
-    else:
-        res["auroc_ci"] = res["auprc_ci"] = [math.nan, math.nan]
-        res["bootstrap"] = {"n_boot": int(n_boot), "n_valid": 0, "n_skipped": 0,
-                            "seed": int(seed), "level": 0.95}
-    res["threshold"] = float(threshold)
-    res.update(sensitivity_specificity(y, s, threshold))
-    return res
+    res = evaluate_scores(y_true, y_score, threshold=threshold, fixed=(), n_boot=n_boot,
+                          seed=seed)
+    return {k: res[k] for k in BINARY_KEYS}
 
 
 def roc_pr_figures(y_true, y_score, title: str = "", metrics: Optional[Dict] = None):
@@ -292,13 +311,14 @@ def roc_pr_figures(y_true, y_score, title: str = "", metrics: Optional[Dict] = N
         if val is None:
             return None
         text = f"{name.upper()} {val:.3f}"
-        if ci and all(np.isfinite(ci)):
+        if ci and all(v is not None and np.isfinite(v) for v in ci):
             text += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
         return text
 
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
     point = None
-    if metrics.get("threshold") is not None and metrics.get("sensitivity") is not None:
+    if metrics.get("threshold") is not None and metrics.get("sensitivity") is not None \
+            and metrics.get("specificity") is not None:
         sens, spec = float(metrics["sensitivity"]), float(metrics["specificity"])
         pred_pos = s >= float(metrics["threshold"])
         prec = float(y[pred_pos].mean()) if pred_pos.any() else float("nan")
@@ -373,3 +393,648 @@ def write_json_atomic(obj, path: PathLike) -> Path:
     """Write ``obj`` as indented JSON (NaN/inf as null, numpy types converted) atomically."""
     text = json.dumps(_json_clean(obj), indent=2, sort_keys=True)
     return atomic_write(path, lambda fh: fh.write(text), text=True)
+
+
+# ------------------------------------------------------------------ screening-study metrics
+#: Fewer labelled cases than this get point estimates but no bootstrap interval.
+MIN_BOOTSTRAP_CASES = 8
+#: Specificities / sensitivities at which the test ROC curve is read (with intervals).
+DEFAULT_FIXED_RATES = (0.80, 0.90, 0.95)
+#: Equal-width bins of [0, 1] for the expected calibration error and the reliability diagram.
+DEFAULT_N_BINS = 10
+
+
+def midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` with ties given their mean rank, in O(n log n).
+
+    Args:
+        x: float (n,) values.
+
+    Returns:
+        float64 (n,) ranks; equals ``scipy.stats.rankdata(x)``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(xs) != 0) + 1]
+    ends = np.r_[starts[1:], xs.size]
+    ranks_sorted = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    out = np.empty(x.size)
+    out[order] = ranks_sorted
+    return out
+
+
+def delong_auc_cov(y_true, scores) -> Tuple[np.ndarray, np.ndarray]:
+    """AUROCs of k score columns on the same cases and DeLong's covariance matrix of them.
+
+    The fast form of Sun & Xu (IEEE Signal Process. Lett. 21:1389, 2014): the structural
+    components (each positive's fraction of negatives ranked below it, each negative's fraction
+    of positives ranked above it, ties counting one half) come from three mid-rankings per
+    column, O(n log n), instead of comparing every positive with every negative.
+
+    Args:
+        y_true: n labels 0/1 (both classes present).
+        scores: (n,) or (k, n) scores, higher = more likely positive.
+
+    Returns:
+        (float64 (k,) AUROCs, float64 (k, k) covariance
+        ``cov(V10) / n_pos + cov(V01) / n_neg``, sample covariances with ddof 1).
+    """
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    y, _ = check_binary_inputs(y_true, s[0])
+    _need_both_classes(y, "DeLong's test")
+    pos, neg = s[:, y == 1], s[:, y == 0]
+    m, n = pos.shape[1], neg.shape[1]
+    tx = np.vstack([midranks(r) for r in pos])
+    ty = np.vstack([midranks(r) for r in neg])
+    tz = np.vstack([midranks(r) for r in np.hstack([pos, neg])])
+    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    v10 = (tz[:, :m] - tx) / n
+    v01 = 1.0 - (tz[:, m:] - ty) / m
+    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return aucs, cov
+
+
+def delong_test(y_true, score_a, score_b) -> Dict:
+    """DeLong's test of equal AUROC for two scores of the same cases (two-sided).
+
+    Returns:
+        dict with ``auroc_a``, ``auroc_b``, ``difference`` (a - b), its standard error ``se``,
+        ``z`` and ``p_value`` (normal approximation; with ``se`` 0, e.g. identical scores,
+        ``z`` is 0 and ``p_value`` 1).
+    """
+    aucs, cov = delong_auc_cov(y_true, np.vstack([score_a, score_b]))
+    diff = float(aucs[0] - aucs[1])
+    var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    se = math.sqrt(max(var, 0.0))
+    z = diff / se if se > 0 else 0.0
+    return {"auroc_a": float(aucs[0]), "auroc_b": float(aucs[1]), "difference": diff,
+            "se": se, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+
+
+def probabilistic_f1(y_true, y_score) -> float:
+    """Probabilistic F1 (RSNA 2023 screening mammography challenge).
+
+    With scores in [0, 1]: pTP = sum of the positives' scores, pFP = sum of the negatives'
+    scores, precision = pTP / (pTP + pFP), recall = pTP / n_pos, pF1 = 2 P R / (P + R)
+    (0 when pTP is 0).
+
+    Raises:
+        ValueError: bad input, scores outside [0, 1], or no positive case.
+    """
+    y, s = check_binary_inputs(y_true, y_score)
+    if s.min() < 0 or s.max() > 1:
+        raise ValueError(f"pF1 needs scores in [0, 1], got {s.min():.4g}..{s.max():.4g}")
+    if not y.any():
+        raise ValueError("pF1 needs at least one positive case")
+    ptp, pfp = float(s[y == 1].sum()), float(s[y == 0].sum())
+    if ptp == 0:
+        return 0.0
+    precision, recall = ptp / (ptp + pfp), ptp / y.sum()
+    return 2 * precision * recall / (precision + recall)
+
+
+def threshold_rates(y_true, y_score, threshold: float) -> Dict:
+    """Confusion counts and rates with ``score >= threshold`` positive.
+
+    Returns:
+        dict with ``tp, fp, tn, fn`` and ``sensitivity``, ``specificity``, ``ppv`` (precision),
+        ``npv``, ``f1`` (NaN where the denominator is 0).
+    """
+    res = sensitivity_specificity(y_true, y_score, threshold)
+    tp, fp, tn, fn = res["tp"], res["fp"], res["tn"], res["fn"]
+    res["ppv"] = tp / (tp + fp) if tp + fp else math.nan
+    res["npv"] = tn / (tn + fn) if tn + fn else math.nan
+    res["f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
+    return res
+
+
+#: Rules that choose a threshold on validation data (see :func:`choose_threshold`).
+THRESHOLD_RULES = ("youden", "sensitivity", "specificity")
+
+
+def choose_threshold(y_true, y_score, rule: str, target: Optional[float] = None) -> float:
+    """A threshold chosen on (validation) scores; ``score >= threshold`` is positive.
+
+    Rules: ``youden``: maximises sensitivity + specificity - 1 (Youden's J; the highest such
+    threshold); ``sensitivity``: the highest threshold whose sensitivity is >= ``target``
+    (so the best specificity that keeps it); ``specificity``: the lowest threshold whose
+    specificity is >= ``target`` (so the best sensitivity that keeps it; above the highest
+    score when only calling nothing positive reaches it).
+
+    Raises:
+        ValueError: unknown rule, target outside (0, 1], bad input or one class only.
+    """
+    from sklearn.metrics import roc_curve
+
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold rule should be one of {THRESHOLD_RULES}, got {rule!r}")
+    if rule != "youden" and not (target is not None and 0 < target <= 1):
+        raise ValueError(f"target {rule} should be in (0, 1], got {target}")
+    y, s = check_binary_inputs(y_true, y_score)
+    _need_both_classes(y, "choosing a threshold")
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    thr = thr.copy()
+    thr[0] = np.nextafter(s.max(), np.inf)   # sklearn's first threshold is inf: nothing positive
+    if rule == "youden":
+        j = tpr - fpr
+        return float(thr[int(np.argmax(j))])
+    if rule == "sensitivity":
+        return float(thr[int(np.flatnonzero(tpr >= target - 1e-12)[0])])
+    return float(thr[int(np.flatnonzero(fpr <= 1 - target + 1e-12)[-1])])
+
+
+def rate_at_fixed(y_true, y_score, fixed: float, at: str) -> float:
+    """Sensitivity at a fixed specificity (``at="specificity"``), or specificity at a fixed
+    sensitivity (``at="sensitivity"``), read off the ROC curve: the best one reached at any
+    threshold that keeps the fixed rate >= ``fixed`` (the curve's corner points; no
+    interpolation)."""
+    from sklearn.metrics import roc_curve
+
+    y, s = check_binary_inputs(y_true, y_score)
+    _need_both_classes(y, "reading the ROC curve")
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    if at == "specificity":
+        return float(tpr[fpr <= 1 - fixed + 1e-12].max())
+    if at == "sensitivity":
+        return float((1 - fpr[tpr >= fixed - 1e-12]).max())
+    raise ValueError(f"at should be 'sensitivity' or 'specificity', got {at!r}")
+
+
+def expected_calibration_error(y_true, y_score, n_bins: int = DEFAULT_N_BINS) -> float:
+    """Expected calibration error over ``n_bins`` equal-width bins of [0, 1].
+
+    ECE = sum over bins of (cases in bin / n) * |fraction positive - mean score|; bin k holds
+    scores in [k/n_bins, (k+1)/n_bins), the last bin also 1.0.
+
+    Raises:
+        ValueError: bad input or scores outside [0, 1].
+    """
+    y, s = check_binary_inputs(y_true, y_score)
+    if s.min() < 0 or s.max() > 1:
+        raise ValueError(f"calibration needs scores in [0, 1], got {s.min():.4g}..{s.max():.4g}")
+    table = reliability_table(y, s, n_bins)
+    used = table["count"] > 0
+    gap = np.abs(table["frac_pos"][used] - table["mean_score"][used])
+    return float(np.sum(table["count"][used] / y.size * gap))
+
+
+def reliability_table(y_true, y_score, n_bins: int = DEFAULT_N_BINS) -> Dict[str, np.ndarray]:
+    """Per equal-width bin of [0, 1]: ``lower``, ``upper``, ``count``, ``mean_score`` and
+    ``frac_pos`` (fraction of positives; NaN for empty bins)."""
+    y, s = check_binary_inputs(y_true, y_score)
+    if n_bins < 1:
+        raise ValueError(f"n_bins should be >= 1, got {n_bins}")
+    k = np.clip(np.floor(s * n_bins).astype(np.int64), 0, n_bins - 1)
+    count = np.bincount(k, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_score = np.bincount(k, weights=s, minlength=n_bins) / count
+        frac_pos = np.bincount(k, weights=y, minlength=n_bins) / count
+    edges = np.linspace(0, 1, n_bins + 1)
+    return {"lower": edges[:-1], "upper": edges[1:], "count": count, "mean_score": mean_score,
+            "frac_pos": frac_pos}
+
+
+def brier_score(y_true, y_score) -> float:
+    """Mean squared difference of score and label (``sklearn.metrics.brier_score_loss``)."""
+    from sklearn.metrics import brier_score_loss
+
+    y, s = check_binary_inputs(y_true, y_score)
+    return float(brier_score_loss(y, s))
+
+
+def reliability_figure(y_true, y_score, title: str = "", n_bins: int = DEFAULT_N_BINS,
+                       extra: Optional[Dict[str, np.ndarray]] = None):
+    """Reliability diagram as a matplotlib Figure: fraction of positives against mean score
+    per bin (the diagonal is perfect calibration), with the bins' case counts below.
+    ``extra`` maps a label to other scores of the same cases (e.g. calibrated ones)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 6), dpi=100)
+    ax, axh = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    for label, s in {"scores": y_score, **(extra or {})}.items():
+        t = reliability_table(y_true, s, n_bins)
+        ok = t["count"] > 0
+        ece = expected_calibration_error(y_true, s, n_bins)
+        ax.plot(t["mean_score"][ok], t["frac_pos"][ok], "o-",
+                label=f"{label} (ECE {ece:.3f}, Brier {brier_score(y_true, s):.3f})")
+        axh.bar((t["lower"] + t["upper"]) / 2, t["count"], width=0.9 / n_bins, alpha=0.5)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="fraction positive",
+           title=f"{title} reliability ({n_bins} equal-width bins)".strip())
+    ax.legend(loc="upper left", fontsize="small")
+    axh.set(xlabel="mean score in bin", ylabel="cases")
+    return fig
+
+
+def save_figure(fig, path: PathLike) -> Path:
+    """Write a matplotlib Figure atomically (format from the suffix, PNG by default)."""
+    path = Path(path)
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix[1:] or "png"))
+
+
+def iter_bootstrap_counts(y_true, n_boot: int, seed: int, groups=None, stratify: bool = True,
+                          chunk: int = _CHUNK) -> Iterator[np.ndarray]:
+    """Bootstrap resamples as counts: how often each case is drawn, ``chunk`` resamples at a time.
+
+    Clusters (``groups``, e.g. patient ids: both breasts and all views of a woman move
+    together; None: each case is its own cluster) are drawn with replacement; with
+    ``stratify`` the clusters holding a positive case and the others are drawn separately,
+    each as many times as there are of them, so every resample keeps the numbers of positive
+    and negative clusters (without clusters: of positive and negative cases). Draws come from
+    ``numpy.random.default_rng(seed)`` and do not depend on ``chunk``.
+
+    Yields:
+        float64 (b, n) counts, b <= chunk; all chunks together hold ``n_boot`` rows.
+    """
+    y = np.asarray(y_true).astype(np.int64)
+    if n_boot < 1:
+        raise ValueError(f"n_boot should be >= 1, got {n_boot}")
+    if groups is None:
+        cluster_of = np.arange(y.size)
+    else:
+        _, cluster_of = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_cl = int(cluster_of.max()) + 1
+    cl_label = np.zeros(n_cl, dtype=np.int64)
+    np.maximum.at(cl_label, cluster_of, y)
+    strata = ([np.flatnonzero(cl_label == v) for v in (0, 1)] if stratify
+              else [np.arange(n_cl)])
+    strata = [st for st in strata if st.size]
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < n_boot:
+        b = min(chunk, n_boot - done)
+        cl_counts = np.zeros((b, n_cl))
+        rows = np.arange(b)[:, None] * n_cl
+        u = rng.random((b, sum(st.size for st in strata)))   # one row per resample
+        start = 0
+        for st in strata:
+            k = np.minimum((u[:, start:start + st.size] * st.size).astype(np.int64), st.size - 1)
+            picks = st[k]
+            start += st.size
+            cl_counts += np.bincount((picks + rows).ravel(), minlength=b * n_cl).reshape(b, n_cl)
+        yield cl_counts[:, cluster_of]
+        done += b
+
+
+def _replicate_metrics(counts: np.ndarray, y: np.ndarray, s: np.ndarray,
+                       thresholds: Dict[str, float], fixed: Sequence[float],
+                       want_pf1: bool) -> Dict[str, np.ndarray]:
+    """Every bootstrapped statistic for each row of resample counts (columns = cases), at once.
+
+    Returns:
+        dict of float64 (b,) arrays (NaN where undefined): ``auroc``, ``auprc``, ``pf1``,
+        ``<name>/<rate>`` for each threshold, ``sens_at_spec/<f>``, ``spec_at_sens/<f>``.
+    """
+    order = np.argsort(-s, kind="mergesort")
+    ys, ss, c = y[order], s[order], counts[:, order]
+    ends = np.r_[np.flatnonzero(np.diff(ss) != 0), ss.size - 1]
+    out = {}
+    out["auroc"], out["auprc"], valid = _curve_stats(c, ys, ends)
+    ctp, cfp = np.cumsum(c * ys, axis=1), np.cumsum(c * (1 - ys), axis=1)
+    pos, neg = ctp[:, -1], cfp[:, -1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for name, t in thresholds.items():
+            k = int(np.sum(ss >= t))      # the first k sorted cases are called positive
+            tp = ctp[:, k - 1] if k else np.zeros_like(pos)
+            fp = cfp[:, k - 1] if k else np.zeros_like(neg)
+            fn, tn = pos - tp, neg - fp
+            for rate, num, den in (("sensitivity", tp, pos), ("specificity", tn, neg),
+                                   ("ppv", tp, tp + fp), ("npv", tn, tn + fn),
+                                   ("f1", 2 * tp, 2 * tp + fp + fn)):
+                out[f"{name}/{rate}"] = np.where(den > 0, num / np.where(den > 0, den, 1),
+                                                 np.nan)
+        tpr = np.hstack([np.zeros((c.shape[0], 1)), ctp[:, ends] / pos[:, None]])
+        fpr = np.hstack([np.zeros((c.shape[0], 1)), cfp[:, ends] / neg[:, None]])
+        for f in fixed:
+            out[f"sens_at_spec/{f:g}"] = np.where(fpr <= 1 - f + 1e-12, tpr, -np.inf).max(axis=1)
+            out[f"spec_at_sens/{f:g}"] = np.where(tpr >= f - 1e-12, 1 - fpr, -np.inf).max(axis=1)
+        if want_pf1:
+            ptp, pfp = (c * (ys * ss)).sum(axis=1), (c * ((1 - ys) * ss)).sum(axis=1)
+            prec, rec = ptp / (ptp + pfp), ptp / pos
+            out["pf1"] = np.where(ptp > 0, 2 * prec * rec / (prec + rec), 0.0)
+    for key in out:
+        out[key] = np.where(valid, out[key], np.nan)
+    return out
+
+
+def bootstrap_method(groups=None, stratify: bool = True) -> str:
+    """One-line description of the bootstrap of :func:`iter_bootstrap_counts`."""
+    parts = ["percentile bootstrap"]
+    if stratify:
+        parts.append("stratified by label")
+    parts.append("resampling patients (clusters of cases)" if groups is not None
+                 else "resampling cases")
+    return ", ".join(parts)
+
+
+def _ci(values: np.ndarray, level: float) -> Optional[list]:
+    vals = values[np.isfinite(values)]
+    if not vals.size:
+        return None
+    return np.percentile(vals, [100 * (1 - level) / 2, 100 * (1 + level) / 2]).tolist()
+
+
+def degenerate_reason(y_true, y_score) -> Optional[str]:
+    """Why the labelled scores cannot be evaluated (one class only, no case), else None."""
+    y = np.asarray(y_true)
+    if y.size == 0:
+        return "no labelled case"
+    if y.min() == y.max():
+        return (f"only one class among the {y.size} cases (all label {int(y[0])}): AUROC, "
+                f"AUPRC, sensitivity/specificity pairs and intervals are undefined")
+    return None
+
+
+def evaluate_scores(y_true, y_score, threshold: float = DEFAULT_THRESHOLD,
+                    val_thresholds: Optional[Dict[str, float]] = None,
+                    fixed: Sequence[float] = DEFAULT_FIXED_RATES,
+                    n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, groups=None,
+                    level: float = 0.95, n_bins: int = DEFAULT_N_BINS) -> Dict:
+    """The full evaluation of one score column: the metrics a screening study reports.
+
+    Args:
+        y_true: n labels 0/1.
+        y_score: n scores (probabilities for pF1 and calibration).
+        threshold: the fixed operating point (``fixed_<threshold>``), used when no
+            validation thresholds are given.
+        val_thresholds: operating points chosen on validation data, name -> threshold
+            (:func:`choose_threshold`), applied unchanged to these scores.
+        fixed: specificities at which sensitivity is read off the ROC curve, and
+            sensitivities at which specificity is.
+        n_boot: bootstrap resamples (0: no intervals).
+        seed: bootstrap seed.
+        groups: n patient ids for the clustered bootstrap (None: cases are independent).
+        level: coverage of the intervals.
+        n_bins: bins of the expected calibration error.
+
+    Returns:
+        JSON-ready dict: the keys of :func:`evaluate_binary` (``n, n_pos, n_neg, auroc,
+        auprc, auroc_ci, auprc_ci, bootstrap, threshold, sensitivity, specificity, tp, fp,
+        tn, fn`` at ``threshold``) and ``operating_points`` (name -> ``threshold``,
+        ``chosen_on``, rates with ``<rate>_ci``), ``sensitivity_at_specificity`` /
+        ``specificity_at_sensitivity`` (``"0.9"`` -> ``{value, ci}``), ``pf1`` /
+        ``pf1_ci``, ``calibration`` (``ece``, ``brier``, ``binning``) and ``notes`` (why
+        something is missing: one class, fewer than ``MIN_BOOTSTRAP_CASES`` cases, constant
+        scores, scores outside [0, 1]). Undefined values are None, never NaN.
+    """
+    y, s = check_binary_inputs(y_true, y_score)
+    res = {"n": int(y.size), "n_pos": int(y.sum()), "n_neg": int(y.size - y.sum()),
+           "notes": []}
+    res.update(threshold=float(threshold), **sensitivity_specificity(y, s, threshold))
+    unit = s.min() >= 0 and s.max() <= 1
+    res["calibration"] = {"binning": f"{n_bins} equal-width bins of [0, 1]; ECE weights each "
+                                     f"bin by its share of cases"}
+    if unit:
+        res["calibration"].update(ece=expected_calibration_error(y, s, n_bins),
+                                  brier=brier_score(y, s))
+    else:
+        res["notes"].append("scores outside [0, 1] are not probabilities: no pF1, ECE or "
+                            "Brier score")
+    boot = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level),
+            "method": bootstrap_method(groups), "n_valid": 0, "n_skipped": 0}
+    res["bootstrap"] = boot
+    if groups is not None:
+        boot["n_clusters"] = int(np.unique(np.asarray(groups).astype(str)).size)
+    reason = degenerate_reason(y, s)
+    keys = ("auroc", "auprc", "pf1")
+    for key in keys:
+        res[key], res[f"{key}_ci"] = None, None
+    res["operating_points"], res["sensitivity_at_specificity"] = {}, {}
+    res["specificity_at_sensitivity"] = {}
+    if reason:
+        res["notes"].append(reason)
+        logger.warning("%s", reason)
+        return _finish(res)
+    res["auroc"], res["auprc"] = roc_auc(y, s), pr_auc(y, s)
+    if unit:
+        res["pf1"] = probabilistic_f1(y, s)
+    points = dict(val_thresholds or {}) or {f"fixed_{threshold:g}": float(threshold)}
+    for name, t in points.items():
+        rates = threshold_rates(y, s, t)
+        rates["threshold"] = float(t)
+        rates["chosen_on"] = "fixed" if name.startswith("fixed_") else "validation"
+        res["operating_points"][name] = rates
+    for f in fixed:
+        res["sensitivity_at_specificity"][f"{f:g}"] = {
+            "value": rate_at_fixed(y, s, f, "specificity"), "ci": None}
+        res["specificity_at_sensitivity"][f"{f:g}"] = {
+            "value": rate_at_fixed(y, s, f, "sensitivity"), "ci": None}
+    if n_boot <= 0:
+        res["notes"].append("no bootstrap asked for (0 resamples): no intervals")
+    elif y.size < MIN_BOOTSTRAP_CASES:
+        res["notes"].append(f"only {y.size} cases (< {MIN_BOOTSTRAP_CASES}): no bootstrap "
+                            f"intervals")
+    elif s.min() == s.max():
+        res["notes"].append(f"all {y.size} scores are equal ({s[0]:g}): they do not rank the "
+                            f"cases (AUROC 0.5), no bootstrap intervals")
+    else:
+        _add_intervals(res, y, s, points, fixed, groups, unit)
+    return _finish(res)
+
+
+def _add_intervals(res: Dict, y: np.ndarray, s: np.ndarray, points: Dict[str, float],
+                   fixed: Sequence[float], groups, unit: bool) -> None:
+    """Fill the ``*_ci`` entries of an :func:`evaluate_scores` result from its bootstrap."""
+    boot, level = res["bootstrap"], res["bootstrap"]["level"]
+    reps = {}
+    for counts in iter_bootstrap_counts(y, boot["n_boot"], boot["seed"], groups=groups):
+        for k, v in _replicate_metrics(counts, y, s, points, fixed, unit).items():
+            reps.setdefault(k, []).append(v)
+    reps = {k: np.concatenate(v) for k, v in reps.items()}
+    valid = np.isfinite(reps["auroc"])
+    boot.update(n_valid=int(valid.sum()), n_skipped=int((~valid).sum()))
+    for key in ("auroc", "auprc", "pf1"):
+        if key in reps:
+            res[f"{key}_ci"] = _ci(reps[key], level)
+    for name, rates in res["operating_points"].items():
+        for rate in ("sensitivity", "specificity", "ppv", "npv", "f1"):
+            rates[f"{rate}_ci"] = _ci(reps[f"{name}/{rate}"], level)
+    for f in fixed:
+        res["sensitivity_at_specificity"][f"{f:g}"]["ci"] = _ci(reps[f"sens_at_spec/{f:g}"],
+                                                                level)
+        res["specificity_at_sensitivity"][f"{f:g}"]["ci"] = _ci(reps[f"spec_at_sens/{f:g}"],
+                                                                level)
+
+
+def _finish(res: Dict) -> Dict:
+    """Intervals missing as ``[None, None]`` for the keys of :func:`evaluate_binary`."""
+    for key in ("auroc_ci", "auprc_ci"):
+        if res.get(key) is None:
+            res[key] = [None, None]
+    return _json_clean(res)
+
+
+def paired_auroc_difference(y_true, score_a, score_b, n_boot: int = DEFAULT_N_BOOT,
+                            seed: int = DEFAULT_SEED, groups=None, level: float = 0.95) -> Dict:
+    """AUROC of a minus AUROC of b on the same cases: paired bootstrap interval (both scores
+    of a case move together, see :func:`iter_bootstrap_counts`) and DeLong's test.
+
+    Returns:
+        dict of :func:`delong_test` plus ``difference_ci`` (None with fewer than
+        ``MIN_BOOTSTRAP_CASES`` cases or ``n_boot`` 0) and ``bootstrap`` (its settings).
+    """
+    y, sa = check_binary_inputs(y_true, score_a)
+    _, sb = check_binary_inputs(y_true, score_b)
+    res = delong_test(y, sa, sb)
+    res["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level),
+                        "method": bootstrap_method(groups) + ", paired"}
+    res["difference_ci"] = None
+    if n_boot > 0 and y.size >= MIN_BOOTSTRAP_CASES:
+        diffs = []
+        for counts in iter_bootstrap_counts(y, n_boot, seed, groups=groups):
+            a = _replicate_metrics(counts, y, sa, {}, (), False)["auroc"]
+            b = _replicate_metrics(counts, y, sb, {}, (), False)["auroc"]
+            diffs.append(a - b)
+        res["difference_ci"] = _ci(np.concatenate(diffs), level)
+    return _json_clean(res)
+
+
+# ------------------------------------------------------------------ recalibration
+CALIBRATION_METHODS = ("platt", "isotonic")
+
+
+class Calibrator:
+    """A map from scores to calibrated probabilities, fitted on validation scores.
+
+    ``platt``: logistic regression of the label on the logit of the score (scores clipped
+    to [1e-6, 1 - 1e-6]; on the raw score when scores are not all in [0, 1]), unpenalised;
+    ``isotonic``: the non-decreasing step function of ``sklearn.isotonic.IsotonicRegression``
+    (clipped outside the fitted range), linear between its breakpoints.
+    """
+
+    def __init__(self, method: str):
+        if method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method should be one of {CALIBRATION_METHODS}, "
+                             f"got {method!r}")
+        self.method = method
+        self.params: Dict = {}
+
+    def _feature(self, s: np.ndarray) -> np.ndarray:
+        if self.params.get("input") == "logit":
+            p = np.clip(s, 1e-6, 1 - 1e-6)
+            return np.log(p / (1 - p))
+        return s
+
+    def fit(self, y_true, y_score) -> "Calibrator":
+        """Fit on labelled (validation) scores; both classes needed."""
+        y, s = check_binary_inputs(y_true, y_score)
+        _need_both_classes(y, f"{self.method} calibration")
+        if self.method == "platt":
+            from sklearn.linear_model import LogisticRegression
+
+            self.params = {"input": "logit" if s.min() >= 0 and s.max() <= 1 else "score"}
+            lr = LogisticRegression(C=np.inf).fit(self._feature(s)[:, None], y)
+            self.params.update(coef=float(lr.coef_[0, 0]), intercept=float(lr.intercept_[0]))
+        else:
+            from sklearn.isotonic import IsotonicRegression
+
+            iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(s, y)
+            self.params = {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+        self.params["n_fit"], self.params["n_pos_fit"] = int(y.size), int(y.sum())
+        return self
+
+    def apply(self, y_score) -> np.ndarray:
+        """Calibrated probabilities of ``y_score`` (float64, same shape)."""
+        s = np.asarray(y_score, dtype=np.float64)
+        if self.method == "platt":
+            z = self.params["coef"] * self._feature(s) + self.params["intercept"]
+            return 1.0 / (1.0 + np.exp(-z))
+        return np.interp(s, self.params["x"], self.params["y"])
+
+    def to_json(self) -> Dict:
+        """``{"method": ..., **params}``: platt ``input, coef, intercept`` (p = 1 / (1 +
+        exp(-(coef * x + intercept)))); isotonic breakpoints ``x``, ``y``."""
+        return {"method": self.method, **self.params}
+
+
+# ------------------------------------------------------------------ multi-class (patches)
+def confusion_report(labels, probs, class_names: Sequence[str]) -> Dict:
+    """Confusion matrix and one-vs-rest AUROC per class of a multi-class classifier.
+
+    Args:
+        labels: n true class indices.
+        probs: (n, k) class probabilities; the predicted class is the argmax.
+        class_names: k names.
+
+    Returns:
+        dict with ``classes``, ``counts`` (k x k, rows = true class, columns = predicted),
+        ``row_normalised`` (each row divided by its total; None for an absent class),
+        ``accuracy`` and ``auroc_ovr`` (class -> AUROC of its probability against all other
+        classes; None when the class is absent or alone).
+    """
+    from sklearn.metrics import confusion_matrix
+
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(class_names)
+    if probs.ndim != 2 or probs.shape != (labels.size, k):
+        raise ValueError(f"probs should be ({labels.size}, {k}), got {probs.shape}")
+    cm = confusion_matrix(labels, probs.argmax(axis=1), labels=list(range(k)))
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = [(r / t).tolist() if t[0] else None for r, t in zip(cm, rows)]
+    auroc = {}
+    for j, name in enumerate(class_names):
+        yj = (labels == j).astype(int)
+        auroc[name] = roc_auc(yj, probs[:, j]) if 0 < yj.sum() < yj.size else None
+    return {"classes": list(class_names), "counts": cm.tolist(), "row_normalised": norm,
+            "accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "auroc_ovr": auroc}
+
+
+def write_confusion_report(labels, probs, class_names: Sequence[str], prefix: PathLike) -> Dict:
+    """Write ``<prefix>.confusion.csv`` (counts, then row-normalised rows),
+    ``<prefix>.confusion.png`` (both matrices) and ``<prefix>.metrics.json`` (the
+    :func:`confusion_report`); return the report with the three paths."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    rep = confusion_report(labels, probs, class_names)
+    prefix = str(prefix)
+    lines = ["matrix,true_class," + ",".join(f"pred_{c}" for c in class_names)]
+    for kind, mat in (("counts", rep["counts"]), ("row_normalised", rep["row_normalised"])):
+        for name, row in zip(class_names, mat):
+            vals = row if row is not None else [math.nan] * len(class_names)
+            lines.append(f"{kind},{name}," + ",".join(f"{v:.6g}" for v in vals))
+    csv_path = atomic_write(prefix + ".confusion.csv", lambda fh: fh.write("\n".join(lines)
+                                                                           + "\n"), text=True)
+    fig = Figure(figsize=(10, 4.5), dpi=100)
+    counts = np.asarray(rep["counts"], dtype=float)
+    normed = np.array([r if r is not None else [np.nan] * len(class_names)
+                       for r in rep["row_normalised"]], dtype=float)
+    for ax, mat, title, fmt in zip(fig.subplots(1, 2), (counts, normed),
+                                   ("counts", "row-normalised"), ("{:.0f}", "{:.2f}")):
+        ax.imshow(mat, cmap="Blues", vmin=0)
+        top = np.nanmax(mat) if np.isfinite(mat).any() else 0
+        for (i, j), v in np.ndenumerate(mat):
+            ax.text(j, i, fmt.format(v) if np.isfinite(v) else "-", ha="center", va="center",
+                    color="white" if np.isfinite(v) and v > top / 2 else "black")
+        ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)),
+               xticklabels=class_names, yticklabels=class_names, xlabel="predicted",
+               ylabel="true", title=f"test confusion matrix ({title})")
+    fig.tight_layout()
+    png_path = save_figure(fig, prefix + ".confusion.png")
+    rep.update(confusion_csv=str(csv_path), confusion_png=str(png_path))
+    rep["metrics_json"] = str(write_json_atomic(rep, prefix + ".metrics.json"))
+    return rep
+
+
+# ------------------------------------------------------------------ case names
+_CBIS_NAME = re.compile(r"(?P<patient>.+?)_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:$|[_.])",
+                        re.IGNORECASE)
+
+
+def parse_cbis_name(name: str) -> Optional[Tuple[str, str, str]]:
+    """``(patient, side, view)`` of a CBIS-style image name ``{patient}_{side}_{view}``
+    (``pos/P_00003_RIGHT_CC.png`` -> ``("P_00003", "RIGHT", "CC")``; folders and the
+    extension are ignored, side and view upper-cased), or None when the name has another form.
+    """
+    stem = str(name).replace("\\", "/").rsplit("/", 1)[-1]
+    m = _CBIS_NAME.match(stem)
+    if m is None:
+        return None
+    return m["patient"], m["side"].upper(), m["view"].upper()

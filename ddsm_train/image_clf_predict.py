@@ -42,9 +42,14 @@ Outputs in ``--out-dir``:
 * ``breast_predictions.csv`` (exam lists): ``index,left_malignant,right_malignant``, the mean
   ``malignant_pred`` over the views of that breast that were scored (empty if none).
 * with labels: ``metrics.json`` (AUROC, AUPRC = trapezoidal area under the PR curve, their
-  seeded percentile bootstrap 95 % intervals over ``--bootstrap`` resamples, sensitivity and
-  specificity at ``--threshold`` with ``score >= threshold`` positive; per level ``image`` and,
-  for exam lists, ``breast``; see ``eval_metrics``), ``roc_<level>.png``, ``pr_<level>.png``.
+  seeded percentile bootstrap 95 % intervals over ``--bootstrap`` resamples, stratified by
+  label and resampling patients when they are known (exams of exam lists, CBIS-style names
+  ``{patient}_{side}_{view}``), sensitivity and specificity at ``--threshold`` with
+  ``score >= threshold`` positive, and the rest of ``eval_metrics.evaluate_scores``: PPV, NPV,
+  F1, sensitivity at fixed specificities and the reverse, pF1, ECE and Brier score; per level
+  ``image`` and, for exam lists, ``breast``), ``roc_<level>.png``, ``pr_<level>.png``.
+  ``evaluate.py`` computes the same metrics from these files, and more (operating points
+  chosen on validation predictions, calibration, model comparison).
 * ``options.json``: the resolved options.
 * ``.ddsm_outputs.json``: the manifest of the files this run wrote. Files an earlier run
   wrote that this one does not are removed; other files (your own) are kept, and one named
@@ -525,11 +530,15 @@ def breast_table(exams: List[dict], images: pd.DataFrame) -> Tuple[pd.DataFrame,
 
 
 def evaluate_level(y, score, out_dir: Path, level: str, threshold: float, n_boot: int,
-                   seed: int) -> Optional[dict]:
+                   seed: int, groups=None) -> Optional[dict]:
     """Metrics of the labelled, scored entries, and the ROC/PR PNGs when both classes occur.
 
+    Args:
+        groups: patient (or exam) of each entry, for the clustered bootstrap (None: entries
+            are resampled independently).
+
     Returns:
-        The ``eval_metrics.evaluate_binary`` dict plus ``roc_png``/``pr_png`` paths, or None
+        The ``eval_metrics.evaluate_scores`` dict plus ``roc_png``/``pr_png`` paths, or None
         when no entry has both a label and a score.
     """
     y = pd.to_numeric(pd.Series(y), errors="coerce").astype("Float64").to_numpy(
@@ -539,17 +548,31 @@ def evaluate_level(y, score, out_dir: Path, level: str, threshold: float, n_boot
     if not keep.any():
         return None
     y, score = y[keep].astype(int), score[keep]
-    metrics = eval_metrics.evaluate_binary(y, score, threshold=threshold, n_boot=n_boot,
-                                           seed=seed)
+    groups = None if groups is None else np.asarray(groups)[keep]
+    metrics = eval_metrics.evaluate_scores(y, score, threshold=threshold, n_boot=n_boot,
+                                           seed=seed, groups=groups)
     if 0 < y.sum() < y.size:
         roc, pr = eval_metrics.plot_roc_pr(y, score, out_dir / f"roc_{level}.png",
                                            out_dir / f"pr_{level}.png", title=level,
                                            metrics=metrics)
         metrics.update(roc_png=str(roc), pr_png=str(pr))
-    logger.info("%s level: n=%d AUROC %.4f %s AUPRC %.4f %s sens %.3f spec %.3f @ %.2f",
+    logger.info("%s level: n=%d AUROC %s %s AUPRC %s %s sens %.3f spec %.3f @ %.2f%s",
                 level, metrics["n"], metrics["auroc"], metrics["auroc_ci"], metrics["auprc"],
-                metrics["auprc_ci"], metrics["sensitivity"], metrics["specificity"], threshold)
+                metrics["auprc_ci"], metrics["sensitivity"] if metrics["n_pos"] else float("nan"),
+                metrics["specificity"] if metrics["n_neg"] else float("nan"), threshold,
+                "".join(f"; {n}" for n in metrics["notes"]))
     return metrics
+
+
+def _patients(images: pd.DataFrame) -> Optional[np.ndarray]:
+    """The patient of each image for the clustered bootstrap: the exam of exam lists, the
+    ``{patient}`` of CBIS-style names; None when not every image has one."""
+    if "exam_index" in images.columns:
+        return images["exam_index"].astype(str).to_numpy()
+    parts = [eval_metrics.parse_cbis_name(name) for name in images["image_index"]]
+    if parts and all(p is not None for p in parts):
+        return np.array([p[0] for p in parts])
+    return None
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> Path:
@@ -567,14 +590,16 @@ def write_outputs(items: List[ImageItem], exams: Optional[List[dict]], probs: np
                "errors": [(it.image_index, e) for it, e in zip(items, errors) if e],
                "metrics": {}}
     summary["n_errors"] = len(summary["errors"])
-    levels = {"image": (images["malignant_label"], images["malignant_pred"])}
+    levels = {"image": (images["malignant_label"], images["malignant_pred"],
+                        _patients(images))}
     if exams is not None:
         breasts, labels = breast_table(exams, images)
         summary["breast_csv"] = str(_write_csv(breasts, out / "breast_predictions.csv"))
         levels["breast"] = (labels[["left_malignant", "right_malignant"]].to_numpy().ravel(),
-                            breasts[["left_malignant", "right_malignant"]].to_numpy().ravel())
-    for level, (y, score) in levels.items():
-        res = evaluate_level(y, score, out, level, threshold, bootstrap, seed)
+                            breasts[["left_malignant", "right_malignant"]].to_numpy().ravel(),
+                            np.repeat(breasts["index"].astype(str).to_numpy(), 2))
+    for level, (y, score, groups) in levels.items():
+        res = evaluate_level(y, score, out, level, threshold, bootstrap, seed, groups)
         if res is not None:
             summary["metrics"][level] = res
     if summary["metrics"]:

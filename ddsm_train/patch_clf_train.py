@@ -11,7 +11,9 @@ final dense layer (``--nb-epoch``), the layers from ``--top-layer-nb`` up
 lr x ``--all-layer-multiplier``); without them (a ``--net`` without ImageNet weights, such as
 ``yaroslav`` or ``dm_resnet14``, or ``--no-use-pretrained``) only stage 1 runs, on all layers.
 The model with the best validation accuracy is saved atomically to ``--best-model`` (options in
-``<best-model>.options.json``); at the end its test accuracy and loss are reported.
+``<best-model>.options.json``); at the end its test accuracy and loss are reported, and its test
+confusion matrix (counts and row-normalised) and one-vs-rest AUROC per class are written beside
+it (``<best-model>.test.confusion.csv`` / ``.png``, ``<best-model>.test.metrics.json``).
 """
 import argparse
 import logging
@@ -131,7 +133,8 @@ def run(train_dir, val_dir, test_dir, **options):
     Returns:
         dict: ``best_model``, ``options_json``, ``best_val_accuracy``, ``best_epoch``,
         ``epochs``, ``stages``, ``history`` (merged per-epoch logs), ``test_loss``,
-        ``test_accuracy``.
+        ``test_accuracy``, ``test_confusion`` (``eval_metrics.confusion_report`` with the
+        paths of its files).
     """
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
     env, strategy, json_path, identity, resume = ts.begin_training_run(opts, validate_options)
@@ -197,11 +200,32 @@ def _report(opts, json_path, hists, test, is_chief=True):
     best.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=["accuracy"])
     loss, acc = best.evaluate(test, verbose=0)
     result.update(test_loss=float(loss), test_accuracy=float(acc))
+    result["test_confusion"] = _test_confusion(best, test, opts)
     logger.info("Training summary: stages %s, %d epochs, best validation accuracy %.4f at "
                 "epoch %d, model %s", result["stages"], result["epochs"],
                 result["best_val_accuracy"], result["best_epoch"], result["best_model"])
     logger.info("Test accuracy %.4f, loss %.4f (%d patches)", acc, loss, test.nb_sample)
     return result
+
+
+def _test_confusion(model, test, opts):
+    """Confusion matrix and one-vs-rest AUROC per class of ``model`` on the test patches,
+    written beside the model: ``<best-model>.test.confusion.csv`` / ``.png`` and
+    ``<best-model>.test.metrics.json`` (``eval_metrics.write_confusion_report``)."""
+    import numpy as np
+
+    import eval_metrics
+
+    labels, probs = [], []
+    for k in range(len(test)):
+        x, y = test[k][:2]
+        probs.append(model.predict(x, verbose=0))
+        labels.append(np.asarray(y).argmax(axis=-1) if np.ndim(y) == 2 else np.asarray(y))
+    rep = eval_metrics.write_confusion_report(np.concatenate(labels), np.concatenate(probs),
+                                              opts["class_list"], f"{opts['best_model']}.test")
+    logger.info("Test confusion matrix (rows true %s): %s; one-vs-rest AUROC %s; in %s",
+                opts["class_list"], rep["counts"], rep["auroc_ovr"], rep["confusion_png"])
+    return rep
 
 
 def main(argv=None):

@@ -11,7 +11,9 @@
 #   5. image_clf_predict.py        held-out test patients, without and with flip augmentation:
 #                                  predictions CSV, AUROC/AUPRC with 95% bootstrap CI, ROC/PR PNGs
 #   6. heatmap_score.py            heatmap overlay PNGs of one positive test patient
-#   7. demo_summary.py             summary.json and the printed summary
+#   7. evaluate.py                 validation patients scored too; operating points chosen on
+#                                  them and applied to the test scores, calibration, levels
+#   8. demo_summary.py             summary.json and the printed summary
 #
 # Usage: bash ddsm_train/run_demo.sh [OUT_DIR]     (default: demo_out/run_YYYYmmdd_HHMMSS)
 # Sizes come from DEMO_* environment variables (defaults below); the seed from RANDOM_SEED.
@@ -147,5 +149,14 @@ stage 7_heatmap "$PY" "$HERE/heatmap_score.py" "$DATA/full_img" "$MODELS/patch_c
     --img-size "$IMG_H" "$IMG_W" --no-img-scale "${SCALE_FLAGS[@]}" --featurewise-center \
     --avg-pool-size "$HM_POOL" "$HM_POOL" --malignant-class 1 --out "$HM/prob_heatmap.npz" \
     --png-dir "$HM"
+
+# Operating point chosen on the validation patients, applied unchanged to the test patients.
+# (the second --img-dir replaces the test folder of PRED_FLAGS)
+stage 8_predict_val "$PY" "$HERE/image_clf_predict.py" "${PRED_FLAGS[@]}" \
+    --img-dir "$DATA/whole_img/val" --test-augment --out-dir "$OUT/predictions/val_flips"
+stage 9_evaluate "$PY" "$HERE/evaluate.py" \
+    --predictions "$OUT/predictions/flips/image_predictions.csv" \
+    --val-predictions "$OUT/predictions/val_flips/image_predictions.csv" \
+    --bootstrap "$BOOTSTRAP" --seed "$RANDOM_SEED" --out-dir "$OUT/evaluation"
 
 "$PY" "$HERE/demo_summary.py" "$OUT"

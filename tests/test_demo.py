@@ -25,7 +25,7 @@ SUMMARY_KEYS = {"patch_test_accuracy", "test_auroc", "test_auroc_ci", "test_auro
                 "test_auroc_flips_ci", "n_test_images", "stage_seconds", "total_seconds",
                 "roc_png", "heatmap_pngs", "files", "file_list", "out_dir"}
 STAGES = ["1_synthetic_data", "2_sample_patches", "3_patch_train", "4_image_train",
-          "5_predict", "6_predict_flips", "7_heatmap"]
+          "5_predict", "6_predict_flips", "7_heatmap", "8_predict_val", "9_evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,16 @@ def test_demo_summary(demo_run):
     assert summary["test_auroc_flips"] > 0.5          # a small run, but it must learn
     lo, hi = summary["test_auroc_flips_ci"]
     assert lo <= summary["test_auroc_flips"] <= hi
+    # the operating point chosen on the validation images (Youden's J), applied to the test
+    import pandas as pd
+
+    import eval_metrics
+    val = pd.read_csv(out / "predictions" / "val_flips" / "image_predictions.csv").dropna(
+        subset=["malignant_pred"])
+    point = summary["operating_point"]
+    assert point["threshold"] == pytest.approx(eval_metrics.choose_threshold(
+        val.malignant_label, val.malignant_pred, "youden"), abs=1e-6)   # CSV: 6 digits
+    assert "operating point chosen on validation (Youden index" in stdout
     assert Path(summary["out_dir"]) == out.resolve()
     assert stdout.strip().splitlines()[-1] == (f"Results are in {out.resolve()} "
                                                "(summary.json; files.txt lists every file)")

@@ -7,7 +7,7 @@ import pytest
 
 SCRIPTS = ["image_clf_train", "patch_clf_train", "sample_patches_combined",
            "image_clf_predict", "heatmap_score", "make_synthetic_ddsm", "prepare_cbis_ddsm",
-           "compute_mean"]
+           "compute_mean", "evaluate"]
 
 
 def _all_scripts(repo_root):

@@ -283,6 +283,16 @@ def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_se
                                  "frozen_bn_mode": "batch"})
     assert [c["frozen_bn_mode"] for c in calls] == ["batch"]
     assert dm_keras_ext.robust_load_model(best).output_shape == (None, 3)
+    # the test confusion matrix and one-vs-rest AUROC, beside the model
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+    rep = result["test_confusion"]
+    assert rep["counts"] == confusion_matrix(y, z.argmax(1), labels=[0, 1, 2]).tolist()
+    prob = np.exp(log_prob)
+    for j, name in enumerate(("background", "malignant", "benign")):
+        assert rep["auroc_ovr"][name] == pytest.approx(roc_auc_score(y == j, prob[:, j]),
+                                                       abs=1e-6)
+    for suffix in (".test.confusion.csv", ".test.confusion.png", ".test.metrics.json"):
+        assert (tmp_path / f"patch_best.h5{suffix}").is_file()
 
 
 # ------------------------------------------------------------------ shell scripts, README command

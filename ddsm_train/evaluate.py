@@ -1,0 +1,656 @@
+"""Evaluate prediction files as screening studies report them: levels, operating points,
+calibration and model comparison.
+
+Works on the scores of any model, not only this repository's (Shen et al., "Deep Learning to
+Improve Breast Cancer Detection on Screening Mammography", Sci Rep 9, 12495 (2019);
+arXiv:1708.09427). The metrics are those of ``eval_metrics.evaluate_scores``, which
+``image_clf_predict.py`` uses too.
+
+Prediction files (CSV; each ``--predictions`` file, or each ``--score-col`` of one file, is a
+model):
+
+* image level: ``image_predictions.csv`` of ``image_clf_predict.py``, or the mammography
+  meta-repository's ``image_index,malignant_pred,malignant_label``; any CSV with an id column
+  (``--id-col``, default ``image_index``), score column(s) (``--score-col``, default
+  ``malignant_pred``) and a label column (``--label-col``, default the first of
+  ``malignant_label``, ``label``, ``cancer``, ``malignant``). Rows without a score (unreadable
+  images) are left out and counted.
+* breast level: ``left_malignant,right_malignant`` per exam (``breast_predictions.csv``, or
+  the meta-repository's output), in the order of its exam list (``--exam-list``, which gives
+  the labels: ``cancer_label`` ``left_malignant`` / ``right_malignant``).
+
+Levels: ``image``; ``breast``: the views of one breast combined by ``--breast-combine`` (mean,
+as the meta-repository does, or max; a breast with a missing view uses the views it has);
+``exam``: the higher of its two breast scores, positive when either breast is. Breasts and
+exams come from the ``exam_index,view`` columns of our exam-list predictions, from
+``--exam-list`` (image stems), or from CBIS-style names ``{patient}_{side}_{view}``; the
+bootstrap then resamples patients (CBIS names) or exams (exam lists), so both breasts of a
+woman move together.
+
+Operating points: with ``--val-predictions`` (same layout, same models), thresholds are chosen
+on validation per level and model (Youden's J, ``--target-sensitivity``,
+``--target-specificity``) and applied unchanged to the test scores; without them the fixed
+``--threshold`` is reported, named ``fixed_<threshold>``. ``--calibrate platt|isotonic`` fits
+a recalibration on the validation scores and applies it to the test scores.
+
+Outputs in ``--out-dir``: ``metrics.json`` (``<level>`` -> ``<model>`` -> the
+``evaluate_scores`` dict; ``comparisons`` -> ``<level>`` -> AUROC differences with paired
+bootstrap intervals and DeLong's test; ``settings``), ``roc_<level>[_<model>].png``,
+``pr_...png``, ``reliability_...png``; with ``--calibrate``
+``calibrated_<level>.csv`` and ``calibration_<level>.json``. A table goes to stdout.
+
+Example::
+
+    python evaluate.py --predictions predictions/image_predictions.csv \\
+        --val-predictions val_predictions/image_predictions.csv --calibrate platt \\
+        --out-dir evaluation
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import eval_metrics as em  # noqa: E402
+from dm_image import atomic_write  # noqa: E402
+from script_utils import cli_main, read_csv_table, run_defaults  # noqa: E402
+
+__all__ = ["Cases", "LEVELS", "load_predictions", "merge_models", "level_tables",
+           "choose_operating_points", "evaluate_tables", "format_table", "run",
+           "get_args_parser", "main"]
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("image", "breast", "exam")
+_LABEL_COLUMNS = ("malignant_label", "label", "cancer", "malignant")
+_COMBINE = {"mean": "mean", "max": "max"}
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Cases:
+    """Scored cases of one or more models.
+
+    ``table`` has ``case`` (id), ``label`` (float 0/1, NaN unknown), ``patient``, ``breast``
+    and ``exam`` (group keys, None when unknown) and one float column per model (NaN: not
+    scored); ``level`` is ``image`` or ``breast`` (what one row is); ``models`` names the
+    score columns; ``notes`` says what was left out.
+    """
+    table: pd.DataFrame
+    level: str
+    models: List[str]
+    notes: List[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ reading
+def _to_float(series: pd.Series, what: str, path: PathLike) -> np.ndarray:
+    vals = pd.to_numeric(series.replace("", np.nan), errors="coerce")
+    bad = vals.isna() & series.ne("") & series.notna()
+    if bad.any():
+        raise ValueError(f"{path}: {what} should be numbers, got {series[bad].iloc[0]!r}")
+    return vals.to_numpy(dtype=float)
+
+
+def _labels(series: pd.Series, path: PathLike, col: str) -> np.ndarray:
+    y = _to_float(series, f"labels in column {col!r}", path)
+    bad = np.isfinite(y) & ~np.isin(y, (0.0, 1.0))
+    if bad.any():
+        raise ValueError(f"{path}: labels in column {col!r} should be 0 or 1, got "
+                         f"{y[bad][0]:g}")
+    return y
+
+
+def _exam_label(exam: dict, side: str) -> float:
+    raw = (exam.get("cancer_label") or {}).get(f"{side}_malignant")
+    return np.nan if raw is None or str(raw).strip() == "" else float(raw)
+
+
+def _stem(name: str) -> str:
+    base = str(name).replace("\\", "/")
+    return re.sub(r"\.(png|jpe?g|dcm|tiff?)$", "", base, flags=re.IGNORECASE)
+
+
+def _breast_file(df: pd.DataFrame, path: PathLike, exams: Optional[list], name: str) -> Cases:
+    if exams is None:
+        raise ValueError(f"{path}: a breast-level file (left_malignant, right_malignant) needs "
+                         f"--exam-list for its labels")
+    if len(df) != len(exams):
+        raise ValueError(f"{path}: {len(df)} rows but the exam list has {len(exams)} exams")
+    rows = []
+    for k, (exam, rec) in enumerate(zip(exams, df.to_dict("records"))):
+        for side in ("left", "right"):
+            rows.append({"case": f"exam{k}/{side}", "label": _exam_label(exam, side),
+                         "patient": f"exam{k}", "breast": f"exam{k}/{side}",
+                         "exam": f"exam{k}", name: rec[f"{side}_malignant"]})
+    table = pd.DataFrame(rows)
+    table[name] = _to_float(table[name].astype(str), "scores", path)
+    return Cases(table, "breast", [name])
+
+
+def load_predictions(path: PathLike, score_cols: Optional[Sequence[str]] = None,
+                     label_col: Optional[str] = None, id_col: str = "image_index",
+                     exam_list: Optional[PathLike] = None,
+                     name: Optional[str] = None) -> Cases:
+    """Read one prediction file (see the module docstring for the layouts).
+
+    Args:
+        path: the CSV.
+        score_cols: score columns, one model each (default ``malignant_pred``).
+        label_col: label column (default: the first of ``malignant_label``, ``label``,
+            ``cancer``, ``malignant``; with an exam list, its labels when the file has none).
+        id_col: the column naming each image.
+        exam_list: meta-repository exam list (pickle or JSON) for breasts, exams and labels.
+        name: model name of a single score column (default: the column's name, or for a
+            breast-level file the file's stem).
+
+    Raises:
+        ValueError: missing columns, bad labels or scores, rows that do not match the exam
+            list (messages name the file).
+    """
+    df = read_csv_table(path)
+    exams = None
+    if exam_list is not None:
+        from image_clf_predict import load_exam_list
+
+        exams = load_exam_list(exam_list)
+    if {"left_malignant", "right_malignant"} <= set(df.columns):
+        return _breast_file(df, path, exams, name or Path(path).stem)
+    score_cols = list(score_cols or ["malignant_pred"])
+    missing = [c for c in [id_col, *score_cols] if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (columns: "
+                         f"{[c for c in df.columns if c != '_line']}); name them with "
+                         f"--id-col / --score-col")
+    names = [name] if name and len(score_cols) == 1 else score_cols
+    table = pd.DataFrame({"case": df[id_col].astype(str)})
+    for col, model in zip(score_cols, names):
+        table[model] = _to_float(df[col], f"scores in column {col!r}", path)
+    label_col = label_col or next((c for c in _LABEL_COLUMNS if c in df.columns), None)
+    if label_col is not None and label_col not in df.columns:
+        raise ValueError(f"{path}: no label column {label_col!r}")
+    table["label"] = _labels(df[label_col], path, label_col) if label_col else np.nan
+    table["patient"] = table["breast"] = table["exam"] = None
+    if {"exam_index", "view"} <= set(df.columns):
+        ex = "exam" + df["exam_index"].astype(str)
+        table["exam"] = table["patient"] = ex
+        table["breast"] = ex + "/" + df["view"].str[0].map({"L": "left", "R": "right"})
+    elif exams is not None:
+        _from_exam_list(table, exams, path)
+    else:
+        parts = [em.parse_cbis_name(c) for c in table["case"]]
+        if all(p is not None for p in parts) and parts:
+            table["patient"] = table["exam"] = [p[0] for p in parts]
+            table["breast"] = [f"{p[0]}_{p[1]}" for p in parts]
+    if "patient_id" in df.columns:
+        table["patient"] = df["patient_id"].astype(str)
+    return _drop_unscored(Cases(table, "image", list(names)), path)
+
+
+def _from_exam_list(table: pd.DataFrame, exams: list, path: PathLike) -> None:
+    where = {}
+    for k, exam in enumerate(exams):
+        for view in ("L-CC", "R-CC", "L-MLO", "R-MLO"):
+            side = "left" if view[0] == "L" else "right"
+            for stem in exam.get(view, []):
+                where[_stem(stem)] = (k, side, _exam_label(exam, side))
+    keys = [where.get(_stem(c)) for c in table["case"]]
+    unknown = [c for c, k in zip(table["case"], keys) if k is None]
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} image(s) not in the exam list, e.g. "
+                         f"{unknown[0]!r}")
+    table["exam"] = table["patient"] = [f"exam{k[0]}" for k in keys]
+    table["breast"] = [f"exam{k[0]}/{k[1]}" for k in keys]
+    if not np.isfinite(table["label"]).any():
+        table["label"] = [k[2] for k in keys]
+
+
+def _drop_unscored(cases: Cases, path: PathLike) -> Cases:
+    scored = np.isfinite(cases.table[cases.models].to_numpy(dtype=float)).any(axis=1)
+    if not scored.all():
+        cases.notes.append(f"{path}: {int((~scored).sum())} row(s) without a score left out")
+        logger.warning("%s", cases.notes[-1])
+        cases.table = cases.table[scored].reset_index(drop=True)
+    if cases.table.empty:
+        raise ValueError(f"{path}: no scored row")
+    return cases
+
+
+def merge_models(parts: Sequence[Cases]) -> Cases:
+    """One :class:`Cases` of several files' models, joined on the case id (cases that some
+    file lacks are left out, with a note); labels must agree where both files have one.
+
+    Raises:
+        ValueError: different levels, repeated model names, or conflicting labels.
+    """
+    out = parts[0]
+    for other in parts[1:]:
+        if other.level != out.level:
+            raise ValueError(f"prediction files of different levels ({out.level}, "
+                             f"{other.level}) cannot be compared")
+        dup = set(out.models) & set(other.models)
+        if dup:
+            raise ValueError(f"model name(s) {sorted(dup)} given twice: name the models with "
+                             f"--names")
+        right = other.table[["case", "label", *other.models]].rename(columns={"label": "_lab"})
+        table = out.table.merge(right, on="case", how="inner")
+        both = np.isfinite(table["label"]) & np.isfinite(table["_lab"])
+        if (table.loc[both, "label"] != table.loc[both, "_lab"]).any():
+            case = table.loc[both & (table["label"] != table["_lab"]), "case"].iloc[0]
+            raise ValueError(f"the prediction files disagree on the label of {case!r}")
+        table["label"] = table["label"].fillna(table["_lab"])
+        notes = out.notes + other.notes
+        lost = max(len(out.table), len(other.table)) - len(table)
+        if lost:
+            notes.append(f"{lost} case(s) not in every prediction file left out")
+        out = Cases(table.drop(columns="_lab"), out.level, out.models + other.models, notes)
+    return out
+
+
+def level_tables(cases: Cases, breast_combine: str = "mean") -> Dict[str, pd.DataFrame]:
+    """The case tables of each level the cases allow (see the module docstring).
+
+    Returns:
+        ``{"image": ..., "breast": ..., "exam": ...}`` (only levels the groups allow), each
+        with ``case``, ``label``, ``patient`` and one column per model.
+    """
+    if breast_combine not in _COMBINE:
+        raise ValueError(f"breast_combine should be one of {sorted(_COMBINE)}, got "
+                         f"{breast_combine!r}")
+    t = cases.table
+    out = {}
+    if cases.level == "image":
+        out["image"] = t[["case", "label", "patient", *cases.models]]
+    if t["breast"].isna().any():
+        return out
+    breast = t if cases.level == "breast" else _combine(t, "breast", cases.models,
+                                                        breast_combine)
+    out["breast"] = breast[["case", "label", "patient", *cases.models]] \
+        if cases.level == "breast" else breast
+    out["exam"] = _combine(breast.assign(exam=breast["case"].map(
+        dict(zip(t["breast"], t["exam"])))), "exam", cases.models, "max")
+    return out
+
+
+def _combine(t: pd.DataFrame, key: str, models: List[str], how: str) -> pd.DataFrame:
+    agg = {m: how for m in models}
+    agg.update(label=lambda v: v.max(skipna=True), patient="first")
+    out = t.groupby(key, sort=False).agg(agg).reset_index().rename(columns={key: "case"})
+    return out[["case", "label", "patient", *models]]
+
+
+# ------------------------------------------------------------------------------ metrics
+def _labelled(t: pd.DataFrame, model: str):
+    y, s = t["label"].to_numpy(dtype=float), t[model].to_numpy(dtype=float)
+    keep = np.isfinite(y) & np.isfinite(s)
+    groups = t["patient"].to_numpy()[keep]
+    return (y[keep].astype(int), s[keep],
+            None if pd.isna(groups).any() or not len(groups) else groups.astype(str))
+
+
+def choose_operating_points(val: pd.DataFrame, model: str, target_sensitivity: float,
+                            target_specificity: float) -> Dict[str, float]:
+    """Thresholds chosen on the validation table of one level (empty when it lacks a class):
+    ``youden``, ``sensitivity_<target>``, ``specificity_<target>``."""
+    y, s, _ = _labelled(val, model)
+    if em.degenerate_reason(y, s):
+        logger.warning("validation %s: %s; the fixed threshold is used", model,
+                       em.degenerate_reason(y, s))
+        return {}
+    return {"youden": em.choose_threshold(y, s, "youden"),
+            f"sensitivity_{target_sensitivity:g}": em.choose_threshold(
+                y, s, "sensitivity", target_sensitivity),
+            f"specificity_{target_specificity:g}": em.choose_threshold(
+                y, s, "specificity", target_specificity)}
+
+
+def evaluate_tables(tables: Dict[str, pd.DataFrame], models: List[str], out: Path,
+                    val_tables: Optional[Dict[str, pd.DataFrame]] = None,
+                    calibrate: Optional[str] = None, threshold: float = 0.5,
+                    target_sensitivity: float = 0.9, target_specificity: float = 0.9,
+                    bootstrap: int = 2000, seed: int = 12345) -> dict:
+    """Metrics, comparisons, plots and calibration files of every level and model.
+
+    Returns:
+        The ``metrics.json`` content (without ``settings``).
+    """
+    metrics, comparisons = {}, {}
+    for level, t in tables.items():
+        metrics[level] = {}
+        val = (val_tables or {}).get(level)
+        maps = {}
+        for model in models:
+            y, s, groups = _labelled(t, model)
+            if not y.size:
+                continue
+            points = choose_operating_points(val, model, target_sensitivity,
+                                             target_specificity) if val is not None else {}
+            res = em.evaluate_scores(y, s, threshold=threshold, val_thresholds=points,
+                                     n_boot=bootstrap, seed=seed, groups=groups)
+            if val is not None and not points:
+                res["notes"].append("validation scores lack a class at this level: fixed "
+                                    "threshold")
+            suffix = level if len(models) == 1 else f"{level}_{_safe(model)}"
+            extra = None
+            if calibrate and val is not None:
+                cal = _calibrate(val, t, model, calibrate, res)
+                if cal is not None:
+                    maps[model] = cal
+                    extra = {f"{calibrate} calibrated": cal.apply(s)}
+            if res["auroc"] is not None:
+                roc, pr = em.plot_roc_pr(y, s, out / f"roc_{suffix}.png", out / f"pr_{suffix}.png",
+                                         title=f"{level} {model}", metrics=_first_point(res))
+                res.update(roc_png=str(roc), pr_png=str(pr))
+            if "ece" in res["calibration"]:
+                fig = em.reliability_figure(y, s, f"{level} {model}", extra=extra)
+                res["reliability_png"] = str(em.save_figure(fig, out /
+                                                            f"reliability_{suffix}.png"))
+            metrics[level][model] = res
+        if maps:
+            files = _write_calibrated(t, maps, out, level)
+            for model in maps:
+                metrics[level][model]["calibration"]["calibrated"].update(files)
+        comparisons[level] = _compare(t, models, bootstrap, seed)
+    if len(models) > 1:
+        metrics["comparisons"] = comparisons
+    return metrics
+
+
+def _first_point(res: dict) -> dict:
+    """``res`` with the operating point marked on the curves: the first validation-chosen
+    one, else the fixed threshold."""
+    if not res["operating_points"]:
+        return res
+    name, point = next(iter(res["operating_points"].items()))
+    return {**res, "threshold": point["threshold"], "sensitivity": point["sensitivity"],
+            "specificity": point["specificity"]}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _compare(t: pd.DataFrame, models: List[str], bootstrap: int, seed: int) -> List[dict]:
+    """The first model against each other one, on the cases all models scored."""
+    rows = []
+    if len(models) < 2:
+        return rows
+    sub = t[np.isfinite(t[models].to_numpy(dtype=float)).all(axis=1)]
+    y, _, groups = _labelled(sub, models[0])
+    reason = em.degenerate_reason(y, None)
+    for other in models[1:]:
+        row = {"a": models[0], "b": other, "n": int(y.size)}
+        if reason:
+            row["note"] = reason
+        else:
+            keep = np.isfinite(sub["label"].to_numpy(dtype=float))
+            row.update(em.paired_auroc_difference(
+                y, sub[models[0]].to_numpy(float)[keep], sub[other].to_numpy(float)[keep],
+                n_boot=bootstrap, seed=seed, groups=groups))
+        rows.append(row)
+    return rows
+
+
+def _calibrate(val: pd.DataFrame, t: pd.DataFrame, model: str, method: str,
+               res: dict) -> Optional[em.Calibrator]:
+    """Fit ``method`` on the validation scores of ``model``; add the calibrated test scores'
+    ECE and Brier score to ``res["calibration"]``; return the fitted map (None when the
+    validation scores lack a class)."""
+    yv, sv, _ = _labelled(val, model)
+    if em.degenerate_reason(yv, sv):
+        res["notes"].append(f"no {method} calibration: validation {em.degenerate_reason(yv, sv)}")
+        return None
+    cal = em.Calibrator(method).fit(yv, sv)
+    y, s, _ = _labelled(t, model)
+    cs = cal.apply(s)
+    res["calibration"]["calibrated"] = {"method": method,
+                                        "ece": em.expected_calibration_error(y, cs),
+                                        "brier": em.brier_score(y, cs)}
+    return cal
+
+
+def _write_calibrated(t: pd.DataFrame, maps: Dict[str, em.Calibrator], out: Path,
+                      level: str) -> Dict[str, str]:
+    """``calibrated_<level>.csv`` (case, label, ``<model>_calibrated``) and
+    ``calibration_<level>.json`` (model -> fitted map)."""
+    table = t[["case", "label"]].copy()
+    for model, cal in maps.items():
+        s = t[model].to_numpy(dtype=float)
+        table[f"{model}_calibrated"] = np.where(np.isfinite(s), cal.apply(np.nan_to_num(s)),
+                                                np.nan)
+    csv = atomic_write(out / f"calibrated_{level}.csv",
+                       lambda fh: table.to_csv(fh, index=False, float_format="%.6g"), text=True)
+    js = em.write_json_atomic({m: c.to_json() for m, c in maps.items()},
+                              out / f"calibration_{level}.json")
+    return {"csv": str(csv), "map_json": str(js)}
+
+
+# ------------------------------------------------------------------------------ summary
+def _ci_text(ci) -> str:
+    if not ci or ci[0] is None:
+        return ""
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _num(value, ci=None) -> str:
+    return "-" if value is None else f"{value:.3f}{_ci_text(ci)}"
+
+
+def format_table(metrics: dict) -> str:
+    """The short stdout table: per level and model the AUCs, pF1, calibration and each
+    operating point, then the comparisons (95 % intervals in square brackets, 3 decimals)."""
+    lines = []
+    for level in LEVELS:
+        for model, r in metrics.get(level, {}).items():
+            lines.append(f"{level} {model}: n={r['n']} ({r['n_pos']} positive) AUROC "
+                         f"{_num(r['auroc'], r['auroc_ci'])}  AUPRC "
+                         f"{_num(r['auprc'], r['auprc_ci'])}  pF1 {_num(r['pf1'], r['pf1_ci'])}"
+                         f"  ECE {_num(r['calibration'].get('ece'))}  Brier "
+                         f"{_num(r['calibration'].get('brier'))}")
+            for name, p in r["operating_points"].items():
+                where = "chosen on validation" if p["chosen_on"] == "validation" else \
+                    "fixed, not chosen on validation"
+                lines.append(f"  {name} threshold {p['threshold']:.4g} ({where}): sens "
+                             f"{_num(p['sensitivity'], p.get('sensitivity_ci'))} spec "
+                             f"{_num(p['specificity'], p.get('specificity_ci'))} PPV "
+                             f"{_num(p['ppv'], p.get('ppv_ci'))} NPV "
+                             f"{_num(p['npv'], p.get('npv_ci'))} F1 {_num(p['f1'], p.get('f1_ci'))}")
+            for f, v in r["sensitivity_at_specificity"].items():
+                w = r["specificity_at_sensitivity"][f]
+                lines.append(f"  at specificity {f}: sens {_num(v['value'], v['ci'])}; at "
+                             f"sensitivity {f}: spec {_num(w['value'], w['ci'])}")
+            lines += [f"  note: {n}" for n in r["notes"]]
+    for level, rows in metrics.get("comparisons", {}).items():
+        for c in rows:
+            if "difference" in c:
+                lines.append(f"{level} {c['a']} - {c['b']}: AUROC difference "
+                             f"{_num(c['difference'], c['difference_ci'])}, DeLong z "
+                             f"{c['z']:.2f} p {c['p_value']:.3g}")
+            else:
+                lines.append(f"{level} {c['a']} - {c['b']}: {c['note']}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ run
+def _load_all(files, score_col, label_col, id_col, exam_list, names) -> Cases:
+    parts = []
+    if not names and len(files) > 1 and not (score_col and len(score_col) > 1):
+        stems = [Path(f).stem for f in files]     # several files: one model each, named by
+        names = stems if len(set(stems)) == len(stems) else [   # file, or by folder
+            f"{Path(f).parent.name}/{Path(f).stem}" for f in files]
+    for k, path in enumerate(files):
+        one = names[k] if names and len(files) > 1 else (
+            names[0] if names and not score_col or names and len(score_col) == 1 else None)
+        parts.append(load_predictions(path, score_col, label_col, id_col, exam_list, one))
+    if names and len(files) == 1 and score_col and len(score_col) > 1:
+        if len(names) != len(score_col):
+            raise ValueError(f"--names gives {len(names)} names for {len(score_col)} "
+                             f"--score-col columns")
+        parts[0].table = parts[0].table.rename(columns=dict(zip(score_col, names)))
+        parts[0].models = list(names)
+    return merge_models(parts)
+
+
+def _check(predictions, val_predictions, names, calibrate, threshold, bootstrap,
+           target_sensitivity, target_specificity) -> None:
+    if not predictions:
+        raise ValueError("give at least one --predictions file")
+    if val_predictions and len(val_predictions) != len(predictions):
+        raise ValueError(f"--val-predictions should give one file per --predictions file "
+                         f"({len(predictions)}), got {len(val_predictions)}")
+    if names and len(predictions) > 1 and len(names) != len(predictions):
+        raise ValueError(f"--names gives {len(names)} names for {len(predictions)} files")
+    if calibrate is not None and not val_predictions:
+        raise ValueError(f"--calibrate {calibrate} needs --val-predictions to fit on")
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"--threshold should be in [0, 1], got {threshold}")
+    if bootstrap < 0:
+        raise ValueError(f"--bootstrap should be >= 0, got {bootstrap}")
+    for flag, v in (("target-sensitivity", target_sensitivity),
+                    ("target-specificity", target_specificity)):
+        if not 0 < v <= 1:
+            raise ValueError(f"--{flag} should be in (0, 1], got {v}")
+
+
+def run(predictions: Sequence[str], out_dir: str = "./evaluation",
+        val_predictions: Optional[Sequence[str]] = None, exam_list: Optional[str] = None,
+        val_exam_list: Optional[str] = None, score_col: Optional[Sequence[str]] = None,
+        label_col: Optional[str] = None, id_col: str = "image_index",
+        names: Optional[Sequence[str]] = None, breast_combine: str = "mean",
+        threshold: float = 0.5, target_sensitivity: float = 0.9,
+        target_specificity: float = 0.9, calibrate: Optional[str] = None,
+        bootstrap: int = 2000, seed: int = 12345, quiet: bool = False) -> dict:
+    """Evaluate prediction files and write ``metrics.json``, plots and calibration files.
+
+    Args:
+        predictions: prediction CSV(s) of the test cases; each file is a model (or each
+            ``score_col`` of a single file).
+        out_dir: output folder (created).
+        val_predictions: the same models' validation predictions, one file per test file:
+            operating points and calibration are fitted on them.
+        exam_list, val_exam_list: meta-repository exam lists of the test / validation files
+            (breasts, exams and labels); the validation one defaults to ``exam_list``.
+        score_col, label_col, id_col: column names (see :func:`load_predictions`).
+        names: model names (one per file, or per ``score_col``).
+        breast_combine: ``mean`` or ``max`` of the views of a breast.
+        threshold: fixed operating point used without validation predictions.
+        target_sensitivity, target_specificity: targets of the validation-chosen thresholds.
+        calibrate: ``platt`` or ``isotonic`` (needs ``val_predictions``), or None.
+        bootstrap: bootstrap resamples (0: no intervals).
+        seed: bootstrap seed.
+        quiet: do not print the table.
+
+    Returns:
+        dict: ``metrics`` (the ``metrics.json`` content), ``metrics_json``, ``table``.
+
+    Raises:
+        ValueError: bad flag values or prediction files (nothing is written then).
+    """
+    _check(predictions, val_predictions, names, calibrate, threshold, bootstrap,
+           target_sensitivity, target_specificity)
+    if calibrate is not None and calibrate not in em.CALIBRATION_METHODS:
+        raise ValueError(f"--calibrate should be one of {em.CALIBRATION_METHODS}, got "
+                         f"{calibrate!r}")
+    cases = _load_all(predictions, score_col, label_col, id_col, exam_list, names)
+    tables = level_tables(cases, breast_combine)
+    val_tables = None
+    if val_predictions:
+        val = _load_all(val_predictions, score_col, label_col, id_col,
+                        val_exam_list or exam_list, names)
+        if val.models != cases.models:
+            raise ValueError(f"validation models {val.models} differ from test models "
+                             f"{cases.models}")
+        val_tables = level_tables(val, breast_combine)
+    if not any(np.isfinite(t["label"].to_numpy(dtype=float)).any() for t in tables.values()):
+        raise ValueError(f"{predictions[0]}: no labelled case (give --label-col or "
+                         f"--exam-list)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_tables(tables, cases.models, out, val_tables, calibrate, threshold,
+                              target_sensitivity, target_specificity, bootstrap, seed)
+    metrics["settings"] = {
+        "predictions": [str(p) for p in predictions],
+        "val_predictions": [str(p) for p in val_predictions or []],
+        "models": cases.models, "levels": list(tables), "breast_combine": breast_combine,
+        "exam_combine": "max", "threshold_rules": {
+            "youden": "maximises sensitivity + specificity - 1 on validation",
+            "sensitivity_<t>": "highest validation threshold with sensitivity >= t",
+            "specificity_<t>": "lowest validation threshold with specificity >= t",
+            "fixed_<t>": "the fixed --threshold, used without validation predictions"},
+        "positive_if": "score >= threshold", "bootstrap": bootstrap, "seed": seed,
+        "calibrate": calibrate, "notes": cases.notes}
+    path = em.write_json_atomic(metrics, out / "metrics.json")
+    table = format_table(metrics)
+    if not quiet:
+        print(table)
+    logger.info("metrics in %s", path)
+    return {"metrics": em._json_clean(metrics), "metrics_json": str(path), "table": table}
+
+
+# ------------------------------------------------------------------------------ command line
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser of the command-line flags; defaults are those of :func:`run`."""
+    d = run_defaults(run)
+    p = argparse.ArgumentParser(description="Evaluate prediction files: levels, operating "
+                                            "points, calibration, model comparison.")
+    p.add_argument("--predictions", nargs="+", required=True, metavar="CSV",
+                   help="test prediction file(s), one model each (required, no default)")
+    p.add_argument("--val-predictions", nargs="+", metavar="CSV",
+                   help="validation predictions of the same models, one per test file: "
+                        "thresholds and calibration are fitted on them (default: none; the "
+                        "fixed --threshold is reported)")
+    p.add_argument("--exam-list", help="meta-repository exam list (data.pkl or .json) of the "
+                                       "test files: breasts, exams and labels (default: none)")
+    p.add_argument("--val-exam-list", help="exam list of the validation files (default: "
+                                           "--exam-list)")
+    p.add_argument("--score-col", nargs="+", help="score column(s), one model each (default: "
+                                                  "malignant_pred)")
+    p.add_argument("--label-col", help="label column, 0/1 (default: malignant_label, label, "
+                                       "cancer or malignant, whichever is present)")
+    p.add_argument("--id-col", default=d["id_col"],
+                   help="column naming each image (default: %(default)s)")
+    p.add_argument("--names", nargs="+", help="model names, one per file or --score-col "
+                                              "(default: the column name for one file, the "
+                                              "file stem or folder/stem for several)")
+    p.add_argument("--breast-combine", choices=sorted(_COMBINE), default=d["breast_combine"],
+                   help="how the views of a breast are combined (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=d["threshold"],
+                   help="fixed operating point (score >= threshold positive), reported "
+                        "without --val-predictions (default: %(default)s)")
+    p.add_argument("--target-sensitivity", type=float, default=d["target_sensitivity"],
+                   help="sensitivity the validation-chosen threshold keeps "
+                        "(default: %(default)s)")
+    p.add_argument("--target-specificity", type=float, default=d["target_specificity"],
+                   help="specificity the validation-chosen threshold keeps "
+                        "(default: %(default)s)")
+    p.add_argument("--calibrate", choices=em.CALIBRATION_METHODS,
+                   help="fit a recalibration on --val-predictions and write calibrated test "
+                        "scores and the map (default: none)")
+    p.add_argument("--bootstrap", type=int, default=d["bootstrap"],
+                   help="bootstrap resamples for 95%% intervals, 0 for none "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true",
+                   help="do not print the table (default: printed)")
+    p.add_argument("--out-dir", default=d["out_dir"],
+                   help="output folder (default: %(default)s)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Command-line entry point; returns the result of :func:`run`."""
+    return cli_main(get_args_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    main()
