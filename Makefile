@@ -5,7 +5,11 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test bench demo gpu-check venv clean
+# Test workers (pytest-xdist): 2 on the 2-core machines the suite is sized for; PYTEST_WORKERS=0
+# runs it in one process.
+PYTEST_WORKERS ?= 2
+
+.PHONY: test test-fast lint bench demo gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -16,8 +20,15 @@ $(STAMP): requirements.txt setup.py
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-test: $(STAMP)
-	$(VPY) -m pytest tests --ignore=tests/benchmarks -m "not gpu" $(PYTEST_ARGS)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VPY) -m pytest tests --ignore=tests/benchmarks -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+
+# The suite without the tests marked slow (a few minutes).
+test-fast: lint
+	$(VPY) -m pytest tests --ignore=tests/benchmarks -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VPY) -m pytest tests/benchmarks -s -p no:cacheprovider $(PYTEST_ARGS)

@@ -14,6 +14,6 @@ setup(
     install_requires=[
         line.strip()
         for line in open("requirements.txt")
-        if line.strip() and not line.startswith("#") and not line.startswith("pytest")
+        if line.strip() and not line.startswith("#") and not line.startswith(("pytest", "ruff"))
     ],
 )
