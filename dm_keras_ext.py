@@ -58,6 +58,8 @@ __all__ = [
     "BestModelCheckpoint",
     "DMMetrics",
     "DMFlush",
+    "NonFiniteTrainingError",
+    "FiniteTrainingGuard",
     "flip_all_img",
     "predict_flip_mean",
     "load_dat_ram",
@@ -916,6 +918,69 @@ class DMFlush(keras.callbacks.Callback):
         sys.stderr.flush()
 
 
+class NonFiniteTrainingError(ValueError):
+    """Training produced a non-finite loss or non-finite weights (it diverged)."""
+
+
+def _first_non_finite(logs, keys):
+    for key in keys:
+        value = (logs or {}).get(key)
+        if value is not None and np.ndim(value) == 0 and not np.isfinite(float(value)):
+            return key, float(value)
+    return None
+
+
+class FiniteTrainingGuard(keras.callbacks.Callback):
+    """Stop training at the first non-finite loss, before anything of that epoch is saved.
+
+    Checked after every train batch (the running ``loss``) and at the end of every epoch
+    (``loss``, ``val_loss`` and every weight of the model). Being the first callback of a
+    stage, it raises :class:`NonFiniteTrainingError` before the best-model checkpointer and
+    the last-epoch checkpoint see the epoch, so both keep the last finite epoch's model.
+
+    Args:
+        best_model: the best-model path, named in the message.
+        checkpoint: the last-epoch checkpoint path, named in the message, or None.
+    """
+
+    def __init__(self, best_model=None, checkpoint=None):
+        super().__init__()
+        self.best_model, self.checkpoint = best_model, checkpoint
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        bad = _first_non_finite(logs, ("loss",))
+        if bad is not None:
+            self._stop(f"{bad[0]} {bad[1]} at batch {batch + 1} of epoch {self._epoch}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        bad = _first_non_finite(logs, ("loss", "val_loss"))
+        if bad is not None:
+            self._stop(f"{bad[0]} {bad[1]} at the end of epoch {epoch + 1}")
+        for w in self.model.weights:
+            if w.dtype.is_floating and not np.all(np.isfinite(keras.backend.get_value(w))):
+                self._stop(f"non-finite values in weight {w.name} after epoch {epoch + 1}")
+
+    def _stop(self, what):
+        kept = [p for p in (self.best_model, self.checkpoint) if p]
+        raise NonFiniteTrainingError(
+            f"training diverged: {what}; nothing of this epoch was saved"
+            + (f" ({' and '.join(kept)} keep the last finite epoch, if any)" if kept else "")
+            + "; lower --init-learningrate or check the input scale (--rescale-factor, "
+              "--featurewise-mean)")
+
+
+def _model_is_finite(model, logs=None):
+    """False when ``logs`` hold a non-finite loss or ``model`` a non-finite weight."""
+    if _first_non_finite(logs, ("loss", "val_loss")) is not None:
+        return False
+    return all(np.all(np.isfinite(keras.backend.get_value(w))) for w in model.weights
+               if w.dtype.is_floating)
+
+
 def _save_as_chief(model, filepath, save):
     """``save(model, path)`` at ``filepath`` on the chief; other workers save to a temp folder.
 
@@ -969,6 +1034,10 @@ class BestModelCheckpoint(keras.callbacks.Callback):
                            sorted(logs or {}))
             return
         better = value > self.best if self.mode == "max" else value < self.best
+        if better and not _model_is_finite(self.model, logs):
+            logger.error("epoch %d: non-finite loss or weights; %s is not saved", epoch + 1,
+                         self.filepath)
+            return
         if better:
             logger.info("epoch %d: %s improved from %.5f to %.5f, saving %s", epoch + 1,
                         self.monitor, self.best, value, self.filepath)
@@ -1122,6 +1191,10 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
                 logs[f"val_auc_{c}"] = a
         logger.info("epoch %d: validation AUROC %.4f (per class %s)", epoch + 1, auc,
                     ", ".join(f"{a:.4f}" for a in per_class))
+        if not np.isnan(auc) and auc > self.best_auc and not _model_is_finite(self.model, logs):
+            logger.error("epoch %d: non-finite loss or weights; %s is not saved", epoch + 1,
+                         self.filepath)
+            return
         if not np.isnan(auc) and auc > self.best_auc:
             logger.info("epoch %d: AUROC improved from %.4f to %.4f, saving %s", epoch + 1,
                         self.best_auc, auc, self.filepath)
@@ -1882,7 +1955,9 @@ class _Stage:
                     start + 1, start + epochs,
                     f" (resumed after epoch {initial})" if mode == "resume" else "", optim,
                     _lr_value(model), nb_trainable, nb_frozen_bn, frozen_bn_mode)
-        callbacks = [_EpochSeed(rec.seed)] if rec.seed is not None else []
+        callbacks = [FiniteTrainingGuard(getattr(self.checkpointer, "filepath", None),
+                                         rec.checkpoint)]
+        callbacks += [_EpochSeed(rec.seed)] if rec.seed is not None else []
         early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=self.es_patience,
                                         verbose=1)
         callbacks.append(early)

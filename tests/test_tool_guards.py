@@ -1,0 +1,78 @@
+"""Guards of the command-line tools that stop a run computing garbage: a diverging run, images
+whose levels do not fit the rescale factor, a patch net that contradicts the patch model file,
+a finished run started again, and the help text of every flag."""
+import json
+
+import numpy as np
+import pytest
+import tf_keras as keras
+from conftest import split_dirs, tiny_vgg_patch_net, write_class_split
+
+import dm_keras_ext as K
+import patch_clf_train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """16-bit patch folders (3 classes, 24x24) and a tiny VGG-like patch model file."""
+    root = tmp_path_factory.mktemp("guards")
+    rng = np.random.default_rng(5)
+    write_class_split(root / "patch", ["background", "malignant", "benign"],
+                      {"train": 4, "val": 2, "test": 2}, (24, 24), rng)
+    keras.backend.clear_session()
+    K.save_model_atomic(tiny_vgg_patch_net(keras), root / "patch.h5", include_optimizer=False)
+    keras.backend.clear_session()
+    return root
+
+
+def _patch_argv(root, best, *extra):
+    return split_dirs(root, "patch") + [
+        "--resume-from", str(root / "patch.h5"), "--net", "vgg16", "--top-layer-nb", "3",
+        "--img-size", "24", "24", "--rescale-factor", "0.003891", "--featurewise-mean", "50",
+        "--batch-size", "4", "--nb-epoch", "1", "--top-layer-epochs", "1",
+        "--all-layer-epochs", "0", "--optimizer", "sgd", "--init-learningrate", "0.001",
+        "--best-model", str(best), *extra]
+
+
+def _weights(path):
+    model = K.robust_load_model(path)
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def _exit_code(main, argv, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a diverging run
+@pytest.mark.slow
+def test_diverging_run_stops_nonzero_and_keeps_the_last_finite_model(data, tmp_path,
+                                                                      keras_session, capsys):
+    best = tmp_path / "best.h5"
+    # stage 2 at 0.001 x 1e30: the first step of epoch 2 sends the weights to inf
+    code, err = _exit_code(patch_clf_train.main,
+                           _patch_argv(data, best, "--top-layer-multiplier", "1e30"), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "training diverged" in err and "epoch 2" in err and len(err.strip().splitlines()) == 1
+    state = K.read_training_state(K.last_checkpoint_path(best))
+    assert state["epoch"] == 1 and not state["finished"]
+    assert state["best"]["epoch"] == 1
+    best_w, last_w = _weights(best), _weights(K.last_checkpoint_path(best))
+    assert all(np.isfinite(w).all() for w in best_w)
+    assert all(np.array_equal(a, b) for a, b in zip(best_w, last_w))
+
+
+def test_checkpointers_never_save_a_non_finite_model(tmp_path, keras_session):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    path = tmp_path / "best.h5"
+    ckpt = K.BestModelCheckpoint(path, monitor="val_accuracy")
+    ckpt.set_model(model)
+    ckpt.on_epoch_end(0, {"val_accuracy": 0.9, "loss": float("nan")})
+    assert not path.exists() and ckpt.best_epoch is None
+    w = model.get_weights()
+    w[0][0, 0] = np.inf
+    model.set_weights(w)
+    ckpt.on_epoch_end(1, {"val_accuracy": 0.9, "loss": 0.5})
+    assert not path.exists() and ckpt.best_epoch is None
