@@ -110,6 +110,8 @@ def validate_options(opts, nb_devices=None):
             opts["top_repetitions"]):
         raise ValueError(f"--top-depths {opts['top_depths']} and --top-repetitions "
                          f"{opts['top_repetitions']} should have the same length")
+    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
+                                    opts["img_scale"])
 
 
 def _check_common(opts, nb_devices):

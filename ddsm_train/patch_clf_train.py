@@ -94,6 +94,9 @@ def validate_options(opts, nb_devices=None):
     if not opts["init_lr"] > 0:
         raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
 
+    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
+                                    opts["img_scale"])
+
 
 def _build_model(opts, nb_class):
     import dm_keras_ext

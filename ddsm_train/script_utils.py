@@ -54,7 +54,7 @@ __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_tabl
            "run_defaults", "resolve_options",
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
            "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
-           "RECIPE_OPTIONS", "apply_model_recipe"]
+           "RECIPE_OPTIONS", "apply_model_recipe", "check_input_levels"]
 
 #: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
 #: make_synthetic_ddsm, read by sample_patches_combined.
@@ -521,3 +521,33 @@ def _same_value(a, b):
         return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(
             1.0, abs(float(b)))
     return a == b
+
+
+# ------------------------------------------------------------------ the images' intensity scale
+def check_input_levels(folders, rescale_factor, img_scale=None, max_images=12):
+    """Stop when the levels of a sample of the images do not fit ``--rescale-factor``.
+
+    16-bit images without a factor (the networks would see levels up to 65535 instead of
+    0..255: a loss of ``nan`` or a meaningless mean) and 8-bit images under the 16-bit factor
+    are refused with one line naming the flag and the value to give. The sample is
+    ``max_images`` files spread over all the images of ``folders``
+    (``dm_image.sample_max_level``); with ``img_scale`` nothing is checked.
+
+    Raises:
+        ValueError: the message names the folder, the levels found and the flag to give.
+    """
+    import dm_image
+
+    if img_scale is not None:
+        return
+    paths = []
+    for folder in folders:
+        try:
+            paths += [os.path.join(os.fspath(folder), f) for f in dm_image.list_images(folder)]
+        except ValueError:
+            continue   # the caller reports a missing or empty folder
+    top, read = dm_image.sample_max_level(paths, max_images)
+    advice = dm_image.levels_scale_advice(top, rescale_factor, img_scale) if read else None
+    if advice is not None:
+        where = ", ".join(os.fspath(f) for f in folders)
+        raise ValueError(f"{where}: {read} sampled image(s) have {advice}")

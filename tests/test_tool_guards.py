@@ -76,3 +76,51 @@ def test_checkpointers_never_save_a_non_finite_model(tmp_path, keras_session):
     model.set_weights(w)
     ckpt.on_epoch_end(1, {"val_accuracy": 0.9, "loss": 0.5})
     assert not path.exists() and ckpt.best_epoch is None
+
+
+# ------------------------------------------------------------------ levels against the scale
+def _without(argv, flag, nargs=1):
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 1 + nargs:]
+
+
+def test_compute_mean_refuses_16bit_levels_without_the_factor(data, capsys):
+    import compute_mean
+
+    folder = str(data / "patch" / "train")
+    code, err = _exit_code(compute_mean.main, [folder, "--img-size", "24", "24"], capsys)
+    assert code == 2 and "--rescale-factor 0.003891" in err and folder in err
+    assert len(err.strip().splitlines()) == 1
+    result = compute_mean.main([folder, "--img-size", "24", "24", "--rescale-factor", "0.003891"])
+    assert 30 < result["mean"] < 80 and not result["scale_mismatch"]
+
+
+def test_compute_mean_refuses_8bit_levels_under_the_16bit_factor(tmp_path, capsys):
+    import compute_mean
+    from conftest import imwrite
+
+    for i in range(3):
+        imwrite(tmp_path / "train" / f"{i}.png", np.full((16, 12), 40 + i, np.uint8))
+    code, err = _exit_code(compute_mean.main, [str(tmp_path / "train"), "--img-size", "16", "12",
+                                               "--rescale-factor", "0.003891"], capsys)
+    assert code == 2 and "8-bit levels (up to 42)" in err and "--no-rescale-factor" in err
+    assert compute_mean.main([str(tmp_path / "train"), "--img-size", "16", "12"])["mean"] == \
+        pytest.approx(41.0)
+
+
+def test_trainers_refuse_16bit_levels_without_the_factor_before_any_model(data, tmp_path,
+                                                                        capsys):
+    import image_clf_train
+
+    best = tmp_path / "best.h5"
+    argv = _without(_patch_argv(data, best), "--rescale-factor")
+    code, err = _exit_code(patch_clf_train.main, argv, capsys)
+    assert code == 2 and "no rescale factor: give --rescale-factor 0.003891" in err
+    assert not best.exists()
+    rng = np.random.default_rng(1)
+    write_class_split(tmp_path / "img", ["neg", "pos"], {"train": 2, "val": 2, "test": 2},
+                      (32, 24), rng)
+    code, err = _exit_code(image_clf_train.main, split_dirs(tmp_path, "img") + [
+        "--patch-model-state", str(data / "patch.h5"), "--patch-net", "vgg16",
+        "--img-size", "32", "24", "--batch-size", "4", "--best-model", str(best)], capsys)
+    assert code == 2 and "--rescale-factor 0.003891" in err and not best.exists()
