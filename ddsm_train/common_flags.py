@@ -255,13 +255,18 @@ def add_distributed_flags(parser):
 
 
 def add_run_flags(parser):
-    """``--auto-resume`` (continue an interrupted run) and ``--tensorboard-dir``."""
+    """``--auto-resume`` (continue an interrupted run), ``--tensorboard-dir`` and
+    ``--overwrite`` (replace another run's files at ``--best-model``)."""
     g = parser.add_argument_group("resuming and logs")
     add_bool_flag(g, "auto-resume", True,
                   "continue the unfinished run of <best-model>.last.h5 when its options are "
                   "these")
     g.add_argument("--tensorboard-dir", dest="tensorboard_dir", default=None, metavar="DIR",
                    help="also write TensorBoard logs to DIR (default: off)")
+    add_bool_flag(g, "overwrite", False,
+                  "replace the model files of another run at --best-model (refused without "
+                  "it); the same command again, once its run is finished, does nothing "
+                  "unless this is given, then it trains again")
 
 
 def add_progress_flag(parser, default=True):

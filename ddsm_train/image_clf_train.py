@@ -189,13 +189,20 @@ def run(train_dir, val_dir, test_dir, **options):
 
     Returns:
         dict: ``best_model``, ``options_json``, ``best_val_auc``, ``best_epoch``, ``test_auc``,
-        ``test_auc_augmented``, ``epochs`` (run), ``history`` (merged per-epoch logs).
+        ``test_auc_augmented``, ``epochs`` (run), ``history`` (merged per-epoch logs); or,
+        when the same run is already finished at ``best_model``, the summary of
+        ``training_setup.finished_run_result`` (``complete`` True), nothing touched.
     """
     given = options.pop("given_options", None)
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
     opts, _ = script_utils.apply_model_recipe(opts, opts["resume_from"],
                                               set(options) if given is None else set(given))
-    env, strategy, json_path, identity, resume = ts.begin_training_run(opts, validate_options)
+    try:
+        env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
+                                                                           validate_options)
+    except ts.RunComplete as done:
+        return ts.finished_run_result(opts, done.state,
+                                      script_utils.options_json_path(opts["best_model"]))
     import dm_keras_ext
     import dm_multi_gpu
 
@@ -272,6 +279,10 @@ def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
     result = script_utils.checked_main(get_args_parser(), validate_options, run, argv,
                                        pass_given=True)
+    if result.get("complete"):
+        print(f"the run of {result['best_model']} is complete (best validation AUROC "
+              f"{result['best_value']:.4f} at epoch {result['best_epoch']}); nothing to do")
+        return result
     print(f"best validation AUROC {result['best_val_auc']:.4f}; test AUROC "
           f"{_fmt(result['test_auc'])}, with flips {_fmt(result['test_auc_augmented'])}")
     return result

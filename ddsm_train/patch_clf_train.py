@@ -128,10 +128,17 @@ def run(train_dir, val_dir, test_dir, **options):
     Returns:
         dict: ``best_model``, ``options_json``, ``best_val_accuracy``, ``best_epoch``,
         ``epochs``, ``stages``, ``history`` (merged per-epoch logs), ``test_loss``,
-        ``test_accuracy``.
+        ``test_accuracy``; or, when the same run is already finished at ``best_model``, the
+        summary of ``training_setup.finished_run_result`` (``complete`` True), nothing
+        touched.
     """
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    env, strategy, json_path, identity, resume = ts.begin_training_run(opts, validate_options)
+    try:
+        env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
+                                                                           validate_options)
+    except ts.RunComplete as done:
+        return ts.finished_run_result(opts, done.state,
+                                      script_utils.options_json_path(opts["best_model"]))
     import dm_keras_ext
     import dm_multi_gpu
 
@@ -202,6 +209,10 @@ def _report(opts, json_path, hists, test, is_chief=True):
 def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
     result = script_utils.checked_main(get_args_parser(), validate_options, run, argv)
+    if result.get("complete"):
+        print(f"the run of {result['best_model']} is complete (best validation accuracy "
+              f"{result['best_value']:.4f} at epoch {result['best_epoch']}); nothing to do")
+        return result
     if result["test_accuracy"] is not None:
         print(f"best validation accuracy {result['best_val_accuracy']:.4f}; test accuracy "
               f"{result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}")

@@ -2,6 +2,7 @@
 whose levels do not fit the rescale factor, a patch net that contradicts the patch model file,
 a finished run started again, and the help text of every flag."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,41 @@ def test_trainers_refuse_16bit_levels_without_the_factor_before_any_model(data, 
         "--patch-model-state", str(data / "patch.h5"), "--patch-net", "vgg16",
         "--img-size", "32", "24", "--batch-size", "4", "--best-model", str(best)], capsys)
     assert code == 2 and "--rescale-factor 0.003891" in err and not best.exists()
+
+
+# ------------------------------------------------------------------ a finished run started again
+def _run_files(best):
+    files = [best, K.last_checkpoint_path(best), K.training_log_path(best),
+             K.training_curves_path(best), str(best) + ".options.json"]
+    return {str(f): (os.stat(f).st_mtime_ns, open(f, "rb").read()) for f in files}
+
+
+@pytest.mark.slow
+def test_finished_run_is_not_touched_and_another_command_needs_overwrite(data, tmp_path,
+                                                                         keras_session, capsys):
+    best = tmp_path / "best.h5"
+    argv = _patch_argv(data, best, "--top-layer-epochs", "0")
+    first = patch_clf_train.main(argv)
+    assert not first.get("complete")
+    before = _run_files(best)
+    again = patch_clf_train.main(argv)
+    assert again["complete"] and again["best_epoch"] == first["best_epoch"]
+    assert again["best_value"] == pytest.approx(first["best_val_accuracy"])
+    assert "is complete" in capsys.readouterr().out
+    assert _run_files(best) == before
+    other = argv[:-2] + ["--init-learningrate", "0.002"] + argv[-2:]
+    code, err = _exit_code(patch_clf_train.main, other, capsys)
+    assert code == 2 and "--overwrite" in err and "init_lr" in err
+    assert _run_files(best) == before
+    result = patch_clf_train.main(other + ["--overwrite"])
+    assert not result.get("complete")
+    state = K.read_training_state(K.last_checkpoint_path(best))
+    assert state["finished"] and state["run"]["options"]["init_lr"] == 0.002
+
+
+def test_a_model_file_without_its_run_is_not_replaced(data, tmp_path, capsys):
+    best = tmp_path / "best.h5"
+    best.write_bytes(b"someone's model")
+    code, err = _exit_code(patch_clf_train.main, _patch_argv(data, best), capsys)
+    assert code == 2 and "unknown origin" in err and "--overwrite" in err
+    assert best.read_bytes() == b"someone's model"
