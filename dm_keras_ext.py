@@ -52,6 +52,9 @@ __all__ = [
     "UnsafeModelError",
     "save_model_atomic",
     "register_input_recipe",
+    "MODEL_INFO_ATTR",
+    "register_model_info",
+    "read_model_info",
     "do_3stage_training",
     "do_2stage_training",
     "DMAucModelCheckpoint",
@@ -697,6 +700,48 @@ def register_input_recipe(filepath, recipe):
         _INPUT_RECIPES[key] = recipe.to_json()
 
 
+#: HDF5 root attribute of a model file holding what the model is (JSON), e.g. ``{"net":
+#: "vgg16"}`` for a patch classifier: the backbone its whole-image conversion cuts by role.
+MODEL_INFO_ATTR = "dm_model_info"
+_MODEL_INFOS = {}
+
+
+def register_model_info(filepath, info):
+    """Store ``info`` (a JSON-serialisable dict, e.g. ``{"net": "resnet50"}``) in every model
+    file later saved at ``filepath`` by this process (HDF5 attribute :data:`MODEL_INFO_ATTR`);
+    None stops storing it."""
+    key = _os.path.abspath(_os.fspath(filepath))
+    if info is None:
+        _MODEL_INFOS.pop(key, None)
+    else:
+        _MODEL_INFOS[key] = _json.dumps(dict(info), sort_keys=True)
+
+
+def read_model_info(filepath):
+    """The :data:`MODEL_INFO_ATTR` dict of a model file, or None (a 2017 file, or one saved
+    by other code).
+
+    Raises:
+        ValueError: the attribute is not a JSON object (the message names the file).
+    """
+    import h5py
+
+    try:
+        with h5py.File(_os.fspath(filepath), "r") as fh:
+            raw = fh.attrs.get(MODEL_INFO_ATTR)
+    except OSError:
+        return None
+    if raw is None:
+        return None
+    try:
+        info = _json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise ValueError(f"{filepath}: unreadable {MODEL_INFO_ATTR} attribute {raw!r}")
+    return info
+
+
 _SIDECARS = {}
 
 
@@ -725,17 +770,21 @@ def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
     """
     path = _os.path.abspath(_os.fspath(filepath))
     recipe_json = recipe.to_json() if recipe is not None else _INPUT_RECIPES.get(path)
+    info_json = _MODEL_INFOS.get(path)
 
     def save(tmp):
         with _warnings.catch_warnings():
             _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
             model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
                        save_format="h5")
-        if recipe_json is not None:
+        if recipe_json is not None or info_json is not None:
             import h5py
 
             with h5py.File(tmp, "a") as fh:
-                fh.attrs[_dm_image.RECIPE_ATTR] = recipe_json
+                if recipe_json is not None:
+                    fh.attrs[_dm_image.RECIPE_ATTR] = recipe_json
+                if info_json is not None:
+                    fh.attrs[MODEL_INFO_ATTR] = info_json
 
     path = _dm_image.atomic_write(path, save, to_path=True)
     logger.info("Saved model to %s", path)

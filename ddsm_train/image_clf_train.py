@@ -33,7 +33,7 @@ import training_setup as ts  # noqa: E402
 
 logger = logging.getLogger("image_clf_train")
 
-__all__ = ["get_args_parser", "validate_options", "run", "main"]
+__all__ = ["get_args_parser", "validate_options", "patch_model_settings", "run", "main"]
 
 
 def get_args_parser():
@@ -56,7 +56,9 @@ def get_args_parser():
     cf.add_class_flags(parser, class_list=("neg", "pos"), auto_batch_balance=True)
     t = parser.add_argument_group("top layers (patch-to-whole-image conversion)")
     t.add_argument("--patch-net", dest="patch_net", type=str, default="resnet50",
-                   help="backbone of the patch classifier (default: %(default)s)")
+                   help="backbone of the patch classifier, which sets the cut point; a "
+                        "--patch-model-state written by patch_clf_train.py says it itself "
+                        "(then this flag may only repeat it) (default: %(default)s)")
     t.add_argument("--block-type", dest="block_type", type=str, default="resnet",
                    choices=("resnet", "vgg"), help="(default: %(default)s)")
     t.add_argument("--top-depths", dest="top_depths", nargs="+", type=int, default=[512, 512],
@@ -110,8 +112,60 @@ def validate_options(opts, nb_devices=None):
             opts["top_repetitions"]):
         raise ValueError(f"--top-depths {opts['top_depths']} and --top-repetitions "
                          f"{opts['top_repetitions']} should have the same length")
-    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
-                                    opts["img_scale"])
+
+
+#: Options of the whole-image run taken from the input recipe of ``--patch-model-state`` when
+#: not given: the intensity scale the patch net was trained on (not the image size, nor the
+#: mean, which are those of whole images).
+PATCH_RECIPE_OPTIONS = {"img_scale": "img_scale", "rescale_factor": "rescale_factor",
+                        "equalize_hist": "equalize_hist",
+                        "featurewise_center": "featurewise_center"}
+
+
+def _patch_net_of(model_file):
+    """The ``--net`` a patch model file was trained with, or None when the file does not say.
+
+    Read from the file (``dm_keras_ext.read_model_info``), else from the options JSON the
+    patch trainer wrote beside it.
+    """
+    import json
+
+    import dm_keras_ext
+
+    info = dm_keras_ext.read_model_info(model_file) or {}
+    if info.get("net"):
+        return str(info["net"])
+    sidecar = script_utils.options_json_path(model_file)
+    try:
+        net = json.loads(script_utils.read_text_file(sidecar)).get("net")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(net) if net else None
+
+
+def patch_model_settings(opts, given):
+    """``opts`` completed from the ``--patch-model-state`` file: its net (which sets the cut
+    point, found by role) and the intensity scale of its input recipe
+    (:data:`PATCH_RECIPE_OPTIONS`), for the options not in ``given``. A file that does not say
+    (a 2017 model) leaves the flags as they are.
+
+    Raises:
+        ValueError: a given ``--patch-net`` contradicts the net the file was trained with.
+    """
+    source = opts["patch_model_state"]
+    if source is None or not os.path.isfile(source):
+        return opts
+    net = _patch_net_of(source)
+    if net is not None:
+        if "patch_net" in given and opts["patch_net"] != net:
+            raise ValueError(f"--patch-net {opts['patch_net']} contradicts --patch-model-state "
+                             f"{source}, a {net} patch classifier; leave --patch-net out or "
+                             f"give --patch-net {net}")
+        if opts["patch_net"] != net:
+            logger.info("--patch-net %s, as --patch-model-state %s says", net, source)
+        opts = dict(opts, patch_net=net)
+    opts, _ = script_utils.apply_model_recipe(opts, source, given, names=PATCH_RECIPE_OPTIONS)
+    return opts
 
 
 def _check_common(opts, nb_devices):
@@ -185,7 +239,9 @@ def run(train_dir, val_dir, test_dir, **options):
         **options: the command-line options by destination name (see ``get_args_parser``);
             missing ones take the parser's defaults. With ``resume_from``, the image
             options not given (``given_options`` when passed, as the command line does,
-            else the keywords passed) come from that file's input recipe when it has one.
+            else the keywords passed) come from that file's input recipe when it has one;
+            with ``patch_model_state``, ``patch_net`` and the intensity scale not given come
+            from the patch model file when it carries them (:func:`patch_model_settings`).
 
     Returns:
         dict: ``best_model``, ``options_json``, ``best_val_auc``, ``best_epoch``, ``test_auc``,
@@ -195,8 +251,11 @@ def run(train_dir, val_dir, test_dir, **options):
     """
     given = options.pop("given_options", None)
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    opts, _ = script_utils.apply_model_recipe(opts, opts["resume_from"],
-                                              set(options) if given is None else set(given))
+    given = set(options) if given is None else set(given)
+    opts, _ = script_utils.apply_model_recipe(opts, opts["resume_from"], given)
+    opts = patch_model_settings(opts, given)
+    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
+                                    opts["img_scale"])   # after the model files' recipes
     try:
         env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
                                                                            validate_options)

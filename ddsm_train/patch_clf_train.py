@@ -94,8 +94,6 @@ def validate_options(opts, nb_devices=None):
     if not opts["init_lr"] > 0:
         raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
 
-    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
-                                    opts["img_scale"])
 
 
 def _build_model(opts, nb_class):
@@ -133,6 +131,8 @@ def run(train_dir, val_dir, test_dir, **options):
         touched.
     """
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
+    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
+                                    opts["img_scale"])   # after the model files' recipes
     try:
         env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
                                                                            validate_options)
@@ -150,6 +150,9 @@ def run(train_dir, val_dir, test_dir, **options):
     ts.save_input_recipe(ts.training_recipe(opts, channels, opts["net"] if preprocess and not
                                             opts["featurewise_center"] else None),
                          opts["best_model"], opts["final_model"])
+    for path in (opts["best_model"], opts["final_model"]):   # read by image_clf_train.py
+        if path and path != cf.NOSAVE:
+            dm_keras_ext.register_model_info(path, {"net": opts["net"]})
     train, val, test, train_bs = ts.iterators_from_options(
         opts, channels, None if opts["featurewise_center"] else preprocess, env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d patches; train batch %d, eval batch %d",

@@ -141,6 +141,7 @@ def test_finished_run_is_not_touched_and_another_command_needs_overwrite(data, t
     argv = _patch_argv(data, best, "--top-layer-epochs", "0")
     first = patch_clf_train.main(argv)
     assert not first.get("complete")
+    assert K.read_model_info(best) == {"net": "vgg16"}   # image_clf_train.py reads it
     before = _run_files(best)
     again = patch_clf_train.main(argv)
     assert again["complete"] and again["best_epoch"] == first["best_epoch"]
@@ -163,3 +164,58 @@ def test_a_model_file_without_its_run_is_not_replaced(data, tmp_path, capsys):
     code, err = _exit_code(patch_clf_train.main, _patch_argv(data, best), capsys)
     assert code == 2 and "unknown origin" in err and "--overwrite" in err
     assert best.read_bytes() == b"someone's model"
+
+
+# ------------------------------------------------------------------ the patch net of the file
+class _Built(Exception):
+    pass
+
+
+def _stage1_trainable(monkeypatch, argv):
+    """Parameters image_clf_train.py would train in stage 1 for ``argv`` (no training)."""
+    import image_clf_train
+
+    seen = {}
+
+    def capture(model, org_model, *args, top_layer_nb=None, **kwargs):
+        seen["n"] = sum(layer.count_params() for layer in model.layers[top_layer_nb:])
+        raise _Built()
+
+    monkeypatch.setattr(K, "do_2stage_training", capture)
+    with pytest.raises(_Built):
+        image_clf_train.main(argv)
+    return seen["n"]
+
+
+def test_image_trainer_takes_net_and_scale_of_the_patch_model_file(data, tmp_path,
+                                                                   keras_session, monkeypatch,
+                                                                   capsys):
+    import image_clf_train
+
+    rng = np.random.default_rng(2)
+    write_class_split(tmp_path / "img", ["neg", "pos"], {"train": 2, "val": 2, "test": 2},
+                      (32, 24), rng)
+    patch = tmp_path / "patch_vgg16.h5"
+    K.register_model_info(patch, {"net": "vgg16"})
+    K.save_model_atomic(K.robust_load_model(data / "patch.h5"), patch,
+                        recipe=__import__("dm_image").InputRecipe(
+                            img_size=(24, 24), channels=3, rescale_factor=255 / 65535,
+                            featurewise_center=True, featurewise_mean=50.0))
+    K.register_model_info(patch, None)
+    assert K.read_model_info(patch) == {"net": "vgg16"}
+    base = split_dirs(tmp_path, "img") + [
+        "--img-size", "32", "24", "--batch-size", "4", "--top-depths", "8",
+        "--top-repetitions", "1", "--best-model", str(tmp_path / "best.h5")]
+    # the 2017 way: a file without net, all flags given
+    plain = _stage1_trainable(monkeypatch, base + [
+        "--patch-model-state", str(data / "patch.h5"), "--patch-net", "vgg16",
+        "--rescale-factor", "0.003891"])
+    # without --patch-net such a file is cut as a resnet50, which this net is not
+    code, err = _exit_code(image_clf_train.main, base + [
+        "--patch-model-state", str(data / "patch.h5"), "--rescale-factor", "0.003891"], capsys)
+    assert code == 2 and "cut layer of patch net 'resnet50'" in err
+    # no --patch-net, no --rescale-factor: both from the file
+    assert _stage1_trainable(monkeypatch, base + ["--patch-model-state", str(patch)]) == plain
+    code, err = _exit_code(image_clf_train.main, base + [
+        "--patch-model-state", str(patch), "--patch-net", "resnet50"], capsys)
+    assert code == 2 and "--patch-net resnet50" in err and "vgg16" in err
