@@ -184,6 +184,14 @@ def _check_common(opts, nb_devices):
         raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
 
 
+def _validate_run(opts, nb_devices=None):
+    """:func:`validate_options`, then the images' levels against the scale (which the model
+    files' recipes may have set)."""
+    validate_options(opts, nb_devices)
+    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
+                                    opts["img_scale"])
+
+
 def _build_model(opts, nb_class):
     import dm_keras_ext
     import dm_resnet
@@ -254,11 +262,9 @@ def run(train_dir, val_dir, test_dir, **options):
     given = set(options) if given is None else set(given)
     opts, _ = script_utils.apply_model_recipe(opts, opts["resume_from"], given)
     opts = patch_model_settings(opts, given)
-    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
-                                    opts["img_scale"])   # after the model files' recipes
     try:
         env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
-                                                                           validate_options)
+                                                                           _validate_run)
     except ts.RunComplete as done:
         return ts.finished_run_result(opts, done.state,
                                       script_utils.options_json_path(opts["best_model"]))

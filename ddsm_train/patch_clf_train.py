@@ -96,6 +96,14 @@ def validate_options(opts, nb_devices=None):
 
 
 
+def _validate_run(opts, nb_devices=None):
+    """:func:`validate_options`, then the images' levels against the scale (which the model
+    files' recipes may have set)."""
+    validate_options(opts, nb_devices)
+    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
+                                    opts["img_scale"])
+
+
 def _build_model(opts, nb_class):
     import dm_keras_ext
 
@@ -131,11 +139,9 @@ def run(train_dir, val_dir, test_dir, **options):
         touched.
     """
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
-                                    opts["img_scale"])   # after the model files' recipes
     try:
         env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
-                                                                           validate_options)
+                                                                           _validate_run)
     except ts.RunComplete as done:
         return ts.finished_run_result(opts, done.state,
                                       script_utils.options_json_path(opts["best_model"]))
