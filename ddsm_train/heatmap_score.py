@@ -5,7 +5,8 @@ Sci Rep 9, 12495 (2019); arXiv:1708.09427. The flags and defaults are those of t
 ``heatmap_score.py`` (``--net vgg19``, ``--featurewise-mean 71.8`` used only with
 ``--featurewise-center``, no ``--img-scale``, no ``--img-height``, ``--batch-size 128``,
 ``--stride 8``, ``--pat-csv ./full_img/pat.csv``, ``--out ./output/prob_heatmap.pkl``). For every
-(patient, side) of ``--pat-csv`` (columns ``patient_id,side,cancer``; optionally only the
+(patient, side) of ``--pat-csv`` (columns ``patient_id,side,cancer``, or ``malignant`` for
+``cancer``; optionally only the
 patients of ``--pat-list``) and each of its views ``{patient}_{side}_{CC|MLO}.{ext}`` in
 ``IMG_FOLDER``, a heatmap of the patch classifier's class probabilities, in one of two modes:
 
@@ -73,7 +74,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags  # noqa: E402
-from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
+from script_utils import (RECIPE_OPTIONS, InputFileError, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
                           restricted_unpickle, run_defaults, safe_name_part)
 
@@ -102,12 +103,23 @@ def read_patient_sides(pat_csv: PathLike, pat_list: Optional[PathLike] = None) -
     Returns:
         DataFrame with columns ``patient_id`` (str), ``side`` (str), ``cancer`` (int).
 
+    The label column is ``cancer`` or, when the file has none, ``malignant`` (read as
+    ``cancer``).
+
     Raises:
         ValueError: a required column is missing (the message lists the columns found), or a
             row's patient id or side cannot be part of a file name, or its cancer is not 0/1
             (the message names the file and line).
     """
-    df = read_csv_table(pat_csv, required=("patient_id", "side", "cancer"))
+    df = read_csv_table(pat_csv)
+    label = "malignant" if "cancer" not in df.columns and "malignant" in df.columns else \
+        "cancer"
+    missing = [c for c in ("patient_id", "side", label) if c not in df.columns]
+    if missing:
+        raise InputFileError(f"{pat_csv}: missing column(s) {missing} (the label column may "
+                             f"also be called 'malignant'); columns are "
+                             f"{[c for c in df.columns if c != '_line']}")
+    df = df.rename(columns={label: "cancer"})
     for rec in df[["patient_id", "side", "cancer", "_line"]].to_dict("records"):
         where = f"{pat_csv}, {rec['_line']}"
         safe_name_part(rec["patient_id"], "patient_id", where)
@@ -698,6 +710,10 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     if any_images:
         paths = list_any_images(img_folder, img_list)
     else:
+        if not Path(pat_csv).is_file():
+            raise ValueError(f"--pat-csv {pat_csv}: no such file; give --pat-csv FILE (columns "
+                             f"patient_id,side,cancer or malignant), or score images without "
+                             f"one with --all-images or --img-list FILE")
         recs = read_patient_sides(pat_csv, pat_list)
     model = robust_load_model(dl_state, custom_objects=custom_objects,
                               safe_mode=not trust_model_file)
@@ -715,6 +731,9 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
                 featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
                 preprocess=None if featurewise_center else get_preprocess(net),
                 patch_size=patch_size, stride=stride)
+    settings = {k: v for k, v in locals().items() if k in _RUN_PARAMETERS
+                and k not in ("custom_objects", "given_options")}
+    logger.info("options: %s", json.dumps(settings, default=str, sort_keys=True))
     summary = {"missing": [], "failed": [], "pngs": 0, "n_heatmaps": 0}
     png = {"dir": png_dir, "class": malignant_class, "height": png_height,
            "class_list": class_list, "roi_mask_dir": roi_mask_dir}
@@ -753,6 +772,10 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     return summary
 
 
+#: The parameters of :func:`run`, whose resolved values a run logs.
+_RUN_PARAMETERS = tuple(run_defaults(run))
+
+
 # ------------------------------------------------------------------------------ command line
 def get_args_parser() -> argparse.ArgumentParser:
     """Parser of the 2017 flags (and the new ones); defaults are those of :func:`run`."""
@@ -764,7 +787,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="patch classifier (.h5; a whole-image heatmap model with "
                              "--fprop-mode)")
     parser.add_argument("--pat-csv", default=d["pat_csv"],
-                        help="CSV with patient_id,side,cancer (default: %(default)s)")
+                        help="CSV of the breasts to score: patient_id,side,cancer (or "
+                             "malignant for cancer); not read with --all-images or --img-list "
+                             "(default: %(default)s)")
     parser.add_argument("--pat-list", default=d["pat_list"],
                         help="patient IDs, one a line (default: all of --pat-csv; "
                              "--no-pat-list sets that)")
