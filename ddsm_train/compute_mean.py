@@ -122,7 +122,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_image_flags(parser, img_size=(1152, 896), featurewise_mean=None, equalize_hist=False,
                     centring=False)
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding threads (default: NUM_CPU_CORES, else 4)")
+                        help="threads decoding the images in parallel (default: NUM_CPU_CORES, "
+                             "else 4)")
     return parser
 
 

@@ -532,9 +532,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="full sizes even without a GPU (slow on a CPU; default: full "
                            "sizes only when a GPU is visible)")
     parser.add_argument("--models", nargs="+", choices=("resnet50", "demo"),
-                        default=["resnet50", "demo"], help="(default: %(default)s)")
+                        default=["resnet50", "demo"],
+                        help="networks whose training steps are timed: ResNet50 and the "
+                             "demo's small ResNet (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="training modes (default: %(default)s)")
+                        help="precision and compilation modes timed for each network "
+                             "(default: %(default)s)")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help="untimed steps per mode (default: 5 on a GPU, 1 tiny)")
     parser.add_argument("--steps", type=int, default=None,

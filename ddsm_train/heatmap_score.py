@@ -73,7 +73,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags  # noqa: E402
+from common_flags import RECIPE_NOTE, add_bool_flag, add_image_flags, \
+    add_model_reading_flags  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, InputFileError, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
                           restricted_unpickle, run_defaults, safe_name_part)
@@ -772,6 +773,17 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     return summary
 
 
+_INT_HELP = {
+    "batch_size": "patches (sweep mode) or images (fprop mode) per forward pass",
+    "patch_size": "side of the square patches the sweep cuts, in pixels" + RECIPE_NOTE
+                  + " (when square)",
+    "stride": "sweep mode: pixels between neighbouring patch centres",
+    "malignant_class": "class index drawn in the overlay PNGs (negative counts from the end)",
+    "avg_pool_size": "fprop mode: average pooling window (rows cols) over the feature map, "
+                     "the patch size in feature-map cells",
+    "hm_strides": "fprop mode: strides (rows cols) of that average pooling",
+}
+
 #: The parameters of :func:`run`, whose resolved values a run logs.
 _RUN_PARAMETERS = tuple(run_defaults(run))
 
@@ -812,14 +824,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=argparse.SUPPRESS)
     add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
                     equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
-                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
-    parser.add_argument("--net", default=d["net"], help="backbone (default: %(default)s)")
+                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"],
+                    from_recipe=("img_scale", "rescale_factor", "equalize_hist",
+                                 "featurewise_center", "featurewise_mean"))
+    parser.add_argument("--net", default=d["net"],
+                        help="backbone of the patch classifier, whose preprocess_input applies "
+                             "without --featurewise-center (and whose cut point fprop mode "
+                             "uses)" + RECIPE_NOTE + " (default: %(default)s)")
     for name in ("batch_size", "patch_size", "stride", "malignant_class"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=d[name],
-                            help="(default: %(default)s)")
+                            help=_INT_HELP[name] + " (default: %(default)s)")
     for name in ("avg_pool_size", "hm_strides"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, nargs=2,
-                            default=list(d[name]), help="fprop mode (default: %(default)s)")
+                            default=list(d[name]),
+                            help=_INT_HELP[name] + " (default: %(default)s)")
     parser.add_argument("--img-extension", default=d["img_extension"],
                         help="extension of the {patient}_{side}_{view} files "
                              "(default: %(default)s)")

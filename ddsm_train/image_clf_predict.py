@@ -761,7 +761,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="class index reported as malignant_pred (default: last)")
     add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
                     equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
-                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
+                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"],
+                    from_recipe=tuple(RECIPE_OPTIONS))
     g = parser.add_argument_group("inference")
     add_bool_flag(g, "segment-breast", d["segment_breast"], "crop to the segmented breast")
     add_bool_flag(g, "test-augment", d["test_augment"], "average over 4 flips")
@@ -775,7 +776,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=int, default=d["bootstrap"],
                     help="bootstrap resamples for 95%% intervals (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=d["seed"],
-                    help="bootstrap seed (default: %(default)s)")
+                    help="seed of the bootstrap resampling of the confidence intervals "
+                         "(default: %(default)s)")
     parser.add_argument("--out-dir", default=d["out_dir"],
                         help="output folder; files of an earlier run there that this run does "
                              "not write are removed (default: %(default)s)")

@@ -41,8 +41,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Train a whole-image classifier from a patch classifier, or fine-tune one.")
     parser.add_argument("train_dir", help="train folder, one subfolder per class")
-    parser.add_argument("val_dir", help="validation folder")
-    parser.add_argument("test_dir", help="test folder")
+    parser.add_argument("val_dir", help="validation folder, which chooses the best model")
+    parser.add_argument("test_dir", help="test folder, scored once at the end")
     g = parser.add_argument_group("model source (exactly one)")
     cf.add_optional_value_flag(g, "patch-model-state", str, None,
                                "patch classifier file converted into a whole-image model")
@@ -60,26 +60,32 @@ def get_args_parser():
                         "--patch-model-state written by patch_clf_train.py says it itself "
                         "(then this flag may only repeat it) (default: %(default)s)")
     t.add_argument("--block-type", dest="block_type", type=str, default="resnet",
-                   choices=("resnet", "vgg"), help="(default: %(default)s)")
+                   choices=("resnet", "vgg"),
+                   help="top blocks: residual bottleneck stages or VGG-like conv stacks "
+                        "(default: %(default)s)")
     t.add_argument("--top-depths", dest="top_depths", nargs="+", type=int, default=[512, 512],
                    help="filters per top block (default: %(default)s)")
     t.add_argument("--top-repetitions", dest="top_repetitions", nargs="+", type=int,
                    default=[3, 3], help="repetitions per top block (default: %(default)s)")
     t.add_argument("--bottleneck-enlarge-factor", dest="bottleneck_enlarge_factor", type=int,
-                   default=4, help="(default: %(default)s)")
+                   default=4, help="resnet top blocks: output channels = depth x this "
+                                   "(default: %(default)s)")
     cf.add_bool_flag(t, "add-heatmap", False, "heatmap head on the patch net")
     t.add_argument("--avg-pool-size", dest="avg_pool_size", nargs=2, type=int, default=[7, 7],
                    help="heatmap average pool (default: %(default)s)")
     cf.add_bool_flag(t, "add-conv", True, "convolutional top blocks (else FC layers)")
     cf.add_bool_flag(t, "add-shortcut", False, "dense shortcut from the flattened input")
     t.add_argument("--hm-strides", dest="hm_strides", nargs=2, type=int, default=[1, 1],
-                   help="(default: %(default)s)")
+                   help="strides of the heatmap average pool (--add-heatmap) "
+                        "(default: %(default)s)")
     t.add_argument("--hm-pool-size", dest="hm_pool_size", nargs=2, type=int, default=[5, 5],
-                   help="(default: %(default)s)")
+                   help="max pooling window over the heatmap (--add-heatmap) "
+                        "(default: %(default)s)")
     t.add_argument("--fc-init-units", dest="fc_init_units", type=int, default=64,
-                   help="(default: %(default)s)")
+                   help="units of the first dense layer without --add-conv, halving in each "
+                        "next one (default: %(default)s)")
     t.add_argument("--fc-layers", dest="fc_layers", type=int, default=2,
-                   help="(default: %(default)s)")
+                   help="dense layers of the top without --add-conv (default: %(default)s)")
     cf.add_optional_value_flag(t, "kept-layer-idx", int, None,
                                "explicit cut index into the patch net's layers, as in 2017; "
                                "negative counts from the end of the 2017 layer list of "

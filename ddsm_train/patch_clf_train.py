@@ -30,8 +30,8 @@ def get_args_parser():
     """Command-line flags of the patch classifier trainer (the 2017 flags and short aliases)."""
     parser = argparse.ArgumentParser(description="Train a patch classifier (3 stages).")
     parser.add_argument("train_dir", help="train folder, one subfolder per class")
-    parser.add_argument("val_dir", help="validation folder")
-    parser.add_argument("test_dir", help="test folder")
+    parser.add_argument("val_dir", help="validation folder, which chooses the best model")
+    parser.add_argument("test_dir", help="test folder, scored once at the end")
     cf.add_image_flags(parser, img_size=(256, 256), featurewise_mean=59.6, equalize_hist=True)
     cf.add_batch_flags(parser)
     cf.add_augmentation_flag(parser, False)
@@ -60,7 +60,8 @@ def get_args_parser():
                    help="elastic-net penalty, kept for the 2017 ResNet builder "
                         "(default: %(default)s)")
     n.add_argument("--l1-ratio", dest="l1_ratio", type=float, default=0.0,
-                   help="(default: %(default)s)")
+                   help="L1 share of the elastic-net penalty, kept for the 2017 ResNet "
+                        "builder (default: %(default)s)")
     n.add_argument("--inp-dropout", "-id", dest="inp_dropout", type=float, default=0.0,
                    help="input dropout of dm_resnet14 (default: %(default)s)")
     cf.add_training_flags(parser, best_model="./modelState/patch_clf.h5")

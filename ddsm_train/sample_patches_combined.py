@@ -1001,12 +1001,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name in ("bkg_dir", "calc_pos_dir", "calc_neg_dir", "mass_pos_dir", "mass_neg_dir"):
         parser.add_argument("--" + name.replace("_", "-"), default=d[name],
                             help=_HELP[name] + dflt)
-    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    add_bool_flag(parser, "verbose", d["verbose"], "show a progress bar of the sampling")
     parser.add_argument("--workers", type=int, default=d["workers"],
                         help="worker processes, each sampling two views at a time on "
                         "threads (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d["seed"],
-                        help="run seed (default: RANDOM_SEED or 12345)")
+                        help="seed of the patient split and of every view's draws "
+                             "(default: RANDOM_SEED or 12345)")
     parser.add_argument("--normal-views", type=int, default=d["normal_views"], metavar="N",
                         help="cut N background patches from each lesion-free view of the "
                              "listed patients (a full image without a row in ROI_MASK_CSV, "

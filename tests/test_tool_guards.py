@@ -1,8 +1,11 @@
 """Guards of the command-line tools that stop a run computing garbage: a diverging run, images
 whose levels do not fit the rescale factor, a patch net that contradicts the patch model file,
 a finished run started again, and the help text of every flag."""
-import json
+import argparse
+import importlib
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +222,46 @@ def test_image_trainer_takes_net_and_scale_of_the_patch_model_file(data, tmp_pat
     code, err = _exit_code(image_clf_train.main, base + [
         "--patch-model-state", str(patch), "--patch-net", "resnet50"], capsys)
     assert code == 2 and "--patch-net resnet50" in err and "vgg16" in err
+
+
+# ------------------------------------------------------------------ help texts
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "ddsm_train"
+_DEFAULT_PART = re.compile(r"\(default:[^()]*(\([^()]*\)[^()]*)*\)")
+
+
+def _script_parsers():
+    for path in sorted(SCRIPTS_DIR.glob("*.py")):
+        if "def get_args_parser" in path.read_text():
+            yield path.stem, importlib.import_module(path.stem).get_args_parser()
+
+
+def _help_text(parser, action):
+    text = action.help or ""
+    try:
+        return text % {**vars(action), "default": action.default, "prog": parser.prog}
+    except (KeyError, TypeError, ValueError):
+        return text
+
+
+def test_every_flag_says_what_it_does():
+    short = []
+    for name, parser in _script_parsers():
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            what = _DEFAULT_PART.sub("", _help_text(parser, action)).strip()
+            if len(what) < 20:
+                short.append(f"{name} {'/'.join(action.option_strings) or action.dest}: "
+                             f"{action.help!r}")
+    assert not short, "help that does not say what the flag does:\n" + "\n".join(short)
+
+
+@pytest.mark.parametrize("script, recipe_flags", [
+    ("image_clf_predict", ("--img-size", "--img-scale", "--rescale-factor", "--equalize-hist",
+                           "--featurewise-center", "--featurewise-mean")),
+    ("heatmap_score", ("--img-scale", "--rescale-factor", "--equalize-hist",
+                       "--featurewise-center", "--featurewise-mean", "--net", "--patch-size"))])
+def test_input_recipe_flags_say_the_model_file_comes_first(script, recipe_flags):
+    parser = importlib.import_module(script).get_args_parser()
+    helps = {s: _help_text(parser, a) for a in parser._actions for s in a.option_strings}
+    assert [f for f in recipe_flags if "input recipe supplies it" not in helps[f]] == []
