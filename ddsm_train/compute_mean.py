@@ -19,9 +19,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional, Sequence
 
-import numpy as np
-
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+
+import numpy as np  # noqa: E402
+
 import dm_image  # noqa: E402
 from common_flags import add_image_flags  # noqa: E402
 from script_utils import check_input_levels, cli_main, get_num_cpu_cores  # noqa: E402

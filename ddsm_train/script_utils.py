@@ -16,6 +16,8 @@ a model file's input recipe supplies (prediction, heatmaps, ``--resume-from``).
 
 Environment variables (read at run time, not at import):
     NUM_CPU_CORES: data loader workers (default 4).
+    TF_CPP_MIN_LOG_LEVEL: TensorFlow's C++ log level; set to 3 (errors hidden too) at import
+        when not set, so that a CPU machine's CUDA start-up errors are not shown.
     NUM_GPU_DEVICES: GPUs for data-parallel training (default 1).
     RANDOM_SEED: seed for shuffling, augmentation and weight initialisation (default 12345).
 
@@ -46,6 +48,35 @@ _HERE = Path(__file__).resolve().parent
 for _folder in (str(_HERE), str(_HERE.parent)):
     if _folder not in sys.path:
         sys.path.insert(0, _folder)
+
+#: Modules the scripts need (installed by ``make venv`` into ``.venv``).
+REQUIRED_MODULES = ("numpy", "cv2", "pandas", "h5py", "tensorflow", "tf_keras")
+
+
+def _check_environment():
+    """Stop a script run by a Python that lacks the project's packages with one line saying
+    how to run it in the project's environment (not a ModuleNotFoundError traceback).
+
+    Only when a script of this folder is the program; a program importing this module gets
+    the usual ImportError where a package is missing.
+    """
+    import importlib.util
+
+    program = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not program or Path(program).resolve().parent != _HERE:
+        return
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        name = Path(program).name
+        raise SystemExit(f"{name}: error: this Python ({sys.executable}) lacks the project's "
+                         f"packages ({', '.join(missing)}); run `make venv` once in "
+                         f"{_HERE.parent}, then .venv/bin/python ddsm_train/{name} ...")
+
+
+_check_environment()
+# TensorFlow's C++ start-up lines (e.g. the CUDA cuInit error of a machine without a GPU) are
+# not shown unless asked for: set TF_CPP_MIN_LOG_LEVEL (0 shows everything) to see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 PathLike = Union[str, os.PathLike]
 

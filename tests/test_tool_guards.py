@@ -5,6 +5,8 @@ import argparse
 import importlib
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +267,27 @@ def test_input_recipe_flags_say_the_model_file_comes_first(script, recipe_flags)
     parser = importlib.import_module(script).get_args_parser()
     helps = {s: _help_text(parser, a) for a in parser._actions for s in a.option_strings}
     assert [f for f in recipe_flags if "input recipe supplies it" not in helps[f]] == []
+
+
+# ------------------------------------------------------------------ the environment
+def test_a_python_without_the_packages_says_how_to_run_the_script(tmp_path):
+    # -S: no site-packages, as a system Python without the project's packages
+    out = subprocess.run([sys.executable, "-S", str(SCRIPTS_DIR / "compute_mean.py"),
+                          str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "make venv" in out.stderr and ".venv/bin/python ddsm_train/compute_mean.py" in \
+        out.stderr and "numpy" in out.stderr
+
+
+@pytest.mark.parametrize("given, expected", [(None, "3"), ("1", "1")])
+def test_tensorflow_start_up_lines_are_hidden_unless_asked_for(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if given is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = given
+    code = (f"import sys; sys.path.insert(0, {str(SCRIPTS_DIR)!r}); import script_utils, os; "
+            f"print(os.environ['TF_CPP_MIN_LOG_LEVEL'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.stdout.strip() == expected, out.stderr
