@@ -483,10 +483,19 @@ def check_prediction(spec: ModelSpec, base, report: Report, gpus, warmup: int,
 
 
 # --------------------------------------------------------------------------- report
-def format_table(report: Report, gpu_count: int, workers: int, strategy: str = "") -> str:
-    """The result table, then warnings, failures and the verdict, as printed by ``main``."""
+#: Under the heading of the table of a machine without a GPU.
+NO_GPU_NOTE = ("no GPU on this machine: the speed columns (rate, img/s, x float32) and peak "
+               "GPU MiB mean nothing here; only the ok column (numerics, pipeline) does")
+
+
+def format_table(report: Report, gpu_count: int, workers: int, strategy: str = "",
+                 has_gpu: bool = True) -> str:
+    """The result table, then warnings, failures and the verdict, as printed by ``main``;
+    without a GPU (``has_gpu`` False) a note says that its speed columns mean nothing."""
     head = (f"gpu-check on {report.device}; NUM_GPU_DEVICES={gpu_count}"
             f"{f' ({strategy})' if strategy else ''}, NUM_CPU_CORES={workers}")
+    if not has_gpu:
+        head += f"\nNOTE: {NO_GPU_NOTE}"
     cols = ("model", "what", "batch", "rate", "img/s", "x float32", "peak GPU MiB", "ok",
             "notes")
     lines = []
@@ -608,7 +617,7 @@ def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
         from dm_image import atomic_write
 
         atomic_write(json_out, lambda fh: json.dump(record, fh, indent=1), text=True)
-    report.table = format_table(report, gpu_count, workers, strategy_text)
+    report.table = format_table(report, gpu_count, workers, strategy_text, bool(gpus))
     return report
 
 
