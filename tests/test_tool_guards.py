@@ -291,3 +291,19 @@ def test_tensorflow_start_up_lines_are_hidden_unless_asked_for(given, expected):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, env=env)
     assert out.stdout.strip() == expected, out.stderr
+
+
+@pytest.mark.parametrize("script", ["fprop_heatmap_all.sh", "score_heatmap_all.sh"])
+def test_heatmap_scripts_create_no_folder_before_failing(script, tmp_path):
+    import shutil
+
+    shutil.copy(SCRIPTS_DIR / script, tmp_path / script)
+    stub = tmp_path / "python_stub"   # fails as heatmap_score.py does on a missing input
+    stub.write_text("#!/bin/sh\necho 'heatmap_score.py: error: input file not found' >&2\n"
+                    "exit 2\n")
+    stub.chmod(0o755)
+    out = subprocess.run(["bash", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                                          "PYTHON": str(stub)})
+    assert out.returncode == 2 and "input file not found" in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([script, "python_stub"])
