@@ -512,9 +512,11 @@ def evaluate_level(y, score, out_dir: Path, level: str, threshold: float, n_boot
                                            out_dir / f"pr_{level}.png", title=level,
                                            metrics=metrics)
         metrics.update(roc_png=str(roc), pr_png=str(pr))
-    logger.info("%s level: n=%d AUROC %.4f %s AUPRC %.4f %s sens %.3f spec %.3f @ %.2f",
-                level, metrics["n"], metrics["auroc"], metrics["auroc_ci"], metrics["auprc"],
-                metrics["auprc_ci"], metrics["sensitivity"], metrics["specificity"], threshold)
+    logger.info("%s level: n=%d AUROC %.4f (%s) AUPRC %.4f (%s) sens %.3f spec %.3f @ %.2f",
+                level, metrics["n"], metrics["auroc"],
+                eval_metrics.format_ci(metrics["auroc_ci"]), metrics["auprc"],
+                eval_metrics.format_ci(metrics["auprc_ci"]), metrics["sensitivity"],
+                metrics["specificity"], threshold)
     return metrics
 
 

@@ -307,3 +307,11 @@ def test_heatmap_scripts_create_no_folder_before_failing(script, tmp_path):
                                           "PYTHON": str(stub)})
     assert out.returncode == 2 and "input file not found" in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([script, "python_stub"])
+
+
+def test_confidence_intervals_print_with_3_decimals():
+    import eval_metrics
+
+    assert eval_metrics.format_ci([0.83912, 0.95549]) == "95% CI 0.839-0.955"
+    assert eval_metrics.format_ci([float("nan"), float("nan")]) == "95% CI n/a"
+    assert eval_metrics.format_ci(None) == "95% CI n/a"
