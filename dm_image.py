@@ -47,7 +47,8 @@ __all__ = [
     "segment_breast", "crop_img", "add_img_margins", "sweep_img_patches", "get_roi_patches",
     "kmeans", "clust_kpts",
     # intensity
-    "hist_equalize", "intensity_scale_problem", "sample_max_level", "levels_scale_advice", "InputRecipe", "RECIPE_ATTR",
+    "hist_equalize", "intensity_scale_problem", "sample_max_level", "levels_scale_advice",
+    "InputRecipe", "RECIPE_ATTR",
     # augmentation
     "keras20_transform_matrix", "fused_warp_matrix",
     # generator, labels and iterators

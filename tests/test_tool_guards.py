@@ -1,6 +1,8 @@
 """Guards of the command-line tools that stop a run computing garbage: a diverging run, images
 whose levels do not fit the rescale factor, a patch net that contradicts the patch model file,
-a finished run started again, and the help text of every flag."""
+a finished run started again; and what a user meets on the way: the help of every flag, a
+Python without the project's packages, TensorFlow's start-up lines, the heatmap shell scripts,
+confidence intervals."""
 import argparse
 import importlib
 import os
@@ -14,6 +16,7 @@ import pytest
 import tf_keras as keras
 from conftest import split_dirs, tiny_vgg_patch_net, write_class_split
 
+import dm_image
 import dm_keras_ext as K
 import patch_clf_train
 
@@ -203,7 +206,7 @@ def test_image_trainer_takes_net_and_scale_of_the_patch_model_file(data, tmp_pat
     patch = tmp_path / "patch_vgg16.h5"
     K.register_model_info(patch, {"net": "vgg16"})
     K.save_model_atomic(K.robust_load_model(data / "patch.h5"), patch,
-                        recipe=__import__("dm_image").InputRecipe(
+                        recipe=dm_image.InputRecipe(
                             img_size=(24, 24), channels=3, rescale_factor=255 / 65535,
                             featurewise_center=True, featurewise_mean=50.0))
     K.register_model_info(patch, None)
