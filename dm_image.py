@@ -50,7 +50,8 @@ __all__ = [
     "segment_breast", "crop_img", "add_img_margins", "sweep_img_patches", "get_roi_patches",
     "kmeans", "clust_kpts",
     # intensity
-    "hist_equalize", "intensity_scale_problem", "InputRecipe", "RECIPE_ATTR",
+    "hist_equalize", "intensity_scale_problem", "sample_max_level", "levels_scale_advice",
+    "InputRecipe", "RECIPE_ATTR",
     # augmentation
     "keras20_transform_matrix", "fused_warp_matrix",
     # generator, labels and iterators
@@ -1063,6 +1064,65 @@ def intensity_scale_problem(img_max: float, rescale_factor: Optional[float],
         return (f"its maximum level {img_max:g} becomes {scaled:.4g} with rescale factor "
                 f"{rescale_factor:g}, beyond the 0..255 scale (a 16-bit image under an 8-bit "
                 f"factor?)")
+    return None
+
+
+def sample_max_level(paths: Sequence[PathLike], max_images: int = 12) -> Tuple[float, int]:
+    """The largest stored level of an evenly spaced sample of image files.
+
+    Args:
+        paths: image files (e.g. a training folder's list, in its sorted order).
+        max_images: how many files are read at most (first, last and evenly in between).
+
+    Returns:
+        (largest level over the files read, number of files read); unreadable files are
+        skipped (the training or mean computation reports them).
+    """
+    paths = list(paths)
+    if len(paths) > max_images:
+        idx = np.unique(np.linspace(0, len(paths) - 1, max_images).round().astype(int))
+        paths = [paths[i] for i in idx]
+    top, read = 0.0, 0
+    for path in paths:
+        try:
+            img = read_image(path)
+        except ImageReadError:
+            continue
+        top, read = max(top, float(img.max()) if img.size else 0.0), read + 1
+    return top, read
+
+
+def levels_scale_advice(img_max: float, rescale_factor: Optional[float],
+                        target_scale: Optional[float] = None) -> Optional[str]:
+    """What is wrong with the intensity scale of images whose largest level is ``img_max``,
+    and the ``--rescale-factor`` to give instead, or None when it fits.
+
+    The networks see levels on the 0..255 scale: 16-bit levels (above 255) need the factor
+    255/65535 (0.003891); 8-bit levels need none. Nothing is checked when ``target_scale``
+    maps each image's maximum itself.
+
+    Args:
+        img_max: the largest stored level of (a sample of) the images.
+        rescale_factor: the factor given, or None.
+        target_scale: the ``target_scale`` (``--img-scale``) given, or None.
+    """
+    if target_scale is not None or img_max <= 0:
+        return None
+    if rescale_factor is None:
+        if img_max > 255:
+            return (f"16-bit levels (up to {img_max:g}) but no rescale factor: give "
+                    f"--rescale-factor {255 / 65535:.6f} (255/65535) to bring them to 0..255")
+        return None
+    scaled = img_max * float(rescale_factor)
+    if img_max <= 255 and scaled <= 1.0:
+        return (f"8-bit levels (up to {img_max:g}) under --rescale-factor {rescale_factor:g}, "
+                f"which brings them to at most {scaled:.3g}: leave the factor out "
+                f"(--no-rescale-factor)")
+    if scaled > 256.0:
+        advice = (f"--rescale-factor {255 / 65535:.6f} (255/65535)" if img_max > 255 else
+                  "--no-rescale-factor")
+        return (f"levels up to {img_max:g} become {scaled:.4g} under --rescale-factor "
+                f"{rescale_factor:g}, beyond the 0..255 scale: give {advice}")
     return None
 
 

@@ -62,12 +62,17 @@ __all__ = [
     "check_top_layer_nb",
     "save_model_atomic",
     "register_input_recipe",
+    "MODEL_INFO_ATTR",
+    "register_model_info",
+    "read_model_info",
     "do_3stage_training",
     "do_2stage_training",
     "DMAucModelCheckpoint",
     "BestModelCheckpoint",
     "DMMetrics",
     "DMFlush",
+    "NonFiniteTrainingError",
+    "FiniteTrainingGuard",
     "flip_all_img",
     "predict_flip_mean",
     "load_dat_ram",
@@ -866,6 +871,48 @@ def register_input_recipe(filepath, recipe):
         _INPUT_RECIPES[key] = recipe.to_json()
 
 
+#: HDF5 root attribute of a model file holding what the model is (JSON), e.g. ``{"net":
+#: "vgg16"}`` for a patch classifier: the backbone its whole-image conversion cuts by role.
+MODEL_INFO_ATTR = "dm_model_info"
+_MODEL_INFOS = {}
+
+
+def register_model_info(filepath, info):
+    """Store ``info`` (a JSON-serialisable dict, e.g. ``{"net": "resnet50"}``) in every model
+    file later saved at ``filepath`` by this process (HDF5 attribute :data:`MODEL_INFO_ATTR`);
+    None stops storing it."""
+    key = _os.path.abspath(_os.fspath(filepath))
+    if info is None:
+        _MODEL_INFOS.pop(key, None)
+    else:
+        _MODEL_INFOS[key] = _json.dumps(dict(info), sort_keys=True)
+
+
+def read_model_info(filepath):
+    """The :data:`MODEL_INFO_ATTR` dict of a model file, or None (a 2017 file, or one saved
+    by other code).
+
+    Raises:
+        ValueError: the attribute is not a JSON object (the message names the file).
+    """
+    import h5py
+
+    try:
+        with h5py.File(_os.fspath(filepath), "r") as fh:
+            raw = fh.attrs.get(MODEL_INFO_ATTR)
+    except OSError:
+        return None
+    if raw is None:
+        return None
+    try:
+        info = _json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise ValueError(f"{filepath}: unreadable {MODEL_INFO_ATTR} attribute {raw!r}")
+    return info
+
+
 _SIDECARS = {}
 
 
@@ -894,17 +941,21 @@ def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
     """
     path = _os.path.abspath(_os.fspath(filepath))
     recipe_json = recipe.to_json() if recipe is not None else _INPUT_RECIPES.get(path)
+    info_json = _MODEL_INFOS.get(path)
 
     def save(tmp):
         with _warnings.catch_warnings():
             _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
             model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
                        save_format="h5")
-        if recipe_json is not None:
+        if recipe_json is not None or info_json is not None:
             import h5py
 
             with h5py.File(tmp, "a") as fh:
-                fh.attrs[_dm_image.RECIPE_ATTR] = recipe_json
+                if recipe_json is not None:
+                    fh.attrs[_dm_image.RECIPE_ATTR] = recipe_json
+                if info_json is not None:
+                    fh.attrs[MODEL_INFO_ATTR] = info_json
 
     path = _dm_image.atomic_write(path, save, to_path=True)
     logger.info("Saved model to %s", path)
@@ -1087,6 +1138,69 @@ class DMFlush(keras.callbacks.Callback):
         sys.stderr.flush()
 
 
+class NonFiniteTrainingError(ValueError):
+    """Training produced a non-finite loss or non-finite weights (it diverged)."""
+
+
+def _first_non_finite(logs, keys):
+    for key in keys:
+        value = (logs or {}).get(key)
+        if value is not None and np.ndim(value) == 0 and not np.isfinite(float(value)):
+            return key, float(value)
+    return None
+
+
+class FiniteTrainingGuard(keras.callbacks.Callback):
+    """Stop training at the first non-finite loss, before anything of that epoch is saved.
+
+    Checked after every train batch (the running ``loss``) and at the end of every epoch
+    (``loss``, ``val_loss`` and every weight of the model). Being the first callback of a
+    stage, it raises :class:`NonFiniteTrainingError` before the best-model checkpointer and
+    the last-epoch checkpoint see the epoch, so both keep the last finite epoch's model.
+
+    Args:
+        best_model: the best-model path, named in the message.
+        checkpoint: the last-epoch checkpoint path, named in the message, or None.
+    """
+
+    def __init__(self, best_model=None, checkpoint=None):
+        super().__init__()
+        self.best_model, self.checkpoint = best_model, checkpoint
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        bad = _first_non_finite(logs, ("loss",))
+        if bad is not None:
+            self._stop(f"{bad[0]} {bad[1]} at batch {batch + 1} of epoch {self._epoch}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        bad = _first_non_finite(logs, ("loss", "val_loss"))
+        if bad is not None:
+            self._stop(f"{bad[0]} {bad[1]} at the end of epoch {epoch + 1}")
+        for w in self.model.weights:
+            if w.dtype.is_floating and not np.all(np.isfinite(keras.backend.get_value(w))):
+                self._stop(f"non-finite values in weight {w.name} after epoch {epoch + 1}")
+
+    def _stop(self, what):
+        kept = [p for p in (self.best_model, self.checkpoint) if p]
+        raise NonFiniteTrainingError(
+            f"training diverged: {what}; nothing of this epoch was saved"
+            + (f" ({' and '.join(kept)} keep the last finite epoch, if any)" if kept else "")
+            + "; lower --init-learningrate or check the input scale (--rescale-factor, "
+              "--featurewise-mean)")
+
+
+def _model_is_finite(model, logs=None):
+    """False when ``logs`` hold a non-finite loss or ``model`` a non-finite weight."""
+    if _first_non_finite(logs, ("loss", "val_loss")) is not None:
+        return False
+    return all(np.all(np.isfinite(keras.backend.get_value(w))) for w in model.weights
+               if w.dtype.is_floating)
+
+
 def _save_as_chief(model, filepath, save):
     """``save(model, path)`` at ``filepath`` on the chief; other workers save to a temp folder.
 
@@ -1140,6 +1254,10 @@ class BestModelCheckpoint(keras.callbacks.Callback):
                            sorted(logs or {}))
             return
         better = value > self.best if self.mode == "max" else value < self.best
+        if better and not _model_is_finite(self.model, logs):
+            logger.error("epoch %d: non-finite loss or weights; %s is not saved", epoch + 1,
+                         self.filepath)
+            return
         if better:
             logger.info("epoch %d: %s improved from %.5f to %.5f, saving %s", epoch + 1,
                         self.monitor, self.best, value, self.filepath)
@@ -1293,6 +1411,10 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
                 logs[f"val_auc_{c}"] = a
         logger.info("epoch %d: validation AUROC %.4f (per class %s)", epoch + 1, auc,
                     ", ".join(f"{a:.4f}" for a in per_class))
+        if not np.isnan(auc) and auc > self.best_auc and not _model_is_finite(self.model, logs):
+            logger.error("epoch %d: non-finite loss or weights; %s is not saved", epoch + 1,
+                         self.filepath)
+            return
         if not np.isnan(auc) and auc > self.best_auc:
             logger.info("epoch %d: AUROC improved from %.4f to %.4f, saving %s", epoch + 1,
                         self.best_auc, auc, self.filepath)
@@ -2053,7 +2175,9 @@ class _Stage:
                     start + 1, start + epochs,
                     f" (resumed after epoch {initial})" if mode == "resume" else "", optim,
                     _lr_value(model), nb_trainable, nb_frozen_bn, frozen_bn_mode)
-        callbacks = [_EpochSeed(rec.seed)] if rec.seed is not None else []
+        callbacks = [FiniteTrainingGuard(getattr(self.checkpointer, "filepath", None),
+                                         rec.checkpoint)]
+        callbacks += [_EpochSeed(rec.seed)] if rec.seed is not None else []
         early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=self.es_patience,
                                         verbose=1)
         callbacks.append(early)

@@ -22,7 +22,7 @@ import script_utils
 __all__ = [
     "finite_float", "nonneg_float", "positive_float", "unit_interval", "fraction",
     "nonneg_int", "positive_int", "use_checked_numbers",
-    "NOSAVE", "MIXED_PRECISION_CHOICES", "OPTIMIZER_CHOICES", "FROZEN_BN_MODES",
+    "NOSAVE", "MIXED_PRECISION_CHOICES", "OPTIMIZER_CHOICES", "FROZEN_BN_MODES", "RECIPE_NOTE",
     "add_bool_flag", "add_optional_value_flag",
     "add_image_flags", "add_batch_flags", "add_ram_flags", "add_augmentation_flag",
     "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
@@ -183,8 +183,12 @@ def add_optional_value_flag(group, name, type_, default=None, help_text="", dest
 
 
 # --------------------------------------------------------------------------- flag groups
+#: Said in the help of a flag whose value a model file's input recipe supplies when not given.
+RECIPE_NOTE = "; when not given, the model file's input recipe supplies it"
+
+
 def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewise_center=True,
-                    img_scale=None, rescale_factor=None, centring=True):
+                    img_scale=None, rescale_factor=None, centring=True, from_recipe=()):
     """Image reading and intensity flags (``centring`` False: without the centring flags).
 
     Args:
@@ -197,23 +201,33 @@ def add_image_flags(parser, img_size, featurewise_mean, equalize_hist, featurewi
         img_scale: default target scale (image max mapped to it), None for no scaling.
         rescale_factor: default intensity factor (255/65535 = 0.003891 for 16-bit PNG), None
             for no rescaling.
+        from_recipe: destinations (``"img_size"``, ``"rescale_factor"``, ...) whose value a
+            model file's input recipe supplies when the flag is not given (prediction,
+            heatmaps): their help says so.
     """
+    def note(dest):
+        return RECIPE_NOTE if dest in from_recipe else ""
+
     g = parser.add_argument_group("image")
     g.add_argument("--img-size", "-is", dest="img_size", nargs=2, type=positive_int,
                    default=list(img_size), metavar=("HEIGHT", "WIDTH"),
-                   help=f"image size (default: {list(img_size)})")
+                   help=f"height and width the images are resized to, in pixels"
+                        f"{note('img_size')} (default: {list(img_size)})")
     add_optional_value_flag(g, "img-scale", positive_float, img_scale,
-                            "map each image's max intensity to this value", short="-ic",
-                            no_short="-nic")
+                            "map each image's max intensity to this value" + note("img_scale"),
+                            short="-ic", no_short="-nic")
     add_optional_value_flag(g, "rescale-factor", positive_float, rescale_factor,
-                            "multiply intensities by this factor (0.003891 for 16-bit PNG)")
+                            "multiply intensities by this factor (0.003891 for 16-bit PNG)"
+                            + note("rescale_factor"))
     if centring:
-        add_bool_flag(g, "featurewise-center", featurewise_center, "subtract --featurewise-mean")
+        add_bool_flag(g, "featurewise-center", featurewise_center,
+                      "subtract --featurewise-mean" + note("featurewise_center"))
         g.add_argument("--featurewise-mean", dest="featurewise_mean", type=finite_float,
                        default=featurewise_mean,
-                       help=f"train-set mean intensity after rescale (default: "
-                            f"{featurewise_mean})")
-    add_bool_flag(g, "equalize-hist", equalize_hist, "histogram equalisation")
+                       help=f"train-set mean intensity after rescale{note('featurewise_mean')}"
+                            f" (default: {featurewise_mean})")
+    add_bool_flag(g, "equalize-hist", equalize_hist,
+                  "histogram equalisation" + note("equalize_hist"))
 
 
 def add_batch_flags(parser, batch_size=64, train_bs_multiplier=0.5):
@@ -263,7 +277,9 @@ def add_optimizer_flags(parser, optim="sgd", init_lr=0.01, lr_patience=10, es_pa
     ``--frozen-bn-mode``."""
     g = parser.add_argument_group("optimiser")
     g.add_argument("--optimizer", dest="optim", type=str.lower, default=optim,
-                   choices=OPTIMIZER_CHOICES, help="(default: %(default)s)")
+                   choices=OPTIMIZER_CHOICES,
+                   help="optimiser of every stage, with the Keras 2.0.8 update rules "
+                        "(default: %(default)s)")
     g.add_argument("--init-learningrate", "-ilr", dest="init_lr", type=positive_float,
                    default=init_lr,
                    help="stage-1 learning rate (default: %(default)s)")
@@ -293,7 +309,9 @@ def add_stage_flags(parser, nb_epoch, all_layer_epochs, all_layer_multiplier,
                    help="stage-1 epochs; 0 skips stage 1 (default: %(default)s)")
     if top_layer_epochs is not None:
         g.add_argument("--top-layer-epochs", dest="top_layer_epochs", type=nonneg_int,
-                       default=top_layer_epochs, help="stage-2 epochs (default: %(default)s)")
+                       default=top_layer_epochs,
+                       help="stage-2 epochs, training the layers from --top-layer-nb up "
+                            "(default: %(default)s)")
     g.add_argument("--all-layer-epochs", dest="all_layer_epochs", type=nonneg_int,
                    default=all_layer_epochs, help="all-layer stage epochs (default: %(default)s)")
     if top_layer_multiplier is not None:
@@ -316,7 +334,8 @@ def add_regularization_flags(parser, weight_decay=1e-4, weight_decay2=1e-4, hidd
                    default=weight_decay,
                    help="L2 of Dense/Conv2D kernels, stage 1 (default: %(default)s)")
     g.add_argument("--weight-decay2", "-wd2", dest="weight_decay2", type=nonneg_float,
-                   default=weight_decay2, help="L2 in later stages (default: %(default)s)")
+                   default=weight_decay2,
+                   help="L2 of Dense/Conv2D kernels in the later stages (default: %(default)s)")
     g.add_argument("--hidden-dropout", "-hd", dest="hidden_dropout", type=unit_interval,
                    default=hidden_dropout, help="dropout rate, stage 1 (default: %(default)s)")
     g.add_argument("--hidden-dropout2", "-hd2", dest="hidden_dropout2", type=unit_interval,
@@ -355,13 +374,18 @@ def add_distributed_flags(parser):
 
 
 def add_run_flags(parser):
-    """``--auto-resume`` (continue an interrupted run) and ``--tensorboard-dir``."""
+    """``--auto-resume`` (continue an interrupted run), ``--tensorboard-dir`` and
+    ``--overwrite`` (replace another run's files at ``--best-model``)."""
     g = parser.add_argument_group("resuming and logs")
     add_bool_flag(g, "auto-resume", True,
                   "continue the unfinished run of <best-model>.last.h5 when its options are "
                   "these")
     g.add_argument("--tensorboard-dir", dest="tensorboard_dir", default=None, metavar="DIR",
                    help="also write TensorBoard logs to DIR (default: off)")
+    add_bool_flag(g, "overwrite", False,
+                  "replace the model files of another run at --best-model (refused without "
+                  "it); the same command again, once its run is finished, does nothing "
+                  "unless this is given, then it trains again")
 
 
 def add_progress_flag(parser, default=True):

@@ -19,13 +19,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Optional, Sequence
 
-import numpy as np
-
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+
+import numpy as np  # noqa: E402
+
 import dm_image  # noqa: E402
 from common_flags import add_image_flags  # noqa: E402
 import common_flags as cf  # noqa: E402
-from script_utils import cli_main, get_num_cpu_cores  # noqa: E402
+from script_utils import check_input_levels, cli_main, get_num_cpu_cores  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,13 @@ def image_mean(folder, img_size: Sequence[int], img_scale: Optional[float] = Non
             total, count = total + result[0], count + result[1]
             if result[2] is not None:
                 mismatch.append(path)
-                logger.warning("image %s: %s", path, result[2])
+                logger.debug("image %s: %s", path, result[2])
     if count == 0:
         raise ValueError(f"no readable image in {os.fspath(folder)!r} ({len(skipped)} "
                          f"unreadable)")
+    if mismatch:
+        logger.warning("%d image(s) with levels that do not fit the rescale factor %s, e.g. "
+                       "%s", len(mismatch), rescale_factor, mismatch[0])
     return {"mean": total / count, "images": len(files) - len(skipped), "skipped": skipped,
             "scale_mismatch": mismatch}
 
@@ -98,7 +102,14 @@ def image_mean(folder, img_size: Sequence[int], img_scale: Optional[float] = Non
 def run(folder: str, img_size: Sequence[int] = (1152, 896), img_scale: Optional[float] = None,
         rescale_factor: Optional[float] = None, equalize_hist: bool = False,
         workers: Optional[int] = None) -> Dict[str, object]:
-    """Compute and print the mean (see :func:`image_mean`); returns its result."""
+    """Compute and print the mean (see :func:`image_mean`); returns its result.
+
+    Raises:
+        ValueError: a sample of the images has levels that do not fit ``rescale_factor``
+            (16-bit levels without it, 8-bit levels under 255/65535): the message says which
+            factor to give (``script_utils.check_input_levels``).
+    """
+    check_input_levels([folder], rescale_factor, img_scale)
     result = image_mean(folder, img_size, img_scale, rescale_factor, equalize_hist,
                         workers or get_num_cpu_cores())
     logger.info("%d images, %d unreadable, %d with levels that do not fit the rescale factor",
@@ -117,7 +128,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_image_flags(parser, img_size=(1152, 896), featurewise_mean=None, equalize_hist=False,
                     centring=False)
     parser.add_argument("--workers", type=cf.positive_int, default=None,
-                        help="decoding threads (default: NUM_CPU_CORES, else 4)")
+                        help="threads decoding the images in parallel (default: NUM_CPU_CORES, "
+                             "else 4)")
     return parser
 
 

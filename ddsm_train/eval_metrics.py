@@ -56,8 +56,8 @@ from dm_image import atomic_write
 __all__ = [
     "DEFAULT_N_BOOT", "DEFAULT_SEED", "DEFAULT_THRESHOLD",
     "check_binary_inputs", "roc_auc", "pr_auc", "sensitivity_specificity",
-    "iter_bootstrap_indices", "bootstrap_replicates", "bootstrap_ci", "evaluate_binary",
-    "BINARY_KEYS",
+    "iter_bootstrap_indices", "bootstrap_replicates", "bootstrap_ci", "format_ci",
+    "evaluate_binary", "BINARY_KEYS",
     "plot_roc_pr", "write_json_atomic",
     "MIN_BOOTSTRAP_CASES", "DEFAULT_FIXED_RATES", "DEFAULT_N_BINS", "THRESHOLD_RULES",
     "CALIBRATION_METHODS", "midranks", "delong_auc_cov", "delong_test", "probabilistic_f1",
@@ -235,6 +235,14 @@ def bootstrap_replicates(y_true, y_score, n_boot: int = DEFAULT_N_BOOT,
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def format_ci(ci) -> str:
+    """A confidence interval as printed everywhere: ``"95% CI 0.839-0.955"`` (3 decimals), or
+    ``"95% CI n/a"`` when it is missing or not finite."""
+    if ci is None or len(ci) != 2 or any(v is None or not np.isfinite(v) for v in ci):
+        return "95% CI n/a"
+    return f"95% CI {float(ci[0]):.3f}-{float(ci[1]):.3f}"
+
+
 def bootstrap_ci(y_true, y_score, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
                  level: float = 0.95) -> Dict:
     """Percentile bootstrap intervals of AUROC and AUPRC.
@@ -312,7 +320,7 @@ def roc_pr_figures(y_true, y_score, title: str = "", metrics: Optional[Dict] = N
             return None
         text = f"{name.upper()} {val:.3f}"
         if ci and all(v is not None and np.isfinite(v) for v in ci):
-            text += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+            text += f" ({format_ci(ci)})"
         return text
 
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())

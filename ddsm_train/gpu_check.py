@@ -484,10 +484,19 @@ def check_prediction(spec: ModelSpec, base, report: Report, gpus, warmup: int,
 
 
 # --------------------------------------------------------------------------- report
-def format_table(report: Report, gpu_count: int, workers: int, strategy: str = "") -> str:
-    """The result table, then warnings, failures and the verdict, as printed by ``main``."""
+#: Under the heading of the table of a machine without a GPU.
+NO_GPU_NOTE = ("no GPU on this machine: the speed columns (rate, img/s, x float32) and peak "
+               "GPU MiB mean nothing here; only the ok column (numerics, pipeline) does")
+
+
+def format_table(report: Report, gpu_count: int, workers: int, strategy: str = "",
+                 has_gpu: bool = True) -> str:
+    """The result table, then warnings, failures and the verdict, as printed by ``main``;
+    without a GPU (``has_gpu`` False) a note says that its speed columns mean nothing."""
     head = (f"gpu-check on {report.device}; NUM_GPU_DEVICES={gpu_count}"
             f"{f' ({strategy})' if strategy else ''}, NUM_CPU_CORES={workers}")
+    if not has_gpu:
+        head += f"\nNOTE: {NO_GPU_NOTE}"
     cols = ("model", "what", "batch", "rate", "img/s", "x float32", "peak GPU MiB", "ok",
             "notes")
     lines = []
@@ -533,9 +542,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="full sizes even without a GPU (slow on a CPU; default: full "
                            "sizes only when a GPU is visible)")
     parser.add_argument("--models", nargs="+", choices=("resnet50", "demo"),
-                        default=["resnet50", "demo"], help="(default: %(default)s)")
+                        default=["resnet50", "demo"],
+                        help="networks whose training steps are timed: ResNet50 and the "
+                             "demo's small ResNet (default: %(default)s)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="training modes (default: %(default)s)")
+                        help="precision and compilation modes timed for each network "
+                             "(default: %(default)s)")
     parser.add_argument("--warmup-steps", type=cf.nonneg_int, default=None,
                         help="untimed steps per mode (default: 5 on a GPU, 1 tiny)")
     parser.add_argument("--steps", type=cf.positive_int, default=None,
@@ -606,7 +618,7 @@ def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
         from dm_image import atomic_write
 
         atomic_write(json_out, lambda fh: json.dump(record, fh, indent=1), text=True)
-    report.table = format_table(report, gpu_count, workers, strategy_text)
+    report.table = format_table(report, gpu_count, workers, strategy_text, bool(gpus))
     return report
 
 

@@ -5,7 +5,8 @@ Sci Rep 9, 12495 (2019); arXiv:1708.09427. The flags and defaults are those of t
 ``heatmap_score.py`` (``--net vgg19``, ``--featurewise-mean 71.8`` used only with
 ``--featurewise-center``, no ``--img-scale``, no ``--img-height``, ``--batch-size 128``,
 ``--stride 8``, ``--pat-csv ./full_img/pat.csv``, ``--out ./output/prob_heatmap.pkl``). For every
-(patient, side) of ``--pat-csv`` (columns ``patient_id,side,cancer``; optionally only the
+(patient, side) of ``--pat-csv`` (columns ``patient_id,side,cancer``, or ``malignant`` for
+``cancer``; optionally only the
 patients of ``--pat-list``) and each of its views ``{patient}_{side}_{CC|MLO}.{ext}`` in
 ``IMG_FOLDER``, a heatmap of the patch classifier's class probabilities, in one of two modes:
 
@@ -79,12 +80,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
-from common_flags import (add_bool_flag, add_image_flags, add_model_reading_flags,  # noqa: E402
-                          backbone_names)
+from common_flags import (RECIPE_NOTE, add_bool_flag, add_image_flags,  # noqa: E402
+                          add_model_reading_flags, backbone_names)
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
 from script_utils import check_unique  # noqa: E402
-from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
+from script_utils import (RECIPE_OPTIONS, InputFileError, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
                           restricted_unpickle, run_defaults, safe_name_part)
 
@@ -113,12 +114,23 @@ def read_patient_sides(pat_csv: PathLike, pat_list: Optional[PathLike] = None) -
     Returns:
         DataFrame with columns ``patient_id`` (str), ``side`` (str), ``cancer`` (int).
 
+    The label column is ``cancer`` or, when the file has none, ``malignant`` (read as
+    ``cancer``).
+
     Raises:
         ValueError: a required column is missing (the message lists the columns found), or a
             row's patient id or side cannot be part of a file name, or its cancer is not 0/1
             (the message names the file and line).
     """
-    df = read_csv_table(pat_csv, required=("patient_id", "side", "cancer"))
+    df = read_csv_table(pat_csv)
+    label = "malignant" if "cancer" not in df.columns and "malignant" in df.columns else \
+        "cancer"
+    missing = [c for c in ("patient_id", "side", label) if c not in df.columns]
+    if missing:
+        raise InputFileError(f"{pat_csv}: missing column(s) {missing} (the label column may "
+                             f"also be called 'malignant'); columns are "
+                             f"{[c for c in df.columns if c != '_line']}")
+    df = df.rename(columns={label: "cancer"})
     for rec in df[["patient_id", "side", "cancer", "_line"]].to_dict("records"):
         where = f"{pat_csv}, {rec['_line']}"
         safe_name_part(rec["patient_id"], "patient_id", where)
@@ -765,6 +777,10 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         paths = list_any_images(img_folder, img_list)
         planned = picture_names(paths, img_folder)
     else:
+        if not Path(pat_csv).is_file():
+            raise ValueError(f"--pat-csv {pat_csv}: no such file; give --pat-csv FILE (columns "
+                             f"patient_id,side,cancer or malignant), or score images without "
+                             f"one with --all-images or --img-list FILE")
         recs = read_patient_sides(pat_csv, pat_list)
         planned = [f"{r.patient_id}_{r.side}_{v}" for r in recs.itertuples(index=False)
                    for v in VIEWS]
@@ -789,6 +805,9 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
                 featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
                 preprocess=None if featurewise_center else get_preprocess(net),
                 patch_size=patch_size, stride=stride)
+    settings = {k: v for k, v in locals().items() if k in _RUN_PARAMETERS
+                and k not in ("custom_objects", "given_options")}
+    logger.info("options: %s", json.dumps(settings, default=str, sort_keys=True))
     summary = {"missing": [], "failed": [], "pngs": 0, "n_heatmaps": 0}
     if manifest is not None:
         manifest.begin([Path(png_dir, f"{n}_heatmap.png") for n in planned])
@@ -830,6 +849,21 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
     return summary
 
 
+_INT_HELP = {
+    "batch_size": "patches (sweep mode) or images (fprop mode) per forward pass",
+    "patch_size": "side of the square patches the sweep cuts, in pixels" + RECIPE_NOTE
+                  + " (when square)",
+    "stride": "sweep mode: pixels between neighbouring patch centres",
+    "malignant_class": "class index drawn in the overlay PNGs (negative counts from the end)",
+    "avg_pool_size": "fprop mode: average pooling window (rows cols) over the feature map, "
+                     "the patch size in feature-map cells",
+    "hm_strides": "fprop mode: strides (rows cols) of that average pooling",
+}
+
+#: The parameters of :func:`run`, whose resolved values a run logs.
+_RUN_PARAMETERS = tuple(run_defaults(run))
+
+
 # ------------------------------------------------------------------------------ command line
 def get_args_parser() -> argparse.ArgumentParser:
     """Parser of the 2017 flags (and the new ones); defaults are those of :func:`run`."""
@@ -841,7 +875,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="patch classifier (.h5; a whole-image heatmap model with "
                              "--fprop-mode)")
     parser.add_argument("--pat-csv", default=d["pat_csv"],
-                        help="CSV with patient_id,side,cancer (default: %(default)s)")
+                        help="CSV of the breasts to score: patient_id,side,cancer (or "
+                             "malignant for cancer); not read with --all-images or --img-list "
+                             "(default: %(default)s)")
     parser.add_argument("--pat-list", default=d["pat_list"],
                         help="patient IDs, one a line (default: all of --pat-csv; "
                              "--no-pat-list sets that)")
@@ -867,17 +903,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=argparse.SUPPRESS)
     add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
                     equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
-                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
+                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"],
+                    from_recipe=("img_scale", "rescale_factor", "equalize_hist",
+                                 "featurewise_center", "featurewise_mean"))
     parser.add_argument("--net", default=d["net"], choices=backbone_names(), metavar="NET",
-                        help="backbone of the patch classifier, for its cut point and "
-                             "preprocessing: %(choices)s (default: %(default)s)")
+                        help="backbone of the patch classifier, whose preprocess_input applies "
+                             "without --featurewise-center (and whose cut point fprop mode "
+                             "uses): %(choices)s" + RECIPE_NOTE + " (default: %(default)s)")
     for name, type_ in (("batch_size", cf.positive_int), ("patch_size", cf.positive_int),
                         ("stride", cf.positive_int), ("malignant_class", int)):
         parser.add_argument("--" + name.replace("_", "-"), type=type_, default=d[name],
-                            help="(default: %(default)s)")
+                            help=_INT_HELP[name] + " (default: %(default)s)")
     for name in ("avg_pool_size", "hm_strides"):
         parser.add_argument("--" + name.replace("_", "-"), type=cf.positive_int, nargs=2,
-                            default=list(d[name]), help="fprop mode (default: %(default)s)")
+                            default=list(d[name]),
+                            help=_INT_HELP[name] + " (default: %(default)s)")
     parser.add_argument("--img-extension", default=d["img_extension"],
                         help="extension of the {patient}_{side}_{view} files "
                              "(default: %(default)s)")

@@ -556,10 +556,15 @@ def evaluate_level(y, score, out_dir: Path, level: str, threshold: float, n_boot
                                            out_dir / f"pr_{level}.png", title=level,
                                            metrics=metrics)
         metrics.update(roc_png=str(roc), pr_png=str(pr))
-    logger.info("%s level: n=%d AUROC %s %s AUPRC %s %s sens %.3f spec %.3f @ %.2f%s",
-                level, metrics["n"], metrics["auroc"], metrics["auroc_ci"], metrics["auprc"],
-                metrics["auprc_ci"], metrics["sensitivity"] if metrics["n_pos"] else float("nan"),
-                metrics["specificity"] if metrics["n_neg"] else float("nan"), threshold,
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    logger.info("%s level: n=%d AUROC %s (%s) AUPRC %s (%s) sens %s spec %s @ %.2f%s",
+                level, metrics["n"], fmt(metrics["auroc"]),
+                eval_metrics.format_ci(metrics["auroc_ci"]), fmt(metrics["auprc"]),
+                eval_metrics.format_ci(metrics["auprc_ci"]),
+                fmt(metrics["sensitivity"]) if metrics["n_pos"] else "n/a",
+                fmt(metrics["specificity"]) if metrics["n_neg"] else "n/a", threshold,
                 "".join(f"; {n}" for n in metrics["notes"]))
     return metrics
 
@@ -846,7 +851,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="class index reported as malignant_pred (default: last)")
     add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
                     equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
-                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"])
+                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"],
+                    from_recipe=tuple(RECIPE_OPTIONS))
     g = parser.add_argument_group("inference")
     add_bool_flag(g, "segment-breast", d["segment_breast"], "crop to the segmented breast")
     add_bool_flag(g, "test-augment", d["test_augment"], "average over 4 flips")
@@ -860,7 +866,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=cf.nonneg_int, default=d["bootstrap"],
                     help="bootstrap resamples for 95%% intervals (default: %(default)s)")
     ev.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
-                    help="bootstrap seed (default: %(default)s)")
+                    help="seed of the bootstrap resampling of the confidence intervals "
+                         "(default: %(default)s)")
     parser.add_argument("--out-dir", default=d["out_dir"],
                         help="output folder, outside the input folders; files an earlier run "
                              "wrote there (listed in its .ddsm_outputs.json) that this run does "

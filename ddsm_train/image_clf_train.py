@@ -34,7 +34,7 @@ import training_setup as ts  # noqa: E402
 
 logger = logging.getLogger("image_clf_train")
 
-__all__ = ["get_args_parser", "validate_options", "run", "main"]
+__all__ = ["get_args_parser", "validate_options", "patch_model_settings", "run", "main"]
 
 
 def get_args_parser():
@@ -42,8 +42,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Train a whole-image classifier from a patch classifier, or fine-tune one.")
     parser.add_argument("train_dir", help="train folder, one subfolder per class")
-    parser.add_argument("val_dir", help="validation folder")
-    parser.add_argument("test_dir", help="test folder")
+    parser.add_argument("val_dir", help="validation folder, which chooses the best model")
+    parser.add_argument("test_dir", help="test folder, scored once at the end")
     g = parser.add_argument_group("model source (exactly one)")
     cf.add_optional_value_flag(g, "patch-model-state", str, None,
                                "patch classifier file converted into a whole-image model")
@@ -58,29 +58,39 @@ def get_args_parser():
     t = parser.add_argument_group("top layers (patch-to-whole-image conversion)")
     t.add_argument("--patch-net", dest="patch_net", type=str, default="resnet50",
                    choices=cf.backbone_names(), metavar="NET",
-                   help="backbone of the patch classifier, for its cut point and "
-                        "preprocessing: %(choices)s (default: %(default)s)")
+                   help="backbone of the patch classifier, which sets the cut point "
+                        "(%(choices)s); a --patch-model-state written by patch_clf_train.py "
+                        "says it itself (then this flag may only repeat it) "
+                        "(default: %(default)s)")
     t.add_argument("--block-type", dest="block_type", type=str, default="resnet",
-                   choices=("resnet", "vgg"), help="(default: %(default)s)")
+                   choices=("resnet", "vgg"),
+                   help="top blocks: residual bottleneck stages or VGG-like conv stacks "
+                        "(default: %(default)s)")
     t.add_argument("--top-depths", dest="top_depths", nargs="+", type=cf.positive_int,
-                   default=[512, 512], help="filters per top block (default: %(default)s)")
+                   default=[512, 512],
+                   help="filters per top block (default: %(default)s)")
     t.add_argument("--top-repetitions", dest="top_repetitions", nargs="+", type=cf.positive_int,
                    default=[3, 3], help="repetitions per top block (default: %(default)s)")
     t.add_argument("--bottleneck-enlarge-factor", dest="bottleneck_enlarge_factor",
-                   type=cf.positive_int, default=4, help="(default: %(default)s)")
+                   type=cf.positive_int,
+                   default=4, help="resnet top blocks: output channels = depth x this "
+                                   "(default: %(default)s)")
     cf.add_bool_flag(t, "add-heatmap", False, "heatmap head on the patch net")
     t.add_argument("--avg-pool-size", dest="avg_pool_size", nargs=2, type=cf.positive_int,
                    default=[7, 7], help="heatmap average pool (default: %(default)s)")
     cf.add_bool_flag(t, "add-conv", True, "convolutional top blocks (else FC layers)")
     cf.add_bool_flag(t, "add-shortcut", False, "dense shortcut from the flattened input")
-    t.add_argument("--hm-strides", dest="hm_strides", nargs=2, type=cf.positive_int,
-                   default=[1, 1], help="(default: %(default)s)")
-    t.add_argument("--hm-pool-size", dest="hm_pool_size", nargs=2, type=cf.positive_int,
-                   default=[5, 5], help="(default: %(default)s)")
+    t.add_argument("--hm-strides", dest="hm_strides", nargs=2, type=cf.positive_int, default=[1, 1],
+                   help="strides of the heatmap average pool (--add-heatmap) "
+                        "(default: %(default)s)")
+    t.add_argument("--hm-pool-size", dest="hm_pool_size", nargs=2, type=cf.positive_int, default=[5, 5],
+                   help="max pooling window over the heatmap (--add-heatmap) "
+                        "(default: %(default)s)")
     t.add_argument("--fc-init-units", dest="fc_init_units", type=cf.positive_int, default=64,
-                   help="(default: %(default)s)")
+                   help="units of the first dense layer without --add-conv, halving in each "
+                        "next one (default: %(default)s)")
     t.add_argument("--fc-layers", dest="fc_layers", type=cf.nonneg_int, default=2,
-                   help="(default: %(default)s)")
+                   help="dense layers of the top without --add-conv (default: %(default)s)")
     cf.add_optional_value_flag(t, "kept-layer-idx", int, None,
                                "explicit cut index into the patch net's layers, as in 2017; "
                                "negative counts from the end of the 2017 layer list of "
@@ -115,6 +125,60 @@ def validate_options(opts, nb_devices=None):
                          f"{opts['top_repetitions']} should have the same length")
 
 
+#: Options of the whole-image run taken from the input recipe of ``--patch-model-state`` when
+#: not given: the intensity scale the patch net was trained on (not the image size, nor the
+#: mean, which are those of whole images).
+PATCH_RECIPE_OPTIONS = {"img_scale": "img_scale", "rescale_factor": "rescale_factor",
+                        "equalize_hist": "equalize_hist",
+                        "featurewise_center": "featurewise_center"}
+
+
+def _patch_net_of(model_file):
+    """The ``--net`` a patch model file was trained with, or None when the file does not say.
+
+    Read from the file (``dm_keras_ext.read_model_info``), else from the options JSON the
+    patch trainer wrote beside it.
+    """
+    import json
+
+    import dm_keras_ext
+
+    info = dm_keras_ext.read_model_info(model_file) or {}
+    if info.get("net"):
+        return str(info["net"])
+    sidecar = script_utils.options_json_path(model_file)
+    try:
+        net = json.loads(script_utils.read_text_file(sidecar)).get("net")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(net) if net else None
+
+
+def patch_model_settings(opts, given):
+    """``opts`` completed from the ``--patch-model-state`` file: its net (which sets the cut
+    point, found by role) and the intensity scale of its input recipe
+    (:data:`PATCH_RECIPE_OPTIONS`), for the options not in ``given``. A file that does not say
+    (a 2017 model) leaves the flags as they are.
+
+    Raises:
+        ValueError: a given ``--patch-net`` contradicts the net the file was trained with.
+    """
+    source = opts["patch_model_state"]
+    if source is None or not os.path.isfile(source):
+        return opts
+    net = _patch_net_of(source)
+    if net is not None:
+        if "patch_net" in given and opts["patch_net"] != net:
+            raise ValueError(f"--patch-net {opts['patch_net']} contradicts --patch-model-state "
+                             f"{source}, a {net} patch classifier; leave --patch-net out or "
+                             f"give --patch-net {net}")
+        if opts["patch_net"] != net:
+            logger.info("--patch-net %s, as --patch-model-state %s says", net, source)
+        opts = dict(opts, patch_net=net)
+    opts, _ = script_utils.apply_model_recipe(opts, source, given, names=PATCH_RECIPE_OPTIONS)
+    return opts
+
+
 def _check_common(opts, nb_devices):
     if nb_devices is None:
         nb_devices = script_utils.get_num_gpu_devices()
@@ -129,6 +193,14 @@ def _check_common(opts, nb_devices):
             raise ValueError(f"--{name.replace('_', '-')} should be >= 0, got {opts[name]}")
     if not opts["init_lr"] > 0:
         raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
+
+
+def _validate_run(opts, nb_devices=None):
+    """:func:`validate_options`, then the images' levels against the scale (which the model
+    files' recipes may have set)."""
+    validate_options(opts, nb_devices)
+    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
+                                    opts["img_scale"])
 
 
 def _build_model(opts, nb_class):
@@ -206,17 +278,27 @@ def run(train_dir, val_dir, test_dir, **options):
         **options: the command-line options by destination name (see ``get_args_parser``);
             missing ones take the parser's defaults. With ``resume_from``, the image
             options not given (``given_options`` when passed, as the command line does,
-            else the keywords passed) come from that file's input recipe when it has one.
+            else the keywords passed) come from that file's input recipe when it has one;
+            with ``patch_model_state``, ``patch_net`` and the intensity scale not given come
+            from the patch model file when it carries them (:func:`patch_model_settings`).
 
     Returns:
         dict: ``best_model``, ``options_json``, ``best_val_auc``, ``best_epoch``, ``test_auc``,
-        ``test_auc_augmented``, ``epochs`` (run), ``history`` (merged per-epoch logs).
+        ``test_auc_augmented``, ``epochs`` (run), ``history`` (merged per-epoch logs); or,
+        when the same run is already finished at ``best_model``, the summary of
+        ``training_setup.finished_run_result`` (``complete`` True), nothing touched.
     """
     given = options.pop("given_options", None)
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    opts, _ = script_utils.apply_model_recipe(opts, opts["resume_from"],
-                                              set(options) if given is None else set(given))
-    env, strategy, json_path, identity, resume = ts.begin_training_run(opts, validate_options)
+    given = set(options) if given is None else set(given)
+    opts, _ = script_utils.apply_model_recipe(opts, opts["resume_from"], given)
+    opts = patch_model_settings(opts, given)
+    try:
+        env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
+                                                                           _validate_run)
+    except ts.RunComplete as done:
+        return ts.finished_run_result(opts, done.state,
+                                      script_utils.options_json_path(opts["best_model"]))
     import dm_keras_ext
     import dm_multi_gpu
 
@@ -293,6 +375,10 @@ def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
     result = script_utils.checked_main(get_args_parser(), validate_options, run, argv,
                                        pass_given=True)
+    if result.get("complete"):
+        print(f"the run of {result['best_model']} is complete (best validation AUROC "
+              f"{result['best_value']:.4f} at epoch {result['best_epoch']}); nothing to do")
+        return result
     print(f"best validation AUROC {result['best_val_auc']:.4f}; test AUROC "
           f"{_fmt(result['test_auc'])}, with flips {_fmt(result['test_auc_augmented'])}")
     return result

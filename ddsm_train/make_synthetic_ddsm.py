@@ -94,11 +94,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
-import numpy as np
-import scipy.fft
-
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.fft  # noqa: E402
+
 import dm_image  # noqa: E402
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402

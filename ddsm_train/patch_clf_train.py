@@ -34,8 +34,8 @@ def get_args_parser():
     """Command-line flags of the patch classifier trainer (the 2017 flags and short aliases)."""
     parser = argparse.ArgumentParser(description="Train a patch classifier (3 stages).")
     parser.add_argument("train_dir", help="train folder, one subfolder per class")
-    parser.add_argument("val_dir", help="validation folder")
-    parser.add_argument("test_dir", help="test folder")
+    parser.add_argument("val_dir", help="validation folder, which chooses the best model")
+    parser.add_argument("test_dir", help="test folder, scored once at the end")
     cf.add_image_flags(parser, img_size=(256, 256), featurewise_mean=59.6, equalize_hist=True)
     cf.add_batch_flags(parser)
     cf.add_augmentation_flag(parser, False)
@@ -65,9 +65,9 @@ def get_args_parser():
                    help="elastic-net penalty, kept for the 2017 ResNet builder "
                         "(default: %(default)s)")
     n.add_argument("--l1-ratio", dest="l1_ratio", type=cf.fraction, default=0.0,
-                   help="(default: %(default)s)")
-    n.add_argument("--inp-dropout", "-id", dest="inp_dropout", type=cf.unit_interval,
-                   default=0.0,
+                   help="L1 share of the elastic-net penalty, kept for the 2017 ResNet "
+                        "builder (default: %(default)s)")
+    n.add_argument("--inp-dropout", "-id", dest="inp_dropout", type=cf.unit_interval, default=0.0,
                    help="input dropout of dm_resnet14 (default: %(default)s)")
     cf.add_training_flags(parser, best_model="./modelState/patch_clf.h5")
     return parser
@@ -99,6 +99,15 @@ def validate_options(opts, nb_devices=None):
             "stage runs)" * (len(stages) == 1))
     if not opts["init_lr"] > 0:
         raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
+
+
+
+def _validate_run(opts, nb_devices=None):
+    """:func:`validate_options`, then the images' levels against the scale (which the model
+    files' recipes may have set)."""
+    validate_options(opts, nb_devices)
+    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
+                                    opts["img_scale"])
 
 
 def _build_model(opts, nb_class):
@@ -134,10 +143,17 @@ def run(train_dir, val_dir, test_dir, **options):
         dict: ``best_model``, ``options_json``, ``best_val_accuracy``, ``best_epoch``,
         ``epochs``, ``stages``, ``history`` (merged per-epoch logs), ``test_loss``,
         ``test_accuracy``, ``test_confusion`` (``eval_metrics.confusion_report`` with the
-        paths of its files).
+        paths of its files); or, when the same run is already finished at ``best_model``, the
+        summary of ``training_setup.finished_run_result`` (``complete`` True), nothing
+        touched.
     """
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    env, strategy, json_path, identity, resume = ts.begin_training_run(opts, validate_options)
+    try:
+        env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
+                                                                           _validate_run)
+    except ts.RunComplete as done:
+        return ts.finished_run_result(opts, done.state,
+                                      script_utils.options_json_path(opts["best_model"]))
     import dm_keras_ext
     import dm_multi_gpu
 
@@ -149,6 +165,9 @@ def run(train_dir, val_dir, test_dir, **options):
     ts.save_input_recipe(ts.training_recipe(opts, channels, opts["net"] if preprocess and not
                                             opts["featurewise_center"] else None),
                          opts["best_model"], opts["final_model"])
+    for path in (opts["best_model"], opts["final_model"]):   # read by image_clf_train.py
+        if path and path != cf.NOSAVE:
+            dm_keras_ext.register_model_info(path, {"net": opts["net"]})
     train, val, test, train_bs = ts.iterators_from_options(
         opts, channels, None if opts["featurewise_center"] else preprocess, env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d patches; train batch %d, eval batch %d",
@@ -231,6 +250,10 @@ def _test_confusion(model, test, opts):
 def main(argv=None):
     """Parse ``argv``, check the options, train and report; returns ``run``'s result."""
     result = script_utils.checked_main(get_args_parser(), validate_options, run, argv)
+    if result.get("complete"):
+        print(f"the run of {result['best_model']} is complete (best validation accuracy "
+              f"{result['best_value']:.4f} at epoch {result['best_epoch']}); nothing to do")
+        return result
     if result["test_accuracy"] is not None:
         print(f"best validation accuracy {result['best_val_accuracy']:.4f}; test accuracy "
               f"{result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}")

@@ -535,7 +535,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="random seed of the --val-size split (default: %(default)s)")
     parser.add_argument("--workers", type=cf.positive_int, default=d["workers"],
                         help="processes converting views in parallel (default: %(default)s)")
-    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    add_bool_flag(parser, "verbose", d["verbose"], "show a progress bar of the conversion")
     return parser
 
 

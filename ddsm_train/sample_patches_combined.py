@@ -167,6 +167,7 @@ class _Settings:
     neg_cutoff: float
     seed: int
     folders: Dict[str, str] = field(default_factory=dict)  # bkg, calc_pos, ... -> folder name
+    normal_views: int = 0  # background patches per view without a lesion (0: not sampled)
 
 
 class _SkipView(Exception):
@@ -280,7 +281,8 @@ def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, 
         over ``tables`` (the ROI's own for abnormal patches, all of them for negatives)."""
         out = Path(task.out_dir) / folder
         cx, cy = centres[:, 0], centres[:, 1]
-        fracs = [_fractions(sat, cx, cy, p) for sat in tables]  # a view has >= 1 ROI
+        fracs = [_fractions(sat, cx, cy, p) for sat in tables] or \
+            [(np.zeros(len(centres)), np.zeros(len(centres)))]   # a lesion-free view
         roi_frac = np.max([f[0] for f in fracs], axis=0)
         patch_frac = np.max([f[1] for f in fracs], axis=0)
         for k, (x, y) in enumerate(centres.tolist()):
@@ -292,6 +294,11 @@ def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, 
                                 "patch_frac": round(float(patch_frac[k]), 6)})
         res["counts"][folder] = res["counts"].get(folder, 0) + len(centres)
 
+    if not task.rois:   # a lesion-free view (--normal-views): random background only
+        region = (m, m, img.shape[1] + m, img.shape[0] + m)
+        bkg = draw_background_centres(rng, [], region, p, cfg.normal_views, cfg.neg_cutoff)
+        emit(cfg.folders["bkg"], "bkg", bkg, [])
+        return
     for roi, sat in zip(task.rois, sats):
         centres, cut, relax = draw_abnormal_centres(rng, sat, p, cfg.nb_abn, cfg.pos_cutoff)
         res["relaxations"] += relax
@@ -630,6 +637,27 @@ def _build_views(table: _RoiTable, pat_split: Dict[str, str], full_img_dir: str,
     return entries, tasks
 
 
+def _normal_view_tasks(table: _RoiTable, pat_split: Dict[str, str], full_img_dir: str,
+                       out_dirs: Dict[str, str]) -> List[_ViewTask]:
+    """The lesion-free views of the split patients: full images ``{patient}_{side}_{view}.png``
+    with no row in ``roi_mask_path.csv`` (nor a bad row that could be theirs), sorted."""
+    tasks = []
+    for name in sorted(os.listdir(full_img_dir)):
+        stem, ext = os.path.splitext(name)
+        parts = stem.rsplit("_", 2)
+        if ext.lower() != ".png" or len(parts) != 3 or parts[0] not in pat_split:
+            continue
+        pat, side, view = parts
+        if (pat, side, view) in table.views or any(
+                b[0] == pat and b[1] in (None, side) and b[2] in (None, view)
+                for b in table.bad):
+            continue
+        split = pat_split[pat]
+        tasks.append(_ViewTask(stem, pat, os.path.join(full_img_dir, name), [], split,
+                               out_dirs[split]))
+    return tasks
+
+
 def _earlier_patches(out: str, class_names: Sequence[str]) -> Optional[str]:
     """What in ``out`` shows an earlier run's patches (a manifest, image files), or None."""
     if os.path.lexists(os.path.join(out, "patches.csv")):
@@ -695,7 +723,8 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         neg_cutoff: float = 0.35, val_size: float = 0.1, bkg_dir: str = "background",
         calc_pos_dir: str = "calc_mal", calc_neg_dir: str = "calc_ben",
         mass_pos_dir: str = "mass_mal", mass_neg_dir: str = "mass_ben", verbose: bool = True,
-        workers: int = 1, seed: Optional[int] = None, overwrite: bool = False) -> dict:
+        workers: int = 1, seed: Optional[int] = None, overwrite: bool = False,
+        normal_views: int = 0) -> dict:
     """Sample abnormal, hard-negative and background patches for the patients of a list.
 
     Args:
@@ -722,6 +751,10 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         seed: run seed; default ``RANDOM_SEED`` from the environment or 12345. Also the
             random_state of the patient split.
         overwrite: replace an earlier run's patches in the output folders (refused without).
+        normal_views: background patches cut per lesion-free view of the listed patients
+            (a full image without a row in ``roi_mask_csv``; patients absent from the CSV are
+            then sampled too, split on their own); 0 (default, as in 2017): such views and
+            patients are skipped.
 
     Returns:
         Summary dict: ``images_total``, ``images_read``, ``images_skipped``, ``skipped``
@@ -729,7 +762,8 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         ``patients`` (train/val counts, ``not_in_csv`` list), ``patches`` (split -> folder ->
         count), ``patches_total``, shortfalls, ``cutoff_relaxations``, ``bad_rows``,
         ``duplicate_rows``, ``bit_depths`` (stored dtype -> sampled views), ``bit_depth`` (the
-        most common), ``mixed_bit_depth_views``, ``elapsed_s``.
+        most common), ``mixed_bit_depth_views``, ``normal_views`` (lesion-free views sampled),
+        ``elapsed_s``.
 
     Raises:
         ValueError: bad option values; a CSV without the required columns, undecodable or
@@ -745,6 +779,8 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
                   "mass_neg_dir": mass_neg_dir}
     _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, val_size,
                    target_height, target_width, workers, class_dirs, train_out, val_out)
+    if normal_views < 0:
+        raise ValueError(f"normal_views should be >= 0, got {normal_views}")
     for path in (roi_mask_csv, patient_list):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {path}")
@@ -754,7 +790,7 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
     folders = {"bkg": bkg_dir, "calc_pos": calc_pos_dir, "calc_neg": calc_neg_dir,
                "mass_pos": mass_pos_dir, "mass_neg": mass_neg_dir}
     cfg = _Settings(target_height, target_width, segment_breast, patch_size, nb_bkg, nb_abn,
-                    nb_hns, pos_cutoff, neg_cutoff, seed, folders)
+                    nb_hns, pos_cutoff, neg_cutoff, seed, folders, normal_views)
     options = {k: v for k, v in locals().items()
                if k in inspect.signature(run).parameters}
     logger.info("sampling options: %s", json.dumps(options, default=str))
@@ -765,16 +801,29 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
     not_in_csv = [p for p in listed if p not in table.known]
     if not_in_csv:  # one line, not one per patient (lists often hold lesion-free patients)
         shown = ", ".join(not_in_csv[:5]) + (", ..." if len(not_in_csv) > 5 else "")
-        logger.warning("%d patient(s) of %s are not in %s (no ROI rows) and are skipped: %s "
-                       "(all listed in sampling_summary.json)", len(not_in_csv), patient_list,
-                       roi_mask_csv, shown)
+        if normal_views:
+            logger.info("%d patient(s) of %s are not in %s (no ROI rows): their views give "
+                        "%d background patches each (--normal-views): %s", len(not_in_csv),
+                        patient_list, roi_mask_csv, normal_views, shown)
+        else:
+            logger.warning("%d patient(s) of %s are not in %s (no ROI rows) and are skipped "
+                           "(--normal-views N samples N background patches per view of "
+                           "theirs): %s (all listed in sampling_summary.json)", len(not_in_csv),
+                           patient_list, roi_mask_csv, shown)
     pats = [p for p in listed if p in table.known]
     train_pats, val_pats = split_patients(pats, [int(p in table.malignant) for p in pats],
                                           val_size, seed)
+    if normal_views and not_in_csv:   # split on their own: the lesion patients' split stays
+        normal_train, normal_val = split_patients(not_in_csv, [0] * len(not_in_csv), val_size,
+                                                  seed)
+        train_pats, val_pats = sorted(train_pats + normal_train), sorted(val_pats + normal_val)
     out_dirs = {"train": train_out, "val": val_out}
     pat_split = {**{p: "train" for p in train_pats}, **{p: "val" for p in val_pats}}
     entries, tasks = _build_views(table, pat_split, full_img_dir, _index_masks(roi_mask_dir),
                                   roi_mask_dir, out_dirs)
+    if normal_views:
+        normal = _normal_view_tasks(table, pat_split, full_img_dir, out_dirs)
+        entries, tasks = entries + normal, tasks + normal
     class_names = sorted(set(folders.values()))
     run_files.check_run_paths(
         input_files={"ROI_MASK_CSV": roi_mask_csv, "PATIENT_LIST": patient_list},
@@ -786,6 +835,9 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
     sampled = iter(_sample_all(tasks, cfg, workers, verbose))
     results = [next(sampled) if isinstance(e, _ViewTask) else e for e in entries]
     summary = _summarise(results, folders, train_pats, val_pats, not_in_csv, table)
+    normal_ids = {t.img_id for t in tasks if not t.rois}
+    summary["normal_views"] = sum(r["status"] == "ok" and r["img_id"] in normal_ids
+                                  for r in results)
     summary["elapsed_s"] = round(time.time() - t0, 3)
     _report_views(results, summary)
     if summary["images_read"] == 0:
@@ -980,12 +1032,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name in ("bkg_dir", "calc_pos_dir", "calc_neg_dir", "mass_pos_dir", "mass_neg_dir"):
         parser.add_argument("--" + name.replace("_", "-"), default=d[name],
                             help=_HELP[name] + dflt)
-    add_bool_flag(parser, "verbose", d["verbose"], "progress bar")
+    add_bool_flag(parser, "verbose", d["verbose"], "show a progress bar of the sampling")
     parser.add_argument("--workers", type=cf.positive_int, default=d["workers"],
                         help="worker processes, each sampling two views at a time on "
                         "threads (default: %(default)s)")
     parser.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
-                        help="run seed (default: RANDOM_SEED or 12345)")
+                        help="seed of the patient split and of every view's draws "
+                             "(default: RANDOM_SEED or 12345)")
+    parser.add_argument("--normal-views", type=cf.nonneg_int, default=d["normal_views"], metavar="N",
+                        help="cut N background patches from each lesion-free view of the "
+                             "listed patients (a full image without a row in ROI_MASK_CSV, "
+                             "patients absent from it included); 0: such views are skipped, "
+                             "as in 2017 (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", default=d["overwrite"],
                         help="replace an earlier run's patches in TRAIN_OUT and VAL_OUT: the "
                              "files its manifest (.ddsm_outputs.json) lists are removed first, "

@@ -8,7 +8,8 @@
 # heatmap_score.load_heatmaps). The command is the 2017 script's, flag for flag.
 # Run from this folder with the root modules importable:
 #   export PYTHONPATH=$PYTHONPATH:/path/to/end2end-all-conv
-# PYTHON names the interpreter.
+# PYTHON names the interpreter. Nothing is created before heatmap_score.py has checked its
+# inputs: it makes the folder of --out when it writes the heatmaps.
 set -euo pipefail
 
 PAT_CSV="CBIS-DDSM/Combined_full_ROI/pat_side_cancer.csv"
@@ -24,7 +25,6 @@ for stride in 128; do
     echo ">>>> Stride=${stride} <<<<"
     for set in train val test; do
         PAT_LST="${PAT_LIST_PREFIX}${set}.txt"
-        mkdir -p "$OUT_DIR"
         OUT="$OUT_DIR/phm_s${stride}_${set}.pkl"
         "${PYTHON:-python}" heatmap_score.py \
             --img-height 4096 \

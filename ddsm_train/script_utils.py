@@ -16,6 +16,8 @@ a model file's input recipe supplies (prediction, heatmaps, ``--resume-from``).
 
 Environment variables (read at run time, not at import):
     NUM_CPU_CORES: data loader workers (default 4).
+    TF_CPP_MIN_LOG_LEVEL: TensorFlow's C++ log level; set to 3 (errors hidden too) at import
+        when not set, so that a CPU machine's CUDA start-up errors are not shown.
     NUM_GPU_DEVICES: GPUs for data-parallel training (default 1).
     RANDOM_SEED: seed for shuffling, augmentation and weight initialisation (default 12345).
 
@@ -48,6 +50,35 @@ for _folder in (str(_HERE), str(_HERE.parent)):
     if _folder not in sys.path:
         sys.path.insert(0, _folder)
 
+#: Modules the scripts need (installed by ``make venv`` into ``.venv``).
+REQUIRED_MODULES = ("numpy", "cv2", "pandas", "h5py", "tensorflow", "tf_keras")
+
+
+def _check_environment():
+    """Stop a script run by a Python that lacks the project's packages with one line saying
+    how to run it in the project's environment (not a ModuleNotFoundError traceback).
+
+    Only when a script of this folder is the program; a program importing this module gets
+    the usual ImportError where a package is missing.
+    """
+    import importlib.util
+
+    program = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not program or Path(program).resolve().parent != _HERE:
+        return
+    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        name = Path(program).name
+        raise SystemExit(f"{name}: error: this Python ({sys.executable}) lacks the project's "
+                         f"packages ({', '.join(missing)}); run `make venv` once in "
+                         f"{_HERE.parent}, then .venv/bin/python ddsm_train/{name} ...")
+
+
+_check_environment()
+# TensorFlow's C++ start-up lines (e.g. the CUDA cuInit error of a machine without a GPU) are
+# not shown unless asked for: set TF_CPP_MIN_LOG_LEVEL (0 shows everything) to see them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_table",
@@ -56,7 +87,7 @@ __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_tabl
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
            "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
            "RECIPE_OPTIONS", "apply_model_recipe", "INTERRUPTED_EXIT", "parse_command_line",
-           "exit_on_interrupt", "check_unique", "UniqueValuesAction"]
+           "exit_on_interrupt", "check_unique", "UniqueValuesAction", "check_input_levels"]
 
 #: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
 #: make_synthetic_ddsm, read by sample_patches_combined.
@@ -607,3 +638,33 @@ def _same_value(a, b):
         return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(
             1.0, abs(float(b)))
     return a == b
+
+
+# ------------------------------------------------------------------ the images' intensity scale
+def check_input_levels(folders, rescale_factor, img_scale=None, max_images=12):
+    """Stop when the levels of a sample of the images do not fit ``--rescale-factor``.
+
+    16-bit images without a factor (the networks would see levels up to 65535 instead of
+    0..255: a loss of ``nan`` or a meaningless mean) and 8-bit images under the 16-bit factor
+    are refused with one line naming the flag and the value to give. The sample is
+    ``max_images`` files spread over all the images of ``folders``
+    (``dm_image.sample_max_level``); with ``img_scale`` nothing is checked.
+
+    Raises:
+        ValueError: the message names the folder, the levels found and the flag to give.
+    """
+    import dm_image
+
+    if img_scale is not None:
+        return
+    paths = []
+    for folder in folders:
+        try:
+            paths += [os.path.join(os.fspath(folder), f) for f in dm_image.list_images(folder)]
+        except ValueError:
+            continue   # the caller reports a missing or empty folder
+    top, read = dm_image.sample_max_level(paths, max_images)
+    advice = dm_image.levels_scale_advice(top, rescale_factor, img_scale) if read else None
+    if advice is not None:
+        where = ", ".join(os.fspath(f) for f in folders)
+        raise ValueError(f"{where}: {read} sampled image(s) have {advice}")

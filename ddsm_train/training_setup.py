@@ -26,7 +26,8 @@ from script_utils import _OPTIONS_RECORDS, get_num_cpu_cores, get_num_gpu_device
 
 __all__ = [
     "check_batch_vs_devices", "env_summary", "check_class_dirs",
-    "RUN_NEUTRAL_OPTIONS", "MODEL_SOURCE_OPTIONS", "run_identity", "begin_training_run",
+    "RUN_NEUTRAL_OPTIONS", "MODEL_SOURCE_OPTIONS", "run_identity", "RunComplete",
+    "check_earlier_run", "begin_training_run", "finished_run_result",
     "run_file_kwargs",
     "AUGMENTATION_2017", "build_data_iterators", "iterators_from_options",
     "training_recipe", "save_input_recipe",
@@ -139,7 +140,7 @@ def _check_manifest(label, folder, class_list):
 #: Options that do not change what a training run computes: left out of its options hash, so
 #: that changing them does not stop ``--auto-resume``.
 RUN_NEUTRAL_OPTIONS = ("auto_resume", "tensorboard_dir", "final_model", "img_cache_dir",
-                       "trust_model_file")
+                       "trust_model_file", "overwrite")
 #: Options naming the model a run starts from and where it is saved (``--resume-from`` of a
 #: checkpoint continues a run started from another source, possibly into another folder).
 MODEL_SOURCE_OPTIONS = ("resume_from", "patch_model_state", "best_model")
@@ -168,6 +169,87 @@ def run_identity(opts, env):
             "seed": env["RANDOM_SEED"]}
 
 
+class RunComplete(Exception):
+    """The run asked for is already finished at ``--best-model``; ``state`` is its checkpoint's
+    training state (``dm_keras_ext.read_training_state``)."""
+
+    def __init__(self, state):
+        super().__init__(f"the run of {state.get('best_model')} is complete")
+        self.state = state
+
+
+def check_earlier_run(opts, identity):
+    """What to do with the files an earlier run left at ``--best-model``.
+
+    The run's last-epoch checkpoint (``<best-model>.last.h5``) tells whose files they are:
+    a finished run with this run's identity means there is nothing to do
+    (:class:`RunComplete`, unless ``--overwrite``); an unfinished one of this run is resumed
+    or restarted as ``--auto-resume`` says. Any other model file at ``--best-model`` (another
+    command's run, or a file without a checkpoint) is refused unless ``--overwrite``, so that a
+    second command cannot silently replace a first one's model.
+
+    Raises:
+        RunComplete: the same run is finished and its best model is there.
+        ValueError: ``--best-model`` holds another run's model and ``--overwrite`` is off.
+    """
+    import dm_keras_ext
+
+    best = opts["best_model"]
+    checkpoint = dm_keras_ext.last_checkpoint_path(best)
+    state = None
+    if Path(checkpoint).is_file():
+        try:
+            state = dm_keras_ext.read_training_state(checkpoint)
+        except (OSError, ValueError) as err:
+            logger.warning("cannot read the checkpoint %s (%s)", checkpoint, err)
+    same = state is not None and state.get("run", {}).get("options_hash") == \
+        identity["options_hash"]
+    if same and state.get("finished") and Path(best).is_file() and not opts.get("overwrite"):
+        raise RunComplete(state)
+    if same or not Path(best).is_file() or opts.get("overwrite"):
+        return
+    resume_from = opts.get("resume_from")
+    if resume_from and Path(resume_from).is_file():   # continuing a run into this model
+        try:
+            source = dm_keras_ext.read_training_state(resume_from)
+        except (OSError, ValueError):
+            source = None
+        if source is not None and not source.get("finished") and source.get("best_model") \
+                and Path(source["best_model"]).resolve() == Path(best).resolve():
+            return
+    if state is None:
+        whose = "a model file of unknown origin (no checkpoint of its run beside it)"
+    else:
+        old = state.get("run", {}).get("options", {})
+        diff = sorted(k for k in set(old) | set(identity["options"])
+                      if old.get(k) != identity["options"].get(k))
+        whose = f"the model of another run (options that differ: {diff or 'unknown'})"
+    raise ValueError(f"--best-model {best} holds {whose}; pass --overwrite to replace it, or "
+                     f"choose another --best-model")
+
+
+def finished_run_result(opts, state, json_path):
+    """The summary of a finished run from its checkpoint's state (nothing is recomputed).
+
+    Returns:
+        dict: ``complete`` (True), ``best_model``, ``options_json``, ``epochs``, ``history``
+        (merged per-epoch logs), ``best_value`` and ``best_epoch`` (of the run's monitored
+        quantity ``monitor``).
+    """
+    history = {}
+    for row in state.get("rows", []):
+        for key, value in row.get("logs", {}).items():
+            history.setdefault(key, []).append(float(value))
+    best = state.get("best") or {}
+    logger.info("The run of %s is complete (epoch %d, best %s %s at epoch %s): nothing to do; "
+                "--overwrite trains again", opts["best_model"], state.get("epoch", 0),
+                best.get("monitor"), best.get("value"), best.get("epoch"))
+    return dict(complete=True, best_model=opts["best_model"], options_json=str(json_path),
+                epochs=int(state.get("epoch", 0)), history=history,
+                monitor=best.get("monitor"), best_value=best.get("value"),
+                best_epoch=best.get("epoch"))
+
+
 def begin_training_run(opts, validate):
     """The start both trainers share, before any model is built.
 
@@ -175,7 +257,9 @@ def begin_training_run(opts, validate):
     needs it), runs ``validate(opts, replicas)``, logs the options (saved as JSON with the
     run's first model), finds an unfinished run to resume (``--auto-resume``,
     ``--resume-from`` of a checkpoint), seeds every RNG with ``RANDOM_SEED`` and sets the
-    ``--mixed-precision`` policy.
+    ``--mixed-precision`` policy. Files of an earlier run at ``--best-model`` are checked
+    first (:func:`check_earlier_run`): the same finished run raises :class:`RunComplete`,
+    another run's model is refused unless ``--overwrite``.
 
     Returns:
         ``(env, strategy, options_json_path, run_identity, resume)``.
@@ -189,8 +273,9 @@ def begin_training_run(opts, validate):
     validate(opts, strategy.num_replicas_in_sync)
     _check_tensorboard_dir(opts.get("tensorboard_dir"))
     claim_run_files(opts)
-    json_path = log_and_save_options(opts, opts["best_model"], env)
     identity = run_identity(opts, env)
+    check_earlier_run(opts, identity)
+    json_path = log_and_save_options(opts, opts["best_model"], env)
     resume = dm_keras_ext.resolve_resume(
         dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
         auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])

@@ -198,7 +198,7 @@ PATCH_SCRIPT = dict(
     test_dir="CBIS-DDSM/Combined_patches_im4096_256/test", img_cache_dir=None,
     mixed_precision=None, jit=False, frozen_bn_mode="batch",
     # options added since 2017, neutral by default
-    auto_resume=True, tensorboard_dir=None, trust_model_file=False)
+    auto_resume=True, tensorboard_dir=None, trust_model_file=False, overwrite=False)
 IM1152_SCRIPT = dict(
     patch_model_state="CBIS-DDSM/Combined_patches_im4096_256/3cls_best_model_resnet50.h5",
     resume_from=None, img_size=[1152, 896], img_scale=None, rescale_factor=0.003891,
@@ -219,7 +219,7 @@ IM1152_SCRIPT = dict(
     hm_pool_size=[5, 5], fc_init_units=64, fc_layers=2, top_layer_nb=None, img_cache_dir=None,
     mixed_precision=None, jit=False, frozen_bn_mode="batch",
     # options added since 2017, neutral by default
-    auto_resume=True, tensorboard_dir=None, trust_model_file=False)
+    auto_resume=True, tensorboard_dir=None, trust_model_file=False, overwrite=False)
 INBREAST_SCRIPT = dict(
     patch_model_state=None, resume_from="ddsm_vgg16_s10_[512-512-1024]x2_hybrid.h5",
     img_size=[1152, 896], img_scale=None, rescale_factor=0.003891, featurewise_center=True,
@@ -237,7 +237,7 @@ INBREAST_SCRIPT = dict(
     kept_layer_idx=None, top_layer_nb=None, bias_multiplier=None, img_cache_dir=None,
     mixed_precision=None, jit=False, frozen_bn_mode="batch",
     # options added since 2017, neutral by default
-    auto_resume=True, tensorboard_dir=None, trust_model_file=False)
+    auto_resume=True, tensorboard_dir=None, trust_model_file=False, overwrite=False)
 _ROI = "CBIS-DDSM/Combined_full_ROI/"
 FPROP_SCRIPT = dict(
     fprop_mode=True, img_size=[1152, 896], img_height=None, img_scale=None,

@@ -24,6 +24,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout
     assert "tiny sizes" in table and "all checks passed" in table
+    assert "no GPU on this machine: the speed columns" in table
     result = json.loads(out_json.read_text())
     assert result["tiny"] and not result["failures"]
     rows = {(r["model"].split()[0], r["what"]): r for r in result["rows"]}
@@ -50,6 +51,9 @@ def test_gpu_check_table_and_failures():
     text = gpu_check.format_table(report, 2, 4, "MirroredStrategy, 2 replica(s)")
     assert "NUM_GPU_DEVICES=2 (MirroredStrategy, 2 replica(s))" in text
     assert "1,024" in text and "FAILED: m float16" in text and "1 check(s) failed" in text
+    assert "no GPU" not in text
+    cpu = gpu_check.format_table(report, 1, 4, has_gpu=False).splitlines()
+    assert cpu[1] == "NOTE: " + gpu_check.NO_GPU_NOTE and "speed columns" in cpu[1]
     specs = gpu_check.model_specs(tiny=False)
     assert specs["resnet50"].img_size == (1152, 896) and specs["resnet50"].batch == 10
     assert specs["demo"].img_size == (288, 224) and specs["demo"].batch == 16

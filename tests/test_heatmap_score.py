@@ -353,3 +353,30 @@ def test_overlay_not_written_by_the_tool_stops_the_run(synth, tmp_path, capsys):
     assert exc.value.code == 2 and "P_1_RIGHT_CC_heatmap.png exists and was not written" in err
     assert (pngs / "P_1_RIGHT_CC_heatmap.png").read_bytes() == b"my own picture"
     assert not (tmp_path / "h.npz").exists()
+
+
+def test_malignant_column_missing_pat_csv_and_logged_settings(synth, tmp_path, capsys, caplog,
+                                                              keras_session):
+    root, _ = synth
+    mal = tmp_path / "mal.csv"
+    mal.write_text("patient_id,side,malignant\nP_1,LEFT,0\nP_1,RIGHT,1\n")
+    assert [(r.patient_id, r.side, r.cancer) for r in hs.read_patient_sides(mal).itertuples()] \
+        == [("P_1", "LEFT", 0), ("P_1", "RIGHT", 1)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        hs.main([str(root / "img"), str(root / "patch.h5"), "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--pat-csv ./full_img/pat.csv" in err
+    assert "--all-images" in err and len(err.strip().splitlines()) == 1
+    with caplog.at_level(logging.INFO, logger="heatmap_score"):
+        summary = hs.main([str(root / "img"), str(root / "patch.h5"), "--pat-csv", str(mal),
+                           "--img-height", "48", "--patch-size", str(P), "--stride", "8",
+                           "--img-scale", "255", "--out", str(tmp_path / "m.npz"),
+                           "--no-verbose"])
+    assert summary["n_records"] == 2
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("options: {")]
+    assert len(logged) == 1
+    import json
+    settings = json.loads(logged[0].split("options: ", 1)[1])
+    assert settings["stride"] == 8 and settings["img_scale"] == 255.0 and \
+        settings["pat_csv"] == str(mal) and settings["net"] == "vgg19"

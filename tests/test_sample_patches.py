@@ -730,3 +730,37 @@ def test_outputs_inside_an_input_folder_are_refused(tmp_path, capsys):
     code, err = _exit_message(capsys, _argv(data, data / "full_img" / "patches"))
     assert code == 2 and "TRAIN_OUT" in err and "inside the input folder FULL_IMG_DIR" in err
     assert not (data / "full_img" / "patches").exists()
+def test_normal_views_give_background_patches_only_with_the_flag(tmp_path):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    rng = np.random.default_rng(3)
+    normal = ["P_00002_LEFT_CC", "P_00020_LEFT_CC", "P_00020_LEFT_MLO"]   # no ROI row
+    for img_id in normal:
+        img, _ = _draw_view(rng, "LEFT", [])
+        cv2.imwrite(str(data / "full_img" / f"{img_id}.png"), img)
+    with open(data / "pat.txt", "a") as fh:
+        fh.write("P_00020\n")                                     # not in roi_mask_path.csv
+    plain = spc.main(_argv(data, tmp_path / "plain", "--val-size", "0"))
+    with_normal = spc.main(_argv(data, tmp_path / "normal", "--val-size", "0",
+                                 "--normal-views", "3"))
+    rows_plain = pd.read_csv(tmp_path / "plain" / "train" / "patches.csv")
+    rows = pd.read_csv(tmp_path / "normal" / "train" / "patches.csv")
+    assert not set(normal) & set(rows_plain["img_id"]) and plain["normal_views"] == 0
+    got = rows[rows["img_id"].isin(normal)]
+    assert got.groupby("img_id").size().to_dict() == {v: 3 for v in normal}
+    assert set(got["folder"]) == {"background"} and set(got["kind"]) == {"bkg"}
+    assert (got["roi_frac"] == 0).all() and (got["patch_frac"] == 0).all()
+    assert with_normal["normal_views"] == 3
+    assert with_normal["patches"]["train"]["background"] == \
+        plain["patches"]["train"]["background"] + 9
+    # the lesion views' patches are those of the run without the flag, file for file
+    lesion = rows[~rows["img_id"].isin(normal)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(lesion, rows_plain)
+    for r in rows_plain.itertuples():
+        assert filecmp.cmp(tmp_path / "plain" / "train" / r.folder / r.filename,
+                           tmp_path / "normal" / "train" / r.folder / r.filename, shallow=False)
+    assert "P_00020" in (tmp_path / "normal" / "train" / "pat_lst.txt").read_text().split()
+    assert "P_00020" not in (tmp_path / "plain" / "train" / "pat_lst.txt").read_text().split()
+    for r in got.itertuples():   # 16-bit patches of the asked size
+        patch = cv2.imread(str(tmp_path / "normal" / "train" / r.folder / r.filename),
+                           cv2.IMREAD_UNCHANGED)
+        assert patch.shape == (P, P)

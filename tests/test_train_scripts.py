@@ -68,7 +68,7 @@ IMAGE_DEFAULTS = dict(
     auto_batch_balance=True, pos_cls_weight=1.0, neg_cls_weight=1.0, all_layer_multiplier=0.1,
     best_model="./modelState/image_clf.h5", final_model="NOSAVE", kept_layer_idx=None,
     bias_multiplier=None, mixed_precision=None, jit=False, frozen_bn_mode="batch",
-    auto_resume=True, tensorboard_dir=None, trust_model_file=False)
+    auto_resume=True, tensorboard_dir=None, trust_model_file=False, overwrite=False)
 
 PATCH_DEFAULTS = dict(
     img_size=[256, 256], img_scale=None, rescale_factor=None, featurewise_center=True,
@@ -84,7 +84,7 @@ PATCH_DEFAULTS = dict(
     pos_cls_weight=1.0, neg_cls_weight=1.0, top_layer_multiplier=0.1, all_layer_multiplier=0.01,
     best_model="./modelState/patch_clf.h5", final_model="NOSAVE", mixed_precision=None,
     jit=False, frozen_bn_mode="batch", auto_resume=True, tensorboard_dir=None,
-    trust_model_file=False)
+    trust_model_file=False, overwrite=False)
 
 
 @pytest.mark.parametrize("module, expected", [(image_clf_train, IMAGE_DEFAULTS),

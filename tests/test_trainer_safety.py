@@ -40,7 +40,8 @@ def whole(tmp_path, keras_session):
     common = dirs + ["--patch-model-state", str(patch), "--patch-net", "vgg16",
                      "--img-size", "32", "24",
                      "--top-depths", "8", "--top-repetitions", "1", "--batch-size", "4",
-                     "--no-augmentation", "--best-model", str(best)]
+                     "--no-augmentation", "--rescale-factor", "0.003891", "--overwrite",
+                     "--best-model", str(best)]
     return tmp_path, best, common
 
 
@@ -105,7 +106,8 @@ def test_model_file_with_code_is_refused_unless_trusted(whole, keras_session, ca
     err = _exit2(patch_clf_train.main,
                  [str(tmp_path / "img" / s) for s in ("train", "val", "test")]
                  + ["--class-list", "neg", "pos", "--resume-from", str(sneaky),
-                    "--img-size", "32", "24", "--nb-epoch", "1"], capsys)
+                    "--img-size", "32", "24", "--rescale-factor", "0.003891",
+                    "--nb-epoch", "1"], capsys)
     assert "'doubling'" in err
     _untouched(best)
 
