@@ -355,10 +355,12 @@ def add_model_file_flags(parser, best_model):
 
 
 def add_trust_flag(parser):
-    """``--trust-model-file``: allow model files whose layers carry Python code (off)."""
+    """``--trust-model-file``: allow model files whose layers call code named in the file
+    (off)."""
     add_bool_flag(parser, "trust-model-file", False,
-                  "load model files even if they hold Python code (Lambda layers), which then "
-                  "runs: only for files you trust")
+                  "load model files even if their layers call code named in the file (Lambda "
+                  "layers, TensorFlow functions other than tensor maths), which then runs: only "
+                  "for files you trust")
 
 
 def add_distributed_flags(parser):

@@ -182,7 +182,6 @@ def _class_dirs(root, classes=("neg", "pos"), n=2, hw=(32, 24)):
     return dirs
 
 
-@pytest.mark.slow
 def test_hostile_model_refused_by_every_script_that_loads_models(hostile_files, tmp_path,
                                                                  capsys):
     import heatmap_score
@@ -246,7 +245,6 @@ def test_keras208_file_roles(keras208_dir):
                      "tiny_image_vgg_top.h5": "whole-image", "tiny_patch_vgg.h5": "patch"}
 
 
-@pytest.mark.slow
 def test_whole_image_model_refused_where_a_patch_classifier_is_expected(whole_image_model,
                                                                         tmp_path, capsys):
     import heatmap_score
@@ -356,7 +354,6 @@ def test_top_layer_nb_that_trains_nothing_is_refused(keras_session):
         E.check_top_layer_nb(model, 9999)
 
 
-@pytest.mark.slow
 def test_top_layer_nb_checked_by_the_trainer_before_training(tmp_path, capsys, monkeypatch):
     import dm_keras_ext
     import patch_clf_train
@@ -416,7 +413,6 @@ def _interrupt_when(proc, ready, timeout=60):
     return out, err, time.time() - sent
 
 
-@pytest.mark.slow
 def test_ctrl_c_stops_workers_with_one_line_and_status_130(tmp_path):
     """Two worker processes are sleeping in their task when Ctrl-C reaches the process group:
     the workers print nothing, the pool stops and the script prints one line, status 130."""
@@ -454,7 +450,6 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-@pytest.mark.slow
 def test_ctrl_c_in_a_real_script_stops_its_thread_pool(tmp_path):
     """compute_mean over 40 images read at 0.5 s each on a thread, Ctrl-C after the first: one
     line, status 130, and the images not yet started are dropped rather than read to the end."""

@@ -364,10 +364,13 @@ def test_bad_values_and_mismatched_models_are_refused(class_dir, trained_models,
     common = ["--model", str(paths[0]), "--img-dir", str(class_dir / "neg"), "--out-dir",
               str(tmp_path / "out"), *BASE]
     for flags, expected in ((["--threshold", "1.5"], "--threshold should be in [0, 1]"),
-                            (["--threshold", "nan"], "--threshold should be in [0, 1]"),
-                            (["--bootstrap", "-1"], "--bootstrap should be >= 0"),
-                            (["--featurewise-mean", "nan"], "--featurewise-mean should be"),
-                            (["--rescale-factor", "inf"], "--rescale-factor should be"),
+                            (["--threshold", "nan"],
+                             "argument --threshold: should be a finite number, got 'nan'"),
+                            (["--bootstrap", "-1"], "argument --bootstrap: should be >= 0"),
+                            (["--featurewise-mean", "nan"],
+                             "argument --featurewise-mean: should be a finite number"),
+                            (["--rescale-factor", "inf"],
+                             "argument --rescale-factor: should be a finite number"),
                             (["--class-list", "neg", "benign", "malignant"],
                              "names 3 classes (['neg', 'benign', 'malignant']) but the "
                              "model(s) output 2")):
