@@ -310,8 +310,8 @@ def test_toy_backbone_through_the_trainers(keras_session, toy_backbone, tmp_path
     assert patch["stages"] == ["stage 1 (all layers, no pretrained weights)"]
     image = image_clf_train.main(split_dirs(tmp_path, "img") + common + [
         "--patch-model-state", str(tmp_path / "patch.h5"), "--patch-net", "toy",
-        "--img-size", "64", "48", "--top-depths", "4", "--top-repetitions", "1",
-        "--bottleneck-enlarge-factor", "1", "--all-layer-epochs", "0",
+        "--img-size", "64", "48", "--block-type", "vgg", "--top-depths", "8",
+        "--top-repetitions", "1", "--all-layer-epochs", "0",
         "--best-model", str(tmp_path / "image.h5")])
     import dm_keras_ext
 
