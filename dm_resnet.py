@@ -666,20 +666,34 @@ class KerasApplication:
             input recipe is the one place that scales the input, and the backbone entry's
             ``preprocess`` computes what they did. The ImageNet weight file, saved with those
             layers, is loaded into a copy that has them and copied over layer by layer.
+        build_size: for an input of open size, build at ``build_size`` x ``build_size``, then
+            open the input (:func:`relax_input_shape`). ConvNeXt needs it: its stem and
+            downsampling layers are nested Sequential models, which built on an open input
+            record an undefined channel count, and a model rebuilt from such a config fails.
     """
     name: str
     builtin_preprocessing: bool = False
+    build_size: Optional[int] = None
 
     def __call__(self, input_shape, weights_path=None) -> "keras.Model":
+        shape = tuple(input_shape)
+        reopen = self.build_size is not None and all(d is None for d in _spatial((None,) + shape))
+        if reopen:
+            shape = ((self.build_size, self.build_size, shape[-1]) if _channel_axis() == -1
+                     else (shape[0], self.build_size, self.build_size))
+        base = self._build(shape, weights_path)
+        return relax_input_shape(base) if reopen else base
+
+    def _build(self, shape, weights_path):
         build = getattr(keras.applications, self.name)
         kwargs = {"include_preprocessing": False} if self.builtin_preprocessing else {}
-        base = build(include_top=False, weights=None, input_shape=tuple(input_shape), **kwargs)
+        base = build(include_top=False, weights=None, input_shape=shape, **kwargs)
         if weights_path is None:
             return base
         if not self.builtin_preprocessing:
             base.load_weights(weights_path)
             return base
-        full = build(include_top=False, weights=None, input_shape=tuple(input_shape))
+        full = build(include_top=False, weights=None, input_shape=shape)
         full.load_weights(weights_path)
         scaling = (layers.Rescaling, layers.Normalization)
         src = [lyr for lyr in full.layers if lyr.weights and not isinstance(lyr, scaling)]
@@ -972,7 +986,8 @@ for _backbone in (
              KerasApplication("EfficientNetV2B0", builtin_preprocessing=True),
              _imagenet_standardize, "efficientnetv2-b0_notop.h5",
              _last_block_start(r"(block\d+[a-z]+)_"), "top_activation", _last_4d_activation),
-    Backbone("convnext_tiny", KerasApplication("ConvNeXtTiny", builtin_preprocessing=True),
+    Backbone("convnext_tiny",
+             KerasApplication("ConvNeXtTiny", builtin_preprocessing=True, build_size=64),
              _imagenet_standardize, "convnext_tiny_notop.h5",
              _last_block_start(r"\w*?(stage_\d+_block_\d+)_"), None, _last_4d_layer,
              custom_objects=_convnext_custom_objects()),

@@ -236,7 +236,7 @@ def test_new_backbone_counts_roles_and_preprocessing(new_backbone):
 
 
 @pytest.mark.slow
-def test_new_backbone_trains_converts_and_gives_fprop_heatmap(new_backbone):
+def test_new_backbone_trains_converts_and_gives_fprop_heatmap(new_backbone, tmp_path):
     import heatmap_score
     import tf_keras as keras
 
@@ -253,7 +253,11 @@ def test_new_backbone_trains_converts_and_gives_fprop_heatmap(new_backbone):
                                   bottleneck_enlarge_factor=2)
     assert top == 2 and whole.input_shape == (None, 128, 96, 3)
     images = preprocess(rng.uniform(0, 255, (1, 128, 96, 3)).astype("float32"))
-    assert whole.predict(images, verbose=0).shape == (1, 2)
+    scores = whole.predict(images, verbose=0)
+    assert scores.shape == (1, 2)
+    E.save_model_atomic(whole, tmp_path / "whole.h5", include_optimizer=False)   # files load
+    np.testing.assert_allclose(E.robust_load_model(tmp_path / "whole.h5").predict(
+        images, verbose=0), scores, rtol=1e-5, atol=1e-6)
     # fprop heatmap: the patch classifier's dense on every 2x2 window of the 4x3 feature map
     hm = heatmap_score.build_fprop_model(ours, net, (128, 96), (2, 2), (1, 1))
     got = hm.predict(images, verbose=0)
@@ -310,8 +314,8 @@ def test_toy_backbone_through_the_trainers(keras_session, toy_backbone, tmp_path
     assert patch["stages"] == ["stage 1 (all layers, no pretrained weights)"]
     image = image_clf_train.main(split_dirs(tmp_path, "img") + common + [
         "--patch-model-state", str(tmp_path / "patch.h5"), "--patch-net", "toy",
-        "--img-size", "64", "48", "--top-depths", "4", "--top-repetitions", "1",
-        "--bottleneck-enlarge-factor", "1", "--all-layer-epochs", "0",
+        "--img-size", "64", "48", "--block-type", "vgg", "--top-depths", "8",
+        "--top-repetitions", "1", "--all-layer-epochs", "0",
         "--best-model", str(tmp_path / "image.h5")])
     import dm_keras_ext
 
