@@ -224,12 +224,16 @@ class Pipeline:
 
     def patch_net(self) -> str:
         """The patch net's name: from the patch model's options file when it has one."""
+        if self.trains_patches():
+            return self.config["patch_train"]["net"]
         opts = Path(str(self.patch_model()) + ".options.json")
-        if not self.trains_patches() and opts.is_file():
-            net = json.loads(opts.read_text()).get("net")
-            if net:
-                return str(net)
-        return self.config["patch_train"]["net"]
+        net = json.loads(opts.read_text()).get("net") if opts.is_file() else None
+        if not net:
+            import dm_image
+
+            recipe = dm_image.InputRecipe.from_model_file(self.patch_model())
+            net = recipe.preprocess if recipe is not None else None
+        return str(net or self.config["patch_train"]["net"])
 
     def derived(self) -> dict:
         path = self.out / DERIVED_FILE
@@ -644,7 +648,7 @@ class Pipeline:
                                  f"pipeline without --from/--only first")
         names = [only] if only else list(STAGES[first:])
         for name in names:
-            self.ran[name] = self.run_stage(name, force=name in (only, from_stage))
+            self.ran[name] = self.run_stage(name, force=bool(only or from_stage))
         return self.ran
 
 

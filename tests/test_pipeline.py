@@ -178,21 +178,22 @@ def test_changed_prediction_setting_reruns_prediction_and_after_only(pipeline_ru
 
 @pytest.mark.slow
 def test_interrupted_stage_resumes_with_the_same_command(pipeline_run, tmp_path):
-    """A stage left "running" with an unchanged fingerprint runs again without removing its
-    outputs first (a trainer resumes from its checkpoint); the stages reading it follow."""
+    """A stage left "running" with an unchanged fingerprint runs again with the same command,
+    its outputs and log kept (a trainer resumes from its checkpoint); the trainers after the
+    mean stage read only its values, which came out the same, so they stay skipped."""
     config, out = _copy_run(pipeline_run, tmp_path)
     state_path = out / "pipeline_state.json"
     state = json.loads(state_path.read_text())
-    state["stages"]["predict"]["status"] = "running"
+    state["stages"]["mean"]["status"] = "running"
     state_path.write_text(json.dumps(state))
-    marker = out / "predictions" / "no_flips" / "kept.txt"
-    marker.write_text("x")
+    log = out / state["stages"]["mean"]["log"]
+    first = log.read_text()
     proc = _pipeline(config, out)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "[predict] resuming" in proc.stdout
+    assert "[mean] resuming" in proc.stdout
     ran = _what_ran(proc.stdout)
-    assert {s for s, v in ran.items() if v == "ran"} == {"predict", "report"}
-    assert marker.is_file()
+    assert {s for s, v in ran.items() if v == "ran"} == {"mean", "report"}
+    assert log.read_text().startswith(first) and log.read_text().count("==> compute_mean") == 4
 
 
 @pytest.mark.slow
