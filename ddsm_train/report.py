@@ -221,7 +221,8 @@ def format_summary(s: dict) -> str:
     lines += [
         f"  whole-image test AUROC ({s.get('n_test_images')} images, {s.get('n_test_pos')} "
         f"positive): {_fmt(s.get('test_auroc'), s.get('test_auroc_ci'))}",
-        f"  with flip augmentation: {_fmt(s.get('test_auroc_flips'), s.get('test_auroc_flips_ci'))}",
+        f"  with flip augmentation: "
+        f"{_fmt(s.get('test_auroc_flips'), s.get('test_auroc_flips_ci'))}",
         f"  time per stage (last run): {times}",
         f"  total time: {s.get('total_seconds', 0):.0f}s",
     ]

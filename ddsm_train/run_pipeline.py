@@ -58,7 +58,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 from dm_image import atomic_write  # noqa: E402
-from pipeline_config import AUTO, ConfigError, load_config  # noqa: E402
+from pipeline_config import AUTO, load_config  # noqa: E402
 from script_utils import cli_main  # noqa: E402
 
 logger = logging.getLogger(__name__)
