@@ -18,7 +18,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 from dm_image import IMG_EXTENSIONS, atomic_write  # noqa: E402
@@ -125,7 +125,8 @@ def _patch_accuracy(out: Path, state: dict) -> Optional[float]:
 
 
 def write_report(out: Union[str, Path], config_path: Union[str, Path], config: dict,
-                 state: dict, whole_img_dir: Union[str, Path]) -> Path:
+                 state: dict, whole_img_dir: Union[str, Path],
+                 stage_order: Sequence[str] = ()) -> Path:
     """Write ``report.html`` and ``summary.json`` into the run folder ``out``.
 
     Args:
@@ -134,12 +135,15 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         config: the config as the pipeline resolved it.
         state: the pipeline state (``pipeline_state.json``): stage status, times and logs.
         whole_img_dir: the whole-image folder (``train/val/test`` with class subfolders).
+        stage_order: the stages in the order they run (the tables follow it).
 
     Returns:
         The path of ``report.html``.
     """
     out = Path(out)
     stages = state.get("stages", {})
+    rank = {name: i for i, name in enumerate(stage_order)}
+    stages = dict(sorted(stages.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     plain = _metrics(out / "predictions" / "no_flips" / "metrics.json")
     flips = _metrics(out / "predictions" / "flips" / "metrics.json")
     derived_path = out / "derived.json"

@@ -158,7 +158,7 @@ def detect_rescale_factor(folder: Path, sample: int = 12) -> float:
 
 
 def _atomic_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+    text = json.dumps(obj, indent=2, default=str) + "\n"
     atomic_write(path, lambda fh: fh.write(text), text=True)
 
 
@@ -525,7 +525,7 @@ class Pipeline:
         def write():
             import report
             report.write_report(self.out, self.config_path, self.config, self.state,
-                                whole_img_dir=self.whole_img_dir())
+                                whole_img_dir=self.whole_img_dir(), stage_order=STAGES)
 
         deps = [s for s in STAGES if s != "report"]
         return StageSpec("report", [Step(func=write, describe=["report.write_report"])],
