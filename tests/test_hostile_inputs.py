@@ -554,3 +554,21 @@ def test_prepare_with_no_dicom_found_exits_non_zero(tmp_path, capsys):
     err = _exit_line(prepare_cbis_ddsm.main, [str(csv_dir), str(root), str(tmp_path / "out"),
                                               "--no-verbose"], capsys)
     assert f"no full-mammogram DICOM of the 2 views was found or readable under {root}" in err
+
+
+def test_img_size_below_the_patch_size_is_refused(tmp_path, keras_session, capsys):
+    import image_clf_train
+
+    keras = keras_session
+    inp = keras.Input((48, 48, 3))
+    x = keras.layers.Conv2D(2, 3, padding="same", name="block5_conv1")(inp)
+    x = keras.layers.MaxPooling2D(name="block5_pool")(x)
+    out = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    patch = tmp_path / "patch48.h5"
+    keras.Model(inp, out).save(patch, save_format="h5")
+    dirs = _class_dirs(tmp_path / "img")
+    err = _exit_line(image_clf_train.main, dirs + [
+        "--patch-model-state", str(patch), "--patch-net", "vgg16", "--img-size", "32", "24",
+        "--best-model", str(tmp_path / "w.h5")], capsys)
+    assert err.endswith(f"--img-size 32 24 is smaller than the 48x48 patches of "
+                        f"--patch-model-state {patch}")
