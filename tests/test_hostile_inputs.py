@@ -200,9 +200,11 @@ def test_hostile_model_refused_by_every_script_that_loads_models(hostile_files, 
                                   "--out", str(tmp_path / "hm.npz")]),
             (patch_clf_train.main, dirs + ["--class-list", "neg", "pos", "--resume-from",
                                            model, "--img-size", "32", "24",
+                                           "--rescale-factor", "0.003891",
                                            "--best-model", str(tmp_path / "p.h5")]),
             (image_clf_train.main, dirs + ["--patch-model-state", model, "--img-size", "32",
-                                           "24", "--best-model", str(tmp_path / "w.h5")]),
+                                           "24", "--rescale-factor", "0.003891",
+                                           "--best-model", str(tmp_path / "w.h5")]),
         ]
         for main, argv in runs:
             err = _exit_line(main, argv, capsys)
@@ -253,8 +255,9 @@ def test_whole_image_model_refused_where_a_patch_classifier_is_expected(whole_im
     dirs = _class_dirs(tmp_path / "img")
     model = str(whole_image_model)
     err = _exit_line(image_clf_train.main, dirs + ["--patch-model-state", model, "--img-size",
-                                                   "32", "24", "--best-model",
-                                                   str(tmp_path / "w.h5")], capsys)
+                                                   "32", "24", "--rescale-factor", "0.003891",
+                                                   "--best-model", str(tmp_path / "w.h5")],
+                     capsys)
     assert f"--patch-model-state {model}: expected a patch classifier" in err
     assert "found a whole-image classifier" in err
     err = _exit_line(heatmap_score.main, [str(Path(dirs[2]) / "pos"), model, "--all-images",
@@ -366,7 +369,7 @@ def test_top_layer_nb_checked_by_the_trainer_before_training(tmp_path, capsys, m
     err = _exit_line(patch_clf_train.main, dirs + [
         "--class-list", "background", "malignant", "--net", "yaroslav", "--no-use-pretrained",
         "--img-size", "32", "24", "--top-layer-nb", "9999", "--nb-epoch", "1",
-        "--best-model", str(tmp_path / "p.h5")], capsys)
+        "--rescale-factor", "0.003891", "--best-model", str(tmp_path / "p.h5")], capsys)
     assert "--top-layer-nb 9999 is beyond the model" in err
 
 
@@ -569,6 +572,6 @@ def test_img_size_below_the_patch_size_is_refused(tmp_path, keras_session, capsy
     dirs = _class_dirs(tmp_path / "img")
     err = _exit_line(image_clf_train.main, dirs + [
         "--patch-model-state", str(patch), "--patch-net", "vgg16", "--img-size", "32", "24",
-        "--best-model", str(tmp_path / "w.h5")], capsys)
+        "--rescale-factor", "0.003891", "--best-model", str(tmp_path / "w.h5")], capsys)
     assert err.endswith(f"--img-size 32 24 is smaller than the 48x48 patches of "
                         f"--patch-model-state {patch}")
