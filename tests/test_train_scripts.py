@@ -405,7 +405,7 @@ def test_outputs_that_overlap_inputs_stop_before_work(data, model_files, capsys,
     patch = tmp_path / "in" / "patch.h5"
     patch.parent.mkdir()
     patch.write_bytes(model_files["patch"].read_bytes())
-    img = split_dirs(data, "img") + ["--img-size", "64", "48"]
+    img = split_dirs(data, "img") + ["--img-size", "64", "48", "--rescale-factor", "0.003891"]
     for extra, message in [
             (["--patch-model-state", str(patch), "--best-model", str(patch)],
              "--best-model {0} is the input --patch-model-state {0}".format(patch)),
@@ -432,7 +432,8 @@ def test_second_run_into_a_locked_best_model_refuses(data, capsys, tmp_path, mon
             {"pid": holder.pid, "host": __import__("socket").gethostname()}))
         with pytest.raises(SystemExit) as exc:
             patch_clf_train.main(split_dirs(data, "patch") + [
-                "--best-model", str(best), "--img-size", "32", "32", "--nb-epoch", "1"])
+                "--best-model", str(best), "--img-size", "32", "32", "--nb-epoch", "1",
+                "--rescale-factor", "0.003891"])
         assert exc.value.code == 2
         assert f"(process {holder.pid}, lock file {best}.lock)" in capsys.readouterr().err
     finally:
@@ -459,6 +460,6 @@ def test_stale_lock_and_leftovers_of_a_killed_run_are_cleared(data, capsys, tmp_
     with pytest.raises(SystemExit) as exc:
         image_clf_train.main(split_dirs(data, "img") + [
             "--patch-model-state", str(bad), "--img-size", "64", "48",
-            "--best-model", str(best)])
+            "--rescale-factor", "0.003891", "--best-model", str(best)])
     assert exc.value.code == 2 and "bad.h5" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
