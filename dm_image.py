@@ -56,7 +56,7 @@ __all__ = [
     "keras20_transform_matrix", "fused_warp_matrix",
     # generator, labels and iterators
     "DMImageDataGenerator", "to_sparse", "index_balancer", "batch_balance_weights",
-    "DMDirectoryIterator", "DMNumpyArrayIterator",
+    "DMDirectoryIterator", "DMNumpyArrayIterator",  # noqa: F822  (made by __getattr__)
     # caches
     "cached_read", "load_dat_ram",
     # prediction

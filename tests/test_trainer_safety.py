@@ -123,7 +123,7 @@ def test_patch_trainer_nothing_to_train(tmp_path, capsys):
 def test_patch_folder_files_outside_the_manifest_are_reported(tmp_path, caplog):
     import training_setup
 
-    dirs = _images(tmp_path / "p", ["background", "malignant"], n=2)
+    _images(tmp_path / "p", ["background", "malignant"], n=2)
     train = tmp_path / "p" / "train"
     (train / "patches.csv").write_text(
         "folder,filename,img_id,kind,row,col,roi_frac,patch_frac\n"
