@@ -575,7 +575,7 @@ def _read_view(path, opts, channels, fprop, with_mask):
     try:
         if fprop:
             recipe = _recipe(opts, channels)
-            img = recipe.scale(recipe.read_stored(path))
+            img = recipe.scale(recipe.read_stored(path, scorable=True))
             mask = None
             if with_mask:   # for the picture only: colour the breast, not the background
                 try:
@@ -585,7 +585,7 @@ def _read_view(path, opts, channels, fprop, with_mask):
             return (img, None, mask), None
         recipe = dm_image.InputRecipe(img_height=opts["img_height"],
                                       rescale_factor=opts["rescale_factor"])
-        img = recipe.rescale(recipe.read_stored(path))   # per-patch img_scale: in the sweep
+        img = recipe.rescale(recipe.read_stored(path, scorable=True))  # img_scale: per patch
         bbox = mask = None
         if with_mask:
             masked, bbox = dm_image.segment_breast(img, crop=False)
@@ -612,7 +612,9 @@ def _score_views(model, views, opts, batch_size, fprop, png, summary, verbose):
 
     While the model scores one view, the next ones are read, scaled and segmented on loader
     threads (``prefetch.prefetch_map``, a bounded read-ahead), so decoding does not wait for
-    the model. A missing or unreadable view gets None, a warning, and is counted in
+    the model. A missing or unreadable view, or one that cannot give a heatmap (non-finite
+    pixels, a constant image, one under ``dm_image.MIN_IMAGE_SIDE`` pixels a side), gets None,
+    a warning, and is counted in
     ``summary``; with ``png["dir"]`` each heatmap's overlay is written.
 
     Returns:
