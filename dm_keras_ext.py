@@ -5,6 +5,7 @@ Screening Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. Keras 2 API t
 (``import tf_keras as keras``).
 """
 import copy
+import dataclasses as _dataclasses
 import json as _json
 import logging
 import os as _os
@@ -67,6 +68,11 @@ __all__ = [
     "read_model_info",
     "do_3stage_training",
     "do_2stage_training",
+    "StagePlan",
+    "StageData",
+    "StageRun",
+    "train_3stage",
+    "train_2stage",
     "DMAucModelCheckpoint",
     "BestModelCheckpoint",
     "DMMetrics",
@@ -2123,27 +2129,29 @@ class _Stage:
     optimizer state, learning rate and the early-stopping and plateau counters.
     """
 
-    def __init__(self, train_generator, validation_set, validation_steps, steps_per_epoch,
-                 checkpointer, class_weight, es_patience, lr_patience, nb_worker, verbose,
-                 extra_callbacks=None, recorder=None):
-        self.extra_callbacks = list(extra_callbacks or [])
-        self.train, self.val = train_generator, validation_set
-        if isinstance(train_generator, keras.utils.Sequence):
-            self.train = _EpochSequence(train_generator)
-        self.val_steps = None if isinstance(validation_set, (tuple, list)) else validation_steps
-        self.steps, self.checkpointer = steps_per_epoch, checkpointer
-        self.class_weight, self.es_patience, self.lr_patience = class_weight, es_patience, \
-            lr_patience
-        self.nb_worker, self.verbose = nb_worker, verbose
+    def __init__(self, data, checkpointer, plan, run, recorder=None):
+        self.extra_callbacks = list(run.callbacks or [])
+        self.train, self.val = data.train, data.validation
+        if isinstance(data.train, keras.utils.Sequence):
+            self.train = _EpochSequence(data.train)
+        self.val_steps = None if isinstance(data.validation, (tuple, list)) else \
+            data.validation_steps
+        self.steps, self.checkpointer = data.steps_per_epoch, checkpointer
+        self.class_weight = None if plan.auto_batch_balance else class_weight_dict(
+            data.nb_class, plan.pos_cls_weight, plan.neg_cls_weight)
+        self.plan, self.run_setup = plan, run
+        self.nb_worker, self.verbose = data.nb_worker, run.verbose
         self.recorder = recorder or _RunRecorder([], {})
         self.epochs_done, self.histories = 0, []
 
-    def run(self, model, name, epochs, optim, lr, bias_multiplier, jit_compile, strategy,
-            metrics=("accuracy",), frozen_bn_mode="batch", number=1):
-        """Compile ``model`` (frozen BN layers in ``frozen_bn_mode``) and fit it for ``epochs``.
+    def run(self, model, name, epochs, lr, number=1):
+        """Compile ``model`` (frozen BN layers in the plan's ``frozen_bn_mode``) and fit it for
+        ``epochs`` at learning rate ``lr``.
 
         ``number`` is the stage's number in its training function (1, 2, 3).
         """
+        plan = self.plan
+        optim, frozen_bn_mode = plan.optim, plan.frozen_bn_mode
         if epochs <= 0:
             logger.info("%s: skipped (0 epochs)", name)
             return
@@ -2155,8 +2163,8 @@ class _Stage:
             self.epochs_done = max(self.epochs_done, rec.last_epoch_of(number))
             logger.info("%s: finished before the resume (%d epochs)", name, len(hist.epoch))
             return
-        _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
-                 frozen_bn_mode)
+        _compile(model, optim, lr, plan.bias_multiplier, plan.jit, self.run_setup.strategy,
+                 ("accuracy",), frozen_bn_mode)
         start = initial = self.epochs_done
         es_state = plateau_state = past = None
         if mode == "resume":
@@ -2178,13 +2186,13 @@ class _Stage:
         callbacks = [FiniteTrainingGuard(getattr(self.checkpointer, "filepath", None),
                                          rec.checkpoint)]
         callbacks += [_EpochSeed(rec.seed)] if rec.seed is not None else []
-        early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=self.es_patience,
+        early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=plan.es_patience,
                                         verbose=1)
         callbacks.append(early)
         plateau = None
         if optim == "sgd":
             plateau = _ResumablePlateau(plateau_state, monitor="val_loss", factor=0.5,
-                                        patience=self.lr_patience, verbose=1)
+                                        patience=plan.lr_patience, verbose=1)
             callbacks.append(plateau)
         callbacks += [self.checkpointer, DMFlush()] + self.extra_callbacks
         callbacks.append(_RecordEpoch(rec, number, name, start, start + epochs, early, plateau,
@@ -2211,6 +2219,264 @@ class _Stage:
         self.histories.append(hist)
 
 
+# ---------------------------------------------------------------- staged training (typed)
+@_dataclasses.dataclass
+class StagePlan:
+    """What the staged training does: epochs, learning rates and regularisation per stage.
+
+    The field names are the trainers' option names (destinations of their flags), so a
+    trainer's options object is passed whole: :meth:`of` takes the fields it has and leaves
+    the others at these defaults (those of ``do_3stage_training``).
+
+    Attributes:
+        nb_epoch, top_layer_epochs, all_layer_epochs: epochs of stage 1, 2 (3-stage only) and
+            the all-layer stage; 0 skips a stage.
+        top_layer_nb: first layer index trained in the top-layer stage (None: found by role
+            or, in 2-stage training, the layer after the last nested model).
+        use_pretrained: 3-stage: False runs stage 1 only, on all layers.
+        optim, init_lr, top_layer_multiplier, all_layer_multiplier: optimiser and learning
+            rates (stage lr = ``init_lr`` x the stage's multiplier).
+        es_patience, lr_patience: early stopping and (sgd) lr halving on val loss.
+        auto_batch_balance, pos_cls_weight, neg_cls_weight: class weights when the batches
+            are not balanced.
+        weight_decay, hidden_dropout: 2-stage, stage 1; ``weight_decay2``,
+            ``hidden_dropout2``: the later stages.
+        bias_multiplier: bias learning-rate multiplier (None: as the other weights).
+        jit: XLA-compile the train step.
+        frozen_bn_mode: ``"batch"`` or ``"moving"`` (see :func:`set_frozen_bn_mode`).
+        net: backbone name (logged only).
+    """
+
+    nb_epoch: int = 10
+    top_layer_epochs: int = 0
+    all_layer_epochs: int = 0
+    top_layer_nb: "int | None" = None
+    use_pretrained: bool = True
+    optim: str = "sgd"
+    init_lr: float = .01
+    top_layer_multiplier: float = .01
+    all_layer_multiplier: float = .0001
+    es_patience: int = 5
+    lr_patience: int = 2
+    auto_batch_balance: bool = True
+    pos_cls_weight: float = 1.
+    neg_cls_weight: float = 1.
+    weight_decay: float = .0001
+    hidden_dropout: float = .0
+    weight_decay2: float = .01
+    hidden_dropout2: float = .0
+    bias_multiplier: "float | None" = None
+    jit: bool = False
+    frozen_bn_mode: str = "batch"
+    net: "str | None" = None
+
+    @classmethod
+    def of(cls, options: object) -> "StagePlan":
+        """The plan of ``options``: a StagePlan, or any object (a trainer's options) whose
+        attributes of the same names are taken; the others keep their defaults."""
+        if isinstance(options, cls):
+            return options
+        names = [f.name for f in _dataclasses.fields(cls)]
+        return cls(**{n: getattr(options, n) for n in names if hasattr(options, n)})
+
+
+@_dataclasses.dataclass
+class StageData:
+    """The data of a staged training.
+
+    Attributes:
+        train: iterator/Sequence/tf.data yielding ``(x, y)`` or ``(x, y, w)`` (y one-hot), or
+            ``(X, y[, w])`` arrays.
+        validation: ``(X, y)`` arrays or an iterator like ``train``.
+        validation_steps: batches per validation pass of an iterator.
+        steps_per_epoch: train batches per epoch (None: the whole ``train``).
+        nb_class: number of classes (class weights).
+        nb_worker: data-loading workers of ``fit``.
+    """
+
+    train: object
+    validation: object
+    validation_steps: "int | None" = None
+    steps_per_epoch: "int | None" = None
+    nb_class: int = 3
+    nb_worker: int = 1
+
+
+@_dataclasses.dataclass
+class StageRun:
+    """Where a staged training writes, and what it runs in.
+
+    Attributes:
+        best_model: the best model file.
+        checkpoint_path: after each epoch the model, its optimizer state and the run's state
+            (stage, epoch, lr, early-stopping and plateau counters, best so far, ``seed``,
+            ``run_info``, the epochs' logs) are written atomically to this HDF5 file (see
+            :func:`save_training_checkpoint`); the last epoch marks it finished. None: off.
+        log_csv: the per-epoch CSV log (:func:`write_training_log`), rewritten each epoch.
+        curves_png: the training curves (:func:`plot_training_curves`) written at the end.
+        seed: with a seed, each epoch starts by seeding Python, NumPy and TensorFlow with
+            ``seed + epoch`` (and retraces the train step of a model with dropout), so that an
+            epoch's randomness depends only on (seed, epoch). None: no reseeding.
+        resume_state: a state of :func:`read_training_state` (see :func:`resolve_resume`):
+            stages finished before it are skipped, the interrupted one continues from its
+            weights, optimizer state, lr and counters; its ``plan`` settings override
+            ``use_pretrained`` and ``top_layer_nb``.
+        run_info: the run's identity (options hash, options), stored in the checkpoint.
+        callbacks: extra Keras callbacks of every stage.
+        checkpointer: the best-model callback (2-stage: a :class:`DMAucModelCheckpoint` on
+            the validation data when None; 3-stage: best ``val_accuracy``).
+        strategy: the ``tf.distribute`` strategy the model was built in (default: the
+            model's).
+        custom_objects: classes needed to rebuild the model from its config.
+        verbose: Keras fit verbosity.
+    """
+
+    best_model: str
+    checkpoint_path: "str | None" = None
+    log_csv: "str | None" = None
+    curves_png: "str | None" = None
+    seed: "int | None" = None
+    resume_state: "dict | None" = None
+    run_info: "dict | None" = None
+    callbacks: list = _dataclasses.field(default_factory=list)
+    checkpointer: object = None
+    strategy: object = None
+    custom_objects: "dict | None" = None
+    verbose: int = 2
+
+    def recorder(self, stages: list, plan_info: dict) -> "_RunRecorder":
+        """The per-epoch recorder of ``stages`` (the numbers of the stages that train)."""
+        return _RunRecorder(stages, plan_info, self.checkpoint_path, self.log_csv,
+                            self.curves_png, self.seed, self.run_info, self.resume_state)
+
+
+def train_3stage(model: keras.Model, data: StageData, plan: object,
+                 run: StageRun) -> list:
+    """Three-stage patch classifier training (the typed form of :func:`do_3stage_training`).
+
+    Args:
+        model: patch classifier (softmax output, ``data.nb_class`` units).
+        data: the train and validation data.
+        plan: a :class:`StagePlan`, or a trainer's options (taken whole, see
+            :meth:`StagePlan.of`).
+        run: the run's files, callbacks and strategy.
+
+    Returns:
+        list of ``keras.callbacks.History``, one per stage run (``.stage`` names it;
+        ``.model`` is the model trained in that stage).
+    """
+    plan = StagePlan.of(plan)
+    use_pretrained, top_layer_nb = plan.use_pretrained, plan.top_layer_nb
+    if run.resume_state is not None:
+        use_pretrained, top_layer_nb = _resume_plan(
+            run.resume_state, {"use_pretrained": bool(use_pretrained),
+                               "top_layer_nb": top_layer_nb})
+    if use_pretrained and plan.top_layer_epochs > 0 and top_layer_nb is None:
+        raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
+    _check_frozen_bn_mode(plan.frozen_bn_mode)
+    ckpt = BestModelCheckpoint(run.best_model, monitor="val_accuracy", mode="max")
+    stages = [1] if not use_pretrained else [n for n, e in (
+        (1, plan.nb_epoch), (2, plan.top_layer_epochs), (3, plan.all_layer_epochs)) if e > 0]
+    rec = run.recorder([n for n in stages if n != 1 or plan.nb_epoch > 0],
+                       {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb})
+    stage = _Stage(data, ckpt, plan, run, rec)
+    if not use_pretrained:
+        _set_trainable(model, lambda i, layer: True)
+        stage.run(model, "stage 1 (all layers, no pretrained weights)", plan.nb_epoch,
+                  lr=plan.init_lr, number=1)
+        rec.finish(model, ckpt)
+        return stage.histories
+    logger.info("3-stage training of %s", plan.net or model.name)
+    dense = _final_dense(model)
+    _set_trainable(model, lambda i, layer: layer is dense)
+    stage.run(model, "stage 1 (final dense layer)", plan.nb_epoch, lr=plan.init_lr, number=1)
+    if plan.top_layer_epochs > 0 or plan.all_layer_epochs > 0:
+        dropout = _dropout_before(model, dense)
+        names = {dense.name} | ({dropout.name} if dropout is not None else set())
+        model = set_regularization(model, plan.weight_decay2, plan.hidden_dropout2, names,
+                                   run.custom_objects)
+    if plan.top_layer_epochs > 0:
+        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
+        stage.run(model, f"stage 2 (layers {top_layer_nb}+)", plan.top_layer_epochs,
+                  lr=plan.init_lr * plan.top_layer_multiplier, number=2)
+    _set_trainable(model, lambda i, layer: True)
+    stage.run(model, "stage 3 (all layers)", plan.all_layer_epochs,
+              lr=plan.init_lr * plan.all_layer_multiplier, number=3)
+    rec.finish(model, ckpt)
+    return stage.histories
+
+
+def train_2stage(model: keras.Model, data: StageData, plan: object,
+                 run: StageRun) -> list:
+    """Two-stage whole-image training (the typed form of :func:`do_2stage_training`).
+
+    Args: as :func:`train_3stage`; the best model by mean one-vs-rest validation AUROC is
+        saved by ``run.checkpointer`` (a :class:`DMAucModelCheckpoint` on
+        ``data.validation`` when None).
+
+    Returns:
+        list of ``keras.callbacks.History``, one per stage run (``.model``: the trained model).
+    """
+    plan = StagePlan.of(plan)
+    _check_frozen_bn_mode(plan.frozen_bn_mode)
+    top_layer_nb = plan.top_layer_nb
+    if plan.nb_epoch > 0 and top_layer_nb is None:
+        top_layer_nb = _default_top_layer_nb(model)
+    if run.resume_state is not None:
+        top_layer_nb, = _resume_plan(run.resume_state, {"top_layer_nb": top_layer_nb})
+    checkpointer = run.checkpointer
+    if checkpointer is None:
+        checkpointer = DMAucModelCheckpoint(run.best_model, data.validation)
+    rec = run.recorder([n for n, e in ((1, plan.nb_epoch), (2, plan.all_layer_epochs))
+                        if e > 0], {"top_layer_nb": top_layer_nb})
+    stage = _Stage(data, checkpointer, plan, run, rec)
+    if plan.nb_epoch > 0:
+        model = set_regularization(model, plan.weight_decay, plan.hidden_dropout,
+                                   custom_objects=run.custom_objects)
+        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
+        stage.run(model, f"stage 1 (layers {top_layer_nb}+)", plan.nb_epoch, lr=plan.init_lr,
+                  number=1)
+    if plan.all_layer_epochs > 0:
+        model = set_regularization(model, plan.weight_decay2, plan.hidden_dropout2,
+                                   custom_objects=run.custom_objects)
+        _set_trainable(model, lambda i, layer: True)
+        stage.run(model, "stage 2 (all layers)", plan.all_layer_epochs,
+                  lr=plan.init_lr * plan.all_layer_multiplier, number=2)
+    rec.finish(model, checkpointer)
+    return stage.histories
+
+
+def _resume_plan(state, plan_info):
+    """The stage settings of a resumed run (its checkpoint's), logging any change."""
+    saved = state.get("plan", {})
+    values = []
+    for key, value in plan_info.items():
+        old = saved.get(key, value)
+        if old != value:
+            logger.warning("resumed run: %s is %r in its checkpoint (%r now); using %r", key,
+                           old, value, old)
+        values.append(old)
+    return values
+
+
+# ---------------------------------------------------------------- 2017 staged-training calls
+_RUN_KEYS = ("checkpoint_path", "log_csv", "curves_png", "seed", "resume_state", "run_info",
+             "strategy", "custom_objects", "verbose")
+
+
+def _split_2017_call(local_vars, data_keys=("nb_class", "nb_worker")):
+    """(StageData, StagePlan, StageRun) of a 2017 keyword call's arguments."""
+    v = dict(local_vars)
+    data = StageData(v["train_generator"], v["validation_set"], v["validation_steps"],
+                     v["steps_per_epoch"], **{k: v[k] for k in data_keys})
+    names = {f.name for f in _dataclasses.fields(StagePlan)}
+    v["jit"] = v["jit_compile"]
+    plan = StagePlan(**{k: v[k] for k in names if k in v})
+    run = StageRun(v["best_model_out"], callbacks=list(v["callbacks"] or []),
+                   checkpointer=v.get("auc_checkpointer"), **{k: v[k] for k in _RUN_KEYS})
+    return data, plan, run
+
+
 def do_3stage_training(model, org_model, train_generator, validation_set, validation_steps,
                        best_model_out, steps_per_epoch, top_layer_nb=None, net=None, nb_epoch=10,
                        top_layer_epochs=0, all_layer_epochs=0, use_pretrained=True, optim="sgd",
@@ -2221,7 +2487,7 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
                        jit_compile=False, verbose=2, custom_objects=None, callbacks=None,
                        frozen_bn_mode="batch", seed=None, checkpoint_path=None, log_csv=None,
                        curves_png=None, resume_state=None, run_info=None):
-    """Three-stage patch classifier training.
+    """Three-stage patch classifier training (the 2017 keyword call of :func:`train_3stage`).
 
     Stage 1: only the final Dense layer trains (all layers when ``use_pretrained`` is False, and
     then only this stage runs) for ``nb_epoch`` at ``init_lr``. Stage 2: layers from
@@ -2279,60 +2545,7 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
         list of ``keras.callbacks.History``, one per stage run (``.stage`` names it;
         ``.model`` is the model trained in that stage).
     """
-    plan_info = {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb}
-    if resume_state is not None:
-        use_pretrained, top_layer_nb = _resume_plan(resume_state, plan_info)
-    if use_pretrained and top_layer_epochs > 0 and top_layer_nb is None:
-        raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
-    _check_frozen_bn_mode(frozen_bn_mode)
-    cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
-                                                           neg_cls_weight)
-    ckpt = BestModelCheckpoint(best_model_out, monitor="val_accuracy", mode="max")
-    plan = [1] if not use_pretrained else \
-        [n for n, e in ((1, nb_epoch), (2, top_layer_epochs), (3, all_layer_epochs)) if e > 0]
-    rec = _RunRecorder([n for n in plan if n != 1 or nb_epoch > 0],
-                       {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb},
-                       checkpoint_path, log_csv, curves_png, seed, run_info, resume_state)
-    stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch, ckpt, cw,
-                   es_patience, lr_patience, nb_worker, verbose, callbacks, rec)
-    common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
-                  strategy=strategy, frozen_bn_mode=frozen_bn_mode)
-    if not use_pretrained:
-        _set_trainable(model, lambda i, layer: True)
-        stage.run(model, "stage 1 (all layers, no pretrained weights)", nb_epoch, lr=init_lr,
-                  number=1, **common)
-        rec.finish(model, ckpt)
-        return stage.histories
-    logger.info("3-stage training of %s", net or model.name)
-    dense = _final_dense(model)
-    _set_trainable(model, lambda i, layer: layer is dense)
-    stage.run(model, "stage 1 (final dense layer)", nb_epoch, lr=init_lr, number=1, **common)
-    if top_layer_epochs > 0 or all_layer_epochs > 0:
-        dropout = _dropout_before(model, dense)
-        names = {dense.name} | ({dropout.name} if dropout is not None else set())
-        model = set_regularization(model, weight_decay2, hidden_dropout2, names, custom_objects)
-    if top_layer_epochs > 0:
-        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
-        stage.run(model, f"stage 2 (layers {top_layer_nb}+)", top_layer_epochs,
-                  lr=init_lr * top_layer_multiplier, number=2, **common)
-    _set_trainable(model, lambda i, layer: True)
-    stage.run(model, "stage 3 (all layers)", all_layer_epochs,
-              lr=init_lr * all_layer_multiplier, number=3, **common)
-    rec.finish(model, ckpt)
-    return stage.histories
-
-
-def _resume_plan(state, plan_info):
-    """The stage settings of a resumed run (its checkpoint's), logging any change."""
-    saved = state.get("plan", {})
-    values = []
-    for key, value in plan_info.items():
-        old = saved.get(key, value)
-        if old != value:
-            logger.warning("resumed run: %s is %r in its checkpoint (%r now); using %r", key,
-                           old, value, old)
-        values.append(old)
-    return values
+    return train_3stage(model, *_split_2017_call(locals()))
 
 
 def do_2stage_training(model, org_model, train_generator, validation_set, validation_steps,
@@ -2345,7 +2558,7 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
                        jit_compile=False, verbose=2, custom_objects=None, callbacks=None,
                        frozen_bn_mode="batch", seed=None, checkpoint_path=None, log_csv=None,
                        curves_png=None, resume_state=None, run_info=None):
-    """Two-stage whole-image training.
+    """Two-stage whole-image training (the 2017 keyword call of :func:`train_2stage`).
 
     Stage 1 (``nb_epoch`` epochs, 0 skips it): layers before ``top_layer_nb`` (the converted
     patch network) are frozen, lr ``init_lr``, every Dense/Conv2D kernel L2 = ``weight_decay``
@@ -2366,36 +2579,4 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
     Returns:
         list of ``keras.callbacks.History``, one per stage run (``.model``: the trained model).
     """
-    _check_frozen_bn_mode(frozen_bn_mode)
-    if nb_epoch > 0 and top_layer_nb is None:
-        top_layer_nb = _default_top_layer_nb(model)
-    if resume_state is not None:
-        top_layer_nb, = _resume_plan(resume_state, {"top_layer_nb": top_layer_nb})
-    cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
-                                                           neg_cls_weight)
-    if auc_checkpointer is None:
-        auc_checkpointer = DMAucModelCheckpoint(best_model_out, validation_set)
-    rec = _RunRecorder([n for n, e in ((1, nb_epoch), (2, all_layer_epochs)) if e > 0],
-                       {"top_layer_nb": top_layer_nb}, checkpoint_path, log_csv, curves_png,
-                       seed, run_info, resume_state)
-    stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch,
-                   auc_checkpointer, cw, es_patience, lr_patience, nb_worker, verbose,
-                   callbacks, rec)
-    common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
-                  strategy=strategy, frozen_bn_mode=frozen_bn_mode)
-    if nb_epoch > 0:
-        model = set_regularization(model, weight_decay, hidden_dropout,
-                                   custom_objects=custom_objects)
-        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
-        stage.run(model, f"stage 1 (layers {top_layer_nb}+)", nb_epoch, lr=init_lr, number=1,
-                  **common)
-    if all_layer_epochs > 0:
-        model = set_regularization(model, weight_decay2, hidden_dropout2,
-                                   custom_objects=custom_objects)
-        _set_trainable(model, lambda i, layer: True)
-        stage.run(model, "stage 2 (all layers)", all_layer_epochs,
-                  lr=init_lr * all_layer_multiplier, number=2, **common)
-    rec.finish(model, auc_checkpointer)
-    return stage.histories
-
-
+    return train_2stage(model, *_split_2017_call(locals()))

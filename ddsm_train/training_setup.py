@@ -11,7 +11,9 @@ run's identity (:func:`run_identity`), seeds every RNG and sets the precision po
 training: the data iterators of the options (:func:`iterators_from_options`, with the 2017
 augmentation :data:`AUGMENTATION_2017`), the input recipe stored in every model file the run
 writes (:func:`training_recipe`, :func:`save_input_recipe`) and the run's files beside
-``--best-model`` (:func:`run_file_kwargs`).
+``--best-model`` (:func:`run_file_kwargs`). The run itself, the same for both trainers
+(checks, model, recipe, data, stages, final save), is :func:`run_trainer`; a trainer gives
+what differs as a :class:`TrainerSpec` (its checks, model, stage plan, report).
 
 Importing this module does not import TensorFlow; the functions that need it import it.
 """
@@ -31,6 +33,7 @@ __all__ = [
     "run_file_kwargs",
     "AUGMENTATION_2017", "build_data_iterators", "iterators_from_options",
     "training_recipe", "save_input_recipe",
+    "TrainerSpec", "run_trainer", "merge_history", "stage_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -480,3 +483,112 @@ def save_input_recipe(recipe, best_model, *model_files):
         return None
     record["input_recipe"] = recipe.to_dict()
     return json_path
+
+
+# --------------------------------------------------------------------------- the run skeleton
+class TrainerSpec:
+    """What one trainer adds to the run skeleton of :func:`run_trainer`.
+
+    A trainer module subclasses it (or passes an instance with these methods):
+    ``validate(opts, nb_devices)`` checks the options; ``build(opts, nb_class)`` returns
+    ``(model, top_layer_nb, preprocess_net)`` (the backbone whose ``preprocess_input`` the
+    iterators apply, or None); ``plan(opts, top_layer_nb)`` the options passed whole to the
+    staged training; ``checkpointer(opts, val)`` its best-model callback (None: the staged
+    training's own); ``report(opts, json_path, hists, context)`` the run's result.
+
+    Attributes:
+        stages: the name of the ``dm_keras_ext`` staged training (``"train_3stage"`` or
+            ``"train_2stage"``), looked up when the run starts.
+        unit: what one sample is (``"patches"``, ``"images"``), for the log.
+    """
+
+    stages = "train_3stage"
+    unit = "samples"
+
+    def validate(self, opts, nb_devices=None):
+        raise NotImplementedError
+
+    def build(self, opts, nb_class):
+        raise NotImplementedError
+
+    def plan(self, opts, top_layer_nb):
+        return opts.replace(top_layer_nb=top_layer_nb)
+
+    def checkpointer(self, opts, val):
+        return None
+
+    def model_info(self, opts):
+        """What the run's model files say about the model beside the weights (or None)."""
+        return None
+
+    def report(self, opts, json_path, hists, context):
+        raise NotImplementedError
+
+
+def run_trainer(opts, spec):
+    """The run both trainers share: checks, model, input recipe, data, stages, final save.
+
+    :func:`begin_training_run` (a finished identical run returns
+    :func:`finished_run_result`), ``spec.build``, the precision policy and device copies, the
+    input recipe stored in the run's model files, the iterators, the staged training of
+    ``spec.stages`` with ``spec.plan`` (the options passed whole), the ``--final-model`` save,
+    then ``spec.report`` with ``context`` = ``dict(test=..., checkpointer=..., is_chief=...)``.
+    """
+    try:
+        env, strategy, json_path, identity, resume = begin_training_run(opts, spec.validate)
+    except RunComplete as done:
+        return finished_run_result(opts, done.state, options_json_path(opts["best_model"]))
+    import dm_keras_ext
+    import dm_multi_gpu
+    from dm_resnet import get_preprocess_input
+
+    nb_class = len(opts["class_list"])
+    model, top_layer_nb, preprocess_net = spec.build(opts, nb_class)
+    model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
+    model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
+    channels = model.input_shape[-1]
+    save_input_recipe(training_recipe(opts, channels, preprocess_net), opts["best_model"],
+                      opts["final_model"])
+    info = spec.model_info(opts)
+    if info is not None:
+        for path in (opts["best_model"], opts["final_model"]):
+            if path and path != NOSAVE:
+                dm_keras_ext.register_model_info(path, info)
+    train, val, test, train_bs = iterators_from_options(
+        opts, channels, get_preprocess_input(preprocess_net) if preprocess_net else None,
+        env["RANDOM_SEED"])
+    logger.info("train %d, val %d, test %d %s; train batch %d, eval batch %d", train.nb_sample,
+                val.nb_sample, test.nb_sample, spec.unit, train_bs, opts["batch_size"])
+    checkpointer = spec.checkpointer(opts, val)
+    run = stage_run(opts, env, identity, resume)
+    run.strategy, run.checkpointer = strategy, checkpointer
+    data = dm_keras_ext.StageData(train, val, len(val), len(train), nb_class,
+                                  env["NUM_CPU_CORES"])
+    hists = getattr(dm_keras_ext, spec.stages)(model, data=data,
+                                                plan=spec.plan(opts, top_layer_nb), run=run)
+    if opts["final_model"] and opts["final_model"] != NOSAVE:
+        dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
+                                            opts["final_model"])
+    context = dict(test=test, checkpointer=checkpointer,
+                   is_chief=getattr(strategy.extended, "should_checkpoint", True))
+    return spec.report(opts, json_path, hists, context)
+
+
+def merge_history(hists):
+    """The per-epoch logs of the stages' Histories, joined in order (floats)."""
+    merged = {}
+    for h in hists:
+        for key, values in h.history.items():
+            merged.setdefault(key, []).extend(float(v) for v in values)
+    return merged
+
+
+def stage_run(opts, env, identity, resume):
+    """The ``dm_keras_ext.StageRun`` of a trainer's options: the run's files beside
+    ``--best-model`` (``.last.h5`` checkpoint, ``.log.csv``, ``.curves.png``), the seed, the
+    run's identity, the state to resume and, with ``--tensorboard-dir``, a TensorBoard
+    callback."""
+    import dm_keras_ext
+
+    return dm_keras_ext.StageRun(opts["best_model"], **run_file_kwargs(opts, env, identity,
+                                                                       resume))

@@ -185,11 +185,11 @@ def _stage1_trainable(monkeypatch, argv):
 
     seen = {}
 
-    def capture(model, org_model, *args, top_layer_nb=None, **kwargs):
-        seen["n"] = sum(layer.count_params() for layer in model.layers[top_layer_nb:])
+    def capture(model, data, plan, run):
+        seen["n"] = sum(layer.count_params() for layer in model.layers[plan.top_layer_nb:])
         raise _Built()
 
-    monkeypatch.setattr(K, "do_2stage_training", capture)
+    monkeypatch.setattr(K, "train_2stage", capture)
     with pytest.raises(_Built):
         image_clf_train.main(argv)
     return seen["n"]
