@@ -454,11 +454,7 @@ def training_recipe(opts, channels, preprocess=None):
     """
     from dm_image import InputRecipe
 
-    return InputRecipe(img_size=tuple(opts["img_size"]), channels=int(channels),
-                       img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
-                       equalize_hist=opts["equalize_hist"],
-                       featurewise_center=opts["featurewise_center"],
-                       featurewise_mean=opts["featurewise_mean"], preprocess=preprocess)
+    return InputRecipe.from_options(opts, channels=int(channels), preprocess=preprocess)
 
 
 def save_input_recipe(recipe, best_model, *model_files):
