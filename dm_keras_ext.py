@@ -49,7 +49,6 @@ __all__ = [
     "Keras208Nadam",
     "create_optimizer",
     "robust_load_model",
-    "register_model_sidecar",
     "check_model_file_safe",
     "UnsafeModelError",
     "UnknownLayerError",
@@ -62,9 +61,8 @@ __all__ = [
     "check_model_role",
     "check_top_layer_nb",
     "save_model_atomic",
-    "register_input_recipe",
     "MODEL_INFO_ATTR",
-    "register_model_info",
+    "ModelFileExtras",
     "read_model_info",
     "do_3stage_training",
     "do_2stage_training",
@@ -855,43 +853,37 @@ def check_top_layer_nb(model, top_layer_nb, flag="--top-layer-nb"):
                          f"model hold no trainable parameter, so that stage would train nothing")
 
 
-#: Input recipes (JSON) of model files, by absolute path: see :func:`register_input_recipe`.
-_INPUT_RECIPES = {}
+@_dataclasses.dataclass
+class ModelFileExtras:
+    """What a training run writes into and beside each model file it saves.
 
+    Passed explicitly to :func:`save_model_atomic` / :func:`save_model_distributed` and held
+    by the checkpoint callbacks (their ``extras``); nothing is kept by file path.
 
-def register_input_recipe(filepath, recipe):
-    """Store ``recipe`` in every model file later saved at ``filepath`` by this process.
-
-    The trainers register their :class:`dm_image.InputRecipe` for ``--best-model`` and
-    ``--final-model`` before training, so the checkpoint callbacks, which save through
-    :func:`save_model_atomic`, write it into each file (whatever model object they hold).
-
-    Args:
-        filepath: model file path.
-        recipe: a :class:`dm_image.InputRecipe`, or None to stop storing one.
+    Attributes:
+        recipe: the :class:`dm_image.InputRecipe`, stored as JSON in the HDF5 root attribute
+            ``dm_image.RECIPE_ATTR`` (readable with h5py alone,
+            ``dm_image.InputRecipe.from_model_file``).
+        info: what the model is (a JSON-serialisable dict, e.g. ``{"net": "vgg16"}`` for a
+            patch classifier), stored in the attribute :data:`MODEL_INFO_ATTR`.
+        sidecar: ``(path, make_text)``: a text file written right after the NEXT save only
+            (then cleared): the trainers' ``<best-model>.options.json``, so that an options
+            file is written only once the run has produced a model and a run that fails
+            before its first model leaves an earlier run's files as they were.
     """
-    key = _os.path.abspath(_os.fspath(filepath))
-    if recipe is None:
-        _INPUT_RECIPES.pop(key, None)
-    else:
-        _INPUT_RECIPES[key] = recipe.to_json()
+
+    recipe: object = None
+    info: "dict | None" = None
+    sidecar: "tuple | None" = None
+
+    def without_sidecar(self) -> "ModelFileExtras":
+        """A copy that writes no sidecar (e.g. for ``--final-model``)."""
+        return _dataclasses.replace(self, sidecar=None)
 
 
 #: HDF5 root attribute of a model file holding what the model is (JSON), e.g. ``{"net":
 #: "vgg16"}`` for a patch classifier: the backbone its whole-image conversion cuts by role.
 MODEL_INFO_ATTR = "dm_model_info"
-_MODEL_INFOS = {}
-
-
-def register_model_info(filepath, info):
-    """Store ``info`` (a JSON-serialisable dict, e.g. ``{"net": "resnet50"}``) in every model
-    file later saved at ``filepath`` by this process (HDF5 attribute :data:`MODEL_INFO_ATTR`);
-    None stops storing it."""
-    key = _os.path.abspath(_os.fspath(filepath))
-    if info is None:
-        _MODEL_INFOS.pop(key, None)
-    else:
-        _MODEL_INFOS[key] = _json.dumps(dict(info), sort_keys=True)
 
 
 def read_model_info(filepath):
@@ -919,35 +911,23 @@ def read_model_info(filepath):
     return info
 
 
-_SIDECARS = {}
-
-
-def register_model_sidecar(filepath, sidecar_path, make_text):
-    """Write ``sidecar_path`` (text from ``make_text()``) when a model is next saved at
-    ``filepath`` by :func:`save_model_atomic`, right after it.
-
-    The trainers register ``<best-model>.options.json`` this way, so an options file is
-    written only once the run has produced a model: a run that fails before its first model
-    leaves the files of an earlier run at that path as they were.
-    """
-    _SIDECARS[_os.path.abspath(_os.fspath(filepath))] = (_os.fspath(sidecar_path), make_text)
-
-
-def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
-    """Save ``model`` as HDF5 at ``filepath`` atomically, with its input recipe.
+def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = True,
+                      recipe=None, extras: "ModelFileExtras | None" = None) -> str:
+    """Save ``model`` as HDF5 at ``filepath`` atomically, with what ``extras`` adds.
 
     Written through :func:`dm_image.atomic_write` (an exclusively created temporary file in the
     same folder, renamed over ``filepath``), so a crash or a full disk never leaves a
     half-written model and an older file survives.
     The result loads with :func:`robust_load_model` and with ``tf_keras.models.load_model``.
-    ``recipe`` (a :class:`dm_image.InputRecipe`; default: the one registered for
-    ``filepath`` by :func:`register_input_recipe`) is stored as JSON in the HDF5 root
-    attribute ``dm_image.RECIPE_ATTR``, readable with h5py alone
-    (``dm_image.InputRecipe.from_model_file``).
+    ``recipe`` (a :class:`dm_image.InputRecipe`; default: ``extras.recipe``) is stored as JSON
+    in the HDF5 root attribute ``dm_image.RECIPE_ATTR``; ``extras.info`` in
+    :data:`MODEL_INFO_ATTR`; ``extras.sidecar`` is written right after (and then cleared).
     """
     path = _os.path.abspath(_os.fspath(filepath))
-    recipe_json = recipe.to_json() if recipe is not None else _INPUT_RECIPES.get(path)
-    info_json = _MODEL_INFOS.get(path)
+    extras = extras or ModelFileExtras()
+    recipe = recipe if recipe is not None else extras.recipe
+    recipe_json = recipe.to_json() if recipe is not None else None
+    info_json = _json.dumps(dict(extras.info), sort_keys=True) if extras.info else None
 
     def save(tmp):
         with _warnings.catch_warnings():
@@ -965,10 +945,10 @@ def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
 
     path = _dm_image.atomic_write(path, save, to_path=True)
     logger.info("Saved model to %s", path)
-    sidecar = _SIDECARS.pop(str(path), None)
+    sidecar, extras.sidecar = extras.sidecar, None
     if sidecar is not None:
         text = sidecar[1]()
-        _dm_image.atomic_write(sidecar[0], lambda fh: fh.write(text), text=True)
+        _dm_image.atomic_write(_os.fspath(sidecar[0]), lambda fh: fh.write(text), text=True)
     return str(path)
 
 
@@ -1225,15 +1205,20 @@ def _save_as_chief(model, filepath, save):
     return None
 
 
-def save_model_distributed(model, filepath, include_optimizer=False):
+def save_model_distributed(model: keras.Model, filepath, include_optimizer: bool = False,
+                           extras: "ModelFileExtras | None" = None) -> None:
     """Save through ``save_model_atomic`` (temporary file + os.replace), chief worker only.
 
     By default the file is a plain model without optimizer state (about half the size); the
     last-epoch checkpoint of a run (:func:`save_training_checkpoint`) is the file that keeps
-    the optimizer state for resuming.
+    the optimizer state for resuming. ``extras`` (:class:`ModelFileExtras`) says what goes
+    into and beside the file; other workers write no sidecar.
     """
-    _save_as_chief(model, filepath,
-                   lambda m, p: save_model_atomic(m, p, include_optimizer=include_optimizer))
+    def save(m, p):
+        own = extras if p == filepath or extras is None else extras.without_sidecar()
+        return save_model_atomic(m, p, include_optimizer=include_optimizer, extras=own)
+
+    _save_as_chief(model, filepath, save)
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):
@@ -1243,10 +1228,12 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         filepath: HDF5 (``.h5``) or Keras file for the best model.
         monitor: log key, e.g. ``"val_accuracy"`` or ``"val_loss"``.
         mode: ``"max"`` or ``"min"``.
+        extras: what each save writes into and beside the file (:class:`ModelFileExtras`).
     """
 
-    def __init__(self, filepath, monitor="val_accuracy", mode="max"):
+    def __init__(self, filepath, monitor="val_accuracy", mode="max", extras=None):
         super().__init__()
+        self.extras = extras
         if mode not in ("max", "min"):
             raise ValueError(f"mode should be one of ['max', 'min'], got {mode!r}")
         self.filepath, self.monitor, self.mode = str(filepath), monitor, mode
@@ -1268,7 +1255,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             logger.info("epoch %d: %s improved from %.5f to %.5f, saving %s", epoch + 1,
                         self.monitor, self.best, value, self.filepath)
             self.best, self.best_epoch = float(value), epoch + 1
-            save_model_distributed(self.model, self.filepath)
+            save_model_distributed(self.model, self.filepath, extras=self.extras)
 
     def on_train_end(self, logs=None):
         logger.info("best %s %.5f at epoch %s (%s)", self.monitor, self.best, self.best_epoch,
@@ -1392,11 +1379,13 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
         batch_size: images per forward pass for arrays (default 32).
         test_samples: number of samples to evaluate (default: all).
         test_augment: average the predictions on the 4 flips.
+        extras: what each save writes into and beside the file (:class:`ModelFileExtras`).
     """
 
     def __init__(self, filepath, test_data, batch_size=None, test_samples=None,
-                 test_augment=False):
+                 test_augment=False, extras=None):
         super().__init__()
+        self.extras = extras
         self.filepath = str(filepath)
         self.test_data = test_data
         self.batch_size, self.test_samples, self.test_augment = batch_size, test_samples, \
@@ -1425,7 +1414,7 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
             logger.info("epoch %d: AUROC improved from %.4f to %.4f, saving %s", epoch + 1,
                         self.best_auc, auc, self.filepath)
             self.best_auc, self.best_epoch, self.best_all_auc = auc, epoch + 1, per_class
-            save_model_distributed(self.model, self.filepath)
+            save_model_distributed(self.model, self.filepath, extras=self.extras)
 
     def on_train_end(self, logs=None):
         logger.info("best validation AUROC %.4f at epoch %s (per class %s), model %s",
@@ -2329,6 +2318,8 @@ class StageRun:
             model's).
         custom_objects: classes needed to rebuild the model from its config.
         verbose: Keras fit verbosity.
+        extras: what the best-model saves write into and beside the file
+            (:class:`ModelFileExtras`).
     """
 
     best_model: str
@@ -2343,6 +2334,7 @@ class StageRun:
     strategy: object = None
     custom_objects: "dict | None" = None
     verbose: int = 2
+    extras: "ModelFileExtras | None" = None
 
     def recorder(self, stages: list, plan_info: dict) -> "_RunRecorder":
         """The per-epoch recorder of ``stages`` (the numbers of the stages that train)."""
@@ -2374,7 +2366,8 @@ def train_3stage(model: keras.Model, data: StageData, plan: object,
     if use_pretrained and plan.top_layer_epochs > 0 and top_layer_nb is None:
         raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
     _check_frozen_bn_mode(plan.frozen_bn_mode)
-    ckpt = BestModelCheckpoint(run.best_model, monitor="val_accuracy", mode="max")
+    ckpt = BestModelCheckpoint(run.best_model, monitor="val_accuracy", mode="max",
+                               extras=run.extras)
     stages = [1] if not use_pretrained else [n for n, e in (
         (1, plan.nb_epoch), (2, plan.top_layer_epochs), (3, plan.all_layer_epochs)) if e > 0]
     rec = run.recorder([n for n in stages if n != 1 or plan.nb_epoch > 0],
@@ -2426,7 +2419,8 @@ def train_2stage(model: keras.Model, data: StageData, plan: object,
         top_layer_nb, = _resume_plan(run.resume_state, {"top_layer_nb": top_layer_nb})
     checkpointer = run.checkpointer
     if checkpointer is None:
-        checkpointer = DMAucModelCheckpoint(run.best_model, data.validation)
+        checkpointer = DMAucModelCheckpoint(run.best_model, data.validation,
+                                            extras=run.extras)
     rec = run.recorder([n for n, e in ((1, plan.nb_epoch), (2, plan.all_layer_epochs))
                         if e > 0], {"top_layer_nb": top_layer_nb})
     stage = _Stage(data, checkpointer, plan, run, rec)

@@ -293,10 +293,10 @@ class _ImageTrainer(ts.TrainerSpec):
         return model, top_layer_nb, (opts.patch_net if _preprocess_fn(opts, channels)
                                      else None)
 
-    def checkpointer(self, opts, val):
+    def checkpointer(self, opts, val, extras):
         import dm_keras_ext
 
-        return dm_keras_ext.DMAucModelCheckpoint(opts.best_model, val)
+        return dm_keras_ext.DMAucModelCheckpoint(opts.best_model, val, extras=extras)
 
     def report(self, opts, json_path, hists, context):
         return _report(opts, json_path, hists, context["checkpointer"], context["test"],

@@ -10,7 +10,7 @@ makes the ``tf.distribute`` strategy, logs the options, finds an unfinished run 
 run's identity (:func:`run_identity`), seeds every RNG and sets the precision policy. Around
 training: the data iterators of the options (:func:`iterators_from_options`, with the 2017
 augmentation :data:`AUGMENTATION_2017`), the input recipe stored in every model file the run
-writes (:func:`training_recipe`, :func:`save_input_recipe`) and the run's files beside
+writes (:func:`training_recipe`, :func:`model_file_extras`) and the run's files beside
 ``--best-model`` (:func:`run_file_kwargs`). The run itself, the same for both trainers
 (checks, model, recipe, data, stages, final save), is :func:`run_trainer`; a trainer gives
 what differs as a :class:`TrainerSpec` (its checks, model, stage plan, report).
@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 
 from common_flags import NOSAVE
-from script_utils import _OPTIONS_RECORDS, get_num_cpu_cores, get_num_gpu_devices, \
-    get_random_seed, log_and_save_options, options_json_path, read_csv_table
+from script_utils import get_num_cpu_cores, get_num_gpu_devices, get_random_seed, \
+    log_options, options_json_path, options_sidecar, read_csv_table
 
 __all__ = [
     "check_batch_vs_devices", "env_summary", "check_class_dirs",
@@ -32,7 +32,7 @@ __all__ = [
     "check_earlier_run", "begin_training_run", "finished_run_result",
     "run_file_kwargs",
     "AUGMENTATION_2017", "build_data_iterators", "iterators_from_options",
-    "training_recipe", "save_input_recipe",
+    "training_recipe", "model_file_extras",
     "TrainerSpec", "run_trainer", "merge_history", "stage_run",
 ]
 
@@ -265,7 +265,9 @@ def begin_training_run(opts, validate):
     another run's model is refused unless ``--overwrite``.
 
     Returns:
-        ``(env, strategy, options_json_path, run_identity, resume)``.
+        ``(env, strategy, options_record, run_identity, resume)``; the options record
+        (``script_utils.log_options``) is written as ``<best-model>.options.json`` with the
+        run's first model (:func:`model_file_extras`).
     """
     import dm_keras_ext
     import dm_multi_gpu
@@ -278,13 +280,13 @@ def begin_training_run(opts, validate):
     claim_run_files(opts)
     identity = run_identity(opts, env)
     check_earlier_run(opts, identity)
-    json_path = log_and_save_options(opts, opts["best_model"], env)
+    record = log_options(opts, env)
     resume = dm_keras_ext.resolve_resume(
         dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
         auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])
     keras.utils.set_random_seed(env["RANDOM_SEED"])
     dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
-    return env, strategy, json_path, identity, resume
+    return env, strategy, record, identity, resume
 
 
 def _check_tensorboard_dir(folder):
@@ -457,28 +459,17 @@ def training_recipe(opts, channels, preprocess=None):
     return InputRecipe.from_options(opts, channels=int(channels), preprocess=preprocess)
 
 
-def save_input_recipe(recipe, best_model, *model_files):
-    """Store ``recipe`` in the models a training run writes and in its options JSON.
-
-    Every file later saved at ``best_model`` or one of ``model_files`` (``NOSAVE`` skipped)
-    carries it as an HDF5 attribute (``dm_keras_ext.register_input_recipe``), and the options
-    JSON of :func:`log_and_save_options` gets it under ``input_recipe``.
-
-    Returns:
-        Path of the options JSON, or None when no options were logged for ``best_model``.
-    """
+def model_file_extras(opts, record, recipe, info=None):
+    """What the run's model files carry (``dm_keras_ext.ModelFileExtras``): ``recipe`` (an
+    ``dm_image.InputRecipe``, also added to the options ``record`` under ``input_recipe``),
+    ``info`` (what the model is, e.g. ``{"net": ...}``) and, with the first best model, the
+    options JSON ``<best-model>.options.json`` of ``record``."""
     import dm_keras_ext
 
-    for path in (best_model,) + model_files:
-        if path and path != NOSAVE:
-            dm_keras_ext.register_input_recipe(path, recipe)
-    json_path = options_json_path(best_model)
     logger.info("input recipe: %s", recipe.to_json())
-    record = _OPTIONS_RECORDS.get(str(json_path))
-    if record is None:
-        return None
     record["input_recipe"] = recipe.to_dict()
-    return json_path
+    return dm_keras_ext.ModelFileExtras(recipe=recipe, info=info,
+                                        sidecar=options_sidecar(opts["best_model"], record))
 
 
 # --------------------------------------------------------------------------- the run skeleton
@@ -489,7 +480,7 @@ class TrainerSpec:
     ``validate(opts, nb_devices)`` checks the options; ``build(opts, nb_class)`` returns
     ``(model, top_layer_nb, preprocess_net)`` (the backbone whose ``preprocess_input`` the
     iterators apply, or None); ``plan(opts, top_layer_nb)`` the options passed whole to the
-    staged training; ``checkpointer(opts, val)`` its best-model callback (None: the staged
+    staged training; ``checkpointer(opts, val, extras)`` its best-model callback (saving with ``extras``) (None: the staged
     training's own); ``report(opts, json_path, hists, context)`` the run's result.
 
     Attributes:
@@ -510,7 +501,7 @@ class TrainerSpec:
     def plan(self, opts, top_layer_nb):
         return opts.replace(top_layer_nb=top_layer_nb)
 
-    def checkpointer(self, opts, val):
+    def checkpointer(self, opts, val, extras):
         return None
 
     def model_info(self, opts):
@@ -531,7 +522,7 @@ def run_trainer(opts, spec):
     then ``spec.report`` with ``context`` = ``dict(test=..., checkpointer=..., is_chief=...)``.
     """
     try:
-        env, strategy, json_path, identity, resume = begin_training_run(opts, spec.validate)
+        env, strategy, record, identity, resume = begin_training_run(opts, spec.validate)
     except RunComplete as done:
         return finished_run_result(opts, done.state, options_json_path(opts["best_model"]))
     import dm_keras_ext
@@ -543,31 +534,27 @@ def run_trainer(opts, spec):
     model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
     model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
     channels = model.input_shape[-1]
-    save_input_recipe(training_recipe(opts, channels, preprocess_net), opts["best_model"],
-                      opts["final_model"])
-    info = spec.model_info(opts)
-    if info is not None:
-        for path in (opts["best_model"], opts["final_model"]):
-            if path and path != NOSAVE:
-                dm_keras_ext.register_model_info(path, info)
+    extras = model_file_extras(opts, record, training_recipe(opts, channels, preprocess_net),
+                               spec.model_info(opts))
     train, val, test, train_bs = iterators_from_options(
         opts, channels, get_preprocess_input(preprocess_net) if preprocess_net else None,
         env["RANDOM_SEED"])
     logger.info("train %d, val %d, test %d %s; train batch %d, eval batch %d", train.nb_sample,
                 val.nb_sample, test.nb_sample, spec.unit, train_bs, opts["batch_size"])
-    checkpointer = spec.checkpointer(opts, val)
+    checkpointer = spec.checkpointer(opts, val, extras)
     run = stage_run(opts, env, identity, resume)
-    run.strategy, run.checkpointer = strategy, checkpointer
+    run.strategy, run.checkpointer, run.extras = strategy, checkpointer, extras
     data = dm_keras_ext.StageData(train, val, len(val), len(train), nb_class,
                                   env["NUM_CPU_CORES"])
     hists = getattr(dm_keras_ext, spec.stages)(model, data=data,
                                                 plan=spec.plan(opts, top_layer_nb), run=run)
     if opts["final_model"] and opts["final_model"] != NOSAVE:
         dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
-                                            opts["final_model"])
+                                            opts["final_model"],
+                                            extras=extras.without_sidecar())
     context = dict(test=test, checkpointer=checkpointer,
                    is_chief=getattr(strategy.extended, "should_checkpoint", True))
-    return spec.report(opts, json_path, hists, context)
+    return spec.report(opts, options_json_path(opts["best_model"]), hists, context)
 
 
 def merge_history(hists):
