@@ -3,7 +3,27 @@
 Part of the reimplementation of Shen et al., "Deep Learning to Improve Breast Cancer Detection on
 Screening Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. Keras 2 API through tf-keras
 (``import tf_keras as keras``).
+
+The module holds three layers, each in its own sections (the ``# ----`` headings), in order:
+
+1. **Model building**: "patch-net factory" (:func:`get_dl_model`, read from the table of
+   backbones ``dm_resnet.BACKBONES``), "Keras 2.0.8 update rules" (:func:`create_optimizer`),
+   "bias learning-rate multiplier", "rebuilding with new settings"
+   (:func:`set_regularization`), "frozen BatchNormalization" (:func:`set_frozen_bn_mode`).
+2. **Model files**: "loading and saving model files": the safety check of a file's layers
+   (:func:`check_model_file_safe`), :func:`robust_load_model` (Keras 2.0.8 files), model
+   roles, :func:`save_model_atomic` with :class:`ModelFileExtras` (input recipe, model info,
+   options file: passed explicitly, never kept by path).
+3. **Training runs**: "metrics and callbacks" (best-model checkpoints, the non-finite guard),
+   "resumable runs, logs and curves" (the last-epoch checkpoint, :func:`resolve_resume`, CSV
+   log, curves), "staged training" (the stage runner) and "staged training (typed)":
+   :func:`train_3stage` / :func:`train_2stage` take a :class:`StagePlan` (or a trainer's
+   options object, whole), :class:`StageData` and :class:`StageRun`; the 2017 keyword calls
+   :func:`do_3stage_training` / :func:`do_2stage_training` ("2017 staged-training calls") are
+   thin wrappers over them.
 """
+from __future__ import annotations
+
 import copy
 import dataclasses as _dataclasses
 import json as _json
@@ -109,7 +129,7 @@ __all__ = [
 IMAGENET_WEIGHTS_ENV = "DM_IMAGENET_WEIGHTS"
 
 
-def stage2_start_index(model, net):
+def stage2_start_index(model: keras.Model, net: str) -> int | None:
     """Default ``top_layer_nb`` of patch training: index of the first layer trained in stage 2.
 
     Found by the role of ``net``'s table entry (``dm_resnet.BACKBONES``). None for backbones
@@ -122,7 +142,7 @@ def stage2_start_index(model, net):
     return _dm_resnet.get_backbone(net).stage2(model)
 
 
-def imagenet_weights_path(net, weights_path=None):
+def imagenet_weights_path(net: str, weights_path: str | None = None) -> str:
     """Locate the local ImageNet 'notop' weight file of ``net``; never downloads.
 
     Looked up in order: ``weights_path`` (file, or folder holding the standard name), the
@@ -408,7 +428,7 @@ OPTIMIZERS = {
 }
 
 
-def create_optimizer(name, lr):
+def create_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
     """A fresh optimiser ``name`` (a key of ``OPTIMIZERS``) with learning rate ``lr`` > 0.
 
     Every optimizer takes the steps Keras 2.0.8 took (epsilon 1e-8, state from zero, Nadam's
@@ -550,7 +570,7 @@ def _walk_layer_entries(entry, visit, layer_name="?", is_layer=True):
         _walk_layer_entries(value, visit, layer_name, child_is_layer)
 
 
-def model_config_code(config):
+def model_config_code(config: dict) -> list:
     """Every place in a model config that names code to run when the model is built.
 
     Reads the JSON structure only. A layer counts when its class calls a function
@@ -606,7 +626,7 @@ def _is_known_layer_class(class_name, custom_objects):
     return class_name in _layer_serialization.LOCAL.ALL_OBJECTS
 
 
-def unknown_layer_classes(config, custom_objects=None):
+def unknown_layer_classes(config: dict, custom_objects: dict | None = None) -> list:
     """``(layer name, class name)`` of every layer in a model config whose class is unknown
     (neither a tf-keras layer nor registered nor in ``custom_objects``)."""
     found = []
@@ -653,7 +673,7 @@ def _archive_model_config(path):
     return _parse_model_config(path, raw, "config.json")
 
 
-def read_model_config(filepath):
+def read_model_config(filepath) -> dict | None:
     """The model config stored in an HDF5 model file (``model_config`` attribute) or a
     ``.keras`` archive (``config.json``), parsed, without building anything; None when an
     HDF5 file has none (a weights-only file)."""
@@ -666,7 +686,8 @@ def read_model_config(filepath):
                   f"archive")
 
 
-def check_model_config(path, config, custom_objects=None, safe_mode=True):
+def check_model_config(path, config: dict, custom_objects: dict | None = None,
+                       safe_mode: bool = True) -> None:
     """Check a model file's parsed config before anything is built.
 
     Raises:
@@ -683,7 +704,7 @@ def check_model_config(path, config, custom_objects=None, safe_mode=True):
         raise UnknownLayerError(path, layer, class_name)
 
 
-def check_model_file_safe(filepath, custom_objects=None):
+def check_model_file_safe(filepath, custom_objects: dict | None = None) -> None:
     """Raise :class:`UnsafeModelError` when a model file names code that loading would run.
 
     Reads only the file's JSON configuration (HDF5 ``model_config`` or the ``config.json`` of
@@ -695,7 +716,8 @@ def check_model_file_safe(filepath, custom_objects=None):
     check_model_config(path, read_model_config(path), custom_objects)
 
 
-def robust_load_model(filepath, custom_objects=None, safe_mode=True):
+def robust_load_model(filepath, custom_objects: dict | None = None,
+                      safe_mode: bool = True) -> keras.Model:
     """Load an HDF5 model written by Keras 2.0.x (2017) or by this project (not compiled).
 
     Whole-image models whose nested patch network was saved with a fixed input size (which
@@ -770,7 +792,7 @@ class ModelRoleError(ValueError):
 HEATMAP_HEAD_LAYERS = frozenset({"hm_avg_pool", "hm_dense"})
 
 
-def model_role(model):
+def model_role(model: keras.Model) -> str:
     """The role of a model, from its architecture: ``"patch"``, ``"whole-image"`` or
     ``"heatmap"``.
 
@@ -798,7 +820,8 @@ def _describe_role(model, role):
     return f"a patch classifier ({shape} input, {model.output_shape[-1]} outputs)"
 
 
-def check_model_role(model, filepath, expected, flag=None):
+def check_model_role(model: keras.Model, filepath, expected: tuple,
+                     flag: str | None = None) -> None:
     """Refuse a loaded model whose role (:func:`model_role`) is not among ``expected``.
 
     Args:
@@ -828,7 +851,8 @@ def check_model_role(model, filepath, expected, flag=None):
                          f"{_describe_role(model, role)}")
 
 
-def check_top_layer_nb(model, top_layer_nb, flag="--top-layer-nb"):
+def check_top_layer_nb(model: keras.Model, top_layer_nb: int | None,
+                       flag: str = "--top-layer-nb") -> None:
     """Refuse a first-trained-layer index that leaves nothing to train.
 
     Args:
@@ -886,7 +910,7 @@ class ModelFileExtras:
 MODEL_INFO_ATTR = "dm_model_info"
 
 
-def read_model_info(filepath):
+def read_model_info(filepath) -> dict | None:
     """The :data:`MODEL_INFO_ATTR` dict of a model file, or None (a 2017 file, or one saved
     by other code).
 
@@ -953,7 +977,7 @@ def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = Tr
 
 
 # ---------------------------------------------------------------- bias learning-rate multiplier
-def is_bias_variable(variable):
+def is_bias_variable(variable: tf.Variable) -> bool:
     """True for bias terms (variables named ``.../bias``, replicas included)."""
     name = variable.name.split(":")[0]
     return re.search(r"(^|/)bias(_\d+)?(/replica_\d+)?$", name) is not None
@@ -1010,7 +1034,8 @@ for _base in (keras.optimizers.SGD, keras.optimizers.RMSprop, keras.optimizers.A
 del _base
 
 
-def with_bias_multiplier(optimizer, bias_multiplier):
+def with_bias_multiplier(optimizer: keras.optimizers.Optimizer,
+                         bias_multiplier: float | None) -> keras.optimizers.Optimizer:
     """Return ``optimizer`` with bias learning rate x ``bias_multiplier`` (None/1: unchanged).
 
     Args:
@@ -1270,7 +1295,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         self.best, self.best_epoch = float(state["value"]), state["epoch"]
 
 
-def flip_all_img(X):
+def flip_all_img(X: np.ndarray) -> np.ndarray:
     """The 4 flips of a batch stacked along the batch axis.
 
     Args:
@@ -1472,17 +1497,17 @@ _STATE_VERSION = 1
 KILL_AFTER_EPOCH_ENV = "DM_KILL_AFTER_EPOCH"
 
 
-def last_checkpoint_path(best_model):
+def last_checkpoint_path(best_model) -> str:
     """``<best_model>.last.h5``: the run's last finished epoch, kept for resuming."""
     return str(best_model) + ".last.h5"
 
 
-def training_log_path(best_model):
+def training_log_path(best_model) -> str:
     """``<best_model>.log.csv``: one row per finished epoch."""
     return str(best_model) + ".log.csv"
 
 
-def training_curves_path(best_model):
+def training_curves_path(best_model) -> str:
     """``<best_model>.curves.png``: loss, validation accuracy/AUROC and lr by epoch."""
     return str(best_model) + ".curves.png"
 
@@ -1517,7 +1542,7 @@ def save_training_checkpoint(model, path, state):
     return _save_as_chief(model, path, save)
 
 
-def read_training_state(path):
+def read_training_state(path) -> dict:
     """The training state of a last-epoch checkpoint, or None for a plain model file.
 
     Raises:
@@ -1759,7 +1784,7 @@ def _csv_number(value):
     return format(float(value), ".8g")
 
 
-def write_training_log(rows, path):
+def write_training_log(rows: list, path) -> None:
     """Write the per-epoch rows of a run as CSV (atomically: the whole file each time).
 
     Columns: ``epoch`` (1-based, continuing across stages), ``stage`` (1, 2, 3: the stage's
@@ -1781,7 +1806,7 @@ def write_training_log(rows, path):
     return _dm_image.atomic_write(path, lambda f: f.write(text), text=True)
 
 
-def plot_training_curves(rows, path):
+def plot_training_curves(rows: list, path) -> None:
     """Plot a run's loss, validation accuracy/AUROC and learning rate by epoch into a PNG.
 
     Stage boundaries are dashed vertical lines. Drawn with matplotlib's Agg canvas (no display
@@ -1955,7 +1980,8 @@ class _RecordEpoch(keras.callbacks.Callback):
 
 
 # ---------------------------------------------------------------- staged training
-def class_weight_dict(nb_class, pos_cls_weight=1.0, neg_cls_weight=1.0):
+def class_weight_dict(nb_class: int, pos_cls_weight: float = 1.0,
+                      neg_cls_weight: float = 1.0) -> dict:
     """Class weights ``{0: neg_cls_weight, 1..nb_class-1: pos_cls_weight}``."""
     if nb_class < 2:
         raise ValueError(f"nb_class should be >= 2, got {nb_class}")
@@ -2045,7 +2071,7 @@ def _batch_norm_layers(model):
     return found
 
 
-def set_frozen_bn_mode(model, mode="batch"):
+def set_frozen_bn_mode(model: keras.Model, mode: str = "batch") -> int:
     """Choose how the frozen (``trainable=False``) BatchNormalization layers of ``model`` train.
 
     ``"batch"``: as Keras 2.0.8 did. In training (``fit``, ``train_on_batch``, a call with

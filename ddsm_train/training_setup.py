@@ -372,20 +372,28 @@ AUGMENTATION_2017 = dict(horizontal_flip=True, vertical_flip=True, rotation_rang
                          fill_mode="nearest")
 
 
-def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, rescale_factor,
-                         featurewise_center, featurewise_mean, equalize_hist, augmentation,
-                         class_list, auto_batch_balance, batch_size, train_batch_size,
-                         load_train_ram, load_val_ram, dup_3_channels, preprocess, seed,
-                         cache_dir=None):
+def build_data_iterators(opts, *, train_batch_size, dup_3_channels, preprocess, seed):
     """Train, validation and test iterators over class folders (``dm_image`` generators).
+
+    Args:
+        opts: the options (a mapping or a trainer's options object): ``train_dir``,
+            ``val_dir``, ``test_dir``, ``img_size``, ``img_scale``, ``rescale_factor``,
+            ``featurewise_center``, ``featurewise_mean``, ``equalize_hist``,
+            ``augmentation``, ``class_list``, ``auto_batch_balance``, ``batch_size``,
+            ``load_train_ram``, ``load_val_ram`` and, optional, ``img_cache_dir``.
+        train_batch_size: the train batch.
+        dup_3_channels: copy the grey channel to 3 channels.
+        preprocess: function applied to each batch (a backbone's ``preprocess_input``), or
+            None.
+        seed: the train iterator's shuffling seed.
 
     Per image: read and resize to ``img_size``, ``img_scale``/``rescale_factor`` (0..255
     scale), optional histogram equalisation, channel copy when ``dup_3_channels``, augmentation
     (train only), featurewise centring with ``featurewise_mean``, then ``preprocess`` on the
     batch. The train iterator shuffles (``seed``) and, with ``auto_batch_balance``, yields
     sample weights; validation and test keep file order. ``load_*_ram`` caches a set in memory
-    (``load_dat_ram``) and iterates over the cache; ``cache_dir`` keeps the resized images as
-    ``.npy`` files there (``dm_image.cached_read``), for every set.
+    (``load_dat_ram``) and iterates over the cache; ``img_cache_dir`` keeps the resized images
+    as ``.npy`` files there (``dm_image.cached_read``), for every set.
 
     Returns:
         (train, val, test) tf-keras Sequences yielding ``(x, y[, w])``; x float32
@@ -393,14 +401,15 @@ def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, r
     """
     from dm_image import DMImageDataGenerator, load_dat_ram
 
-    read = dict(target_scale=img_scale, rescale_factor=rescale_factor,
-                equalize_hist=equalize_hist, dup_3_channels=dup_3_channels,
+    cache_dir = opts.get("img_cache_dir")
+    read = dict(target_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
+                equalize_hist=opts["equalize_hist"], dup_3_channels=dup_3_channels,
                 preprocess=preprocess)
 
     def make(imgen, folder, bs, shuffle, balance, in_ram):
-        it = imgen.flow_from_directory(folder, target_size=tuple(img_size), classes=class_list,
-                                       class_mode="categorical", batch_size=bs,
-                                       shuffle=shuffle, seed=seed,
+        it = imgen.flow_from_directory(folder, target_size=tuple(opts["img_size"]),
+                                       classes=opts["class_list"], class_mode="categorical",
+                                       batch_size=bs, shuffle=shuffle, seed=seed,
                                        auto_batch_balance=balance, cache_dir=cache_dir,
                                        **read)
         if not in_ram:
@@ -410,36 +419,31 @@ def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, r
         return imgen.flow(X, y, batch_size=bs, shuffle=shuffle, seed=seed,
                           auto_batch_balance=balance, **read)
 
-    train_imgen = DMImageDataGenerator(featurewise_center=featurewise_center,
-                                       **(AUGMENTATION_2017 if augmentation else {}))
-    eval_imgen = DMImageDataGenerator(featurewise_center=featurewise_center)
-    if featurewise_center:
-        train_imgen.mean = eval_imgen.mean = featurewise_mean
-    train = make(train_imgen, train_dir, train_batch_size, True, auto_batch_balance,
-                 load_train_ram)
-    val = make(eval_imgen, val_dir, batch_size, False, False, load_val_ram)
-    test = make(eval_imgen, test_dir, batch_size, False, False, False)
+    center = opts["featurewise_center"]
+    train_imgen = DMImageDataGenerator(featurewise_center=center,
+                                       **(AUGMENTATION_2017 if opts["augmentation"] else {}))
+    eval_imgen = DMImageDataGenerator(featurewise_center=center)
+    if center:
+        train_imgen.mean = eval_imgen.mean = opts["featurewise_mean"]
+    train = make(train_imgen, opts["train_dir"], train_batch_size, True,
+                 opts["auto_batch_balance"], opts["load_train_ram"])
+    val = make(eval_imgen, opts["val_dir"], opts["batch_size"], False, False,
+               opts["load_val_ram"])
+    test = make(eval_imgen, opts["test_dir"], opts["batch_size"], False, False, False)
     return train, val, test
 
 
 def iterators_from_options(opts, channels, preprocess, seed):
-    """:func:`build_data_iterators` from a training script's options (``vars(args)``).
+    """:func:`build_data_iterators` from a training script's options.
 
     Returns:
         (train, val, test, train_batch_size); the train batch is ``--batch-size`` x
         ``--train-bs-multiplier``.
     """
     train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
-    train, val, test = build_data_iterators(
-        opts["train_dir"], opts["val_dir"], opts["test_dir"], img_size=opts["img_size"],
-        img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
-        featurewise_center=opts["featurewise_center"],
-        featurewise_mean=opts["featurewise_mean"], equalize_hist=opts["equalize_hist"],
-        augmentation=opts["augmentation"], class_list=opts["class_list"],
-        auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
-        train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
-        load_val_ram=opts["load_val_ram"], cache_dir=opts["img_cache_dir"],
-        dup_3_channels=channels == 3, preprocess=preprocess, seed=seed)
+    train, val, test = build_data_iterators(opts, train_batch_size=train_bs,
+                                            dup_3_channels=channels == 3,
+                                            preprocess=preprocess, seed=seed)
     return train, val, test, train_bs
 
 
