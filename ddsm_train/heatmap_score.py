@@ -247,11 +247,9 @@ def build_fprop_model(model, net: str, img_size: Sequence[int], avg_pool_size: S
 def _recipe(opts: dict, channels: int = 1) -> dm_image.InputRecipe:
     """The ``dm_image.InputRecipe`` of the options (``opts["preprocess"]``, a function, is
     passed separately to the recipe's steps)."""
-    return dm_image.InputRecipe(
-        img_size=opts.get("img_size"), channels=channels, img_scale=opts["img_scale"],
-        rescale_factor=opts["rescale_factor"], equalize_hist=opts["equalize_hist"],
-        featurewise_center=opts["featurewise_center"],
-        featurewise_mean=opts["featurewise_mean"])
+    return dm_image.InputRecipe.from_options(
+        {k: v for k, v in opts.items() if k not in ("img_height", "preprocess")},
+        channels=channels)
 
 
 def _prep_input(img: np.ndarray, channels: int, opts: dict) -> np.ndarray:
@@ -583,8 +581,8 @@ def _read_view(path, opts, channels, fprop, with_mask):
                 except ValueError:
                     pass
             return (img, None, mask), None
-        recipe = dm_image.InputRecipe(img_height=opts["img_height"],
-                                      rescale_factor=opts["rescale_factor"])
+        recipe = dm_image.InputRecipe.from_options(
+            {k: opts[k] for k in ("img_height", "rescale_factor")})
         img = recipe.rescale(recipe.read_stored(path, scorable=True))  # img_scale: per patch
         bbox = mask = None
         if with_mask:

@@ -364,7 +364,7 @@ def test_top_layer_nb_checked_by_the_trainer_before_training(tmp_path, capsys, m
     def never(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(dm_keras_ext, "do_3stage_training", never)
+    monkeypatch.setattr(dm_keras_ext, "train_3stage", never)
     dirs = _class_dirs(tmp_path / "p", ("background", "malignant"), n=1)
     err = _exit_line(patch_clf_train.main, dirs + [
         "--class-list", "background", "malignant", "--net", "yaroslav", "--no-use-pretrained",

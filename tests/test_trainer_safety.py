@@ -83,7 +83,7 @@ def test_a_run_failing_before_its_first_model_leaves_the_earlier_files(whole, mo
     def crash(*args, **kwargs):
         raise RuntimeError("killed during the first epoch")
 
-    monkeypatch.setattr(dm_keras_ext, "do_2stage_training", crash)
+    monkeypatch.setattr(dm_keras_ext, "train_2stage", crash)
     with pytest.raises(RuntimeError, match="killed"):
         image_clf_train.main(common + ["--nb-epoch", "1", "--no-auto-resume"])
     _untouched(best)
