@@ -24,7 +24,6 @@ The module holds three layers, each in its own sections (the ``# ----`` headings
 """
 from __future__ import annotations
 
-import copy
 import dataclasses as _dataclasses
 import json as _json
 import logging
@@ -448,6 +447,357 @@ def create_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
     if not lr > 0:
         raise ValueError(f"learning rate should be > 0, got {lr}")
     return OPTIMIZERS[name](float(lr))
+
+
+# ---------------------------------------------------------------- bias learning-rate multiplier
+def is_bias_variable(variable: tf.Variable) -> bool:
+    """True for bias terms (variables named ``.../bias``, replicas included)."""
+    name = variable.name.split(":")[0]
+    return re.search(r"(^|/)bias(_\d+)?(/replica_\d+)?$", name) is not None
+
+
+class _BiasMultiplierMixin:
+    """Optimizer mixin: the update applied to bias variables is scaled by ``bias_multiplier``.
+
+    The base optimizer computes its update (momentum, Adam moments, ...) as usual; for a bias
+    variable the change it made is then scaled. Every optimizer of :func:`create_optimizer`
+    changes a variable by an amount proportional to the learning rate (its state does not
+    depend on it), so this is exactly a per-variable learning rate of
+    ``learning_rate * bias_multiplier``.
+    """
+
+    def __init__(self, *args, bias_multiplier=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bias_multiplier = float(bias_multiplier)
+
+    def update_step(self, gradient, variable):
+        if self.bias_multiplier == 1.0 or not is_bias_variable(variable):
+            return super().update_step(gradient, variable)
+        before = tf.identity(variable)
+        super().update_step(gradient, variable)
+        if self.bias_multiplier == 0.0:
+            return variable.assign(before)
+        mult = tf.cast(self.bias_multiplier, variable.dtype)
+        return variable.assign(before + mult * (tf.identity(variable) - before))
+
+    def get_config(self):
+        config = super().get_config()
+        config["bias_multiplier"] = self.bias_multiplier
+        return config
+
+
+_BIAS_MULT_CLASSES = {}
+
+
+def _bias_multiplier_class(base):
+    cls = _BIAS_MULT_CLASSES.get(base)
+    if cls is None:
+        name = f"BiasMultiplier{base.__name__}"
+        cls = type(name, (_BiasMultiplierMixin, base),
+                   {"__doc__": f"{base.__name__} with a learning-rate multiplier for biases."})
+        cls = keras.saving.register_keras_serializable(package="dm_keras_ext", name=name)(cls)
+        _BIAS_MULT_CLASSES[base] = cls
+    return cls
+
+
+for _base in (keras.optimizers.SGD, keras.optimizers.RMSprop, keras.optimizers.Adagrad,
+              keras.optimizers.Adadelta, keras.optimizers.Adamax, keras.optimizers.Adam,
+              keras.optimizers.Nadam, Keras208RMSprop, Keras208Adagrad, Keras208Nadam):
+    _bias_multiplier_class(_base)   # registered at import so saved models load again
+del _base
+
+
+def with_bias_multiplier(optimizer: keras.optimizers.Optimizer,
+                         bias_multiplier: float | None) -> keras.optimizers.Optimizer:
+    """Return ``optimizer`` with bias learning rate x ``bias_multiplier`` (None/1: unchanged).
+
+    Args:
+        optimizer: a tf-keras (non-legacy) optimizer instance, not yet used.
+        bias_multiplier: float >= 0 or None.
+
+    Returns:
+        An optimizer of the same kind and configuration whose bias updates are scaled.
+    """
+    if bias_multiplier is None or float(bias_multiplier) == 1.0:
+        return optimizer
+    if bias_multiplier < 0:
+        raise ValueError(f"bias_multiplier should be >= 0, got {bias_multiplier}")
+    if not isinstance(optimizer, keras.optimizers.Optimizer):
+        raise ValueError(f"bias_multiplier needs a tf-keras optimizer, got {type(optimizer)}")
+    base = type(optimizer)
+    if isinstance(optimizer, _BiasMultiplierMixin):
+        base = base.__mro__[2]
+    config = dict(optimizer.get_config(), bias_multiplier=float(bias_multiplier))
+    return _bias_multiplier_class(base).from_config(config)
+
+
+# ---------------------------------------------------------------- rebuilding with new settings
+_REGULARIZED_CLASSES = ("Dense", "Conv2D")
+_DROPOUT_CLASSES = ("Dropout",)
+
+
+def _l2_config(weight_decay):
+    if not weight_decay:
+        return None
+    return {"module": "keras.regularizers", "class_name": "L2",
+            "config": {"l2": float(weight_decay)}, "registered_name": None}
+
+
+def _same_l2(current, weight_decay):
+    if current is None:
+        return not weight_decay
+    if not weight_decay or not isinstance(current, dict) or current.get("class_name") != "L2":
+        return False
+    return abs(float(current.get("config", {}).get("l2", -1)) - weight_decay) <= 1e-6 * weight_decay
+
+
+def set_regularization(model, weight_decay=None, dropout=None, layer_names=None,
+                       custom_objects=None):
+    """Set the L2 of Dense/Conv2D kernels and the Dropout rates so that they take effect.
+
+    Args:
+        model: tf-keras model (nested models included in the search).
+        weight_decay: L2 factor for kernels (0: no regulariser; None: leave unchanged).
+        dropout: rate for Dropout layers (None: leave unchanged).
+        layer_names: only layers with these names; None for all layers.
+        custom_objects: passed to :func:`rebuild_model`.
+
+    Returns:
+        The model to train from now on (a rebuilt copy when anything changed).
+    """
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout should be in [0, 1), got {dropout}")
+    if weight_decay is not None and weight_decay < 0:
+        raise ValueError(f"weight_decay should be >= 0, got {weight_decay}")
+
+    def edit(class_name, cfg):
+        if layer_names is not None and cfg.get("name") not in layer_names:
+            return False
+        if weight_decay is not None and class_name in _REGULARIZED_CLASSES:
+            if not _same_l2(cfg.get("kernel_regularizer"), weight_decay):
+                cfg["kernel_regularizer"] = _l2_config(weight_decay)
+                return True
+        if dropout is not None and class_name in _DROPOUT_CLASSES:
+            if abs(float(cfg.get("rate", 0.0)) - dropout) > 1e-9:
+                cfg["rate"] = float(dropout)
+                return True
+        return False
+
+    return rebuild_model(model, lambda config: walk_layer_configs(config, edit),
+                         custom_objects)
+
+
+# ---------------------------------------------------------------- frozen BatchNormalization
+#: Values of ``frozen_bn_mode``: ``"batch"``, a frozen BatchNormalization layer trains as in
+#: Keras 2.0.8 (batch statistics, moving statistics updated, gamma/beta fixed); ``"moving"``,
+#: as in tf-keras (it runs in inference mode with its moving statistics, which stay fixed).
+FROZEN_BN_MODES = ("batch", "moving")
+
+# Instance attributes that set_frozen_bn_mode("batch") puts on a BatchNormalization layer,
+# shadowing the class methods of the same names; "moving" removes them.
+_BN_OVERRIDES = ("_get_training_value", "add_update")
+
+
+@tf.autograph.experimental.do_not_convert
+def _bn_training_value_batch(layer, training=None):
+    """The layer's training flag as given: a frozen layer is not forced into inference mode."""
+    del layer
+    if training is None:
+        training = keras.backend.learning_phase()
+    if isinstance(training, int):
+        training = bool(training)
+    return training
+
+
+@tf.autograph.experimental.do_not_convert
+def _bn_add_update_always(layer, updates):
+    """``add_update`` that runs the moving-statistics updates of a non-trainable layer too."""
+    del layer
+    if _base_layer_utils.call_context().in_keras_graph:
+        return   # functional-API construction: nothing to run
+    for update in tf.nest.flatten(updates):
+        if callable(update):
+            update()
+
+
+def _batch_norm_layers(model):
+    """Every BatchNormalization layer of ``model``, nested models and wrappers included."""
+    found, stack, seen = [], [model], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        stack.extend(getattr(layer, "layers", None) or [])
+        inner = getattr(layer, "layer", None)            # TimeDistributed and other wrappers
+        if isinstance(inner, keras.layers.Layer):
+            stack.append(inner)
+    return found
+
+
+def set_frozen_bn_mode(model: keras.Model, mode: str = "batch") -> int:
+    """Choose how the frozen (``trainable=False``) BatchNormalization layers of ``model`` train.
+
+    ``"batch"``: as Keras 2.0.8 did. In training (``fit``, ``train_on_batch``, a call with
+    ``training=True``) a frozen BN layer normalises with the batch mean and biased batch
+    variance, the gradient flows through those batch statistics, and its moving statistics move
+    toward them (``moving = moving * momentum + batch * (1 - momentum)``); only gamma and beta
+    stay fixed: they are not in ``model.trainable_weights``, so the optimizer neither keeps
+    state for them nor updates them. Every BN layer, trainable or not, then also averages the
+    biased batch variance (no n/(n-1) correction) into its moving variance, as Keras 2.0.8
+    did. ``"moving"``: tf-keras's behaviour, a frozen BN layer runs in inference mode with its
+    moving statistics, which do not change, and trainable BN layers average the corrected
+    (unbiased) batch variance.
+
+    Inference (``predict``, ``evaluate``, ``training=False``) is the same in both modes, and so
+    is the training-mode output of a trainable BN layer. The mode belongs to the layer objects
+    in memory: it applies whatever ``trainable`` is set to later, is not written to saved
+    files (which keep tf-keras's usual config and trainable flags), and is lost when a model is
+    rebuilt from its config or loaded, so set it again then (the staged training functions
+    set it at each stage's compile). Set it before ``compile`` (compiling traces the train
+    step anew).
+
+    Args:
+        model: a tf-keras model or layer; nested models and wrapped layers are included.
+        mode: one of ``FROZEN_BN_MODES``.
+
+    Returns:
+        The number of BatchNormalization layers set.
+    """
+    _check_frozen_bn_mode(mode)
+    layers = _batch_norm_layers(model)
+    for layer in layers:
+        if mode == "batch":
+            layer._get_training_value = _types.MethodType(_bn_training_value_batch, layer)
+            layer.add_update = _types.MethodType(_bn_add_update_always, layer)
+        else:
+            for attr in _BN_OVERRIDES:
+                if attr in vars(layer):
+                    delattr(layer, attr)
+        # tf-keras's fused kernel leaves the n/(n-1) correction in the variance it averages
+        # into moving_variance unless this flag is off; with it off the fused and the
+        # non-fused (XLA) paths both average the biased batch variance.
+        layer._bessels_correction_test_only = mode == "moving"
+    return len(layers)
+
+
+def _check_frozen_bn_mode(mode):
+    if mode not in FROZEN_BN_MODES:
+        raise ValueError(f"unknown frozen_bn_mode {mode!r}; valid: {list(FROZEN_BN_MODES)}")
+
+
+def _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
+             frozen_bn_mode="batch"):
+    """Compile ``model`` for a training stage: a fresh optimizer, categorical cross-entropy.
+
+    The frozen BatchNormalization layers are set to ``frozen_bn_mode`` first (see
+    :func:`set_frozen_bn_mode`), so that the mode also holds for a model just rebuilt.
+    """
+    set_frozen_bn_mode(model, frozen_bn_mode)
+    with (strategy or model.distribute_strategy).scope():
+        opt = with_bias_multiplier(create_optimizer(optim, lr), bias_multiplier)
+        model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=list(metrics),
+                      jit_compile=bool(jit_compile))
+
+
+class _Stage:
+    """Runs successive ``fit`` calls with continuing epoch numbers and shared callbacks.
+
+    With a recorder (``_RunRecorder``) each epoch is logged and checkpointed, and a resumed
+    run skips the stages finished before, continues the interrupted one and restores weights,
+    optimizer state, learning rate and the early-stopping and plateau counters.
+    """
+
+    def __init__(self, data, checkpointer, plan, run, recorder=None):
+        self.extra_callbacks = list(run.callbacks or [])
+        self.train, self.val = data.train, data.validation
+        if isinstance(data.train, keras.utils.Sequence):
+            self.train = _EpochSequence(data.train)
+        self.val_steps = None if isinstance(data.validation, (tuple, list)) else \
+            data.validation_steps
+        self.steps, self.checkpointer = data.steps_per_epoch, checkpointer
+        self.class_weight = None if plan.auto_batch_balance else class_weight_dict(
+            data.nb_class, plan.pos_cls_weight, plan.neg_cls_weight)
+        self.plan, self.run_setup = plan, run
+        self.nb_worker, self.verbose = data.nb_worker, run.verbose
+        self.recorder = recorder or _RunRecorder([], {})
+        self.epochs_done, self.histories = 0, []
+
+    def run(self, model, name, epochs, lr, number=1):
+        """Compile ``model`` (frozen BN layers in the plan's ``frozen_bn_mode``) and fit it for
+        ``epochs`` at learning rate ``lr``.
+
+        ``number`` is the stage's number in its training function (1, 2, 3).
+        """
+        plan = self.plan
+        optim, frozen_bn_mode = plan.optim, plan.frozen_bn_mode
+        if epochs <= 0:
+            logger.info("%s: skipped (0 epochs)", name)
+            return
+        rec = self.recorder
+        mode = rec.stage_mode(number)
+        if mode == "skip":
+            hist = rec.past_history(number, name, model)
+            self.histories.append(hist)
+            self.epochs_done = max(self.epochs_done, rec.last_epoch_of(number))
+            logger.info("%s: finished before the resume (%d epochs)", name, len(hist.epoch))
+            return
+        _compile(model, optim, lr, plan.bias_multiplier, plan.jit, self.run_setup.strategy,
+                 ("accuracy",), frozen_bn_mode)
+        start = initial = self.epochs_done
+        es_state = plateau_state = past = None
+        if mode == "resume":
+            past = rec.past_history(number, name, model)     # the epochs before the resume
+            state = rec.resume
+            start, initial = int(state["stage_start_epoch"]), int(state["epoch"])
+            rec.restore(model, self.checkpointer, with_optimizer=True)
+            keras.backend.set_value(model.optimizer.learning_rate, state["lr"])
+            es_state, plateau_state = state["early_stopping"], state["plateau"]
+        elif rec.weights_pending:        # the stage before was finished at the checkpoint
+            rec.restore(model, self.checkpointer, with_optimizer=False)
+        nb_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        nb_frozen_bn = sum(not layer.trainable for layer in _batch_norm_layers(model))
+        logger.info("%s: epochs %d-%d%s, optimizer %s, lr %.3g, %d trainable parameters, "
+                    "%d frozen BatchNormalization layers (frozen_bn_mode %s)", name,
+                    start + 1, start + epochs,
+                    f" (resumed after epoch {initial})" if mode == "resume" else "", optim,
+                    _lr_value(model), nb_trainable, nb_frozen_bn, frozen_bn_mode)
+        callbacks = [FiniteTrainingGuard(getattr(self.checkpointer, "filepath", None),
+                                         rec.checkpoint)]
+        callbacks += [_EpochSeed(rec.seed)] if rec.seed is not None else []
+        early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=plan.es_patience,
+                                        verbose=1)
+        callbacks.append(early)
+        plateau = None
+        if optim == "sgd":
+            plateau = _ResumablePlateau(plateau_state, monitor="val_loss", factor=0.5,
+                                        patience=plan.lr_patience, verbose=1)
+            callbacks.append(plateau)
+        callbacks += [self.checkpointer, DMFlush()] + self.extra_callbacks
+        callbacks.append(_RecordEpoch(rec, number, name, start, start + epochs, early, plateau,
+                                      self.checkpointer))
+        if isinstance(self.train, (tuple, list)):   # (X, y[, sample_weight]) arrays
+            data = dict(x=self.train[0], y=self.train[1], steps_per_epoch=None,
+                        sample_weight=self.train[2] if len(self.train) > 2 else None)
+        else:
+            data = dict(x=self.train, steps_per_epoch=self.steps)
+            if isinstance(self.train, _EpochSequence):
+                self.train.set_epoch(initial)
+        hist = model.fit(**data,
+                         epochs=start + epochs, initial_epoch=initial,
+                         class_weight=self.class_weight, validation_data=self.val,
+                         validation_steps=self.val_steps, callbacks=callbacks,
+                         workers=self.nb_worker, use_multiprocessing=False,
+                         verbose=self.verbose)
+        hist.stage = name
+        self.epochs_done = initial + len(hist.history.get("loss", []))
+        if past is not None:                # prepend the epochs run before the resume
+            for key, values in past.history.items():
+                hist.history[key] = values + list(hist.history.get(key, []))
+            hist.epoch = past.epoch + list(hist.epoch)
+        self.histories.append(hist)
 
 
 # ---------------------------------------------------------------- loading and saving model files
@@ -974,144 +1324,6 @@ def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = Tr
         text = sidecar[1]()
         _dm_image.atomic_write(_os.fspath(sidecar[0]), lambda fh: fh.write(text), text=True)
     return str(path)
-
-
-# ---------------------------------------------------------------- bias learning-rate multiplier
-def is_bias_variable(variable: tf.Variable) -> bool:
-    """True for bias terms (variables named ``.../bias``, replicas included)."""
-    name = variable.name.split(":")[0]
-    return re.search(r"(^|/)bias(_\d+)?(/replica_\d+)?$", name) is not None
-
-
-class _BiasMultiplierMixin:
-    """Optimizer mixin: the update applied to bias variables is scaled by ``bias_multiplier``.
-
-    The base optimizer computes its update (momentum, Adam moments, ...) as usual; for a bias
-    variable the change it made is then scaled. Every optimizer of :func:`create_optimizer`
-    changes a variable by an amount proportional to the learning rate (its state does not
-    depend on it), so this is exactly a per-variable learning rate of
-    ``learning_rate * bias_multiplier``.
-    """
-
-    def __init__(self, *args, bias_multiplier=1.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.bias_multiplier = float(bias_multiplier)
-
-    def update_step(self, gradient, variable):
-        if self.bias_multiplier == 1.0 or not is_bias_variable(variable):
-            return super().update_step(gradient, variable)
-        before = tf.identity(variable)
-        super().update_step(gradient, variable)
-        if self.bias_multiplier == 0.0:
-            return variable.assign(before)
-        mult = tf.cast(self.bias_multiplier, variable.dtype)
-        return variable.assign(before + mult * (tf.identity(variable) - before))
-
-    def get_config(self):
-        config = super().get_config()
-        config["bias_multiplier"] = self.bias_multiplier
-        return config
-
-
-_BIAS_MULT_CLASSES = {}
-
-
-def _bias_multiplier_class(base):
-    cls = _BIAS_MULT_CLASSES.get(base)
-    if cls is None:
-        name = f"BiasMultiplier{base.__name__}"
-        cls = type(name, (_BiasMultiplierMixin, base),
-                   {"__doc__": f"{base.__name__} with a learning-rate multiplier for biases."})
-        cls = keras.saving.register_keras_serializable(package="dm_keras_ext", name=name)(cls)
-        _BIAS_MULT_CLASSES[base] = cls
-    return cls
-
-
-for _base in (keras.optimizers.SGD, keras.optimizers.RMSprop, keras.optimizers.Adagrad,
-              keras.optimizers.Adadelta, keras.optimizers.Adamax, keras.optimizers.Adam,
-              keras.optimizers.Nadam, Keras208RMSprop, Keras208Adagrad, Keras208Nadam):
-    _bias_multiplier_class(_base)   # registered at import so saved models load again
-del _base
-
-
-def with_bias_multiplier(optimizer: keras.optimizers.Optimizer,
-                         bias_multiplier: float | None) -> keras.optimizers.Optimizer:
-    """Return ``optimizer`` with bias learning rate x ``bias_multiplier`` (None/1: unchanged).
-
-    Args:
-        optimizer: a tf-keras (non-legacy) optimizer instance, not yet used.
-        bias_multiplier: float >= 0 or None.
-
-    Returns:
-        An optimizer of the same kind and configuration whose bias updates are scaled.
-    """
-    if bias_multiplier is None or float(bias_multiplier) == 1.0:
-        return optimizer
-    if bias_multiplier < 0:
-        raise ValueError(f"bias_multiplier should be >= 0, got {bias_multiplier}")
-    if not isinstance(optimizer, keras.optimizers.Optimizer):
-        raise ValueError(f"bias_multiplier needs a tf-keras optimizer, got {type(optimizer)}")
-    base = type(optimizer)
-    if isinstance(optimizer, _BiasMultiplierMixin):
-        base = base.__mro__[2]
-    config = dict(optimizer.get_config(), bias_multiplier=float(bias_multiplier))
-    return _bias_multiplier_class(base).from_config(config)
-
-
-# ---------------------------------------------------------------- rebuilding with new settings
-_REGULARIZED_CLASSES = ("Dense", "Conv2D")
-_DROPOUT_CLASSES = ("Dropout",)
-
-
-def _l2_config(weight_decay):
-    if not weight_decay:
-        return None
-    return {"module": "keras.regularizers", "class_name": "L2",
-            "config": {"l2": float(weight_decay)}, "registered_name": None}
-
-
-def _same_l2(current, weight_decay):
-    if current is None:
-        return not weight_decay
-    if not weight_decay or not isinstance(current, dict) or current.get("class_name") != "L2":
-        return False
-    return abs(float(current.get("config", {}).get("l2", -1)) - weight_decay) <= 1e-6 * weight_decay
-
-
-def set_regularization(model, weight_decay=None, dropout=None, layer_names=None,
-                       custom_objects=None):
-    """Set the L2 of Dense/Conv2D kernels and the Dropout rates so that they take effect.
-
-    Args:
-        model: tf-keras model (nested models included in the search).
-        weight_decay: L2 factor for kernels (0: no regulariser; None: leave unchanged).
-        dropout: rate for Dropout layers (None: leave unchanged).
-        layer_names: only layers with these names; None for all layers.
-        custom_objects: passed to :func:`rebuild_model`.
-
-    Returns:
-        The model to train from now on (a rebuilt copy when anything changed).
-    """
-    if dropout is not None and not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout should be in [0, 1), got {dropout}")
-    if weight_decay is not None and weight_decay < 0:
-        raise ValueError(f"weight_decay should be >= 0, got {weight_decay}")
-
-    def edit(class_name, cfg):
-        if layer_names is not None and cfg.get("name") not in layer_names:
-            return False
-        if weight_decay is not None and class_name in _REGULARIZED_CLASSES:
-            if not _same_l2(cfg.get("kernel_regularizer"), weight_decay):
-                cfg["kernel_regularizer"] = _l2_config(weight_decay)
-                return True
-        if dropout is not None and class_name in _DROPOUT_CLASSES:
-            if abs(float(cfg.get("rate", 0.0)) - dropout) > 1e-9:
-                cfg["rate"] = float(dropout)
-                return True
-        return False
-
-    return rebuild_model(model, lambda config: walk_layer_configs(config, edit),
-                         custom_objects)
 
 
 # ---------------------------------------------------------------- metrics and callbacks
@@ -2019,219 +2231,6 @@ def _set_trainable(model, trainable_fn):
     """Set ``trainable`` of each top-level layer (a nested model passes it to its layers)."""
     for i, layer in enumerate(model.layers):
         layer.trainable = bool(trainable_fn(i, layer))
-
-
-# ---------------------------------------------------------------- frozen BatchNormalization
-#: Values of ``frozen_bn_mode``: ``"batch"``, a frozen BatchNormalization layer trains as in
-#: Keras 2.0.8 (batch statistics, moving statistics updated, gamma/beta fixed); ``"moving"``,
-#: as in tf-keras (it runs in inference mode with its moving statistics, which stay fixed).
-FROZEN_BN_MODES = ("batch", "moving")
-
-# Instance attributes that set_frozen_bn_mode("batch") puts on a BatchNormalization layer,
-# shadowing the class methods of the same names; "moving" removes them.
-_BN_OVERRIDES = ("_get_training_value", "add_update")
-
-
-@tf.autograph.experimental.do_not_convert
-def _bn_training_value_batch(layer, training=None):
-    """The layer's training flag as given: a frozen layer is not forced into inference mode."""
-    del layer
-    if training is None:
-        training = keras.backend.learning_phase()
-    if isinstance(training, int):
-        training = bool(training)
-    return training
-
-
-@tf.autograph.experimental.do_not_convert
-def _bn_add_update_always(layer, updates):
-    """``add_update`` that runs the moving-statistics updates of a non-trainable layer too."""
-    del layer
-    if _base_layer_utils.call_context().in_keras_graph:
-        return   # functional-API construction: nothing to run
-    for update in tf.nest.flatten(updates):
-        if callable(update):
-            update()
-
-
-def _batch_norm_layers(model):
-    """Every BatchNormalization layer of ``model``, nested models and wrappers included."""
-    found, stack, seen = [], [model], set()
-    while stack:
-        layer = stack.pop()
-        if id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
-        stack.extend(getattr(layer, "layers", None) or [])
-        inner = getattr(layer, "layer", None)            # TimeDistributed and other wrappers
-        if isinstance(inner, keras.layers.Layer):
-            stack.append(inner)
-    return found
-
-
-def set_frozen_bn_mode(model: keras.Model, mode: str = "batch") -> int:
-    """Choose how the frozen (``trainable=False``) BatchNormalization layers of ``model`` train.
-
-    ``"batch"``: as Keras 2.0.8 did. In training (``fit``, ``train_on_batch``, a call with
-    ``training=True``) a frozen BN layer normalises with the batch mean and biased batch
-    variance, the gradient flows through those batch statistics, and its moving statistics move
-    toward them (``moving = moving * momentum + batch * (1 - momentum)``); only gamma and beta
-    stay fixed: they are not in ``model.trainable_weights``, so the optimizer neither keeps
-    state for them nor updates them. Every BN layer, trainable or not, then also averages the
-    biased batch variance (no n/(n-1) correction) into its moving variance, as Keras 2.0.8
-    did. ``"moving"``: tf-keras's behaviour, a frozen BN layer runs in inference mode with its
-    moving statistics, which do not change, and trainable BN layers average the corrected
-    (unbiased) batch variance.
-
-    Inference (``predict``, ``evaluate``, ``training=False``) is the same in both modes, and so
-    is the training-mode output of a trainable BN layer. The mode belongs to the layer objects
-    in memory: it applies whatever ``trainable`` is set to later, is not written to saved
-    files (which keep tf-keras's usual config and trainable flags), and is lost when a model is
-    rebuilt from its config or loaded, so set it again then (the staged training functions
-    set it at each stage's compile). Set it before ``compile`` (compiling traces the train
-    step anew).
-
-    Args:
-        model: a tf-keras model or layer; nested models and wrapped layers are included.
-        mode: one of ``FROZEN_BN_MODES``.
-
-    Returns:
-        The number of BatchNormalization layers set.
-    """
-    _check_frozen_bn_mode(mode)
-    layers = _batch_norm_layers(model)
-    for layer in layers:
-        if mode == "batch":
-            layer._get_training_value = _types.MethodType(_bn_training_value_batch, layer)
-            layer.add_update = _types.MethodType(_bn_add_update_always, layer)
-        else:
-            for attr in _BN_OVERRIDES:
-                if attr in vars(layer):
-                    delattr(layer, attr)
-        # tf-keras's fused kernel leaves the n/(n-1) correction in the variance it averages
-        # into moving_variance unless this flag is off; with it off the fused and the
-        # non-fused (XLA) paths both average the biased batch variance.
-        layer._bessels_correction_test_only = mode == "moving"
-    return len(layers)
-
-
-def _check_frozen_bn_mode(mode):
-    if mode not in FROZEN_BN_MODES:
-        raise ValueError(f"unknown frozen_bn_mode {mode!r}; valid: {list(FROZEN_BN_MODES)}")
-
-
-def _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
-             frozen_bn_mode="batch"):
-    """Compile ``model`` for a training stage: a fresh optimizer, categorical cross-entropy.
-
-    The frozen BatchNormalization layers are set to ``frozen_bn_mode`` first (see
-    :func:`set_frozen_bn_mode`), so that the mode also holds for a model just rebuilt.
-    """
-    set_frozen_bn_mode(model, frozen_bn_mode)
-    with (strategy or model.distribute_strategy).scope():
-        opt = with_bias_multiplier(create_optimizer(optim, lr), bias_multiplier)
-        model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=list(metrics),
-                      jit_compile=bool(jit_compile))
-
-
-class _Stage:
-    """Runs successive ``fit`` calls with continuing epoch numbers and shared callbacks.
-
-    With a recorder (``_RunRecorder``) each epoch is logged and checkpointed, and a resumed
-    run skips the stages finished before, continues the interrupted one and restores weights,
-    optimizer state, learning rate and the early-stopping and plateau counters.
-    """
-
-    def __init__(self, data, checkpointer, plan, run, recorder=None):
-        self.extra_callbacks = list(run.callbacks or [])
-        self.train, self.val = data.train, data.validation
-        if isinstance(data.train, keras.utils.Sequence):
-            self.train = _EpochSequence(data.train)
-        self.val_steps = None if isinstance(data.validation, (tuple, list)) else \
-            data.validation_steps
-        self.steps, self.checkpointer = data.steps_per_epoch, checkpointer
-        self.class_weight = None if plan.auto_batch_balance else class_weight_dict(
-            data.nb_class, plan.pos_cls_weight, plan.neg_cls_weight)
-        self.plan, self.run_setup = plan, run
-        self.nb_worker, self.verbose = data.nb_worker, run.verbose
-        self.recorder = recorder or _RunRecorder([], {})
-        self.epochs_done, self.histories = 0, []
-
-    def run(self, model, name, epochs, lr, number=1):
-        """Compile ``model`` (frozen BN layers in the plan's ``frozen_bn_mode``) and fit it for
-        ``epochs`` at learning rate ``lr``.
-
-        ``number`` is the stage's number in its training function (1, 2, 3).
-        """
-        plan = self.plan
-        optim, frozen_bn_mode = plan.optim, plan.frozen_bn_mode
-        if epochs <= 0:
-            logger.info("%s: skipped (0 epochs)", name)
-            return
-        rec = self.recorder
-        mode = rec.stage_mode(number)
-        if mode == "skip":
-            hist = rec.past_history(number, name, model)
-            self.histories.append(hist)
-            self.epochs_done = max(self.epochs_done, rec.last_epoch_of(number))
-            logger.info("%s: finished before the resume (%d epochs)", name, len(hist.epoch))
-            return
-        _compile(model, optim, lr, plan.bias_multiplier, plan.jit, self.run_setup.strategy,
-                 ("accuracy",), frozen_bn_mode)
-        start = initial = self.epochs_done
-        es_state = plateau_state = past = None
-        if mode == "resume":
-            past = rec.past_history(number, name, model)     # the epochs before the resume
-            state = rec.resume
-            start, initial = int(state["stage_start_epoch"]), int(state["epoch"])
-            rec.restore(model, self.checkpointer, with_optimizer=True)
-            keras.backend.set_value(model.optimizer.learning_rate, state["lr"])
-            es_state, plateau_state = state["early_stopping"], state["plateau"]
-        elif rec.weights_pending:        # the stage before was finished at the checkpoint
-            rec.restore(model, self.checkpointer, with_optimizer=False)
-        nb_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-        nb_frozen_bn = sum(not layer.trainable for layer in _batch_norm_layers(model))
-        logger.info("%s: epochs %d-%d%s, optimizer %s, lr %.3g, %d trainable parameters, "
-                    "%d frozen BatchNormalization layers (frozen_bn_mode %s)", name,
-                    start + 1, start + epochs,
-                    f" (resumed after epoch {initial})" if mode == "resume" else "", optim,
-                    _lr_value(model), nb_trainable, nb_frozen_bn, frozen_bn_mode)
-        callbacks = [FiniteTrainingGuard(getattr(self.checkpointer, "filepath", None),
-                                         rec.checkpoint)]
-        callbacks += [_EpochSeed(rec.seed)] if rec.seed is not None else []
-        early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=plan.es_patience,
-                                        verbose=1)
-        callbacks.append(early)
-        plateau = None
-        if optim == "sgd":
-            plateau = _ResumablePlateau(plateau_state, monitor="val_loss", factor=0.5,
-                                        patience=plan.lr_patience, verbose=1)
-            callbacks.append(plateau)
-        callbacks += [self.checkpointer, DMFlush()] + self.extra_callbacks
-        callbacks.append(_RecordEpoch(rec, number, name, start, start + epochs, early, plateau,
-                                      self.checkpointer))
-        if isinstance(self.train, (tuple, list)):   # (X, y[, sample_weight]) arrays
-            data = dict(x=self.train[0], y=self.train[1], steps_per_epoch=None,
-                        sample_weight=self.train[2] if len(self.train) > 2 else None)
-        else:
-            data = dict(x=self.train, steps_per_epoch=self.steps)
-            if isinstance(self.train, _EpochSequence):
-                self.train.set_epoch(initial)
-        hist = model.fit(**data,
-                         epochs=start + epochs, initial_epoch=initial,
-                         class_weight=self.class_weight, validation_data=self.val,
-                         validation_steps=self.val_steps, callbacks=callbacks,
-                         workers=self.nb_worker, use_multiprocessing=False,
-                         verbose=self.verbose)
-        hist.stage = name
-        self.epochs_done = initial + len(hist.history.get("loss", []))
-        if past is not None:                # prepend the epochs run before the resume
-            for key, values in past.history.items():
-                hist.history[key] = values + list(hist.history.get(key, []))
-            hist.epoch = past.epoch + list(hist.epoch)
-        self.histories.append(hist)
 
 
 # ---------------------------------------------------------------- staged training (typed)
