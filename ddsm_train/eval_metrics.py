@@ -45,12 +45,12 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ddsm_names import ImageName, parse_image_name
 from dm_image import atomic_write
 
 __all__ = [
@@ -1032,17 +1032,10 @@ def write_confusion_report(labels, probs, class_names: Sequence[str], prefix: Pa
 
 
 # ------------------------------------------------------------------ case names
-_CBIS_NAME = re.compile(r"(?P<patient>.+?)_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:$|[_.])",
-                        re.IGNORECASE)
-
-
-def parse_cbis_name(name: str) -> Optional[Tuple[str, str, str]]:
+def parse_cbis_name(name: str) -> Optional[ImageName]:
     """``(patient, side, view)`` of a CBIS-style image name ``{patient}_{side}_{view}``
     (``pos/P_00003_RIGHT_CC.png`` -> ``("P_00003", "RIGHT", "CC")``; folders and the
-    extension are ignored, side and view upper-cased), or None when the name has another form.
+    extension are ignored, side and view upper-cased), or None when the name has another form:
+    :func:`ddsm_names.parse_image_name`.
     """
-    stem = str(name).replace("\\", "/").rsplit("/", 1)[-1]
-    m = _CBIS_NAME.match(stem)
-    if m is None:
-        return None
-    return m["patient"], m["side"].upper(), m["view"].upper()
+    return parse_image_name(name)

@@ -84,6 +84,7 @@ from common_flags import (RECIPE_NOTE, add_bool_flag, add_image_flags,  # noqa: 
                           add_model_reading_flags, backbone_names)
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
+from ddsm_names import VIEWS, image_name  # noqa: E402
 from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, InputFileError, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
@@ -98,7 +99,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-VIEWS = ("CC", "MLO")
 HEATMAP_FORMAT = "heatmap_score/1"
 HEATMAP_SUFFIXES = (".pkl", ".npz")   # 2017 pickle, pickle-free archive
 PathLike = Union[str, os.PathLike]
@@ -198,7 +198,7 @@ def picture_names(paths: Sequence[Path], img_folder: PathLike) -> List[str]:
 def view_path(img_folder: PathLike, patient_id: str, side: str, view: str,
               img_extension: str = "png") -> Optional[Path]:
     """``{img_folder}/{patient}_{side}_{view}.{ext}``, or None (warned) when missing."""
-    path = Path(img_folder) / f"{patient_id}_{side}_{view}.{img_extension.lstrip('.')}"
+    path = Path(img_folder) / f"{image_name(patient_id, side, view)}.{img_extension.lstrip('.')}"
     if path.is_file():
         return path
     logger.warning("missing view: %s", path)
@@ -782,7 +782,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
                              f"patient_id,side,cancer or malignant), or score images without "
                              f"one with --all-images or --img-list FILE")
         recs = read_patient_sides(pat_csv, pat_list)
-        planned = [f"{r.patient_id}_{r.side}_{v}" for r in recs.itertuples(index=False)
+        planned = [image_name(r.patient_id, r.side, v) for r in recs.itertuples(index=False)
                    for v in VIEWS]
     manifest = _claim_paths(img_folder, dl_state, None if any_images else pat_csv, pat_list,
                             img_list, roi_mask_dir, out, png_dir, overwrite,
@@ -821,7 +821,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         records = [{"image": str(p), "heatmap": h} for p, h in zip(paths, heatmaps)]
     else:
         rows = list(recs.itertuples(index=False))
-        views = [(f"{r.patient_id}_{r.side}_{v}",
+        views = [(image_name(r.patient_id, r.side, v),
                   view_path(img_folder, r.patient_id, r.side, v, img_extension))
                  for r in rows for v in VIEWS]
         heatmaps = iter(_score_views(model, views, opts, batch_size, fprop_mode, png, summary,

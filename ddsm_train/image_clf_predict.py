@@ -82,6 +82,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
+from ddsm_names import EXAM_VIEWS, exam_view_side, parse_image_name  # noqa: E402
 import run_files  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags, \
     add_optional_value_flag  # noqa: E402
@@ -102,7 +103,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = tuple("." + ext for ext in dm_image.IMG_EXTENSIONS)
-VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
+VIEWS = EXAM_VIEWS   # the view keys of an exam list
 _LABEL_COLUMNS = ("malignant_label", "malignant", "label", "cancer")
 _PATH_COLUMNS = ("image", "path", "image_path", "filename")
 _READ_ERRORS = (OSError, ValueError, cv2.error)
@@ -271,7 +272,7 @@ def collect_exams(exams: List[dict], img_dir: PathLike) -> List[ImageItem]:
     for k, exam in enumerate(exams):
         labels = exam.get("cancer_label") or {}
         for view in VIEWS:
-            side = "left" if view.startswith("L") else "right"
+            side = exam_view_side(view)
             raw = labels.get(f"{side}_malignant")
             label = _parse_label(raw, f"exam {k} {side}_malignant") if raw is not None else None
             for stem in exam.get(view, []):
@@ -574,9 +575,9 @@ def _patients(images: pd.DataFrame) -> Optional[np.ndarray]:
     ``{patient}`` of CBIS-style names; None when not every image has one."""
     if "exam_index" in images.columns:
         return images["exam_index"].astype(str).to_numpy()
-    parts = [eval_metrics.parse_cbis_name(name) for name in images["image_index"]]
+    parts = [parse_image_name(name) for name in images["image_index"]]
     if parts and all(p is not None for p in parts):
-        return np.array([p[0] for p in parts])
+        return np.array([p.patient for p in parts])
     return None
 
 

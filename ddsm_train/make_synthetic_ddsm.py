@@ -103,6 +103,7 @@ import scipy.fft  # noqa: E402
 import dm_image  # noqa: E402
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
+from ddsm_names import SIDES, VIEWS, image_name, mask_name  # noqa: E402
 
 __all__ = [
     "MAX_12BIT",
@@ -121,8 +122,6 @@ logger = logging.getLogger(__name__)
 MAX_12BIT = 4095
 STORE_FACTOR = 16
 MAX_STORED_VALUE = MAX_12BIT * STORE_FACTOR  # 65520
-SIDES = ("LEFT", "RIGHT")
-VIEWS = ("CC", "MLO")
 ROI_CSV_HEADER = tuple(script_utils.ROI_COLUMNS)   # the columns of roi_mask_path.csv
 PAT_SIDE_HEADER = ("patient_id", "side", "cancer")
 MIN_IMG_HEIGHT, MIN_IMG_WIDTH, MIN_WHOLE_SIZE = 128, 96, 16
@@ -607,11 +606,11 @@ def _write_patient(pat: _Patient, split: str, paths: dict, h: int, w: int, whole
     for side in SIDES:
         for view in VIEWS:
             img12, masks = _render_view(pat, side, view, h, w, seed, contrast)
-            stem = f"{pat.patient_id}_{side}_{view}"
+            stem = image_name(pat.patient_id, side, view)
             _imwrite(paths["full_img_dir"] / f"{stem}.png", _to_stored(img12))
             for abn, les, mask in masks:
-                prefix = "Mass" if les.kind == "mass" else "Calc"
-                _imwrite(paths["roi_mask_dir"] / f"{prefix}-Training_{stem}_{abn}.png",
+                kind = "mass" if les.kind == "mass" else "calc"
+                _imwrite(paths["roi_mask_dir"] / mask_name(kind, "Training", stem, abn),
                          mask.astype(np.uint8) * np.uint8(255), (cv2.IMWRITE_PNG_BILEVEL, 1))
                 rows.append((pat.patient_id, side, view, abn, les.pathology, les.kind))
             cls = "pos" if any(les.malignant for _, les, _ in masks) else "neg"
