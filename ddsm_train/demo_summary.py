@@ -27,7 +27,7 @@ import argparse
 import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 from dm_image import atomic_write  # noqa: E402
@@ -187,7 +187,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = get_args_parser()
     args = script_utils.parse_command_line(parser, argv)
     with script_utils.exit_on_interrupt(parser):

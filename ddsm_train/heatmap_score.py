@@ -71,7 +71,7 @@ import pickle
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 
@@ -96,6 +96,9 @@ __all__ = [
     "save_heatmaps", "load_heatmaps", "HEATMAP_SUFFIXES", "run", "get_args_parser", "main",
     "DEFAULT_CLASS_NAMES", "class_name", "find_roi_mask",
 ]
+
+if TYPE_CHECKING:  # annotations only; TensorFlow is imported where a model is used
+    import tf_keras as keras
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +209,7 @@ def view_path(img_folder: PathLike, patient_id: str, side: str, view: str,
 
 
 # ------------------------------------------------------------------------------ models
-def get_preprocess(net: str):
+def get_preprocess(net: str) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     """The ImageNet ``preprocess_input`` of backbone ``net`` (None for yaroslav).
 
     Raises:
@@ -217,8 +220,8 @@ def get_preprocess(net: str):
     return get_preprocess_input(net)
 
 
-def build_fprop_model(model, net: str, img_size: Sequence[int], avg_pool_size: Sequence[int],
-                      hm_strides: Sequence[int]):
+def build_fprop_model(model: keras.Model, net: str, img_size: Sequence[int],
+                      avg_pool_size: Sequence[int], hm_strides: Sequence[int]) -> keras.Model:
     """A model from whole images to per-location class probabilities (batch, r, c, classes).
 
     ``model`` with a 4-D output is returned as is; a whole-image model with ``hm_avg_pool``
@@ -261,7 +264,8 @@ def _prep_input(img: np.ndarray, channels: int, opts: dict) -> np.ndarray:
     return recipe.to_input(recipe.equalize(img), opts["preprocess"])
 
 
-def fprop_heatmap(hm_model, paths: List[Path], opts: dict, batch_size: int):
+def fprop_heatmap(hm_model: keras.Model, paths: List[Path], opts: dict, batch_size: int
+                  ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
     """Heatmaps of ``paths`` in batches of one forward pass each.
 
     Returns:
@@ -279,7 +283,8 @@ def fprop_heatmap(hm_model, paths: List[Path], opts: dict, batch_size: int):
     return heatmaps, images
 
 
-def sweep_heatmap(model, path: Path, opts: dict, batch_size: int, with_mask: bool = True):
+def sweep_heatmap(model: keras.Model, path: Path, opts: dict, batch_size: int,
+                  with_mask: bool = True) -> tuple:
     """Sweep heatmap of one image via ``dm_image.get_prob_heatmap``.
 
     Returns:
@@ -389,7 +394,8 @@ def class_name(index: int, nb_class: int, class_list: Optional[Sequence[str]] = 
     return f"class {index % nb_class}"
 
 
-def find_roi_mask(roi_mask_dir: Optional[PathLike], stem: str, shape) -> Optional[np.ndarray]:
+def find_roi_mask(roi_mask_dir: Optional[PathLike], stem: str, shape: Sequence[int]
+                  ) -> Optional[np.ndarray]:
     """The union of the lesion masks of image ``stem`` in ``roi_mask_dir``, at ``shape``.
 
     A mask belongs to the image when its file name holds the image's name as a whole part:
@@ -512,7 +518,7 @@ def _require_keys(path, archive, keys):
 
 
 def load_heatmaps(path: PathLike, allow_pickle: bool = False,
-                  return_meta: bool = False):
+                  return_meta: bool = False) -> Union[List[dict], Tuple[List[dict], dict]]:
     """Read heatmaps written by :func:`save_heatmaps` (or a 2017 pickle with allow_pickle).
 
     Args:

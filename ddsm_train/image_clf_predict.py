@@ -72,7 +72,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 
@@ -99,6 +99,9 @@ __all__ = [
     "image_table", "breast_table", "evaluate_level", "write_outputs", "run",
     "get_args_parser", "main",
 ]
+
+if TYPE_CHECKING:  # annotations only; TensorFlow is imported where a model is used
+    import tf_keras as keras
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +284,9 @@ def collect_exams(exams: List[dict], img_dir: PathLike) -> List[ImageItem]:
 
 
 # ------------------------------------------------------------------------------ models
-def load_models(models, custom_objects=None, safe_mode=True) -> List[Tuple[str, object]]:
+def load_models(models: Sequence[Union[PathLike, keras.Model]],
+                custom_objects: Optional[Dict[str, Any]] = None, safe_mode: bool = True
+                ) -> List[Tuple[str, object]]:
     """Load models from HDF5 paths (``dm_keras_ext.robust_load_model``: a file with Lambda
     layers is refused unless ``safe_mode`` is False); Keras models pass through.
     Returns ``[(name, model), ...]``."""
@@ -441,7 +446,8 @@ def _load_or_reason(path: Path, read_opts: dict):
         return None, _describe_error(exc)
 
 
-def score_items(items: List[ImageItem], models, channels, nb_class: int, batch_size: int,
+def score_items(items: List[ImageItem], models: Sequence[Tuple[str, keras.Model]],
+                channels: Sequence[int], nb_class: int, batch_size: int,
                 test_augment: bool, read_opts: dict, verbose: bool = False,
                 prefetch: int = 2, workers: Optional[int] = None
                 ) -> Tuple[np.ndarray, List[str]]:
@@ -530,8 +536,9 @@ def breast_table(exams: List[dict], images: pd.DataFrame) -> Tuple[pd.DataFrame,
             pd.DataFrame(labels, columns=["left_malignant", "right_malignant"]))
 
 
-def evaluate_level(y, score, out_dir: Path, level: str, threshold: float, n_boot: int,
-                   seed: int, groups=None) -> Optional[dict]:
+def evaluate_level(y: np.ndarray, score: np.ndarray, out_dir: Path, level: str,
+                   threshold: float, n_boot: int, seed: int,
+                   groups: Optional[np.ndarray] = None) -> Optional[dict]:
     """Metrics of the labelled, scored entries, and the ROC/PR PNGs when both classes occur.
 
     Args:

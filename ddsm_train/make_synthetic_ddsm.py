@@ -93,6 +93,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 
@@ -629,11 +630,11 @@ def _write_lists(paths: dict, patients: list, train_ids: list, test_ids: list, r
     _write_text(paths["pat_side_cancer_csv"], _csv_text(PAT_SIDE_HEADER, cancer))
 
 
-def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int = 800,
-        whole_img_size: tuple = (288, 224), seed: int = 12345, test_frac: float = 0.25,
-        val_frac: float = 0.2, malignant_frac: float = 0.5, benign_frac: float = 0.4,
-        lesion_contrast: float = 1.0, overwrite: bool = False, workers: int = 2,
-        verbose: bool = False) -> dict:
+def run(out_dir: Union[str, Path], nb_patients: int = 40, img_height: int = 1024,
+        img_width: int = 800, whole_img_size: tuple = (288, 224), seed: int = 12345,
+        test_frac: float = 0.25, val_frac: float = 0.2, malignant_frac: float = 0.5,
+        benign_frac: float = 0.4, lesion_contrast: float = 1.0, overwrite: bool = False,
+        workers: int = 2, verbose: bool = False) -> dict:
     """Write a synthetic CBIS-DDSM-style data set into ``out_dir`` (layouts in the module doc).
 
     Args:
@@ -752,7 +753,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Command line: parse ``argv``, run, print a two-line summary; bad input exits with 2."""
     parser = get_args_parser()
     args = script_utils.parse_command_line(parser, argv)
