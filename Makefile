@@ -33,8 +33,10 @@ test-fast: lint
 bench: $(STAMP)
 	$(VPY) -m pytest tests/benchmarks -s -p no:cacheprovider $(PYTEST_ARGS)
 
+# The pipeline with the demo config; a second `make demo` into the same DEMO_OUT skips every stage.
+DEMO_OUT ?= demo_out/demo
 demo: $(STAMP)
-	bash ddsm_train/run_demo.sh
+	$(VPY) ddsm_train/run_pipeline.py ddsm_train/configs/demo.toml --out $(DEMO_OUT)
 
 # Training/loader/prediction speed and mixed-precision numerics on this machine's GPUs (tiny
 # sizes on the CPU when no GPU is visible); GPU_CHECK_ARGS e.g. "--models resnet50 --strict".

@@ -200,9 +200,11 @@ def test_hostile_model_refused_by_every_script_that_loads_models(hostile_files, 
                                   "--out", str(tmp_path / "hm.npz")]),
             (patch_clf_train.main, dirs + ["--class-list", "neg", "pos", "--resume-from",
                                            model, "--img-size", "32", "24",
+                                           "--rescale-factor", "0.003891",
                                            "--best-model", str(tmp_path / "p.h5")]),
             (image_clf_train.main, dirs + ["--patch-model-state", model, "--img-size", "32",
-                                           "24", "--best-model", str(tmp_path / "w.h5")]),
+                                           "24", "--rescale-factor", "0.003891",
+                                           "--best-model", str(tmp_path / "w.h5")]),
         ]
         for main, argv in runs:
             err = _exit_line(main, argv, capsys)
@@ -253,8 +255,9 @@ def test_whole_image_model_refused_where_a_patch_classifier_is_expected(whole_im
     dirs = _class_dirs(tmp_path / "img")
     model = str(whole_image_model)
     err = _exit_line(image_clf_train.main, dirs + ["--patch-model-state", model, "--img-size",
-                                                   "32", "24", "--best-model",
-                                                   str(tmp_path / "w.h5")], capsys)
+                                                   "32", "24", "--rescale-factor", "0.003891",
+                                                   "--best-model", str(tmp_path / "w.h5")],
+                     capsys)
     assert f"--patch-model-state {model}: expected a patch classifier" in err
     assert "found a whole-image classifier" in err
     err = _exit_line(heatmap_score.main, [str(Path(dirs[2]) / "pos"), model, "--all-images",
@@ -264,9 +267,9 @@ def test_whole_image_model_refused_where_a_patch_classifier_is_expected(whole_im
 
 
 # ------------------------------------------------------------------ flag ranges
-SCRIPTS = ["compute_mean", "demo_summary", "gpu_check", "heatmap_score", "image_clf_predict",
+SCRIPTS = ["compute_mean", "evaluate", "gpu_check", "heatmap_score", "image_clf_predict",
            "image_clf_train", "make_synthetic_ddsm", "patch_clf_train", "prepare_cbis_ddsm",
-           "sample_patches_combined"]
+           "run_pipeline", "sample_patches_combined"]
 
 
 def _numeric_flags(parser):
@@ -366,7 +369,7 @@ def test_top_layer_nb_checked_by_the_trainer_before_training(tmp_path, capsys, m
     err = _exit_line(patch_clf_train.main, dirs + [
         "--class-list", "background", "malignant", "--net", "yaroslav", "--no-use-pretrained",
         "--img-size", "32", "24", "--top-layer-nb", "9999", "--nb-epoch", "1",
-        "--best-model", str(tmp_path / "p.h5")], capsys)
+        "--rescale-factor", "0.003891", "--best-model", str(tmp_path / "p.h5")], capsys)
     assert "--top-layer-nb 9999 is beyond the model" in err
 
 
@@ -554,3 +557,21 @@ def test_prepare_with_no_dicom_found_exits_non_zero(tmp_path, capsys):
     err = _exit_line(prepare_cbis_ddsm.main, [str(csv_dir), str(root), str(tmp_path / "out"),
                                               "--no-verbose"], capsys)
     assert f"no full-mammogram DICOM of the 2 views was found or readable under {root}" in err
+
+
+def test_img_size_below_the_patch_size_is_refused(tmp_path, keras_session, capsys):
+    import image_clf_train
+
+    keras = keras_session
+    inp = keras.Input((48, 48, 3))
+    x = keras.layers.Conv2D(2, 3, padding="same", name="block5_conv1")(inp)
+    x = keras.layers.MaxPooling2D(name="block5_pool")(x)
+    out = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    patch = tmp_path / "patch48.h5"
+    keras.Model(inp, out).save(patch, save_format="h5")
+    dirs = _class_dirs(tmp_path / "img")
+    err = _exit_line(image_clf_train.main, dirs + [
+        "--patch-model-state", str(patch), "--patch-net", "vgg16", "--img-size", "32", "24",
+        "--rescale-factor", "0.003891", "--best-model", str(tmp_path / "w.h5")], capsys)
+    assert err.endswith(f"--img-size 32 24 is smaller than the 48x48 patches of "
+                        f"--patch-model-state {patch}")

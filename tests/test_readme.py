@@ -7,7 +7,7 @@ import pytest
 
 SCRIPTS = ["image_clf_train", "patch_clf_train", "sample_patches_combined",
            "image_clf_predict", "heatmap_score", "make_synthetic_ddsm", "prepare_cbis_ddsm",
-           "compute_mean", "evaluate"]
+           "compute_mean", "evaluate", "run_pipeline"]
 
 
 def _all_scripts(repo_root):
@@ -73,7 +73,7 @@ def test_readme_walkthrough_commands_parse_as_written(repo_root):
 
 
 def test_every_script_is_documented(repo_root):
-    internal = {"demo_summary", "gpu_check"}   # run by make demo / make gpu-check
+    internal = {"gpu_check"}   # run by make gpu-check
     assert set(_all_scripts(repo_root)) - internal == set(SCRIPTS)
 
 

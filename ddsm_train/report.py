@@ -1,0 +1,233 @@
+"""The report of a pipeline run: ``report.html`` (plain HTML, the pictures beside it) and
+``summary.json`` in the run folder.
+
+:func:`write_report` reads what the stages of ``run_pipeline.py`` wrote and shows: the test
+metrics with their 95 % bootstrap intervals (``predictions/*/metrics.json``), the ROC and PR
+curves, the heatmap overlays of the highest-scored positive and negative test images (lesion
+outlines drawn from the ROI masks where the data has them), the training curves of both
+classifiers (``models/*.curves.png``), the data counts per split and class, the time per stage,
+the derived settings (``derived.json``) and the config. Images are linked by paths relative to
+the run folder, so the folder can be moved or copied as a whole. Importing this module does not
+import TensorFlow.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import re
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+from dm_image import IMG_EXTENSIONS, atomic_write  # noqa: E402
+
+__all__ = ["write_report", "count_images", "format_summary"]
+
+_PATCH_ACC = re.compile(r"test accuracy ([0-9.]+), loss ([0-9.naif]+)")
+_STYLE = """
+body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
+table { border-collapse: collapse; margin: .5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+figure { display: inline-block; margin: .5em 1em .5em 0; vertical-align: top; }
+figure img { max-width: 520px; max-height: 520px; border: 1px solid #ddd; }
+figcaption { font-size: .9em; color: #555; max-width: 520px; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
+.muted { color: #777; }
+"""
+
+
+def count_images(folder: Union[str, Path]) -> Dict[str, Dict[str, int]]:
+    """Image files per split and class: ``{split: {class: n}}`` for ``folder/split/class/``."""
+    folder, counts = Path(folder), {}
+    if not folder.is_dir():
+        return counts
+    for split in ("train", "val", "test"):
+        if not (folder / split).is_dir():
+            continue
+        counts[split] = {
+            cls.name: sum(1 for f in cls.rglob("*")
+                          if f.suffix.lower().lstrip(".") in IMG_EXTENSIONS)
+            for cls in sorted((folder / split).iterdir()) if cls.is_dir()}
+    return counts
+
+
+def _metrics(path: Path) -> dict:
+    return json.loads(path.read_text()).get("image", {}) if path.is_file() else {}
+
+
+def _fmt(value, ci=None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.3f}"
+    if ci and None not in ci:
+        text += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    return text
+
+
+def _img(out: Path, rel: str, caption: str) -> str:
+    if not (out / rel).is_file():
+        return ""
+    src = html.escape(Path(rel).as_posix(), quote=True)
+    return (f'<figure><a href="{src}"><img src="{src}" alt="{html.escape(caption, quote=True)}">'
+            f'</a><figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def _table(header: List[str], rows: List[List[str]], left: int = 1) -> str:
+    def cells(tag, values):
+        return "".join(f'<{tag}{" class=l" if i < left else ""}>{html.escape(str(v))}</{tag}>'
+                       for i, v in enumerate(values))
+    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
+    return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
+
+
+def _counts_table(counts: Dict[str, Dict[str, int]]) -> str:
+    classes = sorted({c for per in counts.values() for c in per})
+    if not classes:
+        return '<p class="muted">none</p>'
+    rows = [[split] + [per.get(c, 0) for c in classes] + [sum(per.values())]
+            for split, per in counts.items()]
+    return _table(["split"] + classes + ["total"], rows)
+
+
+def _heatmap_figures(out: Path, predictions: Path) -> str:
+    """The overlays of ``heatmaps/images.txt``, with each image's score and label."""
+    listing = out / "heatmaps" / "images.txt"
+    if not listing.is_file():
+        return '<p class="muted">no heatmaps in this run</p>'
+    scores = {}
+    if predictions.is_file():
+        with open(predictions, newline="") as fh:
+            for row in csv.DictReader(fh):
+                scores[Path(row["path"]).stem] = (row["malignant_pred"], row["malignant_label"])
+    parts = []
+    for line in listing.read_text().splitlines():
+        stem = Path(line.strip()).stem
+        if not stem:
+            continue
+        pngs = sorted((out / "heatmaps").glob(f"*{stem}_heatmap.png"))
+        score, label = scores.get(stem, ("", ""))
+        kind = {"1": "highest-scored positive", "0": "highest-scored negative"}.get(label, "")
+        cap = f"{stem}: {kind} test image, score {float(score):.3f}" if score else stem
+        parts += [_img(out, p.relative_to(out).as_posix(), cap) for p in pngs]
+    return "".join(parts) or '<p class="muted">no overlay was drawn</p>'
+
+
+def _patch_accuracy(out: Path, state: dict) -> Optional[float]:
+    log = state.get("stages", {}).get("patch_train", {}).get("log")
+    if not log or not (out / log).is_file():
+        return None
+    found = _PATCH_ACC.findall((out / log).read_text(errors="replace"))
+    return float(found[-1][0]) if found else None
+
+
+def write_report(out: Union[str, Path], config_path: Union[str, Path], config: dict,
+                 state: dict, whole_img_dir: Union[str, Path],
+                 stage_order: Sequence[str] = ()) -> Path:
+    """Write ``report.html`` and ``summary.json`` into the run folder ``out``.
+
+    Args:
+        out: the run folder.
+        config_path: the run's TOML config (shown as written).
+        config: the config as the pipeline resolved it.
+        state: the pipeline state (``pipeline_state.json``): stage status, times and logs.
+        whole_img_dir: the whole-image folder (``train/val/test`` with class subfolders).
+        stage_order: the stages in the order they run (the tables follow it).
+
+    Returns:
+        The path of ``report.html``.
+    """
+    out = Path(out)
+    stages = state.get("stages", {})
+    rank = {name: i for i, name in enumerate(stage_order)}
+    stages = dict(sorted(stages.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    plain = _metrics(out / "predictions" / "no_flips" / "metrics.json")
+    flips = _metrics(out / "predictions" / "flips" / "metrics.json")
+    derived_path = out / "derived.json"
+    derived = json.loads(derived_path.read_text()) if derived_path.is_file() else {}
+    times = {k: v.get("seconds") for k, v in stages.items()
+             if v.get("status") == "done" and v.get("seconds") is not None and k != "report"}
+    summary = {
+        "out_dir": str(out.resolve()), "report": str((out / "report.html").resolve()),
+        "patch_test_accuracy": _patch_accuracy(out, state),
+        "test_auroc": plain.get("auroc"), "test_auroc_ci": plain.get("auroc_ci"),
+        "test_auprc": plain.get("auprc"), "test_auprc_ci": plain.get("auprc_ci"),
+        "test_auroc_flips": flips.get("auroc"), "test_auroc_flips_ci": flips.get("auroc_ci"),
+        "test_auprc_flips": flips.get("auprc"), "test_auprc_flips_ci": flips.get("auprc_ci"),
+        "n_test_images": plain.get("n"), "n_test_pos": plain.get("n_pos"),
+        "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
+        "derived": derived,
+    }
+    metric_rows = []
+    for name, m in (("without flips", plain), ("with flips (mean of 4)", flips)):
+        if m:
+            metric_rows.append([name, m.get("n"), m.get("n_pos"),
+                                _fmt(m.get("auroc"), m.get("auroc_ci")),
+                                _fmt(m.get("auprc"), m.get("auprc_ci")),
+                                _fmt(m.get("sensitivity")), _fmt(m.get("specificity")),
+                                _fmt(m.get("threshold"))])
+    kind = "flips" if flips else "no_flips"
+    stage_rows = [[name, rec.get("status", ""), "" if rec.get("seconds") is None
+                   else f"{rec['seconds']:.1f}", rec.get("finished", ""), rec.get("log", "")]
+                  for name, rec in stages.items() if name != "report"]
+    acc = summary["patch_test_accuracy"]
+    sections = [
+        f"<h1>Run report: {html.escape(out.resolve().name)}</h1>",
+        f'<p class="muted">{html.escape(str(out.resolve()))}; config '
+        f'{html.escape(str(config_path))}; written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
+        "<h2>Test metrics (whole images)</h2>",
+        _table(["prediction", "images", "positive", "AUROC", "AUPRC", "sensitivity",
+                "specificity", "threshold"], metric_rows) if metric_rows
+        else '<p class="muted">no metrics (no labelled test images)</p>',
+        (f"<p>Patch classifier, test accuracy: {acc:.3f}</p>" if acc is not None else ""),
+        _img(out, f"predictions/{kind}/roc_image.png", f"ROC curve ({kind.replace('_', ' ')})"),
+        _img(out, f"predictions/{kind}/pr_image.png",
+             f"precision-recall curve ({kind.replace('_', ' ')})"),
+        "<h2>Heatmaps</h2><p>Probability of the malignant patch class over the test images "
+        "the whole-image classifier scored highest; lesion outlines from the ROI masks where "
+        "the data has them.</p>",
+        _heatmap_figures(out, out / "predictions" / kind / "image_predictions.csv"),
+        "<h2>Training curves</h2>",
+        _img(out, "models/patch_clf.h5.curves.png", "patch classifier")
+        + _img(out, "models/image_clf.h5.curves.png", "whole-image classifier")
+        or '<p class="muted">none</p>',
+        "<h2>Data</h2><h3>Whole images</h3>", _counts_table(count_images(whole_img_dir)),
+        "<h3>Patches</h3>", _counts_table(count_images(out / "patches")),
+        "<h2>Stages</h2>",
+        _table(["stage", "status", "seconds (last run)", "finished", "log"], stage_rows),
+        f"<p>Total: {summary['total_seconds']:.0f} s.</p>",
+        "<h2>Derived settings</h2>",
+        _table(["setting", "value"], [[k, v] for k, v in sorted(derived.items())]),
+        "<h2>Config</h2>",
+        f"<pre>{html.escape(Path(config_path).read_text(encoding='utf-8'))}</pre>",
+        "<h3>Resolved</h3>",
+        f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>",
+    ]
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>Run report: {html.escape(out.resolve().name)}</title>"
+            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(s for s in sections if s)
+            + "\n</body></html>\n")
+    summary_text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(out / "summary.json", lambda fh: fh.write(summary_text), text=True)
+    return atomic_write(out / "report.html", lambda fh: fh.write(page), text=True)
+
+
+def format_summary(s: dict) -> str:
+    """A few printed lines of a run's ``summary.json``."""
+    times = ", ".join(f"{k} {v:.0f}s" for k, v in s.get("stage_seconds", {}).items())
+    acc = s.get("patch_test_accuracy")
+    lines = ["Run summary"]
+    if acc is not None:
+        lines.append(f"  patch classifier test accuracy: {acc:.3f}")
+    lines += [
+        f"  whole-image test AUROC ({s.get('n_test_images')} images, {s.get('n_test_pos')} "
+        f"positive): {_fmt(s.get('test_auroc'), s.get('test_auroc_ci'))}",
+        f"  with flip augmentation: "
+        f"{_fmt(s.get('test_auroc_flips'), s.get('test_auroc_flips_ci'))}",
+        f"  time per stage (last run): {times}",
+        f"  total time: {s.get('total_seconds', 0):.0f}s",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,715 @@
+"""A whole run in one command: data, patches, both classifiers, predictions, heatmaps, report.
+
+Reads a TOML config (``ddsm_train/configs/*.toml``; keys in ``pipeline_config.SCHEMA`` and the
+README) and runs the project's command-line tools in order, each as a subprocess with this
+Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
+
+====================  ===========================================================================
+``data``              ``make_synthetic_ddsm.py`` (source ``synthetic``), ``prepare_cbis_ddsm.py``
+                      (``cbis_ddsm``), or a check of the given folder (``sampler_layout``,
+                      ``class_folders``): its files' sizes and times enter the fingerprint
+``sample_patches``    ``sample_patches_combined.py``: train/val patches from the train patients,
+                      test patches from the test patients
+``mean``              pixel scale from the images' bit depth (unless ``data.rescale_factor``),
+                      then ``compute_mean.py`` on the train split as each net sees it: patches at
+                      the patch size with the patch net's scale, whole images at ``img_size``
+``patch_train``       ``patch_clf_train.py``
+``image_train``       ``image_clf_train.py`` from the patch model (its net from the model's
+                      options file when it has one)
+``predict``           ``image_clf_predict.py`` on the test split, and ``predict_flips`` with
+``predict_flips``     ``--test-augment``
+``heatmaps``          ``heatmap_score.py --fprop-mode`` on the highest-scored positive and
+                      negative test images, lesion outlines from the ROI masks where there are
+``report``            ``OUT/report.html`` (``report.py``) and ``OUT/summary.json``
+====================  ===========================================================================
+
+Every flag a stage needs is derived once, from the config and the data (``OUT/derived.json``
+holds the derived pixel scale and means). The state of the run is ``OUT/pipeline_state.json``:
+per stage its fingerprint (its command lines, ``RANDOM_SEED``, the fingerprints of the stages
+it reads and the sizes and times of the input files it reads from outside the run folder), its
+status and its time. A stage whose fingerprint is unchanged and whose outputs are complete is
+skipped; one that was interrupted (or failed) with an unchanged fingerprint is run again with
+the same command, so a trainer resumes from its last-epoch checkpoint; a stage whose
+fingerprint changed has its old outputs removed and runs afresh, and every stage that reads it
+follows. ``--from STAGE`` reruns that stage and the later ones, ``--only STAGE`` just that one
+(the stages before it must be complete). Paths in the command lines are relative to ``OUT``,
+so a run folder can be moved.
+
+Example::
+
+    python ddsm_train/run_pipeline.py ddsm_train/configs/demo.toml --out demo_out/demo
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+from dm_image import atomic_write  # noqa: E402
+from pipeline_config import AUTO, load_config  # noqa: E402
+from script_utils import cli_main  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["STAGES", "StageError", "Pipeline", "run", "get_args_parser", "main"]
+
+HERE = Path(__file__).resolve().parent
+#: The stages, in order.
+STAGES = ("data", "sample_patches", "mean", "patch_train", "image_train", "predict",
+          "predict_flips", "heatmaps", "report")
+STATE_FILE = "pipeline_state.json"
+DERIVED_FILE = "derived.json"
+#: 255/65535: 16-bit levels to the 0..255 scale.
+RESCALE_16BIT = 0.003891
+
+
+class StageError(RuntimeError):
+    """A stage's tool failed; the message names the stage, its exit status and its log."""
+
+
+# A step of a stage: a tool's command line (script name, then its arguments), or a function run
+# in this process, described by a list of strings that enters the fingerprint.
+@dataclass
+class Step:
+    script: Optional[str] = None
+    args: List[str] = field(default_factory=list)
+    func: Optional[Callable[[], None]] = None
+    describe: List[str] = field(default_factory=list)
+    output: str = ""      # what the tool printed (set when it has run)
+
+    def key(self) -> List[str]:
+        return [self.script] + self.args if self.script else ["python:"] + self.describe
+
+
+@dataclass
+class StageSpec:
+    """What one stage runs, what it reads and what it writes (paths relative to the run)."""
+    name: str
+    steps: List[Step]
+    deps: List[str] = field(default_factory=list)        # stages whose outputs it reads
+    inputs: List[str] = field(default_factory=list)      # files/folders outside the run
+    outputs: List[str] = field(default_factory=list)     # removed before a fresh run (globs)
+    complete: List[str] = field(default_factory=list)    # must exist after a finished run
+    extra: Dict[str, object] = field(default_factory=dict)   # more fingerprint material
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def files_fingerprint(paths: Sequence[Union[str, Path]]) -> str:
+    """Fingerprint of files and folders (recursively): each file's path, size and time stamp."""
+    items = []
+    for top in paths:
+        top = Path(top)
+        if top.is_file():
+            st = top.stat()
+            items.append((str(top), st.st_size, st.st_mtime_ns))
+        elif top.is_dir():
+            for folder, dirs, files in os.walk(top):
+                dirs.sort()
+                for name in sorted(files):
+                    st = os.stat(os.path.join(folder, name))
+                    items.append((os.path.join(folder, name), st.st_size, st.st_mtime_ns))
+        else:
+            items.append((str(top), None, None))
+    return _hash(items)
+
+
+def script_flags(script: str) -> frozenset:
+    """The long flags of a project script's parser (so a stage uses a flag only when the tool
+    in this checkout has it)."""
+    parser = importlib.import_module(script).get_args_parser()
+    return frozenset(o for a in parser._actions for o in a.option_strings)
+
+
+def detect_rescale_factor(folder: Path, sample: int = 12) -> float:
+    """255/65535 when a sample of the images under ``folder`` is 16-bit, 1 when it is 8-bit.
+
+    Raises:
+        ValueError: no image, or the sample mixes 8- and 16-bit files.
+    """
+    import numpy as np
+
+    import dm_image
+
+    files = dm_image.list_images(folder)
+    step = max(1, len(files) // sample)
+    depths = {}
+    for rel in files[::step][:sample]:
+        img = dm_image.read_image(os.path.join(folder, rel))
+        depths.setdefault(16 if img.dtype == np.uint16 else 8, []).append(rel)
+    if len(depths) > 1:
+        raise ValueError(f"{folder}: mixes 16-bit ({depths[16][0]}) and 8-bit ({depths[8][0]}) "
+                         f"images; convert them to one bit depth or set data.rescale_factor")
+    return RESCALE_16BIT if 16 in depths else 1.0
+
+
+def _atomic_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    atomic_write(path, lambda fh: fh.write(text), text=True)
+
+
+def _flag_bool(name: str, on: bool) -> str:
+    return f"--{name}" if on else f"--no-{name}"
+
+
+def _num(value) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class Pipeline:
+    """One run folder and its config: plans each stage, decides what to skip, runs the rest.
+
+    Args:
+        config_path: the TOML config.
+        out_dir: the run folder (created).
+        echo: print each stage's progress line to stdout.
+    """
+
+    def __init__(self, config_path: Union[str, Path], out_dir: Union[str, Path],
+                 echo: bool = True):
+        self.config_path = Path(config_path).resolve()
+        self.config = load_config(self.config_path)
+        self.out = Path(out_dir).resolve()
+        self.echo = echo
+        self.state_path = self.out / STATE_FILE
+        self.state = {"stages": {}}
+        if self.state_path.is_file():
+            self.state = json.loads(self.state_path.read_text())
+        self.ran: Dict[str, str] = {}   # stage -> "ran" / "skipped" / "not used", this call
+
+    # ---------------------------------------------------------------- layout
+    @property
+    def source(self) -> str:
+        return self.config["data"]["source"]
+
+    def data_dir(self) -> Path:
+        """The sampler-layout folder (``full_img``, ``roi_mask``, CSVs, patient lists)."""
+        if self.source in ("synthetic", "cbis_ddsm"):
+            return self.out / "data"
+        return Path(self.config["data"]["dir"])
+
+    def whole_img_dir(self) -> Path:
+        if self.source == "class_folders":
+            return Path(self.config["data"]["dir"])
+        return self.data_dir() / "whole_img"
+
+    def rel(self, path: Union[str, Path]) -> str:
+        """``path`` relative to the run folder when inside it (command lines stay movable)."""
+        path = Path(path)
+        try:
+            return str(path.resolve().relative_to(self.out))
+        except ValueError:
+            return str(path)
+
+    def trains_patches(self) -> bool:
+        return not self.config["patches"]["model"]
+
+    def patch_model(self) -> Path:
+        return (Path(self.config["patches"]["model"]) if not self.trains_patches()
+                else self.out / "models" / "patch_clf.h5")
+
+    def patch_net(self) -> str:
+        """The patch net's name: from the patch model's options file when it has one."""
+        if self.trains_patches():
+            return self.config["patch_train"]["net"]
+        opts = Path(str(self.patch_model()) + ".options.json")
+        net = json.loads(opts.read_text()).get("net") if opts.is_file() else None
+        if not net:
+            import dm_image
+
+            recipe = dm_image.InputRecipe.from_model_file(self.patch_model())
+            net = recipe.preprocess if recipe is not None else None
+        return str(net or self.config["patch_train"]["net"])
+
+    def derived(self) -> dict:
+        path = self.out / DERIVED_FILE
+        if not path.is_file():
+            raise StageError(f"stage mean has not run in {self.out} (no {DERIVED_FILE}); run "
+                             f"the stages before the one you named first")
+        return json.loads(path.read_text())
+
+    # ---------------------------------------------------------------- stage plans
+    def plan(self, name: str) -> Optional[StageSpec]:
+        """The stage ``name`` as it would run now, or None when the config does not use it."""
+        return getattr(self, f"_plan_{name}")()
+
+    def _plan_data(self):
+        c, syn = self.config, self.config["synthetic"]
+        seed, workers = str(c["run"]["seed"]), str(c["run"]["workers"])
+        if self.source == "synthetic":
+            h, w = c["image_train"]["img_size"]
+            args = ["data", "--nb-patients", str(syn["patients"]), "--img-height",
+                    str(syn["img_height"]), "--img-width", str(syn["img_width"]),
+                    "--whole-img-size", str(h), str(w), "--lesion-contrast",
+                    _num(syn["lesion_contrast"]), "--seed", seed, "--workers", workers]
+            return StageSpec("data", [Step("make_synthetic_ddsm", args)], outputs=["data"],
+                             complete=["data/synthetic_ddsm.json", "data/whole_img"])
+        if self.source == "cbis_ddsm":
+            h, w = c["image_train"]["img_size"]
+            args = [c["data"]["cbis_csv_dir"], c["data"]["cbis_dicom_root"], "data",
+                    "--whole-img-size", str(h), str(w), "--val-size",
+                    _num(c["data"]["val_size"]), "--seed", seed, "--workers", workers,
+                    "--no-verbose"]
+            return StageSpec("data", [Step("prepare_cbis_ddsm", args)], outputs=["data"],
+                             inputs=[c["data"]["cbis_csv_dir"]],
+                             complete=["data/prepare_summary.json", "data/whole_img"])
+        folder = Path(c["data"]["dir"])
+        need = ([folder / s for s in ("train", "val", "test")] if self.source == "class_folders"
+                else [folder / n for n in ("full_img", "roi_mask", "roi_mask_path.csv",
+                                           "train_pat.txt", "test_pat.txt", "whole_img")])
+        missing = [str(p) for p in need if not p.exists()]
+        if missing:
+            raise ValueError(f"{self.config_path}: data.dir = {folder} lacks "
+                             f"{', '.join(missing)} (data.source = {self.source!r})")
+        return StageSpec("data", [], inputs=[str(folder)])
+
+    def _sampler_common(self) -> List[str]:
+        c, p = self.config, self.config["patches"]
+        args = ["--target-height", str(p["target_height"]), "--patch-size", str(p["patch_size"]),
+                "--nb-hns", str(p["nb_hns"]), "--bkg-dir", "background",
+                "--calc-pos-dir", "malignant", "--mass-pos-dir", "malignant",
+                "--calc-neg-dir", "benign", "--mass-neg-dir", "benign",
+                "--workers", str(c["run"]["workers"]), "--seed", str(c["run"]["seed"]),
+                "--no-verbose"]
+        if p["normal_views"] > 0:
+            if "--normal-views" in script_flags("sample_patches_combined"):
+                args += ["--normal-views", str(p["normal_views"])]
+            else:
+                logger.warning("patches.normal_views = %d: this checkout's sampler has no "
+                               "--normal-views; lesion-free views give no patches",
+                               p["normal_views"])
+        return args + list(p["extra_args"])
+
+    def _plan_sample_patches(self):
+        if not self.trains_patches():
+            return None
+        p, d = self.config["patches"], self.data_dir()
+        test_abn = (p["test_nb_abn"] if p["test_nb_abn"] != AUTO
+                    else (p["nb_bkg"] - p["nb_hns"] + 1) // 2)
+        csv_, masks, full = (self.rel(d / "roi_mask_path.csv"), self.rel(d / "roi_mask"),
+                             self.rel(d / "full_img"))
+        common = self._sampler_common()
+        train = Step("sample_patches_combined",
+                     [csv_, masks, self.rel(d / "train_pat.txt"), full, "patches/train",
+                      "patches/val", "--val-size", _num(p["val_size"]),
+                      "--nb-bkg", str(p["nb_bkg"]), "--nb-abn", str(p["nb_abn"])] + common)
+        test = Step("sample_patches_combined",
+                    [csv_, masks, self.rel(d / "test_pat.txt"), full, "patches/test",
+                     "patches/test_unused", "--val-size", "0",
+                     "--nb-bkg", str(p["nb_hns"] + test_abn), "--nb-abn", str(test_abn)]
+                    + common)
+        drop = Step(func=lambda: shutil.rmtree(self.out / "patches" / "test_unused",
+                                               ignore_errors=True),
+                    describe=["remove patches/test_unused"])
+        return StageSpec("sample_patches", [train, test, drop], deps=["data"],
+                         outputs=["patches"],
+                         complete=["patches/train/sampling_summary.json",
+                                   "patches/val/patches.csv",
+                                   "patches/test/sampling_summary.json"])
+
+    def _scale_args(self, section: str, derived: dict, mean_key: str) -> List[str]:
+        s = self.config[section]
+        args = ["--rescale-factor", _num(derived["rescale_factor"])]
+        if s["img_scale"] != "none":
+            args += ["--img-scale", _num(s["img_scale"])]
+        return args + ["--featurewise-mean", _num(derived[mean_key])]
+
+    def _mean_args(self, section: str, rescale: float) -> List[str]:
+        s = self.config[section]
+        args = ["--rescale-factor", _num(rescale), _flag_bool("equalize-hist", s["equalize_hist"])]
+        if s["img_scale"] != "none":
+            args += ["--img-scale", _num(s["img_scale"])]
+        return args
+
+    def _plan_mean(self):
+        c = self.config
+        rescale = c["data"]["rescale_factor"]
+        if rescale == AUTO:
+            rescale = detect_rescale_factor(self.whole_img_dir() / "train")
+        steps, means = [], {}
+        h, w = c["image_train"]["img_size"]
+        wanted = {"image_mean": (c["image_train"]["featurewise_mean"],
+                                 [self.rel(self.whole_img_dir() / "train"), "--img-size", str(h),
+                                  str(w)] + self._mean_args("image_train", rescale))}
+        if self.trains_patches():
+            ps = c["patches"]["patch_size"]
+            wanted["patch_mean"] = (c["patch_train"]["featurewise_mean"],
+                                    ["patches/train", "--img-size", str(ps), str(ps)]
+                                    + self._mean_args("patch_train", rescale))
+        for key, (given, args) in wanted.items():
+            if given != AUTO:
+                means[key] = float(given)
+            else:
+                steps.append(Step("compute_mean", args + ["--workers", str(c["run"]["workers"])],
+                                  describe=[key]))
+        if not self.trains_patches():
+            means["patch_mean"] = self._model_mean(self.patch_model())
+        result = {"rescale_factor": rescale, **means}
+
+        def write():
+            for step in steps:   # each compute_mean step's last printed line is its mean
+                result[step.describe[0]] = float(self._last_output_line(step))
+            _atomic_json(self.out / DERIVED_FILE, result)
+
+        return StageSpec("mean", steps + [Step(func=write, describe=["write derived.json"])],
+                         deps=["data", "sample_patches"], outputs=[DERIVED_FILE],
+                         complete=[DERIVED_FILE], extra={"given": result})
+
+    @staticmethod
+    def _model_mean(model: Path) -> float:
+        import dm_image
+
+        recipe = dm_image.InputRecipe.from_model_file(model)
+        if recipe is None or recipe.featurewise_mean is None:
+            raise ValueError(f"patch model {model} carries no featurewise mean; set "
+                             f"patch_train.featurewise_mean")
+        return float(recipe.featurewise_mean)
+
+    def _plan_patch_train(self):
+        if not self.trains_patches():
+            return None
+        t, ps = self.config["patch_train"], self.config["patches"]["patch_size"]
+        scale = self._scale_args("patch_train", self.derived(), "patch_mean")
+        args = (["patches/train", "patches/val", "patches/test", "--img-size", str(ps), str(ps)]
+                + scale + [_flag_bool("equalize-hist", t["equalize_hist"]),
+                           "--class-list", *t["class_list"],
+                           "--batch-size", str(t["batch_size"]),
+                           "--train-bs-multiplier", _num(t["train_bs_multiplier"]),
+                           _flag_bool("augmentation", t["augmentation"])]
+                + (["--load-train-ram", "--load-val-ram"] if t["load_ram"] else [])
+                + ["--net", t["net"], _flag_bool("use-pretrained", t["use_pretrained"]),
+                   "--nb-init-filter", str(t["nb_init_filter"]),
+                   "--init-filter-size", str(t["init_filter_size"]),
+                   "--init-conv-stride", str(t["init_conv_stride"]),
+                   "--nb-epoch", str(t["nb_epoch"]),
+                   "--top-layer-epochs", str(t["top_layer_epochs"]),
+                   "--all-layer-epochs", str(t["all_layer_epochs"]),
+                   "--optimizer", t["optimizer"], "--init-learningrate", _num(t["learning_rate"])]
+                + list(t["extra_args"]) + ["--best-model", "models/patch_clf.h5"])
+        return StageSpec("patch_train", [Step("patch_clf_train", args)],
+                         deps=["sample_patches"], outputs=["models/patch_clf.h5*"],
+                         complete=["models/patch_clf.h5", "models/patch_clf.h5.curves.png"])
+
+    def _plan_image_train(self):
+        t, der = self.config["image_train"], self.derived()
+        h, w = t["img_size"]
+        wi = self.whole_img_dir()
+        args = ([self.rel(wi / s) for s in ("train", "val", "test")]
+                + ["--patch-model-state", self.rel(self.patch_model()),
+                   "--patch-net", self.patch_net(), "--img-size", str(h), str(w)]
+                + self._scale_args("image_train", der, "image_mean")
+                + [_flag_bool("equalize-hist", t["equalize_hist"]),
+                   "--batch-size", str(t["batch_size"]),
+                   "--train-bs-multiplier", _num(t["train_bs_multiplier"]),
+                   "--block-type", t["block_type"],
+                   "--top-depths", *map(str, t["top_depths"]),
+                   "--top-repetitions", *map(str, t["top_repetitions"]),
+                   "--bottleneck-enlarge-factor", str(t["bottleneck_enlarge_factor"])]
+                + ([] if t["kept_layer_idx"] == AUTO
+                   else ["--kept-layer-idx", str(t["kept_layer_idx"])])
+                + ["--nb-epoch", str(t["nb_epoch"]),
+                   "--all-layer-epochs", str(t["all_layer_epochs"]),
+                   "--optimizer", t["optimizer"], "--init-learningrate", _num(t["learning_rate"]),
+                   "--all-layer-multiplier", _num(t["all_layer_multiplier"]),
+                   _flag_bool("augmentation", t["augmentation"])]
+                + (["--load-train-ram", "--load-val-ram"] if t["load_ram"] else [])
+                + list(t["extra_args"]) + ["--best-model", "models/image_clf.h5"])
+        return StageSpec("image_train", [Step("image_clf_train", args)],
+                         deps=["data", "patch_train"],
+                         inputs=[] if self.trains_patches() else [str(self.patch_model())],
+                         outputs=["models/image_clf.h5*"],
+                         complete=["models/image_clf.h5", "models/image_clf.h5.curves.png"])
+
+    def _predict(self, name, flips):
+        c, der = self.config, self.derived()
+        h, w = c["image_train"]["img_size"]
+        out = f"predictions/{'flips' if flips else 'no_flips'}"
+        args = (["--model", "models/image_clf.h5", "--img-dir",
+                 self.rel(self.whole_img_dir() / "test"), "--img-size", str(h), str(w)]
+                + self._scale_args("image_train", der, "image_mean")
+                + [_flag_bool("equalize-hist", c["image_train"]["equalize_hist"]),
+                   "--batch-size", str(c["predict"]["batch_size"]),
+                   "--bootstrap", str(c["predict"]["bootstrap"]),
+                   "--seed", str(c["run"]["seed"]), "--no-verbose"]
+                + (["--test-augment"] if flips else []) + list(c["predict"]["extra_args"])
+                + ["--out-dir", out])
+        return StageSpec(name, [Step("image_clf_predict", args)], deps=["data", "image_train"],
+                         outputs=[out], complete=[f"{out}/metrics.json",
+                                                  f"{out}/image_predictions.csv"])
+
+    def _plan_predict(self):
+        return self._predict("predict", False)
+
+    def _plan_predict_flips(self):
+        return self._predict("predict_flips", True) if self.config["predict"]["flips"] else None
+
+    def scored_predictions(self) -> Path:
+        """The predictions the heatmaps and the report pick their images from."""
+        kind = "flips" if self.config["predict"]["flips"] else "no_flips"
+        return self.out / "predictions" / kind / "image_predictions.csv"
+
+    def _pick_images(self) -> List[Path]:
+        """The highest-scored positive and the highest-scored negative test image."""
+        best = {}
+        with open(self.scored_predictions(), newline="") as fh:
+            for row in csv.DictReader(fh):
+                if not row["malignant_pred"] or row["malignant_label"] not in ("0", "1"):
+                    continue
+                score, label = float(row["malignant_pred"]), row["malignant_label"]
+                if label not in best or score > best[label][0]:
+                    best[label] = (score, row["path"])
+        path = self.out / "predictions"
+        return [Path(best[k][1]) if Path(best[k][1]).is_absolute() else path / best[k][1]
+                for k in ("1", "0") if k in best]
+
+    def _plan_heatmaps(self):
+        c, der = self.config, self.derived()
+        if not c["heatmaps"]["enabled"]:
+            return None
+        h, w = c["image_train"]["img_size"]
+        full = self.data_dir() / "full_img" if self.source != "class_folders" else None
+        test_dir = self.whole_img_dir() / "test"
+        folder = full if full is not None and full.is_dir() else test_dir
+        masks = self.data_dir() / "roi_mask" if self.source != "class_folders" else None
+        pool = c["heatmaps"]["avg_pool_size"]
+        if pool == AUTO:
+            pool = max(1, c["patches"]["patch_size"] // 32)
+        # the patch net on whole images, with the intensities it was trained on
+        pt = c["patch_train"]
+        scale = ["--rescale-factor", _num(der["rescale_factor"])]
+        scale += (["--img-scale", _num(pt["img_scale"])] if pt["img_scale"] != "none"
+                  else ["--no-img-scale"])
+        args = ([self.rel(folder), self.rel(self.patch_model()), "--img-list",
+                 "heatmaps/images.txt", "--fprop-mode", "--net", self.patch_net(),
+                 "--img-size", str(h), str(w)] + scale
+                + ["--featurewise-center", "--featurewise-mean", _num(der["patch_mean"]),
+                   _flag_bool("equalize-hist", pt["equalize_hist"]),
+                   "--avg-pool-size", str(pool), str(pool), "--malignant-class", "1",
+                   "--class-list", *c["patch_train"]["class_list"], "--no-verbose"]
+                + (["--roi-mask-dir", self.rel(masks)] if masks and masks.is_dir() else [])
+                + list(c["heatmaps"]["extra_args"])
+                + ["--out", "heatmaps/prob_heatmap.npz", "--png-dir", "heatmaps"])
+
+        def write_list():
+            lines = []
+            for img in self._pick_images():
+                if folder == full:
+                    cand = [p for p in full.glob(img.stem + ".*") if p.is_file()]
+                    img = cand[0] if cand else img
+                lines.append(os.path.relpath(img, folder) + "\n")
+            atomic_write(self.out / "heatmaps" / "images.txt",
+                         lambda fh: fh.write("".join(lines)), text=True)
+
+        pick = Step(func=write_list, describe=["heatmaps/images.txt: highest-scored positive and "
+                                               "negative of", self.rel(self.scored_predictions())])
+        deps = ["data", "patch_train", "predict_flips" if c["predict"]["flips"] else "predict"]
+        return StageSpec("heatmaps", [pick, Step("heatmap_score", args)], deps=deps,
+                         inputs=[] if self.trains_patches() else [str(self.patch_model())],
+                         outputs=["heatmaps"], complete=["heatmaps/prob_heatmap.npz"])
+
+    def _plan_report(self):
+        def write():
+            import report
+            report.write_report(self.out, self.config_path, self.config, self.state,
+                                whole_img_dir=self.whole_img_dir(), stage_order=STAGES)
+
+        deps = [s for s in STAGES if s != "report"]
+        return StageSpec("report", [Step(func=write, describe=["report.write_report"])],
+                         deps=deps, outputs=["report.html", "summary.json"],
+                         complete=["report.html", "summary.json"],
+                         extra={"config": _hash(self.config_path.read_text())})
+
+    # ---------------------------------------------------------------- running
+    def _log_path(self, name: str) -> Path:
+        return self.out / "logs" / f"{STAGES.index(name) + 1}_{name}.log"
+
+    def _last_output_line(self, step: Step) -> str:
+        lines = [ln for ln in step.output.splitlines() if ln.strip()]
+        if not lines:
+            raise StageError(f"{step.script} printed nothing")
+        return lines[-1].strip()
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["RANDOM_SEED"] = str(self.config["run"]["seed"])
+        env["NUM_CPU_CORES"] = str(self.config["run"]["workers"])
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        env["PYTHONUNBUFFERED"] = "1"
+        root = str(HERE.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"]
+                                    if env.get("PYTHONPATH") else "")
+        return env
+
+    def fingerprint(self, spec: StageSpec) -> str:
+        stages = self.state["stages"]
+        return _hash({"steps": [s.key() for s in spec.steps],
+                      "seed": self.config["run"]["seed"],
+                      "deps": {d: stages.get(d, {}).get("stamp") for d in spec.deps},
+                      "inputs": files_fingerprint(spec.inputs) if spec.inputs else None,
+                      "extra": spec.extra})
+
+    def _save_state(self) -> None:
+        _atomic_json(self.state_path, self.state)
+
+    def _say(self, text: str) -> None:
+        logger.info(text)
+
+    def _complete(self, spec: StageSpec) -> bool:
+        return all((self.out / p).exists() for p in spec.complete)
+
+    def _clean(self, spec: StageSpec) -> None:
+        for pattern in spec.outputs:
+            for path in sorted(self.out.glob(pattern)):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+
+    def run_stage(self, name: str, force: bool = False) -> str:
+        """Run, resume or skip one stage. Returns "ran", "skipped" or "not used"."""
+        spec = self.plan(name)
+        record = self.state["stages"].get(name)
+        if spec is None:
+            self.state["stages"][name] = {"status": "not used", "stamp": None}
+            self._save_state()
+            return "not used"
+        fp = self.fingerprint(spec)
+        if (not force and record and record.get("status") == "done"
+                and record.get("fingerprint") == fp and self._complete(spec)):
+            self._say(f"[{name}] unchanged, skipped (ran in {record.get('seconds', 0):.0f}s)")
+            return "skipped"
+        resume = (not force and record and record.get("fingerprint") == fp
+                  and record.get("status") in ("running", "failed"))
+        if not resume:
+            self._clean(spec)
+        log = self._log_path(name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.state["stages"][name] = {"status": "running", "fingerprint": fp,
+                                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                      "commands": [s.key() for s in spec.steps],
+                                      "log": self.rel(log)}
+        self._save_state()
+        self._say(f"[{name}] {'resuming' if resume else 'running'} (log: {self.rel(log)})")
+        t0 = time.monotonic()
+        env = self._env()
+        with open(log, "a" if resume else "w", encoding="utf-8") as fh:
+            for step in spec.steps:
+                if step.func is not None:
+                    fh.write(f"==> {' '.join(step.key())}\n")
+                    fh.flush()
+                    step.func()
+                    continue
+                argv = [sys.executable, str(HERE / f"{step.script}.py")] + step.args
+                fh.write(f"==> {' '.join(step.key())}\n")
+                fh.flush()
+                proc = subprocess.run(argv, cwd=self.out, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, errors="replace")
+                fh.write(proc.stdout)
+                fh.flush()
+                step.output = proc.stdout
+                if proc.returncode != 0:
+                    self.state["stages"][name]["status"] = "failed"
+                    self._save_state()
+                    tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [""]
+                    raise StageError(f"stage {name}: {step.script}.py exited with status "
+                                     f"{proc.returncode} (log {log}): {tail[0].strip()}")
+        seconds = time.monotonic() - t0
+        self.state["stages"][name].update(
+            status="done", seconds=round(seconds, 1),
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S"), stamp=_hash([fp, time.time()]))
+        if name == "data" and not spec.steps:   # a folder's stamp is its content
+            self.state["stages"][name]["stamp"] = fp
+        self._save_state()
+        self._say(f"[{name}] done in {seconds:.1f}s")
+        return "ran"
+
+    def run(self, from_stage: Optional[str] = None, only: Optional[str] = None) -> dict:
+        """Run the stages (all, from ``from_stage`` on, or ``only`` one); see the module doc."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        first = STAGES.index(only or from_stage) if (only or from_stage) else 0
+        for name in STAGES[:first]:
+            rec = self.state["stages"].get(name, {})
+            if rec.get("status") not in ("done", "not used"):
+                raise StageError(f"stage {name} has not finished in {self.out}; run the "
+                                 f"pipeline without --from/--only first")
+        names = [only] if only else list(STAGES[first:])
+        for name in names:
+            self.ran[name] = self.run_stage(name, force=bool(only or from_stage))
+        return self.ran
+
+
+def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None,
+        only: Optional[str] = None) -> dict:
+    """Run the pipeline of ``config`` into ``out`` and print where the report is.
+
+    Args:
+        config: the TOML config.
+        out: the run folder (default: ``runs/<config name>``); a second run into the same
+            folder skips what is unchanged.
+        from_stage: rerun this stage and every later one.
+        only: run only this stage (the earlier ones must be complete).
+
+    Returns:
+        ``{stage: "ran" | "skipped" | "not used"}`` of this call.
+
+    Raises:
+        ConfigError: a bad config (one line naming the key and the file).
+        StageError: a tool failed (its stage, exit status and log).
+    """
+    if from_stage and only:
+        raise ValueError("give --from or --only, not both")
+    pipe = Pipeline(config, out or Path("runs") / Path(config).stem)
+    result = pipe.run(from_stage=from_stage, only=only)
+    summary = pipe.out / "summary.json"
+    if summary.is_file():
+        import report
+        print(report.format_summary(json.loads(summary.read_text())))
+    ran = sum(v == "ran" for v in result.values())
+    print(f"{ran} stage(s) ran, {sum(v == 'skipped' for v in result.values())} skipped")
+    print(f"Report: {pipe.out / 'report.html'}")
+    return result
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """Parser of ``run_pipeline.py``."""
+    parser = argparse.ArgumentParser(
+        description="Run the whole method (data, patches, patch and whole-image training, "
+                    "prediction, heatmaps, report) from one TOML config; unchanged stages of an "
+                    "earlier run into the same folder are skipped.")
+    parser.add_argument("config", metavar="CONFIG.toml",
+                        help="pipeline config (see ddsm_train/configs/)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="run folder (default: runs/<config name>); reuse it to skip "
+                             "unchanged stages")
+    parser.add_argument("--from", dest="from_stage", choices=STAGES, default=None,
+                        help="rerun this stage and all later ones (default: only what changed)")
+    parser.add_argument("--only", choices=STAGES, default=None,
+                        help="run only this stage; the earlier ones must be complete "
+                             "(default: all stages)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """Command-line entry point: a bad config exits with status 2, a failed stage with 1."""
+    try:
+        return cli_main(get_args_parser(), run, argv)
+    except StageError as err:
+        sys.exit(f"run_pipeline.py: {err}")
+
+
+if __name__ == "__main__":
+    main()

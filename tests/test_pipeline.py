@@ -1,0 +1,341 @@
+"""``ddsm_train/run_pipeline.py`` end to end on the demo config at a reduced size, its skipping and
+rerunning rules, its config checks, and its ``report.html`` in a real browser.
+
+The reduced run (``ddsm_train/configs/demo.toml`` with 40 patients and 1-3 epochs per training
+stage, the same pixel scale) runs once per module; the other tests copy its folder and run the
+pipeline again there.
+"""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TOML = REPO / "ddsm_train" / "configs" / "demo.toml"
+SMALL = """
+[synthetic]
+patients = 40
+lesion_contrast = 3.0
+[patches]
+nb_bkg = 8
+nb_abn = 12
+nb_hns = 2
+[patch_train]
+nb_epoch = 3
+[image_train]
+nb_epoch = 1
+all_layer_epochs = 3
+[predict]
+bootstrap = 200
+"""
+STAGES = ["data", "sample_patches", "mean", "patch_train", "image_train", "predict",
+          "predict_flips", "heatmaps", "report"]
+
+
+def _write_config(folder: Path, extra: str = "") -> Path:
+    path = folder / "small.toml"
+    path.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n{SMALL}{extra}')
+    return path
+
+
+def _pipeline(config: Path, out: Path, *args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "ddsm_train" / "run_pipeline.py"),
+                           str(config), "--out", str(out), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return proc
+
+
+def _what_ran(stdout: str) -> dict:
+    """{stage: "ran" / "skipped"} from the pipeline's progress lines."""
+    out = {}
+    for line in stdout.splitlines():
+        for stage in STAGES:
+            if f"[{stage}] unchanged, skipped" in line:
+                out[stage] = "skipped"
+            elif f"[{stage}] done in" in line:
+                out[stage] = "ran"
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    config = _write_config(folder)
+    out = folder / "run"
+    proc = _pipeline(config, out)
+    assert proc.returncode == 0, (proc.stdout[-4000:], proc.stderr[-4000:])
+    return config, out, proc.stdout
+
+
+def _copy_run(pipeline_run, tmp_path):
+    config, out, _ = pipeline_run
+    copy = tmp_path / "moved_run"
+    shutil.copytree(out, copy, symlinks=True)
+    return config, copy
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage(pipeline_run):
+    import cv2
+
+    _, out, stdout = pipeline_run
+    assert _what_ran(stdout) == {s: "ran" for s in STAGES}
+    state = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    assert [s for s in STAGES if state[s]["status"] == "done"] == STAGES
+    assert all((out / state[s]["log"]).is_file() for s in STAGES)
+    assert stdout.strip().splitlines()[-1] == f"Report: {out.resolve() / 'report.html'}"
+    for split in ("train", "val", "test"):
+        for cls in ("background", "malignant", "benign"):
+            assert list((out / "patches" / split / cls).glob("*.png")), (split, cls)
+    assert not (out / "patches" / "test_unused").exists()
+    n_test = sum(len(list((out / "data" / "whole_img" / "test" / c).glob("*.png")))
+                 for c in ("neg", "pos"))
+    for kind in ("no_flips", "flips"):
+        metrics = json.loads((out / "predictions" / kind / "metrics.json").read_text())["image"]
+        assert metrics["n"] == n_test
+        assert metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_auroc_flips"] == metrics["auroc"]
+    assert summary["test_auroc_flips"] > 0.5              # a small run, but it must learn
+    for name in ("patch_clf.h5.curves.png", "image_clf.h5.curves.png"):
+        assert cv2.imread(str(out / "models" / name)) is not None
+
+
+@pytest.mark.slow
+def test_pipeline_derives_scale_and_means_from_the_train_split(pipeline_run):
+    """16-bit data gives 255/65535; each mean is that of its net's train inputs."""
+    import compute_mean
+
+    _, out, _ = pipeline_run
+    derived = json.loads((out / "derived.json").read_text())
+    assert derived["rescale_factor"] == 0.003891
+    whole = compute_mean.image_mean(out / "data" / "whole_img" / "train", (288, 224),
+                                    rescale_factor=0.003891)
+    patches = compute_mean.image_mean(out / "patches" / "train", (64, 64),
+                                      rescale_factor=0.003891)
+    assert derived["image_mean"] == pytest.approx(whole["mean"], abs=1e-4)
+    assert derived["patch_mean"] == pytest.approx(patches["mean"], abs=1e-4)
+    assert abs(derived["patch_mean"] - derived["image_mean"]) > 1   # two different means
+    train_cmd = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    args = train_cmd["patch_train"]["commands"][0]
+    assert args[args.index("--featurewise-mean") + 1] == repr(derived["patch_mean"])
+    args = train_cmd["image_train"]["commands"][0]
+    assert args[args.index("--featurewise-mean") + 1] == repr(derived["image_mean"])
+    assert args[args.index("--patch-net") + 1] == "dm_resnet14"
+
+
+@pytest.mark.slow
+def test_heatmaps_show_the_highest_scored_positive_and_negative(pipeline_run):
+    _, out, _ = pipeline_run
+    with open(out / "predictions" / "flips" / "image_predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    best = {lab: max((r for r in rows if r["malignant_label"] == lab),
+                     key=lambda r: float(r["malignant_pred"])) for lab in ("1", "0")}
+    listed = (out / "heatmaps" / "images.txt").read_text().split()
+    assert listed == [Path(best[lab]["path"]).name for lab in ("1", "0")]
+    for name in listed:
+        assert (out / "heatmaps" / f"{Path(name).stem}_heatmap.png").is_file()
+    page = (out / "report.html").read_text()
+    assert all(f"{Path(n).stem}_heatmap.png" in page for n in listed)
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_stage_and_the_folder_can_move(pipeline_run, tmp_path):
+    config, out = _copy_run(pipeline_run, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    proc = _pipeline(config, out)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert _what_ran(proc.stdout) == {s: "skipped" for s in STAGES}
+    assert "0 stage(s) ran, 9 skipped" in proc.stdout
+    changed = [p for p, t in before.items() if p.is_file() and p.stat().st_mtime_ns != t
+               and p.name != "pipeline_state.json"]
+    assert not changed
+
+
+@pytest.mark.slow
+def test_changed_prediction_setting_reruns_prediction_and_after_only(pipeline_run, tmp_path):
+    config, out = _copy_run(pipeline_run, tmp_path)
+    model = out / "models" / "image_clf.h5"
+    stamp = model.stat().st_mtime_ns
+    changed = tmp_path / "changed.toml"
+    changed.write_text(config.read_text().replace("bootstrap = 200", "bootstrap = 100"))
+    proc = _pipeline(changed, out)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ran = _what_ran(proc.stdout)
+    assert ran == {"data": "skipped", "sample_patches": "skipped", "mean": "skipped",
+                   "patch_train": "skipped", "image_train": "skipped", "predict": "ran",
+                   "predict_flips": "ran", "heatmaps": "ran", "report": "ran"}
+    assert model.stat().st_mtime_ns == stamp
+    opts = json.loads((out / "predictions" / "flips" / "options.json").read_text())
+    assert opts["bootstrap"] == 100
+
+
+@pytest.mark.slow
+def test_interrupted_stage_resumes_with_the_same_command(pipeline_run, tmp_path):
+    """A stage left "running" with an unchanged fingerprint runs again with the same command,
+    its outputs and log kept (a trainer resumes from its checkpoint); the trainers after the
+    mean stage read only its values, which came out the same, so they stay skipped."""
+    config, out = _copy_run(pipeline_run, tmp_path)
+    state_path = out / "pipeline_state.json"
+    state = json.loads(state_path.read_text())
+    state["stages"]["mean"]["status"] = "running"
+    state_path.write_text(json.dumps(state))
+    log = out / state["stages"]["mean"]["log"]
+    first = log.read_text()
+    proc = _pipeline(config, out)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "[mean] resuming" in proc.stdout
+    ran = _what_ran(proc.stdout)
+    assert {s for s, v in ran.items() if v == "ran"} == {"mean", "report"}
+    assert log.read_text().startswith(first) and log.read_text().count("==> compute_mean") == 4
+
+
+@pytest.mark.slow
+def test_from_stage_reruns_it_and_the_later_ones(pipeline_run, tmp_path):
+    config, out = _copy_run(pipeline_run, tmp_path)
+    proc = _pipeline(config, out, "--from", "heatmaps")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ran = _what_ran(proc.stdout)
+    assert {s for s, v in ran.items() if v == "ran"} == {"heatmaps", "report"}
+
+
+# ------------------------------------------------------------------ report in a browser
+_CHECK_SCRIPT = """<script>
+window.__errors = [];
+window.addEventListener('error', function (e) {
+  var t = e.target;
+  window.__errors.push(t && t.src ? 'failed to load ' + t.src : 'script error ' + e.message);
+}, true);
+['error', 'warn'].forEach(function (level) {
+  var orig = console[level];
+  console[level] = function () {
+    window.__errors.push('console.' + level + ' ' + Array.prototype.join.call(arguments, ' '));
+    orig.apply(console, arguments);
+  };
+});
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var broken = imgs.filter(function (i) { return !i.complete || i.naturalWidth === 0; })
+                   .map(function (i) { return i.getAttribute('src'); });
+  document.body.setAttribute('data-images', String(imgs.length));
+  document.body.setAttribute('data-broken', JSON.stringify(broken));
+  document.body.setAttribute('data-errors', JSON.stringify(window.__errors));
+});
+</script>"""
+
+
+def _browser():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no headless Chromium installed (Debian: apt-get install chromium)")
+
+
+def browser_check(page: Path) -> dict:
+    """Open ``page`` in headless Chromium with a script that records images that did not load,
+    script errors and console errors/warnings; also any console line Chromium logged."""
+    import html
+    import re
+
+    probe = page.with_name(f"_browser_check_{page.name}")
+    text = page.read_text()
+    probe.write_text(text.replace("<head>", "<head>" + _CHECK_SCRIPT, 1))
+    try:
+        proc = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu",
+                               "--enable-logging=stderr", "--v=0",
+                               "--virtual-time-budget=10000", "--dump-dom",
+                               probe.resolve().as_uri()],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink()
+    body = re.search(r"<body([^>]*)>", proc.stdout)
+    assert body, f"the browser rendered no page: {proc.stderr[-2000:]}"
+    attrs = dict(re.findall(r'(data-[a-z]+)="([^"]*)"', body.group(1)))
+    assert "data-images" in attrs, f"the page's load event never came: {proc.stderr[-2000:]}"
+    return {"images": int(attrs["data-images"]),
+            "broken": json.loads(html.unescape(attrs["data-broken"])),
+            "errors": json.loads(html.unescape(attrs["data-errors"])),
+            "console": [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln],
+            "dom": proc.stdout}
+
+
+@pytest.mark.slow
+def test_report_renders_in_a_browser_with_every_image(pipeline_run):
+    _, out, _ = pipeline_run
+    result = browser_check(out / "report.html")
+    assert result["broken"] == [] and result["errors"] == [] and result["console"] == []
+    # ROC, PR, two heatmap overlays, two training curves
+    assert result["images"] == 6
+    for text in ("Test metrics", "95% CI", "Heatmaps", "Training curves", "Stages",
+                 "patch_mean", "[synthetic]"):
+        assert text in result["dom"]
+
+
+def test_browser_check_sees_a_missing_image_and_a_console_error(tmp_path):
+    page = tmp_path / "page.html"
+    page.write_text('<!DOCTYPE html><html><head><title>t</title></head><body>'
+                    '<img src="missing.png"><script>console.error("boom")</script></body></html>')
+    result = browser_check(page)
+    assert result["broken"] == ["missing.png"]
+    assert any("missing.png" in e for e in result["errors"])
+    assert any("boom" in e for e in result["errors"])
+
+
+# ------------------------------------------------------------------ config checks (fast)
+def _main_error(capsys, config, out):
+    import run_pipeline
+
+    with pytest.raises(SystemExit) as exc:
+        run_pipeline.main([str(config), "--out", str(out)])
+    return exc.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[patch_train]\nnb_epochs = 3\n', ["unknown key 'patch_train.nb_epochs'"]),
+    ('[image_train]\nnb_epoch = "3"\n', ["key 'image_train.nb_epoch' should be an integer",
+                                         "'3'"]),
+    ('[image_train]\nimg_size = [288]\n', ["'image_train.img_size'", "two integers"]),
+    ('[patch_train]\nfeaturewise_mean = "mean"\n', ["'patch_train.featurewise_mean'",
+                                                    'a number or "auto"']),
+    ('[trainer]\nnb_epoch = 3\n', ["unknown section [trainer]"]),
+    ('seed = 1\n', ["unknown key 'seed'"]),
+    ('[data]\nsource = "dicom"\n', ["'data.source'", "synthetic"]),
+    ('[data]\nsource = "class_folders"\ndir = "x"\n', ["'patches.model'"]),
+    ('[run\n', ["not valid TOML"]),
+])
+def test_bad_config_is_one_line_naming_key_and_file(tmp_path, capsys, text, words):
+    config = tmp_path / "bad.toml"
+    config.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n{text}')
+    code, err = _main_error(capsys, config, tmp_path / "run")
+    assert code == 2 and len(err) == 1, err
+    assert str(config) in err[0] and all(w in err[0] for w in words), err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_key_in_an_extended_file_names_that_file(tmp_path, capsys):
+    base = tmp_path / "base.toml"
+    base.write_text("[predict]\nflips = 1\n")
+    top = tmp_path / "top.toml"
+    top.write_text('extends = "base.toml"\n')
+    code, err = _main_error(capsys, top, tmp_path / "run")
+    assert code == 2 and str(base) in err[0] and "'predict.flips'" in err[0]
+
+
+def test_config_extends_and_defaults(tmp_path):
+    import pipeline_config
+
+    config = pipeline_config.load_config(_write_config(tmp_path))
+    assert config["synthetic"]["patients"] == 40                 # from the small config
+    assert config["synthetic"]["img_height"] == 576              # from demo.toml
+    assert config["patch_train"]["net"] == "dm_resnet14"
+    assert config["predict"]["batch_size"] == 4
+    shipped = sorted((REPO / "ddsm_train" / "configs").glob("*.toml"))
+    assert [p.name for p in shipped] == ["cbis_ddsm_2017.toml", "demo.toml", "own_data.toml"]
+    for path in shipped:
+        pipeline_config.load_config(path)                        # every shipped config loads
