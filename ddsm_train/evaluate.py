@@ -61,6 +61,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import eval_metrics as em  # noqa: E402
+import common_flags as cf  # noqa: E402
 from ddsm_names import EXAM_SIDES, EXAM_VIEWS, exam_view_side, parse_image_name  # noqa: E402
 from dm_image import atomic_write  # noqa: E402
 from script_utils import cli_main, read_csv_table, run_defaults  # noqa: E402
@@ -615,8 +616,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                                            "--exam-list)")
     p.add_argument("--score-col", nargs="+", help="score column(s), one model each (default: "
                                                   "malignant_pred)")
-    p.add_argument("--label-col", help="label column, 0/1 (default: malignant_label, label, "
-                                       "cancer or malignant, whichever is present)")
+    p.add_argument("--label-col", help="column holding each case's true label, 1 positive and 0 "
+                                       "negative (default: malignant_label, label, cancer or "
+                                       "malignant, whichever is present)")
     p.add_argument("--id-col", default=d["id_col"],
                    help="column naming each image (default: %(default)s)")
     p.add_argument("--names", nargs="+", help="model names, one per file or --score-col "
@@ -624,27 +626,29 @@ def get_args_parser() -> argparse.ArgumentParser:
                                               "file stem or folder/stem for several)")
     p.add_argument("--breast-combine", choices=sorted(_COMBINE), default=d["breast_combine"],
                    help="how the views of a breast are combined (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=d["threshold"],
+    p.add_argument("--threshold", type=cf.fraction, default=d["threshold"],
                    help="fixed operating point (score >= threshold positive), reported "
                         "without --val-predictions (default: %(default)s)")
-    p.add_argument("--target-sensitivity", type=float, default=d["target_sensitivity"],
+    p.add_argument("--target-sensitivity", type=cf.fraction, default=d["target_sensitivity"],
                    help="sensitivity the validation-chosen threshold keeps "
                         "(default: %(default)s)")
-    p.add_argument("--target-specificity", type=float, default=d["target_specificity"],
+    p.add_argument("--target-specificity", type=cf.fraction, default=d["target_specificity"],
                    help="specificity the validation-chosen threshold keeps "
                         "(default: %(default)s)")
     p.add_argument("--calibrate", choices=em.CALIBRATION_METHODS,
                    help="fit a recalibration on --val-predictions and write calibrated test "
                         "scores and the map (default: none)")
-    p.add_argument("--bootstrap", type=int, default=d["bootstrap"],
+    p.add_argument("--bootstrap", type=cf.nonneg_int, default=d["bootstrap"],
                    help="bootstrap resamples for 95%% intervals, 0 for none "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d["seed"],
-                   help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
+                   help="seed of the bootstrap resampling of the confidence intervals "
+                        "(default: %(default)s)")
     p.add_argument("--quiet", action="store_true",
                    help="do not print the table (default: printed)")
     p.add_argument("--out-dir", default=d["out_dir"],
-                   help="output folder (default: %(default)s)")
+                   help="folder receiving metrics.json and the ROC, PR and reliability PNGs "
+                        "(default: %(default)s)")
     return p
 
 

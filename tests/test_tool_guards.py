@@ -108,13 +108,15 @@ def test_compute_mean_refuses_8bit_levels_under_the_16bit_factor(tmp_path, capsy
     import compute_mean
     from conftest import imwrite
 
-    for i in range(3):
-        imwrite(tmp_path / "train" / f"{i}.png", np.full((16, 12), 40 + i, np.uint8))
+    for i in range(3):   # two levels each (a constant image gives no mean): 38+i and 40+i
+        img = np.full((16, 12), 38 + i, np.uint8)
+        img[8:] += 2
+        imwrite(tmp_path / "train" / f"{i}.png", img)
     code, err = _exit_code(compute_mean.main, [str(tmp_path / "train"), "--img-size", "16", "12",
                                                "--rescale-factor", "0.003891"], capsys)
     assert code == 2 and "8-bit levels (up to 42)" in err and "--no-rescale-factor" in err
     assert compute_mean.main([str(tmp_path / "train"), "--img-size", "16", "12"])["mean"] == \
-        pytest.approx(41.0)
+        pytest.approx(40.0)
 
 
 def test_trainers_refuse_16bit_levels_without_the_factor_before_any_model(data, tmp_path,
