@@ -9,8 +9,8 @@ trained on:
   ``P_00001_LEFT_CC``, with side one of :data:`SIDES` and view one of :data:`VIEWS`; its file
   is ``{name}.png`` (``full_img/``, ``whole_img/...``);
 * a lesion mask is ``{Calc|Mass}-{Training|Test}_{patient}_{side}_{view}_{abn}.png``;
-* an exam list (the 2017 pickle of ``image_clf_predict.py``) keys its image stems by
-  :data:`EXAM_VIEWS` (``L-CC``...).
+* an exam list (read by ``image_clf_predict.py`` and ``evaluate.py``) keys its image stems
+  by :data:`EXAM_VIEWS` (``L-CC``...) and its labels by :data:`EXAM_SIDES`.
 
 Every part a name is built from must be a plain file-name part
 (:func:`script_utils.safe_name_part`): a patient id such as ``../x`` is refused with
@@ -38,8 +38,8 @@ EXAM_VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
 #: The breast sides as an exam list's ``cancer_label`` keys spell them (``left_malignant``).
 EXAM_SIDES = ("left", "right")
 
-_IMAGE_NAME = re.compile(r"(?P<patient>.+?)_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:$|[_.])",
-                         re.IGNORECASE)
+_IMAGE_NAME = re.compile(rf"(?P<patient>.+?)_(?P<side>{'|'.join(SIDES)})"
+                         rf"_(?P<view>{'|'.join(VIEWS)})(?:$|[_.])", re.IGNORECASE)
 _MASK_NAME = re.compile(r"^(?P<type>[A-Za-z]+)-(?P<split>[A-Za-z]+)_(?P<image>.+)_(?P<abn>\d+)"
                         r"\.png$")
 
