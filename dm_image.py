@@ -22,6 +22,7 @@ preparation, and their worker processes, use only the image functions): the iter
 which are ``tf_keras.utils.Sequence`` subclasses, are created on first use, and a recipe's
 backbone preprocessing function is looked up only when it is applied.
 """
+import collections.abc
 import dataclasses
 import functools
 import hashlib
@@ -56,7 +57,7 @@ __all__ = [
     "keras20_transform_matrix", "fused_warp_matrix",
     # generator, labels and iterators
     "DMImageDataGenerator", "to_sparse", "index_balancer", "batch_balance_weights",
-    "DMDirectoryIterator", "DMNumpyArrayIterator",
+    "DMDirectoryIterator", "DMNumpyArrayIterator",  # noqa: F822  (made by __getattr__)
     # caches
     "cached_read", "load_dat_ram",
     # prediction
@@ -1378,6 +1379,30 @@ class InputRecipe:
             raise ValueError(f"unknown input recipe settings {unknown}; known: {sorted(names)}")
         return cls(**data)
 
+    @classmethod
+    def from_options(cls, options: Any, **settings: Any) -> "InputRecipe":
+        """The recipe of a script's options: the one place options become a recipe.
+
+        Args:
+            options: a mapping (``vars(args)``, a dict) or an object (a trainer's options)
+                whose entries of the recipe's field names (``img_size``, ``img_height``,
+                ``img_scale``, ``rescale_factor``, ``equalize_hist``, ``featurewise_center``,
+                ``featurewise_mean``) are taken; the others keep their defaults.
+            **settings: fields set here instead (``channels``, ``preprocess``, ...).
+
+        Raises:
+            ValueError: an invalid value.
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(options, collections.abc.Mapping):
+            found = {n: options[n] for n in names if n in options}
+        else:
+            found = {n: getattr(options, n) for n in names if hasattr(options, n)}
+        found.update(settings)
+        if found.get("img_size") is not None:
+            found["img_size"] = tuple(found["img_size"])
+        return cls(**found)
+
     def to_json(self) -> str:
         """:meth:`to_dict` as a compact JSON string (sorted keys)."""
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -1813,8 +1838,9 @@ class DMImageDataGenerator:
                 ``equalize_hist`` are used then).
         """
         if recipe is None:
-            recipe = InputRecipe(img_scale=target_scale, rescale_factor=rescale_factor,
-                                 equalize_hist=equalize_hist)
+            recipe = InputRecipe.from_options(dict(
+                img_scale=target_scale, rescale_factor=rescale_factor,
+                equalize_hist=equalize_hist))
         if recipe.equalize_hist:
             stored = _equalize_to_u8(recipe.scale(stored))
             recipe = _LEVELS_AS_IS
@@ -2574,9 +2600,10 @@ def read_img_for_pred(fname: PathLike, equalize_hist: bool = False,
     data_format = data_format or "channels_last"
     if data_format not in _DATA_FORMATS:
         raise ValueError(f"data_format should be one of {_DATA_FORMATS}, got {data_format!r}")
-    recipe = InputRecipe(img_size=target_size, img_height=target_height,
-                         channels=3 if dup_3_channels else 1, img_scale=target_scale,
-                         rescale_factor=rescale_factor, equalize_hist=equalize_hist)
+    recipe = InputRecipe.from_options(dict(
+        img_size=target_size, img_height=target_height, img_scale=target_scale,
+        rescale_factor=rescale_factor, equalize_hist=equalize_hist),
+        channels=3 if dup_3_channels else 1)
     # read_resize_stored wants exactly one size (the recipe would keep the stored size)
     x = recipe.to_input(recipe.intensities(read_resize_stored(fname, target_size,
                                                               target_height)))
@@ -2658,10 +2685,10 @@ def get_prob_heatmap(img_list: Any, target_height: Optional[int], target_scale: 
         return [None]
     single = isinstance(img_list, (str, os.PathLike)) or \
         (isinstance(img_list, np.ndarray) and img_list.ndim == 2)
-    recipe = InputRecipe(img_height=target_height, channels=_model_channels(model),
-                         img_scale=target_scale, equalize_hist=equalize_hist,
-                         featurewise_center=featurewise_center,
-                         featurewise_mean=featurewise_mean)
+    recipe = InputRecipe.from_options(dict(
+        img_height=target_height, img_scale=target_scale, equalize_hist=equalize_hist,
+        featurewise_center=featurewise_center, featurewise_mean=featurewise_mean),
+        channels=_model_channels(model))
     batch_size = _positive_int("batch_size", batch_size)
     heatmaps = []
     for item in ([img_list] if single else img_list):

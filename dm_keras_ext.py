@@ -3,8 +3,29 @@
 Part of the reimplementation of Shen et al., "Deep Learning to Improve Breast Cancer Detection on
 Screening Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. Keras 2 API through tf-keras
 (``import tf_keras as keras``).
+
+The module holds three layers, each in its own sections (the ``# ----`` headings), in order:
+
+1. **Model building**: "patch-net factory" (:func:`get_dl_model`, read from the table of
+   backbones ``dm_resnet.BACKBONES``), "Keras 2.0.8 update rules" (:func:`create_optimizer`),
+   "bias learning-rate multiplier", "rebuilding with new settings"
+   (:func:`set_regularization`), "frozen BatchNormalization" (:func:`set_frozen_bn_mode`).
+2. **Model files**: "loading and saving model files": the safety check of a file's layers
+   (:func:`check_model_file_safe`), :func:`robust_load_model` (Keras 2.0.8 files), model
+   roles, :func:`save_model_atomic` with :class:`ModelFileExtras` (input recipe, model info,
+   options file: passed explicitly, never kept by path).
+3. **Training runs**: "metrics and callbacks" (best-model checkpoints, the non-finite guard),
+   "resumable runs, logs and curves" (the last-epoch checkpoint, :func:`resolve_resume`, CSV
+   log, curves), "staged training" (the stage runner) and "staged training (typed)":
+   :func:`train_3stage` / :func:`train_2stage` take a :class:`StagePlan` (or a trainer's
+   options object, whole), :class:`StageData` and :class:`StageRun`; the 2017 keyword calls
+   :func:`do_3stage_training` / :func:`do_2stage_training` ("2017 staged-training calls") are
+   thin wrappers over them.
 """
+from __future__ import annotations
+
 import copy
+import dataclasses as _dataclasses
 import json as _json
 import logging
 import os as _os
@@ -48,7 +69,6 @@ __all__ = [
     "Keras208Nadam",
     "create_optimizer",
     "robust_load_model",
-    "register_model_sidecar",
     "check_model_file_safe",
     "UnsafeModelError",
     "UnknownLayerError",
@@ -61,12 +81,16 @@ __all__ = [
     "check_model_role",
     "check_top_layer_nb",
     "save_model_atomic",
-    "register_input_recipe",
     "MODEL_INFO_ATTR",
-    "register_model_info",
+    "ModelFileExtras",
     "read_model_info",
     "do_3stage_training",
     "do_2stage_training",
+    "StagePlan",
+    "StageData",
+    "StageRun",
+    "train_3stage",
+    "train_2stage",
     "DMAucModelCheckpoint",
     "BestModelCheckpoint",
     "DMMetrics",
@@ -105,7 +129,7 @@ __all__ = [
 IMAGENET_WEIGHTS_ENV = "DM_IMAGENET_WEIGHTS"
 
 
-def stage2_start_index(model, net):
+def stage2_start_index(model: keras.Model, net: str) -> int | None:
     """Default ``top_layer_nb`` of patch training: index of the first layer trained in stage 2.
 
     Found by the role of ``net``'s table entry (``dm_resnet.BACKBONES``). None for backbones
@@ -118,7 +142,7 @@ def stage2_start_index(model, net):
     return _dm_resnet.get_backbone(net).stage2(model)
 
 
-def imagenet_weights_path(net, weights_path=None):
+def imagenet_weights_path(net: str, weights_path: str | None = None) -> str:
     """Locate the local ImageNet 'notop' weight file of ``net``; never downloads.
 
     Looked up in order: ``weights_path`` (file, or folder holding the standard name), the
@@ -404,7 +428,7 @@ OPTIMIZERS = {
 }
 
 
-def create_optimizer(name, lr):
+def create_optimizer(name: str, lr: float) -> keras.optimizers.Optimizer:
     """A fresh optimiser ``name`` (a key of ``OPTIMIZERS``) with learning rate ``lr`` > 0.
 
     Every optimizer takes the steps Keras 2.0.8 took (epsilon 1e-8, state from zero, Nadam's
@@ -546,7 +570,7 @@ def _walk_layer_entries(entry, visit, layer_name="?", is_layer=True):
         _walk_layer_entries(value, visit, layer_name, child_is_layer)
 
 
-def model_config_code(config):
+def model_config_code(config: dict) -> list:
     """Every place in a model config that names code to run when the model is built.
 
     Reads the JSON structure only. A layer counts when its class calls a function
@@ -602,7 +626,7 @@ def _is_known_layer_class(class_name, custom_objects):
     return class_name in _layer_serialization.LOCAL.ALL_OBJECTS
 
 
-def unknown_layer_classes(config, custom_objects=None):
+def unknown_layer_classes(config: dict, custom_objects: dict | None = None) -> list:
     """``(layer name, class name)`` of every layer in a model config whose class is unknown
     (neither a tf-keras layer nor registered nor in ``custom_objects``)."""
     found = []
@@ -649,7 +673,7 @@ def _archive_model_config(path):
     return _parse_model_config(path, raw, "config.json")
 
 
-def read_model_config(filepath):
+def read_model_config(filepath) -> dict | None:
     """The model config stored in an HDF5 model file (``model_config`` attribute) or a
     ``.keras`` archive (``config.json``), parsed, without building anything; None when an
     HDF5 file has none (a weights-only file)."""
@@ -662,7 +686,8 @@ def read_model_config(filepath):
                   f"archive")
 
 
-def check_model_config(path, config, custom_objects=None, safe_mode=True):
+def check_model_config(path, config: dict, custom_objects: dict | None = None,
+                       safe_mode: bool = True) -> None:
     """Check a model file's parsed config before anything is built.
 
     Raises:
@@ -679,7 +704,7 @@ def check_model_config(path, config, custom_objects=None, safe_mode=True):
         raise UnknownLayerError(path, layer, class_name)
 
 
-def check_model_file_safe(filepath, custom_objects=None):
+def check_model_file_safe(filepath, custom_objects: dict | None = None) -> None:
     """Raise :class:`UnsafeModelError` when a model file names code that loading would run.
 
     Reads only the file's JSON configuration (HDF5 ``model_config`` or the ``config.json`` of
@@ -691,7 +716,8 @@ def check_model_file_safe(filepath, custom_objects=None):
     check_model_config(path, read_model_config(path), custom_objects)
 
 
-def robust_load_model(filepath, custom_objects=None, safe_mode=True):
+def robust_load_model(filepath, custom_objects: dict | None = None,
+                      safe_mode: bool = True) -> keras.Model:
     """Load an HDF5 model written by Keras 2.0.x (2017) or by this project (not compiled).
 
     Whole-image models whose nested patch network was saved with a fixed input size (which
@@ -766,7 +792,7 @@ class ModelRoleError(ValueError):
 HEATMAP_HEAD_LAYERS = frozenset({"hm_avg_pool", "hm_dense"})
 
 
-def model_role(model):
+def model_role(model: keras.Model) -> str:
     """The role of a model, from its architecture: ``"patch"``, ``"whole-image"`` or
     ``"heatmap"``.
 
@@ -794,7 +820,8 @@ def _describe_role(model, role):
     return f"a patch classifier ({shape} input, {model.output_shape[-1]} outputs)"
 
 
-def check_model_role(model, filepath, expected, flag=None):
+def check_model_role(model: keras.Model, filepath, expected: tuple,
+                     flag: str | None = None) -> None:
     """Refuse a loaded model whose role (:func:`model_role`) is not among ``expected``.
 
     Args:
@@ -824,7 +851,8 @@ def check_model_role(model, filepath, expected, flag=None):
                          f"{_describe_role(model, role)}")
 
 
-def check_top_layer_nb(model, top_layer_nb, flag="--top-layer-nb"):
+def check_top_layer_nb(model: keras.Model, top_layer_nb: int | None,
+                       flag: str = "--top-layer-nb") -> None:
     """Refuse a first-trained-layer index that leaves nothing to train.
 
     Args:
@@ -849,46 +877,40 @@ def check_top_layer_nb(model, top_layer_nb, flag="--top-layer-nb"):
                          f"model hold no trainable parameter, so that stage would train nothing")
 
 
-#: Input recipes (JSON) of model files, by absolute path: see :func:`register_input_recipe`.
-_INPUT_RECIPES = {}
+@_dataclasses.dataclass
+class ModelFileExtras:
+    """What a training run writes into and beside each model file it saves.
 
+    Passed explicitly to :func:`save_model_atomic` / :func:`save_model_distributed` and held
+    by the checkpoint callbacks (their ``extras``); nothing is kept by file path.
 
-def register_input_recipe(filepath, recipe):
-    """Store ``recipe`` in every model file later saved at ``filepath`` by this process.
-
-    The trainers register their :class:`dm_image.InputRecipe` for ``--best-model`` and
-    ``--final-model`` before training, so the checkpoint callbacks, which save through
-    :func:`save_model_atomic`, write it into each file (whatever model object they hold).
-
-    Args:
-        filepath: model file path.
-        recipe: a :class:`dm_image.InputRecipe`, or None to stop storing one.
+    Attributes:
+        recipe: the :class:`dm_image.InputRecipe`, stored as JSON in the HDF5 root attribute
+            ``dm_image.RECIPE_ATTR`` (readable with h5py alone,
+            ``dm_image.InputRecipe.from_model_file``).
+        info: what the model is (a JSON-serialisable dict, e.g. ``{"net": "vgg16"}`` for a
+            patch classifier), stored in the attribute :data:`MODEL_INFO_ATTR`.
+        sidecar: ``(path, make_text)``: a text file written right after the NEXT save only
+            (then cleared): the trainers' ``<best-model>.options.json``, so that an options
+            file is written only once the run has produced a model and a run that fails
+            before its first model leaves an earlier run's files as they were.
     """
-    key = _os.path.abspath(_os.fspath(filepath))
-    if recipe is None:
-        _INPUT_RECIPES.pop(key, None)
-    else:
-        _INPUT_RECIPES[key] = recipe.to_json()
+
+    recipe: object = None
+    info: "dict | None" = None
+    sidecar: "tuple | None" = None
+
+    def without_sidecar(self) -> "ModelFileExtras":
+        """A copy that writes no sidecar (e.g. for ``--final-model``)."""
+        return _dataclasses.replace(self, sidecar=None)
 
 
 #: HDF5 root attribute of a model file holding what the model is (JSON), e.g. ``{"net":
 #: "vgg16"}`` for a patch classifier: the backbone its whole-image conversion cuts by role.
 MODEL_INFO_ATTR = "dm_model_info"
-_MODEL_INFOS = {}
 
 
-def register_model_info(filepath, info):
-    """Store ``info`` (a JSON-serialisable dict, e.g. ``{"net": "resnet50"}``) in every model
-    file later saved at ``filepath`` by this process (HDF5 attribute :data:`MODEL_INFO_ATTR`);
-    None stops storing it."""
-    key = _os.path.abspath(_os.fspath(filepath))
-    if info is None:
-        _MODEL_INFOS.pop(key, None)
-    else:
-        _MODEL_INFOS[key] = _json.dumps(dict(info), sort_keys=True)
-
-
-def read_model_info(filepath):
+def read_model_info(filepath) -> dict | None:
     """The :data:`MODEL_INFO_ATTR` dict of a model file, or None (a 2017 file, or one saved
     by other code).
 
@@ -913,35 +935,23 @@ def read_model_info(filepath):
     return info
 
 
-_SIDECARS = {}
-
-
-def register_model_sidecar(filepath, sidecar_path, make_text):
-    """Write ``sidecar_path`` (text from ``make_text()``) when a model is next saved at
-    ``filepath`` by :func:`save_model_atomic`, right after it.
-
-    The trainers register ``<best-model>.options.json`` this way, so an options file is
-    written only once the run has produced a model: a run that fails before its first model
-    leaves the files of an earlier run at that path as they were.
-    """
-    _SIDECARS[_os.path.abspath(_os.fspath(filepath))] = (_os.fspath(sidecar_path), make_text)
-
-
-def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
-    """Save ``model`` as HDF5 at ``filepath`` atomically, with its input recipe.
+def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = True,
+                      recipe=None, extras: "ModelFileExtras | None" = None) -> str:
+    """Save ``model`` as HDF5 at ``filepath`` atomically, with what ``extras`` adds.
 
     Written through :func:`dm_image.atomic_write` (an exclusively created temporary file in the
     same folder, renamed over ``filepath``), so a crash or a full disk never leaves a
     half-written model and an older file survives.
     The result loads with :func:`robust_load_model` and with ``tf_keras.models.load_model``.
-    ``recipe`` (a :class:`dm_image.InputRecipe`; default: the one registered for
-    ``filepath`` by :func:`register_input_recipe`) is stored as JSON in the HDF5 root
-    attribute ``dm_image.RECIPE_ATTR``, readable with h5py alone
-    (``dm_image.InputRecipe.from_model_file``).
+    ``recipe`` (a :class:`dm_image.InputRecipe`; default: ``extras.recipe``) is stored as JSON
+    in the HDF5 root attribute ``dm_image.RECIPE_ATTR``; ``extras.info`` in
+    :data:`MODEL_INFO_ATTR`; ``extras.sidecar`` is written right after (and then cleared).
     """
     path = _os.path.abspath(_os.fspath(filepath))
-    recipe_json = recipe.to_json() if recipe is not None else _INPUT_RECIPES.get(path)
-    info_json = _MODEL_INFOS.get(path)
+    extras = extras or ModelFileExtras()
+    recipe = recipe if recipe is not None else extras.recipe
+    recipe_json = recipe.to_json() if recipe is not None else None
+    info_json = _json.dumps(dict(extras.info), sort_keys=True) if extras.info else None
 
     def save(tmp):
         with _warnings.catch_warnings():
@@ -959,15 +969,15 @@ def save_model_atomic(model, filepath, include_optimizer=True, recipe=None):
 
     path = _dm_image.atomic_write(path, save, to_path=True)
     logger.info("Saved model to %s", path)
-    sidecar = _SIDECARS.pop(str(path), None)
+    sidecar, extras.sidecar = extras.sidecar, None
     if sidecar is not None:
         text = sidecar[1]()
-        _dm_image.atomic_write(sidecar[0], lambda fh: fh.write(text), text=True)
+        _dm_image.atomic_write(_os.fspath(sidecar[0]), lambda fh: fh.write(text), text=True)
     return str(path)
 
 
 # ---------------------------------------------------------------- bias learning-rate multiplier
-def is_bias_variable(variable):
+def is_bias_variable(variable: tf.Variable) -> bool:
     """True for bias terms (variables named ``.../bias``, replicas included)."""
     name = variable.name.split(":")[0]
     return re.search(r"(^|/)bias(_\d+)?(/replica_\d+)?$", name) is not None
@@ -1024,7 +1034,8 @@ for _base in (keras.optimizers.SGD, keras.optimizers.RMSprop, keras.optimizers.A
 del _base
 
 
-def with_bias_multiplier(optimizer, bias_multiplier):
+def with_bias_multiplier(optimizer: keras.optimizers.Optimizer,
+                         bias_multiplier: float | None) -> keras.optimizers.Optimizer:
     """Return ``optimizer`` with bias learning rate x ``bias_multiplier`` (None/1: unchanged).
 
     Args:
@@ -1219,15 +1230,20 @@ def _save_as_chief(model, filepath, save):
     return None
 
 
-def save_model_distributed(model, filepath, include_optimizer=False):
+def save_model_distributed(model: keras.Model, filepath, include_optimizer: bool = False,
+                           extras: "ModelFileExtras | None" = None) -> None:
     """Save through ``save_model_atomic`` (temporary file + os.replace), chief worker only.
 
     By default the file is a plain model without optimizer state (about half the size); the
     last-epoch checkpoint of a run (:func:`save_training_checkpoint`) is the file that keeps
-    the optimizer state for resuming.
+    the optimizer state for resuming. ``extras`` (:class:`ModelFileExtras`) says what goes
+    into and beside the file; other workers write no sidecar.
     """
-    _save_as_chief(model, filepath,
-                   lambda m, p: save_model_atomic(m, p, include_optimizer=include_optimizer))
+    def save(m, p):
+        own = extras if p == filepath or extras is None else extras.without_sidecar()
+        return save_model_atomic(m, p, include_optimizer=include_optimizer, extras=own)
+
+    _save_as_chief(model, filepath, save)
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):
@@ -1237,10 +1253,12 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         filepath: HDF5 (``.h5``) or Keras file for the best model.
         monitor: log key, e.g. ``"val_accuracy"`` or ``"val_loss"``.
         mode: ``"max"`` or ``"min"``.
+        extras: what each save writes into and beside the file (:class:`ModelFileExtras`).
     """
 
-    def __init__(self, filepath, monitor="val_accuracy", mode="max"):
+    def __init__(self, filepath, monitor="val_accuracy", mode="max", extras=None):
         super().__init__()
+        self.extras = extras
         if mode not in ("max", "min"):
             raise ValueError(f"mode should be one of ['max', 'min'], got {mode!r}")
         self.filepath, self.monitor, self.mode = str(filepath), monitor, mode
@@ -1262,7 +1280,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             logger.info("epoch %d: %s improved from %.5f to %.5f, saving %s", epoch + 1,
                         self.monitor, self.best, value, self.filepath)
             self.best, self.best_epoch = float(value), epoch + 1
-            save_model_distributed(self.model, self.filepath)
+            save_model_distributed(self.model, self.filepath, extras=self.extras)
 
     def on_train_end(self, logs=None):
         logger.info("best %s %.5f at epoch %s (%s)", self.monitor, self.best, self.best_epoch,
@@ -1277,7 +1295,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         self.best, self.best_epoch = float(state["value"]), state["epoch"]
 
 
-def flip_all_img(X):
+def flip_all_img(X: np.ndarray) -> np.ndarray:
     """The 4 flips of a batch stacked along the batch axis.
 
     Args:
@@ -1386,11 +1404,13 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
         batch_size: images per forward pass for arrays (default 32).
         test_samples: number of samples to evaluate (default: all).
         test_augment: average the predictions on the 4 flips.
+        extras: what each save writes into and beside the file (:class:`ModelFileExtras`).
     """
 
     def __init__(self, filepath, test_data, batch_size=None, test_samples=None,
-                 test_augment=False):
+                 test_augment=False, extras=None):
         super().__init__()
+        self.extras = extras
         self.filepath = str(filepath)
         self.test_data = test_data
         self.batch_size, self.test_samples, self.test_augment = batch_size, test_samples, \
@@ -1419,7 +1439,7 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
             logger.info("epoch %d: AUROC improved from %.4f to %.4f, saving %s", epoch + 1,
                         self.best_auc, auc, self.filepath)
             self.best_auc, self.best_epoch, self.best_all_auc = auc, epoch + 1, per_class
-            save_model_distributed(self.model, self.filepath)
+            save_model_distributed(self.model, self.filepath, extras=self.extras)
 
     def on_train_end(self, logs=None):
         logger.info("best validation AUROC %.4f at epoch %s (per class %s), model %s",
@@ -1477,17 +1497,17 @@ _STATE_VERSION = 1
 KILL_AFTER_EPOCH_ENV = "DM_KILL_AFTER_EPOCH"
 
 
-def last_checkpoint_path(best_model):
+def last_checkpoint_path(best_model) -> str:
     """``<best_model>.last.h5``: the run's last finished epoch, kept for resuming."""
     return str(best_model) + ".last.h5"
 
 
-def training_log_path(best_model):
+def training_log_path(best_model) -> str:
     """``<best_model>.log.csv``: one row per finished epoch."""
     return str(best_model) + ".log.csv"
 
 
-def training_curves_path(best_model):
+def training_curves_path(best_model) -> str:
     """``<best_model>.curves.png``: loss, validation accuracy/AUROC and lr by epoch."""
     return str(best_model) + ".curves.png"
 
@@ -1522,7 +1542,7 @@ def save_training_checkpoint(model, path, state):
     return _save_as_chief(model, path, save)
 
 
-def read_training_state(path):
+def read_training_state(path) -> dict:
     """The training state of a last-epoch checkpoint, or None for a plain model file.
 
     Raises:
@@ -1764,7 +1784,7 @@ def _csv_number(value):
     return format(float(value), ".8g")
 
 
-def write_training_log(rows, path):
+def write_training_log(rows: list, path) -> None:
     """Write the per-epoch rows of a run as CSV (atomically: the whole file each time).
 
     Columns: ``epoch`` (1-based, continuing across stages), ``stage`` (1, 2, 3: the stage's
@@ -1786,7 +1806,7 @@ def write_training_log(rows, path):
     return _dm_image.atomic_write(path, lambda f: f.write(text), text=True)
 
 
-def plot_training_curves(rows, path):
+def plot_training_curves(rows: list, path) -> None:
     """Plot a run's loss, validation accuracy/AUROC and learning rate by epoch into a PNG.
 
     Stage boundaries are dashed vertical lines. Drawn with matplotlib's Agg canvas (no display
@@ -1960,7 +1980,8 @@ class _RecordEpoch(keras.callbacks.Callback):
 
 
 # ---------------------------------------------------------------- staged training
-def class_weight_dict(nb_class, pos_cls_weight=1.0, neg_cls_weight=1.0):
+def class_weight_dict(nb_class: int, pos_cls_weight: float = 1.0,
+                      neg_cls_weight: float = 1.0) -> dict:
     """Class weights ``{0: neg_cls_weight, 1..nb_class-1: pos_cls_weight}``."""
     if nb_class < 2:
         raise ValueError(f"nb_class should be >= 2, got {nb_class}")
@@ -2050,7 +2071,7 @@ def _batch_norm_layers(model):
     return found
 
 
-def set_frozen_bn_mode(model, mode="batch"):
+def set_frozen_bn_mode(model: keras.Model, mode: str = "batch") -> int:
     """Choose how the frozen (``trainable=False``) BatchNormalization layers of ``model`` train.
 
     ``"batch"``: as Keras 2.0.8 did. In training (``fit``, ``train_on_batch``, a call with
@@ -2123,27 +2144,29 @@ class _Stage:
     optimizer state, learning rate and the early-stopping and plateau counters.
     """
 
-    def __init__(self, train_generator, validation_set, validation_steps, steps_per_epoch,
-                 checkpointer, class_weight, es_patience, lr_patience, nb_worker, verbose,
-                 extra_callbacks=None, recorder=None):
-        self.extra_callbacks = list(extra_callbacks or [])
-        self.train, self.val = train_generator, validation_set
-        if isinstance(train_generator, keras.utils.Sequence):
-            self.train = _EpochSequence(train_generator)
-        self.val_steps = None if isinstance(validation_set, (tuple, list)) else validation_steps
-        self.steps, self.checkpointer = steps_per_epoch, checkpointer
-        self.class_weight, self.es_patience, self.lr_patience = class_weight, es_patience, \
-            lr_patience
-        self.nb_worker, self.verbose = nb_worker, verbose
+    def __init__(self, data, checkpointer, plan, run, recorder=None):
+        self.extra_callbacks = list(run.callbacks or [])
+        self.train, self.val = data.train, data.validation
+        if isinstance(data.train, keras.utils.Sequence):
+            self.train = _EpochSequence(data.train)
+        self.val_steps = None if isinstance(data.validation, (tuple, list)) else \
+            data.validation_steps
+        self.steps, self.checkpointer = data.steps_per_epoch, checkpointer
+        self.class_weight = None if plan.auto_batch_balance else class_weight_dict(
+            data.nb_class, plan.pos_cls_weight, plan.neg_cls_weight)
+        self.plan, self.run_setup = plan, run
+        self.nb_worker, self.verbose = data.nb_worker, run.verbose
         self.recorder = recorder or _RunRecorder([], {})
         self.epochs_done, self.histories = 0, []
 
-    def run(self, model, name, epochs, optim, lr, bias_multiplier, jit_compile, strategy,
-            metrics=("accuracy",), frozen_bn_mode="batch", number=1):
-        """Compile ``model`` (frozen BN layers in ``frozen_bn_mode``) and fit it for ``epochs``.
+    def run(self, model, name, epochs, lr, number=1):
+        """Compile ``model`` (frozen BN layers in the plan's ``frozen_bn_mode``) and fit it for
+        ``epochs`` at learning rate ``lr``.
 
         ``number`` is the stage's number in its training function (1, 2, 3).
         """
+        plan = self.plan
+        optim, frozen_bn_mode = plan.optim, plan.frozen_bn_mode
         if epochs <= 0:
             logger.info("%s: skipped (0 epochs)", name)
             return
@@ -2155,8 +2178,8 @@ class _Stage:
             self.epochs_done = max(self.epochs_done, rec.last_epoch_of(number))
             logger.info("%s: finished before the resume (%d epochs)", name, len(hist.epoch))
             return
-        _compile(model, optim, lr, bias_multiplier, jit_compile, strategy, metrics,
-                 frozen_bn_mode)
+        _compile(model, optim, lr, plan.bias_multiplier, plan.jit, self.run_setup.strategy,
+                 ("accuracy",), frozen_bn_mode)
         start = initial = self.epochs_done
         es_state = plateau_state = past = None
         if mode == "resume":
@@ -2178,13 +2201,13 @@ class _Stage:
         callbacks = [FiniteTrainingGuard(getattr(self.checkpointer, "filepath", None),
                                          rec.checkpoint)]
         callbacks += [_EpochSeed(rec.seed)] if rec.seed is not None else []
-        early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=self.es_patience,
+        early = _ResumableEarlyStopping(es_state, monitor="val_loss", patience=plan.es_patience,
                                         verbose=1)
         callbacks.append(early)
         plateau = None
         if optim == "sgd":
             plateau = _ResumablePlateau(plateau_state, monitor="val_loss", factor=0.5,
-                                        patience=self.lr_patience, verbose=1)
+                                        patience=plan.lr_patience, verbose=1)
             callbacks.append(plateau)
         callbacks += [self.checkpointer, DMFlush()] + self.extra_callbacks
         callbacks.append(_RecordEpoch(rec, number, name, start, start + epochs, early, plateau,
@@ -2211,6 +2234,269 @@ class _Stage:
         self.histories.append(hist)
 
 
+# ---------------------------------------------------------------- staged training (typed)
+@_dataclasses.dataclass
+class StagePlan:
+    """What the staged training does: epochs, learning rates and regularisation per stage.
+
+    The field names are the trainers' option names (destinations of their flags), so a
+    trainer's options object is passed whole: :meth:`of` takes the fields it has and leaves
+    the others at these defaults (those of ``do_3stage_training``).
+
+    Attributes:
+        nb_epoch, top_layer_epochs, all_layer_epochs: epochs of stage 1, 2 (3-stage only) and
+            the all-layer stage; 0 skips a stage.
+        top_layer_nb: first layer index trained in the top-layer stage (None: found by role
+            or, in 2-stage training, the layer after the last nested model).
+        use_pretrained: 3-stage: False runs stage 1 only, on all layers.
+        optim, init_lr, top_layer_multiplier, all_layer_multiplier: optimiser and learning
+            rates (stage lr = ``init_lr`` x the stage's multiplier).
+        es_patience, lr_patience: early stopping and (sgd) lr halving on val loss.
+        auto_batch_balance, pos_cls_weight, neg_cls_weight: class weights when the batches
+            are not balanced.
+        weight_decay, hidden_dropout: 2-stage, stage 1; ``weight_decay2``,
+            ``hidden_dropout2``: the later stages.
+        bias_multiplier: bias learning-rate multiplier (None: as the other weights).
+        jit: XLA-compile the train step.
+        frozen_bn_mode: ``"batch"`` or ``"moving"`` (see :func:`set_frozen_bn_mode`).
+        net: backbone name (logged only).
+    """
+
+    nb_epoch: int = 10
+    top_layer_epochs: int = 0
+    all_layer_epochs: int = 0
+    top_layer_nb: "int | None" = None
+    use_pretrained: bool = True
+    optim: str = "sgd"
+    init_lr: float = .01
+    top_layer_multiplier: float = .01
+    all_layer_multiplier: float = .0001
+    es_patience: int = 5
+    lr_patience: int = 2
+    auto_batch_balance: bool = True
+    pos_cls_weight: float = 1.
+    neg_cls_weight: float = 1.
+    weight_decay: float = .0001
+    hidden_dropout: float = .0
+    weight_decay2: float = .01
+    hidden_dropout2: float = .0
+    bias_multiplier: "float | None" = None
+    jit: bool = False
+    frozen_bn_mode: str = "batch"
+    net: "str | None" = None
+
+    @classmethod
+    def of(cls, options: object) -> "StagePlan":
+        """The plan of ``options``: a StagePlan, or any object (a trainer's options) whose
+        attributes of the same names are taken; the others keep their defaults."""
+        if isinstance(options, cls):
+            return options
+        names = [f.name for f in _dataclasses.fields(cls)]
+        return cls(**{n: getattr(options, n) for n in names if hasattr(options, n)})
+
+
+@_dataclasses.dataclass
+class StageData:
+    """The data of a staged training.
+
+    Attributes:
+        train: iterator/Sequence/tf.data yielding ``(x, y)`` or ``(x, y, w)`` (y one-hot), or
+            ``(X, y[, w])`` arrays.
+        validation: ``(X, y)`` arrays or an iterator like ``train``.
+        validation_steps: batches per validation pass of an iterator.
+        steps_per_epoch: train batches per epoch (None: the whole ``train``).
+        nb_class: number of classes (class weights).
+        nb_worker: data-loading workers of ``fit``.
+    """
+
+    train: object
+    validation: object
+    validation_steps: "int | None" = None
+    steps_per_epoch: "int | None" = None
+    nb_class: int = 3
+    nb_worker: int = 1
+
+
+@_dataclasses.dataclass
+class StageRun:
+    """Where a staged training writes, and what it runs in.
+
+    Attributes:
+        best_model: the best model file.
+        checkpoint_path: after each epoch the model, its optimizer state and the run's state
+            (stage, epoch, lr, early-stopping and plateau counters, best so far, ``seed``,
+            ``run_info``, the epochs' logs) are written atomically to this HDF5 file (see
+            :func:`save_training_checkpoint`); the last epoch marks it finished. None: off.
+        log_csv: the per-epoch CSV log (:func:`write_training_log`), rewritten each epoch.
+        curves_png: the training curves (:func:`plot_training_curves`) written at the end.
+        seed: with a seed, each epoch starts by seeding Python, NumPy and TensorFlow with
+            ``seed + epoch`` (and retraces the train step of a model with dropout), so that an
+            epoch's randomness depends only on (seed, epoch). None: no reseeding.
+        resume_state: a state of :func:`read_training_state` (see :func:`resolve_resume`):
+            stages finished before it are skipped, the interrupted one continues from its
+            weights, optimizer state, lr and counters; its ``plan`` settings override
+            ``use_pretrained`` and ``top_layer_nb``.
+        run_info: the run's identity (options hash, options), stored in the checkpoint.
+        callbacks: extra Keras callbacks of every stage.
+        checkpointer: the best-model callback (2-stage: a :class:`DMAucModelCheckpoint` on
+            the validation data when None; 3-stage: best ``val_accuracy``).
+        strategy: the ``tf.distribute`` strategy the model was built in (default: the
+            model's).
+        custom_objects: classes needed to rebuild the model from its config.
+        verbose: Keras fit verbosity.
+        extras: what the best-model saves write into and beside the file
+            (:class:`ModelFileExtras`).
+    """
+
+    best_model: str
+    checkpoint_path: "str | None" = None
+    log_csv: "str | None" = None
+    curves_png: "str | None" = None
+    seed: "int | None" = None
+    resume_state: "dict | None" = None
+    run_info: "dict | None" = None
+    callbacks: list = _dataclasses.field(default_factory=list)
+    checkpointer: object = None
+    strategy: object = None
+    custom_objects: "dict | None" = None
+    verbose: int = 2
+    extras: "ModelFileExtras | None" = None
+
+    def recorder(self, stages: list, plan_info: dict) -> "_RunRecorder":
+        """The per-epoch recorder of ``stages`` (the numbers of the stages that train)."""
+        return _RunRecorder(stages, plan_info, self.checkpoint_path, self.log_csv,
+                            self.curves_png, self.seed, self.run_info, self.resume_state)
+
+
+def train_3stage(model: keras.Model, data: StageData, plan: object,
+                 run: StageRun) -> list:
+    """Three-stage patch classifier training (the typed form of :func:`do_3stage_training`).
+
+    Args:
+        model: patch classifier (softmax output, ``data.nb_class`` units).
+        data: the train and validation data.
+        plan: a :class:`StagePlan`, or a trainer's options (taken whole, see
+            :meth:`StagePlan.of`).
+        run: the run's files, callbacks and strategy.
+
+    Returns:
+        list of ``keras.callbacks.History``, one per stage run (``.stage`` names it;
+        ``.model`` is the model trained in that stage).
+    """
+    plan = StagePlan.of(plan)
+    use_pretrained, top_layer_nb = plan.use_pretrained, plan.top_layer_nb
+    if run.resume_state is not None:
+        use_pretrained, top_layer_nb = _resume_plan(
+            run.resume_state, {"use_pretrained": bool(use_pretrained),
+                               "top_layer_nb": top_layer_nb})
+    if use_pretrained and plan.top_layer_epochs > 0 and top_layer_nb is None:
+        raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
+    _check_frozen_bn_mode(plan.frozen_bn_mode)
+    ckpt = BestModelCheckpoint(run.best_model, monitor="val_accuracy", mode="max",
+                               extras=run.extras)
+    stages = [1] if not use_pretrained else [n for n, e in (
+        (1, plan.nb_epoch), (2, plan.top_layer_epochs), (3, plan.all_layer_epochs)) if e > 0]
+    rec = run.recorder([n for n in stages if n != 1 or plan.nb_epoch > 0],
+                       {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb})
+    stage = _Stage(data, ckpt, plan, run, rec)
+    if not use_pretrained:
+        _set_trainable(model, lambda i, layer: True)
+        stage.run(model, "stage 1 (all layers, no pretrained weights)", plan.nb_epoch,
+                  lr=plan.init_lr, number=1)
+        rec.finish(model, ckpt)
+        return stage.histories
+    logger.info("3-stage training of %s", plan.net or model.name)
+    dense = _final_dense(model)
+    _set_trainable(model, lambda i, layer: layer is dense)
+    stage.run(model, "stage 1 (final dense layer)", plan.nb_epoch, lr=plan.init_lr, number=1)
+    if plan.top_layer_epochs > 0 or plan.all_layer_epochs > 0:
+        dropout = _dropout_before(model, dense)
+        names = {dense.name} | ({dropout.name} if dropout is not None else set())
+        model = set_regularization(model, plan.weight_decay2, plan.hidden_dropout2, names,
+                                   run.custom_objects)
+    if plan.top_layer_epochs > 0:
+        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
+        stage.run(model, f"stage 2 (layers {top_layer_nb}+)", plan.top_layer_epochs,
+                  lr=plan.init_lr * plan.top_layer_multiplier, number=2)
+    _set_trainable(model, lambda i, layer: True)
+    stage.run(model, "stage 3 (all layers)", plan.all_layer_epochs,
+              lr=plan.init_lr * plan.all_layer_multiplier, number=3)
+    rec.finish(model, ckpt)
+    return stage.histories
+
+
+def train_2stage(model: keras.Model, data: StageData, plan: object,
+                 run: StageRun) -> list:
+    """Two-stage whole-image training (the typed form of :func:`do_2stage_training`).
+
+    Args: as :func:`train_3stage`; the best model by mean one-vs-rest validation AUROC is
+        saved by ``run.checkpointer`` (a :class:`DMAucModelCheckpoint` on
+        ``data.validation`` when None).
+
+    Returns:
+        list of ``keras.callbacks.History``, one per stage run (``.model``: the trained model).
+    """
+    plan = StagePlan.of(plan)
+    _check_frozen_bn_mode(plan.frozen_bn_mode)
+    top_layer_nb = plan.top_layer_nb
+    if plan.nb_epoch > 0 and top_layer_nb is None:
+        top_layer_nb = _default_top_layer_nb(model)
+    if run.resume_state is not None:
+        top_layer_nb, = _resume_plan(run.resume_state, {"top_layer_nb": top_layer_nb})
+    checkpointer = run.checkpointer
+    if checkpointer is None:
+        checkpointer = DMAucModelCheckpoint(run.best_model, data.validation,
+                                            extras=run.extras)
+    rec = run.recorder([n for n, e in ((1, plan.nb_epoch), (2, plan.all_layer_epochs))
+                        if e > 0], {"top_layer_nb": top_layer_nb})
+    stage = _Stage(data, checkpointer, plan, run, rec)
+    if plan.nb_epoch > 0:
+        model = set_regularization(model, plan.weight_decay, plan.hidden_dropout,
+                                   custom_objects=run.custom_objects)
+        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
+        stage.run(model, f"stage 1 (layers {top_layer_nb}+)", plan.nb_epoch, lr=plan.init_lr,
+                  number=1)
+    if plan.all_layer_epochs > 0:
+        model = set_regularization(model, plan.weight_decay2, plan.hidden_dropout2,
+                                   custom_objects=run.custom_objects)
+        _set_trainable(model, lambda i, layer: True)
+        stage.run(model, "stage 2 (all layers)", plan.all_layer_epochs,
+                  lr=plan.init_lr * plan.all_layer_multiplier, number=2)
+    rec.finish(model, checkpointer)
+    return stage.histories
+
+
+def _resume_plan(state, plan_info):
+    """The stage settings of a resumed run (its checkpoint's), logging any change."""
+    saved = state.get("plan", {})
+    values = []
+    for key, value in plan_info.items():
+        old = saved.get(key, value)
+        if old != value:
+            logger.warning("resumed run: %s is %r in its checkpoint (%r now); using %r", key,
+                           old, value, old)
+        values.append(old)
+    return values
+
+
+# ---------------------------------------------------------------- 2017 staged-training calls
+_RUN_KEYS = ("checkpoint_path", "log_csv", "curves_png", "seed", "resume_state", "run_info",
+             "strategy", "custom_objects", "verbose")
+
+
+def _split_2017_call(local_vars, data_keys=("nb_class", "nb_worker")):
+    """(StageData, StagePlan, StageRun) of a 2017 keyword call's arguments."""
+    v = dict(local_vars)
+    data = StageData(v["train_generator"], v["validation_set"], v["validation_steps"],
+                     v["steps_per_epoch"], **{k: v[k] for k in data_keys})
+    names = {f.name for f in _dataclasses.fields(StagePlan)}
+    v["jit"] = v["jit_compile"]
+    plan = StagePlan(**{k: v[k] for k in names if k in v})
+    run = StageRun(v["best_model_out"], callbacks=list(v["callbacks"] or []),
+                   checkpointer=v.get("auc_checkpointer"), **{k: v[k] for k in _RUN_KEYS})
+    return data, plan, run
+
+
 def do_3stage_training(model, org_model, train_generator, validation_set, validation_steps,
                        best_model_out, steps_per_epoch, top_layer_nb=None, net=None, nb_epoch=10,
                        top_layer_epochs=0, all_layer_epochs=0, use_pretrained=True, optim="sgd",
@@ -2221,7 +2507,7 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
                        jit_compile=False, verbose=2, custom_objects=None, callbacks=None,
                        frozen_bn_mode="batch", seed=None, checkpoint_path=None, log_csv=None,
                        curves_png=None, resume_state=None, run_info=None):
-    """Three-stage patch classifier training.
+    """Three-stage patch classifier training (the 2017 keyword call of :func:`train_3stage`).
 
     Stage 1: only the final Dense layer trains (all layers when ``use_pretrained`` is False, and
     then only this stage runs) for ``nb_epoch`` at ``init_lr``. Stage 2: layers from
@@ -2279,60 +2565,7 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
         list of ``keras.callbacks.History``, one per stage run (``.stage`` names it;
         ``.model`` is the model trained in that stage).
     """
-    plan_info = {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb}
-    if resume_state is not None:
-        use_pretrained, top_layer_nb = _resume_plan(resume_state, plan_info)
-    if use_pretrained and top_layer_epochs > 0 and top_layer_nb is None:
-        raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
-    _check_frozen_bn_mode(frozen_bn_mode)
-    cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
-                                                           neg_cls_weight)
-    ckpt = BestModelCheckpoint(best_model_out, monitor="val_accuracy", mode="max")
-    plan = [1] if not use_pretrained else \
-        [n for n, e in ((1, nb_epoch), (2, top_layer_epochs), (3, all_layer_epochs)) if e > 0]
-    rec = _RunRecorder([n for n in plan if n != 1 or nb_epoch > 0],
-                       {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb},
-                       checkpoint_path, log_csv, curves_png, seed, run_info, resume_state)
-    stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch, ckpt, cw,
-                   es_patience, lr_patience, nb_worker, verbose, callbacks, rec)
-    common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
-                  strategy=strategy, frozen_bn_mode=frozen_bn_mode)
-    if not use_pretrained:
-        _set_trainable(model, lambda i, layer: True)
-        stage.run(model, "stage 1 (all layers, no pretrained weights)", nb_epoch, lr=init_lr,
-                  number=1, **common)
-        rec.finish(model, ckpt)
-        return stage.histories
-    logger.info("3-stage training of %s", net or model.name)
-    dense = _final_dense(model)
-    _set_trainable(model, lambda i, layer: layer is dense)
-    stage.run(model, "stage 1 (final dense layer)", nb_epoch, lr=init_lr, number=1, **common)
-    if top_layer_epochs > 0 or all_layer_epochs > 0:
-        dropout = _dropout_before(model, dense)
-        names = {dense.name} | ({dropout.name} if dropout is not None else set())
-        model = set_regularization(model, weight_decay2, hidden_dropout2, names, custom_objects)
-    if top_layer_epochs > 0:
-        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
-        stage.run(model, f"stage 2 (layers {top_layer_nb}+)", top_layer_epochs,
-                  lr=init_lr * top_layer_multiplier, number=2, **common)
-    _set_trainable(model, lambda i, layer: True)
-    stage.run(model, "stage 3 (all layers)", all_layer_epochs,
-              lr=init_lr * all_layer_multiplier, number=3, **common)
-    rec.finish(model, ckpt)
-    return stage.histories
-
-
-def _resume_plan(state, plan_info):
-    """The stage settings of a resumed run (its checkpoint's), logging any change."""
-    saved = state.get("plan", {})
-    values = []
-    for key, value in plan_info.items():
-        old = saved.get(key, value)
-        if old != value:
-            logger.warning("resumed run: %s is %r in its checkpoint (%r now); using %r", key,
-                           old, value, old)
-        values.append(old)
-    return values
+    return train_3stage(model, *_split_2017_call(locals()))
 
 
 def do_2stage_training(model, org_model, train_generator, validation_set, validation_steps,
@@ -2345,7 +2578,7 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
                        jit_compile=False, verbose=2, custom_objects=None, callbacks=None,
                        frozen_bn_mode="batch", seed=None, checkpoint_path=None, log_csv=None,
                        curves_png=None, resume_state=None, run_info=None):
-    """Two-stage whole-image training.
+    """Two-stage whole-image training (the 2017 keyword call of :func:`train_2stage`).
 
     Stage 1 (``nb_epoch`` epochs, 0 skips it): layers before ``top_layer_nb`` (the converted
     patch network) are frozen, lr ``init_lr``, every Dense/Conv2D kernel L2 = ``weight_decay``
@@ -2366,36 +2599,4 @@ def do_2stage_training(model, org_model, train_generator, validation_set, valida
     Returns:
         list of ``keras.callbacks.History``, one per stage run (``.model``: the trained model).
     """
-    _check_frozen_bn_mode(frozen_bn_mode)
-    if nb_epoch > 0 and top_layer_nb is None:
-        top_layer_nb = _default_top_layer_nb(model)
-    if resume_state is not None:
-        top_layer_nb, = _resume_plan(resume_state, {"top_layer_nb": top_layer_nb})
-    cw = None if auto_batch_balance else class_weight_dict(nb_class, pos_cls_weight,
-                                                           neg_cls_weight)
-    if auc_checkpointer is None:
-        auc_checkpointer = DMAucModelCheckpoint(best_model_out, validation_set)
-    rec = _RunRecorder([n for n, e in ((1, nb_epoch), (2, all_layer_epochs)) if e > 0],
-                       {"top_layer_nb": top_layer_nb}, checkpoint_path, log_csv, curves_png,
-                       seed, run_info, resume_state)
-    stage = _Stage(train_generator, validation_set, validation_steps, steps_per_epoch,
-                   auc_checkpointer, cw, es_patience, lr_patience, nb_worker, verbose,
-                   callbacks, rec)
-    common = dict(optim=optim, bias_multiplier=bias_multiplier, jit_compile=jit_compile,
-                  strategy=strategy, frozen_bn_mode=frozen_bn_mode)
-    if nb_epoch > 0:
-        model = set_regularization(model, weight_decay, hidden_dropout,
-                                   custom_objects=custom_objects)
-        _set_trainable(model, lambda i, layer: i >= top_layer_nb)
-        stage.run(model, f"stage 1 (layers {top_layer_nb}+)", nb_epoch, lr=init_lr, number=1,
-                  **common)
-    if all_layer_epochs > 0:
-        model = set_regularization(model, weight_decay2, hidden_dropout2,
-                                   custom_objects=custom_objects)
-        _set_trainable(model, lambda i, layer: True)
-        stage.run(model, "stage 2 (all layers)", all_layer_epochs,
-                  lr=init_lr * all_layer_multiplier, number=2, **common)
-    rec.finish(model, auc_checkpointer)
-    return stage.histories
-
-
+    return train_2stage(model, *_split_2017_call(locals()))

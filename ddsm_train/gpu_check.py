@@ -417,13 +417,14 @@ def loader_rate(spec: ModelSpec, folder: Path, workers: int, warmup: int, timed:
 
     import training_setup
 
+    options = dict(train_dir=folder, val_dir=folder, test_dir=folder, img_size=spec.img_size,
+                   img_scale=None, rescale_factor=RESCALE_16BIT, featurewise_center=True,
+                   featurewise_mean=spec.featurewise_mean, equalize_hist=False,
+                   augmentation=True, class_list=["neg", "pos"], auto_batch_balance=True,
+                   batch_size=spec.batch, load_train_ram=False, load_val_ram=False)
     train, _, _ = training_setup.build_data_iterators(
-        folder, folder, folder, img_size=spec.img_size, img_scale=None,
-        rescale_factor=RESCALE_16BIT, featurewise_center=True,
-        featurewise_mean=spec.featurewise_mean, equalize_hist=False, augmentation=True,
-        class_list=["neg", "pos"], auto_batch_balance=True, batch_size=spec.batch,
-        train_batch_size=spec.batch, load_train_ram=False, load_val_ram=False,
-        dup_3_channels=spec.channels == 3, preprocess=None, seed=12345)
+        options, train_batch_size=spec.batch, dup_3_channels=spec.channels == 3,
+        preprocess=None, seed=12345)
     enqueuer = keras.utils.OrderedEnqueuer(train, use_multiprocessing=False, shuffle=True)
     enqueuer.start(workers=workers, max_queue_size=10)
     try:

@@ -250,11 +250,9 @@ def build_fprop_model(model: keras.Model, net: str, img_size: Sequence[int],
 def _recipe(opts: dict, channels: int = 1) -> dm_image.InputRecipe:
     """The ``dm_image.InputRecipe`` of the options (``opts["preprocess"]``, a function, is
     passed separately to the recipe's steps)."""
-    return dm_image.InputRecipe(
-        img_size=opts.get("img_size"), channels=channels, img_scale=opts["img_scale"],
-        rescale_factor=opts["rescale_factor"], equalize_hist=opts["equalize_hist"],
-        featurewise_center=opts["featurewise_center"],
-        featurewise_mean=opts["featurewise_mean"])
+    return dm_image.InputRecipe.from_options(
+        {k: v for k, v in opts.items() if k not in ("img_height", "preprocess")},
+        channels=channels)
 
 
 def _prep_input(img: np.ndarray, channels: int, opts: dict) -> np.ndarray:
@@ -581,7 +579,7 @@ def _read_view(path, opts, channels, fprop, with_mask):
     try:
         if fprop:
             recipe = _recipe(opts, channels)
-            img = recipe.scale(recipe.read_stored(path))
+            img = recipe.scale(recipe.read_stored(path, scorable=True))
             mask = None
             if with_mask:   # for the picture only: colour the breast, not the background
                 try:
@@ -589,9 +587,9 @@ def _read_view(path, opts, channels, fprop, with_mask):
                 except ValueError:
                     pass
             return (img, None, mask), None
-        recipe = dm_image.InputRecipe(img_height=opts["img_height"],
-                                      rescale_factor=opts["rescale_factor"])
-        img = recipe.rescale(recipe.read_stored(path))   # per-patch img_scale: in the sweep
+        recipe = dm_image.InputRecipe.from_options(
+            {k: opts[k] for k in ("img_height", "rescale_factor")})
+        img = recipe.rescale(recipe.read_stored(path, scorable=True))  # img_scale: per patch
         bbox = mask = None
         if with_mask:
             masked, bbox = dm_image.segment_breast(img, crop=False)
@@ -618,7 +616,9 @@ def _score_views(model, views, opts, batch_size, fprop, png, summary, verbose):
 
     While the model scores one view, the next ones are read, scaled and segmented on loader
     threads (``prefetch.prefetch_map``, a bounded read-ahead), so decoding does not wait for
-    the model. A missing or unreadable view gets None, a warning, and is counted in
+    the model. A missing or unreadable view, or one that cannot give a heatmap (non-finite
+    pixels, a constant image, one under ``dm_image.MIN_IMAGE_SIDE`` pixels a side), gets None,
+    a warning, and is counted in
     ``summary``; with ``png["dir"]`` each heatmap's overlay is written.
 
     Returns:

@@ -389,11 +389,10 @@ def load_pred_image(path: PathLike, img_size: Sequence[int], img_scale: Optional
             score (non-finite pixels, constant, smaller than ``dm_image.MIN_IMAGE_SIDE``) or
             failed segmentation.
     """
-    recipe = dm_image.InputRecipe(
-        img_size=img_size, channels=channels, img_scale=img_scale,
-        rescale_factor=rescale_factor, equalize_hist=equalize_hist,
-        featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
-        preprocess=preprocess)
+    recipe = dm_image.InputRecipe.from_options(dict(
+        img_size=img_size, img_scale=img_scale, rescale_factor=rescale_factor,
+        equalize_hist=equalize_hist, featurewise_center=featurewise_center,
+        featurewise_mean=featurewise_mean), channels=channels, preprocess=preprocess)
     stored = _segmented_stored(Path(path), recipe.img_size) if segment_breast else \
         recipe.read_stored(path, scorable=True)
     problem = dm_image.intensity_scale_problem(float(stored.max()) if stored.size else 0.0,

@@ -22,6 +22,7 @@ with flip augmentation. Example (the companion page's fine-tuning command)::
         --auto-batch-balance --best-model best.h5 --final-model NOSAVE TRAIN VAL TEST
 """
 import argparse
+import functools
 import logging
 import math
 import os
@@ -30,11 +31,13 @@ import script_utils  # first: puts the root dm_* modules and this folder on sys.
 
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
+import run_options  # noqa: E402
 import training_setup as ts  # noqa: E402
 
 logger = logging.getLogger("image_clf_train")
 
-__all__ = ["get_args_parser", "validate_options", "patch_model_settings", "run", "main"]
+__all__ = ["get_args_parser", "options_class", "validate_options", "patch_model_settings",
+           "run", "main"]
 
 
 def get_args_parser():
@@ -269,6 +272,37 @@ def _preprocess_fn(opts, channels):
     return get_preprocess_input(opts["patch_net"])
 
 
+@functools.lru_cache(maxsize=None)
+def options_class():
+    """The dataclass of this trainer's options, made from :func:`get_args_parser` (one field
+    per flag destination; ``run_options.options_class``)."""
+    return run_options.options_class(get_args_parser(), "ImageTrainOptions")
+
+
+class _ImageTrainer(ts.TrainerSpec):
+    """What the whole-image trainer adds to ``training_setup.run_trainer``."""
+
+    stages, unit = "train_2stage", "images"
+
+    def validate(self, opts, nb_devices=None):
+        _validate_run(opts, nb_devices)
+
+    def build(self, opts, nb_class):
+        model, top_layer_nb = _build_model(opts, nb_class)
+        channels = model.input_shape[-1]
+        return model, top_layer_nb, (opts.patch_net if _preprocess_fn(opts, channels)
+                                     else None)
+
+    def checkpointer(self, opts, val, extras):
+        import dm_keras_ext
+
+        return dm_keras_ext.DMAucModelCheckpoint(opts.best_model, val, extras=extras)
+
+    def report(self, opts, json_path, hists, context):
+        return _report(opts, json_path, hists, context["checkpointer"], context["test"],
+                       context["is_chief"])
+
+
 @run_files.releases_locks
 def run(train_dir, val_dir, test_dir, **options):
     """Train (or fine-tune) a whole-image classifier and report its test AUROC.
@@ -292,58 +326,8 @@ def run(train_dir, val_dir, test_dir, **options):
     opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
     given = set(options) if given is None else set(given)
     opts, _ = script_utils.apply_model_recipe(opts, opts["resume_from"], given)
-    opts = patch_model_settings(opts, given)
-    try:
-        env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
-                                                                           _validate_run)
-    except ts.RunComplete as done:
-        return ts.finished_run_result(opts, done.state,
-                                      script_utils.options_json_path(opts["best_model"]))
-    import dm_keras_ext
-    import dm_multi_gpu
-
-    nb_class = len(opts["class_list"])
-    model, top_layer_nb = _build_model(opts, nb_class)
-    model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
-    model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
-    channels = model.input_shape[-1]
-    ts.save_input_recipe(ts.training_recipe(opts, channels, opts["patch_net"] if _preprocess_fn(
-        opts, channels) else None), opts["best_model"], opts["final_model"])
-    train, val, test, train_bs = ts.iterators_from_options(
-        opts, channels, _preprocess_fn(opts, channels), env["RANDOM_SEED"])
-    logger.info("train %d, val %d, test %d images; train batch %d, eval batch %d",
-                train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])
-    ckpt = dm_keras_ext.DMAucModelCheckpoint(opts["best_model"], val)
-    hists = dm_keras_ext.do_2stage_training(
-        model, model, train, val, len(val), opts["best_model"], len(train),
-        top_layer_nb=top_layer_nb, nb_epoch=opts["nb_epoch"],
-        all_layer_epochs=opts["all_layer_epochs"], optim=opts["optim"], init_lr=opts["init_lr"],
-        all_layer_multiplier=opts["all_layer_multiplier"], es_patience=opts["es_patience"],
-        lr_patience=opts["lr_patience"], auto_batch_balance=opts["auto_batch_balance"],
-        nb_class=nb_class, pos_cls_weight=opts["pos_cls_weight"],
-        neg_cls_weight=opts["neg_cls_weight"], nb_worker=env["NUM_CPU_CORES"],
-        auc_checkpointer=ckpt, weight_decay=opts["weight_decay"],
-        hidden_dropout=opts["hidden_dropout"], weight_decay2=opts["weight_decay2"],
-        hidden_dropout2=opts["hidden_dropout2"], bias_multiplier=opts["bias_multiplier"],
-        strategy=strategy, jit_compile=opts["jit"],
-        frozen_bn_mode=opts["frozen_bn_mode"], **ts.run_file_kwargs(opts, env, identity, resume))
-    _save_final(hists, model, opts["final_model"])
-    return _report(opts, json_path, hists, ckpt, test,
-                   getattr(strategy.extended, "should_checkpoint", True))
-
-
-def _save_final(hists, model, final_model):
-    if final_model and final_model != cf.NOSAVE:
-        import dm_keras_ext
-        dm_keras_ext.save_model_distributed(hists[-1].model if hists else model, final_model)
-
-
-def _merge_history(hists):
-    merged = {}
-    for h in hists:
-        for key, values in h.history.items():
-            merged.setdefault(key, []).extend(float(v) for v in values)
-    return merged
+    opts = run_options.options_from(options_class(), patch_model_settings(opts, given))
+    return ts.run_trainer(opts, _ImageTrainer())
 
 
 def _report(opts, json_path, hists, ckpt, test, is_chief=True):
@@ -351,7 +335,7 @@ def _report(opts, json_path, hists, ckpt, test, is_chief=True):
 
     result = dict(best_model=opts["best_model"], options_json=str(json_path),
                   best_val_auc=float(ckpt.best_auc), best_epoch=ckpt.best_epoch,
-                  epochs=sum(len(h.epoch) for h in hists), history=_merge_history(hists),
+                  epochs=sum(len(h.epoch) for h in hists), history=ts.merge_history(hists),
                   test_auc=None, test_auc_augmented=None)
     if not is_chief:
         logger.info("Multi-worker run: the chief worker reports the test result")

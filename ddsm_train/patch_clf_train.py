@@ -16,6 +16,7 @@ confusion matrix (counts and row-normalised) and one-vs-rest AUROC per class are
 it (``<best-model>.test.confusion.csv`` / ``.png``, ``<best-model>.test.metrics.json``).
 """
 import argparse
+import functools
 import logging
 import os
 
@@ -23,11 +24,12 @@ import script_utils  # first: puts the root dm_* modules and this folder on sys.
 
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
+import run_options  # noqa: E402
 import training_setup as ts  # noqa: E402
 
 logger = logging.getLogger("patch_clf_train")
 
-__all__ = ["get_args_parser", "validate_options", "run", "main"]
+__all__ = ["get_args_parser", "options_class", "validate_options", "run", "main"]
 
 
 def get_args_parser():
@@ -130,6 +132,40 @@ def _build_model(opts, nb_class):
     return model, preprocess, top_layer_nb
 
 
+@functools.lru_cache(maxsize=None)
+def options_class():
+    """The dataclass of this trainer's options, made from :func:`get_args_parser` (one field
+    per flag destination; ``run_options.options_class``)."""
+    return run_options.options_class(get_args_parser(), "PatchTrainOptions")
+
+
+class _PatchTrainer(ts.TrainerSpec):
+    """What the patch trainer adds to ``training_setup.run_trainer``."""
+
+    stages, unit = "train_3stage", "patches"
+
+    def validate(self, opts, nb_devices=None):
+        _validate_run(opts, nb_devices)
+
+    def build(self, opts, nb_class):
+        model, preprocess, top_layer_nb = _build_model(opts, nb_class)
+        return model, top_layer_nb, (opts.net if preprocess and not opts.featurewise_center
+                                     else None)
+
+    def plan(self, opts, top_layer_nb):
+        import dm_resnet
+
+        staged = opts.resume_from is not None or (
+            opts.use_pretrained and dm_resnet.get_backbone(opts.net).weights_file is not None)
+        return opts.replace(top_layer_nb=top_layer_nb, use_pretrained=staged)
+
+    def model_info(self, opts):
+        return {"net": opts.net}          # read by image_clf_train.py
+
+    def report(self, opts, json_path, hists, context):
+        return _report(opts, json_path, hists, context["test"], context["is_chief"])
+
+
 @run_files.releases_locks
 def run(train_dir, val_dir, test_dir, **options):
     """Train a patch classifier and report its test accuracy.
@@ -147,62 +183,15 @@ def run(train_dir, val_dir, test_dir, **options):
         summary of ``training_setup.finished_run_result`` (``complete`` True), nothing
         touched.
     """
-    opts = script_utils.resolve_options(get_args_parser(), (train_dir, val_dir, test_dir), options)
-    try:
-        env, strategy, json_path, identity, resume = ts.begin_training_run(opts,
-                                                                           _validate_run)
-    except ts.RunComplete as done:
-        return ts.finished_run_result(opts, done.state,
-                                      script_utils.options_json_path(opts["best_model"]))
-    import dm_keras_ext
-    import dm_multi_gpu
-
-    nb_class = len(opts["class_list"])
-    model, preprocess, top_layer_nb = _build_model(opts, nb_class)
-    model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
-    model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
-    channels = model.input_shape[-1]
-    ts.save_input_recipe(ts.training_recipe(opts, channels, opts["net"] if preprocess and not
-                                            opts["featurewise_center"] else None),
-                         opts["best_model"], opts["final_model"])
-    for path in (opts["best_model"], opts["final_model"]):   # read by image_clf_train.py
-        if path and path != cf.NOSAVE:
-            dm_keras_ext.register_model_info(path, {"net": opts["net"]})
-    train, val, test, train_bs = ts.iterators_from_options(
-        opts, channels, None if opts["featurewise_center"] else preprocess, env["RANDOM_SEED"])
-    logger.info("train %d, val %d, test %d patches; train batch %d, eval batch %d",
-                train.nb_sample, val.nb_sample, test.nb_sample, train_bs, opts["batch_size"])
-    import dm_resnet
-
-    staged = opts["resume_from"] is not None or (
-        opts["use_pretrained"] and dm_resnet.get_backbone(opts["net"]).weights_file is not None)
-    hists = dm_keras_ext.do_3stage_training(
-        model, model, train, val, len(val), opts["best_model"], len(train),
-        top_layer_nb=top_layer_nb, net=opts["net"], nb_epoch=opts["nb_epoch"],
-        top_layer_epochs=opts["top_layer_epochs"], all_layer_epochs=opts["all_layer_epochs"],
-        use_pretrained=staged, optim=opts["optim"], init_lr=opts["init_lr"],
-        top_layer_multiplier=opts["top_layer_multiplier"],
-        all_layer_multiplier=opts["all_layer_multiplier"], es_patience=opts["es_patience"],
-        lr_patience=opts["lr_patience"], auto_batch_balance=opts["auto_batch_balance"],
-        nb_class=nb_class, pos_cls_weight=opts["pos_cls_weight"],
-        neg_cls_weight=opts["neg_cls_weight"], nb_worker=env["NUM_CPU_CORES"],
-        weight_decay2=opts["weight_decay2"], hidden_dropout2=opts["hidden_dropout2"],
-        bias_multiplier=opts["bias_multiplier"], strategy=strategy, jit_compile=opts["jit"],
-        frozen_bn_mode=opts["frozen_bn_mode"], **ts.run_file_kwargs(opts, env, identity, resume))
-    if opts["final_model"] and opts["final_model"] != cf.NOSAVE:
-        dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
-                                            opts["final_model"])
-    return _report(opts, json_path, hists, test,
-                   getattr(strategy.extended, "should_checkpoint", True))
+    opts = run_options.options_from(options_class(), script_utils.resolve_options(
+        get_args_parser(), (train_dir, val_dir, test_dir), options))
+    return ts.run_trainer(opts, _PatchTrainer())
 
 
 def _report(opts, json_path, hists, test, is_chief=True):
     import dm_keras_ext
 
-    history = {}
-    for h in hists:
-        for key, values in h.history.items():
-            history.setdefault(key, []).extend(float(v) for v in values)
+    history = ts.merge_history(hists)
     val_acc = history.get("val_accuracy", [])
     result = dict(best_model=opts["best_model"], options_json=str(json_path),
                   epochs=len(history.get("loss", [])), stages=[h.stage for h in hists],

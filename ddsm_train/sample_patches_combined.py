@@ -203,7 +203,8 @@ def _load_view(task: _ViewTask, cfg: _Settings):
             img = dm_image.read_resize_stored(
                 task.img_path, target_size=(cfg.target_height, cfg.target_width))
     except (OSError, ValueError, cv2.error) as err:
-        raise _SkipView("unreadable_image", f"{task.img_id}: cannot read {task.img_path}: {err}")
+        raise _SkipView("unreadable_image",
+                        f"{task.img_id}: cannot read {task.img_path}: {err}") from err
     stored = (str(img.dtype), float(img.max()) if img.size else 0.0)
     masks = []
     for roi in task.rois:
@@ -213,7 +214,8 @@ def _load_view(task: _ViewTask, cfg: _Settings):
         try:
             mask = dm_image.read_image(roi.mask_path, gs_255=True)
         except (OSError, ValueError, cv2.error) as err:
-            raise _SkipView("mask_unreadable", f"{name}: cannot read {roi.mask_path}: {err}")
+            raise _SkipView("mask_unreadable",
+                            f"{name}: cannot read {roi.mask_path}: {err}") from err
         if mask.shape != tuple(orig_shape):
             raise _SkipView("mask_size_mismatch", f"{name}: mask {roi.mask_path} is "
                             f"{mask.shape}, its image is {tuple(orig_shape)}")
@@ -227,7 +229,7 @@ def _load_view(task: _ViewTask, cfg: _Settings):
         try:
             img, bbox = dm_image.segment_breast(img)
         except (ValueError, cv2.error) as err:
-            raise _SkipView("segmentation_failed", f"{task.img_id}: {err}")
+            raise _SkipView("segmentation_failed", f"{task.img_id}: {err}") from err
         bx, by, bw, bh = (int(v) for v in bbox)
         bbox = (bx, by, bw, bh)
         masks = [m[by:by + bh, bx:bx + bw] for m in masks]

@@ -497,40 +497,34 @@ def options_json_path(best_model):
     return Path(str(best_model) + ".options.json")
 
 
-#: Options records of this process's runs, by options JSON path, until their model is saved.
-_OPTIONS_RECORDS = {}
+def log_options(options, extra=None):
+    """Log resolved options and return the record saved as JSON beside the best model.
 
-
-def log_and_save_options(options, best_model, extra=None):
-    """Log resolved options; they are saved as JSON beside the best model with its first save.
-
-    The JSON (``<best_model>.options.json``) is written right after the run's first model is
-    saved at ``best_model`` (``dm_keras_ext.register_model_sidecar``), so it always describes
-    the model next to it: a run that fails before producing a model leaves an earlier run's
-    model and options file as they were.
+    The record is written (``<best_model>.options.json``, see :func:`options_sidecar`) right
+    after the run's first model is saved, so it always describes the model next to it: a run
+    that fails before producing a model leaves an earlier run's model and options file as
+    they were.
 
     Args:
         options: mapping of option name to value (JSON-serialisable after ``str`` fallback).
-        best_model: the best-model path.
         extra: optional mapping added under ``"environment"`` (e.g. resolved env variables).
 
     Returns:
-        Path: where the JSON file will be written.
+        dict: the record (the trainers add ``input_recipe`` before the first save).
     """
-    import dm_keras_ext
-
     record = dict(options)
     if extra:
         record["environment"] = dict(extra)
     for key in sorted(record):
         logger.info("option %s = %r", key, record[key])
-    json_path = options_json_path(best_model)
-    _OPTIONS_RECORDS[str(json_path)] = record
-    dm_keras_ext.register_model_sidecar(
-        best_model, json_path,
-        lambda: json.dumps(_OPTIONS_RECORDS[str(json_path)], indent=2, sort_keys=True,
-                           default=str))
-    return json_path
+    return record
+
+
+def options_sidecar(best_model, record):
+    """``(path, make_text)`` of the options JSON beside ``best_model``: the ``sidecar`` of
+    ``dm_keras_ext.ModelFileExtras``, written with the run's first saved model."""
+    return (options_json_path(best_model),
+            lambda: json.dumps(record, indent=2, sort_keys=True, default=str))
 
 
 # ------------------------------------------------------------------ environment of a run

@@ -10,8 +10,10 @@ makes the ``tf.distribute`` strategy, logs the options, finds an unfinished run 
 run's identity (:func:`run_identity`), seeds every RNG and sets the precision policy. Around
 training: the data iterators of the options (:func:`iterators_from_options`, with the 2017
 augmentation :data:`AUGMENTATION_2017`), the input recipe stored in every model file the run
-writes (:func:`training_recipe`, :func:`save_input_recipe`) and the run's files beside
-``--best-model`` (:func:`run_file_kwargs`).
+writes (:func:`training_recipe`, :func:`model_file_extras`) and the run's files beside
+``--best-model`` (:func:`run_file_kwargs`). The run itself, the same for both trainers
+(checks, model, recipe, data, stages, final save), is :func:`run_trainer`; a trainer gives
+what differs as a :class:`TrainerSpec` (its checks, model, stage plan, report).
 
 Importing this module does not import TensorFlow; the functions that need it import it.
 """
@@ -21,8 +23,8 @@ import os
 from pathlib import Path
 
 from common_flags import NOSAVE
-from script_utils import _OPTIONS_RECORDS, get_num_cpu_cores, get_num_gpu_devices, \
-    get_random_seed, log_and_save_options, options_json_path, read_csv_table
+from script_utils import get_num_cpu_cores, get_num_gpu_devices, get_random_seed, \
+    log_options, options_json_path, options_sidecar, read_csv_table
 
 __all__ = [
     "check_batch_vs_devices", "env_summary", "check_class_dirs",
@@ -30,7 +32,8 @@ __all__ = [
     "check_earlier_run", "begin_training_run", "finished_run_result",
     "run_file_kwargs",
     "AUGMENTATION_2017", "build_data_iterators", "iterators_from_options",
-    "training_recipe", "save_input_recipe",
+    "training_recipe", "model_file_extras",
+    "TrainerSpec", "run_trainer", "merge_history", "stage_run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -262,7 +265,9 @@ def begin_training_run(opts, validate):
     another run's model is refused unless ``--overwrite``.
 
     Returns:
-        ``(env, strategy, options_json_path, run_identity, resume)``.
+        ``(env, strategy, options_record, run_identity, resume)``; the options record
+        (``script_utils.log_options``) is written as ``<best-model>.options.json`` with the
+        run's first model (:func:`model_file_extras`).
     """
     import dm_keras_ext
     import dm_multi_gpu
@@ -275,13 +280,13 @@ def begin_training_run(opts, validate):
     claim_run_files(opts)
     identity = run_identity(opts, env)
     check_earlier_run(opts, identity)
-    json_path = log_and_save_options(opts, opts["best_model"], env)
+    record = log_options(opts, env)
     resume = dm_keras_ext.resolve_resume(
         dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
         auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])
     keras.utils.set_random_seed(env["RANDOM_SEED"])
     dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
-    return env, strategy, json_path, identity, resume
+    return env, strategy, record, identity, resume
 
 
 def _check_tensorboard_dir(folder):
@@ -367,20 +372,28 @@ AUGMENTATION_2017 = dict(horizontal_flip=True, vertical_flip=True, rotation_rang
                          fill_mode="nearest")
 
 
-def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, rescale_factor,
-                         featurewise_center, featurewise_mean, equalize_hist, augmentation,
-                         class_list, auto_batch_balance, batch_size, train_batch_size,
-                         load_train_ram, load_val_ram, dup_3_channels, preprocess, seed,
-                         cache_dir=None):
+def build_data_iterators(opts, *, train_batch_size, dup_3_channels, preprocess, seed):
     """Train, validation and test iterators over class folders (``dm_image`` generators).
+
+    Args:
+        opts: the options (a mapping or a trainer's options object): ``train_dir``,
+            ``val_dir``, ``test_dir``, ``img_size``, ``img_scale``, ``rescale_factor``,
+            ``featurewise_center``, ``featurewise_mean``, ``equalize_hist``,
+            ``augmentation``, ``class_list``, ``auto_batch_balance``, ``batch_size``,
+            ``load_train_ram``, ``load_val_ram`` and, optional, ``img_cache_dir``.
+        train_batch_size: the train batch.
+        dup_3_channels: copy the grey channel to 3 channels.
+        preprocess: function applied to each batch (a backbone's ``preprocess_input``), or
+            None.
+        seed: the train iterator's shuffling seed.
 
     Per image: read and resize to ``img_size``, ``img_scale``/``rescale_factor`` (0..255
     scale), optional histogram equalisation, channel copy when ``dup_3_channels``, augmentation
     (train only), featurewise centring with ``featurewise_mean``, then ``preprocess`` on the
     batch. The train iterator shuffles (``seed``) and, with ``auto_batch_balance``, yields
     sample weights; validation and test keep file order. ``load_*_ram`` caches a set in memory
-    (``load_dat_ram``) and iterates over the cache; ``cache_dir`` keeps the resized images as
-    ``.npy`` files there (``dm_image.cached_read``), for every set.
+    (``load_dat_ram``) and iterates over the cache; ``img_cache_dir`` keeps the resized images
+    as ``.npy`` files there (``dm_image.cached_read``), for every set.
 
     Returns:
         (train, val, test) tf-keras Sequences yielding ``(x, y[, w])``; x float32
@@ -388,14 +401,15 @@ def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, r
     """
     from dm_image import DMImageDataGenerator, load_dat_ram
 
-    read = dict(target_scale=img_scale, rescale_factor=rescale_factor,
-                equalize_hist=equalize_hist, dup_3_channels=dup_3_channels,
+    cache_dir = opts.get("img_cache_dir")
+    read = dict(target_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
+                equalize_hist=opts["equalize_hist"], dup_3_channels=dup_3_channels,
                 preprocess=preprocess)
 
     def make(imgen, folder, bs, shuffle, balance, in_ram):
-        it = imgen.flow_from_directory(folder, target_size=tuple(img_size), classes=class_list,
-                                       class_mode="categorical", batch_size=bs,
-                                       shuffle=shuffle, seed=seed,
+        it = imgen.flow_from_directory(folder, target_size=tuple(opts["img_size"]),
+                                       classes=opts["class_list"], class_mode="categorical",
+                                       batch_size=bs, shuffle=shuffle, seed=seed,
                                        auto_batch_balance=balance, cache_dir=cache_dir,
                                        **read)
         if not in_ram:
@@ -405,36 +419,31 @@ def build_data_iterators(train_dir, val_dir, test_dir, *, img_size, img_scale, r
         return imgen.flow(X, y, batch_size=bs, shuffle=shuffle, seed=seed,
                           auto_batch_balance=balance, **read)
 
-    train_imgen = DMImageDataGenerator(featurewise_center=featurewise_center,
-                                       **(AUGMENTATION_2017 if augmentation else {}))
-    eval_imgen = DMImageDataGenerator(featurewise_center=featurewise_center)
-    if featurewise_center:
-        train_imgen.mean = eval_imgen.mean = featurewise_mean
-    train = make(train_imgen, train_dir, train_batch_size, True, auto_batch_balance,
-                 load_train_ram)
-    val = make(eval_imgen, val_dir, batch_size, False, False, load_val_ram)
-    test = make(eval_imgen, test_dir, batch_size, False, False, False)
+    center = opts["featurewise_center"]
+    train_imgen = DMImageDataGenerator(featurewise_center=center,
+                                       **(AUGMENTATION_2017 if opts["augmentation"] else {}))
+    eval_imgen = DMImageDataGenerator(featurewise_center=center)
+    if center:
+        train_imgen.mean = eval_imgen.mean = opts["featurewise_mean"]
+    train = make(train_imgen, opts["train_dir"], train_batch_size, True,
+                 opts["auto_batch_balance"], opts["load_train_ram"])
+    val = make(eval_imgen, opts["val_dir"], opts["batch_size"], False, False,
+               opts["load_val_ram"])
+    test = make(eval_imgen, opts["test_dir"], opts["batch_size"], False, False, False)
     return train, val, test
 
 
 def iterators_from_options(opts, channels, preprocess, seed):
-    """:func:`build_data_iterators` from a training script's options (``vars(args)``).
+    """:func:`build_data_iterators` from a training script's options.
 
     Returns:
         (train, val, test, train_batch_size); the train batch is ``--batch-size`` x
         ``--train-bs-multiplier``.
     """
     train_bs = int(opts["batch_size"] * opts["train_bs_multiplier"])
-    train, val, test = build_data_iterators(
-        opts["train_dir"], opts["val_dir"], opts["test_dir"], img_size=opts["img_size"],
-        img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
-        featurewise_center=opts["featurewise_center"],
-        featurewise_mean=opts["featurewise_mean"], equalize_hist=opts["equalize_hist"],
-        augmentation=opts["augmentation"], class_list=opts["class_list"],
-        auto_batch_balance=opts["auto_batch_balance"], batch_size=opts["batch_size"],
-        train_batch_size=train_bs, load_train_ram=opts["load_train_ram"],
-        load_val_ram=opts["load_val_ram"], cache_dir=opts["img_cache_dir"],
-        dup_3_channels=channels == 3, preprocess=preprocess, seed=seed)
+    train, val, test = build_data_iterators(opts, train_batch_size=train_bs,
+                                            dup_3_channels=channels == 3,
+                                            preprocess=preprocess, seed=seed)
     return train, val, test, train_bs
 
 
@@ -451,32 +460,122 @@ def training_recipe(opts, channels, preprocess=None):
     """
     from dm_image import InputRecipe
 
-    return InputRecipe(img_size=tuple(opts["img_size"]), channels=int(channels),
-                       img_scale=opts["img_scale"], rescale_factor=opts["rescale_factor"],
-                       equalize_hist=opts["equalize_hist"],
-                       featurewise_center=opts["featurewise_center"],
-                       featurewise_mean=opts["featurewise_mean"], preprocess=preprocess)
+    return InputRecipe.from_options(opts, channels=int(channels), preprocess=preprocess)
 
 
-def save_input_recipe(recipe, best_model, *model_files):
-    """Store ``recipe`` in the models a training run writes and in its options JSON.
-
-    Every file later saved at ``best_model`` or one of ``model_files`` (``NOSAVE`` skipped)
-    carries it as an HDF5 attribute (``dm_keras_ext.register_input_recipe``), and the options
-    JSON of :func:`log_and_save_options` gets it under ``input_recipe``.
-
-    Returns:
-        Path of the options JSON, or None when no options were logged for ``best_model``.
-    """
+def model_file_extras(opts, record, recipe, info=None):
+    """What the run's model files carry (``dm_keras_ext.ModelFileExtras``): ``recipe`` (an
+    ``dm_image.InputRecipe``, also added to the options ``record`` under ``input_recipe``),
+    ``info`` (what the model is, e.g. ``{"net": ...}``) and, with the first best model, the
+    options JSON ``<best-model>.options.json`` of ``record``."""
     import dm_keras_ext
 
-    for path in (best_model,) + model_files:
-        if path and path != NOSAVE:
-            dm_keras_ext.register_input_recipe(path, recipe)
-    json_path = options_json_path(best_model)
     logger.info("input recipe: %s", recipe.to_json())
-    record = _OPTIONS_RECORDS.get(str(json_path))
-    if record is None:
-        return None
     record["input_recipe"] = recipe.to_dict()
-    return json_path
+    return dm_keras_ext.ModelFileExtras(recipe=recipe, info=info,
+                                        sidecar=options_sidecar(opts["best_model"], record))
+
+
+# --------------------------------------------------------------------------- the run skeleton
+class TrainerSpec:
+    """What one trainer adds to the run skeleton of :func:`run_trainer`.
+
+    A trainer module subclasses it (or passes an instance with these methods):
+    ``validate(opts, nb_devices)`` checks the options; ``build(opts, nb_class)`` returns
+    ``(model, top_layer_nb, preprocess_net)`` (the backbone whose ``preprocess_input`` the
+    iterators apply, or None); ``plan(opts, top_layer_nb)`` the options passed whole to the
+    staged training; ``checkpointer(opts, val, extras)`` its best-model callback (saving with ``extras``) (None: the staged
+    training's own); ``report(opts, json_path, hists, context)`` the run's result.
+
+    Attributes:
+        stages: the name of the ``dm_keras_ext`` staged training (``"train_3stage"`` or
+            ``"train_2stage"``), looked up when the run starts.
+        unit: what one sample is (``"patches"``, ``"images"``), for the log.
+    """
+
+    stages = "train_3stage"
+    unit = "samples"
+
+    def validate(self, opts, nb_devices=None):
+        raise NotImplementedError
+
+    def build(self, opts, nb_class):
+        raise NotImplementedError
+
+    def plan(self, opts, top_layer_nb):
+        return opts.replace(top_layer_nb=top_layer_nb)
+
+    def checkpointer(self, opts, val, extras):
+        return None
+
+    def model_info(self, opts):
+        """What the run's model files say about the model beside the weights (or None)."""
+        return None
+
+    def report(self, opts, json_path, hists, context):
+        raise NotImplementedError
+
+
+def run_trainer(opts, spec):
+    """The run both trainers share: checks, model, input recipe, data, stages, final save.
+
+    :func:`begin_training_run` (a finished identical run returns
+    :func:`finished_run_result`), ``spec.build``, the precision policy and device copies, the
+    input recipe stored in the run's model files, the iterators, the staged training of
+    ``spec.stages`` with ``spec.plan`` (the options passed whole), the ``--final-model`` save,
+    then ``spec.report`` with ``context`` = ``dict(test=..., checkpointer=..., is_chief=...)``.
+    """
+    try:
+        env, strategy, record, identity, resume = begin_training_run(opts, spec.validate)
+    except RunComplete as done:
+        return finished_run_result(opts, done.state, options_json_path(opts["best_model"]))
+    import dm_keras_ext
+    import dm_multi_gpu
+    from dm_resnet import get_preprocess_input
+
+    nb_class = len(opts["class_list"])
+    model, top_layer_nb, preprocess_net = spec.build(opts, nb_class)
+    model = dm_multi_gpu.apply_precision_policy(model, opts["mixed_precision"])
+    model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
+    channels = model.input_shape[-1]
+    extras = model_file_extras(opts, record, training_recipe(opts, channels, preprocess_net),
+                               spec.model_info(opts))
+    train, val, test, train_bs = iterators_from_options(
+        opts, channels, get_preprocess_input(preprocess_net) if preprocess_net else None,
+        env["RANDOM_SEED"])
+    logger.info("train %d, val %d, test %d %s; train batch %d, eval batch %d", train.nb_sample,
+                val.nb_sample, test.nb_sample, spec.unit, train_bs, opts["batch_size"])
+    checkpointer = spec.checkpointer(opts, val, extras)
+    run = stage_run(opts, env, identity, resume)
+    run.strategy, run.checkpointer, run.extras = strategy, checkpointer, extras
+    data = dm_keras_ext.StageData(train, val, len(val), len(train), nb_class,
+                                  env["NUM_CPU_CORES"])
+    hists = getattr(dm_keras_ext, spec.stages)(model, data=data,
+                                                plan=spec.plan(opts, top_layer_nb), run=run)
+    if opts["final_model"] and opts["final_model"] != NOSAVE:
+        dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
+                                            opts["final_model"],
+                                            extras=extras.without_sidecar())
+    context = dict(test=test, checkpointer=checkpointer,
+                   is_chief=getattr(strategy.extended, "should_checkpoint", True))
+    return spec.report(opts, options_json_path(opts["best_model"]), hists, context)
+
+
+def merge_history(hists):
+    """The per-epoch logs of the stages' Histories, joined in order (floats)."""
+    merged = {}
+    for h in hists:
+        for key, values in h.history.items():
+            merged.setdefault(key, []).extend(float(v) for v in values)
+    return merged
+
+
+def stage_run(opts, env, identity, resume):
+    """The ``dm_keras_ext.StageRun`` of a trainer's options: the run's files beside
+    ``--best-model`` (``.last.h5`` checkpoint, ``.log.csv``, ``.curves.png``), the seed, the
+    run's identity, the state to resume and, with ``--tensorboard-dir``, a TensorBoard
+    callback."""
+    import dm_keras_ext
+
+    return dm_keras_ext.StageRun(opts["best_model"], **run_file_kwargs(opts, env, identity,
+                                                                       resume))

@@ -7,7 +7,7 @@ import pytest
 from conftest import huge_png_bytes, imwrite
 
 import dm_image
-from dm_image import (DMDirectoryIterator, DMImageDataGenerator, batch_balance_weights,
+from dm_image import (DMImageDataGenerator, batch_balance_weights,
                       list_class_images, load_dat_ram, read_resize_img)
 
 RESCALE = 255.0 / 65535
@@ -245,7 +245,7 @@ def test_load_dat_ram_stored_form_and_same_batches_as_disk(img_dir):
     np.testing.assert_array_equal(X[0], read_resize_img(str(img_dir / "neg/a.png"), SIZE))
     ram = gen.flow(X, y, batch_size=2, shuffle=True, seed=5, **it.ram_flow_kwargs())
     assert len(ram) == len(it)
-    for epoch in range(2):
+    for _epoch in range(2):
         for i in range(len(it)):
             for a, b in zip(it[i], ram[i]):
                 np.testing.assert_array_equal(a, b)

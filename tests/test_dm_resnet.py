@@ -162,7 +162,6 @@ def test_named_variants_build(keras_session, variant):
 
 
 def test_builder_options(keras_session):
-    keras = keras_session
     model = R.ResNetBuilder.build((1, 32, 32), 1, "basic_org", [1, 1], nb_init_filter=4,
                                   init_filter_size=5, init_conv_stride=1, pool_size=0,
                                   weight_decay=0.01, alpha=0.5, l1_ratio=0.2,

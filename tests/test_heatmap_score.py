@@ -3,6 +3,7 @@ overlay PNGs."""
 import logging
 import math
 import pickle
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -380,3 +381,20 @@ def test_malignant_column_missing_pat_csv_and_logged_settings(synth, tmp_path, c
     settings = json.loads(logged[0].split("options: ", 1)[1])
     assert settings["stride"] == 8 and settings["img_scale"] == 255.0 and \
         settings["pat_csv"] == str(mal) and settings["net"] == "vgg19"
+
+
+def test_images_that_cannot_give_a_heatmap_are_reported_not_scored(synth, tmp_path,
+                                                                    keras_session):
+    root, _ = synth
+    folder = tmp_path / "imgs"
+    _mammogram(folder / "a.png", 1)
+    folder.mkdir(exist_ok=True)
+    cv2.imwrite(str(folder / "flat.png"), np.full((HEIGHT, HEIGHT * 3 // 4), 900, np.uint16))
+    cv2.imwrite(str(folder / "dot.png"), np.array([[5, 7], [9, 11]], np.uint16))
+    summary = hs.main([str(folder), str(root / "patch.h5"), "--net", "vgg16", "--img-height",
+                       str(HEIGHT), "--patch-size", str(P), "--stride", "16",
+                       "--featurewise-center", "--all-images", "--out", str(tmp_path / "h.npz")])
+    assert summary["n_heatmaps"] == 1
+    failed = {Path(path).name: why for path, why in summary["failed"]}
+    assert sorted(failed) == ["dot.png", "flat.png"]
+    assert "constant" in failed["flat.png"] and "16" in failed["dot.png"]

@@ -217,7 +217,6 @@ def trained(tmp_path_factory):
     import tf_keras as keras
 
     import dm_keras_ext
-    import dm_resnet
     import image_clf_train
 
     root = tmp_path_factory.mktemp("recipe_train")

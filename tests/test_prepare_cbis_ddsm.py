@@ -19,7 +19,6 @@ FULL_H, FULL_W = 64, 48
 
 
 def _write_dcm(path: Path, arr: np.ndarray) -> None:
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -106,7 +105,7 @@ def test_real_csvs_with_small_dicoms(cbis_csv_dir, tmp_path):
     roi = pd.read_csv(out / "roi_mask_path.csv", dtype=str)
     assert list(roi.columns) == prep.ROI_COLUMNS
     expect_rows = []
-    for seed, (row, kind, split, swapped, with_mask) in enumerate(picks):
+    for seed, (row, kind, split, _swapped, with_mask) in enumerate(picks):
         img_id = f"{row['patient_id']}_{row['left or right breast']}_{row['image view']}"
         np.testing.assert_array_equal(_read_png(out / "full_img" / f"{img_id}.png"), _full(seed))
         name = f"{kind}-{split}_{img_id}_{row['abnormality id']}.png"
@@ -130,8 +129,8 @@ def test_real_csvs_with_small_dicoms(cbis_csv_dir, tmp_path):
     want = [[p, sd, str(int(((mal.patient_id == p) & (mal["left or right breast"] == sd)).any()))]
             for p, sd in breasts]
     assert psc.values.tolist() == want and list(psc.columns) == ["patient_id", "side", "cancer"]
-    whole = {s: {l: sorted(p.name for p in (out / "whole_img" / s / l).iterdir())
-                 for l in ("neg", "pos")} for s in ("train", "test")}
+    whole = {s: {c: sorted(p.name for p in (out / "whole_img" / s / c).iterdir())
+                 for c in ("neg", "pos")} for s in ("train", "test")}
     assert sum(len(v) for s in whole.values() for v in s.values()) == 5
     assert whole["test"]["pos"] == ["P_00016_LEFT_CC.png"]
     small = _read_png(out / "whole_img" / "test" / "pos" / "P_00016_LEFT_CC.png")

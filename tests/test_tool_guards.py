@@ -187,11 +187,11 @@ def _stage1_trainable(monkeypatch, argv):
 
     seen = {}
 
-    def capture(model, org_model, *args, top_layer_nb=None, **kwargs):
-        seen["n"] = sum(layer.count_params() for layer in model.layers[top_layer_nb:])
+    def capture(model, data, plan, run):
+        seen["n"] = sum(layer.count_params() for layer in model.layers[plan.top_layer_nb:])
         raise _Built()
 
-    monkeypatch.setattr(K, "do_2stage_training", capture)
+    monkeypatch.setattr(K, "train_2stage", capture)
     with pytest.raises(_Built):
         image_clf_train.main(argv)
     return seen["n"]
@@ -206,12 +206,11 @@ def test_image_trainer_takes_net_and_scale_of_the_patch_model_file(data, tmp_pat
     write_class_split(tmp_path / "img", ["neg", "pos"], {"train": 2, "val": 2, "test": 2},
                       (32, 24), rng)
     patch = tmp_path / "patch_vgg16.h5"
-    K.register_model_info(patch, {"net": "vgg16"})
     K.save_model_atomic(K.robust_load_model(data / "patch.h5"), patch,
                         recipe=dm_image.InputRecipe(
                             img_size=(24, 24), channels=3, rescale_factor=255 / 65535,
-                            featurewise_center=True, featurewise_mean=50.0))
-    K.register_model_info(patch, None)
+                            featurewise_center=True, featurewise_mean=50.0),
+                        extras=K.ModelFileExtras(info={"net": "vgg16"}))
     assert K.read_model_info(patch) == {"net": "vgg16"}
     base = split_dirs(tmp_path, "img") + [
         "--img-size", "32", "24", "--batch-size", "4", "--top-depths", "8",

@@ -217,12 +217,13 @@ def _test_auc(model_file, data, img_size, mean, flips=False):
 
 
 def _record_calls(monkeypatch, name):
-    """Wrap ``dm_keras_ext.<name>`` to record the keyword arguments of each call."""
+    """Wrap ``dm_keras_ext.<name>`` (the typed staged training) to record the options object
+    each call gets as ``plan``."""
     import dm_keras_ext
     calls, original = [], getattr(dm_keras_ext, name)
 
     def wrapper(*args, **kwargs):
-        calls.append(kwargs)
+        calls.append(kwargs["plan"])
         return original(*args, **kwargs)
     monkeypatch.setattr(dm_keras_ext, name, wrapper)
     return calls
@@ -232,7 +233,7 @@ def _record_calls(monkeypatch, name):
 def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path,
                                                      keras_session, monkeypatch):
     best, final = tmp_path / "ms" / "best.h5", tmp_path / "ms" / "final.h5"
-    calls = _record_calls(monkeypatch, "do_2stage_training")
+    calls = _record_calls(monkeypatch, "train_2stage")
     result = image_clf_train.main(split_dirs(data, "img") + ["--frozen-bn-mode", "moving",
         "--patch-model-state", str(model_files["patch"]), "--img-size", "64", "48",
         "--rescale-factor", "0.003891", "--featurewise-mean", "50", "--patch-net", "vgg16",
@@ -252,7 +253,7 @@ def test_image_clf_train_end_to_end_from_patch_model(data, model_files, tmp_path
     assert best.is_file() and final.is_file()
     _check_options_json(result, {"img_size": [64, 48], "bias_multiplier": 0.1, "optim": "adam",
                                  "frozen_bn_mode": "moving"})
-    assert [c["frozen_bn_mode"] for c in calls] == ["moving"]
+    assert [c.frozen_bn_mode for c in calls] == ["moving"]
     import dm_keras_ext
     reloaded = dm_keras_ext.robust_load_model(best)
     assert reloaded.input_shape == (None, 64, 48, 3) and reloaded.output_shape == (None, 2)
@@ -264,7 +265,7 @@ def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_se
     import dm_keras_ext
 
     best = tmp_path / "patch_best.h5"
-    calls = _record_calls(monkeypatch, "do_3stage_training")
+    calls = _record_calls(monkeypatch, "train_3stage")
     result = patch_clf_train.main(split_dirs(data, "patch") + [
         "--resume-from", str(model_files["patch"]), "--net", "vgg16", "--top-layer-nb", "3",
         "--img-size", "32", "32", "--rescale-factor", "0.003891", "--featurewise-mean", "50",
@@ -281,7 +282,7 @@ def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_se
     assert result["test_loss"] == pytest.approx(-log_prob[np.arange(len(y)), y].mean(), rel=1e-4)
     _check_options_json(result, {"net": "vgg16", "top_layer_nb": 3, "auto_batch_balance": True,
                                  "frozen_bn_mode": "batch"})
-    assert [c["frozen_bn_mode"] for c in calls] == ["batch"]
+    assert [c.frozen_bn_mode for c in calls] == ["batch"]
     assert dm_keras_ext.robust_load_model(best).output_shape == (None, 3)
     # the test confusion matrix and one-vs-rest AUROC, beside the model
     from sklearn.metrics import confusion_matrix, roc_auc_score
@@ -405,7 +406,7 @@ def test_outputs_that_overlap_inputs_stop_before_work(data, model_files, capsys,
     patch = tmp_path / "in" / "patch.h5"
     patch.parent.mkdir()
     patch.write_bytes(model_files["patch"].read_bytes())
-    img = split_dirs(data, "img") + ["--img-size", "64", "48"]
+    img = split_dirs(data, "img") + ["--img-size", "64", "48", "--rescale-factor", "0.003891"]
     for extra, message in [
             (["--patch-model-state", str(patch), "--best-model", str(patch)],
              "--best-model {0} is the input --patch-model-state {0}".format(patch)),
@@ -432,7 +433,8 @@ def test_second_run_into_a_locked_best_model_refuses(data, capsys, tmp_path, mon
             {"pid": holder.pid, "host": __import__("socket").gethostname()}))
         with pytest.raises(SystemExit) as exc:
             patch_clf_train.main(split_dirs(data, "patch") + [
-                "--best-model", str(best), "--img-size", "32", "32", "--nb-epoch", "1"])
+                "--best-model", str(best), "--img-size", "32", "32", "--nb-epoch", "1",
+                "--rescale-factor", "0.003891"])
         assert exc.value.code == 2
         assert f"(process {holder.pid}, lock file {best}.lock)" in capsys.readouterr().err
     finally:
@@ -459,6 +461,6 @@ def test_stale_lock_and_leftovers_of_a_killed_run_are_cleared(data, capsys, tmp_
     with pytest.raises(SystemExit) as exc:
         image_clf_train.main(split_dirs(data, "img") + [
             "--patch-model-state", str(bad), "--img-size", "64", "48",
-            "--best-model", str(best)])
+            "--rescale-factor", "0.003891", "--best-model", str(best)])
     assert exc.value.code == 2 and "bad.h5" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]

@@ -83,7 +83,7 @@ def test_a_run_failing_before_its_first_model_leaves_the_earlier_files(whole, mo
     def crash(*args, **kwargs):
         raise RuntimeError("killed during the first epoch")
 
-    monkeypatch.setattr(dm_keras_ext, "do_2stage_training", crash)
+    monkeypatch.setattr(dm_keras_ext, "train_2stage", crash)
     with pytest.raises(RuntimeError, match="killed"):
         image_clf_train.main(common + ["--nb-epoch", "1", "--no-auto-resume"])
     _untouched(best)
@@ -123,7 +123,7 @@ def test_patch_trainer_nothing_to_train(tmp_path, capsys):
 def test_patch_folder_files_outside_the_manifest_are_reported(tmp_path, caplog):
     import training_setup
 
-    dirs = _images(tmp_path / "p", ["background", "malignant"], n=2)
+    _images(tmp_path / "p", ["background", "malignant"], n=2)
     train = tmp_path / "p" / "train"
     (train / "patches.csv").write_text(
         "folder,filename,img_id,kind,row,col,roi_frac,patch_frac\n"
