@@ -20,7 +20,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -124,8 +124,9 @@ class DLRepr:
             out = [out]
         return np.concatenate([np.asarray(o, dtype=np.float32) for o in out], axis=1)
 
-    def get_feats(self, data, batch_size: int = 32, steps: Optional[int] = None,
-                  return_labels: bool = False):
+    def get_feats(self, data: Any, batch_size: int = 32, steps: Optional[int] = None,
+                  return_labels: bool = False
+                  ) -> Union[np.ndarray, Tuple[np.ndarray, Optional[np.ndarray]]]:
         """Features of images given as an array or as a batch iterator.
 
         Args:
@@ -245,7 +246,7 @@ class MultiViewDLElasticNet:
         return LogisticRegression(**_logistic_kwargs(1.0 / c["alpha"], c["l1_ratio"],
                                                      c["max_iter"], c["seed"]))
 
-    def get_features(self, X_cc, X_mlo, batch_size: int = 32) -> np.ndarray:
+    def get_features(self, X_cc: Any, X_mlo: Any, batch_size: int = 32) -> np.ndarray:
         """Concatenated features ``[CC | MLO]``, float32 (n, 2 * sum(feature_dims)).
 
         Args:
@@ -267,7 +268,7 @@ class MultiViewDLElasticNet:
             return feats
         return (feats - self.scaler_mean_) / self.scaler_scale_
 
-    def fit_features(self, feats, y) -> "MultiViewDLElasticNet":
+    def fit_features(self, feats: np.ndarray, y: np.ndarray) -> "MultiViewDLElasticNet":
         """Fit the scaler and classifier on precomputed features (n, d) and labels (n,)."""
         feats = np.asarray(feats, dtype=np.float64)
         y = np.asarray(y)
@@ -286,23 +287,24 @@ class MultiViewDLElasticNet:
                     int(np.count_nonzero(self.clf.coef_)))
         return self
 
-    def fit(self, X_cc, X_mlo, y, batch_size: int = 32) -> "MultiViewDLElasticNet":
+    def fit(self, X_cc: Any, X_mlo: Any, y: np.ndarray, batch_size: int = 32
+            ) -> "MultiViewDLElasticNet":
         """Extract CC/MLO features through the network and fit the classifier."""
         return self.fit_features(self.get_features(X_cc, X_mlo, batch_size), y)
 
-    def predict_proba_features(self, feats) -> np.ndarray:
+    def predict_proba_features(self, feats: np.ndarray) -> np.ndarray:
         """Class probabilities (n, nb_class), columns in ``classes_`` order."""
         if self.clf is None:
             raise ValueError("the classifier is not fitted; call fit or load first")
         feats = np.asarray(feats, dtype=np.float64)
         return self.clf.predict_proba(self._scale(feats))
 
-    def predict_proba(self, X_cc, X_mlo, batch_size: int = 32) -> np.ndarray:
+    def predict_proba(self, X_cc: Any, X_mlo: Any, batch_size: int = 32) -> np.ndarray:
         """Class probabilities (n, nb_class) for CC/MLO image pairs."""
         return self.predict_proba_features(self.get_features(X_cc, X_mlo, batch_size))
 
     @property
-    def classes_(self):
+    def classes_(self) -> Optional[np.ndarray]:
         return None if self.clf is None else self.clf.classes_
 
     def save(self, path: PathLike) -> Path:
@@ -330,7 +332,8 @@ class MultiViewDLElasticNet:
         return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
     @classmethod
-    def load(cls, path: PathLike, dl_model=None, custom_objects=None,
+    def load(cls, path: PathLike, dl_model: Any = None,
+             custom_objects: Optional[Dict[str, object]] = None,
              safe_mode: bool = True) -> "MultiViewDLElasticNet":
         """Load a classifier written by :meth:`save`.
 

@@ -553,7 +553,7 @@ def _walk_images(folder, relative_to, follow_links) -> List[str]:
     return found
 
 
-def list_images(directory, follow_links=False) -> List[str]:
+def list_images(directory: PathLike, follow_links: bool = False) -> List[str]:
     """Every image file under ``directory`` (recursively), as sorted relative paths.
 
     Image files are those with an extension in :data:`IMG_EXTENSIONS` (any case); folders and
@@ -572,7 +572,8 @@ def list_images(directory, follow_links=False) -> List[str]:
     return found
 
 
-def list_class_images(directory, classes=None, follow_links=False):
+def list_class_images(directory: PathLike, classes: Optional[Sequence[str]] = None,
+                      follow_links: bool = False) -> Tuple[List[str], List[str], np.ndarray]:
     """List the images of a folder with one subfolder per class, in a deterministic order.
 
     Args:
@@ -650,7 +651,7 @@ class _LineProgress:
 
 
 def progress(total: Optional[int], desc: str, unit: str = "img", verbose: bool = True,
-             every: Optional[int] = None):
+             every: Optional[int] = None) -> Any:
     """A progress display for a loop of ``total`` items: ``with progress(...) as bar: bar.update()``.
 
     On a terminal it is a tqdm bar (on stderr); when stderr is a file or a pipe (a batch job's
@@ -875,8 +876,8 @@ def _kpt_xy(key_pts) -> np.ndarray:
     return xy
 
 
-def get_roi_patches(img: np.ndarray, key_pts, roi_size: Sequence[int] = (256, 256)
-                    ) -> np.ndarray:
+def get_roi_patches(img: np.ndarray, key_pts: Union[Sequence, np.ndarray],
+                    roi_size: Sequence[int] = (256, 256)) -> np.ndarray:
     """Cut patches of ``roi_size`` centred at keypoints, zero-padding beyond the image.
 
     The patch of a keypoint (x, y) covers rows ``floor(y - h / 2)`` to that plus h and columns
@@ -909,7 +910,8 @@ def get_roi_patches(img: np.ndarray, key_pts, roi_size: Sequence[int] = (256, 25
     return np.ascontiguousarray(windows[rows, cols])
 
 
-def kmeans(points, k: int, seed=12345, iters: int = 30) -> Tuple[np.ndarray, np.ndarray]:
+def kmeans(points: np.ndarray, k: int, seed: Optional[int] = 12345, iters: int = 30
+           ) -> Tuple[np.ndarray, np.ndarray]:
     """K-means of 2-D points: k-means++ seeding, then at most ``iters`` Lloyd iterations.
 
     A small NumPy k-means, fast for the few hundred keypoints of a mammogram and safe in
@@ -949,7 +951,8 @@ def kmeans(points, k: int, seed=12345, iters: int = 30) -> Tuple[np.ndarray, np.
     return labels, centres
 
 
-def clust_kpts(key_pts, nb_clust: int, seed: int = 12345, return_centers: bool = False):
+def clust_kpts(key_pts: Union[Sequence, np.ndarray], nb_clust: int, seed: int = 12345,
+               return_centers: bool = False) -> Union[list, np.ndarray]:
     """Group keypoints by k-means on their (x, y) and keep one representative per cluster.
 
     K-means of :func:`kmeans` (k-means++ seeding from ``seed``, at most 30 Lloyd
@@ -1346,7 +1349,7 @@ class InputRecipe:
         return self.normalize(np.repeat(x[..., None], self.channels, axis=-1), preprocess)
 
     # -- storage --------------------------------------------------------------------------
-    def replace(self, **changes) -> "InputRecipe":
+    def replace(self, **changes: Any) -> "InputRecipe":
         """A copy with some settings changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
@@ -1646,7 +1649,8 @@ class DMImageDataGenerator:
             return shape[1], shape[2], shape[0]
         return shape[0], shape[1], shape[2]
 
-    def get_random_transform(self, img_shape, rng=None) -> dict:
+    def get_random_transform(self, img_shape: Sequence[int],
+                             rng: Optional[np.random.RandomState] = None) -> dict:
         """Draw the random augmentation parameters for one image (Keras 2.0.8 draw order).
 
         Args:
@@ -1703,7 +1707,7 @@ class DMImageDataGenerator:
         self._augment_into(out, np.asarray(img, dtype=np.float32), params)
         return np.ascontiguousarray(np.moveaxis(out, -1, 0)) if chw else out
 
-    def random_transform(self, x: np.ndarray, seed=None) -> np.ndarray:
+    def random_transform(self, x: np.ndarray, seed: Optional[int] = None) -> np.ndarray:
         """Randomly augment one image (Keras 2.0.8 semantics; see the class docstring).
 
         ``seed`` seeds a private ``RandomState`` (Keras 2.0 reseeded the global one instead).
@@ -1782,7 +1786,8 @@ class DMImageDataGenerator:
             _warn_once("featurewise_center is on but .mean is not set; images are not centred")
         return True
 
-    def process_image(self, out: np.ndarray, img: np.ndarray, rng) -> None:
+    def process_image(self, out: np.ndarray, img: np.ndarray,
+                      rng: Optional[np.random.RandomState]) -> None:
         """Augment (when configured) and standardise one image into ``out`` (H, W, C) float32.
 
         Args:
@@ -1810,7 +1815,8 @@ class DMImageDataGenerator:
                 and not self.samplewise_center and not self.samplewise_std_normalization
                 and not self.featurewise_std_normalization and self.fill_mode != "constant")
 
-    def process_stored(self, out: np.ndarray, stored: np.ndarray, rng,
+    def process_stored(self, out: np.ndarray, stored: np.ndarray,
+                       rng: Optional[np.random.RandomState],
                        target_scale: Optional[float] = None,
                        rescale_factor: Optional[float] = None,
                        equalize_hist: bool = False,
@@ -1878,9 +1884,14 @@ class DMImageDataGenerator:
         return tables
 
     # -- iterators --------------------------------------------------------------------------
-    def flow(self, X, y=None, batch_size=32, shuffle=True, seed=None, auto_batch_balance=False,
-             balance_classes=False, no_pos_skip=0., target_scale=None, rescale_factor=None,
-             equalize_hist=False, dup_3_channels=False, preprocess=None, data_format=None):
+    def flow(self, X: np.ndarray, y: Optional[np.ndarray] = None, batch_size: int = 32,
+             shuffle: bool = True, seed: Optional[int] = None,
+             auto_batch_balance: Union[bool, float] = False,
+             balance_classes: Union[bool, float] = False, no_pos_skip: float = 0.,
+             target_scale: Optional[float] = None, rescale_factor: Optional[float] = None,
+             equalize_hist: bool = False, dup_3_channels: bool = False,
+             preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+             data_format: Optional[str] = None) -> Any:
         """Iterate over in-memory images (see :class:`DMNumpyArrayIterator`)."""
         return _sequence_class("DMNumpyArrayIterator")(
             X, y, self, batch_size=batch_size, shuffle=shuffle, seed=seed,
@@ -1889,12 +1900,20 @@ class DMImageDataGenerator:
             equalize_hist=equalize_hist, dup_3_channels=dup_3_channels, preprocess=preprocess,
             data_format=data_format)
 
-    def flow_from_directory(self, directory, target_size=(1152, 896), target_scale=None,
-                            gs_255=False, equalize_hist=False, rescale_factor=None,
-                            dup_3_channels=False, data_format=None, classes=None,
-                            class_mode="categorical", auto_batch_balance=False, batch_size=32,
-                            preprocess=None, shuffle=True, seed=None, balance_classes=False,
-                            no_pos_skip=0., follow_links=False, cache_dir=None):
+    def flow_from_directory(self, directory: PathLike,
+                            target_size: Tuple[int, int] = (1152, 896),
+                            target_scale: Optional[float] = None, gs_255: bool = False,
+                            equalize_hist: bool = False, rescale_factor: Optional[float] = None,
+                            dup_3_channels: bool = False, data_format: Optional[str] = None,
+                            classes: Optional[Sequence[str]] = None,
+                            class_mode: Optional[str] = "categorical",
+                            auto_batch_balance: Union[bool, float] = False,
+                            batch_size: int = 32,
+                            preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                            shuffle: bool = True, seed: Optional[int] = None,
+                            balance_classes: Union[bool, float] = False,
+                            no_pos_skip: float = 0., follow_links: bool = False,
+                            cache_dir: Optional[PathLike] = None) -> Any:
         """Iterate over a folder with one subfolder per class (see :class:`DMDirectoryIterator`).
 
         ``cache_dir``: keep each image, read and resized, as a ``.npy`` file there (see
@@ -1929,7 +1948,7 @@ def to_sparse(y: np.ndarray) -> np.ndarray:
 
 
 def index_balancer(index_array: np.ndarray, classes: np.ndarray, ratio: float,
-                   rng) -> np.ndarray:
+                   rng: np.random.RandomState) -> np.ndarray:
     """Resample a batch's indices so negatives and positives come at a ``ratio`` : 1 rate.
 
     2017 semantics: class 1 is positive, every other class negative. The same number of
@@ -2076,7 +2095,7 @@ class _DMIterator:
         return self.n
 
     @property
-    def labels(self):
+    def labels(self) -> np.ndarray:
         """Class index per sample (same array as ``classes``)."""
         return self.classes
 
@@ -2106,16 +2125,16 @@ class _DMIterator:
             index = rng.permutation(index)
         return index
 
-    def on_epoch_end(self):
+    def on_epoch_end(self) -> None:
         """Advance to the next epoch: new order (when shuffling/subsampling), new draws."""
         self.epoch += 1
         self.index_array = self._epoch_index(self.epoch)
 
-    def reset(self):
+    def reset(self) -> None:
         """Restart ``next()`` at the first batch of the current epoch."""
         self.batch_index = 0
 
-    def set_epoch(self, epoch: int):
+    def set_epoch(self, epoch: int) -> None:
         """Go to the start of ``epoch`` (0-based): its order and draws, as if it came next.
 
         A resumed training run sets the epoch it continues at, so that its batches are those
@@ -2140,7 +2159,7 @@ class _DMIterator:
     def __getitem__(self, i):
         return self._batch(*self._plan(i))
 
-    def next(self):
+    def next(self) -> Any:
         """Next batch; wraps around into a new epoch (the 2017 iterators were endless)."""
         with self._lock:
             if self.batch_index >= len(self):
@@ -2436,8 +2455,8 @@ def _cache_file(path: str, cache_dir: str, target_size, gs_255: bool) -> str:
     return os.path.join(cache_dir, f"{name}.npy")
 
 
-def cached_read(path: PathLike, cache_dir: PathLike, target_size, gs_255: bool = False
-                ) -> np.ndarray:
+def cached_read(path: PathLike, cache_dir: PathLike, target_size: Tuple[int, int],
+                gs_255: bool = False) -> np.ndarray:
     """An image read and resized to ``target_size``, in stored form, through a disk cache.
 
     The first call decodes the file with :func:`read_resize_img` and keeps the result (uint16
@@ -2482,7 +2501,8 @@ def cached_read(path: PathLike, cache_dir: PathLike, target_size, gs_255: bool =
     return img
 
 
-def load_dat_ram(generator, nb_samples=None, verbose=True):
+def load_dat_ram(generator: Any, nb_samples: Optional[int] = None, verbose: bool = True
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Load a data set into RAM, images in their stored form (2017 name ``load_dat_ram``).
 
     For a :class:`DMDirectoryIterator` every file is read once in ``filenames`` order (not
@@ -2627,11 +2647,12 @@ def _predict_sweep(img: np.ndarray, patch_size: int, stride: int, model, batch_s
     return pred.reshape((nb_row, nb_col, pred.shape[-1]))
 
 
-def get_prob_heatmap(img_list, target_height: Optional[int], target_scale: Optional[float],
-                     patch_size: int, stride: int, model, batch_size: int,
+def get_prob_heatmap(img_list: Any, target_height: Optional[int], target_scale: Optional[float],
+                     patch_size: int, stride: int, model: Any, batch_size: int,
                      featurewise_center: bool = False, featurewise_mean: float = 91.6,
                      preprocess: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-                     parallelized: bool = False, equalize_hist: bool = False):
+                     parallelized: bool = False, equalize_hist: bool = False
+                     ) -> Union[List[Optional[np.ndarray]], np.ndarray]:
     """Patch-class probability heatmaps by sweeping a patch classifier over whole images.
 
     Per image: read with :func:`read_resize_img` at ``target_height`` (aspect kept, stored

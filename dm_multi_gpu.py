@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import os
+from typing import Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tf_keras as keras
@@ -36,7 +37,7 @@ PRECISION_POLICIES = {None: "float32", "float32": "float32", "float16": "mixed_f
                       "bfloat16": "mixed_bfloat16"}
 
 
-def tf_config_workers():
+def tf_config_workers() -> int:
     """Number of tasks (chief + workers) in the ``TF_CONFIG`` cluster; 0 when unset.
 
     Raises:
@@ -59,7 +60,8 @@ def _create_strategy(kind, devices):
     return tf.distribute.MirroredStrategy(devices=list(devices))
 
 
-def get_strategy(gpu_count=None, devices=None):
+def get_strategy(gpu_count: Optional[int] = None, devices: Optional[Sequence[str]] = None
+                 ) -> tf.distribute.Strategy:
     """The distribution strategy for this process.
 
     A ``TF_CONFIG`` cluster of more than one task gives ``MultiWorkerMirroredStrategy`` (each
@@ -98,7 +100,8 @@ def get_strategy(gpu_count=None, devices=None):
     return strategy
 
 
-def make_parallel(model, gpu_count, devices=None):
+def make_parallel(model: keras.Model, gpu_count: int, devices: Optional[Sequence[str]] = None
+                  ) -> Tuple[keras.Model, keras.Model]:
     """Data-parallel version of ``model`` over ``gpu_count`` devices (2017 name).
 
     Args:
@@ -118,7 +121,7 @@ def make_parallel(model, gpu_count, devices=None):
     return parallel, parallel
 
 
-def set_precision_policy(mixed_precision=None):
+def set_precision_policy(mixed_precision: Optional[str] = None) -> str:
     """Set the global Keras dtype policy for ``--mixed-precision`` (None: float32).
 
     Returns:
@@ -141,7 +144,8 @@ def _set_layer_dtypes(config, policy, output_names):
             _set_layer_dtypes(cfg, policy, ())
 
 
-def apply_precision_policy(model, mixed_precision=None, custom_objects=None):
+def apply_precision_policy(model: keras.Model, mixed_precision: Optional[str] = None,
+                           custom_objects: Optional[Dict[str, object]] = None) -> keras.Model:
     """Rebuild ``model`` so every layer computes in the ``--mixed-precision`` policy.
 
     Output layers (the final softmax) stay float32, as do all variables, so probabilities and
@@ -163,7 +167,7 @@ def apply_precision_policy(model, mixed_precision=None, custom_objects=None):
     if not isinstance(model, keras.Sequential):
         output_names = {t._keras_history.layer.name for t in model.outputs}
 
-    def edit(config):
+    def edit(config: dict) -> bool:
         _set_layer_dtypes(config, policy, output_names)
         return True
 

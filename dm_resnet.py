@@ -30,11 +30,14 @@ import dataclasses
 import logging
 import re
 from collections.abc import Mapping
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tf_keras as keras
 from tf_keras import layers
+
+if TYPE_CHECKING:  # annotations only
+    import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ def _bn(name):
     return layers.BatchNormalization(axis=_channel_axis(), name=name)
 
 
-def l1l2_penalty_reg(alpha: float = 1.0, l1_ratio: float = 0.5):
+def l1l2_penalty_reg(alpha: float = 1.0, l1_ratio: float = 0.5) -> keras.regularizers.L1L2:
     """Elastic-net kernel penalty in the glmnet / scikit-learn convention.
 
     penalty(w) = alpha * (l1_ratio * |w|_1 + 0.5 * (1 - l1_ratio) * |w|_2^2).
@@ -124,8 +127,9 @@ def l1l2_penalty_reg(alpha: float = 1.0, l1_ratio: float = 0.5):
 # ----------------------------------------------------------------------------------------------
 # Blocks: tensor in, tensor out
 # ----------------------------------------------------------------------------------------------
-def conv_bn_relu(x, filters, kernel_size, strides=(1, 1), weight_decay=1e-4, dropout=0.0,
-                 last=False, name="cbr"):
+def conv_bn_relu(x: "tf.Tensor", filters: int, kernel_size: Tuple[int, int],
+                 strides: Tuple[int, int] = (1, 1), weight_decay: float = 1e-4,
+                 dropout: float = 0.0, last: bool = False, name: str = "cbr") -> "tf.Tensor":
     """Conv -> BN -> relu -> dropout (``last=True``: conv -> BN only).
 
     Layers: ``{name}_conv``, ``{name}_bn``, ``{name}_relu``, ``{name}_drop``.
@@ -138,8 +142,9 @@ def conv_bn_relu(x, filters, kernel_size, strides=(1, 1), weight_decay=1e-4, dro
     return layers.Dropout(dropout, name=f"{name}_drop")(x)
 
 
-def bn_relu_conv(x, filters, kernel_size, strides=(1, 1), weight_decay=1e-4, dropout=0.0,
-                 name="brc"):
+def bn_relu_conv(x: "tf.Tensor", filters: int, kernel_size: Tuple[int, int],
+                 strides: Tuple[int, int] = (1, 1), weight_decay: float = 1e-4,
+                 dropout: float = 0.0, name: str = "brc") -> "tf.Tensor":
     """BN -> relu -> dropout -> conv (pre-activation unit, arXiv:1603.05027)."""
     x = _bn(f"{name}_bn")(x)
     x = layers.Activation("relu", name=f"{name}_relu")(x)
@@ -147,8 +152,10 @@ def bn_relu_conv(x, filters, kernel_size, strides=(1, 1), weight_decay=1e-4, dro
     return _conv(filters, kernel_size, strides, weight_decay, f"{name}_conv")(x)
 
 
-def shortcut(x, residual, identity=True, strides=(1, 1), with_bn=False, org=False,
-             weight_decay=1e-4, dropout=0.0, name="shortcut"):
+def shortcut(x: "tf.Tensor", residual: "tf.Tensor", identity: bool = True,
+             strides: Tuple[int, int] = (1, 1), with_bn: bool = False, org: bool = False,
+             weight_decay: float = 1e-4, dropout: float = 0.0, name: str = "shortcut"
+             ) -> "tf.Tensor":
     """Add a shortcut from ``x`` to ``residual``.
 
     Args:
@@ -178,8 +185,10 @@ def shortcut(x, residual, identity=True, strides=(1, 1), with_bn=False, org=Fals
     return out
 
 
-def basic_block(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_bn=False,
-                enlarge_factor=None, weight_decay=1e-4, dropout=0.0, name="basic"):
+def basic_block(x: "tf.Tensor", nb_filters: int, init_strides: Tuple[int, int] = (1, 1),
+                identity: bool = True, shortcut_with_bn: bool = False,
+                enlarge_factor: Optional[int] = None, weight_decay: float = 1e-4,
+                dropout: float = 0.0, name: str = "basic") -> "tf.Tensor":
     """Pre-activation basic block: two 3x3 BN-relu-conv units plus a shortcut."""
     y = bn_relu_conv(x, nb_filters, (3, 3), init_strides, weight_decay, dropout, f"{name}_1")
     y = bn_relu_conv(y, nb_filters, (3, 3), (1, 1), weight_decay, dropout, f"{name}_2")
@@ -187,8 +196,10 @@ def basic_block(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with
                     dropout, name)
 
 
-def basic_block_org(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_bn=False,
-                    enlarge_factor=None, weight_decay=1e-4, dropout=0.0, name="basic"):
+def basic_block_org(x: "tf.Tensor", nb_filters: int, init_strides: Tuple[int, int] = (1, 1),
+                    identity: bool = True, shortcut_with_bn: bool = False,
+                    enlarge_factor: Optional[int] = None, weight_decay: float = 1e-4,
+                    dropout: float = 0.0, name: str = "basic") -> "tf.Tensor":
     """Post-activation basic block: conv-BN-relu, conv-BN, add, relu."""
     y = conv_bn_relu(x, nb_filters, (3, 3), init_strides, weight_decay, dropout,
                      name=f"{name}_1")
@@ -198,8 +209,10 @@ def basic_block_org(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_
                     dropout, name)
 
 
-def bottleneck(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_bn=False,
-               enlarge_factor=4, weight_decay=1e-4, dropout=0.0, name="bottleneck"):
+def bottleneck(x: "tf.Tensor", nb_filters: int, init_strides: Tuple[int, int] = (1, 1),
+               identity: bool = True, shortcut_with_bn: bool = False,
+               enlarge_factor: Optional[int] = 4, weight_decay: float = 1e-4, dropout: float = 0.0,
+               name: str = "bottleneck") -> "tf.Tensor":
     """Pre-activation bottleneck: 1x1, 3x3, 1x1 (x ``enlarge_factor``) BN-relu-conv units."""
     y = bn_relu_conv(x, nb_filters, (1, 1), init_strides, weight_decay, dropout, f"{name}_1")
     y = bn_relu_conv(y, nb_filters, (3, 3), (1, 1), weight_decay, dropout, f"{name}_2")
@@ -209,8 +222,10 @@ def bottleneck(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_
                     dropout, name)
 
 
-def bottleneck_org(x, nb_filters, init_strides=(1, 1), identity=True, shortcut_with_bn=False,
-                   enlarge_factor=4, weight_decay=1e-4, dropout=0.0, name="bottleneck"):
+def bottleneck_org(x: "tf.Tensor", nb_filters: int, init_strides: Tuple[int, int] = (1, 1),
+                   identity: bool = True, shortcut_with_bn: bool = False,
+                   enlarge_factor: Optional[int] = 4, weight_decay: float = 1e-4,
+                   dropout: float = 0.0, name: str = "bottleneck") -> "tf.Tensor":
     """Post-activation ("org") bottleneck, as in the ResNet paper and the 2017 top layers.
 
     1x1 conv (stride ``init_strides``)-BN-relu, 3x3 conv-BN-relu, 1x1 conv
@@ -241,9 +256,10 @@ def _resolve_block_fn(block_fn) -> Callable:
     return BLOCK_FNS[block_fn]
 
 
-def residual_stage(x, block_fn, nb_filters, repetitions, is_first_layer=False,
-                   shortcut_with_bn=False, enlarge_factor=4, weight_decay=1e-4, dropout=0.0,
-                   name="stage"):
+def residual_stage(x: "tf.Tensor", block_fn: Union[str, Callable], nb_filters: int,
+                   repetitions: int, is_first_layer: bool = False, shortcut_with_bn: bool = False,
+                   enlarge_factor: Optional[int] = 4, weight_decay: float = 1e-4,
+                   dropout: float = 0.0, name: str = "stage") -> "tf.Tensor":
     """``repetitions`` residual blocks; the first has a projection shortcut and, unless
     ``is_first_layer``, stride 2. Blocks are named ``{name}_block{i}`` (i from 1)."""
     block_fn = _resolve_block_fn(block_fn)
@@ -255,7 +271,8 @@ def residual_stage(x, block_fn, nb_filters, repetitions, is_first_layer=False,
     return x
 
 
-def vgg_block(x, nb_filters, repetitions, dropout=0.0, weight_decay=1e-4, name="vgg"):
+def vgg_block(x: "tf.Tensor", nb_filters: int, repetitions: int, dropout: float = 0.0,
+              weight_decay: float = 1e-4, name: str = "vgg") -> "tf.Tensor":
     """``repetitions`` x (3x3 conv + BN + relu + dropout), then 2x2 max pool (``{name}_pool``)."""
     for i in range(repetitions):
         x = conv_bn_relu(x, nb_filters, (3, 3), (1, 1), weight_decay, dropout,
@@ -292,7 +309,7 @@ class ResNetBuilder:
     """
 
     @staticmethod
-    def l1l2_penalty_reg(alpha=1.0, l1_ratio=0.5):
+    def l1l2_penalty_reg(alpha: float = 1.0, l1_ratio: float = 0.5) -> keras.regularizers.L1L2:
         """See :func:`l1l2_penalty_reg`."""
         return l1l2_penalty_reg(alpha, l1_ratio)
 
@@ -340,10 +357,12 @@ class ResNetBuilder:
                             name="predictions")(features)
 
     @staticmethod
-    def build(input_shape, num_outputs, block_fn, repetitions, nb_init_filter=64,
-              init_filter_size=7, init_conv_stride=2, pool_size=3, pool_stride=2,
-              weight_decay=1e-4, alpha=1.0, l1_ratio=0.5, inp_dropout=0.0, hidden_dropout=0.0,
-              shortcut_with_bn=False, bottleneck_enlarge_factor=4):
+    def build(input_shape: Sequence[Optional[int]], num_outputs: int,
+              block_fn: Union[str, Callable], repetitions: Sequence[int], nb_init_filter: int = 64,
+              init_filter_size: int = 7, init_conv_stride: int = 2, pool_size: int = 3,
+              pool_stride: int = 2, weight_decay: float = 1e-4, alpha: float = 1.0,
+              l1_ratio: float = 0.5, inp_dropout: float = 0.0, hidden_dropout: float = 0.0,
+              shortcut_with_bn: bool = False, bottleneck_enlarge_factor: int = 4) -> keras.Model:
         """Build a single-input ResNet classifier.
 
         Args:
@@ -365,7 +384,8 @@ class ResNetBuilder:
         return keras.Model(inp, out, name="resnet")
 
     @classmethod
-    def build_variant(cls, variant, input_shape, num_outputs, **kwargs):
+    def build_variant(cls, variant: str, input_shape: Sequence[Optional[int]], num_outputs: int,
+                      **kwargs: Any) -> keras.Model:
         """Build a named variant of ``RESNET_VARIANTS`` (e.g. ``"resnet_50"``)."""
         if variant not in RESNET_VARIANTS:
             raise ValueError(f"unknown ResNet variant {variant!r}; "
@@ -374,47 +394,58 @@ class ResNetBuilder:
         return cls.build(input_shape, num_outputs, BLOCK_FNS[block_key], list(reps), **kwargs)
 
     @classmethod
-    def build_resnet_18(cls, input_shape, num_outputs, **kwargs):
+    def build_resnet_18(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
+                        ) -> keras.Model:
         return cls.build_variant("resnet_18", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_resnet_34(cls, input_shape, num_outputs, **kwargs):
+    def build_resnet_34(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
+                        ) -> keras.Model:
         return cls.build_variant("resnet_34", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_resnet_38(cls, input_shape, num_outputs, **kwargs):
+    def build_resnet_38(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
+                        ) -> keras.Model:
         return cls.build_variant("resnet_38", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_resnet_50(cls, input_shape, num_outputs, **kwargs):
+    def build_resnet_50(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
+                        ) -> keras.Model:
         return cls.build_variant("resnet_50", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_resnet_50_org(cls, input_shape, num_outputs, **kwargs):
+    def build_resnet_50_org(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
+                            **kwargs: Any) -> keras.Model:
         return cls.build_variant("resnet_50_org", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_resnet_101(cls, input_shape, num_outputs, **kwargs):
+    def build_resnet_101(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
+                         ) -> keras.Model:
         return cls.build_variant("resnet_101", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_resnet_152(cls, input_shape, num_outputs, **kwargs):
+    def build_resnet_152(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
+                         ) -> keras.Model:
         return cls.build_variant("resnet_152", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_dm_resnet_14(cls, input_shape, num_outputs, **kwargs):
+    def build_dm_resnet_14(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
+                           **kwargs: Any) -> keras.Model:
         return cls.build_variant("dm_resnet_14", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_dm_resnet_47rb5(cls, input_shape, num_outputs, **kwargs):
+    def build_dm_resnet_47rb5(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
+                              **kwargs: Any) -> keras.Model:
         return cls.build_variant("dm_resnet_47rb5", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_dm_resnet_56rb6(cls, input_shape, num_outputs, **kwargs):
+    def build_dm_resnet_56rb6(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
+                              **kwargs: Any) -> keras.Model:
         return cls.build_variant("dm_resnet_56rb6", input_shape, num_outputs, **kwargs)
 
     @classmethod
-    def build_dm_resnet_65rb7(cls, input_shape, num_outputs, **kwargs):
+    def build_dm_resnet_65rb7(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
+                              **kwargs: Any) -> keras.Model:
         return cls.build_variant("dm_resnet_65rb7", input_shape, num_outputs, **kwargs)
 
 
@@ -424,10 +455,12 @@ class MultiViewResNetBuilder(ResNetBuilder):
     ``cc_input`` and ``mlo_input``; tower layers are prefixed ``cc_`` / ``mlo_``."""
 
     @staticmethod
-    def build(input_shape, num_outputs, block_fn, repetitions, nb_init_filter=64,
-              init_filter_size=7, init_conv_stride=2, pool_size=3, pool_stride=2,
-              weight_decay=1e-4, alpha=1.0, l1_ratio=0.5, inp_dropout=0.0, hidden_dropout=0.0,
-              shortcut_with_bn=False, bottleneck_enlarge_factor=4):
+    def build(input_shape: Sequence[Optional[int]], num_outputs: int,
+              block_fn: Union[str, Callable], repetitions: Sequence[int], nb_init_filter: int = 64,
+              init_filter_size: int = 7, init_conv_stride: int = 2, pool_size: int = 3,
+              pool_stride: int = 2, weight_decay: float = 1e-4, alpha: float = 1.0,
+              l1_ratio: float = 0.5, inp_dropout: float = 0.0, hidden_dropout: float = 0.0,
+              shortcut_with_bn: bool = False, bottleneck_enlarge_factor: int = 4) -> keras.Model:
         """Same arguments as :meth:`ResNetBuilder.build`; ``input_shape`` is one view's."""
         towers = [ResNetBuilder._shared_conv_layers(
             input_shape, block_fn, repetitions, nb_init_filter, init_filter_size,
@@ -442,7 +475,8 @@ class MultiViewResNetBuilder(ResNetBuilder):
 # ----------------------------------------------------------------------------------------------
 # Rebuilding a model from its (edited) config
 # ----------------------------------------------------------------------------------------------
-def walk_layer_configs(model_config, edit, nested=True) -> bool:
+def walk_layer_configs(model_config: dict, edit: Callable[[str, dict], bool], nested: bool = True
+                       ) -> bool:
     """Apply ``edit(class_name, layer_config)`` to every layer config of a model config.
 
     Args:
@@ -462,7 +496,10 @@ def walk_layer_configs(model_config, edit, nested=True) -> bool:
     return changed
 
 
-def rebuild_model(model, edit_config=None, custom_objects=None, strategy=None, force=False):
+def rebuild_model(model: keras.Model, edit_config: Optional[Callable[[dict], bool]] = None,
+                  custom_objects: Optional[Dict[str, object]] = None,
+                  strategy: Optional["tf.distribute.Strategy"] = None, force: bool = False
+                  ) -> keras.Model:
     """Rebuild ``model`` from its config, edited by ``edit_config``, and copy its weights.
 
     A built tf-keras layer ignores later changes of its input size, regulariser, dropout rate or
@@ -494,7 +531,8 @@ def rebuild_model(model, edit_config=None, custom_objects=None, strategy=None, f
     return new_model
 
 
-def relax_input_shape(model, custom_objects=None, nested=False):
+def relax_input_shape(model: keras.Model, custom_objects: Optional[Dict[str, object]] = None,
+                      nested: bool = False) -> keras.Model:
     """Return ``model`` with the spatial size of its inputs opened to None (same weights).
 
     A fully convolutional network saved with a fixed input size (e.g. 256x256 patches) cannot
@@ -524,7 +562,7 @@ def relax_input_shape(model, custom_objects=None, nested=False):
     return new
 
 
-def relax_nested_input_configs(model_config) -> bool:
+def relax_nested_input_configs(model_config: dict) -> bool:
     """Open the spatial input size of every model nested one level in ``model_config``, and
     of the models nested in those (ConvNeXt's stem is a Sequential inside the backbone)."""
     changed = False
@@ -785,8 +823,9 @@ class Backbone:
     model_name: Optional[str] = None
     custom_objects: Mapping[str, type] = dataclasses.field(default_factory=dict)
 
-    def build_patch_net(self, input_shape=None, nb_class=3, hidden_dropout=0.0,
-                        weight_decay=0.0, weights_path=None, **options) -> "keras.Model":
+    def build_patch_net(self, input_shape: Optional[Sequence[Optional[int]]] = None,
+                        nb_class: int = 3, hidden_dropout: float = 0.0, weight_decay: float = 0.0,
+                        weights_path: Optional[str] = None, **options: Any) -> "keras.Model":
         """The patch classifier: backbone + :attr:`patch_head`.
 
         Args:
@@ -890,7 +929,9 @@ def _yaroslav_features(input_shape):
     return keras.Model(inp, x, name="yaroslav_features")
 
 
-def Yaroslav(input_shape=None, nb_class=5, hidden_dropout=0.0, weight_decay=0.0):  # noqa: N802
+def Yaroslav(input_shape: Optional[Sequence[Optional[int]]] = None,  # noqa: N802
+             nb_class: int = 5, hidden_dropout: float = 0.0, weight_decay: float = 0.0
+             ) -> keras.Model:
     """YaroslavNet patch classifier for single-channel (greyscale) patches.
 
     Blocks ``block1``..``block6`` of two 3x3 conv (``block{i}_conv{j}``) - BN - relu and a 2x2
@@ -907,10 +948,12 @@ def Yaroslav(input_shape=None, nb_class=5, hidden_dropout=0.0, weight_decay=0.0)
                                                     weight_decay)
 
 
-def dm_resnet14_patch_net(input_shape=None, nb_class=3, nb_init_filter=32, init_filter_size=5,
-                          init_conv_stride=2, max_pooling_size=2, max_pooling_stride=2,
-                          weight_decay=1e-4, hidden_dropout=0.0, inp_dropout=0.0, alpha=1e-4,
-                          l1_ratio=0.0):
+def dm_resnet14_patch_net(input_shape: Optional[Sequence[Optional[int]]] = None, nb_class: int = 3,
+                          nb_init_filter: int = 32, init_filter_size: int = 5,
+                          init_conv_stride: int = 2, max_pooling_size: int = 2,
+                          max_pooling_stride: int = 2, weight_decay: float = 1e-4,
+                          hidden_dropout: float = 0.0, inp_dropout: float = 0.0,
+                          alpha: float = 1e-4, l1_ratio: float = 0.0) -> keras.Model:
     """Small single-channel ResNet patch classifier (``--net dm_resnet14``), for CPU runs.
 
     :meth:`ResNetBuilder.build_dm_resnet_14`: stem conv (``nb_init_filter`` filters
@@ -1036,7 +1079,8 @@ _OUR_PATCH_HEAD = PATCH_HEAD.layers
 # ----------------------------------------------------------------------------------------------
 # Patch net -> whole-image net
 # ----------------------------------------------------------------------------------------------
-def resolve_kept_layer_idx(model, patch_net, kept_layer_idx):
+def resolve_kept_layer_idx(model: keras.Model, patch_net: str, kept_layer_idx: Optional[int]
+                           ) -> int:
     """Index into ``model.layers`` of the layer a 2017 ``--kept-layer-idx`` names.
 
     A non-negative index, and any index into a model whose head is shaped as the 2017 patch
@@ -1074,7 +1118,8 @@ def resolve_kept_layer_idx(model, patch_net, kept_layer_idx):
     return matches[0]
 
 
-def find_cut_layer(model, patch_net="resnet50", kept_layer_idx=None):
+def find_cut_layer(model: keras.Model, patch_net: str = "resnet50",
+                   kept_layer_idx: Optional[int] = None) -> keras.layers.Layer:
     """The last layer of ``model`` kept when it becomes the bottom of a whole-image network.
 
     Args:
@@ -1185,13 +1230,17 @@ def _check_top_args(image_size, block_type, depths, repetitions, nb_class, add_c
 _TOP_BLOCKS = {"resnet": _residual_top, "vgg": _vgg_top}
 
 
-def add_top_layers(model, image_size, patch_net="resnet50", block_type="resnet",
-                   depths: Sequence[int] = (512, 512), repetitions: Sequence[int] = (1, 1),
-                   block_fn=bottleneck_org, nb_class=2, shortcut_with_bn=True,
-                   bottleneck_enlarge_factor=4, dropout=0.0, weight_decay=1e-4,
-                   add_heatmap=False, avg_pool_size=(7, 7), return_heatmap=False,
-                   add_conv=True, add_shortcut=False, hm_strides=(1, 1), hm_pool_size=(5, 5),
-                   fc_init_units=64, fc_layers=2, kept_layer_idx=None):
+def add_top_layers(model: keras.Model, image_size: Tuple[int, int], patch_net: str = "resnet50",
+                   block_type: str = "resnet", depths: Sequence[int] = (512, 512),
+                   repetitions: Sequence[int] = (1, 1),
+                   block_fn: Union[str, Callable] = bottleneck_org, nb_class: int = 2,
+                   shortcut_with_bn: bool = True, bottleneck_enlarge_factor: int = 4,
+                   dropout: float = 0.0, weight_decay: float = 1e-4, add_heatmap: bool = False,
+                   avg_pool_size: Tuple[int, int] = (7, 7), return_heatmap: bool = False,
+                   add_conv: bool = True, add_shortcut: bool = False,
+                   hm_strides: Tuple[int, int] = (1, 1), hm_pool_size: Tuple[int, int] = (5, 5),
+                   fc_init_units: int = 64, fc_layers: int = 2, kept_layer_idx: Optional[int] = None
+                   ) -> Union[Tuple[keras.Model, int], keras.Model]:
     """Convert a patch classifier into a whole-image classifier (Shen et al. 2019, Fig. 1).
 
     The patch net, cut at its last convolutional feature map (:func:`find_cut_layer`), is

@@ -17,7 +17,7 @@ import argparse
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 
@@ -48,9 +48,9 @@ def _one_image(path: str, img_size, img_scale, rescale_factor, equalize_hist):
     return float(np.sum(img, dtype=np.float64)), int(img.size), problem
 
 
-def image_mean(folder, img_size: Sequence[int], img_scale: Optional[float] = None,
-               rescale_factor: Optional[float] = None, equalize_hist: bool = False,
-               workers: int = 1) -> Dict[str, object]:
+def image_mean(folder: Union[str, os.PathLike], img_size: Sequence[int],
+               img_scale: Optional[float] = None, rescale_factor: Optional[float] = None,
+               equalize_hist: bool = False, workers: int = 1) -> Dict[str, object]:
     """Mean intensity of every image under ``folder`` after resizing and scaling.
 
     Args:

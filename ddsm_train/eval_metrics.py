@@ -45,12 +45,13 @@ import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
+from ddsm_names import ImageName, parse_image_name
 from dm_image import atomic_write
 
 __all__ = [
@@ -78,7 +79,7 @@ _CHUNK = 256
 PathLike = Union[str, os.PathLike]
 
 
-def check_binary_inputs(y_true, y_score) -> Tuple[np.ndarray, np.ndarray]:
+def check_binary_inputs(y_true: ArrayLike, y_score: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
     """Validate labels and scores.
 
     Args:
@@ -112,7 +113,7 @@ def _need_both_classes(y: np.ndarray, what: str):
         raise ValueError(f"{what} needs both classes in y_true, got only label {int(y[0])}")
 
 
-def roc_auc(y_true, y_score) -> float:
+def roc_auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
     """Area under the ROC curve (equals ``sklearn.metrics.roc_auc_score``).
 
     Raises:
@@ -125,7 +126,7 @@ def roc_auc(y_true, y_score) -> float:
     return float(roc_auc_score(y, s))
 
 
-def pr_auc(y_true, y_score) -> float:
+def pr_auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
     """Trapezoidal area under the precision-recall curve, ``auc(recall, precision)``.
 
     Raises:
@@ -139,7 +140,8 @@ def pr_auc(y_true, y_score) -> float:
     return float(auc(recall, precision))
 
 
-def sensitivity_specificity(y_true, y_score, threshold: float = DEFAULT_THRESHOLD) -> Dict:
+def sensitivity_specificity(y_true: ArrayLike, y_score: ArrayLike,
+                            threshold: float = DEFAULT_THRESHOLD) -> Dict:
     """Confusion counts, sensitivity and specificity with ``score >= threshold`` positive.
 
     Returns:
@@ -208,7 +210,7 @@ def _curve_stats(counts: np.ndarray, y_sorted: np.ndarray, ends: np.ndarray):
     return auroc, auprc, valid
 
 
-def bootstrap_replicates(y_true, y_score, n_boot: int = DEFAULT_N_BOOT,
+def bootstrap_replicates(y_true: ArrayLike, y_score: ArrayLike, n_boot: int = DEFAULT_N_BOOT,
                          seed: int = DEFAULT_SEED) -> Dict[str, np.ndarray]:
     """AUROC and AUPRC of each bootstrap resample (see the module docstring).
 
@@ -235,7 +237,7 @@ def bootstrap_replicates(y_true, y_score, n_boot: int = DEFAULT_N_BOOT,
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def format_ci(ci) -> str:
+def format_ci(ci: Optional[Sequence[float]]) -> str:
     """A confidence interval as printed everywhere: ``"95% CI 0.839-0.955"`` (3 decimals), or
     ``"95% CI n/a"`` when it is missing or not finite."""
     if ci is None or len(ci) != 2 or any(v is None or not np.isfinite(v) for v in ci):
@@ -243,8 +245,8 @@ def format_ci(ci) -> str:
     return f"95% CI {float(ci[0]):.3f}-{float(ci[1]):.3f}"
 
 
-def bootstrap_ci(y_true, y_score, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
-                 level: float = 0.95) -> Dict:
+def bootstrap_ci(y_true: ArrayLike, y_score: ArrayLike, n_boot: int = DEFAULT_N_BOOT,
+                 seed: int = DEFAULT_SEED, level: float = 0.95) -> Dict:
     """Percentile bootstrap intervals of AUROC and AUPRC.
 
     Args:
@@ -280,7 +282,7 @@ BINARY_KEYS = ("n", "n_pos", "n_neg", "auroc", "auprc", "auroc_ci", "auprc_ci", 
                "threshold", "sensitivity", "specificity", "tp", "fp", "tn", "fn")
 
 
-def evaluate_binary(y_true, y_score, threshold: float = DEFAULT_THRESHOLD,
+def evaluate_binary(y_true: ArrayLike, y_score: ArrayLike, threshold: float = DEFAULT_THRESHOLD,
                     n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> Dict:
     """The headline metrics of one set of scores, as a JSON-ready dict: the ``BINARY_KEYS``
     of :func:`evaluate_scores` (same computation, same stratified bootstrap).
@@ -295,7 +297,8 @@ def evaluate_binary(y_true, y_score, threshold: float = DEFAULT_THRESHOLD,
     return {k: res[k] for k in BINARY_KEYS}
 
 
-def roc_pr_figures(y_true, y_score, title: str = "", metrics: Optional[Dict] = None):
+def roc_pr_figures(y_true: ArrayLike, y_score: ArrayLike, title: str = "",
+                   metrics: Optional[Dict] = None) -> Tuple[Any, Any]:
     """The ROC and precision-recall curves as two matplotlib Figures (see :func:`plot_roc_pr`).
 
     Titles give the numbers of positives and negatives; with ``metrics`` (an
@@ -357,7 +360,7 @@ def roc_pr_figures(y_true, y_score, title: str = "", metrics: Optional[Dict] = N
     return figures[0], figures[1]
 
 
-def plot_roc_pr(y_true, y_score, roc_path: PathLike, pr_path: PathLike,
+def plot_roc_pr(y_true: ArrayLike, y_score: ArrayLike, roc_path: PathLike, pr_path: PathLike,
                 title: str = "", metrics: Optional[Dict] = None) -> Tuple[Path, Path]:
     """Write the ROC curve and the precision-recall curve as PNG files (matplotlib Agg).
 
@@ -397,7 +400,7 @@ def _json_clean(obj):
     return obj
 
 
-def write_json_atomic(obj, path: PathLike) -> Path:
+def write_json_atomic(obj: Any, path: PathLike) -> Path:
     """Write ``obj`` as indented JSON (NaN/inf as null, numpy types converted) atomically."""
     text = json.dumps(_json_clean(obj), indent=2, sort_keys=True)
     return atomic_write(path, lambda fh: fh.write(text), text=True)
@@ -432,7 +435,7 @@ def midranks(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def delong_auc_cov(y_true, scores) -> Tuple[np.ndarray, np.ndarray]:
+def delong_auc_cov(y_true: ArrayLike, scores: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
     """AUROCs of k score columns on the same cases and DeLong's covariance matrix of them.
 
     The fast form of Sun & Xu (IEEE Signal Process. Lett. 21:1389, 2014): the structural
@@ -463,7 +466,7 @@ def delong_auc_cov(y_true, scores) -> Tuple[np.ndarray, np.ndarray]:
     return aucs, cov
 
 
-def delong_test(y_true, score_a, score_b) -> Dict:
+def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike) -> Dict:
     """DeLong's test of equal AUROC for two scores of the same cases (two-sided).
 
     Returns:
@@ -480,7 +483,7 @@ def delong_test(y_true, score_a, score_b) -> Dict:
             "se": se, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
 
 
-def probabilistic_f1(y_true, y_score) -> float:
+def probabilistic_f1(y_true: ArrayLike, y_score: ArrayLike) -> float:
     """Probabilistic F1 (RSNA 2023 screening mammography challenge).
 
     With scores in [0, 1]: pTP = sum of the positives' scores, pFP = sum of the negatives'
@@ -502,7 +505,7 @@ def probabilistic_f1(y_true, y_score) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def threshold_rates(y_true, y_score, threshold: float) -> Dict:
+def threshold_rates(y_true: ArrayLike, y_score: ArrayLike, threshold: float) -> Dict:
     """Confusion counts and rates with ``score >= threshold`` positive.
 
     Returns:
@@ -521,7 +524,8 @@ def threshold_rates(y_true, y_score, threshold: float) -> Dict:
 THRESHOLD_RULES = ("youden", "sensitivity", "specificity")
 
 
-def choose_threshold(y_true, y_score, rule: str, target: Optional[float] = None) -> float:
+def choose_threshold(y_true: ArrayLike, y_score: ArrayLike, rule: str,
+                     target: Optional[float] = None) -> float:
     """A threshold chosen on (validation) scores; ``score >= threshold`` is positive.
 
     Rules: ``youden``: maximises sensitivity + specificity - 1 (Youden's J; the highest such
@@ -552,7 +556,7 @@ def choose_threshold(y_true, y_score, rule: str, target: Optional[float] = None)
     return float(thr[int(np.flatnonzero(fpr <= 1 - target + 1e-12)[-1])])
 
 
-def rate_at_fixed(y_true, y_score, fixed: float, at: str) -> float:
+def rate_at_fixed(y_true: ArrayLike, y_score: ArrayLike, fixed: float, at: str) -> float:
     """Sensitivity at a fixed specificity (``at="specificity"``), or specificity at a fixed
     sensitivity (``at="sensitivity"``), read off the ROC curve: the best one reached at any
     threshold that keeps the fixed rate >= ``fixed`` (the curve's corner points; no
@@ -569,7 +573,8 @@ def rate_at_fixed(y_true, y_score, fixed: float, at: str) -> float:
     raise ValueError(f"at should be 'sensitivity' or 'specificity', got {at!r}")
 
 
-def expected_calibration_error(y_true, y_score, n_bins: int = DEFAULT_N_BINS) -> float:
+def expected_calibration_error(y_true: ArrayLike, y_score: ArrayLike, n_bins: int = DEFAULT_N_BINS
+                               ) -> float:
     """Expected calibration error over ``n_bins`` equal-width bins of [0, 1].
 
     ECE = sum over bins of (cases in bin / n) * |fraction positive - mean score|; bin k holds
@@ -587,7 +592,8 @@ def expected_calibration_error(y_true, y_score, n_bins: int = DEFAULT_N_BINS) ->
     return float(np.sum(table["count"][used] / y.size * gap))
 
 
-def reliability_table(y_true, y_score, n_bins: int = DEFAULT_N_BINS) -> Dict[str, np.ndarray]:
+def reliability_table(y_true: ArrayLike, y_score: ArrayLike, n_bins: int = DEFAULT_N_BINS
+                      ) -> Dict[str, np.ndarray]:
     """Per equal-width bin of [0, 1]: ``lower``, ``upper``, ``count``, ``mean_score`` and
     ``frac_pos`` (fraction of positives; NaN for empty bins)."""
     y, s = check_binary_inputs(y_true, y_score)
@@ -603,7 +609,7 @@ def reliability_table(y_true, y_score, n_bins: int = DEFAULT_N_BINS) -> Dict[str
             "frac_pos": frac_pos}
 
 
-def brier_score(y_true, y_score) -> float:
+def brier_score(y_true: ArrayLike, y_score: ArrayLike) -> float:
     """Mean squared difference of score and label (``sklearn.metrics.brier_score_loss``)."""
     from sklearn.metrics import brier_score_loss
 
@@ -611,8 +617,9 @@ def brier_score(y_true, y_score) -> float:
     return float(brier_score_loss(y, s))
 
 
-def reliability_figure(y_true, y_score, title: str = "", n_bins: int = DEFAULT_N_BINS,
-                       extra: Optional[Dict[str, np.ndarray]] = None):
+def reliability_figure(y_true: ArrayLike, y_score: ArrayLike, title: str = "",
+                       n_bins: int = DEFAULT_N_BINS, extra: Optional[Dict[str, np.ndarray]] = None
+                       ) -> Any:
     """Reliability diagram as a matplotlib Figure: fraction of positives against mean score
     per bin (the diagonal is perfect calibration), with the bins' case counts below.
     ``extra`` maps a label to other scores of the same cases (e.g. calibrated ones)."""
@@ -638,13 +645,14 @@ def reliability_figure(y_true, y_score, title: str = "", n_bins: int = DEFAULT_N
     return fig
 
 
-def save_figure(fig, path: PathLike) -> Path:
+def save_figure(fig: Any, path: PathLike) -> Path:
     """Write a matplotlib Figure atomically (format from the suffix, PNG by default)."""
     path = Path(path)
     return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix[1:] or "png"))
 
 
-def iter_bootstrap_counts(y_true, n_boot: int, seed: int, groups=None, stratify: bool = True,
+def iter_bootstrap_counts(y_true: ArrayLike, n_boot: int, seed: int,
+                          groups: Optional[ArrayLike] = None, stratify: bool = True,
                           chunk: int = _CHUNK) -> Iterator[np.ndarray]:
     """Bootstrap resamples as counts: how often each case is drawn, ``chunk`` resamples at a time.
 
@@ -729,7 +737,7 @@ def _replicate_metrics(counts: np.ndarray, y: np.ndarray, s: np.ndarray,
     return out
 
 
-def bootstrap_method(groups=None, stratify: bool = True) -> str:
+def bootstrap_method(groups: Optional[ArrayLike] = None, stratify: bool = True) -> str:
     """One-line description of the bootstrap of :func:`iter_bootstrap_counts`."""
     parts = ["percentile bootstrap"]
     if stratify:
@@ -746,7 +754,7 @@ def _ci(values: np.ndarray, level: float) -> Optional[list]:
     return np.percentile(vals, [100 * (1 - level) / 2, 100 * (1 + level) / 2]).tolist()
 
 
-def degenerate_reason(y_true, y_score) -> Optional[str]:
+def degenerate_reason(y_true: ArrayLike, y_score: ArrayLike) -> Optional[str]:
     """Why the labelled scores cannot be evaluated (one class only, no case), else None."""
     y = np.asarray(y_true)
     if y.size == 0:
@@ -757,10 +765,10 @@ def degenerate_reason(y_true, y_score) -> Optional[str]:
     return None
 
 
-def evaluate_scores(y_true, y_score, threshold: float = DEFAULT_THRESHOLD,
+def evaluate_scores(y_true: ArrayLike, y_score: ArrayLike, threshold: float = DEFAULT_THRESHOLD,
                     val_thresholds: Optional[Dict[str, float]] = None,
-                    fixed: Sequence[float] = DEFAULT_FIXED_RATES,
-                    n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, groups=None,
+                    fixed: Sequence[float] = DEFAULT_FIXED_RATES, n_boot: int = DEFAULT_N_BOOT,
+                    seed: int = DEFAULT_SEED, groups: Optional[ArrayLike] = None,
                     level: float = 0.95, n_bins: int = DEFAULT_N_BINS) -> Dict:
     """The full evaluation of one score column: the metrics a screening study reports.
 
@@ -876,8 +884,9 @@ def _finish(res: Dict) -> Dict:
     return _json_clean(res)
 
 
-def paired_auroc_difference(y_true, score_a, score_b, n_boot: int = DEFAULT_N_BOOT,
-                            seed: int = DEFAULT_SEED, groups=None, level: float = 0.95) -> Dict:
+def paired_auroc_difference(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike,
+                            n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
+                            groups: Optional[ArrayLike] = None, level: float = 0.95) -> Dict:
     """AUROC of a minus AUROC of b on the same cases: paired bootstrap interval (both scores
     of a case move together, see :func:`iter_bootstrap_counts`) and DeLong's test.
 
@@ -927,7 +936,7 @@ class Calibrator:
             return np.log(p / (1 - p))
         return s
 
-    def fit(self, y_true, y_score) -> "Calibrator":
+    def fit(self, y_true: ArrayLike, y_score: ArrayLike) -> "Calibrator":
         """Fit on labelled (validation) scores; both classes needed."""
         y, s = check_binary_inputs(y_true, y_score)
         _need_both_classes(y, f"{self.method} calibration")
@@ -945,7 +954,7 @@ class Calibrator:
         self.params["n_fit"], self.params["n_pos_fit"] = int(y.size), int(y.sum())
         return self
 
-    def apply(self, y_score) -> np.ndarray:
+    def apply(self, y_score: ArrayLike) -> np.ndarray:
         """Calibrated probabilities of ``y_score`` (float64, same shape)."""
         s = np.asarray(y_score, dtype=np.float64)
         if self.method == "platt":
@@ -960,7 +969,7 @@ class Calibrator:
 
 
 # ------------------------------------------------------------------ multi-class (patches)
-def confusion_report(labels, probs, class_names: Sequence[str]) -> Dict:
+def confusion_report(labels: ArrayLike, probs: ArrayLike, class_names: Sequence[str]) -> Dict:
     """Confusion matrix and one-vs-rest AUROC per class of a multi-class classifier.
 
     Args:
@@ -992,7 +1001,8 @@ def confusion_report(labels, probs, class_names: Sequence[str]) -> Dict:
             "accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "auroc_ovr": auroc}
 
 
-def write_confusion_report(labels, probs, class_names: Sequence[str], prefix: PathLike) -> Dict:
+def write_confusion_report(labels: ArrayLike, probs: ArrayLike, class_names: Sequence[str],
+                           prefix: PathLike) -> Dict:
     """Write ``<prefix>.confusion.csv`` (counts, then row-normalised rows),
     ``<prefix>.confusion.png`` (both matrices) and ``<prefix>.metrics.json`` (the
     :func:`confusion_report`); return the report with the three paths."""
@@ -1032,17 +1042,10 @@ def write_confusion_report(labels, probs, class_names: Sequence[str], prefix: Pa
 
 
 # ------------------------------------------------------------------ case names
-_CBIS_NAME = re.compile(r"(?P<patient>.+?)_(?P<side>LEFT|RIGHT)_(?P<view>CC|MLO)(?:$|[_.])",
-                        re.IGNORECASE)
-
-
-def parse_cbis_name(name: str) -> Optional[Tuple[str, str, str]]:
+def parse_cbis_name(name: str) -> Optional[ImageName]:
     """``(patient, side, view)`` of a CBIS-style image name ``{patient}_{side}_{view}``
     (``pos/P_00003_RIGHT_CC.png`` -> ``("P_00003", "RIGHT", "CC")``; folders and the
-    extension are ignored, side and view upper-cased), or None when the name has another form.
+    extension are ignored, side and view upper-cased), or None when the name has another form:
+    :func:`ddsm_names.parse_image_name`.
     """
-    stem = str(name).replace("\\", "/").rsplit("/", 1)[-1]
-    m = _CBIS_NAME.match(stem)
-    if m is None:
-        return None
-    return m["patient"], m["side"].upper(), m["view"].upper()
+    return parse_image_name(name)

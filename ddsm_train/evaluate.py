@@ -62,6 +62,7 @@ import pandas as pd  # noqa: E402
 
 import eval_metrics as em  # noqa: E402
 import common_flags as cf  # noqa: E402
+from ddsm_names import EXAM_SIDES, EXAM_VIEWS, exam_view_side, parse_image_name  # noqa: E402
 from dm_image import atomic_write  # noqa: E402
 from script_utils import cli_main, read_csv_table, run_defaults  # noqa: E402
 
@@ -129,7 +130,7 @@ def _breast_file(df: pd.DataFrame, path: PathLike, exams: Optional[list], name: 
         raise ValueError(f"{path}: {len(df)} rows but the exam list has {len(exams)} exams")
     rows = []
     for k, (exam, rec) in enumerate(zip(exams, df.to_dict("records"))):
-        for side in ("left", "right"):
+        for side in EXAM_SIDES:
             rows.append({"case": f"exam{k}/{side}", "label": _exam_label(exam, side),
                          "patient": f"exam{k}", "breast": f"exam{k}/{side}",
                          "exam": f"exam{k}", name: rec[f"{side}_malignant"]})
@@ -188,10 +189,10 @@ def load_predictions(path: PathLike, score_cols: Optional[Sequence[str]] = None,
     elif exams is not None:
         _from_exam_list(table, exams, path)
     else:
-        parts = [em.parse_cbis_name(c) for c in table["case"]]
+        parts = [parse_image_name(c) for c in table["case"]]
         if all(p is not None for p in parts) and parts:
-            table["patient"] = table["exam"] = [p[0] for p in parts]
-            table["breast"] = [f"{p[0]}_{p[1]}" for p in parts]
+            table["patient"] = table["exam"] = [p.patient for p in parts]
+            table["breast"] = [f"{p.patient}_{p.side}" for p in parts]
     if "patient_id" in df.columns:
         table["patient"] = df["patient_id"].astype(str)
     return _drop_unscored(Cases(table, "image", list(names)), path)
@@ -200,8 +201,8 @@ def load_predictions(path: PathLike, score_cols: Optional[Sequence[str]] = None,
 def _from_exam_list(table: pd.DataFrame, exams: list, path: PathLike) -> None:
     where = {}
     for k, exam in enumerate(exams):
-        for view in ("L-CC", "R-CC", "L-MLO", "R-MLO"):
-            side = "left" if view[0] == "L" else "right"
+        for view in EXAM_VIEWS:
+            side = exam_view_side(view)
             for stem in exam.get(view, []):
                 where[_stem(stem)] = (k, side, _exam_label(exam, side))
     keys = [where.get(_stem(c)) for c in table["case"]]

@@ -61,12 +61,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import script_utils  # first: puts the root dm_* modules and this folder on sys.path
 import common_flags as cf  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:  # annotations only; TensorFlow is imported where a model is used
+    import tf_keras as keras
 
 logger = logging.getLogger("gpu_check")
 
@@ -187,7 +190,7 @@ def _peak_mib(gpus) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------- models
-def build_base_model(spec: ModelSpec, train: bool = True):
+def build_base_model(spec: ModelSpec, train: bool = True) -> keras.Model:
     """The float32 whole-image model of ``spec`` (random weights); for training with the
     stage-2 weight decay of the 2017 scripts (``--weight-decay2 0.01``), set the way the
     trainer sets it."""
@@ -277,7 +280,7 @@ def _train_rate(model, spec: ModelSpec, mode: str, batch: int, warmup: int, time
     return rate, clock.losses
 
 
-def trained_like(model, x, damping: float = RESIDUAL_DAMPING) -> None:
+def trained_like(model: keras.Model, x: np.ndarray, damping: float = RESIDUAL_DAMPING) -> None:
     """Give a randomly initialised model the numerical behaviour of a trained one, in place.
 
     A deep residual network with random weights and batch normalisation is chaotic: any
@@ -330,8 +333,9 @@ def _probabilities(model, x, exact: bool = False) -> np.ndarray:
         tf.config.experimental.enable_tensor_float_32_execution(tf32)
 
 
-def check_training(spec: ModelSpec, base, report: Report, gpus, gpu_count: int, modes,
-                   warmup: int, timed: int, strategy_devices) -> Dict[str, float]:
+def check_training(spec: ModelSpec, base: keras.Model, report: Report, gpus: list,
+                   gpu_count: int, modes: Sequence[str], warmup: int, timed: int,
+                   strategy_devices: Optional[Sequence[str]]) -> Dict[str, float]:
     """Train ``spec`` in each mode; add rows and check results; return images/s per mode."""
     import tf_keras as keras
 
@@ -406,7 +410,8 @@ def write_synthetic_pngs(root: Path, spec: ModelSpec, nb: int, seed: int = 0) ->
     return root
 
 
-def loader_rate(spec: ModelSpec, folder: Path, workers: int, warmup: int, timed: int):
+def loader_rate(spec: ModelSpec, folder: Path, workers: int, warmup: int, timed: int
+                ) -> Tuple[float, bool]:
     """Augmented images/s of the trainers' train iterator read by ``workers`` threads."""
     import tf_keras as keras
 
@@ -461,7 +466,7 @@ def check_loader(spec: ModelSpec, report: Report, workers: int, train_rates: Dic
 
 
 # --------------------------------------------------------------------------- prediction
-def check_prediction(spec: ModelSpec, base, report: Report, gpus, warmup: int,
+def check_prediction(spec: ModelSpec, base: keras.Model, report: Report, gpus: list, warmup: int,
                      timed: int) -> None:
     from image_clf_predict import predict_batch
 
@@ -561,7 +566,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
+def run(tiny: Optional[bool] = None, models: Sequence[str] = ("resnet50", "demo"),
+        modes: Sequence[str] = MODES,
         warmup_steps: Optional[int] = None, steps: Optional[int] = None, strict: bool = False,
         json_out: Optional[str] = None) -> Report:
     """Run the checks and return the report (see the module docstring)."""
@@ -623,7 +629,7 @@ def run(tiny: Optional[bool] = None, models=("resnet50", "demo"), modes=MODES,
     return report
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = get_args_parser()
     args = script_utils.parse_command_line(parser, argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,

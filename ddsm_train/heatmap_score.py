@@ -71,7 +71,7 @@ import pickle
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 
@@ -84,6 +84,7 @@ from common_flags import (RECIPE_NOTE, add_bool_flag, add_image_flags,  # noqa: 
                           add_model_reading_flags, backbone_names)
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
+from ddsm_names import VIEWS, image_name  # noqa: E402
 from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, InputFileError, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
@@ -96,9 +97,11 @@ __all__ = [
     "DEFAULT_CLASS_NAMES", "class_name", "find_roi_mask",
 ]
 
+if TYPE_CHECKING:  # annotations only; TensorFlow is imported where a model is used
+    import tf_keras as keras
+
 logger = logging.getLogger(__name__)
 
-VIEWS = ("CC", "MLO")
 HEATMAP_FORMAT = "heatmap_score/1"
 HEATMAP_SUFFIXES = (".pkl", ".npz")   # 2017 pickle, pickle-free archive
 PathLike = Union[str, os.PathLike]
@@ -198,7 +201,7 @@ def picture_names(paths: Sequence[Path], img_folder: PathLike) -> List[str]:
 def view_path(img_folder: PathLike, patient_id: str, side: str, view: str,
               img_extension: str = "png") -> Optional[Path]:
     """``{img_folder}/{patient}_{side}_{view}.{ext}``, or None (warned) when missing."""
-    path = Path(img_folder) / f"{patient_id}_{side}_{view}.{img_extension.lstrip('.')}"
+    path = Path(img_folder) / f"{image_name(patient_id, side, view)}.{img_extension.lstrip('.')}"
     if path.is_file():
         return path
     logger.warning("missing view: %s", path)
@@ -206,7 +209,7 @@ def view_path(img_folder: PathLike, patient_id: str, side: str, view: str,
 
 
 # ------------------------------------------------------------------------------ models
-def get_preprocess(net: str):
+def get_preprocess(net: str) -> Optional[Callable[[np.ndarray], np.ndarray]]:
     """The ImageNet ``preprocess_input`` of backbone ``net`` (None for yaroslav).
 
     Raises:
@@ -217,8 +220,8 @@ def get_preprocess(net: str):
     return get_preprocess_input(net)
 
 
-def build_fprop_model(model, net: str, img_size: Sequence[int], avg_pool_size: Sequence[int],
-                      hm_strides: Sequence[int]):
+def build_fprop_model(model: keras.Model, net: str, img_size: Sequence[int],
+                      avg_pool_size: Sequence[int], hm_strides: Sequence[int]) -> keras.Model:
     """A model from whole images to per-location class probabilities (batch, r, c, classes).
 
     ``model`` with a 4-D output is returned as is; a whole-image model with ``hm_avg_pool``
@@ -259,7 +262,8 @@ def _prep_input(img: np.ndarray, channels: int, opts: dict) -> np.ndarray:
     return recipe.to_input(recipe.equalize(img), opts["preprocess"])
 
 
-def fprop_heatmap(hm_model, paths: List[Path], opts: dict, batch_size: int):
+def fprop_heatmap(hm_model: keras.Model, paths: List[Path], opts: dict, batch_size: int
+                  ) -> Tuple[List[np.ndarray], List[np.ndarray]]:
     """Heatmaps of ``paths`` in batches of one forward pass each.
 
     Returns:
@@ -277,7 +281,8 @@ def fprop_heatmap(hm_model, paths: List[Path], opts: dict, batch_size: int):
     return heatmaps, images
 
 
-def sweep_heatmap(model, path: Path, opts: dict, batch_size: int, with_mask: bool = True):
+def sweep_heatmap(model: keras.Model, path: Path, opts: dict, batch_size: int,
+                  with_mask: bool = True) -> tuple:
     """Sweep heatmap of one image via ``dm_image.get_prob_heatmap``.
 
     Returns:
@@ -387,7 +392,8 @@ def class_name(index: int, nb_class: int, class_list: Optional[Sequence[str]] = 
     return f"class {index % nb_class}"
 
 
-def find_roi_mask(roi_mask_dir: Optional[PathLike], stem: str, shape) -> Optional[np.ndarray]:
+def find_roi_mask(roi_mask_dir: Optional[PathLike], stem: str, shape: Sequence[int]
+                  ) -> Optional[np.ndarray]:
     """The union of the lesion masks of image ``stem`` in ``roi_mask_dir``, at ``shape``.
 
     A mask belongs to the image when its file name holds the image's name as a whole part:
@@ -510,7 +516,7 @@ def _require_keys(path, archive, keys):
 
 
 def load_heatmaps(path: PathLike, allow_pickle: bool = False,
-                  return_meta: bool = False):
+                  return_meta: bool = False) -> Union[List[dict], Tuple[List[dict], dict]]:
     """Read heatmaps written by :func:`save_heatmaps` (or a 2017 pickle with allow_pickle).
 
     Args:
@@ -782,7 +788,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
                              f"patient_id,side,cancer or malignant), or score images without "
                              f"one with --all-images or --img-list FILE")
         recs = read_patient_sides(pat_csv, pat_list)
-        planned = [f"{r.patient_id}_{r.side}_{v}" for r in recs.itertuples(index=False)
+        planned = [image_name(r.patient_id, r.side, v) for r in recs.itertuples(index=False)
                    for v in VIEWS]
     manifest = _claim_paths(img_folder, dl_state, None if any_images else pat_csv, pat_list,
                             img_list, roi_mask_dir, out, png_dir, overwrite,
@@ -821,7 +827,7 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         records = [{"image": str(p), "heatmap": h} for p, h in zip(paths, heatmaps)]
     else:
         rows = list(recs.itertuples(index=False))
-        views = [(f"{r.patient_id}_{r.side}_{v}",
+        views = [(image_name(r.patient_id, r.side, v),
                   view_path(img_folder, r.patient_id, r.side, v, img_extension))
                  for r in rows for v in VIEWS]
         heatmaps = iter(_score_views(model, views, opts, batch_size, fprop_mode, png, summary,

@@ -72,7 +72,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 
@@ -82,6 +82,7 @@ import pandas as pd  # noqa: E402
 
 import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
+from ddsm_names import EXAM_VIEWS, exam_view_side, parse_image_name  # noqa: E402
 import run_files  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags, \
     add_optional_value_flag  # noqa: E402
@@ -99,10 +100,13 @@ __all__ = [
     "get_args_parser", "main",
 ]
 
+if TYPE_CHECKING:  # annotations only; TensorFlow is imported where a model is used
+    import tf_keras as keras
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = tuple("." + ext for ext in dm_image.IMG_EXTENSIONS)
-VIEWS = ("L-CC", "R-CC", "L-MLO", "R-MLO")
+VIEWS = EXAM_VIEWS   # the view keys of an exam list
 _LABEL_COLUMNS = ("malignant_label", "malignant", "label", "cancer")
 _PATH_COLUMNS = ("image", "path", "image_path", "filename")
 _READ_ERRORS = (OSError, ValueError, cv2.error)
@@ -271,7 +275,7 @@ def collect_exams(exams: List[dict], img_dir: PathLike) -> List[ImageItem]:
     for k, exam in enumerate(exams):
         labels = exam.get("cancer_label") or {}
         for view in VIEWS:
-            side = "left" if view.startswith("L") else "right"
+            side = exam_view_side(view)
             raw = labels.get(f"{side}_malignant")
             label = _parse_label(raw, f"exam {k} {side}_malignant") if raw is not None else None
             for stem in exam.get(view, []):
@@ -280,7 +284,9 @@ def collect_exams(exams: List[dict], img_dir: PathLike) -> List[ImageItem]:
 
 
 # ------------------------------------------------------------------------------ models
-def load_models(models, custom_objects=None, safe_mode=True) -> List[Tuple[str, object]]:
+def load_models(models: Sequence[Union[PathLike, keras.Model]],
+                custom_objects: Optional[Dict[str, Any]] = None, safe_mode: bool = True
+                ) -> List[Tuple[str, object]]:
     """Load models from HDF5 paths (``dm_keras_ext.robust_load_model``: a file with Lambda
     layers is refused unless ``safe_mode`` is False); Keras models pass through.
     Returns ``[(name, model), ...]``."""
@@ -439,7 +445,8 @@ def _load_or_reason(path: Path, read_opts: dict):
         return None, _describe_error(exc)
 
 
-def score_items(items: List[ImageItem], models, channels, nb_class: int, batch_size: int,
+def score_items(items: List[ImageItem], models: Sequence[Tuple[str, keras.Model]],
+                channels: Sequence[int], nb_class: int, batch_size: int,
                 test_augment: bool, read_opts: dict, verbose: bool = False,
                 prefetch: int = 2, workers: Optional[int] = None
                 ) -> Tuple[np.ndarray, List[str]]:
@@ -528,8 +535,9 @@ def breast_table(exams: List[dict], images: pd.DataFrame) -> Tuple[pd.DataFrame,
             pd.DataFrame(labels, columns=["left_malignant", "right_malignant"]))
 
 
-def evaluate_level(y, score, out_dir: Path, level: str, threshold: float, n_boot: int,
-                   seed: int, groups=None) -> Optional[dict]:
+def evaluate_level(y: np.ndarray, score: np.ndarray, out_dir: Path, level: str,
+                   threshold: float, n_boot: int, seed: int,
+                   groups: Optional[np.ndarray] = None) -> Optional[dict]:
     """Metrics of the labelled, scored entries, and the ROC/PR PNGs when both classes occur.
 
     Args:
@@ -573,9 +581,9 @@ def _patients(images: pd.DataFrame) -> Optional[np.ndarray]:
     ``{patient}`` of CBIS-style names; None when not every image has one."""
     if "exam_index" in images.columns:
         return images["exam_index"].astype(str).to_numpy()
-    parts = [eval_metrics.parse_cbis_name(name) for name in images["image_index"]]
+    parts = [parse_image_name(name) for name in images["image_index"]]
     if parts and all(p is not None for p in parts):
-        return np.array([p[0] for p in parts])
+        return np.array([p.patient for p in parts])
     return None
 
 

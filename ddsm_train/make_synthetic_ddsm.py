@@ -93,6 +93,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 
@@ -103,6 +104,7 @@ import scipy.fft  # noqa: E402
 import dm_image  # noqa: E402
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
+from ddsm_names import SIDES, VIEWS, image_name, mask_name  # noqa: E402
 
 __all__ = [
     "MAX_12BIT",
@@ -121,8 +123,6 @@ logger = logging.getLogger(__name__)
 MAX_12BIT = 4095
 STORE_FACTOR = 16
 MAX_STORED_VALUE = MAX_12BIT * STORE_FACTOR  # 65520
-SIDES = ("LEFT", "RIGHT")
-VIEWS = ("CC", "MLO")
 ROI_CSV_HEADER = tuple(script_utils.ROI_COLUMNS)   # the columns of roi_mask_path.csv
 PAT_SIDE_HEADER = ("patient_id", "side", "cancer")
 MIN_IMG_HEIGHT, MIN_IMG_WIDTH, MIN_WHOLE_SIZE = 128, 96, 16
@@ -607,11 +607,11 @@ def _write_patient(pat: _Patient, split: str, paths: dict, h: int, w: int, whole
     for side in SIDES:
         for view in VIEWS:
             img12, masks = _render_view(pat, side, view, h, w, seed, contrast)
-            stem = f"{pat.patient_id}_{side}_{view}"
+            stem = image_name(pat.patient_id, side, view)
             _imwrite(paths["full_img_dir"] / f"{stem}.png", _to_stored(img12))
             for abn, les, mask in masks:
-                prefix = "Mass" if les.kind == "mass" else "Calc"
-                _imwrite(paths["roi_mask_dir"] / f"{prefix}-Training_{stem}_{abn}.png",
+                kind = "mass" if les.kind == "mass" else "calc"
+                _imwrite(paths["roi_mask_dir"] / mask_name(kind, "Training", stem, abn),
                          mask.astype(np.uint8) * np.uint8(255), (cv2.IMWRITE_PNG_BILEVEL, 1))
                 rows.append((pat.patient_id, side, view, abn, les.pathology, les.kind))
             cls = "pos" if any(les.malignant for _, les, _ in masks) else "neg"
@@ -630,11 +630,11 @@ def _write_lists(paths: dict, patients: list, train_ids: list, test_ids: list, r
     _write_text(paths["pat_side_cancer_csv"], _csv_text(PAT_SIDE_HEADER, cancer))
 
 
-def run(out_dir, nb_patients: int = 40, img_height: int = 1024, img_width: int = 800,
-        whole_img_size: tuple = (288, 224), seed: int = 12345, test_frac: float = 0.25,
-        val_frac: float = 0.2, malignant_frac: float = 0.5, benign_frac: float = 0.4,
-        lesion_contrast: float = 1.0, overwrite: bool = False, workers: int = 2,
-        verbose: bool = False) -> dict:
+def run(out_dir: Union[str, Path], nb_patients: int = 40, img_height: int = 1024,
+        img_width: int = 800, whole_img_size: tuple = (288, 224), seed: int = 12345,
+        test_frac: float = 0.25, val_frac: float = 0.2, malignant_frac: float = 0.5,
+        benign_frac: float = 0.4, lesion_contrast: float = 1.0, overwrite: bool = False,
+        workers: int = 2, verbose: bool = False) -> dict:
     """Write a synthetic CBIS-DDSM-style data set into ``out_dir`` (layouts in the module doc).
 
     Args:
@@ -753,7 +753,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Command line: parse ``argv``, run, print a two-line summary; bad input exits with 2."""
     parser = get_args_parser()
     args = script_utils.parse_command_line(parser, argv)

@@ -109,13 +109,14 @@ def _fractions(sat: MaskSat, cx, cy, patch_size: int) -> Tuple[np.ndarray, np.nd
     return inter / sat.area, inter / float(patch_size * patch_size)
 
 
-def abnormal_passes(sat: MaskSat, cx, cy, patch_size: int, cutoff: float) -> np.ndarray:
+def abnormal_passes(sat: MaskSat, cx: np.ndarray, cy: np.ndarray, patch_size: int, cutoff: float
+                    ) -> np.ndarray:
     """Positive rule: overlap > ``cutoff`` of the ROI area OR of the patch area (bool array)."""
     roi_frac, patch_frac = _fractions(sat, cx, cy, patch_size)
     return (roi_frac > cutoff) | (patch_frac > cutoff)
 
 
-def negative_passes(sats: Sequence[MaskSat], cx, cy, patch_size: int,
+def negative_passes(sats: Sequence[MaskSat], cx: np.ndarray, cy: np.ndarray, patch_size: int,
                     cutoff: float) -> np.ndarray:
     """Negative rule: for every table, overlap <= ``cutoff`` of its area AND of the patch area.
 
@@ -210,7 +211,7 @@ def draw_background_centres(rng: np.random.Generator, sats: Sequence[MaskSat],
 def create_blob_detector(patch_size: int = 256, min_area: int = BLOB_PARAMS["min_area"],
                          min_int: float = BLOB_PARAMS["min_int"],
                          max_int: float = BLOB_PARAMS["max_int"],
-                         th_step: int = BLOB_PARAMS["th_step"]):
+                         th_step: int = BLOB_PARAMS["th_step"]) -> "cv2.SimpleBlobDetector":
     """OpenCV SimpleBlobDetector with the 2017 settings (area 3..patch area, 50..95% of 255)."""
     params = cv2.SimpleBlobDetector_Params()
     params.filterByArea = True

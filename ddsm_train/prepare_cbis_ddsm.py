@@ -67,6 +67,7 @@ import run_files  # noqa: E402
 from common_flags import add_bool_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
 from compute_mean import image_mean  # noqa: E402
+from ddsm_names import SIDES, VIEWS, image_name, mask_name, split_image_stem  # noqa: E402
 from script_utils import ROI_COLUMNS, InputFileError, cli_main, parallel_map, \
     read_csv_table, run_defaults, safe_name_part  # noqa: E402
 
@@ -80,8 +81,6 @@ CSV_NAMES = {("calc", "Training"): "calc_case_description_train_set.csv",
              ("mass", "Training"): "mass_case_description_train_set.csv",
              ("mass", "Test"): "mass_case_description_test_set.csv"}
 PATHOLOGIES = frozenset({"MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK"})
-SIDES = frozenset({"LEFT", "RIGHT"})
-VIEWS = frozenset({"CC", "MLO"})
 _NEEDED = {"patient_id": "patient_id", "left_or_right_breast": "side", "image_view": "view",
            "abnormality_id": "abn_num", "pathology": "pathology",
            "image_file_path": "image_path", "cropped_image_file_path": "crop_path",
@@ -199,6 +198,11 @@ class _View:
     split: str          # train | test (test if any row is from a test CSV)
     malignant: bool
 
+    @property
+    def name(self) -> str:
+        """The image name ``{patient}_{side}_{view}``."""
+        return image_name(self.patient, self.side, self.view)
+
 
 @dataclass
 class _Config:
@@ -250,7 +254,7 @@ def _find_mask(roi: dict, root: Path, shape, res: dict) -> Tuple[Optional[np.nda
 def _process_view(args) -> dict:
     view, cfg = args
     root, out = Path(cfg.dicom_root), Path(cfg.out_dir)
-    img_id = f"{view.patient}_{view.side}_{view.view}"
+    img_id = view.name
     res = {"img_id": img_id, "full": False, "rois": [], "counts": {}, "messages": [],
            "problem": None, "whole": None}
 
@@ -295,17 +299,16 @@ def _process_view(args) -> dict:
 
 
 def _full_rel(view: _View) -> Path:
-    return Path("full_img", f"{view.patient}_{view.side}_{view.view}.png")
+    return Path("full_img", f"{view.name}.png")
 
 
 def _mask_rel(view: _View, roi: dict) -> Path:
-    return Path("roi_mask", f"{roi['type'].capitalize()}-{roi['split']}_{view.patient}_"
-                            f"{view.side}_{view.view}_{roi['abn_num']}.png")
+    return Path("roi_mask", mask_name(roi["type"], roi["split"], view.name, roi["abn_num"]))
 
 
 def _whole_rel(view: _View) -> Path:
     return Path("whole_img", view.split, "pos" if view.malignant else "neg",
-                f"{view.patient}_{view.side}_{view.view}.png")
+                f"{view.name}.png")
 
 
 #: The tables a run writes into ``OUT_DIR`` (``val_pat.txt`` only with a validation set).
@@ -361,7 +364,7 @@ def _write_tables(results: List[dict], table: pd.DataFrame, out: Path,
         lists[split] = set(pats)
     if val:
         _write_text(out / "val_pat.txt", "".join(p + "\n" for p in sorted(val)))
-    written = {tuple(r["img_id"].rsplit("_", 2)[:2]) for r in results if r["full"]}
+    written = {tuple(split_image_stem(r["img_id"])[:2]) for r in results if r["full"]}
     mal = table.assign(c=(table["pathology"] == "MALIGNANT").astype(int)).groupby(
         ["patient_id", "side"])["c"].max()
     psc = [(p, s, int(mal.get((p, s), 0))) for p, s in sorted(written)]

@@ -22,19 +22,21 @@ Importing this module does not import TensorFlow.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import Callable, Iterable, List, Mapping, Optional, Set, Tuple, TypeVar, Union
 
 import dm_image
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
+_F = TypeVar("_F", bound=Callable)
 
 __all__ = ["RunPathError", "check_run_paths", "RunLock", "RunLockedError", "releases_locks",
            "OutputManifest", "MANIFEST_NAME", "clean_leftovers", "add_overwrite_flag"]
@@ -204,7 +206,7 @@ class RunLock:
         self.release()
 
 
-def releases_locks(fn):
+def releases_locks(fn: _F) -> _F:
     """Decorator: release the :class:`RunLock` s taken during a call when it ends (also on
     error or Ctrl-C), so a lock taken deep in a run's set-up never outlives the run."""
     @functools.wraps(fn)
@@ -353,7 +355,7 @@ def clean_leftovers(*folders: Optional[PathLike]) -> int:
     return sum(len(dm_image.remove_atomic_leftovers(f)) for f in folders if f is not None)
 
 
-def add_overwrite_flag(parser, what: str) -> None:
+def add_overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
     """Add ``--overwrite`` (replace files of the same name that no manifest names)."""
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace files in {what} that this project's tools did not write "

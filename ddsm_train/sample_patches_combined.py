@@ -100,6 +100,7 @@ import numpy as np  # noqa: E402
 
 import dm_image  # noqa: E402
 import run_files  # noqa: E402
+from ddsm_names import image_name, parse_mask_name, split_image_stem  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
 from patch_sampling import (BLOB_PARAMS, MaskSat, _fractions, _to_uint16,  # noqa: E402,F401
@@ -130,7 +131,6 @@ BAD_ROI_REASONS = ("bad_roi_row", "mask_missing", "mask_unreadable", "mask_size_
 #: Files of an output folder that a run writes besides its class folders.
 OUTPUT_FILES = ("patches.csv", "pat_lst.txt", "sampling_summary.json")
 _TOOL = "sample_patches_combined"
-_MASK_NAME_RE = re.compile(r"^(?P<type>[A-Za-z]+)-[A-Za-z]+_(?P<img_id>.+)_(?P<abn>\d+)\.png$")
 
 
 # ------------------------------------------------------------------------- per-view work
@@ -541,7 +541,7 @@ def _index_masks(roi_mask_dir: str) -> Dict[Tuple[str, str, int], str]:
     of the folder (a name that is not a plain file-name part is ignored with a warning)."""
     index = {}
     for name in sorted(os.listdir(roi_mask_dir)):
-        hit = _MASK_NAME_RE.match(name)
+        hit = parse_mask_name(name)
         if not hit:
             continue
         try:
@@ -551,7 +551,7 @@ def _index_masks(roi_mask_dir: str) -> Dict[Tuple[str, str, int], str]:
         except InputFileError as err:
             logger.warning("%s; file ignored", err)
             continue
-        key = (hit["type"].lower(), hit["img_id"], int(hit["abn"]))
+        key = (hit.type.lower(), hit.image, hit.abn_num)
         index.setdefault(key, os.path.join(roi_mask_dir, name))
     return index
 
@@ -609,7 +609,7 @@ def _build_views(table: _RoiTable, pat_split: Dict[str, str], full_img_dir: str,
                 logger.warning("%s; no view of patient %s can be sampled with it", msg, pat)
     entries, tasks = [], []
     for pat, side, view in sorted(k for k in keys if k[0] in pat_split):
-        img_id, split = f"{pat}_{side}_{view}", pat_split[pat]
+        img_id, split = image_name(pat, side, view), pat_split[pat]
         problems = list(table.bad.get((pat, side, view), []))
         for (w_pat, w_side, w_view), msgs in wild.items():
             if w_pat == pat and w_side in (None, side) and w_view in (None, view):
@@ -646,8 +646,8 @@ def _normal_view_tasks(table: _RoiTable, pat_split: Dict[str, str], full_img_dir
     tasks = []
     for name in sorted(os.listdir(full_img_dir)):
         stem, ext = os.path.splitext(name)
-        parts = stem.rsplit("_", 2)
-        if ext.lower() != ".png" or len(parts) != 3 or parts[0] not in pat_split:
+        parts = split_image_stem(stem)
+        if ext.lower() != ".png" or parts is None or parts.patient not in pat_split:
             continue
         pat, side, view = parts
         if (pat, side, view) in table.views or any(

@@ -36,7 +36,11 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterator, List, NoReturn,
+                    Optional, Sequence, Tuple, Union)
+
+if TYPE_CHECKING:  # pandas is imported where a table is read
+    import pandas as pd
 
 # The scripts run as ``python ddsm_train/SCRIPT.py`` (from any folder) or as
 # ``python -m ddsm_train.SCRIPT`` (the package then puts this folder on ``sys.path``), without
@@ -128,7 +132,8 @@ def read_text_lines(path: PathLike) -> List[Tuple[int, str]]:
     return [(i + 1, ln.strip()) for i, ln in enumerate(lines) if ln.strip()]
 
 
-def read_csv_table(path: PathLike, required: Sequence[str] = (), **read_csv_kwargs):
+def read_csv_table(path: PathLike, required: Sequence[str] = (), **read_csv_kwargs: Any
+                   ) -> pd.DataFrame:
     """A CSV file as a pandas DataFrame of stripped strings, with a ``_line`` column.
 
     Column names and values are stripped of surrounding spaces; blank lines are skipped; the
@@ -183,7 +188,8 @@ def _check_unique_header(path, text, kwargs) -> None:
     check_unique(names, "column", str(path), key=str.lower)
 
 
-def check_unique(values: Sequence, what: str, where: str, key=None,
+def check_unique(values: Sequence, what: str, where: str,
+                 key: Optional[Callable[[Any], Any]] = None,
                  lines: Optional[Sequence] = None) -> None:
     """Raise ``InputFileError`` naming the first value that occurs twice.
 
@@ -214,7 +220,7 @@ class UniqueValuesAction(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def safe_name_part(value, what: str, where: Optional[str] = None) -> str:
+def safe_name_part(value: Any, what: str, where: Optional[str] = None) -> str:
     """``value`` as a string that is safe as one component of a file name.
 
     Rejects what could leave the folder a path is built in or confuse a file system: empty
@@ -263,7 +269,7 @@ class RestrictedUnpickler(pickle.Unpickler):
                        ("builtins", "str"), ("collections", "deque")})
     _PY2 = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         key = (self._PY2.get(module, module), name)
         if key not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only {self.WHAT}")
@@ -282,8 +288,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         return checked
 
 
-def restricted_unpickle(path: PathLike, unpickler=RestrictedUnpickler,
-                        max_bytes: int = 1 << 30):
+def restricted_unpickle(path: PathLike, unpickler: type = RestrictedUnpickler,
+                        max_bytes: int = 1 << 30) -> Any:
     """Load a pickle through ``unpickler`` (Python 2 strings as latin-1).
 
     Raises:
@@ -304,7 +310,7 @@ def restricted_unpickle(path: PathLike, unpickler=RestrictedUnpickler,
 
 
 # ------------------------------------------------------------------ running a script
-def setup_logging(level=logging.INFO):
+def setup_logging(level: int = logging.INFO) -> None:
     """Configure root logging to stdout for a script's ``main()``.
 
     Leaves an already configured root logger alone (a calling program or pytest owns it).
@@ -317,7 +323,7 @@ def setup_logging(level=logging.INFO):
 TRACEBACK_ENV = "DM_TRACEBACK"
 
 
-def user_error_exit(parser, err):
+def user_error_exit(parser: argparse.ArgumentParser, err: BaseException) -> NoReturn:
     """End a script on a user error: one line naming the file or value, exit status 2."""
     if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
         raise err
@@ -330,7 +336,8 @@ def user_error_exit(parser, err):
 _user_error_exit = user_error_exit
 
 
-def given_options(parser, argv=None):
+def given_options(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+                  ) -> FrozenSet[str]:
     """The destinations of the options given on the command line ``argv`` (not defaulted).
 
     The parser's defaults stay as they are: ``argv`` is parsed into a namespace already
@@ -346,7 +353,9 @@ def given_options(parser, argv=None):
     return frozenset(k for k, v in vars(parsed).items() if v is not unset)
 
 
-def cli_main(parser, run, argv=None, validate=None, pass_given=False):
+def cli_main(parser: argparse.ArgumentParser, run: Callable[..., Any],
+             argv: Optional[Sequence[str]] = None, validate: Optional[Callable[[dict], Any]] = None,
+             pass_given: bool = False) -> Any:
     """A script's ``main()``: parse ``argv``, set up logging, ``validate(opts)``, ``run(**opts)``.
 
     With ``pass_given`` ``run`` also gets ``given_options``: the sorted destinations the
@@ -375,7 +384,8 @@ def cli_main(parser, run, argv=None, validate=None, pass_given=False):
 INTERRUPTED_EXIT = 130
 
 
-def parse_command_line(parser, argv=None):
+def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+                       ) -> argparse.Namespace:
     """``parser.parse_args(argv)`` with the shared number rules: every float flag refuses
     ``nan``/``inf`` and a bad number names its flag (``common_flags.use_checked_numbers``)."""
     from common_flags import use_checked_numbers
@@ -384,7 +394,7 @@ def parse_command_line(parser, argv=None):
 
 
 @contextlib.contextmanager
-def exit_on_interrupt(parser):
+def exit_on_interrupt(parser: argparse.ArgumentParser) -> Iterator[None]:
     """Turn Ctrl-C (``KeyboardInterrupt``) inside the block into one line
     ``PROG: interrupted`` on stderr and exit status 130, without a traceback. The worker
     processes of :func:`parallel_map` ignore SIGINT and are stopped on the way out; thread
@@ -397,18 +407,21 @@ def exit_on_interrupt(parser):
         parser.exit(INTERRUPTED_EXIT, f"{parser.prog}: interrupted\n")
 
 
-def checked_main(parser, validate, run, argv=None, pass_given=False):
+def checked_main(parser: argparse.ArgumentParser, validate: Optional[Callable[[dict], Any]],
+                 run: Callable[..., Any], argv: Optional[Sequence[str]] = None,
+                 pass_given: bool = False) -> Any:
     """A training script's ``main()``: :func:`cli_main` with ``validate(opts)`` first."""
     return cli_main(parser, run, argv, validate=validate, pass_given=pass_given)
 
 
-def run_defaults(run):
+def run_defaults(run: Callable[..., Any]) -> Dict[str, Any]:
     """The defaults of ``run``'s keyword parameters, by name: a script's parser takes its flag
     defaults from them, so that ``run`` called from Python and the command line agree."""
     return {k: v.default for k, v in inspect.signature(run).parameters.items()}
 
 
-def resolve_options(parser, positionals, options):
+def resolve_options(parser: argparse.ArgumentParser, positionals: Sequence[Any],
+                    options: Dict[str, Any]) -> Dict[str, Any]:
     """Complete ``options`` with the parser's defaults (the only place defaults live).
 
     Args:
@@ -430,7 +443,9 @@ def resolve_options(parser, positionals, options):
     return resolved
 
 
-def parallel_map(fn, items, workers, desc, verbose=True, chunksize=1, sizes=None):
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str,
+                 verbose: bool = True, chunksize: int = 1,
+                 sizes: Optional[Sequence[int]] = None) -> List[Any]:
     """``[fn(x) for x in items]`` in ``workers`` spawned processes, showing progress.
 
     Results keep the order of ``items``. Worker processes are started with "spawn" (forking a
@@ -518,7 +533,7 @@ DEFAULT_NUM_GPU_DEVICES = 1
 DEFAULT_RANDOM_SEED = 12345
 
 
-def env_int(name, default, minimum=None):
+def env_int(name: str, default: int, minimum: Optional[int] = None) -> int:
     """Read an integer environment variable.
 
     Args:
@@ -544,17 +559,17 @@ def env_int(name, default, minimum=None):
     return value
 
 
-def get_num_cpu_cores():
+def get_num_cpu_cores() -> int:
     """``NUM_CPU_CORES`` (data loader workers), default 4."""
     return env_int("NUM_CPU_CORES", DEFAULT_NUM_CPU_CORES, minimum=1)
 
 
-def get_num_gpu_devices():
+def get_num_gpu_devices() -> int:
     """``NUM_GPU_DEVICES`` (replicas for data-parallel training), default 1."""
     return env_int("NUM_GPU_DEVICES", DEFAULT_NUM_GPU_DEVICES, minimum=1)
 
 
-def get_random_seed():
+def get_random_seed() -> int:
     """``RANDOM_SEED``, default 12345."""
     return env_int("RANDOM_SEED", DEFAULT_RANDOM_SEED)
 
@@ -635,7 +650,8 @@ def _same_value(a, b):
 
 
 # ------------------------------------------------------------------ the images' intensity scale
-def check_input_levels(folders, rescale_factor, img_scale=None, max_images=12):
+def check_input_levels(folders: Sequence[PathLike], rescale_factor: Optional[float],
+                       img_scale: Optional[float] = None, max_images: int = 12) -> None:
     """Stop when the levels of a sample of the images do not fit ``--rescale-factor``.
 
     16-bit images without a factor (the networks would see levels up to 65535 instead of
