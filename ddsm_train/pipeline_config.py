@@ -5,9 +5,9 @@ A config may start with ``extends = "other.toml"`` (relative to its own folder):
 is read first and this one's keys replace its keys, section by section, so a small config can
 change a few settings of a shipped one (``ddsm_train/configs/*.toml``).
 
-An unknown key, a value of the wrong type or an unknown choice is a ``ConfigError`` (a
-``ValueError``) of one line naming the key and the file. Importing this module does not import
-TensorFlow.
+An unknown key, a value of the wrong type, an unknown choice (:data:`CHOICES`) or a number out
+of its range (:data:`RANGES`) is a ``ConfigError`` (a ``ValueError``) of one line naming the key
+and the file. Importing this module does not import TensorFlow.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Dict, Union
 
-__all__ = ["ConfigError", "SCHEMA", "AUTO", "load_config", "DATA_SOURCES"]
+__all__ = ["ConfigError", "SCHEMA", "CHOICES", "RANGES", "AUTO", "load_config", "DATA_SOURCES"]
 
 #: The value of a setting the pipeline derives from the data or from an earlier stage.
 AUTO = "auto"
@@ -116,6 +116,26 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "avg_pool_size": ("int|auto", AUTO),   # auto: patch size / 32 (the feature map's width)
         "extra_args": ("str_list", []),
     },
+    "evaluate": {
+        "enabled": ("bool", True),         # score the validation images and run evaluate.py
+        "calibrate": ("str", "none"),      # one of CHOICES["evaluate.calibrate"]
+        "target_sensitivity": ("float", 0.9),   # validation-chosen threshold keeping it
+        "target_specificity": ("float", 0.9),
+        "breast_combine": ("str", "mean"),  # views of a breast: mean or max
+        "extra_args": ("str_list", []),
+    },
+}
+
+#: "section.key" -> the values a string setting may take.
+CHOICES: Dict[str, tuple] = {
+    "data.source": DATA_SOURCES,
+    "evaluate.calibrate": ("none", "platt", "isotonic"),
+    "evaluate.breast_combine": ("mean", "max"),
+}
+#: "section.key" -> (low, high): a number setting must be > low and <= high.
+RANGES: Dict[str, tuple] = {
+    "evaluate.target_sensitivity": (0.0, 1.0),
+    "evaluate.target_specificity": (0.0, 1.0),
 }
 
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false",
@@ -149,6 +169,17 @@ def _describe(kind: str) -> str:
     return _TYPE_WORDS[base] + (f' or "{alt}"' if alt else "")
 
 
+def _check_allowed(name: str, value: Any, path: Path) -> None:
+    """The :data:`CHOICES` and :data:`RANGES` of the setting ``name`` (``section.key``)."""
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ConfigError(f"{path}: key '{name}' should be one of {', '.join(CHOICES[name])}, "
+                          f"got {value!r}")
+    if name in RANGES and not RANGES[name][0] < value <= RANGES[name][1]:
+        low, high = RANGES[name]
+        raise ConfigError(f"{path}: key '{name}' should be in ({low:g}, {high:g}], "
+                          f"got {value!r}")
+
+
 def _validate(raw: dict, path: Path) -> None:
     for key, value in raw.items():
         if isinstance(value, dict):
@@ -164,6 +195,7 @@ def _validate(raw: dict, path: Path) -> None:
                 if not _check_value(kind, val):
                     raise ConfigError(f"{path}: key '{key}.{sub}' should be {_describe(kind)}, "
                                       f"got {val!r}")
+                _check_allowed(f"{key}.{sub}", val, path)
         elif key in SCHEMA[""]:
             if not _check_value(SCHEMA[""][key][0], value):
                 raise ConfigError(f"{path}: key '{key}' should be "
@@ -218,10 +250,7 @@ def load_config(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
               for section, keys in SCHEMA.items() if section}
     for section, values in raw.items():
         config[section].update(values)
-    source = config["data"]["source"]
-    if source not in DATA_SOURCES:
-        raise ConfigError(f"{path}: key 'data.source' should be one of "
-                          f"{', '.join(DATA_SOURCES)}, got {source!r}")
+    source = config["data"]["source"]      # its choices are checked in _validate
     needs = {"sampler_layout": ["dir"], "class_folders": ["dir"],
              "cbis_ddsm": ["cbis_csv_dir", "cbis_dicom_root"]}.get(source, [])
     for key in needs:

@@ -2,8 +2,10 @@
 ``summary.json`` in the run folder.
 
 :func:`write_report` reads what the stages of ``run_pipeline.py`` wrote and shows: the test
-metrics with their 95 % bootstrap intervals (``predictions/*/metrics.json``), the ROC and PR
-curves, the heatmap overlays of the highest-scored positive and negative test images (lesion
+metrics with their 95 % bootstrap intervals (``predictions/*/metrics.json``), the screening
+evaluation of ``evaluate.py`` (``evaluation/metrics.json``: the operating points chosen on the
+validation images applied to the test images, breast- and exam-level AUROC, pF1, calibration
+and its reliability diagram), the ROC and PR curves, the heatmap overlays of the highest-scored positive and negative test images (lesion
 outlines drawn from the ROI masks where the data has them), the training curves of both
 classifiers (``models/*.curves.png``), the data counts per split and class, the time per stage,
 the derived settings (``derived.json``) and the config. Images are linked by paths relative to
@@ -124,6 +126,123 @@ def _patch_accuracy(out: Path, state: dict) -> Optional[float]:
     return float(found[-1][0]) if found else None
 
 
+_LEVEL_UNITS = {"image": "images", "breast": "breasts", "exam": "exams"}
+
+
+def _rule_text(name: str, point: dict) -> str:
+    """What an operating point of ``evaluate.py`` is, in words."""
+    kind, _, target = name.partition("_")
+    if point.get("chosen_on") != "validation":
+        return f"fixed threshold {point['threshold']:g} (not chosen on validation)"
+    if kind == "youden":
+        return "Youden index, chosen on validation"
+    return f"{kind} >= {target} on validation"
+
+
+def _point_rank(item) -> tuple:
+    """Youden's point first, then the target-sensitivity and target-specificity ones."""
+    order = ("youden", "sensitivity", "specificity", "fixed")
+    kind = item[0].partition("_")[0]
+    return (order.index(kind) if kind in order else len(order), item[0])
+
+
+def evaluation_summary(path: Union[str, Path]) -> Optional[dict]:
+    """The figures of ``evaluate.py``'s ``metrics.json`` that a run's summary shows.
+
+    Args:
+        path: ``evaluation/metrics.json`` of a run.
+
+    Returns:
+        None when the file is missing; else ``levels`` (level -> ``n``, ``n_pos``, ``auroc``,
+        ``auroc_ci``, ``auprc``, ``auprc_ci``, ``pf1``, ``pf1_ci``, ``ece``, ``brier``,
+        ``calibrated``, ``reliability_png``), ``operating_points`` (level -> name ->
+        ``threshold``, ``chosen_on``, ``rule``, the rates and their intervals),
+        ``threshold_chosen_on`` (``validation`` or ``fixed``), ``bootstrap`` (the method of the
+        image-level intervals) and ``operating_point`` (the image-level Youden point, or the
+        fixed one without validation predictions). Image paths are relative to the run folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    run_dir = path.parent.parent
+    levels, points = {}, {}
+    for level in ("image", "breast", "exam"):
+        per_model = metrics.get(level) or {}
+        if not per_model:
+            continue
+        res = next(iter(per_model.values()))     # the pipeline evaluates one model
+        cal = res.get("calibration", {})
+        png = res.get("reliability_png")
+        if png and Path(png).is_absolute() and Path(png).is_relative_to(run_dir.resolve()):
+            png = Path(png).relative_to(run_dir.resolve()).as_posix()
+        levels[level] = {k: res.get(k) for k in ("n", "n_pos", "auroc", "auroc_ci", "auprc",
+                                                 "auprc_ci", "pf1", "pf1_ci")}
+        levels[level].update(ece=cal.get("ece"), brier=cal.get("brier"),
+                             calibrated=cal.get("calibrated"), reliability_png=png,
+                             bootstrap=res.get("bootstrap", {}).get("method"))
+        points[level] = {name: {"rule": _rule_text(name, p), **{
+            k: p.get(k) for k in ("threshold", "chosen_on", "sensitivity", "sensitivity_ci",
+                                  "specificity", "specificity_ci", "ppv", "ppv_ci", "npv",
+                                  "npv_ci", "f1", "f1_ci")}}
+            for name, p in sorted(res.get("operating_points", {}).items(), key=_point_rank)}
+    image = points.get("image", {})
+    main = image.get("youden") or next(iter(image.values()), None)
+    chosen = "validation" if any(p["chosen_on"] == "validation" for p in image.values()) \
+        else "fixed"
+    return {"levels": levels, "operating_points": points, "threshold_chosen_on": chosen,
+            "operating_point": main,
+            "val_predictions": metrics.get("settings", {}).get("val_predictions", [])}
+
+
+def _evaluation_section(out: Path, ev: Optional[dict]) -> str:
+    """The report's part on ``evaluate.py``'s results (operating points, levels, calibration)."""
+    head = "<h2>Screening evaluation (operating points, levels, calibration)</h2>"
+    if ev is None:
+        return head + '<p class="muted">no evaluation in this run (evaluate.enabled = false)</p>'
+    if ev["threshold_chosen_on"] == "validation":
+        intro = ("Thresholds chosen on the validation images' scores (the Youden index; the "
+                 "highest threshold keeping the target sensitivity; the lowest keeping the "
+                 "target specificity), applied unchanged to the test images; a score at or "
+                 "above the threshold is positive.")
+    else:
+        intro = ("No validation images: the fixed threshold 0.5 is reported, not one chosen on "
+                 "validation.")
+    level_rows = [[level, f"{m['n']} {_LEVEL_UNITS[level]}", m["n_pos"],
+                   _fmt(m["auroc"], m["auroc_ci"]), _fmt(m["auprc"], m["auprc_ci"]),
+                   _fmt(m["pf1"], m["pf1_ci"]), _fmt(m["ece"]), _fmt(m["brier"])]
+                  for level, m in ev["levels"].items()]
+    point_rows = [[level, p["rule"], f"{p['threshold']:.4f}",
+                   _fmt(p["sensitivity"], p["sensitivity_ci"]),
+                   _fmt(p["specificity"], p["specificity_ci"]),
+                   _fmt(p["ppv"]), _fmt(p["npv"]), _fmt(p["f1"])]
+                  for level, per in ev["operating_points"].items() for p in per.values()]
+    cal_rows = [[level, m["calibrated"]["method"], _fmt(m["ece"]), _fmt(m["calibrated"]["ece"]),
+                 _fmt(m["brier"]), _fmt(m["calibrated"]["brier"])]
+                for level, m in ev["levels"].items() if m.get("calibrated")]
+    image = ev["levels"].get("image", {})
+    parts = [head, f"<p>{html.escape(intro)} Intervals: 95% bootstrap, "
+                   f"{html.escape(str(image.get('bootstrap') or 'n/a'))}.</p>",
+             "<h3>Operating points on the test set</h3>",
+             _table(["level", "threshold rule", "threshold", "sensitivity", "specificity", "PPV",
+                     "NPV", "F1"], point_rows, left=2) if point_rows
+             else '<p class="muted">none (the test cases lack a class)</p>',
+             "<h3>Levels</h3>",
+             _table(["level", "cases", "positive", "AUROC", "AUPRC", "pF1", "ECE", "Brier"],
+                    level_rows),
+             '<p class="muted">Breasts: the mean of their views; exams: the higher of the two '
+             "breasts. pF1: probabilistic F1 of the scores. ECE: expected calibration error "
+             "(10 equal-width bins); Brier: mean squared error of the scores.</p>"]
+    if cal_rows:
+        parts += ["<h3>Recalibrated on validation</h3>",
+                  _table(["level", "method", "ECE before", "ECE after", "Brier before",
+                          "Brier after"], cal_rows)]
+    if image.get("reliability_png"):
+        parts.append(_img(out, image["reliability_png"],
+                          "reliability diagram of the test images' scores (image level)"))
+    return "\n".join(parts)
+
+
 def write_report(out: Union[str, Path], config_path: Union[str, Path], config: dict,
                  state: dict, whole_img_dir: Union[str, Path],
                  stage_order: Sequence[str] = ()) -> Path:
@@ -146,6 +265,7 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
     stages = dict(sorted(stages.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     plain = _metrics(out / "predictions" / "no_flips" / "metrics.json")
     flips = _metrics(out / "predictions" / "flips" / "metrics.json")
+    evaluation = evaluation_summary(out / "evaluation" / "metrics.json")
     derived_path = out / "derived.json"
     derived = json.loads(derived_path.read_text()) if derived_path.is_file() else {}
     times = {k: v.get("seconds") for k, v in stages.items()
@@ -158,6 +278,8 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         "test_auroc_flips": flips.get("auroc"), "test_auroc_flips_ci": flips.get("auroc_ci"),
         "test_auprc_flips": flips.get("auprc"), "test_auprc_flips_ci": flips.get("auprc_ci"),
         "n_test_images": plain.get("n"), "n_test_pos": plain.get("n_pos"),
+        "operating_point": (evaluation or {}).get("operating_point"),
+        "evaluation": evaluation,
         "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
         "derived": derived,
     }
@@ -180,12 +302,13 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         f'{html.escape(str(config_path))}; written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
         "<h2>Test metrics (whole images)</h2>",
         _table(["prediction", "images", "positive", "AUROC", "AUPRC", "sensitivity",
-                "specificity", "threshold"], metric_rows) if metric_rows
+                "specificity", "fixed threshold"], metric_rows) if metric_rows
         else '<p class="muted">no metrics (no labelled test images)</p>',
         (f"<p>Patch classifier, test accuracy: {acc:.3f}</p>" if acc is not None else ""),
         _img(out, f"predictions/{kind}/roc_image.png", f"ROC curve ({kind.replace('_', ' ')})"),
         _img(out, f"predictions/{kind}/pr_image.png",
              f"precision-recall curve ({kind.replace('_', ' ')})"),
+        _evaluation_section(out, evaluation),
         "<h2>Heatmaps</h2><p>Probability of the malignant patch class over the test images "
         "the whole-image classifier scored highest; lesion outlines from the ROI masks where "
         "the data has them.</p>",
@@ -227,7 +350,41 @@ def format_summary(s: dict) -> str:
         f"positive): {_fmt(s.get('test_auroc'), s.get('test_auroc_ci'))}",
         f"  with flip augmentation: "
         f"{_fmt(s.get('test_auroc_flips'), s.get('test_auroc_flips_ci'))}",
+        *_evaluation_lines(s.get("evaluation")),
         f"  time per stage (last run): {times}",
         f"  total time: {s.get('total_seconds', 0):.0f}s",
     ]
     return "\n".join(lines)
+
+
+def _evaluation_lines(ev: Optional[dict]) -> List[str]:
+    """The printed lines of the screening evaluation (see :func:`evaluation_summary`)."""
+    if not ev:
+        return []
+    lines = []
+    for name, p in ev["operating_points"].get("image", {}).items():
+        rates = (f"sensitivity {_fmt(p['sensitivity'], p['sensitivity_ci'])}, specificity "
+                 f"{_fmt(p['specificity'], p['specificity_ci'])}")
+        if name == "youden":
+            lines.append(f"  operating point chosen on validation (Youden index, threshold "
+                         f"{p['threshold']:.3f}), on test: {rates}")
+        elif p["chosen_on"] == "validation":
+            lines.append(f"  threshold keeping {name.replace('_', ' >= ')} on validation "
+                         f"({p['threshold']:.3f}), on test: {rates}")
+        else:
+            lines.append(f"  fixed threshold {p['threshold']:g} (no validation images, not "
+                         f"chosen on validation), on test: {rates}")
+    levels = ev["levels"]
+    more = [f"{level}-level AUROC ({levels[level]['n']} {_LEVEL_UNITS[level]}): "
+            f"{_fmt(levels[level]['auroc'], levels[level]['auroc_ci'])}"
+            for level in ("breast", "exam") if level in levels]
+    if more:
+        lines.append("  " + "; ".join(more))
+    image = levels.get("image")
+    if image:
+        cal = image.get("calibrated")
+        after = (f" ({cal['method']} on validation: ECE {_fmt(cal['ece'])}, Brier "
+                 f"{_fmt(cal['brier'])})" if cal else "")
+        lines.append(f"  calibration (test images): ECE {_fmt(image['ece'])}, Brier "
+                     f"{_fmt(image['brier'])}{after}; pF1 {_fmt(image['pf1'], image['pf1_ci'])}")
+    return lines

@@ -18,6 +18,13 @@ Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
                       options file when it has one)
 ``predict``           ``image_clf_predict.py`` on the test split, and ``predict_flips`` with
 ``predict_flips``     ``--test-augment``
+``predict_val``       ``image_clf_predict.py`` on the validation split (with ``--test-augment``
+                      when ``predict.flips``); not used without validation images
+``evaluate``          ``evaluate.py`` on the test predictions (with flips when ``predict.flips``):
+                      thresholds chosen on the validation predictions (Youden index, target
+                      sensitivity and specificity) applied to the test images, image, breast and
+                      exam levels (CBIS-style names), calibration; the fixed threshold 0.5,
+                      labelled as such, without validation images
 ``heatmaps``          ``heatmap_score.py --fprop-mode`` on the highest-scored positive and
                       negative test images, lesion outlines from the ROI masks where there are
 ``report``            ``OUT/report.html`` (``report.py``) and ``OUT/summary.json``
@@ -68,7 +75,7 @@ __all__ = ["STAGES", "StageError", "Pipeline", "run", "get_args_parser", "main"]
 HERE = Path(__file__).resolve().parent
 #: The stages, in order.
 STAGES = ("data", "sample_patches", "mean", "patch_train", "image_train", "predict",
-          "predict_flips", "heatmaps", "report")
+          "predict_flips", "predict_val", "evaluate", "heatmaps", "report")
 STATE_FILE = "pipeline_state.json"
 DERIVED_FILE = "derived.json"
 #: 255/65535: 16-bit levels to the 0..255 scale.
@@ -434,16 +441,18 @@ class Pipeline:
                          outputs=["models/image_clf.h5*"],
                          complete=["models/image_clf.h5", "models/image_clf.h5.curves.png"])
 
-    def _predict(self, name, flips):
+    def _predict(self, name, flips, split="test"):
         c, der = self.config, self.derived()
         h, w = c["image_train"]["img_size"]
-        out = f"predictions/{'flips' if flips else 'no_flips'}"
+        out = f"predictions/{'val_' if split == 'val' else ''}{'flips' if flips else 'no_flips'}"
+        # validation scores only choose thresholds: their own intervals are not needed
+        boot = c["predict"]["bootstrap"] if split == "test" else 0
         args = (["--model", "models/image_clf.h5", "--img-dir",
-                 self.rel(self.whole_img_dir() / "test"), "--img-size", str(h), str(w)]
+                 self.rel(self.whole_img_dir() / split), "--img-size", str(h), str(w)]
                 + self._scale_args("image_train", der, "image_mean")
                 + [_flag_bool("equalize-hist", c["image_train"]["equalize_hist"]),
                    "--batch-size", str(c["predict"]["batch_size"]),
-                   "--bootstrap", str(c["predict"]["bootstrap"]),
+                   "--bootstrap", str(boot),
                    "--seed", str(c["run"]["seed"]), "--no-verbose"]
                 + (["--test-augment"] if flips else []) + list(c["predict"]["extra_args"])
                 + ["--out-dir", out])
@@ -461,6 +470,52 @@ class Pipeline:
         """The predictions the heatmaps and the report pick their images from."""
         kind = "flips" if self.config["predict"]["flips"] else "no_flips"
         return self.out / "predictions" / kind / "image_predictions.csv"
+
+    def val_predictions(self) -> Path:
+        """The validation predictions of ``predict_val`` (flips as in ``predict.flips``)."""
+        kind = "flips" if self.config["predict"]["flips"] else "no_flips"
+        return self.out / "predictions" / f"val_{kind}" / "image_predictions.csv"
+
+    def has_val_images(self) -> bool:
+        """Whether the whole-image folder has a validation split with images in it."""
+        import dm_image
+
+        try:
+            return bool(dm_image.list_images(self.whole_img_dir() / "val"))
+        except ValueError:      # no folder, or no image in it
+            return False
+
+    def _plan_predict_val(self):
+        if not self.config["evaluate"]["enabled"] or not self.has_val_images():
+            return None
+        return self._predict("predict_val", self.config["predict"]["flips"], split="val")
+
+    def _plan_evaluate(self):
+        c, e = self.config, self.config["evaluate"]
+        if not e["enabled"]:
+            return None
+        flips = c["predict"]["flips"]
+        val = self.has_val_images()
+        args = ["--predictions", self.rel(self.scored_predictions())]
+        if val:
+            args += ["--val-predictions", self.rel(self.val_predictions())]
+        else:
+            logger.warning("no validation images in %s: evaluate reports the fixed threshold "
+                           "0.5, not one chosen on validation", self.whole_img_dir() / "val")
+        if e["calibrate"] != "none":
+            if val:
+                args += ["--calibrate", e["calibrate"]]
+            else:
+                logger.warning("evaluate.calibrate = %r needs validation images to fit on; "
+                               "no calibration", e["calibrate"])
+        args += ["--breast-combine", e["breast_combine"],
+                 "--target-sensitivity", _num(float(e["target_sensitivity"])),
+                 "--target-specificity", _num(float(e["target_specificity"])),
+                 "--bootstrap", str(c["predict"]["bootstrap"]), "--seed", str(c["run"]["seed"])]
+        args += list(e["extra_args"]) + ["--out-dir", "evaluation"]
+        deps = ["predict_flips" if flips else "predict"] + (["predict_val"] if val else [])
+        return StageSpec("evaluate", [Step("evaluate", args)], deps=deps,
+                         outputs=["evaluation"], complete=["evaluation/metrics.json"])
 
     def _pick_images(self) -> List[Path]:
         """The highest-scored positive and the highest-scored negative test image."""
@@ -688,8 +743,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     """Parser of ``run_pipeline.py``."""
     parser = argparse.ArgumentParser(
         description="Run the whole method (data, patches, patch and whole-image training, "
-                    "prediction, heatmaps, report) from one TOML config; unchanged stages of an "
-                    "earlier run into the same folder are skipped.")
+                    "prediction, evaluation, heatmaps, report) from one TOML config; unchanged "
+                    "stages of an earlier run into the same folder are skipped.")
     parser.add_argument("config", metavar="CONFIG.toml",
                         help="pipeline config (see ddsm_train/configs/)")
     parser.add_argument("--out", default=None, metavar="DIR",

@@ -34,7 +34,7 @@ all_layer_epochs = 3
 bootstrap = 200
 """
 STAGES = ["data", "sample_patches", "mean", "patch_train", "image_train", "predict",
-          "predict_flips", "heatmaps", "report"]
+          "predict_flips", "predict_val", "evaluate", "heatmaps", "report"]
 
 
 def _write_config(folder: Path, extra: str = "") -> Path:
@@ -100,6 +100,10 @@ def test_pipeline_runs_every_stage(pipeline_run):
         metrics = json.loads((out / "predictions" / kind / "metrics.json").read_text())["image"]
         assert metrics["n"] == n_test
         assert metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+    n_val = sum(len(list((out / "data" / "whole_img" / "val" / c).glob("*.png")))
+                for c in ("neg", "pos"))
+    with open(out / "predictions" / "val_flips" / "image_predictions.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == n_val > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_auroc_flips"] == metrics["auroc"]
     assert summary["test_auroc_flips"] > 0.5              # a small run, but it must learn
@@ -152,7 +156,7 @@ def test_rerun_skips_every_stage_and_the_folder_can_move(pipeline_run, tmp_path)
     proc = _pipeline(config, out)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert _what_ran(proc.stdout) == {s: "skipped" for s in STAGES}
-    assert "0 stage(s) ran, 9 skipped" in proc.stdout
+    assert "0 stage(s) ran, 11 skipped" in proc.stdout
     changed = [p for p, t in before.items() if p.is_file() and p.stat().st_mtime_ns != t
                and p.name != "pipeline_state.json"]
     assert not changed
@@ -168,12 +172,110 @@ def test_changed_prediction_setting_reruns_prediction_and_after_only(pipeline_ru
     proc = _pipeline(changed, out)
     assert proc.returncode == 0, proc.stdout[-3000:]
     ran = _what_ran(proc.stdout)
+    # the validation scores carry no intervals: predict_val does not depend on the bootstrap
     assert ran == {"data": "skipped", "sample_patches": "skipped", "mean": "skipped",
                    "patch_train": "skipped", "image_train": "skipped", "predict": "ran",
-                   "predict_flips": "ran", "heatmaps": "ran", "report": "ran"}
+                   "predict_flips": "ran", "predict_val": "skipped", "evaluate": "ran",
+                   "heatmaps": "ran", "report": "ran"}
     assert model.stat().st_mtime_ns == stamp
     opts = json.loads((out / "predictions" / "flips" / "options.json").read_text())
     assert opts["bootstrap"] == 100
+
+
+def _labels_scores(path: Path):
+    import numpy as np
+
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["malignant_pred"]]
+    return (np.array([int(r["malignant_label"]) for r in rows]),
+            np.array([float(r["malignant_pred"]) for r in rows]),
+            [r["image_index"] for r in rows])
+
+
+@pytest.mark.slow
+def test_operating_point_is_chosen_on_validation_and_applied_to_test(pipeline_run):
+    """The summary's threshold is Youden's on the validation predictions (computed here from
+    the CSV), and its sensitivity/specificity are those of the test scores at it."""
+    import eval_metrics
+
+    _, out, stdout = pipeline_run
+    y_val, s_val, _ = _labels_scores(out / "predictions" / "val_flips" / "image_predictions.csv")
+    expected = eval_metrics.choose_threshold(y_val, s_val, "youden")
+    summary = json.loads((out / "summary.json").read_text())
+    point = summary["operating_point"]
+    assert point["chosen_on"] == "validation" and point["threshold"] == expected
+    y, s, names = _labels_scores(out / "predictions" / "flips" / "image_predictions.csv")
+    assert point["sensitivity"] == pytest.approx(((s >= expected) & (y == 1)).sum() / y.sum())
+    assert point["specificity"] == pytest.approx(((s < expected) & (y == 0)).sum()
+                                                 / (y == 0).sum())
+    assert point["sensitivity_ci"][0] <= point["sensitivity"] <= point["sensitivity_ci"][1]
+    assert (f"operating point chosen on validation (Youden index, threshold {expected:.3f}), "
+            f"on test: sensitivity {point['sensitivity']:.3f}") in stdout
+    target = eval_metrics.choose_threshold(y_val, s_val, "sensitivity", 0.9)
+    image_points = summary["evaluation"]["operating_points"]["image"]
+    assert image_points["sensitivity_0.9"]["threshold"] == target
+    # breasts and exams from the CBIS-style names {patient}_{side}_{view}
+    breasts = {"_".join(Path(n).stem.split("_")[:-1]) for n in names}
+    levels = summary["evaluation"]["levels"]
+    assert levels["breast"]["n"] == len(breasts) and levels["exam"]["n"] == len(
+        {b.rsplit("_", 1)[0] for b in breasts})
+    assert 0 <= levels["image"]["ece"] <= 1 and 0 <= levels["image"]["brier"] <= 1
+    page = (out / "report.html").read_text()
+    for text in (f"{expected:.4f}", "Youden index, chosen on validation", "breast", "exam",
+                 "pF1", "ECE", "Brier", "evaluation/reliability_image.png"):
+        assert text in page, text
+
+
+@pytest.mark.slow
+def test_changed_calibration_reruns_only_evaluate_and_report(pipeline_run, tmp_path):
+    config, out = _copy_run(pipeline_run, tmp_path)
+    changed = tmp_path / "changed.toml"
+    changed.write_text(config.read_text() + '[evaluate]\ncalibrate = "platt"\n')
+    proc = _pipeline(changed, out)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    ran = _what_ran(proc.stdout)
+    assert {s for s, v in ran.items() if v == "ran"} == {"evaluate", "report"}
+    assert (out / "evaluation" / "calibration_image.json").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluation"]["levels"]["image"]["calibrated"]["method"] == "platt"
+    assert "Recalibrated on validation" in (out / "report.html").read_text()
+    assert "(platt on validation: ECE" in proc.stdout
+
+
+@pytest.mark.slow
+def test_without_validation_images_evaluate_reports_the_fixed_threshold(pipeline_run, tmp_path):
+    """Class-folder data whose val folder is empty: no predict_val, evaluate reports the fixed
+    threshold 0.5 and says it was not chosen on validation; a calibration asked for is left
+    out (nothing to fit it on) rather than failing the stage."""
+    import run_pipeline
+
+    _, out = _copy_run(pipeline_run, tmp_path)
+    data = tmp_path / "folders"
+    (data / "val").mkdir(parents=True)
+    for split in ("train", "test"):
+        (data / split).symlink_to(out / "data" / "whole_img" / split)
+    config = tmp_path / "folders.toml"
+    config.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n[data]\nsource = "class_folders"\n'
+                      f'dir = "{data.as_posix()}"\n[patches]\n'
+                      f'model = "{(out / "models" / "patch_clf.h5").as_posix()}"\n'
+                      f'[predict]\nbootstrap = 50\n[evaluate]\ncalibrate = "isotonic"\n')
+    pipe = run_pipeline.Pipeline(config, out, echo=False)
+    assert pipe.plan("predict_val") is None
+    args = pipe.plan("evaluate").steps[0].args
+    assert "--val-predictions" not in args and "--calibrate" not in args
+    assert pipe.run_stage("evaluate", force=True) == "ran"
+    assert pipe.run_stage("report", force=True) == "ran"
+    summary = json.loads((out / "summary.json").read_text())
+    point = summary["operating_point"]
+    assert point["chosen_on"] == "fixed" and point["threshold"] == 0.5
+    assert summary["evaluation"]["threshold_chosen_on"] == "fixed"
+    import report
+
+    assert "fixed threshold 0.5 (no validation images, not chosen on validation)" in \
+        report.format_summary(summary)
+    page = (out / "report.html").read_text()
+    assert "fixed threshold 0.5 (not chosen on validation)" in page
+    assert "Youden" not in page
 
 
 @pytest.mark.slow
@@ -270,10 +372,10 @@ def test_report_renders_in_a_browser_with_every_image(pipeline_run):
     _, out, _ = pipeline_run
     result = browser_check(out / "report.html")
     assert result["broken"] == [] and result["errors"] == [] and result["console"] == []
-    # ROC, PR, two heatmap overlays, two training curves
-    assert result["images"] == 6
-    for text in ("Test metrics", "95% CI", "Heatmaps", "Training curves", "Stages",
-                 "patch_mean", "[synthetic]"):
+    # ROC, PR, reliability diagram, two heatmap overlays, two training curves
+    assert result["images"] == 7
+    for text in ("Test metrics", "95% CI", "Screening evaluation", "Operating points",
+                 "Heatmaps", "Training curves", "Stages", "patch_mean", "[synthetic]"):
         assert text in result["dom"]
 
 
@@ -288,9 +390,13 @@ def test_browser_check_sees_a_missing_image_and_a_console_error(tmp_path):
 
 
 # ------------------------------------------------------------------ config checks (fast)
-def _main_error(capsys, config, out):
+def _main_error(capsys, config, out, monkeypatch=None):
     import run_pipeline
 
+    if monkeypatch is not None:     # a config the checks let through must not start a run
+        def accepted(self, **kwargs):
+            raise AssertionError(f"{config} was accepted")
+        monkeypatch.setattr(run_pipeline.Pipeline, "run", accepted)
     with pytest.raises(SystemExit) as exc:
         run_pipeline.main([str(config), "--out", str(out)])
     return exc.value.code, capsys.readouterr().err.strip().splitlines()
@@ -308,11 +414,16 @@ def _main_error(capsys, config, out):
     ('[data]\nsource = "dicom"\n', ["'data.source'", "synthetic"]),
     ('[data]\nsource = "class_folders"\ndir = "x"\n', ["'patches.model'"]),
     ('[run\n', ["not valid TOML"]),
+    ('[evaluate]\ncalibrate = "beta"\n', ["'evaluate.calibrate'", "none, platt, isotonic",
+                                          "'beta'"]),
+    ('[evaluate]\ntarget_sensitivity = 90\n', ["'evaluate.target_sensitivity'", "(0, 1]"]),
+    ('[evaluate]\ntarget_specificity = 0\n', ["'evaluate.target_specificity'", "(0, 1]"]),
 ])
-def test_bad_config_is_one_line_naming_key_and_file(tmp_path, capsys, text, words):
+def test_bad_config_is_one_line_naming_key_and_file(tmp_path, capsys, monkeypatch, text,
+                                                    words):
     config = tmp_path / "bad.toml"
     config.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n{text}')
-    code, err = _main_error(capsys, config, tmp_path / "run")
+    code, err = _main_error(capsys, config, tmp_path / "run", monkeypatch)
     assert code == 2 and len(err) == 1, err
     assert str(config) in err[0] and all(w in err[0] for w in words), err[0]
     assert not (tmp_path / "run").exists()
