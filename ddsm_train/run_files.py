@@ -246,11 +246,14 @@ class OutputManifest:
         self.files: Set[str] = set()
         self.dirs: Set[str] = set()
         self.earlier_tool: Optional[str] = None
+        #: Folders an interrupted earlier run made (its manifest says ``"complete": false``).
+        self.earlier_owned_dirs: Set[str] = set()
         if self.path.is_file():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
                 files, dirs = data["files"], data.get("dirs", [])
-                if not all(isinstance(x, str) for x in list(files) + list(dirs)):
+                owned = data.get("owned_dirs", []) if data.get("complete") is False else []
+                if not all(isinstance(x, str) for x in list(files) + list(dirs) + list(owned)):
                     raise TypeError
             except (ValueError, KeyError, TypeError) as err:
                 raise ValueError(f"{self.path}: not a manifest of this project's tools "
@@ -259,6 +262,7 @@ class OutputManifest:
             self.earlier_tool = str(data.get("tool"))
             self.earlier_files = {f for f in files if self._safe(f)}
             self.earlier_dirs = {d for d in dirs if self._safe(d)}
+            self.earlier_owned_dirs = {d for d in owned if self._safe(d)}
 
     @staticmethod
     def _safe(rel: str) -> bool:
@@ -296,13 +300,43 @@ class OutputManifest:
             raise FileExistsError(f"{found[0]}{more} exists and was not written by this tool; "
                                   f"move it away or pass {flag} to replace it")
 
-    def begin(self, planned: Iterable[PathLike] = ()) -> None:
+    def begin(self, planned: Iterable[PathLike] = (),
+              owned_dirs: Optional[Iterable[PathLike]] = None) -> None:
         """Save the manifest with the earlier files and ``planned`` ones before writing, so
-        that a run killed half-way leaves every file it may have written named."""
+        that a run killed half-way leaves every file it may have written named.
+
+        Args:
+            planned: files the run will write (names known in advance).
+            owned_dirs: folders the run made and fills with files whose names are not known in
+                advance; the manifest is saved as ``"complete": false`` naming them, so that
+                the next run can take the files of a killed run there as this tool's
+                (:meth:`adopt_interrupted`). :meth:`finish` saves the complete manifest.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         clean_leftovers(self.folder)
         claimed = self.earlier_files | {self.rel(p) for p in planned}
-        self._save(claimed, self.earlier_dirs)
+        if owned_dirs is None:
+            self._save(claimed, self.earlier_dirs)
+            return
+        owned = {self.rel(d) for d in owned_dirs}
+        self._save(claimed, self.earlier_dirs | owned, owned_dirs=owned)
+
+    def adopt_interrupted(self, match: Callable[[str], bool]) -> List[Path]:
+        """Take the files of an interrupted earlier run as its outputs: those in the folders
+        it made (its ``owned_dirs``) whose name satisfies ``match``. Files elsewhere, and
+        files there of other names (a user's), stay foreign. Returns the files adopted."""
+        root = os.path.realpath(self.folder)
+        adopted = []
+        for rel in sorted(self.earlier_owned_dirs):
+            folder = self.folder / rel
+            if not folder.is_dir() or folder.is_symlink() or \
+                    not _inside(os.path.realpath(folder), root):
+                continue
+            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+                if entry.is_file(follow_symlinks=False) and match(entry.name):
+                    adopted.append(folder / entry.name)
+        self.earlier_files |= {self.rel(p) for p in adopted}
+        return adopted
 
     def add(self, path: PathLike) -> None:
         """Record a file this run wrote."""
@@ -344,8 +378,11 @@ class OutputManifest:
         self._save(self.files | self.earlier_files, self.dirs | self.earlier_dirs)
         return removed
 
-    def _save(self, files: Set[str], dirs: Set[str]) -> None:
+    def _save(self, files: Set[str], dirs: Set[str],
+              owned_dirs: Optional[Set[str]] = None) -> None:
         record = {"tool": self.tool, "files": sorted(files), "dirs": sorted(dirs)}
+        if owned_dirs is not None:
+            record.update(complete=False, owned_dirs=sorted(owned_dirs))
         dm_image.atomic_write(self.path, lambda fh: json.dump(record, fh, indent=1), text=True)
 
 

@@ -53,7 +53,11 @@ Checks, so that a run never computes a wrong patch set quietly:
   ``--overwrite`` first removes what an earlier run of this tool wrote there, as its manifest
   ``.ddsm_outputs.json`` lists it (patches of any class set, ``patches.csv``, ``pat_lst.txt``,
   ``sampling_summary.json``, and its class folders once empty), so a rerun gives the tree a
-  fresh run gives; patches no manifest names are never removed and stop the run.
+  fresh run gives; patches no manifest names are never removed and stop the run. Before its
+  first patch a run saves its manifest as in progress (``"complete": false``), naming the
+  class folders it made: the patches a run stopped half-way (Ctrl-C, killed) left in those
+  folders are removed by the next ``--overwrite`` like any earlier run's; other files there
+  (not named like a patch) stay.
 * Every value a path is built from (patient IDs of the list and the CSV, side, view,
   ``abn_num``, class folder names) must be a plain file-name part: a value such as ``../x`` is
   an error naming the file and line, raised before anything is written.
@@ -130,6 +134,8 @@ BAD_ROI_REASONS = ("bad_roi_row", "mask_missing", "mask_unreadable", "mask_size_
                    "empty_mask")
 #: Files of an output folder that a run writes besides its class folders.
 OUTPUT_FILES = ("patches.csv", "pat_lst.txt", "sampling_summary.json")
+#: File names of patches (``{patient}_{side}_{view}_{kind}_{k:04d}.png``).
+_PATCH_NAME = re.compile(r"^.+_(abn\d+(calc|mass)?|hns|bkg)_\d{4}\.png$")
 _TOOL = "sample_patches_combined"
 
 
@@ -680,19 +686,25 @@ def _prepare_outputs(out_dirs: Dict[str, str], class_names: Sequence[str],
                      overwrite: bool) -> Dict[str, "run_files.OutputManifest"]:
     """Refuse output folders that hold an earlier run's patches; with ``overwrite`` remove the
     files an earlier run of this tool wrote there (its manifest: patch files of any class set,
-    ``OUTPUT_FILES``, and its class folders once empty), nothing else. Patches that no
-    manifest names (copied by hand, or from a killed run) stop the run either way. Returns the
-    manifest of each output folder."""
+    ``OUTPUT_FILES``, and its class folders once empty), nothing else. The patches of a run
+    that was stopped half-way count as its files when they lie in a class folder that run made
+    (its manifest, saved before the first patch, names those folders). Patches that no manifest
+    names (copied by hand) stop the run either way. Returns the manifest of each output
+    folder."""
+    manifests = {split: run_files.OutputManifest(out, _TOOL) for split, out in out_dirs.items()}
     found = [held for held in (_earlier_patches(out, class_names) for out in out_dirs.values())
              if held]
     if found and not overwrite:
+        killed = any(m.earlier_owned_dirs for m in manifests.values())
         raise ValueError(
-            f"output folder(s) already hold patches: {'; '.join(found)}. Sampling into them "
-            "again would mix two runs (and their patient splits); pass --overwrite to replace them "
-            "(removes only the files an earlier run of this tool wrote, as listed in its "
-            f"{run_files.MANIFEST_NAME}), or name new folders")
-    manifests = {split: run_files.OutputManifest(out, _TOOL) for split, out in out_dirs.items()}
+            f"output folder(s) already hold patches: {'; '.join(found)}"
+            f"{' (of a run that was stopped before its end)' if killed else ''}. Sampling into "
+            "them again would mix two runs (and their patient splits); pass --overwrite to "
+            "replace them (removes only the files an earlier run of this tool wrote, as listed "
+            f"in its {run_files.MANIFEST_NAME}), or name new folders")
     if overwrite:
+        for m in manifests.values():
+            m.adopt_interrupted(lambda name: bool(_PATCH_NAME.match(name)))
         removed = sum(len(m.remove_earlier()) for m in manifests.values())
         if removed:
             logger.warning("--overwrite: removed %d file(s) an earlier run wrote", removed)
@@ -700,11 +712,33 @@ def _prepare_outputs(out_dirs: Dict[str, str], class_names: Sequence[str],
             if held]
     if left:
         raise ValueError(f"output folder(s) hold patches that no manifest of this tool names "
-                         f"({'; '.join(left)}): they were not written by an earlier run of it "
-                         f"(or by one that was killed); move them away or name new folders")
+                         f"({'; '.join(left)}): they were not written by an earlier run of it; "
+                         f"move them away or name new folders")
     for out in out_dirs.values():
         run_files.clean_leftovers(out, *(os.path.join(out, n) for n in class_names))
     return manifests
+
+
+def _begin_manifests(manifests, created: Sequence[str]) -> None:
+    """Before the first patch: save each output folder's manifest as in progress, naming the
+    class folders this run made (and those a stopped earlier run made that are still there),
+    so that a run killed half-way leaves its patches known to the next run's --overwrite."""
+    made = {os.path.abspath(f) for f in created}
+    for manifest in manifests.values():
+        owned = [p for p in (manifest.folder / d for d in manifest.earlier_owned_dirs)
+                 if p.is_dir()]
+        owned += [Path(f) for f in made
+                  if os.path.dirname(f) == os.path.abspath(manifest.folder)]
+        manifest.begin([manifest.folder / name for name in OUTPUT_FILES], owned_dirs=owned)
+
+
+def _abandon_manifests(manifests) -> None:
+    """A run that wrote nothing: put back the earlier manifest, or remove the one begun."""
+    for manifest in manifests.values():
+        if manifest.earlier_tool is None:
+            manifest.path.unlink(missing_ok=True)
+        else:
+            manifest.finish(remove_earlier=False)
 
 
 def _make_folders(out_dirs: Dict[str, str], class_names: Sequence[str]) -> List[str]:
@@ -834,6 +868,7 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
     manifests = _prepare_outputs(out_dirs, class_names, overwrite)
 
     created = _make_folders(out_dirs, class_names)
+    _begin_manifests(manifests, created)
     sampled = iter(_sample_all(tasks, cfg, workers, verbose))
     results = [next(sampled) if isinstance(e, _ViewTask) else e for e in entries]
     summary = _summarise(results, folders, train_pats, val_pats, not_in_csv, table)
@@ -843,6 +878,7 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
     summary["elapsed_s"] = round(time.time() - t0, 3)
     _report_views(results, summary)
     if summary["images_read"] == 0:
+        _abandon_manifests(manifests)
         for folder in reversed(created):  # the empty folders this run made (no patch in them)
             try:
                 os.rmdir(folder)

@@ -683,7 +683,7 @@ def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
         return real(path, *a, **kw)
     monkeypatch.setattr(spc.dm_image, "atomic_write", recording)
     spc.main(_argv(data, tmp_path / "out", "--val-size", "0.5"))
-    assert sorted(written) == _files_under(tmp_path / "out")
+    assert sorted(set(written)) == _files_under(tmp_path / "out")   # the manifest: twice
     assert {"train/patches.csv", "val/patches.csv", "train/pat_lst.txt", "val/pat_lst.txt",
             "train/sampling_summary.json"} <= set(written)
 
@@ -723,6 +723,48 @@ def test_overwrite_after_a_class_set_change_gives_the_fresh_tree(tmp_path):
     assert all(got[k] == want[k] for k in want)
     assert sorted(p.name for p in (out / "train").iterdir() if p.is_dir()) == \
         ["background", "benign", "malignant"]
+
+
+def _killed_run(monkeypatch, argv, after):
+    """Run the sampler in one thread and stop it (KeyboardInterrupt) at its patch ``after``."""
+    real, calls = dm_image.write_png, []
+
+    def write_png(path, arr):
+        calls.append(path)
+        if len(calls) > after:
+            raise KeyboardInterrupt
+        return real(path, arr)
+    with monkeypatch.context() as mp:
+        mp.setattr(spc, "_cpus_available", lambda: 1)
+        mp.setattr(dm_image, "write_png", write_png)
+        with pytest.raises(SystemExit) as stop:   # Ctrl-C: one line, exit 130
+            spc.main(argv)
+    assert stop.value.code == 130
+
+
+def test_overwrite_after_a_killed_run_gives_the_fresh_tree(tmp_path, monkeypatch, capsys):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    spc.main(_argv(data, fresh, "--val-size", "0.5"))
+    (out / "train").mkdir(parents=True)
+    mine = {"train/my_notes.png": b"user 1", "train/background/keep.txt": b"user 2"}
+    (out / "train" / "my_notes.png").write_bytes(mine["train/my_notes.png"])
+    _killed_run(monkeypatch, _argv(data, out, "--val-size", "0.5"), after=5)
+    assert len(list((out / "train").rglob("*_0*.png"))) == 5        # 5 patches left behind
+    # a user's file put into a class folder the killed run made, after it stopped
+    (out / "train" / "background" / "keep.txt").write_bytes(mine["train/background/keep.txt"])
+    capsys.readouterr()
+    code, err = _exit_message(capsys, _argv(data, out, "--val-size", "0.5"))
+    assert code == 2 and "stopped before its end" in err and "--overwrite" in err
+    want = _tree(fresh)
+    for _ in range(2):   # a killed first run, then a killed --overwrite rerun of a full run
+        spc.main(_argv(data, out, "--val-size", "0.5", "--overwrite"))
+        got = _tree(out)
+        assert {k: got.pop(k) for k in mine} == mine      # the user's files stay, unchanged
+        assert len(want) > 10 and sorted(got) == sorted(want)
+        assert all(got[k] == want[k] for k in want)
+        _killed_run(monkeypatch, _argv(data, out, "--val-size", "0.5", "--overwrite"),
+                    after=3)
 
 
 def test_outputs_inside_an_input_folder_are_refused(tmp_path, capsys):
