@@ -36,6 +36,8 @@ A rerun into the same ``OUT_DIR`` gives the tree a fresh run gives: the manifest
 ``.ddsm_outputs.json`` lists every file a run wrote, and the files an earlier run wrote that
 this run does not (a view whose pathology changed from ``neg/`` to ``pos/``, an earlier
 ``--val-size`` split) are removed before the mean is computed; other files are never touched.
+A file in ``OUT_DIR`` named like an output that no manifest names (a user's own) stops the run
+before anything is written, unless ``--overwrite``, which replaces it.
 ``OUT_DIR`` must lie outside ``DICOM_ROOT``.
 
 Example (from inside ``ddsm_train/``)::
@@ -400,13 +402,13 @@ def _assign_val(views: List[_View], val_size: Optional[float], seed: int) -> Lis
 def run(csv_dir: str, dicom_root: str, out_dir: str,
         whole_img_size: Optional[Sequence[int]] = None, workers: int = 1,
         verbose: bool = True, val_size: Optional[float] = None,
-        seed: int = 12345) -> dict:
+        seed: int = 12345, overwrite: bool = False) -> dict:
     """Write full images, ROI masks, tables and patient lists from a CBIS-DDSM download.
 
     Args:
         csv_dir: folder with the official description CSVs.
         dicom_root: folder the CSV file paths are relative to.
-        out_dir: output folder (created; existing files of the same names are replaced).
+        out_dir: output folder (created; files an earlier run wrote are replaced or removed).
         whole_img_size: optional (height, width) of the whole-image ``neg|pos`` folders.
         workers: views converted in parallel by this many processes.
         verbose: show a progress bar.
@@ -415,6 +417,8 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
             to ``whole_img/val`` and they are listed in ``val_pat.txt`` instead of
             ``train_pat.txt``, so no patient is in two sets. None or 0: no validation set.
         seed: random seed of that split.
+        overwrite: replace files in ``out_dir`` named like this run's outputs that no manifest
+            names (without it such a file stops the run before anything is written).
 
     Returns:
         Summary dict: ``views_total``, ``full_images_written``, ``masks_written``,
@@ -426,6 +430,8 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
         FileNotFoundError: no CSV in ``csv_dir`` or ``dicom_root`` is not a folder.
         ValueError: bad ``whole_img_size`` / ``workers``, a CSV without a needed column, or
             no full-mammogram DICOM found for any view (nothing converted).
+        FileExistsError: a file named like an output that no manifest names, without
+            ``overwrite``.
     """
     t0 = time.time()
     if whole_img_size is not None:
@@ -445,6 +451,13 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
         input_dirs={"DICOM_ROOT": dicom_root}, output_dirs={"OUT_DIR": out_dir})
     out = Path(out_dir)
     manifest = run_files.OutputManifest(out, "prepare_cbis_ddsm")
+    views = _build_views(table)
+    val_patients = _assign_val(views, val_size, seed)
+    planned = ([out / _full_rel(v) for v in views]
+               + [out / _mask_rel(v, r) for v in views for r in v.rois]
+               + ([out / _whole_rel(v) for v in views] if whole_img_size else [])
+               + [out / t for t in _TABLES if val_patients or t != "val_pat.txt"])
+    manifest.check_foreign(planned, overwrite)   # a user's file of an output's name: refused
     folders = [Path("full_img"), Path("roi_mask")]
     if whole_img_size is not None:
         folders.append(Path("whole_img"))
@@ -457,12 +470,7 @@ def run(csv_dir: str, dicom_root: str, out_dir: str,
     run_files.clean_leftovers(*(out / sub for sub in folders))
     options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters}
     logger.info("options: %s; CSVs: %s", options, used)
-    views = _build_views(table)
-    val_patients = _assign_val(views, val_size, seed)
-    manifest.begin([out / _full_rel(v) for v in views]
-                   + [out / _mask_rel(v, r) for v in views for r in v.rois]
-                   + ([out / _whole_rel(v) for v in views] if whole_img_size else [])
-                   + [out / t for t in _TABLES])
+    manifest.begin(planned)
     cfg = _Config(str(dicom_root), str(out_dir), whole_img_size)
     results = parallel_map(_process_view, [(v, cfg) for v in views], workers, "converting",
                            verbose, chunksize=4)
@@ -539,6 +547,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=cf.positive_int, default=d["workers"],
                         help="processes converting views in parallel (default: %(default)s)")
     add_bool_flag(parser, "verbose", d["verbose"], "show a progress bar of the conversion")
+    run_files.add_overwrite_flag(parser, "OUT_DIR")
     return parser
 
 

@@ -305,6 +305,25 @@ def test_rerun_after_a_change_gives_the_fresh_tree(tmp_path):
     assert not (out / "whole_img" / "val").exists()
 
 
+def test_a_users_file_of_an_outputs_name_is_kept_unless_overwrite(tmp_path, capsys):
+    csv_dir, root = _handwritten(tmp_path)
+    out = tmp_path / "out"
+    mine = out / "full_img" / "P_00001_LEFT_CC.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own image")
+    argv = [str(csv_dir), str(root), str(out), "--no-verbose"]
+    with pytest.raises(SystemExit) as stop:
+        prep.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and str(mine) in err and "--overwrite" in err
+    assert err.count("\n") == 1
+    assert mine.read_bytes() == b"my own image"
+    assert sorted(p.name for p in out.rglob("*")) == ["P_00001_LEFT_CC.png", "full_img"]
+    prep.main(argv + ["--overwrite"])
+    np.testing.assert_array_equal(_read_png(mine), _full(1))
+    assert prep.get_args_parser().parse_args(argv[:3]).overwrite is False
+
+
 def test_out_dir_inside_the_dicom_root_is_refused(tmp_path):
     csv_dir, root = _handwritten(tmp_path)
     with pytest.raises(ValueError, match="OUT_DIR .* inside the input folder DICOM_ROOT"):
