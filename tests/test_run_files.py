@@ -156,6 +156,32 @@ def test_manifest_ignores_paths_outside_its_folder(tmp_path):
 
 
 # ------------------------------------------------------------------ leftovers
+def test_interrupted_run_owns_only_matching_files_in_folders_it_made(tmp_path):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    for rel in ("made/a_0001.png", "made/notes.txt", "theirs/b_0001.png"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(rel)
+    elsewhere.mkdir()
+    (elsewhere / "c_0001.png").write_text("outside")
+    os.symlink(elsewhere, out / "link")
+    m = run_files.OutputManifest(out, "t")
+    m.begin([out / "table.csv"], owned_dirs=[out / "made", out / "link"])
+    saved = json.loads(m.path.read_text())
+    assert saved["complete"] is False and saved["owned_dirs"] == ["link", "made"]
+    again = run_files.OutputManifest(out, "t")
+    adopted = again.adopt_interrupted(lambda name: name.endswith("_0001.png"))
+    assert adopted == [out / "made" / "a_0001.png"]          # not theirs/, not through a link
+    assert [p.name for p in again.foreign([out / "made" / "a_0001.png",
+                                           out / "theirs" / "b_0001.png"])] == ["b_0001.png"]
+    again.remove_earlier()
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == \
+        [".ddsm_outputs.json", "made/notes.txt", "theirs/b_0001.png"]
+    assert (elsewhere / "c_0001.png").is_file()
+    again.finish()
+    assert "complete" not in json.loads(m.path.read_text())   # finished: no folder is owned
+    assert not run_files.OutputManifest(out, "t").earlier_owned_dirs
+
+
 def test_leftovers_of_killed_writes_are_removed(tmp_path, live_pid):
     path = dm_image.atomic_write(tmp_path / "model.h5", lambda fh: fh.write(b"m"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.h5"]   # no temp after a write
