@@ -16,7 +16,10 @@ Three rules hold for every tool that writes files:
   an earlier run's outputs, and ``--overwrite``, remove only what a manifest names; a file of
   the same name that no manifest names (a user's own ``metrics.json``) stops the run unless
   ``--overwrite`` is given, and is never deleted. Temporary files that a killed write left
-  (``dm_image.atomic_write``) are removed by the next run writing into that folder.
+  (``dm_image.atomic_write``) are removed by the next run writing into that folder. A tool
+  whose file names are not known in advance saves its manifest before writing as
+  ``"complete": false``, naming the folders it made; the next run takes the files of a killed
+  run there as that tool's (:meth:`OutputManifest.adopt_interrupted`).
 
 Importing this module does not import TensorFlow.
 """
