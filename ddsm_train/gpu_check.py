@@ -64,6 +64,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import script_utils  # first: puts the root dm_* modules and this folder on sys.path
+
+script_utils.import_tensorflow_quietly()   # TensorFlow's start-up lines hidden
 import common_flags as cf  # noqa: E402
 
 import numpy as np  # noqa: E402

@@ -73,7 +73,9 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+import script_utils  # first: puts the root dm_* modules on sys.path
+
+script_utils.import_tensorflow_quietly()   # TensorFlow's start-up lines hidden
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

@@ -29,6 +29,8 @@ import os
 
 import script_utils  # first: puts the root dm_* modules and this folder on sys.path
 
+script_utils.import_tensorflow_quietly()   # TensorFlow's start-up lines hidden
+
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
 import run_options  # noqa: E402

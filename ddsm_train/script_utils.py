@@ -81,7 +81,30 @@ def _check_environment():
 _check_environment()
 # TensorFlow's C++ start-up lines (e.g. the CUDA cuInit error of a machine without a GPU) are
 # not shown unless asked for: set TF_CPP_MIN_LOG_LEVEL (0 shows everything) to see them.
+_TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up lines hidden, unless asked for.
+
+    TensorFlow 2.21 prints a few info lines (oneDNN, "Could not find cuda drivers") on stderr
+    before its C++ logging reads ``TF_CPP_MIN_LOG_LEVEL``; the scripts that use TensorFlow call
+    this first, so that stderr shows only their own messages. Nothing is hidden when the user
+    set ``TF_CPP_MIN_LOG_LEVEL`` or TensorFlow is already imported; an import error is raised
+    as usual (Python's own stderr is restored before it propagates).
+    """
+    if _TF_LOG_LEVEL_GIVEN or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 PathLike = Union[str, os.PathLike]
 
@@ -91,7 +114,8 @@ __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_tabl
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
            "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
            "RECIPE_OPTIONS", "apply_model_recipe", "INTERRUPTED_EXIT", "parse_command_line",
-           "exit_on_interrupt", "check_unique", "UniqueValuesAction", "check_input_levels"]
+           "exit_on_interrupt", "check_unique", "UniqueValuesAction", "check_input_levels",
+           "import_tensorflow_quietly"]
 
 #: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
 #: make_synthetic_ddsm, read by sample_patches_combined.

@@ -319,3 +319,17 @@ def test_confidence_intervals_print_with_3_decimals():
     assert eval_metrics.format_ci([0.83912, 0.95549]) == "95% CI 0.839-0.955"
     assert eval_metrics.format_ci([float("nan"), float("nan")]) == "95% CI n/a"
     assert eval_metrics.format_ci(None) == "95% CI n/a"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", [None, "0"])
+def test_tensorflow_info_lines_of_a_script_are_hidden_unless_asked_for(given):
+    """TensorFlow prints info lines before its log level applies; a script hides them."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if given is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = given
+    out = subprocess.run([sys.executable, str(SCRIPTS_DIR / "heatmap_score.py"), "--help"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0 and "--pat-csv" in out.stdout
+    shown = [line for line in out.stderr.splitlines() if line.startswith(("I0000", "W0000"))]
+    assert bool(shown) == (given is not None), out.stderr
