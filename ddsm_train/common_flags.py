@@ -376,12 +376,17 @@ def add_distributed_flags(parser):
 
 
 def add_run_flags(parser):
-    """``--auto-resume`` (continue an interrupted run), ``--tensorboard-dir`` and
+    """``--auto-resume`` (continue an interrupted run), ``--seed``, ``--tensorboard-dir`` and
     ``--overwrite`` (replace another run's files at ``--best-model``)."""
     g = parser.add_argument_group("resuming and logs")
     add_bool_flag(g, "auto-resume", True,
                   "continue the unfinished run of <best-model>.last.h5 when its options are "
                   "these")
+    g.add_argument("--seed", type=nonneg_int, default=None, metavar="N",
+                   help="seed of the run's random draws (initial weights, shuffling, "
+                        "augmentation, dropout): the same seed and options train the same "
+                        "model on the same device (default: the RANDOM_SEED environment "
+                        "variable, else 12345)")
     g.add_argument("--tensorboard-dir", dest="tensorboard_dir", default=None, metavar="DIR",
                    help="also write TensorBoard logs to DIR (default: off)")
     add_bool_flag(g, "overwrite", False,

@@ -47,10 +47,11 @@ def check_batch_vs_devices(batch_size, nb_devices, what="batch size"):
                          f"(NUM_GPU_DEVICES / workers); each device needs at least one sample")
 
 
-def env_summary():
-    """Environment settings of a run: ``NUM_CPU_CORES``, ``NUM_GPU_DEVICES``, ``RANDOM_SEED``."""
+def env_summary(seed=None):
+    """Environment settings of a run: ``NUM_CPU_CORES``, ``NUM_GPU_DEVICES``, ``RANDOM_SEED``
+    (``seed``, the ``--seed`` of the run, when given; else the environment variable)."""
     return {"NUM_CPU_CORES": get_num_cpu_cores(), "NUM_GPU_DEVICES": get_num_gpu_devices(),
-            "RANDOM_SEED": get_random_seed()}
+            "RANDOM_SEED": get_random_seed() if seed is None else int(seed)}
 
 
 def check_class_dirs(dirs, class_list, need_two_classes=()):
@@ -159,7 +160,8 @@ def run_identity(opts, env):
     """
     import hashlib
 
-    options = {k: v for k, v in opts.items() if k not in RUN_NEUTRAL_OPTIONS}
+    # ``--seed`` counts through its value, RANDOM_SEED: ``--seed 7`` and RANDOM_SEED=7 are one run
+    options = {k: v for k, v in opts.items() if k not in RUN_NEUTRAL_OPTIONS + ("seed",)}
     options.update(RANDOM_SEED=env["RANDOM_SEED"], NUM_GPU_DEVICES=env["NUM_GPU_DEVICES"])
     options = json.loads(json.dumps(options, sort_keys=True, default=str))
 
@@ -273,7 +275,7 @@ def begin_training_run(opts, validate):
     import dm_multi_gpu
     import tf_keras as keras
 
-    env = env_summary()
+    env = env_summary(opts.get("seed"))
     strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
     validate(opts, strategy.num_replicas_in_sync)
     _check_tensorboard_dir(opts.get("tensorboard_dir"))

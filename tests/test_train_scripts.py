@@ -299,6 +299,37 @@ def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_se
         assert (tmp_path / f"patch_best.h5{suffix}").is_file()
 
 
+@pytest.mark.slow
+def test_seed_flag_is_the_runs_seed(data, model_files, tmp_path, keras_session, monkeypatch):
+    """``--seed N`` trains the model RANDOM_SEED=N trains, is the same run for resuming, and
+    another seed trains another model."""
+    import tf_keras as keras
+
+    def train(best, *extra):
+        keras.backend.clear_session()
+        return patch_clf_train.main(split_dirs(data, "patch") + [
+            "--resume-from", str(model_files["patch"]), "--net", "vgg16", "--img-size", "32",
+            "32", "--rescale-factor", "0.003891", "--batch-size", "6", "--nb-epoch", "1",
+            "--top-layer-epochs", "0", "--all-layer-epochs", "0", "--hidden-dropout", "0.5",
+            "--best-model", str(tmp_path / best), *extra])
+
+    def weights(best):
+        import dm_keras_ext
+        return dm_keras_ext.robust_load_model(tmp_path / best).get_weights()
+
+    monkeypatch.setenv("RANDOM_SEED", "7")
+    train("env7.h5")
+    monkeypatch.delenv("RANDOM_SEED")
+    train("flag7.h5", "--seed", "7")
+    train("flag8.h5", "--seed", "8")
+    assert all(np.array_equal(a, b) for a, b in zip(weights("env7.h5"), weights("flag7.h5")))
+    assert not all(np.array_equal(a, b) for a, b in zip(weights("env7.h5"), weights("flag8.h5")))
+    saved = json.loads((tmp_path / "flag7.h5.options.json").read_text())
+    assert (saved["seed"], saved["environment"]["RANDOM_SEED"]) == (7, 7)
+    monkeypatch.setenv("RANDOM_SEED", "7")     # the same run, asked for the other way
+    assert train("flag7.h5")["complete"] is True
+
+
 # ------------------------------------------------------------------ shell scripts, README command
 def _script_argv(name):
     """The argv the example script passes to python (bash expands it; python is stubbed)."""
