@@ -216,8 +216,26 @@ def _preprocessing_layers(model):
 
 @pytest.mark.slow
 def test_new_backbone_counts_roles_and_preprocessing(new_backbone):
-    net, ours, preprocess, top_nb, ref = new_backbone
-    _, stage2, cut, channels, count = NEW_NETS[net]
+    _check_counts_roles_and_preprocessing(*new_backbone, NEW_NETS[new_backbone[0]])
+
+
+#: EfficientNetV2-S: built and checked like the others (its training path is B0's).
+V2S = ("EfficientNetV2S", "block6o_expand_conv", "top_activation", 1280, 20_335_203)
+
+
+@pytest.mark.slow
+def test_efficientnetv2s_counts_roles_and_preprocessing(keras_session):
+    import tf_keras as keras
+
+    ours, preprocess, top_nb = E.get_dl_model("efficientnetv2s", nb_class=3,
+                                              use_pretrained=False)
+    ref = keras.applications.EfficientNetV2S(include_top=True, weights=None, classes=3,
+                                             input_shape=(64, 64, 3))
+    _check_counts_roles_and_preprocessing("efficientnetv2s", ours, preprocess, top_nb, ref, V2S)
+
+
+def _check_counts_roles_and_preprocessing(net, ours, preprocess, top_nb, ref, facts):
+    _, stage2, cut, channels, count = facts
     pre = _preprocessing_layers(ref)
     assert pre and not _preprocessing_layers(ours)          # preprocessing is the recipe's
     assert ours.count_params() == ref.count_params() - sum(p.count_params() for p in pre)
