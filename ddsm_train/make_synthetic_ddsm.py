@@ -85,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import logging
 import shutil
@@ -104,6 +105,7 @@ import scipy.fft  # noqa: E402
 import dm_image  # noqa: E402
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
+import run_options  # noqa: E402
 from ddsm_names import SIDES, VIEWS, image_name, mask_name  # noqa: E402
 
 __all__ = [
@@ -114,6 +116,8 @@ __all__ = [
     "VIEWS",
     "ROI_CSV_HEADER",
     "run",
+    "write_synthetic_ddsm",
+    "options_class",
     "get_args_parser",
     "main",
 ]
@@ -515,9 +519,12 @@ def _csv_text(header, rows) -> str:
 # ----------------------------------------------------------------------------------------------
 # Run
 # ----------------------------------------------------------------------------------------------
-def _check_args(out_dir: Path, nb_patients, img_height, img_width, whole_img_size, test_frac,
-                val_frac, malignant_frac, benign_frac, overwrite, workers,
-                lesion_contrast) -> None:
+def _check_args(out_dir: Path, whole_img_size: tuple, opts) -> None:
+    """Refuse option values no data set can be made with (``whole_img_size``: the options'
+    as integers), and an ``out_dir`` that is not empty (without ``overwrite``, or without this
+    generator's marker)."""
+    nb_patients, img_height, img_width = opts.nb_patients, opts.img_height, opts.img_width
+    workers = opts.workers
     if not isinstance(nb_patients, (int, np.integer)) or nb_patients < 2:
         raise ValueError(f"nb_patients should be an integer >= 2, got {nb_patients!r}")
     if img_height < MIN_IMG_HEIGHT or img_width < MIN_IMG_WIDTH:
@@ -529,19 +536,21 @@ def _check_args(out_dir: Path, nb_patients, img_height, img_width, whole_img_siz
     if whole_img_size[0] > img_height or whole_img_size[1] > img_width:
         raise ValueError(f"whole_img_size {tuple(whole_img_size)} should not exceed the full "
                          f"image size ({img_height}, {img_width})")
-    for name, val, lo, hi in (("test_frac", test_frac, 0.0, 1.0), ("val_frac", val_frac, 0.0, 1.0)):
+    for name, val, lo, hi in (("test_frac", opts.test_frac, 0.0, 1.0),
+                              ("val_frac", opts.val_frac, 0.0, 1.0)):
         if not lo < val < hi and not (name == "val_frac" and val == 0):
             raise ValueError(f"{name} should be in ({lo}, {hi}), got {val}")
-    for name, val in (("malignant_frac", malignant_frac), ("benign_frac", benign_frac)):
+    for name, val in (("malignant_frac", opts.malignant_frac),
+                      ("benign_frac", opts.benign_frac)):
         if not 0.0 <= val <= 1.0:
             raise ValueError(f"{name} should be in [0, 1], got {val}")
-    if not lesion_contrast > 0:
-        raise ValueError(f"lesion_contrast should be > 0, got {lesion_contrast}")
+    if not opts.lesion_contrast > 0:
+        raise ValueError(f"lesion_contrast should be > 0, got {opts.lesion_contrast}")
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"workers should be an integer >= 1, got {workers!r}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not opts.overwrite:
         raise ValueError(f"out_dir {out_dir} is not empty; pass overwrite=True (--overwrite) to "
                          f"replace the generated files in it")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not _generated_here(out_dir):
@@ -630,29 +639,102 @@ def _write_lists(paths: dict, patients: list, train_ids: list, test_ids: list, r
     _write_text(paths["pat_side_cancer_csv"], _csv_text(PAT_SIDE_HEADER, cancer))
 
 
-def run(out_dir: Union[str, Path], nb_patients: int = 40, img_height: int = 1024,
-        img_width: int = 800, whole_img_size: tuple = (288, 224), seed: int = 12345,
-        test_frac: float = 0.25, val_frac: float = 0.2, malignant_frac: float = 0.5,
-        benign_frac: float = 0.4, lesion_contrast: float = 1.0, overwrite: bool = False,
-        workers: int = 2, verbose: bool = False) -> dict:
+def run(out_dir: Union[str, Path], **options) -> dict:
     """Write a synthetic CBIS-DDSM-style data set into ``out_dir`` (layouts in the module doc).
 
     Args:
         out_dir: output folder; must be missing or empty unless ``overwrite``.
-        nb_patients: number of patients (>= 2), 4 views each.
-        img_height, img_width: full image size in pixels (>= 128 x 96).
-        whole_img_size: (height, width) of the whole-image class folders (each >= 16, not larger
-            than the full image).
-        seed: seed of every random choice; same seed and options give byte-identical files.
-        test_frac: share of patients in the test split (stratified by malignancy).
-        val_frac: share of the train patients in the whole-image ``val`` folders (0 allowed).
-        malignant_frac: probability that a patient has a malignant lesion.
-        benign_frac: probability that a breast has a benign lesion.
-        lesion_contrast: factor on the contrast of every lesion, both classes alike (> 0); above
-            1 makes lesions stand out more from the tissue texture (an easier set), below 1 harder.
-        overwrite: replace this generator's earlier outputs in a non-empty ``out_dir``.
-        workers: threads rendering and writing patients in parallel (output does not depend on it).
-        verbose: log one line per patient.
+        **options: any option of the command line by destination name (``nb_patients=...``,
+            ``whole_img_size=(h, w)``; see :func:`get_args_parser`); the options not given
+            take the parser's defaults.
+
+    Returns:
+        The dict of :func:`write_synthetic_ddsm`.
+
+    Raises:
+        ValueError: an option the parser does not know (naming the valid ones), and the
+            errors of :func:`write_synthetic_ddsm`.
+    """
+    opts = run_options.options_from(options_class(), script_utils.resolve_options(
+        get_args_parser(), (out_dir,), options))
+    return write_synthetic_ddsm(opts)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The patients of a data set and their splits.
+
+    Attributes:
+        patients: every patient, in id order.
+        train_ids, test_ids: the patient lists' split (stratified by malignancy).
+        val_ids: the train patients of the whole-image ``val`` folders.
+        split_of: patient id -> its whole-image split (``train``, ``val`` or ``test``).
+    """
+
+    patients: list
+    train_ids: list
+    test_ids: list
+    val_ids: list
+    split_of: dict
+
+
+def _plan(opts) -> _Plan:
+    """Draw the patients and their lesions, and split them (everything from ``opts.seed``)."""
+    seed = opts.seed
+    patients = [_plan_patient(i, seed, opts.malignant_frac, opts.benign_frac)
+                for i in range(opts.nb_patients)]
+    ids = [p.patient_id for p in patients]
+    strata = [p.malignant for p in patients]
+    split_rng = np.random.default_rng([seed, 2**31])
+    train_ids, test_ids = _stratified_split(ids, strata, opts.test_frac, split_rng)
+    train_strata = [strata[ids.index(i)] for i in train_ids]
+    fit_ids, val_ids = _stratified_split(train_ids, train_strata, opts.val_frac, split_rng)
+    if not val_ids:
+        logger.warning("no patient left for the whole-image val split (nb_patients=%d)",
+                       opts.nb_patients)
+    split_of = {**{i: "train" for i in fit_ids}, **{i: "val" for i in val_ids},
+                **{i: "test" for i in test_ids}}
+    return _Plan(patients, train_ids, test_ids, val_ids, split_of)
+
+
+def _write_patients(plan: _Plan, paths: dict, whole_hw: tuple, opts):
+    """Render and write every patient's views on ``opts.workers`` threads; return (roi rows,
+    {split: {neg, pos}} whole-image counts)."""
+    rows, counts = [], {s: {"neg": 0, "pos": 0} for s in ("train", "val", "test")}
+
+    def write(pat):
+        return _write_patient(pat, plan.split_of[pat.patient_id], paths, opts.img_height,
+                              opts.img_width, whole_hw, opts.seed, opts.lesion_contrast)
+
+    with ThreadPoolExecutor(max_workers=opts.workers) as pool:
+        results = list(pool.map(write, plan.patients))
+    for pat, (prow, labels) in zip(plan.patients, results):
+        rows += prow
+        for cls in labels:
+            counts[plan.split_of[pat.patient_id]][cls] += 1
+        if opts.verbose:
+            logger.info("%s: %d lesions, %s", pat.patient_id, len(prow), labels)
+    return rows, counts
+
+
+def write_synthetic_ddsm(opts: run_options.RunOptions) -> dict:
+    """Write a synthetic CBIS-DDSM-style data set (layouts in the module doc).
+
+    Args:
+        opts: the options (an instance of :func:`options_class`): ``out_dir`` (missing or
+            empty unless ``overwrite``), ``nb_patients`` (>= 2, 4 views each),
+            ``img_height``/``img_width`` (full image size, >= 128 x 96), ``whole_img_size``
+            ((height, width) of the whole-image class folders, each >= 16, not larger than the
+            full image), ``seed`` (of every random choice: same seed and options give
+            byte-identical files), ``test_frac`` (share of patients in the test split,
+            stratified by malignancy), ``val_frac`` (share of the train patients in the
+            whole-image ``val`` folders, 0 allowed), ``malignant_frac`` (probability that a
+            patient has a malignant lesion), ``benign_frac`` (probability that a breast has a
+            benign lesion), ``lesion_contrast`` (factor on the contrast of every lesion, both
+            classes alike, > 0: above 1 an easier set, below 1 a harder one), ``overwrite``
+            (replace this generator's earlier outputs in a non-empty ``out_dir``),
+            ``workers`` (threads rendering and writing patients; the output does not depend
+            on it), ``verbose`` (log one line per patient).
 
     Returns:
         dict with the paths written (``full_img_dir``, ``roi_mask_dir``, ``roi_mask_csv``,
@@ -666,91 +748,80 @@ def run(out_dir: Union[str, Path], nb_patients: int = 40, img_height: int = 1024
             ``overwrite``.
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    whole_hw = (int(whole_img_size[0]), int(whole_img_size[1]))
-    _check_args(out, nb_patients, img_height, img_width, whole_hw, test_frac, val_frac,
-                malignant_frac, benign_frac, overwrite, workers, lesion_contrast)
-    options = dict(nb_patients=int(nb_patients), img_height=int(img_height),
-                   img_width=int(img_width), whole_img_size=list(whole_hw), seed=int(seed),
-                   test_frac=test_frac, val_frac=val_frac, malignant_frac=malignant_frac,
-                   benign_frac=benign_frac, lesion_contrast=lesion_contrast)
+    out = Path(opts.out_dir)
+    whole_hw = (int(opts.whole_img_size[0]), int(opts.whole_img_size[1]))
+    _check_args(out, whole_hw, opts)
+    options = dict(nb_patients=int(opts.nb_patients), img_height=int(opts.img_height),
+                   img_width=int(opts.img_width), whole_img_size=list(whole_hw),
+                   seed=int(opts.seed), test_frac=opts.test_frac, val_frac=opts.val_frac,
+                   malignant_frac=opts.malignant_frac, benign_frac=opts.benign_frac,
+                   lesion_contrast=opts.lesion_contrast)
     logger.info("synthetic CBIS-DDSM into %s, options: %s", out, options)
-    patients = [_plan_patient(i, seed, malignant_frac, benign_frac) for i in range(nb_patients)]
-    ids = [p.patient_id for p in patients]
-    strata = [p.malignant for p in patients]
-    split_rng = np.random.default_rng([seed, 2**31])
-    train_ids, test_ids = _stratified_split(ids, strata, test_frac, split_rng)
-    train_strata = [strata[ids.index(i)] for i in train_ids]
-    fit_ids, val_ids = _stratified_split(train_ids, train_strata, val_frac, split_rng)
-    if not val_ids:
-        logger.warning("no patient left for the whole-image val split (nb_patients=%d)",
-                       nb_patients)
-    split_of = {**{i: "train" for i in fit_ids}, **{i: "val" for i in val_ids},
-                **{i: "test" for i in test_ids}}
+    plan = _plan(opts)
     paths = _prepare_out_dir(out)
     before = paths.pop("_before")
-    rows, counts = [], {s: {"neg": 0, "pos": 0} for s in ("train", "val", "test")}
-
-    def write(pat):
-        return _write_patient(pat, split_of[pat.patient_id], paths, img_height, img_width,
-                              whole_hw, seed, lesion_contrast)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(write, patients))
-    for pat, (prow, labels) in zip(patients, results):
-        rows += prow
-        for cls in labels:
-            counts[split_of[pat.patient_id]][cls] += 1
-        if verbose:
-            logger.info("%s: %d lesions, %s", pat.patient_id, len(prow), labels)
-    _write_lists(paths, patients, train_ids, test_ids, rows)
-    result = dict(paths, nb_patients=len(patients), nb_images=4 * len(patients), nb_masks=len(rows),
-                  nb_malignant_patients=int(sum(strata)), nb_train_patients=len(train_ids),
-                  nb_val_patients=len(val_ids), nb_test_patients=len(test_ids),
-                  whole_img_counts=counts)
+    rows, counts = _write_patients(plan, paths, whole_hw, opts)
+    _write_lists(paths, plan.patients, plan.train_ids, plan.test_ids, rows)
+    result = dict(paths, nb_patients=len(plan.patients), nb_images=4 * len(plan.patients),
+                  nb_masks=len(rows),
+                  nb_malignant_patients=int(sum(p.malignant for p in plan.patients)),
+                  nb_train_patients=len(plan.train_ids), nb_val_patients=len(plan.val_ids),
+                  nb_test_patients=len(plan.test_ids), whole_img_counts=counts)
     summary = {k: (v.relative_to(out).as_posix() if isinstance(v, Path) else v)
                for k, v in result.items() if k != "out_dir"}
     _write_text(paths["options_json"], json.dumps({"options": options, "result": summary,
-                                                    "val_patients": val_ids}, indent=2) + "\n")
+                                                    "val_patients": plan.val_ids},
+                                                   indent=2) + "\n")
     _save_manifest(out, before)
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The command-line flags; their defaults are read from the signature of :func:`run`."""
-    defaults = script_utils.run_defaults(run)
+    """The command-line flags: the one declaration of every option (type, default, help);
+    :func:`options_class` and :func:`run` take their defaults from it."""
     parser = argparse.ArgumentParser(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Write a seeded synthetic CBIS-DDSM-style data set (mammogram phantoms, ROI "
                     "masks, CSVs, patient lists and whole-image class folders).")
     parser.add_argument("out_dir", help="output folder (missing or empty unless --overwrite)")
-    helps = {"nb_patients": "patients (4 views each)",
-             "img_height": "mammogram height in pixels", "img_width": "mammogram width in pixels",
-             "seed": "random seed of the whole data set",
-             "test_frac": "fraction of patients in the test set",
-             "val_frac": "fraction of the training patients in whole_img/val",
-             "malignant_frac": "fraction of breasts with a malignant lesion",
-             "benign_frac": "fraction of breasts with a benign lesion",
-             "lesion_contrast": "lesion brightness relative to the tissue texture",
-             "workers": "processes drawing patients in parallel"}
-    for name, typ in (("nb_patients", cf.positive_int), ("img_height", cf.positive_int),
-                      ("img_width", cf.positive_int), ("seed", cf.nonneg_int),
-                      ("test_frac", cf.fraction), ("val_frac", cf.fraction),
-                      ("malignant_frac", cf.fraction), ("benign_frac", cf.fraction),
-                      ("lesion_contrast", cf.finite_float), ("workers", cf.positive_int)):
-        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=defaults[name],
-                            help=helps[name])
+    for name, typ, default, help_text in (
+            ("nb_patients", cf.positive_int, 40, "patients (4 views each; at least 2)"),
+            ("img_height", cf.positive_int, 1024, "mammogram height in pixels (at least 128)"),
+            ("img_width", cf.positive_int, 800, "mammogram width in pixels (at least 96)"),
+            ("seed", cf.nonneg_int, 12345, "random seed of the whole data set: the same seed "
+                                           "and options give byte-identical files"),
+            ("test_frac", cf.fraction, 0.25, "fraction of patients in the test set "
+                                             "(stratified by malignancy)"),
+            ("val_frac", cf.fraction, 0.2, "fraction of the training patients in "
+                                           "whole_img/val (0 allowed)"),
+            ("malignant_frac", cf.fraction, 0.5, "fraction of patients with a malignant "
+                                                 "lesion"),
+            ("benign_frac", cf.fraction, 0.4, "fraction of breasts with a benign lesion"),
+            ("lesion_contrast", cf.finite_float, 1.0,
+             "lesion brightness relative to the tissue texture, both classes alike (> 0; "
+             "above 1 an easier set, below 1 a harder one)"),
+            ("workers", cf.positive_int, 2, "threads rendering and writing patients in "
+                                            "parallel (the output does not depend on it)")):
+        parser.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
+                            help=help_text)
     parser.add_argument("--whole-img-size", type=cf.positive_int, nargs=2,
-                        metavar=("HEIGHT", "WIDTH"),
-                        default=list(defaults["whole_img_size"]),
-                        help="size of the whole-image class folders' images")
-    parser.add_argument("--overwrite", action="store_true",
+                        metavar=("HEIGHT", "WIDTH"), default=[288, 224],
+                        help="size of the whole-image class folders' images (each at least "
+                             "16, not larger than the mammograms)")
+    parser.add_argument("--overwrite", action="store_true", default=False,
                         help="replace earlier outputs of this generator in OUT_DIR (default: "
                              "off)")
-    parser.add_argument("--verbose", action="store_true",
+    parser.add_argument("--verbose", action="store_true", default=False,
                         help="log one line per patient (default: off)")
     return parser
+
+
+@functools.lru_cache(maxsize=None)
+def options_class() -> type:
+    """The frozen dataclass of this script's options, made from :func:`get_args_parser` (one
+    field per flag destination, ``out_dir`` included; ``run_options.options_class``)."""
+    return run_options.options_class(get_args_parser(), "SyntheticDDSMOptions")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -85,7 +85,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import inspect
+import functools
 import itertools
 import json
 import logging
@@ -104,6 +104,7 @@ import numpy as np  # noqa: E402
 
 import dm_image  # noqa: E402
 import run_files  # noqa: E402
+import run_options  # noqa: E402
 from ddsm_names import image_name, parse_mask_name, split_image_stem  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
@@ -113,14 +114,14 @@ from patch_sampling import (BLOB_PARAMS, MaskSat, _fractions, _to_uint16,  # noq
                             draw_background_centres, extract_patch, negative_passes,
                             select_hard_negatives, split_patients, view_seed, window_sums)
 from script_utils import ROI_COLUMNS, InputFileError, cli_main, get_random_seed, \
-    parallel_map, read_csv_table, read_text_lines, run_defaults, safe_name_part  # noqa: E402
+    parallel_map, read_csv_table, read_text_lines, safe_name_part  # noqa: E402
 
 __all__ = [
     "CSV_COLUMNS", "PATHOLOGY_LABELS", "LESION_TYPES", "BLOB_PARAMS", "MaskSat",
     "build_mask_sat", "window_sums", "abnormal_passes", "negative_passes",
     "draw_abnormal_centres", "draw_background_centres", "create_blob_detector",
     "detect_blob_centres", "select_hard_negatives", "extract_patch", "view_seed",
-    "split_patients", "run", "get_args_parser", "main",
+    "split_patients", "run", "sample_patches", "options_class", "get_args_parser", "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,9 @@ BAD_ROI_REASONS = ("bad_roi_row", "mask_missing", "mask_unreadable", "mask_size_
                    "empty_mask")
 #: Files of an output folder that a run writes besides its class folders.
 OUTPUT_FILES = ("patches.csv", "pat_lst.txt", "sampling_summary.json")
+#: Patch kind -> the option naming its class folder.
+_FOLDER_OPTIONS = {"bkg": "bkg_dir", "calc_pos": "calc_pos_dir", "calc_neg": "calc_neg_dir",
+                   "mass_pos": "mass_pos_dir", "mass_neg": "mass_neg_dir"}
 #: File names of patches (``{patient}_{side}_{view}_{kind}_{k:04d}.png``).
 _PATCH_NAME = re.compile(r"^.+_(abn\d+(calc|mass)?|hns|bkg)_\d{4}\.png$")
 _TOOL = "sample_patches_combined"
@@ -563,31 +567,54 @@ def _index_masks(roi_mask_dir: str) -> Dict[Tuple[str, str, int], str]:
 
 
 # ------------------------------------------------------------------------- run
-def _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, val_size,
-                   target_height, target_width, workers, class_dirs, train_out,
-                   val_out) -> None:
+def _check_options(opts) -> None:
+    """Refuse option values no run can use, before anything is read or written (the parser's
+    types check the command line; Python callers of :func:`run` get the same errors here)."""
+    patch_size, nb_bkg, nb_abn = opts.patch_size, opts.nb_bkg, opts.nb_abn
     if patch_size < 2:
         raise ValueError(f"patch_size should be >= 2, got {patch_size}")
-    for name, v in (("nb_bkg", nb_bkg), ("nb_abn", nb_abn), ("nb_hns", nb_hns)):
-        if v < 0:
-            raise ValueError(f"{name} should be >= 0, got {v}")
+    for name in ("nb_bkg", "nb_abn", "nb_hns"):
+        if opts[name] < 0:
+            raise ValueError(f"{name} should be >= 0, got {opts[name]}")
     if nb_bkg == 0 and nb_abn == 0:   # hard negatives count towards nb_bkg
         raise ValueError("--nb-bkg 0 and --nb-abn 0: every patch count is 0, nothing would be "
                          "sampled")
-    for name, v in (("pos_cutoff", pos_cutoff), ("neg_cutoff", neg_cutoff)):
-        if not 0 < v <= 1:
-            raise ValueError(f"{name} should be in (0, 1], got {v}")
-    if not 0 <= val_size < 1:
-        raise ValueError(f"val_size should be in [0, 1), got {val_size}")
-    if target_height <= 0 or (target_width is not None and target_width <= 0):
-        raise ValueError(f"target size should be positive, got {target_height}x{target_width}")
-    if workers < 1:
-        raise ValueError(f"workers should be >= 1, got {workers}")
-    for name, value in class_dirs.items():
-        safe_name_part(value, "class folder name --" + name.replace("_", "-"))
-    if os.path.realpath(train_out) == os.path.realpath(val_out):
-        raise ValueError(f"TRAIN_OUT and VAL_OUT are the same folder ({train_out}): the two "
-                         "splits' patches and manifests would mix; name two folders")
+    for name in ("pos_cutoff", "neg_cutoff"):
+        if not 0 < opts[name] <= 1:
+            raise ValueError(f"{name} should be in (0, 1], got {opts[name]}")
+    if not 0 <= opts.val_size < 1:
+        raise ValueError(f"val_size should be in [0, 1), got {opts.val_size}")
+    height, width = opts.target_height, opts.target_width
+    if height <= 0 or (width is not None and width <= 0):
+        raise ValueError(f"target size should be positive, got {height}x{width}")
+    if opts.workers < 1:
+        raise ValueError(f"workers should be >= 1, got {opts.workers}")
+    for name in _FOLDER_OPTIONS.values():
+        safe_name_part(opts[name], "class folder name --" + name.replace("_", "-"))
+    if os.path.realpath(opts.train_out) == os.path.realpath(opts.val_out):
+        raise ValueError(f"TRAIN_OUT and VAL_OUT are the same folder ({opts.train_out}): the "
+                         "two splits' patches and manifests would mix; name two folders")
+
+
+def _check_inputs(opts) -> None:
+    """:func:`_check_options`, then the input files and folders must exist."""
+    _check_options(opts)
+    if opts.normal_views < 0:
+        raise ValueError(f"normal_views should be >= 0, got {opts.normal_views}")
+    for path in (opts.roi_mask_csv, opts.patient_list):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+    for path in (opts.roi_mask_dir, opts.full_img_dir):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no such folder: {path}")
+
+
+def _settings(opts) -> _Settings:
+    """The per-view sampling settings of the options (what the worker processes get)."""
+    folders = {key: opts[name] for key, name in _FOLDER_OPTIONS.items()}
+    return _Settings(opts.target_height, opts.target_width, opts.segment_breast,
+                     opts.patch_size, opts.nb_bkg, opts.nb_abn, opts.nb_hns, opts.pos_cutoff,
+                     opts.neg_cutoff, opts.seed, folders, opts.normal_views)
 
 
 def _skip_result(img_id: str, split: str, reason: str, message: str) -> dict:
@@ -753,15 +780,12 @@ def _make_folders(out_dirs: Dict[str, str], class_names: Sequence[str]) -> List[
 
 
 def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: str,
-        train_out: str, val_out: str, target_height: int = 4096,
-        target_width: Optional[int] = None, segment_breast: bool = True, patch_size: int = 256,
-        nb_bkg: int = 30, nb_abn: int = 30, nb_hns: int = 15, pos_cutoff: float = 0.75,
-        neg_cutoff: float = 0.35, val_size: float = 0.1, bkg_dir: str = "background",
-        calc_pos_dir: str = "calc_mal", calc_neg_dir: str = "calc_ben",
-        mass_pos_dir: str = "mass_mal", mass_neg_dir: str = "mass_ben", verbose: bool = True,
-        workers: int = 1, seed: Optional[int] = None, overwrite: bool = False,
-        normal_views: int = 0) -> dict:
+        train_out: str, val_out: str, **options) -> dict:
     """Sample abnormal, hard-negative and background patches for the patients of a list.
+
+    The 2017 call: the six positionals, then any option of the command line by destination
+    name (``target_height=...``, ``seed=...``; see :func:`get_args_parser`); the options not
+    given take the parser's defaults. The work is :func:`sample_patches`.
 
     Args:
         roi_mask_csv: ``roi_mask_path.csv`` (columns ``patient_id,side,view,abn_num,pathology,
@@ -771,26 +795,106 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         patient_list: text file, one patient ID per line.
         full_img_dir: folder of ``{patient}_{side}_{view}.png`` full images (16-bit or 8-bit).
         train_out, val_out: output folders (created; two different folders).
-        target_height: images resized to this height; width kept in proportion unless
-            ``target_width`` is given.
-        target_width: optional fixed width.
-        segment_breast: crop each image (and its masks) to the segmented breast first.
-        patch_size: patch side in pixels (in the resized image).
-        nb_bkg, nb_abn, nb_hns: background-folder patches per view (hard negatives included),
-            abnormal patches per ROI, hard negatives per view (at most).
-        pos_cutoff, neg_cutoff: overlap cutoffs (see module docstring).
-        val_size: fraction of patients for validation (0: none).
-        bkg_dir, calc_pos_dir, calc_neg_dir, mass_pos_dir, mass_neg_dir: class folder names
-            (several may be equal, e.g. a 3-class background/malignant/benign set).
-        verbose: show a progress bar.
-        workers: views processed in parallel by this many processes (results identical).
-        seed: run seed; default ``RANDOM_SEED`` from the environment or 12345. Also the
-            random_state of the patient split.
-        overwrite: replace an earlier run's patches in the output folders (refused without).
-        normal_views: background patches cut per lesion-free view of the listed patients
-            (a full image without a row in ``roi_mask_csv``; patients absent from the CSV are
-            then sampled too, split on their own); 0 (default, as in 2017): such views and
-            patients are skipped.
+        **options: the other options by destination name.
+
+    Returns:
+        The summary dict of :func:`sample_patches`.
+
+    Raises:
+        ValueError: an option the parser does not know (naming the valid ones), and the
+            errors of :func:`sample_patches`.
+        FileNotFoundError: an input file or folder does not exist.
+    """
+    opts = run_options.options_from(options_class(), script_utils.resolve_options(
+        get_args_parser(), (roi_mask_csv, roi_mask_dir, patient_list, full_img_dir, train_out,
+                            val_out), options))
+    return sample_patches(opts)
+
+
+@dataclass(frozen=True)
+class _PatientSplit:
+    """The listed patients and the patient-level split of a run.
+
+    Attributes:
+        listed: patient IDs of the list file, in order, repeats dropped.
+        table: what ``roi_mask_path.csv`` says about them.
+        not_in_csv: listed patients without a row in the CSV.
+        train, val: the patients of each output.
+    """
+
+    listed: List[str]
+    table: _RoiTable
+    not_in_csv: List[str]
+    train: List[str]
+    val: List[str]
+
+
+def _split_patients(opts) -> _PatientSplit:
+    """Read the patient list and ``roi_mask_path.csv`` and split the patients (stratified by
+    "has a malignant lesion"; with ``normal_views`` the patients absent from the CSV are split
+    on their own, so that the lesion patients' split stays)."""
+    listed = _read_patient_list(opts.patient_list)
+    table = _read_roi_table(opts.roi_mask_csv, listed)
+    not_in_csv = [p for p in listed if p not in table.known]
+    if not_in_csv:  # one line, not one per patient (lists often hold lesion-free patients)
+        shown = ", ".join(not_in_csv[:5]) + (", ..." if len(not_in_csv) > 5 else "")
+        if opts.normal_views:
+            logger.info("%d patient(s) of %s are not in %s (no ROI rows): their views give "
+                        "%d background patches each (--normal-views): %s", len(not_in_csv),
+                        opts.patient_list, opts.roi_mask_csv, opts.normal_views, shown)
+        else:
+            logger.warning("%d patient(s) of %s are not in %s (no ROI rows) and are skipped "
+                           "(--normal-views N samples N background patches per view of "
+                           "theirs): %s (all listed in sampling_summary.json)", len(not_in_csv),
+                           opts.patient_list, opts.roi_mask_csv, shown)
+    pats = [p for p in listed if p in table.known]
+    train_pats, val_pats = split_patients(pats, [int(p in table.malignant) for p in pats],
+                                          opts.val_size, opts.seed)
+    if opts.normal_views and not_in_csv:
+        normal_train, normal_val = split_patients(not_in_csv, [0] * len(not_in_csv),
+                                                  opts.val_size, opts.seed)
+        train_pats, val_pats = sorted(train_pats + normal_train), sorted(val_pats + normal_val)
+    return _PatientSplit(listed, table, not_in_csv, train_pats, val_pats)
+
+
+def _view_entries(opts, split: _PatientSplit, out_dirs: Dict[str, str]):
+    """(entries, tasks) of ``_build_views`` for the split patients, their lesion-free views
+    (``normal_views``) appended."""
+    pat_split = {**{p: "train" for p in split.train}, **{p: "val" for p in split.val}}
+    entries, tasks = _build_views(split.table, pat_split, opts.full_img_dir,
+                                  _index_masks(opts.roi_mask_dir), opts.roi_mask_dir, out_dirs)
+    if opts.normal_views:
+        normal = _normal_view_tasks(split.table, pat_split, opts.full_img_dir, out_dirs)
+        entries, tasks = entries + normal, tasks + normal
+    return entries, tasks
+
+
+def _nothing_sampled(opts, split: _PatientSplit, summary: dict, manifests,
+                     created: Sequence[str]) -> ValueError:
+    """Undo the start of a run that sampled no view (its manifests and the empty folders it
+    made) and return the error that says why."""
+    _abandon_manifests(manifests)
+    for folder in reversed(created):  # the empty folders this run made (no patch in them)
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+    return ValueError(
+        f"no view was sampled: {len(split.listed)} patient(s) in {opts.patient_list} "
+        f"({len(split.not_in_csv)} not in {opts.roi_mask_csv}), {summary['images_total']} "
+        f"view(s), {summary['images_skipped']} skipped {summary['skipped'] or ''}; no manifest "
+        "written (see the warnings above)")
+
+
+def sample_patches(opts: run_options.RunOptions) -> dict:
+    """Sample the patches of a run (see the module docstring for the kinds and the checks).
+
+    Args:
+        opts: the options (an instance of :func:`options_class`; their meaning is the help of
+            their flags). ``seed`` None takes ``RANDOM_SEED`` from the environment, else 12345;
+            it seeds the patient split and every view's draws. Several class folder options
+            may name the same folder (e.g. a 3-class background/malignant/benign set).
+            ``workers`` does not change the results.
 
     Returns:
         Summary dict: ``images_total``, ``images_read``, ``images_skipped``, ``skipped``
@@ -809,87 +913,38 @@ def run(roi_mask_csv: str, roi_mask_dir: str, patient_list: str, full_img_dir: s
         FileNotFoundError: an input file or folder does not exist.
     """
     t0 = time.time()
-    seed = get_random_seed() if seed is None else int(seed)
-    class_dirs = {"bkg_dir": bkg_dir, "calc_pos_dir": calc_pos_dir,
-                  "calc_neg_dir": calc_neg_dir, "mass_pos_dir": mass_pos_dir,
-                  "mass_neg_dir": mass_neg_dir}
-    _check_options(patch_size, nb_bkg, nb_abn, nb_hns, pos_cutoff, neg_cutoff, val_size,
-                   target_height, target_width, workers, class_dirs, train_out, val_out)
-    if normal_views < 0:
-        raise ValueError(f"normal_views should be >= 0, got {normal_views}")
-    for path in (roi_mask_csv, patient_list):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no such file: {path}")
-    for path in (roi_mask_dir, full_img_dir):
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"no such folder: {path}")
-    folders = {"bkg": bkg_dir, "calc_pos": calc_pos_dir, "calc_neg": calc_neg_dir,
-               "mass_pos": mass_pos_dir, "mass_neg": mass_neg_dir}
-    cfg = _Settings(target_height, target_width, segment_breast, patch_size, nb_bkg, nb_abn,
-                    nb_hns, pos_cutoff, neg_cutoff, seed, folders, normal_views)
-    options = {k: v for k, v in locals().items()
-               if k in inspect.signature(run).parameters}
+    opts = opts.replace(seed=get_random_seed() if opts.seed is None else int(opts.seed))
+    _check_inputs(opts)
+    cfg = _settings(opts)
+    options = dict(opts)
     logger.info("sampling options: %s", json.dumps(options, default=str))
 
     # read and check every input before anything is written
-    listed = _read_patient_list(patient_list)
-    table = _read_roi_table(roi_mask_csv, listed)
-    not_in_csv = [p for p in listed if p not in table.known]
-    if not_in_csv:  # one line, not one per patient (lists often hold lesion-free patients)
-        shown = ", ".join(not_in_csv[:5]) + (", ..." if len(not_in_csv) > 5 else "")
-        if normal_views:
-            logger.info("%d patient(s) of %s are not in %s (no ROI rows): their views give "
-                        "%d background patches each (--normal-views): %s", len(not_in_csv),
-                        patient_list, roi_mask_csv, normal_views, shown)
-        else:
-            logger.warning("%d patient(s) of %s are not in %s (no ROI rows) and are skipped "
-                           "(--normal-views N samples N background patches per view of "
-                           "theirs): %s (all listed in sampling_summary.json)", len(not_in_csv),
-                           patient_list, roi_mask_csv, shown)
-    pats = [p for p in listed if p in table.known]
-    train_pats, val_pats = split_patients(pats, [int(p in table.malignant) for p in pats],
-                                          val_size, seed)
-    if normal_views and not_in_csv:   # split on their own: the lesion patients' split stays
-        normal_train, normal_val = split_patients(not_in_csv, [0] * len(not_in_csv), val_size,
-                                                  seed)
-        train_pats, val_pats = sorted(train_pats + normal_train), sorted(val_pats + normal_val)
-    out_dirs = {"train": train_out, "val": val_out}
-    pat_split = {**{p: "train" for p in train_pats}, **{p: "val" for p in val_pats}}
-    entries, tasks = _build_views(table, pat_split, full_img_dir, _index_masks(roi_mask_dir),
-                                  roi_mask_dir, out_dirs)
-    if normal_views:
-        normal = _normal_view_tasks(table, pat_split, full_img_dir, out_dirs)
-        entries, tasks = entries + normal, tasks + normal
-    class_names = sorted(set(folders.values()))
+    split = _split_patients(opts)
+    out_dirs = {"train": opts.train_out, "val": opts.val_out}
+    entries, tasks = _view_entries(opts, split, out_dirs)
+    class_names = sorted(set(cfg.folders.values()))
     run_files.check_run_paths(
-        input_files={"ROI_MASK_CSV": roi_mask_csv, "PATIENT_LIST": patient_list},
-        input_dirs={"ROI_MASK_DIR": roi_mask_dir, "FULL_IMG_DIR": full_img_dir},
-        output_dirs={"TRAIN_OUT": train_out, "VAL_OUT": val_out})
-    manifests = _prepare_outputs(out_dirs, class_names, overwrite)
+        input_files={"ROI_MASK_CSV": opts.roi_mask_csv, "PATIENT_LIST": opts.patient_list},
+        input_dirs={"ROI_MASK_DIR": opts.roi_mask_dir, "FULL_IMG_DIR": opts.full_img_dir},
+        output_dirs={"TRAIN_OUT": opts.train_out, "VAL_OUT": opts.val_out})
+    manifests = _prepare_outputs(out_dirs, class_names, opts.overwrite)
 
     created = _make_folders(out_dirs, class_names)
     _begin_manifests(manifests, created)
-    sampled = iter(_sample_all(tasks, cfg, workers, verbose))
+    sampled = iter(_sample_all(tasks, cfg, opts.workers, opts.verbose))
     results = [next(sampled) if isinstance(e, _ViewTask) else e for e in entries]
-    summary = _summarise(results, folders, train_pats, val_pats, not_in_csv, table)
+    summary = _summarise(results, cfg.folders, split.train, split.val, split.not_in_csv,
+                         split.table)
     normal_ids = {t.img_id for t in tasks if not t.rois}
     summary["normal_views"] = sum(r["status"] == "ok" and r["img_id"] in normal_ids
                                   for r in results)
     summary["elapsed_s"] = round(time.time() - t0, 3)
     _report_views(results, summary)
     if summary["images_read"] == 0:
-        _abandon_manifests(manifests)
-        for folder in reversed(created):  # the empty folders this run made (no patch in them)
-            try:
-                os.rmdir(folder)
-            except OSError:
-                pass
-        raise ValueError(
-            f"no view was sampled: {len(listed)} patient(s) in {patient_list} "
-            f"({len(not_in_csv)} not in {roi_mask_csv}), {summary['images_total']} view(s), "
-            f"{summary['images_skipped']} skipped {summary['skipped'] or ''}; no manifest "
-            "written (see the warnings above)")
-    _write_outputs(results, out_dirs, {"train": train_pats, "val": val_pats}, summary, options)
+        raise _nothing_sampled(opts, split, summary, manifests, created)
+    _write_outputs(results, out_dirs, {"train": split.train, "val": split.val}, summary,
+                   options)
     _save_manifests(manifests, results, class_names)
     _log_summary(summary, out_dirs)
     return summary
@@ -1047,46 +1102,57 @@ _HELP = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """Parser with the 2017 flags; defaults are those of :func:`run`."""
-    d = run_defaults(run)
+    """Parser with the 2017 flags: the one declaration of every option (type, default, help);
+    :func:`options_class` and :func:`run` take their defaults from it."""
     parser = argparse.ArgumentParser(description="Sample patches from mammograms and ROI masks.")
     for name in ("roi_mask_csv", "roi_mask_dir", "patient_list", "full_img_dir", "train_out",
                  "val_out"):
         parser.add_argument(name, metavar=name.upper(), help=_HELP[name])
     dflt = " (default: %(default)s)"
-    parser.add_argument("--target-height", type=cf.positive_int, default=d["target_height"],
+    parser.add_argument("--target-height", type=cf.positive_int, default=4096,
                         help=_HELP["target_height"] + dflt)
-    add_optional_value_flag(parser, "target-width", cf.positive_int, default=d["target_width"],
+    add_optional_value_flag(parser, "target-width", cf.positive_int, default=None,
                             help_text="fixed width of the resized images; not set: keep the "
                                       "aspect ratio")
-    add_bool_flag(parser, "segment-breast", d["segment_breast"], "crop to the breast first")
-    for name, type_ in (("patch_size", cf.positive_int), ("nb_bkg", cf.nonneg_int),
-                        ("nb_abn", cf.nonneg_int), ("nb_hns", cf.nonneg_int)):
-        parser.add_argument("--" + name.replace("_", "-"), type=type_, default=d[name],
+    add_bool_flag(parser, "segment-breast", True, "crop each image and its masks to the "
+                  "segmented breast first")
+    for name, type_, default in (("patch_size", cf.positive_int, 256),
+                                 ("nb_bkg", cf.nonneg_int, 30), ("nb_abn", cf.nonneg_int, 30),
+                                 ("nb_hns", cf.nonneg_int, 15)):
+        parser.add_argument("--" + name.replace("_", "-"), type=type_, default=default,
                             help=_HELP[name] + dflt)
-    for name in ("pos_cutoff", "neg_cutoff", "val_size"):
-        parser.add_argument("--" + name.replace("_", "-"), type=float, default=d[name],
+    for name, default in (("pos_cutoff", 0.75), ("neg_cutoff", 0.35), ("val_size", 0.1)):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=default,
                             help=_HELP[name] + dflt)
-    for name in ("bkg_dir", "calc_pos_dir", "calc_neg_dir", "mass_pos_dir", "mass_neg_dir"):
-        parser.add_argument("--" + name.replace("_", "-"), default=d[name],
+    for name, default in (("bkg_dir", "background"), ("calc_pos_dir", "calc_mal"),
+                          ("calc_neg_dir", "calc_ben"), ("mass_pos_dir", "mass_mal"),
+                          ("mass_neg_dir", "mass_ben")):
+        parser.add_argument("--" + name.replace("_", "-"), default=default,
                             help=_HELP[name] + dflt)
-    add_bool_flag(parser, "verbose", d["verbose"], "show a progress bar of the sampling")
-    parser.add_argument("--workers", type=cf.positive_int, default=d["workers"],
+    add_bool_flag(parser, "verbose", True, "show a progress bar of the sampling")
+    parser.add_argument("--workers", type=cf.positive_int, default=1,
                         help="worker processes, each sampling two views at a time on "
-                        "threads (default: %(default)s)")
-    parser.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
+                        "threads; the results do not depend on it (default: %(default)s)")
+    parser.add_argument("--seed", type=cf.nonneg_int, default=None,
                         help="seed of the patient split and of every view's draws "
                              "(default: RANDOM_SEED or 12345)")
-    parser.add_argument("--normal-views", type=cf.nonneg_int, default=d["normal_views"], metavar="N",
-                        help="cut N background patches from each lesion-free view of the "
-                             "listed patients (a full image without a row in ROI_MASK_CSV, "
-                             "patients absent from it included); 0: such views are skipped, "
-                             "as in 2017 (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true", default=d["overwrite"],
+    parser.add_argument("--overwrite", action="store_true", default=False,
                         help="replace an earlier run's patches in TRAIN_OUT and VAL_OUT: the "
                              "files its manifest (.ddsm_outputs.json) lists are removed first, "
                              "nothing else (default: off; refused when they hold patches)")
+    parser.add_argument("--normal-views", type=cf.nonneg_int, default=0, metavar="N",
+                        help="cut N background patches from each lesion-free view of the "
+                             "listed patients (a full image without a row in ROI_MASK_CSV, "
+                             "patients absent from it included, split on their own); 0: such "
+                             "views are skipped, as in 2017 (default: %(default)s)")
     return parser
+
+
+@functools.lru_cache(maxsize=None)
+def options_class() -> type:
+    """The frozen dataclass of this script's options, made from :func:`get_args_parser` (one
+    field per flag destination, the positionals included; ``run_options.options_class``)."""
+    return run_options.options_class(get_args_parser(), "SamplingOptions")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

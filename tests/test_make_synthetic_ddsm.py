@@ -333,16 +333,27 @@ def test_main_cli_in_process_and_as_scripts(tmp_path, repo_root, capsys):
     assert "wrote 8 images" in module.stdout
 
 
-def test_parser_defaults_are_run_defaults():
-    import inspect
+def test_run_hands_on_the_parsers_options(monkeypatch):
+    """run() builds one options object: the parser's defaults, then its keywords."""
+    import run_options
 
+    seen = []
+    monkeypatch.setattr(msd, "write_synthetic_ddsm", seen.append)
+    msd.run("out")
+    msd.run(out_dir="out", seed=3, whole_img_size=(64, 48))
+    cls = msd.options_class()
+    assert cls is msd.options_class()
     args = vars(msd.get_args_parser().parse_args(["out"]))
-    params = inspect.signature(msd.run).parameters
-    assert set(args) == set(params)
-    for name, value in args.items():
-        if name != "out_dir":
-            assert value == params[name].default or list(value) == list(params[name].default)
+    assert type(seen[0]) is cls and dict(seen[0]) == args and list(seen[0]) == list(args)
+    assert seen[0] == run_options.options_from(cls, args)
     assert args["whole_img_size"] == [288, 224] and args["img_height"] == 1024
+    assert seen[1] == seen[0].replace(seed=3, whole_img_size=(64, 48))
+
+
+def test_run_refuses_an_unknown_option_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"\['nb_patient'\].*valid:.*'nb_patients'"):
+        msd.run(tmp_path / "out", nb_patient=4)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 import dm_image
+import run_options
 import sample_patches_combined as spc
 
 H, W = 600, 480          # stored image size
@@ -455,6 +456,48 @@ def test_parser_defaults_match_spec():
                                              "--no-verbose", "--workers", "3", "--seed", "7"])
     assert (args.target_width, args.segment_breast, args.verbose, args.workers, args.seed) == \
         (300, False, False, 3, 7)
+
+
+_POSITIONALS = ["a.csv", "m", "p.txt", "f", "tr", "va"]
+
+
+def test_run_refuses_an_unknown_option_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"\['nb_bkgs'\].*valid:.*'nb_bkg'"):
+        spc.run(*_POSITIONALS[:4], str(tmp_path / "tr"), str(tmp_path / "va"), nb_bkgs=3)
+    assert not os.listdir(tmp_path)
+
+
+def test_run_hands_on_the_parsers_options(monkeypatch):
+    """run() builds one options object: the parser's defaults, then its keywords."""
+    seen = []
+    monkeypatch.setattr(spc, "sample_patches", seen.append)
+    spc.run(*_POSITIONALS)
+    spc.run(*_POSITIONALS[:5], val_out="va", seed=7, target_width=300, bkg_dir="normal")
+    cls = spc.options_class()
+    assert cls is spc.options_class()
+    parsed = vars(spc.get_args_parser().parse_args(_POSITIONALS))
+    assert type(seen[0]) is cls and dict(seen[0]) == parsed and list(seen[0]) == list(parsed)
+    assert seen[0] == run_options.options_from(cls, parsed)
+    assert (seen[0].seed, seen[0].nb_bkg, seen[0].normal_views) == (None, 30, 0)
+    assert seen[1] == seen[0].replace(seed=7, target_width=300, bkg_dir="normal")
+
+
+def test_seed_none_takes_random_seed_and_the_summary_records_every_option(tmp_path,
+                                                                          monkeypatch):
+    data = _write_dataset(tmp_path / "data", SMALL)
+    monkeypatch.setenv("RANDOM_SEED", "7")
+    _run(data, tmp_path / "env", seed=None)
+    _run(data, tmp_path / "seven", seed=7)
+    for split in ("train", "val"):
+        assert _tree(tmp_path / "env" / split) == _tree(tmp_path / "seven" / split)
+    saved = json.loads((tmp_path / "env" / "train" / "sampling_summary.json").read_text())
+    argv = [str(data / "roi_mask_path.csv"), str(data / "roi_mask"), str(data / "pat.txt"),
+            str(data / "full_img"), str(tmp_path / "env" / "train"),
+            str(tmp_path / "env" / "val")]
+    want = vars(spc.get_args_parser().parse_args(argv))
+    want.update(target_height=TH, patch_size=P, nb_abn=NB_ABN, nb_bkg=NB_BKG, nb_hns=NB_HNS,
+                val_size=0.25, verbose=False, seed=7)
+    assert saved["options"] == want and list(saved["options"]) == list(want)
 
 
 # ------------------------------------------------------------------------- refusing wrong runs
