@@ -64,14 +64,16 @@ Example (from inside ``ddsm_train/``)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import pickle
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import script_utils  # first: puts the root dm_* modules on sys.path
 
@@ -86,16 +88,18 @@ from common_flags import (RECIPE_NOTE, add_bool_flag, add_image_flags,  # noqa: 
                           add_model_reading_flags, backbone_names)
 import common_flags as cf  # noqa: E402
 import run_files  # noqa: E402
+import run_options  # noqa: E402
 from ddsm_names import VIEWS, image_name  # noqa: E402
 from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, InputFileError, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
-                          restricted_unpickle, run_defaults, safe_name_part)
+                          restricted_unpickle, safe_name_part)
 
 __all__ = [
     "VIEWS", "HEATMAP_FORMAT", "read_patient_sides", "view_path", "get_preprocess",
     "build_fprop_model", "fprop_heatmap", "sweep_heatmap", "overlay_heatmap", "list_any_images",
-    "save_heatmaps", "load_heatmaps", "HEATMAP_SUFFIXES", "run", "get_args_parser", "main",
+    "save_heatmaps", "load_heatmaps", "HEATMAP_SUFFIXES", "run", "options_class",
+    "score_heatmaps", "get_args_parser", "main",
     "DEFAULT_CLASS_NAMES", "class_name", "find_roi_mask",
 ]
 
@@ -684,19 +688,31 @@ def _remove_stale_pictures(manifest: "run_files.OutputManifest", written: set) -
         logger.info("removed %s of an earlier run (this run does not draw it)", path)
 
 
-def _claim_paths(img_folder, dl_state, pat_csv, pat_list, img_list, roi_mask_dir, out,
-                 png_dir, overwrite, planned):
+@dataclass(frozen=True)
+class _Inputs:
+    """What a run scores: ``paths`` (``--all-images`` / ``--img-list``) or the (patient, side)
+    rows ``recs`` of ``--pat-csv``; ``planned``: the overlay name of every view."""
+    any_images: bool
+    planned: List[str]
+    paths: Optional[List[Path]] = None
+    recs: Optional[pd.DataFrame] = None
+
+
+def _claim_paths(opts: run_options.RunOptions, inputs: _Inputs
+                 ) -> Optional[run_files.OutputManifest]:
     """Refuse outputs that overlap the inputs; returns the ``--png-dir`` manifest (or None)
-    after refusing overlays of the same name that no manifest names (unless ``overwrite``)."""
+    after refusing overlays of the same name that no manifest names (unless ``--overwrite``)."""
     run_files.check_run_paths(
-        input_files={"DL_STATE": dl_state, "--pat-csv": pat_csv, "--pat-list": pat_list,
-                     "--img-list": img_list},
-        input_dirs={"IMG_FOLDER": img_folder, "--roi-mask-dir": roi_mask_dir},
-        output_files={"--out": out}, output_dirs={"--png-dir": png_dir})
-    if not png_dir:
+        input_files={"DL_STATE": opts.dl_state,
+                     "--pat-csv": None if inputs.any_images else opts.pat_csv,
+                     "--pat-list": opts.pat_list, "--img-list": opts.img_list},
+        input_dirs={"IMG_FOLDER": opts.img_folder, "--roi-mask-dir": opts.roi_mask_dir},
+        output_files={"--out": opts.out}, output_dirs={"--png-dir": opts.png_dir})
+    if not opts.png_dir:
         return None
-    manifest = run_files.OutputManifest(png_dir, "heatmap_score")
-    manifest.check_foreign([Path(png_dir, f"{n}_heatmap.png") for n in planned], overwrite)
+    manifest = run_files.OutputManifest(opts.png_dir, "heatmap_score")
+    manifest.check_foreign([Path(opts.png_dir, f"{n}_heatmap.png") for n in inputs.planned],
+                           opts.overwrite)
     return manifest
 
 
@@ -713,36 +729,67 @@ def _check_numbers(values: dict, featurewise_mean: float) -> None:
         raise ValueError(f"--featurewise-mean should be a finite number, got {featurewise_mean}")
 
 
-def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
-        pat_list: Optional[str] = None,
-        out: str = "./output/prob_heatmap.pkl", png_dir: Optional[str] = None,
-        fprop_mode: bool = False, img_height: Optional[int] = None,
-        img_size: Sequence[int] = (1152, 896),
-        img_scale: Optional[float] = None, rescale_factor: Optional[float] = None,
-        equalize_hist: bool = False, featurewise_center: bool = False,
-        featurewise_mean: float = 71.8, net: str = "vgg19", batch_size: int = 128,
-        patch_size: int = 256, stride: int = 8, avg_pool_size: Sequence[int] = (7, 7),
-        hm_strides: Sequence[int] = (1, 1), malignant_class: int = 1,
-        img_extension: str = "png", png_height: int = 1024, verbose: bool = True,
-        all_images: bool = False, img_list: Optional[str] = None,
-        class_list: Optional[Sequence[str]] = None, roi_mask_dir: Optional[str] = None,
-        trust_model_file: bool = False, custom_objects: Optional[dict] = None,
-        given_options: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict:
+@functools.lru_cache(maxsize=None)
+def options_class() -> type:
+    """The dataclass of this script's options, made from :func:`get_args_parser`: one field
+    per destination (``img_folder`` and ``dl_state`` included) with the flag's type, default
+    and help (``run_options.options_class``)."""
+    return run_options.options_class(get_args_parser(), "HeatmapOptions")
+
+
+def run(img_folder: PathLike, dl_state: PathLike, pat_csv: Optional[PathLike] = None,
+        **options: Any) -> dict:
     """Compute heatmaps for every (patient, side) and write them (and optional PNGs).
 
-    Args: see the module docstring and ``--help``; ``dl_state`` is the patch classifier (or
-    whole-image heatmap model in fprop mode), loaded with ``dm_keras_ext.robust_load_model``
-    (a file with code in it, such as a Lambda layer, is refused unless ``trust_model_file``).
-    With ``all_images`` (every image under ``img_folder``) or ``img_list`` (one path per
-    line), any images are scored, one record ``{image, heatmap}`` each, and ``pat_csv`` is
-    not read. ``given_options``: the options set explicitly (the command line's); the
-    intensity options not among them (``img_scale``, ``rescale_factor``, ``equalize_hist``,
-    ``featurewise_center``, ``featurewise_mean``, ``net`` when the recipe names a backbone,
-    and in sweep mode ``patch_size`` from a square recipe size) come from ``dl_state``'s input
-    recipe when it has one (``dm_image.InputRecipe``); None: those whose value differs from
-    the default count as given. ``out`` and ``png_dir`` must not overlap the inputs; an
-    overlay named like one of this run's that no manifest of ``png_dir`` names stops the run
-    unless ``overwrite``.
+    The keyword form for Python callers: the options are resolved against the parser and
+    handed, as one :func:`options_class` object, to :func:`score_heatmaps`.
+
+    Args:
+        img_folder: IMG_FOLDER, the folder of the mammograms.
+        dl_state: DL_STATE, the patch classifier (or whole-image heatmap model in fprop mode).
+        pat_csv: ``--pat-csv``; None: the flag's default.
+        **options: the other options by destination name (``--help``; e.g. ``out``,
+            ``fprop_mode``, ``img_size``); missing ones take the parser's defaults. Two are
+            not flags: ``custom_objects`` and ``given_options`` (see :func:`score_heatmaps`).
+
+    Returns:
+        The summary of :func:`score_heatmaps`.
+
+    Raises:
+        ValueError: an unknown option (the message lists the valid ones), and those of
+            :func:`score_heatmaps`.
+    """
+    extras = {k: options.pop(k) for k in ("custom_objects", "given_options") if k in options}
+    if pat_csv is not None:
+        options["pat_csv"] = pat_csv
+    # the positionals are parsed as placeholders and replaced by the values given (a Path, or
+    # a name starting with "-", is kept as is)
+    opts = run_options.options_from(options_class(), script_utils.resolve_options(
+        get_args_parser(), ("IMG_FOLDER", "DL_STATE"),
+        {**options, "img_folder": img_folder, "dl_state": dl_state}))
+    return score_heatmaps(opts, **extras)
+
+
+def score_heatmaps(opts: run_options.RunOptions, *, custom_objects: Optional[dict] = None,
+                   given_options: Optional[Sequence[str]] = None) -> dict:
+    """Compute heatmaps for every (patient, side) (or image) and write them (and PNGs).
+
+    Args:
+        opts: an :func:`options_class` object (the fields are the flags: see the module
+            docstring and ``--help``). ``dl_state`` is loaded with
+            ``dm_keras_ext.robust_load_model`` (a file with code in it, such as a Lambda
+            layer, is refused unless ``trust_model_file``). With ``all_images`` (every image
+            under ``img_folder``) or ``img_list`` (one path per line), any images are scored,
+            one record ``{image, heatmap}`` each, and ``pat_csv`` is not read. ``out`` and
+            ``png_dir`` must not overlap the inputs; an overlay named like one of this run's
+            that no manifest of ``png_dir`` names stops the run unless ``overwrite``.
+        custom_objects: passed to the model loader.
+        given_options: the options set explicitly (the command line's); the intensity options
+            not among them (``img_scale``, ``rescale_factor``, ``equalize_hist``,
+            ``featurewise_center``, ``featurewise_mean``, ``net`` when the recipe names a
+            backbone, and in sweep mode ``patch_size`` from a square recipe size) come from
+            ``dl_state``'s input recipe when it has one (``dm_image.InputRecipe``). None:
+            those whose value differs from the parser's default count as given.
 
     Returns:
         Summary dict: ``out``, ``n_records``, ``n_heatmaps``, ``missing`` (paths),
@@ -752,101 +799,32 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
         ValueError: a bad option value, a bad row, or no heatmap at all (no image found or
             none readable); nothing is written then.
     """
-    from dm_keras_ext import check_model_role, robust_load_model
-
     t0 = time.time()
-    names = dict(RECIPE_OPTIONS)
-    del names["img_size"]   # a whole-image size is not a patch classifier's
-    names["net"] = lambda r: r.preprocess
-    if not fprop_mode:
-        names["patch_size"] = lambda r: r.img_size[0] if r.img_size and \
-            r.img_size[0] == r.img_size[1] else None
-    defaults = run_defaults(run)
-    prep, _ = apply_model_recipe(
-        dict(img_scale=img_scale, rescale_factor=rescale_factor, equalize_hist=equalize_hist,
-             featurewise_center=featurewise_center, featurewise_mean=featurewise_mean, net=net,
-             patch_size=patch_size), dl_state, None if given_options is None else
-        set(given_options), names, defaults)
-    img_scale, rescale_factor, equalize_hist = prep["img_scale"], prep["rescale_factor"], \
-        prep["equalize_hist"]
-    featurewise_center, featurewise_mean = prep["featurewise_center"], prep["featurewise_mean"]
-    net, patch_size = prep["net"], prep["patch_size"]
-    get_preprocess(net)   # validates net before anything is read
-    _check_out(out)
-    _check_numbers(dict(batch_size=batch_size, patch_size=patch_size, stride=stride,
-                        png_height=png_height, img_height=img_height, img_scale=img_scale,
-                        rescale_factor=rescale_factor, img_size=img_size,
-                        avg_pool_size=avg_pool_size, hm_strides=hm_strides),
-                   featurewise_mean)
-    any_images = all_images or img_list is not None
-    if class_list is not None:
-        check_unique(list(class_list), "class name", "--class-list")
-    if any_images:
-        paths = list_any_images(img_folder, img_list)
-        planned = picture_names(paths, img_folder)
-    else:
-        if not Path(pat_csv).is_file():
-            raise ValueError(f"--pat-csv {pat_csv}: no such file; give --pat-csv FILE (columns "
-                             f"patient_id,side,cancer or malignant), or score images without "
-                             f"one with --all-images or --img-list FILE")
-        recs = read_patient_sides(pat_csv, pat_list)
-        planned = [image_name(r.patient_id, r.side, v) for r in recs.itertuples(index=False)
-                   for v in VIEWS]
-    manifest = _claim_paths(img_folder, dl_state, None if any_images else pat_csv, pat_list,
-                            img_list, roi_mask_dir, out, png_dir, overwrite,
-                            planned if png_dir else [])
-    model = robust_load_model(dl_state, custom_objects=custom_objects,
-                              safe_mode=not trust_model_file)
-    check_model_role(model, dl_state, ("patch", "heatmap", "whole-image+heatmap") if fprop_mode
-                     else ("patch",), "DL_STATE")
-    if fprop_mode:
-        model = build_fprop_model(model, net, img_size, avg_pool_size, hm_strides)
-    nb_class = int(model.output_shape[-1])
-    if not -nb_class <= malignant_class < nb_class:
-        raise ValueError(f"malignant_class {malignant_class} out of range for {nb_class} "
-                         f"classes of {dl_state}")
-    if class_list is not None and len(class_list) != nb_class:
-        raise ValueError(f"--class-list names {len(class_list)} classes ({list(class_list)}) "
-                         f"but {dl_state} outputs {nb_class}")
-    opts = dict(img_height=img_height, img_size=tuple(img_size), img_scale=img_scale,
-                rescale_factor=rescale_factor, equalize_hist=equalize_hist,
-                featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
-                preprocess=None if featurewise_center else get_preprocess(net),
-                patch_size=patch_size, stride=stride)
-    settings = {k: v for k, v in locals().items() if k in _RUN_PARAMETERS
-                and k not in ("custom_objects", "given_options")}
-    logger.info("options: %s", json.dumps(settings, default=str, sort_keys=True))
+    opts = _with_recipe(opts, given_options)
+    _check_options(opts)
+    inputs = _plan_inputs(opts)
+    manifest = _claim_paths(opts, inputs)
+    model = _load_model(opts, custom_objects)
+    view_opts = _view_options(opts)
+    logger.info("options: %s", json.dumps(dict(opts), default=str, sort_keys=True))
     summary = {"missing": [], "failed": [], "pngs": 0, "n_heatmaps": 0}
     if manifest is not None:
-        manifest.begin([Path(png_dir, f"{n}_heatmap.png") for n in planned])
-    run_files.clean_leftovers(Path(out).absolute().parent)
-    png = {"dir": png_dir, "class": malignant_class, "height": png_height,
-           "class_list": class_list, "roi_mask_dir": roi_mask_dir}
-    if any_images:
-        views = list(zip(planned, paths))
-        heatmaps = _score_views(model, views, opts, batch_size, fprop_mode, png, summary,
-                                verbose)
-        records = [{"image": str(p), "heatmap": h} for p, h in zip(paths, heatmaps)]
-    else:
-        rows = list(recs.itertuples(index=False))
-        views = [(image_name(r.patient_id, r.side, v),
-                  view_path(img_folder, r.patient_id, r.side, v, img_extension))
-                 for r in rows for v in VIEWS]
-        heatmaps = iter(_score_views(model, views, opts, batch_size, fprop_mode, png, summary,
-                                     verbose))
-        records = [{"patient_id": r.patient_id, "side": r.side, "cancer": int(r.cancer),
-                    **{v.lower(): next(heatmaps) for v in VIEWS}} for r in rows]
+        manifest.begin([Path(opts.png_dir, f"{n}_heatmap.png") for n in inputs.planned])
+    run_files.clean_leftovers(Path(opts.out).absolute().parent)
+    png = {"dir": opts.png_dir, "class": opts.malignant_class, "height": opts.png_height,
+           "class_list": opts.class_list, "roi_mask_dir": opts.roi_mask_dir}
+    records = _score_records(model, inputs, view_opts, opts, png, summary)
     if summary["n_heatmaps"] == 0:
         raise ValueError(f"no heatmap computed: {len(summary['missing'])} view(s) missing and "
-                         f"{len(summary['failed'])} unreadable under {img_folder}"
+                         f"{len(summary['failed'])} unreadable under {opts.img_folder}"
                          + (f" (e.g. {summary['missing'][0]})" if summary["missing"] else "")
                          + (f" (e.g. {summary['failed'][0][0]}: {summary['failed'][0][1]})"
                             if summary["failed"] else "") + "; nothing written")
-    meta = {"mode": "fprop" if fprop_mode else "sweep", "dl_state": str(dl_state),
-            "malignant_class": malignant_class, "nb_class": nb_class,
-            "options": {k: v for k, v in opts.items() if k != "preprocess"}}
-    summary["out"] = str(save_heatmaps(records, out, meta))
-    if png_dir:
+    meta = {"mode": "fprop" if opts.fprop_mode else "sweep", "dl_state": str(opts.dl_state),
+            "malignant_class": opts.malignant_class, "nb_class": int(model.output_shape[-1]),
+            "options": {k: v for k, v in view_opts.items() if k != "preprocess"}}
+    summary["out"] = str(save_heatmaps(records, opts.out, meta))
+    if opts.png_dir:
         _remove_stale_pictures(manifest, png.get("written", set()))
     summary["n_records"] = len(records)
     summary["elapsed_s"] = round(time.time() - t0, 2)
@@ -855,6 +833,108 @@ def run(img_folder: str, dl_state: str, pat_csv: str = "./full_img/pat.csv",
                 summary["out"], len(summary["missing"]), len(summary["failed"]),
                 summary["pngs"])
     return summary
+
+
+#: The options a model file's input recipe may supply (see :func:`score_heatmaps`).
+_RECIPE_KEYS = ("img_scale", "rescale_factor", "equalize_hist", "featurewise_center",
+                "featurewise_mean", "net", "patch_size")
+
+
+def _with_recipe(opts: run_options.RunOptions, given: Optional[Sequence[str]]
+                 ) -> run_options.RunOptions:
+    """``opts`` with the intensity options not in ``given`` taken from ``dl_state``'s input
+    recipe (``script_utils.apply_model_recipe``; ``given`` None: those that differ from the
+    parser's defaults count as given)."""
+    names = dict(RECIPE_OPTIONS)
+    del names["img_size"]   # a whole-image size is not a patch classifier's
+    names["net"] = lambda r: r.preprocess
+    if not opts.fprop_mode:
+        names["patch_size"] = lambda r: r.img_size[0] if r.img_size and \
+            r.img_size[0] == r.img_size[1] else None
+    prep, _ = apply_model_recipe({k: opts[k] for k in _RECIPE_KEYS}, opts.dl_state,
+                                 None if given is None else set(given), names,
+                                 dict(options_class()()))
+    return opts.replace(**{k: prep[k] for k in _RECIPE_KEYS})
+
+
+def _check_options(opts: run_options.RunOptions) -> None:
+    """Refuse a bad ``net``, ``out``, number or ``class_list`` before anything is read."""
+    get_preprocess(opts.net)   # validates net before anything is read
+    _check_out(opts.out)
+    _check_numbers({k: opts[k] for k in ("batch_size", "patch_size", "stride", "png_height",
+                                         "img_height", "img_scale", "rescale_factor",
+                                         "img_size", "avg_pool_size", "hm_strides")},
+                   opts.featurewise_mean)
+    if opts.class_list is not None:
+        check_unique(list(opts.class_list), "class name", "--class-list")
+
+
+def _plan_inputs(opts: run_options.RunOptions) -> _Inputs:
+    """The images (``--all-images`` / ``--img-list``) or the (patient, side) rows of
+    ``--pat-csv`` to score, and the overlay name of each view."""
+    if opts.all_images or opts.img_list is not None:
+        paths = list_any_images(opts.img_folder, opts.img_list)
+        return _Inputs(True, picture_names(paths, opts.img_folder), paths=paths)
+    if not Path(opts.pat_csv).is_file():
+        raise ValueError(f"--pat-csv {opts.pat_csv}: no such file; give --pat-csv FILE "
+                         f"(columns patient_id,side,cancer or malignant), or score images "
+                         f"without one with --all-images or --img-list FILE")
+    recs = read_patient_sides(opts.pat_csv, opts.pat_list)
+    planned = [image_name(r.patient_id, r.side, v) for r in recs.itertuples(index=False)
+               for v in VIEWS]
+    return _Inputs(False, planned, recs=recs)
+
+
+def _load_model(opts: run_options.RunOptions, custom_objects: Optional[dict]) -> keras.Model:
+    """``dl_state``, checked for its role (and converted in fprop mode), its class count
+    checked against ``malignant_class`` and ``class_list``."""
+    from dm_keras_ext import check_model_role, robust_load_model
+
+    model = robust_load_model(opts.dl_state, custom_objects=custom_objects,
+                              safe_mode=not opts.trust_model_file)
+    check_model_role(model, opts.dl_state, ("patch", "heatmap", "whole-image+heatmap")
+                     if opts.fprop_mode else ("patch",), "DL_STATE")
+    if opts.fprop_mode:
+        model = build_fprop_model(model, opts.net, opts.img_size, opts.avg_pool_size,
+                                  opts.hm_strides)
+    nb_class = int(model.output_shape[-1])
+    if not -nb_class <= opts.malignant_class < nb_class:
+        raise ValueError(f"malignant_class {opts.malignant_class} out of range for {nb_class} "
+                         f"classes of {opts.dl_state}")
+    if opts.class_list is not None and len(opts.class_list) != nb_class:
+        raise ValueError(f"--class-list names {len(opts.class_list)} classes "
+                         f"({list(opts.class_list)}) but {opts.dl_state} outputs {nb_class}")
+    return model
+
+
+def _view_options(opts: run_options.RunOptions) -> dict:
+    """The reading and input options of :func:`fprop_heatmap` / :func:`sweep_heatmap`."""
+    return dict(img_height=opts.img_height, img_size=tuple(opts.img_size),
+                img_scale=opts.img_scale, rescale_factor=opts.rescale_factor,
+                equalize_hist=opts.equalize_hist, featurewise_center=opts.featurewise_center,
+                featurewise_mean=opts.featurewise_mean,
+                preprocess=None if opts.featurewise_center else get_preprocess(opts.net),
+                patch_size=opts.patch_size, stride=opts.stride)
+
+
+def _score_records(model: keras.Model, inputs: _Inputs, view_opts: dict,
+                   opts: run_options.RunOptions, png: dict, summary: dict) -> List[dict]:
+    """The output records: ``{image, heatmap}`` per image, or ``{patient_id, side, cancer,
+    cc, mlo}`` per (patient, side) (``None`` for a missing or failed view)."""
+    def score(views):
+        return _score_views(model, views, view_opts, opts.batch_size, opts.fprop_mode, png,
+                            summary, opts.verbose)
+
+    if inputs.any_images:
+        heatmaps = score(list(zip(inputs.planned, inputs.paths)))
+        return [{"image": str(p), "heatmap": h} for p, h in zip(inputs.paths, heatmaps)]
+    rows = list(inputs.recs.itertuples(index=False))
+    heatmaps = iter(score([(image_name(r.patient_id, r.side, v),
+                            view_path(opts.img_folder, r.patient_id, r.side, v,
+                                      opts.img_extension))
+                           for r in rows for v in VIEWS]))
+    return [{"patient_id": r.patient_id, "side": r.side, "cancer": int(r.cancer),
+             **{v.lower(): next(heatmaps) for v in VIEWS}} for r in rows]
 
 
 _INT_HELP = {
@@ -868,83 +948,79 @@ _INT_HELP = {
     "hm_strides": "fprop mode: strides (rows cols) of that average pooling",
 }
 
-#: The parameters of :func:`run`, whose resolved values a run logs.
-_RUN_PARAMETERS = tuple(run_defaults(run))
-
-
 # ------------------------------------------------------------------------------ command line
 def get_args_parser() -> argparse.ArgumentParser:
-    """Parser of the 2017 flags (and the new ones); defaults are those of :func:`run`."""
-    d = run_defaults(run)
+    """Parser of the 2017 flags (and the new ones): the one declaration of each option's
+    type, default and help (:func:`options_class` and :func:`run` take them from here)."""
     parser = argparse.ArgumentParser(description="Patch-class heatmaps of mammograms.")
     parser.add_argument("img_folder", metavar="IMG_FOLDER",
                         help="folder of the mammograms ({patient}_{side}_{view}.png)")
     parser.add_argument("dl_state", metavar="DL_STATE",
                         help="patch classifier (.h5; a whole-image heatmap model with "
                              "--fprop-mode)")
-    parser.add_argument("--pat-csv", default=d["pat_csv"],
+    parser.add_argument("--pat-csv", default="./full_img/pat.csv",
                         help="CSV of the breasts to score: patient_id,side,cancer (or "
                              "malignant for cancer); not read with --all-images or --img-list "
                              "(default: %(default)s)")
-    parser.add_argument("--pat-list", default=d["pat_list"],
+    parser.add_argument("--pat-list", default=None,
                         help="patient IDs, one a line (default: all of --pat-csv; "
                              "--no-pat-list sets that)")
     parser.add_argument("--no-pat-list", dest="pat_list", action="store_const", const=None,
                         help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=d["out"],
+    parser.add_argument("--out", default="./output/prob_heatmap.pkl",
                         help="output file: .pkl writes the 2017 pickle, .npz a pickle-free "
                              "archive (default: %(default)s)")
-    parser.add_argument("--png-dir", default=d["png_dir"],
+    parser.add_argument("--png-dir", default=None,
                         help="write overlay PNGs here (outside IMG_FOLDER); overlays an "
                              "earlier run drew there (listed in its .ddsm_outputs.json) that "
                              "this run does not draw are removed, other files are kept "
                              "(default: none)")
     run_files.add_overwrite_flag(parser, "--png-dir")
-    parser.add_argument("--png-height", type=int, default=d["png_height"],
+    parser.add_argument("--png-height", type=int, default=1024,
                         help="max height of the PNGs (default: %(default)s)")
-    add_bool_flag(parser, "fprop-mode", d["fprop_mode"], "one fully convolutional pass")
+    add_bool_flag(parser, "fprop-mode", False, "one fully convolutional pass")
     parser.add_argument("--img-height", "-ih", dest="img_height", type=int,
-                        default=d["img_height"],
+                        default=None,
                         help="sweep mode: resize to this height, aspect kept (default: "
                              "%(default)s = stored size; --no-img-height sets that)")
     parser.add_argument("--no-img-height", dest="img_height", action="store_const", const=None,
                         help=argparse.SUPPRESS)
-    add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
-                    equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
-                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"],
+    add_image_flags(parser, img_size=(1152, 896), featurewise_mean=71.8, equalize_hist=False,
+                    featurewise_center=False, img_scale=None, rescale_factor=None,
                     from_recipe=("img_scale", "rescale_factor", "equalize_hist",
                                  "featurewise_center", "featurewise_mean"))
-    parser.add_argument("--net", default=d["net"], choices=backbone_names(), metavar="NET",
+    parser.add_argument("--net", default="vgg19", choices=backbone_names(), metavar="NET",
                         help="backbone of the patch classifier, whose preprocess_input applies "
                              "without --featurewise-center (and whose cut point fprop mode "
                              "uses): %(choices)s" + RECIPE_NOTE + " (default: %(default)s)")
-    for name, type_ in (("batch_size", cf.positive_int), ("patch_size", cf.positive_int),
-                        ("stride", cf.positive_int), ("malignant_class", int)):
-        parser.add_argument("--" + name.replace("_", "-"), type=type_, default=d[name],
+    for name, type_, default in (("batch_size", cf.positive_int, 128),
+                                 ("patch_size", cf.positive_int, 256),
+                                 ("stride", cf.positive_int, 8), ("malignant_class", int, 1)):
+        parser.add_argument("--" + name.replace("_", "-"), type=type_, default=default,
                             help=_INT_HELP[name] + " (default: %(default)s)")
-    for name in ("avg_pool_size", "hm_strides"):
+    for name, default in (("avg_pool_size", [7, 7]), ("hm_strides", [1, 1])):
         parser.add_argument("--" + name.replace("_", "-"), type=cf.positive_int, nargs=2,
-                            default=list(d[name]),
+                            default=default,
                             help=_INT_HELP[name] + " (default: %(default)s)")
-    parser.add_argument("--img-extension", default=d["img_extension"],
+    parser.add_argument("--img-extension", default="png",
                         help="extension of the {patient}_{side}_{view} files "
                              "(default: %(default)s)")
     anyimg = parser.add_argument_group("any images (instead of --pat-csv)")
-    add_bool_flag(anyimg, "all-images", d["all_images"],
+    add_bool_flag(anyimg, "all-images", False,
                   "score every image file under IMG_FOLDER (recursively), one heatmap each")
-    anyimg.add_argument("--img-list", default=d["img_list"], metavar="FILE",
+    anyimg.add_argument("--img-list", default=None, metavar="FILE",
                         help="score the images listed in FILE, one path a line (relative "
                              "to IMG_FOLDER) (default: none)")
     pics = parser.add_argument_group("overlay pictures (with --png-dir)")
-    pics.add_argument("--class-list", nargs="+", default=d["class_list"], metavar="NAME",
+    pics.add_argument("--class-list", nargs="+", default=None, metavar="NAME",
                       action=script_utils.UniqueValuesAction,
                       help="names of the model's classes, for the pictures (default: the 2017 "
                            "3- or 5-class patch sets by class count)")
-    pics.add_argument("--roi-mask-dir", default=d["roi_mask_dir"], metavar="DIR",
+    pics.add_argument("--roi-mask-dir", default=None, metavar="DIR",
                       help="outline the lesion masks found here (file names holding the "
                            "image's name, e.g. Mass-Training_P_00001_LEFT_CC_1.png) "
                            "(default: none)")
-    add_model_reading_flags(parser, d["verbose"])
+    add_model_reading_flags(parser, True)
     return parser
 
 

@@ -65,14 +65,14 @@ Example (from inside ``ddsm_train/``)::
 from __future__ import annotations
 
 import argparse
-import inspect
+import functools
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import script_utils  # first: puts the root dm_* modules on sys.path
 
@@ -86,20 +86,21 @@ import dm_image  # noqa: E402
 import eval_metrics  # noqa: E402
 from ddsm_names import EXAM_VIEWS, exam_view_side, parse_image_name  # noqa: E402
 import run_files  # noqa: E402
+import run_options  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags, \
     add_optional_value_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
 from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
                           apply_model_recipe, cli_main, read_csv_table, read_text_lines,
-                          restricted_unpickle, run_defaults)
+                          restricted_unpickle)
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
     "collect_class_folders", "collect_folder", "read_image_list", "collect_exams",
     "load_models", "check_models", "load_pred_image", "predict_batch", "score_items",
     "image_table", "breast_table", "evaluate_level", "write_outputs", "run",
-    "get_args_parser", "main",
+    "options_class", "predict_images", "get_args_parser", "main",
 ]
 
 if TYPE_CHECKING:  # annotations only; TensorFlow is imported where a model is used
@@ -689,8 +690,10 @@ def _collect(img_dir, img_list, exam_list, class_list):
     return collect_folder(img_dir), None
 
 
-def _resolve_recipe(models: Sequence, values: dict, given) -> dict:
-    """The image options of :func:`run` completed from the first model file's input recipe.
+def _resolve_recipe(models: Sequence, values: Mapping, given) -> dict:
+    """The image options of :func:`predict_images` completed from the first model file's
+    input recipe (``given`` None: those that differ from the parser's defaults count as
+    given).
 
     Returns:
         The six image options, and ``channels``: extra :func:`load_pred_image` arguments
@@ -699,11 +702,11 @@ def _resolve_recipe(models: Sequence, values: dict, given) -> dict:
         model).
     """
     names = RECIPE_OPTIONS
-    defaults = run_defaults(run)
     files = [m for m in models if isinstance(m, (str, os.PathLike)) and Path(m).is_file()]
     prep, recipe = apply_model_recipe({k: values[k] for k in names},
                                       files[0] if files else None,
-                                      None if given is None else set(given), defaults=defaults)
+                                      None if given is None else set(given),
+                                      defaults=dict(options_class()()))
     for other in files[1:]:
         theirs = dm_image.InputRecipe.from_model_file(other)
         if recipe is not None and theirs is not None and theirs != recipe:
@@ -716,37 +719,64 @@ def _resolve_recipe(models: Sequence, values: dict, given) -> dict:
     return prep
 
 
-def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] = None,
-        exam_list: Optional[str] = None, out_dir: str = "./predictions",
-        class_list: Sequence[str] = ("neg", "pos"), malignant_class: int = -1,
-        img_size: Sequence[int] = (1152, 896), img_scale: Optional[float] = None,
-        rescale_factor: Optional[float] = None, featurewise_center: bool = True,
-        featurewise_mean: float = 52.16, equalize_hist: bool = False,
-        segment_breast: bool = False, test_augment: bool = False,
-        channels: Optional[int] = None, batch_size: int = 4, threshold: float = 0.5,
-        bootstrap: int = 2000, seed: int = 12345, verbose: bool = True,
-        trust_model_file: bool = False, custom_objects: Optional[dict] = None,
-        given_options: Optional[Sequence[str]] = None, overwrite: bool = False) -> dict:
+@functools.lru_cache(maxsize=None)
+def options_class() -> type:
+    """The dataclass of this script's options, made from :func:`get_args_parser`: one field
+    per flag destination with the flag's type, default and help
+    (``run_options.options_class``)."""
+    return run_options.options_class(get_args_parser(), "PredictOptions")
+
+
+def run(model: Union[PathLike, keras.Model, Sequence], **options: Any) -> dict:
+    """Score images with the averaged models and write the tables, metrics and curves.
+
+    The keyword form for Python callers: the options are resolved against the parser and
+    handed, as one :func:`options_class` object, to :func:`predict_images`.
+
+    Args:
+        model: ``--model``: HDF5 path(s) (or tf-keras models) of whole-image classifiers;
+            their predictions are averaged.
+        **options: the other options by destination name (``--help``; e.g. ``img_dir``,
+            ``out_dir``, ``img_size``); missing ones take the parser's defaults. Two are not
+            flags: ``custom_objects`` and ``given_options`` (see :func:`predict_images`).
+
+    Returns:
+        The summary of :func:`predict_images`.
+
+    Raises:
+        ValueError: an unknown option (the message lists the valid ones), and those of
+            :func:`predict_images`.
+    """
+    extras = {k: options.pop(k) for k in ("custom_objects", "given_options") if k in options}
+    # --model is parsed with a placeholder and replaced by the value given (models, paths)
+    opts = run_options.options_from(options_class(), script_utils.resolve_options(
+        get_args_parser(), ("--model", "MODEL.h5"), {**options, "model": model}))
+    return predict_images(opts, **extras)
+
+
+def predict_images(opts: run_options.RunOptions, *, custom_objects: Optional[dict] = None,
+                   given_options: Optional[Sequence[str]] = None) -> dict:
     """Score images with the averaged models and write the tables, metrics and curves.
 
     Args:
-        model: HDF5 paths (or tf-keras models) of whole-image classifiers; averaged.
-        img_dir, img_list, exam_list: the images (see the module docstring).
-        out_dir: output folder (created).
-        class_list: class sub-folder names in label order; also names the ``prob_`` columns.
-        malignant_class: index of the class whose probability is ``malignant_pred``.
-        img_size: (height, width) the images are resized to.
-        img_scale, rescale_factor, featurewise_center, featurewise_mean, equalize_hist: the
-            training preprocessing (rescale 0.003891 for 16-bit input; mean on 0..255 scale).
-        segment_breast: crop each image to the segmented breast before resizing.
-        test_augment: average over the 4 flips.
-        channels: expected model input channels (None: each model's own).
-        batch_size: images per prediction call (x4 with ``test_augment``).
-        threshold: operating point for sensitivity/specificity.
-        bootstrap: bootstrap resamples for the intervals (0: none).
-        seed: bootstrap seed.
-        verbose: progress bar.
-        trust_model_file: load model files with Lambda layers (their code runs).
+        opts: an :func:`options_class` object; its fields are the flags (see ``--help``):
+            ``model``: HDF5 paths (or tf-keras models) of whole-image classifiers, averaged;
+            ``img_dir``, ``img_list``, ``exam_list``: the images (see the module docstring);
+            ``out_dir``: output folder (created); ``class_list``: class sub-folder names in
+            label order, also naming the ``prob_`` columns; ``malignant_class``: index of the
+            class whose probability is ``malignant_pred``; ``img_size``: (height, width) the
+            images are resized to; ``img_scale``, ``rescale_factor``,
+            ``featurewise_center``, ``featurewise_mean``, ``equalize_hist``: the training
+            preprocessing (rescale 0.003891 for 16-bit input; mean on 0..255 scale);
+            ``segment_breast``: crop each image to the segmented breast before resizing;
+            ``test_augment``: average over the 4 flips; ``channels``: expected model input
+            channels (None: each model's own); ``batch_size``: images per prediction call
+            (x4 with ``test_augment``); ``threshold``: operating point for
+            sensitivity/specificity; ``bootstrap``: bootstrap resamples for the intervals
+            (0: none); ``seed``: bootstrap seed; ``verbose``: progress bar;
+            ``trust_model_file``: load model files with Lambda layers (their code runs);
+            ``overwrite``: replace files in ``out_dir`` named like this tool's outputs that
+            no manifest names (without it they stop the run).
         custom_objects: passed to the model loader.
         given_options: the options set explicitly (the command line's, see
             ``common_flags.given_options``); the image options (``img_size``, ``img_scale``,
@@ -754,9 +784,7 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
             ``featurewise_mean``) not among them come from the first model file's input
             recipe when it has one (``dm_image.InputRecipe``; a recipe that does not centre
             also brings its backbone preprocessing). None: those whose value differs from
-            the default count as given.
-        overwrite: replace files in ``out_dir`` named like this tool's outputs that no
-            manifest names (without it they stop the run).
+            the parser's default count as given.
 
     Returns:
         Summary dict: counts, output paths, metrics per level and the list of failures.
@@ -771,58 +799,39 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
             ``overwrite``.
     """
     t0 = time.time()
+    model = opts.model
     if isinstance(model, (str, os.PathLike)) or hasattr(model, "layers"):
-        model = [model]
-    if not model:
-        raise ValueError("at least one model is required")
-    if batch_size < 1:
-        raise ValueError(f"batch_size should be >= 1, got {batch_size}")
-    if len(img_size) != 2 or min(img_size) < 1:
-        raise ValueError(f"img_size should be (height, width), got {img_size}")
-    if channels is not None and channels not in (1, 3):
-        raise ValueError(f"channels should be 1 or 3, got {channels}")
-    _check_numbers(threshold, bootstrap, featurewise_mean, img_scale, rescale_factor)
-    check_unique(list(class_list), "class name", "--class-list")
-    prep = _resolve_recipe(model, locals(), given_options)
-    img_size, img_scale, rescale_factor = prep["img_size"], prep["img_scale"], \
-        prep["rescale_factor"]
-    equalize_hist, featurewise_center = prep["equalize_hist"], prep["featurewise_center"]
-    featurewise_mean = prep["featurewise_mean"]
-    manifest = _claim_paths(model, img_dir, img_list, exam_list, out_dir, overwrite)
-    items, exams = _collect(img_dir, img_list, exam_list, class_list)
+        opts = opts.replace(model=[model])
+    _check_options(opts)
+    prep = _resolve_recipe(opts.model, opts, given_options)
+    opts = opts.replace(**{k: prep[k] for k in RECIPE_OPTIONS})
+    manifest = _claim_paths(opts.model, opts.img_dir, opts.img_list, opts.exam_list,
+                            opts.out_dir, opts.overwrite)
+    items, exams = _collect(opts.img_dir, opts.img_list, opts.exam_list, opts.class_list)
     if not items:
-        raise ValueError(f"no image found (img_dir={img_dir}, img_list={img_list}, "
-                         f"exam_list={exam_list}; extensions {IMAGE_EXTENSIONS})")
-    models = load_models(model, custom_objects, safe_mode=not trust_model_file)
-    chans, nb_class = check_models(models, img_size, channels)
-    if not -nb_class <= malignant_class < nb_class:
-        raise ValueError(f"malignant_class {malignant_class} out of range for {nb_class} "
-                         f"classes")
-    if len(class_list) != nb_class:
-        raise ValueError(f"--class-list names {len(class_list)} classes ({list(class_list)}) "
-                         f"but the model(s) output {nb_class}: give the classes the model was "
-                         f"trained with, in its label order")
-    out = Path(out_dir)
-    options = {k: v for k, v in locals().items() if k in inspect.signature(run).parameters
-               and k not in ("custom_objects", "given_options")}
-    options["model"] = [name for name, _ in models]
+        raise ValueError(f"no image found (img_dir={opts.img_dir}, img_list={opts.img_list}, "
+                         f"exam_list={opts.exam_list}; extensions {IMAGE_EXTENSIONS})")
+    models, chans, nb_class = _load_checked_models(opts, custom_objects)
+    out = Path(opts.out_dir)
+    options = {**dict(opts), "model": [name for name, _ in models]}
     logger.info("options: %s", json.dumps(options, default=str, sort_keys=True))
     logger.info("scoring %d images with %d model(s), channels %s, %d classes, flips %s",
-                len(items), len(models), chans, nb_class, test_augment)
-    read_opts = dict(img_size=tuple(img_size), img_scale=img_scale,
-                     rescale_factor=rescale_factor, equalize_hist=equalize_hist,
-                     featurewise_center=featurewise_center, featurewise_mean=featurewise_mean,
-                     segment_breast=segment_breast, scale_problems=[], **prep["channels"])
-    probs, errors = score_items(items, models, chans, nb_class, batch_size, test_augment,
-                                read_opts, verbose)
+                len(items), len(models), chans, nb_class, opts.test_augment)
+    read_opts = dict(img_size=tuple(opts.img_size), img_scale=opts.img_scale,
+                     rescale_factor=opts.rescale_factor, equalize_hist=opts.equalize_hist,
+                     featurewise_center=opts.featurewise_center,
+                     featurewise_mean=opts.featurewise_mean, segment_breast=opts.segment_breast,
+                     scale_problems=[], **prep["channels"])
+    probs, errors = score_items(items, models, chans, nb_class, opts.batch_size,
+                                opts.test_augment, read_opts, opts.verbose)
     if not np.isfinite(probs).all(axis=1).any():
         raise ValueError(f"none of the {len(items)} images could be scored (e.g. "
                          f"{items[0].path}: {errors[0]}); nothing written")
     out.mkdir(parents=True, exist_ok=True)
     manifest.begin([out / n for n in OUTPUT_NAMES])
     summary = write_outputs(items, exams, probs, errors, out,
-                            _prob_names(class_list, nb_class), malignant_class, threshold,
-                            bootstrap, seed)
+                            _prob_names(opts.class_list, nb_class), opts.malignant_class,
+                            opts.threshold, opts.bootstrap, opts.seed)
     summary["options_json"] = str(eval_metrics.write_json_atomic(options, out / "options.json"))
     summary["scale_mismatch"] = read_opts["scale_problems"]
     _remove_stale_outputs(manifest, summary)
@@ -836,15 +845,47 @@ def run(model: Sequence, img_dir: Optional[str] = None, img_list: Optional[str] 
     return summary
 
 
+def _check_options(opts: run_options.RunOptions) -> None:
+    """Refuse bad option values before any model or image is read."""
+    if not opts.model:
+        raise ValueError("at least one model is required")
+    if opts.batch_size < 1:
+        raise ValueError(f"batch_size should be >= 1, got {opts.batch_size}")
+    if len(opts.img_size) != 2 or min(opts.img_size) < 1:
+        raise ValueError(f"img_size should be (height, width), got {opts.img_size}")
+    if opts.channels is not None and opts.channels not in (1, 3):
+        raise ValueError(f"channels should be 1 or 3, got {opts.channels}")
+    _check_numbers(opts.threshold, opts.bootstrap, opts.featurewise_mean, opts.img_scale,
+                   opts.rescale_factor)
+    check_unique(list(opts.class_list), "class name", "--class-list")
+
+
+def _load_checked_models(opts: run_options.RunOptions, custom_objects: Optional[dict]
+                         ) -> Tuple[List[Tuple[str, object]], List[int], int]:
+    """The models of ``opts.model`` (:func:`load_models`), checked (:func:`check_models`)
+    and against ``malignant_class`` and ``class_list``; returns (models, channels per
+    model, number of classes)."""
+    models = load_models(opts.model, custom_objects, safe_mode=not opts.trust_model_file)
+    chans, nb_class = check_models(models, opts.img_size, opts.channels)
+    if not -nb_class <= opts.malignant_class < nb_class:
+        raise ValueError(f"malignant_class {opts.malignant_class} out of range for {nb_class} "
+                         f"classes")
+    if len(opts.class_list) != nb_class:
+        raise ValueError(f"--class-list names {len(opts.class_list)} classes "
+                         f"({list(opts.class_list)}) but the model(s) output {nb_class}: give "
+                         f"the classes the model was trained with, in its label order")
+    return models, chans, nb_class
+
+
 # ------------------------------------------------------------------------------ command line
 def get_args_parser() -> argparse.ArgumentParser:
-    """Parser of the command-line flags; defaults are those of :func:`run`."""
-    d = run_defaults(run)
+    """Parser of the command-line flags: the one declaration of each option's type, default
+    and help (:func:`options_class` and :func:`run` take them from here)."""
     parser = argparse.ArgumentParser(description="Score whole mammograms with trained models.")
     parser.add_argument("--model", nargs="+", required=True, metavar="MODEL.h5",
                         help="whole-image model file(s); predictions are averaged (required, "
                              "no default)")
-    add_model_reading_flags(parser, d["verbose"])
+    add_model_reading_flags(parser, True)
     src = parser.add_argument_group("input (one of them)")
     src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
                                        "folder of --exam-list / relative --img-list paths "
@@ -853,31 +894,30 @@ def get_args_parser() -> argparse.ArgumentParser:
                                         "(default: none)")
     src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form) "
                                          "(default: none)")
-    src.add_argument("--class-list", nargs="+", default=list(d["class_list"]),
+    src.add_argument("--class-list", nargs="+", default=["neg", "pos"],
                      action=script_utils.UniqueValuesAction,
                      help="class folders in label order (default: %(default)s)")
-    src.add_argument("--malignant-class", type=int, default=d["malignant_class"],
+    src.add_argument("--malignant-class", type=int, default=-1,
                      help="class index reported as malignant_pred (default: last)")
-    add_image_flags(parser, img_size=d["img_size"], featurewise_mean=d["featurewise_mean"],
-                    equalize_hist=d["equalize_hist"], featurewise_center=d["featurewise_center"],
-                    img_scale=d["img_scale"], rescale_factor=d["rescale_factor"],
+    add_image_flags(parser, img_size=(1152, 896), featurewise_mean=52.16, equalize_hist=False,
+                    featurewise_center=True, img_scale=None, rescale_factor=None,
                     from_recipe=tuple(RECIPE_OPTIONS))
     g = parser.add_argument_group("inference")
-    add_bool_flag(g, "segment-breast", d["segment_breast"], "crop to the segmented breast")
-    add_bool_flag(g, "test-augment", d["test_augment"], "average over 4 flips")
-    add_optional_value_flag(g, "channels", cf.positive_int, d["channels"],
+    add_bool_flag(g, "segment-breast", False, "crop to the segmented breast")
+    add_bool_flag(g, "test-augment", False, "average over 4 flips")
+    add_optional_value_flag(g, "channels", cf.positive_int, None,
                             "expected model input channels, 1 or 3 (default: the model's)")
-    g.add_argument("--batch-size", type=cf.positive_int, default=d["batch_size"],
+    g.add_argument("--batch-size", type=cf.positive_int, default=4,
                    help="images per prediction call (default: %(default)s)")
     ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--threshold", type=float, default=d["threshold"],
+    ev.add_argument("--threshold", type=float, default=0.5,
                     help="score >= threshold is positive (default: %(default)s)")
-    ev.add_argument("--bootstrap", type=cf.nonneg_int, default=d["bootstrap"],
+    ev.add_argument("--bootstrap", type=cf.nonneg_int, default=2000,
                     help="bootstrap resamples for 95%% intervals (default: %(default)s)")
-    ev.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
+    ev.add_argument("--seed", type=cf.nonneg_int, default=12345,
                     help="seed of the bootstrap resampling of the confidence intervals "
                          "(default: %(default)s)")
-    parser.add_argument("--out-dir", default=d["out_dir"],
+    parser.add_argument("--out-dir", default="./predictions",
                         help="output folder, outside the input folders; files an earlier run "
                              "wrote there (listed in its .ddsm_outputs.json) that this run does "
                              "not write are removed, other files are kept (default: "

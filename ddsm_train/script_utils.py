@@ -625,10 +625,11 @@ def apply_model_recipe(values, model_file, given, names=None, defaults=None):
         values: option name -> value (e.g. ``vars(args)``); not modified.
         model_file: path of the model file (anything else, e.g. a model object, has no recipe).
         given: names the user set explicitly; None: those whose value differs from
-            ``defaults`` (a Python call).
+            ``defaults`` (a Python call; a tuple and a list of the same values do not
+            differ).
         names: option name -> recipe field (default :data:`RECIPE_OPTIONS`); a field may be
             a function ``recipe -> value or None`` (None: the recipe does not say).
-        defaults: option defaults, used when ``given`` is None.
+        defaults: option defaults (the script's parser's), used when ``given`` is None.
 
     Returns:
         (new values dict, the recipe or None).
@@ -644,7 +645,8 @@ def apply_model_recipe(values, model_file, given, names=None, defaults=None):
         return values, None
     names = RECIPE_OPTIONS if names is None else names
     if given is None:
-        given = {k for k in names if k in values and (defaults or {}).get(k) != values[k]}
+        given = {k for k in names if k in values
+                 and _as_option((defaults or {}).get(k)) != _as_option(values[k])}
     taken = []
     for name, field in names.items():
         stored = field(recipe) if callable(field) else getattr(recipe, field)

@@ -398,3 +398,32 @@ def test_images_that_cannot_give_a_heatmap_are_reported_not_scored(synth, tmp_pa
     failed = {Path(path).name: why for path, why in summary["failed"]}
     assert sorted(failed) == ["dot.png", "flat.png"]
     assert "constant" in failed["flat.png"] and "16" in failed["dot.png"]
+
+
+def test_run_refuses_an_unknown_option_before_reading(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown options \['stirde'\]; valid: .*'stride'"):
+        hs.run(str(tmp_path / "img"), str(tmp_path / "patch.h5"), stirde=4,
+               out=str(tmp_path / "h.npz"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_hands_one_options_object_with_the_parsers_defaults(monkeypatch):
+    import dataclasses
+
+    import run_options
+
+    cls = hs.options_class()
+    assert cls is hs.options_class() and cls.__name__ == "HeatmapOptions"
+    assert cls.flags_of("img_height") == ("--img-height", "-ih", "--no-img-height")
+    seen = []
+    monkeypatch.setattr(hs, "score_heatmaps", lambda opts, **extra: seen.append((opts, extra)))
+    hs.run("imgs", "patch.h5")
+    parsed = vars(hs.get_args_parser().parse_args(["imgs", "patch.h5"]))
+    assert seen[0] == (run_options.options_from(cls, parsed), {})
+    assert dataclasses.asdict(seen[0][0]) == parsed   # every flag, with the parser's default
+    hs.run(Path("imgs"), "patch.h5", "pats.csv", stride=4, img_size=(64, 48),
+           given_options=["stride"], custom_objects={"Mine": int})
+    opts, extra = seen[1]
+    assert (opts.img_folder, opts.pat_csv, opts.stride, opts.img_size, opts.net) == (
+        Path("imgs"), "pats.csv", 4, (64, 48), "vgg19")
+    assert extra == {"given_options": ["stride"], "custom_objects": {"Mine": int}}

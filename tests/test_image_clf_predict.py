@@ -508,3 +508,29 @@ def test_duplicate_list_entries_and_class_names_are_errors(class_dir, trained_mo
         icp.run([str(paths[0])], img_dir=str(class_dir), class_list=("neg", "neg"),
                 out_dir=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_run_refuses_an_unknown_option_before_reading(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown options \['img_dirr'\]; valid: .*'img_dir'"):
+        icp.run([str(tmp_path / "m.h5")], img_dirr=str(tmp_path), out_dir=str(tmp_path / "o"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_hands_one_options_object_with_the_parsers_defaults(monkeypatch):
+    import dataclasses
+
+    import run_options
+
+    cls = icp.options_class()
+    assert cls is icp.options_class() and cls.__name__ == "PredictOptions"
+    seen = []
+    monkeypatch.setattr(icp, "predict_images", lambda opts, **extra: seen.append((opts, extra)))
+    icp.run(["a.h5", "b.h5"])
+    parsed = vars(icp.get_args_parser().parse_args(["--model", "a.h5", "b.h5"]))
+    assert seen[0] == (run_options.options_from(cls, parsed), {})
+    assert dataclasses.asdict(seen[0][0]) == parsed   # every flag, with the parser's default
+    model = object()   # a model object is handed on as is
+    icp.run(model=model, img_dir="imgs", test_augment=True, given_options=[])
+    opts, extra = seen[1]
+    assert opts.model is model and opts.img_dir == "imgs" and opts.test_augment
+    assert opts.class_list == ["neg", "pos"] and extra == {"given_options": []}

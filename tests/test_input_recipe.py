@@ -311,3 +311,34 @@ def test_2017_file_keeps_the_defaults(keras208_dir):
     for f in files:
         assert dm_image.InputRecipe.from_model_file(f) is None
         assert script_utils.apply_model_recipe(values, str(f), set()) == (values, None)
+
+
+def _recipe_file(path, **fields):
+    """An HDF5 file holding only an input recipe (all that the recipe code reads)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs[dm_image.RECIPE_ATTR] = dm_image.InputRecipe(**fields).to_json()
+    return str(path)
+
+
+def test_python_heatmap_call_takes_what_it_left_at_the_parsers_default(tmp_path):
+    model = _recipe_file(tmp_path / "m.h5", img_size=(64, 64), channels=3,
+                         rescale_factor=RESCALE, featurewise_center=True, featurewise_mean=44.33)
+    cls = hs.options_class()
+    got = hs._with_recipe(cls(img_folder="i", dl_state=model), None)
+    assert (got.patch_size, got.rescale_factor, got.featurewise_center,
+            got.featurewise_mean) == (64, RESCALE, True, 44.33)
+    got = hs._with_recipe(cls(img_folder="i", dl_state=model, patch_size=128,
+                              featurewise_mean=71.8), None)
+    assert got.patch_size == 128 and got.featurewise_mean == 44.33   # 71.8 is the default
+
+
+def test_python_predict_call_with_the_default_size_as_tuple_or_list(tmp_path):
+    model = _recipe_file(tmp_path / "m.h5", img_size=(64, 48), channels=3,
+                         rescale_factor=RESCALE, featurewise_mean=44.33)
+    for size in ((1152, 896), [1152, 896]):   # the default, however written: not given
+        prep = icp._resolve_recipe([model], icp.options_class()(img_size=size), None)
+        assert prep["img_size"] == [64, 48] and prep["featurewise_mean"] == 44.33
+    prep = icp._resolve_recipe([model], icp.options_class()(img_size=(96, 64)), None)
+    assert list(prep["img_size"]) == [96, 64] and prep["rescale_factor"] == RESCALE
