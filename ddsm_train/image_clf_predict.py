@@ -748,9 +748,9 @@ def run(model: Union[PathLike, keras.Model, Sequence], **options: Any) -> dict:
             :func:`predict_images`.
     """
     extras = {k: options.pop(k) for k in ("custom_objects", "given_options") if k in options}
-    # --model is parsed with a placeholder and replaced by the value given (models, paths)
+    # --model is the value given (model objects or paths), not parsed
     opts = run_options.options_from(options_class(), script_utils.resolve_options(
-        get_args_parser(), ("--model", "MODEL.h5"), {**options, "model": model}))
+        get_args_parser(), (), {**options, "model": model}))
     return predict_images(opts, **extras)
 
 

@@ -456,13 +456,33 @@ def resolve_options(parser: argparse.ArgumentParser, positionals: Sequence[Any],
     Returns:
         dict: every option of the parser.
 
+    The positional values are taken as given, not parsed (a folder named ``-x`` is a folder,
+    not a flag); a path (``str`` or ``os.PathLike``) becomes a ``str`` (a one-item list for a
+    positional that takes several), other values (a list, a model object) are kept. A
+    required flag (e.g. ``--model``) must be among ``options``, whose value is kept the same.
+
     Raises:
         ValueError: an option the parser does not know, listing the valid ones.
     """
-    resolved = vars(parser.parse_args([str(p) for p in positionals]))
+    slots = [a for a in parser._actions if not a.option_strings]
+    if len(positionals) > len(slots):
+        raise ValueError(f"{len(positionals)} positional values for {len(slots)} positional "
+                         f"arguments {[a.dest for a in slots]}")
+    argv = ["POSITIONAL"] * len(positionals)
+    for action in parser._actions:      # a required flag: its value must be among ``options``
+        if action.option_strings and action.required:
+            if action.dest not in options:
+                raise ValueError(f"{action.option_strings[0]} ({action.dest}) is required")
+            argv += [action.option_strings[0], "PLACEHOLDER"]
+    resolved = vars(parser.parse_args(argv))
     unknown = sorted(set(options) - set(resolved))
     if unknown:
         raise ValueError(f"unknown options {unknown}; valid: {sorted(resolved)}")
+    for action, value in zip(slots, positionals):
+        if isinstance(value, (str, os.PathLike)):
+            value = os.fspath(value)
+            value = value if action.nargs in (None, "?") else [value]   # one of several
+        resolved[action.dest] = value
     resolved.update(options)
     return resolved
 

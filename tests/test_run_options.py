@@ -99,3 +99,28 @@ def test_model_file_extras_written_in_the_file_and_the_sidecar_once(tmp_path, ke
     K.save_model_atomic(model, tmp_path / "plain.h5")      # nothing registered by path
     assert K.read_model_info(tmp_path / "plain.h5") is None
     assert dm_image.InputRecipe.from_model_file(tmp_path / "plain.h5") is None
+
+
+def test_resolve_options_takes_positionals_as_given():
+    """A folder named like a flag is a folder, a Path becomes a str, a single path given for a
+    positional that takes several is a list of one; a keyword the parser lacks is refused."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder")
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--size", type=int, default=3)
+    got = script_utils.resolve_options(parser, ("-odd", Path("m.h5")), {"size": 5})
+    assert got == {"folder": "-odd", "models": ["m.h5"], "size": 5}
+    assert script_utils.resolve_options(parser, (Path("d"), ["a", "b"]), {}) == \
+        {"folder": "d", "models": ["a", "b"], "size": 3}
+    with pytest.raises(ValueError, match=r"unknown options \['sise'\]"):
+        script_utils.resolve_options(parser, ("d", "m"), {"sise": 5})
+    with pytest.raises(ValueError, match="3 positional values for 2"):
+        script_utils.resolve_options(parser, ("d", "m", "x"), {})
+    parser.add_argument("--model", nargs="+", required=True)
+    assert script_utils.resolve_options(parser, ("d", "m"), {"model": [object]})["model"] == \
+        [object]
+    with pytest.raises(ValueError, match=r"--model \(model\) is required"):
+        script_utils.resolve_options(parser, ("d", "m"), {})
