@@ -1,4 +1,4 @@
-"""One typed object of a trainer's options, made from its parser.
+"""One typed object of a script's options, made from its parser.
 
 Shen et al., "Deep Learning to Improve Breast Cancer Detection on Screening Mammography",
 Sci Rep 9, 12495 (2019); arXiv:1708.09427.
@@ -11,9 +11,14 @@ flag names (``"flags"``, the 2017 short aliases and ``--no-x`` forms included) a
 text (``"help"``). So adding a trainer flag is one ``add_argument`` (and its README line):
 the options object, its defaults and ``run(**options)`` follow.
 
-The options object is passed whole: to ``dm_keras_ext.train_3stage``/``train_2stage`` (which
-read the fields of ``dm_keras_ext.StagePlan`` from it) and to the run skeleton of
-``training_setup``. It also reads as a mapping (``opts["best_model"]``, ``dict(opts)``) for the
+The other scripts (``heatmap_score``, ``image_clf_predict``, ``sample_patches_combined``,
+``evaluate``, ``make_synthetic_ddsm``) follow the same pattern: ``options_class()`` of their
+parser, ``run(positionals, **options)`` resolving keywords against the parser
+(``script_utils.resolve_options``) and one options object handed to the implementation.
+
+A trainer's options object is passed whole: to ``dm_keras_ext.train_3stage`` /
+``train_2stage`` (which read the fields of ``dm_keras_ext.StagePlan`` from it) and to the run
+skeleton of ``training_setup``. It also reads as a mapping (``opts["best_model"]``, ``dict(opts)``) for the
 helpers shared with the scripts that still keep their options in a dict.
 """
 from __future__ import annotations
