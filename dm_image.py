@@ -2037,6 +2037,22 @@ def __getattr__(name: str):
         return _sequence_class(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+@dataclasses.dataclass(frozen=True)
+class _Batching:
+    """How an iterator makes its batches (the iterators' arguments of the same names):
+    ``batch_size``; ``shuffle`` and ``seed`` (None: a random one) of the epoch order;
+    ``auto_batch_balance`` (sample weights balancing the classes of each batch);
+    ``balance_classes`` (negatives per positive, resampled per batch; 0/False: off) and
+    ``no_pos_skip`` (probability of leaving out a class-0 sample, per epoch)."""
+    batch_size: int = 32
+    shuffle: bool = True
+    seed: Optional[int] = None
+    auto_batch_balance: bool = False
+    balance_classes: Union[bool, float] = False
+    no_pos_skip: float = 0.
+
+
 class _DMIterator:
     """Common batching, shuffling, class subsampling and sample weights of the iterators.
 
@@ -2048,10 +2064,11 @@ class _DMIterator:
     :func:`_sequence_class`).
     """
 
-    def __init__(self, n, labels, nb_class, class_mode, image_data_generator, batch_size,
-                 shuffle, seed, auto_batch_balance, balance_classes, no_pos_skip,
-                 dup_3_channels, preprocess, data_format):
+    def __init__(self, n, labels, nb_class, class_mode, image_data_generator,
+                 batching: _Batching, dup_3_channels, preprocess, data_format):
         super().__init__()
+        batch_size, no_pos_skip = batching.batch_size, batching.no_pos_skip
+        auto_batch_balance, balance_classes = batching.auto_batch_balance, batching.balance_classes
         _positive_int("batch_size", batch_size)
         if class_mode not in _CLASS_MODES + ("raw",):
             raise ValueError(f"class_mode should be one of {_CLASS_MODES}, got {class_mode!r}")
@@ -2071,8 +2088,9 @@ class _DMIterator:
         self.class_mode = class_mode
         self.image_data_generator = image_data_generator
         self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(np.random.randint(2 ** 31 - 1)) if seed is None else int(seed)
+        self.shuffle = batching.shuffle
+        self.seed = (int(np.random.randint(2 ** 31 - 1)) if batching.seed is None
+                     else int(batching.seed))
         self.auto_batch_balance = auto_batch_balance
         self.balance_classes = balance_classes
         self.no_pos_skip = float(no_pos_skip)
@@ -2282,9 +2300,10 @@ class _DirectoryIterator(_DMIterator):
         self.skipped_files = []
         self.scale_mismatch_files = []
         self._bad, self._scale_checked = set(), set()
+        batching = _Batching(batch_size, shuffle, seed, auto_batch_balance, balance_classes,
+                             no_pos_skip)
         super().__init__(len(self.filenames), labels, len(class_names), class_mode,
-                         image_data_generator, batch_size, shuffle, seed, auto_batch_balance,
-                         balance_classes, no_pos_skip, dup_3_channels, preprocess, data_format)
+                         image_data_generator, batching, dup_3_channels, preprocess, data_format)
         logger.info("Found %d images belonging to %d classes in %s", self.n, len(class_names),
                     self.directory)
 
@@ -2399,9 +2418,10 @@ class _ArrayIterator(_DMIterator):
         if self.y is not None:
             labels = (np.argmax(self.y, axis=1) if self.y.ndim == 2 else self.y).astype(np.int64)
             nb_class = self.y.shape[1] if self.y.ndim == 2 else int(labels.max()) + 1
+        batching = _Batching(batch_size, shuffle, seed, auto_batch_balance, balance_classes,
+                             no_pos_skip)
         super().__init__(len(X), labels, nb_class, None if y is None else "raw",
-                         image_data_generator, batch_size, shuffle, seed, auto_batch_balance,
-                         balance_classes, no_pos_skip, dup_3_channels, preprocess, data_format)
+                         image_data_generator, batching, dup_3_channels, preprocess, data_format)
 
     def _batch_y(self, used):
         return None if self.y is None else self.y[used]

@@ -302,6 +302,29 @@ RESNET_VARIANTS = {
 __all__.append("RESNET_VARIANTS")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tower:
+    """The convolutional part of a :class:`ResNetBuilder` network, as the arguments of
+    :meth:`ResNetBuilder.build` name it: ``block_fn`` (a function or a key of ``BLOCK_FNS``)
+    and ``repetitions`` (blocks per stage; filters double per stage from ``nb_init_filter``);
+    the stem conv (``init_filter_size``, ``init_conv_stride``) and its max pool
+    (``pool_size`` 0/None: no pool, ``pool_stride``); the L2 ``weight_decay`` of the convs;
+    the ``inp_dropout`` and ``hidden_dropout`` rates; BN on projection shortcuts
+    (``shortcut_with_bn``) and the bottleneck output factor (``bottleneck_enlarge_factor``)."""
+    block_fn: Union[str, Callable]
+    repetitions: Sequence[int]
+    nb_init_filter: int = 64
+    init_filter_size: int = 7
+    init_conv_stride: int = 2
+    pool_size: int = 3
+    pool_stride: int = 2
+    weight_decay: float = 1e-4
+    inp_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    shortcut_with_bn: bool = False
+    bottleneck_enlarge_factor: int = 4
+
+
 class ResNetBuilder:
     """Builds ResNet-like classifiers (keras-resnet style, as in the 2017 code).
 
@@ -314,37 +337,34 @@ class ResNetBuilder:
         return l1l2_penalty_reg(alpha, l1_ratio)
 
     @staticmethod
-    def _shared_conv_layers(input_shape, block_fn, repetitions, nb_init_filter=64,
-                            init_filter_size=7, init_conv_stride=2, pool_size=3, pool_stride=2,
-                            weight_decay=1e-4, inp_dropout=0.0, hidden_dropout=0.0,
-                            shortcut_with_bn=False, bottleneck_enlarge_factor=4, prefix=""):
+    def _shared_conv_layers(input_shape, tower: _Tower, prefix=""):
         """Input -> dropout -> stem conv-BN-relu -> max pool -> residual stages -> GAP.
 
-        Layer names start with ``prefix``. ``pool_size`` 0/None turns the stem pool off.
+        ``tower`` holds the architecture (:class:`_Tower`); layer names start with ``prefix``.
         Returns ``(input_tensor, pooled_features)``.
         """
         if len(input_shape) != 3:
             raise ValueError("input_shape should be (nb_channels, nb_rows, nb_cols), "
                              f"got {input_shape}")
-        if not repetitions:
-            raise ValueError(f"repetitions should be a non-empty list, got {repetitions}")
-        block_fn = _resolve_block_fn(block_fn)
+        if not tower.repetitions:
+            raise ValueError(f"repetitions should be a non-empty list, got {tower.repetitions}")
+        block_fn = _resolve_block_fn(tower.block_fn)
         chans, rows, cols = input_shape
         shape = (rows, cols, chans) if _channel_axis() == -1 else (chans, rows, cols)
         inp = keras.Input(shape=shape, name=f"{prefix}input")
-        x = layers.Dropout(inp_dropout, name=f"{prefix}input_drop")(inp)
-        x = conv_bn_relu(x, nb_init_filter, (init_filter_size, init_filter_size),
-                         (init_conv_stride, init_conv_stride), weight_decay, hidden_dropout,
+        x = layers.Dropout(tower.inp_dropout, name=f"{prefix}input_drop")(inp)
+        x = conv_bn_relu(x, tower.nb_init_filter, (tower.init_filter_size,) * 2,
+                         (tower.init_conv_stride,) * 2, tower.weight_decay, tower.hidden_dropout,
                          name=f"{prefix}stem")
-        if pool_size:
-            x = layers.MaxPooling2D((pool_size, pool_size), strides=(pool_stride, pool_stride),
+        if tower.pool_size:
+            x = layers.MaxPooling2D((tower.pool_size,) * 2, strides=(tower.pool_stride,) * 2,
                                     padding="same", name=f"{prefix}stem_pool")(x)
-        filters = nb_init_filter
-        for i, reps in enumerate(repetitions):
+        filters = tower.nb_init_filter
+        for i, reps in enumerate(tower.repetitions):
             x = residual_stage(x, block_fn, filters, reps, is_first_layer=(i == 0),
-                               shortcut_with_bn=shortcut_with_bn,
-                               enlarge_factor=bottleneck_enlarge_factor,
-                               weight_decay=weight_decay, dropout=hidden_dropout,
+                               shortcut_with_bn=tower.shortcut_with_bn,
+                               enlarge_factor=tower.bottleneck_enlarge_factor,
+                               weight_decay=tower.weight_decay, dropout=tower.hidden_dropout,
                                name=f"{prefix}stage{i + 1}")
             filters *= 2
         return inp, layers.GlobalAveragePooling2D(name=f"{prefix}avg_pool")(x)
@@ -376,10 +396,11 @@ class ResNetBuilder:
         Returns:
             A ``keras.Model`` mapping images to class probabilities ``(batch, num_outputs)``.
         """
-        inp, feats = ResNetBuilder._shared_conv_layers(
-            input_shape, block_fn, repetitions, nb_init_filter, init_filter_size,
-            init_conv_stride, pool_size, pool_stride, weight_decay, inp_dropout, hidden_dropout,
-            shortcut_with_bn, bottleneck_enlarge_factor)
+        tower = _Tower(
+            block_fn, repetitions, nb_init_filter, init_filter_size, init_conv_stride, pool_size,
+            pool_stride, weight_decay, inp_dropout, hidden_dropout, shortcut_with_bn,
+            bottleneck_enlarge_factor)
+        inp, feats = ResNetBuilder._shared_conv_layers(input_shape, tower)
         out = ResNetBuilder._classifier(feats, num_outputs, alpha, l1_ratio)
         return keras.Model(inp, out, name="resnet")
 
@@ -462,11 +483,12 @@ class MultiViewResNetBuilder(ResNetBuilder):
               l1_ratio: float = 0.5, inp_dropout: float = 0.0, hidden_dropout: float = 0.0,
               shortcut_with_bn: bool = False, bottleneck_enlarge_factor: int = 4) -> keras.Model:
         """Same arguments as :meth:`ResNetBuilder.build`; ``input_shape`` is one view's."""
-        towers = [ResNetBuilder._shared_conv_layers(
-            input_shape, block_fn, repetitions, nb_init_filter, init_filter_size,
-            init_conv_stride, pool_size, pool_stride, weight_decay, inp_dropout, hidden_dropout,
-            shortcut_with_bn, bottleneck_enlarge_factor, prefix=f"{view}_")
-            for view in ("cc", "mlo")]
+        tower = _Tower(
+            block_fn, repetitions, nb_init_filter, init_filter_size, init_conv_stride, pool_size,
+            pool_stride, weight_decay, inp_dropout, hidden_dropout, shortcut_with_bn,
+            bottleneck_enlarge_factor)
+        towers = [ResNetBuilder._shared_conv_layers(input_shape, tower, prefix=f"{view}_")
+                  for view in ("cc", "mlo")]
         merged = layers.Concatenate(name="merged_views")([t[1] for t in towers])
         out = ResNetBuilder._classifier(merged, num_outputs, alpha, l1_ratio)
         return keras.Model([t[0] for t in towers], out, name="multiview_resnet")
@@ -1295,9 +1317,9 @@ def add_top_layers(model: keras.Model, image_size: Tuple[int, int], patch_net: s
             return keras.Model(image_input, x, name="heatmap")
         x = layers.MaxPooling2D(tuple(hm_pool_size), name="hm_max_pool")(x)
         bottom_names |= {"hm_avg_pool", "hm_dropout", "hm_dense", "hm_max_pool"}
-    out = _add_classifier(x, block_type, depths, repetitions, block_fn, nb_class,
-                          shortcut_with_bn, bottleneck_enlarge_factor, dropout, weight_decay,
-                          add_conv, add_shortcut, fc_init_units, fc_layers)
+    top = _Top(block_type, depths, repetitions, block_fn, shortcut_with_bn,
+               bottleneck_enlarge_factor, add_conv, add_shortcut, fc_init_units, fc_layers)
+    out = _add_classifier(x, top, nb_class, dropout, weight_decay)
     whole = keras.Model(image_input, out, name="whole_image")
     idx = [i for i, lyr in enumerate(whole.layers) if lyr.name in bottom_names]
     top_layer_nb = max(idx) + 1
@@ -1306,17 +1328,34 @@ def add_top_layers(model: keras.Model, image_size: Tuple[int, int], patch_net: s
     return whole, top_layer_nb
 
 
-def _add_classifier(x, block_type, depths, repetitions, block_fn, nb_class, shortcut_with_bn,
-                    enlarge, dropout, weight_decay, add_conv, add_shortcut, fc_init_units,
-                    fc_layers):
+@dataclasses.dataclass(frozen=True)
+class _Top:
+    """The layers :func:`add_top_layers` puts on the patch net, as its arguments name them:
+    with ``add_conv`` a convolutional top of ``block_type`` (``depths``, ``repetitions``,
+    ``block_fn``, ``shortcut_with_bn``, ``enlarge`` = ``bottleneck_enlarge_factor``), else a
+    fully connected one (``fc_layers`` from ``fc_init_units`` units, ``add_shortcut``)."""
+    block_type: str
+    depths: Sequence[int]
+    repetitions: Sequence[int]
+    block_fn: Union[str, Callable]
+    shortcut_with_bn: bool
+    enlarge: int
+    add_conv: bool
+    add_shortcut: bool
+    fc_init_units: int
+    fc_layers: int
+
+
+def _add_classifier(x, top: _Top, nb_class, dropout, weight_decay):
     dense_kw = dict(kernel_initializer="he_normal", kernel_regularizer=_l2(weight_decay))
-    if add_conv:
-        x = _TOP_BLOCKS[block_type](x, depths, repetitions, dropout, weight_decay,
-                                    block_fn=block_fn, shortcut_with_bn=shortcut_with_bn,
-                                    enlarge=enlarge)
+    if top.add_conv:
+        x = _TOP_BLOCKS[top.block_type](x, top.depths, top.repetitions, dropout, weight_decay,
+                                        block_fn=top.block_fn,
+                                        shortcut_with_bn=top.shortcut_with_bn,
+                                        enlarge=top.enlarge)
         return layers.Dense(nb_class, activation="softmax", name="predictions", **dense_kw)(x)
-    x, flat = _fc_top(x, fc_init_units, fc_layers, dropout, weight_decay)
-    if not add_shortcut:
+    x, flat = _fc_top(x, top.fc_init_units, top.fc_layers, dropout, weight_decay)
+    if not top.add_shortcut:
         return layers.Dense(nb_class, activation="softmax", name="predictions", **dense_kw)(x)
     logits = layers.Dense(nb_class, name="fc_logits", **dense_kw)(x)
     short = layers.Dense(nb_class, name="fc_shortcut_logits", **dense_kw)(flat)

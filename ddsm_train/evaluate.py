@@ -48,6 +48,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import re
@@ -64,10 +65,12 @@ import eval_metrics as em  # noqa: E402
 import common_flags as cf  # noqa: E402
 from ddsm_names import EXAM_SIDES, EXAM_VIEWS, exam_view_side, parse_image_name  # noqa: E402
 from dm_image import atomic_write  # noqa: E402
-from script_utils import cli_main, read_csv_table, run_defaults  # noqa: E402
+import run_options  # noqa: E402
+from script_utils import cli_main, read_csv_table  # noqa: E402
 
 __all__ = ["Cases", "LEVELS", "load_predictions", "merge_models", "level_tables",
-           "choose_operating_points", "evaluate_tables", "format_table", "run",
+           "choose_operating_points", "evaluate_tables", "format_table", "options_class",
+           "run", "evaluate_predictions",
            "get_args_parser", "main"]
 
 logger = logging.getLogger(__name__)
@@ -502,106 +505,148 @@ def _load_all(files, score_col, label_col, id_col, exam_list, names) -> Cases:
     return merge_models(parts)
 
 
-def _check(predictions, val_predictions, names, calibrate, threshold, bootstrap,
-           target_sensitivity, target_specificity) -> None:
-    if not predictions:
+def _check(opts) -> None:
+    """Refuse option values that cannot be evaluated (messages name the flag)."""
+    if not opts.predictions:
         raise ValueError("give at least one --predictions file")
-    if val_predictions and len(val_predictions) != len(predictions):
+    if opts.val_predictions and len(opts.val_predictions) != len(opts.predictions):
         raise ValueError(f"--val-predictions should give one file per --predictions file "
-                         f"({len(predictions)}), got {len(val_predictions)}")
-    if names and len(predictions) > 1 and len(names) != len(predictions):
-        raise ValueError(f"--names gives {len(names)} names for {len(predictions)} files")
-    if calibrate is not None and not val_predictions:
-        raise ValueError(f"--calibrate {calibrate} needs --val-predictions to fit on")
-    if not 0 <= threshold <= 1:
-        raise ValueError(f"--threshold should be in [0, 1], got {threshold}")
-    if bootstrap < 0:
-        raise ValueError(f"--bootstrap should be >= 0, got {bootstrap}")
-    for flag, v in (("target-sensitivity", target_sensitivity),
-                    ("target-specificity", target_specificity)):
+                         f"({len(opts.predictions)}), got {len(opts.val_predictions)}")
+    if opts.names and len(opts.predictions) > 1 and len(opts.names) != len(opts.predictions):
+        raise ValueError(f"--names gives {len(opts.names)} names for {len(opts.predictions)} "
+                         f"files")
+    if opts.calibrate is not None and not opts.val_predictions:
+        raise ValueError(f"--calibrate {opts.calibrate} needs --val-predictions to fit on")
+    if not 0 <= opts.threshold <= 1:
+        raise ValueError(f"--threshold should be in [0, 1], got {opts.threshold}")
+    if opts.bootstrap < 0:
+        raise ValueError(f"--bootstrap should be >= 0, got {opts.bootstrap}")
+    for flag, v in (("target-sensitivity", opts.target_sensitivity),
+                    ("target-specificity", opts.target_specificity)):
         if not 0 < v <= 1:
             raise ValueError(f"--{flag} should be in (0, 1], got {v}")
+    if opts.calibrate is not None and opts.calibrate not in em.CALIBRATION_METHODS:
+        raise ValueError(f"--calibrate should be one of {em.CALIBRATION_METHODS}, got "
+                         f"{opts.calibrate!r}")
 
 
-def run(predictions: Sequence[str], out_dir: str = "./evaluation",
-        val_predictions: Optional[Sequence[str]] = None, exam_list: Optional[str] = None,
-        val_exam_list: Optional[str] = None, score_col: Optional[Sequence[str]] = None,
-        label_col: Optional[str] = None, id_col: str = "image_index",
-        names: Optional[Sequence[str]] = None, breast_combine: str = "mean",
-        threshold: float = 0.5, target_sensitivity: float = 0.9,
-        target_specificity: float = 0.9, calibrate: Optional[str] = None,
-        bootstrap: int = 2000, seed: int = 12345, quiet: bool = False) -> dict:
+@functools.lru_cache(maxsize=None)
+def options_class() -> type:
+    """The frozen dataclass of this script's options, made from :func:`get_args_parser` (one
+    field per flag destination, default and help from the parser; ``run_options``)."""
+    return run_options.options_class(get_args_parser(), "EvaluateOptions")
+
+
+def run(predictions: Sequence[PathLike], out_dir: Optional[PathLike] = None,
+        **options) -> dict:
     """Evaluate prediction files and write ``metrics.json``, plots and calibration files.
+
+    The keyword form kept for Python callers: it completes the options with the parser's
+    defaults and calls :func:`evaluate_predictions`.
 
     Args:
         predictions: prediction CSV(s) of the test cases; each file is a model (or each
             ``score_col`` of a single file).
-        out_dir: output folder (created).
-        val_predictions: the same models' validation predictions, one file per test file:
-            operating points and calibration are fitted on them.
-        exam_list, val_exam_list: meta-repository exam lists of the test / validation files
-            (breasts, exams and labels); the validation one defaults to ``exam_list``.
-        score_col, label_col, id_col: column names (see :func:`load_predictions`).
-        names: model names (one per file, or per ``score_col``).
-        breast_combine: ``mean`` or ``max`` of the views of a breast.
-        threshold: fixed operating point used without validation predictions.
-        target_sensitivity, target_specificity: targets of the validation-chosen thresholds.
-        calibrate: ``platt`` or ``isotonic`` (needs ``val_predictions``), or None.
-        bootstrap: bootstrap resamples (0: no intervals).
-        seed: bootstrap seed.
-        quiet: do not print the table.
+        out_dir: output folder (created; default: the ``--out-dir`` default).
+        **options: the other command-line options by destination name (``val_predictions``,
+            ``exam_list``, ``score_col``, ``threshold``, ``bootstrap``, ``quiet``...; see
+            :func:`get_args_parser` and :func:`evaluate_predictions`); missing ones take the
+            parser's defaults.
 
     Returns:
         dict: ``metrics`` (the ``metrics.json`` content), ``metrics_json``, ``table``.
 
     Raises:
-        ValueError: bad flag values or prediction files (nothing is written then).
+        ValueError: an unknown option (naming the valid ones), bad option values or bad
+            prediction files (nothing is written then).
     """
-    _check(predictions, val_predictions, names, calibrate, threshold, bootstrap,
-           target_sensitivity, target_specificity)
-    if calibrate is not None and calibrate not in em.CALIBRATION_METHODS:
-        raise ValueError(f"--calibrate should be one of {em.CALIBRATION_METHODS}, got "
-                         f"{calibrate!r}")
-    cases = _load_all(predictions, score_col, label_col, id_col, exam_list, names)
-    tables = level_tables(cases, breast_combine)
-    val_tables = None
-    if val_predictions:
-        val = _load_all(val_predictions, score_col, label_col, id_col,
-                        val_exam_list or exam_list, names)
-        if val.models != cases.models:
-            raise ValueError(f"validation models {val.models} differ from test models "
-                             f"{cases.models}")
-        val_tables = level_tables(val, breast_combine)
-    if not any(np.isfinite(t["label"].to_numpy(dtype=float)).any() for t in tables.values()):
-        raise ValueError(f"{predictions[0]}: no labelled case (give --label-col or "
-                         f"--exam-list)")
-    out = Path(out_dir)
+    if out_dir is not None:
+        options["out_dir"] = out_dir
+    # --predictions is a required flag: resolve the others against a stand-in value
+    resolved = script_utils.resolve_options(get_args_parser(), ("--predictions", "-"), options)
+    resolved["predictions"] = [str(p) for p in predictions or []]
+    return evaluate_predictions(run_options.options_from(options_class(), resolved))
+
+
+def evaluate_predictions(opts: run_options.RunOptions) -> dict:
+    """Evaluate the prediction files of ``opts`` (an :func:`options_class` object) and write
+    ``metrics.json``, plots and calibration files in ``opts.out_dir``.
+
+    The fields (the flags of :func:`get_args_parser`): ``predictions``, the test prediction
+    CSV(s), one model each (or each ``score_col`` of a single file); ``val_predictions``, the
+    same models' validation predictions, one file per test file, on which operating points
+    and calibration are fitted; ``exam_list`` / ``val_exam_list``, meta-repository exam lists
+    of the test / validation files (breasts, exams and labels; the validation one defaults to
+    ``exam_list``); ``score_col``, ``label_col``, ``id_col``, column names (see
+    :func:`load_predictions`); ``names``, model names (one per file, or per ``score_col``);
+    ``breast_combine``, ``mean`` or ``max`` of the views of a breast; ``threshold``, the fixed
+    operating point used without validation predictions; ``target_sensitivity`` /
+    ``target_specificity``, targets of the validation-chosen thresholds; ``calibrate``,
+    ``platt`` or ``isotonic`` (needs ``val_predictions``) or None; ``bootstrap``, resamples
+    (0: no intervals); ``seed``, the bootstrap seed; ``quiet``, do not print the table;
+    ``out_dir``, the output folder (created).
+
+    Returns:
+        dict: ``metrics`` (the ``metrics.json`` content), ``metrics_json``, ``table``.
+
+    Raises:
+        ValueError: bad option values or prediction files (nothing is written then).
+    """
+    _check(opts)
+    cases, tables, val_tables = _load_levels(opts)
+    out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_tables(tables, cases.models, out, val_tables, calibrate, threshold,
-                              target_sensitivity, target_specificity, bootstrap, seed)
-    metrics["settings"] = {
-        "predictions": [str(p) for p in predictions],
-        "val_predictions": [str(p) for p in val_predictions or []],
-        "models": cases.models, "levels": list(tables), "breast_combine": breast_combine,
-        "exam_combine": "max", "threshold_rules": {
-            "youden": "maximises sensitivity + specificity - 1 on validation",
-            "sensitivity_<t>": "highest validation threshold with sensitivity >= t",
-            "specificity_<t>": "lowest validation threshold with specificity >= t",
-            "fixed_<t>": "the fixed --threshold, used without validation predictions"},
-        "positive_if": "score >= threshold", "bootstrap": bootstrap, "seed": seed,
-        "calibrate": calibrate, "notes": cases.notes}
+    metrics = evaluate_tables(tables, cases.models, out, val_tables, opts.calibrate,
+                              opts.threshold, opts.target_sensitivity,
+                              opts.target_specificity, opts.bootstrap, opts.seed)
+    metrics["settings"] = _settings(opts, cases, tables)
     path = em.write_json_atomic(metrics, out / "metrics.json")
     table = format_table(metrics)
-    if not quiet:
+    if not opts.quiet:
         print(table)
     logger.info("metrics in %s", path)
     return {"metrics": em._json_clean(metrics), "metrics_json": str(path), "table": table}
 
 
+def _load_levels(opts):
+    """The test cases, their level tables and the validation level tables (None without
+    ``val_predictions``)."""
+    cases = _load_all(opts.predictions, opts.score_col, opts.label_col, opts.id_col,
+                      opts.exam_list, opts.names)
+    tables = level_tables(cases, opts.breast_combine)
+    val_tables = None
+    if opts.val_predictions:
+        val = _load_all(opts.val_predictions, opts.score_col, opts.label_col, opts.id_col,
+                        opts.val_exam_list or opts.exam_list, opts.names)
+        if val.models != cases.models:
+            raise ValueError(f"validation models {val.models} differ from test models "
+                             f"{cases.models}")
+        val_tables = level_tables(val, opts.breast_combine)
+    if not any(np.isfinite(t["label"].to_numpy(dtype=float)).any() for t in tables.values()):
+        raise ValueError(f"{opts.predictions[0]}: no labelled case (give --label-col or "
+                         f"--exam-list)")
+    return cases, tables, val_tables
+
+
+def _settings(opts, cases: Cases, tables: Dict[str, pd.DataFrame]) -> dict:
+    """The ``settings`` entry of ``metrics.json``."""
+    return {
+        "predictions": [str(p) for p in opts.predictions],
+        "val_predictions": [str(p) for p in opts.val_predictions or []],
+        "models": cases.models, "levels": list(tables), "breast_combine": opts.breast_combine,
+        "exam_combine": "max", "threshold_rules": {
+            "youden": "maximises sensitivity + specificity - 1 on validation",
+            "sensitivity_<t>": "highest validation threshold with sensitivity >= t",
+            "specificity_<t>": "lowest validation threshold with specificity >= t",
+            "fixed_<t>": "the fixed --threshold, used without validation predictions"},
+        "positive_if": "score >= threshold", "bootstrap": opts.bootstrap, "seed": opts.seed,
+        "calibrate": opts.calibrate, "notes": cases.notes}
+
+
 # ------------------------------------------------------------------------------ command line
 def get_args_parser() -> argparse.ArgumentParser:
-    """Parser of the command-line flags; defaults are those of :func:`run`."""
-    d = run_defaults(run)
+    """Parser of the command-line flags: the one declaration of each option (type, default,
+    help) of :func:`run` and :func:`options_class`."""
     p = argparse.ArgumentParser(description="Evaluate prediction files: levels, operating "
                                             "points, calibration, model comparison.")
     p.add_argument("--predictions", nargs="+", required=True, metavar="CSV",
@@ -619,34 +664,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-col", help="column holding each case's true label, 1 positive and 0 "
                                        "negative (default: malignant_label, label, cancer or "
                                        "malignant, whichever is present)")
-    p.add_argument("--id-col", default=d["id_col"],
+    p.add_argument("--id-col", default="image_index",
                    help="column naming each image (default: %(default)s)")
     p.add_argument("--names", nargs="+", help="model names, one per file or --score-col "
                                               "(default: the column name for one file, the "
                                               "file stem or folder/stem for several)")
-    p.add_argument("--breast-combine", choices=sorted(_COMBINE), default=d["breast_combine"],
+    p.add_argument("--breast-combine", choices=sorted(_COMBINE), default="mean",
                    help="how the views of a breast are combined (default: %(default)s)")
-    p.add_argument("--threshold", type=cf.fraction, default=d["threshold"],
+    p.add_argument("--threshold", type=cf.fraction, default=0.5,
                    help="fixed operating point (score >= threshold positive), reported "
                         "without --val-predictions (default: %(default)s)")
-    p.add_argument("--target-sensitivity", type=cf.fraction, default=d["target_sensitivity"],
+    p.add_argument("--target-sensitivity", type=cf.fraction, default=0.9,
                    help="sensitivity the validation-chosen threshold keeps "
                         "(default: %(default)s)")
-    p.add_argument("--target-specificity", type=cf.fraction, default=d["target_specificity"],
+    p.add_argument("--target-specificity", type=cf.fraction, default=0.9,
                    help="specificity the validation-chosen threshold keeps "
                         "(default: %(default)s)")
     p.add_argument("--calibrate", choices=em.CALIBRATION_METHODS,
                    help="fit a recalibration on --val-predictions and write calibrated test "
                         "scores and the map (default: none)")
-    p.add_argument("--bootstrap", type=cf.nonneg_int, default=d["bootstrap"],
+    p.add_argument("--bootstrap", type=cf.nonneg_int, default=2000,
                    help="bootstrap resamples for 95%% intervals, 0 for none "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=cf.nonneg_int, default=d["seed"],
+    p.add_argument("--seed", type=cf.nonneg_int, default=12345,
                    help="seed of the bootstrap resampling of the confidence intervals "
                         "(default: %(default)s)")
     p.add_argument("--quiet", action="store_true",
                    help="do not print the table (default: printed)")
-    p.add_argument("--out-dir", default=d["out_dir"],
+    p.add_argument("--out-dir", default="./evaluation",
                    help="folder receiving metrics.json and the ROC, PR and reliability PNGs "
                         "(default: %(default)s)")
     return p

@@ -308,3 +308,32 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert "l.csv: labels in column 'malignant_label' should be 0 or 1, got 2" in _exit2(
         ["--predictions", str(tmp_path / "l.csv")], capsys)
     assert not (tmp_path / "o").exists()
+
+
+def test_run_options_are_the_parsers_and_unknown_keywords_are_refused(tmp_path, monkeypatch):
+    _cbis_csv(tmp_path / "t.csv", 3)
+    with pytest.raises(ValueError, match=r"unknown options \['bootstraps'\]; valid: .*'bootstrap'"):
+        evaluate.run([tmp_path / "t.csv"], tmp_path / "o", bootstraps=10)
+    assert not (tmp_path / "o").exists()
+    seen = []
+    monkeypatch.setattr(evaluate, "evaluate_predictions", seen.append)
+    evaluate.run([tmp_path / "t.csv"])
+    evaluate.run([str(tmp_path / "t.csv")], str(tmp_path / "o"), seed=3, names=["m"])
+    cls = evaluate.options_class()
+    assert cls is evaluate.options_class() and type(seen[0]) is cls
+    args = evaluate.get_args_parser().parse_args(["--predictions", str(tmp_path / "t.csv")])
+    assert seen[0] == cls(**vars(args))
+    assert (seen[0].out_dir, seen[0].bootstrap, seen[0].threshold) == ("./evaluation", 2000, 0.5)
+    assert seen[1] == seen[0].replace(out_dir=str(tmp_path / "o"), seed=3, names=["m"])
+
+
+def test_python_keywords_give_the_command_lines_metrics(tmp_path):
+    _cbis_csv(tmp_path / "t.csv", 3)
+    py = evaluate.run([tmp_path / "t.csv"], out_dir=tmp_path / "a", threshold=0.3,
+                      bootstrap=20, seed=7, breast_combine="max", quiet=True)
+    cli = evaluate.main(["--predictions", str(tmp_path / "t.csv"), "--out-dir",
+                         str(tmp_path / "a"), "--threshold", "0.3", "--bootstrap", "20",
+                         "--seed", "7", "--breast-combine", "max", "--quiet"])
+    assert py["metrics"] == cli["metrics"] and py["table"] == cli["table"]
+    assert py["metrics"]["breast"]["malignant_pred"]["operating_points"]["fixed_0.3"][
+        "threshold"] == 0.3
