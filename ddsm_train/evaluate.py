@@ -562,9 +562,8 @@ def run(predictions: Sequence[PathLike], out_dir: Optional[PathLike] = None,
     """
     if out_dir is not None:
         options["out_dir"] = out_dir
-    # --predictions is a required flag: resolve the others against a stand-in value
-    resolved = script_utils.resolve_options(get_args_parser(), ("--predictions", "-"), options)
-    resolved["predictions"] = [str(p) for p in predictions or []]
+    resolved = script_utils.resolve_options(
+        get_args_parser(), (), {**options, "predictions": [str(p) for p in predictions or []]})
     return evaluate_predictions(run_options.options_from(options_class(), resolved))
 
 
