@@ -36,6 +36,14 @@ run can continue where it stopped. The sections of this file, in order:
    and :class:`StageRun` (the run's files, seed, resume state, callbacks, strategy).
 5. **2017 staged-training calls**: :func:`do_3stage_training` and :func:`do_2stage_training`,
    the keyword calls of the 2017 code, are thin wrappers over the typed functions.
+
+A run as the trainers start it (``training_setup.run_trainer`` fills these from the options)::
+
+    data = StageData(train, val, validation_steps=len(val), steps_per_epoch=len(train),
+                     nb_class=2)
+    run = StageRun("best.h5", checkpoint_path=last_checkpoint_path("best.h5"),
+                   log_csv=training_log_path("best.h5"), seed=12345)
+    histories = train_2stage(model, data, StagePlan(nb_epoch=2, all_layer_epochs=3), run)
 """
 from __future__ import annotations
 
