@@ -266,10 +266,11 @@ def _train_rate(model, spec: ModelSpec, mode: str, batch: int, warmup: int, time
 
     import dm_keras_ext
     import dm_multi_gpu
+    import training_runs
 
     strategy = dm_multi_gpu.get_strategy(gpu_count, strategy_devices)
     model, _ = dm_multi_gpu.make_parallel(model, gpu_count, strategy_devices)
-    dm_keras_ext._set_trainable(model, lambda i, layer: True)
+    training_runs._set_trainable(model, lambda i, layer: True)
     # the trainers' compile: stage-2 lr of train_image_clf_im1152.sh, bias lr x 0.1
     dm_keras_ext._compile(model, optim="adam", lr=1e-4 * 0.01, bias_multiplier=0.1,
                           jit_compile=mode == "jit", strategy=strategy, metrics=("accuracy",))

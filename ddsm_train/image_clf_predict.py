@@ -5,7 +5,7 @@ Screening Mammography", Sci Rep 9, 12495 (2019); arXiv:1708.09427. One or severa
 models (HDF5, including the published Keras 2.0.8 files, loaded with
 ``dm_keras_ext.robust_load_model``) score each image; their class probabilities are averaged.
 With ``--test-augment`` each model sees the image as is and flipped left-right, up-down and both
-(``dm_keras_ext.flip_all_img``), in one batched call, and the 4 predictions are averaged, as
+(``training_runs.flip_all_img``), in one batched call, and the 4 predictions are averaged, as
 the 2017 evaluation did.
 
 Inputs (exactly one kind):
@@ -417,12 +417,12 @@ def predict_batch(models: List[Tuple[str, object]], channels: List[int], x: np.n
         x: float32 (n, height, width, 1) preprocessed, or (n, height, width, C) already at
             the models' channel count.
         test_augment: average each model's predictions on the 4 flips
-            (``dm_keras_ext.predict_flip_mean``).
+            (``training_runs.predict_flip_mean``).
 
     Returns:
         float64 (n, nb_class).
     """
-    from dm_keras_ext import predict_flip_mean
+    from training_runs import predict_flip_mean
 
     total = 0.0
     for (_, model), c in zip(models, channels):

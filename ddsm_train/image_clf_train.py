@@ -296,9 +296,9 @@ class _ImageTrainer(ts.TrainerSpec):
                                      else None)
 
     def checkpointer(self, opts, val, extras):
-        import dm_keras_ext
+        import training_runs
 
-        return dm_keras_ext.DMAucModelCheckpoint(opts.best_model, val, extras=extras)
+        return training_runs.DMAucModelCheckpoint(opts.best_model, val, extras=extras)
 
     def report(self, opts, json_path, hists, context):
         return _report(opts, json_path, hists, context["checkpointer"], context["test"],
@@ -334,6 +334,7 @@ def run(train_dir, val_dir, test_dir, **options):
 
 def _report(opts, json_path, hists, ckpt, test, is_chief=True):
     import dm_keras_ext
+    import training_runs
 
     result = dict(best_model=opts["best_model"], options_json=str(json_path),
                   best_val_auc=float(ckpt.best_auc), best_epoch=ckpt.best_epoch,
@@ -346,7 +347,7 @@ def _report(opts, json_path, hists, ckpt, test, is_chief=True):
         raise ValueError(f"no epoch produced a validation AUROC, so no model was saved to "
                          f"{opts['best_model']} (any file there is from an earlier run)")
     best = dm_keras_ext.robust_load_model(opts["best_model"])
-    calc = dm_keras_ext.DMAucModelCheckpoint.calc_test_auc
+    calc = training_runs.DMAucModelCheckpoint.calc_test_auc
     result["test_auc"] = float(calc(test, best))
     result["test_auc_augmented"] = float(calc(test, best, test_augment=True))
     logger.info("Training summary: %d epochs, best validation AUROC %.4f at epoch %d, "

@@ -16,8 +16,8 @@ The other scripts (``heatmap_score``, ``image_clf_predict``, ``sample_patches_co
 parser, ``run(positionals, **options)`` resolving keywords against the parser
 (``script_utils.resolve_options``) and one options object handed to the implementation.
 
-A trainer's options object is passed whole: to ``dm_keras_ext.train_3stage`` /
-``train_2stage`` (which read the fields of ``dm_keras_ext.StagePlan`` from it) and to the run
+A trainer's options object is passed whole: to ``training_runs.train_3stage`` /
+``train_2stage`` (which read the fields of ``training_runs.StagePlan`` from it) and to the run
 skeleton of ``training_setup``. It also reads as a mapping (``opts["best_model"]``, ``dict(opts)``) for the
 helpers shared with the scripts that still keep their options in a dict.
 """

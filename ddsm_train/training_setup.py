@@ -176,7 +176,7 @@ def run_identity(opts, env):
 
 class RunComplete(Exception):
     """The run asked for is already finished at ``--best-model``; ``state`` is its checkpoint's
-    training state (``dm_keras_ext.read_training_state``)."""
+    training state (``training_runs.read_training_state``)."""
 
     def __init__(self, state):
         super().__init__(f"the run of {state.get('best_model')} is complete")
@@ -197,14 +197,14 @@ def check_earlier_run(opts, identity):
         RunComplete: the same run is finished and its best model is there.
         ValueError: ``--best-model`` holds another run's model and ``--overwrite`` is off.
     """
-    import dm_keras_ext
+    import training_runs
 
     best = opts["best_model"]
-    checkpoint = dm_keras_ext.last_checkpoint_path(best)
+    checkpoint = training_runs.last_checkpoint_path(best)
     state = None
     if Path(checkpoint).is_file():
         try:
-            state = dm_keras_ext.read_training_state(checkpoint)
+            state = training_runs.read_training_state(checkpoint)
         except (OSError, ValueError) as err:
             logger.warning("cannot read the checkpoint %s (%s)", checkpoint, err)
     same = state is not None and state.get("run", {}).get("options_hash") == \
@@ -216,7 +216,7 @@ def check_earlier_run(opts, identity):
     resume_from = opts.get("resume_from")
     if resume_from and Path(resume_from).is_file():   # continuing a run into this model
         try:
-            source = dm_keras_ext.read_training_state(resume_from)
+            source = training_runs.read_training_state(resume_from)
         except (OSError, ValueError):
             source = None
         if source is not None and not source.get("finished") and source.get("best_model") \
@@ -271,9 +271,9 @@ def begin_training_run(opts, validate):
         (``script_utils.log_options``) is written as ``<best-model>.options.json`` with the
         run's first model (:func:`model_file_extras`).
     """
-    import dm_keras_ext
     import dm_multi_gpu
     import tf_keras as keras
+    import training_runs
 
     env = env_summary(opts.get("seed"))
     strategy = dm_multi_gpu.get_strategy(env["NUM_GPU_DEVICES"])
@@ -283,8 +283,8 @@ def begin_training_run(opts, validate):
     identity = run_identity(opts, env)
     check_earlier_run(opts, identity)
     record = log_options(opts, env)
-    resume = dm_keras_ext.resolve_resume(
-        dm_keras_ext.last_checkpoint_path(opts["best_model"]), identity,
+    resume = training_runs.resolve_resume(
+        training_runs.last_checkpoint_path(opts["best_model"]), identity,
         auto_resume=opts["auto_resume"], resume_from=opts["resume_from"])
     keras.utils.set_random_seed(env["RANDOM_SEED"])
     dm_multi_gpu.set_precision_policy(opts["mixed_precision"])
@@ -323,7 +323,7 @@ def claim_run_files(opts):
     killed writes beside the model files.
     """
     import run_files
-    from dm_keras_ext import last_checkpoint_path
+    from training_runs import last_checkpoint_path
 
     best = opts["best_model"]
     final = opts.get("final_model")
@@ -344,11 +344,11 @@ def claim_run_files(opts):
 
 
 def run_file_kwargs(opts, env, identity, resume):
-    """Keyword arguments of ``dm_keras_ext.do_2stage_training``/``do_3stage_training`` for the
+    """Keyword arguments of ``training_runs.do_2stage_training``/``do_3stage_training`` for the
     run's files beside ``--best-model``: ``.last.h5`` (checkpoint), ``.log.csv``,
     ``.curves.png``; the seed, the run's identity, the state to resume and, with
     ``--tensorboard-dir``, a TensorBoard callback."""
-    import dm_keras_ext
+    import training_runs
 
     best = opts["best_model"]
     callbacks = []
@@ -357,11 +357,11 @@ def run_file_kwargs(opts, env, identity, resume):
 
         callbacks.append(keras.callbacks.TensorBoard(log_dir=opts["tensorboard_dir"]))
         logger.info("TensorBoard logs: %s", opts["tensorboard_dir"])
-    logger.info("Run files: %s (last epoch), %s, %s", dm_keras_ext.last_checkpoint_path(best),
-                dm_keras_ext.training_log_path(best), dm_keras_ext.training_curves_path(best))
-    return dict(seed=env["RANDOM_SEED"], checkpoint_path=dm_keras_ext.last_checkpoint_path(best),
-                log_csv=dm_keras_ext.training_log_path(best),
-                curves_png=dm_keras_ext.training_curves_path(best), resume_state=resume,
+    logger.info("Run files: %s (last epoch), %s, %s", training_runs.last_checkpoint_path(best),
+                training_runs.training_log_path(best), training_runs.training_curves_path(best))
+    return dict(seed=env["RANDOM_SEED"], checkpoint_path=training_runs.last_checkpoint_path(best),
+                log_csv=training_runs.training_log_path(best),
+                curves_png=training_runs.training_curves_path(best), resume_state=resume,
                 run_info=identity, callbacks=callbacks)
 
 
@@ -490,7 +490,7 @@ class TrainerSpec:
     training's own); ``report(opts, json_path, hists, context)`` the run's result.
 
     Attributes:
-        stages: the name of the ``dm_keras_ext`` staged training (``"train_3stage"`` or
+        stages: the name of the ``training_runs`` staged training (``"train_3stage"`` or
             ``"train_2stage"``), looked up when the run starts.
         unit: what one sample is (``"patches"``, ``"images"``), for the log.
     """
@@ -531,8 +531,8 @@ def run_trainer(opts, spec):
         env, strategy, record, identity, resume = begin_training_run(opts, spec.validate)
     except RunComplete as done:
         return finished_run_result(opts, done.state, options_json_path(opts["best_model"]))
-    import dm_keras_ext
     import dm_multi_gpu
+    import training_runs
     from dm_resnet import get_preprocess_input
 
     nb_class = len(opts["class_list"])
@@ -550,14 +550,14 @@ def run_trainer(opts, spec):
     checkpointer = spec.checkpointer(opts, val, extras)
     run = stage_run(opts, env, identity, resume)
     run.strategy, run.checkpointer, run.extras = strategy, checkpointer, extras
-    data = dm_keras_ext.StageData(train, val, len(val), len(train), nb_class,
-                                  env["NUM_CPU_CORES"])
-    hists = getattr(dm_keras_ext, spec.stages)(model, data=data,
-                                                plan=spec.plan(opts, top_layer_nb), run=run)
+    data = training_runs.StageData(train, val, len(val), len(train), nb_class,
+                                   env["NUM_CPU_CORES"])
+    hists = getattr(training_runs, spec.stages)(model, data=data,
+                                                 plan=spec.plan(opts, top_layer_nb), run=run)
     if opts["final_model"] and opts["final_model"] != NOSAVE:
-        dm_keras_ext.save_model_distributed(hists[-1].model if hists else model,
-                                            opts["final_model"],
-                                            extras=extras.without_sidecar())
+        training_runs.save_model_distributed(hists[-1].model if hists else model,
+                                             opts["final_model"],
+                                             extras=extras.without_sidecar())
     context = dict(test=test, checkpointer=checkpointer,
                    is_chief=getattr(strategy.extended, "should_checkpoint", True))
     return spec.report(opts, options_json_path(opts["best_model"]), hists, context)
@@ -573,11 +573,11 @@ def merge_history(hists):
 
 
 def stage_run(opts, env, identity, resume):
-    """The ``dm_keras_ext.StageRun`` of a trainer's options: the run's files beside
+    """The ``training_runs.StageRun`` of a trainer's options: the run's files beside
     ``--best-model`` (``.last.h5`` checkpoint, ``.log.csv``, ``.curves.png``), the seed, the
     run's identity, the state to resume and, with ``--tensorboard-dir``, a TensorBoard
     callback."""
-    import dm_keras_ext
+    import training_runs
 
-    return dm_keras_ext.StageRun(opts["best_model"], **run_file_kwargs(opts, env, identity,
-                                                                       resume))
+    return training_runs.StageRun(opts["best_model"], **run_file_kwargs(opts, env, identity,
+                                                                        resume))

@@ -358,13 +358,13 @@ def test_top_layer_nb_that_trains_nothing_is_refused(keras_session):
 
 
 def test_top_layer_nb_checked_by_the_trainer_before_training(tmp_path, capsys, monkeypatch):
-    import dm_keras_ext
     import patch_clf_train
+    import training_runs
 
     def never(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(dm_keras_ext, "train_3stage", never)
+    monkeypatch.setattr(training_runs, "train_3stage", never)
     dirs = _class_dirs(tmp_path / "p", ("background", "malignant"), n=1)
     err = _exit_line(patch_clf_train.main, dirs + [
         "--class-list", "background", "malignant", "--net", "yaroslav", "--no-use-pretrained",

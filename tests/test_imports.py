@@ -44,3 +44,41 @@ def test_image_functions_do_not_load_tensorflow(repo_root, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+
+
+def test_dm_keras_ext_re_exports_the_training_runs_module(repo_root):
+    """The training layer is one module, ``training_runs`` (as the scripts import it), and
+    ``dm_keras_ext`` hands out its objects, not copies from a second module."""
+    import dm_keras_ext
+    import training_runs
+
+    assert Path(training_runs.__file__).resolve() == repo_root / "ddsm_train" / "training_runs.py"
+    assert dm_keras_ext.do_2stage_training is training_runs.do_2stage_training
+    assert dm_keras_ext._TRAINING_RUNS_NAMES == set(training_runs.__all__)
+    assert dm_keras_ext._TRAINING_RUNS_NAMES <= set(dm_keras_ext.__all__)
+    for name in training_runs.__all__:
+        assert getattr(dm_keras_ext, name) is getattr(training_runs, name), name
+    assert "ddsm_train.training_runs" not in sys.modules
+    assert not hasattr(dm_keras_ext, "no_such_name")
+
+
+@pytest.mark.slow
+def test_2017_imports_of_the_training_names_with_pythonpath_only(repo_root, tmp_path):
+    """With only the repository root on ``PYTHONPATH`` (another folder as cwd):
+    ``dm_keras_ext`` alone does not load the training layer; the 2017 imports of its names
+    work and give the objects the trainers use (``training_setup`` imports it by plain name)."""
+    env = {"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    code = ("import sys\n"
+            "import dm_keras_ext\n"
+            "assert 'training_runs' not in sys.modules, 'dm_keras_ext loaded training_runs'\n"
+            "from dm_keras_ext import do_3stage_training, DMAucModelCheckpoint\n"
+            "import training_setup, training_runs\n"
+            "assert do_3stage_training is training_runs.do_3stage_training\n"
+            "assert DMAucModelCheckpoint is training_runs.DMAucModelCheckpoint\n"
+            "assert dm_keras_ext.do_2stage_training is training_runs.do_2stage_training\n"
+            "assert 'ddsm_train.training_runs' not in sys.modules, sorted(sys.modules)\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")

@@ -18,6 +18,7 @@ from conftest import (class_shift_data, split_dirs, tiny_gap_net, tiny_vgg_patch
                       write_class_split)
 
 import dm_keras_ext as K
+import training_runs
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "ddsm_train"
 IMG_HW, PATCH_HW = (40, 32), (24, 24)
@@ -221,7 +222,7 @@ def test_checkpoint_restores_optimizer_state_exactly(tmp_path, keras_session, op
     assert K.read_training_state(path)["epoch"] == 1
     other = tiny_gap_net()
     K._compile(other, optim, 0.01, bias_multiplier, False, None, ["accuracy"])
-    K._load_checkpoint_weights(other, path, with_optimizer=True)
+    training_runs._load_checkpoint_weights(other, path, with_optimizer=True)
     assert int(other.optimizer.iterations) == int(model.optimizer.iterations) == 3
     assert len(other.optimizer.variables) == len(model.optimizer.variables) > 1
     for a, b in zip(model.optimizer.variables, other.optimizer.variables):
@@ -251,7 +252,7 @@ def test_checkpoint_restores_mixed_precision_state_exactly(tmp_path, keras_sessi
         K.save_training_checkpoint(model, path, {"version": 1, "epoch": 1})
         other = tiny_gap_net()
         K._compile(other, "adam", 0.01, None, False, None, ["accuracy"])
-        K._load_checkpoint_weights(other, path, with_optimizer=True)
+        training_runs._load_checkpoint_weights(other, path, with_optimizer=True)
         assert len(other.optimizer.variables) == len(model.optimizer.variables) > 1
         for a, b in zip(model.optimizer.variables, other.optimizer.variables):
             np.testing.assert_array_equal(a.numpy(), b.numpy())

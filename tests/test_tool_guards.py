@@ -184,6 +184,7 @@ class _Built(Exception):
 def _stage1_trainable(monkeypatch, argv):
     """Parameters image_clf_train.py would train in stage 1 for ``argv`` (no training)."""
     import image_clf_train
+    import training_runs
 
     seen = {}
 
@@ -191,7 +192,7 @@ def _stage1_trainable(monkeypatch, argv):
         seen["n"] = sum(layer.count_params() for layer in model.layers[plan.top_layer_nb:])
         raise _Built()
 
-    monkeypatch.setattr(K, "train_2stage", capture)
+    monkeypatch.setattr(training_runs, "train_2stage", capture)
     with pytest.raises(_Built):
         image_clf_train.main(argv)
     return seen["n"]

@@ -220,15 +220,15 @@ def _test_auc(model_file, data, img_size, mean, flips=False):
 
 
 def _record_calls(monkeypatch, name):
-    """Wrap ``dm_keras_ext.<name>`` (the typed staged training) to record the options object
+    """Wrap ``training_runs.<name>`` (the typed staged training) to record the options object
     each call gets as ``plan``."""
-    import dm_keras_ext
-    calls, original = [], getattr(dm_keras_ext, name)
+    import training_runs
+    calls, original = [], getattr(training_runs, name)
 
     def wrapper(*args, **kwargs):
         calls.append(kwargs["plan"])
         return original(*args, **kwargs)
-    monkeypatch.setattr(dm_keras_ext, name, wrapper)
+    monkeypatch.setattr(training_runs, name, wrapper)
     return calls
 
 

@@ -78,12 +78,12 @@ def test_one_class_validation_set_is_refused_before_training(whole, capsys):
 
 def test_a_run_failing_before_its_first_model_leaves_the_earlier_files(whole, monkeypatch):
     _, best, common = whole
-    import dm_keras_ext
+    import training_runs
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed during the first epoch")
 
-    monkeypatch.setattr(dm_keras_ext, "train_2stage", crash)
+    monkeypatch.setattr(training_runs, "train_2stage", crash)
     with pytest.raises(RuntimeError, match="killed"):
         image_clf_train.main(common + ["--nb-epoch", "1", "--no-auto-resume"])
     _untouched(best)
