@@ -18,16 +18,10 @@ The module holds two layers, each in its own sections (the ``# ----`` headings),
 
 The training runs (metrics and callbacks, resumable runs with their CSV log and curves, the
 staged training ``train_3stage`` / ``train_2stage`` and the 2017 calls ``do_3stage_training`` /
-``do_2stage_training``) live in ``ddsm_train/training_runs.py``. Its public names are
-re-exported here, loaded on first use (``from dm_keras_ext import do_3stage_training`` works as
-in 2017): ``do_3stage_training``, ``do_2stage_training``, ``StagePlan``, ``StageData``,
-``StageRun``, ``train_3stage``, ``train_2stage``, ``DMAucModelCheckpoint``,
-``BestModelCheckpoint``, ``DMMetrics``, ``DMFlush``, ``NonFiniteTrainingError``,
-``FiniteTrainingGuard``, ``flip_all_img``, ``predict_flip_mean``, ``ovr_auroc``,
-``class_weight_dict``, ``save_model_distributed``, ``last_checkpoint_path``,
-``training_log_path``, ``training_curves_path``, ``save_training_checkpoint``,
-``read_training_state``, ``resolve_resume``, ``write_training_log``, ``plot_training_curves``,
-``TRAINING_STATE_KEY``, ``KILL_AFTER_EPOCH_ENV``.
+``do_2stage_training``) live in ``ddsm_train/training_runs.py``. Its public names (its
+``__all__``: the 2017 ``do_3stage_training``, ``do_2stage_training``, ``DMAucModelCheckpoint``,
+``DMMetrics``, ``DMFlush`` and ``flip_all_img`` among them) are re-exported here, loaded on first
+use: ``from dm_keras_ext import do_3stage_training`` works as in 2017.
 """
 from __future__ import annotations
 
@@ -56,9 +50,19 @@ from dm_resnet import (YAROSLAV_FILTERS, Yaroslav,  # noqa: F401  (re-exported: 
 
 logger = logging.getLogger(__name__)
 
-# The training-run names of __all__ come from ddsm_train/training_runs.py through __getattr__
-# (end of file), which ruff does not follow; tests/test_imports.py checks every name.
-# ruff: noqa: F822
+#: The names of ``ddsm_train/training_runs.py`` that this module re-exports (2017 code imports
+#: them from here). They are loaded on first use (``__getattr__`` at the end of the file), so
+#: importing this module alone does not load the training layer (which imports this module).
+_TRAINING_RUNS_NAMES = (
+    "do_3stage_training", "do_2stage_training", "StagePlan", "StageData", "StageRun",
+    "train_3stage", "train_2stage", "DMAucModelCheckpoint", "BestModelCheckpoint", "DMMetrics",
+    "DMFlush", "NonFiniteTrainingError", "FiniteTrainingGuard", "flip_all_img",
+    "predict_flip_mean", "ovr_auroc", "class_weight_dict", "save_model_distributed",
+    "last_checkpoint_path", "training_log_path", "training_curves_path",
+    "save_training_checkpoint", "read_training_state", "resolve_resume", "write_training_log",
+    "plot_training_curves", "TRAINING_STATE_KEY", "KILL_AFTER_EPOCH_ENV",
+)
+
 __all__ = [
     "IMAGENET_WEIGHTS_ENV",
     "YAROSLAV_FILTERS",
@@ -90,42 +94,14 @@ __all__ = [
     "MODEL_INFO_ATTR",
     "ModelFileExtras",
     "read_model_info",
-    "do_3stage_training",
-    "do_2stage_training",
-    "StagePlan",
-    "StageData",
-    "StageRun",
-    "train_3stage",
-    "train_2stage",
-    "DMAucModelCheckpoint",
-    "BestModelCheckpoint",
-    "DMMetrics",
-    "DMFlush",
-    "NonFiniteTrainingError",
-    "FiniteTrainingGuard",
-    "flip_all_img",
-    "predict_flip_mean",
     "load_dat_ram",
-    "ovr_auroc",
     "is_bias_variable",
     "with_bias_multiplier",
     "rebuild_model",
     "set_regularization",
-    "class_weight_dict",
-    "save_model_distributed",
     "FROZEN_BN_MODES",
     "set_frozen_bn_mode",
-    "last_checkpoint_path",
-    "training_log_path",
-    "training_curves_path",
-    "save_training_checkpoint",
-    "read_training_state",
-    "resolve_resume",
-    "write_training_log",
-    "plot_training_curves",
-    "TRAINING_STATE_KEY",
-    "KILL_AFTER_EPOCH_ENV",
-]
+] + list(_TRAINING_RUNS_NAMES)
 
 # ---------------------------------------------------------------- patch-net factory
 # The backbones (constructors, preprocessing, weight files, stage-2 and cut roles, heads) are
@@ -1237,17 +1213,6 @@ def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = Tr
 
 
 # ---------------------------------------------------------------- training runs (re-exported)
-#: The names of ``ddsm_train/training_runs.py`` that this module re-exports (2017 code imports
-#: them from here). They are loaded on first use, so importing this module alone does not
-#: load the training layer (which imports this module).
-_TRAINING_RUNS_NAMES = frozenset({
-    "do_3stage_training", "do_2stage_training", "StagePlan", "StageData", "StageRun",
-    "train_3stage", "train_2stage", "DMAucModelCheckpoint", "BestModelCheckpoint", "DMMetrics",
-    "DMFlush", "NonFiniteTrainingError", "FiniteTrainingGuard", "flip_all_img",
-    "predict_flip_mean", "ovr_auroc", "class_weight_dict", "save_model_distributed",
-    "last_checkpoint_path", "training_log_path", "training_curves_path",
-    "save_training_checkpoint", "read_training_state", "resolve_resume", "write_training_log",
-    "plot_training_curves", "TRAINING_STATE_KEY", "KILL_AFTER_EPOCH_ENV"})
 
 
 def _training_runs():
@@ -1268,4 +1233,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | _TRAINING_RUNS_NAMES)
+    return sorted(set(globals()) | set(_TRAINING_RUNS_NAMES))

@@ -54,8 +54,8 @@ def test_dm_keras_ext_re_exports_the_training_runs_module(repo_root):
 
     assert Path(training_runs.__file__).resolve() == repo_root / "ddsm_train" / "training_runs.py"
     assert dm_keras_ext.do_2stage_training is training_runs.do_2stage_training
-    assert dm_keras_ext._TRAINING_RUNS_NAMES == set(training_runs.__all__)
-    assert dm_keras_ext._TRAINING_RUNS_NAMES <= set(dm_keras_ext.__all__)
+    assert set(dm_keras_ext._TRAINING_RUNS_NAMES) == set(training_runs.__all__)
+    assert set(dm_keras_ext._TRAINING_RUNS_NAMES) <= set(dm_keras_ext.__all__)
     for name in training_runs.__all__:
         assert getattr(dm_keras_ext, name) is getattr(training_runs, name), name
     assert "ddsm_train.training_runs" not in sys.modules
