@@ -762,11 +762,8 @@ def run(img_folder: PathLike, dl_state: PathLike, pat_csv: Optional[PathLike] = 
     extras = {k: options.pop(k) for k in ("custom_objects", "given_options") if k in options}
     if pat_csv is not None:
         options["pat_csv"] = pat_csv
-    # the positionals are parsed as placeholders and replaced by the values given (a Path, or
-    # a name starting with "-", is kept as is)
     opts = run_options.options_from(options_class(), script_utils.resolve_options(
-        get_args_parser(), ("IMG_FOLDER", "DL_STATE"),
-        {**options, "img_folder": img_folder, "dl_state": dl_state}))
+        get_args_parser(), (img_folder, dl_state), options))
     return score_heatmaps(opts, **extras)
 
 

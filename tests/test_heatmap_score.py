@@ -421,9 +421,9 @@ def test_run_hands_one_options_object_with_the_parsers_defaults(monkeypatch):
     parsed = vars(hs.get_args_parser().parse_args(["imgs", "patch.h5"]))
     assert seen[0] == (run_options.options_from(cls, parsed), {})
     assert dataclasses.asdict(seen[0][0]) == parsed   # every flag, with the parser's default
-    hs.run(Path("imgs"), "patch.h5", "pats.csv", stride=4, img_size=(64, 48),
+    hs.run(Path("-imgs"), "patch.h5", "pats.csv", stride=4, img_size=(64, 48),
            given_options=["stride"], custom_objects={"Mine": int})
     opts, extra = seen[1]
     assert (opts.img_folder, opts.pat_csv, opts.stride, opts.img_size, opts.net) == (
-        Path("imgs"), "pats.csv", 4, (64, 48), "vgg19")
+        "-imgs", "pats.csv", 4, (64, 48), "vgg19")     # a path, as the command line gives it
     assert extra == {"given_options": ["stride"], "custom_objects": {"Mine": int}}
