@@ -468,13 +468,17 @@ def resolve_options(parser: argparse.ArgumentParser, positionals: Sequence[Any],
     if len(positionals) > len(slots):
         raise ValueError(f"{len(positionals)} positional values for {len(slots)} positional "
                          f"arguments {[a.dest for a in slots]}")
-    argv = ["POSITIONAL"] * len(positionals)
-    for action in parser._actions:      # a required flag: its value must be among ``options``
-        if action.option_strings and action.required:
-            if action.dest not in options:
-                raise ValueError(f"{action.option_strings[0]} ({action.dest}) is required")
-            argv += [action.option_strings[0], "PLACEHOLDER"]
-    resolved = vars(parser.parse_args(argv))
+    required = [a for a in parser._actions if a.option_strings and a.required]
+    for action in required:             # a required flag: its value must be among ``options``
+        if action.dest not in options:
+            raise ValueError(f"{action.option_strings[0]} ({action.dest}) is required")
+    try:                                # ... so the parse that gives the defaults skips it
+        for action in required:
+            action.required = False
+        resolved = vars(parser.parse_args(["POSITIONAL"] * len(positionals)))
+    finally:
+        for action in required:
+            action.required = True
     unknown = sorted(set(options) - set(resolved))
     if unknown:
         raise ValueError(f"unknown options {unknown}; valid: {sorted(resolved)}")

@@ -120,7 +120,9 @@ def test_resolve_options_takes_positionals_as_given():
     with pytest.raises(ValueError, match="3 positional values for 2"):
         script_utils.resolve_options(parser, ("d", "m", "x"), {})
     parser.add_argument("--model", nargs="+", required=True)
-    assert script_utils.resolve_options(parser, ("d", "m"), {"model": [object]})["model"] == \
-        [object]
+    parser.add_argument("--level", type=int, choices=[1, 2], required=True)
+    got = script_utils.resolve_options(parser, ("d", "m"), {"model": [object], "level": 2})
+    assert (got["model"], got["level"]) == ([object], 2)
+    assert parser._option_string_actions["--level"].required     # the parser is left as it was
     with pytest.raises(ValueError, match=r"--model \(model\) is required"):
         script_utils.resolve_options(parser, ("d", "m"), {})
