@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # runs it in one process.
 PYTEST_WORKERS ?= 2
 
-.PHONY: test test-fast lint bench demo gpu-check venv clean
+.PHONY: test test-fast lint bench bench-real demo gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -31,7 +31,12 @@ test-fast: lint
 	$(VPY) -m pytest tests --ignore=tests/benchmarks -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VPY) -m pytest tests/benchmarks -s -p no:cacheprovider $(PYTEST_ARGS)
+	$(VPY) -m pytest tests/benchmarks -s -p no:cacheprovider --ignore=tests/benchmarks/test_bench_real.py $(PYTEST_ARGS)
+
+# Real films side by side (../shared/data/mias_dev, 5 patient folds; under an hour on 2 cores):
+# our end-to-end model against the patch heatmap maximum and a plain CNN. BENCH_REAL_OUT keeps it.
+bench-real: $(STAMP)
+	$(VPY) -m pytest tests/benchmarks/test_bench_real.py -s -p no:cacheprovider $(PYTEST_ARGS)
 
 # The pipeline with the demo config; a second `make demo` into the same DEMO_OUT skips every stage.
 DEMO_OUT ?= demo_out/demo

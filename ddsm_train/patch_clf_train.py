@@ -47,6 +47,10 @@ def get_args_parser():
                        auto_batch_balance=False)
     cf.add_stage_flags(parser, nb_epoch=5, all_layer_epochs=20, all_layer_multiplier=0.01,
                        top_layer_epochs=10, top_layer_multiplier=0.1)
+    cf.add_bool_flag(parser, "auc-checkpoint", False,
+                     "keep the epoch with the best mean one-vs-rest validation AUROC as the "
+                     "best model, instead of the best validation accuracy (which, on "
+                     "imbalanced validation patches, rewards predicting the majority class)")
     cf.add_ram_flags(parser)
     n = parser.add_argument_group("network")
     n.add_argument("--net", dest="net", type=str, default="resnet50",
@@ -154,6 +158,13 @@ class _PatchTrainer(ts.TrainerSpec):
         return model, top_layer_nb, (opts.net if preprocess and not opts.featurewise_center
                                      else None)
 
+    def checkpointer(self, opts, val, extras):
+        if not opts.auc_checkpoint:
+            return None         # train_3stage keeps the best validation accuracy
+        import training_runs
+
+        return training_runs.DMAucModelCheckpoint(opts.best_model, val, extras=extras)
+
     def plan(self, opts, top_layer_nb):
         import dm_resnet
 
@@ -191,14 +202,20 @@ def run(train_dir, val_dir, test_dir, **options):
 
 
 def _report(opts, json_path, hists, test, is_chief=True):
+    import numpy as np
+
     import dm_keras_ext
 
     history = ts.merge_history(hists)
     val_acc = history.get("val_accuracy", [])
+    chosen = history.get("val_auc", []) if opts["auc_checkpoint"] else val_acc
+    best = int(np.nanargmax(chosen)) if chosen and not np.all(np.isnan(chosen)) else None
     result = dict(best_model=opts["best_model"], options_json=str(json_path),
                   epochs=len(history.get("loss", [])), stages=[h.stage for h in hists],
-                  history=history, best_val_accuracy=max(val_acc) if val_acc else None,
-                  best_epoch=int(val_acc.index(max(val_acc))) + 1 if val_acc else None,
+                  history=history,
+                  best_val_accuracy=val_acc[best] if best is not None and val_acc else None,
+                  best_epoch=best + 1 if best is not None else None,
+                  best_by="val_auc" if opts["auc_checkpoint"] else "val_accuracy",
                   test_loss=None, test_accuracy=None)
     if not is_chief:
         logger.info("Multi-worker run: the chief worker reports the test result")
@@ -231,11 +248,43 @@ def _test_confusion(model, test, opts):
         x, y = test[k][:2]
         probs.append(model.predict(x, verbose=0))
         labels.append(np.asarray(y).argmax(axis=-1) if np.ndim(y) == 2 else np.asarray(y))
-    rep = eval_metrics.write_confusion_report(np.concatenate(labels), np.concatenate(probs),
-                                              opts["class_list"], f"{opts['best_model']}.test")
+    labels, probs = np.concatenate(labels), np.concatenate(probs)
+    rep = eval_metrics.write_confusion_report(labels, probs, opts["class_list"],
+                                              f"{opts['best_model']}.test")
+    rep["predictions_csv"] = str(_write_test_predictions(test, labels, probs, opts))
     logger.info("Test confusion matrix (rows true %s): %s; one-vs-rest AUROC %s; in %s",
                 opts["class_list"], rep["counts"], rep["auroc_ovr"], rep["confusion_png"])
     return rep
+
+
+def _write_test_predictions(test, labels, probs, opts):
+    """``<best-model>.test.predictions.csv``: one row per test patch with its file
+    (``image_index``, relative to the test folder), ``patient_id`` (the name's part before
+    ``_LEFT_`` / ``_RIGHT_``), true class, each class's probability (``p_<class>``) and the
+    lesion score ``lesion_pred`` = 1 - P(first class, the background) with ``lesion_label``
+    (1 for every other class): what cross-validation pools into a patch-level AUROC."""
+    import csv
+    import re
+
+    from dm_image import atomic_write
+
+    names = list(getattr(test, "filenames", []))
+    if len(names) != len(labels):     # an iterator without file names (in memory)
+        names = [f"patch{k}" for k in range(len(labels))]
+    classes = list(opts["class_list"])
+    columns = (["image_index", "patient_id", "label", "class"] + [f"p_{c}" for c in classes]
+               + ["lesion_pred", "lesion_label"])
+
+    def write(fh):
+        out = csv.writer(fh)
+        out.writerow(columns)
+        for name, y, p in zip(names, labels, probs):
+            stem = os.path.splitext(name.replace(os.sep, "/"))[0]
+            patient = re.split(r"_(?:LEFT|RIGHT)_", os.path.basename(stem), maxsplit=1)[0]
+            out.writerow([stem, patient, int(y), classes[int(y)], *(f"{v:.6g}" for v in p),
+                          f"{1.0 - float(p[0]):.6g}", int(int(y) != 0)])
+
+    return atomic_write(f"{opts['best_model']}.test.predictions.csv", write, text=True)
 
 
 def main(argv=None):

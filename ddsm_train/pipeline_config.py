@@ -44,6 +44,8 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "cbis_dicom_root": ("str", ""),    # cbis_ddsm: the DICOM tree
         "val_size": ("float", 0.1),        # cbis_ddsm: validation patients' share
         "rescale_factor": ("float|auto", AUTO),   # auto: from the images' bit depth
+        "folds": ("int", 1),               # >= 2: cross-validation by patient (sampler_layout)
+        "fold_val_size": ("float", 0.2),   # share of the training folds' patients validating
     },
     "synthetic": {
         "patients": ("int", 160),
@@ -134,6 +136,8 @@ CHOICES: Dict[str, tuple] = {
 }
 #: "section.key" -> (low, high): a number setting must be > low and <= high.
 RANGES: Dict[str, tuple] = {
+    "data.folds": (0, 100),
+    "data.fold_val_size": (0.0, 0.9),
     "evaluate.target_sensitivity": (0.0, 1.0),
     "evaluate.target_specificity": (0.0, 1.0),
 }
@@ -256,6 +260,9 @@ def load_config(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
     for key in needs:
         if not config["data"][key]:
             raise ConfigError(f"{path}: data.source = {source!r} needs the key 'data.{key}'")
+    if config["data"]["folds"] > 1 and source != "sampler_layout":
+        raise ConfigError(f"{path}: data.folds = {config['data']['folds']} (cross-validation) "
+                          f"needs data.source = 'sampler_layout', got {source!r}")
     if source == "class_folders" and not config["patches"]["model"]:
         raise ConfigError(f"{path}: data.source = 'class_folders' has no ROI masks to sample "
                           f"patches from: give an existing patch classifier in 'patches.model'")

@@ -310,19 +310,31 @@ class Pipeline:
         csv_, masks, full = (self.rel(d / "roi_mask_path.csv"), self.rel(d / "roi_mask"),
                              self.rel(d / "full_img"))
         common = self._sampler_common()
-        train = Step("sample_patches_combined",
-                     [csv_, masks, self.rel(d / "train_pat.txt"), full, "patches/train",
-                      "patches/val", "--val-size", _num(p["val_size"]),
-                      "--nb-bkg", str(p["nb_bkg"]), "--nb-abn", str(p["nb_abn"])] + common)
+        counts = ["--nb-bkg", str(p["nb_bkg"]), "--nb-abn", str(p["nb_abn"])]
+        if (d / "val_pat.txt").is_file():
+            # the whole-image validation patients validate the patch classifier too
+            train = [Step("sample_patches_combined",
+                          [csv_, masks, self.rel(d / part), full, f"patches/{out}",
+                           f"patches/{out}_unused", "--val-size", "0"] + counts + common)
+                     for part, out in (("train_pat.txt", "train"), ("val_pat.txt", "val"))]
+        else:
+            train = [Step("sample_patches_combined",
+                          [csv_, masks, self.rel(d / "train_pat.txt"), full, "patches/train",
+                           "patches/val", "--val-size", _num(p["val_size"])] + counts + common)]
         test = Step("sample_patches_combined",
                     [csv_, masks, self.rel(d / "test_pat.txt"), full, "patches/test",
                      "patches/test_unused", "--val-size", "0",
                      "--nb-bkg", str(p["nb_hns"] + test_abn), "--nb-abn", str(test_abn)]
                     + common)
-        drop = Step(func=lambda: shutil.rmtree(self.out / "patches" / "test_unused",
-                                               ignore_errors=True),
-                    describe=["remove patches/test_unused"])
-        return StageSpec("sample_patches", [train, test, drop], deps=["data"],
+        unused = [f"{s}_unused" for s in ("train", "val", "test")]
+
+        def drop():
+            for name in unused:
+                shutil.rmtree(self.out / "patches" / name, ignore_errors=True)
+
+        drop = Step(func=drop, describe=["remove " + ", ".join(f"patches/{u}" for u in unused)]
+                    if len(train) > 1 else ["remove patches/test_unused"])
+        return StageSpec("sample_patches", train + [test, drop], deps=["data"],
                          outputs=["patches"],
                          complete=["patches/train/sampling_summary.json",
                                    "patches/val/patches.csv",
@@ -707,6 +719,68 @@ class Pipeline:
         return self.ran
 
 
+class CrossValidation:
+    """``data.folds = K`` >= 2: the chain once per patient fold into ``OUT/fold_k``, then the
+    out-of-fold test predictions pooled (``cross_validation`` module).
+
+    Args:
+        config_path: the TOML config (its ``data.source`` is ``sampler_layout``).
+        out_dir: the run folder.
+        echo: print each stage's progress line.
+    """
+
+    def __init__(self, config_path: Union[str, Path], out_dir: Union[str, Path],
+                 echo: bool = True):
+        self.config_path = Path(config_path).resolve()
+        self.config = load_config(self.config_path)
+        self.out = Path(out_dir).resolve()
+        self.echo = echo
+        self.ran: Dict[str, str] = {}
+
+    def plans(self):
+        import cross_validation as cv
+
+        d = self.config["data"]
+        labels = cv.patient_labels(Path(d["dir"]))
+        return cv.plan_folds(labels, d["folds"], d["fold_val_size"], self.config["run"]["seed"])
+
+    def run(self, from_stage: Optional[str] = None, only: Optional[str] = None) -> dict:
+        """Run every fold (each skipping what is unchanged), then pool and report."""
+        import cross_validation as cv
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        fold_dirs = []
+        for plan in self.plans():
+            fold = self.out / f"fold_{plan.index + 1}"
+            logger.info("fold %d of %d: %d train, %d val, %d test patients", plan.index + 1,
+                        self.config["data"]["folds"], len(plan.train), len(plan.val),
+                        len(plan.test))
+            cv.write_fold_data_if_changed(Path(self.config["data"]["dir"]), fold / "data", plan)
+            pipe = Pipeline(cv.write_fold_config(self.config_path, fold), fold, echo=self.echo)
+            for name, status in pipe.run(from_stage=from_stage, only=only).items():
+                self.ran[f"fold_{plan.index + 1}/{name}"] = status
+            fold_dirs.append(fold)
+        t0 = time.monotonic()
+        summary = cv.pool_folds(self.out, fold_dirs, self.config, self.config_path,
+                                tool=lambda *a: self._tool(*a))
+        logger.info("[pooled] %d folds pooled in %.1fs", len(fold_dirs), time.monotonic() - t0)
+        self.ran["pooled"] = "ran" if summary else "not used"
+        return self.ran
+
+    def _tool(self, script: str, args: List[str], log: Path) -> None:
+        """Run a project tool in the run folder, its output in ``log``."""
+        argv = [sys.executable, str(HERE / f"{script}.py")] + args
+        env = Pipeline._env(self)
+        with open(log, "w", encoding="utf-8") as fh:
+            fh.write(f"==> {' '.join([script] + args)}\n")
+            fh.flush()
+            proc = subprocess.run(argv, cwd=self.out, env=env, stdout=fh,
+                                  stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise StageError(f"pooled evaluation: {script}.py exited with status "
+                             f"{proc.returncode} (log {log})")
+
+
 def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None,
         only: Optional[str] = None) -> dict:
     """Run the pipeline of ``config`` into ``out`` and print where the report is.
@@ -727,7 +801,9 @@ def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None
     """
     if from_stage and only:
         raise ValueError("give --from or --only, not both")
-    pipe = Pipeline(config, out or Path("runs") / Path(config).stem)
+    out = out or Path("runs") / Path(config).stem
+    folds = load_config(config)["data"]["folds"]
+    pipe = (CrossValidation if folds > 1 else Pipeline)(config, out)
     result = pipe.run(from_stage=from_stage, only=only)
     summary = pipe.out / "summary.json"
     if summary.is_file():

@@ -1209,8 +1209,9 @@ class StageRun:
             ``use_pretrained`` and ``top_layer_nb``.
         run_info: the run's identity (options hash, options), stored in the checkpoint.
         callbacks: extra Keras callbacks of every stage.
-        checkpointer: the best-model callback (2-stage: a :class:`DMAucModelCheckpoint` on
-            the validation data when None; 3-stage: best ``val_accuracy``).
+        checkpointer: the best-model callback (when None, 2-stage: a
+            :class:`DMAucModelCheckpoint` on the validation data; 3-stage: best
+            ``val_accuracy``).
         strategy: the ``tf.distribute`` strategy the model was built in (default: the
             model's).
         custom_objects: classes needed to rebuild the model from its config.
@@ -1263,8 +1264,8 @@ def train_3stage(model: keras.Model, data: StageData, plan: object,
     if use_pretrained and plan.top_layer_epochs > 0 and top_layer_nb is None:
         raise ValueError("top_layer_nb is needed for stage 2 (top_layer_epochs > 0)")
     _check_frozen_bn_mode(plan.frozen_bn_mode)
-    ckpt = BestModelCheckpoint(run.best_model, monitor="val_accuracy", mode="max",
-                               extras=run.extras)
+    ckpt = run.checkpointer or BestModelCheckpoint(run.best_model, monitor="val_accuracy",
+                                                   mode="max", extras=run.extras)
     stages = [1] if not use_pretrained else [n for n, e in (
         (1, plan.nb_epoch), (2, plan.top_layer_epochs), (3, plan.all_layer_epochs)) if e > 0]
     rec = run.recorder([n for n in stages if n != 1 or plan.nb_epoch > 0],
