@@ -30,12 +30,19 @@ woman move together.
 Operating points: with ``--val-predictions`` (same layout, same models), thresholds are chosen
 on validation per level and model (Youden's J, ``--target-sensitivity``,
 ``--target-specificity``) and applied unchanged to the test scores; without them the fixed
-``--threshold`` is reported, named ``fixed_<threshold>``. ``--calibrate platt|isotonic`` fits
-a recalibration on the validation scores and applies it to the test scores.
+``--threshold`` is reported, named ``fixed_<threshold>``. Validation files must not share an
+image or a patient with the test files. ``--calibrate platt|isotonic`` fits a recalibration
+on the validation scores and applies it to the test scores, unless the map would reverse the
+ranking (then it is refused, with a ``calibration_reverses_ranking`` warning).
+
+An image given twice with different scores or labels is an error; the same row twice is
+counted once (a ``repeated_rows`` warning).
 
 Outputs in ``--out-dir``: ``metrics.json`` (``<level>`` -> ``<model>`` -> the
-``evaluate_scores`` dict; ``comparisons`` -> ``<level>`` -> AUROC differences with paired
-bootstrap intervals and DeLong's test; ``settings``), ``roc_<level>[_<model>].png``,
+``evaluate_scores`` dict with ``n_unlabelled``; ``comparisons`` -> ``<level>`` -> AUROC
+differences with paired bootstrap intervals and DeLong's test, with Obuchowski's clustered
+variance when a patient has several cases; ``warnings``, a list of ``{"code", "level",
+"model", "message"}``; ``settings``), ``roc_<level>[_<model>].png``,
 ``pr_...png``, ``reliability_...png``; with ``--calibrate``
 ``calibrated_<level>.csv`` and ``calibration_<level>.json``. A table goes to stdout.
 
