@@ -387,8 +387,9 @@ def evaluate_tables(tables: Dict[str, pd.DataFrame], models: List[str], out: Pat
 
     Returns:
         The ``metrics.json`` content (without ``settings``), with ``warnings``: a list of
-        ``{"code", "level", "model", "message"}`` (e.g. ``calibration_reverses_ranking``: a
-        recalibration map refused because it would reverse the ranking of the scores).
+        ``{"code", "level", "model", "message"}`` (``calibration_reverses_ranking``: a
+        recalibration map refused because it would reverse the ranking of the scores;
+        ``unlabelled_cases``; ``delong_not_defined``: a comparison without a p-value).
     """
     ctx = _Run(out, calibrate, threshold, (target_sensitivity, target_specificity), bootstrap,
                seed)
@@ -405,6 +406,9 @@ def evaluate_tables(tables: Dict[str, pd.DataFrame], models: List[str], out: Pat
             for model in maps:
                 metrics[level][model]["calibration"]["calibrated"].update(files)
         comparisons[level] = _compare(t, models, bootstrap, seed)
+        ctx.warnings += [_warning("delong_not_defined", f"{c['a']} - {c['b']}: DeLong's test "
+                                  f"{c['delong_note']}", level)
+                         for c in comparisons[level] if c.get("delong_note")]
     if len(models) > 1:
         metrics["comparisons"] = comparisons
     metrics["warnings"] = ctx.warnings

@@ -456,6 +456,10 @@ def test_a_repeated_row_counts_once_and_leaves_other_models_alone(tmp_path):
     for level in ("image", "breast", "exam"):
         assert both[level]["a"]["n"] == ref[level]["malignant_pred"]["n"]
         assert both[level]["a"]["auroc"] == ref[level]["malignant_pred"]["auroc"]
+    # the same scores twice: no DeLong p-value, said in the warnings
+    undefined = {w["level"] for w in both["warnings"] if w["code"] == "delong_not_defined"}
+    assert undefined == {"image", "breast", "exam"}
+    assert both["comparisons"]["image"][0]["p_value"] is None
 
 
 def test_an_image_with_two_different_scores_is_refused_naming_both_lines(tmp_path, capsys):
