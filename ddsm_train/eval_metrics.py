@@ -37,7 +37,9 @@ What a screening study reports (:func:`evaluate_scores`, used by ``image_clf_pre
 - Calibration: ECE over equal-width bins, Brier score, reliability diagram; Platt or isotonic
   recalibration (:class:`Calibrator`).
 - Comparison of two scores of the same cases: DeLong's test in the O(n log n) form of Sun & Xu
-  (:func:`delong_auc_cov`) and the paired bootstrap interval of the AUROC difference.
+  (:func:`delong_auc_cov`), with Obuchowski's clustered variance when a patient has several
+  cases (:func:`obuchowski_auc_cov`), and the paired bootstrap interval of the AUROC
+  difference. A variance that is undefined or 0 gives no p-value (None), never p = 1.
 - Multi-class (patch classifiers): confusion matrix and one-vs-rest AUROC
   (:func:`confusion_report`).
 """
@@ -61,7 +63,8 @@ __all__ = [
     "evaluate_binary", "BINARY_KEYS",
     "plot_roc_pr", "write_json_atomic",
     "MIN_BOOTSTRAP_CASES", "DEFAULT_FIXED_RATES", "DEFAULT_N_BINS", "THRESHOLD_RULES",
-    "CALIBRATION_METHODS", "midranks", "delong_auc_cov", "delong_test", "probabilistic_f1",
+    "CALIBRATION_METHODS", "midranks", "delong_auc_cov", "obuchowski_auc_cov", "delong_test",
+    "probabilistic_f1",
     "threshold_rates", "choose_threshold", "rate_at_fixed", "expected_calibration_error",
     "reliability_table", "brier_score", "reliability_figure", "save_figure",
     "iter_bootstrap_counts", "bootstrap_method", "degenerate_reason", "evaluate_scores",
@@ -435,6 +438,26 @@ def midranks(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _structural_components(y: np.ndarray, s: np.ndarray):
+    """AUROCs and structural components of k score rows (see :func:`delong_auc_cov`):
+    ``v10`` (k, n_pos), each positive's fraction of negatives ranked below it, and ``v01``
+    (k, n_neg), each negative's fraction of positives ranked above it (ties count one half)."""
+    pos, neg = s[:, y == 1], s[:, y == 0]
+    m, n = pos.shape[1], neg.shape[1]
+    tx = np.vstack([midranks(r) for r in pos])
+    ty = np.vstack([midranks(r) for r in neg])
+    tz = np.vstack([midranks(r) for r in np.hstack([pos, neg])])
+    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    return aucs, (tz[:, :m] - tx) / n, 1.0 - (tz[:, m:] - ty) / m
+
+
+def _score_rows(y_true: ArrayLike, scores: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    y, _ = check_binary_inputs(y_true, s[0])
+    _need_both_classes(y, "DeLong's test")
+    return y, s
+
+
 def delong_auc_cov(y_true: ArrayLike, scores: ArrayLike) -> Tuple[np.ndarray, np.ndarray]:
     """AUROCs of k score columns on the same cases and DeLong's covariance matrix of them.
 
@@ -449,38 +472,113 @@ def delong_auc_cov(y_true: ArrayLike, scores: ArrayLike) -> Tuple[np.ndarray, np
 
     Returns:
         (float64 (k,) AUROCs, float64 (k, k) covariance
-        ``cov(V10) / n_pos + cov(V01) / n_neg``, sample covariances with ddof 1).
+        ``cov(V10) / n_pos + cov(V01) / n_neg``, sample covariances with ddof 1; NaN with a
+        single positive or a single negative case).
     """
-    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
-    y, _ = check_binary_inputs(y_true, s[0])
-    _need_both_classes(y, "DeLong's test")
-    pos, neg = s[:, y == 1], s[:, y == 0]
-    m, n = pos.shape[1], neg.shape[1]
-    tx = np.vstack([midranks(r) for r in pos])
-    ty = np.vstack([midranks(r) for r in neg])
-    tz = np.vstack([midranks(r) for r in np.hstack([pos, neg])])
-    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
-    v10 = (tz[:, :m] - tx) / n
-    v01 = 1.0 - (tz[:, m:] - ty) / m
-    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    y, s = _score_rows(y_true, scores)
+    aucs, v10, v01 = _structural_components(y, s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cov = _sample_cov(v10) / v10.shape[1] + _sample_cov(v01) / v01.shape[1]
     return aucs, cov
 
 
-def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike) -> Dict:
-    """DeLong's test of equal AUROC for two scores of the same cases (two-sided).
+def _sample_cov(v: np.ndarray) -> np.ndarray:
+    """Covariance (ddof 1) of the rows of ``v`` (k, n); NaN when n < 2."""
+    if v.shape[1] < 2:
+        return np.full((v.shape[0], v.shape[0]), np.nan)
+    d = v - v.mean(axis=1, keepdims=True)
+    return d @ d.T / (v.shape[1] - 1)
+
+
+def obuchowski_auc_cov(y_true: ArrayLike, scores: ArrayLike, groups: ArrayLike
+                       ) -> Tuple[np.ndarray, np.ndarray]:
+    """AUROCs of k score columns and their covariance for clustered cases (several cases per
+    patient), by Obuchowski's method (Biometrics 53:567, 1997), patients as clusters.
+
+    With I clusters, M positive and N negative cases, cluster i holding m_i positives and n_i
+    negatives, V10_i the sum of its positives' structural components and V01_i that of its
+    negatives' (see :func:`delong_auc_cov`), and I10 / I01 the clusters holding a positive /
+    a negative case::
+
+        S10 = I10 / ((I10 - 1) M) * sum_i (V10_i - m_i A)(V10_i - m_i A)'
+        S01 = I01 / ((I01 - 1) N) * sum_i (V01_i - n_i A)(V01_i - n_i A)'
+        S11 = I / (I - 1) * sum_i (V10_i - m_i A)(V01_i - n_i A)'
+        cov = S10 / M + S01 / N + (S11 + S11') / (M N)
+
+    With one case per cluster this is DeLong's covariance.
+
+    Args:
+        y_true: n labels 0/1 (both classes present).
+        scores: (n,) or (k, n) scores.
+        groups: n cluster (patient) ids.
 
     Returns:
-        dict with ``auroc_a``, ``auroc_b``, ``difference`` (a - b), its standard error ``se``,
-        ``z`` and ``p_value`` (normal approximation; with ``se`` 0, e.g. identical scores,
-        ``z`` is 0 and ``p_value`` 1).
+        (float64 (k,) AUROCs, float64 (k, k) covariance; NaN with fewer than two clusters
+        holding a positive or a negative case).
     """
-    aucs, cov = delong_auc_cov(y_true, np.vstack([score_a, score_b]))
+    y, s = _score_rows(y_true, scores)
+    aucs, v10, v01 = _structural_components(y, s)
+    _, cl = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_cl = int(cl.max()) + 1
+    out = []
+    for lab, v in ((1, v10), (0, v01)):
+        where = cl[y == lab]
+        count = np.bincount(where, minlength=n_cl)
+        sums = np.vstack([np.bincount(where, weights=r, minlength=n_cl) for r in v])
+        out.append((sums - count * aucs[:, None], int((count > 0).sum()), int(count.sum())))
+    (a, i10, m), (b, i01, n) = out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s10 = i10 / ((i10 - 1) * m) * (a @ a.T) if i10 > 1 else np.nan * (a @ a.T)
+        s01 = i01 / ((i01 - 1) * n) * (b @ b.T) if i01 > 1 else np.nan * (b @ b.T)
+        s11 = n_cl / (n_cl - 1) * (a @ b.T)
+    return aucs, s10 / m + s01 / n + (s11 + s11.T) / (m * n)
+
+
+def _has_clusters(groups: Optional[ArrayLike]) -> bool:
+    """Whether some cluster (patient) holds more than one case."""
+    if groups is None:
+        return False
+    g = np.asarray(groups).astype(str)
+    return np.unique(g).size < g.size
+
+
+def delong_test(y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike,
+                groups: Optional[ArrayLike] = None) -> Dict:
+    """DeLong's test of equal AUROC for two scores of the same cases (two-sided).
+
+    With ``groups`` (patient ids) in which some patient has several cases, the variance is
+    Obuchowski's clustered one (:func:`obuchowski_auc_cov`); otherwise DeLong's.
+
+    Returns:
+        dict with ``auroc_a``, ``auroc_b``, ``difference`` (a - b), ``variance_method``
+        (which variance was used), its standard error ``se``, ``z`` and ``p_value`` (normal
+        approximation). When the variance of the difference is undefined (a single positive
+        or negative case or cluster) or 0 (e.g. identical scores, constant scores), ``se``,
+        ``z`` and ``p_value`` are None and ``delong_note`` says why: the test says nothing
+        there, which is not p = 1.
+    """
+    pair = np.vstack([score_a, score_b])
+    if _has_clusters(groups):
+        aucs, cov = obuchowski_auc_cov(y_true, pair, groups)
+        n_cl = int(np.unique(np.asarray(groups).astype(str)).size)
+        method = f"Obuchowski (1997) clustered variance, {n_cl} patients as clusters"
+    else:
+        aucs, cov = delong_auc_cov(y_true, pair)
+        method = "DeLong variance, cases independent"
     diff = float(aucs[0] - aucs[1])
     var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-    se = math.sqrt(max(var, 0.0))
-    z = diff / se if se > 0 else 0.0
-    return {"auroc_a": float(aucs[0]), "auroc_b": float(aucs[1]), "difference": diff,
-            "se": se, "z": z, "p_value": math.erfc(abs(z) / math.sqrt(2))}
+    res = {"auroc_a": float(aucs[0]), "auroc_b": float(aucs[1]), "difference": diff,
+           "variance_method": method, "se": None, "z": None, "p_value": None}
+    if not math.isfinite(var):
+        res["delong_note"] = ("not defined: the variance needs at least two positive and two "
+                              "negative cases (patients when clustered)")
+    elif var <= 1e-12 * max(float(cov[0, 0] + cov[1, 1]), 1e-300):
+        res["delong_note"] = ("not defined: the variance of the difference is 0 (the two "
+                              "scores rank the cases alike, or both are constant)")
+    else:
+        se = math.sqrt(var)
+        res.update(se=se, z=diff / se, p_value=math.erfc(abs(diff / se) / math.sqrt(2)))
+    return res
 
 
 def probabilistic_f1(y_true: ArrayLike, y_score: ArrayLike) -> float:
@@ -888,7 +986,8 @@ def paired_auroc_difference(y_true: ArrayLike, score_a: ArrayLike, score_b: Arra
                             n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
                             groups: Optional[ArrayLike] = None, level: float = 0.95) -> Dict:
     """AUROC of a minus AUROC of b on the same cases: paired bootstrap interval (both scores
-    of a case move together, see :func:`iter_bootstrap_counts`) and DeLong's test.
+    of a case move together, see :func:`iter_bootstrap_counts`) and DeLong's test (with
+    Obuchowski's clustered variance when a patient of ``groups`` has several cases).
 
     Returns:
         dict of :func:`delong_test` plus ``difference_ci`` (None with fewer than
@@ -896,7 +995,7 @@ def paired_auroc_difference(y_true: ArrayLike, score_a: ArrayLike, score_b: Arra
     """
     y, sa = check_binary_inputs(y_true, score_a)
     _, sb = check_binary_inputs(y_true, score_b)
-    res = delong_test(y, sa, sb)
+    res = delong_test(y, sa, sb, groups=groups)
     res["bootstrap"] = {"n_boot": int(n_boot), "seed": int(seed), "level": float(level),
                         "method": bootstrap_method(groups) + ", paired"}
     res["difference_ci"] = None
@@ -961,6 +1060,14 @@ class Calibrator:
             z = self.params["coef"] * self._feature(s) + self.params["intercept"]
             return 1.0 / (1.0 + np.exp(-z))
         return np.interp(s, self.params["x"], self.params["y"])
+
+    def reverses_ranking(self) -> bool:
+        """Whether the fitted map is decreasing somewhere (a negative Platt slope, an isotonic
+        map with a falling step): applied, it would turn a higher score into a lower
+        probability."""
+        if self.method == "platt":
+            return self.params["coef"] < 0
+        return bool(np.any(np.diff(self.params["y"]) < 0))
 
     def to_json(self) -> Dict:
         """``{"method": ..., **params}``: platt ``input, coef, intercept`` (p = 1 / (1 +

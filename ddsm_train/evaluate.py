@@ -30,12 +30,19 @@ woman move together.
 Operating points: with ``--val-predictions`` (same layout, same models), thresholds are chosen
 on validation per level and model (Youden's J, ``--target-sensitivity``,
 ``--target-specificity``) and applied unchanged to the test scores; without them the fixed
-``--threshold`` is reported, named ``fixed_<threshold>``. ``--calibrate platt|isotonic`` fits
-a recalibration on the validation scores and applies it to the test scores.
+``--threshold`` is reported, named ``fixed_<threshold>``. Validation files must not share an
+image or a patient with the test files. ``--calibrate platt|isotonic`` fits a recalibration
+on the validation scores and applies it to the test scores, unless the map would reverse the
+ranking (then it is refused, with a ``calibration_reverses_ranking`` warning).
+
+An image given twice with different scores or labels is an error; the same row twice is
+counted once (a ``repeated_rows`` warning).
 
 Outputs in ``--out-dir``: ``metrics.json`` (``<level>`` -> ``<model>`` -> the
-``evaluate_scores`` dict; ``comparisons`` -> ``<level>`` -> AUROC differences with paired
-bootstrap intervals and DeLong's test; ``settings``), ``roc_<level>[_<model>].png``,
+``evaluate_scores`` dict with ``n_unlabelled``; ``comparisons`` -> ``<level>`` -> AUROC
+differences with paired bootstrap intervals and DeLong's test, with Obuchowski's clustered
+variance when a patient has several cases; ``warnings``, a list of ``{"code", "level",
+"model", "message"}``; ``settings``), ``roc_<level>[_<model>].png``,
 ``pr_...png``, ``reliability_...png``; with ``--calibrate``
 ``calibrated_<level>.csv`` and ``calibration_<level>.json``. A table goes to stdout.
 
@@ -89,12 +96,22 @@ class Cases:
     ``table`` has ``case`` (id), ``label`` (float 0/1, NaN unknown), ``patient``, ``breast``
     and ``exam`` (group keys, None when unknown) and one float column per model (NaN: not
     scored); ``level`` is ``image`` or ``breast`` (what one row is); ``models`` names the
-    score columns; ``notes`` says what was left out.
+    score columns; ``notes`` says what was left out; ``warnings`` holds the same as entries
+    of the ``warnings`` list of ``metrics.json``; ``patients_known`` is True when the patient
+    ids are real ones (CBIS names, a ``patient_id`` column), not exam numbers of one file.
     """
     table: pd.DataFrame
     level: str
     models: List[str]
     notes: List[str] = field(default_factory=list)
+    warnings: List[dict] = field(default_factory=list)
+    patients_known: bool = False
+
+
+def _warning(code: str, message: str, level: Optional[str] = None,
+             model: Optional[str] = None) -> dict:
+    """One entry of the ``warnings`` list of ``metrics.json``."""
+    return {"code": code, "level": level, "model": model, "message": message}
 
 
 # ------------------------------------------------------------------------------ reading
@@ -185,6 +202,7 @@ def load_predictions(path: PathLike, score_cols: Optional[Sequence[str]] = None,
         raise ValueError(f"{path}: no label column {label_col!r}")
     table["label"] = _labels(df[label_col], path, label_col) if label_col else np.nan
     table["patient"] = table["breast"] = table["exam"] = None
+    known = False
     if {"exam_index", "view"} <= set(df.columns):
         ex = "exam" + df["exam_index"].astype(str)
         table["exam"] = table["patient"] = ex
@@ -196,9 +214,38 @@ def load_predictions(path: PathLike, score_cols: Optional[Sequence[str]] = None,
         if all(p is not None for p in parts) and parts:
             table["patient"] = table["exam"] = [p.patient for p in parts]
             table["breast"] = [f"{p.patient}_{p.side}" for p in parts]
+            known = True
     if "patient_id" in df.columns:
         table["patient"] = df["patient_id"].astype(str)
-    return _drop_unscored(Cases(table, "image", list(names)), path)
+        known = True
+    cases = Cases(table, "image", list(names), patients_known=known)
+    return _drop_unscored(_drop_repeats(cases, df["_line"], path), path)
+
+
+def _drop_repeats(cases: Cases, lines: pd.Series, path: PathLike) -> Cases:
+    """Keep one row of an image given twice with the same scores and label (a warning);
+    refuse one given twice with different ones."""
+    t = cases.table
+    rep = t["case"].duplicated(keep=False)
+    if not rep.any():
+        return cases
+    cols = ["label", *cases.models]
+    for case, rows in t[rep].groupby("case", sort=False):
+        vals = rows[cols].to_numpy(dtype=float)
+        same = np.all((vals == vals[0]) | (np.isnan(vals) & np.isnan(vals[0])), axis=1)
+        if not same.all():
+            other = rows.index[int(np.argmin(same))]
+            raise ValueError(f"{path}: image {case!r} is given twice with different scores "
+                             f"or labels ({lines[rows.index[0]]} and {lines[other]})")
+    first = t[rep].groupby("case", sort=False).head(1).index
+    n = int(rep.sum() - len(first))
+    msg = (f"{path}: {n} repeated row(s) of {len(first)} image(s) with the same scores left "
+           f"out, each image counted once (e.g. {t.loc[first[0], 'case']!r})")
+    cases.notes.append(msg)
+    cases.warnings.append(_warning("repeated_rows", msg))
+    logger.warning("%s", msg)
+    cases.table = t[~rep | t.index.isin(first)].reset_index(drop=True)
+    return cases
 
 
 def _from_exam_list(table: pd.DataFrame, exams: list, path: PathLike) -> None:
@@ -257,7 +304,8 @@ def merge_models(parts: Sequence[Cases]) -> Cases:
         lost = max(len(out.table), len(other.table)) - len(table)
         if lost:
             notes.append(f"{lost} case(s) not in every prediction file left out")
-        out = Cases(table.drop(columns="_lab"), out.level, out.models + other.models, notes)
+        out = Cases(table.drop(columns="_lab"), out.level, out.models + other.models, notes,
+                    out.warnings + other.warnings, out.patients_known)
     return out
 
 
@@ -318,6 +366,18 @@ def choose_operating_points(val: pd.DataFrame, model: str, target_sensitivity: f
                 y, s, "specificity", target_specificity)}
 
 
+@dataclass
+class _Run:
+    """What every level and model of one evaluation shares."""
+    out: Path
+    calibrate: Optional[str]
+    threshold: float
+    targets: tuple
+    bootstrap: int
+    seed: int
+    warnings: List[dict] = field(default_factory=list)
+
+
 def evaluate_tables(tables: Dict[str, pd.DataFrame], models: List[str], out: Path,
                     val_tables: Optional[Dict[str, pd.DataFrame]] = None,
                     calibrate: Optional[str] = None, threshold: float = 0.5,
@@ -326,48 +386,75 @@ def evaluate_tables(tables: Dict[str, pd.DataFrame], models: List[str], out: Pat
     """Metrics, comparisons, plots and calibration files of every level and model.
 
     Returns:
-        The ``metrics.json`` content (without ``settings``).
+        The ``metrics.json`` content (without ``settings``), with ``warnings``: a list of
+        ``{"code", "level", "model", "message"}`` (``calibration_reverses_ranking``: a
+        recalibration map refused because it would reverse the ranking of the scores;
+        ``unlabelled_cases``; ``delong_not_defined``: a comparison without a p-value).
     """
+    ctx = _Run(out, calibrate, threshold, (target_sensitivity, target_specificity), bootstrap,
+               seed)
     metrics, comparisons = {}, {}
     for level, t in tables.items():
-        metrics[level] = {}
+        metrics[level], maps = {}, {}
         val = (val_tables or {}).get(level)
-        maps = {}
         for model in models:
-            y, s, groups = _labelled(t, model)
-            if not y.size:
-                continue
-            points = choose_operating_points(val, model, target_sensitivity,
-                                             target_specificity) if val is not None else {}
-            res = em.evaluate_scores(y, s, threshold=threshold, val_thresholds=points,
-                                     n_boot=bootstrap, seed=seed, groups=groups)
-            if val is not None and not points:
-                res["notes"].append("validation scores lack a class at this level: fixed "
-                                    "threshold")
-            suffix = level if len(models) == 1 else f"{level}_{_safe(model)}"
-            extra = None
-            if calibrate and val is not None:
-                cal = _calibrate(val, t, model, calibrate, res)
-                if cal is not None:
-                    maps[model] = cal
-                    extra = {f"{calibrate} calibrated": cal.apply(s)}
-            if res["auroc"] is not None:
-                roc, pr = em.plot_roc_pr(y, s, out / f"roc_{suffix}.png", out / f"pr_{suffix}.png",
-                                         title=f"{level} {model}", metrics=_first_point(res))
-                res.update(roc_png=str(roc), pr_png=str(pr))
-            if "ece" in res["calibration"]:
-                fig = em.reliability_figure(y, s, f"{level} {model}", extra=extra)
-                res["reliability_png"] = str(em.save_figure(fig, out /
-                                                            f"reliability_{suffix}.png"))
-            metrics[level][model] = res
+            res = _evaluate_model(ctx, level, t, val, model, maps, len(models) == 1)
+            if res is not None:
+                metrics[level][model] = res
         if maps:
             files = _write_calibrated(t, maps, out, level)
             for model in maps:
                 metrics[level][model]["calibration"]["calibrated"].update(files)
         comparisons[level] = _compare(t, models, bootstrap, seed)
+        ctx.warnings += [_warning("delong_not_defined", f"{c['a']} - {c['b']}: DeLong's test "
+                                  f"{c['delong_note']}", level)
+                         for c in comparisons[level] if c.get("delong_note")]
     if len(models) > 1:
         metrics["comparisons"] = comparisons
+    metrics["warnings"] = ctx.warnings
     return metrics
+
+
+def _evaluate_model(ctx: _Run, level: str, t: pd.DataFrame, val: Optional[pd.DataFrame],
+                    model: str, maps: dict, alone: bool) -> Optional[dict]:
+    """The figures and plots of one model at one level (None without a labelled case); a
+    fitted calibration map that is applied goes into ``maps``."""
+    y, s, groups = _labelled(t, model)
+    if not y.size:
+        return None
+    points = choose_operating_points(val, model, *ctx.targets) if val is not None else {}
+    res = em.evaluate_scores(y, s, threshold=ctx.threshold, val_thresholds=points,
+                             n_boot=ctx.bootstrap, seed=ctx.seed, groups=groups)
+    _count_unlabelled(ctx, res, t, level, model)
+    if val is not None and not points:
+        res["notes"].append("validation scores lack a class at this level: fixed threshold")
+    suffix = level if alone else f"{level}_{_safe(model)}"
+    extra = None
+    if ctx.calibrate and val is not None:
+        cal = _calibrate(ctx, val, t, (level, model), res)
+        if cal is not None:
+            maps[model] = cal
+            extra = {f"{ctx.calibrate} calibrated": cal.apply(s)}
+    if res["auroc"] is not None:
+        roc, pr = em.plot_roc_pr(y, s, ctx.out / f"roc_{suffix}.png",
+                                 ctx.out / f"pr_{suffix}.png", title=f"{level} {model}",
+                                 metrics=_first_point(res))
+        res.update(roc_png=str(roc), pr_png=str(pr))
+    if "ece" in res["calibration"]:
+        fig = em.reliability_figure(y, s, f"{level} {model}", extra=extra)
+        res["reliability_png"] = str(em.save_figure(fig, ctx.out / f"reliability_{suffix}.png"))
+    return res
+
+
+def _count_unlabelled(ctx: _Run, res: dict, t: pd.DataFrame, level: str, model: str) -> None:
+    """``n_unlabelled``: scored cases without a label, left out (a note and a warning)."""
+    scored = np.isfinite(t[model].to_numpy(dtype=float))
+    n = int((scored & ~np.isfinite(t["label"].to_numpy(dtype=float))).sum())
+    res["n_unlabelled"] = n
+    if n:
+        msg = f"{n} scored case(s) without a label left out"
+        res["notes"].append(msg)
+        ctx.warnings.append(_warning("unlabelled_cases", msg, level, model))
 
 
 def _first_point(res: dict) -> dict:
@@ -405,16 +492,28 @@ def _compare(t: pd.DataFrame, models: List[str], bootstrap: int, seed: int) -> L
     return rows
 
 
-def _calibrate(val: pd.DataFrame, t: pd.DataFrame, model: str, method: str,
+def _calibrate(ctx: _Run, val: pd.DataFrame, t: pd.DataFrame, where: tuple,
                res: dict) -> Optional[em.Calibrator]:
-    """Fit ``method`` on the validation scores of ``model``; add the calibrated test scores'
-    ECE and Brier score to ``res["calibration"]``; return the fitted map (None when the
-    validation scores lack a class)."""
+    """Fit ``ctx.calibrate`` on the validation scores of the model at ``where`` (level,
+    model); add the calibrated test scores' ECE and Brier score to ``res["calibration"]``;
+    return the fitted map. None when the validation scores lack a class, or when the map
+    would reverse the ranking: then it is not applied (``res["calibration"]["refused"]``, a
+    note and a ``calibration_reverses_ranking`` warning)."""
+    method, (level, model) = ctx.calibrate, where
     yv, sv, _ = _labelled(val, model)
     if em.degenerate_reason(yv, sv):
         res["notes"].append(f"no {method} calibration: validation {em.degenerate_reason(yv, sv)}")
         return None
     cal = em.Calibrator(method).fit(yv, sv)
+    if cal.reverses_ranking():
+        msg = (f"{method} calibration refused, not applied: the map fitted on validation "
+               f"decreases (higher scores would get lower probabilities), so the validation "
+               f"scores rank the cases the wrong way round")
+        res["calibration"]["refused"] = {"method": method, "reason": msg, "map": cal.to_json()}
+        res["notes"].append(msg)
+        ctx.warnings.append(_warning("calibration_reverses_ranking", msg, level, model))
+        logger.warning("%s %s: %s", level, model, msg)
+        return None
     y, s, _ = _labelled(t, model)
     cs = cal.apply(s)
     res["calibration"]["calibrated"] = {"method": method,
@@ -452,37 +551,55 @@ def _num(value, ci=None) -> str:
 
 def format_table(metrics: dict) -> str:
     """The short stdout table: per level and model the AUCs, pF1, calibration and each
-    operating point, then the comparisons (95 % intervals in square brackets, 3 decimals)."""
+    operating point, then the comparisons (95 % intervals in square brackets, 3 decimals)
+    and the warnings that concern no single level."""
     lines = []
     for level in LEVELS:
         for model, r in metrics.get(level, {}).items():
-            lines.append(f"{level} {model}: n={r['n']} ({r['n_pos']} positive) AUROC "
-                         f"{_num(r['auroc'], r['auroc_ci'])}  AUPRC "
-                         f"{_num(r['auprc'], r['auprc_ci'])}  pF1 {_num(r['pf1'], r['pf1_ci'])}"
-                         f"  ECE {_num(r['calibration'].get('ece'))}  Brier "
-                         f"{_num(r['calibration'].get('brier'))}")
-            for name, p in r["operating_points"].items():
-                where = "chosen on validation" if p["chosen_on"] == "validation" else \
-                    "fixed, not chosen on validation"
-                lines.append(f"  {name} threshold {p['threshold']:.4g} ({where}): sens "
-                             f"{_num(p['sensitivity'], p.get('sensitivity_ci'))} spec "
-                             f"{_num(p['specificity'], p.get('specificity_ci'))} PPV "
-                             f"{_num(p['ppv'], p.get('ppv_ci'))} NPV "
-                             f"{_num(p['npv'], p.get('npv_ci'))} F1 {_num(p['f1'], p.get('f1_ci'))}")
-            for f, v in r["sensitivity_at_specificity"].items():
-                w = r["specificity_at_sensitivity"][f]
-                lines.append(f"  at specificity {f}: sens {_num(v['value'], v['ci'])}; at "
-                             f"sensitivity {f}: spec {_num(w['value'], w['ci'])}")
-            lines += [f"  note: {n}" for n in r["notes"]]
+            lines += _model_lines(level, model, r)
     for level, rows in metrics.get("comparisons", {}).items():
-        for c in rows:
-            if "difference" in c:
-                lines.append(f"{level} {c['a']} - {c['b']}: AUROC difference "
-                             f"{_num(c['difference'], c['difference_ci'])}, DeLong z "
-                             f"{c['z']:.2f} p {c['p_value']:.3g}")
-            else:
-                lines.append(f"{level} {c['a']} - {c['b']}: {c['note']}")
+        lines += [_comparison_line(level, c) for c in rows]
+    lines += [f"warning: {w['message']}" for w in metrics.get("warnings", [])
+              if w.get("level") is None]
     return "\n".join(lines)
+
+
+def _model_lines(level: str, model: str, r: dict) -> List[str]:
+    cal = r["calibration"]
+    lines = [f"{level} {model}: n={r['n']} ({r['n_pos']} positive) AUROC "
+             f"{_num(r['auroc'], r['auroc_ci'])}  AUPRC {_num(r['auprc'], r['auprc_ci'])}  "
+             f"pF1 {_num(r['pf1'], r['pf1_ci'])}  ECE {_num(cal.get('ece'))}  Brier "
+             f"{_num(cal.get('brier'))}"]
+    if cal.get("calibrated"):
+        c = cal["calibrated"]
+        lines.append(f"  {c['method']} calibrated (map fitted on validation): ECE "
+                     f"{_num(c.get('ece'))}  Brier {_num(c.get('brier'))}")
+    for name, p in r["operating_points"].items():
+        where = "chosen on validation" if p["chosen_on"] == "validation" else \
+            "fixed, not chosen on validation"
+        lines.append(f"  {name} threshold {p['threshold']:.4g} ({where}): sens "
+                     f"{_num(p['sensitivity'], p.get('sensitivity_ci'))} spec "
+                     f"{_num(p['specificity'], p.get('specificity_ci'))} PPV "
+                     f"{_num(p['ppv'], p.get('ppv_ci'))} NPV "
+                     f"{_num(p['npv'], p.get('npv_ci'))} F1 {_num(p['f1'], p.get('f1_ci'))}")
+    for f, v in r["sensitivity_at_specificity"].items():
+        w = r["specificity_at_sensitivity"][f]
+        lines.append(f"  at specificity {f}: sens {_num(v['value'], v['ci'])}; at "
+                     f"sensitivity {f}: spec {_num(w['value'], w['ci'])}")
+    return lines + [f"  note: {n}" for n in r["notes"]]
+
+
+def _comparison_line(level: str, c: dict) -> str:
+    head = f"{level} {c['a']} - {c['b']}: "
+    if "difference" not in c:
+        return head + c["note"]
+    clustered = c.get("variance_method", "").startswith("Obuchowski")
+    test = "DeLong (Obuchowski clustered variance)" if clustered else "DeLong"
+    if c.get("p_value") is None:
+        stat = f"{test} {c.get('delong_note', 'not defined')}"
+    else:
+        stat = f"{test} z {c['z']:.2f} p {c['p_value']:.3g}"
+    return head + f"AUROC difference {_num(c['difference'], c['difference_ci'])}, {stat}"
 
 
 # ------------------------------------------------------------------------------ run
@@ -589,15 +706,17 @@ def evaluate_predictions(opts: run_options.RunOptions) -> dict:
         dict: ``metrics`` (the ``metrics.json`` content), ``metrics_json``, ``table``.
 
     Raises:
-        ValueError: bad option values or prediction files (nothing is written then).
+        ValueError: bad option values or prediction files, validation files that are the
+            test files or share an image or a patient with them (nothing is written then).
     """
     _check(opts)
-    cases, tables, val_tables = _load_levels(opts)
+    cases, tables, val_tables, warnings = _load_levels(opts)
     out = Path(opts.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_tables(tables, cases.models, out, val_tables, opts.calibrate,
                               opts.threshold, opts.target_sensitivity,
                               opts.target_specificity, opts.bootstrap, opts.seed)
+    metrics["warnings"] = warnings + metrics["warnings"] + _same_levels(metrics, tables)
     metrics["settings"] = _settings(opts, cases, tables)
     path = em.write_json_atomic(metrics, out / "metrics.json")
     table = format_table(metrics)
@@ -608,23 +727,63 @@ def evaluate_predictions(opts: run_options.RunOptions) -> dict:
 
 
 def _load_levels(opts):
-    """The test cases, their level tables and the validation level tables (None without
-    ``val_predictions``)."""
+    """The test cases, their level tables, the validation level tables (None without
+    ``val_predictions``) and the warnings of reading both."""
     cases = _load_all(opts.predictions, opts.score_col, opts.label_col, opts.id_col,
                       opts.exam_list, opts.names)
     tables = level_tables(cases, opts.breast_combine)
-    val_tables = None
+    val_tables, warnings = None, list(cases.warnings)
     if opts.val_predictions:
+        _check_distinct_files(opts.predictions, opts.val_predictions)
         val = _load_all(opts.val_predictions, opts.score_col, opts.label_col, opts.id_col,
                         opts.val_exam_list or opts.exam_list, opts.names)
         if val.models != cases.models:
             raise ValueError(f"validation models {val.models} differ from test models "
                              f"{cases.models}")
+        _check_disjoint(cases, val, opts.predictions[0], opts.val_predictions[0])
         val_tables = level_tables(val, opts.breast_combine)
+        warnings += val.warnings
     if not any(np.isfinite(t["label"].to_numpy(dtype=float)).any() for t in tables.values()):
         raise ValueError(f"{opts.predictions[0]}: no labelled case (give --label-col or "
                          f"--exam-list)")
-    return cases, tables, val_tables
+    return cases, tables, val_tables, warnings
+
+
+def _check_distinct_files(test: Sequence[PathLike], val: Sequence[PathLike]) -> None:
+    """Refuse a validation file that is one of the test files."""
+    for v in val:
+        for t in test:
+            if os.path.exists(v) and os.path.exists(t) and os.path.samefile(v, t):
+                raise ValueError(f"--val-predictions {v} is the test file {t}: thresholds and "
+                                 f"calibration would be fitted on the test cases")
+
+
+def _check_disjoint(test: Cases, val: Cases, test_path: PathLike, val_path: PathLike) -> None:
+    """Refuse validation cases that share an image or a patient with the test cases (image
+    ids of image-level files; patient ids where both files name real patients)."""
+    what = []
+    if test.level == val.level == "image":
+        what.append(("image", test.table["case"], val.table["case"]))
+    if test.patients_known and val.patients_known:
+        what.append(("patient", test.table["patient"], val.table["patient"]))
+    for kind, a, b in what:
+        shared = sorted(set(a.dropna().astype(str)) & set(b.dropna().astype(str)))
+        if shared:
+            raise ValueError(f"--val-predictions {val_path} and --predictions {test_path} "
+                             f"share {len(shared)} {kind}(s), e.g. {shared[0]!r}: validation "
+                             f"cases must not be test cases")
+
+
+def _same_levels(metrics: dict, tables: Dict[str, pd.DataFrame]) -> List[dict]:
+    """A note (and a ``breast_level_is_image_level`` warning) at the breast level when every
+    breast has one image, so that its figures repeat the image level's."""
+    if "image" not in tables or "breast" not in tables or \
+            len(tables["image"]) != len(tables["breast"]):
+        return []
+    msg = "every breast has one image: the breast level repeats the image level"
+    for res in metrics.get("breast", {}).values():
+        res["notes"].append(msg)
+    return [_warning("breast_level_is_image_level", msg, "breast")]
 
 
 def _settings(opts, cases: Cases, tables: Dict[str, pd.DataFrame]) -> dict:

@@ -53,7 +53,86 @@ def test_delong_fast_equals_direct_and_sklearn(ties):
     assert t["z"] == pytest.approx((ref_aucs[0] - ref_aucs[1]) / math.sqrt(var), abs=1e-9)
     assert t["p_value"] == pytest.approx(math.erfc(abs(t["z"]) / math.sqrt(2)))
     same = em.paired_auroc_difference(y, s[0], s[0], n_boot=50, seed=1)
-    assert same["difference"] == 0 and same["p_value"] == 1 and same["difference_ci"] == [0, 0]
+    assert same["difference"] == 0 and same["difference_ci"] == [0, 0]
+    assert same["p_value"] is None and "variance of the difference is 0" in same["delong_note"]
+
+
+@pytest.mark.parametrize("case", ["one positive", "one negative", "constant", "identical"])
+def test_delong_without_a_variance_gives_no_p_value(case):
+    """An undefined or zero variance is "not defined" (null), never z 0 and p 1."""
+    y, s = _data(n=40, seed=9, k=2)
+    if case == "one positive":
+        y = np.zeros(40, int)
+        y[3] = 1
+    elif case == "one negative":
+        y = np.ones(40, int)
+        y[3] = 0
+    elif case == "constant":
+        s = np.full_like(s, 0.4)
+    else:
+        s = np.vstack([s[0], s[0]])
+    res = em.paired_auroc_difference(y, s[0], s[1], n_boot=0)
+    assert res["p_value"] is None and res["z"] is None and res["se"] is None
+    assert res["delong_note"].startswith("not defined")
+    json.dumps(res, allow_nan=False)
+    line = evaluate._comparison_line("image", {"a": "m1", "b": "m2", "difference_ci": None,
+                                               **res})
+    assert "DeLong not defined" in line and " p " not in line
+
+
+def _obuchowski_by_formula(y, scores, groups):
+    """Obuchowski (1997), every positive against every negative, cluster by cluster."""
+    pos, neg = y == 1, y == 0
+    big_m, big_n = pos.sum(), neg.sum()
+    clusters = sorted(set(groups))
+    i10 = sum(1 for c in clusters if np.any(pos & (groups == c)))
+    i01 = sum(1 for c in clusters if np.any(neg & (groups == c)))
+    a_dev, b_dev, aucs = [], [], []
+    for s in scores:
+        psi = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+        theta = psi.mean()
+        aucs.append(theta)
+        v10_case, v01_case = psi.sum(axis=1) / big_n, psi.sum(axis=0) / big_m
+        a_dev.append([v10_case[groups[pos] == c].sum() - np.sum(pos & (groups == c)) * theta
+                      for c in clusters])
+        b_dev.append([v01_case[groups[neg] == c].sum() - np.sum(neg & (groups == c)) * theta
+                      for c in clusters])
+    a_dev, b_dev = np.array(a_dev), np.array(b_dev)
+    k, n_cl = len(scores), len(clusters)
+    cov = np.zeros((k, k))
+    for i in range(k):
+        for j in range(k):
+            s10 = i10 / ((i10 - 1) * big_m) * np.sum(a_dev[i] * a_dev[j])
+            s01 = i01 / ((i01 - 1) * big_n) * np.sum(b_dev[i] * b_dev[j])
+            s11_ij = n_cl / (n_cl - 1) * np.sum(a_dev[i] * b_dev[j])
+            s11_ji = n_cl / (n_cl - 1) * np.sum(a_dev[j] * b_dev[i])
+            cov[i, j] = s10 / big_m + s01 / big_n + (s11_ij + s11_ji) / (big_m * big_n)
+    return np.array(aucs), cov
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_clustered_variance_is_obuchowskis_and_delongs_with_one_case_per_patient(ties):
+    y, s = _data(n=90, seed=10, ties=ties, k=2)
+    groups = np.repeat([f"P{i}" for i in range(30)], 3)
+    aucs, cov = em.obuchowski_auc_cov(y, s, groups)
+    ref_aucs, ref_cov = _obuchowski_by_formula(y, s, groups)
+    np.testing.assert_allclose(aucs, ref_aucs, atol=1e-12)
+    np.testing.assert_allclose(cov, ref_cov, atol=1e-12, rtol=0)
+    d_aucs, d_cov = em.delong_auc_cov(y, s)
+    single = np.array([f"case{i}" for i in range(90)])
+    np.testing.assert_allclose(em.obuchowski_auc_cov(y, s, single)[1], d_cov, atol=1e-12,
+                               rtol=0)
+    np.testing.assert_allclose(_obuchowski_by_formula(y, s, single)[1], d_cov, atol=1e-12,
+                               rtol=0)
+    clustered = em.delong_test(y, s[0], s[1], groups=groups)
+    var = ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1]
+    assert clustered["se"] == pytest.approx(math.sqrt(var), rel=1e-9)
+    assert clustered["variance_method"].startswith("Obuchowski (1997) clustered variance, 30 ")
+    plain = em.delong_test(y, s[0], s[1], groups=single)
+    assert plain["variance_method"].startswith("DeLong")
+    d_var = d_cov[0, 0] + d_cov[1, 1] - 2 * d_cov[0, 1]
+    assert plain["se"] == pytest.approx(math.sqrt(d_var), rel=1e-9)
+    assert abs(clustered["se"] - plain["se"]) > 1e-4
 
 
 def test_pf1_against_its_definition():
@@ -184,10 +263,10 @@ def test_confusion_report_matches_sklearn(tmp_path):
 
 
 # ------------------------------------------------------------------ command line
-def _cbis_csv(path, seed, n_pat=24):
+def _cbis_csv(path, seed, n_pat=24, first=0):
     rng = np.random.default_rng(seed)
     rows = []
-    for p in range(n_pat):
+    for p in range(first, first + n_pat):
         bad = rng.choice(["LEFT", "RIGHT"]) if p % 3 == 0 else None
         for side in ("LEFT", "RIGHT"):
             y = int(side == bad)
@@ -204,7 +283,7 @@ def _cbis_csv(path, seed, n_pat=24):
 @pytest.mark.slow
 def test_cli_levels_validation_thresholds_calibration_and_comparison(tmp_path, capsys):
     test = _cbis_csv(tmp_path / "test.csv", 1)
-    val = _cbis_csv(tmp_path / "val.csv", 2)
+    val = _cbis_csv(tmp_path / "val.csv", 2, first=100)
     res = evaluate.main(["--predictions", str(tmp_path / "test.csv"), "--val-predictions",
                          str(tmp_path / "val.csv"), "--score-col", "malignant_pred", "other",
                          "--calibrate", "platt", "--bootstrap", "200", "--out-dir",
@@ -233,11 +312,18 @@ def test_cli_levels_validation_thresholds_calibration_and_comparison(tmp_path, c
     np.testing.assert_allclose(calibrated.malignant_pred_calibrated,
                                fitted.apply(test.malignant_pred), rtol=1e-5)
     comp = m["comparisons"]["image"][0]
+    assert comp["variance_method"].startswith("Obuchowski (1997) clustered variance, 24 ")
+    assert m["comparisons"]["exam"][0]["variance_method"].startswith("DeLong")
+    assert m["warnings"] == [] and m["image"]["other"]["n_unlabelled"] == 0
     assert comp["difference"] == pytest.approx(
         roc_auc_score(test.malignant_label, test.malignant_pred)
         - roc_auc_score(test.malignant_label, test.other))
     out = capsys.readouterr().out
     assert "sensitivity_0.9 threshold" in out and "(chosen on validation)" in out
+    assert "DeLong (Obuchowski clustered variance) z" in out
+    platt = m["image"]["malignant_pred"]["calibration"]["calibrated"]
+    assert f"platt calibrated (map fitted on validation): ECE {platt['ece']:.3f}  Brier " \
+           f"{platt['brier']:.3f}" in out
     assert (tmp_path / "ev" / "reliability_exam_other.png").is_file()
 
 
@@ -337,3 +423,123 @@ def test_python_keywords_give_the_command_lines_metrics(tmp_path):
     assert py["metrics"] == cli["metrics"] and py["table"] == cli["table"]
     assert py["metrics"]["breast"]["malignant_pred"]["operating_points"]["fixed_0.3"][
         "threshold"] == 0.3
+
+
+# ------------------------------------------------------------------ inputs that could mislead
+def _quick(tmp_path, files, *more, out="ev"):
+    argv = ["--predictions", *map(str, files), "--bootstrap", "0", "--quiet",
+            "--out-dir", str(tmp_path / out), *map(str, more)]
+    return evaluate.main(argv)
+
+
+def test_a_repeated_row_counts_once_and_leaves_other_models_alone(tmp_path):
+    test = _cbis_csv(tmp_path / "a.csv", 4)
+    twice = pd.concat([test, test.iloc[[5, 9]]])
+    twice.to_csv(tmp_path / "twice.csv", index=False)
+    twice.to_csv(tmp_path / "b.csv", index=False)
+    ref = _quick(tmp_path, [tmp_path / "a.csv"], out="ref")["metrics"]
+    res = _quick(tmp_path, [tmp_path / "twice.csv"], out="t")
+    m = res["metrics"]
+    assert m["image"]["malignant_pred"]["n"] == len(test)
+    assert m["image"]["malignant_pred"]["auroc"] == ref["image"]["malignant_pred"]["auroc"]
+    assert m["breast"]["malignant_pred"] == {**ref["breast"]["malignant_pred"],
+                                            "roc_png": m["breast"]["malignant_pred"]["roc_png"],
+                                            "pr_png": m["breast"]["malignant_pred"]["pr_png"],
+                                            "reliability_png": m["breast"]["malignant_pred"][
+                                                "reliability_png"]}
+    (w,) = m["warnings"]
+    assert w["code"] == "repeated_rows" and "2 repeated row(s) of 2 image(s)" in w["message"]
+    assert f"warning: {w['message']}" in res["table"]
+    # a second model's file with the repeat: the first model's figures do not change
+    both = _quick(tmp_path, [tmp_path / "a.csv", tmp_path / "b.csv"], "--names", "a", "b",
+                  out="both")["metrics"]
+    for level in ("image", "breast", "exam"):
+        assert both[level]["a"]["n"] == ref[level]["malignant_pred"]["n"]
+        assert both[level]["a"]["auroc"] == ref[level]["malignant_pred"]["auroc"]
+    # the same scores twice: no DeLong p-value, said in the warnings
+    undefined = {w["level"] for w in both["warnings"] if w["code"] == "delong_not_defined"}
+    assert undefined == {"image", "breast", "exam"}
+    assert both["comparisons"]["image"][0]["p_value"] is None
+
+
+def test_an_image_with_two_different_scores_is_refused_naming_both_lines(tmp_path, capsys):
+    test = _cbis_csv(tmp_path / "a.csv", 4)
+    bad = pd.concat([test, test.iloc[[5]].assign(malignant_pred=0.123)])
+    bad.to_csv(tmp_path / "bad.csv", index=False)
+    err = _exit2(["--predictions", str(tmp_path / "bad.csv"), "--out-dir",
+                  str(tmp_path / "o")], capsys)
+    name = test.image_index[5]
+    assert (f"bad.csv: image {name!r} is given twice with different scores or labels "
+            f"(line 7 and line {len(test) + 2})") in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_validation_that_is_or_shares_the_test_cases_is_refused(tmp_path, capsys):
+    test = _cbis_csv(tmp_path / "t.csv", 5, n_pat=12)
+    _cbis_csv(tmp_path / "v.csv", 6, n_pat=12, first=100)
+    base = ["--predictions", str(tmp_path / "t.csv"), "--out-dir", str(tmp_path / "o"),
+            "--bootstrap", "0", "--quiet"]
+    err = _exit2(base + ["--val-predictions", str(tmp_path / "t.csv")], capsys)
+    assert f"--val-predictions {tmp_path / 't.csv'} is the test file" in err
+    val = pd.read_csv(tmp_path / "v.csv")
+    val.loc[0, "image_index"] = test.image_index[3]
+    val.to_csv(tmp_path / "v1.csv", index=False)
+    err = _exit2(base + ["--val-predictions", str(tmp_path / "v1.csv")], capsys)
+    assert f"share 1 image(s), e.g. {test.image_index[3]!r}" in err
+    # a test patient's image under another name: a shared patient
+    pat = test.image_index[0][:7]
+    val.loc[0, "image_index"] = f"val/{test.image_index[0]}"
+    val.to_csv(tmp_path / "v2.csv", index=False)
+    err = _exit2(base + ["--val-predictions", str(tmp_path / "v2.csv")], capsys)
+    assert f"share 1 patient(s), e.g. {pat!r}" in err
+    assert not (tmp_path / "o").exists()
+    evaluate.main(base + ["--val-predictions", str(tmp_path / "v.csv")])
+
+
+def test_rows_without_a_label_are_counted_and_reported(tmp_path):
+    test = _cbis_csv(tmp_path / "a.csv", 4).astype({"malignant_label": object})
+    test.loc[[0, 1, 2], "malignant_label"] = ""
+    test.to_csv(tmp_path / "u.csv", index=False)
+    res = evaluate.main(["--predictions", str(tmp_path / "u.csv"), "--bootstrap", "0",
+                         "--out-dir", str(tmp_path / "o"), "--quiet"])
+    m = res["metrics"]["image"]["malignant_pred"]
+    assert m["n_unlabelled"] == 3 and m["n"] == len(test) - 3
+    assert "  note: 3 scored case(s) without a label left out" in res["table"]
+    codes = [(w["code"], w["level"]) for w in res["metrics"]["warnings"]]
+    assert ("unlabelled_cases", "image") in codes
+
+
+def test_a_breast_level_that_repeats_the_image_level_says_so(tmp_path):
+    test = _cbis_csv(tmp_path / "a.csv", 4)
+    one = test[test.image_index.str.endswith("_CC.png")]
+    one.to_csv(tmp_path / "cc.csv", index=False)
+    res = _quick(tmp_path, [tmp_path / "cc.csv"])
+    msg = "every breast has one image: the breast level repeats the image level"
+    assert msg in res["metrics"]["breast"]["malignant_pred"]["notes"]
+    assert msg not in res["metrics"]["image"]["malignant_pred"]["notes"]
+    assert res["metrics"]["warnings"][0]["code"] == "breast_level_is_image_level"
+    two = _quick(tmp_path, [tmp_path / "a.csv"], out="two")["metrics"]
+    assert msg not in two["breast"]["malignant_pred"]["notes"] and not two["warnings"]
+
+
+def test_a_calibration_that_reverses_the_ranking_is_refused(tmp_path, capsys):
+    _cbis_csv(tmp_path / "t.csv", 7)
+    val = _cbis_csv(tmp_path / "v.csv", 8, first=100)
+    val.assign(malignant_label=1 - val.malignant_label).to_csv(tmp_path / "v.csv", index=False)
+    res = _quick(tmp_path, [tmp_path / "t.csv"], "--val-predictions", tmp_path / "v.csv",
+                 "--calibrate", "platt")
+    m = res["metrics"]
+    refused = [w for w in m["warnings"] if w["code"] == "calibration_reverses_ranking"]
+    assert {(w["level"], w["model"]) for w in refused} >= {
+        (level, "malignant_pred") for level in ("image", "breast")}
+    assert set(refused[0]) == {"code", "level", "model", "message"}
+    cal = m["image"]["malignant_pred"]["calibration"]
+    assert "calibrated" not in cal and cal["refused"]["map"]["coef"] < 0
+    assert not list((tmp_path / "ev").glob("calibrat*"))
+    assert "note: platt calibration refused, not applied" in res["table"]
+    assert "platt calibrated" not in res["table"]
+    iso = em.Calibrator("isotonic")
+    iso.params = {"x": [0.1, 0.5, 0.9], "y": [0.2, 0.6, 0.3]}
+    assert iso.reverses_ranking()
+    iso.params["y"] = [0.2, 0.2, 0.7]
+    assert not iso.reverses_ranking()
