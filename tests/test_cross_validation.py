@@ -148,7 +148,10 @@ nb_epoch = 1
 all_layer_epochs = 1
 [predict]
 bootstrap = 100
+flips = false
 [heatmaps]
+enabled = false
+[evaluate]
 enabled = false
 """
 
