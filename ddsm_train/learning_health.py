@@ -128,10 +128,12 @@ def patch_test_warnings(metrics: dict, source: PathLike) -> List[dict]:
 
 
 def patch_per_class(metrics: dict) -> Dict[str, dict]:
-    """The ``per_class`` figures of a patch test metrics file (derived from its ``counts``
-    and ``auroc_ovr`` when the file lacks them)."""
-    if metrics.get("per_class"):
-        return metrics["per_class"]
+    """The ``per_class`` figures of a patch test metrics file in the order of its ``classes``
+    (derived from its ``counts`` and ``auroc_ovr`` when the file lacks them)."""
+    given = metrics.get("per_class")
+    if given:       # in the order of ``classes`` (a JSON file may hold its keys sorted)
+        order = [c for c in metrics.get("classes") or [] if c in given]
+        return {c: given[c] for c in order + sorted(set(given) - set(order))}
     import eval_metrics
 
     classes, counts = metrics.get("classes") or [], metrics.get("counts")

@@ -329,6 +329,11 @@ def test_report_shows_patch_figures_per_class_from_the_metrics_file(tmp_path):
     assert "<td class=l>malignant</td><td>50</td><td>2</td><td>0.000</td><td>0.000</td>" \
         in page
     assert "scores 0.869" in page
+    # the file holds its per-class keys sorted; rows and columns follow the class list
+    assert patch["classes"] == CLASSES
+    assert "<tr><td class=l>malignant</td><td>39</td><td>0</td><td>11</td></tr>" in page
+    assert printed.index("    background:") < printed.index("    malignant:") < \
+        printed.index("    benign:")
     assert ("patch classifier test accuracy 0.869 on 840 test patches (always answering the "
             "most frequent class, 'background', scores 0.869)") in printed
     assert ("    malignant: 50 patches, predicted 2, recall 0.000, precision 0.000, AUROC one "
