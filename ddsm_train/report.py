@@ -407,10 +407,10 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         else '<p class="muted">no metrics (no labelled test images)</p>',
         (f"<p>Validation images ({val['n']}, {val['n_pos']} positive): AUROC "
          f"{_fmt(val['auroc'], val['auroc_ci'])}</p>" if val else ""),
-        _patch_section(patch),
         _img(out, f"predictions/{kind}/roc_image.png", f"ROC curve ({kind.replace('_', ' ')})"),
         _img(out, f"predictions/{kind}/pr_image.png",
              f"precision-recall curve ({kind.replace('_', ' ')})"),
+        _patch_section(patch),
         _evaluation_section(out, evaluation),
         "<h2>Heatmaps</h2><p>Probability of the malignant patch class over the test images "
         "the whole-image classifier scored highest; lesion outlines from the ROI masks where "
