@@ -13,7 +13,9 @@ augmentation :data:`AUGMENTATION_2017`), the input recipe stored in every model 
 writes (:func:`training_recipe`, :func:`model_file_extras`) and the run's files beside
 ``--best-model`` (:func:`run_file_kwargs`). The run itself, the same for both trainers
 (checks, model, recipe, data, stages, final save), is :func:`run_trainer`; a trainer gives
-what differs as a :class:`TrainerSpec` (its checks, model, stage plan, report).
+what differs as a :class:`TrainerSpec` (its checks, model, stage plan, report). At the end a
+trainer reports its ``learning_health`` warnings (:func:`best_epoch_warnings`,
+:func:`log_warnings`, :func:`print_warnings`).
 
 Importing this module does not import TensorFlow; the functions that need it import it.
 """
