@@ -37,11 +37,12 @@ What a screening study reports (:func:`evaluate_scores`, used by ``image_clf_pre
 - Calibration: ECE over equal-width bins, Brier score, reliability diagram; Platt or isotonic
   recalibration (:class:`Calibrator`).
 - Comparison of two scores of the same cases: DeLong's test in the O(n log n) form of Sun & Xu
-  (:func:`delong_auc_cov`), with Obuchowski's clustered variance when a patient has several
+ (:func:`delong_auc_cov`), with Obuchowski's clustered variance when a patient has several
   cases (:func:`obuchowski_auc_cov`), and the paired bootstrap interval of the AUROC
   difference. A variance that is undefined or 0 gives no p-value (None), never p = 1.
-- Multi-class (patch classifiers): confusion matrix and one-vs-rest AUROC
-  (:func:`confusion_report`).
+- Multi-class (patch classifiers): confusion matrix, accuracy next to the majority-class
+  share, and per class support, recall, precision and one-vs-rest AUROC with its bootstrap
+  interval (:func:`confusion_report`).
 """
 import json
 import logging
@@ -68,7 +69,8 @@ __all__ = [
     "threshold_rates", "choose_threshold", "rate_at_fixed", "expected_calibration_error",
     "reliability_table", "brier_score", "reliability_figure", "save_figure",
     "iter_bootstrap_counts", "bootstrap_method", "degenerate_reason", "evaluate_scores",
-    "paired_auroc_difference", "Calibrator", "confusion_report", "write_confusion_report",
+    "paired_auroc_difference", "Calibrator", "confusion_report", "class_rates",
+    "write_confusion_report",
     "parse_cbis_name",
 ]
 
@@ -1076,19 +1078,26 @@ class Calibrator:
 
 
 # ------------------------------------------------------------------ multi-class (patches)
-def confusion_report(labels: ArrayLike, probs: ArrayLike, class_names: Sequence[str]) -> Dict:
-    """Confusion matrix and one-vs-rest AUROC per class of a multi-class classifier.
+def confusion_report(labels: ArrayLike, probs: ArrayLike, class_names: Sequence[str],
+                     n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> Dict:
+    """Confusion matrix and per-class figures of a multi-class classifier.
 
     Args:
         labels: n true class indices.
         probs: (n, k) class probabilities; the predicted class is the argmax.
         class_names: k names.
+        n_boot: bootstrap resamples of the one-vs-rest AUROC intervals (0: none).
+        seed: their seed.
 
     Returns:
-        dict with ``classes``, ``counts`` (k x k, rows = true class, columns = predicted),
-        ``row_normalised`` (each row divided by its total; None for an absent class),
-        ``accuracy`` and ``auroc_ovr`` (class -> AUROC of its probability against all other
-        classes; None when the class is absent or alone).
+        dict with ``classes``, ``n``, ``counts`` (k x k, rows = true class, columns =
+        predicted), ``row_normalised`` (each row divided by its total; None for an absent
+        class), ``accuracy``, ``majority_class`` and ``majority_share`` (the accuracy of always
+        answering the most frequent true class), ``auroc_ovr`` (class -> AUROC of its
+        probability against all other classes; None when the class is absent or alone) and
+        ``per_class`` (class -> :func:`class_rates` plus ``auroc`` and its 95 % percentile
+        bootstrap interval ``auroc_ci``, resampling cases, None with fewer than
+        ``MIN_BOOTSTRAP_CASES`` cases).
     """
     from sklearn.metrics import confusion_matrix
 
@@ -1100,16 +1109,47 @@ def confusion_report(labels: ArrayLike, probs: ArrayLike, class_names: Sequence[
     cm = confusion_matrix(labels, probs.argmax(axis=1), labels=list(range(k)))
     rows = cm.sum(axis=1, keepdims=True)
     norm = [(r / t).tolist() if t[0] else None for r, t in zip(cm, rows)]
-    auroc = {}
+    per_class = class_rates(cm, class_names)
     for j, name in enumerate(class_names):
         yj = (labels == j).astype(int)
-        auroc[name] = roc_auc(yj, probs[:, j]) if 0 < yj.sum() < yj.size else None
-    return {"classes": list(class_names), "counts": cm.tolist(), "row_normalised": norm,
-            "accuracy": float(np.trace(cm) / max(cm.sum(), 1)), "auroc_ovr": auroc}
+        defined = 0 < yj.sum() < yj.size
+        per_class[name]["auroc"] = roc_auc(yj, probs[:, j]) if defined else None
+        per_class[name]["auroc_ci"] = (_ovr_auroc_ci(yj, probs[:, j], n_boot, seed)
+                                       if defined else None)
+    support = cm.sum(axis=1)
+    return {"classes": list(class_names), "n": int(cm.sum()), "counts": cm.tolist(),
+            "row_normalised": norm, "accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
+            "majority_class": class_names[int(support.argmax())] if k else None,
+            "majority_share": float(support.max() / max(cm.sum(), 1)) if k else None,
+            "auroc_ovr": {name: per_class[name]["auroc"] for name in class_names},
+            "per_class": per_class}
+
+
+def class_rates(counts: ArrayLike, class_names: Sequence[str]) -> Dict[str, Dict]:
+    """Per class of a confusion matrix (rows true, columns predicted): ``support`` (its true
+    cases), ``predicted`` (cases predicted as it), ``recall`` and ``precision`` (None when
+    undefined: no true case, or never predicted)."""
+    cm = np.asarray(counts, dtype=np.int64).reshape(len(class_names), len(class_names))
+    out = {}
+    for j, name in enumerate(class_names):
+        support, predicted, hit = int(cm[j].sum()), int(cm[:, j].sum()), int(cm[j, j])
+        out[name] = {"support": support, "predicted": predicted,
+                     "recall": hit / support if support else None,
+                     "precision": hit / predicted if predicted else None}
+    return out
+
+
+def _ovr_auroc_ci(y: np.ndarray, score: np.ndarray, n_boot: int, seed: int) -> Optional[list]:
+    """95 % bootstrap interval of one class's one-vs-rest AUROC (None when not computed)."""
+    if n_boot <= 0 or y.size < MIN_BOOTSTRAP_CASES:
+        return None
+    ci = bootstrap_ci(y, score, n_boot=n_boot, seed=seed)["auroc_ci"]
+    return None if any(not np.isfinite(v) for v in ci) else [float(v) for v in ci]
 
 
 def write_confusion_report(labels: ArrayLike, probs: ArrayLike, class_names: Sequence[str],
-                           prefix: PathLike) -> Dict:
+                           prefix: PathLike, n_boot: int = DEFAULT_N_BOOT,
+                           seed: int = DEFAULT_SEED) -> Dict:
     """Write ``<prefix>.confusion.csv`` (counts, then row-normalised rows),
     ``<prefix>.confusion.png`` (both matrices) and ``<prefix>.metrics.json`` (the
     :func:`confusion_report`); return the report with the three paths."""
@@ -1118,7 +1158,7 @@ def write_confusion_report(labels: ArrayLike, probs: ArrayLike, class_names: Seq
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    rep = confusion_report(labels, probs, class_names)
+    rep = confusion_report(labels, probs, class_names, n_boot=n_boot, seed=seed)
     prefix = str(prefix)
     lines = ["matrix,true_class," + ",".join(f"pred_{c}" for c in class_names)]
     for kind, mat in (("counts", rep["counts"]), ("row_normalised", rep["row_normalised"])):

@@ -10,7 +10,8 @@ layers at ``--init-learningrate x --all-layer-multiplier``. The model with the b
 validation AUROC is saved to ``--best-model`` (atomically: an interrupted run keeps the last
 best model, and ``--resume-from`` restarts from it); the resolved options go to
 ``<best-model>.options.json``. At the end the best model's test AUROC is reported, without and
-with flip augmentation. Example (the companion page's fine-tuning command)::
+with flip augmentation, and the first with its 95 % bootstrap interval; a best epoch that is the
+first, or an interval containing 0.5, is logged and printed as a warning (``learning_health``). Example (the companion page's fine-tuning command)::
 
     python image_clf_train.py --no-patch-model-state --resume-from model.h5 \\
         --img-size 1152 896 --no-img-scale --rescale-factor 0.003891 --featurewise-center \\
@@ -320,7 +321,10 @@ def run(train_dir, val_dir, test_dir, **options):
 
     Returns:
         dict: ``best_model``, ``options_json``, ``best_val_auc``, ``best_epoch``, ``test_auc``,
-        ``test_auc_augmented``, ``epochs`` (run), ``history`` (merged per-epoch logs); or,
+        ``test_auc_augmented``, ``test_auroc_ci`` (class -> ``n``, ``n_pos``, ``auroc``,
+        ``auroc_ci``: the positive class, or each class with more than two), ``epochs`` (run),
+        ``history`` (merged per-epoch logs), ``warnings`` (``learning_health`` records: best
+        epoch the first, a test AUROC interval containing 0.5); or,
         when the same run is already finished at ``best_model``, the summary of
         ``training_setup.finished_run_result`` (``complete`` True), nothing touched.
     """
@@ -339,7 +343,9 @@ def _report(opts, json_path, hists, ckpt, test, is_chief=True):
     result = dict(best_model=opts["best_model"], options_json=str(json_path),
                   best_val_auc=float(ckpt.best_auc), best_epoch=ckpt.best_epoch,
                   epochs=sum(len(h.epoch) for h in hists), history=ts.merge_history(hists),
-                  test_auc=None, test_auc_augmented=None)
+                  test_auc=None, test_auc_augmented=None, test_auroc_ci={})
+    result["warnings"] = ts.best_epoch_warnings(opts, ckpt.best_epoch, result["epochs"],
+                                                "val_auc")
     if not is_chief:
         logger.info("Multi-worker run: the chief worker reports the test result")
         return result
@@ -348,14 +354,44 @@ def _report(opts, json_path, hists, ckpt, test, is_chief=True):
                          f"{opts['best_model']} (any file there is from an earlier run)")
     best = dm_keras_ext.robust_load_model(opts["best_model"])
     calc = training_runs.DMAucModelCheckpoint.calc_test_auc
-    result["test_auc"] = float(calc(test, best))
+    auc, y_true, y_pred = calc(test, best, return_y_res=True)
+    result["test_auc"] = float(auc)
     result["test_auc_augmented"] = float(calc(test, best, test_augment=True))
+    result["test_auroc_ci"] = _test_auroc_health(opts, y_true, y_pred, result["warnings"])
     logger.info("Training summary: %d epochs, best validation AUROC %.4f at epoch %d, "
                 "model %s", result["epochs"], result["best_val_auc"], result["best_epoch"],
                 result["best_model"])
     logger.info("Test AUROC %.4f, with flip augmentation %.4f (%d images)",
                 result["test_auc"], result["test_auc_augmented"], test.nb_sample)
+    ts.log_warnings(result["warnings"])
     return result
+
+
+def _test_auroc_health(opts, y_true, y_pred, warnings):
+    """The test AUROC with its 95 % bootstrap interval of the last class (two classes) or of
+    each class against the rest (more), as ``{class: {n, n_pos, auroc, auroc_ci}}``; a
+    ``learning_health`` warning is appended to ``warnings`` for each interval containing 0.5."""
+    import numpy as np
+
+    import eval_metrics
+    import learning_health
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred, dtype=np.float64)
+    labels = y_true.argmax(axis=-1) if y_true.ndim == 2 else y_true.astype(int).ravel()
+    k = len(opts["class_list"])
+    scores = y_pred if y_pred.ndim == 2 and y_pred.shape[1] == k else \
+        np.column_stack([1 - y_pred.ravel(), y_pred.ravel()])
+    out = {}
+    for c in (range(k) if k > 2 else [k - 1]):
+        name = opts["class_list"][c]
+        out[name] = learning_health.auroc_with_ci(labels == c, scores[:, c],
+                                                  eval_metrics.DEFAULT_N_BOOT, ts.run_seed(opts))
+        logger.info("Test AUROC of %r against the rest: %s (%s)", name, _fmt(out[name]["auroc"]),
+                    eval_metrics.format_ci(out[name]["auroc_ci"]))
+        warnings += learning_health.auroc_warnings(
+            out[name]["auroc"], out[name]["auroc_ci"], f"whole-image test ({name!r} vs rest)",
+            opts["best_model"])
+    return out
 
 
 def main(argv=None):
@@ -368,6 +404,7 @@ def main(argv=None):
         return result
     print(f"best validation AUROC {result['best_val_auc']:.4f}; test AUROC "
           f"{_fmt(result['test_auc'])}, with flips {_fmt(result['test_auc_augmented'])}")
+    ts.print_warnings(result["warnings"])
     return result
 
 

@@ -12,8 +12,11 @@ lr x ``--all-layer-multiplier``); without them (a ``--net`` without ImageNet wei
 ``yaroslav`` or ``dm_resnet14``, or ``--no-use-pretrained``) only stage 1 runs, on all layers.
 The model with the best validation accuracy is saved atomically to ``--best-model`` (options in
 ``<best-model>.options.json``); at the end its test accuracy and loss are reported, and its test
-confusion matrix (counts and row-normalised) and one-vs-rest AUROC per class are written beside
-it (``<best-model>.test.confusion.csv`` / ``.png``, ``<best-model>.test.metrics.json``).
+confusion matrix (counts and row-normalised), accuracy next to the majority-class share and,
+per class, support, recall, precision and one-vs-rest AUROC with its 95 % bootstrap interval are
+written beside it (``<best-model>.test.confusion.csv`` / ``.png``,
+``<best-model>.test.metrics.json``). Signs that the model learned nothing
+(``learning_health``) are logged and printed as warnings and kept in that JSON.
 """
 import argparse
 import functools
@@ -192,7 +195,9 @@ def run(train_dir, val_dir, test_dir, **options):
         dict: ``best_model``, ``options_json``, ``best_val_accuracy``, ``best_epoch``,
         ``epochs``, ``stages``, ``history`` (merged per-epoch logs), ``test_loss``,
         ``test_accuracy``, ``test_confusion`` (``eval_metrics.confusion_report`` with the
-        paths of its files); or, when the same run is already finished at ``best_model``, the
+        paths of its files), ``warnings`` (``learning_health`` records: best epoch the first,
+        a class never or almost never predicted, test accuracy not above the majority-class
+        share, a one-vs-rest test AUROC interval containing 0.5); or, when the same run is already finished at ``best_model``, the
         summary of ``training_setup.finished_run_result`` (``complete`` True), nothing
         touched.
     """
@@ -208,15 +213,17 @@ def _report(opts, json_path, hists, test, is_chief=True):
 
     history = ts.merge_history(hists)
     val_acc = history.get("val_accuracy", [])
-    chosen = history.get("val_auc", []) if opts["auc_checkpoint"] else val_acc
+    chosen = history.get("val_auc", []) if opts.get("auc_checkpoint") else val_acc
     best = int(np.nanargmax(chosen)) if chosen and not np.all(np.isnan(chosen)) else None
     result = dict(best_model=opts["best_model"], options_json=str(json_path),
                   epochs=len(history.get("loss", [])), stages=[h.stage for h in hists],
                   history=history,
                   best_val_accuracy=val_acc[best] if best is not None and val_acc else None,
                   best_epoch=best + 1 if best is not None else None,
-                  best_by="val_auc" if opts["auc_checkpoint"] else "val_accuracy",
+                  best_by="val_auc" if opts.get("auc_checkpoint") else "val_accuracy",
                   test_loss=None, test_accuracy=None)
+    result["warnings"] = ts.best_epoch_warnings(opts, result["best_epoch"], result["epochs"],
+                                                result["best_by"])
     if not is_chief:
         logger.info("Multi-worker run: the chief worker reports the test result")
         return result
@@ -227,21 +234,25 @@ def _report(opts, json_path, hists, test, is_chief=True):
     best.compile(optimizer="sgd", loss="categorical_crossentropy", metrics=["accuracy"])
     loss, acc = best.evaluate(test, verbose=0)
     result.update(test_loss=float(loss), test_accuracy=float(acc))
-    result["test_confusion"] = _test_confusion(best, test, opts)
+    result["test_confusion"] = _test_confusion(best, test, opts, result["warnings"])
     logger.info("Training summary: stages %s, %d epochs, best validation accuracy %.4f at "
                 "epoch %d, model %s", result["stages"], result["epochs"],
                 result["best_val_accuracy"], result["best_epoch"], result["best_model"])
     logger.info("Test accuracy %.4f, loss %.4f (%d patches)", acc, loss, test.nb_sample)
+    ts.log_warnings(result["warnings"])
     return result
 
 
-def _test_confusion(model, test, opts):
-    """Confusion matrix and one-vs-rest AUROC per class of ``model`` on the test patches,
-    written beside the model: ``<best-model>.test.confusion.csv`` / ``.png`` and
-    ``<best-model>.test.metrics.json`` (``eval_metrics.write_confusion_report``)."""
+def _test_confusion(model, test, opts, warnings):
+    """Confusion matrix and per-class figures (support, recall, precision, one-vs-rest AUROC
+    with its bootstrap interval) of ``model`` on the test patches, written beside the model:
+    ``<best-model>.test.confusion.csv`` / ``.png`` and ``<best-model>.test.metrics.json``
+    (``eval_metrics.write_confusion_report``). The learning-health warnings of the test
+    figures are appended to ``warnings``, which the metrics JSON then holds as ``warnings``."""
     import numpy as np
 
     import eval_metrics
+    import learning_health
 
     labels, probs = [], []
     for k in range(len(test)):
@@ -250,11 +261,24 @@ def _test_confusion(model, test, opts):
         labels.append(np.asarray(y).argmax(axis=-1) if np.ndim(y) == 2 else np.asarray(y))
     labels, probs = np.concatenate(labels), np.concatenate(probs)
     rep = eval_metrics.write_confusion_report(labels, probs, opts["class_list"],
-                                              f"{opts['best_model']}.test")
+                                              f"{opts['best_model']}.test",
+                                              seed=ts.run_seed(opts))
     rep["predictions_csv"] = str(_write_test_predictions(test, labels, probs, opts))
-    logger.info("Test confusion matrix (rows true %s): %s; one-vs-rest AUROC %s; in %s",
-                opts["class_list"], rep["counts"], rep["auroc_ovr"], rep["confusion_png"])
+    warnings += learning_health.patch_test_warnings(rep, rep["metrics_json"])
+    rep["warnings"] = list(warnings)
+    eval_metrics.write_json_atomic(rep, rep["metrics_json"])
+    logger.info("Test confusion matrix (rows true %s): %s; accuracy %.4f (majority class "
+                "share %.4f); in %s", opts["class_list"], rep["counts"], rep["accuracy"],
+                rep["majority_share"], rep["confusion_png"])
+    for name, c in rep["per_class"].items():
+        logger.info("  %s: %d patches, predicted %d, recall %s, precision %s, one-vs-rest "
+                    "AUROC %s (%s)", name, c["support"], c["predicted"], _fmt(c["recall"]),
+                    _fmt(c["precision"]), _fmt(c["auroc"]), eval_metrics.format_ci(c["auroc_ci"]))
     return rep
+
+
+def _fmt(x):
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _write_test_predictions(test, labels, probs, opts):
@@ -297,6 +321,7 @@ def main(argv=None):
     if result["test_accuracy"] is not None:
         print(f"best validation accuracy {result['best_val_accuracy']:.4f}; test accuracy "
               f"{result['test_accuracy']:.4f}, loss {result['test_loss']:.4f}")
+    ts.print_warnings(result["warnings"])
     return result
 
 

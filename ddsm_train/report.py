@@ -1,8 +1,11 @@
 """The report of a pipeline run: ``report.html`` (plain HTML, the pictures beside it) and
 ``summary.json`` in the run folder.
 
-:func:`write_report` reads what the stages of ``run_pipeline.py`` wrote and shows: the test
-metrics with their 95 % bootstrap intervals (``predictions/*/metrics.json``), the screening
+:func:`write_report` reads what the stages of ``run_pipeline.py`` wrote and shows: a red banner
+listing the learning-health warnings (:func:`health_warnings`, also the ``warnings`` of
+``summary.json``), the whole-image validation AUROC, the patch classifier's test accuracy next to
+the majority-class share with its per-class recall, precision and one-vs-rest AUROC and its
+confusion matrix (``models/patch_clf.h5.test.metrics.json``), the test metrics with their 95 % bootstrap intervals (``predictions/*/metrics.json``), the screening
 evaluation of ``evaluate.py`` (``evaluation/metrics.json``: the operating points chosen on the
 validation images applied to the test images, breast- and exam-level AUROC, pF1, calibration
 and its reliability diagram), the ROC and PR curves, the heatmap overlays of the highest-scored positive and negative test images (lesion
@@ -17,17 +20,22 @@ from __future__ import annotations
 import csv
 import html
 import json
-import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+import learning_health as lh  # noqa: E402
 from dm_image import IMG_EXTENSIONS, atomic_write  # noqa: E402
 
-__all__ = ["write_report", "count_images", "format_summary"]
+__all__ = ["write_report", "count_images", "format_summary", "patch_test_summary",
+           "health_warnings"]
 
-_PATCH_ACC = re.compile(r"test accuracy ([0-9.]+), loss ([0-9.naif]+)")
+#: Files of a run (relative to its folder) that the learning-health checks read.
+PATCH_TEST_METRICS = "models/patch_clf.h5.test.metrics.json"
+TRAINING_LOGS = (("models/patch_clf.h5.log.csv", "val_accuracy"),
+                 ("models/image_clf.h5.log.csv", "val_auc"))
+EVALUATION_METRICS = "evaluation/metrics.json"
 _STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
@@ -39,6 +47,10 @@ figure img { max-width: 520px; max-height: 520px; border: 1px solid #ddd; }
 figcaption { font-size: .9em; color: #555; max-width: 520px; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
 .muted { color: #777; }
+.warnings { background: #fdecea; border: 2px solid #c62828; color: #7f1d1d; padding: .6em 1em;
+            margin: 1em 0; }
+.warnings h2 { border: none; color: #c62828; margin: .2em 0; }
+.warnings code { color: #7f1d1d; }
 """
 
 
@@ -118,12 +130,94 @@ def _heatmap_figures(out: Path, predictions: Path) -> str:
     return "".join(parts) or '<p class="muted">no overlay was drawn</p>'
 
 
-def _patch_accuracy(out: Path, state: dict) -> Optional[float]:
-    log = state.get("stages", {}).get("patch_train", {}).get("log")
-    if not log or not (out / log).is_file():
+def patch_test_summary(out: Union[str, Path]) -> Optional[dict]:
+    """The patch classifier's test figures of a run (``models/patch_clf.h5.test.metrics.json``
+    of ``patch_clf_train.py``), or None when the run has no such file.
+
+    Returns:
+        ``source`` (the file, relative to the run folder), ``n``, ``accuracy``,
+        ``majority_class``, ``majority_share``, ``classes``, ``counts`` (rows true, columns
+        predicted) and ``per_class`` (class -> ``support``, ``predicted``, ``recall``,
+        ``precision``, ``auroc``, ``auroc_ci``).
+    """
+    path = Path(out) / PATCH_TEST_METRICS
+    if not path.is_file():
         return None
-    found = _PATCH_ACC.findall((out / log).read_text(errors="replace"))
-    return float(found[-1][0]) if found else None
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    per_class = lh.patch_per_class(metrics)
+    share, name = lh.majority_share(per_class)
+    return {"source": PATCH_TEST_METRICS, "n": sum(c["support"] for c in per_class.values()),
+            "accuracy": metrics.get("accuracy"), "majority_class": name,
+            "majority_share": share, "classes": list(per_class), "counts": metrics.get("counts"),
+            "per_class": per_class}
+
+
+def health_warnings(out: Union[str, Path], config: dict, patch: Optional[dict]) -> List[dict]:
+    """The learning-health warnings of a run (``learning_health``): the patch classifier's
+    test figures (``patch``, :func:`patch_test_summary`), a best epoch that is the first in
+    either training log, whole-image test AUROC intervals (``predictions/*/metrics.json``)
+    and the validation one (from ``predictions/val_*/image_predictions.csv``) containing 0.5,
+    and the ``warnings`` of ``evaluation/metrics.json``. Sources are relative to ``out``."""
+    out = Path(out)
+    found = lh.patch_test_warnings(patch, patch["source"]) if patch else []
+    for log, monitor in TRAINING_LOGS:
+        found += lh.training_log_warnings(out / log, monitor, log)
+    for kind, what in (("no_flips", "without flips"), ("flips", "with flips")):
+        rel = f"predictions/{kind}/metrics.json"
+        m = _metrics(out / rel)
+        found += lh.auroc_warnings(m.get("auroc"), m.get("auroc_ci"),
+                                   f"whole-image test ({what})", rel)
+    val = _val_auroc(out, config)
+    if val:
+        found += lh.auroc_warnings(val["auroc"], val["auroc_ci"], "whole-image validation",
+                                   val["source"])
+    found += lh.file_warnings(out / EVALUATION_METRICS, EVALUATION_METRICS)
+    return lh.unique_warnings(found)
+
+
+def _val_auroc(out: Path, config: dict) -> Optional[dict]:
+    """AUROC and its bootstrap interval of the run's validation predictions, or None."""
+    kind = "flips" if (out / "predictions" / "val_flips").is_dir() else "no_flips"
+    rel = f"predictions/val_{kind}/image_predictions.csv"
+    n_boot = (config.get("predict") or {}).get("bootstrap", 2000)
+    seed = (config.get("run") or {}).get("seed", 12345)
+    val = lh.predictions_auroc(out / rel, int(n_boot), int(seed))
+    return dict(val, source=rel) if val else None
+
+
+def _warnings_banner(warnings: List[dict]) -> str:
+    """The red box at the top of the report listing each learning-health warning."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li><code>{html.escape(w['code'])}</code>: {html.escape(w['message'])} "
+                    f'<span class="muted">({html.escape(w["source"])})</span></li>'
+                    for w in warnings)
+    return (f'<div class="warnings" id="warnings"><h2>{len(warnings)} warning(s): the '
+            f"model may not have learned</h2><ul>{items}</ul></div>")
+
+
+def _patch_section(patch: Optional[dict]) -> str:
+    """Per-class test figures and confusion matrix of the patch classifier."""
+    head = "<h2>Patch classifier (test patches)</h2>"
+    if not patch:
+        return head + '<p class="muted">no patch test metrics in this run</p>'
+    rows = [[name, c["support"], c["predicted"], _fmt(c["recall"]), _fmt(c["precision"]),
+             _fmt(c["auroc"], c["auroc_ci"])] for name, c in patch["per_class"].items()]
+    counts = [[name] + list(row) for name, row in zip(patch["classes"], patch["counts"] or [])]
+    return "\n".join([
+        head, f"<p>{html.escape(_patch_accuracy_text(patch))}</p>",
+        _table(["class", "test patches", "predicted as it", "recall", "precision",
+                "AUROC, one vs rest"], rows),
+        "<h3>Confusion matrix (rows: true class, columns: predicted)</h3>",
+        _table(["true \\ predicted"] + patch["classes"], counts) if counts else "",
+        f'<p class="muted">From {html.escape(patch["source"])}; intervals: 95% percentile '
+        "bootstrap of the patches.</p>"])
+
+
+def _patch_accuracy_text(patch: dict) -> str:
+    return (f"accuracy {_fmt(patch['accuracy'])} on {patch['n']} test patches (always "
+            f"answering the most frequent class, {patch['majority_class']!r}, scores "
+            f"{_fmt(patch['majority_share'])})")
 
 
 _LEVEL_UNITS = {"image": "images", "breast": "breasts", "exam": "exams"}
@@ -270,9 +364,16 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
     derived = json.loads(derived_path.read_text()) if derived_path.is_file() else {}
     times = {k: v.get("seconds") for k, v in stages.items()
              if v.get("status") == "done" and v.get("seconds") is not None and k != "report"}
+    patch = patch_test_summary(out)
+    val = _val_auroc(out, config)
+    warnings = health_warnings(out, config, patch)
     summary = {
         "out_dir": str(out.resolve()), "report": str((out / "report.html").resolve()),
-        "patch_test_accuracy": _patch_accuracy(out, state),
+        "warnings": warnings,
+        "patch_test_accuracy": (patch or {}).get("accuracy"),
+        "patch_majority_share": (patch or {}).get("majority_share"), "patch_test": patch,
+        "val_auroc": (val or {}).get("auroc"), "val_auroc_ci": (val or {}).get("auroc_ci"),
+        "n_val_images": (val or {}).get("n"),
         "test_auroc": plain.get("auroc"), "test_auroc_ci": plain.get("auroc_ci"),
         "test_auprc": plain.get("auprc"), "test_auprc_ci": plain.get("auprc_ci"),
         "test_auroc_flips": flips.get("auroc"), "test_auroc_flips_ci": flips.get("auroc_ci"),
@@ -295,19 +396,21 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
     stage_rows = [[name, rec.get("status", ""), "" if rec.get("seconds") is None
                    else f"{rec['seconds']:.1f}", rec.get("finished", ""), rec.get("log", "")]
                   for name, rec in stages.items() if name != "report"]
-    acc = summary["patch_test_accuracy"]
     sections = [
         f"<h1>Run report: {html.escape(out.resolve().name)}</h1>",
+        _warnings_banner(warnings),
         f'<p class="muted">{html.escape(str(out.resolve()))}; config '
         f'{html.escape(str(config_path))}; written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
         "<h2>Test metrics (whole images)</h2>",
         _table(["prediction", "images", "positive", "AUROC", "AUPRC", "sensitivity",
                 "specificity", "fixed threshold"], metric_rows) if metric_rows
         else '<p class="muted">no metrics (no labelled test images)</p>',
-        (f"<p>Patch classifier, test accuracy: {acc:.3f}</p>" if acc is not None else ""),
+        (f"<p>Validation images ({val['n']}, {val['n_pos']} positive): AUROC "
+         f"{_fmt(val['auroc'], val['auroc_ci'])}</p>" if val else ""),
         _img(out, f"predictions/{kind}/roc_image.png", f"ROC curve ({kind.replace('_', ' ')})"),
         _img(out, f"predictions/{kind}/pr_image.png",
              f"precision-recall curve ({kind.replace('_', ' ')})"),
+        _patch_section(patch),
         _evaluation_section(out, evaluation),
         "<h2>Heatmaps</h2><p>Probability of the malignant patch class over the test images "
         "the whole-image classifier scored highest; lesion outlines from the ROI masks where "
@@ -339,22 +442,40 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
 
 
 def format_summary(s: dict) -> str:
-    """A few printed lines of a run's ``summary.json``."""
+    """A few printed lines of a run's ``summary.json``, its warnings last."""
     times = ", ".join(f"{k} {v:.0f}s" for k, v in s.get("stage_seconds", {}).items())
-    acc = s.get("patch_test_accuracy")
-    lines = ["Run summary"]
-    if acc is not None:
-        lines.append(f"  patch classifier test accuracy: {acc:.3f}")
+    lines = ["Run summary", *_patch_lines(s.get("patch_test"))]
     lines += [
         f"  whole-image test AUROC ({s.get('n_test_images')} images, {s.get('n_test_pos')} "
         f"positive): {_fmt(s.get('test_auroc'), s.get('test_auroc_ci'))}",
         f"  with flip augmentation: "
         f"{_fmt(s.get('test_auroc_flips'), s.get('test_auroc_flips_ci'))}",
+    ]
+    if s.get("val_auroc") is not None:
+        lines.append(f"  whole-image validation AUROC ({s.get('n_val_images')} images): "
+                     f"{_fmt(s['val_auroc'], s.get('val_auroc_ci'))}")
+    lines += [
         *_evaluation_lines(s.get("evaluation")),
         f"  time per stage (last run): {times}",
         f"  total time: {s.get('total_seconds', 0):.0f}s",
     ]
+    warnings = s.get("warnings") or []
+    if warnings:
+        lines.append(f"{len(warnings)} warning(s): the model may not have learned")
+        lines += lh.format_warnings(warnings)
     return "\n".join(lines)
+
+
+def _patch_lines(patch: Optional[dict]) -> List[str]:
+    """The printed lines of the patch classifier's test figures (:func:`patch_test_summary`)."""
+    if not patch:
+        return []
+    lines = [f"  patch classifier test {_patch_accuracy_text(patch)}"]
+    for name, c in patch["per_class"].items():
+        lines.append(f"    {name}: {c['support']} patches, predicted {c['predicted']}, recall "
+                     f"{_fmt(c['recall'])}, precision {_fmt(c['precision'])}, AUROC one vs "
+                     f"rest {_fmt(c['auroc'], c['auroc_ci'])}")
+    return lines
 
 
 def _evaluation_lines(ev: Optional[dict]) -> List[str]:

@@ -30,6 +30,11 @@ Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
 ``report``            ``OUT/report.html`` (``report.py``) and ``OUT/summary.json``
 ====================  ===========================================================================
 
+The summary printed at the end lists the run's learning-health warnings (``summary.json``
+``warnings``: a patch class never predicted, accuracy not above the majority share, an AUROC
+interval containing 0.5, a best epoch that is the first, the evaluation's own); with
+``--strict`` a run that raised any ends with exit status 3 (:data:`STRICT_EXIT`).
+
 Every flag a stage needs is derived once, from the config and the data (``OUT/derived.json``
 holds the derived pixel scale and means). The state of the run is ``OUT/pipeline_state.json``:
 per stage its fingerprint (its command lines, ``RANDOM_SEED``, the fingerprints of the stages
@@ -70,7 +75,11 @@ from script_utils import cli_main  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "StageError", "Pipeline", "run", "get_args_parser", "main"]
+__all__ = ["STAGES", "StageError", "LearningWarnings", "STRICT_EXIT", "Pipeline", "run",
+           "get_args_parser", "main"]
+
+#: Exit status of ``--strict`` when the run raised learning-health warnings.
+STRICT_EXIT = 3
 
 HERE = Path(__file__).resolve().parent
 #: The stages, in order.
@@ -80,6 +89,15 @@ STATE_FILE = "pipeline_state.json"
 DERIVED_FILE = "derived.json"
 #: 255/65535: 16-bit levels to the 0..255 scale.
 RESCALE_16BIT = 0.003891
+
+
+class LearningWarnings(RuntimeError):
+    """``--strict``: the run finished but raised learning-health warnings (``warnings``)."""
+
+    def __init__(self, warnings: List[dict]):
+        super().__init__(f"--strict: the run raised {len(warnings)} warning(s) about what the "
+                         f"model learned: " + "; ".join(w["code"] for w in warnings))
+        self.warnings = warnings
 
 
 class StageError(RuntimeError):
@@ -782,7 +800,7 @@ class CrossValidation:
 
 
 def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None,
-        only: Optional[str] = None) -> dict:
+        only: Optional[str] = None, strict: bool = False) -> dict:
     """Run the pipeline of ``config`` into ``out`` and print where the report is.
 
     Args:
@@ -791,6 +809,8 @@ def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None
             folder skips what is unchanged.
         from_stage: rerun this stage and every later one.
         only: run only this stage (the earlier ones must be complete).
+        strict: raise :class:`LearningWarnings` after the run when its ``summary.json`` holds
+            warnings (they are printed with the summary either way).
 
     Returns:
         ``{stage: "ran" | "skipped" | "not used"}`` of this call.
@@ -798,6 +818,7 @@ def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None
     Raises:
         ConfigError: a bad config (one line naming the key and the file).
         StageError: a tool failed (its stage, exit status and log).
+        LearningWarnings: ``strict`` and the run raised warnings.
     """
     if from_stage and only:
         raise ValueError("give --from or --only, not both")
@@ -806,12 +827,17 @@ def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None
     pipe = (CrossValidation if folds > 1 else Pipeline)(config, out)
     result = pipe.run(from_stage=from_stage, only=only)
     summary = pipe.out / "summary.json"
+    warnings = []
     if summary.is_file():
         import report
-        print(report.format_summary(json.loads(summary.read_text())))
+        summary = json.loads(summary.read_text())
+        warnings = summary.get("warnings") or []
+        print(report.format_summary(summary))
     ran = sum(v == "ran" for v in result.values())
     print(f"{ran} stage(s) ran, {sum(v == 'skipped' for v in result.values())} skipped")
     print(f"Report: {pipe.out / 'report.html'}")
+    if strict and warnings:
+        raise LearningWarnings(warnings)
     return result
 
 
@@ -831,15 +857,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", choices=STAGES, default=None,
                         help="run only this stage; the earlier ones must be complete "
                              "(default: all stages)")
+    parser.add_argument("--strict", action="store_true", default=False,
+                        help=f"exit with status {STRICT_EXIT} after the run when it raised "
+                             "warnings about what the model learned (listed in the summary "
+                             "and report.html; default: print them and exit 0)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point: a bad config exits with status 2, a failed stage with 1."""
+    """Command-line entry point: a bad config exits with status 2, a failed stage with 1,
+    ``--strict`` with warnings with :data:`STRICT_EXIT`."""
     try:
         return cli_main(get_args_parser(), run, argv)
     except StageError as err:
         sys.exit(f"run_pipeline.py: {err}")
+    except LearningWarnings as err:
+        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        sys.exit(STRICT_EXIT)
 
 
 if __name__ == "__main__":

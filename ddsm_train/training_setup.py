@@ -13,7 +13,9 @@ augmentation :data:`AUGMENTATION_2017`), the input recipe stored in every model 
 writes (:func:`training_recipe`, :func:`model_file_extras`) and the run's files beside
 ``--best-model`` (:func:`run_file_kwargs`). The run itself, the same for both trainers
 (checks, model, recipe, data, stages, final save), is :func:`run_trainer`; a trainer gives
-what differs as a :class:`TrainerSpec` (its checks, model, stage plan, report).
+what differs as a :class:`TrainerSpec` (its checks, model, stage plan, report). At the end a
+trainer reports its ``learning_health`` warnings (:func:`best_epoch_warnings`,
+:func:`log_warnings`, :func:`print_warnings`).
 
 Importing this module does not import TensorFlow; the functions that need it import it.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "AUGMENTATION_2017", "build_data_iterators", "iterators_from_options",
     "training_recipe", "model_file_extras",
     "TrainerSpec", "run_trainer", "merge_history", "stage_run",
+    "run_seed", "best_epoch_warnings", "log_warnings", "print_warnings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -581,3 +584,35 @@ def stage_run(opts, env, identity, resume):
 
     return training_runs.StageRun(opts["best_model"], **run_file_kwargs(opts, env, identity,
                                                                         resume))
+
+
+# --------------------------------------------------------------------------- learning health
+def run_seed(opts):
+    """The run's seed: ``--seed`` when given, else ``RANDOM_SEED``."""
+    seed = opts.get("seed")
+    return int(seed) if seed is not None else get_random_seed()
+
+
+def best_epoch_warnings(opts, best_epoch, epochs, monitor):
+    """``learning_health.best_epoch_warnings`` of a run, its source the run's training log
+    ``<best-model>.log.csv``."""
+    import learning_health
+    import training_runs
+
+    return learning_health.best_epoch_warnings(
+        best_epoch, epochs, monitor, training_runs.training_log_path(opts["best_model"]))
+
+
+def log_warnings(warnings):
+    """Log each learning-health warning of a run (``learning_health`` records)."""
+    for w in warnings:
+        logger.warning("%s: %s (%s)", w["code"], w["message"], w["source"])
+
+
+def print_warnings(warnings):
+    """Print a run's learning-health warnings under a heading (nothing when there are none)."""
+    import learning_health
+
+    if warnings:
+        print(f"{len(warnings)} warning(s) about what the model learned:")
+        print("\n".join(learning_health.format_warnings(warnings)))
