@@ -5,14 +5,16 @@ the command line). Everything here works on arrays and returns arrays; nothing r
 files. The rules are those of the 2017 sampler: an abnormal patch needs its overlap with the ROI
 to exceed ``pos_cutoff`` of the ROI area or of the patch area (the cutoff relaxes by 0.05 after
 1,000 failed draws); a background or hard-negative patch needs both fractions at or below
-``neg_cutoff`` for every ROI; hard negatives are blob-detector centres, spread by k-means.
+``neg_cutoff`` for every ROI; hard negatives are blob-detector centres, spread by k-means. An optional
+:class:`PatchGuard` keeps the negatives to breast tissue and refuses constant patches.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import zlib
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -24,7 +26,7 @@ __all__ = [
     "BLOB_PARAMS", "MaskSat", "build_mask_sat", "window_sums", "abnormal_passes",
     "negative_passes", "draw_abnormal_centres", "draw_background_centres",
     "create_blob_detector", "detect_blob_centres", "select_hard_negatives", "extract_patch",
-    "view_seed", "split_patients",
+    "view_seed", "split_patients", "GUARD_REASONS", "PatchGuard", "breast_mask",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,7 +133,8 @@ def negative_passes(sats: Sequence[MaskSat], cx: np.ndarray, cy: np.ndarray, pat
 
 # ------------------------------------------------------------------------- centre drawing
 def draw_abnormal_centres(rng: np.random.Generator, sat: MaskSat, patch_size: int, nb: int,
-                          cutoff: float) -> Tuple[np.ndarray, float, int]:
+                          cutoff: float, accept: Optional[Callable[[int, int], bool]] = None
+                          ) -> Tuple[np.ndarray, float, int]:
     """Draw ``nb`` patch centres around one ROI that meet the (relaxing) positive rule.
 
     Candidates are uniform integers in the bounding box of the ROI's largest component, drawn in
@@ -144,6 +147,8 @@ def draw_abnormal_centres(rng: np.random.Generator, sat: MaskSat, patch_size: in
         patch_size: patch side in pixels.
         nb: number of patches wanted.
         cutoff: initial positive cutoff in (0, 1].
+        accept: optional ``accept(x, y) -> bool`` judging a centre that meets the rule (e.g.
+            :meth:`PatchGuard.lesion_ok`); a refused centre counts as a failed draw.
 
     Returns:
         (centres, final_cutoff, nb_relaxations): centres is an int64 (n, 2) array of (x, y);
@@ -163,8 +168,12 @@ def draw_abnormal_centres(rng: np.random.Generator, sat: MaskSat, patch_size: in
             seg = score[i:i + max(relax_at, 0)] > cur
             if seg.any():
                 j = int(np.argmax(seg))
-                out.append((int(cx[i + j]), int(cy[i + j])))
-                i, tries = i + j + 1, 0
+                x, y = int(cx[i + j]), int(cy[i + j])
+                if accept is None or accept(x, y):
+                    out.append((x, y))
+                    i, tries = i + j + 1, 0
+                else:  # a failed draw: the count goes on
+                    i, tries = i + j + 1, tries + j + 1
                 continue
             if i + relax_at >= _BATCH:  # no relaxation inside this batch
                 tries += _BATCH - i
@@ -179,7 +188,8 @@ def draw_abnormal_centres(rng: np.random.Generator, sat: MaskSat, patch_size: in
 
 def draw_background_centres(rng: np.random.Generator, sats: Sequence[MaskSat],
                             region: Tuple[int, int, int, int], patch_size: int, nb: int,
-                            cutoff: float, max_draws: int = 100_000) -> np.ndarray:
+                            cutoff: float, max_draws: int = 100_000,
+                            guard: Optional["PatchGuard"] = None) -> np.ndarray:
     """Draw ``nb`` centres uniformly in ``region`` that meet the negative rule.
 
     Args:
@@ -190,6 +200,8 @@ def draw_background_centres(rng: np.random.Generator, sats: Sequence[MaskSat],
         nb: number wanted.
         cutoff: negative cutoff.
         max_draws: give up after this many candidates (returns fewer centres).
+        guard: optional :class:`PatchGuard`; the centres that meet the negative rule are then
+            kept only when the guard keeps them (in draw order, the refused ones counted).
 
     Returns:
         int64 (n, 2) array of (x, y), n <= nb.
@@ -201,10 +213,97 @@ def draw_background_centres(rng: np.random.Generator, sats: Sequence[MaskSat],
         cx = rng.integers(x0, x1, size=_BATCH)
         cy = rng.integers(y0, y1, size=_BATCH)
         drawn += _BATCH
-        ok = np.flatnonzero(negative_passes(sats, cx, cy, patch_size, cutoff))[:nb - have]
+        ok = np.flatnonzero(negative_passes(sats, cx, cy, patch_size, cutoff))
+        ok = ok[:nb - have] if guard is None else ok[guard.keep(cx[ok], cy[ok], nb - have)]
         found.append(np.stack([cx[ok], cy[ok]], axis=1))
         have += ok.size
     return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), np.int64)
+
+
+# ------------------------------------------------------------------------- breast-tissue guard
+#: Why a :class:`PatchGuard` refuses a candidate: less than the asked fraction of the patch in
+#: the breast; a pixel standard deviation at or below the threshold (but not 0); a constant
+#: negative patch; a constant lesion patch.
+GUARD_REASONS = ("outside_breast", "near_constant", "constant", "constant_lesion")
+
+
+def breast_mask(img: np.ndarray) -> np.ndarray:
+    """0/255 uint8 mask of the breast, as :func:`dm_image.segment_breast` finds it with its
+    default thresholds (the largest bright object, holes filled), at ``img``'s size.
+
+    Raises:
+        ValueError: an all-black image or no object large enough to be a breast.
+    """
+    defaults = inspect.signature(dm_image.segment_breast).parameters
+    mask, _ = dm_image._breast_mask(np.asarray(img), defaults["low_int_threshold"].default,
+                                    defaults["min_breast_fraction"].default)
+    return mask
+
+
+@dataclass
+class PatchGuard:
+    """Keeps negative patches to breast tissue and refuses constant patches, counting why.
+
+    A background, hard-negative or lesion-free-view candidate is kept when at least
+    ``min_fraction`` of its pixels lie in the breast mask and the standard deviation of its
+    pixels, in 8-bit levels (``levels * scale``), is above ``min_std``. A lesion candidate is
+    refused only when it is constant. Every refusal is counted in ``rejected`` by reason
+    (:data:`GUARD_REASONS`).
+
+    Attributes:
+        img: the image the patches are cut from (without its zero margin).
+        margin: the zero margin of the centre coordinates (``patch_size // 2``).
+        patch_size: side of the patches.
+        breast: table of the breast mask in the centre coordinates; None: no fraction rule.
+        min_fraction: least share of a patch's pixels in the breast mask.
+        min_std: a patch whose pixel standard deviation (8-bit levels) is at most this is
+            refused; 0 refuses constant patches only.
+        scale: factor from the image's levels to 8-bit levels (255/65535 for 16-bit images).
+    """
+
+    img: np.ndarray
+    margin: int
+    patch_size: int
+    breast: Optional[MaskSat] = None
+    min_fraction: float = 0.0
+    min_std: float = 0.0
+    scale: float = 1.0
+    rejected: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(GUARD_REASONS, 0))
+
+    def _std(self, x: int, y: int) -> float:
+        patch = extract_patch(self.img, int(x), int(y), self.patch_size, margin=self.margin)
+        return float(np.std(patch, dtype=np.float64)) * self.scale  # 0.0 exactly if constant
+
+    def breast_fractions(self, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
+        """Share of each patch's pixels in the breast mask (1 without a mask)."""
+        if self.breast is None:
+            return np.ones(np.shape(cx))
+        return window_sums(self.breast, cx, cy, self.patch_size) / float(self.patch_size ** 2)
+
+    def keep(self, cx: np.ndarray, cy: np.ndarray, limit: Optional[int] = None) -> np.ndarray:
+        """Indices of the negative candidates kept, in order, at most ``limit`` of them; the
+        candidates judged (up to the last one kept when the limit is reached) are counted."""
+        fracs = self.breast_fractions(cx, cy)
+        kept: List[int] = []
+        for i in range(len(fracs)):
+            if limit is not None and len(kept) >= limit:
+                break
+            if fracs[i] < self.min_fraction:
+                self.rejected["outside_breast"] += 1
+                continue
+            std = self._std(cx[i], cy[i])
+            if std <= self.min_std:
+                self.rejected["constant" if std == 0 else "near_constant"] += 1
+                continue
+            kept.append(i)
+        return np.asarray(kept, dtype=np.int64)
+
+    def lesion_ok(self, x: int, y: int) -> bool:
+        """False (and counted) for a constant lesion patch."""
+        if self._std(x, y) == 0:
+            self.rejected["constant_lesion"] += 1
+            return False
+        return True
 
 
 # ------------------------------------------------------------------------- hard negatives

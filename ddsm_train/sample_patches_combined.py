@@ -25,6 +25,15 @@ patient list) it cuts square patches of three kinds per view:
 Negative rule: for every ROI of the view and for the union of its ROIs, the overlap is at most
 ``neg_cutoff`` of the ROI area and at most ``neg_cutoff`` of the patch area.
 
+Breast-tissue guard (off by default, as in 2017): with ``--min-breast-fraction F`` a
+background, hard-negative or lesion-free-view patch must also have at least F of its pixels in
+the breast mask (the segmentation's largest bright object, holes filled; computed the same way
+with ``--no-segment-breast``), and with ``--min-patch-std S`` a pixel standard deviation above S
+in 8-bit levels (16-bit images: levels x 255/65535). Either flag also refuses constant patches,
+lesion patches included (a refused lesion candidate counts as a failed draw). Refused random
+candidates are redrawn; every refusal is counted by reason (``outside_breast``,
+``near_constant``, ``constant``, ``constant_lesion``).
+
 Each view is read and resized once (masks resized to the resized image's size with area
 interpolation and thresholded at half coverage), cropped to the segmented breast, and given a
 zero margin of ``patch_size // 2``. Overlaps come from summed-area tables of the binary masks
@@ -44,7 +53,8 @@ lesion"): one subfolder per class folder name; patch files
 ``{patient}_{side}_{view}_{kind}_{k:04d}.png`` with kind ``abn{abn_num}``, ``hns`` or ``bkg``;
 ``pat_lst.txt`` (the patients of that output); ``patches.csv`` (one row per patch: file, view,
 kind, centre row/col in the resized full image, overlap fractions). ``TRAIN_OUT`` also gets
-``sampling_summary.json`` (options and the run summary). Every file is written atomically.
+``sampling_summary.json`` (options and the run summary, with the guard's refusals per split
+as ``rejected`` and per view as ``rejected_views``). Every file is written atomically.
 
 Checks, so that a run never computes a wrong patch set quietly:
 
@@ -108,8 +118,9 @@ import run_options  # noqa: E402
 from ddsm_names import image_name, parse_mask_name, split_image_stem  # noqa: E402
 from common_flags import add_bool_flag, add_optional_value_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
-from patch_sampling import (BLOB_PARAMS, MaskSat, _fractions, _to_uint16,  # noqa: E402,F401
-                            abnormal_passes, build_mask_sat, create_blob_detector,
+from patch_sampling import (BLOB_PARAMS, GUARD_REASONS, MaskSat, PatchGuard,  # noqa: E402,F401
+                            _fractions, _to_uint16, abnormal_passes, breast_mask,
+                            build_mask_sat, create_blob_detector,
                             detect_blob_centres, draw_abnormal_centres,
                             draw_background_centres, extract_patch, negative_passes,
                             select_hard_negatives, split_patients, view_seed, window_sums)
@@ -178,6 +189,12 @@ class _Settings:
     seed: int
     folders: Dict[str, str] = field(default_factory=dict)  # bkg, calc_pos, ... -> folder name
     normal_views: int = 0  # background patches per view without a lesion (0: not sampled)
+    min_breast_fraction: Optional[float] = None  # breast-tissue guard (None, None: off)
+    min_patch_std: Optional[float] = None
+
+    @property
+    def guarded(self) -> bool:
+        return self.min_breast_fraction is not None or self.min_patch_std is not None
 
 
 class _SkipView(Exception):
@@ -200,10 +217,12 @@ def _load_view(task: _ViewTask, cfg: _Settings):
     """Read, resize and segment one view and its masks; raise _SkipView on bad input.
 
     Returns:
-        (img, bbox, sats, stored): the breast-cropped image as uint16, its box in the resized
-        image, the summed-area tables of its ROIs (then of their union when there are several)
-        in the coordinates of the image with its zero margin of ``patch_size // 2``, and
-        (dtype name, largest level) of the image as stored (before the uint16 conversion).
+        (img, bbox, sats, stored, breast): the breast-cropped image as uint16, its box in the
+        resized image, the summed-area tables of its ROIs (then of their union when there are
+        several) in the coordinates of the image with its zero margin of ``patch_size // 2``,
+        (dtype name, largest level) of the image as stored (before the uint16 conversion), and
+        the table of its breast mask in those coordinates (None without
+        ``min_breast_fraction``).
     """
     try:
         orig_shape = _image_shape(task.img_path)
@@ -235,6 +254,7 @@ def _load_view(task: _ViewTask, cfg: _Settings):
         binary = cv2.resize(binary, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_AREA)
         masks.append(cv2.compare(binary, 128, cv2.CMP_GE))  # at least half covered
     bbox = (0, 0, img.shape[1], img.shape[0])
+    breast = _view_breast_mask(task, cfg, img) if cfg.min_breast_fraction else None
     if cfg.segment_breast:
         try:
             img, bbox = dm_image.segment_breast(img)
@@ -243,6 +263,7 @@ def _load_view(task: _ViewTask, cfg: _Settings):
         bx, by, bw, bh = (int(v) for v in bbox)
         bbox = (bx, by, bw, bh)
         masks = [m[by:by + bh, bx:bx + bw] for m in masks]
+        breast = None if breast is None else breast[by:by + bh, bx:bx + bw]
     m = cfg.patch_size // 2
     sats = []
     for roi, mask in zip(task.rois, masks):
@@ -256,7 +277,31 @@ def _load_view(task: _ViewTask, cfg: _Settings):
         for mask in masks[1:]:
             cv2.max(union, mask, dst=union)
         sats.append(build_mask_sat(union, margin=m))
-    return _to_uint16(img), bbox, sats, stored
+    breast = None if breast is None else build_mask_sat(breast, margin=m)
+    return _to_uint16(img), bbox, sats, stored, breast
+
+
+def _view_breast_mask(task: _ViewTask, cfg: _Settings, img: np.ndarray) -> np.ndarray:
+    """The breast mask of the resized view (for ``min_breast_fraction``); _SkipView if none
+    is found."""
+    try:
+        return breast_mask(img)
+    except (ValueError, cv2.error) as err:
+        raise _SkipView("segmentation_failed", f"{task.img_id}: {err}") from err
+
+
+_RESCALE_FOR = {"uint16": 255.0 / 65535.0, "uint8": 1.0}  # stored levels -> 0..255
+
+
+def _make_guard(cfg: _Settings, res: dict, img: np.ndarray, breast) -> Optional[PatchGuard]:
+    """The view's PatchGuard (its counts kept as ``res["rejected"]``), or None when off."""
+    if not cfg.guarded:
+        return None
+    scale = _RESCALE_FOR.get(res["dtype"]) or 255.0 / max(float(res["img_max"] or 0), 1e-12)
+    guard = PatchGuard(img, cfg.patch_size // 2, cfg.patch_size, breast,
+                       cfg.min_breast_fraction or 0.0, cfg.min_patch_std or 0.0, scale)
+    res["rejected"] = guard.rejected
+    return guard
 
 
 def _abn_folder(cfg: _Settings, roi: _Roi) -> str:
@@ -269,7 +314,7 @@ def _new_result(task: _ViewTask) -> dict:
             "status": "ok", "message": "",
             "counts": {}, "rows": [], "warnings": [], "relaxations": 0,
             "abn_shortfall": 0, "hns_shortfall": 0, "bkg_shortfall": 0,
-            "dtype": None, "img_max": None}
+            "dtype": None, "img_max": None, "rejected": dict.fromkeys(GUARD_REASONS, 0)}
 
 
 def _error_result(task: _ViewTask, err: BaseException) -> dict:
@@ -282,11 +327,13 @@ def _error_result(task: _ViewTask, err: BaseException) -> dict:
 
 
 def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, bbox,
-                   neg_sats: List[MaskSat], write) -> None:
-    """Draw the patches of a loaded view, hand each to ``write(path, array)``, fill ``res``."""
+                   neg_sats: List[MaskSat], write, breast: Optional[MaskSat] = None) -> None:
+    """Draw the patches of a loaded view, hand each to ``write(path, array)``, fill ``res``
+    (``breast``: its breast mask's table, for ``min_breast_fraction``)."""
     rng = np.random.default_rng(view_seed(cfg.seed, task.img_id))
     p, m = cfg.patch_size, cfg.patch_size // 2
     sats = neg_sats[:len(task.rois)]  # one per ROI; neg_sats may end with their union
+    guard = _make_guard(cfg, res, img, breast)
 
     def emit(folder, kind, centres, tables):
         """Write the patches at ``centres``; the manifest gets their largest overlap fractions
@@ -308,11 +355,13 @@ def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, 
 
     if not task.rois:   # a lesion-free view (--normal-views): random background only
         region = (m, m, img.shape[1] + m, img.shape[0] + m)
-        bkg = draw_background_centres(rng, [], region, p, cfg.normal_views, cfg.neg_cutoff)
+        bkg = draw_background_centres(rng, [], region, p, cfg.normal_views, cfg.neg_cutoff,
+                                      guard=guard)
         emit(cfg.folders["bkg"], "bkg", bkg, [])
         return
     for roi, sat in zip(task.rois, sats):
-        centres, cut, relax = draw_abnormal_centres(rng, sat, p, cfg.nb_abn, cfg.pos_cutoff)
+        centres, cut, relax = draw_abnormal_centres(rng, sat, p, cfg.nb_abn, cfg.pos_cutoff,
+                                                    guard and guard.lesion_ok)
         res["relaxations"] += relax
         if len(centres) < cfg.nb_abn:
             res["abn_shortfall"] += cfg.nb_abn - len(centres)
@@ -323,6 +372,9 @@ def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, 
     if cfg.nb_hns > 0:
         blobs = detect_blob_centres(img, p) + m
         ok = negative_passes(neg_sats, blobs[:, 0], blobs[:, 1], p, cfg.neg_cutoff)
+        if guard is not None:
+            ok = np.flatnonzero(ok)
+            ok = ok[guard.keep(blobs[ok, 0], blobs[ok, 1])]
         hns_seed = int(rng.integers(2 ** 31 - 1))
         hns = select_hard_negatives(blobs[ok], cfg.nb_hns, hns_seed)
         res["hns_shortfall"] = cfg.nb_hns - len(hns)
@@ -330,11 +382,13 @@ def _sample_loaded(task: _ViewTask, cfg: _Settings, res: dict, img: np.ndarray, 
         nb_random -= len(hns)
     if nb_random > 0:
         region = (m, m, img.shape[1] + m, img.shape[0] + m)
-        bkg = draw_background_centres(rng, neg_sats, region, p, nb_random, cfg.neg_cutoff)
+        bkg = draw_background_centres(rng, neg_sats, region, p, nb_random, cfg.neg_cutoff,
+                                      guard=guard)
         if len(bkg) < nb_random:
             res["bkg_shortfall"] = nb_random - len(bkg)
             res["warnings"].append(f"{task.img_id}: only {len(bkg)} of {nb_random} random "
-                                   "background patches meet the negative rule")
+                                   "background patches meet the negative rule"
+                                   f"{' and the breast-tissue rule' if guard else ''}")
         emit(cfg.folders["bkg"], "bkg", bkg, neg_sats)
 
 
@@ -345,8 +399,8 @@ def _process_view(task: _ViewTask, cfg: _Settings, writer) -> Tuple[dict, list]:
     def write(path, arr):
         jobs.append((path, writer.submit(dm_image.write_png, path, arr)))
     try:
-        img, bbox, sats, (res["dtype"], res["img_max"]) = _load_view(task, cfg)
-        _sample_loaded(task, cfg, res, img, bbox, sats, write=write)
+        img, bbox, sats, (res["dtype"], res["img_max"]), breast = _load_view(task, cfg)
+        _sample_loaded(task, cfg, res, img, bbox, sats, write=write, breast=breast)
     except _SkipView as skip:
         res.update(status=skip.reason, message=str(skip))
     except Exception as err:  # noqa: BLE001 - reported in the summary, the run goes on
@@ -601,6 +655,11 @@ def _check_inputs(opts) -> None:
     _check_options(opts)
     if opts.normal_views < 0:
         raise ValueError(f"normal_views should be >= 0, got {opts.normal_views}")
+    if opts.min_breast_fraction is not None and not 0 <= opts.min_breast_fraction <= 1:
+        raise ValueError(f"min_breast_fraction should be in [0, 1], got "
+                         f"{opts.min_breast_fraction}")
+    if opts.min_patch_std is not None and not opts.min_patch_std >= 0:
+        raise ValueError(f"min_patch_std should be >= 0, got {opts.min_patch_std}")
     for path in (opts.roi_mask_csv, opts.patient_list):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such file: {path}")
@@ -614,7 +673,8 @@ def _settings(opts) -> _Settings:
     folders = {key: opts[name] for key, name in _FOLDER_OPTIONS.items()}
     return _Settings(opts.target_height, opts.target_width, opts.segment_breast,
                      opts.patch_size, opts.nb_bkg, opts.nb_abn, opts.nb_hns, opts.pos_cutoff,
-                     opts.neg_cutoff, opts.seed, folders, opts.normal_views)
+                     opts.neg_cutoff, opts.seed, folders, opts.normal_views,
+                     opts.min_breast_fraction, opts.min_patch_std)
 
 
 def _skip_result(img_id: str, split: str, reason: str, message: str) -> dict:
@@ -903,6 +963,8 @@ def sample_patches(opts: run_options.RunOptions) -> dict:
         count), ``patches_total``, shortfalls, ``cutoff_relaxations``, ``bad_rows``,
         ``duplicate_rows``, ``bit_depths`` (stored dtype -> sampled views), ``bit_depth`` (the
         most common), ``mixed_bit_depth_views``, ``normal_views`` (lesion-free views sampled),
+        ``rejected`` (split -> reason -> candidates the breast-tissue guard refused; zeros
+        without it), ``rejected_views`` (img_id -> reason -> count, views with a refusal),
         ``elapsed_s``.
 
     Raises:
@@ -946,7 +1008,7 @@ def sample_patches(opts: run_options.RunOptions) -> dict:
     _write_outputs(results, out_dirs, {"train": split.train, "val": split.val}, summary,
                    options)
     _save_manifests(manifests, results, class_names)
-    _log_summary(summary, out_dirs)
+    _log_summary(summary, out_dirs, cfg.guarded)
     return summary
 
 
@@ -990,12 +1052,25 @@ def _summarise(results, folders, train_pats, val_pats, not_in_csv, table: _RoiTa
         "bad_rows": table.bad_rows,
         "duplicate_rows": table.duplicate_rows,
         "bit_depths": depths, "bit_depth": main, "mixed_bit_depth_views": mixed,
+        **_rejection_counts(results),
     }
+
+
+def _rejection_counts(results) -> dict:
+    """``rejected`` (split -> reason -> candidates the breast-tissue guard refused) and
+    ``rejected_views`` (img_id -> reason -> count, for the views with a refusal)."""
+    rejected = {s: dict.fromkeys(GUARD_REASONS, 0) for s in ("train", "val")}
+    views = {}
+    for r in results:
+        for reason, n in r["rejected"].items():
+            rejected[r["split"]][reason] += n
+        if any(r["rejected"].values()):
+            views[r["img_id"]] = dict(r["rejected"])
+    return {"rejected": rejected, "rejected_views": views}
 
 
 _MANIFEST_COLS = ["folder", "filename", "img_id", "kind", "row", "col", "roi_frac",
                   "patch_frac"]
-_RESCALE_FOR = {"uint16": 255.0 / 65535.0, "uint8": 1.0}  # stored levels -> 0..255
 
 
 def _report_views(results, summary: dict) -> None:
@@ -1058,7 +1133,7 @@ def _save_manifests(manifests, results, class_names) -> None:
         manifest.finish()
 
 
-def _log_summary(summary: dict, out_dirs: Dict[str, str]) -> None:
+def _log_summary(summary: dict, out_dirs: Dict[str, str], guarded: bool = False) -> None:
     logger.info("images read: %d of %d; skipped: %d %s", summary["images_read"],
                 summary["images_total"], summary["images_skipped"], summary["skipped"] or "")
     if summary["views_skipped_bad_roi"]:
@@ -1071,6 +1146,11 @@ def _log_summary(summary: dict, out_dirs: Dict[str, str]) -> None:
                 summary["patients"]["train"], summary["patients"]["val"],
                 len(summary["patients"]["not_in_csv"]), summary["abn_shortfall"],
                 summary["bkg_shortfall"], summary["cutoff_relaxations"], summary["elapsed_s"])
+    if guarded:
+        logger.info("candidates refused by the breast-tissue guard: train %s, val %s; %d view(s) "
+                    "with a refusal (rejected_views in sampling_summary.json)",
+                    summary["rejected"]["train"], summary["rejected"]["val"],
+                    len(summary["rejected_views"]))
 
 
 # ------------------------------------------------------------------------- command line
@@ -1145,6 +1225,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "listed patients (a full image without a row in ROI_MASK_CSV, "
                              "patients absent from it included, split on their own); 0: such "
                              "views are skipped, as in 2017 (default: %(default)s)")
+    guard = "; either flag also refuses every constant patch, lesion patches included, " \
+        "and counts the refusals (sampling_summary.json: rejected, rejected_views)"
+    parser.add_argument("--min-breast-fraction", type=cf.fraction, default=None, metavar="F",
+                        help="keep a background, hard-negative or lesion-free-view patch only "
+                             "when at least F of its pixels lie in the segmented breast "
+                             "(refused candidates are redrawn)" + guard +
+                             " (default: off, as in 2017)")
+    parser.add_argument("--min-patch-std", type=cf.nonneg_float, default=None, metavar="S",
+                        help="keep such a patch only when the standard deviation of its pixels "
+                             "is above S, in 8-bit levels (16-bit images: levels x 255/65535)"
+                             + guard + " (default: off, as in 2017)")
     return parser
 
 

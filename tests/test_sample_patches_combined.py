@@ -366,8 +366,9 @@ def test_failed_patch_write_fails_that_view_only(dataset, tmp_path, monkeypatch,
     assert len(list((tmp_path / "train").rglob("*.png"))) == len(man)
 
 
-def _reference_abnormal(seed, sat, patch, nb, cutoff):
-    """One-at-a-time 2017 loop over the same random stream (batches of 512 x then 512 y)."""
+def _reference_abnormal(seed, sat, patch, nb, cutoff, accept=None):
+    """One-at-a-time 2017 loop over the same random stream (batches of 512 x then 512 y); a
+    centre ``accept`` refuses is one more failed draw."""
     rng = np.random.default_rng(seed)
     bx, by, bw, bh = sat.bbox
     out, nb_try, relax = [], 0, 0
@@ -382,7 +383,8 @@ def _reference_abnormal(seed, sat, patch, nb, cutoff):
                 cutoff -= 0.05
                 nb_try = 0
             inter = spc.window_sums(sat, np.array([x]), np.array([y]), patch)[0]
-            if inter / sat.area > cutoff or inter / patch ** 2 > cutoff:
+            if (inter / sat.area > cutoff or inter / patch ** 2 > cutoff) and \
+                    (accept is None or accept(x, y)):
                 out.append((x, y))
                 nb_try = 0
     return np.array(out), relax
@@ -398,6 +400,29 @@ def test_abnormal_draws_relax_cutoff_like_the_2017_loop():
     assert relax == want_relax > 0
     np.testing.assert_array_equal(got, want)
     assert cut == pytest.approx(0.75 - 0.05 * relax)
+
+
+def test_refused_abnormal_centres_count_as_failed_draws():
+    mask = np.zeros((200, 200), bool)
+    mask[40:45, 20:180] = True           # a band (patch fraction 0.31 at best) ...
+    mask[30:55, 20:31] = True            # ... with a block at its end where a few draws pass
+    sat = spc.build_mask_sat(mask)
+
+    def refusing(times):                 # refuses the first passing centres in the block
+        left = [times]
+
+        def accept(x, y):
+            if x >= 60 or left[0] == 0:
+                return True
+            left[0] -= 1
+            return False
+        return accept
+    got, _, relax = spc.draw_abnormal_centres(np.random.default_rng(0), sat, 16, 12, 0.75,
+                                              refusing(3))
+    want, want_relax = _reference_abnormal(0, sat, 16, 12, 0.75, refusing(3))
+    np.testing.assert_array_equal(got, want)
+    # the refusals do not restart the count of failed draws: the cutoff relaxes once
+    assert relax == want_relax == 1 and len(got) == 12
 
 
 def test_negative_rule_uses_both_fractions():
@@ -424,7 +449,9 @@ def test_select_hard_negatives_spreads_points():
                                      ({"patch_size": 1}, "patch_size"),
                                      ({"val_size": 1.0}, "val_size"),
                                      ({"nb_abn": -1}, "nb_abn"),
-                                     ({"workers": 0}, "workers")])
+                                     ({"workers": 0}, "workers"),
+                                     ({"min_breast_fraction": 1.5}, "min_breast_fraction"),
+                                     ({"min_patch_std": -1.0}, "min_patch_std")])
 def test_bad_options_raise(dataset, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg):
         _run(dataset, tmp_path, **kw)
@@ -849,3 +876,158 @@ def test_normal_views_give_background_patches_only_with_the_flag(tmp_path):
         patch = cv2.imread(str(tmp_path / "normal" / "train" / r.folder / r.filename),
                            cv2.IMREAD_UNCHANGED)
         assert patch.shape == (P, P)
+
+
+# ------------------------------------------------------------------------- breast-tissue guard
+HALF = {"P_00001": [("LEFT", "MLO", 1, "MALIGNANT", "mass", (110, 160, 30))],
+        "P_00002": [("RIGHT", "MLO", 1, "BENIGN", "calc", (380, 150, 10))],
+        "P_00003": [("LEFT", "MLO", None)]}   # a lesion-free view (--normal-views)
+
+
+def _write_half_black(root):
+    """Views whose lower half (below a diagonal) is black and upper half tissue with its
+    lesion, textured except for a nearly flat band along the top: the segmented breast's box
+    is the whole view, half of it air."""
+    rng = np.random.default_rng(11)
+    full, masks_dir = root / "full_img", root / "roi_mask"
+    full.mkdir(parents=True)
+    masks_dir.mkdir()
+    rows = []
+    yy, xx = np.mgrid[0:H, 0:W]
+    for pat, lesions in HALF.items():
+        side, view = lesions[0][:2]
+        tissue = (xx / W + yy / H) < 1 if side == "LEFT" else ((W - 1 - xx) / W + yy / H) < 1
+        img = np.zeros((H, W), np.uint16)
+        img[tissue] = 20000 + rng.integers(0, 3000, size=int(tissue.sum()))
+        flat = tissue & (yy < H // 5)   # a nearly flat band of tissue (std ~0.1 8-bit level)
+        img[flat] = 20000 + rng.integers(0, 100, size=int(flat.sum()))
+        for les in (les for les in lesions if les[2] is not None):
+            mask = _disc_mask(les[5])
+            img[(mask > 0) & tissue] += 5000
+            name = f"{les[4].capitalize()}-Training_{pat}_{side}_{view}_{les[2]}.png"
+            cv2.imwrite(str(masks_dir / name), mask)
+            rows.append((pat, side, view, les[2], les[3], les[4]))
+        for f in (0.2, 0.4, 0.6, 0.8):   # bright specks on the skin line (blob detector)
+            x = int(f * W * 0.96)
+            cv2.circle(img, (x if side == "LEFT" else W - 1 - x, int((1 - f) * H * 0.96)), 4,
+                       60000, -1)
+        cv2.imwrite(str(full / f"{pat}_{side}_{view}.png"), img)
+    pd.DataFrame(rows, columns=list(spc.CSV_COLUMNS)).to_csv(root / "roi_mask_path.csv",
+                                                             index=False)
+    (root / "pat.txt").write_text("".join(p + "\n" for p in HALF))
+    return root
+
+
+def _patch_digest(out):
+    """MD5 of every patch's name and pixels (decoded, so independent of the PNG encoder) and of
+    the manifests, over both outputs."""
+    import hashlib
+
+    md5 = hashlib.md5()
+    for split in ("train", "val"):
+        md5.update((out / split / "patches.csv").read_bytes())
+        for name in _files_under(out / split):
+            if name.endswith(".png"):
+                patch = cv2.imread(str(out / split / name), cv2.IMREAD_UNCHANGED)
+                md5.update(name.encode() + patch.tobytes())
+    return md5.hexdigest()
+
+
+# the patches (names, pixels) and manifests the sampler wrote before the breast-tissue guard
+# existed, for the runs below; the guard's flags off must keep them
+_DIGESTS_2017 = {True: "66fd16927b50bfc589d7869499ec1144",
+                 False: "7da3268c5dd4018a15868e7964b6df73"}
+_DIGEST_2017_CASES = "90ede26a631c86f140ee47d4cf69adae"
+
+
+def _run_half(data, out, **kw):
+    return _run(data, out, **{**dict(nb_abn=4, nb_bkg=12, nb_hns=3, val_size=0.5,
+                                     normal_views=5, workers=1), **kw})
+
+
+@pytest.fixture(scope="module")
+def half_black(tmp_path_factory):
+    return _write_half_black(tmp_path_factory.mktemp("half_black"))
+
+
+def _negative_patches(data, out):
+    """(manifest row, patch, breast fraction) of every background-folder patch; the fraction
+    from the view's own segmentation, recomputed here."""
+    man = _manifest(out)
+    for img_id, rows in man[man.folder == "background"].groupby("img_id"):
+        image = _resized(data / "full_img" / f"{img_id}.png")
+        breast = dm_image.segment_breast(image, crop=False)[0] > 0
+        for r in rows.itertuples():
+            patch = cv2.imread(str(out / r.split / r.folder / r.filename), cv2.IMREAD_UNCHANGED)
+            yield r, patch, _window(breast, r.row, r.col).mean()
+
+
+@pytest.mark.parametrize("segment", [True, False])
+def test_without_the_guard_flags_the_patches_are_2017s(half_black, tmp_path, segment):
+    summary = _run_half(half_black, tmp_path, segment_breast=segment)
+    assert _patch_digest(tmp_path) == _DIGESTS_2017[segment]
+    assert summary["rejected"] == {s: dict.fromkeys(spc.GUARD_REASONS, 0)
+                                   for s in ("train", "val")}
+    assert summary["rejected_views"] == {}
+    # the data does hold what the guard refuses: air and flat patches among the background
+    fracs = [(frac, patch.std()) for _, patch, frac in _negative_patches(half_black, tmp_path)]
+    assert min(f for f, _ in fracs) < 0.5 and min(s for _, s in fracs) == 0
+
+
+def test_without_the_guard_flags_the_lesion_views_are_2017s(sampled):
+    assert _patch_digest(sampled[0]) == _DIGEST_2017_CASES
+
+
+def test_breast_guard_keeps_negatives_in_breast_tissue(half_black, tmp_path, caplog):
+    caplog.set_level("INFO")
+    summary = _run_half(half_black, tmp_path, min_breast_fraction=0.9, min_patch_std=1.0)
+    checked = 0
+    for r, patch, frac in _negative_patches(half_black, tmp_path):
+        assert frac >= 0.9 - 0.01, (r.filename, frac)   # 0.01: cubic-resize edge pixels
+        assert patch.std() * 255 / 65535 > 1.0, r.filename
+        checked += 1
+    # refused candidates are redrawn: every view has its asked count
+    per_view = _manifest(tmp_path).groupby(["img_id", "folder"]).size().to_dict()
+    assert per_view == {("P_00001_LEFT_MLO", "background"): 12, ("P_00001_LEFT_MLO", "mass_mal"): 4,
+                        ("P_00002_RIGHT_MLO", "background"): 12,
+                        ("P_00002_RIGHT_MLO", "calc_ben"): 4,
+                        ("P_00003_LEFT_MLO", "background"): 5}
+    assert checked == 29 and summary["bkg_shortfall"] == 0
+    rejected, views = summary["rejected"], summary["rejected_views"]
+    assert rejected["train"]["outside_breast"] > 0 and rejected["val"]["outside_breast"] > 0
+    assert rejected["train"]["near_constant"] + rejected["val"]["near_constant"] > 0
+    split_of = _manifest(tmp_path).groupby("img_id").split.first()
+    for split in ("train", "val"):
+        for reason in spc.GUARD_REASONS:
+            assert rejected[split][reason] == sum(
+                v[reason] for img_id, v in views.items() if split_of[img_id] == split)
+    saved = json.loads((tmp_path / "train" / "sampling_summary.json").read_text())
+    assert saved["summary"]["rejected"] == rejected
+    assert saved["options"]["min_breast_fraction"] == 0.9
+    assert "refused by the breast-tissue guard" in caplog.text
+
+
+def test_guard_refuses_constant_patches_lesions_included(tmp_path):
+    cases = {"P_00001": [("LEFT", "CC", 1, "MALIGNANT", "mass", (150, 250, 40))]}
+    data = _write_dataset(tmp_path / "data", cases, constant=True)   # a flat breast
+    summary = spc.run(str(data / "roi_mask_path.csv"), str(data / "roi_mask"),
+                      str(data / "pat.txt"), str(data / "full_img"), str(tmp_path / "tr"),
+                      str(tmp_path / "va"), target_height=H, patch_size=P, nb_abn=5,
+                      nb_bkg=10, nb_hns=0, val_size=0.0, verbose=False, min_patch_std=0.0)
+    for folder in ("background", "mass_mal"):
+        for name in os.listdir(tmp_path / "tr" / folder):
+            patch = cv2.imread(str(tmp_path / "tr" / folder / name), cv2.IMREAD_UNCHANGED)
+            assert patch.min() < patch.max(), name
+    rejected = summary["rejected"]["train"]
+    assert rejected["constant_lesion"] > 0 and rejected["constant"] > 0
+    assert rejected["outside_breast"] == rejected["near_constant"] == 0  # no fraction rule
+    assert summary["patches"]["train"]["background"] == 10
+
+
+@pytest.mark.slow  # spawned workers import TensorFlow (via dm_image)
+def test_guarded_draws_do_not_depend_on_workers(half_black, tmp_path):
+    kw = dict(min_breast_fraction=0.9, min_patch_std=1.0)
+    sum1 = _run_half(half_black, tmp_path / "w1", **kw)
+    sum2 = _run_half(half_black, tmp_path / "w2", **{**kw, "workers": 2})
+    _assert_same_patches(tmp_path / "w1", sum1, tmp_path / "w2", sum2)
+    assert sum1["rejected"] == sum2["rejected"] and sum1["rejected_views"] == sum2["rejected_views"]
