@@ -378,11 +378,10 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _file_hashes(out: Path, names: Sequence[str]) -> Dict[str, str]:
-    """SHA-256 of the written files and of every file of ``saved_model/``."""
-    files = [out / n for n in names if (out / n).is_file()]
-    files += sorted(p for p in (out / SAVED_MODEL_NAME).rglob("*") if p.is_file())
-    return {p.relative_to(out).as_posix(): sha256_of(p) for p in files}
+def _file_hashes(out: Path, written: Sequence[str]) -> Dict[str, str]:
+    """SHA-256 of the files this export wrote (``written``: relative to ``out``; the files an
+    earlier export left that this one does not write are removed at its end)."""
+    return {rel: sha256_of(out / rel) for rel in sorted(written)}
 
 
 INTENDED_USE = (
@@ -562,8 +561,9 @@ def _write_card(model_file, model, record, onnx_info, metrics, out, manifest) ->
         "training": {"options_file": script_utils.options_json_path(model_file).name,
                      "options": options, "image_counts": counts},
         "metrics": metrics, "versions": _versions(),
-        "files": _file_hashes(out, (ONNX_NAME, RECIPE_NAME)),
-        "files_note": f"SHA-256 of every file in the folder except {CARD_MD} and {CARD_JSON}"})
+        "files": _file_hashes(out, manifest.files),
+        "files_note": f"SHA-256 of every file this export wrote but {CARD_MD} and "
+                      f"{CARD_JSON} (and the folder manifest {run_files.MANIFEST_NAME})"})
     _write_text(out / CARD_JSON, json.dumps(card, indent=1, sort_keys=True, default=str) + "\n",
                 manifest)
     _write_text(out / CARD_MD, card_markdown(card), manifest)
