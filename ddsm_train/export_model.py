@@ -272,7 +272,11 @@ def _save_saved_model(model, serve, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     module = tf.Module()
     module.model, module.serve = model, serve
-    tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
+    try:
+        tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # no half-written folder left behind
+        raise
     old = target.with_name(f".{target.name}.{os.getpid()}.old")
     if target.exists():
         os.replace(target, old)

@@ -414,3 +414,23 @@ def test_a_non_finite_model_output_is_reported_and_skipped(class_dir):
     probs, errors = score_exported.score_images(NaNFirst(), items, False, 3)
     assert errors[0] == "the model's output is not finite" and np.isnan(probs[0]).all()
     assert errors[1] == "" and probs[1, 1] == 0.5
+
+
+def test_a_failed_savedmodel_write_leaves_the_earlier_export(model_file, tmp_path,
+                                                             monkeypatch):
+    import tensorflow as tf
+
+    out = tmp_path / "export"
+    export_model.run(str(model_file), str(out))
+    before = (out / "saved_model" / "saved_model.pb").read_bytes()
+
+    def broken_save(obj, path, signatures=None):
+        Path(path).mkdir()
+        (Path(path) / "saved_model.pb").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        export_model.run(str(model_file), str(out))
+    assert (out / "saved_model" / "saved_model.pb").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".saved_model")) == []
