@@ -56,6 +56,17 @@ for _folder in (str(_HERE), str(_HERE.parent)):
 
 #: Modules the scripts need (installed by ``make venv`` into ``.venv``).
 REQUIRED_MODULES = ("numpy", "cv2", "pandas", "h5py", "tensorflow", "tf_keras")
+#: The scripts that need fewer: the scorer of exported models runs without TensorFlow.
+REQUIRED_MODULES_OF = {"score_exported.py": ("numpy", "cv2", "onnxruntime")}
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _check_environment():
@@ -65,12 +76,11 @@ def _check_environment():
     Only when a script of this folder is the program; a program importing this module gets
     the usual ImportError where a package is missing.
     """
-    import importlib.util
-
     program = getattr(sys.modules.get("__main__"), "__file__", None)
     if not program or Path(program).resolve().parent != _HERE:
         return
-    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    needed = REQUIRED_MODULES_OF.get(Path(program).name, REQUIRED_MODULES)
+    missing = [m for m in needed if not _importable(m)]
     if missing:
         name = Path(program).name
         raise SystemExit(f"{name}: error: this Python ({sys.executable}) lacks the project's "

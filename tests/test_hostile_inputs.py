@@ -267,9 +267,9 @@ def test_whole_image_model_refused_where_a_patch_classifier_is_expected(whole_im
 
 
 # ------------------------------------------------------------------ flag ranges
-SCRIPTS = ["compute_mean", "evaluate", "gpu_check", "heatmap_score", "image_clf_predict",
-           "image_clf_train", "make_synthetic_ddsm", "patch_clf_train", "prepare_cbis_ddsm",
-           "run_pipeline", "sample_patches_combined"]
+SCRIPTS = ["compute_mean", "evaluate", "export_model", "gpu_check", "heatmap_score",
+           "image_clf_predict", "image_clf_train", "make_synthetic_ddsm", "patch_clf_train",
+           "prepare_cbis_ddsm", "run_pipeline", "sample_patches_combined", "score_exported"]
 
 
 def _numeric_flags(parser):

@@ -7,7 +7,7 @@ import pytest
 
 SCRIPTS = ["image_clf_train", "patch_clf_train", "sample_patches_combined",
            "image_clf_predict", "heatmap_score", "make_synthetic_ddsm", "prepare_cbis_ddsm",
-           "compute_mean", "evaluate", "run_pipeline"]
+           "compute_mean", "evaluate", "run_pipeline", "export_model", "score_exported"]
 
 
 def _all_scripts(repo_root):
