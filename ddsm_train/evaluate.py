@@ -716,7 +716,8 @@ def evaluate_predictions(opts: run_options.RunOptions) -> dict:
     metrics = evaluate_tables(tables, cases.models, out, val_tables, opts.calibrate,
                               opts.threshold, opts.target_sensitivity,
                               opts.target_specificity, opts.bootstrap, opts.seed)
-    metrics["warnings"] = warnings + metrics["warnings"] + _same_levels(metrics, tables)
+    metrics["warnings"] = warnings + metrics["warnings"]
+    _note_same_levels(metrics, tables)
     metrics["settings"] = _settings(opts, cases, tables)
     path = em.write_json_atomic(metrics, out / "metrics.json")
     table = format_table(metrics)
@@ -774,16 +775,16 @@ def _check_disjoint(test: Cases, val: Cases, test_path: PathLike, val_path: Path
                              f"cases must not be test cases")
 
 
-def _same_levels(metrics: dict, tables: Dict[str, pd.DataFrame]) -> List[dict]:
-    """A note (and a ``breast_level_is_image_level`` warning) at the breast level when every
-    breast has one image, so that its figures repeat the image level's."""
+def _note_same_levels(metrics: dict, tables: Dict[str, pd.DataFrame]) -> None:
+    """A note at the breast level when every breast has one image (one view per breast, as
+    in data of MLO films only), so that its figures repeat the image level's. A note, not a
+    warning: the figures are right, only not a second opinion."""
     if "image" not in tables or "breast" not in tables or \
             len(tables["image"]) != len(tables["breast"]):
-        return []
+        return
     msg = "every breast has one image: the breast level repeats the image level"
     for res in metrics.get("breast", {}).values():
         res["notes"].append(msg)
-    return [_warning("breast_level_is_image_level", msg, "breast")]
 
 
 def _settings(opts, cases: Cases, tables: Dict[str, pd.DataFrame]) -> dict:

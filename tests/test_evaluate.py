@@ -517,7 +517,7 @@ def test_a_breast_level_that_repeats_the_image_level_says_so(tmp_path):
     msg = "every breast has one image: the breast level repeats the image level"
     assert msg in res["metrics"]["breast"]["malignant_pred"]["notes"]
     assert msg not in res["metrics"]["image"]["malignant_pred"]["notes"]
-    assert res["metrics"]["warnings"][0]["code"] == "breast_level_is_image_level"
+    assert not res["metrics"]["warnings"]     # a note: the figures are right
     two = _quick(tmp_path, [tmp_path / "a.csv"], out="two")["metrics"]
     assert msg not in two["breast"]["malignant_pred"]["notes"] and not two["warnings"]
 
