@@ -429,3 +429,24 @@ def _ovr_text(ovr) -> str:
     if not ovr:
         return "n/a"
     return ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in ovr.items())
+
+
+def format_cv_summary(summary: dict) -> str:
+    """The printed summary of a cross-validation run: pooled figures, per-fold figures and
+    the warnings."""
+    lines = [f"Cross-validation by patient, {summary['folds']} folds: pooled out-of-fold test "
+             f"figures (95% CIs: bootstrap over patients)"]
+    for task, res in (summary["pooled"].get("patch") or {}).items():
+        lines.append(f"  patches, {task.replace('_', ' ')}: AUROC "
+                     f"{_ci_text(res.get('auroc'), res.get('auroc_ci'))} "
+                     f"({res.get('n_pos')} of {res.get('n')} positive)")
+    for level, res in summary["pooled"]["levels"].items():
+        lines.append(f"  {level}s, malignant vs not ({summary['scores']}): AUROC "
+                     f"{_ci_text(res.get('auroc'), res.get('auroc_ci'))} "
+                     f"({res.get('n_pos')} of {res.get('n')} positive)")
+    for fold in summary["per_fold"]:
+        lines.append(f"  {fold['fold']}: patch AUROC {_ovr_text(fold['patch_auroc_ovr'])}; "
+                     f"image AUROC {_ci_text(fold['image_auroc'], fold['image_auroc_ci'])}")
+    lines += [f"  WARNING [{w['code']}] {w['message']} ({w.get('source', '')})"
+              for w in summary["warnings"]]
+    return "\n".join(lines)

@@ -832,7 +832,12 @@ def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None
         import report
         summary = json.loads(summary.read_text())
         warnings = summary.get("warnings") or []
-        print(report.format_summary(summary))
+        if folds > 1:
+            import cross_validation
+
+            print(cross_validation.format_cv_summary(summary))
+        else:
+            print(report.format_summary(summary))
     ran = sum(v == "ran" for v in result.values())
     print(f"{ran} stage(s) ran, {sum(v == 'skipped' for v in result.values())} skipped")
     print(f"Report: {pipe.out / 'report.html'}")
