@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 from dm_image import IMG_EXTENSIONS, atomic_write  # noqa: E402
 
-__all__ = ["write_report", "count_images", "format_summary"]
+__all__ = ["write_report", "count_images", "format_summary", "unfinished_stages"]
 
 _PATCH_ACC = re.compile(r"test accuracy ([0-9.]+), loss ([0-9.naif]+)")
 _STYLE = """
@@ -55,6 +55,22 @@ def count_images(folder: Union[str, Path]) -> Dict[str, Dict[str, int]]:
                           if f.suffix.lower().lstrip(".") in IMG_EXTENSIONS)
             for cls in sorted((folder / split).iterdir()) if cls.is_dir()}
     return counts
+
+
+def unfinished_stages(state: dict) -> Dict[str, str]:
+    """``{stage: status}`` of the stages (the report aside) whose results are not current:
+    "failed", "running" (interrupted) or "stale" (it reads one of those, or its settings
+    changed); what the run folder holds of them is from an earlier run, or missing."""
+    return {name: rec.get("status", "") for name, rec in state.get("stages", {}).items()
+            if name != "report" and rec.get("status") not in ("done", "not used")}
+
+
+def _unfinished_text(unfinished: Dict[str, str]) -> str:
+    words = {"running": "interrupted"}
+    by_status: Dict[str, List[str]] = {}
+    for name, status in unfinished.items():
+        by_status.setdefault(words.get(status, status), []).append(name)
+    return "; ".join(f"{', '.join(names)} {status}" for status, names in by_status.items())
 
 
 def _metrics(path: Path) -> dict:
@@ -270,7 +286,9 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
     derived = json.loads(derived_path.read_text()) if derived_path.is_file() else {}
     times = {k: v.get("seconds") for k, v in stages.items()
              if v.get("status") == "done" and v.get("seconds") is not None and k != "report"}
+    unfinished = unfinished_stages({"stages": stages})
     summary = {
+        "unfinished_stages": unfinished,
         "out_dir": str(out.resolve()), "report": str((out / "report.html").resolve()),
         "patch_test_accuracy": _patch_accuracy(out, state),
         "test_auroc": plain.get("auroc"), "test_auroc_ci": plain.get("auroc_ci"),
@@ -300,6 +318,10 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         f"<h1>Run report: {html.escape(out.resolve().name)}</h1>",
         f'<p class="muted">{html.escape(str(out.resolve()))}; config '
         f'{html.escape(str(config_path))}; written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
+        (f'<p style="border: 2px solid #c00; padding: .5em"><b>This run did not finish: '
+         f'{html.escape(_unfinished_text(unfinished))}.</b> What this page shows of these '
+         f'stages is from an earlier run, or missing; run the pipeline again.</p>'
+         if unfinished else ""),
         "<h2>Test metrics (whole images)</h2>",
         _table(["prediction", "images", "positive", "AUROC", "AUPRC", "sensitivity",
                 "specificity", "fixed threshold"], metric_rows) if metric_rows
@@ -343,6 +365,9 @@ def format_summary(s: dict) -> str:
     times = ", ".join(f"{k} {v:.0f}s" for k, v in s.get("stage_seconds", {}).items())
     acc = s.get("patch_test_accuracy")
     lines = ["Run summary"]
+    if s.get("unfinished_stages"):
+        lines.append(f"  NOT FINISHED: {_unfinished_text(s['unfinished_stages'])} (their results "
+                     f"are from an earlier run, or missing)")
     if acc is not None:
         lines.append(f"  patch classifier test accuracy: {acc:.3f}")
     lines += [
