@@ -42,6 +42,14 @@ follows. ``--from STAGE`` reruns that stage and the later ones, ``--only STAGE``
 (the stages before it must be complete). Paths in the command lines are relative to ``OUT``,
 so a run folder can be moved.
 
+Before any stage runs, every command line of the stages to run is parsed by its tool's own
+parser (stand-ins for the values the ``mean`` stage derives), and a refusal stops the run as a
+``ConfigError`` naming the config file, section and key; a stage's commands are checked again,
+with the real values, before its old outputs are removed. When a stage fails (or is
+interrupted), every later stage that reads it, or whose commands changed, is marked "stale"
+(:meth:`Pipeline.mark_stale`), so no old result counts as current, and an existing report is
+rewritten to name them.
+
 Example::
 
     python ddsm_train/run_pipeline.py ddsm_train/configs/demo.toml --out demo_out/demo
@@ -501,19 +509,21 @@ class Pipeline:
             if given != AUTO:
                 means[key] = float(given)
             else:
-                steps.append(Step("compute_mean", args + ["--workers", str(c["run"]["workers"])],
+                steps.append(Step("compute_mean", args + ["--workers", str(c["run"]["workers"]),
+                                                          "--out-json", f"mean/{key}.json"],
                                   describe=[key]))
         if not self.trains_patches():
             means["patch_mean"] = self._model_mean(self.patch_model())
         result = {"rescale_factor": rescale, **means}
 
         def write():
-            for step in steps:   # each compute_mean step's last printed line is its mean
-                result[step.describe[0]] = float(self._last_output_line(step))
+            for step in steps:   # each compute_mean step wrote its result to mean/KEY.json
+                path = self.out / "mean" / f"{step.describe[0]}.json"
+                result[step.describe[0]] = float(json.loads(path.read_text())["mean"])
             _atomic_json(self.out / DERIVED_FILE, result)
 
         return StageSpec("mean", steps + [Step(func=write, describe=["write derived.json"])],
-                         deps=["data", "sample_patches"], outputs=[DERIVED_FILE],
+                         deps=["data", "sample_patches"], outputs=[DERIVED_FILE, "mean"],
                          complete=[DERIVED_FILE], extra={"given": result})
 
     @staticmethod
@@ -736,12 +746,6 @@ class Pipeline:
     # ---------------------------------------------------------------- running
     def _log_path(self, name: str) -> Path:
         return self.out / "logs" / f"{STAGES.index(name) + 1}_{name}.log"
-
-    def _last_output_line(self, step: Step) -> str:
-        lines = [ln for ln in step.output.splitlines() if ln.strip()]
-        if not lines:
-            raise StageError(f"{step.script} printed nothing")
-        return lines[-1].strip()
 
     def _env(self) -> dict:
         env = dict(os.environ)
