@@ -519,7 +519,9 @@ class Pipeline:
         def write():
             for step in steps:   # each compute_mean step wrote its result to mean/KEY.json
                 path = self.out / "mean" / f"{step.describe[0]}.json"
-                result[step.describe[0]] = float(json.loads(path.read_text())["mean"])
+                # to 4 decimals, as the tool prints it (the trainers' commands stay those of
+                # runs made when the printed line was read)
+                result[step.describe[0]] = float(f"{json.loads(path.read_text())['mean']:.4f}")
             _atomic_json(self.out / DERIVED_FILE, result)
 
         return StageSpec("mean", steps + [Step(func=write, describe=["write derived.json"])],
