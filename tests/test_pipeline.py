@@ -463,6 +463,11 @@ def _hashes(folder: Path) -> dict:
 TYPO = '[image_train]\nextra_args = ["--es-patiense", "10"]\n'
 
 
+def _extended(config: Path, path: Path, text: str) -> Path:
+    path.write_text(f'extends = "{config.as_posix()}"\n{text}')
+    return path
+
+
 @pytest.mark.slow
 def test_typo_in_extra_args_leaves_a_finished_run_as_it_was(pipeline_run, tmp_path):
     """The whole-image trainer's parser refuses the flag before any stage runs: no model, log
@@ -472,8 +477,7 @@ def test_typo_in_extra_args_leaves_a_finished_run_as_it_was(pipeline_run, tmp_pa
 
     config, out = _copy_run(pipeline_run, tmp_path)
     before = _hashes(out)
-    typo = tmp_path / "typo.toml"
-    typo.write_text(config.read_text() + TYPO)
+    typo = _extended(config, tmp_path / "typo.toml", TYPO)
     cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     proc = _pipeline(typo, out)
     cpu1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - t0
@@ -494,8 +498,7 @@ def test_a_stage_is_checked_before_its_old_outputs_are_removed(pipeline_run, tmp
 
     config, out = _copy_run(pipeline_run, tmp_path)
     before = _hashes(out)
-    typo = tmp_path / "typo.toml"
-    typo.write_text(config.read_text() + TYPO)
+    typo = _extended(config, tmp_path / "typo.toml", TYPO)
     pipe = run_pipeline.Pipeline(typo, out, echo=False)
     with pytest.raises(pipeline_config.ConfigError, match=r"\[image_train\] extra_args"):
         pipe.run_stage("image_train")
@@ -510,9 +513,8 @@ def test_failed_stage_leaves_no_stage_that_reads_it_done(pipeline_run, tmp_path)
     import run_pipeline
 
     config, out = _copy_run(pipeline_run, tmp_path)
-    bad = tmp_path / "bad.toml"
-    bad.write_text(config.read_text()
-                   + '[image_train]\nextra_args = ["--top-repetitions", "1", "2"]\n')
+    bad = _extended(config, tmp_path / "bad.toml",
+                    '[image_train]\nextra_args = ["--top-repetitions", "1", "2"]\n')
     proc = _pipeline(bad, out)
     assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-2000:])
     assert "stage image_train: image_clf_train.py exited with status 2" in proc.stderr
