@@ -4,7 +4,9 @@ Every image under ``FOLDER`` (recursively: a whole-image ``train/`` folder with 
 ``pos/`` subfolders, or a patch folder) is read, resized to ``--img-size`` and scaled exactly as
 the training generators do before featurewise centring (``--img-scale`` maps each image's
 maximum, ``--rescale-factor`` multiplies the stored levels, ``--equalize-hist`` equalises), and
-the mean over all pixels of all images is printed. Use the training set only.
+the mean over all pixels of all images is printed. Use the training set only. With
+``--out-json PATH`` the result is also written to ``PATH`` (the mean, the image counts and the
+settings it was computed with), for programs that read it rather than the printed line.
 
 Example (CBIS-DDSM 16-bit PNGs at the 2017 whole-image size)::
 
@@ -14,6 +16,7 @@ Example (CBIS-DDSM 16-bit PNGs at the 2017 whole-image size)::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ import numpy as np  # noqa: E402
 import dm_image  # noqa: E402
 from common_flags import add_image_flags  # noqa: E402
 import common_flags as cf  # noqa: E402
+from dm_image import atomic_write  # noqa: E402
 from script_utils import check_input_levels, cli_main, get_num_cpu_cores  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -99,10 +103,20 @@ def image_mean(folder: Union[str, os.PathLike], img_size: Sequence[int],
             "scale_mismatch": mismatch}
 
 
+def write_result(path: Union[str, os.PathLike], result: Dict[str, object],
+                 settings: Dict[str, object]) -> None:
+    """Write ``result`` of :func:`image_mean` and the ``settings`` it was computed with to the
+    JSON file ``path`` (atomically: a reader never sees half a file)."""
+    text = json.dumps({**result, "settings": settings}, indent=2) + "\n"
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    atomic_write(path, lambda fh: fh.write(text), text=True)
+
+
 def run(folder: str, img_size: Sequence[int] = (1152, 896), img_scale: Optional[float] = None,
         rescale_factor: Optional[float] = None, equalize_hist: bool = False,
-        workers: Optional[int] = None) -> Dict[str, object]:
-    """Compute and print the mean (see :func:`image_mean`); returns its result.
+        workers: Optional[int] = None, out_json: Optional[str] = None) -> Dict[str, object]:
+    """Compute and print the mean (see :func:`image_mean`); returns its result, which is
+    also written to ``out_json`` when given (:func:`write_result`).
 
     Raises:
         ValueError: a sample of the images has levels that do not fit ``rescale_factor``
@@ -114,6 +128,10 @@ def run(folder: str, img_size: Sequence[int] = (1152, 896), img_scale: Optional[
                         workers or get_num_cpu_cores())
     logger.info("%d images, %d unreadable, %d with levels that do not fit the rescale factor",
                 result["images"], len(result["skipped"]), len(result["scale_mismatch"]))
+    if out_json:
+        write_result(out_json, result, {"folder": folder, "img_size": list(img_size),
+                                        "img_scale": img_scale, "rescale_factor": rescale_factor,
+                                        "equalize_hist": equalize_hist})
     print(f"{result['mean']:.4f}")
     return result
 
@@ -130,6 +148,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=cf.positive_int, default=None,
                         help="threads decoding the images in parallel (default: NUM_CPU_CORES, "
                              "else 4)")
+    parser.add_argument("--out-json", default=None, metavar="PATH",
+                        help="also write the result (mean, image counts, the settings used) "
+                             "to this JSON file (default: only printed)")
     return parser
 
 

@@ -29,7 +29,7 @@ import learning_health as lh  # noqa: E402
 from dm_image import IMG_EXTENSIONS, atomic_write  # noqa: E402
 
 __all__ = ["write_report", "count_images", "format_summary", "patch_test_summary",
-           "health_warnings"]
+           "health_warnings", "unfinished_stages"]
 
 #: Files of a run (relative to its folder) that the learning-health checks read.
 PATCH_TEST_METRICS = "models/patch_clf.h5.test.metrics.json"
@@ -67,6 +67,22 @@ def count_images(folder: Union[str, Path]) -> Dict[str, Dict[str, int]]:
                           if f.suffix.lower().lstrip(".") in IMG_EXTENSIONS)
             for cls in sorted((folder / split).iterdir()) if cls.is_dir()}
     return counts
+
+
+def unfinished_stages(state: dict) -> Dict[str, str]:
+    """``{stage: status}`` of the stages (the report aside) whose results are not current:
+    "failed", "running" (interrupted) or "stale" (it reads one of those, or its settings
+    changed); what the run folder holds of them is from an earlier run, or missing."""
+    return {name: rec.get("status", "") for name, rec in state.get("stages", {}).items()
+            if name != "report" and rec.get("status") not in ("done", "not used")}
+
+
+def _unfinished_text(unfinished: Dict[str, str]) -> str:
+    words = {"running": "interrupted"}
+    by_status: Dict[str, List[str]] = {}
+    for name, status in unfinished.items():
+        by_status.setdefault(words.get(status, status), []).append(name)
+    return "; ".join(f"{', '.join(names)} {status}" for status, names in by_status.items())
 
 
 def _metrics(path: Path) -> dict:
@@ -367,7 +383,9 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
     patch = patch_test_summary(out)
     val = _val_auroc(out, config)
     warnings = health_warnings(out, config, patch)
+    unfinished = unfinished_stages({"stages": stages})
     summary = {
+        "unfinished_stages": unfinished,
         "out_dir": str(out.resolve()), "report": str((out / "report.html").resolve()),
         "warnings": warnings,
         "patch_test_accuracy": (patch or {}).get("accuracy"),
@@ -401,6 +419,10 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         _warnings_banner(warnings),
         f'<p class="muted">{html.escape(str(out.resolve()))}; config '
         f'{html.escape(str(config_path))}; written {time.strftime("%Y-%m-%d %H:%M:%S")}</p>',
+        (f'<p style="border: 2px solid #c00; padding: .5em"><b>This run did not finish: '
+         f'{html.escape(_unfinished_text(unfinished))}.</b> What this page shows of these '
+         f'stages is from an earlier run, or missing; run the pipeline again.</p>'
+         if unfinished else ""),
         "<h2>Test metrics (whole images)</h2>",
         _table(["prediction", "images", "positive", "AUROC", "AUPRC", "sensitivity",
                 "specificity", "fixed threshold"], metric_rows) if metric_rows
@@ -444,7 +466,11 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
 def format_summary(s: dict) -> str:
     """A few printed lines of a run's ``summary.json``, its warnings last."""
     times = ", ".join(f"{k} {v:.0f}s" for k, v in s.get("stage_seconds", {}).items())
-    lines = ["Run summary", *_patch_lines(s.get("patch_test"))]
+    lines = ["Run summary"]
+    if s.get("unfinished_stages"):
+        lines.append(f"  NOT FINISHED: {_unfinished_text(s['unfinished_stages'])} (their results "
+                     f"are from an earlier run, or missing)")
+    lines += _patch_lines(s.get("patch_test"))
     lines += [
         f"  whole-image test AUROC ({s.get('n_test_images')} images, {s.get('n_test_pos')} "
         f"positive): {_fmt(s.get('test_auroc'), s.get('test_auroc_ci'))}",

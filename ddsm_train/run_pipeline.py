@@ -47,6 +47,14 @@ follows. ``--from STAGE`` reruns that stage and the later ones, ``--only STAGE``
 (the stages before it must be complete). Paths in the command lines are relative to ``OUT``,
 so a run folder can be moved.
 
+Before any stage runs, every command line of the stages to run is parsed by its tool's own
+parser (stand-ins for the values the ``mean`` stage derives), and a refusal stops the run as a
+``ConfigError`` naming the config file, section and key; a stage's commands are checked again,
+with the real values, before its old outputs are removed. When a stage fails (or is
+interrupted), every later stage that reads it, or whose commands changed, is marked "stale"
+(:meth:`Pipeline.mark_stale`), so no old result counts as current, and an existing report is
+rewritten to name them.
+
 Example::
 
     python ddsm_train/run_pipeline.py ddsm_train/configs/demo.toml --out demo_out/demo
@@ -54,23 +62,26 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import importlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
 from dm_image import atomic_write  # noqa: E402
-from pipeline_config import AUTO, load_config  # noqa: E402
+from pipeline_config import AUTO, ConfigError, load_config  # noqa: E402
 from script_utils import cli_main  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -89,6 +100,24 @@ STATE_FILE = "pipeline_state.json"
 DERIVED_FILE = "derived.json"
 #: 255/65535: 16-bit levels to the 0..255 scale.
 RESCALE_16BIT = 0.003891
+#: The config sections each stage's command lines are made from, its own first (a tool's
+#: refusal of a command line is reported as a key of these sections).
+STAGE_SECTIONS = {
+    "data": ("data", "synthetic", "run", "image_train"),
+    "sample_patches": ("patches", "run"),
+    "mean": ("data", "patch_train", "image_train", "patches", "run"),
+    "patch_train": ("patch_train", "patches"),
+    "image_train": ("image_train", "patch_train"),
+    "predict": ("predict", "image_train", "run"),
+    "predict_flips": ("predict", "image_train", "run"),
+    "predict_val": ("predict", "image_train", "run"),
+    "evaluate": ("evaluate", "predict", "run"),
+    "heatmaps": ("heatmaps", "patch_train", "patches", "image_train"),
+    "report": (),
+}
+#: Stand-ins for the values of ``derived.json`` while the commands are checked before the
+#: ``mean`` stage has run (any number the tools accept).
+PLACEHOLDER_DERIVED = {"rescale_factor": 0.5, "image_mean": 99.5, "patch_mean": 99.5}
 
 
 class LearningWarnings(RuntimeError):
@@ -128,6 +157,9 @@ class StageSpec:
     outputs: List[str] = field(default_factory=list)     # removed before a fresh run (globs)
     complete: List[str] = field(default_factory=list)    # must exist after a finished run
     extra: Dict[str, object] = field(default_factory=dict)   # more fingerprint material
+    # stages whose values (derived.json) enter its command lines: through the commands they
+    # are in the fingerprint already, but a failure of one of them leaves this stage stale
+    values_from: List[str] = field(default_factory=list)
 
 
 def _hash(obj) -> str:
@@ -158,6 +190,90 @@ def script_flags(script: str) -> frozenset:
     in this checkout has it)."""
     parser = importlib.import_module(script).get_args_parser()
     return frozenset(o for a in parser._actions for o in a.option_strings)
+
+
+def parse_error(script: str, args: Sequence[str]) -> Optional[str]:
+    """Why the project tool ``script`` would refuse the command line ``args``, or None.
+
+    The tool's own parser (``get_args_parser()``, with the number rules its ``main()`` adds)
+    parses ``args``; its error message (``argument --net: invalid choice: ...``) is returned
+    without the usage lines. A ``--help`` or ``--version``, which would print and exit, is an
+    error too.
+    """
+    from common_flags import use_checked_numbers
+
+    parser = use_checked_numbers(importlib.import_module(script).get_args_parser())
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            parser.parse_args(list(args))
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            return "its options ask it to print its help or version and stop"
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        return lines[-1].split(": error: ", 1)[-1] if lines else f"exit status {exc.code}"
+    return None
+
+
+def _check_from_stdin() -> None:
+    """Child process of :meth:`Pipeline.check_commands`: reads ``[[script, args], ...]`` as JSON
+    on stdin, prints ``CHECKED [error or null, ...]`` as its last line."""
+    commands = json.loads(sys.stdin.read())
+    print("CHECKED " + json.dumps([parse_error(script, args) for script, args in commands]))
+
+
+def _offending(message: str) -> Tuple[List[str], Optional[str]]:
+    """The option strings (or stray words) an argparse message names, and the value it quotes."""
+    quoted = re.findall(r"'([^']*)'", message.split(" (choose from", 1)[0])
+    value = quoted[-1] if quoted else None
+    if message.startswith("unrecognized arguments: "):
+        return message.split(": ", 1)[1].split(), value
+    arg = re.match(r"(?:argument|ambiguous option:) (\S+?):? ", message)
+    return (arg.group(1).split("/") if arg else []), value
+
+
+def _as_text(value) -> List[str]:
+    values = value if isinstance(value, list) else [value]
+    return [_num(v) if not isinstance(v, bool) else str(v).lower() for v in values]
+
+
+def blame_key(config: dict, sections: Sequence[str], message: str) -> Tuple[str, Optional[str]]:
+    """The config ``(section, key)`` that a tool's parser error ``message`` comes from.
+
+    An option or word of the message in a section's ``extra_args`` blames those; then a key
+    named like the option (``--block-type``: ``block_type``); then a key whose value the
+    message quotes. ``(first section, None)`` when none fits.
+    """
+    words, value = _offending(message)
+    for section in sections:
+        extra = config[section].get("extra_args") or []
+        if any(w in extra for w in words) or (value is not None and value in extra):
+            return section, "extra_args"
+    flags = {w.lstrip("-").replace("-", "_").removeprefix("no_") for w in words
+             if w.startswith("--")}
+    for section in sections:
+        for key in config[section]:
+            if key in flags:
+                return section, key
+    for section in sections:
+        for key, setting in config[section].items():
+            if value is not None and key != "extra_args" and value in _as_text(setting):
+                return section, key
+    return (sections[0] if sections else ""), None
+
+
+def describe_refusal(script: str, message: str) -> str:
+    """A tool's parser error in words that fit a config key."""
+    words, _ = _offending(message)
+    if message.startswith("unrecognized arguments: "):
+        flags = [w for w in words if w.startswith("-")]
+        return (f"{script}.py does not know {' '.join(flags)}" if flags
+                else f"{script}.py takes no extra value {' '.join(words)}")
+    choice = re.search(r"argument (\S+): invalid choice: (.*) \(choose from (.*)\)$", message)
+    if choice:
+        flag, value, allowed = choice.groups()
+        return f"{value} is not one of {allowed.replace(chr(39), '')} ({script}.py {flag})"
+    return f"{script}.py refuses it: {message}"
 
 
 def detect_rescale_factor(folder: Path, sample: int = 12) -> float:
@@ -215,6 +331,9 @@ class Pipeline:
         if self.state_path.is_file():
             self.state = json.loads(self.state_path.read_text())
         self.ran: Dict[str, str] = {}   # stage -> "ran" / "skipped" / "not used", this call
+        self._checking = False          # planning to check commands: stand-ins for derived values
+        self._used_derived = False      # the plan being made read derived.json
+        self._checked: set = set()      # command lines the tools' parsers accepted
 
     # ---------------------------------------------------------------- layout
     @property
@@ -261,16 +380,43 @@ class Pipeline:
         return str(net or self.config["patch_train"]["net"])
 
     def derived(self) -> dict:
+        """The values of ``derived.json`` (pixel scale and means); stand-ins while checking."""
+        self._used_derived = True
         path = self.out / DERIVED_FILE
         if not path.is_file():
+            if self._checking:
+                return self._placeholder_derived()
             raise StageError(f"stage mean has not run in {self.out} (no {DERIVED_FILE}); run "
                              f"the stages before the one you named first")
         return json.loads(path.read_text())
 
+    def _placeholder_derived(self) -> dict:
+        """``derived.json`` before the ``mean`` stage: the config's values where it gives them,
+        :data:`PLACEHOLDER_DERIVED` for the others."""
+        c, values = self.config, dict(PLACEHOLDER_DERIVED)
+        given = {"rescale_factor": c["data"]["rescale_factor"],
+                 "image_mean": c["image_train"]["featurewise_mean"],
+                 "patch_mean": c["patch_train"]["featurewise_mean"]}
+        values.update({k: float(v) for k, v in given.items() if v != AUTO})
+        return values
+
+    @contextlib.contextmanager
+    def _check_mode(self) -> Iterator[None]:
+        """Plans made inside are for checking: values an earlier stage derives have stand-ins."""
+        self._checking = True
+        try:
+            yield
+        finally:
+            self._checking = False
+
     # ---------------------------------------------------------------- stage plans
     def plan(self, name: str) -> Optional[StageSpec]:
         """The stage ``name`` as it would run now, or None when the config does not use it."""
-        return getattr(self, f"_plan_{name}")()
+        self._used_derived = False
+        spec = getattr(self, f"_plan_{name}")()
+        if spec is not None and self._used_derived:
+            spec.values_from.append("mean")
+        return spec
 
     def _plan_data(self):
         c, syn = self.config, self.config["synthetic"]
@@ -375,7 +521,9 @@ class Pipeline:
     def _plan_mean(self):
         c = self.config
         rescale = c["data"]["rescale_factor"]
-        if rescale == AUTO:
+        if rescale == AUTO and self._checking and not (self.whole_img_dir() / "train").is_dir():
+            rescale = PLACEHOLDER_DERIVED["rescale_factor"]      # the data stage makes them
+        elif rescale == AUTO:
             rescale = detect_rescale_factor(self.whole_img_dir() / "train")
         steps, means = [], {}
         h, w = c["image_train"]["img_size"]
@@ -391,19 +539,23 @@ class Pipeline:
             if given != AUTO:
                 means[key] = float(given)
             else:
-                steps.append(Step("compute_mean", args + ["--workers", str(c["run"]["workers"])],
+                steps.append(Step("compute_mean", args + ["--workers", str(c["run"]["workers"]),
+                                                          "--out-json", f"mean/{key}.json"],
                                   describe=[key]))
         if not self.trains_patches():
             means["patch_mean"] = self._model_mean(self.patch_model())
         result = {"rescale_factor": rescale, **means}
 
         def write():
-            for step in steps:   # each compute_mean step's last printed line is its mean
-                result[step.describe[0]] = float(self._last_output_line(step))
+            for step in steps:   # each compute_mean step wrote its result to mean/KEY.json
+                path = self.out / "mean" / f"{step.describe[0]}.json"
+                # to 4 decimals, as the tool prints it (the trainers' commands stay those of
+                # runs made when the printed line was read)
+                result[step.describe[0]] = float(f"{json.loads(path.read_text())['mean']:.4f}")
             _atomic_json(self.out / DERIVED_FILE, result)
 
         return StageSpec("mean", steps + [Step(func=write, describe=["write derived.json"])],
-                         deps=["data", "sample_patches"], outputs=[DERIVED_FILE],
+                         deps=["data", "sample_patches"], outputs=[DERIVED_FILE, "mean"],
                          complete=[DERIVED_FILE], extra={"given": result})
 
     @staticmethod
@@ -510,6 +662,8 @@ class Pipeline:
         """Whether the whole-image folder has a validation split with images in it."""
         import dm_image
 
+        if self._checking and not self.whole_img_dir().is_dir():
+            return True     # not made yet: check the commands that use them
         try:
             return bool(dm_image.list_images(self.whole_img_dir() / "val"))
         except ValueError:      # no folder, or no image in it
@@ -606,14 +760,17 @@ class Pipeline:
                          inputs=[] if self.trains_patches() else [str(self.patch_model())],
                          outputs=["heatmaps"], complete=["heatmaps/prob_heatmap.npz"])
 
-    def _plan_report(self):
-        def write():
-            import report
-            report.write_report(self.out, self.config_path, self.config, self.state,
-                                whole_img_dir=self.whole_img_dir(), stage_order=STAGES)
+    def write_report(self) -> None:
+        """``report.html`` and ``summary.json`` from the run folder and the state as it is."""
+        import report
 
+        report.write_report(self.out, self.config_path, self.config, self.state,
+                            whole_img_dir=self.whole_img_dir(), stage_order=STAGES)
+
+    def _plan_report(self):
         deps = [s for s in STAGES if s != "report"]
-        return StageSpec("report", [Step(func=write, describe=["report.write_report"])],
+        return StageSpec("report", [Step(func=self.write_report,
+                                         describe=["report.write_report"])],
                          deps=deps, outputs=["report.html", "summary.json"],
                          complete=["report.html", "summary.json"],
                          extra={"config": _hash(self.config_path.read_text())})
@@ -621,12 +778,6 @@ class Pipeline:
     # ---------------------------------------------------------------- running
     def _log_path(self, name: str) -> Path:
         return self.out / "logs" / f"{STAGES.index(name) + 1}_{name}.log"
-
-    def _last_output_line(self, step: Step) -> str:
-        lines = [ln for ln in step.output.splitlines() if ln.strip()]
-        if not lines:
-            raise StageError(f"{step.script} printed nothing")
-        return lines[-1].strip()
 
     def _env(self) -> dict:
         env = dict(os.environ)
@@ -656,6 +807,53 @@ class Pipeline:
     def _complete(self, spec: StageSpec) -> bool:
         return all((self.out / p).exists() for p in spec.complete)
 
+    def _check_key(self, step: Step) -> tuple:
+        """A command line with the derived values (and their stand-ins) masked: one checked
+        with stand-ins needs no second check once the real values are in."""
+        values = list(self._placeholder_derived().values())
+        if (self.out / DERIVED_FILE).is_file():
+            values += json.loads((self.out / DERIVED_FILE).read_text()).values()
+        masked = {_num(v) for v in values if isinstance(v, (int, float))}
+        return (step.script, *("<derived>" if a in masked else a for a in step.args))
+
+    def check_commands(self, specs: Sequence[StageSpec]) -> None:
+        """Have each tool's own parser check the command lines of ``specs`` not checked yet.
+
+        The parsers run in a child process (the tools import TensorFlow; this process does
+        not). Raises:
+            ConfigError: the first command line a tool refuses, as one line naming the config
+                file, the section and the key it comes from.
+            StageError: the check itself could not run.
+        """
+        todo = [(spec.name, step) for spec in specs for step in spec.steps
+                if step.script and self._check_key(step) not in self._checked]
+        if not todo:
+            return
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import run_pipeline; "
+                f"run_pipeline._check_from_stdin()")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=self._env(),
+                              input=json.dumps([[st.script, st.args] for _, st in todo]),
+                              capture_output=True, text=True, errors="replace")
+        last = (proc.stdout.strip().splitlines() or [""])[-1]
+        if proc.returncode != 0 or not last.startswith("CHECKED "):
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise StageError(f"could not check the tools' options: {tail}")
+        for (name, step), error in zip(todo, json.loads(last[len("CHECKED "):])):
+            if error:
+                section, key = blame_key(self.config, STAGE_SECTIONS[name], error)
+                where = f"[{section}] {key}" if key else f"[{section}]"
+                raise ConfigError(f"{self.config_path}: {where}: "
+                                  f"{describe_refusal(step.script, error)}")
+            self._checked.add(self._check_key(step))
+
+    def check(self, names: Sequence[str], force: bool = False) -> None:
+        """Plan the stages ``names`` and check their command lines, before any runs (values an
+        earlier stage derives have stand-ins until it has run). A stage that finished with the
+        same commands (skipped unless ``force``) has them checked when it reruns."""
+        with self._check_mode():
+            specs = [spec for spec in map(self.plan, names) if spec is not None]
+        self.check_commands([s for s in specs if force or not self._unchanged(s)])
+
     def _clean(self, spec: StageSpec) -> None:
         for pattern in spec.outputs:
             for path in sorted(self.out.glob(pattern)):
@@ -663,6 +861,12 @@ class Pipeline:
                     shutil.rmtree(path)
                 else:
                     path.unlink()
+
+    def _unchanged(self, spec: StageSpec) -> bool:
+        """Whether the stage finished with these very commands and its outputs are complete."""
+        record = self.state["stages"].get(spec.name) or {}
+        return (record.get("status") == "done" and record.get("fingerprint")
+                == self.fingerprint(spec) and self._complete(spec))
 
     def run_stage(self, name: str, force: bool = False) -> str:
         """Run, resume or skip one stage. Returns "ran", "skipped" or "not used"."""
@@ -673,12 +877,12 @@ class Pipeline:
             self._save_state()
             return "not used"
         fp = self.fingerprint(spec)
-        if (not force and record and record.get("status") == "done"
-                and record.get("fingerprint") == fp and self._complete(spec)):
+        if not force and self._unchanged(spec):
             self._say(f"[{name}] unchanged, skipped (ran in {record.get('seconds', 0):.0f}s)")
             return "skipped"
         resume = (not force and record and record.get("fingerprint") == fp
                   and record.get("status") in ("running", "failed"))
+        self.check_commands([spec])     # old outputs go only once the new commands are valid
         if not resume:
             self._clean(spec)
         log = self._log_path(name)
@@ -690,28 +894,12 @@ class Pipeline:
         self._save_state()
         self._say(f"[{name}] {'resuming' if resume else 'running'} (log: {self.rel(log)})")
         t0 = time.monotonic()
-        env = self._env()
-        with open(log, "a" if resume else "w", encoding="utf-8") as fh:
-            for step in spec.steps:
-                if step.func is not None:
-                    fh.write(f"==> {' '.join(step.key())}\n")
-                    fh.flush()
-                    step.func()
-                    continue
-                argv = [sys.executable, str(HERE / f"{step.script}.py")] + step.args
-                fh.write(f"==> {' '.join(step.key())}\n")
-                fh.flush()
-                proc = subprocess.run(argv, cwd=self.out, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, errors="replace")
-                fh.write(proc.stdout)
-                fh.flush()
-                step.output = proc.stdout
-                if proc.returncode != 0:
-                    self.state["stages"][name]["status"] = "failed"
-                    self._save_state()
-                    tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [""]
-                    raise StageError(f"stage {name}: {step.script}.py exited with status "
-                                     f"{proc.returncode} (log {log}): {tail[0].strip()}")
+        try:
+            self._run_steps(spec, log, resume)
+        except Exception:       # a tool's exit status or a python step's error
+            self.state["stages"][name]["status"] = "failed"
+            self._save_state()
+            raise
         seconds = time.monotonic() - t0
         self.state["stages"][name].update(
             status="done", seconds=round(seconds, 1),
@@ -722,9 +910,65 @@ class Pipeline:
         self._say(f"[{name}] done in {seconds:.1f}s")
         return "ran"
 
+    def _run_steps(self, spec: StageSpec, log: Path, resume: bool) -> None:
+        env = self._env()
+        with open(log, "a" if resume else "w", encoding="utf-8") as fh:
+            for step in spec.steps:
+                fh.write(f"==> {' '.join(step.key())}\n")
+                fh.flush()
+                if step.func is not None:
+                    step.func()
+                    continue
+                argv = [sys.executable, str(HERE / f"{step.script}.py")] + step.args
+                proc = subprocess.run(argv, cwd=self.out, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, errors="replace")
+                fh.write(proc.stdout)
+                fh.flush()
+                step.output = proc.stdout
+                if proc.returncode != 0:
+                    tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [""]
+                    raise StageError(f"stage {spec.name}: {step.script}.py exited with status "
+                                     f"{proc.returncode} (log {log}): {tail[0].strip()}")
+
+    def _outdated(self, name: str) -> bool:
+        """Whether the finished stage ``name`` no longer matches the run: a stage it reads is
+        not done (it failed, was interrupted or is stale itself), or its commands changed."""
+        stages = self.state["stages"]
+        try:
+            with self._check_mode():
+                spec = self.plan(name)
+        except Exception:       # what it is planned from is gone
+            return True
+        if spec is None:
+            return False
+        return (any(stages.get(d, {}).get("status") not in ("done", "not used")
+                    for d in spec.deps + spec.values_from)
+                or stages[name].get("fingerprint") != self.fingerprint(spec))
+
+    def mark_stale(self, failed: str) -> List[str]:
+        """After the stage ``failed`` stopped the run, mark "stale" in the state every stage
+        from it on that is still "done" but reads an unfinished stage (transitively) or whose
+        commands changed, and rewrite the report, if there is one, to say which results are
+        stale or missing. Returns the stages marked."""
+        marked = []
+        for name in STAGES[STAGES.index(failed):]:
+            rec = self.state["stages"].get(name)
+            if rec and rec.get("status") == "done" and self._outdated(name):
+                rec["status"] = "stale"
+                marked.append(name)
+        if marked:
+            self._save_state()
+        if (self.out / "report.html").is_file() or (self.out / "summary.json").is_file():
+            self.write_report()
+        return marked
+
     def run(self, from_stage: Optional[str] = None, only: Optional[str] = None) -> dict:
-        """Run the stages (all, from ``from_stage`` on, or ``only`` one); see the module doc."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Run the stages (all, from ``from_stage`` on, or ``only`` one); see the module doc.
+
+        Every command line is checked by its tool's parser before the first stage runs. When a
+        stage fails, it and the stages that read it are left not "done" (see
+        :meth:`mark_stale`), so none shows an old result as current and a re-run redoes them.
+        """
         first = STAGES.index(only or from_stage) if (only or from_stage) else 0
         for name in STAGES[:first]:
             rec = self.state["stages"].get(name, {})
@@ -732,9 +976,24 @@ class Pipeline:
                 raise StageError(f"stage {name} has not finished in {self.out}; run the "
                                  f"pipeline without --from/--only first")
         names = [only] if only else list(STAGES[first:])
+        self.check(names, force=bool(only or from_stage))
+        self.out.mkdir(parents=True, exist_ok=True)
         for name in names:
-            self.ran[name] = self.run_stage(name, force=bool(only or from_stage))
+            try:
+                self.ran[name] = self.run_stage(name, force=bool(only or from_stage))
+            except BaseException:
+                self._after_failure(name)
+                raise
         return self.ran
+
+    def _after_failure(self, name: str) -> None:
+        try:
+            marked = self.mark_stale(name)
+        except Exception as err:    # the failure itself is what the user must see
+            logger.warning("could not mark the stages after %s as stale: %s", name, err)
+            return
+        if marked:
+            logger.warning("stage %s did not finish; marked stale: %s", name, ", ".join(marked))
 
 
 class CrossValidation:

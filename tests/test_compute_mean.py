@@ -67,3 +67,17 @@ def test_non_finite_and_constant_images_are_left_out(train_dir, capsys):
     assert sorted(p.rsplit("/", 1)[-1] for p in result["skipped"]) == ["flat.png", "nan.tif"]
     assert result["images"] == 3 and result["mean"] == pytest.approx(clean["mean"], rel=1e-9)
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"{clean['mean']:.4f}"
+
+
+def test_out_json_holds_the_mean_and_its_settings(train_dir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "results" / "image_mean.json"
+    result = compute_mean.main([str(train_dir), "--img-size", "48", "40", "--rescale-factor",
+                                "0.003891", "--equalize-hist", "--out-json", str(out)])
+    written = json.loads(out.read_text())
+    assert written["mean"] == result["mean"] and written["images"] == 3
+    assert written["settings"] == {"folder": str(train_dir), "img_size": [48, 40],
+                                   "img_scale": None, "rescale_factor": 0.003891,
+                                   "equalize_hist": True}
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{result['mean']:.4f}"

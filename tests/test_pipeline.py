@@ -450,3 +450,87 @@ def test_config_extends_and_defaults(tmp_path):
     assert [p.name for p in shipped] == ["cbis_ddsm_2017.toml", "demo.toml", "own_data.toml"]
     for path in shipped:
         pipeline_config.load_config(path)                        # every shipped config loads
+
+
+# ------------------------------------------------------------------ run state after a failure
+def _hashes(folder: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+TYPO = '[image_train]\nextra_args = ["--es-patiense", "10"]\n'
+
+
+def _extended(config: Path, path: Path, text: str) -> Path:
+    path.write_text(f'extends = "{config.as_posix()}"\n{text}')
+    return path
+
+
+@pytest.mark.slow
+def test_typo_in_extra_args_leaves_a_finished_run_as_it_was(pipeline_run, tmp_path):
+    """The whole-image trainer's parser refuses the flag before any stage runs: no model, log
+    or state is touched (every file byte for byte), in a few seconds, one line naming the key."""
+    import resource
+    import time
+
+    config, out = _copy_run(pipeline_run, tmp_path)
+    before = _hashes(out)
+    typo = _extended(config, tmp_path / "typo.toml", TYPO)
+    cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    proc = _pipeline(typo, out)
+    cpu1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - t0
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and f"{typo}: [image_train] extra_args: image_clf_train.py does not " \
+        f"know --es-patiense" in err[0], err
+    assert _hashes(out) == before
+    # the check imports the tools (TensorFlow) once; a busy machine stretches the wall time
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+    assert cpu < 20, (cpu, wall)
+
+
+@pytest.mark.slow
+def test_a_stage_is_checked_before_its_old_outputs_are_removed(pipeline_run, tmp_path):
+    import pipeline_config
+    import run_pipeline
+
+    config, out = _copy_run(pipeline_run, tmp_path)
+    before = _hashes(out)
+    typo = _extended(config, tmp_path / "typo.toml", TYPO)
+    pipe = run_pipeline.Pipeline(typo, out, echo=False)
+    with pytest.raises(pipeline_config.ConfigError, match=r"\[image_train\] extra_args"):
+        pipe.run_stage("image_train")
+    assert _hashes(out) == before
+
+
+@pytest.mark.slow
+def test_failed_stage_leaves_no_stage_that_reads_it_done(pipeline_run, tmp_path):
+    """The trainer's parser takes the flags but the trainer refuses them when it starts: its
+    old model is gone, so every stage after it that reads it is marked stale (none stays
+    "done"), the report and summary say so, and a re-run redoes them."""
+    import run_pipeline
+
+    config, out = _copy_run(pipeline_run, tmp_path)
+    bad = _extended(config, tmp_path / "bad.toml",
+                    '[image_train]\nextra_args = ["--top-repetitions", "1", "2"]\n')
+    proc = _pipeline(bad, out)
+    assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "stage image_train: image_clf_train.py exited with status 2" in proc.stderr
+    assert not (out / "models" / "image_clf.h5").exists()
+    state = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    after = STAGES[STAGES.index("image_train"):]
+    assert {s: state[s]["status"] for s in after} == dict(
+        {s: "stale" for s in after}, image_train="failed")
+    assert all(state[s]["status"] == "done" for s in STAGES[:STAGES.index("image_train")])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["unfinished_stages"] == {s: state[s]["status"] for s in after[:-1]}
+    page = (out / "report.html").read_text()
+    assert "This run did not finish: image_train failed; predict, predict_flips, " \
+        "predict_val, evaluate, heatmaps stale." in page
+    import report
+
+    assert "NOT FINISHED: image_train failed; predict" in report.format_summary(summary)
+    pipe = run_pipeline.Pipeline(config, out, echo=False)    # the good config again
+    assert [s for s in STAGES if not pipe._unchanged(pipe.plan(s))] == after

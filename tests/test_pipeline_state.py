@@ -1,0 +1,98 @@
+"""``run_pipeline.py`` checks every stage's command line with that tool's own parser before any
+stage runs, and names the config key a refusal comes from. The checks on a finished run (a typo
+leaves the run folder as it was, a failed stage leaves no later stage "done") are in
+``tests/test_pipeline.py``, which has the finished run.
+"""
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TOML = REPO / "ddsm_train" / "configs" / "demo.toml"
+
+
+@pytest.mark.slow     # each check imports the tools, TensorFlow included
+@pytest.mark.parametrize("text, where, words", [
+    ('[patch_train]\nnet = "resnet5"\n', "[patch_train] net:",
+     ["'resnet5' is not one of", "dm_resnet14", "patch_clf_train.py --net"]),
+    ('[image_train]\noptimizer = "adamw"\n', "[image_train] optimizer:",
+     ["'adamw' is not one of", "image_clf_train.py --optimizer"]),
+    ('[image_train]\nblock_type = "vggg"\n', "[image_train] block_type:", ["'vggg'"]),
+    ('[image_train]\nextra_args = ["--es-patiense", "10"]\n', "[image_train] extra_args:",
+     ["image_clf_train.py does not know --es-patiense"]),
+])
+def test_bad_tool_option_is_refused_before_any_stage(tmp_path, capsys, monkeypatch, text,
+                                                      where, words):
+    """Values that only a tool's parser knows to be wrong stop the run at load, in one line
+    naming the file, the section and the key; no stage runs, nothing is written."""
+    import run_pipeline
+
+    def no_stage(self, name, force=False):
+        raise AssertionError(f"stage {name} ran")
+
+    monkeypatch.setattr(run_pipeline.Pipeline, "run_stage", no_stage)
+    config = tmp_path / "bad.toml"
+    config.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n{text}')
+    with pytest.raises(SystemExit) as exc:
+        run_pipeline.main([str(config), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert f"{config}: {where} " in err[0] and all(w in err[0] for w in words), err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_parse_error_uses_the_tools_own_parser():
+    import run_pipeline
+
+    assert run_pipeline.parse_error("compute_mean", ["folder", "--img-size", "8", "8"]) is None
+    err = run_pipeline.parse_error("compute_mean", ["folder", "--img-size", "8", "x"])
+    assert err.startswith("argument --img-size") and "'x'" in err and "usage" not in err
+    # the number rules of the tools' main(): no nan or inf for a float flag
+    assert "--rescale-factor" in run_pipeline.parse_error(
+        "compute_mean", ["folder", "--rescale-factor", "inf"])
+    assert "help" in run_pipeline.parse_error("compute_mean", ["folder", "--help"])
+    assert run_pipeline.parse_error("compute_mean", ["folder", "--workerz", "2"]) == \
+        "unrecognized arguments: --workerz 2"
+
+
+_CONFIG = {
+    "image_train": {"optimizer": "adamw", "block_type": "resnet", "learning_rate": 0.0001,
+                    "augmentation": True, "extra_args": ["--es-patience", "x"]},
+    "patch_train": {"net": "resnet5", "learning_rate": float("inf"), "extra_args": []},
+}
+
+
+@pytest.mark.parametrize("message, sections, expected", [
+    # an option of extra_args, by name or by its value
+    ("argument --es-patience: not an integer: 'x'", ("image_train",),
+     ("image_train", "extra_args")),
+    ("unrecognized arguments: --es-patience x", ("image_train",),
+     ("image_train", "extra_args")),
+    # the key named like the flag, in the stage's own section first
+    ("argument --optimizer: invalid choice: 'adamw' (choose from 'sgd', 'adam')",
+     ("image_train", "patch_train"), ("image_train", "optimizer")),
+    ("argument --augmentation/--no-augmentation: ignored explicit argument 'yes'",
+     ("image_train",), ("image_train", "augmentation")),
+    # a flag named otherwise: the key whose value the message quotes
+    ("argument --patch-net: invalid choice: 'resnet5' (choose from 'resnet50')",
+     ("image_train", "patch_train"), ("patch_train", "net")),
+    ("argument --init-learningrate: should be finite, got 'inf'", ("patch_train",),
+     ("patch_train", "learning_rate")),
+    # nothing fits: the stage's own section
+    ("the following arguments are required: test_dir", ("image_train",), ("image_train", None)),
+])
+def test_a_refusal_is_traced_to_its_config_key(message, sections, expected):
+    import run_pipeline
+
+    assert run_pipeline.blame_key(_CONFIG, sections, message) == expected
+
+
+def test_refusals_in_words():
+    import run_pipeline
+
+    assert run_pipeline.describe_refusal(
+        "image_clf_train", "unrecognized arguments: --es-patiense 10") == \
+        "image_clf_train.py does not know --es-patiense"
+    assert run_pipeline.describe_refusal(
+        "patch_clf_train", "argument --net: invalid choice: 'resnet5' (choose from 'a', 'b')"
+    ) == "'resnet5' is not one of a, b (patch_clf_train.py --net)"
