@@ -18,8 +18,10 @@ published Keras 2.0.8 files, loaded with ``dm_keras_ext.robust_load_model``) is 
   options JSON ``MODEL.options.json`` beside the model), its data counts when the training
   folders are still there, the test metrics of ``--metrics`` (AUROC with its interval,
   operating points chosen on validation with test sensitivity and specificity, calibration,
-  and their ``warnings``), the recipe, software versions, the SHA-256 of every file written,
-  and its intended use and limits.
+  and their ``warnings``), the run that made the model when ``--run-info`` gives it (the
+  pipeline's config, the training command, data counts per split and class, its
+  learning-health warnings), the recipe, software versions, the SHA-256 of every file
+  written, and its intended use and limits.
 
 The recipe comes from the model file (the trainers store it); for a file without one (the
 2017 files) the image flags state it, and a model whose recipe cannot be stated (no image
@@ -340,6 +342,27 @@ def summarize_metrics(metrics: Any, source: str = "metrics") -> dict:
             if isinstance(warnings, list) else [str(warnings)]}
 
 
+def read_run_info(path: str) -> dict:
+    """The ``--run-info`` JSON object: what the card says about the run that made the model.
+
+    Known keys (each optional): ``config_file`` and ``pipeline_config`` (the config's name and
+    text), ``training_command`` (a list of strings), ``data_counts`` (name -> split -> class
+    -> count) and ``warnings`` (a list of ``{code, message, source}`` objects or strings).
+
+    Raises:
+        FileNotFoundError: no such file; ValueError: not a JSON object, or ``warnings`` not a
+            list.
+    """
+    info = _read_json(Path(path), "--run-info")
+    if info is None:
+        raise FileNotFoundError(f"--run-info file {path} not found")
+    if not isinstance(info, dict):
+        raise ValueError(f"--run-info {path}: should hold a JSON object")
+    if not isinstance(info.get("warnings", []), list):
+        raise ValueError(f"--run-info {path}: 'warnings' should be a list")
+    return {**info, "file": Path(path).name, "sha256": sha256_of(Path(path))}
+
+
 def _count_images(folder: str, classes: Sequence[str]) -> Optional[Dict[str, int]]:
     root = Path(folder)
     if not root.is_dir():
@@ -437,6 +460,35 @@ def _metrics_md(summary: Optional[dict]) -> List[str]:
     return lines
 
 
+def _warning_text(w) -> str:
+    if isinstance(w, dict):
+        src = f" ({w['source']})" if w.get("source") else ""
+        return f"`{w.get('code', 'warning')}`: {w.get('message', '')}{src}"
+    return str(w)
+
+
+def _run_md(run: Optional[dict]) -> List[str]:
+    """The card's section on the run that made the model (``--run-info``)."""
+    if not run:
+        return []
+    lines = ["", "## The run that made it", "", f"From `{run['file']}` (SHA-256 "
+             f"`{run['sha256']}`)."]
+    warnings = run.get("warnings") or []
+    lines += ["", f"Learning-health warnings of the run: {len(warnings) or 'none'}", ""]
+    lines += [f"- {_warning_text(w)}" for w in warnings]
+    for name, splits in (run.get("data_counts") or {}).items():
+        lines += ["", f"Data ({name}), images per split and class:", ""]
+        lines += [f"- {split}: " + ", ".join(f"{c} {n}" for c, n in per.items())
+                  + f" (total {sum(per.values())})" for split, per in splits.items()]
+    if run.get("training_command"):
+        lines += ["", "Training command:", "", "```",
+                  " ".join(map(str, run["training_command"])), "```"]
+    if run.get("pipeline_config"):
+        lines += ["", f"Pipeline config `{run.get('config_file', '')}`:", "", "```toml",
+                  run["pipeline_config"].rstrip("\n"), "```"]
+    return lines
+
+
 def card_markdown(card: dict) -> str:
     """``model_card.md``: the card for a reader."""
     m, rec, onnx = card["model"], card["recipe"], card["onnx"]
@@ -462,6 +514,7 @@ def card_markdown(card: dict) -> str:
         lines += ["", "Images per class in the training folders (counted at export):", ""]
         lines += [f"- {split}: {counts}" for split, counts in train["image_counts"].items()]
     lines += ["", "## Test metrics", ""] + _metrics_md(card["metrics"])
+    lines += _run_md(card.get("run"))
     lines += ["", "## Software", ""] + [f"- {k}: {v}" for k, v in card["versions"].items()]
     lines += ["", "## Files (SHA-256)", ""] + [f"- `{n}`: `{h}`"
                                                for n, h in card["files"].items()]
@@ -469,9 +522,10 @@ def card_markdown(card: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ run
-def _claim(model_file: str, out: Path, metrics: Optional[str], overwrite: bool
-           ) -> "run_files.OutputManifest":
-    run_files.check_run_paths(input_files={"MODEL": model_file, "--metrics": metrics},
+def _claim(model_file: str, out: Path, metrics: Optional[str], overwrite: bool,
+           run_info: Optional[str] = None) -> "run_files.OutputManifest":
+    run_files.check_run_paths(input_files={"MODEL": model_file, "--metrics": metrics,
+                                           "--run-info": run_info},
                               output_files={"--out " + n: out / n for n in OUTPUT_NAMES},
                               output_dirs={"--out": out})
     manifest = run_files.OutputManifest(out, "export_model")
@@ -515,7 +569,9 @@ def export(opts: dict, given: Optional[set] = None, *, converter=None) -> dict:
     """
     t0 = time.time()
     model_file, out = os.fspath(opts["model"]), Path(opts["out_dir"])
-    manifest = _claim(model_file, out, opts.get("metrics"), opts["overwrite"])
+    manifest = _claim(model_file, out, opts.get("metrics"), opts["overwrite"],
+                      opts.get("run_info"))
+    run_info = read_run_info(opts["run_info"]) if opts.get("run_info") else None
     metrics = None
     if opts.get("metrics"):
         raw = _read_json(Path(opts["metrics"]), "--metrics")
@@ -541,7 +597,8 @@ def export(opts: dict, given: Optional[set] = None, *, converter=None) -> dict:
     record = recipe_record(recipe, opts["flips"], nb_class, in_model)
     _write_text(out / RECIPE_NAME, json.dumps(record, indent=1, sort_keys=True) + "\n",
                 manifest)
-    card = _write_card(model_file, model, record, onnx_info, metrics, out, manifest)
+    card = _write_card(model_file, model, record, onnx_info, {"metrics": metrics,
+                                                              "run": run_info}, out, manifest)
     manifest.finish()
     logger.info("exported %s to %s in %.1f s (ONNX %s)", model_file, out, time.time() - t0,
                 "written" if onnx_bytes is not None else "not written")
@@ -552,7 +609,9 @@ def export(opts: dict, given: Optional[set] = None, *, converter=None) -> dict:
             "onnx_reason": onnx_info.get("reason"), "recipe": record, "card": card}
 
 
-def _write_card(model_file, model, record, onnx_info, metrics, out, manifest) -> dict:
+def _write_card(model_file, model, record, onnx_info, given, out, manifest) -> dict:
+    """Write the card; ``given``: its ``metrics`` (:func:`summarize_metrics`) and ``run``
+    (:func:`read_run_info`), each None when not given."""
     import dm_keras_ext
 
     options, counts = _training_record(model_file)
@@ -564,7 +623,7 @@ def _write_card(model_file, model, record, onnx_info, metrics, out, manifest) ->
         "recipe": record, "onnx": onnx_info,
         "training": {"options_file": script_utils.options_json_path(model_file).name,
                      "options": options, "image_counts": counts},
-        "metrics": metrics, "versions": _versions(),
+        "metrics": given["metrics"], "run": given["run"], "versions": _versions(),
         "files": _file_hashes(out, manifest.files),
         "files_note": f"SHA-256 of every file this export wrote but {CARD_MD} and "
                       f"{CARD_JSON} (and the folder manifest {run_files.MANIFEST_NAME})"})
@@ -610,6 +669,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", default=None, metavar="metrics.json",
                         help="test metrics of image_clf_predict.py or evaluate.py to put in "
                              "the model card (default: none)")
+    parser.add_argument("--run-info", default=None, metavar="run_info.json",
+                        help="JSON object about the run that made the model (its config, "
+                             "training command, data counts, learning-health warnings) to put "
+                             "in the model card (default: none)")
     add_image_flags(parser, img_size=(), featurewise_mean=None, equalize_hist=False,
                     featurewise_center=True, from_recipe=tuple(RECIPE_OPTIONS))
     add_trust_flag(parser)

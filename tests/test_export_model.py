@@ -344,6 +344,34 @@ def test_card_carries_the_test_metrics_and_warnings(model_file, tmp_path):
     assert not (tmp_path / "e2").exists()
 
 
+def test_card_carries_the_run_that_made_the_model(model_file, tmp_path):
+    """``--run-info``: the run's learning-health warnings, data counts, training command and
+    config go into both cards; a file that is not a JSON object is refused before anything
+    is written."""
+    info = {"config_file": "small.toml", "pipeline_config": "[predict]\nflips = true\n",
+            "training_command": ["image_clf_train", "--nb-epoch", "1"],
+            "data_counts": {"whole images": {"train": {"neg": 7, "pos": 5}}},
+            "warnings": [{"code": "best_epoch_first", "message": "the best epoch is the first",
+                          "source": "models/image_clf.h5.log.csv"}]}
+    path = tmp_path / "run_info.json"
+    path.write_text(json.dumps(info))
+    out = tmp_path / "export"
+    export_model.main([str(model_file), "--out", str(out), "--run-info", str(path)])
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["run"]["warnings"] == info["warnings"]
+    assert card["run"]["sha256"] == export_model.sha256_of(path)
+    md = (out / "model_card.md").read_text()
+    for text in ("`best_epoch_first`: the best epoch is the first (models/image_clf.h5.log.csv)",
+                 "- train: neg 7, pos 5 (total 12)", "image_clf_train --nb-epoch 1",
+                 "flips = true", "Learning-health warnings of the run: 1"):
+        assert text in md, text
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="--run-info .*bad.json: should hold a JSON object"):
+        export_model.run(str(model_file), str(tmp_path / "e2"), run_info=str(bad))
+    assert not (tmp_path / "e2").exists()
+
+
 def test_scorer_output_guards(exported, class_dir, tmp_path):
     out, _ = exported
     for bad in (class_dir / "scores", out / "scores", class_dir):
