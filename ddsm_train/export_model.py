@@ -486,6 +486,10 @@ def _run_md(run: Optional[dict]) -> List[str]:
     if run.get("pipeline_config"):
         lines += ["", f"Pipeline config `{run.get('config_file', '')}`:", "", "```toml",
                   run["pipeline_config"].rstrip("\n"), "```"]
+    if run.get("resolved_config"):
+        lines += ["", "The config as resolved (defaults and extended files included):", "",
+                  "```json", json.dumps(run["resolved_config"], indent=1, sort_keys=True),
+                  "```"]
     return lines
 
 

@@ -126,6 +126,9 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "breast_combine": ("str", "mean"),  # views of a breast: mean or max
         "extra_args": ("str_list", []),
     },
+    "export": {
+        "enabled": ("bool", True),         # export the whole-image model with its model card
+    },
 }
 
 #: "section.key" -> the values a string setting may take.

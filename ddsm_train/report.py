@@ -11,7 +11,9 @@ validation images applied to the test images, breast- and exam-level AUROC, pF1,
 and its reliability diagram), the ROC and PR curves, the heatmap overlays of the highest-scored positive and negative test images (lesion
 outlines drawn from the ROI masks where the data has them), the training curves of both
 classifiers (``models/*.curves.png``), the data counts per split and class, the time per stage,
-the derived settings (``derived.json``) and the config. Images are linked by paths relative to
+the derived settings (``derived.json``) and the config; near the top, the exported model
+(``export/``: a link to its model card, which is shown too, and whether ``model.onnx`` was
+written, :func:`export_summary`). Images are linked by paths relative to
 the run folder, so the folder can be moved or copied as a whole. Importing this module does not
 import TensorFlow.
 """
@@ -29,13 +31,15 @@ import learning_health as lh  # noqa: E402
 from dm_image import IMG_EXTENSIONS, atomic_write  # noqa: E402
 
 __all__ = ["write_report", "count_images", "format_summary", "patch_test_summary",
-           "health_warnings", "unfinished_stages"]
+           "health_warnings", "unfinished_stages", "export_summary"]
 
 #: Files of a run (relative to its folder) that the learning-health checks read.
 PATCH_TEST_METRICS = "models/patch_clf.h5.test.metrics.json"
 TRAINING_LOGS = (("models/patch_clf.h5.log.csv", "val_accuracy"),
                  ("models/image_clf.h5.log.csv", "val_auc"))
 EVALUATION_METRICS = "evaluation/metrics.json"
+#: The folder of the pipeline's ``export`` stage (``export_model.py``), relative to the run.
+EXPORT_DIR = "export"
 _STYLE = """
 body { font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; }
@@ -199,6 +203,50 @@ def _val_auroc(out: Path, config: dict) -> Optional[dict]:
     seed = (config.get("run") or {}).get("seed", 12345)
     val = lh.predictions_auroc(out / rel, int(n_boot), int(seed))
     return dict(val, source=rel) if val else None
+
+
+def export_summary(out: Union[str, Path]) -> Optional[dict]:
+    """Where the run's exported model is (``export/``, written by ``export_model.py``), or
+    None when the run has no model card.
+
+    Returns:
+        Absolute paths: ``dir``, ``model_card_md``, ``model_card_json``, ``recipe_json``,
+        ``saved_model``, ``onnx`` (None when it was not written, ``onnx_reason`` saying why),
+        and ``onnx_max_abs_diff`` (onnxruntime against tf-keras on the check input).
+    """
+    folder = (Path(out) / EXPORT_DIR).resolve()
+    card_path = folder / "model_card.json"
+    if not card_path.is_file():
+        return None
+    onnx = json.loads(card_path.read_text(encoding="utf-8")).get("onnx") or {}
+    return {"dir": str(folder), "model_card_md": str(folder / "model_card.md"),
+            "model_card_json": str(card_path), "recipe_json": str(folder / "recipe.json"),
+            "saved_model": str(folder / "saved_model"),
+            "onnx": str(folder / "model.onnx") if onnx.get("written") else None,
+            "onnx_reason": onnx.get("reason"),
+            "onnx_max_abs_diff": (onnx.get("check") or {}).get("max_abs_diff_vs_keras")}
+
+
+def _export_section(out: Path, export: Optional[dict]) -> str:
+    """The exported model: links to its card and folder, the ONNX file or why there is none,
+    and the card itself."""
+    head = '<h2 id="export">Exported model</h2>'
+    if export is None:
+        return head + ('<p class="muted">no exported model in this run (export.enabled = '
+                       'false, or the export stage has not run)</p>')
+    card = f"{EXPORT_DIR}/model_card.md"
+    onnx = ("<code>model.onnx</code> written (max |onnxruntime - tf-keras| = "
+            f"{export['onnx_max_abs_diff']:.3g})" if export["onnx"] else
+            f"<b>no <code>model.onnx</code></b>: {html.escape(str(export['onnx_reason']))}; "
+            "the SavedModel, recipe and card are there")
+    text = (out / card).read_text(encoding="utf-8") if (out / card).is_file() else ""
+    return "\n".join([
+        head, f'<p><a id="model-card" href="{card}">Model card</a> '
+              f'(<a href="{EXPORT_DIR}/model_card.json">JSON</a>) of the whole-image model '
+              f'in <a href="{EXPORT_DIR}/">{EXPORT_DIR}/</a>: {onnx}; '
+              f'<code>saved_model/</code>, <code>recipe.json</code> (score images with '
+              f'<code>score_exported.py {EXPORT_DIR}</code>, no TensorFlow needed).</p>',
+        f"<details><summary>The model card</summary><pre>{html.escape(text)}</pre></details>"])
 
 
 def _warnings_banner(warnings: List[dict]) -> str:
@@ -384,6 +432,7 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
     val = _val_auroc(out, config)
     warnings = health_warnings(out, config, patch)
     unfinished = unfinished_stages({"stages": stages})
+    export = export_summary(out)
     summary = {
         "unfinished_stages": unfinished,
         "out_dir": str(out.resolve()), "report": str((out / "report.html").resolve()),
@@ -400,7 +449,7 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         "operating_point": (evaluation or {}).get("operating_point"),
         "evaluation": evaluation,
         "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
-        "derived": derived,
+        "derived": derived, "export": export,
     }
     metric_rows = []
     for name, m in (("without flips", plain), ("with flips (mean of 4)", flips)):
@@ -423,6 +472,7 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
          f'{html.escape(_unfinished_text(unfinished))}.</b> What this page shows of these '
          f'stages is from an earlier run, or missing; run the pipeline again.</p>'
          if unfinished else ""),
+        _export_section(out, export),
         "<h2>Test metrics (whole images)</h2>",
         _table(["prediction", "images", "positive", "AUROC", "AUPRC", "sensitivity",
                 "specificity", "fixed threshold"], metric_rows) if metric_rows
@@ -484,12 +534,22 @@ def format_summary(s: dict) -> str:
         *_evaluation_lines(s.get("evaluation")),
         f"  time per stage (last run): {times}",
         f"  total time: {s.get('total_seconds', 0):.0f}s",
+        *_export_lines(s.get("export")),
     ]
     warnings = s.get("warnings") or []
     if warnings:
         lines.append(f"{len(warnings)} warning(s): the model may not have learned")
         lines += lh.format_warnings(warnings)
     return "\n".join(lines)
+
+
+def _export_lines(export: Optional[dict]) -> List[str]:
+    """Where the model card is, and whether the ONNX file was written."""
+    if not export:
+        return []
+    onnx = "with model.onnx" if export.get("onnx") else \
+        f"no model.onnx: {export.get('onnx_reason')}"
+    return [f"  exported model ({onnx}); model card: {export['model_card_md']}"]
 
 
 def _patch_lines(patch: Optional[dict]) -> List[str]:

@@ -27,6 +27,11 @@ Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
                       labelled as such, without validation images
 ``heatmaps``          ``heatmap_score.py --fprop-mode`` on the highest-scored positive and
                       negative test images, lesion outlines from the ROI masks where there are
+``export``            ``export_model.py`` on ``models/image_clf.h5`` into ``OUT/export/``: ONNX,
+                      SavedModel, recipe and model card (``--flips`` when ``predict.flips``;
+                      the test metrics of ``evaluate``, or of the test predictions without
+                      it; ``export/run_info.json``: the config, training command, data counts
+                      and learning-health warnings); with ``export.enabled``
 ``report``            ``OUT/report.html`` (``report.py``) and ``OUT/summary.json``
 ====================  ===========================================================================
 
@@ -95,7 +100,7 @@ STRICT_EXIT = 3
 HERE = Path(__file__).resolve().parent
 #: The stages, in order.
 STAGES = ("data", "sample_patches", "mean", "patch_train", "image_train", "predict",
-          "predict_flips", "predict_val", "evaluate", "heatmaps", "report")
+          "predict_flips", "predict_val", "evaluate", "heatmaps", "export", "report")
 STATE_FILE = "pipeline_state.json"
 DERIVED_FILE = "derived.json"
 #: 255/65535: 16-bit levels to the 0..255 scale.
@@ -113,6 +118,7 @@ STAGE_SECTIONS = {
     "predict_val": ("predict", "image_train", "run"),
     "evaluate": ("evaluate", "predict", "run"),
     "heatmaps": ("heatmaps", "patch_train", "patches", "image_train"),
+    "export": ("export", "predict", "image_train", "run"),
     "report": (),
 }
 #: Stand-ins for the values of ``derived.json`` while the commands are checked before the
@@ -759,6 +765,51 @@ class Pipeline:
         return StageSpec("heatmaps", [pick, Step("heatmap_score", args)], deps=deps,
                          inputs=[] if self.trains_patches() else [str(self.patch_model())],
                          outputs=["heatmaps"], complete=["heatmaps/prob_heatmap.npz"])
+
+    def _write_run_info(self) -> None:
+        """``export/run_info.json``: what the model card says about this run (its config,
+        training commands, data counts and learning-health warnings, as the report finds
+        them)."""
+        import report
+
+        commands = {s: (self.state["stages"].get(s) or {}).get("commands") or [[]]
+                    for s in ("patch_train", "image_train")}
+        info = {"config_file": self.config_path.name,
+                "pipeline_config": self.config_path.read_text(encoding="utf-8"),
+                "resolved_config": self.config,
+                "training_command": commands["image_train"][0],
+                "patch_training_command": commands["patch_train"][0],
+                "data_counts": {"whole images": report.count_images(self.whole_img_dir()),
+                                "patches": report.count_images(self.out / "patches")},
+                "warnings": report.health_warnings(self.out, self.config,
+                                                   report.patch_test_summary(self.out))}
+        (self.out / "export").mkdir(parents=True, exist_ok=True)
+        _atomic_json(self.out / "export" / "run_info.json", info)
+
+    def _plan_export(self):
+        c = self.config
+        if not c["export"]["enabled"]:
+            return None
+        der, flips = self.derived(), c["predict"]["flips"]
+        h, w = c["image_train"]["img_size"]
+        metrics = ("evaluation/metrics.json" if c["evaluate"]["enabled"] else
+                   f"predictions/{'flips' if flips else 'no_flips'}/metrics.json")
+        args = (["models/image_clf.h5", "--out", "export", "--img-size", str(h), str(w)]
+                + self._scale_args("image_train", der, "image_mean")
+                + [_flag_bool("equalize-hist", c["image_train"]["equalize_hist"]),
+                   _flag_bool("flips", flips), "--metrics", metrics,
+                   "--run-info", "export/run_info.json"])
+        info = Step(func=self._write_run_info,
+                    describe=["export/run_info.json: config, training commands, data counts, "
+                              "learning-health warnings"])
+        deps = ["data", "patch_train", "image_train", "predict", "predict_flips", "predict_val",
+                "evaluate"]
+        return StageSpec("export", [info, Step("export_model", args)], deps=deps,
+                         outputs=["export"],
+                         complete=["export/model_card.md", "export/model_card.json",
+                                   "export/recipe.json", "export/saved_model"],
+                         extra={"config": _hash([self.config_path.read_text(),
+                                                 self.config])})
 
     def write_report(self) -> None:
         """``report.html`` and ``summary.json`` from the run folder and the state as it is."""

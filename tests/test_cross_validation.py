@@ -153,6 +153,8 @@ flips = false
 enabled = false
 [evaluate]
 enabled = false
+[export]
+enabled = false
 """
 
 

@@ -8,6 +8,7 @@ pipeline again there.
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,7 @@ all_layer_epochs = 3
 bootstrap = 200
 """
 STAGES = ["data", "sample_patches", "mean", "patch_train", "image_train", "predict",
-          "predict_flips", "predict_val", "evaluate", "heatmaps", "report"]
+          "predict_flips", "predict_val", "evaluate", "heatmaps", "export", "report"]
 
 
 def _write_config(folder: Path, extra: str = "") -> Path:
@@ -156,7 +157,7 @@ def test_rerun_skips_every_stage_and_the_folder_can_move(pipeline_run, tmp_path)
     proc = _pipeline(config, out)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert _what_ran(proc.stdout) == {s: "skipped" for s in STAGES}
-    assert "0 stage(s) ran, 11 skipped" in proc.stdout
+    assert "0 stage(s) ran, 12 skipped" in proc.stdout
     changed = [p for p, t in before.items() if p.is_file() and p.stat().st_mtime_ns != t
                and p.name != "pipeline_state.json"]
     assert not changed
@@ -176,7 +177,7 @@ def test_changed_prediction_setting_reruns_prediction_and_after_only(pipeline_ru
     assert ran == {"data": "skipped", "sample_patches": "skipped", "mean": "skipped",
                    "patch_train": "skipped", "image_train": "skipped", "predict": "ran",
                    "predict_flips": "ran", "predict_val": "skipped", "evaluate": "ran",
-                   "heatmaps": "ran", "report": "ran"}
+                   "heatmaps": "ran", "export": "ran", "report": "ran"}
     assert model.stat().st_mtime_ns == stamp
     opts = json.loads((out / "predictions" / "flips" / "options.json").read_text())
     assert opts["bootstrap"] == 100
@@ -234,7 +235,7 @@ def test_changed_calibration_reruns_only_evaluate_and_report(pipeline_run, tmp_p
     proc = _pipeline(changed, out)
     assert proc.returncode == 0, proc.stdout[-3000:]
     ran = _what_ran(proc.stdout)
-    assert {s for s, v in ran.items() if v == "ran"} == {"evaluate", "report"}
+    assert {s for s, v in ran.items() if v == "ran"} == {"evaluate", "export", "report"}
     assert (out / "evaluation" / "calibration_image.json").is_file()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluation"]["levels"]["image"]["calibrated"]["method"] == "platt"
@@ -304,7 +305,86 @@ def test_from_stage_reruns_it_and_the_later_ones(pipeline_run, tmp_path):
     proc = _pipeline(config, out, "--from", "heatmaps")
     assert proc.returncode == 0, proc.stdout[-3000:]
     ran = _what_ran(proc.stdout)
-    assert {s for s, v in ran.items() if v == "ran"} == {"heatmaps", "report"}
+    assert {s for s, v in ran.items() if v == "ran"} == {"heatmaps", "export", "report"}
+
+
+@pytest.mark.slow
+def test_exported_model_scores_as_the_pipeline(pipeline_run, tmp_path):
+    """The export stage's ONNX model, scored by score_exported.py (no TensorFlow) on the test
+    images, gives the pipeline's flip-averaged predictions."""
+    import score_exported
+
+    _, out, stdout = pipeline_run
+    assert (out / "export" / "model.onnx").is_file()
+    recipe = json.loads((out / "export" / "recipe.json").read_text())
+    assert recipe["flips"] is True
+    score_exported.run(str(out / "export"), img_dir=str(out / "data" / "whole_img" / "test"),
+                       out_dir=str(tmp_path / "scores"))
+    _, ours, names = _labels_scores(tmp_path / "scores" / "image_predictions.csv")
+    _, theirs, their_names = _labels_scores(out / "predictions" / "flips" /
+                                            "image_predictions.csv")
+    assert sorted(names) == sorted(their_names) and len(names) > 10
+    by_name = dict(zip(their_names, theirs))
+    import numpy as np
+
+    assert np.max(np.abs(ours - np.array([by_name[n] for n in names]))) < 1e-5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["export"]["model_card_md"] == str((out / "export" / "model_card.md").resolve())
+    assert f"model card: {summary['export']['model_card_md']}" in stdout
+
+
+@pytest.mark.slow
+def test_model_card_holds_the_runs_figures_and_warnings(pipeline_run):
+    """The card of the export stage: the evaluation's figures at every level with the
+    validation-chosen operating points, the data counts, the training command, the config and
+    the same learning-health warnings as summary.json."""
+    _, out, _ = pipeline_run
+    card = json.loads((out / "export" / "model_card.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    results = card["metrics"]["results"]
+    assert {k.split("/")[0] for k in results} == {"image", "breast", "exam"}
+    image = next(v for k, v in results.items() if k.startswith("image/"))
+    assert image["auroc"] == summary["evaluation"]["levels"]["image"]["auroc"]
+    youden = image["operating_points"]["youden"]
+    assert youden["chosen_on"] == "validation"
+    assert youden["threshold"] == summary["operating_point"]["threshold"]
+    assert youden["sensitivity_ci"] == summary["operating_point"]["sensitivity_ci"]
+    assert image["calibration"]["ece"] == summary["evaluation"]["levels"]["image"]["ece"]
+    run = card["run"]
+    assert run["warnings"] == summary["warnings"]
+    state = json.loads((out / "pipeline_state.json").read_text())["stages"]
+    assert run["training_command"] == state["image_train"]["commands"][0]
+    n_test = {c: len(list((out / "data" / "whole_img" / "test" / c).glob("*.png")))
+              for c in ("neg", "pos")}
+    assert run["data_counts"]["whole images"]["test"] == n_test
+    md = (out / "export" / "model_card.md").read_text()
+    for text in ("## The run that made it", "[synthetic]", "image_clf_train",
+                 "The config as resolved", '"patients": 40',
+                 f"test: neg {n_test['neg']}, pos {n_test['pos']}", "95% CI"):
+        assert text in md, text
+    assert set(card["files"]) >= {"model.onnx", "recipe.json", "saved_model/saved_model.pb"}
+
+
+@pytest.mark.slow
+def test_report_says_when_the_export_has_no_onnx(pipeline_run, tmp_path):
+    """A model tf2onnx could not convert: the export keeps the SavedModel and card, and the
+    report and the printed summary say there is no ONNX file and why."""
+    import report
+    import run_pipeline
+
+    config, out = _copy_run(pipeline_run, tmp_path)
+    card_path = out / "export" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["onnx"] = {"written": False, "reason": "tf2onnx could not convert the model: boom"}
+    card_path.write_text(json.dumps(card))
+    (out / "export" / "model.onnx").unlink()
+    run_pipeline.Pipeline(config, out, echo=False).write_report()
+    page = (out / "report.html").read_text()
+    assert "no <code>model.onnx</code></b>: tf2onnx could not convert the model: boom" in page
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["export"]["onnx"] is None
+    assert "no model.onnx: tf2onnx could not convert the model: boom" in \
+        report.format_summary(summary)
 
 
 # ------------------------------------------------------------------ report in a browser
@@ -377,6 +457,12 @@ def test_report_renders_in_a_browser_with_every_image(pipeline_run):
     for text in ("Test metrics", "95% CI", "Screening evaluation", "Operating points",
                  "Heatmaps", "Training curves", "Stages", "patch_mean", "[synthetic]"):
         assert text in result["dom"]
+    # the exported model's card: linked near the top, the file there, its text in the page
+    link = re.search(r'<a id="model-card" href="([^"]+)">Model card</a>', result["dom"])
+    assert link and (out / link.group(1)).is_file()
+    assert result["dom"].index("Exported model") < result["dom"].index("Test metrics")
+    assert "# Model card: image_clf.h5" in result["dom"]
+    assert "The run that made it" in result["dom"]
 
 
 def test_browser_check_sees_a_missing_image_and_a_console_error(tmp_path):
@@ -528,7 +614,7 @@ def test_failed_stage_leaves_no_stage_that_reads_it_done(pipeline_run, tmp_path)
     assert summary["unfinished_stages"] == {s: state[s]["status"] for s in after[:-1]}
     page = (out / "report.html").read_text()
     assert "This run did not finish: image_train failed; predict, predict_flips, " \
-        "predict_val, evaluate, heatmaps stale." in page
+        "predict_val, evaluate, heatmaps, export stale." in page
     import report
 
     assert "NOT FINISHED: image_train failed; predict" in report.format_summary(summary)

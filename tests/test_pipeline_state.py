@@ -96,3 +96,33 @@ def test_refusals_in_words():
     assert run_pipeline.describe_refusal(
         "patch_clf_train", "argument --net: invalid choice: 'resnet5' (choose from 'a', 'b')"
     ) == "'resnet5' is not one of a, b (patch_clf_train.py --net)"
+
+
+@pytest.mark.parametrize("text, flips, metrics", [
+    ("", "--flips", "evaluation/metrics.json"),
+    ("[predict]\nflips = false\n[evaluate]\nenabled = false\n", "--no-flips",
+     "predictions/no_flips/metrics.json"),
+])
+def test_export_stage_exports_the_image_model_with_the_runs_metrics(tmp_path, text, flips,
+                                                                    metrics):
+    """The export stage runs export_model.py on the whole-image model into export/, with the
+    flips of the predictions, the evaluation's metrics (the test predictions' without it)
+    and the run's record; ``[export] enabled = false`` leaves it out."""
+    import run_pipeline
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n{text}')
+    pipe = run_pipeline.Pipeline(config, tmp_path / "run", echo=False)
+    assert run_pipeline.STAGES[-3:] == ("heatmaps", "export", "report")
+    with pipe._check_mode():
+        spec = pipe.plan("export")
+    info, step = spec.steps
+    assert info.func is not None and step.script == "export_model"
+    assert step.args[:3] == ["models/image_clf.h5", "--out", "export"]
+    assert flips in step.args and step.args[step.args.index("--metrics") + 1] == metrics
+    assert step.args[step.args.index("--run-info") + 1] == "export/run_info.json"
+    assert run_pipeline.parse_error("export_model", step.args) is None
+    assert {"image_train", "predict_flips", "evaluate"} <= set(spec.deps)
+    off = tmp_path / "off.toml"
+    off.write_text(f'extends = "{config.as_posix()}"\n[export]\nenabled = false\n')
+    assert run_pipeline.Pipeline(off, tmp_path / "run", echo=False).plan("export") is None
