@@ -126,3 +126,52 @@ def test_export_stage_exports_the_image_model_with_the_runs_metrics(tmp_path, te
     off = tmp_path / "off.toml"
     off.write_text(f'extends = "{config.as_posix()}"\n[export]\nenabled = false\n')
     assert run_pipeline.Pipeline(off, tmp_path / "run", echo=False).plan("export") is None
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_report_links_the_model_card_and_says_when_onnx_is_missing(tmp_path, written):
+    """report.html links export/model_card.md near its top and shows the card; summary.json
+    has the export's paths; without model.onnx both say why."""
+    import json
+
+    import report
+
+    out = tmp_path / "run"
+    (out / "export").mkdir(parents=True)
+    onnx = ({"written": True, "check": {"max_abs_diff_vs_keras": 2e-7}} if written
+            else {"written": False, "reason": "tf2onnx could not convert the model: boom"})
+    (out / "export" / "model_card.json").write_text(json.dumps({"onnx": onnx}))
+    (out / "export" / "model_card.md").write_text("# Model card: image_clf.h5\n<b>&\n")
+    config = tmp_path / "c.toml"
+    config.write_text("[run]\n")
+    report.write_report(out, config, {}, {"stages": {}}, whole_img_dir=tmp_path / "none")
+    page = (out / "report.html").read_text()
+    assert '<a id="model-card" href="export/model_card.md">Model card</a>' in page
+    assert page.index("Exported model") < page.index("Test metrics")
+    assert "# Model card: image_clf.h5\n&lt;b&gt;&amp;" in page
+    summary = json.loads((out / "summary.json").read_text())
+    card = str((out / "export" / "model_card.md").resolve())
+    assert summary["export"]["model_card_md"] == card
+    printed = report.format_summary(summary)
+    assert f"model card: {card}" in printed
+    if written:
+        assert summary["export"]["onnx"] == str((out / "export" / "model.onnx").resolve())
+        assert "with model.onnx" in printed and "max |onnxruntime - tf-keras| = 2e-07" in page
+    else:
+        assert summary["export"]["onnx"] is None
+        assert "no model.onnx: tf2onnx could not convert the model: boom" in printed
+        assert "no <code>model.onnx</code></b>: tf2onnx could not convert the model: boom" \
+            in page
+
+
+def test_report_without_an_export_says_so(tmp_path):
+    import json
+
+    import report
+
+    config = tmp_path / "c.toml"
+    config.write_text("[run]\n")
+    report.write_report(tmp_path, config, {}, {"stages": {}}, whole_img_dir=tmp_path / "none")
+    assert "no exported model in this run" in (tmp_path / "report.html").read_text()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["export"] is None and "model card" not in report.format_summary(summary)
