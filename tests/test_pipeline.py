@@ -533,7 +533,8 @@ def test_config_extends_and_defaults(tmp_path):
     assert config["patch_train"]["net"] == "dm_resnet14"
     assert config["predict"]["batch_size"] == 4
     shipped = sorted((REPO / "ddsm_train" / "configs").glob("*.toml"))
-    assert [p.name for p in shipped] == ["cbis_ddsm_2017.toml", "demo.toml", "own_data.toml"]
+    assert [p.name for p in shipped] == ["cbis_ddsm_2017.toml", "demo.toml", "own_data.toml",
+                                         "real_films_cpu.toml"]
     for path in shipped:
         pipeline_config.load_config(path)                        # every shipped config loads
 
