@@ -91,6 +91,7 @@ __all__ = [
     "check_model_role",
     "check_top_layer_nb",
     "save_model_atomic",
+    "check_written_model",
     "MODEL_INFO_ATTR",
     "ModelFileExtras",
     "read_model_info",
@@ -1171,13 +1172,35 @@ def read_model_info(filepath) -> dict | None:
     return info
 
 
+def check_written_model(tmp, path) -> None:
+    """Refuse a just written HDF5 model file that does not read back whole (a write that a
+    full disk cut short without an error), before it replaces the older file at ``path``.
+
+    Raises:
+        OSError: the file does not open, or lacks its model configuration or weights.
+    """
+    import h5py
+
+    try:
+        with h5py.File(_os.fspath(tmp), "r") as fh:
+            whole = "model_config" in fh.attrs and "model_weights" in fh
+    except (OSError, RuntimeError, ValueError) as err:
+        whole, reason = False, f"{type(err).__name__}: {err}"
+    else:
+        reason = "no model configuration or weights"
+    if not whole:
+        raise OSError(f"writing {path} failed: the new file does not read back ({reason}; is "
+                      f"the disk full?); the earlier file is kept")
+
+
 def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = True,
                       recipe=None, extras: "ModelFileExtras | None" = None) -> str:
     """Save ``model`` as HDF5 at ``filepath`` atomically, with what ``extras`` adds.
 
     Written through :func:`dm_image.atomic_write` (an exclusively created temporary file in the
-    same folder, renamed over ``filepath``), so a crash or a full disk never leaves a
-    half-written model and an older file survives.
+    same folder, flushed to the disk, read back (:func:`check_written_model`) and renamed over
+    ``filepath``), so a crash or a full disk never leaves a half-written model and an older
+    file survives byte for byte.
     The result loads with :func:`robust_load_model` and with ``tf_keras.models.load_model``.
     ``recipe`` (a :class:`dm_image.InputRecipe`; default: ``extras.recipe``) is stored as JSON
     in the HDF5 root attribute ``dm_image.RECIPE_ATTR``; ``extras.info`` in
@@ -1202,8 +1225,9 @@ def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = Tr
                     fh.attrs[_dm_image.RECIPE_ATTR] = recipe_json
                 if info_json is not None:
                     fh.attrs[MODEL_INFO_ATTR] = info_json
+        check_written_model(tmp, path)
 
-    path = _dm_image.atomic_write(path, save, to_path=True)
+    path = _dm_image.atomic_write(path, save, to_path=True, durable=True)
     logger.info("Saved model to %s", path)
     sidecar, extras.sidecar = extras.sidecar, None
     if sidecar is not None:

@@ -63,7 +63,7 @@ from sklearn.metrics import roc_auc_score
 
 import dm_image as _dm_image
 from dm_keras_ext import (ModelFileExtras, _batch_norm_layers, _check_frozen_bn_mode, _compile,
-                          save_model_atomic, set_regularization)
+                          check_written_model, save_model_atomic, set_regularization)
 
 # The runs log under the name they had in dm_keras_ext, so log lines and logging settings stay.
 logger = logging.getLogger("dm_keras_ext")
@@ -522,7 +522,9 @@ def save_training_checkpoint(model, path, state):
             with h5py.File(tmp, "a") as f:
                 f.create_dataset(TRAINING_STATE_KEY, data=text,
                                  dtype=h5py.string_dtype("utf-8"))
-        return _dm_image.atomic_write(_os.path.abspath(_os.fspath(dest)), write, to_path=True)
+            check_written_model(tmp, dest)
+        return _dm_image.atomic_write(_os.path.abspath(_os.fspath(dest)), write, to_path=True,
+                                      durable=True)
 
     return _save_as_chief(model, path, save)
 
@@ -902,7 +904,7 @@ class _RunRecorder:
             if old and new and not _os.path.isfile(new) and _os.path.isfile(old):
                 import shutil
                 _dm_image.atomic_write(new, lambda tmp: shutil.copyfile(old, tmp),
-                                       to_path=True)
+                                       to_path=True, durable=True)
                 logger.info("Copied the run's best model %s to %s", old, new)
         self.weights_pending = False
         logger.info("Restored weights%s of epoch %d from %s", " and optimizer state"
