@@ -95,6 +95,8 @@ __all__ = [
     "MODEL_INFO_ATTR",
     "ModelFileExtras",
     "read_model_info",
+    "MODEL_RUN_ATTR",
+    "read_model_run",
     "load_dat_ram",
     "is_bias_variable",
     "with_bias_multiplier",
@@ -1131,11 +1133,15 @@ class ModelFileExtras:
             (then cleared): the trainers' ``<best-model>.options.json``, so that an options
             file is written only once the run has produced a model and a run that fails
             before its first model leaves an earlier run's files as they were.
+        run: the identity of the training run that wrote the file (``{"options_hash": ...}``),
+            stored in the attribute :data:`MODEL_RUN_ATTR`: a run killed after saving its best
+            model but before its checkpoint knows that model as its own when started again.
     """
 
     recipe: object = None
     info: "dict | None" = None
     sidecar: "tuple | None" = None
+    run: "dict | None" = None
 
     def without_sidecar(self) -> "ModelFileExtras":
         """A copy that writes no sidecar (e.g. for ``--final-model``)."""
@@ -1170,6 +1176,24 @@ def read_model_info(filepath) -> dict | None:
     if not isinstance(info, dict):
         raise ValueError(f"{filepath}: unreadable {MODEL_INFO_ATTR} attribute {raw!r}")
     return info
+
+
+#: HDF5 root attribute of a trainer's model file: the identity of the run that wrote it (JSON).
+MODEL_RUN_ATTR = "dm_training_run"
+
+
+def read_model_run(filepath) -> dict | None:
+    """The :data:`MODEL_RUN_ATTR` dict of a model file, or None (none, or unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(_os.fspath(filepath), "r") as fh:
+            raw = fh.attrs.get(MODEL_RUN_ATTR)
+        run = None if raw is None else _json.loads(raw.decode() if isinstance(raw, bytes)
+                                                   else str(raw))
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) else None
 
 
 def check_written_model(tmp, path) -> None:
@@ -1211,20 +1235,20 @@ def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = Tr
     recipe = recipe if recipe is not None else extras.recipe
     recipe_json = recipe.to_json() if recipe is not None else None
     info_json = _json.dumps(dict(extras.info), sort_keys=True) if extras.info else None
+    attrs = {k: v for k, v in ((_dm_image.RECIPE_ATTR, recipe_json), (MODEL_INFO_ATTR, info_json),
+                               (MODEL_RUN_ATTR, _json.dumps(extras.run, sort_keys=True)
+                                if extras.run else None)) if v is not None}
 
     def save(tmp):
         with _warnings.catch_warnings():
             _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
             model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
                        save_format="h5")
-        if recipe_json is not None or info_json is not None:
+        if attrs:
             import h5py
 
             with h5py.File(tmp, "a") as fh:
-                if recipe_json is not None:
-                    fh.attrs[_dm_image.RECIPE_ATTR] = recipe_json
-                if info_json is not None:
-                    fh.attrs[MODEL_INFO_ATTR] = info_json
+                fh.attrs.update(attrs)
         check_written_model(tmp, path)
 
     path = _dm_image.atomic_write(path, save, to_path=True, durable=True)

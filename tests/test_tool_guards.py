@@ -176,6 +176,34 @@ def test_a_model_file_without_its_run_is_not_replaced(data, tmp_path, capsys):
     assert best.read_bytes() == b"someone's model"
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_again(data, tmp_path, keras_session,
+                                                               capsys, monkeypatch):
+    """The best model is saved before the epoch's checkpoint: a run stopped between the two
+    knows that model as its own (the run identity stored in it) and the same command runs."""
+    import training_runs
+    best = tmp_path / "best.h5"
+    argv = _patch_argv(data, best)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed before the checkpoint")
+    for run_argv in (argv[:-2] + ["--init-learningrate", "0.002"] + argv[-2:], argv):
+        with monkeypatch.context() as m:
+            m.setattr(training_runs, "save_training_checkpoint", killed)
+            with pytest.raises(RuntimeError, match="killed"):
+                patch_clf_train.main(run_argv)
+        assert best.is_file() and not os.path.exists(K.last_checkpoint_path(best))
+        if run_argv is not argv:      # another command's model: still refused, kept
+            before = best.read_bytes()
+            code, err = _exit_code(patch_clf_train.main, argv, capsys)
+            assert code == 2 and "unknown origin" in err
+            assert best.read_bytes() == before
+            best.unlink()
+    result = patch_clf_train.main(argv)
+    assert not result.get("complete")
+    assert K.read_training_state(K.last_checkpoint_path(best))["finished"]
+    assert patch_clf_train.main(argv)["complete"]
+
+
 # ------------------------------------------------------------------ the patch net of the file
 class _Built(Exception):
     pass
