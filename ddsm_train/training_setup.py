@@ -69,7 +69,8 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
 
     Raises:
         ValueError: a folder is missing, lacks a class subfolder (the message lists what was
-            found), or is in ``need_two_classes`` with images of fewer than two classes.
+            found), holds empty (zero-byte) image files (named, with their count), or is in
+            ``need_two_classes`` with images of fewer than two classes.
             Subfolders not in ``class_list`` are ignored with a warning.
     """
     if not class_list or len(set(class_list)) != len(class_list):
@@ -88,6 +89,7 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
             logger.warning("%s %s: subfolders %s are not in --class-list; ignored", label,
                            folder, extra)
         warn_images_beside(folder, class_list, label)
+        _refuse_empty_images(label, folder, class_list)
         if label in need_two_classes:
             counts = {c: len(_class_images(folder / c)) for c in class_list}
             if sum(1 for n in counts.values() if n) < 2:
@@ -95,6 +97,23 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
                                  f"({counts}): its AUROC is undefined, so no best model could "
                                  f"be chosen")
         _check_manifest(label, folder, class_list)
+
+
+def _refuse_empty_images(label, folder, class_list) -> None:
+    """Refuse a set whose class folders hold zero-byte image files (a killed copy or a full
+    disk): read as images they would feed the training garbage, found only as a diverged
+    loss much later."""
+    from dm_image import IMG_EXTENSIONS
+
+    empty = []
+    for cls in class_list:
+        with os.scandir(Path(folder) / cls) as entries:
+            empty += sorted(e.path for e in entries
+                            if e.name.rsplit(".", 1)[-1].lower() in IMG_EXTENSIONS
+                            and e.is_file() and e.stat().st_size == 0)
+    if empty:
+        raise ValueError(f"{label} {folder}: {len(empty)} empty (zero-byte) image file(s), e.g. "
+                         f"{empty[0]}; remove them or write them again")
 
 
 def warn_images_beside(folder, class_list, label) -> int:
