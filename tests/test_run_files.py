@@ -210,6 +210,21 @@ def test_manifest_ignores_paths_outside_its_folder(tmp_path):
         run_files.OutputManifest(out, "tool")
 
 
+def test_manifest_folders_outside_its_folder_are_never_removed(tmp_path):
+    """Folders a manifest names are removed once empty, but only inside its own folder: an
+    empty folder beside it, named by ``..`` or an absolute path, stays."""
+    out = tmp_path / "out"
+    (out / "mine").mkdir(parents=True)
+    beside, elsewhere = tmp_path / "beside", tmp_path / "elsewhere"
+    beside.mkdir()
+    elsewhere.mkdir()
+    (out / run_files.MANIFEST_NAME).write_text(json.dumps(
+        {"tool": "tool", "files": [], "dirs": ["mine", "../beside", str(elsewhere)]}))
+    m = run_files.OutputManifest(out, "tool")
+    m.finish()
+    assert beside.is_dir() and elsewhere.is_dir() and not (out / "mine").exists()
+
+
 # ------------------------------------------------------------------ leftovers
 def test_interrupted_run_owns_only_matching_files_in_folders_it_made(tmp_path):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"

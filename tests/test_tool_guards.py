@@ -87,6 +87,30 @@ def test_checkpointers_never_save_a_non_finite_model(tmp_path, keras_session):
     assert not path.exists() and ckpt.best_epoch is None
 
 
+def test_auc_checkpointer_never_saves_a_non_finite_model(tmp_path, keras_session):
+    """A finite AUROC from a model that is not finite: a batch-norm variance of inf gives
+    constant, finite scores; a NaN loss leaves the weights finite. Neither is saved."""
+    inp = keras.Input((2,))
+    bn = keras.layers.BatchNormalization(name="bn")
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(bn(inp)))
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    y = np.eye(2)[[0, 1] * 4]
+    path = tmp_path / "best.h5"
+    ckpt = K.DMAucModelCheckpoint(path, (x, y), batch_size=4)
+    ckpt.set_model(model)
+    ckpt.on_epoch_end(0, {"loss": float("nan")})
+    assert not path.exists() and ckpt.best_epoch is None
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([gamma, beta, mean, np.full_like(var, np.inf)])
+    logs = {"loss": 0.5}
+    ckpt.on_epoch_end(1, logs)
+    assert np.isfinite(logs["val_auc"])
+    assert not path.exists() and ckpt.best_epoch is None
+    bn.set_weights([gamma, beta, mean, var])
+    ckpt.on_epoch_end(2, {"loss": 0.5})
+    assert path.exists() and ckpt.best_epoch == 3
+
+
 # ------------------------------------------------------------------ levels against the scale
 def _without(argv, flag, nargs=1):
     i = argv.index(flag)

@@ -196,3 +196,28 @@ def test_a_failed_model_write_keeps_the_earlier_file(tmp_path, keras_session, mo
             training_runs.save_training_checkpoint(model, path, {"epoch": 1})
     assert path.read_bytes() == b"the earlier model"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_from_a_whole_image_model_with_code_is_refused_unless_trusted(whole,
+                                                                             keras_session,
+                                                                             capsys):
+    """--resume-from of a whole-image model file with a Lambda layer: refused, its code not
+    run (the layer would touch a marker file when the model is rebuilt)."""
+    tmp_path, best, common = whole
+    keras = keras_session
+    marker = tmp_path / "code_ran"
+    source = f"lambda t: (__import__('pathlib').Path({str(marker)!r}).touch(), t)[1]"
+    inp = keras.Input((32, 24, 3))
+    x = keras.layers.Lambda(eval(source), name="sneaky")(inp)
+    x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    resumed = tmp_path / "whole_with_code.h5"
+    keras.Model(inp, keras.layers.Dense(2, activation="softmax")(x)).save(
+        resumed, save_format="h5")
+    marker.unlink()
+    at = common.index("--patch-model-state")
+    argv = common[:at] + ["--resume-from", str(resumed)] + common[at + 4:]
+    err = _exit2(image_clf_train.main, argv + ["--nb-epoch", "1"], capsys)
+    assert "whole_with_code.h5" in err and "'sneaky'" in err and "--trust-model-file" in err
+    assert not marker.exists()
+    _untouched(best)
