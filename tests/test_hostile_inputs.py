@@ -436,6 +436,53 @@ def test_ctrl_c_stops_workers_with_one_line_and_status_130(tmp_path):
     assert not list(tmp_path.glob("*.interrupted"))   # Ctrl-C was left to the parent
 
 
+_PID_TASK_MODULE = """
+import os, pathlib, time
+
+def touch_and_sleep(path):
+    pathlib.Path(path).write_text(str(os.getpid()))
+    try:
+        for _ in range(3000):
+            time.sleep(0.1)
+    except KeyboardInterrupt:   # a worker that gets Ctrl-C itself (it should ignore it)
+        pathlib.Path(path + ".interrupted").touch()
+        raise
+"""
+
+
+def test_pool_workers_ignore_ctrl_c_reaching_them_first(tmp_path):
+    """Ctrl-C reaches the process group in no set order: the workers get it first here, then
+    the script. The workers ignore it (no traceback, nothing written by them); the script
+    stops the pool with one line and status 130."""
+    (tmp_path / "tests_interrupt_task.py").write_text(_PID_TASK_MODULE)
+    script = tmp_path / "pool_script.py"
+    script.write_text(_POOL_SCRIPT.format(ddsm=str(REPO / "ddsm_train")))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), DM_TRACEBACK="")
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    started = [tmp_path / f"m{i}" for i in (0, 1)]
+
+    def workers_ready():
+        return all(p.exists() and p.read_text() for p in started)
+
+    deadline = time.time() + 180
+    while not workers_ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run did not start in time"
+        time.sleep(0.05)
+    for path in started:
+        os.kill(int(path.read_text()), signal.SIGINT)
+    time.sleep(2)
+    assert not list(tmp_path.glob("*.interrupted")), "a worker took Ctrl-C itself"
+    assert proc.poll() is None      # the workers go on: the pool waits for them
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert err.strip() == "pool_script: interrupted", err
+    assert not list(tmp_path.glob("*.interrupted"))
+
+
 _SLOW_READS = """
 import runpy, sys, time
 from pathlib import Path
