@@ -92,6 +92,7 @@ __all__ = [
     "check_top_layer_nb",
     "save_model_atomic",
     "check_written_model",
+    "save_h5_named",
     "MODEL_INFO_ATTR",
     "ModelFileExtras",
     "read_model_info",
@@ -1196,6 +1197,33 @@ def read_model_run(filepath) -> dict | None:
     return run if isinstance(run, dict) else None
 
 
+def save_h5_named(model: keras.Model, tmp, path, include_optimizer: bool) -> None:
+    """``model.save(tmp)`` as HDF5; an HDF5 library failure while writing (h5py raises
+    ``RuntimeError`` when a full disk stops it closing the file) becomes an ``OSError`` naming
+    ``path``, so that a script ends with one line rather than a traceback.
+
+    Raises:
+        OSError: the write failed (the earlier file at ``path`` is kept by the caller).
+    """
+    try:
+        with _warnings.catch_warnings():
+            _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
+            model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
+                       save_format="h5")
+    except NotImplementedError:
+        raise
+    except RuntimeError as err:
+        folder = _os.path.dirname(_os.path.abspath(_os.fspath(path)))
+        try:
+            stat = _os.statvfs(folder)
+            full = stat.f_bavail * stat.f_frsize < 16 * 2 ** 20
+        except OSError:
+            full = False
+        raise OSError(f"writing {path} failed in HDF5 ({err})"
+                      f"{'; the disk is full' if full else ''}; the earlier file is kept"
+                      ) from err
+
+
 def check_written_model(tmp, path) -> None:
     """Refuse a just written HDF5 model file that does not read back whole (a write that a
     full disk cut short without an error), before it replaces the older file at ``path``.
@@ -1240,10 +1268,7 @@ def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = Tr
                                 if extras.run else None)) if v is not None}
 
     def save(tmp):
-        with _warnings.catch_warnings():
-            _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
-            model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
-                       save_format="h5")
+        save_h5_named(model, tmp, path, include_optimizer)
         if attrs:
             import h5py
 

@@ -54,7 +54,6 @@ import os as _os
 import sys
 import threading
 import time
-import warnings as _warnings
 
 import numpy as np
 import tensorflow as tf
@@ -63,7 +62,8 @@ from sklearn.metrics import roc_auc_score
 
 import dm_image as _dm_image
 from dm_keras_ext import (ModelFileExtras, _batch_norm_layers, _check_frozen_bn_mode, _compile,
-                          check_written_model, save_model_atomic, set_regularization)
+                          check_written_model, save_h5_named, save_model_atomic,
+                          set_regularization)
 
 # The runs log under the name they had in dm_keras_ext, so log lines and logging settings stay.
 logger = logging.getLogger("dm_keras_ext")
@@ -515,10 +515,7 @@ def save_training_checkpoint(model, path, state):
         import h5py
 
         def write(tmp):
-            with _warnings.catch_warnings():
-                _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy",
-                                         category=UserWarning)
-                m.save(tmp, overwrite=True, include_optimizer=True, save_format="h5")
+            save_h5_named(m, tmp, dest, include_optimizer=True)
             with h5py.File(tmp, "a") as f:
                 f.create_dataset(TRAINING_STATE_KEY, data=text,
                                  dtype=h5py.string_dtype("utf-8"))
