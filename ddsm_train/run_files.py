@@ -6,7 +6,8 @@ Three rules hold for every tool that writes files:
   resolving links (``os.path.realpath``). An output that is an input file, that lies inside an
   input folder the run reads, or that equals another output of the same run is refused before
   anything is written, with one line naming both flags. An output folder that holds an input
-  (file or folder) is refused too, so removing its earlier outputs can never reach an input.
+  folder, or an input file that its manifest names, is refused too, so removing its earlier
+  outputs can never reach an input.
 * **One training run per model file** (:class:`RunLock`). A training run holds
   ``<best_model>.lock`` (created exclusively, holding its process id) while it runs; a second
   run into the same ``--best-model`` stops and names the holder's process id. A lock left by a
@@ -89,7 +90,8 @@ def check_run_paths(*, input_files: Optional[Mapping[str, Optional[PathLike]]] =
     Raises:
         RunPathError: one line naming both flags and paths: an output that is an input file,
             an output inside (or equal to) an input folder, an output folder holding an input
-            file or folder, or two outputs that are one path.
+            folder (or an input file that its manifest names), or two outputs that are one
+            path.
     """
     allowed = set(may_replace)
     in_files, in_dirs = _given(input_files), _given(input_dirs)
@@ -106,7 +108,9 @@ def check_run_paths(*, input_files: Optional[Mapping[str, Optional[PathLike]]] =
                     f"{label} {shown} lies inside the input folder {in_label} {in_shown}: "
                     f"its files would be read as inputs by a later run; choose a path outside")
         if is_dir:
-            _refuse_held_inputs(label, shown, real, in_files + in_dirs)
+            _refuse_held_inputs(label, shown, real, in_dirs)
+            _refuse_held_inputs(label, shown, real,
+                                [f for f in in_files if _named_by_manifest(real, f[2])])
     for i, (label, shown, real, is_dir) in enumerate(outs):
         for label2, shown2, real2, is_dir2 in outs[i + 1:]:
             if real == real2:
@@ -117,10 +121,28 @@ def check_run_paths(*, input_files: Optional[Mapping[str, Optional[PathLike]]] =
                                    f"folders; give separate folders")
 
 
+def _named_by_manifest(folder: str, path: str) -> bool:
+    """Whether the manifest in ``folder`` names the file ``path`` (both resolved), i.e. a
+    tool could remove it as an earlier run's output; an unreadable manifest counts as naming
+    it."""
+    try:
+        data = json.loads(Path(folder, MANIFEST_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+    files = data.get("files", []) if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        return True
+    rel = os.path.relpath(path, folder)
+    return rel in {os.path.normpath(f) for f in files if isinstance(f, str)}
+
+
 def _refuse_held_inputs(label: str, shown: str, real: str,
                         inputs: List[Tuple[str, str, str]]) -> None:
-    """Refuse an output folder that holds an input file or folder of the run: removing an
-    earlier run's outputs there (``--overwrite``) must never be able to reach an input."""
+    """Refuse an output folder that holds one of ``inputs`` (input folders of the run, or
+    input files its manifest names): removing an earlier run's outputs there
+    (``--overwrite``) must never be able to reach an input."""
     for in_label, in_shown, in_real in inputs:
         if in_real != real and _inside(in_real, real):
             raise RunPathError(f"{label} {shown} holds the input {in_label} {in_shown}: an "

@@ -72,9 +72,15 @@ def test_output_folder_holding_an_input_is_refused(tmp_path):
                        match=r"TRAIN_OUT .*data holds the input FULL_IMG_DIR .*full_img"):
         run_files.check_run_paths(input_dirs={"FULL_IMG_DIR": data / "full_img"},
                                   output_dirs={"TRAIN_OUT": data})
+    # an input file in an output folder (a list beside the overlays) is safe until the
+    # folder's manifest names it: then a rerun could remove it as an earlier output
+    run_files.check_run_paths(input_files={"--img-list": data / "list.txt"},
+                              output_dirs={"--out-dir": data})
+    (data / run_files.MANIFEST_NAME).write_text(json.dumps(
+        {"tool": "tool", "files": ["list.txt"], "dirs": []}))
     with pytest.raises(run_files.RunPathError, match=r"--out-dir .* holds the input --img-list"):
         run_files.check_run_paths(input_files={"--img-list": data / "list.txt"},
-                                  output_dirs={"--out-dir": tmp_path})
+                                  output_dirs={"--out-dir": data})
     # a sibling folder, and an output file beside an input, pass
     run_files.check_run_paths(input_dirs={"FULL_IMG_DIR": data / "full_img"},
                               input_files={"--img-list": data / "list.txt"},
