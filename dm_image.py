@@ -409,7 +409,7 @@ def _current_umask() -> int:
 
 
 def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
-                 to_path: bool = False) -> Path:
+                 to_path: bool = False, durable: bool = False) -> Path:
     """Write ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
 
     Every file the project writes goes through here, so a crash, a kill or a full disk never
@@ -426,6 +426,10 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
             open the file themselves, such as HDF5).
         text: open the temporary file in text mode (UTF-8, ``\n`` line ends).
         to_path: pass the temporary file's path instead of an open file.
+        durable: flush the temporary file to the disk (``fsync``) before the rename, so that a
+            write error the disk reports only then (a full disk) leaves the older file, and a
+            power loss right after never leaves an empty file under the final name (model
+            files).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -443,6 +447,8 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
             kwargs = {"encoding": "utf-8", "newline": "\n"} if text else {}
             with os.fdopen(fd, mode, **kwargs) as fh:
                 write(fh)
+        if durable:
+            _fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~_current_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -452,6 +458,15 @@ def atomic_write(path: PathLike, write: Callable, *, text: bool = False,
             pass
         raise
     return path
+
+
+def _fsync_file(path: PathLike) -> None:
+    """Flush ``path`` to the disk; an error there (a full disk) is raised."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 #: Marker in the temporary names of :func:`atomic_write`, followed by the writer's process id.

@@ -91,9 +91,13 @@ __all__ = [
     "check_model_role",
     "check_top_layer_nb",
     "save_model_atomic",
+    "check_written_model",
+    "save_h5_named",
     "MODEL_INFO_ATTR",
     "ModelFileExtras",
     "read_model_info",
+    "MODEL_RUN_ATTR",
+    "read_model_run",
     "load_dat_ram",
     "is_bias_variable",
     "with_bias_multiplier",
@@ -1130,11 +1134,15 @@ class ModelFileExtras:
             (then cleared): the trainers' ``<best-model>.options.json``, so that an options
             file is written only once the run has produced a model and a run that fails
             before its first model leaves an earlier run's files as they were.
+        run: the identity of the training run that wrote the file (``{"options_hash": ...}``),
+            stored in the attribute :data:`MODEL_RUN_ATTR`: a run killed after saving its best
+            model but before its checkpoint knows that model as its own when started again.
     """
 
     recipe: object = None
     info: "dict | None" = None
     sidecar: "tuple | None" = None
+    run: "dict | None" = None
 
     def without_sidecar(self) -> "ModelFileExtras":
         """A copy that writes no sidecar (e.g. for ``--final-model``)."""
@@ -1171,13 +1179,80 @@ def read_model_info(filepath) -> dict | None:
     return info
 
 
+#: HDF5 root attribute of a trainer's model file: the identity of the run that wrote it (JSON).
+MODEL_RUN_ATTR = "dm_training_run"
+
+
+def read_model_run(filepath) -> dict | None:
+    """The :data:`MODEL_RUN_ATTR` dict of a model file, or None (none, or unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(_os.fspath(filepath), "r") as fh:
+            raw = fh.attrs.get(MODEL_RUN_ATTR)
+        run = None if raw is None else _json.loads(raw.decode() if isinstance(raw, bytes)
+                                                   else str(raw))
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) else None
+
+
+def save_h5_named(model: keras.Model, tmp, path, include_optimizer: bool) -> None:
+    """``model.save(tmp)`` as HDF5; an HDF5 library failure while writing (h5py raises
+    ``RuntimeError`` when a full disk stops it closing the file) becomes an ``OSError`` naming
+    ``path``, so that a script ends with one line rather than a traceback.
+
+    Raises:
+        OSError: the write failed (the earlier file at ``path`` is kept by the caller).
+    """
+    try:
+        with _warnings.catch_warnings():
+            _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
+            model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
+                       save_format="h5")
+    except NotImplementedError:
+        raise
+    except RuntimeError as err:
+        folder = _os.path.dirname(_os.path.abspath(_os.fspath(path)))
+        try:
+            stat = _os.statvfs(folder)
+            full = stat.f_bavail * stat.f_frsize < 16 * 2 ** 20
+        except OSError:
+            full = False
+        raise OSError(f"writing {path} failed in HDF5 ({err})"
+                      f"{'; the disk is full' if full else ''}; the earlier file is kept"
+                      ) from err
+
+
+def check_written_model(tmp, path) -> None:
+    """Refuse a just written HDF5 model file that does not read back whole (a write that a
+    full disk cut short without an error), before it replaces the older file at ``path``.
+
+    Raises:
+        OSError: the file does not open, or lacks its model configuration or weights.
+    """
+    import h5py
+
+    try:
+        with h5py.File(_os.fspath(tmp), "r") as fh:
+            whole = "model_config" in fh.attrs and "model_weights" in fh
+    except (OSError, RuntimeError, ValueError) as err:
+        whole, reason = False, f"{type(err).__name__}: {err}"
+    else:
+        reason = "no model configuration or weights"
+    if not whole:
+        raise OSError(f"writing {path} failed: the new file does not read back ({reason}; is "
+                      f"the disk full?); the earlier file is kept")
+
+
 def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = True,
                       recipe=None, extras: "ModelFileExtras | None" = None) -> str:
     """Save ``model`` as HDF5 at ``filepath`` atomically, with what ``extras`` adds.
 
     Written through :func:`dm_image.atomic_write` (an exclusively created temporary file in the
-    same folder, renamed over ``filepath``), so a crash or a full disk never leaves a
-    half-written model and an older file survives.
+    same folder, flushed to the disk, read back (:func:`check_written_model`) and renamed over
+    ``filepath``), so a crash or a full disk never leaves a half-written model and an older
+    file survives byte for byte.
     The result loads with :func:`robust_load_model` and with ``tf_keras.models.load_model``.
     ``recipe`` (a :class:`dm_image.InputRecipe`; default: ``extras.recipe``) is stored as JSON
     in the HDF5 root attribute ``dm_image.RECIPE_ATTR``; ``extras.info`` in
@@ -1188,22 +1263,20 @@ def save_model_atomic(model: keras.Model, filepath, include_optimizer: bool = Tr
     recipe = recipe if recipe is not None else extras.recipe
     recipe_json = recipe.to_json() if recipe is not None else None
     info_json = _json.dumps(dict(extras.info), sort_keys=True) if extras.info else None
+    attrs = {k: v for k, v in ((_dm_image.RECIPE_ATTR, recipe_json), (MODEL_INFO_ATTR, info_json),
+                               (MODEL_RUN_ATTR, _json.dumps(extras.run, sort_keys=True)
+                                if extras.run else None)) if v is not None}
 
     def save(tmp):
-        with _warnings.catch_warnings():
-            _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
-            model.save(tmp, overwrite=True, include_optimizer=include_optimizer,
-                       save_format="h5")
-        if recipe_json is not None or info_json is not None:
+        save_h5_named(model, tmp, path, include_optimizer)
+        if attrs:
             import h5py
 
             with h5py.File(tmp, "a") as fh:
-                if recipe_json is not None:
-                    fh.attrs[_dm_image.RECIPE_ATTR] = recipe_json
-                if info_json is not None:
-                    fh.attrs[MODEL_INFO_ATTR] = info_json
+                fh.attrs.update(attrs)
+        check_written_model(tmp, path)
 
-    path = _dm_image.atomic_write(path, save, to_path=True)
+    path = _dm_image.atomic_write(path, save, to_path=True, durable=True)
     logger.info("Saved model to %s", path)
     sidecar, extras.sidecar = extras.sidecar, None
     if sidecar is not None:

@@ -855,7 +855,8 @@ def _with_recipe(opts: run_options.RunOptions, given: Optional[Sequence[str]]
 
 
 def _check_options(opts: run_options.RunOptions) -> None:
-    """Refuse a bad ``net``, ``out``, number or ``class_list`` before anything is read."""
+    """Refuse a bad ``net``, ``out``, number, ``class_list`` or ``img_extension`` (a value
+    that cannot end a file name, such as ``png/../x``) before anything is read."""
     get_preprocess(opts.net)   # validates net before anything is read
     _check_out(opts.out)
     _check_numbers({k: opts[k] for k in ("batch_size", "patch_size", "stride", "png_height",
@@ -864,6 +865,7 @@ def _check_options(opts: run_options.RunOptions) -> None:
                    opts.featurewise_mean)
     if opts.class_list is not None:
         check_unique(list(opts.class_list), "class name", "--class-list")
+    safe_name_part(str(opts.img_extension).lstrip("."), "--img-extension")
 
 
 def _plan_inputs(opts: run_options.RunOptions) -> _Inputs:

@@ -215,12 +215,18 @@ def _load_or_reason(path: Path, read_opts: dict):
         return None, describe_error(exc)
 
 
+#: The ``error`` of an image the model read but gave no finite score (NaN or infinite
+#: probabilities: a model whose weights are not finite).
+NO_FINITE_SCORE = "the model gave no finite score (NaN or infinite probabilities)"
+
+
 def score_items(items: List[ImageItem], models: Sequence[Tuple[str, keras.Model]],
                 channels: Sequence[int], nb_class: int, batch_size: int,
                 test_augment: bool, read_opts: dict, verbose: bool = False,
                 prefetch: int = 2, workers: Optional[int] = None
                 ) -> Tuple[np.ndarray, List[str]]:
-    """Score every item; unreadable images get NaN probabilities and a reason.
+    """Score every item; unreadable images get NaN probabilities and a reason, images the
+    model gives no finite score get :data:`NO_FINITE_SCORE`.
 
     While the models score one batch, the images of the next ``prefetch`` batches are read and
     resized on ``workers`` background threads (``prefetch.prefetch_map``), so on a GPU the
@@ -256,6 +262,9 @@ def score_items(items: List[ImageItem], models: Sequence[Tuple[str, keras.Model]
                 good.append(i)
         if good:
             probs[good] = predict_batch(models, channels, np.stack(xs), test_augment)
+            for i in good:
+                if not np.isfinite(probs[i]).all():
+                    errors[i] = NO_FINITE_SCORE
     loaded.close()
     bar.close()
     return probs, errors

@@ -5,7 +5,9 @@ Three rules hold for every tool that writes files:
 * **Inputs and outputs never overlap** (:func:`check_run_paths`). Paths are compared after
   resolving links (``os.path.realpath``). An output that is an input file, that lies inside an
   input folder the run reads, or that equals another output of the same run is refused before
-  anything is written, with one line naming both flags.
+  anything is written, with one line naming both flags. An output folder that holds an input
+  folder, or an input file that its manifest names, is refused too, so removing its earlier
+  outputs can never reach an input.
 * **One training run per model file** (:class:`RunLock`). A training run holds
   ``<best_model>.lock`` (created exclusively, holding its process id) while it runs; a second
   run into the same ``--best-model`` stops and names the holder's process id. A lock left by a
@@ -15,7 +17,8 @@ Three rules hold for every tool that writes files:
   manifest, ``.ddsm_outputs.json``, naming the files (and folders) the tool wrote there. Removing
   an earlier run's outputs, and ``--overwrite``, remove only what a manifest names; a file of
   the same name that no manifest names (a user's own ``metrics.json``) stops the run unless
-  ``--overwrite`` is given, and is never deleted. Temporary files that a killed write left
+  ``--overwrite`` is given, and is never deleted. A folder whose manifest is another tool's is
+  refused: a tool never removes what another tool wrote. Temporary files that a killed write left
   (``dm_image.atomic_write``) are removed by the next run writing into that folder. A tool
   whose file names are not known in advance saves its manifest before writing as
   ``"complete": false``, naming the folders it made; the next run takes the files of a killed
@@ -87,13 +90,14 @@ def check_run_paths(*, input_files: Optional[Mapping[str, Optional[PathLike]]] =
     Raises:
         RunPathError: one line naming both flags and paths: an output that is an input file,
             an output inside (or equal to) an input folder, an output folder holding an input
-            folder, or two outputs that are one path.
+            folder (or an input file that its manifest names), or two outputs that are one
+            path.
     """
     allowed = set(may_replace)
     in_files, in_dirs = _given(input_files), _given(input_dirs)
     outs = [(label, shown, real, False) for label, shown, real in _given(output_files)]
     outs += [(label, shown, real, True) for label, shown, real in _given(output_dirs)]
-    for label, shown, real, _ in outs:
+    for label, shown, real, is_dir in outs:
         for in_label, in_shown, in_real in in_files:
             if real == in_real and (label, in_label) not in allowed:
                 raise RunPathError(f"{label} {shown} is the input {in_label} {in_shown}: an "
@@ -103,6 +107,10 @@ def check_run_paths(*, input_files: Optional[Mapping[str, Optional[PathLike]]] =
                 raise RunPathError(
                     f"{label} {shown} lies inside the input folder {in_label} {in_shown}: "
                     f"its files would be read as inputs by a later run; choose a path outside")
+        if is_dir:
+            _refuse_held_inputs(label, shown, real, in_dirs)
+            _refuse_held_inputs(label, shown, real,
+                                [f for f in in_files if _named_by_manifest(real, f[2])])
     for i, (label, shown, real, is_dir) in enumerate(outs):
         for label2, shown2, real2, is_dir2 in outs[i + 1:]:
             if real == real2:
@@ -111,6 +119,35 @@ def check_run_paths(*, input_files: Optional[Mapping[str, Optional[PathLike]]] =
             if is_dir and is_dir2 and (_inside(real, real2) or _inside(real2, real)):
                 raise RunPathError(f"{label} {shown} and {label2} {shown2} are nested output "
                                    f"folders; give separate folders")
+
+
+def _named_by_manifest(folder: str, path: str) -> bool:
+    """Whether the manifest in ``folder`` names the file ``path`` (both resolved), i.e. a
+    tool could remove it as an earlier run's output; an unreadable manifest counts as naming
+    it."""
+    try:
+        data = json.loads(Path(folder, MANIFEST_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+    files = data.get("files", []) if isinstance(data, dict) else None
+    if not isinstance(files, list):
+        return True
+    rel = os.path.relpath(path, folder)
+    return rel in {os.path.normpath(f) for f in files if isinstance(f, str)}
+
+
+def _refuse_held_inputs(label: str, shown: str, real: str,
+                        inputs: List[Tuple[str, str, str]]) -> None:
+    """Refuse an output folder that holds one of ``inputs`` (input folders of the run, or
+    input files its manifest names): removing an earlier run's outputs there
+    (``--overwrite``) must never be able to reach an input."""
+    for in_label, in_shown, in_real in inputs:
+        if in_real != real and _inside(in_real, real):
+            raise RunPathError(f"{label} {shown} holds the input {in_label} {in_shown}: an "
+                               f"output folder must not hold the run's inputs (its earlier "
+                               f"outputs are removed there); choose a folder outside them")
 
 
 # ---------------------------------------------------------------------------------- run lock
@@ -237,7 +274,8 @@ class OutputManifest:
         tool: the writing tool's name, stored in the manifest.
 
     Raises:
-        ValueError: a manifest file that is not of this format (the message names it).
+        ValueError: a manifest file that is not of this format, or that another tool wrote
+            (the message names it).
     """
 
     def __init__(self, folder: PathLike, tool: str):
@@ -263,6 +301,10 @@ class OutputManifest:
                                  f"({type(err).__name__}); remove it if the folder's files "
                                  f"are yours") from None
             self.earlier_tool = str(data.get("tool"))
+            if "tool" in data and self.earlier_tool != tool:
+                raise ValueError(f"{self.folder} holds the outputs of another tool, "
+                                 f"{self.earlier_tool} (its {MANIFEST_NAME} names them); "
+                                 f"{tool} writes only into a folder of its own: choose another")
             self.earlier_files = {f for f in files if self._safe(f)}
             self.earlier_dirs = {d for d in dirs if self._safe(d)}
             self.earlier_owned_dirs = {d for d in owned if self._safe(d)}

@@ -641,6 +641,11 @@ def _check_options(opts) -> None:
     height, width = opts.target_height, opts.target_width
     if height <= 0 or (width is not None and width <= 0):
         raise ValueError(f"target size should be positive, got {height}x{width}")
+    if patch_size > min(height, width or height):
+        raise ValueError(f"--patch-size {patch_size} is larger than the resized images "
+                         f"(--target-height {height}"
+                         f"{f', --target-width {width}' if width else ''}): every patch would "
+                         f"be mostly padding; give a smaller patch or a larger target size")
     if opts.workers < 1:
         raise ValueError(f"workers should be >= 1, got {opts.workers}")
     for name in _FOLDER_OPTIONS.values():

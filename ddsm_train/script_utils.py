@@ -123,6 +123,7 @@ __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_tabl
            "run_defaults", "resolve_options",
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
            "env_int", "get_num_cpu_cores", "get_num_gpu_devices", "get_random_seed",
+           "check_environment",
            "RECIPE_OPTIONS", "apply_model_recipe", "INTERRUPTED_EXIT", "parse_command_line",
            "exit_on_interrupt", "check_unique", "UniqueValuesAction", "check_input_levels",
            "import_tensorflow_quietly"]
@@ -407,6 +408,7 @@ def cli_main(parser: argparse.ArgumentParser, run: Callable[..., Any],
         opts["given_options"] = sorted(given_options(parser, argv))
     with exit_on_interrupt(parser):
         try:
+            check_environment()
             if validate is not None:
                 validate(opts)
             return run(**opts)
@@ -591,13 +593,15 @@ DEFAULT_NUM_GPU_DEVICES = 1
 DEFAULT_RANDOM_SEED = 12345
 
 
-def env_int(name: str, default: int, minimum: Optional[int] = None) -> int:
+def env_int(name: str, default: int, minimum: Optional[int] = None,
+            maximum: Optional[int] = None) -> int:
     """Read an integer environment variable.
 
     Args:
         name: variable name, e.g. ``"NUM_CPU_CORES"``.
         default: value when the variable is unset or empty.
         minimum: smallest accepted value (inclusive), or None.
+        maximum: largest accepted value (inclusive), or None.
 
     Returns:
         int: the value.
@@ -614,7 +618,22 @@ def env_int(name: str, default: int, minimum: Optional[int] = None) -> int:
         raise ValueError(f"environment variable {name} should be an integer, got {raw!r}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"environment variable {name} should be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"environment variable {name} should be <= {maximum}, got {value}")
     return value
+
+
+def check_environment() -> None:
+    """Check ``RANDOM_SEED``, ``NUM_CPU_CORES`` and ``NUM_GPU_DEVICES`` once, before a script
+    reads or writes anything, so that a bad value is one line naming the variable rather than
+    a failure of every image or view.
+
+    Raises:
+        ValueError: a variable that is not an integer or out of its range.
+    """
+    get_random_seed()
+    get_num_cpu_cores()
+    get_num_gpu_devices()
 
 
 def get_num_cpu_cores() -> int:
@@ -628,8 +647,8 @@ def get_num_gpu_devices() -> int:
 
 
 def get_random_seed() -> int:
-    """``RANDOM_SEED``, default 12345."""
-    return env_int("RANDOM_SEED", DEFAULT_RANDOM_SEED)
+    """``RANDOM_SEED``, default 12345: an integer in [0, 2**32 - 1] (a NumPy seed)."""
+    return env_int("RANDOM_SEED", DEFAULT_RANDOM_SEED, minimum=0, maximum=2 ** 32 - 1)
 
 
 # ------------------------------------------------------------------ a model file's input recipe

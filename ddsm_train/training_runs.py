@@ -54,7 +54,6 @@ import os as _os
 import sys
 import threading
 import time
-import warnings as _warnings
 
 import numpy as np
 import tensorflow as tf
@@ -63,7 +62,8 @@ from sklearn.metrics import roc_auc_score
 
 import dm_image as _dm_image
 from dm_keras_ext import (ModelFileExtras, _batch_norm_layers, _check_frozen_bn_mode, _compile,
-                          save_model_atomic, set_regularization)
+                          check_written_model, save_h5_named, save_model_atomic,
+                          set_regularization)
 
 # The runs log under the name they had in dm_keras_ext, so log lines and logging settings stay.
 logger = logging.getLogger("dm_keras_ext")
@@ -515,14 +515,13 @@ def save_training_checkpoint(model, path, state):
         import h5py
 
         def write(tmp):
-            with _warnings.catch_warnings():
-                _warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy",
-                                         category=UserWarning)
-                m.save(tmp, overwrite=True, include_optimizer=True, save_format="h5")
+            save_h5_named(m, tmp, dest, include_optimizer=True)
             with h5py.File(tmp, "a") as f:
                 f.create_dataset(TRAINING_STATE_KEY, data=text,
                                  dtype=h5py.string_dtype("utf-8"))
-        return _dm_image.atomic_write(_os.path.abspath(_os.fspath(dest)), write, to_path=True)
+            check_written_model(tmp, dest)
+        return _dm_image.atomic_write(_os.path.abspath(_os.fspath(dest)), write, to_path=True,
+                                      durable=True)
 
     return _save_as_chief(model, path, save)
 
@@ -902,7 +901,7 @@ class _RunRecorder:
             if old and new and not _os.path.isfile(new) and _os.path.isfile(old):
                 import shutil
                 _dm_image.atomic_write(new, lambda tmp: shutil.copyfile(old, tmp),
-                                       to_path=True)
+                                       to_path=True, durable=True)
                 logger.info("Copied the run's best model %s to %s", old, new)
         self.weights_pending = False
         logger.info("Restored weights%s of epoch %d from %s", " and optimizer state"

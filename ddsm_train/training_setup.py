@@ -72,7 +72,8 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
 
     Raises:
         ValueError: a folder is missing, lacks a class subfolder (the message lists what was
-            found), or is in ``need_two_classes`` with images of fewer than two classes.
+            found), holds empty (zero-byte) image files (named, with their count), or is in
+            ``need_two_classes`` with images of fewer than two classes.
             Subfolders not in ``class_list`` are ignored with a warning.
     """
     if not class_list or len(set(class_list)) != len(class_list):
@@ -91,6 +92,7 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
             logger.warning("%s %s: subfolders %s are not in --class-list; ignored", label,
                            folder, extra)
         warn_images_beside(folder, class_list, label)
+        _refuse_empty_images(label, folder, class_list)
         if label in need_two_classes:
             counts = {c: len(_class_images(folder / c)) for c in class_list}
             if sum(1 for n in counts.values() if n) < 2:
@@ -98,6 +100,23 @@ def check_class_dirs(dirs, class_list, need_two_classes=()):
                                  f"({counts}): its AUROC is undefined, so no best model could "
                                  f"be chosen")
         _check_manifest(label, folder, class_list)
+
+
+def _refuse_empty_images(label, folder, class_list) -> None:
+    """Refuse a set whose class folders hold zero-byte image files (a killed copy or a full
+    disk): read as images they would feed the training garbage, found only as a diverged
+    loss much later."""
+    from dm_image import IMG_EXTENSIONS
+
+    empty = []
+    for cls in class_list:
+        with os.scandir(Path(folder) / cls) as entries:
+            empty += sorted(e.path for e in entries
+                            if e.name.rsplit(".", 1)[-1].lower() in IMG_EXTENSIONS
+                            and e.is_file() and e.stat().st_size == 0)
+    if empty:
+        raise ValueError(f"{label} {folder}: {len(empty)} empty (zero-byte) image file(s), e.g. "
+                         f"{empty[0]}; remove them or write them again")
 
 
 def warn_images_beside(folder, class_list, label) -> int:
@@ -192,7 +211,8 @@ def check_earlier_run(opts, identity):
     The run's last-epoch checkpoint (``<best-model>.last.h5``) tells whose files they are:
     a finished run with this run's identity means there is nothing to do
     (:class:`RunComplete`, unless ``--overwrite``); an unfinished one of this run is resumed
-    or restarted as ``--auto-resume`` says. Any other model file at ``--best-model`` (another
+    or restarted as ``--auto-resume`` says. A best model that stores this run's identity
+    (the run was stopped before its first checkpoint) is this run's: it starts again. Any other model file at ``--best-model`` (another
     command's run, or a file without a checkpoint) is refused unless ``--overwrite``, so that a
     second command cannot silently replace a first one's model.
 
@@ -214,7 +234,7 @@ def check_earlier_run(opts, identity):
         identity["options_hash"]
     if same and state.get("finished") and Path(best).is_file() and not opts.get("overwrite"):
         raise RunComplete(state)
-    if same or not Path(best).is_file() or opts.get("overwrite"):
+    if same or not Path(best).is_file() or opts.get("overwrite") or _own_model(best, identity):
         return
     resume_from = opts.get("resume_from")
     if resume_from and Path(resume_from).is_file():   # continuing a run into this model
@@ -234,6 +254,19 @@ def check_earlier_run(opts, identity):
         whose = f"the model of another run (options that differ: {diff or 'unknown'})"
     raise ValueError(f"--best-model {best} holds {whose}; pass --overwrite to replace it, or "
                      f"choose another --best-model")
+
+
+def _own_model(best, identity) -> bool:
+    """Whether the model file ``best`` was written by this run (its stored run identity): a
+    run killed after saving its best model but before its checkpoint starts again there."""
+    import dm_keras_ext
+
+    run = dm_keras_ext.read_model_run(best) or {}
+    if run.get("options_hash") != identity["options_hash"]:
+        return False
+    logger.info("--best-model %s was written by this run before it was stopped (no checkpoint "
+                "of it yet): starting the run again", best)
+    return True
 
 
 def finished_run_result(opts, state, json_path):
@@ -468,16 +501,18 @@ def training_recipe(opts, channels, preprocess=None):
     return InputRecipe.from_options(opts, channels=int(channels), preprocess=preprocess)
 
 
-def model_file_extras(opts, record, recipe, info=None):
+def model_file_extras(opts, record, recipe, info=None, identity=None):
     """What the run's model files carry (``dm_keras_ext.ModelFileExtras``): ``recipe`` (an
     ``dm_image.InputRecipe``, also added to the options ``record`` under ``input_recipe``),
-    ``info`` (what the model is, e.g. ``{"net": ...}``) and, with the first best model, the
-    options JSON ``<best-model>.options.json`` of ``record``."""
+    ``info`` (what the model is, e.g. ``{"net": ...}``), the run's ``options_hash`` of
+    ``identity`` (:func:`run_identity`) and, with the first best model, the options JSON
+    ``<best-model>.options.json`` of ``record``."""
     import dm_keras_ext
 
     logger.info("input recipe: %s", recipe.to_json())
     record["input_recipe"] = recipe.to_dict()
-    return dm_keras_ext.ModelFileExtras(recipe=recipe, info=info,
+    run = {"options_hash": identity["options_hash"]} if identity else None
+    return dm_keras_ext.ModelFileExtras(recipe=recipe, info=info, run=run,
                                         sidecar=options_sidecar(opts["best_model"], record))
 
 
@@ -544,7 +579,7 @@ def run_trainer(opts, spec):
     model, _ = dm_multi_gpu.make_parallel(model, env["NUM_GPU_DEVICES"])
     channels = model.input_shape[-1]
     extras = model_file_extras(opts, record, training_recipe(opts, channels, preprocess_net),
-                               spec.model_info(opts))
+                               spec.model_info(opts), identity)
     train, val, test, train_bs = iterators_from_options(
         opts, channels, get_preprocess_input(preprocess_net) if preprocess_net else None,
         env["RANDOM_SEED"])

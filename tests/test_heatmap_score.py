@@ -383,16 +383,18 @@ def test_malignant_column_missing_pat_csv_and_logged_settings(synth, tmp_path, c
         settings["pat_csv"] == str(mal) and settings["net"] == "vgg19"
 
 
+@pytest.mark.parametrize("fprop", [False, True])
 def test_images_that_cannot_give_a_heatmap_are_reported_not_scored(synth, tmp_path,
-                                                                    keras_session):
+                                                                    keras_session, fprop):
     root, _ = synth
     folder = tmp_path / "imgs"
     _mammogram(folder / "a.png", 1)
     folder.mkdir(exist_ok=True)
     cv2.imwrite(str(folder / "flat.png"), np.full((HEIGHT, HEIGHT * 3 // 4), 900, np.uint16))
     cv2.imwrite(str(folder / "dot.png"), np.array([[5, 7], [9, 11]], np.uint16))
-    summary = hs.main([str(folder), str(root / "patch.h5"), "--net", "vgg16", "--img-height",
-                       str(HEIGHT), "--patch-size", str(P), "--stride", "16",
+    mode = ["--fprop-mode", "--img-size", "96", "64", "--avg-pool-size", "2", "2"] if fprop \
+        else ["--img-height", str(HEIGHT), "--patch-size", str(P), "--stride", "16"]
+    summary = hs.main([str(folder), str(root / "patch.h5"), "--net", "vgg16", *mode,
                        "--featurewise-center", "--all-images", "--out", str(tmp_path / "h.npz")])
     assert summary["n_heatmaps"] == 1
     failed = {Path(path).name: why for path, why in summary["failed"]}
@@ -427,3 +429,12 @@ def test_run_hands_one_options_object_with_the_parsers_defaults(monkeypatch):
     assert (opts.img_folder, opts.pat_csv, opts.stride, opts.img_size, opts.net) == (
         "-imgs", "pats.csv", 4, (64, 48), "vgg19")     # a path, as the command line gives it
     assert extra == {"given_options": ["stride"], "custom_objects": {"Mine": int}}
+
+
+def test_run_refuses_a_class_name_given_twice_before_reading(tmp_path):
+    """The command line's --class-list refuses a repeated name as it parses; run() called from
+    Python checks it too, before anything is read or written."""
+    with pytest.raises(ValueError, match=r"--class-list: class name 'neg' given twice"):
+        hs.run(str(tmp_path / "img"), str(tmp_path / "patch.h5"), class_list=["neg", "neg"],
+               out=str(tmp_path / "h.npz"))
+    assert list(tmp_path.iterdir()) == []

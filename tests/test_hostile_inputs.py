@@ -436,6 +436,53 @@ def test_ctrl_c_stops_workers_with_one_line_and_status_130(tmp_path):
     assert not list(tmp_path.glob("*.interrupted"))   # Ctrl-C was left to the parent
 
 
+_PID_TASK_MODULE = """
+import os, pathlib, time
+
+def touch_and_sleep(path):
+    pathlib.Path(path).write_text(str(os.getpid()))
+    try:
+        for _ in range(3000):
+            time.sleep(0.1)
+    except KeyboardInterrupt:   # a worker that gets Ctrl-C itself (it should ignore it)
+        pathlib.Path(path + ".interrupted").touch()
+        raise
+"""
+
+
+def test_pool_workers_ignore_ctrl_c_reaching_them_first(tmp_path):
+    """Ctrl-C reaches the process group in no set order: the workers get it first here, then
+    the script. The workers ignore it (no traceback, nothing written by them); the script
+    stops the pool with one line and status 130."""
+    (tmp_path / "tests_interrupt_task.py").write_text(_PID_TASK_MODULE)
+    script = tmp_path / "pool_script.py"
+    script.write_text(_POOL_SCRIPT.format(ddsm=str(REPO / "ddsm_train")))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), DM_TRACEBACK="")
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    started = [tmp_path / f"m{i}" for i in (0, 1)]
+
+    def workers_ready():
+        return all(p.exists() and p.read_text() for p in started)
+
+    deadline = time.time() + 180
+    while not workers_ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the run did not start in time"
+        time.sleep(0.05)
+    for path in started:
+        os.kill(int(path.read_text()), signal.SIGINT)
+    time.sleep(2)
+    assert not list(tmp_path.glob("*.interrupted")), "a worker took Ctrl-C itself"
+    assert proc.poll() is None      # the workers go on: the pool waits for them
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert err.strip() == "pool_script: interrupted", err
+    assert not list(tmp_path.glob("*.interrupted"))
+
+
 _SLOW_READS = """
 import runpy, sys, time
 from pathlib import Path
@@ -577,3 +624,80 @@ def test_img_size_below_the_patch_size_is_refused(tmp_path, keras_session, capsy
         "--rescale-factor", "0.003891", "--best-model", str(tmp_path / "w.h5")], capsys)
     assert err.endswith(f"--img-size 32 24 is smaller than the 48x48 patches of "
                         f"--patch-model-state {patch}")
+
+
+# ------------------------------------------------------------------ bad input named as such
+def test_an_empty_image_among_the_training_patches_is_named_before_training(tmp_path, capsys,
+                                                                            monkeypatch):
+    import patch_clf_train
+    import training_runs
+
+    def never(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(training_runs, "train_3stage", never)
+    dirs = _class_dirs(tmp_path / "p", ("background", "malignant"), n=2)
+    empty = Path(dirs[0]) / "malignant" / "malignant_9.png"
+    empty.write_bytes(b"")
+    err = _exit_line(patch_clf_train.main, dirs + [
+        "--class-list", "background", "malignant", "--net", "yaroslav", "--no-use-pretrained",
+        "--img-size", "32", "24", "--nb-epoch", "1", "--rescale-factor", "0.003891",
+        "--best-model", str(tmp_path / "p.h5")], capsys)
+    assert "TRAIN_DIR" in err and "1 empty (zero-byte) image file(s)" in err
+    assert str(empty) in err
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_a_patch_larger_than_the_resized_images_is_refused(tmp_path, capsys):
+    import sample_patches_combined
+
+    err = _exit_line(sample_patches_combined.main, [
+        str(tmp_path / "roi.csv"), str(tmp_path / "roi"), str(tmp_path / "pat.txt"),
+        str(tmp_path / "full"), str(tmp_path / "tr"), str(tmp_path / "va"),
+        "--patch-size", "400", "--target-height", "144"], capsys)
+    assert err.endswith("--patch-size 400 is larger than the resized images (--target-height "
+                        "144): every patch would be mostly padding; give a smaller patch or a "
+                        "larger target size")
+    assert not (tmp_path / "tr").exists()
+
+
+@pytest.mark.parametrize("name, value, text", [
+    ("RANDOM_SEED", "-1", "should be >= 0, got -1"),
+    ("RANDOM_SEED", str(2 ** 32), f"should be <= {2 ** 32 - 1}"),
+    ("NUM_CPU_CORES", "0", "should be >= 1, got 0"),
+    ("NUM_CPU_CORES", "four", "should be an integer, got 'four'")])
+def test_a_bad_environment_variable_is_one_line_naming_it(tmp_path, capsys, monkeypatch, name,
+                                                          value, text):
+    import sample_patches_combined
+
+    monkeypatch.setenv(name, value)
+    err = _exit_line(sample_patches_combined.main, [
+        str(tmp_path / "roi.csv"), str(tmp_path / "roi"), str(tmp_path / "pat.txt"),
+        str(tmp_path / "full"), str(tmp_path / "tr"), str(tmp_path / "va")], capsys)
+    assert f"environment variable {name} {text}" in err
+
+
+def test_a_model_with_nan_weights_says_it_gave_no_finite_score(whole_image_model, tmp_path,
+                                                               keras_session, capsys):
+    import image_clf_predict
+
+    model = keras_session.models.load_model(whole_image_model, compile=False)
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    nan_model = tmp_path / "nan.h5"
+    model.save(nan_model, save_format="h5")
+    dirs = _class_dirs(tmp_path / "img")
+    err = _exit_line(image_clf_predict.main, [
+        "--model", str(nan_model), "--img-dir", dirs[2], "--img-size", "32", "24",
+        "--rescale-factor", "0.003891", "--out-dir", str(tmp_path / "pred")], capsys)
+    assert "none of the 4 images could be scored" in err
+    assert "the model gave no finite score" in err
+    assert not (tmp_path / "pred").exists()
+
+
+def test_an_image_extension_that_leaves_the_folder_is_named(tmp_path, capsys):
+    import heatmap_score
+
+    err = _exit_line(heatmap_score.main, [
+        str(tmp_path), str(tmp_path / "model.h5"), "--pat-csv", str(tmp_path / "pat.csv"),
+        "--img-extension", "png/../../x", "--out", str(tmp_path / "hm.npz")], capsys)
+    assert "--img-extension 'png/../../x' cannot be part of a file name" in err

@@ -2,6 +2,7 @@
 only what it wrote, leftovers of killed writes are removed."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -61,6 +62,66 @@ def test_output_inside_input_folder_and_equal_outputs_are_refused(tmp_path):
                               output_dirs={"--out-dir": tmp_path / "imgs_out"},
                               output_files={"ckpt": tmp_path / "c.h5", "--best-model": None},
                               may_replace=[("ckpt", "--resume-from")])
+
+
+def test_output_folder_holding_an_input_is_refused(tmp_path):
+    data = tmp_path / "data"
+    (data / "full_img").mkdir(parents=True)
+    (data / "list.txt").write_text("p1")
+    with pytest.raises(run_files.RunPathError,
+                       match=r"TRAIN_OUT .*data holds the input FULL_IMG_DIR .*full_img"):
+        run_files.check_run_paths(input_dirs={"FULL_IMG_DIR": data / "full_img"},
+                                  output_dirs={"TRAIN_OUT": data})
+    # an input file in an output folder (a list beside the overlays) is safe until the
+    # folder's manifest names it: then a rerun could remove it as an earlier output
+    run_files.check_run_paths(input_files={"--img-list": data / "list.txt"},
+                              output_dirs={"--out-dir": data})
+    (data / run_files.MANIFEST_NAME).write_text(json.dumps(
+        {"tool": "tool", "files": ["list.txt"], "dirs": []}))
+    with pytest.raises(run_files.RunPathError, match=r"--out-dir .* holds the input --img-list"):
+        run_files.check_run_paths(input_files={"--img-list": data / "list.txt"},
+                                  output_dirs={"--out-dir": data})
+    # a sibling folder, and an output file beside an input, pass
+    run_files.check_run_paths(input_dirs={"FULL_IMG_DIR": data / "full_img"},
+                              input_files={"--img-list": data / "list.txt"},
+                              output_dirs={"TRAIN_OUT": data / "patches"},
+                              output_files={"--out": data / "scores.npz"})
+
+
+def test_overwrite_never_reaches_the_inputs_of_the_run(tmp_path, capsys):
+    """The data folder as the sampler's train output, with --overwrite: refused before
+    anything is removed (its manifest is the data generator's, naming every mammogram)."""
+    import make_synthetic_ddsm
+    import sample_patches_combined
+    data = tmp_path / "data"
+    make_synthetic_ddsm.run(data, nb_patients=4, img_height=256, img_width=192,
+                            whole_img_size=(128, 96), workers=1)
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    for train_out in (data, tmp_path / "other"):
+        if train_out != data:              # another data set: not an input, not this tool's
+            shutil.copytree(data, train_out)
+        argv = [str(data / "roi_mask_path.csv"), str(data / "roi_mask"),
+                str(data / "train_pat.txt"), str(data / "full_img"), str(train_out),
+                str(tmp_path / "val"), "--overwrite", "--bkg-dir", "full_img", "--workers", "1"]
+        with pytest.raises(SystemExit):
+            sample_patches_combined.main(argv)
+        err = capsys.readouterr().err
+        assert ("holds the input" if train_out == data else "outputs of another tool") in err
+        assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+        assert len(list((train_out / "full_img").iterdir())) == 16
+    assert not (tmp_path / "val").exists()
+
+
+def test_manifest_of_another_tool_is_refused_and_kept(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_text("theirs")
+    (out / run_files.MANIFEST_NAME).write_text(json.dumps(
+        {"tool": "make_synthetic_ddsm", "files": ["a.png"], "dirs": []}))
+    with pytest.raises(ValueError, match=r"out holds the outputs of another tool, "
+                                         r"make_synthetic_ddsm"):
+        run_files.OutputManifest(out, "image_clf_predict")
+    assert (out / "a.png").read_text() == "theirs"
 
 
 # ------------------------------------------------------------------ lock
@@ -142,17 +203,32 @@ def test_manifest_ignores_paths_outside_its_folder(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
     (out / run_files.MANIFEST_NAME).write_text(json.dumps(
-        {"tool": "x", "files": ["../victim.txt", str(victim)], "dirs": []}))
+        {"tool": "tool", "files": ["../victim.txt", str(victim)], "dirs": []}))
     run_files.OutputManifest(out, "tool").finish()
     assert victim.read_text() == "keep"
     (out / "sub").symlink_to(tmp_path)                # a link planted in the folder
     (out / run_files.MANIFEST_NAME).write_text(json.dumps(
-        {"tool": "x", "files": ["sub/victim.txt"], "dirs": []}))
+        {"tool": "tool", "files": ["sub/victim.txt"], "dirs": []}))
     run_files.OutputManifest(out, "tool").finish()
     assert victim.read_text() == "keep"
     (out / run_files.MANIFEST_NAME).write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a manifest"):
         run_files.OutputManifest(out, "tool")
+
+
+def test_manifest_folders_outside_its_folder_are_never_removed(tmp_path):
+    """Folders a manifest names are removed once empty, but only inside its own folder: an
+    empty folder beside it, named by ``..`` or an absolute path, stays."""
+    out = tmp_path / "out"
+    (out / "mine").mkdir(parents=True)
+    beside, elsewhere = tmp_path / "beside", tmp_path / "elsewhere"
+    beside.mkdir()
+    elsewhere.mkdir()
+    (out / run_files.MANIFEST_NAME).write_text(json.dumps(
+        {"tool": "tool", "files": [], "dirs": ["mine", "../beside", str(elsewhere)]}))
+    m = run_files.OutputManifest(out, "tool")
+    m.finish()
+    assert beside.is_dir() and elsewhere.is_dir() and not (out / "mine").exists()
 
 
 # ------------------------------------------------------------------ leftovers

@@ -87,6 +87,30 @@ def test_checkpointers_never_save_a_non_finite_model(tmp_path, keras_session):
     assert not path.exists() and ckpt.best_epoch is None
 
 
+def test_auc_checkpointer_never_saves_a_non_finite_model(tmp_path, keras_session):
+    """A finite AUROC from a model that is not finite: a batch-norm variance of inf gives
+    constant, finite scores; a NaN loss leaves the weights finite. Neither is saved."""
+    inp = keras.Input((2,))
+    bn = keras.layers.BatchNormalization(name="bn")
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(bn(inp)))
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    y = np.eye(2)[[0, 1] * 4]
+    path = tmp_path / "best.h5"
+    ckpt = K.DMAucModelCheckpoint(path, (x, y), batch_size=4)
+    ckpt.set_model(model)
+    ckpt.on_epoch_end(0, {"loss": float("nan")})
+    assert not path.exists() and ckpt.best_epoch is None
+    gamma, beta, mean, var = bn.get_weights()
+    bn.set_weights([gamma, beta, mean, np.full_like(var, np.inf)])
+    logs = {"loss": 0.5}
+    ckpt.on_epoch_end(1, logs)
+    assert np.isfinite(logs["val_auc"])
+    assert not path.exists() and ckpt.best_epoch is None
+    bn.set_weights([gamma, beta, mean, var])
+    ckpt.on_epoch_end(2, {"loss": 0.5})
+    assert path.exists() and ckpt.best_epoch == 3
+
+
 # ------------------------------------------------------------------ levels against the scale
 def _without(argv, flag, nargs=1):
     i = argv.index(flag)
@@ -174,6 +198,34 @@ def test_a_model_file_without_its_run_is_not_replaced(data, tmp_path, capsys):
     code, err = _exit_code(patch_clf_train.main, _patch_argv(data, best), capsys)
     assert code == 2 and "unknown origin" in err and "--overwrite" in err
     assert best.read_bytes() == b"someone's model"
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(data, tmp_path, keras_session,
+                                                               capsys, monkeypatch):
+    """The best model is saved before the epoch's checkpoint: a run stopped between the two
+    knows that model as its own (the run identity stored in it) and the same command runs."""
+    import training_runs
+    best = tmp_path / "best.h5"
+    argv = _patch_argv(data, best)
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed before the checkpoint")
+    for run_argv in (argv[:-2] + ["--init-learningrate", "0.002"] + argv[-2:], argv):
+        with monkeypatch.context() as m:
+            m.setattr(training_runs, "save_training_checkpoint", killed)
+            with pytest.raises(RuntimeError, match="killed"):
+                patch_clf_train.main(run_argv)
+        assert best.is_file() and not os.path.exists(K.last_checkpoint_path(best))
+        if run_argv is not argv:      # another command's model: still refused, kept
+            before = best.read_bytes()
+            code, err = _exit_code(patch_clf_train.main, argv, capsys)
+            assert code == 2 and "unknown origin" in err
+            assert best.read_bytes() == before
+            best.unlink()
+    result = patch_clf_train.main(argv)
+    assert not result.get("complete")
+    assert K.read_training_state(K.last_checkpoint_path(best))["finished"]
+    assert patch_clf_train.main(argv)["complete"]
 
 
 # ------------------------------------------------------------------ the patch net of the file

@@ -133,3 +133,95 @@ def test_patch_folder_files_outside_the_manifest_are_reported(tmp_path, caplog):
         training_setup.check_class_dirs({"TRAIN_DIR": train}, ["background", "malignant"])
     warned = [r.getMessage() for r in caplog.records if "manifest" in r.getMessage()]
     assert len(warned) == 1 and "1 image(s)" in warned[0] and "malignant_1.png" in warned[0]
+
+
+# ------------------------------------------------------------------ a full disk
+def _full_disk_at_fsync(monkeypatch):
+    import errno
+
+    import dm_image
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(dm_image.os, "fsync", fsync)
+
+
+def test_a_full_disk_leaves_the_earlier_model_byte_for_byte(whole, monkeypatch, capsys):
+    """The disk reports it is full only when the new model reaches it: the run stops and the
+    earlier model and options file stay as they were."""
+    tmp_path, best, common = whole
+    _full_disk_at_fsync(monkeypatch)
+    with pytest.raises((SystemExit, OSError)) as info:
+        image_clf_train.main(common + ["--nb-epoch", "1", "--all-layer-epochs", "0"])
+    assert getattr(info.value, "code", 1) != 0
+    assert "No space left" in str(info.value) + capsys.readouterr().err
+    _untouched(best)
+    assert sorted(p.name for p in best.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("writer", ["model", "checkpoint"])
+@pytest.mark.parametrize("failure", ["raises", "cut_short", "at_fsync", "hdf5_error"])
+def test_a_failed_model_write_keeps_the_earlier_file(tmp_path, keras_session, monkeypatch,
+                                                     writer, failure):
+    """A write that a full disk stops midway (an error, a file cut short without one, an
+    error when flushed) never replaces the earlier file."""
+    import errno
+    import shutil
+
+    import dm_keras_ext
+    import training_runs
+    keras = keras_session
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    path = tmp_path / "best.h5"
+    path.write_bytes(b"the earlier model")
+    real_save = keras.Model.save
+
+    def save_cut_short(self, filepath, *args, **kwargs):
+        real_save(self, tmp_path / "whole.h5", *args, **kwargs)
+        with open(tmp_path / "whole.h5", "rb") as src, open(filepath, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.truncate(1000)
+        if failure == "raises":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if failure == "hdf5_error":     # how h5py reports a full disk when closing the file
+            raise RuntimeError("Can't destroy cache (slist already enabled?)")
+
+    if failure == "at_fsync":
+        _full_disk_at_fsync(monkeypatch)
+    else:
+        monkeypatch.setattr(keras.Model, "save", save_cut_short)
+    with pytest.raises(OSError) as info:
+        if writer == "model":
+            dm_keras_ext.save_model_atomic(model, path)
+        else:
+            training_runs.save_training_checkpoint(model, path, {"epoch": 1})
+    if failure == "hdf5_error":
+        assert f"writing {path} failed in HDF5 (Can't destroy cache" in str(info.value)
+    assert path.read_bytes() == b"the earlier model"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_from_a_whole_image_model_with_code_is_refused_unless_trusted(whole,
+                                                                             keras_session,
+                                                                             capsys):
+    """--resume-from of a whole-image model file with a Lambda layer: refused, its code not
+    run (the layer would touch a marker file when the model is rebuilt)."""
+    tmp_path, best, common = whole
+    keras = keras_session
+    marker = tmp_path / "code_ran"
+    source = f"lambda t: (__import__('pathlib').Path({str(marker)!r}).touch(), t)[1]"
+    inp = keras.Input((32, 24, 3))
+    x = keras.layers.Lambda(eval(source), name="sneaky")(inp)
+    x = keras.layers.Conv2D(4, 3, padding="same", name="c1")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    resumed = tmp_path / "whole_with_code.h5"
+    keras.Model(inp, keras.layers.Dense(2, activation="softmax")(x)).save(
+        resumed, save_format="h5")
+    marker.unlink()
+    at = common.index("--patch-model-state")
+    argv = common[:at] + ["--resume-from", str(resumed)] + common[at + 4:]
+    err = _exit2(image_clf_train.main, argv + ["--nb-epoch", "1"], capsys)
+    assert "whole_with_code.h5" in err and "'sneaky'" in err and "--trust-model-file" in err
+    assert not marker.exists()
+    _untouched(best)
