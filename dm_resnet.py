@@ -329,6 +329,8 @@ class ResNetBuilder:
     """Builds ResNet-like classifiers (keras-resnet style, as in the 2017 code).
 
     ``input_shape`` is ``(nb_channels, nb_rows, nb_cols)``; rows/cols may be None.
+    ``build_<name>(input_shape, num_outputs, **kwargs)`` (``build_resnet_50``, ...) builds each
+    name of ``RESNET_VARIANTS``.
     """
 
     @staticmethod
@@ -414,60 +416,26 @@ class ResNetBuilder:
         block_key, reps = RESNET_VARIANTS[variant]
         return cls.build(input_shape, num_outputs, BLOCK_FNS[block_key], list(reps), **kwargs)
 
-    @classmethod
-    def build_resnet_18(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                        ) -> keras.Model:
-        return cls.build_variant("resnet_18", input_shape, num_outputs, **kwargs)
 
-    @classmethod
-    def build_resnet_34(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                        ) -> keras.Model:
-        return cls.build_variant("resnet_34", input_shape, num_outputs, **kwargs)
+def _variant_builder(variant: str) -> classmethod:
+    """The classmethod ``build_<variant>(input_shape, num_outputs, **kwargs)``: the 2017 name
+    of ``cls.build_variant(variant, ...)``."""
+    def build_named(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
+                    ) -> keras.Model:
+        return cls.build_variant(variant, input_shape, num_outputs, **kwargs)
 
-    @classmethod
-    def build_resnet_38(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                        ) -> keras.Model:
-        return cls.build_variant("resnet_38", input_shape, num_outputs, **kwargs)
+    block_key, reps = RESNET_VARIANTS[variant]
+    build_named.__name__ = f"build_{variant}"
+    build_named.__qualname__ = f"ResNetBuilder.build_{variant}"
+    build_named.__doc__ = (f"Build {variant}: {block_key} blocks, {list(reps)} per stage "
+                           f"(keyword arguments: those of :meth:`ResNetBuilder.build`).")
+    return classmethod(build_named)
 
-    @classmethod
-    def build_resnet_50(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                        ) -> keras.Model:
-        return cls.build_variant("resnet_50", input_shape, num_outputs, **kwargs)
 
-    @classmethod
-    def build_resnet_50_org(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                            **kwargs: Any) -> keras.Model:
-        return cls.build_variant("resnet_50_org", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_resnet_101(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                         ) -> keras.Model:
-        return cls.build_variant("resnet_101", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_resnet_152(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                         ) -> keras.Model:
-        return cls.build_variant("resnet_152", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_dm_resnet_14(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                           **kwargs: Any) -> keras.Model:
-        return cls.build_variant("dm_resnet_14", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_dm_resnet_47rb5(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                              **kwargs: Any) -> keras.Model:
-        return cls.build_variant("dm_resnet_47rb5", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_dm_resnet_56rb6(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                              **kwargs: Any) -> keras.Model:
-        return cls.build_variant("dm_resnet_56rb6", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_dm_resnet_65rb7(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                              **kwargs: Any) -> keras.Model:
-        return cls.build_variant("dm_resnet_65rb7", input_shape, num_outputs, **kwargs)
+# ResNetBuilder.build_resnet_18, ..., build_dm_resnet_65rb7: one per name of RESNET_VARIANTS.
+for _variant in RESNET_VARIANTS:
+    setattr(ResNetBuilder, f"build_{_variant}", _variant_builder(_variant))
+del _variant
 
 
 class MultiViewResNetBuilder(ResNetBuilder):
