@@ -378,14 +378,15 @@ class ResNetBuilder:
                             kernel_regularizer=l1l2_penalty_reg(alpha, l1_ratio),
                             name="predictions")(features)
 
-    @staticmethod
-    def build(input_shape: Sequence[Optional[int]], num_outputs: int,
+    @classmethod
+    def build(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
               block_fn: Union[str, Callable], repetitions: Sequence[int], nb_init_filter: int = 64,
               init_filter_size: int = 7, init_conv_stride: int = 2, pool_size: int = 3,
               pool_stride: int = 2, weight_decay: float = 1e-4, alpha: float = 1.0,
               l1_ratio: float = 0.5, inp_dropout: float = 0.0, hidden_dropout: float = 0.0,
               shortcut_with_bn: bool = False, bottleneck_enlarge_factor: int = 4) -> keras.Model:
-        """Build a single-input ResNet classifier.
+        """Build a single-input ResNet classifier (:class:`MultiViewResNetBuilder`: the
+        two-view one).
 
         Args:
             input_shape: ``(nb_channels, nb_rows, nb_cols)`` (2017 convention).
@@ -402,8 +403,13 @@ class ResNetBuilder:
             block_fn, repetitions, nb_init_filter, init_filter_size, init_conv_stride, pool_size,
             pool_stride, weight_decay, inp_dropout, hidden_dropout, shortcut_with_bn,
             bottleneck_enlarge_factor)
-        inp, feats = ResNetBuilder._shared_conv_layers(input_shape, tower)
-        out = ResNetBuilder._classifier(feats, num_outputs, alpha, l1_ratio)
+        return cls._assemble(input_shape, tower, num_outputs, alpha, l1_ratio)
+
+    @classmethod
+    def _assemble(cls, input_shape, tower: _Tower, num_outputs, alpha, l1_ratio):
+        """The model of :meth:`build`: one ``tower`` and the classifier."""
+        inp, feats = cls._shared_conv_layers(input_shape, tower)
+        out = cls._classifier(feats, num_outputs, alpha, l1_ratio)
         return keras.Model(inp, out, name="resnet")
 
     @classmethod
@@ -441,24 +447,15 @@ del _variant
 class MultiViewResNetBuilder(ResNetBuilder):
     """Two views (CC and MLO) through two towers of the same architecture (separate weights);
     their pooled features are concatenated and fed to one classifier. Inputs are named
-    ``cc_input`` and ``mlo_input``; tower layers are prefixed ``cc_`` / ``mlo_``."""
+    ``cc_input`` and ``mlo_input``; tower layers are prefixed ``cc_`` / ``mlo_``. :meth:`build`
+    takes the arguments of :meth:`ResNetBuilder.build`; ``input_shape`` is one view's."""
 
-    @staticmethod
-    def build(input_shape: Sequence[Optional[int]], num_outputs: int,
-              block_fn: Union[str, Callable], repetitions: Sequence[int], nb_init_filter: int = 64,
-              init_filter_size: int = 7, init_conv_stride: int = 2, pool_size: int = 3,
-              pool_stride: int = 2, weight_decay: float = 1e-4, alpha: float = 1.0,
-              l1_ratio: float = 0.5, inp_dropout: float = 0.0, hidden_dropout: float = 0.0,
-              shortcut_with_bn: bool = False, bottleneck_enlarge_factor: int = 4) -> keras.Model:
-        """Same arguments as :meth:`ResNetBuilder.build`; ``input_shape`` is one view's."""
-        tower = _Tower(
-            block_fn, repetitions, nb_init_filter, init_filter_size, init_conv_stride, pool_size,
-            pool_stride, weight_decay, inp_dropout, hidden_dropout, shortcut_with_bn,
-            bottleneck_enlarge_factor)
-        towers = [ResNetBuilder._shared_conv_layers(input_shape, tower, prefix=f"{view}_")
+    @classmethod
+    def _assemble(cls, input_shape, tower: _Tower, num_outputs, alpha, l1_ratio):
+        towers = [cls._shared_conv_layers(input_shape, tower, prefix=f"{view}_")
                   for view in ("cc", "mlo")]
         merged = layers.Concatenate(name="merged_views")([t[1] for t in towers])
-        out = ResNetBuilder._classifier(merged, num_outputs, alpha, l1_ratio)
+        out = cls._classifier(merged, num_outputs, alpha, l1_ratio)
         return keras.Model([t[0] for t in towers], out, name="multiview_resnet")
 
 
