@@ -534,3 +534,27 @@ def test_run_hands_one_options_object_with_the_parsers_defaults(monkeypatch):
     opts, extra = seen[1]
     assert opts.model is model and opts.img_dir == "imgs" and opts.test_augment
     assert opts.class_list == ["neg", "pos"] and extra == {"given_options": []}
+
+
+def test_flags_shared_with_evaluate_and_score_exported_keep_each_tools_defaults():
+    """The input group (also score_exported.py's) and ``--bootstrap`` / ``--seed`` (also
+    evaluate.py's) are declared once; each tool keeps its own defaults and help."""
+    import evaluate
+    import score_exported
+
+    def parsed(module, argv):
+        parser = module.get_args_parser()
+        return vars(parser.parse_args(argv)), {a.dest: a.help for a in parser._actions}
+
+    pred, pred_help = parsed(icp, ["--model", "m.h5"])
+    assert (pred["malignant_class"], pred["class_list"]) == (-1, ["neg", "pos"])
+    assert pred_help["malignant_class"].endswith("(default: last)")
+    exported, exported_help = parsed(score_exported, ["DIR", "--out-dir", "o"])
+    assert (exported["malignant_class"], exported["class_list"]) == (None, ["neg", "pos"])
+    assert exported_help["malignant_class"].endswith("(default: the recipe's, the last)")
+    ev, ev_help = parsed(evaluate, ["--predictions", "p.csv"])
+    for opts, helps in ((pred, pred_help), (ev, ev_help)):
+        assert (opts["bootstrap"], opts["seed"]) == (2000, 12345)
+        assert "0 for none" in helps["bootstrap"] and "bootstrap" in helps["seed"]
+    assert (ev["target_sensitivity"], ev["target_specificity"]) == (0.9, 0.9)
+    assert ev_help["target_specificity"].startswith("specificity the validation-chosen")
