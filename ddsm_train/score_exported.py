@@ -31,8 +31,6 @@ Example (from inside ``ddsm_train/``)::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import os
@@ -174,14 +172,6 @@ def _fmt(value: float) -> str:
     return "" if not np.isfinite(value) else f"{value:.8g}"
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _write(path: Path, text: str, manifest) -> str:
     dm_image.atomic_write(path, lambda fh: fh.write(text), text=True)
     manifest.add(path)
@@ -204,10 +194,10 @@ def write_tables(items, exams, scores, out: Path, manifest) -> dict:
     """``image_predictions.csv`` and, for exam lists, ``breast_predictions.csv``."""
     rows = [[it.image_index, _fmt(s), "" if it.label is None else int(it.label)]
             for it, s in zip(items, scores)]
-    paths = {"image_csv": _write(out / "image_predictions.csv", _csv_text(
+    paths = {"image_csv": _write(out / "image_predictions.csv", script_utils.csv_text(
         ["image_index", "malignant_pred", "malignant_label"], rows), manifest)}
     if exams is not None:
-        paths["breast_csv"] = _write(out / "breast_predictions.csv", _csv_text(
+        paths["breast_csv"] = _write(out / "breast_predictions.csv", script_utils.csv_text(
             ["index", "left_malignant", "right_malignant"],
             _breast_rows(exams, items, scores)), manifest)
     return paths
