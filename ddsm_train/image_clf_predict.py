@@ -495,11 +495,9 @@ def run(model: Union[PathLike, keras.Model, Sequence], **options: Any) -> dict:
         ValueError: an unknown option (the message lists the valid ones), and those of
             :func:`predict_images`.
     """
-    extras = {k: options.pop(k) for k in ("custom_objects", "given_options") if k in options}
     # --model is the value given (model objects or paths), not parsed
-    opts = run_options.options_from(options_class(), script_utils.resolve_options(
-        get_args_parser(), (), {**options, "model": model}))
-    return predict_images(opts, **extras)
+    return run_options.keyword_run(predict_images, options_class(), get_args_parser(), (),
+                                   {**options, "model": model})
 
 
 def predict_images(opts: run_options.RunOptions, *, custom_objects: Optional[dict] = None,
