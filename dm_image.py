@@ -52,7 +52,7 @@ __all__ = [
     "kmeans", "clust_kpts",
     # intensity
     "hist_equalize", "intensity_scale_problem", "sample_max_level", "levels_scale_advice",
-    "InputRecipe", "RECIPE_ATTR",
+    "InputRecipe", "RECIPE_ATTR", "read_file_attr",
     # augmentation
     "keras20_transform_matrix", "fused_warp_matrix",
     # generator, labels and iterators
@@ -1184,6 +1184,22 @@ def _optional_float(name: str, value) -> Optional[float]:
     return None if value is None else _positive(name, value)
 
 
+def read_file_attr(path: PathLike, name: str) -> Optional[str]:
+    """The text of the HDF5 root attribute ``name`` of the file at ``path`` (bytes decoded as
+    UTF-8), or None: the file has no such attribute, or is not HDF5. Read with h5py (no
+    TensorFlow needed)."""
+    import h5py
+
+    try:
+        with h5py.File(os.fspath(path), "r") as fh:
+            value = fh.attrs.get(name)
+    except OSError:
+        return None
+    if value is None:
+        return None
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class InputRecipe:
     """How a stored image becomes model input: the settings, and the steps that apply them.
@@ -1437,17 +1453,11 @@ class InputRecipe:
         Raises:
             ValueError: the stored recipe cannot be read (the message names the file).
         """
-        import h5py
-
-        try:
-            with h5py.File(os.fspath(path), "r") as fh:
-                text = fh.attrs.get(RECIPE_ATTR)
-        except OSError:
-            return None
+        text = read_file_attr(path, RECIPE_ATTR)
         if text is None:
             return None
         try:
-            return cls.from_json(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+            return cls.from_json(text)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{os.fspath(path)}: unreadable input recipe ({exc})") from exc
 

@@ -1161,17 +1161,11 @@ def read_model_info(filepath) -> dict | None:
     Raises:
         ValueError: the attribute is not a JSON object (the message names the file).
     """
-    import h5py
-
-    try:
-        with h5py.File(_os.fspath(filepath), "r") as fh:
-            raw = fh.attrs.get(MODEL_INFO_ATTR)
-    except OSError:
-        return None
+    raw = _dm_image.read_file_attr(filepath, MODEL_INFO_ATTR)
     if raw is None:
         return None
     try:
-        info = _json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+        info = _json.loads(raw)
     except ValueError:
         info = None
     if not isinstance(info, dict):

@@ -329,6 +329,8 @@ class ResNetBuilder:
     """Builds ResNet-like classifiers (keras-resnet style, as in the 2017 code).
 
     ``input_shape`` is ``(nb_channels, nb_rows, nb_cols)``; rows/cols may be None.
+    ``build_<name>(input_shape, num_outputs, **kwargs)`` (``build_resnet_50``, ...) builds each
+    name of ``RESNET_VARIANTS``.
     """
 
     @staticmethod
@@ -376,14 +378,15 @@ class ResNetBuilder:
                             kernel_regularizer=l1l2_penalty_reg(alpha, l1_ratio),
                             name="predictions")(features)
 
-    @staticmethod
-    def build(input_shape: Sequence[Optional[int]], num_outputs: int,
+    @classmethod
+    def build(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
               block_fn: Union[str, Callable], repetitions: Sequence[int], nb_init_filter: int = 64,
               init_filter_size: int = 7, init_conv_stride: int = 2, pool_size: int = 3,
               pool_stride: int = 2, weight_decay: float = 1e-4, alpha: float = 1.0,
               l1_ratio: float = 0.5, inp_dropout: float = 0.0, hidden_dropout: float = 0.0,
               shortcut_with_bn: bool = False, bottleneck_enlarge_factor: int = 4) -> keras.Model:
-        """Build a single-input ResNet classifier.
+        """Build a single-input ResNet classifier (:class:`MultiViewResNetBuilder`: the
+        two-view one).
 
         Args:
             input_shape: ``(nb_channels, nb_rows, nb_cols)`` (2017 convention).
@@ -400,8 +403,13 @@ class ResNetBuilder:
             block_fn, repetitions, nb_init_filter, init_filter_size, init_conv_stride, pool_size,
             pool_stride, weight_decay, inp_dropout, hidden_dropout, shortcut_with_bn,
             bottleneck_enlarge_factor)
-        inp, feats = ResNetBuilder._shared_conv_layers(input_shape, tower)
-        out = ResNetBuilder._classifier(feats, num_outputs, alpha, l1_ratio)
+        return cls._assemble(input_shape, tower, num_outputs, alpha, l1_ratio)
+
+    @classmethod
+    def _assemble(cls, input_shape, tower: _Tower, num_outputs, alpha, l1_ratio):
+        """The model of :meth:`build`: one ``tower`` and the classifier."""
+        inp, feats = cls._shared_conv_layers(input_shape, tower)
+        out = cls._classifier(feats, num_outputs, alpha, l1_ratio)
         return keras.Model(inp, out, name="resnet")
 
     @classmethod
@@ -414,83 +422,40 @@ class ResNetBuilder:
         block_key, reps = RESNET_VARIANTS[variant]
         return cls.build(input_shape, num_outputs, BLOCK_FNS[block_key], list(reps), **kwargs)
 
-    @classmethod
-    def build_resnet_18(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                        ) -> keras.Model:
-        return cls.build_variant("resnet_18", input_shape, num_outputs, **kwargs)
 
-    @classmethod
-    def build_resnet_34(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                        ) -> keras.Model:
-        return cls.build_variant("resnet_34", input_shape, num_outputs, **kwargs)
+def _variant_builder(variant: str) -> classmethod:
+    """The classmethod ``build_<variant>(input_shape, num_outputs, **kwargs)``: the 2017 name
+    of ``cls.build_variant(variant, ...)``."""
+    def build_named(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
+                    ) -> keras.Model:
+        return cls.build_variant(variant, input_shape, num_outputs, **kwargs)
 
-    @classmethod
-    def build_resnet_38(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                        ) -> keras.Model:
-        return cls.build_variant("resnet_38", input_shape, num_outputs, **kwargs)
+    block_key, reps = RESNET_VARIANTS[variant]
+    build_named.__name__ = f"build_{variant}"
+    build_named.__qualname__ = f"ResNetBuilder.build_{variant}"
+    build_named.__doc__ = (f"Build {variant}: {block_key} blocks, {list(reps)} per stage "
+                           f"(keyword arguments: those of :meth:`ResNetBuilder.build`).")
+    return classmethod(build_named)
 
-    @classmethod
-    def build_resnet_50(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                        ) -> keras.Model:
-        return cls.build_variant("resnet_50", input_shape, num_outputs, **kwargs)
 
-    @classmethod
-    def build_resnet_50_org(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                            **kwargs: Any) -> keras.Model:
-        return cls.build_variant("resnet_50_org", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_resnet_101(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                         ) -> keras.Model:
-        return cls.build_variant("resnet_101", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_resnet_152(cls, input_shape: Sequence[Optional[int]], num_outputs: int, **kwargs: Any
-                         ) -> keras.Model:
-        return cls.build_variant("resnet_152", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_dm_resnet_14(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                           **kwargs: Any) -> keras.Model:
-        return cls.build_variant("dm_resnet_14", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_dm_resnet_47rb5(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                              **kwargs: Any) -> keras.Model:
-        return cls.build_variant("dm_resnet_47rb5", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_dm_resnet_56rb6(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                              **kwargs: Any) -> keras.Model:
-        return cls.build_variant("dm_resnet_56rb6", input_shape, num_outputs, **kwargs)
-
-    @classmethod
-    def build_dm_resnet_65rb7(cls, input_shape: Sequence[Optional[int]], num_outputs: int,
-                              **kwargs: Any) -> keras.Model:
-        return cls.build_variant("dm_resnet_65rb7", input_shape, num_outputs, **kwargs)
+# ResNetBuilder.build_resnet_18, ..., build_dm_resnet_65rb7: one per name of RESNET_VARIANTS.
+for _variant in RESNET_VARIANTS:
+    setattr(ResNetBuilder, f"build_{_variant}", _variant_builder(_variant))
+del _variant
 
 
 class MultiViewResNetBuilder(ResNetBuilder):
     """Two views (CC and MLO) through two towers of the same architecture (separate weights);
     their pooled features are concatenated and fed to one classifier. Inputs are named
-    ``cc_input`` and ``mlo_input``; tower layers are prefixed ``cc_`` / ``mlo_``."""
+    ``cc_input`` and ``mlo_input``; tower layers are prefixed ``cc_`` / ``mlo_``. :meth:`build`
+    takes the arguments of :meth:`ResNetBuilder.build`; ``input_shape`` is one view's."""
 
-    @staticmethod
-    def build(input_shape: Sequence[Optional[int]], num_outputs: int,
-              block_fn: Union[str, Callable], repetitions: Sequence[int], nb_init_filter: int = 64,
-              init_filter_size: int = 7, init_conv_stride: int = 2, pool_size: int = 3,
-              pool_stride: int = 2, weight_decay: float = 1e-4, alpha: float = 1.0,
-              l1_ratio: float = 0.5, inp_dropout: float = 0.0, hidden_dropout: float = 0.0,
-              shortcut_with_bn: bool = False, bottleneck_enlarge_factor: int = 4) -> keras.Model:
-        """Same arguments as :meth:`ResNetBuilder.build`; ``input_shape`` is one view's."""
-        tower = _Tower(
-            block_fn, repetitions, nb_init_filter, init_filter_size, init_conv_stride, pool_size,
-            pool_stride, weight_decay, inp_dropout, hidden_dropout, shortcut_with_bn,
-            bottleneck_enlarge_factor)
-        towers = [ResNetBuilder._shared_conv_layers(input_shape, tower, prefix=f"{view}_")
+    @classmethod
+    def _assemble(cls, input_shape, tower: _Tower, num_outputs, alpha, l1_ratio):
+        towers = [cls._shared_conv_layers(input_shape, tower, prefix=f"{view}_")
                   for view in ("cc", "mlo")]
         merged = layers.Concatenate(name="merged_views")([t[1] for t in towers])
-        out = ResNetBuilder._classifier(merged, num_outputs, alpha, l1_ratio)
+        out = cls._classifier(merged, num_outputs, alpha, l1_ratio)
         return keras.Model([t[0] for t in towers], out, name="multiview_resnet")
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "add_class_flags", "add_optimizer_flags", "add_stage_flags", "add_regularization_flags",
     "add_model_file_flags", "add_distributed_flags", "add_run_flags", "add_training_flags",
     "add_trust_flag", "add_progress_flag", "add_model_reading_flags",
+    "add_image_source_flags", "add_bootstrap_flags",
 ]
 
 NOSAVE = "NOSAVE"
@@ -418,3 +419,35 @@ def add_model_reading_flags(parser, verbose=True):
     ``--trust-model-file`` and ``--verbose`` (default ``verbose``)."""
     add_trust_flag(parser)
     add_progress_flag(parser, verbose)
+
+
+def add_image_source_flags(parser, malignant_class, malignant_default):
+    """The ``input (one of them)`` group of the tools that score whole images: ``--img-dir``,
+    ``--img-list``, ``--exam-list``, ``--class-list`` and ``--malignant-class`` (default
+    ``malignant_class``, which its help calls ``malignant_default``). Returns the group."""
+    src = parser.add_argument_group("input (one of them)")
+    src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
+                                       "folder of --exam-list / relative --img-list paths "
+                                       "(default: none)")
+    src.add_argument("--img-list", help="file with one image path (and label) per line "
+                                        "(default: none)")
+    src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form) "
+                                         "(default: none)")
+    src.add_argument("--class-list", nargs="+", default=["neg", "pos"],
+                     action=script_utils.UniqueValuesAction,
+                     help="class folders in label order (default: %(default)s)")
+    src.add_argument("--malignant-class", type=int, default=malignant_class,
+                     help=f"class index reported as malignant_pred (default: "
+                          f"{malignant_default})")
+    return src
+
+
+def add_bootstrap_flags(group):
+    """``--bootstrap`` (resamples of the 95 % intervals, 0 for none) and ``--seed`` (their
+    seed), to a parser or argument group."""
+    group.add_argument("--bootstrap", type=nonneg_int, default=2000,
+                       help="bootstrap resamples for 95%% intervals, 0 for none "
+                            "(default: %(default)s)")
+    group.add_argument("--seed", type=nonneg_int, default=12345,
+                       help="seed of the bootstrap resampling of the confidence intervals "
+                            "(default: %(default)s)")

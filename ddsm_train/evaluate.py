@@ -833,21 +833,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=cf.fraction, default=0.5,
                    help="fixed operating point (score >= threshold positive), reported "
                         "without --val-predictions (default: %(default)s)")
-    p.add_argument("--target-sensitivity", type=cf.fraction, default=0.9,
-                   help="sensitivity the validation-chosen threshold keeps "
-                        "(default: %(default)s)")
-    p.add_argument("--target-specificity", type=cf.fraction, default=0.9,
-                   help="specificity the validation-chosen threshold keeps "
-                        "(default: %(default)s)")
+    for rate in ("sensitivity", "specificity"):
+        p.add_argument(f"--target-{rate}", type=cf.fraction, default=0.9,
+                       help=f"{rate} the validation-chosen threshold keeps "
+                            "(default: %(default)s)")
     p.add_argument("--calibrate", choices=em.CALIBRATION_METHODS,
                    help="fit a recalibration on --val-predictions and write calibrated test "
                         "scores and the map (default: none)")
-    p.add_argument("--bootstrap", type=cf.nonneg_int, default=2000,
-                   help="bootstrap resamples for 95%% intervals, 0 for none "
-                        "(default: %(default)s)")
-    p.add_argument("--seed", type=cf.nonneg_int, default=12345,
-                   help="seed of the bootstrap resampling of the confidence intervals "
-                        "(default: %(default)s)")
+    cf.add_bootstrap_flags(p)
     p.add_argument("--quiet", action="store_true",
                    help="do not print the table (default: printed)")
     p.add_argument("--out-dir", default="./evaluation",

@@ -759,12 +759,10 @@ def run(img_folder: PathLike, dl_state: PathLike, pat_csv: Optional[PathLike] = 
         ValueError: an unknown option (the message lists the valid ones), and those of
             :func:`score_heatmaps`.
     """
-    extras = {k: options.pop(k) for k in ("custom_objects", "given_options") if k in options}
     if pat_csv is not None:
         options["pat_csv"] = pat_csv
-    opts = run_options.options_from(options_class(), script_utils.resolve_options(
-        get_args_parser(), (img_folder, dl_state), options))
-    return score_heatmaps(opts, **extras)
+    return run_options.keyword_run(score_heatmaps, options_class(), get_args_parser(),
+                                   (img_folder, dl_state), options)
 
 
 def score_heatmaps(opts: run_options.RunOptions, *, custom_objects: Optional[dict] = None,

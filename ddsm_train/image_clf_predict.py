@@ -88,8 +88,8 @@ from image_inputs import (IMAGE_EXTENSIONS, READ_ERRORS, VIEWS, ImageItem,  # no
                           describe_error, load_exam_list, load_pred_image, read_image_list)
 import run_files  # noqa: E402
 import run_options  # noqa: E402
-from common_flags import add_bool_flag, add_image_flags, add_model_reading_flags, \
-    add_optional_value_flag  # noqa: E402
+from common_flags import add_bool_flag, add_bootstrap_flags, add_image_flags, \
+    add_image_source_flags, add_model_reading_flags, add_optional_value_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
 from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
@@ -504,11 +504,9 @@ def run(model: Union[PathLike, keras.Model, Sequence], **options: Any) -> dict:
         ValueError: an unknown option (the message lists the valid ones), and those of
             :func:`predict_images`.
     """
-    extras = {k: options.pop(k) for k in ("custom_objects", "given_options") if k in options}
     # --model is the value given (model objects or paths), not parsed
-    opts = run_options.options_from(options_class(), script_utils.resolve_options(
-        get_args_parser(), (), {**options, "model": model}))
-    return predict_images(opts, **extras)
+    return run_options.keyword_run(predict_images, options_class(), get_args_parser(), (),
+                                   {**options, "model": model})
 
 
 def predict_images(opts: run_options.RunOptions, *, custom_objects: Optional[dict] = None,
@@ -643,19 +641,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="whole-image model file(s); predictions are averaged (required, "
                              "no default)")
     add_model_reading_flags(parser, True)
-    src = parser.add_argument_group("input (one of them)")
-    src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
-                                       "folder of --exam-list / relative --img-list paths "
-                                       "(default: none)")
-    src.add_argument("--img-list", help="file with one image path (and label) per line "
-                                        "(default: none)")
-    src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form) "
-                                         "(default: none)")
-    src.add_argument("--class-list", nargs="+", default=["neg", "pos"],
-                     action=script_utils.UniqueValuesAction,
-                     help="class folders in label order (default: %(default)s)")
-    src.add_argument("--malignant-class", type=int, default=-1,
-                     help="class index reported as malignant_pred (default: last)")
+    add_image_source_flags(parser, -1, "last")
     add_image_flags(parser, img_size=(1152, 896), featurewise_mean=52.16, equalize_hist=False,
                     featurewise_center=True, img_scale=None, rescale_factor=None,
                     from_recipe=tuple(RECIPE_OPTIONS))
@@ -669,11 +655,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--threshold", type=float, default=0.5,
                     help="score >= threshold is positive (default: %(default)s)")
-    ev.add_argument("--bootstrap", type=cf.nonneg_int, default=2000,
-                    help="bootstrap resamples for 95%% intervals (default: %(default)s)")
-    ev.add_argument("--seed", type=cf.nonneg_int, default=12345,
-                    help="seed of the bootstrap resampling of the confidence intervals "
-                         "(default: %(default)s)")
+    add_bootstrap_flags(ev)
     parser.add_argument("--out-dir", default="./predictions",
                         help="output folder, outside the input folders; files an earlier run "
                              "wrote there (listed in its .ddsm_outputs.json) that this run does "

@@ -201,14 +201,6 @@ def _check_common(opts, nb_devices):
         raise ValueError(f"--init-learningrate should be > 0, got {opts['init_lr']}")
 
 
-def _validate_run(opts, nb_devices=None):
-    """:func:`validate_options`, then the images' levels against the scale (which the model
-    files' recipes may have set)."""
-    validate_options(opts, nb_devices)
-    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
-                                    opts["img_scale"])
-
-
 def _build_model(opts, nb_class):
     import dm_keras_ext
     import dm_resnet
@@ -287,8 +279,7 @@ class _ImageTrainer(ts.TrainerSpec):
 
     stages, unit = "train_2stage", "images"
 
-    def validate(self, opts, nb_devices=None):
-        _validate_run(opts, nb_devices)
+    validate_options = staticmethod(validate_options)
 
     def build(self, opts, nb_class):
         model, top_layer_nb = _build_model(opts, nb_class)

@@ -84,19 +84,17 @@ CPU time for 40 patients at 1024x800 (160 images); tissue texture is rendered at
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import logging
 import shutil
 import time
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
+import script_utils  # first: puts the root dm_* modules on sys.path
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -508,14 +506,6 @@ def _write_text(path: Path, text: str) -> None:
     dm_image.atomic_write(path, lambda fh: fh.write(text), text=True)
 
 
-def _csv_text(header, rows) -> str:
-    buf = io.StringIO()
-    wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(header)
-    wr.writerows(rows)
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------------------------
 # Run
 # ----------------------------------------------------------------------------------------------
@@ -633,10 +623,10 @@ def _write_patient(pat: _Patient, split: str, paths: dict, h: int, w: int, whole
 def _write_lists(paths: dict, patients: list, train_ids: list, test_ids: list, rows: list) -> None:
     _write_text(paths["train_pat"], "".join(f"{p}\n" for p in train_ids))
     _write_text(paths["test_pat"], "".join(f"{p}\n" for p in test_ids))
-    _write_text(paths["roi_mask_csv"], _csv_text(ROI_CSV_HEADER, rows))
+    _write_text(paths["roi_mask_csv"], script_utils.csv_text(ROI_CSV_HEADER, rows))
     cancer = [(pat.patient_id, side, int(any(les.malignant for les in pat.breasts[side].lesions)))
               for pat in patients for side in SIDES]
-    _write_text(paths["pat_side_cancer_csv"], _csv_text(PAT_SIDE_HEADER, cancer))
+    _write_text(paths["pat_side_cancer_csv"], script_utils.csv_text(PAT_SIDE_HEADER, cancer))
 
 
 def run(out_dir: Union[str, Path], **options) -> dict:

@@ -113,14 +113,6 @@ def validate_options(opts, nb_devices=None):
 
 
 
-def _validate_run(opts, nb_devices=None):
-    """:func:`validate_options`, then the images' levels against the scale (which the model
-    files' recipes may have set)."""
-    validate_options(opts, nb_devices)
-    script_utils.check_input_levels([opts["train_dir"]], opts["rescale_factor"],
-                                    opts["img_scale"])
-
-
 def _build_model(opts, nb_class):
     import dm_keras_ext
 
@@ -153,8 +145,7 @@ class _PatchTrainer(ts.TrainerSpec):
 
     stages, unit = "train_3stage", "patches"
 
-    def validate(self, opts, nb_devices=None):
-        _validate_run(opts, nb_devices)
+    validate_options = staticmethod(validate_options)
 
     def build(self, opts, nb_class):
         model, preprocess, top_layer_nb = _build_model(opts, nb_class)

@@ -28,7 +28,7 @@ import collections.abc
 import dataclasses
 import typing
 
-__all__ = ["RunOptions", "options_class", "options_from"]
+__all__ = ["RunOptions", "options_class", "options_from", "keyword_run"]
 
 
 class RunOptions(collections.abc.Mapping):
@@ -121,3 +121,16 @@ def options_from(cls: type, options: collections.abc.Mapping) -> RunOptions:
     if isinstance(options, cls):
         return options
     return cls(**dict(options))
+
+
+def keyword_run(run: typing.Callable, cls: type, parser: argparse.ArgumentParser,
+                positionals: typing.Sequence, options: dict) -> typing.Any:
+    """The keyword form of a tool's ``run``: ``options`` (by destination name; missing ones
+    take the parser's defaults) and ``positionals`` resolved against ``parser``
+    (``script_utils.resolve_options``) into one ``cls`` object, handed to ``run`` with the
+    two keywords that are not flags, ``custom_objects`` and ``given_options``, when given."""
+    import script_utils
+
+    extras = {k: options.pop(k) for k in ("custom_objects", "given_options") if k in options}
+    return run(options_from(cls, script_utils.resolve_options(parser, positionals, options)),
+               **extras)

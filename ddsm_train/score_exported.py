@@ -31,8 +31,6 @@ Example (from inside ``ddsm_train/``)::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import os
@@ -47,7 +45,7 @@ import numpy as np  # noqa: E402
 import common_flags as cf  # noqa: E402
 import dm_image  # noqa: E402
 import run_files  # noqa: E402
-from common_flags import add_progress_flag  # noqa: E402
+from common_flags import add_image_source_flags, add_progress_flag  # noqa: E402
 from image_inputs import (IMAGE_EXTENSIONS, READ_ERRORS, ImageItem,  # noqa: E402
                           collect_items, describe_error, load_pred_image)
 from script_utils import cli_main  # noqa: E402
@@ -174,14 +172,6 @@ def _fmt(value: float) -> str:
     return "" if not np.isfinite(value) else f"{value:.8g}"
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def _write(path: Path, text: str, manifest) -> str:
     dm_image.atomic_write(path, lambda fh: fh.write(text), text=True)
     manifest.add(path)
@@ -204,10 +194,10 @@ def write_tables(items, exams, scores, out: Path, manifest) -> dict:
     """``image_predictions.csv`` and, for exam lists, ``breast_predictions.csv``."""
     rows = [[it.image_index, _fmt(s), "" if it.label is None else int(it.label)]
             for it, s in zip(items, scores)]
-    paths = {"image_csv": _write(out / "image_predictions.csv", _csv_text(
+    paths = {"image_csv": _write(out / "image_predictions.csv", script_utils.csv_text(
         ["image_index", "malignant_pred", "malignant_label"], rows), manifest)}
     if exams is not None:
-        paths["breast_csv"] = _write(out / "breast_predictions.csv", _csv_text(
+        paths["breast_csv"] = _write(out / "breast_predictions.csv", script_utils.csv_text(
             ["index", "left_malignant", "right_malignant"],
             _breast_rows(exams, items, scores)), manifest)
     return paths
@@ -309,20 +299,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Score mammograms with an exported model "
                                                  "(onnxruntime, no TensorFlow).")
     parser.add_argument("export_dir", metavar="DIR", help="folder written by export_model.py")
-    src = parser.add_argument_group("input (one of them)")
-    src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
-                                       "folder of --exam-list / relative --img-list paths "
-                                       "(default: none)")
-    src.add_argument("--img-list", help="file with one image path (and label) per line "
-                                        "(default: none)")
-    src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form) "
-                                         "(default: none)")
-    src.add_argument("--class-list", nargs="+", default=["neg", "pos"],
-                     action=script_utils.UniqueValuesAction,
-                     help="class folders in label order (default: %(default)s)")
-    src.add_argument("--malignant-class", type=int, default=None,
-                     help="class index reported as malignant_pred (default: the recipe's, "
-                          "the last)")
+    add_image_source_flags(parser, None, "the recipe's, the last")
     g = parser.add_argument_group("scoring")
     g.add_argument("--flips", action=argparse.BooleanOptionalAction, default=None,
                    help="average over the 4 flips (default: as the export's recipe.json says)")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import inspect
 import io
 import json
@@ -118,7 +119,7 @@ def import_tensorflow_quietly() -> None:
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_table",
+__all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_table", "csv_text",
            "safe_name_part", "RestrictedUnpickler", "restricted_unpickle", "ROI_COLUMNS",
            "run_defaults", "resolve_options",
            "DEFAULT_NUM_CPU_CORES", "DEFAULT_NUM_GPU_DEVICES", "DEFAULT_RANDOM_SEED",
@@ -211,6 +212,15 @@ def read_csv_table(path: PathLike, required: Sequence[str] = (), **read_csv_kwar
     else:   # quoted fields spanning lines: fall back to the row position
         df["_line"] = [f"data row {i + 1}" for i in range(len(df))]
     return df
+
+
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The text of a CSV file: the ``header`` line, then one line per row (``\\n`` ends each)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def _check_unique_header(path, text, kwargs) -> None:

@@ -1415,16 +1415,9 @@ def do_3stage_training(model, org_model, train_generator, validation_set, valida
         callbacks: extra Keras callbacks for every stage.
         frozen_bn_mode: ``"batch"`` or ``"moving"``, how frozen BatchNormalization layers
             train (see :func:`set_frozen_bn_mode`).
-        seed: with a seed, each epoch starts by seeding Python, NumPy and TensorFlow with
-            ``seed + epoch`` (and retraces the train step of a model with dropout), so that an
-            epoch's randomness depends only on (seed, epoch): a resumed run ends as an
-            uninterrupted one would. None: no reseeding.
-        checkpoint_path: after each epoch the model, its optimizer state and the run's state
-            (stage, epoch, lr, early-stopping and plateau counters, best so far, ``seed``,
-            ``run_info``, the epochs' logs) are written atomically to this HDF5 file (see
-            :func:`save_training_checkpoint`); the last epoch marks it finished. None: off.
-        log_csv: the per-epoch CSV log (:func:`write_training_log`), rewritten each epoch.
-        curves_png: the training curves (:func:`plot_training_curves`) written at the end.
+        seed, checkpoint_path, log_csv, curves_png: the per-epoch reseeding (a resumed run
+            ends as an uninterrupted one would), the checkpoint, the CSV log and the curves of
+            the run: see :class:`StageRun`.
         resume_state: a state of :func:`read_training_state` (see :func:`resolve_resume`):
             stages finished before it are skipped, the interrupted one continues from its
             weights, optimizer state, lr and counters; its ``plan`` settings override

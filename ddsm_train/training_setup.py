@@ -25,8 +25,8 @@ import os
 from pathlib import Path
 
 from common_flags import NOSAVE
-from script_utils import get_num_cpu_cores, get_num_gpu_devices, get_random_seed, \
-    log_options, options_json_path, options_sidecar, read_csv_table
+from script_utils import check_input_levels, get_num_cpu_cores, get_num_gpu_devices, \
+    get_random_seed, log_options, options_json_path, options_sidecar, read_csv_table
 
 __all__ = [
     "check_batch_vs_devices", "env_summary", "check_class_dirs",
@@ -521,7 +521,9 @@ class TrainerSpec:
     """What one trainer adds to the run skeleton of :func:`run_trainer`.
 
     A trainer module subclasses it (or passes an instance with these methods):
-    ``validate(opts, nb_devices)`` checks the options; ``build(opts, nb_class)`` returns
+    ``validate(opts, nb_devices)`` checks the options (by default the trainer's
+    ``validate_options(opts, nb_devices)``, then the training images' levels against the
+    scale); ``build(opts, nb_class)`` returns
     ``(model, top_layer_nb, preprocess_net)`` (the backbone whose ``preprocess_input`` the
     iterators apply, or None); ``plan(opts, top_layer_nb)`` the options passed whole to the
     staged training; ``checkpointer(opts, val, extras)`` its best-model callback (saving with ``extras``) (None: the staged
@@ -537,6 +539,14 @@ class TrainerSpec:
     unit = "samples"
 
     def validate(self, opts, nb_devices=None):
+        """:meth:`validate_options`, then the levels of the training images against the
+        scale, which the model files' recipes may have set
+        (``script_utils.check_input_levels``)."""
+        self.validate_options(opts, nb_devices)
+        check_input_levels([opts["train_dir"]], opts["rescale_factor"], opts["img_scale"])
+
+    def validate_options(self, opts, nb_devices=None):
+        """The trainer module's own check of the options (its ``validate_options``)."""
         raise NotImplementedError
 
     def build(self, opts, nb_class):

@@ -117,6 +117,27 @@ def write_class_split(root, classes, counts, hw, rng, contrast=15000):
                 imwrite(folder / f"{cls}_{i:02d}.png", img.clip(0, 65535).astype(np.uint16))
 
 
+def write_spot_image(path, hw, bright, seed):
+    """A 16-bit noise image (levels 2000..12000) of ``hw`` pixels at ``path``; ``bright``: with
+    a 20x20 square at 60000 (rows 20..39, columns 10..29)."""
+    img = np.random.default_rng(seed).integers(2000, 12000, size=hw).astype(np.uint16)
+    if bright:
+        img[20:40, 10:30] = 60000
+    imwrite(path, img)
+
+
+def write_scoring_classes(root, nb_per_class, hw):
+    """Class folders ``root/neg/nK.png`` (plain noise) and ``root/pos/pK.png`` (with the bright
+    square of :func:`write_spot_image`), ``nb_per_class`` each, and an unreadable
+    ``root/pos/broken.png``; returns ``root``."""
+    root = Path(root)
+    for k in range(nb_per_class):
+        write_spot_image(root / "neg" / f"n{k}.png", hw, False, k)
+        write_spot_image(root / "pos" / f"p{k}.png", hw, True, 10 + k)
+    (root / "pos" / "broken.png").write_bytes(b"not a png at all")
+    return root
+
+
 def split_dirs(root, kind):
     """The train, val and test folders of ``root/kind`` as strings (trainer positionals)."""
     return [str(Path(root) / kind / s) for s in ("train", "val", "test")]

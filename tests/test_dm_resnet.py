@@ -1,4 +1,7 @@
 """dm_resnet: blocks, ResNet builders, elastic-net penalty and the patch-to-image converter."""
+import inspect
+import json
+
 import numpy as np
 import pytest
 
@@ -138,6 +141,57 @@ def test_named_variant_passes_its_architecture(monkeypatch, variant):
     depth = 1 + sum(expected_reps) * (3 if block_key.startswith("bottleneck") else 2) + 1
     if variant.startswith("dm_resnet"):
         assert str(depth) == variant.split("_")[2][:2]
+
+
+# (parameters, layers) of each named builder's model with nb_init_filter=2 and 3 classes, as
+# the 2017 classmethods, one written out per name, built it.
+VARIANT_SIZES = {
+    "resnet_18": (11633, 85), "resnet_34": (22077, 157), "resnet_38": (7347, 168),
+    "resnet_50": (26611, 221), "resnet_50_org": (26859, 221), "resnet_101": (49187, 442),
+    "resnet_152": (68019, 663), "dm_resnet_14": (8875, 65), "dm_resnet_47rb5": (83547, 209),
+    "dm_resnet_56rb6": (322907, 249), "dm_resnet_65rb7": (1268571, 289),
+}
+
+
+def _variant_param(variant):
+    big = VARIANT_SIZES[variant][1] > 200
+    return pytest.param(variant, marks=pytest.mark.slow) if big else variant
+
+
+@pytest.mark.parametrize("variant", [_variant_param(v) for v in sorted(VARIANT_SIZES)])
+def test_named_builder_builds_its_2017_model(keras_session, variant):
+    """Each ``build_<name>`` gives the model of ``build`` with its block and repetitions: the
+    same JSON config, and the parameter and layer counts of the 2017 builders."""
+    kwargs = dict(nb_init_filter=2, weight_decay=1e-3)
+    model = getattr(R.ResNetBuilder, f"build_{variant}")((1, None, None), 3, **kwargs)
+    config, sizes = json.loads(model.to_json()), (model.count_params(), len(model.layers))
+    keras_session.backend.clear_session()
+    block_key, reps = EXPECTED_VARIANTS[variant]
+    ref = R.ResNetBuilder.build((1, None, None), 3, R.BLOCK_FNS[block_key], reps, **kwargs)
+    assert config == json.loads(ref.to_json())
+    assert sizes == VARIANT_SIZES[variant]
+
+
+def test_named_builders_keep_their_2017_names_and_signatures():
+    """``ResNetBuilder.build_<name>(input_shape, num_outputs, **kwargs)`` for every name of
+    ``RESNET_VARIANTS``, a classmethod that a subclass's ``build`` serves."""
+    assert sorted(R.RESNET_VARIANTS) == sorted(EXPECTED_VARIANTS)
+    for variant in EXPECTED_VARIANTS:
+        name = f"build_{variant}"
+        assert isinstance(vars(R.ResNetBuilder)[name], classmethod), name
+        method = getattr(R.ResNetBuilder, name)
+        assert method.__name__ == name and method.__doc__, name
+        assert list(inspect.signature(method).parameters) == ["input_shape", "num_outputs",
+                                                              "kwargs"], name
+    calls = []
+
+    class Recording(R.ResNetBuilder):
+        @staticmethod
+        def build(*args, **kwargs):
+            calls.append(args[2:4])
+
+    Recording.build_resnet_38((1, 8, 8), 2)
+    assert calls == [(R.BLOCK_FNS["bottleneck"], [3, 6, 3])]
 
 
 @pytest.mark.parametrize("variant", ["resnet_18", "dm_resnet_14", "org_1_2"])

@@ -16,6 +16,7 @@ import dm_image
 import export_model
 import image_clf_predict as icp
 import score_exported
+from conftest import write_scoring_classes
 
 H, W = 32, 24
 RESCALE = 255 / 65535
@@ -25,23 +26,9 @@ RECIPE_FLAGS = ["--img-size", str(H), str(W), "--rescale-factor", str(RESCALE),
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _write_img(path, bright, seed):
-    rng = np.random.default_rng(seed)
-    img = rng.integers(2000, 12000, size=(H * 2, W * 2)).astype(np.uint16)
-    if bright:
-        img[20:40, 10:30] = 60000
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), img)
-
-
 @pytest.fixture(scope="module")
 def class_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cls")
-    for k in range(3):
-        _write_img(root / "neg" / f"n{k}.png", False, k)
-        _write_img(root / "pos" / f"p{k}.png", True, 10 + k)
-    (root / "pos" / "broken.png").write_bytes(b"not a png at all")
-    return root
+    return write_scoring_classes(tmp_path_factory.mktemp("cls"), 3, (H * 2, W * 2))
 
 
 def _tiny_model(keras, fixed=True, seed=1):

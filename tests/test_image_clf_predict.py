@@ -10,29 +10,16 @@ from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 
 import dm_image
 import image_clf_predict as icp
+from conftest import write_scoring_classes, write_spot_image
 
 H, W = 32, 24
 RESCALE = 255 / 65535
 MEAN = 40.0
 
 
-def _write_img(path, bright):
-    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
-    img = rng.integers(2000, 12000, size=(H * 2, W * 2)).astype(np.uint16)
-    if bright:
-        img[20:40, 10:30] = 60000
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), img)
-
-
 @pytest.fixture(scope="module")
 def class_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cls")
-    for k in range(4):
-        _write_img(root / "neg" / f"n{k}.png", False)
-        _write_img(root / "pos" / f"p{k}.png", True)
-    (root / "pos" / "broken.png").write_bytes(b"not a png at all")
-    return root
+    return write_scoring_classes(tmp_path_factory.mktemp("cls"), 4, (H * 2, W * 2))
 
 
 def _tiny_model(keras, channels=3, seed=0, fixed=True):
@@ -474,7 +461,7 @@ def test_images_that_cannot_give_a_score_go_to_the_error_column(class_dir, train
     assert cv2.imwrite(str(folder / "pos" / "nan.tif"), nan)
     cv2.imwrite(str(folder / "neg" / "flat.png"), np.full((H * 2, W * 2), 9000, np.uint16))
     cv2.imwrite(str(folder / "pos" / "dot.png"), np.full((1, 1), 9000, np.uint16))
-    _write_img(folder / "beside.png", False)
+    write_spot_image(folder / "beside.png", (H * 2, W * 2), False, 0)
     clean = icp.main(["--model", str(paths[0]), "--img-dir", str(class_dir), "--out-dir",
                       str(tmp_path / "clean"), *BASE])
     with caplog.at_level(logging.WARNING):
@@ -534,3 +521,27 @@ def test_run_hands_one_options_object_with_the_parsers_defaults(monkeypatch):
     opts, extra = seen[1]
     assert opts.model is model and opts.img_dir == "imgs" and opts.test_augment
     assert opts.class_list == ["neg", "pos"] and extra == {"given_options": []}
+
+
+def test_flags_shared_with_evaluate_and_score_exported_keep_each_tools_defaults():
+    """The input group (also score_exported.py's) and ``--bootstrap`` / ``--seed`` (also
+    evaluate.py's) are declared once; each tool keeps its own defaults and help."""
+    import evaluate
+    import score_exported
+
+    def parsed(module, argv):
+        parser = module.get_args_parser()
+        return vars(parser.parse_args(argv)), {a.dest: a.help for a in parser._actions}
+
+    pred, pred_help = parsed(icp, ["--model", "m.h5"])
+    assert (pred["malignant_class"], pred["class_list"]) == (-1, ["neg", "pos"])
+    assert pred_help["malignant_class"].endswith("(default: last)")
+    exported, exported_help = parsed(score_exported, ["DIR", "--out-dir", "o"])
+    assert (exported["malignant_class"], exported["class_list"]) == (None, ["neg", "pos"])
+    assert exported_help["malignant_class"].endswith("(default: the recipe's, the last)")
+    ev, ev_help = parsed(evaluate, ["--predictions", "p.csv"])
+    for opts, helps in ((pred, pred_help), (ev, ev_help)):
+        assert (opts["bootstrap"], opts["seed"]) == (2000, 12345)
+        assert "0 for none" in helps["bootstrap"] and "bootstrap" in helps["seed"]
+    assert (ev["target_sensitivity"], ev["target_specificity"]) == (0.9, 0.9)
+    assert ev_help["target_specificity"].startswith("specificity the validation-chosen")

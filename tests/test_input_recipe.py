@@ -200,6 +200,36 @@ def test_recipe_from_model_file(tmp_path):
     assert dm_image.InputRecipe.from_model_file(tmp_path / "plain.h5") is None
 
 
+def test_model_file_attributes_read_as_text_or_bytes(tmp_path):
+    """The recipe and the model info read the same stored as bytes or as text; a file that
+    is not HDF5, or lacks the attribute, has none; an unreadable one names the file."""
+    import h5py
+
+    import dm_keras_ext as K
+
+    recipe = dm_image.InputRecipe(img_size=(64, 48), channels=1, rescale_factor=RESCALE)
+    good, bad, other = tmp_path / "good.h5", tmp_path / "bad.h5", tmp_path / "other.h5"
+    with h5py.File(good, "w") as f:
+        f.attrs[dm_image.RECIPE_ATTR] = recipe.to_json().encode()
+        f.attrs[K.MODEL_INFO_ATTR] = np.bytes_(b'{"net": "toy"}')
+        f.attrs["note"] = "text"
+    assert dm_image.InputRecipe.from_model_file(good) == recipe
+    assert K.read_model_info(good) == {"net": "toy"}
+    assert dm_image.read_file_attr(good, "note") == "text"
+    assert dm_image.read_file_attr(good, "absent") is None
+    other.write_text("not an HDF5 file")
+    assert dm_image.read_file_attr(other, "note") is None
+    assert dm_image.InputRecipe.from_model_file(other) is None
+    assert K.read_model_info(other) is None
+    with h5py.File(bad, "w") as f:
+        f.attrs[dm_image.RECIPE_ATTR] = "{not json"
+        f.attrs[K.MODEL_INFO_ATTR] = "[1, 2]"
+    with pytest.raises(ValueError, match="bad.h5: unreadable input recipe"):
+        dm_image.InputRecipe.from_model_file(bad)
+    with pytest.raises(ValueError, match="bad.h5: unreadable dm_model_info attribute"):
+        K.read_model_info(bad)
+
+
 def test_import_stays_free_of_tensorflow():
     import subprocess
     import sys

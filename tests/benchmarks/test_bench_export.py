@@ -18,27 +18,13 @@ from pathlib import Path
 import numpy as np
 
 import dm_image
+from scoring_inputs import full_size_views
 
 N_IMAGES = int(os.environ.get("BENCH_EXPORT_IMAGES", "4"))
 ROUNDS = int(os.environ.get("BENCH_EXPORT_ROUNDS", "3"))
 SIZE = tuple(int(v) for v in os.environ.get("BENCH_EXPORT_SIZE", "1152 896").split())
 FLIPS = os.environ.get("BENCH_EXPORT_FLIPS", "0") == "1"
 REPO = Path(__file__).resolve().parents[2]
-REAL_DIR = REPO.parent / "shared" / "data" / "real_mammograms"
-
-
-def _image_files(tmp_path):
-    real = sorted(REAL_DIR.glob("*.png")) if REAL_DIR.is_dir() else []
-    if real:
-        return [real[k % len(real)] for k in range(N_IMAGES)], "real 3328x2560"
-    rng = np.random.default_rng(0)
-    files = []
-    for k in range(N_IMAGES):
-        img = rng.integers(0, 40000, (3328, 2560)).astype(np.uint16)
-        img[:, 1800:] = 0
-        files.append(tmp_path / f"img_{k}.png")
-        dm_image.write_png(files[-1], img)
-    return files, "synthetic 3328x2560"
 
 
 def _model_file(tmp_path):
@@ -87,7 +73,7 @@ def test_bench_onnxruntime_against_image_clf_predict(tmp_path):
     import score_exported
     from image_inputs import ImageItem
 
-    files, kind = _image_files(tmp_path)
+    files, kind = full_size_views(tmp_path, N_IMAGES)
     model_file = _model_file(tmp_path)
     t_export, summary = _time(lambda: export_model.run(str(model_file), str(tmp_path / "exp"),
                                                       flips=FLIPS))

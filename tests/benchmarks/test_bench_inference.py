@@ -14,38 +14,22 @@ interleaved rounds, in wall time and in CPU time of all threads (steadier on a s
 hide much there; on a GPU it hides the decoding behind the model)."""
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 
-import dm_image
 import eval_metrics
 from dm_keras_ext import get_dl_model
 from dm_resnet import add_top_layers
 from image_clf_predict import ImageItem, load_pred_image, predict_batch, score_items
+from scoring_inputs import full_size_views
 
 N_IMAGES = int(os.environ.get("BENCH_INFER_IMAGES", "4"))
 ROUNDS = int(os.environ.get("BENCH_INFER_ROUNDS", "3"))
 BATCH = 1
-REAL_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_mammograms"
 READ = dict(img_size=(1152, 896), img_scale=None, rescale_factor=0.003891,
             equalize_hist=False, featurewise_center=True, featurewise_mean=52.16,
             segment_breast=False)
-
-
-def _image_files(tmp_path):
-    real = sorted(REAL_DIR.glob("*.png")) if REAL_DIR.is_dir() else []
-    if real:
-        return [real[k % len(real)] for k in range(N_IMAGES)], "real 3328x2560"
-    rng = np.random.default_rng(0)
-    files = []
-    for k in range(N_IMAGES):
-        img = rng.integers(0, 40000, (3328, 2560)).astype(np.uint16)
-        img[:, 1800:] = 0
-        files.append(tmp_path / f"img_{k}.png")
-        dm_image.write_png(files[-1], img)
-    return files, "synthetic 3328x2560"
 
 
 def _in_memory(models, x, test_augment):
@@ -69,7 +53,7 @@ def test_bench_whole_image_inference_cpu(keras_session, tmp_path):
     model, _ = add_top_layers(patch, (1152, 896), patch_net="resnet50", block_type="resnet",
                               depths=[512, 512], repetitions=[2, 2],
                               bottleneck_enlarge_factor=2)
-    files, kind = _image_files(tmp_path)
+    files, kind = full_size_views(tmp_path, N_IMAGES)
     items = [ImageItem(str(k), f) for k, f in enumerate(files)]
     x = np.stack([load_pred_image(f, **READ) for f in files])
     models = [("resnet50_top", model)]
