@@ -661,22 +661,25 @@ PROGRESS_EVERY_S = 2.0
 def report_progress(task: str, n: int, of: Optional[int], **values: Any) -> None:
     """Print ``PROGRESS task=TASK n=N of=OF key=value ...`` on stdout when the environment
     variable ``DM_PROGRESS`` is 1, else nothing. Floats are printed with 4 significant
-    digits; None values are left out; spaces in ``task`` become ``_``."""
+    digits; None values are left out; text is URL-quoted (a space is ``%20``)."""
+    from urllib.parse import quote
+
     if os.environ.get(PROGRESS_ENV) != "1":
         return
-    fields = {"task": "_".join(str(task).split()), "n": int(n),
-              "of": "?" if of is None else int(of), **values}
-    text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+    fields = {"task": task, "n": int(n), "of": "?" if of is None else int(of), **values}
+    text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={quote(str(v))}"
                     for k, v in fields.items() if v is not None)
     print(PROGRESS_PREFIX + text, flush=True)
 
 
 def parse_progress(line: str) -> Optional[dict]:
     """The fields of a :func:`report_progress` line as strings, or None for any other line."""
+    from urllib.parse import unquote
+
     if not line.startswith(PROGRESS_PREFIX):
         return None
-    fields = dict(part.split("=", 1) for part in line[len(PROGRESS_PREFIX):].split()
-                  if "=" in part)
+    fields = {k: unquote(v) for k, _, v in (part.partition("=") for part in
+                                             line[len(PROGRESS_PREFIX):].split()) if v}
     return fields if "task" in fields and "n" in fields else None
 
 

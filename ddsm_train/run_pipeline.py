@@ -145,7 +145,7 @@ def describe_progress(fields: dict) -> str:
         return f"epoch {n} of {of}" + (f": {values}" if values else "")
     unit = fields.get("unit", "")
     unit = PROGRESS_UNITS.get(unit, unit)
-    return f"{fields['task'].replace('_', ' ')}: {n} of {of}" + (f" {unit}" if unit else "")
+    return f"{fields['task']}: {n} of {of}" + (f" {unit}" if unit else "")
 
 
 class LearningWarnings(RuntimeError):

@@ -144,14 +144,14 @@ def test_report_progress_prints_only_when_asked(capsys, monkeypatch):
         bar.update(3)
     assert "PROGRESS" not in capsys.readouterr().out
     monkeypatch.setenv("DM_PROGRESS", "1")
-    with dm_image.progress(5, "loading x into RAM", unit="img") as bar:
+    with dm_image.progress(5, "loading data/whole_img into RAM", unit="img") as bar:
         for _ in range(5):
             bar.update()
     out = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("PROGRESS")]
     # the first update is within 2 s of the start: only the last item has a line
-    assert out == ["PROGRESS task=loading_x_into_RAM n=5 of=5 unit=img"]
-    assert dm_image.parse_progress(out[0] + "\n") == {"task": "loading_x_into_RAM", "n": "5",
-                                                      "of": "5", "unit": "img"}
+    assert out == ["PROGRESS task=loading%20data/whole_img%20into%20RAM n=5 of=5 unit=img"]
+    assert dm_image.parse_progress(out[0] + "\n") == {
+        "task": "loading data/whole_img into RAM", "n": "5", "of": "5", "unit": "img"}
     assert dm_image.parse_progress("PROGRESS of the run\n") is None
 
 
