@@ -964,17 +964,12 @@ class Pipeline:
                               bufsize=1) as proc:
             try:
                 for line in proc.stdout:
-                    fields = parse_progress(line)
-                    if fields is not None:
-                        text = describe_progress(fields)
-                        fh.write(f"progress: {text}\n")
-                        self._show_progress(name, text)
-                    elif not (hide_tf and TF_STARTUP_LINE.match(line.rstrip("\n"))):
-                        fh.write(line)
-                        kept.append(line)
-                    fh.flush()
-            except BaseException:
-                proc.kill()
+                    self._take_line(name, line, fh, kept, hide_tf)
+            except BaseException:     # Ctrl-C reaches the tool too: let it stop by itself
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
                 raise
             finally:
                 self._end_progress()
@@ -983,6 +978,19 @@ class Pipeline:
             tail = [ln for ln in kept if ln.strip()][-1:] or [""]
             raise StageError(f"stage {name}: {step.script}.py exited with status "
                              f"{proc.returncode} (log {log}): {tail[0].strip()}")
+
+    def _take_line(self, name: str, line: str, fh, kept: List[str], hide_tf: bool) -> None:
+        """One line of a tool's output into the log (a progress line in words, shown on the
+        console too; TensorFlow's start-up lines left out when ``hide_tf``)."""
+        fields = parse_progress(line)
+        if fields is not None:
+            text = describe_progress(fields)
+            fh.write(f"progress: {text}\n")
+            self._show_progress(name, text)
+        elif not (hide_tf and TF_STARTUP_LINE.match(line.rstrip("\n"))):
+            fh.write(line)
+            kept.append(line)
+        fh.flush()
 
     def _show_progress(self, name: str, text: str) -> None:
         """A stage's progress on the console: one updating line on a terminal, else a line
