@@ -46,7 +46,7 @@ __all__ = [
     "ImageReadError", "IMG_EXTENSIONS", "read_image", "read_resize_stored", "read_resize_img",
     "MIN_IMAGE_SIDE", "image_content_problem",
     "atomic_write", "remove_atomic_leftovers", "process_alive", "write_png", "list_images",
-    "list_class_images", "progress",
+    "list_class_images", "progress", "report_progress", "parse_progress", "PROGRESS_ENV",
     # geometry
     "segment_breast", "crop_img", "add_img_margins", "sweep_img_patches", "get_roi_patches",
     "kmeans", "clust_kpts",
@@ -665,21 +665,91 @@ class _LineProgress:
         self.close()
 
 
+#: Set to 1 (``run_pipeline.py`` does) to have the tools print machine-readable progress lines
+#: on stdout, ``PROGRESS task=scoring n=40 of=120 unit=img`` (see :func:`report_progress`).
+PROGRESS_ENV = "DM_PROGRESS"
+PROGRESS_PREFIX = "PROGRESS "
+#: Seconds between two progress lines of a loop (its last item always has one).
+PROGRESS_EVERY_S = 2.0
+
+
+def report_progress(task: str, n: int, of: Optional[int], **values: Any) -> None:
+    """Print ``PROGRESS task=TASK n=N of=OF key=value ...`` on stdout when the environment
+    variable ``DM_PROGRESS`` is 1, else nothing. Floats are printed with 4 significant
+    digits; None values are left out; text is URL-quoted (a space is ``%20``)."""
+    from urllib.parse import quote
+
+    if os.environ.get(PROGRESS_ENV) != "1":
+        return
+    fields = {"task": task, "n": int(n), "of": "?" if of is None else int(of), **values}
+    text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={quote(str(v))}"
+                    for k, v in fields.items() if v is not None)
+    print(PROGRESS_PREFIX + text, flush=True)
+
+
+def parse_progress(line: str) -> Optional[dict]:
+    """The fields of a :func:`report_progress` line as strings, or None for any other line."""
+    from urllib.parse import unquote
+
+    if not line.startswith(PROGRESS_PREFIX):
+        return None
+    fields = {k: unquote(v) for k, _, v in (part.partition("=") for part in
+                                             line[len(PROGRESS_PREFIX):].split()) if v}
+    return fields if "task" in fields and "n" in fields else None
+
+
+class _ReportedProgress:
+    """A progress display that also reports its count (:func:`report_progress`), at most
+    every ``PROGRESS_EVERY_S`` seconds and at its last item."""
+
+    def __init__(self, bar: Any, total: Optional[int], desc: str, unit: str):
+        self.bar, self.total, self.desc, self.unit = bar, total, desc, unit
+        self.n, self._sent, self._last = 0, 0, time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.n += n
+        if (time.monotonic() - self._last >= PROGRESS_EVERY_S
+                or (self.total is not None and self.n >= self.total)):
+            self._send()
+
+    def _send(self) -> None:
+        if self.n != self._sent:
+            report_progress(self.desc, self.n, self.total, unit=self.unit)
+            self._sent, self._last = self.n, time.monotonic()
+
+    def close(self) -> None:
+        self.bar.close()
+        self._send()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def progress(total: Optional[int], desc: str, unit: str = "img", verbose: bool = True,
              every: Optional[int] = None) -> Any:
     """A progress display for a loop of ``total`` items: ``with progress(...) as bar: bar.update()``.
 
     On a terminal it is a tqdm bar (on stderr); when stderr is a file or a pipe (a batch job's
     log) it is a line every ``every`` items (default: a tenth of ``total``) through logging, so
-    logs stay readable; with ``verbose`` False it shows nothing.
+    logs stay readable; with ``verbose`` False it shows nothing. With ``DM_PROGRESS=1`` in the
+    environment the count is also printed as ``PROGRESS`` lines (:func:`report_progress`),
+    ``verbose`` or not.
     """
     if not verbose:
-        return _LineProgress(total, desc, unit, every=1 << 62)._silent()
-    if sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
+        bar = _LineProgress(total, desc, unit, every=1 << 62)._silent()
+    elif sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty():
         from tqdm import tqdm
 
-        return tqdm(total=total, desc=desc, unit=unit)
-    return _LineProgress(total, desc, unit, every or max(1, (total or 100) // 10))
+        bar = tqdm(total=total, desc=desc, unit=unit)
+    else:
+        bar = _LineProgress(total, desc, unit, every or max(1, (total or 100) // 10))
+    if os.environ.get(PROGRESS_ENV) == "1":
+        return _ReportedProgress(bar, total, desc, unit)
+    return bar
 
 
 # ----------------------------------------------------------------------------------------------

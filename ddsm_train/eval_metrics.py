@@ -49,7 +49,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -302,13 +302,39 @@ def evaluate_binary(y_true: ArrayLike, y_score: ArrayLike, threshold: float = DE
     return {k: res[k] for k in BINARY_KEYS}
 
 
+#: (marker, colour) of the operating points marked on the curves, in order.
+_POINT_STYLES = (("o", "red"), ("s", "darkorange"), ("^", "purple"), ("D", "green"),
+                 ("v", "brown"), ("P", "black"))
+
+
+def _marked_points(y: np.ndarray, s: np.ndarray, metrics: Dict) -> List[tuple]:
+    """(legend label, {True: (1 - spec, sens), False: (recall, precision)}) of each operating
+    point to mark: ``metrics["points"]`` (dicts with ``label``, ``threshold``, ``sensitivity``,
+    ``specificity``) when given, else the one at ``metrics["threshold"]``."""
+    points = metrics.get("points")
+    if points is None:
+        points = [{"label": f"threshold {float(metrics['threshold']):.2f}", **metrics}] \
+            if metrics.get("threshold") is not None else []
+    marked = []
+    for p in points:
+        if p.get("sensitivity") is None or p.get("specificity") is None:
+            continue
+        sens, spec = float(p["sensitivity"]), float(p["specificity"])
+        pred_pos = s >= float(p["threshold"])
+        prec = float(y[pred_pos].mean()) if pred_pos.any() else float("nan")
+        marked.append((p["label"], {True: (1 - spec, sens), False: (sens, prec)}))
+    return marked
+
+
 def roc_pr_figures(y_true: ArrayLike, y_score: ArrayLike, title: str = "",
                    metrics: Optional[Dict] = None) -> Tuple[Any, Any]:
     """The ROC and precision-recall curves as two matplotlib Figures (see :func:`plot_roc_pr`).
 
     Titles give the numbers of positives and negatives; with ``metrics`` (an
     :func:`evaluate_binary` result) the legend gives the AUCs with their intervals and a red
-    dot marks the operating point at ``metrics["threshold"]``.
+    dot marks the operating point at ``metrics["threshold"]``; a list ``metrics["points"]``
+    (dicts with ``label``, ``threshold``, ``sensitivity``, ``specificity``) marks those points
+    instead, each with its label in the legend.
     """
     import matplotlib
 
@@ -332,13 +358,7 @@ def roc_pr_figures(y_true: ArrayLike, y_score: ArrayLike, title: str = "",
         return text
 
     n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
-    point = None
-    if metrics.get("threshold") is not None and metrics.get("sensitivity") is not None \
-            and metrics.get("specificity") is not None:
-        sens, spec = float(metrics["sensitivity"]), float(metrics["specificity"])
-        pred_pos = s >= float(metrics["threshold"])
-        prec = float(y[pred_pos].mean()) if pred_pos.any() else float("nan")
-        point = {True: (1 - spec, sens), False: (sens, prec)}
+    points = _marked_points(y, s, metrics)
     figures = []
     for xs, ys, xlab, ylab, name, diag in (
             (fpr, tpr, "1 - specificity", "sensitivity", "auroc", True),
@@ -350,16 +370,16 @@ def roc_pr_figures(y_true: ArrayLike, y_score: ArrayLike, title: str = "",
             ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
         else:
             ax.axhline(y.mean(), ls="--", color="grey", lw=1)
-        if point is not None and np.all(np.isfinite(point[diag])):
-            px, py = point[diag]
-            what = (f"sens {py:.2f}, spec {1 - px:.2f}" if diag
-                    else f"recall {px:.2f}, precision {py:.2f}")
-            ax.plot([px], [py], "o", color="red", ms=7,
-                    label=f"threshold {float(metrics['threshold']):.2f}: {what}")
+        for (label, xy), (marker, color) in zip(points, _POINT_STYLES):
+            px, py = xy[diag]
+            if np.isfinite(px) and np.isfinite(py):
+                what = (f"sens {py:.2f}, spec {1 - px:.2f}" if diag
+                        else f"recall {px:.2f}, precision {py:.2f}")
+                ax.plot([px], [py], marker, color=color, ms=7, label=f"{label}: {what}")
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel=xlab, ylabel=ylab,
                title=f"{title} {'ROC' if diag else 'precision-recall'} "
                      f"({n_pos} positive / {n_neg} negative)".strip())
-        if _label(name) or point is not None:
+        if _label(name) or points:
             ax.legend(loc="lower right" if diag else "lower left", fontsize="small")
         figures.append(fig)
     return figures[0], figures[1]
@@ -375,7 +395,8 @@ def plot_roc_pr(y_true: ArrayLike, y_score: ArrayLike, roc_path: PathLike, pr_pa
         title: prefix of the plot titles (which also give the numbers of positives and
             negatives).
         metrics: optional :func:`evaluate_binary` result; AUCs and intervals go in the legend,
-            and its operating point at ``metrics["threshold"]`` is marked on both curves.
+            and its operating point at ``metrics["threshold"]`` (or each of
+            ``metrics["points"]``, see :func:`roc_pr_figures`) is marked on both curves.
 
     Returns:
         (roc_path, pr_path) as Paths.

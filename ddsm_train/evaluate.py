@@ -438,7 +438,7 @@ def _evaluate_model(ctx: _Run, level: str, t: pd.DataFrame, val: Optional[pd.Dat
     if res["auroc"] is not None:
         roc, pr = em.plot_roc_pr(y, s, ctx.out / f"roc_{suffix}.png",
                                  ctx.out / f"pr_{suffix}.png", title=f"{level} {model}",
-                                 metrics=_first_point(res))
+                                 metrics=_marked_points(res))
         res.update(roc_png=str(roc), pr_png=str(pr))
     if "ece" in res["calibration"]:
         fig = em.reliability_figure(y, s, f"{level} {model}", extra=extra)
@@ -457,14 +457,19 @@ def _count_unlabelled(ctx: _Run, res: dict, t: pd.DataFrame, level: str, model: 
         ctx.warnings.append(_warning("unlabelled_cases", msg, level, model))
 
 
-def _first_point(res: dict) -> dict:
-    """``res`` with the operating point marked on the curves: the first validation-chosen
-    one, else the fixed threshold."""
-    if not res["operating_points"]:
-        return res
-    name, point = next(iter(res["operating_points"].items()))
-    return {**res, "threshold": point["threshold"], "sensitivity": point["sensitivity"],
-            "specificity": point["specificity"]}
+def _marked_points(res: dict) -> dict:
+    """``res`` with the operating points to mark on the curves: each validation-chosen one
+    (labelled so), else the fixed threshold (labelled as not chosen on validation)."""
+    points = []
+    for name, p in res["operating_points"].items():
+        if p["chosen_on"] == "validation":
+            rule = "Youden" if name == "youden" else name.replace("_", " >= ")
+            label = f"{rule}, threshold {p['threshold']:.2f} chosen on validation"
+        else:
+            label = f"fixed threshold {p['threshold']:.2f}, not chosen on validation"
+        points.append({"label": label, **{k: p[k] for k in ("threshold", "sensitivity",
+                                                              "specificity")}})
+    return {**res, "points": points}
 
 
 def _safe(name: str) -> str:
@@ -542,7 +547,7 @@ def _write_calibrated(t: pd.DataFrame, maps: Dict[str, em.Calibrator], out: Path
 def _ci_text(ci) -> str:
     if not ci or ci[0] is None:
         return ""
-    return f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _num(value, ci=None) -> str:
@@ -551,7 +556,7 @@ def _num(value, ci=None) -> str:
 
 def format_table(metrics: dict) -> str:
     """The short stdout table: per level and model the AUCs, pF1, calibration and each
-    operating point, then the comparisons (95 % intervals in square brackets, 3 decimals)
+    operating point, then the comparisons (95% intervals as ``[95% CI a, b]``, 3 decimals)
     and the warnings that concern no single level."""
     lines = []
     for level in LEVELS:

@@ -89,6 +89,16 @@ def _unfinished_text(unfinished: Dict[str, str]) -> str:
     return "; ".join(f"{', '.join(names)} {status}" for status, names in by_status.items())
 
 
+#: How the summary and the report name the two sets of test scores.
+SCORES_TEXT = {"flips": "with flips", "no_flips": "without flips"}
+
+
+def scores_kind(config: dict) -> str:
+    """``flips`` or ``no_flips``: the test scores that ``evaluate`` reads (flips when
+    ``predict.flips``), and so those of the summary's headline figures."""
+    return "flips" if (config.get("predict") or {}).get("flips") else "no_flips"
+
+
 def _metrics(path: Path) -> dict:
     return json.loads(path.read_text()).get("image", {}) if path.is_file() else {}
 
@@ -202,7 +212,7 @@ def _val_auroc(out: Path, config: dict) -> Optional[dict]:
     n_boot = (config.get("predict") or {}).get("bootstrap", 2000)
     seed = (config.get("run") or {}).get("seed", 12345)
     val = lh.predictions_auroc(out / rel, int(n_boot), int(seed))
-    return dict(val, source=rel) if val else None
+    return dict(val, source=rel, scores=SCORES_TEXT[kind]) if val else None
 
 
 def export_summary(out: Union[str, Path]) -> Optional[dict]:
@@ -353,9 +363,27 @@ def evaluation_summary(path: Union[str, Path]) -> Optional[dict]:
             "val_predictions": metrics.get("settings", {}).get("val_predictions", [])}
 
 
+def _curves(out: Path, kind: str, ev: Optional[dict]) -> List[str]:
+    """The test ROC and PR curves of the scores ``kind``: ``evaluate``'s (marking the operating
+    points it reports) when it ran, else the prediction stage's (marking the fixed 0.5)."""
+    scores = SCORES_TEXT[kind]
+    if ev is not None and (out / "evaluation" / "roc_image.png").is_file():
+        marked = ("operating points chosen on validation" if ev["threshold_chosen_on"]
+                  == "validation" else "the fixed threshold 0.5, not chosen on validation")
+        folder = "evaluation"
+    else:
+        marked, folder = "the fixed threshold 0.5, not chosen on validation", \
+            f"predictions/{kind}"
+    return [_img(out, f"{folder}/roc_image.png", f"ROC curve, {scores} (marked: {marked})"),
+            _img(out, f"{folder}/pr_image.png",
+                 f"precision-recall curve, {scores} (marked: {marked})")]
+
+
 def _evaluation_section(out: Path, ev: Optional[dict]) -> str:
     """The report's part on ``evaluate.py``'s results (operating points, levels, calibration)."""
     head = "<h2>Screening evaluation (operating points, levels, calibration)</h2>"
+    if ev is not None and ev.get("scores"):
+        head += f"<p>Of the test scores {html.escape(ev['scores'])}.</p>"
     if ev is None:
         return head + '<p class="muted">no evaluation in this run (evaluate.enabled = false)</p>'
     if ev["threshold_chosen_on"] == "validation":
@@ -423,7 +451,11 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
     stages = dict(sorted(stages.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     plain = _metrics(out / "predictions" / "no_flips" / "metrics.json")
     flips = _metrics(out / "predictions" / "flips" / "metrics.json")
+    kind = scores_kind(config)
+    head = flips if kind == "flips" else plain
     evaluation = evaluation_summary(out / "evaluation" / "metrics.json")
+    if evaluation is not None:
+        evaluation["scores"] = SCORES_TEXT[kind]
     derived_path = out / "derived.json"
     derived = json.loads(derived_path.read_text()) if derived_path.is_file() else {}
     times = {k: v.get("seconds") for k, v in stages.items()
@@ -440,12 +472,19 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         "patch_test_accuracy": (patch or {}).get("accuracy"),
         "patch_majority_share": (patch or {}).get("majority_share"), "patch_test": patch,
         "val_auroc": (val or {}).get("auroc"), "val_auroc_ci": (val or {}).get("auroc_ci"),
-        "n_val_images": (val or {}).get("n"),
-        "test_auroc": plain.get("auroc"), "test_auroc_ci": plain.get("auroc_ci"),
-        "test_auprc": plain.get("auprc"), "test_auprc_ci": plain.get("auprc_ci"),
+        "n_val_images": (val or {}).get("n"), "val_scores": (val or {}).get("scores"),
+        # the headline figures: the scores evaluate reads (its operating points, levels and
+        # calibration are of the same scores)
+        "scores": SCORES_TEXT[kind],
+        "test_auroc": head.get("auroc"), "test_auroc_ci": head.get("auroc_ci"),
+        "test_auprc": head.get("auprc"), "test_auprc_ci": head.get("auprc_ci"),
+        "test_auroc_no_flips": plain.get("auroc"),
+        "test_auroc_no_flips_ci": plain.get("auroc_ci"),
+        "test_auprc_no_flips": plain.get("auprc"),
+        "test_auprc_no_flips_ci": plain.get("auprc_ci"),
         "test_auroc_flips": flips.get("auroc"), "test_auroc_flips_ci": flips.get("auroc_ci"),
         "test_auprc_flips": flips.get("auprc"), "test_auprc_flips_ci": flips.get("auprc_ci"),
-        "n_test_images": plain.get("n"), "n_test_pos": plain.get("n_pos"),
+        "n_test_images": (head or plain).get("n"), "n_test_pos": (head or plain).get("n_pos"),
         "operating_point": (evaluation or {}).get("operating_point"),
         "evaluation": evaluation,
         "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
@@ -459,7 +498,6 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
                                 _fmt(m.get("auprc"), m.get("auprc_ci")),
                                 _fmt(m.get("sensitivity")), _fmt(m.get("specificity")),
                                 _fmt(m.get("threshold"))])
-    kind = "flips" if flips else "no_flips"
     stage_rows = [[name, rec.get("status", ""), "" if rec.get("seconds") is None
                    else f"{rec['seconds']:.1f}", rec.get("finished", ""), rec.get("log", "")]
                   for name, rec in stages.items() if name != "report"]
@@ -477,11 +515,9 @@ def write_report(out: Union[str, Path], config_path: Union[str, Path], config: d
         _table(["prediction", "images", "positive", "AUROC", "AUPRC", "sensitivity",
                 "specificity", "fixed threshold"], metric_rows) if metric_rows
         else '<p class="muted">no metrics (no labelled test images)</p>',
-        (f"<p>Validation images ({val['n']}, {val['n_pos']} positive): AUROC "
+        (f"<p>Validation images ({val['n']}, {val['n_pos']} positive), {val['scores']}: AUROC "
          f"{_fmt(val['auroc'], val['auroc_ci'])}</p>" if val else ""),
-        _img(out, f"predictions/{kind}/roc_image.png", f"ROC curve ({kind.replace('_', ' ')})"),
-        _img(out, f"predictions/{kind}/pr_image.png",
-             f"precision-recall curve ({kind.replace('_', ' ')})"),
+        *_curves(out, kind, evaluation),
         _patch_section(patch),
         _evaluation_section(out, evaluation),
         "<h2>Heatmaps</h2><p>Probability of the malignant patch class over the test images "
@@ -521,14 +557,18 @@ def format_summary(s: dict) -> str:
         lines.append(f"  NOT FINISHED: {_unfinished_text(s['unfinished_stages'])} (their results "
                      f"are from an earlier run, or missing)")
     lines += _patch_lines(s.get("patch_test"))
+    scores = s.get("scores", "without flips")     # summaries before "scores" held these
+    other = "without flips" if scores == "with flips" else "with flips"
     lines += [
-        f"  whole-image test AUROC ({s.get('n_test_images')} images, {s.get('n_test_pos')} "
-        f"positive): {_fmt(s.get('test_auroc'), s.get('test_auroc_ci'))}",
-        f"  with flip augmentation: "
-        f"{_fmt(s.get('test_auroc_flips'), s.get('test_auroc_flips_ci'))}",
+        f"  whole-image test AUROC, {scores} ({s.get('n_test_images')} images, "
+        f"{s.get('n_test_pos')} positive): {_fmt(s.get('test_auroc'), s.get('test_auroc_ci'))}",
     ]
+    key = "test_auroc_flips" if other == "with flips" else "test_auroc_no_flips"
+    if s.get(key) is not None:
+        lines.append(f"  whole-image test AUROC, {other}: {_fmt(s[key], s.get(key + '_ci'))}")
     if s.get("val_auroc") is not None:
-        lines.append(f"  whole-image validation AUROC ({s.get('n_val_images')} images): "
+        lines.append(f"  whole-image validation AUROC, {s.get('val_scores') or scores} "
+                     f"({s.get('n_val_images')} images): "
                      f"{_fmt(s['val_auroc'], s.get('val_auroc_ci'))}")
     lines += [
         *_evaluation_lines(s.get("evaluation")),
@@ -569,20 +609,21 @@ def _evaluation_lines(ev: Optional[dict]) -> List[str]:
     if not ev:
         return []
     lines = []
+    scores = f", {ev['scores']}" if ev.get("scores") else ""
     for name, p in ev["operating_points"].get("image", {}).items():
         rates = (f"sensitivity {_fmt(p['sensitivity'], p['sensitivity_ci'])}, specificity "
                  f"{_fmt(p['specificity'], p['specificity_ci'])}")
         if name == "youden":
             lines.append(f"  operating point chosen on validation (Youden index, threshold "
-                         f"{p['threshold']:.3f}), on test: {rates}")
+                         f"{p['threshold']:.3f}), on test{scores}: {rates}")
         elif p["chosen_on"] == "validation":
             lines.append(f"  threshold keeping {name.replace('_', ' >= ')} on validation "
-                         f"({p['threshold']:.3f}), on test: {rates}")
+                         f"({p['threshold']:.3f}), on test{scores}: {rates}")
         else:
             lines.append(f"  fixed threshold {p['threshold']:g} (no validation images, not "
-                         f"chosen on validation), on test: {rates}")
+                         f"chosen on validation), on test{scores}: {rates}")
     levels = ev["levels"]
-    more = [f"{level}-level AUROC ({levels[level]['n']} {_LEVEL_UNITS[level]}): "
+    more = [f"{level}-level AUROC{scores} ({levels[level]['n']} {_LEVEL_UNITS[level]}): "
             f"{_fmt(levels[level]['auroc'], levels[level]['auroc_ci'])}"
             for level in ("breast", "exam") if level in levels]
     if more:
@@ -592,6 +633,6 @@ def _evaluation_lines(ev: Optional[dict]) -> List[str]:
         cal = image.get("calibrated")
         after = (f" ({cal['method']} on validation: ECE {_fmt(cal['ece'])}, Brier "
                  f"{_fmt(cal['brier'])})" if cal else "")
-        lines.append(f"  calibration (test images): ECE {_fmt(image['ece'])}, Brier "
+        lines.append(f"  calibration (test images{scores}): ECE {_fmt(image['ece'])}, Brier "
                      f"{_fmt(image['brier'])}{after}; pF1 {_fmt(image['pf1'], image['pf1_ci'])}")
     return lines

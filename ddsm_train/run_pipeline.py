@@ -85,7 +85,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import script_utils  # noqa: F401  (first: puts the root dm_* modules on sys.path)
-from dm_image import atomic_write  # noqa: E402
+from dm_image import PROGRESS_ENV, atomic_write, parse_progress  # noqa: E402
 from pipeline_config import AUTO, ConfigError, load_config  # noqa: E402
 from script_utils import cli_main  # noqa: E402
 
@@ -124,6 +124,34 @@ STAGE_SECTIONS = {
 #: Stand-ins for the values of ``derived.json`` while the commands are checked before the
 #: ``mean`` stage has run (any number the tools accept).
 PLACEHOLDER_DERIVED = {"rescale_factor": 0.5, "image_mean": 99.5, "patch_mean": 99.5}
+#: TensorFlow's start-up lines (absl writes them to stderr before TensorFlow's C++ logging
+#: reads ``TF_CPP_MIN_LOG_LEVEL``), left out of the stage logs unless the user set that
+#: variable. Every other line of a tool's output is kept.
+TF_STARTUP_LINE = re.compile(
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+    r"|^[IWE]\d{4} [\d:.]+\s+\d+ [\w.]+:\d+\] (oneDNN custom operations are on"
+    r"|Could not find cuda drivers|.*\bcuInit\b|This TensorFlow binary is optimized"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory|TF-TRT Warning: Could not find TensorRT)"
+    r"|^To enable the following instructions: .* rebuild TensorFlow with the appropriate "
+    r"compiler flags\.$")
+#: Plural names of the units of the tools' progress lines.
+PROGRESS_UNITS = {"img": "images", "view": "views", "patch": "patches"}
+#: (field, label) of an epoch's progress line, in the order shown.
+EPOCH_FIELDS = (("loss", "loss"), ("val_loss", "val loss"), ("val_acc", "val accuracy"),
+                ("val_auroc", "val AUROC"))
+
+
+def describe_progress(fields: dict) -> str:
+    """A tool's progress line (:func:`dm_image.parse_progress` fields) in words, e.g.
+    ``epoch 3 of 20: loss 0.412, val AUROC 0.771`` or ``scoring: 40 of 120 images``."""
+    n, of = fields["n"], fields.get("of", "?")
+    if fields["task"] == "epoch":
+        values = ", ".join(f"{label} {fields[key]}" for key, label in EPOCH_FIELDS
+                           if key in fields)
+        return f"epoch {n} of {of}" + (f": {values}" if values else "")
+    unit = fields.get("unit", "")
+    unit = PROGRESS_UNITS.get(unit, unit)
+    return f"{fields['task']}: {n} of {of}" + (f" {unit}" if unit else "")
 
 
 class LearningWarnings(RuntimeError):
@@ -834,7 +862,11 @@ class Pipeline:
         env = dict(os.environ)
         env["RANDOM_SEED"] = str(self.config["run"]["seed"])
         env["NUM_CPU_CORES"] = str(self.config["run"]["workers"])
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        if not script_utils.tf_log_level_given():
+            # left unset, the tools hide TensorFlow's start-up lines themselves (set, they
+            # would take it for the user's wish to see them)
+            env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        env[PROGRESS_ENV] = "1"
         env["PYTHONUNBUFFERED"] = "1"
         root = str(HERE.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"]
@@ -970,16 +1002,64 @@ class Pipeline:
                 if step.func is not None:
                     step.func()
                     continue
-                argv = [sys.executable, str(HERE / f"{step.script}.py")] + step.args
-                proc = subprocess.run(argv, cwd=self.out, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, errors="replace")
-                fh.write(proc.stdout)
-                fh.flush()
-                step.output = proc.stdout
-                if proc.returncode != 0:
-                    tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [""]
-                    raise StageError(f"stage {spec.name}: {step.script}.py exited with status "
-                                     f"{proc.returncode} (log {log}): {tail[0].strip()}")
+                self._run_tool(spec.name, step, env, fh, log)
+
+    def _run_tool(self, name: str, step: Step, env: dict, fh, log: Path) -> None:
+        """Run a tool, its output written to the log ``fh`` line by line as it comes and its
+        progress lines shown on the console (see :meth:`_show_progress`)."""
+        argv = [sys.executable, str(HERE / f"{step.script}.py")] + step.args
+        hide_tf = not script_utils.tf_log_level_given()
+        kept: List[str] = []
+        with subprocess.Popen(argv, cwd=self.out, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors="replace",
+                              bufsize=1) as proc:
+            try:
+                for line in proc.stdout:
+                    self._take_line(name, line, fh, kept, hide_tf)
+            except BaseException:     # Ctrl-C reaches the tool too: let it stop by itself
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+            finally:
+                self._end_progress()
+        step.output = "".join(kept)
+        if proc.returncode != 0:
+            tail = [ln for ln in kept if ln.strip()][-1:] or [""]
+            raise StageError(f"stage {name}: {step.script}.py exited with status "
+                             f"{proc.returncode} (log {log}): {tail[0].strip()}")
+
+    def _take_line(self, name: str, line: str, fh, kept: List[str], hide_tf: bool) -> None:
+        """One line of a tool's output into the log (a progress line in words, shown on the
+        console too; TensorFlow's start-up lines left out when ``hide_tf``)."""
+        fields = parse_progress(line)
+        if fields is not None:
+            text = describe_progress(fields)
+            fh.write(f"progress: {text}\n")
+            self._show_progress(name, text)
+        elif not (hide_tf and TF_STARTUP_LINE.match(line.rstrip("\n"))):
+            fh.write(line)
+            kept.append(line)
+        fh.flush()
+
+    def _show_progress(self, name: str, text: str) -> None:
+        """A stage's progress on the console: one updating line on a terminal, else a line
+        per progress step."""
+        line = f"[{name}] {text}"
+        if self.echo and sys.stdout.isatty():
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            sys.stdout.write("\r" + line[:width] + "\x1b[K")
+            sys.stdout.flush()
+            self._live_line = True
+        else:
+            self._say(line)
+
+    def _end_progress(self) -> None:
+        if getattr(self, "_live_line", False):
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+            self._live_line = False
 
     def _outdated(self, name: str) -> bool:
         """Whether the finished stage ``name`` no longer matches the run: a stage it reads is

@@ -96,6 +96,12 @@ _TF_LOG_LEVEL_GIVEN = "TF_CPP_MIN_LOG_LEVEL" in os.environ
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+def tf_log_level_given() -> bool:
+    """Whether the user set ``TF_CPP_MIN_LOG_LEVEL`` (before this module set its default):
+    then TensorFlow's start-up lines are shown."""
+    return _TF_LOG_LEVEL_GIVEN
+
+
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with its C++ start-up lines hidden, unless asked for.
 
@@ -127,7 +133,7 @@ __all__ = ["InputFileError", "read_text_file", "read_text_lines", "read_csv_tabl
            "check_environment",
            "RECIPE_OPTIONS", "apply_model_recipe", "INTERRUPTED_EXIT", "parse_command_line",
            "exit_on_interrupt", "check_unique", "UniqueValuesAction", "check_input_levels",
-           "import_tensorflow_quietly"]
+           "import_tensorflow_quietly", "tf_log_level_given"]
 
 #: Columns of ``roi_mask_path.csv``, one row per lesion mask: written by prepare_cbis_ddsm and
 #: make_synthetic_ddsm, read by sample_patches_combined.

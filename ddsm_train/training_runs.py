@@ -134,6 +134,26 @@ class DMFlush(keras.callbacks.Callback):
         sys.stderr.flush()
 
 
+class _ReportEpoch(keras.callbacks.Callback):
+    """Report each finished epoch (``n`` of the ``total`` planned, loss, validation loss,
+    accuracy and AUROC) as a progress line (:func:`dm_image.report_progress`)."""
+
+    def __init__(self, total):
+        super().__init__()
+        self.total = total
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+
+        def value(key):
+            v = logs.get(key)
+            return float(v) if v is not None and np.ndim(v) == 0 else None
+
+        _dm_image.report_progress("epoch", epoch + 1, self.total, loss=value("loss"),
+                                  val_loss=value("val_loss"), val_acc=value("val_accuracy"),
+                                  val_auroc=value("val_auc"))
+
+
 class NonFiniteTrainingError(ValueError):
     """Training produced a non-finite loss or non-finite weights (it diverged)."""
 
@@ -1027,6 +1047,7 @@ class _Stage:
         self.nb_worker, self.verbose = data.nb_worker, run.verbose
         self.recorder = recorder or _RunRecorder([], {})
         self.epochs_done, self.histories = 0, []
+        self.total_epochs = None        # the epochs of all stages, for progress lines
 
     def run(self, model, name, epochs, lr, number=1):
         """Compile ``model`` (frozen BN layers in the plan's ``frozen_bn_mode``) and fit it for
@@ -1079,6 +1100,8 @@ class _Stage:
                                         patience=plan.lr_patience, verbose=1)
             callbacks.append(plateau)
         callbacks += [self.checkpointer, DMFlush()] + self.extra_callbacks
+        if _os.environ.get(_dm_image.PROGRESS_ENV) == "1":
+            callbacks.append(_ReportEpoch(self.total_epochs))
         callbacks.append(_RecordEpoch(rec, number, name, start, start + epochs, early, plateau,
                                       self.checkpointer))
         if isinstance(self.train, (tuple, list)):   # (X, y[, sample_weight]) arrays
@@ -1270,6 +1293,8 @@ def train_3stage(model: keras.Model, data: StageData, plan: object,
     rec = run.recorder([n for n in stages if n != 1 or plan.nb_epoch > 0],
                        {"use_pretrained": bool(use_pretrained), "top_layer_nb": top_layer_nb})
     stage = _Stage(data, ckpt, plan, run, rec)
+    stage.total_epochs = plan.nb_epoch + (plan.top_layer_epochs + plan.all_layer_epochs
+                                          if use_pretrained else 0)
     if not use_pretrained:
         _set_trainable(model, lambda i, layer: True)
         stage.run(model, "stage 1 (all layers, no pretrained weights)", plan.nb_epoch,
@@ -1321,6 +1346,7 @@ def train_2stage(model: keras.Model, data: StageData, plan: object,
     rec = run.recorder([n for n, e in ((1, plan.nb_epoch), (2, plan.all_layer_epochs))
                         if e > 0], {"top_layer_nb": top_layer_nb})
     stage = _Stage(data, checkpointer, plan, run, rec)
+    stage.total_epochs = plan.nb_epoch + plan.all_layer_epochs
     if plan.nb_epoch > 0:
         model = set_regularization(model, plan.weight_decay, plan.hidden_dropout,
                                    custom_objects=run.custom_objects)

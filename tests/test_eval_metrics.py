@@ -137,3 +137,21 @@ def test_curves_show_counts_and_the_operating_point():
     pr_dot = [ln for ln in pr.axes[0].get_lines() if ln.get_marker() == "o"][0]
     np.testing.assert_allclose([pr_dot.get_xdata()[0], pr_dot.get_ydata()[0]], [2 / 3, 2 / 3])
     assert "threshold 0.50" in pr_dot.get_label()
+
+
+def test_curves_mark_each_given_point_with_its_label():
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.6, 0.3, 0.7, 0.4, 0.9])
+    res = em.evaluate_binary(y, s, threshold=0.5, n_boot=0)
+    points = [{"label": "Youden, threshold 0.35 chosen on validation", "threshold": 0.35,
+               "sensitivity": 1.0, "specificity": 0.75},
+              {"label": "sensitivity >= 0.9, threshold 0.8 chosen on validation",
+               "threshold": 0.8, "sensitivity": 1 / 3, "specificity": 1.0}]
+    roc, pr = em.roc_pr_figures(y, s, title="image", metrics={**res, "points": points})
+    dots = [ln for ln in roc.axes[0].get_lines() if ln.get_marker() in ("o", "s")]
+    assert [d.get_label().split(":")[0] for d in dots] == [p["label"] for p in points]
+    np.testing.assert_allclose([(d.get_xdata()[0], d.get_ydata()[0]) for d in dots],
+                               [(0.25, 1.0), (0.0, 1 / 3)])
+    pr_dots = [ln for ln in pr.axes[0].get_lines() if ln.get_marker() in ("o", "s")]
+    np.testing.assert_allclose([(d.get_xdata()[0], d.get_ydata()[0]) for d in pr_dots],
+                               [(1.0, 3 / 4), (1 / 3, 1.0)])     # precision from the data

@@ -1,6 +1,7 @@
 """evaluate.py and the screening metrics of eval_metrics, against independent computations."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -543,3 +544,34 @@ def test_a_calibration_that_reverses_the_ranking_is_refused(tmp_path, capsys):
     assert iso.reverses_ranking()
     iso.params["y"] = [0.2, 0.2, 0.7]
     assert not iso.reverses_ranking()
+
+
+def test_curves_mark_the_operating_points_chosen_on_validation(tmp_path, monkeypatch):
+    """With validation predictions the ROC/PR curves mark the thresholds chosen there (each
+    labelled so), not the fixed 0.5; without, the fixed one, labelled as not chosen."""
+    marked = {}
+
+    def capture(y, s, roc_path, pr_path, title="", metrics=None):
+        marked[Path(roc_path).name] = metrics["points"]
+        return Path(roc_path), Path(pr_path)
+
+    monkeypatch.setattr(evaluate.em, "plot_roc_pr", capture)
+    _cbis_csv(tmp_path / "test.csv", 1)
+    _cbis_csv(tmp_path / "val.csv", 2, first=100)
+    res = _quick(tmp_path, [tmp_path / "test.csv"], "--val-predictions", tmp_path / "val.csv")
+    chosen = res["metrics"]["image"]["malignant_pred"]["operating_points"]
+    points = marked["roc_image.png"]
+    assert [p["threshold"] for p in points] == [p["threshold"] for p in chosen.values()]
+    assert len(points) == 3 and 0.5 not in [p["threshold"] for p in points]
+    assert points[0]["label"] == (f"Youden, threshold {chosen['youden']['threshold']:.2f} "
+                                  "chosen on validation")
+    assert all("chosen on validation" in p["label"] for p in points)
+    marked.clear()
+    _quick(tmp_path, [tmp_path / "test.csv"], out="ev_fixed")
+    assert [p["label"] for p in marked["roc_image.png"]] == [
+        "fixed threshold 0.50, not chosen on validation"]
+
+
+def test_printed_table_names_its_intervals_95_percent_ci():
+    assert evaluate._num(0.81234, [0.7, 0.9]) == "0.812 [95% CI 0.700, 0.900]"
+    assert evaluate._num(0.5) == "0.500"

@@ -339,7 +339,7 @@ def test_report_shows_patch_figures_per_class_from_the_metrics_file(tmp_path):
     assert ("    malignant: 50 patches, predicted 2, recall 0.000, precision 0.000, AUROC one "
             "vs rest 0.600 (95% CI 0.550-0.660)") in printed
     assert summary["val_auroc"] is not None and summary["n_val_images"] == 100
-    assert "whole-image validation AUROC (100 images)" in printed
+    assert "whole-image validation AUROC, without flips (100 images)" in printed
 
 
 def test_report_of_a_healthy_run_has_no_warning(tmp_path):

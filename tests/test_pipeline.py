@@ -46,6 +46,7 @@ def _write_config(folder: Path, extra: str = "") -> Path:
 
 def _pipeline(config: Path, out: Path, *args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)     # as a user runs it (set, TF's lines are shown)
     proc = subprocess.run([sys.executable, str(REPO / "ddsm_train" / "run_pipeline.py"),
                            str(config), "--out", str(out), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -110,6 +111,23 @@ def test_pipeline_runs_every_stage(pipeline_run):
     assert summary["test_auroc_flips"] > 0.5              # a small run, but it must learn
     for name in ("patch_clf.h5.curves.png", "image_clf.h5.curves.png"):
         assert cv2.imread(str(out / "models" / name)) is not None
+
+
+@pytest.mark.slow
+def test_stage_logs_show_progress_and_no_tensorflow_start_up_lines(pipeline_run):
+    _, out, stdout = pipeline_run
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
+    for name, text in logs.items():
+        for line in ("oneDNN custom operations", "cuInit", "absl::InitializeLog",
+                     "Could not find cuda drivers"):
+            assert line not in text, (name, line)
+        assert "PROGRESS " not in text, name
+    train = logs["5_image_train.log"]
+    assert "progress: epoch 1 of 4: loss " in train and "val AUROC" in train
+    assert "progress: scoring: " in logs["6_predict.log"]
+    assert "progress: sampling: " in logs["2_sample_patches.log"]
+    assert "[image_train] epoch 1 of 4: loss " in stdout      # not a terminal: one line each
+    assert "[predict] scoring: " in stdout
 
 
 @pytest.mark.slow
@@ -211,7 +229,7 @@ def test_operating_point_is_chosen_on_validation_and_applied_to_test(pipeline_ru
                                                  / (y == 0).sum())
     assert point["sensitivity_ci"][0] <= point["sensitivity"] <= point["sensitivity_ci"][1]
     assert (f"operating point chosen on validation (Youden index, threshold {expected:.3f}), "
-            f"on test: sensitivity {point['sensitivity']:.3f}") in stdout
+            f"on test, with flips: sensitivity {point['sensitivity']:.3f}") in stdout
     target = eval_metrics.choose_threshold(y_val, s_val, "sensitivity", 0.9)
     image_points = summary["evaluation"]["operating_points"]["image"]
     assert image_points["sensitivity_0.9"]["threshold"] == target
