@@ -431,10 +431,11 @@ class Pipeline:
                              complete=["data/synthetic_ddsm.json", "data/whole_img"])
         if self.source == "cbis_ddsm":
             h, w = c["image_train"]["img_size"]
-            args = [c["data"]["cbis_csv_dir"], c["data"]["cbis_dicom_root"], "data",
-                    "--whole-img-size", str(h), str(w), "--val-size",
-                    _num(c["data"]["val_size"]), "--seed", seed, "--workers", workers,
-                    "--no-verbose"]
+            val = c["data"]["val_size"]
+            args = ([c["data"]["cbis_csv_dir"], c["data"]["cbis_dicom_root"], "data",
+                     "--whole-img-size", str(h), str(w)]
+                    + (["--val-size", _num(val)] if val != "none" else [])
+                    + ["--seed", seed, "--workers", workers, "--no-verbose"])
             return StageSpec("data", [Step("prepare_cbis_ddsm", args)], outputs=["data"],
                              inputs=[c["data"]["cbis_csv_dir"]],
                              complete=["data/prepare_summary.json", "data/whole_img"])
