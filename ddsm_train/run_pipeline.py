@@ -1,7 +1,7 @@
 """A whole run in one command: data, patches, both classifiers, predictions, heatmaps, report.
 
-Reads a TOML config (``ddsm_train/configs/*.toml``; keys in ``pipeline_config.SCHEMA`` and the
-README) and runs the project's command-line tools in order, each as a subprocess with this
+Reads a TOML config (``ddsm_train/configs/*.toml``; keys in ``pipeline_config.SCHEMA`` and
+``TOOL_KEYS``, and the README) and runs the project's command-line tools in order, each as a subprocess with this
 Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
 
 ====================  ===========================================================================
@@ -54,6 +54,12 @@ with the real values, before its old outputs are removed. When a stage fails (or
 interrupted), every later stage that reads it, or whose commands changed, is marked "stale"
 (:meth:`Pipeline.mark_stale`), so no old result counts as current, and an existing report is
 rewritten to name them.
+
+``--set section.key=value`` (repeatable) replaces a config key after the config is read
+(``pipeline_config.parse_set``). ``--dry-run`` prints, per stage (per fold for
+cross-validation), whether a run would skip it, resume it or run it afresh and why (which part
+of its fingerprint changed: commands, seed, a stage it reads, input files, extra) and its
+command lines, running and writing nothing (:meth:`Pipeline.dry_run`).
 
 Example::
 

@@ -192,3 +192,45 @@ def test_dry_run_resumes_an_interrupted_stage_and_reruns_its_readers(tmp_path):
         spec = pipe.plan("sample_patches")
     assert pipe._verdict(spec, False, {"data"}) == ("run afresh",
                                                     "a stage it reads runs again: data")
+
+
+def _tiny_layout(folder: Path, patients: int = 10) -> Path:
+    """A sampler-layout folder of tiny 8-bit whole images, half the patients positive."""
+    import cv2
+    import numpy as np
+
+    for sub in ("full_img", "roi_mask"):
+        (folder / sub).mkdir(parents=True)
+        cv2.imwrite(str(folder / sub / "P01_LEFT_CC.png"), np.zeros((16, 16), np.uint8))
+    (folder / "roi_mask_path.csv").write_text("patient_id,side,view,abn_num,pathology,type\n")
+    for i in range(patients):
+        where = folder / "whole_img" / "train" / ("pos" if i % 2 else "neg")
+        where.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(where / f"P{i:02d}_LEFT_CC.png"), np.full((16, 16), 100, np.uint8))
+    return folder
+
+
+def _files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_dry_run_of_cross_validation_speaks_per_fold(tmp_path, capsys):
+    import cross_validation as cv
+    import run_pipeline
+
+    data = _tiny_layout(tmp_path / "data")
+    config = tmp_path / "cv.toml"
+    config.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n[data]\nsource = "sampler_layout"\n'
+                      f'dir = "{data.as_posix()}"\nfolds = 2\n')
+    out = tmp_path / "run"
+    plan = run_pipeline.CrossValidation(config, out, echo=False).plans()[0]
+    cv.write_fold_data_if_changed(data, out / "fold_1" / "data", plan)    # as a run lays it out
+    cv.write_fold_config(config, out / "fold_1")
+    before = _files(out)
+    result = run_pipeline.main([str(config), "--out", str(out), "--dry-run"])
+    text = capsys.readouterr().out
+    assert "fold_2: not yet laid out" in text and "fold_1: not yet" not in text
+    assert "[data] run afresh: it has not run in this folder" in text
+    assert result["fold_1/patch_train"] == "run afresh"
+    assert not [k for k in result if k.startswith("fold_2")]
+    assert _files(out) == before
