@@ -270,17 +270,49 @@ def tool_defaults() -> Dict[str, Dict[str, Any]]:
     the tool's ``get_args_parser()`` (a ``None`` default becomes "none", a tuple a list).
 
     The trainers import TensorFlow, so the parsers are read in a child process (in this one
-    when TensorFlow is imported already), once per process.
+    when TensorFlow is imported already) and kept in ``ddsm_train/__pycache__`` until a source
+    file of the project changes.
     """
     if not _TOOL_DEFAULTS:
-        if "tensorflow" in sys.modules:
-            parsers = _defaults_of_parsers()
-        else:
-            parsers = _parsers_in_child()
+        parsers = _cached_parsers()
         for section, keys in TOOL_KEYS.items():
             _TOOL_DEFAULTS[section] = {
                 key: _as_setting(parsers[script][dest]) for key, (_, script, dest) in keys.items()}
     return copy.deepcopy(_TOOL_DEFAULTS)
+
+
+def _sources_stamp() -> str:
+    """The sizes and times of the project's Python files (the parsers' defaults come from
+    them)."""
+    here = Path(__file__).resolve().parent
+    files = sorted(here.glob("*.py")) + sorted(here.parent.glob("*.py"))
+    items = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return json.dumps([sys.version_info[:2], items])
+
+
+#: Where the parsers' defaults are kept between processes.
+_CACHE = Path(__file__).resolve().parent / "__pycache__" / "tool_defaults.json"
+
+
+def _cached_parsers() -> Dict[str, Dict[str, Any]]:
+    cache = _CACHE
+    stamp = _sources_stamp()
+    try:
+        held = json.loads(cache.read_text(encoding="utf-8"))
+        if held.get("stamp") == stamp:
+            return held["defaults"]
+    except (OSError, ValueError, AttributeError):
+        pass        # no cache yet, or an unreadable one: read the parsers
+    parsers = (_defaults_of_parsers() if "tensorflow" in sys.modules
+               else _parsers_in_child())
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, "defaults": parsers}), encoding="utf-8")
+        os.replace(tmp, cache)
+    except OSError:
+        pass        # a read-only checkout: read the parsers again next time
+    return parsers
 
 
 def _parsers_in_child() -> Dict[str, Dict[str, Any]]:

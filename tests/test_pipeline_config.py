@@ -234,3 +234,20 @@ def test_dry_run_of_cross_validation_speaks_per_fold(tmp_path, capsys):
     assert result["fold_1/patch_train"] == "run afresh"
     assert not [k for k in result if k.startswith("fold_2")]
     assert _files(out) == before
+
+
+def test_tool_defaults_are_kept_until_a_source_file_changes(tmp_path, monkeypatch):
+    import pipeline_config as pc
+
+    real = pc._defaults_of_parsers()
+    cache = tmp_path / "tool_defaults.json"
+    monkeypatch.setattr(pc, "_CACHE", cache)
+    kept = json.loads(json.dumps(real))
+    kept["image_clf_train"]["nb_epoch"] = 99
+    cache.write_text(json.dumps({"stamp": pc._sources_stamp(), "defaults": kept}))
+    monkeypatch.setattr(pc, "_TOOL_DEFAULTS", {})
+    assert pc.tool_defaults()["image_train"]["nb_epoch"] == 99     # read from the cache
+    cache.write_text(json.dumps({"stamp": "sources of another day", "defaults": kept}))
+    monkeypatch.setattr(pc, "_TOOL_DEFAULTS", {})
+    assert pc.tool_defaults()["image_train"]["nb_epoch"] == real["image_clf_train"]["nb_epoch"]
+    assert json.loads(cache.read_text())["stamp"] == pc._sources_stamp()
