@@ -1,8 +1,8 @@
 """A whole run in one command: data, patches, both classifiers, predictions, heatmaps, report.
 
 Reads a TOML config (``ddsm_train/configs/*.toml``; keys in ``pipeline_config.SCHEMA`` and
-``TOOL_KEYS``, and the README) and runs the project's command-line tools in order, each as a subprocess with this
-Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
+``TOOL_KEYS``, and the README) and runs the project's command-line tools in order, each as a
+subprocess with this Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
 
 ====================  ===========================================================================
 ``data``              ``make_synthetic_ddsm.py`` (source ``synthetic``), ``prepare_cbis_ddsm.py``
