@@ -247,19 +247,29 @@ def pool_patch_predictions(files: Sequence[Path], out: Path) -> Path:
     return _write_rows(out, rows, columns)
 
 
+def _fold_stamp(src: Path, plan: FoldPlan) -> dict:
+    listing = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+    return {"source": str(src), "train": plan.train, "val": plan.val, "test": plan.test,
+            "files": listing}
+
+
+def fold_data_is_current(src: Path, dest: Path, plan: FoldPlan) -> bool:
+    """Whether ``dest`` already holds the fold data of this plan of the files in ``src``."""
+    stamp = Path(dest) / ".fold.json"
+    want = _fold_stamp(Path(src).resolve(), plan)
+    return stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(want))
+
+
 def write_fold_data_if_changed(src: Path, dest: Path, plan: FoldPlan) -> Path:
     """:func:`write_fold_data` unless ``dest`` already holds this plan of these files (so a
     re-run keeps the fold's data fingerprint and skips its finished stages)."""
     src, dest = Path(src).resolve(), Path(dest)
-    listing = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
-    want = {"source": str(src), "train": plan.train, "val": plan.val, "test": plan.test,
-            "files": listing}
-    stamp = dest / ".fold.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(want)):
+    if fold_data_is_current(src, dest, plan):
         return dest
+    want = _fold_stamp(src, plan)
     write_fold_data(src, dest, plan)
     text = json.dumps(want, indent=1) + "\n"
-    atomic_write(stamp, lambda fh: fh.write(text), text=True)
+    atomic_write(dest / ".fold.json", lambda fh: fh.write(text), text=True)
     return dest
 
 

@@ -1,8 +1,8 @@
 """A whole run in one command: data, patches, both classifiers, predictions, heatmaps, report.
 
-Reads a TOML config (``ddsm_train/configs/*.toml``; keys in ``pipeline_config.SCHEMA`` and the
-README) and runs the project's command-line tools in order, each as a subprocess with this
-Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
+Reads a TOML config (``ddsm_train/configs/*.toml``; keys in ``pipeline_config.SCHEMA`` and
+``TOOL_KEYS``, and the README) and runs the project's command-line tools in order, each as a
+subprocess with this Python, its output kept in ``OUT/logs/NN_STAGE.log``. The stages:
 
 ====================  ===========================================================================
 ``data``              ``make_synthetic_ddsm.py`` (source ``synthetic``), ``prepare_cbis_ddsm.py``
@@ -60,6 +60,12 @@ interrupted), every later stage that reads it, or whose commands changed, is mar
 (:meth:`Pipeline.mark_stale`), so no old result counts as current, and an existing report is
 rewritten to name them.
 
+``--set section.key=value`` (repeatable) replaces a config key after the config is read
+(``pipeline_config.parse_set``). ``--dry-run`` prints, per stage (per fold for
+cross-validation), whether a run would skip it, resume it or run it afresh and why (which part
+of its fingerprint changed: commands, seed, a stage it reads, input files, extra) and its
+command lines, running and writing nothing (:meth:`Pipeline.dry_run`).
+
 Example::
 
     python ddsm_train/run_pipeline.py ddsm_train/configs/demo.toml --out demo_out/demo
@@ -76,6 +82,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -350,14 +357,15 @@ class Pipeline:
 
     Args:
         config_path: the TOML config.
-        out_dir: the run folder (created).
+        out_dir: the run folder (created when a stage runs).
         echo: print each stage's progress line to stdout.
+        sets: ``section.key=value`` overrides of the config (``--set``).
     """
 
     def __init__(self, config_path: Union[str, Path], out_dir: Union[str, Path],
-                 echo: bool = True):
+                 echo: bool = True, sets: Sequence[str] = ()):
         self.config_path = Path(config_path).resolve()
-        self.config = load_config(self.config_path)
+        self.config = load_config(self.config_path, sets)
         self.out = Path(out_dir).resolve()
         self.echo = echo
         self.state_path = self.out / STATE_FILE
@@ -465,10 +473,11 @@ class Pipeline:
                              complete=["data/synthetic_ddsm.json", "data/whole_img"])
         if self.source == "cbis_ddsm":
             h, w = c["image_train"]["img_size"]
-            args = [c["data"]["cbis_csv_dir"], c["data"]["cbis_dicom_root"], "data",
-                    "--whole-img-size", str(h), str(w), "--val-size",
-                    _num(c["data"]["val_size"]), "--seed", seed, "--workers", workers,
-                    "--no-verbose"]
+            val = c["data"]["val_size"]
+            args = ([c["data"]["cbis_csv_dir"], c["data"]["cbis_dicom_root"], "data",
+                     "--whole-img-size", str(h), str(w)]
+                    + (["--val-size", _num(val)] if val != "none" else [])
+                    + ["--seed", seed, "--workers", workers, "--no-verbose"])
             return StageSpec("data", [Step("prepare_cbis_ddsm", args)], outputs=["data"],
                              inputs=[c["data"]["cbis_csv_dir"]],
                              complete=["data/prepare_summary.json", "data/whole_img"])
@@ -873,13 +882,25 @@ class Pipeline:
                                     if env.get("PYTHONPATH") else "")
         return env
 
-    def fingerprint(self, spec: StageSpec) -> str:
+    def fingerprint_parts(self, spec: StageSpec) -> dict:
+        """What a stage's fingerprint is made of: its command lines (``steps``), ``seed``, the
+        stamps of the stages it reads (``deps``), its outside ``inputs`` and ``extra``."""
         stages = self.state["stages"]
-        return _hash({"steps": [s.key() for s in spec.steps],
-                      "seed": self.config["run"]["seed"],
-                      "deps": {d: stages.get(d, {}).get("stamp") for d in spec.deps},
-                      "inputs": files_fingerprint(spec.inputs) if spec.inputs else None,
-                      "extra": spec.extra})
+        return {"steps": [s.key() for s in spec.steps],
+                "seed": self.config["run"]["seed"],
+                "deps": {d: stages.get(d, {}).get("stamp") for d in spec.deps},
+                "inputs": files_fingerprint(spec.inputs) if spec.inputs else None,
+                "extra": spec.extra}
+
+    def fingerprint(self, spec: StageSpec) -> str:
+        return _hash(self.fingerprint_parts(spec))
+
+    def _parts_record(self, spec: StageSpec) -> dict:
+        """The fingerprint's parts as the state keeps them (so ``--dry-run`` can say which one
+        changed): the seed and the stamps as they are, the others hashed."""
+        parts = self.fingerprint_parts(spec)
+        return {key: value if key in ("seed", "deps") else _hash(value)
+                for key, value in parts.items()}
 
     def _save_state(self) -> None:
         _atomic_json(self.state_path, self.state)
@@ -973,6 +994,7 @@ class Pipeline:
         self.state["stages"][name] = {"status": "running", "fingerprint": fp,
                                       "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                       "commands": [s.key() for s in spec.steps],
+                                      "parts": self._parts_record(spec),
                                       "log": self.rel(log)}
         self._save_state()
         self._say(f"[{name}] {'resuming' if resume else 'running'} (log: {self.rel(log)})")
@@ -1126,6 +1148,111 @@ class Pipeline:
         if marked:
             logger.warning("stage %s did not finish; marked stale: %s", name, ", ".join(marked))
 
+    # ---------------------------------------------------------------- dry run
+    def dry_run(self, from_stage: Optional[str] = None, only: Optional[str] = None
+                ) -> List[dict]:
+        """What :meth:`run` would do, running nothing and writing nothing.
+
+        The command lines are checked by the tools' parsers as before a run. Returns one
+        ``{"stage", "action", "why", "commands"}`` per stage, ``action`` one of "skipped",
+        "resumed", "run afresh" and "not used"; ``why`` names the fingerprint part that
+        changed (commands, seed, a stage it reads, input files, extra).
+        """
+        force = bool(only or from_stage)
+        first = STAGES.index(only or from_stage) if force else 0
+        for name in STAGES[:first]:
+            if self.state["stages"].get(name, {}).get("status") not in ("done", "not used"):
+                raise StageError(f"stage {name} has not finished in {self.out}; run the "
+                                 f"pipeline without --from/--only first")
+        names = [only] if only else list(STAGES[first:])
+        self.check(names, force=force)
+        rows, rerun = [], set()
+        for name in names:
+            with self._check_mode():
+                spec = self.plan(name)
+            if spec is None:
+                rows.append({"stage": name, "action": "not used", "why": "", "commands": []})
+                continue
+            action, why = self._verdict(spec, force, rerun)
+            if action != "skipped":
+                rerun.add(name)
+            rows.append({"stage": name, "action": action, "why": why,
+                         "commands": [step.key() for step in spec.steps]})
+        return rows
+
+    def _verdict(self, spec: StageSpec, force: bool, rerun: set) -> Tuple[str, str]:
+        """("skipped" | "resumed" | "run afresh", why) of one stage; ``rerun``: the stages
+        before it that will run."""
+        record = self.state["stages"].get(spec.name) or {}
+        if force:
+            return "run afresh", "--from/--only reruns it"
+        if not record.get("fingerprint"):
+            return "run afresh", "it has not run in this folder"
+        readers = [d for d in spec.deps if d in rerun]
+        if readers:
+            return "run afresh", f"a stage it reads runs again: {', '.join(readers)}"
+        if self._unchanged(spec):
+            later = [d for d in spec.values_from if d in rerun]
+            return "skipped", "unchanged" + (
+                f" (its commands change if {', '.join(later)} derives other values)"
+                if later else "")
+        status = record.get("status")
+        if record["fingerprint"] == self.fingerprint(spec):
+            if status in ("running", "failed"):
+                return "resumed", f"it was {'interrupted' if status == 'running' else status}"
+            if status == "stale":
+                return "run afresh", "it is marked stale (a stage it reads did not finish)"
+            missing = [p for p in spec.complete if not (self.out / p).exists()]
+            return "run afresh", f"its outputs are missing: {', '.join(missing)}"
+        return "run afresh", "changed: " + self._changed_parts(spec, record)
+
+    def _changed_parts(self, spec: StageSpec, record: dict) -> str:
+        """The parts of ``spec``'s fingerprint that differ from the recorded ones, in words."""
+        new, old = self._parts_record(spec), record.get("parts")
+        commands = [s.key() for s in spec.steps]
+        words = []
+        if commands != record.get("commands"):
+            words.append("commands" + _command_change(record.get("commands") or [], commands))
+        if old is None:
+            return ", ".join(words) or ("the seed, a stage it reads, input files or extra "
+                                        "(this run folder does not record which)")
+        if new["seed"] != old.get("seed"):
+            words.append(f"seed ({old.get('seed')} -> {new['seed']})")
+        deps = [d for d in spec.deps if new["deps"].get(d) != (old.get("deps") or {}).get(d)]
+        if deps:
+            words.append(f"a stage it reads ({', '.join(deps)})")
+        words += [label for key, label in (("inputs", "input files"), ("extra", "extra"))
+                  if new[key] != old.get(key)]
+        return ", ".join(words) or "commands"
+
+
+def _command_change(old: List[List[str]], new: List[List[str]]) -> str:
+    """`` (OLD -> NEW)``: the first words that differ between two stages' command lines."""
+    import difflib
+
+    flat_old = [w for cmd in old for w in cmd + ["\n"]]
+    flat_new = [w for cmd in new for w in cmd + ["\n"]]
+    matcher = difflib.SequenceMatcher(a=flat_old, b=flat_new, autojunk=False)
+    for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+        if tag != "equal":
+            before = " ".join(w for w in flat_old[max(0, a0 - 1):a1] if w != "\n")
+            after = " ".join(w for w in flat_new[max(0, b0 - 1):b1] if w != "\n")
+            return f" ({before or '-'} -> {after or '-'})"
+    return ""
+
+
+def format_dry_run(rows: List[dict], title: str = "") -> str:
+    """The text ``--dry-run`` prints: per stage what a run would do, why, and its commands."""
+    lines = [title] if title else []
+    for row in rows:
+        why = f": {row['why']}" if row["why"] else ""
+        lines.append(f"[{row['stage']}] {row['action']}{why}")
+        for cmd in row["commands"]:
+            text = (" ".join(cmd[1:]) if cmd[0] == "python:"
+                    else " ".join(shlex.quote(w) for w in [f"{cmd[0]}.py"] + cmd[1:]))
+            lines.append(f"    {'(in process) ' if cmd[0] == 'python:' else ''}{text}")
+    return "\n".join(lines)
+
 
 class CrossValidation:
     """``data.folds = K`` >= 2: the chain once per patient fold into ``OUT/fold_k``, then the
@@ -1135,15 +1262,19 @@ class CrossValidation:
         config_path: the TOML config (its ``data.source`` is ``sampler_layout``).
         out_dir: the run folder.
         echo: print each stage's progress line.
+        sets: ``section.key=value`` overrides of the config (``--set``); each fold takes them
+            too, but for its own ``data.dir`` and ``data.folds``.
     """
 
     def __init__(self, config_path: Union[str, Path], out_dir: Union[str, Path],
-                 echo: bool = True):
+                 echo: bool = True, sets: Sequence[str] = ()):
         self.config_path = Path(config_path).resolve()
-        self.config = load_config(self.config_path)
+        self.config = load_config(self.config_path, sets)
         self.out = Path(out_dir).resolve()
         self.echo = echo
         self.ran: Dict[str, str] = {}
+        self.fold_sets = [t for t in sets
+                          if t.partition("=")[0].strip() not in ("data.dir", "data.folds")]
 
     def plans(self):
         import cross_validation as cv
@@ -1164,7 +1295,8 @@ class CrossValidation:
                         self.config["data"]["folds"], len(plan.train), len(plan.val),
                         len(plan.test))
             cv.write_fold_data_if_changed(Path(self.config["data"]["dir"]), fold / "data", plan)
-            pipe = Pipeline(cv.write_fold_config(self.config_path, fold), fold, echo=self.echo)
+            pipe = Pipeline(cv.write_fold_config(self.config_path, fold), fold, echo=self.echo,
+                            sets=self.fold_sets)
             for name, status in pipe.run(from_stage=from_stage, only=only).items():
                 self.ran[f"fold_{plan.index + 1}/{name}"] = status
             fold_dirs.append(fold)
@@ -1174,6 +1306,22 @@ class CrossValidation:
         logger.info("[pooled] %d folds pooled in %.1fs", len(fold_dirs), time.monotonic() - t0)
         self.ran["pooled"] = "ran" if summary else "not used"
         return self.ran
+
+    def dry_run(self, from_stage: Optional[str] = None, only: Optional[str] = None
+                ) -> Dict[str, List[dict]]:
+        """What :meth:`run` would do in each fold (``{"fold_k": rows}``, rows as
+        :meth:`Pipeline.dry_run`; an empty list for a fold not laid out yet), writing nothing."""
+        import cross_validation as cv
+
+        result = {}
+        for plan in self.plans():
+            fold = self.out / f"fold_{plan.index + 1}"
+            config = fold / "config.toml"
+            current = config.is_file() and cv.fold_data_is_current(
+                Path(self.config["data"]["dir"]), fold / "data", plan)
+            result[fold.name] = (Pipeline(config, fold, echo=False, sets=self.fold_sets)
+                                 .dry_run(from_stage=from_stage, only=only) if current else [])
+        return result
 
     def _tool(self, script: str, args: List[str], log: Path) -> None:
         """Run a project tool in the run folder, its output in ``log``."""
@@ -1190,7 +1338,8 @@ class CrossValidation:
 
 
 def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None,
-        only: Optional[str] = None, strict: bool = False) -> dict:
+        only: Optional[str] = None, strict: bool = False, sets: Optional[List[str]] = None,
+        dry_run: bool = False) -> dict:
     """Run the pipeline of ``config`` into ``out`` and print where the report is.
 
     Args:
@@ -1201,9 +1350,12 @@ def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None
         only: run only this stage (the earlier ones must be complete).
         strict: raise :class:`LearningWarnings` after the run when its ``summary.json`` holds
             warnings (they are printed with the summary either way).
+        sets: ``section.key=value`` overrides of the config's keys (TOML values).
+        dry_run: print what a run would do (see :func:`dry_run`) and return; nothing runs.
 
     Returns:
-        ``{stage: "ran" | "skipped" | "not used"}`` of this call.
+        ``{stage: "ran" | "skipped" | "not used"}`` of this call (with ``dry_run``: what a
+        run would do, ``{stage: action}``, ``{"fold_k/stage": action}`` per fold).
 
     Raises:
         ConfigError: a bad config (one line naming the key and the file).
@@ -1213,8 +1365,11 @@ def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None
     if from_stage and only:
         raise ValueError("give --from or --only, not both")
     out = out or Path("runs") / Path(config).stem
-    folds = load_config(config)["data"]["folds"]
-    pipe = (CrossValidation if folds > 1 else Pipeline)(config, out)
+    sets = list(sets or [])
+    folds = load_config(config, sets)["data"]["folds"]
+    pipe = (CrossValidation if folds > 1 else Pipeline)(config, out, sets=sets)
+    if dry_run:
+        return print_dry_run(pipe, from_stage, only)
     result = pipe.run(from_stage=from_stage, only=only)
     summary = pipe.out / "summary.json"
     warnings = []
@@ -1233,6 +1388,34 @@ def run(config: str, out: Optional[str] = None, from_stage: Optional[str] = None
     print(f"Report: {pipe.out / 'report.html'}")
     if strict and warnings:
         raise LearningWarnings(warnings)
+    return result
+
+
+def print_dry_run(pipe: Union[Pipeline, CrossValidation], from_stage: Optional[str] = None,
+                  only: Optional[str] = None) -> dict:
+    """Print what a run of ``pipe`` would do, stage by stage (per fold for cross-validation),
+    and return ``{stage: action}``; nothing is run or written."""
+    print(f"Dry run of {pipe.config_path} into {pipe.out}: nothing is run or written.")
+    if isinstance(pipe, Pipeline):
+        folds = {"": pipe.dry_run(from_stage=from_stage, only=only)}
+    else:
+        folds = pipe.dry_run(from_stage=from_stage, only=only)
+    result = {}
+    for fold, rows in folds.items():
+        where = pipe.out / fold
+        title = f"{fold}:" if fold else ""
+        if not rows:
+            print(f"{fold}: not yet laid out (its data folder is made when the run starts); "
+                  f"every stage runs afresh")
+            continue
+        if not (where / DERIVED_FILE).is_file():
+            title += (" " if title else "") + ("(the rescale factor and means in the commands "
+                                               "are stand-ins until the mean stage has run)")
+        print(format_dry_run(rows, title))
+        result.update({f"{fold}/{r['stage']}" if fold else r["stage"]: r["action"]
+                       for r in rows})
+    if isinstance(pipe, CrossValidation):
+        print("[pooled] the folds' test predictions are pooled after the folds")
     return result
 
 
@@ -1256,6 +1439,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"exit with status {STRICT_EXIT} after the run when it raised "
                              "warnings about what the model learned (listed in the summary "
                              "and report.html; default: print them and exit 0)")
+    parser.add_argument("--set", dest="sets", action="append", default=None,
+                        metavar="SECTION.KEY=VALUE",
+                        help="override a config key after the config (and the files it "
+                             "extends) is read, the value in TOML (3, 0.5, true, \"adam\", "
+                             "[1, 2]; a bare word is a string); repeatable (default: none)")
+    parser.add_argument("--dry-run", action="store_true", default=False,
+                        help="print each stage's command lines and whether it would be "
+                             "skipped, resumed or run afresh, and why; run and write nothing "
+                             "(default: off)")
     return parser
 
 

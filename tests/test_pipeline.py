@@ -647,3 +647,52 @@ def test_failed_stage_leaves_no_stage_that_reads_it_done(pipeline_run, tmp_path)
     assert "NOT FINISHED: image_train failed; predict" in report.format_summary(summary)
     pipe = run_pipeline.Pipeline(config, out, echo=False)    # the good config again
     assert [s for s in STAGES if not pipe._unchanged(pipe.plan(s))] == after
+
+
+# ------------------------------------------------------------------ --dry-run on the finished run
+def _dry_run(stdout: str) -> dict:
+    """{stage: (action, why)} from the lines ``[STAGE] ACTION: WHY`` of ``--dry-run``."""
+    rows = {}
+    for line in stdout.splitlines():
+        for stage in STAGES:
+            if line.startswith(f"[{stage}] "):
+                action, _, why = line[len(stage) + 3:].partition(": ")
+                rows[stage] = (action, why)
+    return rows
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.is_file())
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_finished_run_skips_every_stage_and_writes_nothing(pipeline_run,
+                                                                          tmp_path):
+    config, out = _copy_run(pipeline_run, tmp_path)
+    before, tree = _hashes(out), _tree(out)
+    proc = _pipeline(config, out, "--dry-run")
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert _dry_run(proc.stdout) == {s: ("skipped", "unchanged") for s in STAGES}
+    assert "image_clf_train.py data/whole_img/train" in proc.stdout      # the command lines
+    assert _hashes(out) == before and _tree(out) == tree
+
+
+@pytest.mark.slow
+def test_dry_run_after_a_changed_key_names_the_stage_and_its_readers(pipeline_run, tmp_path):
+    config, out = _copy_run(pipeline_run, tmp_path)
+    before, tree = _hashes(out), _tree(out)
+    proc = _pipeline(config, out, "--dry-run", "--set", "image_train.nb_epoch=2")
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    rows = _dry_run(proc.stdout)
+    before_it = STAGES[:STAGES.index("image_train")]
+    assert {s: rows[s][0] for s in before_it} == {s: "skipped" for s in before_it}
+    assert rows["image_train"] == ("run afresh",
+                                   "changed: commands (--nb-epoch 1 -> --nb-epoch 2)")
+    for stage in ("predict", "predict_flips", "predict_val"):
+        assert rows[stage] == ("run afresh", "a stage it reads runs again: image_train")
+    assert rows["evaluate"] == ("run afresh",
+                                "a stage it reads runs again: predict_flips, predict_val")
+    assert rows["heatmaps"] == ("run afresh", "a stage it reads runs again: predict_flips")
+    assert rows["report"][0] == "run afresh"
+    assert _hashes(out) == before and _tree(out) == tree
