@@ -368,14 +368,15 @@ def _pooled_warnings(ev: dict, patch: dict, per_fold: List[dict]) -> List[dict]:
     for level, res in (ev.get("levels") or {}).items():
         if _ci_includes_half(res.get("auroc_ci")):
             warnings.append({"code": "auroc_ci_includes_chance", "source": f"pooled {level}",
-                             "message": f"pooled {level}-level test AUROC {res['auroc']:.3f} "
-                                        f"has a 95% CI {res['auroc_ci']} that includes 0.5: "
-                                        f"the model is not shown to beat chance"})
+                             "message": f"pooled {level}-level test AUROC "
+                                        f"{_ci_text(res['auroc'], res['auroc_ci'])} includes "
+                                        f"0.5: the model is not shown to beat chance"})
     for task, res in (patch or {}).items():
         if _ci_includes_half(res.get("auroc_ci")):
             warnings.append({"code": "auroc_ci_includes_chance", "source": f"pooled patch {task}",
-                             "message": f"pooled patch {task} AUROC {res['auroc']:.3f} has a "
-                                        f"95% CI {res['auroc_ci']} that includes 0.5"})
+                             "message": f"pooled patch {task} AUROC "
+                                        f"{_ci_text(res['auroc'], res['auroc_ci'])} includes "
+                                        f"0.5"})
     for fold in per_fold:
         for w in fold["warnings"]:
             warnings.append({**w, "source": f"{fold['fold']}: {w.get('source', '')}".rstrip()})
