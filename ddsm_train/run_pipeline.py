@@ -352,7 +352,35 @@ def _num(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-class Pipeline:
+class _RunFolder:
+    """A run folder and its config (``sets``: ``--set`` overrides), as both runners hold them."""
+
+    def __init__(self, config_path: Union[str, Path], out_dir: Union[str, Path],
+                 echo: bool = True, sets: Sequence[str] = ()):
+        self.config_path = Path(config_path).resolve()
+        self.config = load_config(self.config_path, sets)
+        self.out = Path(out_dir).resolve()
+        self.echo = echo
+        self.ran: Dict[str, str] = {}   # stage -> "ran" / "skipped" / "not used", this call
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["RANDOM_SEED"] = str(self.config["run"]["seed"])
+        env["NUM_CPU_CORES"] = str(self.config["run"]["workers"])
+        if not script_utils.tf_log_level_given():
+            # left unset, the tools hide TensorFlow's start-up lines themselves (set, they
+            # would take it for the user's wish to see them)
+            env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        env[PROGRESS_ENV] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        root = str(HERE.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"]
+                                    if env.get("PYTHONPATH") else "")
+        return env
+
+
+
+class Pipeline(_RunFolder):
     """One run folder and its config: plans each stage, decides what to skip, runs the rest.
 
     Args:
@@ -364,15 +392,11 @@ class Pipeline:
 
     def __init__(self, config_path: Union[str, Path], out_dir: Union[str, Path],
                  echo: bool = True, sets: Sequence[str] = ()):
-        self.config_path = Path(config_path).resolve()
-        self.config = load_config(self.config_path, sets)
-        self.out = Path(out_dir).resolve()
-        self.echo = echo
+        super().__init__(config_path, out_dir, echo, sets)
         self.state_path = self.out / STATE_FILE
         self.state = {"stages": {}}
         if self.state_path.is_file():
             self.state = json.loads(self.state_path.read_text())
-        self.ran: Dict[str, str] = {}   # stage -> "ran" / "skipped" / "not used", this call
         self._checking = False          # planning to check commands: stand-ins for derived values
         self._used_derived = False      # the plan being made read derived.json
         self._checked: set = set()      # command lines the tools' parsers accepted
@@ -867,21 +891,6 @@ class Pipeline:
     def _log_path(self, name: str) -> Path:
         return self.out / "logs" / f"{STAGES.index(name) + 1}_{name}.log"
 
-    def _env(self) -> dict:
-        env = dict(os.environ)
-        env["RANDOM_SEED"] = str(self.config["run"]["seed"])
-        env["NUM_CPU_CORES"] = str(self.config["run"]["workers"])
-        if not script_utils.tf_log_level_given():
-            # left unset, the tools hide TensorFlow's start-up lines themselves (set, they
-            # would take it for the user's wish to see them)
-            env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-        env[PROGRESS_ENV] = "1"
-        env["PYTHONUNBUFFERED"] = "1"
-        root = str(HERE.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"]
-                                    if env.get("PYTHONPATH") else "")
-        return env
-
     def fingerprint_parts(self, spec: StageSpec) -> dict:
         """What a stage's fingerprint is made of: its command lines (``steps``), ``seed``, the
         stamps of the stages it reads (``deps``), its outside ``inputs`` and ``extra``."""
@@ -1254,7 +1263,7 @@ def format_dry_run(rows: List[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-class CrossValidation:
+class CrossValidation(_RunFolder):
     """``data.folds = K`` >= 2: the chain once per patient fold into ``OUT/fold_k``, then the
     out-of-fold test predictions pooled (``cross_validation`` module).
 
@@ -1268,11 +1277,7 @@ class CrossValidation:
 
     def __init__(self, config_path: Union[str, Path], out_dir: Union[str, Path],
                  echo: bool = True, sets: Sequence[str] = ()):
-        self.config_path = Path(config_path).resolve()
-        self.config = load_config(self.config_path, sets)
-        self.out = Path(out_dir).resolve()
-        self.echo = echo
-        self.ran: Dict[str, str] = {}
+        super().__init__(config_path, out_dir, echo, sets)
         self.fold_sets = [t for t in sets
                           if t.partition("=")[0].strip() not in ("data.dir", "data.folds")]
 
@@ -1326,7 +1331,7 @@ class CrossValidation:
     def _tool(self, script: str, args: List[str], log: Path) -> None:
         """Run a project tool in the run folder, its output in ``log``."""
         argv = [sys.executable, str(HERE / f"{script}.py")] + args
-        env = Pipeline._env(self)
+        env = self._env()
         with open(log, "w", encoding="utf-8") as fh:
             fh.write(f"==> {' '.join([script] + args)}\n")
             fh.flush()
