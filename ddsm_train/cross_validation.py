@@ -399,8 +399,11 @@ def cv_report_html(summary: dict) -> str:
     rows = []
     for task, res in (summary["pooled"].get("patch") or {}).items():
         rows.append((f"patches: {task.replace('_', ' ')}", res))
-    for level, res in summary["pooled"]["levels"].items():
-        rows.append((f"{level}s: malignant vs not ({summary['scores']})", res))
+    levels = summary["pooled"]["levels"]
+    for level, res in levels.items():
+        same = level == "breast" and res.get("n") == (levels.get("image") or {}).get("n")
+        rows.append((f"{level}s: malignant vs not ({summary['scores']})"
+                     + (": one image per breast, the image level again" if same else ""), res))
     pooled = "".join(
         f"<tr><td>{escape(name)}</td><td>{res.get('n')}</td><td>{res.get('n_pos')}</td>"
         f"<td>{escape(_ci_text(res.get('auroc'), res.get('auroc_ci')))}</td>"
