@@ -33,7 +33,7 @@ test-fast: lint
 bench: $(STAMP)
 	$(VPY) -m pytest tests/benchmarks -s -p no:cacheprovider --ignore=tests/benchmarks/test_bench_real.py $(PYTEST_ARGS)
 
-# Real films side by side (../shared/data/mias_dev, 5 patient folds; under an hour on 2 cores):
+# Real films side by side (../shared/data/mias_dev, 5 patient folds; about an hour on 2 cores):
 # our end-to-end model against the patch heatmap maximum and a plain CNN. BENCH_REAL_OUT keeps it.
 bench-real: $(STAMP)
 	$(VPY) -m pytest tests/benchmarks/test_bench_real.py -s -p no:cacheprovider $(PYTEST_ARGS)
