@@ -401,12 +401,8 @@ def plot_roc_pr(y_true: ArrayLike, y_score: ArrayLike, roc_path: PathLike, pr_pa
     Returns:
         (roc_path, pr_path) as Paths.
     """
-    paths = []
-    for path, fig in zip((roc_path, pr_path), roc_pr_figures(y_true, y_score, title, metrics)):
-        path = Path(path)
-        atomic_write(path, lambda fh, fig=fig, fmt=path.suffix[1:] or "png":
-                     fig.savefig(fh, format=fmt))
-        paths.append(path)
+    paths = [save_figure(fig, path) for path, fig in
+             zip((roc_path, pr_path), roc_pr_figures(y_true, y_score, title, metrics))]
     return paths[0], paths[1]
 
 
@@ -767,9 +763,11 @@ def reliability_figure(y_true: ArrayLike, y_score: ArrayLike, title: str = "",
 
 
 def save_figure(fig: Any, path: PathLike) -> Path:
-    """Write a matplotlib Figure atomically (format from the suffix, PNG by default)."""
+    """Write a matplotlib Figure atomically (format from the suffix, PNG by default), cropped
+    to what it draws, so that a wide legend or title is not cut off at the figure's edge."""
     path = Path(path)
-    return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix[1:] or "png"))
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix[1:] or "png",
+                                                     bbox_inches="tight"))
 
 
 def iter_bootstrap_counts(y_true: ArrayLike, n_boot: int, seed: int,
