@@ -418,16 +418,21 @@ def _interrupt_when(proc, ready, timeout=180):
     return out, err, time.time() - sent
 
 
-def test_ctrl_c_stops_workers_with_one_line_and_status_130(tmp_path):
-    """Two worker processes are sleeping in their task when Ctrl-C reaches the process group:
-    the workers print nothing, the pool stops and the script prints one line, status 130."""
-    (tmp_path / "tests_interrupt_task.py").write_text(_TASK_MODULE)
+def _start_pool_script(tmp_path, task_module):
+    """Start the pool script in its own process group, its workers running ``task_module``."""
+    (tmp_path / "tests_interrupt_task.py").write_text(task_module)
     script = tmp_path / "pool_script.py"
     script.write_text(_POOL_SCRIPT.format(ddsm=str(REPO / "ddsm_train")))
     env = dict(os.environ, PYTHONPATH=str(tmp_path), DM_TRACEBACK="")
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
+    return subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+
+
+def test_ctrl_c_stops_workers_with_one_line_and_status_130(tmp_path):
+    """Two worker processes are sleeping in their task when Ctrl-C reaches the process group:
+    the workers print nothing, the pool stops and the script prints one line, status 130."""
+    proc = _start_pool_script(tmp_path, _TASK_MODULE)
     _, err, after = _interrupt_when(proc, lambda: all((tmp_path / f"m{i}").exists()
                                                       for i in (0, 1)))
     assert proc.returncode == 130, err
@@ -454,13 +459,7 @@ def test_pool_workers_ignore_ctrl_c_reaching_them_first(tmp_path):
     """Ctrl-C reaches the process group in no set order: the workers get it first here, then
     the script. The workers ignore it (no traceback, nothing written by them); the script
     stops the pool with one line and status 130."""
-    (tmp_path / "tests_interrupt_task.py").write_text(_PID_TASK_MODULE)
-    script = tmp_path / "pool_script.py"
-    script.write_text(_POOL_SCRIPT.format(ddsm=str(REPO / "ddsm_train")))
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), DM_TRACEBACK="")
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = _start_pool_script(tmp_path, _PID_TASK_MODULE)
     started = [tmp_path / f"m{i}" for i in (0, 1)]
 
     def workers_ready():
