@@ -54,6 +54,15 @@ def get_args_parser():
                      "keep the epoch with the best mean one-vs-rest validation AUROC as the "
                      "best model, instead of the best validation accuracy (which, on "
                      "imbalanced validation patches, rewards predicting the majority class)")
+    cf.add_bool_flag(parser, "last-epoch-model", False,
+                     "keep the last epoch's model as the best model (the validation figures "
+                     "are still computed, logged and plotted) instead of the validation-chosen "
+                     "epoch's: on a small validation set, whose figures vary more from epoch "
+                     "to epoch than the model improves, their maximum picks noise")
+    cf.add_bool_flag(parser, "test-augment", False,
+                     "score each validation and test patch as the mean of its 4 flips (as "
+                     "is, left-right, up-down, both): the validation AUROC of "
+                     "--auc-checkpoint and the test figures, predictions and metrics files")
     cf.add_ram_flags(parser)
     n = parser.add_argument_group("network")
     n.add_argument("--net", dest="net", type=str, default="resnet50",
@@ -153,11 +162,16 @@ class _PatchTrainer(ts.TrainerSpec):
                                      else None)
 
     def checkpointer(self, opts, val, extras):
-        if not opts.auc_checkpoint:
-            return None         # train_3stage keeps the best validation accuracy
         import training_runs
 
-        return training_runs.DMAucModelCheckpoint(opts.best_model, val, extras=extras)
+        if opts.auc_checkpoint:
+            return training_runs.DMAucModelCheckpoint(opts.best_model, val, extras=extras,
+                                                      test_augment=opts.test_augment,
+                                                      keep_last=opts.last_epoch_model)
+        if opts.last_epoch_model:
+            return training_runs.BestModelCheckpoint(opts.best_model, extras=extras,
+                                                     keep_last=True)
+        return None             # train_3stage keeps the best validation accuracy
 
     def plan(self, opts, top_layer_nb):
         import dm_resnet
@@ -205,16 +219,22 @@ def _report(opts, json_path, hists, test, is_chief=True):
     history = ts.merge_history(hists)
     val_acc = history.get("val_accuracy", [])
     chosen = history.get("val_auc", []) if opts.get("auc_checkpoint") else val_acc
-    best = int(np.nanargmax(chosen)) if chosen and not np.all(np.isnan(chosen)) else None
+    peak = int(np.nanargmax(chosen)) if chosen and not np.all(np.isnan(chosen)) else None
+    # the kept model: the last epoch's with --last-epoch-model, else the validation peak's
+    best = len(val_acc) - 1 if opts.get("last_epoch_model") and val_acc else peak
     result = dict(best_model=opts["best_model"], options_json=str(json_path),
                   epochs=len(history.get("loss", [])), stages=[h.stage for h in hists],
                   history=history,
                   best_val_accuracy=val_acc[best] if best is not None and val_acc else None,
                   best_epoch=best + 1 if best is not None else None,
-                  best_by="val_auc" if opts.get("auc_checkpoint") else "val_accuracy",
+                  best_by=("last_epoch" if opts.get("last_epoch_model") else
+                           "val_auc" if opts.get("auc_checkpoint") else "val_accuracy"),
                   test_loss=None, test_accuracy=None)
-    result["warnings"] = ts.best_epoch_warnings(opts, result["best_epoch"], result["epochs"],
-                                                result["best_by"])
+    # a validation figure that never improved on the first epoch is a warning whichever
+    # epoch's model is kept
+    result["warnings"] = ts.best_epoch_warnings(
+        opts, peak + 1 if peak is not None else None, result["epochs"],
+        "val_auc" if opts.get("auc_checkpoint") else "val_accuracy")
     if not is_chief:
         logger.info("Multi-worker run: the chief worker reports the test result")
         return result
@@ -244,11 +264,13 @@ def _test_confusion(model, test, opts, warnings):
 
     import eval_metrics
     import learning_health
+    import training_runs
 
     labels, probs = [], []
     for k in range(len(test)):
         x, y = test[k][:2]
-        probs.append(model.predict(x, verbose=0))
+        probs.append(training_runs.predict_flip_mean(model, x, test_augment=True)
+                     if opts.get("test_augment") else model.predict(x, verbose=0))
         labels.append(np.asarray(y).argmax(axis=-1) if np.ndim(y) == 2 else np.asarray(y))
     labels, probs = np.concatenate(labels), np.concatenate(probs)
     rep = eval_metrics.write_confusion_report(labels, probs, opts["class_list"],

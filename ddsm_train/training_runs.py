@@ -259,14 +259,18 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         monitor: log key, e.g. ``"val_accuracy"`` or ``"val_loss"``.
         mode: ``"max"`` or ``"min"``.
         extras: what each save writes into and beside the file (:class:`ModelFileExtras`).
+        keep_last: save every epoch whose loss and weights are finite, whatever ``monitor``
+            says: the last epoch's model is kept (``monitor`` is still logged).
     """
 
-    def __init__(self, filepath, monitor="val_accuracy", mode="max", extras=None):
+    def __init__(self, filepath, monitor="val_accuracy", mode="max", extras=None,
+                 keep_last=False):
         super().__init__()
         self.extras = extras
         if mode not in ("max", "min"):
             raise ValueError(f"mode should be one of ['max', 'min'], got {mode!r}")
         self.filepath, self.monitor, self.mode = str(filepath), monitor, mode
+        self.keep_last = keep_last
         self.best = -np.inf if mode == "max" else np.inf
         self.best_epoch = None
 
@@ -276,14 +280,16 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             logger.warning("BestModelCheckpoint: %s not in logs %s", self.monitor,
                            sorted(logs or {}))
             return
-        better = value > self.best if self.mode == "max" else value < self.best
+        better = self.keep_last or (value > self.best if self.mode == "max"
+                                    else value < self.best)
         if better and not _model_is_finite(self.model, logs):
             logger.error("epoch %d: non-finite loss or weights; %s is not saved", epoch + 1,
                          self.filepath)
             return
         if better:
-            logger.info("epoch %d: %s improved from %.5f to %.5f, saving %s", epoch + 1,
-                        self.monitor, self.best, value, self.filepath)
+            logger.info("epoch %d: %s %s %.5f, saving %s", epoch + 1, self.monitor,
+                        "is" if self.keep_last else f"improved from {self.best:.5f} to",
+                        value, self.filepath)
             self.best, self.best_epoch = float(value), epoch + 1
             save_model_distributed(self.model, self.filepath, extras=self.extras)
 
@@ -410,12 +416,14 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
         test_samples: number of samples to evaluate (default: all).
         test_augment: average the predictions on the 4 flips.
         extras: what each save writes into and beside the file (:class:`ModelFileExtras`).
+        keep_last: save every epoch whose loss and weights are finite, whatever its AUROC:
+            the last epoch's model is kept (the AUROC is still computed and logged).
     """
 
     def __init__(self, filepath, test_data, batch_size=None, test_samples=None,
-                 test_augment=False, extras=None):
+                 test_augment=False, extras=None, keep_last=False):
         super().__init__()
-        self.extras = extras
+        self.extras, self.keep_last = extras, keep_last
         self.filepath = str(filepath)
         self.test_data = test_data
         self.batch_size, self.test_samples, self.test_augment = batch_size, test_samples, \
@@ -436,13 +444,15 @@ class DMAucModelCheckpoint(keras.callbacks.Callback):
                 logs[f"val_auc_{c}"] = a
         logger.info("epoch %d: validation AUROC %.4f (per class %s)", epoch + 1, auc,
                     ", ".join(f"{a:.4f}" for a in per_class))
-        if not np.isnan(auc) and auc > self.best_auc and not _model_is_finite(self.model, logs):
+        better = self.keep_last or (not np.isnan(auc) and auc > self.best_auc)
+        if better and not _model_is_finite(self.model, logs):
             logger.error("epoch %d: non-finite loss or weights; %s is not saved", epoch + 1,
                          self.filepath)
             return
-        if not np.isnan(auc) and auc > self.best_auc:
-            logger.info("epoch %d: AUROC improved from %.4f to %.4f, saving %s", epoch + 1,
-                        self.best_auc, auc, self.filepath)
+        if better:
+            logger.info("epoch %d: AUROC %s %.4f, saving %s", epoch + 1,
+                        "is" if self.keep_last else f"improved from {self.best_auc:.4f} to",
+                        auc, self.filepath)
             self.best_auc, self.best_epoch, self.best_all_auc = auc, epoch + 1, per_class
             save_model_distributed(self.model, self.filepath, extras=self.extras)
 

@@ -380,6 +380,31 @@ def test_dm_auc_checkpoint_keeps_the_best_model(tmp_path):
     np.testing.assert_allclose(reloaded.predict(X, verbose=0)[:, 1], p1, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["auc", "accuracy"])
+def test_checkpoints_keep_last_save_every_epoch(tmp_path, kind):
+    """keep_last: a worse second epoch still replaces the file (the monitor is still logged)."""
+    model = _flip_sensitive_model(2)
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(12, 4, 6, 1)).astype("float32")
+    p1 = model.predict(X, verbose=0)[:, 1]
+    labels = (p1 > np.median(p1)).astype(int)
+    path = tmp_path / "kept.h5"
+    ckpt = (K.DMAucModelCheckpoint(str(path), (X, labels), keep_last=True) if kind == "auc"
+            else K.BestModelCheckpoint(str(path), keep_last=True))
+    ckpt.set_model(model)
+    good = model.get_weights()
+    ckpt.on_epoch_end(0, {"val_accuracy": 0.9, "loss": 0.1})
+    model.set_weights([-w for w in good])
+    logs = {"val_accuracy": 0.1, "loss": 0.2}
+    ckpt.on_epoch_end(1, logs)
+    assert ckpt.best_epoch == 2
+    if kind == "auc":
+        assert logs["val_auc"] == pytest.approx(0.0)
+    reloaded = K.robust_load_model(path)
+    np.testing.assert_allclose(reloaded.predict(X, verbose=0), model.predict(X, verbose=0),
+                               atol=1e-6)
+
+
 def test_dm_metrics_sensitivity_specificity():
     y_true = np.eye(2)[[1, 1, 1, 0, 0]].astype("float32")
     y_pred = np.array([[.2, .8], [.6, .4], [.1, .9], [.7, .3], [.3, .7]], "float32")

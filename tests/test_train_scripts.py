@@ -300,6 +300,41 @@ def test_patch_clf_train_end_to_end_staged(data, model_files, tmp_path, keras_se
 
 
 @pytest.mark.slow
+def test_patch_clf_train_last_epoch_model_and_test_flips(data, model_files, tmp_path,
+                                                         keras_session):
+    """--last-epoch-model keeps the last epoch's model although validation peaks elsewhere;
+    --test-augment scores the test patches as the mean of their 4 flips."""
+    import csv
+
+    import dm_keras_ext
+
+    best = tmp_path / "patch_last.h5"
+    result = patch_clf_train.main(split_dirs(data, "patch") + [
+        "--resume-from", str(model_files["patch"]), "--net", "vgg16", "--img-size", "32", "32",
+        "--rescale-factor", "0.003891", "--featurewise-mean", "50", "--batch-size", "6",
+        "--nb-epoch", "3", "--top-layer-epochs", "0", "--all-layer-epochs", "0",
+        "--optimizer", "adam", "--init-learningrate", "0.01", "--auc-checkpoint",
+        "--last-epoch-model", "--test-augment", "--best-model", str(best)])
+    assert result["epochs"] == 3 and result["best_epoch"] == 3
+    assert result["best_by"] == "last_epoch"
+    kept = dm_keras_ext.robust_load_model(best).get_weights()
+    last = dm_keras_ext.robust_load_model(str(best) + ".last.h5").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(kept, last))
+    prob, y = _test_set_predictions(best, data / "patch" / "test",
+                                    ("background", "malignant", "benign"), (32, 32), 50,
+                                    flips=True, equalize=True)
+    plain, _ = _test_set_predictions(best, data / "patch" / "test",
+                                     ("background", "malignant", "benign"), (32, 32), 50,
+                                     equalize=True)
+    assert not np.allclose(prob, plain, atol=1e-4)     # the flips change the scores here
+    with open(str(best) + ".test.predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    saved = np.array([[float(r[f"p_{c}"]) for c in ("background", "malignant", "benign")]
+                      for r in rows])
+    np.testing.assert_allclose(saved, prob, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_seed_flag_is_the_runs_seed(data, model_files, tmp_path, keras_session, monkeypatch):
     """``--seed N`` trains the model RANDOM_SEED=N trains, is the same run for resuming, and
     another seed trains another model."""
