@@ -10,12 +10,15 @@ final dense layer (``--nb-epoch``), the layers from ``--top-layer-nb`` up
 (``--top-layer-epochs``, lr x ``--top-layer-multiplier``), all layers (``--all-layer-epochs``,
 lr x ``--all-layer-multiplier``); without them (a ``--net`` without ImageNet weights, such as
 ``yaroslav`` or ``dm_resnet14``, or ``--no-use-pretrained``) only stage 1 runs, on all layers.
-The model with the best validation accuracy is saved atomically to ``--best-model`` (options in
-``<best-model>.options.json``); at the end its test accuracy and loss are reported, and its test
+The model with the best validation accuracy (``--auc-checkpoint``: the best mean one-vs-rest
+validation AUROC; ``--last-epoch-model``: the last epoch's model, whatever the validation figures
+say) is saved atomically to ``--best-model`` (options in ``<best-model>.options.json``); at the
+end its test accuracy and loss are reported, and its test
 confusion matrix (counts and row-normalised), accuracy next to the majority-class share and,
 per class, support, recall, precision and one-vs-rest AUROC with its 95 % bootstrap interval are
 written beside it (``<best-model>.test.confusion.csv`` / ``.png``,
-``<best-model>.test.metrics.json``). Signs that the model learned nothing
+``<best-model>.test.metrics.json``; with ``--test-augment`` each patch scored as the mean of
+its 4 flips). Signs that the model learned nothing
 (``learning_health``) are logged and printed as warnings and kept in that JSON.
 """
 import argparse
@@ -246,9 +249,10 @@ def _report(opts, json_path, hists, test, is_chief=True):
     loss, acc = best.evaluate(test, verbose=0)
     result.update(test_loss=float(loss), test_accuracy=float(acc))
     result["test_confusion"] = _test_confusion(best, test, opts, result["warnings"])
-    logger.info("Training summary: stages %s, %d epochs, best validation accuracy %.4f at "
-                "epoch %d, model %s", result["stages"], result["epochs"],
-                result["best_val_accuracy"], result["best_epoch"], result["best_model"])
+    logger.info("Training summary: stages %s, %d epochs, kept epoch %d (%s; its validation "
+                "accuracy %.4f), model %s", result["stages"], result["epochs"],
+                result["best_epoch"], result["best_by"], result["best_val_accuracy"],
+                result["best_model"])
     logger.info("Test accuracy %.4f, loss %.4f (%d patches)", acc, loss, test.nb_sample)
     ts.log_warnings(result["warnings"])
     return result
