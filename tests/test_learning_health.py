@@ -487,6 +487,25 @@ def test_patch_trainer_reports_and_saves_its_warnings(tmp_path, monkeypatch, hea
                                                          best + ".log.csv"}
 
 
+def test_patch_trainer_last_epoch_model_still_warns_of_a_first_epoch_peak(tmp_path,
+                                                                          monkeypatch):
+    """--last-epoch-model keeps the last epoch; a validation figure that peaked at the first
+    epoch is still reported (the kept model is not evidence of learning)."""
+    import dm_keras_ext
+    import patch_clf_train
+
+    monkeypatch.setattr(dm_keras_ext, "robust_load_model", lambda path: _FakeModel())
+    labels, probs = _confident(n=400, seed=3)
+    opts = {"best_model": str(tmp_path / "patch.h5"), "class_list": CLASSES, "seed": 3,
+            "last_epoch_model": True}
+    hist = _Hist({"loss": [1.0, 0.9, 0.8], "val_accuracy": [0.9, 0.8, 0.7]})
+    result = patch_clf_train._report(opts, tmp_path / "o.json", [hist],
+                                     _FakeTest(labels, probs))
+    assert (result["best_epoch"], result["best_by"]) == (3, "last_epoch")
+    assert result["best_val_accuracy"] == pytest.approx(0.7)
+    assert _codes(result["warnings"]) == ["best_epoch_first"]
+
+
 @pytest.mark.parametrize("healthy", [False, True])
 def test_image_trainer_reports_its_warnings(tmp_path, monkeypatch, healthy):
     import dm_keras_ext
