@@ -134,12 +134,12 @@ def test_bad_set_is_one_line_naming_the_key(tmp_path, capsys, text, words):
 
 
 def test_set_reaches_the_command_lines(tmp_path):
-    import run_pipeline
+    import pipeline_plan
 
-    pipe = run_pipeline.Pipeline(DEMO_TOML, tmp_path / "run", echo=False,
-                                 sets=["synthetic.patients=7", "image_train.nb_epoch=3"])
-    with pipe._check_mode():
-        data, image = pipe.plan("data").steps[0].args, pipe.plan("image_train").steps[0].args
+    plan = pipeline_plan.PipelinePlan(DEMO_TOML, tmp_path / "run",
+                                      sets=["synthetic.patients=7", "image_train.nb_epoch=3"])
+    with plan.check_mode():
+        data, image = plan.plan("data").steps[0].args, plan.plan("image_train").steps[0].args
     assert data[data.index("--nb-patients") + 1] == "7"
     assert image[image.index("--nb-epoch") + 1] == "3"
 
@@ -188,7 +188,7 @@ def test_dry_run_resumes_an_interrupted_stage_and_reruns_its_readers(tmp_path):
     (out / "pipeline_state.json").write_text(json.dumps(state))
     pipe = run_pipeline.Pipeline(DEMO_TOML, out, echo=False)
     assert pipe._verdict(pipe.plan("data"), False, set()) == ("resumed", "it was interrupted")
-    with pipe._check_mode():
+    with pipe.planner.check_mode():
         spec = pipe.plan("sample_patches")
     assert pipe._verdict(spec, False, {"data"}) == ("run afresh",
                                                     "a stage it reads runs again: data")
