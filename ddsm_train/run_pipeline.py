@@ -81,6 +81,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -567,18 +568,40 @@ class CrossValidation(_RunFolder):
     def dry_run(self, from_stage: Optional[str] = None, only: Optional[str] = None
                 ) -> Dict[str, List[dict]]:
         """What :meth:`run` would do in each fold (``{"fold_k": rows}``, rows as
-        :meth:`Pipeline.dry_run`; an empty list for a fold not laid out yet), writing nothing."""
+        :meth:`Pipeline.dry_run`), writing nothing in the run folder.
+
+        Each fold is planned with the config :meth:`run` would write for it now (not the one
+        an earlier run left in its folder). A fold whose data folder is not laid out yet (or
+        was laid out for other patients or files) is planned on its data laid out in a
+        temporary folder, as the run will lay them out.
+        """
+        return {f"fold_{plan.index + 1}": self._fold_dry_run(plan, from_stage, only)
+                for plan in self.plans()}
+
+    def _fold_dry_run(self, plan, from_stage: Optional[str], only: Optional[str]
+                      ) -> List[dict]:
         import cross_validation as cv
 
-        result = {}
-        for plan in self.plans():
-            fold = self.out / f"fold_{plan.index + 1}"
-            config = fold / "config.toml"
-            current = config.is_file() and cv.fold_data_is_current(
-                Path(self.config["data"]["dir"]), fold / "data", plan)
-            result[fold.name] = (Pipeline(config, fold, echo=False, sets=self.fold_sets)
-                                 .dry_run(from_stage=from_stage, only=only) if current else [])
-        return result
+        fold = self.out / f"fold_{plan.index + 1}"
+        src, text = Path(self.config["data"]["dir"]), cv.fold_config_text(self.config_path)
+        if cv.fold_data_is_current(src, fold / "data", plan):
+            return Pipeline(fold / "config.toml", fold, echo=False, sets=self.fold_sets,
+                            text=text).dry_run(from_stage=from_stage, only=only)
+        with tempfile.TemporaryDirectory() as tmp:
+            where = Path(tmp) / fold.name
+            cv.write_fold_data(src, where / "data", plan)
+            if (fold / STATE_FILE).is_file():
+                shutil.copy2(fold / STATE_FILE, where / STATE_FILE)
+            pipe = Pipeline(where / "config.toml", where, echo=False, sets=self.fold_sets,
+                            text=text)
+            try:
+                rows = pipe.dry_run(from_stage=from_stage, only=only)
+            except StageError as err:
+                raise StageError(str(err).replace(str(where), str(fold))) from None
+        for row in rows:
+            if row["stage"] == "data" and row["action"] == "run afresh":
+                row["why"] = "the run lays out its data folder first"
+        return rows
 
     def _tool(self, script: str, args: List[str], log: Path) -> None:
         """Run a project tool in the run folder, its output in ``log``."""
@@ -661,10 +684,6 @@ def print_dry_run(pipe: Union[Pipeline, CrossValidation], from_stage: Optional[s
     for fold, rows in folds.items():
         where = pipe.out / fold
         title = f"{fold}:" if fold else ""
-        if not rows:
-            print(f"{fold}: not yet laid out (its data folder is made when the run starts); "
-                  f"every stage runs afresh")
-            continue
         if not (where / DERIVED_FILE).is_file():
             title += (" " if title else "") + ("(the rescale factor and means in the commands "
                                                "are stand-ins until the mean stage has run)")
