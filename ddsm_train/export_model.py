@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import dm_image  # noqa: E402
 import run_files  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_trust_flag  # noqa: E402
-from script_utils import RECIPE_OPTIONS, apply_model_recipe, cli_main  # noqa: E402
+from script_utils import RECIPE_OPTIONS, apply_model_recipe  # noqa: E402
 
 __all__ = ["ONNX_NAME", "SAVED_MODEL_NAME", "RECIPE_NAME", "CARD_MD", "CARD_JSON",
            "OUTPUT_NAMES", "ONNX_TOLERANCE", "RECIPE_FORMAT", "ExportError", "state_recipe",
@@ -684,9 +684,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv, pass_given=True)
+main = script_utils.tool_main(get_args_parser, run, pass_given=True)
 
 
 if __name__ == "__main__":
