@@ -410,13 +410,11 @@ def add_image_source_flags(parser, malignant_class, malignant_default):
     ``--img-list``, ``--exam-list``, ``--class-list`` and ``--malignant-class`` (default
     ``malignant_class``, which its help calls ``malignant_default``). Returns the group."""
     src = parser.add_argument_group("input (one of them)")
-    src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
-                                       "folder of --exam-list / relative --img-list paths "
-                                       "(default: none)")
-    src.add_argument("--img-list", help="file with one image path (and label) per line "
-                                        "(default: none)")
-    src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form) "
-                                         "(default: none)")
+    for flag, what in (("--img-dir", "class-folder tree, folder of images, or the image folder "
+                                     "of --exam-list / relative --img-list paths"),
+                       ("--img-list", "file with one image path (and label) per line"),
+                       ("--exam-list", "exam list, data.pkl or .json (meta-repository form)")):
+        src.add_argument(flag, help=f"{what} (default: none)")
     src.add_argument("--class-list", nargs="+", default=["neg", "pos"],
                      action=script_utils.UniqueValuesAction,
                      help="class folders in label order (default: %(default)s)")
