@@ -65,52 +65,36 @@ def finite_float(text: str) -> float:
     return _float_value(text)
 
 
-def nonneg_float(text: str) -> float:
-    """A finite float >= 0 (weight decays, class weights, ...)."""
-    value = _float_value(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"should be >= 0, got {text!r}")
-    return value
+def _ranged(name: str, kind: type, in_range, rule: str, doc: str):
+    """The flag type ``name``: a ``kind`` (a finite float, or an integer) for which
+    ``in_range(value)`` holds, else the error ``should be RULE, got 'TEXT'``."""
+    read = _float_value if kind is float else _int_value
+
+    def check(text):
+        value = read(text)
+        if not in_range(value):
+            raise argparse.ArgumentTypeError(f"should be {rule}, got {text!r}")
+        return value
+
+    check.__name__ = check.__qualname__ = name
+    check.__doc__ = doc
+    check.__annotations__ = {"text": str, "return": kind}
+    return check
 
 
-def positive_float(text: str) -> float:
-    """A finite float > 0 (learning rates and their multipliers, scale factors, ...)."""
-    value = _float_value(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"should be > 0, got {text!r}")
-    return value
-
-
-def unit_interval(text: str) -> float:
-    """A float in [0, 1) (dropout rates: 1 would drop every unit)."""
-    value = _float_value(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"should be in [0, 1), got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A float in [0, 1] (shares of a set, ratios)."""
-    value = _float_value(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"should be in [0, 1], got {text!r}")
-    return value
-
-
-def nonneg_int(text: str) -> int:
-    """An integer >= 0 (epochs, seeds, patience, counts that may be zero)."""
-    value = _int_value(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"should be >= 0, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1 (sizes, batch sizes, widths, worker counts)."""
-    value = _int_value(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"should be >= 1, got {text!r}")
-    return value
+nonneg_float = _ranged("nonneg_float", float, lambda v: v >= 0, ">= 0",
+                       "A finite float >= 0 (weight decays, class weights, ...).")
+positive_float = _ranged("positive_float", float, lambda v: v > 0, "> 0",
+                         "A finite float > 0 (learning rates and their multipliers, scale "
+                         "factors, ...).")
+unit_interval = _ranged("unit_interval", float, lambda v: 0 <= v < 1, "in [0, 1)",
+                        "A float in [0, 1) (dropout rates: 1 would drop every unit).")
+fraction = _ranged("fraction", float, lambda v: 0 <= v <= 1, "in [0, 1]",
+                   "A float in [0, 1] (shares of a set, ratios).")
+nonneg_int = _ranged("nonneg_int", int, lambda v: v >= 0, ">= 0",
+                     "An integer >= 0 (epochs, seeds, patience, counts that may be zero).")
+positive_int = _ranged("positive_int", int, lambda v: v >= 1, ">= 1",
+                       "An integer >= 1 (sizes, batch sizes, widths, worker counts).")
 
 
 def use_checked_numbers(parser):
@@ -426,13 +410,11 @@ def add_image_source_flags(parser, malignant_class, malignant_default):
     ``--img-list``, ``--exam-list``, ``--class-list`` and ``--malignant-class`` (default
     ``malignant_class``, which its help calls ``malignant_default``). Returns the group."""
     src = parser.add_argument_group("input (one of them)")
-    src.add_argument("--img-dir", help="class-folder tree, folder of images, or the image "
-                                       "folder of --exam-list / relative --img-list paths "
-                                       "(default: none)")
-    src.add_argument("--img-list", help="file with one image path (and label) per line "
-                                        "(default: none)")
-    src.add_argument("--exam-list", help="exam list, data.pkl or .json (meta-repository form) "
-                                         "(default: none)")
+    for flag, what in (("--img-dir", "class-folder tree, folder of images, or the image folder "
+                                     "of --exam-list / relative --img-list paths"),
+                       ("--img-list", "file with one image path (and label) per line"),
+                       ("--exam-list", "exam list, data.pkl or .json (meta-repository form)")):
+        src.add_argument(flag, help=f"{what} (default: none)")
     src.add_argument("--class-list", nargs="+", default=["neg", "pos"],
                      action=script_utils.UniqueValuesAction,
                      help="class folders in label order (default: %(default)s)")

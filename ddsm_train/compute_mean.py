@@ -30,7 +30,7 @@ import dm_image  # noqa: E402
 from common_flags import add_image_flags  # noqa: E402
 import common_flags as cf  # noqa: E402
 from dm_image import atomic_write  # noqa: E402
-from script_utils import check_input_levels, cli_main, get_num_cpu_cores  # noqa: E402
+from script_utils import check_input_levels, get_num_cpu_cores  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +154,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    """Command-line entry point."""
-    return cli_main(get_args_parser(), run, argv)
+main = script_utils.tool_main(get_args_parser, run)
 
 
 if __name__ == "__main__":

@@ -192,13 +192,18 @@ def write_fold_data(src: Path, dest: Path, plan: FoldPlan) -> Path:
     return dest
 
 
+def fold_config_text(config_path: Path) -> str:
+    """The text of a fold's ``config.toml`` (see :func:`write_fold_config`)."""
+    return (f"# fold of {Path(config_path).name}: written by run_pipeline.py, not to be edited\n"
+            f"extends = {json.dumps(str(Path(config_path).resolve()))}\n\n"
+            f"[data]\ndir = \"data\"\nfolds = 1\n\n[export]\nenabled = false\n")
+
+
 def write_fold_config(config_path: Path, fold_dir: Path) -> Path:
     """``fold_dir/config.toml``: extends ``config_path``, with ``data.dir`` the fold's data
     folder, ``data.folds = 1`` (one chain) and no export (a fold's model is one of K, measured
     on its fold; train on all patients for a model to hand on)."""
-    text = (f"# fold of {config_path.name}: written by run_pipeline.py, not to be edited\n"
-            f"extends = {json.dumps(str(Path(config_path).resolve()))}\n\n"
-            f"[data]\ndir = \"data\"\nfolds = 1\n\n[export]\nenabled = false\n")
+    text = fold_config_text(config_path)
     path = Path(fold_dir) / "config.toml"
     atomic_write(path, lambda fh: fh.write(text), text=True)
     return path

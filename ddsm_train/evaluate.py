@@ -55,7 +55,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import re
@@ -73,7 +72,7 @@ import common_flags as cf  # noqa: E402
 from ddsm_names import EXAM_SIDES, EXAM_VIEWS, exam_view_side, parse_image_name  # noqa: E402
 from dm_image import atomic_write  # noqa: E402
 import run_options  # noqa: E402
-from script_utils import cli_main, read_csv_table  # noqa: E402
+from script_utils import read_csv_table  # noqa: E402
 
 __all__ = ["Cases", "LEVELS", "load_predictions", "merge_models", "level_tables",
            "choose_operating_points", "evaluate_tables", "format_table", "options_class",
@@ -652,13 +651,6 @@ def _check(opts) -> None:
                          f"{opts.calibrate!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def options_class() -> type:
-    """The frozen dataclass of this script's options, made from :func:`get_args_parser` (one
-    field per flag destination, default and help from the parser; ``run_options``)."""
-    return run_options.options_class(get_args_parser(), "EvaluateOptions")
-
-
 def run(predictions: Sequence[PathLike], out_dir: Optional[PathLike] = None,
         **options) -> dict:
     """Evaluate prediction files and write ``metrics.json``, plots and calibration files.
@@ -854,9 +846,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point; returns the result of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv)
+options_class = run_options.tool_options_class(get_args_parser, "EvaluateOptions")
+
+
+main = script_utils.tool_main(get_args_parser, run)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import dm_image  # noqa: E402
 import run_files  # noqa: E402
 from common_flags import add_bool_flag, add_image_flags, add_trust_flag  # noqa: E402
-from script_utils import RECIPE_OPTIONS, apply_model_recipe, cli_main  # noqa: E402
+from script_utils import RECIPE_OPTIONS, apply_model_recipe  # noqa: E402
 
 __all__ = ["ONNX_NAME", "SAVED_MODEL_NAME", "RECIPE_NAME", "CARD_MD", "CARD_JSON",
            "OUTPUT_NAMES", "ONNX_TOLERANCE", "RECIPE_FORMAT", "ExportError", "state_recipe",
@@ -670,13 +670,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="export folder (required, no default)")
     add_bool_flag(parser, "flips", False, "the scorer averages each image's probabilities "
                                           "over its 4 flips (as --test-augment)")
-    parser.add_argument("--metrics", default=None, metavar="metrics.json",
-                        help="test metrics of image_clf_predict.py or evaluate.py to put in "
-                             "the model card (default: none)")
-    parser.add_argument("--run-info", default=None, metavar="run_info.json",
-                        help="JSON object about the run that made the model (its config, "
-                             "training command, data counts, learning-health warnings) to put "
-                             "in the model card (default: none)")
+    # the JSON files whose content the model card shows
+    for flag, name, what in (
+            ("--metrics", "metrics.json", "test metrics of image_clf_predict.py or evaluate.py"),
+            ("--run-info", "run_info.json", "JSON object about the run that made the model "
+                                            "(its config, training command, data counts, "
+                                            "learning-health warnings)")):
+        parser.add_argument(flag, default=None, metavar=name,
+                            help=f"{what} to put in the model card (default: none)")
     add_image_flags(parser, img_size=(), featurewise_mean=None, equalize_hist=False,
                     featurewise_center=True, from_recipe=tuple(RECIPE_OPTIONS))
     add_trust_flag(parser)
@@ -684,9 +685,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv, pass_given=True)
+main = script_utils.tool_main(get_args_parser, run, pass_given=True)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ Example (from inside ``ddsm_train/``)::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -92,7 +91,7 @@ import run_options  # noqa: E402
 from ddsm_names import VIEWS, image_name  # noqa: E402
 from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, InputFileError, RestrictedUnpickler,  # noqa: E402
-                          apply_model_recipe, cli_main, read_csv_table, read_text_lines,
+                          apply_model_recipe, read_csv_table, read_text_lines,
                           restricted_unpickle, safe_name_part)
 
 __all__ = [
@@ -729,14 +728,6 @@ def _check_numbers(values: dict, featurewise_mean: float) -> None:
         raise ValueError(f"--featurewise-mean should be a finite number, got {featurewise_mean}")
 
 
-@functools.lru_cache(maxsize=None)
-def options_class() -> type:
-    """The dataclass of this script's options, made from :func:`get_args_parser`: one field
-    per destination (``img_folder`` and ``dl_state`` included) with the flag's type, default
-    and help (``run_options.options_class``)."""
-    return run_options.options_class(get_args_parser(), "HeatmapOptions")
-
-
 def run(img_folder: PathLike, dl_state: PathLike, pat_csv: Optional[PathLike] = None,
         **options: Any) -> dict:
     """Compute heatmaps for every (patient, side) and write them (and optional PNGs).
@@ -1021,9 +1012,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv, pass_given=True)
+options_class = run_options.tool_options_class(get_args_parser, "HeatmapOptions")
+
+
+main = script_utils.tool_main(get_args_parser, run, pass_given=True)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,6 @@ Example (from inside ``ddsm_train/``)::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -93,7 +92,7 @@ from common_flags import add_bool_flag, add_bootstrap_flags, add_image_flags, \
 import common_flags as cf  # noqa: E402
 from script_utils import check_unique  # noqa: E402
 from script_utils import (RECIPE_OPTIONS, RestrictedUnpickler,  # noqa: E402
-                          apply_model_recipe, cli_main)
+                          apply_model_recipe)
 
 __all__ = [
     "IMAGE_EXTENSIONS", "VIEWS", "ImageItem", "RestrictedUnpickler", "load_exam_list",
@@ -476,14 +475,6 @@ def _resolve_recipe(models: Sequence, values: Mapping, given) -> dict:
     return prep
 
 
-@functools.lru_cache(maxsize=None)
-def options_class() -> type:
-    """The dataclass of this script's options, made from :func:`get_args_parser`: one field
-    per flag destination with the flag's type, default and help
-    (``run_options.options_class``)."""
-    return run_options.options_class(get_args_parser(), "PredictOptions")
-
-
 def run(model: Union[PathLike, keras.Model, Sequence], **options: Any) -> dict:
     """Score images with the averaged models and write the tables, metrics and curves.
 
@@ -665,9 +656,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv, pass_given=True)
+options_class = run_options.tool_options_class(get_args_parser, "PredictOptions")
+
+
+main = script_utils.tool_main(get_args_parser, run, pass_given=True)
 
 
 if __name__ == "__main__":

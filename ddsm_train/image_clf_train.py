@@ -23,7 +23,6 @@ first, or an interval containing 0.5, is logged and printed as a warning (``lear
         --auto-batch-balance --best-model best.h5 --final-model NOSAVE TRAIN VAL TEST
 """
 import argparse
-import functools
 import logging
 import math
 import os
@@ -108,6 +107,9 @@ def get_args_parser():
     cf.add_ram_flags(parser)
     cf.add_training_flags(parser, best_model="./modelState/image_clf.h5")
     return parser
+
+
+options_class = run_options.tool_options_class(get_args_parser, "ImageTrainOptions")
 
 
 def validate_options(opts, nb_devices=None):
@@ -265,13 +267,6 @@ def _preprocess_fn(opts, channels):
     from dm_resnet import get_preprocess_input
 
     return get_preprocess_input(opts["patch_net"])
-
-
-@functools.lru_cache(maxsize=None)
-def options_class():
-    """The dataclass of this trainer's options, made from :func:`get_args_parser` (one field
-    per flag destination; ``run_options.options_class``)."""
-    return run_options.options_class(get_args_parser(), "ImageTrainOptions")
 
 
 class _ImageTrainer(ts.TrainerSpec):

@@ -84,7 +84,6 @@ CPU time for 40 patients at 1024x800 (160 images); tissue texture is rendered at
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import shutil
@@ -807,11 +806,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@functools.lru_cache(maxsize=None)
-def options_class() -> type:
-    """The frozen dataclass of this script's options, made from :func:`get_args_parser` (one
-    field per flag destination, ``out_dir`` included; ``run_options.options_class``)."""
-    return run_options.options_class(get_args_parser(), "SyntheticDDSMOptions")
+options_class = run_options.tool_options_class(get_args_parser, "SyntheticDDSMOptions")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -22,7 +22,6 @@ its 4 flips). Signs that the model learned nothing
 (``learning_health``) are logged and printed as warnings and kept in that JSON.
 """
 import argparse
-import functools
 import logging
 import os
 
@@ -96,6 +95,9 @@ def get_args_parser():
     return parser
 
 
+options_class = run_options.tool_options_class(get_args_parser, "PatchTrainOptions")
+
+
 def validate_options(opts, nb_devices=None):
     """Stop on contradictory options before any work (ValueError with one clear message)."""
     if opts["resume_from"] is not None and not os.path.isfile(opts["resume_from"]):
@@ -143,13 +145,6 @@ def _build_model(opts, nb_class):
                          f"names {nb_class} classes {opts['class_list']}")
     dm_keras_ext.check_top_layer_nb(model, opts["top_layer_nb"])
     return model, preprocess, top_layer_nb
-
-
-@functools.lru_cache(maxsize=None)
-def options_class():
-    """The dataclass of this trainer's options, made from :func:`get_args_parser` (one field
-    per flag destination; ``run_options.options_class``)."""
-    return run_options.options_class(get_args_parser(), "PatchTrainOptions")
 
 
 class _PatchTrainer(ts.TrainerSpec):

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 __all__ = ["ConfigError", "SCHEMA", "TOOL_KEYS", "KINDS", "CHOICES", "RANGES", "AUTO",
            "DATA_SOURCES", "PATH_KEYS", "tool_defaults", "defaults", "parse_set", "load_config"]
@@ -220,14 +220,16 @@ def _validate(raw: dict, path: Union[str, Path]) -> None:
                               f"{', '.join(s for s in KINDS if s)})")
 
 
-def _read(path: Path, seen: tuple) -> dict:
+def _read(path: Path, seen: tuple, text: Optional[str] = None) -> dict:
+    """The keys of the config file ``path`` (its text ``text`` when given) and the files it
+    extends."""
     if path in seen:
         raise ConfigError(f"{path}: 'extends' loops back to this file")
-    if not path.is_file():
+    if text is None and not path.is_file():
         where = f" (extended by {seen[-1]})" if seen else ""
         raise ConfigError(f"config file not found: {path}{where}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8") if text is None else text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML: {err}") from None
     except UnicodeDecodeError as err:
@@ -387,13 +389,16 @@ def _apply_sets(config: dict, sets: Sequence[str]) -> None:
         config[section][key] = value
 
 
-def load_config(path: Union[str, Path], sets: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+def load_config(path: Union[str, Path], sets: Sequence[str] = (),
+                text: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
     """Read, check and complete a pipeline config.
 
     Args:
         path: the TOML file.
         sets: ``section.key=value`` overrides (``run_pipeline.py --set``), applied after the
             file and the files it extends, each checked like a key of the file.
+        text: the file's text, read instead of ``path`` (which need not exist; its relative
+            paths and ``extends`` are still from ``path``'s folder).
 
     Returns:
         ``{section: {key: value}}`` for every setting (:func:`defaults` filled in; ``extends``
@@ -405,7 +410,7 @@ def load_config(path: Union[str, Path], sets: Sequence[str] = ()) -> Dict[str, D
             key.
     """
     path = Path(path).resolve()
-    raw = _read(path, ())
+    raw = _read(path, (), text)
     config = defaults()
     for section, values in raw.items():
         for key, value in values.items():

@@ -70,7 +70,7 @@ from common_flags import add_bool_flag  # noqa: E402
 import common_flags as cf  # noqa: E402
 from compute_mean import image_mean  # noqa: E402
 from ddsm_names import SIDES, VIEWS, image_name, mask_name, split_image_stem  # noqa: E402
-from script_utils import ROI_COLUMNS, InputFileError, cli_main, parallel_map, \
+from script_utils import ROI_COLUMNS, InputFileError, parallel_map, \
     read_csv_table, run_defaults, safe_name_part  # noqa: E402
 
 __all__ = ["CSV_NAMES", "ROI_COLUMNS", "read_description_csvs", "is_mask_for", "run",
@@ -551,9 +551,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv)
+main = script_utils.tool_main(get_args_parser, run)
 
 
 if __name__ == "__main__":

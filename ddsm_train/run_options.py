@@ -26,9 +26,10 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import dataclasses
+import functools
 import typing
 
-__all__ = ["RunOptions", "options_class", "options_from", "keyword_run"]
+__all__ = ["RunOptions", "options_class", "tool_options_class", "options_from", "keyword_run"]
 
 
 class RunOptions(collections.abc.Mapping):
@@ -113,6 +114,22 @@ def options_class(parser: argparse.ArgumentParser, name: str) -> type:
         fields.append((dest, type_, field))
     return dataclasses.make_dataclass(name, fields, bases=(RunOptions,), frozen=True,
                                       kw_only=True, eq=True)
+
+
+def tool_options_class(get_parser: typing.Callable[[], argparse.ArgumentParser],
+                       name: str) -> typing.Callable[[], type]:
+    """A script's ``options_class()``: :func:`options_class` of ``get_parser()`` named
+    ``name``, made on the first call and the same class after."""
+
+    @functools.lru_cache(maxsize=None)
+    def tool_options() -> type:
+        return options_class(get_parser(), name)
+
+    tool_options.__doc__ = (f"The frozen dataclass ``{name}`` of this script's options, made "
+                            f"from its ``get_args_parser()``: one field per destination, the "
+                            f"positionals included, with the flag's type, default and help "
+                            f"(``run_options.options_class``).")
+    return tool_options
 
 
 def options_from(cls: type, options: collections.abc.Mapping) -> RunOptions:

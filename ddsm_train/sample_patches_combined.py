@@ -95,7 +95,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import itertools
 import json
 import logging
@@ -124,7 +123,7 @@ from patch_sampling import (BLOB_PARAMS, GUARD_REASONS, MaskSat, PatchGuard,  # 
                             detect_blob_centres, draw_abnormal_centres,
                             draw_background_centres, extract_patch, negative_passes,
                             select_hard_negatives, split_patients, view_seed, window_sums)
-from script_utils import ROI_COLUMNS, InputFileError, cli_main, get_random_seed, \
+from script_utils import ROI_COLUMNS, InputFileError, get_random_seed, \
     parallel_map, read_csv_table, read_text_lines, safe_name_part  # noqa: E402
 
 __all__ = [
@@ -1244,16 +1243,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@functools.lru_cache(maxsize=None)
-def options_class() -> type:
-    """The frozen dataclass of this script's options, made from :func:`get_args_parser` (one
-    field per flag destination, the positionals included; ``run_options.options_class``)."""
-    return run_options.options_class(get_args_parser(), "SamplingOptions")
+options_class = run_options.tool_options_class(get_args_parser, "SamplingOptions")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv)
+main = script_utils.tool_main(get_args_parser, run)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import script_utils  # first: puts the root dm_* modules on sys.path
 
@@ -48,7 +48,6 @@ import run_files  # noqa: E402
 from common_flags import add_image_source_flags, add_progress_flag  # noqa: E402
 from image_inputs import (IMAGE_EXTENSIONS, READ_ERRORS, ImageItem,  # noqa: E402
                           collect_items, describe_error, load_pred_image)
-from script_utils import cli_main  # noqa: E402
 
 __all__ = ["OUTPUT_NAMES", "ExportedModel", "load_export", "score_batch", "score_images",
            "run", "get_args_parser", "main"]
@@ -313,9 +312,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    """Command-line entry point; returns the summary of :func:`run`."""
-    return cli_main(get_args_parser(), run, argv)
+main = script_utils.tool_main(get_args_parser, run)
 
 
 if __name__ == "__main__":

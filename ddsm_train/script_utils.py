@@ -432,6 +432,20 @@ def cli_main(parser: argparse.ArgumentParser, run: Callable[..., Any],
             user_error_exit(parser, err)
 
 
+def tool_main(get_parser: Callable[[], argparse.ArgumentParser], run: Callable[..., Any],
+              pass_given: bool = False) -> Callable[[Optional[Sequence[str]]], Any]:
+    """A script's ``main(argv=None)``: :func:`cli_main` of ``get_parser()`` (made afresh at
+    each call) and ``run``, with ``pass_given``; it returns what ``run`` returns."""
+
+    def main(argv: Optional[Sequence[str]] = None) -> Any:
+        return cli_main(get_parser(), run, argv, pass_given=pass_given)
+
+    main.__doc__ = (f"Command-line entry point of ``{run.__module__}``; returns what its "
+                    f"``run`` returns.")
+    main.__module__ = run.__module__
+    return main
+
+
 #: Exit status of a script stopped by Ctrl-C (SIGINT), as a shell reports it (128 + 2).
 INTERRUPTED_EXIT = 130
 

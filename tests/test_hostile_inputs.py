@@ -3,6 +3,7 @@ files, a model of the wrong role, flag values outside their range, Ctrl-C, input
 nothing, files that are not what they claim. Each ends in one line naming the file or flag."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -289,7 +290,7 @@ def _numeric_flags(parser):
 
 def test_every_script_is_listed():
     found = sorted(p.stem for p in (REPO / "ddsm_train").glob("*.py")
-                   if "def main(" in p.read_text())
+                   if re.search(r"^(def main\(|main = )", p.read_text(), re.M))
     assert found == SCRIPTS
 
 

@@ -134,12 +134,12 @@ def test_bad_set_is_one_line_naming_the_key(tmp_path, capsys, text, words):
 
 
 def test_set_reaches_the_command_lines(tmp_path):
-    import run_pipeline
+    import pipeline_plan
 
-    pipe = run_pipeline.Pipeline(DEMO_TOML, tmp_path / "run", echo=False,
-                                 sets=["synthetic.patients=7", "image_train.nb_epoch=3"])
-    with pipe._check_mode():
-        data, image = pipe.plan("data").steps[0].args, pipe.plan("image_train").steps[0].args
+    plan = pipeline_plan.PipelinePlan(DEMO_TOML, tmp_path / "run",
+                                      sets=["synthetic.patients=7", "image_train.nb_epoch=3"])
+    with plan.check_mode():
+        data, image = plan.plan("data").steps[0].args, plan.plan("image_train").steps[0].args
     assert data[data.index("--nb-patients") + 1] == "7"
     assert image[image.index("--nb-epoch") + 1] == "3"
 
@@ -188,7 +188,7 @@ def test_dry_run_resumes_an_interrupted_stage_and_reruns_its_readers(tmp_path):
     (out / "pipeline_state.json").write_text(json.dumps(state))
     pipe = run_pipeline.Pipeline(DEMO_TOML, out, echo=False)
     assert pipe._verdict(pipe.plan("data"), False, set()) == ("resumed", "it was interrupted")
-    with pipe._check_mode():
+    with pipe.planner.check_mode():
         spec = pipe.plan("sample_patches")
     assert pipe._verdict(spec, False, {"data"}) == ("run afresh",
                                                     "a stage it reads runs again: data")
@@ -229,10 +229,38 @@ def test_dry_run_of_cross_validation_speaks_per_fold(tmp_path, capsys):
     before = _files(out)
     result = run_pipeline.main([str(config), "--out", str(out), "--dry-run"])
     text = capsys.readouterr().out
-    assert "fold_2: not yet laid out" in text and "fold_1: not yet" not in text
-    assert "[data] run afresh: it has not run in this folder" in text
-    assert result["fold_1/patch_train"] == "run afresh"
-    assert not [k for k in result if k.startswith("fold_2")]
+    assert "[data] run afresh: it has not run in this folder" in text      # fold 1
+    assert "[data] run afresh: the run lays out its data folder first" in text    # fold 2
+    assert result["fold_1/patch_train"] == result["fold_2/patch_train"] == "run afresh"
+    assert result["fold_1/export"] == result["fold_2/export"] == "not used"
+    assert "data/whole_img/train data/whole_img/val" in text.split("fold_2:")[1]
+    assert _files(out) == before
+
+
+def test_dry_run_of_cross_validation_plans_the_fold_config_a_run_writes(tmp_path, capsys):
+    """A fold folder whose config.toml an older run wrote (exporting, and with other
+    patches): the dry run shows what a run does now, with the fold config it writes (no
+    export) and the current keys, and leaves the old file as it was."""
+    import cross_validation as cv
+    import run_pipeline
+
+    data = _tiny_layout(tmp_path / "data")
+    config = tmp_path / "cv.toml"
+    config.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n[data]\nsource = "sampler_layout"\n'
+                      f'dir = "{data.as_posix()}"\nfolds = 2\n')
+    out = tmp_path / "run"
+    plans = run_pipeline.CrossValidation(config, out, echo=False).plans()
+    for plan in plans:
+        cv.write_fold_data_if_changed(data, out / f"fold_{plan.index + 1}" / "data", plan)
+        (out / f"fold_{plan.index + 1}" / "config.toml").write_text(
+            f'extends = "{config.as_posix()}"\n[data]\ndir = "data"\nfolds = 1\n'
+            f"[patches]\nnb_abn = 7\n")
+    before = _files(out)
+    result = run_pipeline.main([str(config), "--out", str(out), "--dry-run",
+                                "--set", "patch_train.nb_epoch=4"])
+    text = capsys.readouterr().out
+    assert result["fold_1/export"] == result["fold_2/export"] == "not used", result
+    assert "--nb-abn 7 " not in text and text.count("--nb-epoch 4 ") == 2
     assert _files(out) == before
 
 

@@ -42,16 +42,16 @@ def test_bad_tool_option_is_refused_before_any_stage(tmp_path, capsys, monkeypat
 
 
 def test_parse_error_uses_the_tools_own_parser():
-    import run_pipeline
+    import pipeline_plan
 
-    assert run_pipeline.parse_error("compute_mean", ["folder", "--img-size", "8", "8"]) is None
-    err = run_pipeline.parse_error("compute_mean", ["folder", "--img-size", "8", "x"])
+    assert pipeline_plan.parse_error("compute_mean", ["folder", "--img-size", "8", "8"]) is None
+    err = pipeline_plan.parse_error("compute_mean", ["folder", "--img-size", "8", "x"])
     assert err.startswith("argument --img-size") and "'x'" in err and "usage" not in err
     # the number rules of the tools' main(): no nan or inf for a float flag
-    assert "--rescale-factor" in run_pipeline.parse_error(
+    assert "--rescale-factor" in pipeline_plan.parse_error(
         "compute_mean", ["folder", "--rescale-factor", "inf"])
-    assert "help" in run_pipeline.parse_error("compute_mean", ["folder", "--help"])
-    assert run_pipeline.parse_error("compute_mean", ["folder", "--workerz", "2"]) == \
+    assert "help" in pipeline_plan.parse_error("compute_mean", ["folder", "--help"])
+    assert pipeline_plan.parse_error("compute_mean", ["folder", "--workerz", "2"]) == \
         "unrecognized arguments: --workerz 2"
 
 
@@ -82,18 +82,18 @@ _CONFIG = {
     ("the following arguments are required: test_dir", ("image_train",), ("image_train", None)),
 ])
 def test_a_refusal_is_traced_to_its_config_key(message, sections, expected):
-    import run_pipeline
+    import pipeline_plan
 
-    assert run_pipeline.blame_key(_CONFIG, sections, message) == expected
+    assert pipeline_plan.blame_key(_CONFIG, sections, message) == expected
 
 
 def test_refusals_in_words():
-    import run_pipeline
+    import pipeline_plan
 
-    assert run_pipeline.describe_refusal(
+    assert pipeline_plan.describe_refusal(
         "image_clf_train", "unrecognized arguments: --es-patiense 10") == \
         "image_clf_train.py does not know --es-patiense"
-    assert run_pipeline.describe_refusal(
+    assert pipeline_plan.describe_refusal(
         "patch_clf_train", "argument --net: invalid choice: 'resnet5' (choose from 'a', 'b')"
     ) == "'resnet5' is not one of a, b (patch_clf_train.py --net)"
 
@@ -108,24 +108,24 @@ def test_export_stage_exports_the_image_model_with_the_runs_metrics(tmp_path, te
     """The export stage runs export_model.py on the whole-image model into export/, with the
     flips of the predictions, the evaluation's metrics (the test predictions' without it)
     and the run's record; ``[export] enabled = false`` leaves it out."""
-    import run_pipeline
+    import pipeline_plan
 
     config = tmp_path / "c.toml"
     config.write_text(f'extends = "{DEMO_TOML.as_posix()}"\n{text}')
-    pipe = run_pipeline.Pipeline(config, tmp_path / "run", echo=False)
-    assert run_pipeline.STAGES[-3:] == ("heatmaps", "export", "report")
-    with pipe._check_mode():
-        spec = pipe.plan("export")
+    plan = pipeline_plan.PipelinePlan(config, tmp_path / "run")
+    assert pipeline_plan.STAGES[-3:] == ("heatmaps", "export", "report")
+    with plan.check_mode():
+        spec = plan.plan("export")
     info, step = spec.steps
     assert info.func is not None and step.script == "export_model"
     assert step.args[:3] == ["models/image_clf.h5", "--out", "export"]
     assert flips in step.args and step.args[step.args.index("--metrics") + 1] == metrics
     assert step.args[step.args.index("--run-info") + 1] == "export/run_info.json"
-    assert run_pipeline.parse_error("export_model", step.args) is None
+    assert pipeline_plan.parse_error("export_model", step.args) is None
     assert {"image_train", "predict_flips", "evaluate"} <= set(spec.deps)
     off = tmp_path / "off.toml"
     off.write_text(f'extends = "{config.as_posix()}"\n[export]\nenabled = false\n')
-    assert run_pipeline.Pipeline(off, tmp_path / "run", echo=False).plan("export") is None
+    assert pipeline_plan.PipelinePlan(off, tmp_path / "run").plan("export") is None
 
 
 @pytest.mark.parametrize("written", [True, False])
@@ -175,3 +175,36 @@ def test_report_without_an_export_says_so(tmp_path):
     assert "no exported model in this run" in (tmp_path / "report.html").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["export"] is None and "model card" not in report.format_summary(summary)
+
+
+def test_a_plan_needs_no_run_folder_and_writes_nothing(tmp_path, monkeypatch):
+    """Every stage's commands and fingerprint are planned for a run folder that does not
+    exist, with no tool started, and the folder is still absent after; the plan keeps no
+    state (the runner does), and the runner's fingerprint in an empty folder is the plan's."""
+    import subprocess
+
+    import pipeline_plan
+    import run_pipeline
+
+    out = tmp_path / "run"
+    plan = pipeline_plan.PipelinePlan(DEMO_TOML, out)
+
+    def no_tool(*args, **kwargs):
+        raise AssertionError(f"a process was started while planning: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_tool)
+    monkeypatch.setattr(subprocess, "Popen", no_tool)
+    with plan.check_mode():
+        specs = {name: plan.plan(name) for name in pipeline_plan.STAGES}
+    prints = {name: plan.fingerprint(spec) for name, spec in specs.items() if spec}
+    assert set(prints) == set(pipeline_plan.STAGES), sorted(prints)
+    assert specs["patch_train"].steps[0].script == "patch_clf_train"
+    assert specs["image_train"].steps[0].args[:3] == ["data/whole_img/train",
+                                                      "data/whole_img/val", "data/whole_img/test"]
+    assert len(set(prints.values())) == len(prints)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert not [a for a in vars(plan) if "state" in a]
+    pipe = run_pipeline.Pipeline(DEMO_TOML, out, echo=False)
+    assert pipe.state == {"stages": {}}
+    assert pipe.fingerprint(specs["report"]) == prints["report"]
+    assert not out.exists()

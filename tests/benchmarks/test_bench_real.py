@@ -67,11 +67,11 @@ def _films(fold: Path, split: str, size):
 def heatmap_max_baseline(fold: Path):
     """(a): the fold's patch classifier over its test films; score = max malignant prob."""
     import heatmap_score
-    from run_pipeline import Pipeline
+    from pipeline_plan import PipelinePlan
 
-    pipe = Pipeline(fold / "config.toml", fold, echo=False)
-    pipe.config["heatmaps"]["enabled"] = True
-    args = list(pipe.plan("heatmaps").steps[1].args)
+    plan = PipelinePlan(fold / "config.toml", fold)
+    plan.config["heatmaps"]["enabled"] = True
+    args = list(plan.plan("heatmaps").steps[1].args)
     films = _test_films(fold)
     listing = OUT / "baselines" / f"{fold.name}_films.txt"
     listing.parent.mkdir(parents=True, exist_ok=True)
