@@ -312,7 +312,7 @@ def _fold_figures(fold: Path, scores: str) -> dict:
     image = ev.get("levels", {}).get("image") or {}
     return {"fold": fold.name, "report": f"{fold.name}/report.html",
             "patch_auroc_ovr": patch.get("auroc_ovr"),
-            "patch_counts": patch.get("counts"),
+            "patch_counts": patch.get("counts"), "patch_scores": patch.get("scores"),
             "image_auroc": image.get("auroc", pred.get("auroc")),
             "image_auroc_ci": image.get("auroc_ci", pred.get("auroc_ci")),
             "n_images": image.get("n", pred.get("n")), "n_pos": image.get("n_pos"),
@@ -358,8 +358,11 @@ def pool_folds(out: Path, fold_dirs: Sequence[Path], config: dict, config_path: 
         pool_patch_predictions(patch_files, pooled / "patch_predictions.csv")
         patch = _patch_pooled(_read_rows(pooled / "patch_predictions.csv"), n_boot, seed)
     per_fold = [_fold_figures(f, scores) for f in fold_dirs]
+    patch_scores = {f.pop("patch_scores") for f in per_fold}
     summary = {"config": str(config_path), "folds": len(fold_dirs), "scores": scores.replace(
-               "_", " "), "pooled": {"levels": ev.get("levels", {}), "patch": patch},
+               "_", " "), "patch_scores": (patch_scores.pop() if len(patch_scores) == 1
+                                           else "mixed"),
+               "pooled": {"levels": ev.get("levels", {}), "patch": patch},
                "per_fold": per_fold, "warnings": _pooled_warnings(ev, patch, per_fold),
                "bootstrap": n_boot}
     em.write_json_atomic(summary, out / "summary.json")
@@ -403,7 +406,7 @@ def cv_report_html(summary: dict) -> str:
 
     rows = []
     for task, res in (summary["pooled"].get("patch") or {}).items():
-        rows.append((f"patches: {task.replace('_', ' ')}", res))
+        rows.append((f"patches: {task.replace('_', ' ')}{_patch_scores(summary)}", res))
     levels = summary["pooled"]["levels"]
     for level, res in levels.items():
         same = level == "breast" and res.get("n") == (levels.get("image") or {}).get("n")
@@ -451,13 +454,20 @@ def _ovr_text(ovr) -> str:
     return ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in ovr.items())
 
 
+def _patch_scores(summary: dict) -> str:
+    """Which scores the pooled patch figures come from: ``" (flips)"``, ``" (no flips)"``,
+    ``" (mixed)"`` (folds differ), or nothing for folds whose files do not say."""
+    scores = summary.get("patch_scores")
+    return f" ({scores})" if scores else ""
+
+
 def format_cv_summary(summary: dict) -> str:
     """The printed summary of a cross-validation run: pooled figures, per-fold figures and
     the warnings."""
     lines = [f"Cross-validation by patient, {summary['folds']} folds: pooled out-of-fold test "
              f"figures (95% CIs: bootstrap over patients)"]
     for task, res in (summary["pooled"].get("patch") or {}).items():
-        lines.append(f"  patches, {task.replace('_', ' ')}: AUROC "
+        lines.append(f"  patches, {task.replace('_', ' ')}{_patch_scores(summary)}: AUROC "
                      f"{_ci_text(res.get('auroc'), res.get('auroc_ci'))} "
                      f"({res.get('n_pos')} of {res.get('n')} positive)")
     for level, res in summary["pooled"]["levels"].items():

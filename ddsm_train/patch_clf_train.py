@@ -276,6 +276,7 @@ def _test_confusion(model, test, opts, warnings):
                                               f"{opts['best_model']}.test",
                                               seed=ts.run_seed(opts))
     rep["predictions_csv"] = str(_write_test_predictions(test, labels, probs, opts))
+    rep["scores"] = "flips" if opts.get("test_augment") else "no flips"
     warnings += learning_health.patch_test_warnings(rep, rep["metrics_json"])
     rep["warnings"] = list(warnings)
     eval_metrics.write_json_atomic(rep, rep["metrics_json"])

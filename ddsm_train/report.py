@@ -168,7 +168,8 @@ def patch_test_summary(out: Union[str, Path]) -> Optional[dict]:
         ``source`` (the file, relative to the run folder), ``n``, ``accuracy``,
         ``majority_class``, ``majority_share``, ``classes``, ``counts`` (rows true, columns
         predicted) and ``per_class`` (class -> ``support``, ``predicted``, ``recall``,
-        ``precision``, ``auroc``, ``auroc_ci``).
+        ``precision``, ``auroc``, ``auroc_ci``), ``scores`` (``"flips"``: each patch scored as
+        the mean of its 4 flips, ``"no flips"``, or None for a file that does not say).
     """
     path = Path(out) / PATCH_TEST_METRICS
     if not path.is_file():
@@ -179,7 +180,7 @@ def patch_test_summary(out: Union[str, Path]) -> Optional[dict]:
     return {"source": PATCH_TEST_METRICS, "n": sum(c["support"] for c in per_class.values()),
             "accuracy": metrics.get("accuracy"), "majority_class": name,
             "majority_share": share, "classes": list(per_class), "counts": metrics.get("counts"),
-            "per_class": per_class}
+            "per_class": per_class, "scores": metrics.get("scores")}
 
 
 def health_warnings(out: Union[str, Path], config: dict, patch: Optional[dict]) -> List[dict]:
@@ -272,7 +273,8 @@ def _warnings_banner(warnings: List[dict]) -> str:
 
 def _patch_section(patch: Optional[dict]) -> str:
     """Per-class test figures and confusion matrix of the patch classifier."""
-    head = "<h2>Patch classifier (test patches)</h2>"
+    scores = (patch or {}).get("scores")
+    head = f"<h2>Patch classifier (test patches{', ' + html.escape(scores) if scores else ''})</h2>"
     if not patch:
         return head + '<p class="muted">no patch test metrics in this run</p>'
     rows = [[name, c["support"], c["predicted"], _fmt(c["recall"]), _fmt(c["precision"]),
@@ -288,8 +290,14 @@ def _patch_section(patch: Optional[dict]) -> str:
         "bootstrap of the patches.</p>"])
 
 
+def _patch_scores(patch: dict) -> str:
+    """``" (flips)"`` or ``" (no flips)"``: which scores the patch test figures come from."""
+    return f" ({patch['scores']})" if patch.get("scores") else ""
+
+
 def _patch_accuracy_text(patch: dict) -> str:
-    return (f"accuracy {_fmt(patch['accuracy'])} on {patch['n']} test patches (always "
+    return (f"accuracy {_fmt(patch['accuracy'])} on {patch['n']} test patches"
+            f"{_patch_scores(patch)} (always "
             f"answering the most frequent class, {patch['majority_class']!r}, scores "
             f"{_fmt(patch['majority_share'])})")
 

@@ -194,6 +194,9 @@ def test_two_folds_run_the_chain_and_pool_out_of_fold_predictions(tmp_path):
         assert names and names <= val
     html = (out / "report.html").read_text()
     assert "fold_1/report.html" in html and "95% CI" in html
+    # the pooled patch figures name their scores (the folds' test patches, without flips)
+    assert summary["patch_scores"] == "no flips"
+    assert "patches: lesion vs background (no flips)" in html
     again = subprocess.run([sys.executable, str(REPO / "ddsm_train" / "run_pipeline.py"),
                             str(config), "--out", str(out)], env=env, capture_output=True,
                            text=True, timeout=600)

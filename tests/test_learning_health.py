@@ -316,6 +316,24 @@ def test_report_lists_the_warnings_of_a_run_that_learned_nothing(tmp_path):
     assert "7 warning(s)" in printed
 
 
+def test_report_names_the_patch_scores_the_metrics_file_gives(tmp_path):
+    """A metrics file of flip-averaged test patches says so; the report and summary repeat it."""
+    out = tmp_path / "run"
+    _make_run(out, healthy=True)
+    path = out / "models" / "patch_clf.h5.test.metrics.json"
+    _write_json(path, dict(json.loads(path.read_text()), scores="flips"))
+    import report
+
+    config_path = tmp_path / "c.toml"
+    config_path.write_text("[run]\nseed = 1\n")
+    report.write_report(out, config_path, {"run": {"seed": 1}, "predict": {"bootstrap": 300}},
+                        {"stages": {}}, tmp_path / "no_images")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["patch_test"]["scores"] == "flips"
+    assert "<h2>Patch classifier (test patches, flips)</h2>" in (out / "report.html").read_text()
+    assert "on 400 test patches (flips) (always" in report.format_summary(summary)
+
+
 def test_report_shows_patch_figures_per_class_from_the_metrics_file(tmp_path):
     summary, page, printed = _report(tmp_path, healthy=False)
     patch = summary["patch_test"]

@@ -332,6 +332,8 @@ def test_patch_clf_train_last_epoch_model_and_test_flips(data, model_files, tmp_
     saved = np.array([[float(r[f"p_{c}"]) for c in ("background", "malignant", "benign")]
                       for r in rows])
     np.testing.assert_allclose(saved, prob, atol=1e-4)
+    metrics = json.loads(Path(str(best) + ".test.metrics.json").read_text())
+    assert metrics["scores"] == "flips"
 
 
 @pytest.mark.slow
