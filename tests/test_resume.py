@@ -190,7 +190,7 @@ def test_patch_clf_train_killed_and_resumed_twice_ends_as_uninterrupted(setup, t
     assert "stage 1 (final dense layer): finished before the resume (1 epochs)" in out2
     assert "Restored weights and optimizer state of epoch 2" in out2
     assert "(resumed after epoch 2)" in out2
-    assert "4 epochs, best validation accuracy" in out2
+    assert "4 epochs, kept epoch" in out2 and "(val_accuracy; its validation accuracy" in out2
     state = _compare_runs(best_a, best_b, 4, "val accuracy",
                           ("loss", "accuracy", "val_loss", "val_accuracy", "lr"),
                           "patch_clf_train")
