@@ -273,8 +273,8 @@ def _warnings_banner(warnings: List[dict]) -> str:
 
 def _patch_section(patch: Optional[dict]) -> str:
     """Per-class test figures and confusion matrix of the patch classifier."""
-    scores = (patch or {}).get("scores")
-    head = f"<h2>Patch classifier (test patches{', ' + html.escape(scores) if scores else ''})</h2>"
+    scores = _patch_scores(patch or {})
+    head = f"<h2>Patch classifier (test patches{', ' + scores if scores else ''})</h2>"
     if not patch:
         return head + '<p class="muted">no patch test metrics in this run</p>'
     rows = [[name, c["support"], c["predicted"], _fmt(c["recall"]), _fmt(c["precision"]),
@@ -290,14 +290,19 @@ def _patch_section(patch: Optional[dict]) -> str:
         "bootstrap of the patches.</p>"])
 
 
+_PATCH_SCORES = {"flips": "with flips", "no flips": "without flips"}
+
+
 def _patch_scores(patch: dict) -> str:
-    """``" (flips)"`` or ``" (no flips)"``: which scores the patch test figures come from."""
-    return f" ({patch['scores']})" if patch.get("scores") else ""
+    """``"with flips"``, ``"without flips"``, or ``""`` for a metrics file that does not say:
+    which scores the patch test figures come from."""
+    return _PATCH_SCORES.get(patch.get("scores") or "", "")
 
 
 def _patch_accuracy_text(patch: dict) -> str:
+    scores = _patch_scores(patch)
     return (f"accuracy {_fmt(patch['accuracy'])} on {patch['n']} test patches"
-            f"{_patch_scores(patch)} (always "
+            f"{', ' + scores if scores else ''} (always "
             f"answering the most frequent class, {patch['majority_class']!r}, scores "
             f"{_fmt(patch['majority_share'])})")
 

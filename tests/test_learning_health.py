@@ -330,8 +330,9 @@ def test_report_names_the_patch_scores_the_metrics_file_gives(tmp_path):
                         {"stages": {}}, tmp_path / "no_images")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["patch_test"]["scores"] == "flips"
-    assert "<h2>Patch classifier (test patches, flips)</h2>" in (out / "report.html").read_text()
-    assert "on 400 test patches (flips) (always" in report.format_summary(summary)
+    page = (out / "report.html").read_text()
+    assert "<h2>Patch classifier (test patches, with flips)</h2>" in page
+    assert "on 400 test patches, with flips (always" in report.format_summary(summary)
 
 
 def test_report_shows_patch_figures_per_class_from_the_metrics_file(tmp_path):
